@@ -1,0 +1,104 @@
+"""The compressor protocol and its registry.
+
+A compressor is one method (pruning, quantization, distillation, ...). Its class declares:
+
+- ``name``: the registry key used in pipelines and in ``conf/compressor/<name>.yaml``;
+- ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
+- ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_logits``);
+- ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say).
+
+It overrides one or both hooks: `Compressor.compress` changes the model (masks, quantization
+grids, smaller layers) and `Compressor.finetune_loss` supplies the loss of the fine-tuning that
+follows. Subclassing registers the class; nothing else has to be edited to add a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compressors._params import Constraint, check_known, check_param
+from experiments import Split
+from experiments._training import LossFn
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+@dataclass(frozen=True)
+class CompressionContext:
+    """What a trial offers its compressors.
+
+    Attributes:
+        train: Training split (for data-aware methods and fine-tuning).
+        teacher_logits: Cached logits of the uncompressed baseline on ``train``.
+        example_inputs: A small batch of real inputs.
+        seed: Seed of this trial.
+    """
+
+    train: Split | None = None
+    teacher_logits: torch.Tensor | None = None
+    example_inputs: torch.Tensor | None = None
+    seed: int = 0
+
+
+class Compressor:
+    """Base class of every compression method. ``__init__`` only validates and stores params."""
+
+    name: ClassVar[str]
+    params: ClassVar[Mapping[str, Constraint]] = {}
+    requires: ClassVar[frozenset[str]] = frozenset()
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in _REGISTRY:
+                raise RuntimeError(f"compressor name {cls.name!r} is registered twice")
+            _REGISTRY[cls.name] = cls
+
+    def __init__(self, **params: Any) -> None:
+        where = f"compressor '{self.name}'"
+        check_known(where, self.name, self.params, params)
+        for key, constraint in self.params.items():
+            value = params.get(key, constraint.default)
+            check_param(where, f"{self.name}.{key}", constraint, value)
+            setattr(self, key, value)
+
+    def get_params(self) -> dict[str, Any]:
+        """The parameters this instance was built with."""
+        return {key: getattr(self, key) for key in self.params}
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Return the compressed model (may change ``model`` in place). Default: unchanged."""
+        return model
+
+    def finetune_loss(self) -> LossFn | None:
+        """Loss of the fine-tuning after compression, or None for plain cross-entropy."""
+        return None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def available() -> list[str]:
+    """Names of the registered compressors."""
+    return sorted(_REGISTRY)
+
+
+def get_compressor(name: str) -> type[Compressor]:
+    """The compressor class registered as ``name``.
+
+    Raises:
+        KeyError: With the available names, if ``name`` is unknown.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"Unknown compressor {name!r}. Available: {', '.join(available())}"
+        ) from None

@@ -1,0 +1,77 @@
+"""Unstructured magnitude pruning: zero the smallest weights, keep them zero while fine-tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compressors._base import CompressionContext, Compressor
+from compressors._layers import weight_layers
+from compressors._params import InvalidParameterError, Options, Real
+
+
+class Mask(nn.Module):
+    """Parametrization ``w -> w * mask``: pruned weights stay zero and receive no gradient."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.float32))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """Importance of each weight: its absolute value."""
+    return weight.detach().abs()
+
+
+def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    """Boolean keep-mask that drops exactly ``round(amount * numel)`` lowest-scoring entries."""
+    flat = scores.flatten()
+    k = round(amount * flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat, stable=True)[:k]] = False
+    return keep.view_as(scores)
+
+
+class MagnitudePruning(Compressor):
+    """Unstructured magnitude pruning of every Linear / Conv weight.
+
+    Params:
+        amount: Fraction of weights to zero. With ``scope='global'`` the smallest weights across
+            all layers go; with ``scope='layer'`` each layer loses that fraction, or the fraction
+            a mapping ``{layer name: amount}`` gives it (layers not named are left dense).
+        scope: ``global`` or ``layer``.
+    """
+
+    name = "prune"
+    params = {
+        "amount": Real(0.0, 1.0, closed="left", default=0.5, per_layer=True),
+        "scope": Options(("global", "layer"), default="global"),
+    }
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        layers = weight_layers(model)
+        scores = {name: magnitude(layer.weight) for name, layer in layers.items()}
+        for name, keep in self._masks(scores).items():
+            parametrize.register_parametrization(layers[name], "weight", Mask(keep))
+        return model
+
+    def _masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(self.amount, Mapping):
+            unknown = sorted(set(self.amount) - set(scores))
+            if unknown:
+                raise InvalidParameterError(
+                    f"The 'prune.amount' parameter names unknown layers {unknown}. "
+                    f"Prunable layers: {', '.join(scores)}."
+                )
+            return {n: smallest_mask(scores[n], a) for n, a in self.amount.items()}
+        if self.scope == "layer":
+            return {n: smallest_mask(s, self.amount) for n, s in scores.items()}
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        keep = smallest_mask(flat, self.amount).split([s.numel() for s in scores.values()])
+        return {n: k.view_as(s) for (n, s), k in zip(scores.items(), keep, strict=True)}

@@ -1,0 +1,23 @@
+"""Workloads: datasets, models, train and evaluate loops, the cached baseline.
+
+Nothing here imports Optuna or MLflow; the search drives these functions.
+"""
+
+from __future__ import annotations
+
+from experiments._baseline import Baseline, load_or_train_baseline
+from experiments._task import Split, Task, TrainConfig
+from experiments._training import accuracy, ce_loss, evaluate, fit, predict_logits
+
+__all__ = [
+    "Baseline",
+    "Split",
+    "Task",
+    "TrainConfig",
+    "accuracy",
+    "ce_loss",
+    "evaluate",
+    "fit",
+    "load_or_train_baseline",
+    "predict_logits",
+]

@@ -1,0 +1,118 @@
+"""The trained, uncompressed baseline and its teacher logits, cached on disk per task config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from experiments._task import Task
+from experiments._training import evaluate, fit, predict_logits
+
+logger = logging.getLogger(__name__)
+
+#: Bump when training code changes in a way that invalidates cached baselines.
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A trained baseline.
+
+    Attributes:
+        model: The trained, uncompressed model (treat as read-only; trials copy it).
+        teacher_logits: Its logits on the training split, the distillation teacher.
+        metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
+        key: Hash of the task config the baseline was trained for.
+        from_cache: Whether it was loaded rather than trained now.
+    """
+
+    model: nn.Module
+    teacher_logits: torch.Tensor
+    metrics: dict[str, float]
+    key: str
+    from_cache: bool
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """Stable hash of a task config (plain, JSON-serialisable values)."""
+    payload = json.dumps({"config": config, "version": CACHE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_or_train_baseline(
+    task: Task, *, config: Mapping[str, Any], cache_dir: str | os.PathLike, seed: int
+) -> Baseline:
+    """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent.
+
+    Args:
+        task: The built task.
+        config: The task's config; any change to it trains a new baseline.
+        cache_dir: Root folder of the cache.
+        seed: Seed of the initialisation and of the mini-batch order.
+    """
+    key = config_key({"task": dict(config), "seed": seed})
+    folder = Path(cache_dir) / f"{task.name}-{key}"
+    if (folder / "metrics.json").exists():
+        model = task.build_model()
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model.eval()
+        teacher = load_file(folder / "teacher_logits.safetensors")["train"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        logger.info("reusing cached baseline %s", folder)
+        return Baseline(model, teacher, metrics, key, from_cache=True)
+
+    logger.info("training baseline for %s (seed %d)", task.name, seed)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = task.build_model()
+    cfg = task.train_config
+    fit(
+        model,
+        task.train,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+    )
+    teacher = predict_logits(model, task.train.x)
+    metrics = {
+        "val_acc": evaluate(model, task.val),
+        "test_acc": evaluate(model, task.test),
+        "params": float(sum(p.numel() for p in model.parameters())),
+        "train_seconds": time.perf_counter() - start,
+    }
+    _write_atomically(folder, model, teacher, metrics, config)
+    return Baseline(model, teacher, metrics, key, from_cache=False)
+
+
+def _write_atomically(
+    folder: Path,
+    model: nn.Module,
+    teacher: torch.Tensor,
+    metrics: dict[str, float],
+    config: Mapping[str, Any],
+) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    save_file({"train": teacher.contiguous()}, tmp / "teacher_logits.safetensors")
+    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another worker cached the same baseline first; theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""Train and evaluate loops shared by the baseline, the fine-tuning of every trial and the report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments._task import Split
+
+#: ``loss(student_logits, labels, teacher_logits) -> scalar``; plain CE ignores the teacher.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss becomes NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch of training produced."""
+
+    epoch: int
+    train_loss: float
+    val_acc: float | None
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy with the hard labels."""
+    return F.cross_entropy(logits, labels)
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn = ce_loss,
+    teacher_logits: torch.Tensor | None = None,
+    val: Split | None = None,
+    seed: int = 0,
+) -> list[EpochStats]:
+    """Train ``model`` in place with Adam.
+
+    Args:
+        model: The model; parametrizations on its weights (masks, quantizers) stay in force.
+        train: Training split.
+        epochs: Number of passes over ``train``; 0 trains nothing.
+        batch_size: Mini-batch size.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        loss_fn: Loss of a batch; receives the teacher's logits of that batch when given.
+        teacher_logits: Teacher logits aligned with ``train`` (for distillation).
+        val: If given, validation accuracy is measured after every epoch.
+        seed: Seeds the order of the mini-batches.
+
+    Returns:
+        One `EpochStats` per epoch.
+
+    Raises:
+        NonFiniteLossError: If the loss becomes NaN or infinite.
+    """
+    if epochs == 0:
+        return []
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    n = len(train)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            teacher = None if teacher_logits is None else teacher_logits[idx]
+            loss = loss_fn(model(train.x[idx]), train.y[idx], teacher)
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        val_acc = evaluate(model, val) if val is not None else None
+        history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``x``, in evaluation mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits`` against ``labels``."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def evaluate(model: nn.Module, split: Split) -> float:
+    """Top-1 accuracy of ``model`` on ``split``."""
+    return accuracy(predict_logits(model, split.x), split.y)

@@ -1,0 +1,114 @@
+"""The end of a study: the trials table, the Pareto front with test accuracy, CSV and plot."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from compressors import load_packed  # noqa: E402
+from experiments import evaluate  # noqa: E402
+
+if TYPE_CHECKING:
+    from search.study import SweepResult
+    from search.trial import SweepContext
+
+logger = logging.getLogger(__name__)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, sampled parameters, measured metrics, MLflow run id."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"trial": t.number, "state": t.state.name}
+        row.update({f"param.{k}": v for k, v in t.params.items()})
+        row.update({k: v for k, v in t.user_attrs.items()})
+        row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def front_numbers(study: optuna.Study) -> list[int]:
+    """Trial numbers on the Pareto front of the study's objectives (feasible trials only)."""
+    return sorted(t.number for t in study.best_trials)
+
+
+def finish_study(
+    study: optuna.Study, ctx: SweepContext, baseline: dict[str, float], parent_id: str
+) -> SweepResult:
+    """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
+    from search.study import SweepResult
+
+    trials = trials_frame(study)
+    front_ids = front_numbers(study) if not trials.empty and (trials.state == "COMPLETE").any() else []
+    front = trials[trials.trial.isin(front_ids)].copy()
+    front["test_acc"] = [_test_accuracy(ctx, run_id) for run_id in front.mlflow_run_id]
+    front["val_drop"] = 100.0 * (baseline["val_acc"] - front.val_acc)
+    front["test_drop"] = 100.0 * (baseline["test_acc"] - front.test_acc)
+    front = front.sort_values("size_bytes").reset_index(drop=True)
+
+    folder = ctx.output_dir / study.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "pareto.csv", folder / "trials.csv", folder / "pareto.png"]
+    front.to_csv(paths[0], index=False)
+    trials.to_csv(paths[1], index=False)
+    plot_front(trials, front, baseline, paths[2], title=study.study_name)
+
+    complete = trials[trials.state == "COMPLETE"]
+    ctx.tracker.tag_runs(
+        list(complete.mlflow_run_id[~complete.trial.isin(front_ids)]), {"pareto": "false"}, {}
+    )
+    ctx.tracker.tag_runs(
+        list(front.mlflow_run_id),
+        {"pareto": "true"},
+        {r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()},
+    )
+    counts = trials.state.value_counts().to_dict()
+    ctx.tracker.finish_parent(
+        artifacts=paths,
+        metrics={
+            "pareto_size": len(front),
+            "trials_complete": counts.get("COMPLETE", 0),
+            "trials_failed": counts.get("FAIL", 0),
+            "trials_pruned": counts.get("PRUNED", 0),
+        },
+        tags={"pareto_trials": ",".join(str(n) for n in front.trial)},
+    )
+    return SweepResult(study.study_name, parent_id, baseline, trials, front, paths)
+
+
+def _test_accuracy(ctx: SweepContext, run_id: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        files = list(ctx.tracker.download(run_id, "", Path(tmp)).glob("*.sqz"))
+        model = load_packed(files[0], ctx.task.build_model())
+    return evaluate(model, ctx.task.test)
+
+
+def plot_front(
+    trials: pd.DataFrame, front: pd.DataFrame, baseline: dict[str, float], path: Path, *, title: str
+) -> None:
+    """Validation accuracy against packed size (log scale), front highlighted, baseline marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    complete = trials[trials.state == "COMPLETE"]
+    ax.scatter(complete.size_bytes, complete.val_acc, s=18, c="0.65", label="trials")
+    ax.plot(front.size_bytes, front.val_acc, "o-", c="tab:red", ms=5, drawstyle="steps-post",
+            label="Pareto front")
+    ax.scatter([baseline["size_bytes"]], [baseline["val_acc"]], marker="*", s=160, c="tab:blue",
+               label="baseline (fp32)", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("packed model file size (bytes, log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{title}: accuracy vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

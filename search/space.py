@@ -1,0 +1,291 @@
+"""The search space written in YAML, turned into Optuna distributions and sampled per trial.
+
+This is the only module that calls ``trial.suggest_*``. Parameter names are namespaced by the
+compressor they belong to (``prune.amount``, ``quant.bits``, ``finetune.lr``); the pipeline itself
+may be a search dimension (``pipeline: choice(prune+quant, quant+kd)``), in which case only the
+chosen compressors' parameters are sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.errors import HydraException
+from hydra.utils import get_class
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from compressors import Compressor, InvalidParameterError, available, check_param
+from compressors._params import Constraint, Integer, Real, check_known
+from search._errors import ConfigError
+
+#: Fine-tuning settings every space has, with their constraints.
+FINETUNE_PARAMS: dict[str, Constraint] = {
+    "epochs": Integer(0, 10_000, default=10),
+    "batch_size": Integer(1, 1_000_000, default=64),
+    "lr": Real(0.0, math.inf, closed="neither", default=1e-3),
+}
+
+EXAMPLES = (
+    "interval(0.1, 0.9), int(interval(2, 8)), choice(a, b), range(2, 9), "
+    "tag(log, interval(1e-4, 1e-1))"
+)
+
+_parser = OverridesParser.create()
+
+
+def parse_value(key: str, value: Any) -> Any:
+    """Turn one space value into an Optuna distribution, or return it as a fixed value.
+
+    Args:
+        key: The value's key, for error messages (e.g. ``space.prune.amount``).
+        value: A number, bool, list, or a string in the sweeper syntax.
+
+    Raises:
+        ConfigError: If a string is a malformed search expression.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        override = _parser.parse_override(f"x={value}")
+    except HydraException as err:
+        raise ConfigError(
+            f"Malformed search expression for '{key}': {value!r} ({err}). Expected a fixed value "
+            f"or one of: {EXAMPLES}."
+        ) from None
+    parsed = override.value()
+    if isinstance(parsed, IntervalSweep):
+        log = "log" in parsed.tags
+        if isinstance(parsed.start, int) and isinstance(parsed.end, int):
+            return _checked(key, value, IntDistribution, parsed.start, parsed.end, log=log)
+        return _checked(key, value, FloatDistribution, parsed.start, parsed.end, log=log)
+    if isinstance(parsed, RangeSweep):
+        start, stop, step = parsed.start, parsed.stop, parsed.step
+        if any(isinstance(v, float) for v in (start, stop, step)):
+            last = start + step * math.floor((stop - start) / step - 1e-9)
+            return _checked(key, value, FloatDistribution, start, last, step=step)
+        return _checked(key, value, IntDistribution, start, stop - 1 if step > 0 else stop, step=step)
+    if isinstance(parsed, ChoiceSweep):
+        return CategoricalDistribution(list(parsed.list))
+    return parsed
+
+
+def _checked(key: str, text: str, dist: type, low: Any, high: Any, **kwargs: Any):
+    try:
+        return dist(low, high, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"Invalid search expression for '{key}': {text!r} ({err}).") from None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one trial applies.
+
+    Attributes:
+        pipeline: Compressor names, in the order they are applied.
+        compressors: The parameters of each compressor in the pipeline.
+        finetune: Fine-tuning settings (``epochs``, ``batch_size``, ``lr``).
+        params: Every value of the recipe, flat and namespaced, for logging.
+    """
+
+    pipeline: tuple[str, ...]
+    compressors: dict[str, dict[str, Any]]
+    finetune: dict[str, Any]
+    params: dict[str, Any]
+
+
+class SearchSpace:
+    """A validated search space. Build it with `SearchSpace.from_config`."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        pipeline: Any,
+        classes: Mapping[str, type[Compressor]],
+        entries: Mapping[str, Mapping[str, Any]],
+        finetune: Mapping[str, Any],
+    ) -> None:
+        self.name = name
+        self._pipeline = pipeline  # tuple of names, or a CategoricalDistribution of "a+b" strings
+        self._classes = dict(classes)
+        self._entries = {k: dict(v) for k, v in entries.items()}
+        self._finetune = dict(finetune)
+
+    @classmethod
+    def from_config(cls, space: DictConfig | Mapping[str, Any]) -> SearchSpace:
+        """Parse and check a ``space`` config; every problem raises `ConfigError` up front."""
+        raw = OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else space
+        raw = dict(raw)
+        name = str(raw.pop("name", "space"))
+        where = f"space '{name}'"
+        pipeline_value = raw.pop("pipeline", None)
+        finetune_raw = raw.pop("finetune", {}) or {}
+        pipeline = _parse_pipeline(pipeline_value, where)
+        used = set(pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline])
+        names = sorted({n for option in used for n in _split_pipeline(option)})
+        classes, entries = {}, {}
+        for comp in names:
+            if comp not in raw or not isinstance(raw[comp], Mapping):
+                raise ConfigError(
+                    f"Unknown compressor '{comp}' in space.pipeline of {where}. Available: "
+                    f"{', '.join(available())}. A compressor is used by giving the space an entry "
+                    f"for it (add '- /compressor@{comp}: {comp}' to the space's defaults)."
+                )
+            classes[comp], entries[comp] = _parse_entry(comp, raw[comp], where)
+        for option in used:
+            _check_combination(_split_pipeline(option), classes, where)
+        finetune = _parse_params("finetune", FINETUNE_PARAMS, finetune_raw, where)
+        if isinstance(pipeline, str):
+            pipeline = tuple(_split_pipeline(pipeline))
+        return cls(name=name, pipeline=pipeline, classes=classes, entries=entries, finetune=finetune)
+
+    def sample(self, trial: optuna.Trial) -> Recipe:
+        """Sample one recipe: the pipeline first, then only the chosen compressors' parameters."""
+        params: dict[str, Any] = {}
+        if isinstance(self._pipeline, CategoricalDistribution):
+            choice = _suggest(trial, "pipeline", self._pipeline)
+            pipeline = tuple(_split_pipeline(choice))
+        else:
+            pipeline = self._pipeline
+        params["pipeline"] = "+".join(pipeline)
+        compressors = {
+            comp: _sample_tree(trial, comp, self._entries[comp], params) for comp in pipeline
+        }
+        finetune = _sample_tree(trial, "finetune", self._finetune, params)
+        return Recipe(pipeline, compressors, finetune, params)
+
+    def build(self, recipe: Recipe) -> list[Compressor]:
+        """Instantiate the recipe's compressors in pipeline order."""
+        return [self._classes[n](**recipe.compressors[n]) for n in recipe.pipeline]
+
+    @property
+    def compressor_names(self) -> list[str]:
+        """Every compressor this space can use."""
+        return sorted(self._classes)
+
+
+def _parse_pipeline(value: Any, where: str) -> Any:
+    if value is None:
+        raise ConfigError(f"The 'pipeline' key of {where} is missing: list the compressors to apply.")
+    if isinstance(value, list | tuple | ListConfig):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"The 'pipeline' parameter of {where} must be a non-empty list of compressor names "
+                f"or a choice(...) of 'a+b' strings. Got {value!r} instead."
+            )
+        return "+".join(value)
+    parsed = parse_value("space.pipeline", value)
+    if isinstance(parsed, CategoricalDistribution):
+        return parsed
+    if isinstance(parsed, str):
+        return parsed
+    raise ConfigError(
+        f"The 'pipeline' parameter of {where} must be a list of compressor names, 'a+b', or "
+        f"choice(a+b, c). Got {value!r} instead."
+    )
+
+
+def _split_pipeline(option: Any) -> list[str]:
+    return [part.strip() for part in str(option).split("+") if part.strip()]
+
+
+def _parse_entry(comp: str, entry: Mapping[str, Any], where: str):
+    entry = dict(entry)
+    target = entry.pop("_target_", None)
+    if target is None:
+        raise ConfigError(f"space.{comp} of {where} has no '_target_' naming its compressor class.")
+    try:
+        compressor_cls = get_class(target)
+    except Exception:  # noqa: BLE001 - Hydra raises several kinds here
+        raise ConfigError(
+            f"The '_target_' of space.{comp} ({target!r}) cannot be imported."
+        ) from None
+    if not (isinstance(compressor_cls, type) and issubclass(compressor_cls, Compressor)):
+        raise ConfigError(f"The '_target_' of space.{comp} ({target!r}) is not a Compressor.")
+    return compressor_cls, _parse_params(comp, compressor_cls.params, entry, where)
+
+
+def _parse_params(
+    prefix: str, constraints: Mapping[str, Constraint], values: Mapping[str, Any], where: str
+) -> dict[str, Any]:
+    try:
+        check_known(where, prefix, constraints, values)
+    except InvalidParameterError as err:
+        raise ConfigError(str(err)) from None
+    parsed = {}
+    for key, constraint in constraints.items():
+        value = values.get(key, constraint.default)
+        parsed[key] = _parse_leaf(f"{prefix}.{key}", constraint, value, where)
+    return parsed
+
+
+def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> Any:
+    if isinstance(value, Mapping) and getattr(constraint, "per_layer", False):
+        return {k: _parse_leaf(f"{name}.{k}", constraint, v, where) for k, v in value.items()}
+    parsed = parse_value(f"space.{name}", value)
+    if isinstance(parsed, CategoricalDistribution):
+        candidates = list(parsed.choices)
+    elif isinstance(parsed, IntDistribution | FloatDistribution):
+        candidates = [parsed.low, parsed.high]
+    else:
+        candidates = [parsed]
+    for candidate in candidates:
+        try:
+            check_param(where, name, constraint, candidate)
+        except InvalidParameterError as err:
+            shown = value if isinstance(parsed, BaseDistribution) else candidate
+            hint = ""
+            if isinstance(constraint, Integer) and isinstance(parsed, FloatDistribution):
+                hint = " Use int(interval(a, b)) for integers."
+            raise ConfigError(
+                str(err).replace(f"Got {candidate!r}", f"Got {shown!r}") + hint
+            ) from None
+    return parsed
+
+
+def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compressor]], where: str):
+    seen: dict[str, str] = {}
+    for comp in pipeline:
+        kind = classes[comp].kind
+        if kind and kind in seen:
+            raise ConfigError(
+                f"The pipeline {'+'.join(pipeline)!r} of {where} combines '{seen[kind]}' and "
+                f"'{comp}', which are both of kind '{kind}'; use at most one of them."
+            )
+        seen.setdefault(kind, comp)
+    if len(set(pipeline)) != len(pipeline):
+        raise ConfigError(f"The pipeline {'+'.join(pipeline)!r} of {where} repeats a compressor.")
+
+
+def _sample_tree(trial: optuna.Trial, prefix: str, tree: Mapping[str, Any], flat: dict) -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            out[key] = _sample_tree(trial, name, value, flat)
+            continue
+        if isinstance(value, BaseDistribution):
+            value = _suggest(trial, name, value)
+        out[key] = value
+        flat[name] = value
+    return out
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_categorical(name, dist.choices)
