@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from compressors import kd, prune, quant  # noqa: F401  (registers the methods)
 from compressors._base import CompressionContext, Compressor, available, get_compressor
-from compressors._params import InvalidParameterError, Integer, Options, Real, check_param
+from compressors._params import Integer, InvalidParameterError, Options, Real, check_param
 from compressors.packing import PackedFileError, load_packed, read_packed, save_packed
 
 __all__ = [

@@ -56,7 +56,9 @@ class Integer:
 
     def accepts(self, value: Any) -> bool:
         return (
-            isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and self.low <= value <= self.high
         )
 
     def describe(self) -> str:
@@ -102,5 +104,6 @@ def check_known(where: str, prefix: str, allowed: Mapping[str, Any], given: Mapp
     if unknown:
         names = ", ".join(f"'{prefix}.{k}'" for k in unknown)
         raise InvalidParameterError(
-            f"Unknown parameter {names} in {where}. Allowed: {', '.join(sorted(allowed)) or 'none'}."
+            f"Unknown parameter {names} in {where}. "
+            f"Allowed: {', '.join(sorted(allowed)) or 'none'}."
         )

@@ -21,7 +21,7 @@ def distillation_loss(
     temperature: float,
     alpha: float,
 ) -> torch.Tensor:
-    """Hinton et al.'s loss: ``alpha * T^2 * KL(soft teacher || soft student) + (1 - alpha) * CE``."""
+    """Hinton et al.'s loss: ``alpha * T^2 * KL(soft teacher || soft student) + (1-alpha) * CE``."""
     hard = F.cross_entropy(student, labels)
     if alpha == 0.0:
         return hard

@@ -10,7 +10,8 @@ is smaller). For every tensor of the model's state the writer picks the smaller 
 
 Values of a tensor that lies on a quantization grid (a `FakeQuant` parametrization) are stored as
 k-bit integer codes packed tightly into bytes, with their fp32 per-channel scales; other values
-are stored as float32 (the scales as float16, which they are rounded to). Loading reads tensors and JSON only: it never unpickles code.
+are stored as float32 (the scales as float16, which they are rounded to). Loading reads
+tensors and JSON only: it never unpickles code.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     expected = set(model.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise PackedFileError(f"{path} does not fit the model: missing {missing}, unexpected {extra}")
+        raise PackedFileError(
+            f"{path} does not fit the model: missing {missing}, unexpected {extra}"
+        )
     with torch.no_grad():
         for name, value in state.items():
             module_name, _, attr = name.rpartition(".")

@@ -1,4 +1,5 @@
-"""k-bit symmetric per-output-channel weight quantization, fine-tuned with a straight-through estimator."""
+"""k-bit symmetric per-output-channel weight quantization, fine-tuned with a straight-through
+estimator."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train and evaluate loops shared by the baseline, the fine-tuning of every trial and the report."""
+"""Train and evaluate loops shared by the baseline, each trial's fine-tuning and the report."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class EpochStats:
     val_acc: float | None
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None) -> torch.Tensor:
+def ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
     """Cross-entropy with the hard labels."""
     return F.cross_entropy(logits, labels)
 

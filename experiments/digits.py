@@ -20,7 +20,6 @@ def digits_mlp(
     test_fraction: float = 0.2,
     hidden: Sequence[int] = (300, 100),
     train: dict[str, Any] | None = None,
-    **_: Any,
 ) -> Task:
     """Build the digits task: 1,797 images of 64 pixels scaled to [0, 1], 10 classes."""
     data = load_digits()

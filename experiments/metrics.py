@@ -30,7 +30,9 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, inputs: torch.Tensor, *, repeats: int = 30, warmup: int = 5) -> float:
+def latency_ms(
+    model: nn.Module, inputs: torch.Tensor, *, repeats: int = 30, warmup: int = 5
+) -> float:
     """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
     model.eval()
     for _ in range(warmup):

@@ -25,7 +25,6 @@ def mnist1d_cnn(
     channels: int = 25,
     data_dir: str | None = None,
     train: dict[str, Any] | None = None,
-    **_: Any,
 ) -> Task:
     """Build the MNIST-1D task.
 

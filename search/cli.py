@@ -61,7 +61,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     else:
         with SweepProgress(cfg.search.n_trials, console=console) as progress:
             result = run_sweep(cfg, callbacks=[progress])
-    console.print(front_table(result.front, result.baseline, title=f"Pareto front of {result.study_name}"))
+    console.print(
+        front_table(result.front, result.baseline, title=f"Pareto front of {result.study_name}")
+    )
     counts = result.trials.state.value_counts().to_dict() if not result.trials.empty else {}
     console.print(
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "

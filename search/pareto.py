@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,12 +16,21 @@ import pandas as pd  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
-
-if TYPE_CHECKING:
-    from search.study import SweepResult
-    from search.trial import SweepContext
+from search.trial import METRICS, SweepContext  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: every trial, the front (with test accuracy) and the files written."""
+
+    study_name: str
+    parent_run_id: str
+    baseline: dict[str, float]
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    artifacts: list[Path] = field(default_factory=list)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -33,7 +42,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({k: v for k, v in t.user_attrs.items()})
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["trial", "state", *METRICS, "mlflow_run_id", "duration_s"]
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[*columns, *[c for c in frame.columns if c not in columns]])
 
 
 def front_numbers(study: optuna.Study) -> list[int]:
@@ -45,10 +56,8 @@ def finish_study(
     study: optuna.Study, ctx: SweepContext, baseline: dict[str, float], parent_id: str
 ) -> SweepResult:
     """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
-    from search.study import SweepResult
-
     trials = trials_frame(study)
-    front_ids = front_numbers(study) if not trials.empty and (trials.state == "COMPLETE").any() else []
+    front_ids = front_numbers(study) if (trials.state == "COMPLETE").any() else []
     front = trials[trials.trial.isin(front_ids)].copy()
     front["test_acc"] = [_test_accuracy(ctx, run_id) for run_id in front.mlflow_run_id]
     front["val_drop"] = 100.0 * (baseline["val_acc"] - front.val_acc)
@@ -99,10 +108,24 @@ def plot_front(
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     complete = trials[trials.state == "COMPLETE"]
     ax.scatter(complete.size_bytes, complete.val_acc, s=18, c="0.65", label="trials")
-    ax.plot(front.size_bytes, front.val_acc, "o-", c="tab:red", ms=5, drawstyle="steps-post",
-            label="Pareto front")
-    ax.scatter([baseline["size_bytes"]], [baseline["val_acc"]], marker="*", s=160, c="tab:blue",
-               label="baseline (fp32)", zorder=3)
+    ax.plot(
+        front.size_bytes,
+        front.val_acc,
+        "o-",
+        c="tab:red",
+        ms=5,
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
+    ax.scatter(
+        [baseline["size_bytes"]],
+        [baseline["val_acc"]],
+        marker="*",
+        s=160,
+        c="tab:blue",
+        label="baseline (fp32)",
+        zorder=3,
+    )
     ax.set_xscale("log")
     ax.set_xlabel("packed model file size (bytes, log scale)")
     ax.set_ylabel("validation accuracy")

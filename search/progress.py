@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optuna
 import pandas as pd
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from optuna.trial import TrialState
 
 
 class SweepProgress:

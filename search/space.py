@@ -75,7 +75,9 @@ def parse_value(key: str, value: Any) -> Any:
         if any(isinstance(v, float) for v in (start, stop, step)):
             last = start + step * math.floor((stop - start) / step - 1e-9)
             return _checked(key, value, FloatDistribution, start, last, step=step)
-        return _checked(key, value, IntDistribution, start, stop - 1 if step > 0 else stop, step=step)
+        return _checked(
+            key, value, IntDistribution, start, stop - 1 if step > 0 else stop, step=step
+        )
     if isinstance(parsed, ChoiceSweep):
         return CategoricalDistribution(list(parsed.list))
     return parsed
@@ -126,14 +128,18 @@ class SearchSpace:
     @classmethod
     def from_config(cls, space: DictConfig | Mapping[str, Any]) -> SearchSpace:
         """Parse and check a ``space`` config; every problem raises `ConfigError` up front."""
-        raw = OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else space
+        raw = (
+            OmegaConf.to_container(space, resolve=True) if isinstance(space, DictConfig) else space
+        )
         raw = dict(raw)
         name = str(raw.pop("name", "space"))
         where = f"space '{name}'"
         pipeline_value = raw.pop("pipeline", None)
         finetune_raw = raw.pop("finetune", {}) or {}
         pipeline = _parse_pipeline(pipeline_value, where)
-        used = set(pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline])
+        used = set(
+            pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline]
+        )
         names = sorted({n for option in used for n in _split_pipeline(option)})
         classes, entries = {}, {}
         for comp in names:
@@ -149,7 +155,9 @@ class SearchSpace:
         finetune = _parse_params("finetune", FINETUNE_PARAMS, finetune_raw, where)
         if isinstance(pipeline, str):
             pipeline = tuple(_split_pipeline(pipeline))
-        return cls(name=name, pipeline=pipeline, classes=classes, entries=entries, finetune=finetune)
+        return cls(
+            name=name, pipeline=pipeline, classes=classes, entries=entries, finetune=finetune
+        )
 
     def sample(self, trial: optuna.Trial) -> Recipe:
         """Sample one recipe: the pipeline first, then only the chosen compressors' parameters."""
@@ -178,7 +186,9 @@ class SearchSpace:
 
 def _parse_pipeline(value: Any, where: str) -> Any:
     if value is None:
-        raise ConfigError(f"The 'pipeline' key of {where} is missing: list the compressors to apply.")
+        raise ConfigError(
+            f"The 'pipeline' key of {where} is missing: list the compressors to apply."
+        )
     if isinstance(value, list | tuple | ListConfig):
         if not value or not all(isinstance(v, str) for v in value):
             raise ConfigError(
@@ -256,6 +266,8 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
 
 
 def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compressor]], where: str):
+    if len(set(pipeline)) != len(pipeline):
+        raise ConfigError(f"The pipeline {'+'.join(pipeline)!r} of {where} repeats a compressor.")
     seen: dict[str, str] = {}
     for comp in pipeline:
         kind = classes[comp].kind
@@ -265,8 +277,6 @@ def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compresso
                 f"'{comp}', which are both of kind '{kind}'; use at most one of them."
             )
         seen.setdefault(kind, comp)
-    if len(set(pipeline)) != len(pipeline):
-        raise ConfigError(f"The pipeline {'+'.join(pipeline)!r} of {where} repeats a compressor.")
 
 
 def _sample_tree(trial: optuna.Trial, prefix: str, tree: Mapping[str, Any], flat: dict) -> dict:

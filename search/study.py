@@ -13,7 +13,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from compressors import save_packed
-from experiments import Task, load_or_train_baseline
+from experiments import Task, TrainConfig, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
+from search.pareto import SweepResult
 from search.space import SearchSpace
 from search.tracking import Tracker
 from search.trial import METRICS, SweepContext, run_trial
@@ -62,18 +63,6 @@ class SweepPlan:
     fingerprint: str
 
 
-@dataclass
-class SweepResult:
-    """What a sweep produced."""
-
-    study_name: str
-    parent_run_id: str
-    baseline: dict[str, float]
-    trials: pd.DataFrame
-    front: pd.DataFrame
-    artifacts: list[Path] = field(default_factory=list)
-
-
 def plan_sweep(cfg: DictConfig) -> SweepPlan:
     """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key."""
     space = SearchSpace.from_config(cfg.space)
@@ -84,17 +73,19 @@ def plan_sweep(cfg: DictConfig) -> SweepPlan:
     for name in objectives:
         if name not in known:
             raise ConfigError(
-                f"Unknown objective {name!r} in search.objectives. Available: {', '.join(sorted(known))}."
+                f"Unknown objective {name!r} in search.objectives. "
+                f"Available: {', '.join(sorted(known))}."
             )
     for direction in directions:
         if direction not in DIRECTIONS:
             raise ConfigError(
-                f"Unknown direction {direction!r} in search.directions. Allowed: maximize, minimize."
+                f"Unknown direction {direction!r} in search.directions. "
+                "Allowed: maximize, minimize."
             )
     if len(objectives) != len(directions) or not objectives:
         raise ConfigError(
-            f"search.objectives {list(objectives)} and search.directions {list(directions)} must be "
-            "non-empty lists of the same length (one direction per objective)."
+            f"search.objectives {list(objectives)} and search.directions {list(directions)} "
+            "must be non-empty lists of the same length (one direction per objective)."
         )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
@@ -129,7 +120,9 @@ def make_sampler(
     kwargs: dict[str, Any] = {"seed": seed}
     if name == "tpe":  # conditional spaces (a method's params exist only when it is chosen)
         kwargs.update(multivariate=True, group=True)
-    kwargs.update(OmegaConf.to_container(options) if isinstance(options, DictConfig) else options or {})
+    kwargs.update(
+        OmegaConf.to_container(options) if isinstance(options, DictConfig) else options or {}
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -168,8 +161,9 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
     )
     _check_same_study(study, plan)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
-    study.sampler = make_sampler(cfg.search.sampler, seed=cfg.seed + done,
-                                 options=cfg.search.sampler_options)
+    study.sampler = make_sampler(
+        cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
+    )
 
     task = plan.task_builder(**plan.task_kwargs)
     baseline = load_or_train_baseline(
@@ -240,6 +234,13 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
         raise ConfigError(
             f"Invalid key in task {task_cfg.get('name')!r}: {err}. Allowed: {', '.join(allowed)}."
         ) from None
+    train = kwargs.get("train") or {}
+    unknown = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {unknown} in task.train. Allowed: "
+            f"{', '.join(TrainConfig.__dataclass_fields__)}."
+        )
     return builder, kwargs
 
 

@@ -121,7 +121,7 @@ class Tracker:
 
     @contextmanager
     def child_run(self, *, name: str, tags: Mapping[str, Any]) -> Iterator[ChildRun]:
-        """A child run of the parent; it ends FAILED (with the error as a tag) if the body raises."""
+        """A child run of the parent; ends FAILED, with the error as a tag, if the body raises."""
         assert self.parent_id is not None, "start_parent() first"
         tags = {"mlflow.parentRunId": self.parent_id, **{k: str(v) for k, v in tags.items()}}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)

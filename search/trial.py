@@ -95,8 +95,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             seed=seed,
         )
         for stats in history:
-            run.log_metrics({"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc},
-                            step=stats.epoch)
+            run.log_metrics(
+                {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
+            )
 
         # 5. Ship: write the packed file and load it back into a fresh model. Everything below is
         #    measured on the model a user would load from that file.

@@ -1,0 +1,38 @@
+"""Shared fixtures: real data, a real trained baseline, cached once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments import load_or_train_baseline
+from experiments.digits import digits_mlp
+
+DIGITS_CONFIG = {"name": "digits_mlp", "hidden": [300, 100], "train": {"epochs": 40}}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    return digits_mlp(seed=0, hidden=[300, 100], train={"epochs": 40})
+
+
+@pytest.fixture(scope="session")
+def digits_baseline(digits_task, cache_dir):
+    return load_or_train_baseline(digits_task, config=DIGITS_CONFIG, cache_dir=cache_dir, seed=0)
+
+
+def sweep_overrides(tmp_path, cache_dir, *extra: str) -> list[str]:
+    """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session)."""
+    return [
+        f"search.storage={tmp_path}/optuna.journal",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"cache_dir={cache_dir}",
+        f"output_dir={tmp_path}/trials",
+        "space.finetune.epochs=2",
+        "measure.latency_repeats=3",
+        *extra,
+    ]

@@ -1,0 +1,164 @@
+"""Each compressor does what it promises on a real trained model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressors import CompressionContext, InvalidParameterError, available, get_compressor
+from compressors._layers import weight_layers
+from compressors.kd import distillation_loss
+from compressors.packing import plain_state
+from experiments import fit
+
+
+def _apply(model, *steps):
+    model = copy.deepcopy(model)
+    for name, params in steps:
+        model = get_compressor(name)(**params).compress(model, CompressionContext())
+    return model
+
+
+def _weights(model):
+    state, _ = plain_state(model)
+    return {name: state[f"{name}.weight"] for name in weight_layers(model)}
+
+
+def test_registry_lists_every_method():
+    assert available() == ["kd", "prune", "quant"]
+    with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: kd, prune, quant"):
+        get_compressor("prun")
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.3, 0.9, 0.99])
+def test_global_pruning_zeroes_exactly_the_requested_fraction(digits_baseline, amount):
+    model = _apply(digits_baseline.model, ("prune", {"amount": amount, "scope": "global"}))
+    weights = _weights(model)
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros == round(amount * total)
+
+
+def test_global_pruning_removes_the_smallest_weights(digits_baseline):
+    model = _apply(digits_baseline.model, ("prune", {"amount": 0.5}))
+    original = _weights(digits_baseline.model)
+    pruned = _weights(model)
+    kept = torch.cat([original[n][pruned[n] != 0].abs() for n in pruned])
+    dropped = torch.cat([original[n][pruned[n] == 0].abs() for n in pruned])
+    assert dropped.max() <= kept.min()
+
+
+def test_layer_pruning_zeroes_the_fraction_in_every_layer(digits_baseline):
+    model = _apply(digits_baseline.model, ("prune", {"amount": 0.75, "scope": "layer"}))
+    for w in _weights(model).values():
+        assert int((w == 0).sum()) == round(0.75 * w.numel())
+
+
+def test_per_layer_amounts(digits_baseline):
+    amounts = {"net.1": 0.9, "net.3": 0.5}
+    model = _apply(digits_baseline.model, ("prune", {"amount": amounts}))
+    weights = _weights(model)
+    assert int((weights["net.1"] == 0).sum()) == round(0.9 * weights["net.1"].numel())
+    assert int((weights["net.3"] == 0).sum()) == round(0.5 * weights["net.3"].numel())
+    assert int((weights["net.5"] == 0).sum()) == 0
+    with pytest.raises(InvalidParameterError, match="unknown layers"):
+        _apply(digits_baseline.model, ("prune", {"amount": {"fc9": 0.5}}))
+
+
+def test_pruned_weights_stay_zero_after_fine_tuning(digits_task, digits_baseline):
+    model = _apply(digits_baseline.model, ("prune", {"amount": 0.8}))
+    before = {n: w == 0 for n, w in _weights(model).items()}
+    fit(model, digits_task.train, epochs=3, batch_size=64, lr=1e-2)
+    after = _weights(model)
+    for name, zero in before.items():
+        assert torch.all(after[name][zero] == 0)
+        assert int((after[name] == 0).sum()) >= int(zero.sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantized_layers_have_at_most_2_to_the_k_values_per_channel(
+    digits_task, digits_baseline, bits
+):
+    model = _apply(digits_baseline.model, ("quant", {"bits": bits}))
+    for stage in ("after quantization", "after fine-tuning"):
+        for name, w in _weights(model).items():
+            distinct = max(len(torch.unique(row)) for row in w)
+            assert distinct <= 2**bits, f"{name} {stage}: {distinct} values"
+        fit(model, digits_task.train, epochs=2, batch_size=64, lr=1e-2)
+
+
+def test_quantized_weights_are_integer_multiples_of_their_channel_scale(digits_baseline):
+    model = _apply(digits_baseline.model, ("prune", {"amount": 0.5}), ("quant", {"bits": 4}))
+    state, grids = plain_state(model)
+    for key, grid in grids.items():
+        codes = state[key] / grid.scale
+        assert torch.equal(codes, torch.round(codes))
+        assert codes.abs().max() <= 7
+
+
+def test_fine_tuning_moves_quantized_weights_along_the_grid(digits_task, digits_baseline):
+    model = _apply(digits_baseline.model, ("quant", {"bits": 4}))
+    before = _weights(model)
+    fit(model, digits_task.train, epochs=2, batch_size=64, lr=1e-2)
+    after = _weights(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_distillation_with_alpha_zero_equals_cross_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 10), torch.randn(16, 10)
+    labels = torch.randint(0, 10, (16,))
+    loss = distillation_loss(student, labels, teacher, temperature=4.0, alpha=0.0)
+    assert torch.allclose(loss, F.cross_entropy(student, labels))
+
+
+def test_distillation_soft_term_is_t_squared_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 10), torch.randn(16, 10)
+    labels = torch.randint(0, 10, (16,))
+    t = 3.0
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
+    loss = distillation_loss(student, labels, teacher, temperature=t, alpha=1.0)
+    assert torch.allclose(loss, t * t * kl, atol=1e-6)
+    assert distillation_loss(teacher, labels, teacher, temperature=t, alpha=1.0).abs() < 1e-6
+
+
+def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, digits_baseline):
+    kd = get_compressor("kd")(temperature=2.0, alpha=1.0)
+    model = _apply(digits_baseline.model, ("prune", {"amount": 0.9}))
+    teacher = digits_baseline.teacher_logits
+
+    def gap(m):
+        return F.mse_loss(m(digits_task.train.x), teacher).item()
+
+    before = gap(model)
+    fit(
+        model,
+        digits_task.train,
+        epochs=3,
+        batch_size=64,
+        lr=3e-3,
+        loss_fn=kd.finetune_loss(),
+        teacher_logits=teacher,
+    )
+    assert gap(model) < before
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("prune", {"amount": 1.5}, r"'prune.amount' .* must be a float in \[0.0, 1.0\).*Got 1.5"),
+        ("prune", {"scope": "all"}, r"'prune.scope' .* must be one of 'global', 'layer'"),
+        ("quant", {"bits": 0}, r"'quant.bits' .* must be an int in \[2, 8\]\. Got 0"),
+        ("quant", {"bits": 33}, r"Got 33 instead"),
+        ("kd", {"temperature": 0.0}, r"'kd.temperature' .* must be a float in \(0.0, inf\)"),
+        ("kd", {"alpha": 1.5}, r"'kd.alpha' .* \[0.0, 1.0\]"),
+        ("quant", {"bitz": 4}, r"Unknown parameter 'quant.bitz' .* Allowed: bits"),
+    ],
+)
+def test_bad_parameters_are_rejected_when_built(name, params, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        get_compressor(name)(**params)

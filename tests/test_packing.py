@@ -1,0 +1,124 @@
+"""The packed file: exact round trips, real bytes that shrink with sparsity and bits, no pickle."""
+
+from __future__ import annotations
+
+import copy
+import lzma
+
+import numpy as np
+import pytest
+import torch
+
+from compressors import (
+    CompressionContext,
+    PackedFileError,
+    get_compressor,
+    load_packed,
+    read_packed,
+    save_packed,
+)
+from compressors.packing import _decode_gaps, _encode_gaps, plain_state
+from experiments import evaluate, fit
+from experiments.models import ConvNet1d
+
+
+def _compressed(model, amount=None, bits=None, scope="global"):
+    model = copy.deepcopy(model)
+    if amount is not None:
+        model = get_compressor("prune")(amount=amount, scope=scope).compress(
+            model, CompressionContext()
+        )
+    if bits is not None:
+        model = get_compressor("quant")(bits=bits).compress(model, CompressionContext())
+    return model
+
+
+@pytest.mark.parametrize(
+    ("amount", "bits"), [(None, None), (0.5, None), (None, 4), (0.9, 3), (0.99, 2), (0.3, 8)]
+)
+def test_round_trip_is_exact(tmp_path, digits_task, digits_baseline, amount, bits):
+    model = _compressed(digits_baseline.model, amount, bits)
+    fit(model, digits_task.train, epochs=1, batch_size=64, lr=1e-3)
+    path = tmp_path / "m.sqz"
+    size = save_packed(model, path)
+    assert size == path.stat().st_size
+    expected, _ = plain_state(model)
+    loaded = read_packed(path)
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    reloaded = load_packed(path, digits_task.build_model())
+    assert evaluate(reloaded, digits_task.val) == evaluate(model, digits_task.val)
+    assert torch.equal(reloaded(digits_task.val.x), model(digits_task.val.x))
+
+
+def test_size_falls_as_sparsity_grows(tmp_path, digits_baseline):
+    sizes = [
+        save_packed(_compressed(digits_baseline.model, amount), tmp_path / f"{amount}.sqz")
+        for amount in (0.0, 0.5, 0.8, 0.95, 0.99)
+    ]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def test_size_falls_as_bits_fall(tmp_path, digits_baseline):
+    sizes = [
+        save_packed(_compressed(digits_baseline.model, bits=b), tmp_path / f"{b}.sqz")
+        for b in (8, 6, 4, 3, 2)
+    ]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    fp32 = save_packed(digits_baseline.model, tmp_path / "fp32.sqz")
+    assert fp32 / sizes[0] > 3.5  # 8-bit codes instead of 32-bit floats
+
+
+def test_size_is_close_to_the_information_it_holds(tmp_path, digits_baseline):
+    """2-bit codes of 5% of the weights plus positions and scales: well under 1/20 of fp32."""
+    fp32 = save_packed(digits_baseline.model, tmp_path / "fp32.sqz")
+    small = save_packed(_compressed(digits_baseline.model, 0.95, 2), tmp_path / "small.sqz")
+    params = sum(p.numel() for p in digits_baseline.model.parameters())
+    assert fp32 <= 4 * params + 1024
+    assert fp32 / small > 20
+
+
+def test_conv_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = _compressed(ConvNet1d(40, 10), amount=0.7, bits=5)
+    path = tmp_path / "conv.sqz"
+    save_packed(model, path)
+    reloaded = load_packed(path, ConvNet1d(40, 10))
+    x = torch.randn(8, 40)
+    assert torch.equal(reloaded(x), model(x))
+
+
+def test_smaller_tensors_replace_the_fresh_models(tmp_path, digits_task):
+    torch.manual_seed(0)
+    model = digits_task.build_model()
+    model.net[1].weight = torch.nn.Parameter(model.net[1].weight[:150].clone())
+    model.net[1].bias = torch.nn.Parameter(model.net[1].bias[:150].clone())
+    model.net[3].weight = torch.nn.Parameter(model.net[3].weight[:, :150].clone())
+    save_packed(model, tmp_path / "small.sqz")
+    reloaded = load_packed(tmp_path / "small.sqz", digits_task.build_model())
+    assert reloaded.net[1].weight.shape == (150, 64)
+    assert torch.equal(reloaded(digits_task.val.x), model(digits_task.val.x))
+
+
+@pytest.mark.parametrize("gaps", [[0], [0, 1, 2], [300], [5, 254, 255, 256, 1000, 0]])
+def test_gap_encoding_round_trip(gaps):
+    positions = np.cumsum(np.array(gaps) + 1) - 1
+    assert np.array_equal(_decode_gaps(_encode_gaps(positions)), positions)
+
+
+def test_loading_rejects_foreign_files_without_unpickling(tmp_path, digits_task):
+    pickle_file = tmp_path / "model.pt"
+    torch.save(digits_task.build_model(), pickle_file)
+    with pytest.raises(PackedFileError, match="not a squeeze packed model"):
+        read_packed(pickle_file)
+    fake = tmp_path / "fake.sqz"
+    fake.write_bytes(b"SQZ1\x01" + lzma.compress(b"\x00" * 16))
+    with pytest.raises(Exception):  # noqa: B017 - any decoding error, never code execution
+        read_packed(fake)
+
+
+def test_loading_into_another_architecture_names_the_mismatch(tmp_path, digits_task):
+    save_packed(digits_task.build_model(), tmp_path / "m.sqz")
+    with pytest.raises(PackedFileError, match="does not fit the model"):
+        load_packed(tmp_path / "m.sqz", ConvNet1d(40, 10))

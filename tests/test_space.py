@@ -1,0 +1,123 @@
+"""YAML search expressions become the right Optuna distributions; bad spaces fail up front."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from search import ConfigError, SearchSpace, compose_config
+from search.space import parse_value
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("interval(0.1, 0.9)", FloatDistribution(0.1, 0.9)),
+        ("int(interval(2, 8))", IntDistribution(2, 8)),
+        ("tag(log, interval(1e-4, 1e-1))", FloatDistribution(1e-4, 1e-1, log=True)),
+        ("choice(global, layer)", CategoricalDistribution(["global", "layer"])),
+        ("choice(2, 4, 8)", CategoricalDistribution([2, 4, 8])),
+        ("range(2, 9)", IntDistribution(2, 8)),
+        ("range(2, 9, 3)", IntDistribution(2, 8, step=3)),
+        ("range(0.1, 0.5, 0.1)", FloatDistribution(0.1, 0.4, step=0.1)),
+        ("global", "global"),
+        (0.5, 0.5),
+    ],
+)
+def test_expressions(text, expected):
+    assert parse_value("space.x", text) == expected
+
+
+def _space(*overrides):
+    return SearchSpace.from_config(compose_config(list(overrides)).space)
+
+
+def test_default_space_samples_every_parameter_in_range():
+    space = _space()
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for _ in range(20):
+        trial = study.ask()
+        recipe = space.sample(trial)
+        assert recipe.pipeline == ("prune", "quant", "kd")
+        assert 0.3 <= recipe.compressors["prune"]["amount"] <= 0.98
+        assert recipe.compressors["prune"]["scope"] in ("global", "layer")
+        assert isinstance(recipe.compressors["quant"]["bits"], int)
+        assert 2 <= recipe.compressors["quant"]["bits"] <= 8
+        assert 3e-4 <= recipe.finetune["lr"] <= 1e-2
+        assert recipe.finetune["epochs"] == 15
+        assert set(trial.params) == {
+            "pipeline",
+            "prune.amount",
+            "prune.scope",
+            "quant.bits",
+            "kd.temperature",
+            "kd.alpha",
+            "finetune.lr",
+        } - {"pipeline"}
+        assert [type(c).__name__ for c in space.build(recipe)] == [
+            "MagnitudePruning",
+            "Quantization",
+            "Distillation",
+        ]
+        study.tell(trial, [0.5, 1.0])
+
+
+def test_command_line_overrides_change_the_space():
+    space = _space(
+        "space.prune.amount=interval(0.5, 0.98)",
+        "space.quant.bits=4",
+        "space.pipeline=[prune,quant]",
+    )
+    trial = optuna.create_study().ask()
+    recipe = space.sample(trial)
+    assert recipe.pipeline == ("prune", "quant")
+    assert 0.5 <= recipe.compressors["prune"]["amount"] <= 0.98
+    assert recipe.compressors["quant"]["bits"] == 4
+    assert "quant.bits" not in trial.params and "kd.alpha" not in trial.params
+
+
+def test_conditional_pipeline_samples_only_the_chosen_methods():
+    space = _space("space.pipeline=choice(prune, quant+kd, prune+quant)")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        recipe = space.sample(trial)
+        seen.add(recipe.pipeline)
+        owners = {name.split(".")[0] for name in trial.params} - {"pipeline", "finetune"}
+        assert owners == set(recipe.pipeline)
+        study.tell(trial, 0.0)
+    assert seen == {("prune",), ("quant", "kd"), ("prune", "quant")}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("space.prune.amount=1.5", r"'prune.amount' parameter of space 'default' must be a float"),
+        ("space.prune.amount=interval(0.5, 1.5)", r"Got 'interval\(0.5, 1.5\)' instead"),
+        ("space.quant.bits=0", r"'quant.bits' .* must be an int in \[2, 8\]. Got 0"),
+        ("space.quant.bits=interval(2, 8)", r"Use int\(interval\(a, b\)\) for integers"),
+        ("space.kd.temperature=0", r"'kd.temperature' .* Got 0"),
+        ("space.kd.alpha=choice(0.5, 2.0)", r"'kd.alpha'"),
+        ("space.finetune.lr=-1", r"'finetune.lr'"),
+        (
+            "space.pipeline=[prune,prun]",
+            r"Unknown compressor 'prun' .* Available: kd, prune, quant",
+        ),
+        ("space.pipeline=[quant,quant]", r"repeats a compressor"),
+        ("+space.prune.amout=0.5", r"Unknown parameter 'prune.amout' .* Allowed: amount, scope"),
+        (
+            "space.prune.scope=choice(global, everywhere)",
+            r"'prune.scope' .* one of 'global', 'layer'",
+        ),
+    ],
+)
+def test_bad_spaces_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _space(override)
+
+
+def test_malformed_expression_in_yaml_is_named():
+    with pytest.raises(ConfigError, match=r"Malformed search expression for 'space.prune.amount'"):
+        parse_value("space.prune.amount", "interval(0.1,")
