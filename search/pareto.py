@@ -39,7 +39,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         row = {"trial": t.number, "state": t.state.name}
         row.update({f"param.{k}": v for k, v in t.params.items()})
-        row.update({k: v for k, v in t.user_attrs.items()})
+        row.update(t.user_attrs.get("metrics", {}))
+        row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)
     columns = ["trial", "state", *METRICS, "mlflow_run_id", "duration_s"]
@@ -56,6 +57,7 @@ def finish_study(
     study: optuna.Study, ctx: SweepContext, baseline: dict[str, float], parent_id: str
 ) -> SweepResult:
     """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
+    ctx.tracker.wait()  # every trial's run is written before the results are read
     trials = trials_frame(study)
     front_ids = front_numbers(study) if (trials.state == "COMPLETE").any() else []
     front = trials[trials.trial.isin(front_ids)].copy()
@@ -71,15 +73,7 @@ def finish_study(
     trials.to_csv(paths[1], index=False)
     plot_front(trials, front, baseline, paths[2], title=study.study_name)
 
-    complete = trials[trials.state == "COMPLETE"]
-    ctx.tracker.tag_runs(
-        list(complete.mlflow_run_id[~complete.trial.isin(front_ids)]), {"pareto": "false"}, {}
-    )
-    ctx.tracker.tag_runs(
-        list(front.mlflow_run_id),
-        {"pareto": "true"},
-        {r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()},
-    )
+    ctx.tracker.mark_front({r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()})
     counts = trials.state.value_counts().to_dict()
     ctx.tracker.finish_parent(
         artifacts=paths,
@@ -132,6 +126,6 @@ def plot_front(
     ax.set_title(f"{title}: accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)  # tight_layout costs 0.4 s
     fig.savefig(path)
     plt.close(fig)

@@ -7,6 +7,7 @@ with the Pareto front (`search.pareto`).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import json
@@ -204,6 +205,9 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         latency_repeats=int(cfg.measure.latency_repeats),
     )
     remaining = plan.n_trials - done
+    # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
+    # garbage collector's full passes, which fine-tuning's many small objects trigger often.
+    gc.freeze()
     if remaining > 0:
         study.optimize(
             partial(run_trial, ctx=ctx),

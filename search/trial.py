@@ -63,8 +63,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     with ctx.tracker.child_run(
         name=f"trial-{trial.number:04d}",
         tags={"squeeze.trial": trial.number, "squeeze.study": trial.study.study_name},
+        link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:
-        trial.set_user_attr("mlflow_run_id", run.run_id)
         run.log_params(recipe.params)
 
         # 2. Start from a copy of the cached, trained baseline.
@@ -117,8 +117,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         }
         run.log_metrics(metrics)
         run.log_artifact(path)
-        for name, value in metrics.items():
-            trial.set_user_attr(name, value)
+        trial.set_user_attr("metrics", metrics)
         return tuple(float(metrics[name]) for name in ctx.objectives)
 
 
