@@ -1,19 +1,20 @@
-"""What squeeze's orchestration costs: the same trials through `squeeze` and through a bare loop.
+"""What squeeze's orchestration costs: the same trials through `squeeze` and a bare loop.
 
 Both legs run the same N trials of `digits_mlp` (same sampler and seed, same recipes, same
 epochs, same compressors, same packed-file size objective) from the same cached baseline:
 
-- squeeze: `search.run_sweep` with its defaults (journal-file Optuna storage, MLflow tracking
-  to SQLite with a child run per trial, model artifacts, Pareto CSV/plot, test accuracy of the
-  front);
-- bare: a hand-written `optuna.optimize` loop in memory, with no tracking.
+- squeeze: `search.run_sweep` with its defaults (journal-file Optuna storage, MLflow tracking to
+  SQLite with a child run per trial, model artifacts, the reloaded model's metrics, test
+  accuracy of the front, Pareto CSV and plot);
+- bare: the loop a user would write by hand, torch + an in-memory Optuna study, no tracking.
 
-The legs alternate (bare, squeeze, bare, squeeze, ...) after an untimed warm-up of each, so drift hits
-both alike, and the script checks that both legs produced the same trials. It prints the ratio
-of the median wall times (the goal), the median of the per-pair ratios, and the same for the
-process CPU time, which other programs on the machine disturb less.
+This machine's speed drifts by 20% over tens of seconds, more than the overhead to be measured,
+so the legs are interleaved trial by trial: after each squeeze trial (an Optuna callback), the
+bare loop runs its trial of the same number, timed on its own. squeeze's time is the whole sweep
+minus the bare trials inside it; the bare loop's is its trials plus its own setup (task, cached
+baseline, baseline file). Both legs must produce the same trials (params and objective values).
 
-    python bench/overhead.py [--trials 20] [--repeats 5] [--threads 1]
+    python bench/overhead.py [--trials 20] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,135 +34,151 @@ import torch
 from compressors import CompressionContext, get_compressor, save_packed
 from compressors.kd import distillation_loss
 from experiments import evaluate, fit, load_or_train_baseline
+from experiments.digits import digits_mlp
 from search import compose_config, run_sweep
-from search.study import make_sampler
+from search.study import make_sampler, open_storage
 from search.tracking import Tracker
 
 
-def bare_loop(cfg, n_trials: int, workdir: Path) -> tuple[float, list]:
-    """The loop a user would write by hand: optuna + torch, no tracking, in-memory study."""
-    task_cfg = {k: v for k, v in dict(cfg.task).items() if k != "_target_"}
-    from experiments.digits import digits_mlp
+class BareLoop:
+    """A hand-written optuna + torch loop, one trial per call, timed."""
 
-    start, cpu = time.perf_counter(), time.process_time()
-    task = digits_mlp(**task_cfg, seed=cfg.seed)
-    baseline = load_or_train_baseline(task, config={**task_cfg, "seed": cfg.seed},
-                                      cache_dir=cfg.cache_dir, seed=cfg.seed)
-    baseline_size = save_packed(baseline.model, workdir / "baseline.sqz")
+    def __init__(self, cfg, workdir: Path) -> None:
+        start = time.perf_counter()
+        task_cfg = {k: v for k, v in dict(cfg.task).items() if k != "_target_"}
+        self.task = digits_mlp(**task_cfg, seed=cfg.seed)
+        self.baseline = load_or_train_baseline(
+            self.task,
+            config={**task_cfg, "seed": cfg.seed},
+            cache_dir=cfg.cache_dir,
+            seed=cfg.seed,
+        )
+        save_packed(self.baseline.model, workdir / "baseline.sqz")
+        self.cfg, self.workdir = cfg, workdir
+        self.study = optuna.create_study(
+            directions=["maximize", "minimize"],
+            sampler=make_sampler(cfg.search.sampler, seed=cfg.seed, options={}),
+        )
+        self.seconds = time.perf_counter() - start
 
-    def objective(trial: optuna.Trial):
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         amount = trial.suggest_float("prune.amount", 0.3, 0.98)
         scope = trial.suggest_categorical("prune.scope", ["global", "layer"])
         bits = trial.suggest_int("quant.bits", 2, 8)
         temperature = trial.suggest_float("kd.temperature", 1.0, 8.0)
         alpha = trial.suggest_float("kd.alpha", 0.0, 1.0)
         lr = trial.suggest_float("finetune.lr", 3e-4, 1e-2, log=True)
-        seed = cfg.seed + trial.number
+        seed = self.cfg.seed + trial.number
         torch.manual_seed(seed)
-        model = copy.deepcopy(baseline.model)
-        ctx = CompressionContext(train=task.train, teacher_logits=baseline.teacher_logits)
+        model = copy.deepcopy(self.baseline.model)
+        ctx = CompressionContext(train=self.task.train, teacher_logits=self.baseline.teacher_logits)
         model = get_compressor("prune")(amount=amount, scope=scope).compress(model, ctx)
         model = get_compressor("quant")(bits=bits).compress(model, ctx)
 
         def loss(s, y, t):
             return distillation_loss(s, y, t, temperature=temperature, alpha=alpha)
 
-        fit(model, task.train, epochs=cfg.space.finetune.epochs, batch_size=64, lr=lr,
-            loss_fn=loss, teacher_logits=baseline.teacher_logits, val=task.val, seed=seed)
-        size = save_packed(model, workdir / f"trial-{trial.number}.sqz")
-        return evaluate(model, task.val), size / baseline_size * baseline_size
+        fit(
+            model,
+            self.task.train,
+            epochs=self.cfg.space.finetune.epochs,
+            batch_size=64,
+            lr=lr,
+            loss_fn=loss,
+            teacher_logits=self.baseline.teacher_logits,
+            val=self.task.val,
+            seed=seed,
+        )
+        size = save_packed(model, self.workdir / f"trial-{trial.number}.sqz")
+        return evaluate(model, self.task.val), float(size)
 
-    study = optuna.create_study(
-        directions=["maximize", "minimize"],
-        sampler=make_sampler(cfg.search.sampler, seed=cfg.seed, options={}),
-    )
-    study.optimize(objective, n_trials=n_trials)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return elapsed, cpu, [(t.params, t.values) for t in study.trials]
+    def run_one(self) -> None:
+        start = time.perf_counter()
+        self.study.optimize(self.objective, n_trials=1)
+        self.seconds += time.perf_counter() - start
 
 
-def squeeze_leg(overrides: list[str]) -> tuple[float, float, list]:
+def interleaved_run(base: list[str], workdir: Path) -> tuple[float, float, bool]:
+    """One squeeze sweep with the bare loop's trials interleaved; returns (squeeze s, bare s)."""
+    overrides = [
+        *base,
+        f"search.storage={workdir}/optuna.journal",
+        f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        f"output_dir={workdir}/trials",
+    ]
     cfg = compose_config(overrides)
-    Tracker(cfg.tracking.uri, cfg.tracking.experiment)  # the database exists, as after a 1st sweep
-    start, cpu = time.perf_counter(), time.process_time()
-    result = run_sweep(cfg)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    trials = result.trials.sort_values("trial")
-    study = optuna.load_study(study_name=cfg.search.study_name,
-                              storage=optuna.storages.journal.JournalStorage(
-                                  optuna.storages.journal.JournalFileBackend(cfg.search.storage)))
-    return elapsed, cpu, [(t.params, t.values) for t in study.trials] if len(trials) else []
+    Tracker(cfg.tracking.uri, cfg.tracking.experiment).close()  # DB exists, as after a 1st sweep
+    (workdir / "bare").mkdir(parents=True)
+    bare = BareLoop(cfg, workdir / "bare")
+    inside = 0.0
+
+    def after_squeeze_trial(study, trial):
+        nonlocal inside
+        start = time.perf_counter()
+        bare.run_one()
+        inside += time.perf_counter() - start
+
+    start = time.perf_counter()
+    run_sweep(cfg, callbacks=[after_squeeze_trial])
+    squeeze_s = time.perf_counter() - start - inside
+
+    squeeze_trials = optuna.load_study(
+        study_name=cfg.search.study_name, storage=open_storage(cfg.search.storage)
+    ).trials
+    same = [(t.params, t.values) for t in squeeze_trials] == [
+        (t.params, t.values) for t in bare.study.trials
+    ]
+    return squeeze_s, bare.seconds, same
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in both legs (1: least disturbed by other programs)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in both legs (1: least disturbed by other programs)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="squeeze-overhead-"))
-    cache = root / "cache"
-    base = [f"cache_dir={cache}", f"search.n_trials={args.trials}", f"threads={args.threads}"]
-    # Warm the baseline cache once, so neither leg trains it.
-    cfg = compose_config(base)
-    from experiments.digits import digits_mlp
+    base = [f"cache_dir={root / 'cache'}", f"threads={args.threads}"]
+    # Untimed warm-up: trains and caches the baseline, and pays the one-time costs of a process
+    # (first autograd calls, SQL statement compilation, font loading) for both legs.
+    interleaved_run([*base, "search.n_trials=2"], root / "warmup")
 
-    task_cfg = {k: v for k, v in dict(cfg.task).items() if k != "_target_"}
-    load_or_train_baseline(digits_mlp(**task_cfg, seed=cfg.seed),
-                           config={**task_cfg, "seed": cfg.seed}, cache_dir=cache, seed=cfg.seed)
-
-    # One untimed run of each leg: the first autograd, SQL statement compilation and font
-    # loading in a process are one-time costs that would land on whichever leg ran first.
-    warm = root / "warmup"
-    (warm / "bare").mkdir(parents=True)
-    bare_loop(cfg, 2, warm / "bare")
-    squeeze_leg([*base[:-2], "search.n_trials=2", f"search.storage={warm}/optuna.journal",
-                 f"tracking.uri=sqlite:///{warm}/mlflow.db", f"output_dir={warm}/trials"])
-
-    wall: dict[str, list[float]] = {"bare": [], "squeeze": []}
-    cpu: dict[str, list[float]] = {"bare": [], "squeeze": []}
-    same = True
+    ratios, squeeze_times, bare_times, same = [], [], [], True
     for r in range(args.repeats):
-        work = root / f"run{r}"
-        (work / "bare").mkdir(parents=True)
-        bare_s, bare_cpu, bare_trials = bare_loop(cfg, args.trials, work / "bare")
-        squeeze_s, squeeze_cpu, squeeze_trials = squeeze_leg(
-            [*base, f"search.storage={work}/optuna.journal",
-             f"tracking.uri=sqlite:///{work}/mlflow.db", f"output_dir={work}/trials"],
+        squeeze_s, bare_s, ok = interleaved_run(
+            [*base, f"search.n_trials={args.trials}"], root / f"run{r}"
         )
-        same &= _same(bare_trials, squeeze_trials)
-        for leg, w, c in (("bare", bare_s, bare_cpu), ("squeeze", squeeze_s, squeeze_cpu)):
-            wall[leg].append(w)
-            cpu[leg].append(c)
-        print(f"run {r}: wall bare {bare_s:6.2f} s  squeeze {squeeze_s:6.2f} s  "
-              f"ratio {squeeze_s / bare_s:.3f}   cpu ratio {squeeze_cpu / bare_cpu:.3f}", flush=True)
+        same &= ok
+        ratios.append(squeeze_s / bare_s)
+        squeeze_times.append(squeeze_s)
+        bare_times.append(bare_s)
+        print(
+            f"run {r}: squeeze {squeeze_s:6.2f} s   bare {bare_s:6.2f} s   "
+            f"ratio {squeeze_s / bare_s:.3f}",
+            flush=True,
+        )
 
-    med = statistics.median
-    ratio = med(wall["squeeze"]) / med(wall["bare"])
-    pairs = med([s / b for s, b in zip(wall["squeeze"], wall["bare"], strict=True)])
-    cpu_ratio = med(cpu["squeeze"]) / med(cpu["bare"])
-    print(f"\n{args.trials} trials of digits_mlp, {torch.get_num_threads()} torch threads, "
-          f"{args.repeats} alternating runs per leg")
+    ratio = statistics.median(ratios)
+    print(
+        f"\n{args.trials} trials of digits_mlp, {args.threads} torch thread(s), "
+        f"{args.repeats} runs, legs interleaved trial by trial"
+    )
     print(f"same trials in both legs (params and objective values): {'yes' if same else 'NO'}")
-    print(f"median wall time: bare {med(wall['bare']):.2f} s, squeeze {med(wall['squeeze']):.2f} s")
-    print(f"median of per-run wall ratios: {pairs:.3f}")
-    print(f"median CPU time ratio squeeze / bare: {cpu_ratio:.3f}")
-    print(f"overhead ratio squeeze / bare (median wall): {ratio:.3f}  (goal <= 1.05)")
+    print(
+        f"median time: squeeze {statistics.median(squeeze_times):.2f} s, "
+        f"bare {statistics.median(bare_times):.2f} s"
+    )
+    print(f"overhead ratio squeeze / bare (median of runs): {ratio:.3f}  (goal <= 1.05)")
     return 0 if same else 1
-
-
-def _same(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    for (pa, va), (pb, vb) in zip(a, b, strict=True):
-        if pa != pb or [round(x, 9) for x in va] != [round(x, 9) for x in vb]:
-            return False
-    return True
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class Baseline:
         teacher_logits: Its logits on the training split, the distillation teacher.
         metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
         key: Hash of the task config the baseline was trained for.
+        folder: The cache folder holding it (other derived files may be kept there too).
         from_cache: Whether it was loaded rather than trained now.
     """
 
@@ -42,6 +43,7 @@ class Baseline:
     teacher_logits: torch.Tensor
     metrics: dict[str, float]
     key: str
+    folder: Path
     from_cache: bool
 
 
@@ -71,7 +73,7 @@ def load_or_train_baseline(
         teacher = load_file(folder / "teacher_logits.safetensors")["train"]
         metrics = json.loads((folder / "metrics.json").read_text())
         logger.info("reusing cached baseline %s", folder)
-        return Baseline(model, teacher, metrics, key, from_cache=True)
+        return Baseline(model, teacher, metrics, key, folder, from_cache=True)
 
     logger.info("training baseline for %s (seed %d)", task.name, seed)
     start = time.perf_counter()
@@ -95,7 +97,7 @@ def load_or_train_baseline(
         "train_seconds": time.perf_counter() - start,
     }
     _write_atomically(folder, model, teacher, metrics, config)
-    return Baseline(model, teacher, metrics, key, from_cache=False)
+    return Baseline(model, teacher, metrics, key, folder, from_cache=False)
 
 
 def _write_atomically(

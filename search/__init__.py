@@ -1,19 +1,29 @@
-"""The search: command line, study driver, YAML space to Optuna, MLflow tracking, Pareto front."""
+"""The search: command line, study driver, YAML space to Optuna, MLflow tracking, Pareto front.
+
+Names are imported on first use, so that importing one small module of this package (as the
+MLflow writer process does) does not import the whole stack.
+"""
 
 from __future__ import annotations
 
-from search._errors import ConfigError
-from search.config import compose_config
-from search.space import Recipe, SearchSpace
-from search.study import SweepPlan, SweepResult, plan_sweep, run_sweep
+import importlib
+from typing import Any
 
-__all__ = [
-    "ConfigError",
-    "Recipe",
-    "SearchSpace",
-    "SweepPlan",
-    "SweepResult",
-    "compose_config",
-    "plan_sweep",
-    "run_sweep",
-]
+_EXPORTS = {
+    "ConfigError": "search._errors",
+    "compose_config": "search.config",
+    "Recipe": "search.space",
+    "SearchSpace": "search.space",
+    "SweepResult": "search.pareto",
+    "SweepPlan": "search.study",
+    "plan_sweep": "search.study",
+    "run_sweep": "search.study",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'search' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

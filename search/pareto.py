@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from search.trial import METRICS, SweepContext  # noqa: E402
+from search.trial import METRICS, SweepContext, trial_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def finish_study(
     trials = trials_frame(study)
     front_ids = front_numbers(study) if (trials.state == "COMPLETE").any() else []
     front = trials[trials.trial.isin(front_ids)].copy()
-    front["test_acc"] = [_test_accuracy(ctx, run_id) for run_id in front.mlflow_run_id]
+    front["test_acc"] = [
+        _test_accuracy(ctx, study.study_name, r.trial, r.mlflow_run_id) for r in front.itertuples()
+    ]
     front["val_drop"] = 100.0 * (baseline["val_acc"] - front.val_acc)
     front["test_drop"] = 100.0 * (baseline["test_acc"] - front.test_acc)
     front = front.sort_values("size_bytes").reset_index(drop=True)
@@ -88,11 +90,15 @@ def finish_study(
     return SweepResult(study.study_name, parent_id, baseline, trials, front, paths)
 
 
-def _test_accuracy(ctx: SweepContext, run_id: str) -> float:
+def _test_accuracy(ctx: SweepContext, study_name: str, number: int, run_id: str) -> float:
+    """Test accuracy of a trial's packed file: the local copy, else the MLflow artifact (a trial
+    run by a worker on another machine)."""
+    local = trial_file(ctx.output_dir, study_name, number)
+    if local.exists():
+        return evaluate(load_packed(local, ctx.task.build_model()), ctx.task.test)
     with tempfile.TemporaryDirectory() as tmp:
-        files = list(ctx.tracker.download(run_id, "", Path(tmp)).glob("*.sqz"))
-        model = load_packed(files[0], ctx.task.build_model())
-    return evaluate(model, ctx.task.test)
+        path = ctx.tracker.download(run_id, local.name, Path(tmp))
+        return evaluate(load_packed(path, ctx.task.build_model()), ctx.task.test)
 
 
 def plot_front(

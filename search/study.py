@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from compressors import save_packed
-from experiments import Task, TrainConfig, load_or_train_baseline
+from experiments import Baseline, Task, TrainConfig, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
 from search.pareto import SweepResult
@@ -152,7 +153,6 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
     plan = plan_sweep(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    output_dir = Path(cfg.output_dir)
 
     study = optuna.create_study(
         study_name=plan.study_name,
@@ -166,27 +166,42 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
     )
 
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    try:
+        return _run(study, plan, tracker, done=done, callbacks=callbacks)
+    finally:
+        tracker.close()
+
+
+def _run(
+    study: optuna.Study,
+    plan: SweepPlan,
+    tracker: Tracker,
+    *,
+    done: int,
+    callbacks: Iterable[Callable],
+) -> SweepResult:
+    cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
     baseline = load_or_train_baseline(
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
     )
-    baseline_path = output_dir / plan.study_name / "baseline.sqz"
-    baseline_path.parent.mkdir(parents=True, exist_ok=True)
-    baseline_size = save_packed(baseline.model, baseline_path)
+    baseline_size = _baseline_file_size(baseline)
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
         "size_bytes": float(baseline_size),
         "fp32_bytes": float(4 * baseline.metrics["params"]),
     }
-
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, config_file, resolve=True)
     parent_id = tracker.start_parent(
         run_id=study.user_attrs.get("mlflow_parent_run_id"),
         name=plan.study_name,
         params=_parent_params(cfg, task, baseline.key),
         metrics={f"baseline_{k}": v for k, v in baseline_metrics.items()},
         tags={"squeeze.study": plan.study_name, "squeeze.role": "study"},
-        config=OmegaConf.to_container(cfg, resolve=True),
+        artifacts=[config_file],
     )
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("fingerprint", plan.fingerprint)
@@ -199,7 +214,7 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         space=plan.space,
         objectives=plan.objectives,
         tracker=tracker,
-        output_dir=output_dir,
+        output_dir=Path(cfg.output_dir),
         seed=cfg.seed,
         latency_batch_sizes=tuple(cfg.measure.latency_batch_sizes),
         latency_repeats=int(cfg.measure.latency_repeats),
@@ -219,6 +234,16 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
     else:
         logger.info("study %s already has %d finished trials", plan.study_name, done)
     return pareto.finish_study(study, ctx, baseline_metrics, parent_id)
+
+
+def _baseline_file_size(baseline: Baseline) -> int:
+    """Bytes of the baseline's packed fp32 file, written once next to the cached baseline."""
+    path = baseline.folder / "model.sqz"
+    if not path.exists():
+        tmp = path.with_name(f"model.sqz.tmp-{os.getpid()}")
+        save_packed(baseline.model, tmp)
+        tmp.replace(path)
+    return path.stat().st_size
 
 
 def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:

@@ -2,19 +2,25 @@
 
 Everything goes through ``MlflowClient`` with explicit run ids, never through ``mlflow.start_run``'s
 per-process active-run stack, so several trials (and later several worker processes) can log at
-the same time. A child run buffers what it logs; when it ends, its one ``log_batch``, its
-artifacts and its final status are written by a background thread while the next trial trains.
-`Tracker.wait` (called before the study's results are read) waits for those writes and re-raises
-their errors, so nothing is lost silently.
+the same time.
+
+A trial's child run is created when the trial starts; what the trial logs is buffered, and
+written (with the run's final status) by a writer process forked from this one, so MLflow's
+database work runs on another core, outside this interpreter's lock, while the next trial trains
+(a thread where ``fork`` is not available).
+`Tracker.wait` (called before the study's results are read, and by `Tracker.close`) waits for
+every write and re-raises the first error, so nothing is lost silently.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,61 +41,97 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_LEN = 6000
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class ChildRun:
-    """Buffered logging of one trial's MLflow run; flushed when its context ends."""
+    """What one run logs, buffered until it is written in one go."""
 
-    def __init__(self, client: MlflowClient, run_id: str | Future[str]) -> None:
+    def __init__(self, run_id: str | Future[str]) -> None:
         self._run_id = run_id
-        self._client = client
-        self._params: dict[str, str] = {}
-        self._metrics: list[Metric] = []
-        self._tags: dict[str, str] = {}
-        self._artifacts: list[Path] = []
+        self.params: dict[str, str] = {}
+        self.metrics: list[Metric] = []
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[str] = []
 
     @property
     def run_id(self) -> str:
-        """The MLflow run id (waits for the run's creation if that is still under way)."""
+        """The MLflow run id (waits for the writer to create the run if it has not yet)."""
         if isinstance(self._run_id, Future):
             self._run_id = self._run_id.result()
         return self._run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._params.update({k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()})
+        self.params.update({k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
-        stamp = _now_ms()
-        self._metrics += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        stamp = int(time.time() * 1000)
+        self.metrics += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._tags.update({k: str(v) for k, v in tags.items()})
+        self.tags.update({k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path) -> None:
-        self._artifacts.append(Path(path))
+        self.artifacts.append(str(path))
 
-    def flush(self) -> None:
-        """Write everything buffered so far."""
-        params = [Param(k, v) for k, v in self._params.items()]
-        tags = [RunTag(k, v) for k, v in self._tags.items()]
-        metrics = self._metrics
-        while params or tags or metrics:
-            self._client.log_batch(
-                self.run_id,
-                metrics=metrics[:_MAX_METRICS],
-                params=params[:_MAX_PARAMS],
-                tags=tags[:_MAX_TAGS],
-            )
-            metrics, params, tags = (
-                metrics[_MAX_METRICS:],
-                params[_MAX_PARAMS:],
-                tags[_MAX_TAGS:],
-            )
-        for path in self._artifacts:
-            self._client.log_artifact(self.run_id, str(path))
-        self._params, self._metrics, self._tags, self._artifacts = {}, [], {}, []
+
+def _write(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, str],
+    metrics: list[Metric],
+    tags: Mapping[str, str],
+    artifacts: list[str],
+) -> None:
+    plist = [Param(k, v) for k, v in params.items()]
+    tlist = [RunTag(k, v) for k, v in tags.items()]
+    while plist or tlist or metrics:
+        client.log_batch(
+            run_id,
+            metrics=metrics[:_MAX_METRICS],
+            params=plist[:_MAX_PARAMS],
+            tags=tlist[:_MAX_TAGS],
+        )
+        metrics, plist, tlist = metrics[_MAX_METRICS:], plist[_MAX_PARAMS:], tlist[_MAX_TAGS:]
+    for path in artifacts:
+        client.log_artifact(run_id, path)
+
+
+# --- the writer process ---------------------------------------------------------------------
+_writer_client: MlflowClient | None = None
+
+
+def _writer_init(uri: str) -> None:
+    """Runs first in the forked writer: a client of its own, without the parent's connections."""
+    global _writer_client
+    _writer_client = MlflowClient(tracking_uri=uri)
+    engine = getattr(_writer_client._tracking_client.store, "engine", None)
+    if engine is not None:  # SQL stores: the pool's connections belong to the parent
+        engine.dispose(close=False)
+
+
+def _writer_create(experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    return _writer_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def _writer_write(run_id: str, params, metrics, tags, artifacts, status: str | None) -> None:
+    try:
+        _write(_writer_client, run_id, params, metrics, tags, artifacts)
+    finally:
+        if status is not None:
+            _writer_client.set_terminated(run_id, status=status)
+
+
+def _make_writer(uri: str) -> Executor:
+    if sys.platform == "linux":
+        executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_writer_init,
+            initargs=(uri,),
+        )
+    else:
+        _writer_init(uri)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squeeze-mlflow")
+    executor.submit(int).result()  # start it now, not inside the first trial
+    return executor
 
 
 class Tracker:
@@ -108,12 +150,14 @@ class Tracker:
             found.experiment_id if found else self.client.create_experiment(experiment)
         )
         self.parent_id: str | None = None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="squeeze-mlflow")
+        self._writer = _make_writer(uri)
         self._pending: list[Future] = []
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
-        self._pending.append(self._writer.submit(fn, *args))
+        future = self._writer.submit(fn, *args)
+        self._pending.append(future)
+        return future
 
     def wait(self) -> None:
         """Wait for every background write; re-raise the first that failed."""
@@ -121,6 +165,13 @@ class Tracker:
         errors = [f.exception() for f in pending if f.exception() is not None]
         if errors:
             raise RuntimeError(f"{len(errors)} MLflow write(s) failed") from errors[0]
+
+    def close(self) -> None:
+        """Wait for every write and stop the writer."""
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def start_parent(
         self,
@@ -130,20 +181,23 @@ class Tracker:
         params: Mapping[str, Any],
         metrics: Mapping[str, float],
         tags: Mapping[str, Any],
-        config: Mapping[str, Any],
+        artifacts: list[Path],
     ) -> str:
-        """Open the study's parent run, or reopen ``run_id`` when a study is resumed."""
+        """Open the study's parent run, or reopen ``run_id`` when a study is resumed.
+
+        The params, metrics and artifacts are written by the writer."""
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             self.parent_id = run_id
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
         self.parent_id = run.info.run_id
-        parent = ChildRun(self.client, self.parent_id)
+        parent = ChildRun(self.parent_id)
         parent.log_params(params)
         parent.log_metrics(metrics)
-        parent.flush()
-        self.client.log_dict(self.parent_id, dict(config), "config.yaml")
+        for path in artifacts:
+            parent.log_artifact(path)
+        self._end(parent, None)
         return self.parent_id
 
     @contextmanager
@@ -152,13 +206,12 @@ class Tracker:
     ) -> Iterator[ChildRun]:
         """A child run of the parent; ends FAILED, with the error as a tag, if the body raises.
 
-        The run is created by the background writer while the body starts working; ``link`` is
-        called with its run id before the run ends, whether the body succeeded or failed.
+        The writer creates the run while the body works; ``link`` is called with the run id
+        before the run ends, whether the body succeeded or failed.
         """
         assert self.parent_id is not None, "start_parent() first"
         tags = {"mlflow.parentRunId": self.parent_id, **{k: str(v) for k, v in tags.items()}}
-        created = self._writer.submit(self._create, name, tags)
-        child = ChildRun(self.client, created)
+        child = ChildRun(self._submit(_writer_create, self.experiment_id, name, tags))
         try:
             yield child
         except BaseException as err:
@@ -168,32 +221,29 @@ class Tracker:
         child.set_tags({"squeeze.state": "COMPLETE"})
         self._end(child, "FINISHED", link)
 
-    def _create(self, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-
-    def _end(self, child: ChildRun, status: str, link: Callable[[str], None] | None) -> None:
+    def _end(self, child: ChildRun, status: str | None, link: Callable[[str], None] | None = None):
         if link is not None:
             link(child.run_id)
-        self._submit(self._close, child, status)
-
-    def _close(self, child: ChildRun, status: str) -> None:
-        try:
-            child.flush()
-        finally:
-            self.client.set_terminated(child.run_id, status=status)
+        self._submit(
+            _writer_write,
+            child.run_id,
+            child.params,
+            child.metrics,
+            child.tags,
+            child.artifacts,
+            status,
+        )
 
     def finish_parent(
         self, *, artifacts: list[Path], metrics: Mapping[str, float], tags: Mapping[str, Any]
     ) -> None:
-        """Log the study's results to the parent run and close it."""
-        self.wait()
-        parent = ChildRun(self.client, self.parent_id)
+        """Log the study's results to the parent run and close it (through the writer)."""
+        parent = ChildRun(self.parent_id)
         parent.log_metrics(metrics)
         parent.set_tags(tags)
         for path in artifacts:
             parent.log_artifact(path)
-        parent.flush()
-        self.client.set_terminated(self.parent_id, status="FINISHED")
+        self._end(parent, "FINISHED")
 
     def mark_front(self, front: Mapping[str, Mapping[str, float]]) -> None:
         """Tag ``pareto=true`` and log ``front[run_id]`` on the front's child runs, and tag
@@ -209,10 +259,10 @@ class Tracker:
             if run.info.run_id not in front:
                 self.client.set_tag(run.info.run_id, "pareto", "false")
         for run_id, metrics in front.items():
-            run = ChildRun(self.client, run_id)
+            run = ChildRun(run_id)
             run.set_tags({"pareto": "true"})
             run.log_metrics(metrics)
-            run.flush()
+            self._end(run, None)
 
     def download(self, run_id: str, artifact: str, dst: Path) -> Path:
         """Download one artifact of a run into ``dst`` and return its local path."""

@@ -101,7 +101,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
 
         # 5. Ship: write the packed file and load it back into a fresh model. Everything below is
         #    measured on the model a user would load from that file.
-        path = ctx.output_dir / trial.study.study_name / f"trial-{trial.number:04d}.sqz"
+        path = trial_file(ctx.output_dir, trial.study.study_name, trial.number)
         path.parent.mkdir(parents=True, exist_ok=True)
         size = save_packed(model, path)
         shipped = load_packed(path, task.build_model())
@@ -119,6 +119,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
         return tuple(float(metrics[name]) for name in ctx.objectives)
+
+
+def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
+    """Where trial ``number`` of a study writes its packed model file."""
+    return output_dir / study_name / f"trial-{number:04d}.sqz"
 
 
 def _finetune_loss(compressors: list[Compressor]):
