@@ -7,7 +7,13 @@ module with a `Compressor` subclass, import it here, and add ``conf/compressor/<
 from __future__ import annotations
 
 from compressors import kd, prune, quant  # noqa: F401  (registers the methods)
-from compressors._base import CompressionContext, Compressor, available, get_compressor
+from compressors._base import (
+    CompressionContext,
+    Compressor,
+    apply_pipeline,
+    available,
+    get_compressor,
+)
 from compressors._params import Integer, InvalidParameterError, Options, Real, check_param
 from compressors.packing import PackedFileError, load_packed, read_packed, save_packed
 
@@ -19,6 +25,7 @@ __all__ = [
     "Options",
     "PackedFileError",
     "Real",
+    "apply_pipeline",
     "available",
     "check_param",
     "get_compressor",

@@ -85,6 +85,19 @@ class Compressor:
         return f"{type(self).__name__}({args})"
 
 
+def apply_pipeline(
+    compressors: list[Compressor], model: nn.Module, ctx: CompressionContext
+) -> nn.Module:
+    """Apply ``compressors`` in order, after checking that ``ctx`` has what each requires."""
+    for compressor in compressors:
+        missing = sorted(r for r in compressor.requires if getattr(ctx, r, None) is None)
+        if missing:
+            raise ValueError(f"compressor '{compressor.name}' requires {missing} in its context")
+    for compressor in compressors:
+        model = compressor.compress(model, ctx)
+    return model
+
+
 def available() -> list[str]:
     """Names of the registered compressors."""
     return sorted(_REGISTRY)

@@ -13,7 +13,13 @@ from pathlib import Path
 import optuna
 import torch
 
-from compressors import CompressionContext, Compressor, load_packed, save_packed
+from compressors import (
+    CompressionContext,
+    Compressor,
+    apply_pipeline,
+    load_packed,
+    save_packed,
+)
 from experiments import Baseline, Task, ce_loss, evaluate, fit
 from experiments.metrics import count_flops, latency_ms, nonzero_params
 from search.space import SearchSpace
@@ -78,8 +84,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             example_inputs=task.example_inputs(),
             seed=seed,
         )
-        for compressor in compressors:
-            model = compressor.compress(model, context)
+        model = apply_pipeline(compressors, model, context)
 
         # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, and the loss
         #    is distillation from the baseline's logits when the recipe has it.
@@ -127,8 +132,8 @@ def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
 
 
 def _finetune_loss(compressors: list[Compressor]):
-    losses = [c.finetune_loss() for c in compressors if c.finetune_loss() is not None]
-    return losses[0] if losses else ce_loss
+    losses = [loss for loss in (c.finetune_loss() for c in compressors) if loss is not None]
+    return losses[0] if losses else ce_loss  # the space allows one compressor of kind "loss"
 
 
 def _latencies(model: torch.nn.Module, task: Task, ctx: SweepContext) -> dict[str, float]:

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compressors import CompressionContext, InvalidParameterError, available, get_compressor
+from compressors import (
+    CompressionContext,
+    InvalidParameterError,
+    apply_pipeline,
+    available,
+    get_compressor,
+)
 from compressors._layers import weight_layers
 from compressors.kd import distillation_loss
 from compressors.packing import plain_state
@@ -105,6 +111,14 @@ def test_fine_tuning_moves_quantized_weights_along_the_grid(digits_task, digits_
     fit(model, digits_task.train, epochs=2, batch_size=64, lr=1e-2)
     after = _weights(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_pipeline_checks_what_each_compressor_requires(digits_baseline):
+    kd = get_compressor("kd")()
+    with pytest.raises(ValueError, match=r"compressor 'kd' requires \['teacher_logits'\]"):
+        apply_pipeline([kd], digits_baseline.model, CompressionContext())
+    ctx = CompressionContext(teacher_logits=digits_baseline.teacher_logits)
+    assert apply_pipeline([kd], digits_baseline.model, ctx) is digits_baseline.model
 
 
 def test_distillation_with_alpha_zero_equals_cross_entropy():
