@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -38,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=mnist1d_cnn")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *rest]  # overrides may come after --quiet
     console = Console(stderr=False)
     _setup_logging(args.quiet)
     try:
@@ -75,6 +80,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

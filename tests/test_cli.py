@@ -79,3 +79,12 @@ def test_console_script_exit_code(tmp_path):
     assert done.returncode == 2
     assert "quant.bits" in done.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_options_and_overrides_mix_in_any_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "space.quant.bits=0", "--quiet", "task=digits_mlp"]) == 2
+    assert "quant.bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--loud"])
+    assert exit_info.value.code == 2
