@@ -6,7 +6,7 @@ module with a `Compressor` subclass, import it here, and add ``conf/compressor/<
 
 from __future__ import annotations
 
-from compressors import kd, prune, quant  # noqa: F401  (registers the methods)
+from compressors import kd, prune, quant, structured  # noqa: F401  (registers the methods)
 from compressors._base import (
     CompressionContext,
     Compressor,

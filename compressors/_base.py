@@ -5,7 +5,10 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 - ``name``: the registry key used in pipelines and in ``conf/compressor/<name>.yaml``;
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
 - ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_logits``);
-- ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say).
+- ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say);
+- ``stage``: 0 for methods that change layer shapes (structured pruning, factorisation), 1 for
+  those that constrain weights in place (masks, quantization grids), 2 for those that only change
+  the fine-tuning; a pipeline applies them in non-decreasing stage.
 
 It overrides one or both hooks: `Compressor.compress` changes the model (masks, quantization
 grids, smaller layers) and `Compressor.finetune_loss` supplies the loss of the fine-tuning that
@@ -52,6 +55,7 @@ class Compressor:
     params: ClassVar[Mapping[str, Constraint]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = ""
+    stage: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

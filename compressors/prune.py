@@ -1,4 +1,4 @@
-"""Unstructured magnitude pruning: zero the smallest weights, keep them zero while fine-tuning."""
+"""Unstructured pruning: zero the least important weights, keep them zero while fine-tuning."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 from compressors._base import CompressionContext, Compressor
 from compressors._layers import weight_layers
 from compressors._params import InvalidParameterError, Options, Real
+from compressors.importance import CRITERIA, weight_scores
 
 
 class Mask(nn.Module):
@@ -24,11 +25,6 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
-def magnitude(weight: torch.Tensor) -> torch.Tensor:
-    """Importance of each weight: its absolute value."""
-    return weight.detach().abs()
-
-
 def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
     """Boolean keep-mask that drops exactly ``round(amount * numel)`` lowest-scoring entries."""
     flat = scores.flatten()
@@ -38,25 +34,32 @@ def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-class MagnitudePruning(Compressor):
-    """Unstructured magnitude pruning of every Linear / Conv weight.
+class UnstructuredPruning(Compressor):
+    """Unstructured pruning of every Linear / Conv weight.
 
     Params:
-        amount: Fraction of weights to zero. With ``scope='global'`` the smallest weights across
-            all layers go; with ``scope='layer'`` each layer loses that fraction, or the fraction
-            a mapping ``{layer name: amount}`` gives it (layers not named are left dense).
+        amount: Fraction of weights to zero. With ``scope='global'`` the least important weights
+            across all layers go; with ``scope='layer'`` each layer loses that fraction, or the
+            fraction a mapping ``{layer name: amount}`` gives it (layers not named stay dense).
         scope: ``global`` or ``layer``.
+        importance: How weights are scored, one of `compressors.importance.CRITERIA`.
     """
 
     name = "prune"
+    stage = 1
     params = {
         "amount": Real(0.0, 1.0, closed="left", default=0.5, per_layer=True),
         "scope": Options(("global", "layer"), default="global"),
+        "importance": Options(CRITERIA, default="l1"),
     }
+
+    @property
+    def requires(self) -> frozenset[str]:
+        return frozenset({"train"}) if self.importance == "taylor" else frozenset()
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         layers = weight_layers(model)
-        scores = {name: magnitude(layer.weight) for name, layer in layers.items()}
+        scores = weight_scores(self.importance, layers, model, ctx)
         for name, keep in self._masks(scores).items():
             parametrize.register_parametrization(layers[name], "weight", Mask(keep))
         return model

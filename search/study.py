@@ -166,7 +166,9 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
     )
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker(
+        cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
+    )
     try:
         return _run(study, plan, tracker, done=done, callbacks=callbacks)
     finally:

@@ -140,14 +140,20 @@ class Tracker:
     Args:
         uri: Tracking URI (``sqlite:///mlflow.db``, ``http://host:5000``, ...).
         experiment: Experiment name; created if missing.
+        artifacts: Artifact location of a new experiment; by default ``mlruns/`` next to a
+            SQLite database file, else the server's default.
     """
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, uri: str, experiment: str, *, artifacts: str | None = None) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
+        if artifacts is None and uri.startswith("sqlite:///"):
+            artifacts = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
         self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifacts)
         )
         self.parent_id: str | None = None
         self._writer = _make_writer(uri)

@@ -34,7 +34,7 @@ def _weights(model):
 
 
 def test_registry_lists_every_method():
-    assert available() == ["kd", "prune", "quant"]
+    assert available() == ["kd", "prune", "quant", "structured"]
     with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: kd, prune, quant"):
         get_compressor("prun")
 

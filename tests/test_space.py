@@ -56,7 +56,7 @@ def test_default_space_samples_every_parameter_in_range():
             "finetune.lr",
         } - {"pipeline"}
         assert [type(c).__name__ for c in space.build(recipe)] == [
-            "MagnitudePruning",
+            "UnstructuredPruning",
             "Quantization",
             "Distillation",
         ]
@@ -106,7 +106,7 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
             r"Unknown compressor 'prun' .* Available: kd, prune, quant",
         ),
         ("space.pipeline=[quant,quant]", r"repeats a compressor"),
-        ("+space.prune.amout=0.5", r"Unknown parameter 'prune.amout' .* Allowed: amount, scope"),
+        ("+space.prune.amout=0.5", r"Unknown parameter 'prune.amout' .* Allowed: amount, importance, scope"),
         (
             "space.prune.scope=choice(global, everywhere)",
             r"'prune.scope' .* one of 'global', 'layer'",

@@ -1,0 +1,73 @@
+"""Importance criteria: how much a weight (or a group of weights) matters.
+
+The question of *what to score* is kept apart from *how to remove* (the pruners) and from *what
+must shrink together* (torch-pruning's dependency graph), as in Torch-Pruning. Every pruner takes
+an ``importance`` parameter naming one of `CRITERIA`:
+
+- ``l1`` / ``l2``: magnitude (for single weights both rank alike);
+- ``taylor``: first-order Taylor estimate of the loss change, ``|w * dL/dw|``, from gradients on
+  a few training batches;
+- ``random``: a control, seeded by the trial, to show that the criteria matter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from compressors._base import CompressionContext
+
+CRITERIA = ("l1", "l2", "taylor", "random")
+#: Training samples whose loss gradients feed the Taylor criterion.
+TAYLOR_SAMPLES = 512
+
+
+def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
+    """Fill ``.grad`` of the model's parameters with the cross-entropy gradient on training data."""
+    model.zero_grad(set_to_none=True)
+    x, y = ctx.train.x[:TAYLOR_SAMPLES], ctx.train.y[:TAYLOR_SAMPLES]
+    F.cross_entropy(model(x), y).backward()
+
+
+def weight_scores(
+    criterion: str, layers: dict[str, nn.Module], model: nn.Module, ctx: CompressionContext
+) -> dict[str, torch.Tensor]:
+    """One score per weight of each layer (higher = more important)."""
+    if criterion == "taylor":
+        accumulate_gradients(model, ctx)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    scores = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        if criterion == "l1":
+            scores[name] = w.abs()
+        elif criterion == "l2":
+            scores[name] = w.pow(2)
+        elif criterion == "taylor":
+            grad = _weight_grad(layer)
+            scores[name] = (w * grad).abs()
+        else:
+            scores[name] = torch.rand(w.shape, generator=generator)
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+    return scores
+
+
+def group_importance(criterion: str) -> tp.importance.Importance:
+    """The torch-pruning importance that scores channel groups by ``criterion``."""
+    if criterion == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if criterion == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if criterion == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return tp.importance.RandomImportance()
+
+
+def _weight_grad(layer: nn.Module) -> torch.Tensor:
+    """Gradient of the layer's effective weight (its latent weight's, if parametrized)."""
+    if hasattr(layer, "parametrizations"):
+        return layer.parametrizations.weight.original.grad
+    return layer.weight.grad
