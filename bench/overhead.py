@@ -62,7 +62,8 @@ class BareLoop:
         self.seconds = time.perf_counter() - start
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
-        amount = trial.suggest_float("prune.amount", 0.3, 0.98)
+        channels = trial.suggest_float("structured.amount", 0.0, 0.85)
+        amount = trial.suggest_float("prune.amount", 0.0, 0.95)
         scope = trial.suggest_categorical("prune.scope", ["global", "layer"])
         bits = trial.suggest_int("quant.bits", 2, 8)
         temperature = trial.suggest_float("kd.temperature", 1.0, 8.0)
@@ -71,7 +72,13 @@ class BareLoop:
         seed = self.cfg.seed + trial.number
         torch.manual_seed(seed)
         model = copy.deepcopy(self.baseline.model)
-        ctx = CompressionContext(train=self.task.train, teacher_logits=self.baseline.teacher_logits)
+        ctx = CompressionContext(
+            train=self.task.train,
+            teacher_logits=self.baseline.teacher_logits,
+            example_inputs=self.task.example_inputs(),
+            seed=seed,
+        )
+        model = get_compressor("structured")(amount=channels).compress(model, ctx)
         model = get_compressor("prune")(amount=amount, scope=scope).compress(model, ctx)
         model = get_compressor("quant")(bits=bits).compress(model, ctx)
 

@@ -63,7 +63,7 @@ def front_table(front: pd.DataFrame, baseline: dict[str, float], *, title: str) 
     params = [c for c in front.columns if c.startswith("param.")]
     for row in front.to_dict("records"):
         recipe = " ".join(
-            f"{c.split('.')[-1]}={_short(row[c])}" for c in params if pd.notna(row[c])
+            f"{c.removeprefix('param.')}={_short(row[c])}" for c in params if pd.notna(row[c])
         )
         table.add_row(
             str(row["trial"]),

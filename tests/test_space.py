@@ -39,8 +39,9 @@ def test_default_space_samples_every_parameter_in_range():
     for _ in range(20):
         trial = study.ask()
         recipe = space.sample(trial)
-        assert recipe.pipeline == ("prune", "quant", "kd")
-        assert 0.3 <= recipe.compressors["prune"]["amount"] <= 0.98
+        assert recipe.pipeline == ("structured", "prune", "quant", "kd")
+        assert 0.0 <= recipe.compressors["structured"]["amount"] <= 0.85
+        assert 0.0 <= recipe.compressors["prune"]["amount"] <= 0.95
         assert recipe.compressors["prune"]["scope"] in ("global", "layer")
         assert isinstance(recipe.compressors["quant"]["bits"], int)
         assert 2 <= recipe.compressors["quant"]["bits"] <= 8
@@ -48,6 +49,7 @@ def test_default_space_samples_every_parameter_in_range():
         assert recipe.finetune["epochs"] == 15
         assert set(trial.params) == {
             "pipeline",
+            "structured.amount",
             "prune.amount",
             "prune.scope",
             "quant.bits",
@@ -56,6 +58,7 @@ def test_default_space_samples_every_parameter_in_range():
             "finetune.lr",
         } - {"pipeline"}
         assert [type(c).__name__ for c in space.build(recipe)] == [
+            "StructuredPruning",
             "UnstructuredPruning",
             "Quantization",
             "Distillation",
@@ -106,7 +109,10 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
             r"Unknown compressor 'prun' .* Available: kd, prune, quant",
         ),
         ("space.pipeline=[quant,quant]", r"repeats a compressor"),
-        ("+space.prune.amout=0.5", r"Unknown parameter 'prune.amout' .* Allowed: amount, importance, scope"),
+        (
+            "+space.prune.amout=0.5",
+            r"Unknown parameter 'prune.amout' .* Allowed: amount, importance, scope",
+        ),
         (
             "space.prune.scope=choice(global, everywhere)",
             r"'prune.scope' .* one of 'global', 'layer'",
