@@ -171,6 +171,9 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
     )
     try:
         return _run(study, plan, tracker, done=done, callbacks=callbacks)
+    except BaseException:
+        tracker.abort()  # the parent run ends KILLED; a rerun continues the study and reopens it
+        raise
     finally:
         tracker.close()
 

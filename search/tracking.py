@@ -251,6 +251,15 @@ class Tracker:
             parent.log_artifact(path)
         self._end(parent, "FINISHED")
 
+    def abort(self) -> None:
+        """End the parent run as KILLED after an error or an interrupt (best effort)."""
+        if self.parent_id is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self.client.set_terminated(self.parent_id, status="KILLED")
+
     def mark_front(self, front: Mapping[str, Mapping[str, float]]) -> None:
         """Tag ``pareto=true`` and log ``front[run_id]`` on the front's child runs, and tag
         ``pareto=false`` on children that were on the front of an earlier session but are no more.

@@ -183,3 +183,20 @@ def test_nsga2_and_three_objectives(tmp_path, cache_dir):
     assert all(len(t.values) == 3 for t in trials)
     assert all(0.5 <= t.params["prune.amount"] <= 0.98 for t in trials)
     assert not result.front.empty
+
+
+def test_an_interrupted_sweep_ends_its_parent_run_killed_and_resumes(tmp_path, cache_dir):
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=3")
+
+    def interrupt(study, trial):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(compose_config(overrides), callbacks=[interrupt])
+    _, parents, children = _mlflow_runs(tmp_path)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    run_sweep(compose_config(overrides))
+    _, parents, children = _mlflow_runs(tmp_path)
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert len(children) == 3 and len(_study(tmp_path).trials) == 3
