@@ -127,3 +127,38 @@ def test_bad_spaces_are_rejected(override, message):
 def test_malformed_expression_in_yaml_is_named():
     with pytest.raises(ConfigError, match=r"Malformed search expression for 'space.prune.amount'"):
         parse_value("space.prune.amount", "interval(0.1,")
+
+
+def test_per_layer_amounts_are_searched_one_dimension_per_layer():
+    space = SearchSpace.from_config(
+        {
+            "name": "per_layer",
+            "pipeline": ["prune"],
+            "prune": {
+                "_target_": "compressors.prune.UnstructuredPruning",
+                "amount": {
+                    "net.1": "interval(0.5, 0.9)",
+                    "net.3": "interval(0.1, 0.4)",
+                    "net.5": 0,
+                },
+                "scope": "layer",
+            },
+        }
+    )
+    trial = optuna.create_study().ask()
+    recipe = space.sample(trial)
+    assert set(trial.params) == {"prune.amount.net.1", "prune.amount.net.3"}
+    amounts = recipe.compressors["prune"]["amount"]
+    assert 0.5 <= amounts["net.1"] <= 0.9 and 0.1 <= amounts["net.3"] <= 0.4
+    assert amounts["net.5"] == 0
+    assert space.build(recipe)[0].amount == amounts
+    with pytest.raises(ConfigError, match=r"'prune.amount.net.1' .* Got 'interval\(0.5, 1.5\)'"):
+        SearchSpace.from_config(
+            {
+                "pipeline": ["prune"],
+                "prune": {
+                    "_target_": "compressors.prune.UnstructuredPruning",
+                    "amount": {"net.1": "interval(0.5, 1.5)"},
+                },
+            }
+        )
