@@ -25,10 +25,10 @@ def digits_baseline(digits_task, cache_dir):
     return load_or_train_baseline(digits_task, config=DIGITS_CONFIG, cache_dir=cache_dir, seed=0)
 
 
-def sweep_overrides(tmp_path, cache_dir, *extra: str) -> list[str]:
+def sweep_overrides(tmp_path, cache_dir, *extra: str, storage: str | None = None) -> list[str]:
     """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session)."""
     return [
-        f"search.storage={tmp_path}/optuna.journal",
+        f"search.storage={storage or f'{tmp_path}/optuna.journal'}",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"cache_dir={cache_dir}",
         f"output_dir={tmp_path}/trials",
