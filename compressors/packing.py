@@ -10,7 +10,8 @@ is smaller). For every tensor of the model's state the writer picks the smaller 
 
 Values of a tensor that lies on a quantization grid (a `FakeQuant` parametrization) are stored as
 k-bit integer codes packed tightly into bytes, with their fp32 per-channel scales; other values
-are stored as float32 (the scales as float16, which they are rounded to). Loading reads
+are stored as float32, or as float16 when that holds them exactly (the scales, which are rounded
+to float16 when a grid is made, and biases kept on float16 values). Loading reads
 tensors and JSON only: it never unpickles code.
 """
 
@@ -133,10 +134,11 @@ def _encode(
         out[name] = value
         spec["enc"] = "raw"
         return spec
-    flat = value.flatten()
+    flat = value.flatten().to(torch.float32)
     nonzero = flat != 0
     nnz, n = int(nonzero.sum()), flat.numel()
-    bits = grid.bits if grid is not None else 32
+    half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it exactly
+    bits = grid.bits if grid is not None else (16 if half else 32)
     gaps = _encode_gaps(torch.nonzero(nonzero).flatten().numpy())
     costs = {"dense": bits * n, "bitmask": n + bits * nnz, "gaps": 8 * len(gaps) + bits * nnz}
     spec["enc"] = min(costs, key=costs.get)
@@ -147,7 +149,7 @@ def _encode(
     elif spec["enc"] == "gaps":
         out[f"{name}:gaps"] = torch.from_numpy(gaps)
     if grid is None:
-        out[f"{name}:values"] = kept.to(torch.float32)
+        out[f"{name}:values"] = kept.to(torch.float16 if half else torch.float32)
         return spec
     scale = grid.scale.expand_as(value).flatten()
     scale = scale[nonzero] if sparse else scale
@@ -171,7 +173,7 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
             return codes.view(shape) * scale
         scale = scale.expand(shape).flatten()
     else:
-        codes, scale = tensors[f"{name}:values"], None
+        codes, scale = tensors[f"{name}:values"].to(torch.float32), None
     if spec["enc"] == "dense":
         return codes.view(shape)
     if spec["enc"] == "bitmask":

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
 from compressors._layers import weight_layers
-from compressors._params import Integer
+from compressors._params import Integer, Options
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -60,19 +60,48 @@ class FakeQuant(nn.Module):
         return _RoundToGrid.apply(weight, self.scale, self.qmax)
 
 
+class _RoundToHalf(torch.autograd.Function):
+    """Forward: the nearest float16 value (kept in float32); backward: identity."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.to(torch.float16).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class HalfPrecision(nn.Module):
+    """Parametrization that keeps a tensor on float16 values, which the packed file then stores
+    in 2 bytes without loss."""
+
+    def forward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _RoundToHalf.apply(tensor)
+
+
 class Quantization(Compressor):
     """Quantize every Linear / Conv weight to ``bits`` bits, symmetric, one scale per out channel.
 
     The grid is fixed when the compressor is applied; fine-tuning then trains latent weights whose
     rounded values are used in every forward pass, so the model stays on the grid.
+
+    Params:
+        bits: Bits per weight, 2..8.
+        bias: ``fp16`` keeps biases on float16 values (stored in 2 bytes), ``fp32`` leaves them.
     """
 
     name = "quant"
     kind = "quantizer"
-    params = {"bits": Integer(2, 8, default=8)}
+    params = {
+        "bits": Integer(2, 8, default=8),
+        "bias": Options(("fp16", "fp32"), default="fp16"),
+    }
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         for layer in weight_layers(model).values():
             scale = channel_scale(layer.weight, self.bits)
             parametrize.register_parametrization(layer, "weight", FakeQuant(self.bits, scale))
+            if self.bias == "fp16" and layer.bias is not None:
+                parametrize.register_parametrization(layer, "bias", HalfPrecision())
         return model

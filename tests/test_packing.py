@@ -122,3 +122,19 @@ def test_loading_into_another_architecture_names_the_mismatch(tmp_path, digits_t
     save_packed(digits_task.build_model(), tmp_path / "m.sqz")
     with pytest.raises(PackedFileError, match="does not fit the model"):
         load_packed(tmp_path / "m.sqz", ConvNet1d(40, 10))
+
+
+def test_biases_on_float16_values_are_stored_in_two_bytes(tmp_path, digits_task, digits_baseline):
+    sizes = {}
+    for bias in ("fp32", "fp16"):
+        model = get_compressor("quant")(bits=4, bias=bias).compress(
+            copy.deepcopy(digits_baseline.model), CompressionContext()
+        )
+        fit(model, digits_task.train, epochs=1, batch_size=64, lr=1e-3)
+        state, _ = plain_state(model)
+        half = torch.equal(state["net.1.bias"].half().float(), state["net.1.bias"])
+        assert half == (bias == "fp16")
+        sizes[bias] = save_packed(model, tmp_path / f"{bias}.sqz")
+        assert torch.equal(read_packed(tmp_path / f"{bias}.sqz")["net.1.bias"], state["net.1.bias"])
+    biases = sum(p.numel() for n, p in digits_baseline.model.named_parameters() if "bias" in n)
+    assert sizes["fp32"] - sizes["fp16"] >= biases  # about 2 bytes saved per bias
