@@ -273,14 +273,12 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
 def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compressor]], where: str):
     if len(set(pipeline)) != len(pipeline):
         raise ConfigError(f"The pipeline {'+'.join(pipeline)!r} of {where} repeats a compressor.")
-    stages = [classes[comp].stage for comp in pipeline]
     for before, after in zip(pipeline, pipeline[1:], strict=False):
         if classes[after].stage < classes[before].stage:
             raise ConfigError(
                 f"The pipeline {'+'.join(pipeline)!r} of {where} applies '{after}' after "
                 f"'{before}'; '{after}' {_STAGES[classes[after].stage]}, so it must come first."
             )
-    del stages
     seen: dict[str, str] = {}
     for comp in pipeline:
         kind = classes[comp].kind
