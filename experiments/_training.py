@@ -48,6 +48,8 @@ def fit(
     teacher_logits: torch.Tensor | None = None,
     val: Split | None = None,
     seed: int = 0,
+    before_epoch: Callable[[int, int], None] | None = None,
+    after_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place with Adam.
 
@@ -62,6 +64,9 @@ def fit(
         teacher_logits: Teacher logits aligned with ``train`` (for distillation).
         val: If given, validation accuracy is measured after every epoch.
         seed: Seeds the order of the mini-batches.
+        before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
+            e.g. gradual pruning, changes the model here).
+        after_epoch: Called with each epoch's `EpochStats` (early stopping raises here).
 
     Returns:
         One `EpochStats` per epoch.
@@ -76,6 +81,8 @@ def fit(
     history = []
     n = len(train)
     for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch(epoch, epochs)
         model.train()
         order = torch.randperm(n, generator=generator)
         total = 0.0
@@ -91,6 +98,8 @@ def fit(
             total += loss.item() * len(idx)
         val_acc = evaluate(model, val) if val is not None else None
         history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))
+        if after_epoch is not None:
+            after_epoch(history[-1])
     model.eval()
     return history
 
