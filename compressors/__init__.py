@@ -1,21 +1,29 @@
 """Compression methods behind one protocol, their registry, and the packed model file.
 
-Importing this package registers every method module listed below. To add a method, write one
-module with a `Compressor` subclass, import it here, and add ``conf/compressor/<name>.yaml``.
+Importing this package imports every public module in it, which registers their methods. To add
+a method, write one module here with a `Compressor` subclass and add
+``conf/compressor/<name>.yaml``; nothing else changes.
 """
 
 from __future__ import annotations
 
-from compressors import kd, prune, quant, structured  # noqa: F401  (registers the methods)
+import importlib
+import pkgutil
+
 from compressors._base import (
     CompressionContext,
     Compressor,
     apply_pipeline,
     available,
+    finalize_pipeline,
     get_compressor,
 )
 from compressors._params import Integer, InvalidParameterError, Options, Real, check_param
 from compressors.packing import PackedFileError, load_packed, read_packed, save_packed
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "CompressionContext",
@@ -27,6 +35,7 @@ __all__ = [
     "Real",
     "apply_pipeline",
     "available",
+    "finalize_pipeline",
     "check_param",
     "get_compressor",
     "load_packed",

@@ -6,13 +6,21 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
 - ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_logits``);
 - ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say);
-- ``stage``: 0 for methods that change layer shapes (structured pruning, factorisation), 1 for
-  those that constrain weights in place (masks, quantization grids), 2 for those that only change
+- ``stage``: 0 for methods that train the dense model before anything is removed (L1 sparse
+  training), 1 for those that change layer shapes (structured pruning, factorisation), 2 for
+  those that constrain weights in place (masks, quantization grids), 3 for those that only change
   the fine-tuning; a pipeline applies them in non-decreasing stage.
 
-It overrides one or both hooks: `Compressor.compress` changes the model (masks, quantization
-grids, smaller layers) and `Compressor.finetune_loss` supplies the loss of the fine-tuning that
-follows. Subclassing registers the class; nothing else has to be edited to add a method.
+A trial calls the hooks in this order, each compressor in pipeline order:
+
+1. `Compressor.compress` changes the model before fine-tuning (masks, grids, smaller layers);
+2. `Compressor.finetune_loss` supplies the loss of the fine-tuning (distillation);
+3. `Compressor.on_epoch` runs before every fine-tuning epoch (schedules, e.g. gradual pruning);
+4. `Compressor.finalize` changes the fine-tuned model before it is written (post-training
+   quantization, the last step of a schedule).
+
+A method overrides the hooks it needs. Subclassing registers the class; nothing else has to be
+edited to add a method.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ class Compressor:
     params: ClassVar[Mapping[str, Constraint]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = ""
-    stage: ClassVar[int] = 1
+    stage: ClassVar[int] = 2
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,6 +92,13 @@ class Compressor:
         """Loss of the fine-tuning after compression, or None for plain cross-entropy."""
         return None
 
+    def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Called before fine-tuning epoch ``epoch`` of ``epochs``. Default: nothing."""
+
+    def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Return the model to ship, after fine-tuning. Default: unchanged."""
+        return model
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
@@ -92,13 +107,23 @@ class Compressor:
 def apply_pipeline(
     compressors: list[Compressor], model: nn.Module, ctx: CompressionContext
 ) -> nn.Module:
-    """Apply ``compressors`` in order, after checking that ``ctx`` has what each requires."""
+    """Apply ``compressors`` in order (before fine-tuning), after checking that ``ctx`` has what
+    each requires."""
     for compressor in compressors:
         missing = sorted(r for r in compressor.requires if getattr(ctx, r, None) is None)
         if missing:
             raise ValueError(f"compressor '{compressor.name}' requires {missing} in its context")
     for compressor in compressors:
         model = compressor.compress(model, ctx)
+    return model
+
+
+def finalize_pipeline(
+    compressors: list[Compressor], model: nn.Module, ctx: CompressionContext
+) -> nn.Module:
+    """Give each compressor, in order, its last word on the fine-tuned model."""
+    for compressor in compressors:
+        model = compressor.finalize(model, ctx)
     return model
 
 

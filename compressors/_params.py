@@ -76,10 +76,26 @@ class Options:
         return value in self.values
 
     def describe(self) -> str:
+        if len(self.values) == 1:
+            return repr(self.values[0])
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
-Constraint = Real | Integer | Options
+@dataclass(frozen=True)
+class AnyOf:
+    """A value that one of several constraints accepts, e.g. an int in [1, 8] or ``'ternary'``."""
+
+    constraints: tuple[Real | Integer | Options, ...]
+    default: Any = None
+
+    def accepts(self, value: Any) -> bool:
+        return any(c.accepts(value) for c in self.constraints)
+
+    def describe(self) -> str:
+        return " or ".join(c.describe() for c in self.constraints)
+
+
+Constraint = Real | Integer | Options | AnyOf
 
 
 def check_param(where: str, name: str, constraint: Constraint, value: Any) -> None:

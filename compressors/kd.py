@@ -44,7 +44,7 @@ class Distillation(Compressor):
 
     name = "kd"
     kind = "loss"
-    stage = 2
+    stage = 3
     requires = frozenset({"teacher_logits"})
     params = {
         "temperature": Real(0.0, math.inf, closed="neither", default=4.0),

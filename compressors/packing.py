@@ -1,7 +1,7 @@
 """The packed model file: what makes a compressed model's size real.
 
 A file is ``b"SQZ1"``, one codec byte, then a safetensors payload (compressed with LZMA when that
-is smaller). For every tensor of the model's state the writer picks the smaller of two layouts:
+is smaller). For every tensor of the model's state the writer picks the smallest of three layouts:
 
 - ``dense``: every value;
 - ``bitmask``: one bit per position saying whether it is nonzero, plus the nonzero values;
@@ -9,16 +9,23 @@ is smaller). For every tensor of the model's state the writer picks the smaller 
   spelled with 255s that carry no value, as in Deep Compression), plus the nonzero values.
 
 Values of a tensor that lies on a quantization grid (a `FakeQuant` parametrization) are stored as
-k-bit integer codes packed tightly into bytes, with their fp32 per-channel scales; other values
-are stored as float32, or as float16 when that holds them exactly (the scales, which are rounded
-to float16 when a grid is made, and biases kept on float16 values). Loading reads
-tensors and JSON only: it never unpickles code.
+integer codes, each the index of its value in the tensor's code alphabet (a range such as -7..7,
+or a list such as -1, +1 for binary weights), packed into ``ceil(log2(alphabet size))`` bits,
+with float16 per-channel scales. Other values are stored as float32, or as float16 when that holds
+them exactly (the scales, which are rounded to float16 when a grid is made, and biases kept on
+float16 values).
+
+The header also records how the model's structure differs from a freshly built one: layers
+replaced by other modules (a low-rank pair, see `register_replacement`) and Linear layers that run
+on int8 kernels (`compressors.runtime`). Loading rebuilds both; it reads tensors and JSON only and
+never unpickles code.
 """
 
 from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import re
 import struct
@@ -31,15 +38,42 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from compressors.quant import FakeQuant
+from compressors.runtime import to_int8
 
 MAGIC = b"SQZ1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _RAW, _LZMA = 0, 1
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
 
 
 class PackedFileError(ValueError):
     """The file is not a squeeze packed model, or does not fit the model it is loaded into."""
+
+
+class Replacement(nn.Module):
+    """A module that replaces a layer of the original architecture (e.g. a low-rank pair).
+
+    Subclasses registered with `register_replacement` are recorded in the packed file by
+    `spec`, and `like` rebuilds an empty one from the original layer when the file is loaded.
+    """
+
+    def spec(self) -> dict:
+        """JSON-able arguments that, with the original layer, fix this module's structure."""
+        raise NotImplementedError
+
+    @classmethod
+    def like(cls, original: nn.Module, spec: dict) -> nn.Module:
+        """An (untrained) module of the structure ``spec`` describes, replacing ``original``."""
+        raise NotImplementedError
+
+
+_REPLACEMENTS: dict[str, type[Replacement]] = {}
+
+
+def register_replacement(cls: type[Replacement]) -> type[Replacement]:
+    """Class decorator: let packed files record and rebuild modules of ``cls``."""
+    _REPLACEMENTS[cls.__name__] = cls
+    return cls
 
 
 def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, FakeQuant]]:
@@ -78,7 +112,17 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     layout: dict[str, dict] = {}
     for name, value in state.items():
         layout[name] = _encode(name, value, grids.get(name), tensors)
-    payload = st_save(tensors, metadata={"squeeze": json.dumps({"v": FORMAT_VERSION, "t": layout})})
+    meta = {
+        "v": FORMAT_VERSION,
+        "t": layout,
+        "modules": {
+            name: {"type": type(module).__name__, **module.spec()}
+            for name, module in model.named_modules()
+            if isinstance(module, Replacement)
+        },
+        "int8": sorted(k.removesuffix(".weight") for k, g in grids.items() if g.runtime == "int8"),
+    }
+    payload = st_save(tensors, metadata={"squeeze": json.dumps(meta)})
     packed = lzma.compress(payload, preset=9)
     codec, body = (_LZMA, packed) if len(packed) < len(payload) else (_RAW, payload)
     path = Path(path)
@@ -88,6 +132,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
 
 def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Decode a packed file into a plain state dict (float32 weights, exact values)."""
+    return _read(path)[0]
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(state, header, raw tensors)`` of a packed file."""
     data = Path(path).read_bytes()
     if data[:4] != MAGIC or len(data) < 5 or data[4] not in (_RAW, _LZMA):
         raise PackedFileError(f"{path} is not a squeeze packed model file")
@@ -97,15 +146,23 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if meta["v"] != FORMAT_VERSION:
         raise PackedFileError(f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION}")
     tensors = st_load(payload)
-    return {name: _decode(name, spec, tensors) for name, spec in meta["t"].items()}
+    return {name: _decode(name, spec, tensors) for name, spec in meta["t"].items()}, meta, tensors
 
 
 def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a packed file into ``model``, a freshly built model of the same architecture.
 
-    Tensors whose shape changed (layers made smaller) replace the model's tensors.
+    Layers the file records as replaced (a low-rank pair, say) are rebuilt first; tensors whose
+    shape changed (layers made smaller) replace the model's tensors; Linear layers the file
+    records as int8 are converted to int8 kernels last.
     """
-    state = read_packed(path)
+    state, meta, tensors = _read(path)
+    for name, spec in meta["modules"].items():
+        spec = dict(spec)
+        cls = _REPLACEMENTS.get(spec.pop("type"))
+        if cls is None:
+            raise PackedFileError(f"{path} has a module {name!r} of unknown type")
+        model.set_submodule(name, cls.like(model.get_submodule(name), spec))
     expected = set(model.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -123,6 +180,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 setattr(module, attr, nn.Parameter(value, requires_grad=current.requires_grad))
             else:
                 setattr(module, attr, value)
+    to_int8(model, {name: tensors[f"{name}.weight:scale"] for name in meta["int8"]})
     return model.eval()
 
 
@@ -137,27 +195,52 @@ def _encode(
     flat = value.flatten().to(torch.float32)
     nonzero = flat != 0
     nnz, n = int(nonzero.sum()), flat.numel()
-    half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it exactly
-    bits = grid.bits if grid is not None else (16 if half else 32)
     gaps = _encode_gaps(torch.nonzero(nonzero).flatten().numpy())
-    costs = {"dense": bits * n, "bitmask": n + bits * nnz, "gaps": 8 * len(gaps) + bits * nnz}
+    if grid is None:
+        half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it
+        dense_bits = sparse_bits = 16 if half else 32
+    else:
+        scale = grid.scale.expand_as(value).flatten()
+        codes = torch.round(flat / scale).to(torch.int64)
+        dense_bits = _code_bits(codes)
+        sparse_bits = _code_bits(codes[nonzero])
+    costs = {
+        "dense": dense_bits * n,
+        "bitmask": n + sparse_bits * nnz,
+        "gaps": 8 * len(gaps) + sparse_bits * nnz,
+    }
     spec["enc"] = min(costs, key=costs.get)
     sparse = spec["enc"] != "dense"
-    kept = flat[nonzero] if sparse else flat
     if spec["enc"] == "bitmask":
         out[f"{name}:mask"] = torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))
     elif spec["enc"] == "gaps":
         out[f"{name}:gaps"] = torch.from_numpy(gaps)
     if grid is None:
+        kept = flat[nonzero] if sparse else flat
         out[f"{name}:values"] = kept.to(torch.float16 if half else torch.float32)
         return spec
-    scale = grid.scale.expand_as(value).flatten()
-    scale = scale[nonzero] if sparse else scale
-    codes = torch.round(kept / scale).to(torch.int64) + grid.qmax
-    out[f"{name}:codes"] = torch.from_numpy(_pack_bits(codes.numpy(), bits))
-    out[f"{name}:scale"] = grid.scale.to(torch.float16).contiguous()  # exact: see channel_scale
-    spec.update(bits=bits, qmax=grid.qmax, count=len(kept))
+    kept = codes[nonzero] if sparse else codes
+    alphabet = torch.unique(kept) if len(kept) else torch.zeros(1, dtype=torch.int64)
+    lo, hi = int(alphabet[0]), int(alphabet[-1])
+    if hi - lo + 1 <= 2 ** _bits_for(len(alphabet)):  # a range codes as compactly as the list
+        spec["range"] = [lo, hi]
+        index = kept - lo
+    else:
+        spec["alphabet"] = alphabet.tolist()
+        index = torch.searchsorted(alphabet, kept)
+    bits = _bits_for(len(alphabet))
+    out[f"{name}:codes"] = torch.from_numpy(_pack_bits(index.numpy(), bits))
+    out[f"{name}:scale"] = grid.scale.to(torch.float16).contiguous()  # exact: see make_grid
+    spec.update(bits=bits, count=len(kept))
     return spec
+
+
+def _bits_for(symbols: int) -> int:
+    return max(1, math.ceil(math.log2(symbols))) if symbols > 1 else 1
+
+
+def _code_bits(codes: torch.Tensor) -> int:
+    return _bits_for(len(torch.unique(codes))) if len(codes) else 1
 
 
 def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -166,8 +249,12 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
         return tensors[name]
     n = int(np.prod(shape)) if shape else 1
     if "bits" in spec:
-        codes = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
-        codes = torch.from_numpy(codes.astype(np.int64) - spec["qmax"]).to(torch.float32)
+        index = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
+        if "range" in spec:
+            codes = index + spec["range"][0]
+        else:
+            codes = np.asarray(spec["alphabet"], dtype=np.int64)[index]
+        codes = torch.from_numpy(codes).to(torch.float32)
         scale = tensors[f"{name}:scale"].to(torch.float32)
         if spec["enc"] == "dense":
             return codes.view(shape) * scale

@@ -46,7 +46,8 @@ class UnstructuredPruning(Compressor):
     """
 
     name = "prune"
-    stage = 1
+    kind = "sparsity"
+    stage = 2
     params = {
         "amount": Real(0.0, 1.0, closed="left", default=0.5, per_layer=True),
         "scope": Options(("global", "layer"), default="global"),
@@ -60,21 +61,37 @@ class UnstructuredPruning(Compressor):
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         layers = weight_layers(model)
         scores = weight_scores(self.importance, layers, model, ctx)
-        for name, keep in self._masks(scores).items():
+        masks = keep_masks(scores, self.amount, self.scope, param=f"{self.name}.amount")
+        for name, keep in masks.items():
             parametrize.register_parametrization(layers[name], "weight", Mask(keep))
         return model
 
-    def _masks(self, scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if isinstance(self.amount, Mapping):
-            unknown = sorted(set(self.amount) - set(scores))
-            if unknown:
-                raise InvalidParameterError(
-                    f"The 'prune.amount' parameter names unknown layers {unknown}. "
-                    f"Prunable layers: {', '.join(scores)}."
-                )
-            return {n: smallest_mask(scores[n], a) for n, a in self.amount.items()}
-        if self.scope == "layer":
-            return {n: smallest_mask(s, self.amount) for n, s in scores.items()}
-        flat = torch.cat([s.flatten() for s in scores.values()])
-        keep = smallest_mask(flat, self.amount).split([s.numel() for s in scores.values()])
-        return {n: k.view_as(s) for (n, s), k in zip(scores.items(), keep, strict=True)}
+
+def keep_masks(
+    scores: Mapping[str, torch.Tensor],
+    amount: float | Mapping[str, float],
+    scope: str,
+    *,
+    param: str = "amount",
+) -> dict[str, torch.Tensor]:
+    """Keep-masks that drop the lowest-scoring ``amount`` of the weights.
+
+    Args:
+        scores: One score per weight, by layer name.
+        amount: Fraction to drop, or ``{layer name: fraction}`` (layers not named stay dense).
+        scope: ``global`` (one threshold over all layers) or ``layer`` (each layer alike).
+        param: The parameter ``amount`` came from, for the error message.
+    """
+    if isinstance(amount, Mapping):
+        unknown = sorted(set(amount) - set(scores))
+        if unknown:
+            raise InvalidParameterError(
+                f"The '{param}' parameter names unknown layers {unknown}. "
+                f"Prunable layers: {', '.join(scores)}."
+            )
+        return {n: smallest_mask(scores[n], a) for n, a in amount.items()}
+    if scope == "layer":
+        return {n: smallest_mask(s, amount) for n, s in scores.items()}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = smallest_mask(flat, amount).split([s.numel() for s in scores.values()])
+    return {n: k.view_as(s) for (n, s), k in zip(scores.items(), keep, strict=True)}

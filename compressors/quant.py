@@ -1,5 +1,16 @@
-"""k-bit symmetric per-output-channel weight quantization, fine-tuned with a straight-through
-estimator."""
+"""Weight quantization onto per-output-channel grids: k-bit, ternary or binary.
+
+A grid is fixed per layer when the weights are quantized: one float16 scale per output channel
+(for k-bit grids the clipping that minimises the squared error, for binary and ternary grids the
+closed forms of XNOR-Net and Ternary Weight Networks). Quantization is either
+
+- ``qat``: applied before fine-tuning, which then trains latent float weights whose rounded
+  values are used in every forward pass (a straight-through estimator), or
+- ``ptq``: applied once after fine-tuning, with no training on the grid.
+
+The packed file stores the integer codes and scales (`compressors.packing`); ``runtime='int8'``
+also makes the shipped model run its Linear layers with int8 kernels (`compressors.runtime`).
+"""
 
 from __future__ import annotations
 
@@ -9,55 +20,102 @@ from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
 from compressors._layers import weight_layers
-from compressors._params import Integer, Options
+from compressors._params import AnyOf, Integer, Options
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
-
-
-def channel_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale ``max|w| / (2^(bits-1) - 1)``, shaped to broadcast over ``weight``.
-
-    Scales are rounded to float16 values, so the packed file stores them in 2 bytes without loss.
-    A channel of zeros gets scale 1 so that its codes stay 0.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    amax = weight.detach().abs().flatten(1).amax(dim=1)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    scale = scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
-    return scale.view(-1, *([1] * (weight.dim() - 1)))
-
-
-class _RoundToGrid(torch.autograd.Function):
-    """Forward: the nearest grid point; backward: identity inside the grid's range (clipped STE)."""
-
-    @staticmethod
-    def forward(ctx, weight, scale, qmax):
-        scaled = weight / scale
-        ctx.save_for_backward(scaled.abs() <= qmax + 0.5)
-        return torch.clamp(torch.round(scaled), -qmax, qmax) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None
+#: Clipping ratios tried for k-bit grids (the one with the least squared error wins per channel).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+#: Ternary weights below this fraction of the channel's mean magnitude become 0 (TWN's 0.7).
+TERNARY_THRESHOLD = 0.7
 
 
 class FakeQuant(nn.Module):
-    """Parametrization that snaps a weight onto a fixed symmetric k-bit grid.
+    """Parametrization that snaps a weight onto a fixed per-channel grid.
 
-    Its value is always ``code * scale`` with integer ``code`` in ``[-qmax, qmax]``, which is
-    exactly what the packed file stores (`compressors.packing`).
+    Its value is always ``code * scale`` with integer codes: in ``[-qmax, qmax]`` for ``int``
+    grids, ``{-1, +1}`` for ``binary`` (a weight that is exactly 0, i.e. pruned, stays 0) and
+    ``{-1, 0, +1}`` for ``ternary``. That is exactly what the packed file stores. Gradients pass
+    straight through where ``|w / scale| <= qmax + 0.5`` and are zero outside (clipped STE).
+
+    Attributes:
+        scheme: ``int``, ``binary`` or ``ternary``.
+        qmax: Largest code magnitude (1 for binary and ternary).
+        runtime: ``float``, or ``int8`` when the shipped layer runs on int8 kernels.
     """
 
-    def __init__(self, bits: int, scale: torch.Tensor) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        scale: torch.Tensor,
+        *,
+        qmax: int = 1,
+        threshold: torch.Tensor | None = None,
+        runtime: str = "float",
+    ) -> None:
         super().__init__()
-        self.bits = bits
-        self.qmax = 2 ** (bits - 1) - 1
+        self.scheme, self.qmax, self.runtime = scheme, qmax, runtime
         self.register_buffer("scale", scale)
+        self.register_buffer("threshold", threshold if threshold is not None else torch.zeros(0))
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as floats) of ``weight`` on this grid."""
+        if self.scheme == "int":
+            return torch.clamp(torch.round(weight / self.scale), -self.qmax, self.qmax)
+        if self.scheme == "binary":
+            return torch.sign(weight)
+        return torch.sign(weight) * (weight.abs() > self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _RoundToGrid.apply(weight, self.scale, self.qmax)
+        quantized = (self.codes(weight) * self.scale).detach()
+        inside = (weight / self.scale).abs() <= self.qmax + 0.5
+        return quantized + (weight - weight.detach()) * inside  # value: quantized; grad: STE
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, qmax={self.qmax}, runtime={self.runtime}"
+
+
+def make_grid(weight: torch.Tensor, bits: int | str, *, runtime: str = "float") -> FakeQuant:
+    """The grid of ``weight`` for ``bits`` (1..8, or ``"ternary"``).
+
+    Scales are rounded to float16 values, so the packed file stores them in 2 bytes without loss;
+    a channel of zeros gets scale 1 so that its codes stay 0.
+    """
+    w = weight.detach().flatten(1)
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    if bits == 1:
+        scale = _masked_mean(w.abs(), w != 0)  # XNOR-Net: mean |w| of the (unpruned) weights
+        return FakeQuant("binary", _fp16(scale).view(shape), runtime=runtime)
+    if bits == "ternary":
+        threshold = TERNARY_THRESHOLD * _masked_mean(w.abs(), w != 0)  # TWN
+        scale = _masked_mean(w.abs(), w.abs() > threshold[:, None])
+        return FakeQuant(
+            "ternary",
+            _fp16(scale).view(shape),
+            threshold=threshold.view(shape),
+            runtime=runtime,
+        )
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(dim=1)
+    best_err = torch.full_like(amax, float("inf"))
+    best = torch.ones_like(amax)
+    for ratio in CLIP_RATIOS:
+        scale = _fp16(amax * ratio / qmax)
+        err = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None] - w
+        err = err.pow(2).sum(dim=1)
+        better = err < best_err
+        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return FakeQuant("int", best.view(shape), qmax=qmax, runtime=runtime)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    count = mask.sum(dim=1)
+    return torch.where(count > 0, (values * mask).sum(dim=1) / count.clamp(min=1), 1.0)
+
+
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
 
 
 class _RoundToHalf(torch.autograd.Function):
@@ -81,27 +139,39 @@ class HalfPrecision(nn.Module):
 
 
 class Quantization(Compressor):
-    """Quantize every Linear / Conv weight to ``bits`` bits, symmetric, one scale per out channel.
-
-    The grid is fixed when the compressor is applied; fine-tuning then trains latent weights whose
-    rounded values are used in every forward pass, so the model stays on the grid.
+    """Quantize every Linear / Conv weight, one scale per output channel.
 
     Params:
-        bits: Bits per weight, 2..8.
+        bits: Bits per weight, 1..8 (1 = binary, sign x scale), or ``"ternary"`` ({-1, 0, +1} x
+            scale).
+        mode: ``qat`` quantizes before fine-tuning and fine-tunes on the grid (straight-through
+            estimator); ``ptq`` quantizes the fine-tuned model once, after fine-tuning.
+        runtime: ``int8`` ships Linear layers as int8 kernels (torch.ao dynamic quantization:
+            int8 weights exactly as on the grid, activations quantized on the fly), which is
+            faster on CPU for large batches; ``float`` ships float32 layers.
         bias: ``fp16`` keeps biases on float16 values (stored in 2 bytes), ``fp32`` leaves them.
     """
 
     name = "quant"
     kind = "quantizer"
     params = {
-        "bits": Integer(2, 8, default=8),
+        "bits": AnyOf((Integer(1, 8), Options(("ternary",))), default=8),
+        "mode": Options(("qat", "ptq"), default="qat"),
+        "runtime": Options(("float", "int8"), default="float"),
         "bias": Options(("fp16", "fp32"), default="fp16"),
     }
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        return self._quantize(model) if self.mode == "qat" else model
+
+    def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        return self._quantize(model) if self.mode == "ptq" else model
+
+    def _quantize(self, model: nn.Module) -> nn.Module:
         for layer in weight_layers(model).values():
-            scale = channel_scale(layer.weight, self.bits)
-            parametrize.register_parametrization(layer, "weight", FakeQuant(self.bits, scale))
+            runtime = self.runtime if isinstance(layer, nn.Linear) else "float"
+            grid = make_grid(layer.weight, self.bits, runtime=runtime)
+            parametrize.register_parametrization(layer, "weight", grid)
             if self.bias == "fp16" and layer.bias is not None:
                 parametrize.register_parametrization(layer, "bias", HalfPrecision())
         return model

@@ -28,7 +28,7 @@ class StructuredPruning(Compressor):
     """
 
     name = "structured"
-    stage = 0
+    stage = 1
     params = {
         "amount": Real(0.0, 1.0, closed="left", default=0.5),
         "scope": Options(("layer", "global"), default="layer"),

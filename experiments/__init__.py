@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
 from experiments._task import Split, Task, TrainConfig
-from experiments._training import accuracy, ce_loss, evaluate, fit, predict_logits
+from experiments._training import (
+    EpochStats,
+    accuracy,
+    ce_loss,
+    evaluate,
+    fit,
+    predict_logits,
+)
 
 __all__ = [
     "Baseline",
+    "EpochStats",
     "Split",
     "Task",
     "TrainConfig",

@@ -44,9 +44,10 @@ EXAMPLES = (
 
 _parser = OverridesParser.create()
 _STAGES = {
-    0: "changes layer shapes",
-    1: "constrains weights in place",
-    2: "only changes the fine-tuning",
+    0: "trains the dense model before anything is removed",
+    1: "changes layer shapes",
+    2: "constrains weights in place",
+    3: "only changes the fine-tuning",
 }
 
 
@@ -262,7 +263,9 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
         except InvalidParameterError as err:
             shown = value if isinstance(parsed, BaseDistribution) else candidate
             hint = ""
-            if isinstance(constraint, Integer) and isinstance(parsed, FloatDistribution):
+            options = getattr(constraint, "constraints", (constraint,))
+            wants_int = any(isinstance(c, Integer) for c in options)
+            if wants_int and isinstance(parsed, FloatDistribution):
                 hint = " Use int(interval(a, b)) for integers."
             raise ConfigError(
                 str(err).replace(f"Got {candidate!r}", f"Got {shown!r}") + hint

@@ -28,14 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from compressors import save_packed
+from compressors import load_packed, save_packed
 from experiments import Baseline, Task, TrainConfig, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
 from search.pareto import SweepResult
 from search.space import SearchSpace
 from search.tracking import Tracker
-from search.trial import METRICS, SweepContext, run_trial
+from search.trial import METRICS, SweepContext, measure, run_trial
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,11 @@ def _run(
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
     )
     baseline_size = _baseline_file_size(baseline)
+    latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
+    shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
+        **{k: float(v) for k, v in measure(shipped, task, *latency).items()},
         "size_bytes": float(baseline_size),
         "fp32_bytes": float(4 * baseline.metrics["params"]),
     }
@@ -221,8 +224,8 @@ def _run(
         tracker=tracker,
         output_dir=Path(cfg.output_dir),
         seed=cfg.seed,
-        latency_batch_sizes=tuple(cfg.measure.latency_batch_sizes),
-        latency_repeats=int(cfg.measure.latency_repeats),
+        latency_batch_sizes=latency[0],
+        latency_repeats=latency[1],
     )
     remaining = plan.n_trials - done
     # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the

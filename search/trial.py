@@ -1,12 +1,15 @@
 """The trial function: one compression recipe, start to end.
 
 Read `run_trial` top to bottom to see the whole system: sample → copy the cached baseline →
-compress → fine-tune → write the packed file → reload it → measure on validation → log → return.
+compress → fine-tune → finalize → write the packed file → reload it → measure on validation →
+log → return. `compress_recipe` and `measure` are its two halves, reused where a fixed recipe is
+rerun (benchmarks) and for the baseline's own measurements.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,16 +20,26 @@ from compressors import (
     CompressionContext,
     Compressor,
     apply_pipeline,
+    finalize_pipeline,
     load_packed,
     save_packed,
 )
-from experiments import Baseline, Task, ce_loss, evaluate, fit
-from experiments.metrics import count_flops, latency_ms, nonzero_params
-from search.space import SearchSpace
+from experiments import Baseline, EpochStats, Task, ce_loss, evaluate, fit
+from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
+from search.space import Recipe, SearchSpace
 from search.tracking import Tracker
 
-#: Metrics each trial measures; any of them can be an objective.
-METRICS = ("val_acc", "size_bytes", "compression_ratio", "nonzero_params", "flops", "latency_ms")
+#: Metrics each trial measures; any of them can be an objective. ``latency_ms`` is at batch 1;
+#: each other batch size ``B`` of ``measure.latency_batch_sizes`` adds ``latency_ms_bB``.
+METRICS = (
+    "val_acc",
+    "size_bytes",
+    "compression_ratio",
+    "nonzero_params",
+    "flops",
+    "latency_ms",
+    "peak_memory_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -60,11 +73,8 @@ class SweepContext:
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     """Compress, fine-tune, ship and measure one sampled recipe; return its objective values."""
-    task, seed = ctx.task, ctx.seed + trial.number
-
     # 1. Sample the recipe: which compressors, in which order, with which parameters.
     recipe = ctx.space.sample(trial)
-    compressors = ctx.space.build(recipe)
 
     with ctx.tracker.child_run(
         name=f"trial-{trial.number:04d}",
@@ -73,57 +83,110 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     ) as run:
         run.log_params(recipe.params)
 
-        # 2. Start from a copy of the cached, trained baseline.
-        torch.manual_seed(seed)
-        model = copy.deepcopy(ctx.baseline.model)
-
-        # 3. Apply each compressor in order (masks, quantization grids, ...).
-        context = CompressionContext(
-            train=task.train,
-            teacher_logits=ctx.baseline.teacher_logits,
-            example_inputs=task.example_inputs(),
-            seed=seed,
-        )
-        model = apply_pipeline(compressors, model, context)
-
-        # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, and the loss
-        #    is distillation from the baseline's logits when the recipe has it.
-        history = fit(
-            model,
-            task.train,
-            epochs=recipe.finetune["epochs"],
-            batch_size=recipe.finetune["batch_size"],
-            lr=recipe.finetune["lr"],
-            loss_fn=_finetune_loss(compressors),
-            teacher_logits=ctx.baseline.teacher_logits,
-            val=task.val,
-            seed=seed,
+        # 2-4. Copy the cached baseline, compress it, fine-tune it, let compressors finalize it.
+        model, history = compress_recipe(
+            recipe, ctx.space, ctx.task, ctx.baseline, seed=ctx.seed + trial.number
         )
         for stats in history:
             run.log_metrics(
                 {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
             )
 
-        # 5. Ship: write the packed file and load it back into a fresh model. Everything below is
-        #    measured on the model a user would load from that file.
+        # 5. Ship: write the packed file and load it back into a fresh model (int8 layers where
+        #    the recipe asked for them). Everything below is measured on the model a user would
+        #    load from that file.
         path = trial_file(ctx.output_dir, trial.study.study_name, trial.number)
         path.parent.mkdir(parents=True, exist_ok=True)
         size = save_packed(model, path)
-        shipped = load_packed(path, task.build_model())
+        shipped = load_packed(path, ctx.task.build_model())
 
         # 6. Measure on the validation split (test accuracy is computed only for the front).
         metrics = {
-            "val_acc": evaluate(shipped, task.val),
             "size_bytes": size,
             "compression_ratio": ctx.baseline_size / size,
-            "nonzero_params": nonzero_params(shipped),
-            "flops": count_flops(shipped, task.example_inputs(1)),
-            **_latencies(shipped, task, ctx),
+            **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
         }
         run.log_metrics(metrics)
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
         return tuple(float(metrics[name]) for name in ctx.objectives)
+
+
+def compress_recipe(
+    recipe: Recipe,
+    space: SearchSpace,
+    task: Task,
+    baseline: Baseline,
+    *,
+    seed: int,
+    after_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[torch.nn.Module, list[EpochStats]]:
+    """Apply ``recipe`` to a copy of the trained baseline; return the model to ship and the
+    fine-tuning history.
+
+    Args:
+        recipe: Compressors, their parameters and the fine-tuning settings.
+        space: The space the recipe comes from (it builds the compressors).
+        task: Data splits and model builder.
+        baseline: The cached trained baseline and its teacher logits.
+        seed: Seeds the compressors and the fine-tuning.
+        after_epoch: Called after each fine-tuning epoch (early stopping raises here).
+    """
+    compressors = space.build(recipe)
+
+    # 2. Start from a copy of the cached, trained baseline.
+    torch.manual_seed(seed)
+    model = copy.deepcopy(baseline.model)
+
+    # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
+    context = CompressionContext(
+        train=task.train,
+        teacher_logits=baseline.teacher_logits,
+        example_inputs=task.example_inputs(),
+        seed=seed,
+    )
+    model = apply_pipeline(compressors, model, context)
+
+    # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
+    #    pruning) advance before each epoch, and the loss is distillation from the baseline's
+    #    logits when the recipe has it. Then each compressor has its last word (post-training
+    #    quantization, the schedule's final step).
+    history = fit(
+        model,
+        task.train,
+        epochs=recipe.finetune["epochs"],
+        batch_size=recipe.finetune["batch_size"],
+        lr=recipe.finetune["lr"],
+        loss_fn=_finetune_loss(compressors),
+        teacher_logits=baseline.teacher_logits,
+        val=task.val,
+        seed=seed,
+        before_epoch=lambda epoch, epochs: [c.on_epoch(model, epoch, epochs) for c in compressors],
+        after_epoch=after_epoch,
+    )
+    model = finalize_pipeline(compressors, model, context)
+    return model, history
+
+
+def measure(
+    shipped: torch.nn.Module,
+    task: Task,
+    latency_batch_sizes: Sequence[int] = (1,),
+    latency_repeats: int = 30,
+) -> dict[str, float]:
+    """Validation accuracy and the costs of running ``shipped``: nonzero parameters, FLOPs of
+    one sample, latency at each batch size, and peak memory at the largest one."""
+    largest = task.example_inputs(max(latency_batch_sizes))
+    metrics = {
+        "val_acc": evaluate(shipped, task.val),
+        "nonzero_params": nonzero_params(shipped),
+        "flops": count_flops(shipped, task.example_inputs(1)),
+        "peak_memory_bytes": peak_memory_bytes(shipped, largest),
+    }
+    for batch in latency_batch_sizes:
+        key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
+        metrics[key] = latency_ms(shipped, task.example_inputs(batch), repeats=latency_repeats)
+    return metrics
 
 
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
@@ -134,11 +197,3 @@ def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
 def _finetune_loss(compressors: list[Compressor]):
     losses = [loss for loss in (c.finetune_loss() for c in compressors) if loss is not None]
     return losses[0] if losses else ce_loss  # the space allows one compressor of kind "loss"
-
-
-def _latencies(model: torch.nn.Module, task: Task, ctx: SweepContext) -> dict[str, float]:
-    out = {}
-    for batch in ctx.latency_batch_sizes:
-        key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
-        out[key] = latency_ms(model, task.example_inputs(batch), repeats=ctx.latency_repeats)
-    return out

@@ -17,7 +17,7 @@ BAD_INPUT = [
     ),
     (
         ["space.quant.bits=0"],
-        "'quant.bits' parameter of space 'default' must be an int in [2, 8]. Got 0",
+        "'quant.bits' parameter of space 'default' must be an int in [1, 8] or 'ternary'. Got 0",
     ),
     (["space.quant.bits=33"], "Got 33 instead"),
     (
@@ -27,7 +27,7 @@ BAD_INPUT = [
     (
         ["space.pipeline=[prune,quantize]"],
         "Unknown compressor 'quantize' in space.pipeline of space 'default'. "
-        "Available: kd, prune, quant",
+        "Available: gradual, kd, lowrank, prune, quant, sparse, structured",
     ),
     (
         ["space.prune.amount=interval("],

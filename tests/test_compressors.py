@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from compressors import (
     CompressionContext,
@@ -19,6 +21,7 @@ from compressors._layers import weight_layers
 from compressors.kd import distillation_loss
 from compressors.packing import plain_state
 from experiments import fit
+from search.config import CONF_DIR
 
 
 def _apply(model, *steps):
@@ -33,9 +36,13 @@ def _weights(model):
     return {name: state[f"{name}.weight"] for name in weight_layers(model)}
 
 
-def test_registry_lists_every_method():
-    assert available() == ["kd", "prune", "quant", "structured"]
-    with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: kd, prune, quant"):
+def test_registry_lists_every_method_and_each_has_its_yaml():
+    methods = ["gradual", "kd", "lowrank", "prune", "quant", "sparse", "structured"]
+    assert available() == methods
+    for name in methods:
+        target = OmegaConf.load(CONF_DIR / "compressor" / f"{name}.yaml")._target_
+        assert get_class(target) is get_compressor(name)
+    with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: gradual, kd, low"):
         get_compressor("prun")
 
 
@@ -166,7 +173,7 @@ def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, 
     [
         ("prune", {"amount": 1.5}, r"'prune.amount' .* must be a float in \[0.0, 1.0\).*Got 1.5"),
         ("prune", {"scope": "all"}, r"'prune.scope' .* must be one of 'global', 'layer'"),
-        ("quant", {"bits": 0}, r"'quant.bits' .* must be an int in \[2, 8\]\. Got 0"),
+        ("quant", {"bits": 0}, r"'quant.bits' .* must be an int in \[1, 8\] or 'ternary'\. Got 0"),
         ("quant", {"bits": 33}, r"Got 33 instead"),
         ("kd", {"temperature": 0.0}, r"'kd.temperature' .* must be a float in \(0.0, inf\)"),
         ("kd", {"alpha": 1.5}, r"'kd.alpha' .* \[0.0, 1.0\]"),

@@ -99,14 +99,14 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
     [
         ("space.prune.amount=1.5", r"'prune.amount' parameter of space 'default' must be a float"),
         ("space.prune.amount=interval(0.5, 1.5)", r"Got 'interval\(0.5, 1.5\)' instead"),
-        ("space.quant.bits=0", r"'quant.bits' .* must be an int in \[2, 8\]. Got 0"),
+        ("space.quant.bits=0", r"'quant.bits' .* must be an int in \[1, 8\] or 'ternary'. Got 0"),
         ("space.quant.bits=interval(2, 8)", r"Use int\(interval\(a, b\)\) for integers"),
         ("space.kd.temperature=0", r"'kd.temperature' .* Got 0"),
         ("space.kd.alpha=choice(0.5, 2.0)", r"'kd.alpha'"),
         ("space.finetune.lr=-1", r"'finetune.lr'"),
         (
             "space.pipeline=[prune,prun]",
-            r"Unknown compressor 'prun' .* Available: kd, prune, quant",
+            r"Unknown compressor 'prun' .* Available: gradual, kd, lowrank, prune, quant",
         ),
         ("space.pipeline=[quant,quant]", r"repeats a compressor"),
         (

@@ -1,0 +1,104 @@
+"""Low-rank factorisation: a layer becomes two thinner ones from its truncated SVD.
+
+A Linear ``W`` (out x in) becomes ``Linear(in, r, bias=False)`` then ``Linear(r, out)`` with
+weights ``sqrt(S_r) V_r^T`` and ``U_r sqrt(S_r)``. A Conv of kernel k is reshaped to
+(out x in*k), factorised the same way, and becomes a Conv with r output channels and the original
+kernel, stride and padding, followed by a 1x1 Conv. Layers where the pair would not hold fewer
+weights than the original are left alone. Fine-tuning then recovers what truncation lost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from compressors._base import CompressionContext, Compressor
+from compressors._layers import weight_layers
+from compressors._params import Options, Real
+from compressors.packing import Replacement, register_replacement
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+@register_replacement
+class LowRank(Replacement, nn.Sequential):
+    """``first`` (down to ``rank`` features or channels), then ``second`` (up to the outputs)."""
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__(first, second)
+        self.rank = first.weight.shape[0]
+
+    def spec(self) -> dict:
+        return {"rank": self.rank}
+
+    @classmethod
+    def like(cls, original: nn.Module, spec: dict) -> LowRank:
+        rank, has_bias = int(spec["rank"]), original.bias is not None
+        out_dim, in_dim = original.weight.shape[:2]  # the layer may have been pruned already
+        if isinstance(original, nn.Linear):
+            return cls(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim, bias=has_bias))
+        conv = _CONV[original.weight.dim() - 2]
+        first = conv(
+            in_dim,
+            rank,
+            original.kernel_size,
+            stride=original.stride,
+            padding=original.padding,
+            dilation=original.dilation,
+            bias=False,
+        )
+        return cls(first, conv(rank, out_dim, 1, bias=has_bias))
+
+
+def choose_rank(singular_values: torch.Tensor, keep: float, rank_by: str) -> int:
+    """The rank that keeps a fraction ``keep`` of the full rank (``ratio``) or of the squared
+    singular values' sum (``energy``); at least 1."""
+    if rank_by == "ratio":
+        return max(1, math.ceil(keep * len(singular_values)))
+    energy = torch.cumsum(singular_values.pow(2), 0) / singular_values.pow(2).sum()
+    return max(1, int(torch.searchsorted(energy, torch.tensor(keep) - 1e-6)) + 1)
+
+
+def factorize(layer: nn.Module, rank: int) -> LowRank:
+    """The rank-``rank`` truncated SVD of ``layer`` as a `LowRank` pair (exact at full rank)."""
+    weight = layer.weight.detach()
+    matrix = weight.flatten(1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = s[:rank].sqrt()
+    pair = LowRank.like(layer, {"rank": rank})
+    with torch.no_grad():
+        pair[0].weight.copy_((root[:, None] * vh[:rank]).view_as(pair[0].weight))
+        pair[1].weight.copy_((u[:, :rank] * root).view_as(pair[1].weight))
+        if layer.bias is not None:
+            pair[1].bias.copy_(layer.bias)
+    return pair
+
+
+class LowRankFactorization(Compressor):
+    """Replace every Linear / Conv (groups=1) by a truncated-SVD pair where that saves weights.
+
+    Params:
+        keep: Fraction kept, in (0, 1]: of the full rank (``rank_by='ratio'``) or of the spectral
+            energy, the sum of squared singular values (``rank_by='energy'``).
+        rank_by: ``ratio`` or ``energy``.
+    """
+
+    name = "lowrank"
+    stage = 1
+    params = {
+        "keep": Real(0.0, 1.0, closed="right", default=0.5),
+        "rank_by": Options(("ratio", "energy"), default="ratio"),
+    }
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        for name, layer in weight_layers(model).items():
+            if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
+                continue
+            matrix = layer.weight.detach().flatten(1)
+            out_dim, in_dim = matrix.shape
+            rank = choose_rank(torch.linalg.svdvals(matrix), self.keep, self.rank_by)
+            if rank * (in_dim + out_dim) < in_dim * out_dim:
+                model.set_submodule(name, factorize(layer, rank))
+        return model
