@@ -77,7 +77,8 @@ def factorize(layer: nn.Module, rank: int) -> LowRank:
 
 
 class LowRankFactorization(Compressor):
-    """Replace every Linear / Conv (groups=1) by a truncated-SVD pair where that saves weights.
+    """Replace every Linear / Conv (groups=1) but the output layer by a truncated-SVD pair, where
+    that saves weights.
 
     Params:
         keep: Fraction kept, in (0, 1]: of the full rank (``rank_by='ratio'``) or of the spectral
@@ -93,7 +94,11 @@ class LowRankFactorization(Compressor):
     }
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        for name, layer in weight_layers(model).items():
+        layers = weight_layers(model)
+        output_layer = list(layers)[-1]  # keeps full rank: a thin classifier confuses classes
+        for name, layer in layers.items():
+            if name == output_layer:
+                continue
             if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
                 continue
             matrix = layer.weight.detach().flatten(1)

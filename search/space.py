@@ -147,8 +147,9 @@ class SearchSpace:
             pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline]
         )
         names = sorted({n for option in used for n in _split_pipeline(option)})
+        names += sorted(k for k, v in raw.items() if isinstance(v, Mapping) and k not in names)
         classes, entries = {}, {}
-        for comp in names:
+        for comp in names:  # every entry is checked, used by the pipeline or not
             if comp not in raw or not isinstance(raw[comp], Mapping):
                 raise ConfigError(
                     f"Unknown compressor '{comp}' in space.pipeline of {where}. Available: "
@@ -261,14 +262,17 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
         try:
             check_param(where, name, constraint, candidate)
         except InvalidParameterError as err:
-            shown = value if isinstance(parsed, BaseDistribution) else candidate
+            if isinstance(parsed, CategoricalDistribution):
+                shown = f"{candidate!r} (in {value})"
+            else:
+                shown = repr(value if isinstance(parsed, BaseDistribution) else candidate)
             hint = ""
             options = getattr(constraint, "constraints", (constraint,))
             wants_int = any(isinstance(c, Integer) for c in options)
             if wants_int and isinstance(parsed, FloatDistribution):
                 hint = " Use int(interval(a, b)) for integers."
             raise ConfigError(
-                str(err).replace(f"Got {candidate!r}", f"Got {shown!r}") + hint
+                str(err).replace(f"Got {candidate!r}", f"Got {shown}") + hint
             ) from None
     return parsed
 

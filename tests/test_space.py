@@ -81,7 +81,9 @@ def test_command_line_overrides_change_the_space():
 
 
 def test_conditional_pipeline_samples_only_the_chosen_methods():
-    space = _space("space.pipeline=choice(prune, quant+kd, prune+quant)")
+    space = _space(
+        "space.pipeline=choice(prune, quant+kd, prune+quant, sparse+gradual, structured+lowrank+kd)"
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(30):
@@ -91,7 +93,13 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
         owners = {name.split(".")[0] for name in trial.params} - {"pipeline", "finetune"}
         assert owners == set(recipe.pipeline)
         study.tell(trial, 0.0)
-    assert seen == {("prune",), ("quant", "kd"), ("prune", "quant")}
+    assert seen == {
+        ("prune",),
+        ("quant", "kd"),
+        ("prune", "quant"),
+        ("sparse", "gradual"),
+        ("structured", "lowrank", "kd"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -109,6 +117,22 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
             r"Unknown compressor 'prun' .* Available: gradual, kd, lowrank, prune, quant",
         ),
         ("space.pipeline=[quant,quant]", r"repeats a compressor"),
+        ("space.pipeline=[prune,gradual]", r"both of kind 'sparsity'; use at most one"),
+        (
+            "space.pipeline=[quant,lowrank]",
+            r"'lowrank' changes layer shapes, so it must come first",
+        ),
+        ("space.pipeline=[prune,sparse]", r"'sparse' trains the dense model before anything"),
+        ("space.pipeline=[kd,quant]", r"'quant' constrains weights in place, so it must come"),
+        (
+            "space.pipeline=choice(prune+quant, quant+structured)",
+            r"'quant\+structured' .* 'structured' changes layer shapes",
+        ),
+        ("space.quant.bits=choice(1, ternary, 3, binary)", r"'quant.bits' .* Got 'binary'"),
+        ("space.quant.mode=choice(qat, gptq)", r"'quant.mode' .* one of 'qat', 'ptq'"),
+        ("space.lowrank.keep=0", r"'lowrank.keep' .* a float in \(0.0, 1.0\]"),
+        ("space.gradual.end=1.5", r"'gradual.end'"),
+        ("space.sparse.strength=0", r"'sparse.strength' .* a float in \(0.0, inf\)"),
         (
             "+space.prune.amout=0.5",
             r"Unknown parameter 'prune.amout' .* Allowed: amount, importance, scope",

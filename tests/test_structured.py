@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import optuna
 import pytest
 import torch
 
@@ -99,4 +100,5 @@ def test_shape_changing_methods_must_come_first():
     ):
         SearchSpace.from_config(cfg.space)
     cfg = compose_config(["space.pipeline=[structured,quant,kd]"])
-    assert SearchSpace.from_config(cfg.space).compressor_names == ["kd", "quant", "structured"]
+    recipe = SearchSpace.from_config(cfg.space).sample(optuna.create_study().ask())
+    assert recipe.pipeline == ("structured", "quant", "kd")

@@ -68,8 +68,11 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(four_trials):
             "nonzero_params",
             "flops",
             "latency_ms",
+            "latency_ms_b256",
+            "peak_memory_bytes",
         ):
             assert metric in child.data.metrics, metric
+            assert f"baseline_{metric}" in parent.data.metrics or metric in ("compression_ratio",)
         assert {"prune.amount", "quant.bits", "kd.alpha", "finetune.lr"} <= set(child.data.params)
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 2
         assert child.data.tags["squeeze.state"] == "COMPLETE"
@@ -182,6 +185,35 @@ def test_nsga2_and_three_objectives(tmp_path, cache_dir):
     trials = _study(tmp_path).trials
     assert all(len(t.values) == 3 for t in trials)
     assert all(0.5 <= t.params["prune.amount"] <= 0.98 for t in trials)
+    assert not result.front.empty
+
+
+def test_the_pipeline_is_searched_and_every_method_runs(tmp_path, cache_dir):
+    pipelines = "sparse+prune+quant, structured+lowrank+quant+kd, gradual+quant, lowrank+quant"
+    cfg = compose_config(
+        sweep_overrides(
+            tmp_path,
+            cache_dir,
+            "search.n_trials=8",
+            "search.sampler=random",
+            f"space.pipeline=choice({pipelines})",
+            "space.sparse.epochs=1",
+            "space.quant.bits=choice(1, ternary, 4)",
+            "space.quant.mode=choice(qat, ptq)",
+            "space.quant.runtime=choice(float, int8)",
+            "search.objectives=[val_acc,size_bytes,latency_ms_b256]",
+            "search.directions=[maximize,minimize,minimize]",
+        )
+    )
+    result = run_sweep(cfg)
+    trials = _study(tmp_path).trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.params["pipeline"] for t in trials}) >= 3
+    for t in trials:
+        chosen = set(t.params["pipeline"].split("+"))
+        assert {name.split(".")[0] for name in t.params} - {"pipeline", "finetune"} <= chosen
+        assert t.values[2] == t.user_attrs["metrics"]["latency_ms_b256"] > 0
+        assert t.user_attrs["metrics"]["size_bytes"] < result.baseline["size_bytes"] / 4
     assert not result.front.empty
 
 
