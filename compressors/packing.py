@@ -31,6 +31,7 @@ import re
 import struct
 from pathlib import Path
 
+import constriction
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
@@ -196,51 +197,98 @@ def _encode(
     nonzero = flat != 0
     nnz, n = int(nonzero.sum()), flat.numel()
     gaps = _encode_gaps(torch.nonzero(nonzero).flatten().numpy())
-    if grid is None:
-        half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it
-        dense_bits = sparse_bits = 16 if half else 32
-    else:
-        scale = grid.scale.expand_as(value).flatten()
-        codes = torch.round(flat / scale).to(torch.int64)
-        dense_bits = _code_bits(codes)
-        sparse_bits = _code_bits(codes[nonzero])
-    costs = {
-        "dense": dense_bits * n,
-        "bitmask": n + sparse_bits * nnz,
-        "gaps": 8 * len(gaps) + sparse_bits * nnz,
-    }
+    if grid is not None:
+        codes = torch.round(flat / grid.scale.expand_as(value).flatten()).to(torch.int64)
+        out[f"{name}:scale"] = grid.scale.to(torch.float16).contiguous()  # exact: see make_grid
+        return _encode_codes(name, codes, nonzero, gaps, spec, out)
+    half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it
+    bits = 16 if half else 32
+    costs = {"dense": bits * n, "bitmask": n + bits * nnz, "gaps": 8 * len(gaps) + bits * nnz}
     spec["enc"] = min(costs, key=costs.get)
-    sparse = spec["enc"] != "dense"
-    if spec["enc"] == "bitmask":
-        out[f"{name}:mask"] = torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))
-    elif spec["enc"] == "gaps":
-        out[f"{name}:gaps"] = torch.from_numpy(gaps)
-    if grid is None:
-        kept = flat[nonzero] if sparse else flat
-        out[f"{name}:values"] = kept.to(torch.float16 if half else torch.float32)
-        return spec
-    kept = codes[nonzero] if sparse else codes
-    alphabet = torch.unique(kept) if len(kept) else torch.zeros(1, dtype=torch.int64)
-    lo, hi = int(alphabet[0]), int(alphabet[-1])
-    if hi - lo + 1 <= 2 ** _bits_for(len(alphabet)):  # a range codes as compactly as the list
-        spec["range"] = [lo, hi]
-        index = kept - lo
-    else:
-        spec["alphabet"] = alphabet.tolist()
-        index = torch.searchsorted(alphabet, kept)
-    bits = _bits_for(len(alphabet))
-    out[f"{name}:codes"] = torch.from_numpy(_pack_bits(index.numpy(), bits))
-    out[f"{name}:scale"] = grid.scale.to(torch.float16).contiguous()  # exact: see make_grid
-    spec.update(bits=bits, count=len(kept))
+    _store_positions(name, spec["enc"], nonzero, gaps, out)
+    kept = flat if spec["enc"] == "dense" else flat[nonzero]
+    out[f"{name}:values"] = kept.to(torch.float16 if half else torch.float32)
     return spec
+
+
+def _encode_codes(
+    name: str,
+    codes: torch.Tensor,
+    nonzero: torch.Tensor,
+    gaps: np.ndarray,
+    spec: dict,
+    out: dict[str, torch.Tensor],
+) -> dict:
+    """Store integer codes in the cheapest of: bit-packed dense / bitmask / gaps layouts, or the
+    dense stream entropy-coded (rANS with the tensor's own code frequencies)."""
+    n, nnz = codes.numel(), int(nonzero.sum())
+    streams = {"dense": _Symbols(codes), "sparse": _Symbols(codes[nonzero])}
+    costs = {
+        "dense": streams["dense"].bits * n,
+        "bitmask": n + streams["sparse"].bits * nnz,
+        "gaps": 8 * len(gaps) + streams["sparse"].bits * nnz,
+    }
+    if streams["dense"].size > 1:
+        ans = streams["dense"].ans()
+        costs["ans"] = 8 * ans[0].nbytes + 8 * len(ans[1])
+    spec["enc"] = min(costs, key=costs.get)
+    _store_positions(name, spec["enc"], nonzero, gaps, out)
+    stream = streams["dense" if spec["enc"] in ("dense", "ans") else "sparse"]
+    spec.update(stream.spec, count=len(stream.index))
+    if spec["enc"] == "ans":
+        out[f"{name}:ans"] = torch.from_numpy(ans[0].view(np.int32))
+        out[f"{name}:freqs"] = torch.from_numpy(ans[1])
+    else:
+        out[f"{name}:codes"] = torch.from_numpy(_pack_bits(stream.index.numpy(), stream.bits))
+        spec["bits"] = stream.bits
+    return spec
+
+
+class _Symbols:
+    """Integer codes as indices into their alphabet (a range lo..hi, or an explicit list)."""
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        alphabet = torch.unique(codes) if len(codes) else torch.zeros(1, dtype=torch.int64)
+        self.size = len(alphabet)
+        self.bits = _bits_for(self.size)
+        lo, hi = int(alphabet[0]), int(alphabet[-1])
+        if hi - lo + 1 <= 2**self.bits:  # a range codes as compactly as the list
+            self.spec = {"range": [lo, hi]}
+            self.index = codes - lo
+            self.size = hi - lo + 1
+        else:
+            self.spec = {"alphabet": alphabet.tolist()}
+            self.index = torch.searchsorted(alphabet, codes)
+
+    def ans(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(compressed words, frequencies)``: the index stream entropy-coded under its own
+        symbol frequencies, which are stored as bytes (1..255 for a symbol that occurs)."""
+        index = self.index.numpy().astype(np.int32)
+        counts = np.bincount(index, minlength=self.size).astype(np.float64)
+        freqs = np.where(counts > 0, np.maximum(1, np.round(255 * counts / counts.max())), 0)
+        freqs = freqs.astype(np.uint8)
+        coder = constriction.stream.stack.AnsCoder()
+        if len(index):
+            coder.encode_reverse(index, _ans_model(freqs))
+        return coder.get_compressed(), freqs
+
+
+def _ans_model(freqs: np.ndarray) -> constriction.stream.model.Categorical:
+    weights = freqs.astype(np.float64)
+    return constriction.stream.model.Categorical(weights / weights.sum(), perfect=False)
+
+
+def _store_positions(
+    name: str, enc: str, nonzero: torch.Tensor, gaps: np.ndarray, out: dict[str, torch.Tensor]
+) -> None:
+    if enc == "bitmask":
+        out[f"{name}:mask"] = torch.from_numpy(np.packbits(nonzero.numpy(), bitorder="little"))
+    elif enc == "gaps":
+        out[f"{name}:gaps"] = torch.from_numpy(gaps)
 
 
 def _bits_for(symbols: int) -> int:
     return max(1, math.ceil(math.log2(symbols))) if symbols > 1 else 1
-
-
-def _code_bits(codes: torch.Tensor) -> int:
-    return _bits_for(len(torch.unique(codes))) if len(codes) else 1
 
 
 def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -248,15 +296,22 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
     if spec["enc"] == "raw":
         return tensors[name]
     n = int(np.prod(shape)) if shape else 1
-    if "bits" in spec:
-        index = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
+    if "count" in spec:  # integer codes on a grid
+        if spec["enc"] == "ans":
+            freqs = tensors[f"{name}:freqs"].numpy()
+            coder = constriction.stream.stack.AnsCoder(
+                tensors[f"{name}:ans"].numpy().view(np.uint32)
+            )
+            index = coder.decode(_ans_model(freqs), spec["count"]).astype(np.int64)
+        else:
+            index = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
         if "range" in spec:
             codes = index + spec["range"][0]
         else:
             codes = np.asarray(spec["alphabet"], dtype=np.int64)[index]
         codes = torch.from_numpy(codes).to(torch.float32)
         scale = tensors[f"{name}:scale"].to(torch.float32)
-        if spec["enc"] == "dense":
+        if spec["enc"] in ("dense", "ans"):
             return codes.view(shape) * scale
         scale = scale.expand(shape).flatten()
     else:

@@ -44,6 +44,7 @@ def fit(
     batch_size: int,
     lr: float,
     weight_decay: float = 0.0,
+    schedule: str = "constant",
     loss_fn: LossFn = ce_loss,
     teacher_logits: torch.Tensor | None = None,
     val: Split | None = None,
@@ -60,6 +61,8 @@ def fit(
         batch_size: Mini-batch size.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        schedule: ``constant`` learning rate, or ``cosine``: decayed to 0 along a half cosine
+            over all steps, which lets weights on a quantization grid settle at the end.
         loss_fn: Loss of a batch; receives the teacher's logits of that batch when given.
         teacher_logits: Teacher logits aligned with ``train`` (for distillation).
         val: If given, validation accuracy is measured after every epoch.
@@ -77,6 +80,12 @@ def fit(
     if epochs == 0:
         return []
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        if schedule == "cosine"
+        else None
+    )
     generator = torch.Generator().manual_seed(seed)
     history = []
     n = len(train)
@@ -95,6 +104,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.item() * len(idx)
         val_acc = evaluate(model, val) if val is not None else None
         history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))

@@ -27,7 +27,7 @@ from optuna.distributions import (
 )
 
 from compressors import Compressor, InvalidParameterError, available, check_param
-from compressors._params import Constraint, Integer, Real, check_known
+from compressors._params import Constraint, Integer, Options, Real, check_known
 from search._errors import ConfigError
 
 #: Fine-tuning settings every space has, with their constraints.
@@ -35,6 +35,7 @@ FINETUNE_PARAMS: dict[str, Constraint] = {
     "epochs": Integer(0, 10_000, default=10),
     "batch_size": Integer(1, 1_000_000, default=64),
     "lr": Real(0.0, math.inf, closed="neither", default=1e-3),
+    "schedule": Options(("constant", "cosine"), default="constant"),
 }
 
 EXAMPLES = (

@@ -157,6 +157,7 @@ def compress_recipe(
         epochs=recipe.finetune["epochs"],
         batch_size=recipe.finetune["batch_size"],
         lr=recipe.finetune["lr"],
+        schedule=recipe.finetune["schedule"],
         loss_fn=_finetune_loss(compressors),
         teacher_logits=baseline.teacher_logits,
         val=task.val,

@@ -183,3 +183,23 @@ def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, 
 def test_bad_parameters_are_rejected_when_built(name, params, message):
     with pytest.raises(InvalidParameterError, match=message):
         get_compressor(name)(**params)
+
+
+def test_cosine_schedule_lets_weights_settle_at_the_end(digits_task, digits_baseline):
+    last_step = {}
+    for schedule in ("constant", "cosine"):
+        model = copy.deepcopy(digits_baseline.model)
+        snapshots = []
+        fit(
+            model,
+            digits_task.train,
+            epochs=4,
+            batch_size=64,
+            lr=3e-3,
+            schedule=schedule,
+            after_epoch=lambda _s, m=model, out=snapshots: out.append(
+                m.net[1].weight.detach().clone()
+            ),
+        )
+        last_step[schedule] = (snapshots[-1] - snapshots[-2]).abs().mean().item()
+    assert last_step["cosine"] < 0.5 * last_step["constant"]

@@ -1,0 +1,209 @@
+"""How small and how fast squeeze makes `digits_mlp` and `mnist1d_cnn`, next to their baselines.
+
+For each task, in one run:
+
+1. a **size** sweep (objectives: validation accuracy, packed file bytes) over the default space
+   with binary / ternary / k-bit weights; reported: the front point with the largest size ratio
+   whose *test* accuracy is at most 1 point below the baseline's (the sweep itself chose the front
+   on validation; test accuracy is only read for that front);
+2. a **speed** sweep (objectives: validation accuracy, latency at batch 1 and at batch 256) over
+   pipelines that shrink layers (structured pruning, low-rank) with int8 or float kernels;
+   reported: the best speed-up at batch 1 and at batch 256 among front points within 1 test
+   point, each re-measured
+   against the baseline *side by side* (alternating rounds, median of medians), because a
+   latency logged during a sweep shares the machine with whatever ran then;
+3. a **random-importance control**: the best size recipe's pruners rerun with
+   ``importance=random`` (same seed, same sparsity and shapes, same fine-tuning), to show what the
+   criterion is worth.
+
+    python bench/compression.py [--tasks digits_mlp mnist1d_cnn] [--trials 40] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from compressors import load_packed, save_packed
+from experiments import evaluate, load_or_train_baseline
+from experiments.metrics import latency_ms
+from search import compose_config, run_sweep
+from search.study import plan_sweep
+from search.trial import compress_recipe
+
+SIZE_SPACE = [
+    "space.pipeline=[structured, prune, quant, kd]",
+    "space.quant.bits=choice(1, ternary, 2, 3, 4, 6, 8)",
+]
+SPEED_SPACE = [
+    "space.pipeline=choice(structured+quant, structured+quant+kd, structured+lowrank+quant, "
+    "lowrank+quant)",
+    "space.structured.amount=interval(0.3, 0.9)",
+    "space.quant.bits=choice(4, 8)",
+    "space.quant.runtime=choice(float, int8)",
+    "search.objectives=[val_acc,latency_ms,latency_ms_b256]",
+    "search.directions=[maximize,minimize,minimize]",
+]
+PRUNERS = ("structured", "prune", "gradual")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["digits_mlp", "mnist1d_cnn"])
+    parser.add_argument("--trials", type=int, default=40, help="trials per sweep")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed, logged)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="test points allowed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.trials} trials per sweep")
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            _bench_task(task, Path(tmp) / task, args)
+
+
+def _bench_task(task: str, workdir: Path, args: argparse.Namespace) -> None:
+    common = [
+        f"task={task}",
+        f"search.n_trials={args.trials}",
+        f"search.storage={workdir}/optuna.journal",
+        f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        f"output_dir={workdir}/trials",
+        f"threads={args.threads}",
+    ]
+    print(f"\n=== {task} ===")
+    start = time.perf_counter()
+    size = run_sweep(compose_config([*common, "search.study_name=size", *SIZE_SPACE]))
+    print(f"size sweep: {time.perf_counter() - start:.0f} s")
+    start = time.perf_counter()
+    speed_cfg = compose_config([*common, "search.study_name=speed", *SPEED_SPACE])
+    speed = run_sweep(speed_cfg)
+    print(f"speed sweep: {time.perf_counter() - start:.0f} s")
+    base = size.baseline
+    print(
+        f"baseline: val {base['val_acc']:.4f}, test {base['test_acc']:.4f}, "
+        f"{base['size_bytes'] / 1000:.1f} KB packed fp32 ({base['fp32_bytes'] / 1000:.1f} KB "
+        f"as raw fp32), {base['flops']:.0f} FLOPs/sample"
+    )
+
+    ok = size.front[size.front.test_drop <= args.max_drop]
+    if ok.empty:
+        print(f"size: no front point within {args.max_drop} test points")
+        best = None
+    else:
+        best = ok.loc[ok.compression_ratio.idxmax()]
+        print(
+            f"size: best ratio within {args.max_drop} test pt: {best.compression_ratio:.1f}x "
+            f"({best.size_bytes / 1000:.2f} KB; val {best.val_acc:.4f}, test {best.test_acc:.4f}"
+            f" = {-best.test_drop:+.1f} pt) recipe: {_recipe(best)}"
+        )
+        for drop in (0.0, 2.0):
+            within = size.front[size.front.test_drop <= drop]
+            if not within.empty:
+                print(f"  within {drop} test pt: {within.compression_ratio.max():.1f}x")
+
+    plan = plan_sweep(speed_cfg)
+    task_obj = plan.task_builder(**plan.task_kwargs)
+    baseline = load_or_train_baseline(
+        task_obj, config=plan.task_kwargs, cache_dir=speed_cfg.cache_dir, seed=speed_cfg.seed
+    )
+    save_packed(baseline.model, workdir / "baseline.sqz")
+    base_model = load_packed(workdir / "baseline.sqz", task_obj.build_model())
+    fast = speed.front[speed.front.test_drop <= args.max_drop]
+    for batch in (1, 256):
+        best_speed, best_row = 0.0, None
+        for _, row in fast.iterrows():
+            path = Path(speed_cfg.output_dir) / "speed" / f"trial-{int(row.trial):04d}.sqz"
+            model = load_packed(path, task_obj.build_model())
+            ratio = _side_by_side(base_model, model, task_obj.example_inputs(batch))
+            if ratio > best_speed:
+                best_speed, best_row = ratio, row
+        if best_row is None:
+            print(f"latency b{batch}: no front point within {args.max_drop} test points")
+            continue
+        print(
+            f"latency b{batch}: best speed-up within {args.max_drop} test pt: {best_speed:.2f}x "
+            f"(trial {best_row.trial}, test {best_row.test_acc:.4f} = {-best_row.test_drop:+.1f}"
+            f" pt, {best_row.size_bytes / 1000:.1f} KB, {best_row.flops:.0f} FLOPs) recipe: "
+            f"{_recipe(best_row)}"
+        )
+
+    _random_control(task, best, workdir)
+
+
+def _side_by_side(base, model, inputs, *, rounds: int = 7, repeats: int = 50) -> float:
+    """Baseline latency over the model's, timed in alternating rounds (median of medians)."""
+    base_times, times = [], []
+    for _ in range(rounds):
+        base_times.append(latency_ms(base, inputs, repeats=repeats))
+        times.append(latency_ms(model, inputs, repeats=repeats))
+    return statistics.median(base_times) / statistics.median(times)
+
+
+def _random_control(task_name: str, best, workdir: Path) -> None:
+    """The best size recipe's pruners with importance=random, everything else equal."""
+    if best is None:
+        return
+    cfg = compose_config([f"task={task_name}", *SIZE_SPACE])
+    plan = plan_sweep(cfg)
+    params = {
+        k.removeprefix("param."): v.item() if hasattr(v, "item") else v
+        for k, v in best.items()
+        if k.startswith("param.") and v == v  # NaN: a parameter of a method not chosen
+    }
+    if not set(PRUNERS) & set(plan.space.sample(optuna.trial.FixedTrial(params)).pipeline):
+        print("control: the best size recipe prunes nothing; no control to run")
+        return
+    task = plan.task_builder(**plan.task_kwargs)
+    baseline = load_or_train_baseline(
+        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
+    )
+    results = {}
+    for importance in ("l1", "random"):
+        recipe = plan.space.sample(optuna.trial.FixedTrial(params))
+        for pruner in set(PRUNERS) & set(recipe.compressors):
+            recipe.compressors[pruner]["importance"] = importance
+        model, _ = compress_recipe(
+            recipe, plan.space, task, baseline, seed=cfg.seed + int(best.trial)
+        )
+        path = workdir / f"control-{importance}.sqz"
+        file_size = save_packed(model, path)
+        shipped = load_packed(path, task.build_model())
+        results[importance] = (
+            evaluate(shipped, task.val),
+            evaluate(shipped, task.test),
+            file_size,
+        )
+    (l1_val, l1_test, l1_size), (r_val, r_test, r_size) = results["l1"], results["random"]
+    print(
+        f"control (trial {best.trial}'s recipe, pruners' importance l1 vs random): "
+        f"l1 val {l1_val:.4f} test {l1_test:.4f} ({l1_size / 1000:.2f} KB) | random val "
+        f"{r_val:.4f} test {r_test:.4f} ({r_size / 1000:.2f} KB) -> the criterion is worth "
+        f"{100 * (l1_test - r_test):+.1f} test pt"
+    )
+
+
+def _recipe(row) -> str:
+    items = [
+        f"{k.removeprefix('param.')}={_short(v)}"
+        for k, v in row.items()
+        if k.startswith("param.") and v == v
+    ]
+    return ", ".join(items)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
