@@ -85,3 +85,18 @@ def test_lowrank_factorises_convolutions(tmp_path):
     x = torch.randn(4, 40)
     with torch.no_grad():
         assert torch.equal(shipped(x), model(x))
+
+
+def test_lowrank_pairs_run_on_int8_kernels(digits_task, digits_baseline, tmp_path):
+    from compressors.runtime import Int8Linear
+
+    model = copy.deepcopy(digits_baseline.model)
+    for name, params in [("lowrank", {"keep": 0.3}), ("quant", {"bits": 8, "runtime": "int8"})]:
+        model = get_compressor(name)(**params).compress(model, CompressionContext())
+    save_packed(model, tmp_path / "m.sqz")
+    shipped = load_packed(tmp_path / "m.sqz", digits_task.build_model())
+    assert isinstance(shipped.net[1], LowRank)
+    assert isinstance(shipped.net[1][0], Int8Linear) and isinstance(shipped.net[1][1], Int8Linear)
+    x = digits_task.val.x
+    with torch.no_grad():
+        assert (shipped(x).argmax(1) == model(x).argmax(1)).float().mean() > 0.98
