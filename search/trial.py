@@ -162,7 +162,7 @@ def compress_recipe(
         teacher_logits=baseline.teacher_logits,
         val=task.val,
         seed=seed,
-        before_epoch=lambda epoch, epochs: [c.on_epoch(model, epoch, epochs) for c in compressors],
+        before_epoch=_schedules(compressors, model),
         after_epoch=after_epoch,
     )
     model = finalize_pipeline(compressors, model, context)
@@ -193,6 +193,14 @@ def measure(
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
     """Where trial ``number`` of a study writes its packed model file."""
     return output_dir / study_name / f"trial-{number:04d}.sqz"
+
+
+def _schedules(compressors: list[Compressor], model: torch.nn.Module):
+    def before_epoch(epoch: int, epochs: int) -> None:
+        for compressor in compressors:
+            compressor.on_epoch(model, epoch, epochs)
+
+    return before_epoch
 
 
 def _finetune_loss(compressors: list[Compressor]):
