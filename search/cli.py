@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import optuna
 from rich.console import Console
@@ -18,6 +19,8 @@ from search.config import compose_config
 _EPILOG = """examples:
   squeeze sweep task=digits_mlp search.n_trials=30
   squeeze sweep task=mnist1d_cnn space.prune.amount='interval(0.5, 0.98)' search.sampler=nsga2
+  squeeze export --study digits_mlp --pick knee --max-drop 1.0
+  squeeze run experiment=digits_mlp-t7
   mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
 
@@ -39,16 +42,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=mnist1d_cnn")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    export = commands.add_parser(
+        "export",
+        help="write a study's chosen trial as conf/experiment/<name>.yaml",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--study", required=True, help="study name (search.study_name)")
+    export.add_argument(
+        "--pick", default="knee", help="knee | max-acc | min-size | trial=N (default: knee)"
+    )
+    export.add_argument(
+        "--max-drop", type=float, default=None, help="validation points allowed below baseline"
+    )
+    export.add_argument("--name", default=None, help="experiment name (default: <study>-t<N>)")
+    export.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
+    run = commands.add_parser(
+        "run",
+        help="rerun an exported experiment, log it to MLflow and register the model",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("overrides", nargs="*", help="experiment=<name> and other overrides")
+    run.add_argument("--alias", default="champion", help="model registry alias (champion)")
+    for command in (sweep, export, run):
+        command.add_argument(
+            "--config-dir",
+            action="append",
+            default=[],
+            help="another folder of config groups (task/, experiment/, ...) besides conf/",
+        )
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *rest]  # overrides may come after --quiet
     console = Console(stderr=False)
-    _setup_logging(args.quiet)
+    _setup_logging(getattr(args, "quiet", False))
     try:
         if args.command == "sweep":
             return _sweep(args, console)
+        if args.command == "export":
+            return _export(args, console)
+        if args.command == "run":
+            return _run(args, console)
     except ConfigError as err:
         Console(stderr=True).print(f"[bold red]squeeze: error:[/] {err}", highlight=False)
         return 2
@@ -59,7 +96,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from search.progress import SweepProgress, front_table
     from search.study import plan_sweep, run_sweep
 
-    cfg = compose_config(args.overrides)
+    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
     plan_sweep(cfg)  # fail on bad input before anything is created
     if args.quiet:
         result = run_sweep(cfg)
@@ -74,6 +111,40 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "
         f"{counts.get('FAIL', 0)} failed, {counts.get('PRUNED', 0)} pruned); "
         f"MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
+        highlight=False,
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from search.config import CONF_DIR
+    from search.reuse import export_trial
+
+    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
+    conf_dir = Path(args.config_dir[-1]) if args.config_dir else CONF_DIR
+    path = export_trial(
+        cfg, args.study, pick=args.pick, max_drop=args.max_drop, name=args.name, conf_dir=conf_dir
+    )
+    console.print(f"wrote {path}; rerun it with: squeeze run experiment={path.stem}")
+    return 0
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from search.reuse import run_experiment
+
+    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
+    result = run_experiment(cfg, alias=args.alias)
+    for key, value in result.metrics.items():
+        expected = result.expected.get(key)
+        same = (
+            ""
+            if expected is None
+            else ("  (= the trial's)" if expected == value else f"  (trial: {expected:g})")
+        )
+        console.print(f"{key:18s} {value:g}{same}", highlight=False)
+    console.print(
+        f"MLflow run {result.run_id}; registered model '{result.model_name}' version "
+        f"{result.version} as @{args.alias}; file {result.path}",
         highlight=False,
     )
     return 0

@@ -21,16 +21,30 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _SWEEP_PREFIXES = ("space.", "+space.", "++space.")
 
 
-def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config") -> DictConfig:
+def compose_config(
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str = "config",
+    config_dirs: Sequence[str | Path] = (),
+) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides``.
 
     Values under ``space.`` may be search expressions (``interval(0.5, 0.98)``); Hydra would read
     them as sweeps, so they are passed on as strings for `search.space` to parse.
 
+    Args:
+        overrides: Hydra overrides, e.g. ``["task=mnist1d_cnn", "search.n_trials=30"]``.
+        config_name: The primary config in ``conf/``.
+        config_dirs: More config folders searched for groups after ``conf/`` (a user's own
+            ``task/``, ``experiment/``, ... yaml files).
+
     Raises:
         ConfigError: For an unknown config group option, key or a malformed override.
     """
     prepared = [_keep_search_expression(o) for o in overrides]
+    if config_dirs:
+        dirs = ", ".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+        prepared.append(f"hydra.searchpath=[{dirs}]")
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=prepared)

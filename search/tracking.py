@@ -134,6 +134,19 @@ def _make_writer(uri: str) -> Executor:
     return executor
 
 
+def experiment_id(
+    client: MlflowClient, uri: str, experiment: str, *, artifacts: str | None = None
+) -> str:
+    """The id of MLflow experiment ``experiment``, created if missing (artifacts in ``mlruns/``
+    next to a SQLite database file, else where ``artifacts`` or the server says)."""
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    if artifacts is None and uri.startswith("sqlite:///"):
+        artifacts = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
+    return client.create_experiment(experiment, artifact_location=artifacts)
+
+
 class Tracker:
     """An MLflow experiment and the parent run of one study.
 
@@ -147,14 +160,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, *, artifacts: str | None = None) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if artifacts is None and uri.startswith("sqlite:///"):
-            artifacts = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
-        self.experiment_id = (
-            found.experiment_id
-            if found
-            else self.client.create_experiment(experiment, artifact_location=artifacts)
-        )
+        self.experiment_id = experiment_id(self.client, uri, experiment, artifacts=artifacts)
         self.parent_id: str | None = None
         self._writer = _make_writer(uri)
         self._pending: list[Future] = []

@@ -1,0 +1,303 @@
+"""Reuse a study's result: export a chosen trial as a Hydra experiment, rerun it, load it back.
+
+- `export_trial` picks a point of a study's Pareto front and writes
+  ``conf/experiment/<name>.yaml``: the study's task, its seed, and a space whose every value is the
+  chosen trial's (no ranges), with a comment naming the study, the trial and its metrics;
+- `run_experiment` (``squeeze run experiment=<name>``) reruns that recipe from the cached
+  baseline with the trial's seed, evaluates the shipped file on validation and test, logs an
+  MLflow run, and registers the model in the MLflow Model Registry under an alias;
+- `load_registered` loads a registered model back as a working torch model, from the packed file
+  and the experiment's config only (no pickled code).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from compressors import load_packed, save_packed
+from experiments import evaluate, load_or_train_baseline
+from search._errors import ConfigError
+from search.config import CONF_DIR
+from search.study import open_storage, plan_sweep
+from search.tracking import experiment_id
+from search.trial import compress_recipe, measure
+
+PICKS = ("knee", "max-acc", "min-size")
+#: Artifact folder of a run's registered model: the packed file and the experiment's config.
+MODEL_DIR = "model"
+
+
+def load_study(cfg: DictConfig, study_name: str) -> optuna.Study:
+    """The study ``study_name`` in ``search.storage``; a `ConfigError` lists those there."""
+    storage = open_storage(str(cfg.search.storage))
+    names = optuna.get_all_study_names(storage)
+    if study_name not in names:
+        raise ConfigError(
+            f"No study {study_name!r} in search.storage {cfg.search.storage}. "
+            f"Studies there: {', '.join(names) or 'none'}."
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def pick_trial(
+    study: optuna.Study, pick: str, *, max_drop: float | None = None
+) -> optuna.trial.FrozenTrial:
+    """A trial of the study's Pareto front (feasible trials only).
+
+    Args:
+        study: A finished or running squeeze study.
+        pick: ``knee`` (farthest from the line joining the front's ends, accuracy against
+            log size, both scaled to [0, 1]), ``max-acc``, ``min-size``, or ``trial=N``.
+        max_drop: If given, only points whose validation accuracy is at most this many points
+            below the baseline's are considered.
+    """
+    if pick.startswith("trial="):
+        number = _trial_number(pick)
+        trials = study.get_trials(deepcopy=False)
+        if number >= len(trials) or trials[number].state != TrialState.COMPLETE:
+            raise ConfigError(
+                f"--pick {pick}: trial {number} is not a complete trial of the study."
+            )
+        return trials[number]
+    if pick not in PICKS:
+        raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
+    front = [t for t in study.best_trials if "metrics" in t.user_attrs]
+    if max_drop is not None:
+        baseline = study.user_attrs["baseline"]["val_acc"]
+        front = [t for t in front if 100 * (baseline - _metric(t, "val_acc")) <= max_drop]
+    if not front:
+        raise ConfigError(
+            f"Study {study.study_name!r} has no front point"
+            + (f" within {max_drop} validation points of the baseline." if max_drop else ".")
+        )
+    if pick == "max-acc":
+        return max(front, key=lambda t: (_metric(t, "val_acc"), -_metric(t, "size_bytes")))
+    if pick == "min-size":
+        return min(front, key=lambda t: (_metric(t, "size_bytes"), -_metric(t, "val_acc")))
+    return _knee(front)
+
+
+def export_trial(
+    cfg: DictConfig,
+    study_name: str,
+    *,
+    pick: str = "knee",
+    max_drop: float | None = None,
+    name: str | None = None,
+    conf_dir: Path = CONF_DIR,
+) -> Path:
+    """Write the picked trial of ``study_name`` as ``conf/experiment/<name>.yaml``; return it."""
+    study = load_study(cfg, study_name)
+    trial = pick_trial(study, pick, max_drop=max_drop)
+    study_cfg = _study_config(cfg, study)
+    space = OmegaConf.to_container(study_cfg.space, resolve=True)
+    fixed = _fixed_space(space, trial)
+    name = name or f"{study_name}-t{trial.number}"
+    metrics = trial.user_attrs["metrics"]
+    experiment = {
+        "defaults": [
+            {"override /task": study_cfg.task.name},
+            {"override /space": str(space.get("name", "default"))},
+        ],
+        "task": OmegaConf.to_container(study_cfg.task, resolve=True),
+        "seed": int(study_cfg.seed),
+        "space": fixed,
+        "run": {
+            "name": name,
+            "study": study_name,
+            "trial": trial.number,
+            "expected": {k: float(metrics[k]) for k in ("val_acc", "size_bytes")},
+        },
+    }
+    baseline = study.user_attrs.get("baseline", {})
+    ratio = baseline.get("size_bytes", math.nan) / metrics["size_bytes"]
+    header = (
+        "# @package _global_\n"
+        f"# Exported by `squeeze export` on {datetime.date.today()} from study '{study_name}', "
+        f"trial {trial.number} (--pick {pick}):\n"
+        f"#   val_acc {metrics['val_acc']:.4f}, {metrics['size_bytes'] / 1000:.2f} KB packed "
+        f"({ratio:.1f}x the baseline's fp32 file), latency {metrics.get('latency_ms', 0):.3f} ms"
+        "\n"
+        f"# Rerun it: squeeze run experiment={name}\n"
+    )
+    path = conf_dir / "experiment" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(experiment)))
+    return path
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `run_experiment` produced."""
+
+    metrics: dict[str, float]
+    expected: dict[str, float]
+    run_id: str
+    model_name: str
+    version: str
+    path: Path
+
+
+def run_experiment(cfg: DictConfig, *, alias: str = "champion") -> RunResult:
+    """Rerun the exported recipe ``cfg`` holds (``squeeze run experiment=<name>``).
+
+    The recipe is applied to the cached baseline with the exported trial's seed, so on CPU the
+    validation metrics equal the trial's. The shipped file is evaluated on validation and test,
+    logged to an MLflow run, and registered as model ``<experiment name>`` with ``alias``.
+    """
+    if cfg.get("run") is None:
+        exported = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+        raise ConfigError(
+            "squeeze run needs an exported experiment: squeeze run experiment=<name> "
+            f"(in conf/experiment/: {', '.join(exported) or 'none yet; see squeeze export'})."
+        )
+    plan = plan_sweep(cfg)
+    try:
+        recipe = plan.space.sample(optuna.trial.FixedTrial({}))
+    except ValueError as err:  # a value left as a range: FixedTrial has nothing to give it
+        raise ConfigError(f"The experiment's space is not fixed ({err}).") from None
+    task = plan.task_builder(**plan.task_kwargs)
+    baseline = load_or_train_baseline(
+        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
+    )
+    model, _ = compress_recipe(
+        recipe, plan.space, task, baseline, seed=int(cfg.seed) + int(cfg.run.trial)
+    )
+    folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.sqz"
+    size = save_packed(model, path)
+    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    shipped = load_packed(path, task.build_model())
+    metrics = {
+        "size_bytes": float(size),
+        **{k: float(v) for k, v in measure(shipped, task, (1,), 10).items()},
+        "test_acc": evaluate(shipped, task.test),
+    }
+
+    client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+    exp_id = experiment_id(client, str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    run = client.create_run(
+        exp_id,
+        run_name=f"run-{cfg.run.name}",
+        tags={
+            "squeeze.role": "run",
+            "squeeze.study": cfg.run.study,
+            "squeeze.trial": cfg.run.trial,
+        },
+    )
+    run_id = run.info.run_id
+    for key, value in recipe.params.items():
+        client.log_param(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.log_artifacts(run_id, str(folder), MODEL_DIR)
+    client.set_terminated(run_id, "FINISHED")
+    model_name = str(cfg.run.name)
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException:
+        pass  # already registered: this run adds a version
+    version = client.create_model_version(
+        model_name, f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id
+    ).version
+    client.set_registered_model_alias(model_name, alias, version)
+    expected = {k: float(v) for k, v in cfg.run.expected.items()}
+    return RunResult(metrics, expected, run_id, model_name, str(version), path)
+
+
+def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | None = None):
+    """The registered model ``name@alias`` as a working torch model (``eval`` mode).
+
+    Reads the version's packed file and config; builds the task's architecture from the config's
+    ``_target_`` and loads the file into it. Nothing is unpickled.
+
+    Example:
+        >>> from search import load_registered
+        >>> model = load_registered("digits_mlp-t7", tracking_uri="sqlite:///mlflow.db")
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = client.get_model_version_by_alias(name, alias)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(client.download_artifacts(version.run_id, MODEL_DIR, tmp))
+        cfg = OmegaConf.load(folder / "config.yaml")
+        plan = plan_sweep(cfg)
+        task = plan.task_builder(**plan.task_kwargs)
+        return load_packed(folder / "model.sqz", task.build_model())
+
+
+def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float:
+    return float(trial.user_attrs["metrics"][key])
+
+
+def _knee(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    acc = np.array([_metric(t, "val_acc") for t in front])
+    size = np.log(np.array([_metric(t, "size_bytes") for t in front]))
+    if len(front) < 3:
+        return front[int(np.argmax(acc))]
+    a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
+    s = (size - size.min()) / max(np.ptp(size), 1e-12)
+    # Ends of the front: the smallest file and the most accurate model; the knee is the point
+    # farthest above the straight line between them (a small, accurate point).
+    i, j = int(np.argmin(s)), int(np.argmax(a))
+    line = np.array([s[j] - s[i], a[j] - a[i]])
+    distance = (line[0] * (a - a[i]) - line[1] * (s - s[i])) / max(np.linalg.norm(line), 1e-12)
+    return front[int(np.argmax(distance))]
+
+
+def _trial_number(pick: str) -> int:
+    try:
+        return int(pick.removeprefix("trial="))
+    except ValueError:
+        raise ConfigError(f"--pick {pick!r}: expected trial=<number>.") from None
+
+
+def _study_config(cfg: DictConfig, study: optuna.Study) -> DictConfig:
+    """The config the study ran with: its local copy, else the parent MLflow run's artifact."""
+    local = Path(cfg.output_dir) / study.study_name / "config.yaml"
+    if local.exists():
+        return OmegaConf.load(local)
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id is None:
+        raise ConfigError(f"Study {study.study_name!r} has no recorded config to export from.")
+    with tempfile.TemporaryDirectory() as tmp:
+        client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+        return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+
+
+def _fixed_space(space: dict[str, Any], trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The study's space with the trial's pipeline and every value fixed to the trial's."""
+    params = trial.params
+    pipeline = params.get("pipeline")
+    pipeline = pipeline.split("+") if pipeline else list(_pipeline_list(space["pipeline"]))
+    fixed: dict[str, Any] = {"pipeline": pipeline}
+    for section in [*pipeline, "finetune"]:
+        entry = dict(space.get(section) or {})
+        for key, value in list(entry.items()):
+            entry[key] = _fix(f"{section}.{key}", value, params)
+        fixed[section] = entry
+    return fixed
+
+
+def _fix(name: str, value: Any, params: dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _fix(f"{name}.{k}", v, params) for k, v in value.items()}
+    return params.get(name, value)
+
+
+def _pipeline_list(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return value
+    return [p.strip() for p in str(value).split("+")]

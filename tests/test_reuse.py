@@ -1,0 +1,86 @@
+"""Export a study's trial, rerun it with `squeeze run`, load the registered model back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from search import ConfigError, compose_config, run_sweep
+from search.cli import main
+from search.reuse import export_trial, load_registered, load_study, pick_trial
+from tests.conftest import sweep_overrides
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cache_dir):
+    tmp_path = tmp_path_factory.mktemp("reuse")
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=5")
+    pipelines = "space.pipeline=choice(structured+quant, prune+quant+kd, lowrank+quant)"
+    result = run_sweep(compose_config([*overrides, pipelines]))
+    return tmp_path, overrides, result  # overrides that name the storage, tracking and cache
+
+
+def test_picks_come_from_the_front(study):
+    _, overrides, result = study
+    optuna_study = load_study(compose_config(overrides), "digits_mlp")
+    front = {t.number for t in optuna_study.best_trials}
+    acc = {t.number: t.user_attrs["metrics"]["val_acc"] for t in optuna_study.best_trials}
+    size = {t.number: t.user_attrs["metrics"]["size_bytes"] for t in optuna_study.best_trials}
+    assert pick_trial(optuna_study, "knee").number in front
+    assert pick_trial(optuna_study, "max-acc").number == max(acc, key=lambda n: (acc[n], -size[n]))
+    assert pick_trial(optuna_study, "min-size").number == min(
+        size, key=lambda n: (size[n], -acc[n])
+    )
+    assert pick_trial(optuna_study, "trial=2").number == 2
+    with pytest.raises(ConfigError, match="Unknown --pick 'best'"):
+        pick_trial(optuna_study, "best")
+    with pytest.raises(ConfigError, match="No study 'nope'.*Studies there: digits_mlp"):
+        load_study(compose_config(overrides), "nope")
+
+
+def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp_path, capsys):
+    workdir, overrides, _ = study
+    conf = tmp_path / "conf"
+    path = export_trial(
+        compose_config(overrides), "digits_mlp", pick="trial=3", name="exp3", conf_dir=conf
+    )
+    text = path.read_text()
+    assert text.startswith("# @package _global_\n# Exported by `squeeze export`")
+    assert "study 'digits_mlp', trial 3" in text
+    exported = yaml.safe_load(text)
+    trial = load_study(compose_config(overrides), "digits_mlp").trials[3]
+    assert exported["space"]["pipeline"] == trial.params["pipeline"].split("+")
+    for name, value in trial.params.items():  # every value fixed to the trial's, no ranges
+        if name != "pipeline":
+            section, key = name.split(".", 1)
+            assert exported["space"][section][key] == value
+    assert "(" not in yaml.safe_dump(exported["space"])
+
+    code = main(["run", "--config-dir", str(conf), "experiment=exp3", *overrides])
+    assert code == 0
+    out = capsys.readouterr().out
+    expected = trial.user_attrs["metrics"]
+    run = compose_config(["experiment=exp3", *overrides], config_dirs=[conf])
+    client = MlflowClient(str(run.tracking.uri))
+    version = client.get_model_version_by_alias("exp3", "champion")
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["val_acc"] == expected["val_acc"]  # the same seed reproduces it exactly
+    assert metrics["size_bytes"] == expected["size_bytes"]
+    assert 0.5 < metrics["test_acc"] <= 1.0
+    assert "(= the trial's)" in out
+
+    model = load_registered("exp3", tracking_uri=str(run.tracking.uri))
+    from experiments.digits import digits_mlp
+
+    task = digits_mlp(seed=0, hidden=[300, 100], train={"epochs": 40})
+    with torch.no_grad():
+        accuracy = (model(task.val.x).argmax(1) == task.val.y).float().mean().item()
+    assert accuracy == pytest.approx(expected["val_acc"])
+
+
+def test_run_without_an_experiment_is_a_config_error(study, capsys):
+    _, overrides, _ = study
+    assert main(["run", *overrides]) == 2
+    assert "squeeze run needs an exported experiment" in capsys.readouterr().err
