@@ -1,0 +1,105 @@
+"""Analysis of a task's data and of a classifier's predictions, beyond top-1 accuracy.
+
+- `classification_report`: top-1 and top-5 accuracy, per-class accuracy (recall), the confusion
+  matrix, macro F1 and macro recall (scikit-learn's definitions);
+- `class_balance`: samples per class in each split, and the imbalance (largest over smallest);
+- `dataset_summary` and `model_summary`: what ``squeeze inspect`` prints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import confusion_matrix, f1_score, recall_score, top_k_accuracy_score
+from torch import nn
+
+from experiments._task import Split, Task
+from experiments._training import predict_logits
+from experiments.metrics import count_flops, weight_tensors
+
+
+def classification_report(model: nn.Module, split: Split, num_classes: int) -> dict:
+    """Metrics of ``model`` on ``split``.
+
+    Returns:
+        ``top1``, ``top5`` (top-min(5, classes)), ``macro_f1``, ``macro_recall`` (floats),
+        ``per_class_acc`` (list, one per class: the fraction of that class predicted right) and
+        ``confusion`` (list of rows: true class, columns: predicted class).
+    """
+    logits = predict_logits(model, split.x)
+    labels = split.y.numpy()
+    predicted = logits.argmax(dim=1).numpy()
+    classes = np.arange(num_classes)
+    confusion = confusion_matrix(labels, predicted, labels=classes)
+    support = confusion.sum(axis=1)
+    per_class = np.divide(
+        np.diag(confusion), support, out=np.full(num_classes, np.nan), where=support > 0
+    )
+    k = min(5, num_classes - 1)
+    return {
+        "top1": float((predicted == labels).mean()),
+        f"top{k}": float(
+            top_k_accuracy_score(labels, logits.numpy(), k=k, labels=classes)
+        ),
+        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro")),
+        "macro_recall": float(recall_score(labels, predicted, labels=classes, average="macro")),
+        "per_class_acc": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def class_balance(task: Task) -> pd.DataFrame:
+    """Samples per class (rows) in each split (columns), with each split's imbalance ratio."""
+    counts = {
+        name: np.bincount(split.y.numpy(), minlength=task.num_classes)
+        for name, split in (("train", task.train), ("val", task.val), ("test", task.test))
+    }
+    frame = pd.DataFrame(counts)
+    frame.index.name = "class"
+    ratios = {name: c.max() / max(c.min(), 1) for name, c in counts.items()}
+    frame.loc["imbalance (max/min)"] = pd.Series(ratios)
+    return frame
+
+
+def dataset_summary(task: Task) -> pd.DataFrame:
+    """Per split: samples, classes present, input shape, feature mean and standard deviation."""
+    rows = []
+    for name, split in (("train", task.train), ("val", task.val), ("test", task.test)):
+        x = split.x.float()
+        rows.append(
+            {
+                "split": name,
+                "samples": len(split),
+                "classes": int(torch.unique(split.y).numel()),
+                "input shape": tuple(x.shape[1:]),
+                "feature mean": float(x.mean()),
+                "feature std": float(x.std()),
+            }
+        )
+    return pd.DataFrame(rows).set_index("split")
+
+
+def model_summary(model: nn.Module, example: torch.Tensor) -> pd.DataFrame:
+    """One row per leaf module (with parameters or not), and a total: parameters, bytes, FLOPs."""
+    rows = []
+    for name, module in model.named_modules():
+        if any(True for _ in module.children()):
+            continue
+        tensors = weight_tensors(module)
+        rows.append(
+            {
+                "layer": name,
+                "type": type(module).__name__,
+                "parameters": sum(t.numel() for t in tensors),
+                "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    total = {
+        "layer": "total",
+        "type": f"FLOPs/sample: {count_flops(model, example)}",
+        "parameters": int(frame.parameters.sum()),
+        "bytes": int(frame.bytes.sum()),
+    }
+    return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)
