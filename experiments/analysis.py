@@ -39,9 +39,7 @@ def classification_report(model: nn.Module, split: Split, num_classes: int) -> d
     k = min(5, num_classes - 1)
     return {
         "top1": float((predicted == labels).mean()),
-        f"top{k}": float(
-            top_k_accuracy_score(labels, logits.numpy(), k=k, labels=classes)
-        ),
+        f"top{k}": float(top_k_accuracy_score(labels, logits.numpy(), k=k, labels=classes)),
         "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro")),
         "macro_recall": float(recall_score(labels, predicted, labels=classes, average="macro")),
         "per_class_acc": per_class.tolist(),

@@ -65,7 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("overrides", nargs="*", help="experiment=<name> and other overrides")
     run.add_argument("--alias", default="champion", help="model registry alias (champion)")
-    for command in (sweep, export, run):
+    report = commands.add_parser(
+        "report",
+        help="trials table, plots, per-class metrics and an HTML page for a study",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("--study", required=True, help="study name (search.study_name)")
+    report.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
+    inspect = commands.add_parser(
+        "inspect",
+        help="dataset analysis and model summary of a task",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
+    for command in (sweep, export, run, report, inspect):
         command.add_argument(
             "--config-dir",
             action="append",
@@ -86,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args, console)
         if args.command == "run":
             return _run(args, console)
+        if args.command == "report":
+            return _report(args, console)
+        if args.command == "inspect":
+            return _inspect(args, console)
     except ConfigError as err:
         Console(stderr=True).print(f"[bold red]squeeze: error:[/] {err}", highlight=False)
         return 2
@@ -148,6 +167,41 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         highlight=False,
     )
     return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from search.report import build_report
+
+    report = build_report(compose_config(args.overrides, config_dirs=args.config_dir), args.study)
+    console.print(
+        f"wrote {len(report.files)} files to {report.folder} (open report.html)"
+        + (f"; logged to MLflow run {report.parent_run_id}" if report.parent_run_id else ""),
+        highlight=False,
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from experiments.analysis import class_balance, dataset_summary, model_summary
+    from search.study import plan_sweep
+
+    plan = plan_sweep(compose_config(args.overrides, config_dirs=args.config_dir))
+    task = plan.task_builder(**plan.task_kwargs)
+    with _wide():
+        console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
+        console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)
+        console.print("\nsamples per class:", highlight=False)
+        console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
+        console.print("\nmodel:", highlight=False)
+        summary = model_summary(task.build_model(), task.example_inputs(1))
+        console.print(summary.to_string(index=False), highlight=False)
+    return 0
+
+
+def _wide():
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 50)
 
 
 def _setup_logging(quiet: bool) -> None:

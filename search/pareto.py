@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from torch import nn  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
@@ -92,19 +95,41 @@ def finish_study(
 
 
 def _test_accuracy(ctx: SweepContext, study_name: str, number: int, run_id: str) -> float:
-    """Test accuracy of a trial's packed file: the local copy, else the MLflow artifact (a trial
-    run by a worker on another machine)."""
-    local = trial_file(ctx.output_dir, study_name, number)
+    model = trial_model(
+        ctx.output_dir, study_name, number, run_id, ctx.tracker.client, ctx.task.build_model
+    )
+    return evaluate(model, ctx.task.test)
+
+
+def trial_model(
+    output_dir: Path,
+    study_name: str,
+    number: int,
+    run_id: str,
+    client: MlflowClient,
+    build_model: Callable[[], nn.Module],
+) -> nn.Module:
+    """A trial's shipped model: its packed file loaded into ``build_model()``, from the local copy
+    or else from its MLflow run (a trial run by a worker on another machine)."""
+    local = trial_file(output_dir, study_name, number)
     if local.exists():
-        return evaluate(load_packed(local, ctx.task.build_model()), ctx.task.test)
+        return load_packed(local, build_model())
     with tempfile.TemporaryDirectory() as tmp:
-        path = ctx.tracker.download(run_id, local.name, Path(tmp))
-        return evaluate(load_packed(path, ctx.task.build_model()), ctx.task.test)
+        return load_packed(client.download_artifacts(run_id, local.name, tmp), build_model())
 
 
 def plot_front(
     trials: pd.DataFrame, front: pd.DataFrame, baseline: dict[str, float], path: Path, *, title: str
 ) -> None:
+    """Save `front_figure` as a PNG."""
+    fig = front_figure(trials, front, baseline, title=title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def front_figure(
+    trials: pd.DataFrame, front: pd.DataFrame, baseline: dict[str, float], *, title: str
+) -> plt.Figure:
     """Validation accuracy against packed size (log scale), front highlighted, baseline marked."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     complete = trials[trials.state == "COMPLETE"]
@@ -137,5 +162,4 @@ def plot_front(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)  # tight_layout costs 0.4 s
-    fig.savefig(path)
-    plt.close(fig)
+    return fig

@@ -101,7 +101,7 @@ def export_trial(
     """Write the picked trial of ``study_name`` as ``conf/experiment/<name>.yaml``; return it."""
     study = load_study(cfg, study_name)
     trial = pick_trial(study, pick, max_drop=max_drop)
-    study_cfg = _study_config(cfg, study)
+    study_cfg = study_config(cfg, study)
     space = OmegaConf.to_container(study_cfg.space, resolve=True)
     fixed = _fixed_space(space, trial)
     name = name or f"{study_name}-t{trial.number}"
@@ -264,7 +264,7 @@ def _trial_number(pick: str) -> int:
         raise ConfigError(f"--pick {pick!r}: expected trial=<number>.") from None
 
 
-def _study_config(cfg: DictConfig, study: optuna.Study) -> DictConfig:
+def study_config(cfg: DictConfig, study: optuna.Study) -> DictConfig:
     """The config the study ran with: its local copy, else the parent MLflow run's artifact."""
     local = Path(cfg.output_dir) / study.study_name / "config.yaml"
     if local.exists():

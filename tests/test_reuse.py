@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -84,3 +85,46 @@ def test_run_without_an_experiment_is_a_config_error(study, capsys):
     _, overrides, _ = study
     assert main(["run", *overrides]) == 2
     assert "squeeze run needs an exported experiment" in capsys.readouterr().err
+
+
+def test_report_has_every_file_a_row_per_trial_and_logs_to_the_parent(study, capsys):
+    workdir, overrides, result = study
+    assert main(["report", "--study", "digits_mlp", *overrides]) == 0
+    folder = workdir / "trials" / "digits_mlp" / "report"
+    names = {p.name for p in folder.iterdir()}
+    for figure in ("pareto_front", "hypervolume", "params_vs_accuracy", "finetune_curves"):
+        assert {f"{figure}.png", f"{figure}.html"} <= names, figure
+    assert {"trials.csv", "trials.parquet", "metrics.csv", "confusion.json"} <= names
+    assert {"class_balance.csv", "report.html"} <= names
+    trials = pd.read_csv(folder / "trials.csv")
+    assert list(trials.trial) == [0, 1, 2, 3, 4]
+    assert {"state", "val_acc", "size_bytes", "latency_ms", "param.pipeline"} <= set(trials)
+    metrics = pd.read_csv(folder / "metrics.csv")
+    assert set(metrics.model) == {"baseline", *(f"trial {n}" for n in result.front.trial)}
+    baseline_val = metrics[(metrics.model == "baseline") & (metrics.split == "val")].iloc[0]
+    assert baseline_val.top1 == pytest.approx(result.baseline["val_acc"])
+    assert baseline_val.top5 >= baseline_val.top1
+    page = (folder / "report.html").read_text()
+    assert len(page) > 1_000_000 and 'src="http' not in page  # plotly.js inlined: works offline
+    assert page.count("Plotly.newPlot") == len([n for n in names if n.endswith(".html")]) - 1
+    client = MlflowClient(compose_config(overrides).tracking.uri)
+    logged = {f.path for f in client.list_artifacts(result.parent_run_id, "report")}
+    assert {"report/report.html", "report/trials.csv", "report/pareto_front.png"} <= logged
+
+
+def test_per_class_accuracy_averages_to_the_accuracy_on_a_balanced_split(digits_baseline):
+    import numpy as np
+
+    from experiments import Split
+    from experiments.analysis import classification_report
+    from experiments.digits import digits_mlp
+
+    task = digits_mlp(seed=0, hidden=[300, 100], train={"epochs": 40})
+    by_class = [torch.nonzero(task.test.y == c).flatten()[:30] for c in range(10)]
+    index = torch.cat(by_class)  # 30 of each class: balanced
+    balanced = Split(task.test.x[index], task.test.y[index])
+    report = classification_report(digits_baseline.model, balanced, 10)
+    assert np.mean(report["per_class_acc"]) == pytest.approx(report["top1"])
+    assert report["macro_recall"] == pytest.approx(report["top1"])
+    assert np.array(report["confusion"]).sum() == 300
+    assert 0.8 < report["macro_f1"] <= 1.0
