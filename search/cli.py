@@ -80,7 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
-    for command in (sweep, export, run, report, inspect):
+    sensitivity = commands.add_parser(
+        "sensitivity",
+        help="prune / quantize each layer alone; plot it; write a per-layer space",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sensitivity.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
+    sensitivity.add_argument(
+        "--tolerance", type=float, default=1.0, help="validation points a layer may lose (1.0)"
+    )
+    for command in (sweep, export, run, report, inspect, sensitivity):
         command.add_argument(
             "--config-dir",
             action="append",
@@ -105,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args, console)
         if args.command == "inspect":
             return _inspect(args, console)
+        if args.command == "sensitivity":
+            return _sensitivity(args, console)
     except ConfigError as err:
         Console(stderr=True).print(f"[bold red]squeeze: error:[/] {err}", highlight=False)
         return 2
@@ -139,8 +151,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     from search.config import CONF_DIR
     from search.reuse import export_trial
 
+    conf_dir = _writable_config_dir(args.config_dir) or CONF_DIR
     cfg = compose_config(args.overrides, config_dirs=args.config_dir)
-    conf_dir = Path(args.config_dir[-1]) if args.config_dir else CONF_DIR
     path = export_trial(
         cfg, args.study, pick=args.pick, max_drop=args.max_drop, name=args.name, conf_dir=conf_dir
     )
@@ -196,6 +208,32 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         summary = model_summary(task.build_model(), task.example_inputs(1))
         console.print(summary.to_string(index=False), highlight=False)
     return 0
+
+
+def _sensitivity(args: argparse.Namespace, console: Console) -> int:
+    from search.config import CONF_DIR
+    from search.sensitivity import run_sensitivity
+
+    conf_dir = _writable_config_dir(args.config_dir) or CONF_DIR
+    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
+    result = run_sensitivity(cfg, tolerance=args.tolerance, conf_dir=conf_dir)
+    table = result.table.pivot_table(
+        index=["method", "setting"], columns="layer", values="drop_pt", sort=False
+    )
+    with _wide():
+        console.print("validation points lost, each layer alone:", highlight=False)
+        console.print(table.to_string(float_format="%.1f"), highlight=False)
+    console.print(f"plot {result.plot}; suggested space {result.space}", highlight=False)
+    return 0
+
+
+def _writable_config_dir(config_dirs: list[str]) -> Path | None:
+    """The last ``--config-dir``, created if missing: commands that write configs write there."""
+    if not config_dirs:
+        return None
+    folder = Path(config_dirs[-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _wide():

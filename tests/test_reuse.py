@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optuna
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
 from search.reuse import export_trial, load_registered, load_study, pick_trial
+from search.space import SearchSpace
 from tests.conftest import sweep_overrides
 
 
@@ -128,3 +130,26 @@ def test_per_class_accuracy_averages_to_the_accuracy_on_a_balanced_split(digits_
     assert report["macro_recall"] == pytest.approx(report["top1"])
     assert np.array(report["confusion"]).sum() == 300
     assert 0.8 < report["macro_f1"] <= 1.0
+
+
+def test_sensitivity_writes_a_per_layer_space_that_composes_and_samples(tmp_path, cache_dir):
+    conf = tmp_path / "conf"
+    overrides = [f"cache_dir={cache_dir}", f"output_dir={tmp_path}/out"]
+    assert main(["sensitivity", "--config-dir", str(conf), *overrides]) == 0
+    path = conf / "space" / "digits_mlp_sensitivity.yaml"
+    table = pd.read_csv(tmp_path / "out" / "sensitivity-digits_mlp" / "sensitivity.csv")
+    assert set(table.layer) == {"net.1", "net.3", "net.5"}
+    drops = table[(table.method == "prune") & (table.layer == "net.1")].drop_pt.tolist()
+    assert drops[-1] > drops[0]  # pruning more of a layer costs more
+    cfg = compose_config(["space=digits_mlp_sensitivity", *overrides], config_dirs=[conf])
+    space = SearchSpace.from_config(cfg.space)
+    trial = optuna.create_study().ask()
+    recipe = space.sample(trial)
+    assert recipe.pipeline == ("prune", "quant", "kd")
+    assert {"prune.amount.net.1", "prune.amount.net.3", "prune.amount.net.5"} <= set(trial.params)
+    ranges = yaml.safe_load(path.read_text())["prune"]["amount"]
+    tolerated = table[(table.method == "prune") & (table.drop_pt <= 1.0)]
+    for layer, text in ranges.items():
+        upper = float(text.removeprefix("interval(0.0, ").removesuffix(")"))
+        best = tolerated[tolerated.layer == layer].setting.max()
+        assert upper == pytest.approx(min(0.99, max(0.3, (0 if best != best else best) + 0.1)))

@@ -1,0 +1,146 @@
+"""``squeeze sensitivity``: how much each layer of the baseline tolerates alone.
+
+Every prunable layer of the trained baseline is pruned alone (magnitude, no fine-tuning) at
+several amounts, and quantized alone at several bit-widths; validation accuracy is measured each
+time. The result is a table, a plot of accuracy against amount / bits per layer, and a suggested
+space (``conf/space/<task>_sensitivity.yaml``): one pruning range per layer, up to the largest
+amount that layer tolerated within ``tolerance`` points, and a bit-width range starting at the
+fewest bits every layer tolerated. Layers that tolerate more get searched over more.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+from compressors._layers import weight_layers  # noqa: E402
+from compressors.prune import Mask, smallest_mask  # noqa: E402
+from compressors.quant import make_grid  # noqa: E402
+from experiments import evaluate, load_or_train_baseline  # noqa: E402
+from search.config import CONF_DIR  # noqa: E402
+from search.study import plan_sweep  # noqa: E402
+
+AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+BITS = (2, 3, 4, 6, 8)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """The measured table, the plot and the suggested space."""
+
+    table: pd.DataFrame
+    plot: Path
+    space: Path
+
+
+def run_sensitivity(
+    cfg: DictConfig,
+    *,
+    amounts: tuple[float, ...] = AMOUNTS,
+    bits: tuple[int, ...] = BITS,
+    tolerance: float = 1.0,
+    conf_dir: Path = CONF_DIR,
+) -> Sensitivity:
+    """Measure each layer's sensitivity for the task of ``cfg``; write plot and space."""
+    plan = plan_sweep(cfg)
+    task = plan.task_builder(**plan.task_kwargs)
+    baseline = load_or_train_baseline(
+        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
+    )
+    reference = evaluate(baseline.model, task.val)
+    rows = []
+    for layer_name in weight_layers(baseline.model):
+        for amount in amounts:
+            model = copy.deepcopy(baseline.model)
+            layer = weight_layers(model)[layer_name]
+            keep = smallest_mask(layer.weight.detach().abs(), amount)
+            parametrize.register_parametrization(layer, "weight", Mask(keep))
+            rows.append(_row(layer_name, "prune", amount, evaluate(model, task.val), reference))
+        for b in bits:
+            model = copy.deepcopy(baseline.model)
+            layer = weight_layers(model)[layer_name]
+            parametrize.register_parametrization(layer, "weight", make_grid(layer.weight, b))
+            rows.append(_row(layer_name, "quant", b, evaluate(model, task.val), reference))
+    table = pd.DataFrame(rows)
+
+    folder = Path(cfg.output_dir) / f"sensitivity-{task.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "sensitivity.csv", index=False)
+    plot = folder / "sensitivity.png"
+    _plot(table, reference, task.name, plot)
+    space = _write_space(table, task.name, tolerance, amounts, bits, conf_dir)
+    return Sensitivity(table, plot, space)
+
+
+def _row(layer: str, method: str, setting: float, accuracy: float, reference: float) -> dict:
+    return {
+        "layer": layer,
+        "method": method,
+        "setting": setting,
+        "val_acc": accuracy,
+        "drop_pt": 100 * (reference - accuracy),
+    }
+
+
+def _plot(table: pd.DataFrame, reference: float, task: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, method, label in zip(
+        axes, ("prune", "quant"), ("fraction pruned", "bits"), strict=True
+    ):
+        for layer, part in table[table.method == method].groupby("layer", sort=False):
+            ax.plot(part.setting, part.val_acc, "o-", ms=3, label=layer)
+        ax.axhline(reference, color="0.5", ls="--", lw=1, label="baseline")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"{task}: each layer {'pruned' if method == 'prune' else 'quantized'} alone")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path) -> Path:
+    ok = table[table.drop_pt <= tolerance]
+    prune = ok[ok.method == "prune"].groupby("layer", sort=False).setting.max()
+    per_layer = {}
+    for layer in table.layer.unique():
+        tolerated = float(prune.get(layer, 0.0))
+        upper = min(0.99, max(tolerated + 0.1, amounts[0]))
+        per_layer[layer] = f"interval(0.0, {upper:.2f})"
+    tolerated_bits = ok[ok.method == "quant"].groupby("layer").setting.min()
+    fewest = int(tolerated_bits.max()) if len(tolerated_bits) == table.layer.nunique() else 8
+    low = max(2, min(fewest, max(bits)) - 1)
+    space = {
+        "defaults": [
+            {"/compressor@prune": "prune"},
+            {"/compressor@quant": "quant"},
+            {"/compressor@kd": "kd"},
+            "_self_",
+        ],
+        "name": f"{task}_sensitivity",
+        "pipeline": ["prune", "quant", "kd"],
+        "prune": {"amount": per_layer},
+        "quant": {"bits": f"int(interval({low}, 8))"},
+        "kd": {"temperature": "interval(1.0, 8.0)", "alpha": "interval(0.0, 1.0)"},
+        "finetune": {"epochs": 15, "batch_size": 64, "lr": "tag(log, interval(3e-4, 1e-2))"},
+    }
+    path = conf_dir / "space" / f"{task}_sensitivity.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# Written by `squeeze sensitivity task={task}`: each layer's pruning range reaches "
+        f"0.1 past the\n# largest amount it tolerated alone within {tolerance} validation "
+        "points (no fine-tuning);\n# bits start one below the fewest that every layer "
+        f"tolerated. Use it: squeeze sweep task={task} space={task}_sensitivity\n"
+    )
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(space)))
+    return path
