@@ -6,7 +6,7 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
-from experiments._task import Split, Task, TrainConfig
+from experiments._task import Split, Task, TrainConfig, cv_folds
 from experiments._training import (
     EpochStats,
     accuracy,
@@ -24,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "accuracy",
     "ce_loss",
+    "cv_folds",
     "evaluate",
     "fit",
     "load_or_train_baseline",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,22 @@ class Task:
     def split_sizes(self) -> dict[str, int]:
         """Number of samples in each split."""
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def cv_folds(task: Task, folds: int, *, seed: int) -> list[Task]:
+    """``folds`` copies of ``task`` whose train and validation splits are the stratified folds of
+    its train + validation data (fold k validates on the k-th part); test stays untouched."""
+    from sklearn.model_selection import StratifiedKFold
+
+    x = torch.cat([task.train.x, task.val.x])
+    y = torch.cat([task.train.y, task.val.y])
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [
+        dataclasses.replace(
+            task, train=Split(x[fit_idx], y[fit_idx]), val=Split(x[val_idx], y[val_idx])
+        )
+        for fit_idx, val_idx in splitter.split(x.numpy(), y.numpy())
+    ]
 
 
 def stratified_splits(

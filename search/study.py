@@ -29,7 +29,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import Baseline, Task, TrainConfig, load_or_train_baseline
+from experiments import Baseline, Task, TrainConfig, cv_folds, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
 from search.pareto import SweepResult
@@ -91,6 +91,9 @@ def plan_sweep(cfg: DictConfig) -> SweepPlan:
         )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
+    folds = search.get("cv_folds")
+    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool) or folds < 2):
+        raise ConfigError(f"search.cv_folds must be null or an int >= 2. Got {folds!r} instead.")
     if not isinstance(search.n_trials, int) or search.n_trials < 1:
         raise ConfigError(f"search.n_trials must be an int >= 1. Got {search.n_trials!r} instead.")
     make_sampler(search.sampler, seed=0, options=search.sampler_options)
@@ -226,6 +229,7 @@ def _run(
         seed=cfg.seed,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
+        folds=_cv_folds(cfg, plan, task),
     )
     remaining = plan.n_trials - done
     # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
@@ -246,6 +250,21 @@ def _run(
         return pareto.finish_study(study, ctx, baseline_metrics, parent_id)
     finally:
         gc.unfreeze()
+
+
+def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
+    """(task, baseline) per fold when ``search.cv_folds`` is set; each baseline is cached."""
+    folds = cfg.search.get("cv_folds")
+    if not folds:
+        return ()
+    pairs = []
+    for k, fold in enumerate(cv_folds(task, folds, seed=cfg.seed)):
+        config = {**plan.task_kwargs, "cv_fold": f"{k}/{folds}"}
+        baseline = load_or_train_baseline(
+            fold, config=config, cache_dir=cfg.cache_dir, seed=cfg.seed
+        )
+        pairs.append((fold, baseline))
+    return tuple(pairs)
 
 
 def _baseline_file_size(baseline: Baseline) -> int:
@@ -305,6 +324,8 @@ def _fingerprint(cfg: DictConfig) -> str:
         "directions": list(cfg.search.directions),
         "seed": cfg.seed,
     }
+    if cfg.search.get("cv_folds"):
+        parts["cv_folds"] = cfg.search.cv_folds
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -55,6 +55,8 @@ class SweepContext:
         tracker: MLflow parent run of the study.
         output_dir: Where trials write their packed model files.
         seed: Trial ``n`` is seeded with ``seed + n``.
+        folds: With ``search.cv_folds=K``: K (task, baseline) pairs whose splits are the folds of
+            train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement.
     """
@@ -69,6 +71,7 @@ class SweepContext:
     seed: int
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
+    folds: tuple[tuple[Task, Baseline], ...] = ()
 
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
@@ -106,6 +109,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             "compression_ratio": ctx.baseline_size / size,
             **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
         }
+        if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
+            metrics["val_acc_split"] = metrics["val_acc"]
+            metrics["val_acc"] = cross_validate(recipe, ctx, seed=ctx.seed + trial.number)
         run.log_metrics(metrics)
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
@@ -167,6 +173,16 @@ def compress_recipe(
     )
     model = finalize_pipeline(compressors, model, context)
     return model, history
+
+
+def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:
+    """Mean validation accuracy of ``recipe`` over the folds of ``ctx`` (each fold compresses
+    its own baseline and is evaluated on its held-out part)."""
+    scores = []
+    for task, baseline in ctx.folds:
+        model, _ = compress_recipe(recipe, ctx.space, task, baseline, seed=seed)
+        scores.append(evaluate(model, task.val))
+    return sum(scores) / len(scores)
 
 
 def measure(

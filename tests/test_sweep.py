@@ -232,3 +232,33 @@ def test_an_interrupted_sweep_ends_its_parent_run_killed_and_resumes(tmp_path, c
     _, parents, children = _mlflow_runs(tmp_path)
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert len(children) == 3 and len(_study(tmp_path).trials) == 3
+
+
+def test_cross_validated_objective_is_the_mean_over_fold_baselines(tmp_path, cache_dir):
+    from experiments import evaluate
+    from search.study import plan_sweep
+    from search.trial import compress_recipe
+
+    cfg = compose_config(
+        sweep_overrides(tmp_path, cache_dir, "search.n_trials=2", "search.cv_folds=3")
+    )
+    run_sweep(cfg)
+    trials = _study(tmp_path).trials
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    folds = [p for p in cache_dir.iterdir() if p.is_dir()]
+    assert len(folds) >= 4  # the split's baseline and one per fold
+    plan = plan_sweep(cfg)
+    task = plan.task_builder(**plan.task_kwargs)
+    from search.study import _cv_folds
+
+    pairs = _cv_folds(cfg, plan, task)
+    assert [len(t.val) for t, _ in pairs] == [479, 479, 479]  # 1,437 train + val samples
+    for trial in trials:
+        metrics = trial.user_attrs["metrics"]
+        recipe = plan.space.sample(optuna.trial.FixedTrial(trial.params))
+        scores = [
+            evaluate(compress_recipe(recipe, plan.space, t, b, seed=trial.number)[0], t.val)
+            for t, b in pairs
+        ]
+        assert metrics["val_acc"] == pytest.approx(sum(scores) / 3, abs=1e-9)
+        assert trial.values[0] == metrics["val_acc"] != metrics["val_acc_split"]
