@@ -18,6 +18,10 @@ _EXPORTS = {
     "SweepPlan": "search.study",
     "plan_sweep": "search.study",
     "run_sweep": "search.study",
+    "export_trial": "search.reuse",
+    "run_experiment": "search.reuse",
+    "load_registered": "search.reuse",
+    "build_report": "search.report",
 }
 
 __all__ = sorted(_EXPORTS)

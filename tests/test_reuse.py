@@ -74,6 +74,9 @@ def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp
     assert 0.5 < metrics["test_acc"] <= 1.0
     assert "(= the trial's)" in out
 
+    from search import load_registered as public_loader
+
+    assert public_loader is load_registered
     model = load_registered("exp3", tracking_uri=str(run.tracking.uri))
     from experiments.digits import digits_mlp
 
