@@ -6,6 +6,8 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
 - ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_logits``);
 - ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say);
+- ``output_params``: narrower constraints of some parameters for a task whose model outputs
+  ``logits`` or ``embeddings`` (distillation's KL needs logits, say);
 - ``stage``: 0 for methods that train the dense model before anything is removed (L1 sparse
   training), 1 for those that change layer shapes (structured pruning, factorisation), 2 for
   those that constrain weights in place (masks, quantization grids), 3 for those that only change
@@ -14,7 +16,8 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 A trial calls the hooks in this order, each compressor in pipeline order:
 
 1. `Compressor.compress` changes the model before fine-tuning (masks, grids, smaller layers);
-2. `Compressor.finetune_loss` supplies the loss of the fine-tuning (distillation);
+2. `Compressor.finetune_loss` supplies the loss of the fine-tuning (distillation), given the
+   task's own loss in the context;
 3. `Compressor.on_epoch` runs before every fine-tuning epoch (schedules, e.g. gradual pruning);
 4. `Compressor.finalize` changes the fine-tuned model before it is written (post-training
    quantization, the last step of a schedule).
@@ -34,7 +37,7 @@ from torch import nn
 
 from compressors._params import Constraint, check_known, check_param
 from experiments import Split
-from experiments._training import LossFn
+from experiments._objectives import LossFn, ce_loss
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -48,12 +51,16 @@ class CompressionContext:
         teacher_logits: Cached logits of the uncompressed baseline on ``train``.
         example_inputs: A small batch of real inputs.
         seed: Seed of this trial.
+        loss: The task's training loss ``loss(outputs, targets, teacher)``.
+        outputs: What the task's model outputs: ``logits`` or ``embeddings``.
     """
 
     train: Split | None = None
     teacher_logits: torch.Tensor | None = None
     example_inputs: torch.Tensor | None = None
     seed: int = 0
+    loss: LossFn = ce_loss
+    outputs: str = "logits"
 
 
 class Compressor:
@@ -64,6 +71,7 @@ class Compressor:
     requires: ClassVar[frozenset[str]] = frozenset()
     kind: ClassVar[str] = ""
     stage: ClassVar[int] = 2
+    output_params: ClassVar[Mapping[str, Mapping[str, Constraint]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,8 +96,15 @@ class Compressor:
         """Return the compressed model (may change ``model`` in place). Default: unchanged."""
         return model
 
-    def finetune_loss(self) -> LossFn | None:
-        """Loss of the fine-tuning after compression, or None for plain cross-entropy."""
+    def check_outputs(self, outputs: str) -> None:
+        """Raise `InvalidParameterError` if a parameter does not suit a task whose model outputs
+        ``outputs`` (see ``output_params``)."""
+        where = f"compressor '{self.name}' for a model that outputs {outputs}"
+        for key, constraint in self.output_params.get(outputs, {}).items():
+            check_param(where, f"{self.name}.{key}", constraint, getattr(self, key))
+
+    def finetune_loss(self, ctx: CompressionContext) -> LossFn | None:
+        """Loss of the fine-tuning after compression, or None for the task's own (``ctx.loss``)."""
         return None
 
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
@@ -108,8 +123,9 @@ def apply_pipeline(
     compressors: list[Compressor], model: nn.Module, ctx: CompressionContext
 ) -> nn.Module:
     """Apply ``compressors`` in order (before fine-tuning), after checking that ``ctx`` has what
-    each requires."""
+    each requires and that their parameters suit the task's outputs."""
     for compressor in compressors:
+        compressor.check_outputs(ctx.outputs)
         missing = sorted(r for r in compressor.requires if getattr(ctx, r, None) is None)
         if missing:
             raise ValueError(f"compressor '{compressor.name}' requires {missing} in its context")

@@ -15,3 +15,12 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, module in model.named_modules()
         if isinstance(module, WEIGHT_LAYERS) and "parametrizations" not in name
     }
+
+
+def embedding_layers(model: nn.Module) -> dict[str, nn.Embedding]:
+    """Embedding tables (token, position, ...), by qualified module name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and "parametrizations" not in name
+    }

@@ -13,7 +13,6 @@ an ``importance`` parameter naming one of `CRITERIA`:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -25,10 +24,11 @@ TAYLOR_SAMPLES = 512
 
 
 def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
-    """Fill ``.grad`` of the model's parameters with the cross-entropy gradient on training data."""
+    """Fill ``.grad`` of the model's parameters with the gradient of the task's loss
+    (``ctx.loss``: cross-entropy for a classifier) on training data."""
     model.zero_grad(set_to_none=True)
     x, y = ctx.train.x[:TAYLOR_SAMPLES], ctx.train.y[:TAYLOR_SAMPLES]
-    F.cross_entropy(model(x), y).backward()
+    ctx.loss(model(x), y, None).backward()
 
 
 def weight_scores(

@@ -1,4 +1,9 @@
-"""Knowledge distillation from the cached baseline's logits during fine-tuning."""
+"""Knowledge distillation from the cached baseline's outputs during fine-tuning.
+
+For a classifier the teacher's soft predictions are matched (Hinton et al.'s KL on logits); for an
+encoder the teacher's embeddings are (cosine distance or squared distance, as in TinyBERT's and
+DistilBERT's embedding losses). Either way the soft loss is mixed with the task's own loss.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,23 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from compressors._base import Compressor
-from compressors._params import Real
-from experiments._training import LossFn
+from compressors._base import CompressionContext, Compressor
+from compressors._params import Options, Real
+from experiments._objectives import LossFn, ce_loss, cosine_loss, mse_loss
+
+#: The loss ``auto`` stands for, by what the task's model outputs.
+AUTO_LOSS = {"logits": "kl", "embeddings": "cosine"}
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+    soft = F.kl_div(
+        F.log_softmax(student / temperature, dim=1),
+        F.log_softmax(teacher / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return temperature**2 * soft
 
 
 def distillation_loss(
@@ -20,26 +39,41 @@ def distillation_loss(
     *,
     temperature: float,
     alpha: float,
+    loss: str = "kl",
+    task_loss: LossFn = ce_loss,
 ) -> torch.Tensor:
-    """Hinton et al.'s loss: ``alpha * T^2 * KL(soft teacher || soft student) + (1-alpha) * CE``."""
-    hard = F.cross_entropy(student, labels)
+    """``alpha * soft(student, teacher) + (1 - alpha) * task_loss(student, labels)``.
+
+    Args:
+        student: The student's outputs on a batch.
+        labels: The batch's targets (class labels, or reference embeddings).
+        teacher: The teacher's outputs on the same batch.
+        temperature: Softmax temperature of ``kl`` (unused by the embedding losses).
+        alpha: Weight of the soft loss in [0, 1]; 0 is the task's loss alone.
+        loss: ``kl`` (``T^2`` times the KL divergence of the softened predictions), ``cosine``
+            (mean cosine distance) or ``mse`` (mean squared Euclidean distance).
+        task_loss: The task's own loss (cross-entropy for a classifier).
+    """
+    hard = task_loss(student, labels, None)
     if alpha == 0.0:
         return hard
-    soft = F.kl_div(
-        F.log_softmax(student / temperature, dim=1),
-        F.log_softmax(teacher / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+    if loss == "kl":
+        soft = kl_loss(student, teacher, temperature=temperature)
+    elif loss == "cosine":
+        soft = cosine_loss(student, teacher, None)
+    else:
+        soft = mse_loss(student, teacher, None)
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 class Distillation(Compressor):
-    """Fine-tune against the uncompressed baseline's soft predictions.
+    """Fine-tune against the uncompressed baseline's outputs on the training split.
 
     Params:
-        temperature: Softmax temperature ``T`` (> 0) of both teacher and student.
-        alpha: Weight of the soft loss in ``[0, 1]``; 0 is plain cross-entropy.
+        temperature: Softmax temperature ``T`` (> 0) of both teacher and student (``kl`` only).
+        alpha: Weight of the soft loss in ``[0, 1]``; 0 is the task's loss alone.
+        loss: ``kl`` for logits; ``cosine`` or ``mse`` (also for logits) for embeddings; ``auto``
+            picks ``kl`` for a classifier and ``cosine`` for an encoder.
     """
 
     name = "kd"
@@ -49,7 +83,20 @@ class Distillation(Compressor):
     params = {
         "temperature": Real(0.0, math.inf, closed="neither", default=4.0),
         "alpha": Real(0.0, 1.0, default=0.5),
+        "loss": Options(("auto", "kl", "cosine", "mse"), default="auto"),
+    }
+    output_params = {
+        "logits": {"loss": Options(("auto", "kl", "mse"))},
+        "embeddings": {"loss": Options(("auto", "cosine", "mse"))},
     }
 
-    def finetune_loss(self) -> LossFn:
-        return partial(distillation_loss, temperature=self.temperature, alpha=self.alpha)
+    def finetune_loss(self, ctx: CompressionContext) -> LossFn:
+        self.check_outputs(ctx.outputs)
+        loss = AUTO_LOSS[ctx.outputs] if self.loss == "auto" else self.loss
+        return partial(
+            distillation_loss,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            loss=loss,
+            task_loss=ctx.loss,
+        )

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
-from compressors._layers import weight_layers
+from compressors._layers import embedding_layers, weight_layers
 from compressors._params import AnyOf, Integer, Options
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
@@ -67,6 +67,16 @@ class FakeQuant(nn.Module):
         return torch.sign(weight) * (weight.abs() > self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.requires_grad:
+            return self._fake_quantize(weight)
+        # A frozen weight (e.g. a transformer's embedding table) gives the same values until it
+        # is changed in place: snap it once, not in every forward pass.
+        key = (weight.data_ptr(), weight._version)
+        if getattr(self, "_frozen_key", None) != key:
+            self._frozen_key, self._frozen = key, self._fake_quantize(weight)
+        return self._frozen
+
+    def _fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         quantized = (self.codes(weight) * self.scale).detach()
         inside = (weight / self.scale).abs() <= self.qmax + 0.5
         return quantized + (weight - weight.detach()) * inside  # value: quantized; grad: STE
@@ -139,7 +149,8 @@ class HalfPrecision(nn.Module):
 
 
 class Quantization(Compressor):
-    """Quantize every Linear / Conv weight, one scale per output channel.
+    """Quantize every Linear / Conv weight, one scale per output channel (and optionally the
+    embedding tables, one scale per row).
 
     Params:
         bits: Bits per weight, 1..8 (1 = binary, sign x scale), or ``"ternary"`` ({-1, 0, +1} x
@@ -150,6 +161,9 @@ class Quantization(Compressor):
             int8 weights exactly as on the grid, activations quantized on the fly), which is
             faster on CPU for large batches; ``float`` ships float32 layers.
         bias: ``fp16`` keeps biases on float16 values (stored in 2 bytes), ``fp32`` leaves them.
+        embeddings: ``float`` leaves embedding tables (a transformer's token and position
+            embeddings) as they are; 2..8 puts them on a k-bit grid with one scale per row
+            (token), quantized and fine-tuned like the weights. Their lookups stay float.
     """
 
     name = "quant"
@@ -159,6 +173,7 @@ class Quantization(Compressor):
         "mode": Options(("qat", "ptq"), default="qat"),
         "runtime": Options(("float", "int8"), default="float"),
         "bias": Options(("fp16", "fp32"), default="fp16"),
+        "embeddings": AnyOf((Options(("float",)), Integer(2, 8)), default="float"),
     }
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
@@ -174,4 +189,8 @@ class Quantization(Compressor):
             parametrize.register_parametrization(layer, "weight", grid)
             if self.bias == "fp16" and layer.bias is not None:
                 parametrize.register_parametrization(layer, "bias", HalfPrecision())
+        if self.embeddings != "float":
+            for table in embedding_layers(model).values():
+                grid = make_grid(table.weight, self.embeddings)
+                parametrize.register_parametrization(table, "weight", grid)
         return model

@@ -12,26 +12,28 @@ import math
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor
 from compressors._layers import weight_layers
 from compressors._params import Integer, Real
+from experiments._objectives import LossFn, ce_loss
 from experiments._training import fit
 
 
 def l1_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
     _teacher: torch.Tensor | None,
     *,
     weights: list[torch.Tensor],
     strength: float,
+    base: LossFn = ce_loss,
 ) -> torch.Tensor:
-    """Cross-entropy plus ``strength`` times the L1 norm of ``weights``."""
+    """The task's loss ``base`` (cross-entropy) plus ``strength`` times the L1 norm of
+    ``weights``."""
     penalty = sum(w.abs().sum() for w in weights)
-    return F.cross_entropy(logits, labels) + strength * penalty
+    return base(outputs, targets, None) + strength * penalty
 
 
 class SparseTraining(Compressor):
@@ -63,7 +65,7 @@ class SparseTraining(Compressor):
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=self.lr,
-            loss_fn=partial(l1_loss, weights=weights, strength=self.strength),
+            loss_fn=partial(l1_loss, weights=weights, strength=self.strength, base=ctx.loss),
             seed=ctx.seed,
         )
         return model

@@ -6,27 +6,39 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
-from experiments._task import Split, Task, TrainConfig, cv_folds
-from experiments._training import (
-    EpochStats,
+from experiments._objectives import (
+    OUTPUTS,
+    LossFn,
+    ScoreFn,
     accuracy,
     ce_loss,
-    evaluate,
-    fit,
-    predict_logits,
+    cosine_loss,
+    mean_cosine,
+    mse_loss,
+    neighbour_agreement,
 )
+from experiments._task import Split, Task, TrainConfig, cv_folds
+from experiments._training import EpochStats, evaluate, fit, predict_logits, scores
 
 __all__ = [
+    "OUTPUTS",
     "Baseline",
     "EpochStats",
+    "LossFn",
+    "ScoreFn",
     "Split",
     "Task",
     "TrainConfig",
     "accuracy",
     "ce_loss",
+    "cosine_loss",
     "cv_folds",
     "evaluate",
     "fit",
     "load_or_train_baseline",
+    "mean_cosine",
+    "mse_loss",
+    "neighbour_agreement",
     "predict_logits",
+    "scores",
 ]

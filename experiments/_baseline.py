@@ -1,4 +1,5 @@
-"""The trained, uncompressed baseline and its teacher logits, cached on disk per task config."""
+"""The trained (or pretrained), uncompressed baseline and its teacher outputs, cached on disk per
+task config."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class Baseline:
 
     Attributes:
         model: The trained, uncompressed model (treat as read-only; trials copy it).
-        teacher_logits: Its logits on the training split, the distillation teacher.
+        teacher_logits: Its outputs on the training split (logits, or embeddings for an
+            embedding task), the distillation teacher.
         metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
         key: Hash of the task config the baseline was trained for.
         folder: The cache folder holding it (other derived files may be kept there too).
@@ -87,6 +89,7 @@ def load_or_train_baseline(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        loss_fn=task.loss,
         seed=seed,
     )
     teacher = predict_logits(model, task.train.x)

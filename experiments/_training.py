@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss
 from experiments._task import Split
 
-#: ``loss(student_logits, labels, teacher_logits) -> scalar``; plain CE ignores the teacher.
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+__all__ = [
+    "EpochStats",
+    "LossFn",
+    "NonFiniteLossError",
+    "accuracy",
+    "ce_loss",
+    "evaluate",
+    "fit",
+    "predict_logits",
+    "scores",
+]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -27,13 +36,6 @@ class EpochStats:
     epoch: int
     train_loss: float
     val_acc: float | None
-
-
-def ce_loss(
-    logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
-) -> torch.Tensor:
-    """Cross-entropy with the hard labels."""
-    return F.cross_entropy(logits, labels)
 
 
 def fit(
@@ -65,7 +67,7 @@ def fit(
             over all steps, which lets weights on a quantization grid settle at the end.
         loss_fn: Loss of a batch; receives the teacher's logits of that batch when given.
         teacher_logits: Teacher logits aligned with ``train`` (for distillation).
-        val: If given, validation accuracy is measured after every epoch.
+        val: If given, its score (`evaluate`) is measured after every epoch.
         seed: Seeds the order of the mini-batches.
         before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
             e.g. gradual pruning, changes the model here).
@@ -117,16 +119,23 @@ def fit(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of ``model`` on ``x``, in evaluation mode."""
+    """Outputs (logits, or embeddings) of ``model`` on ``x``, in evaluation mode."""
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``logits`` against ``labels``."""
-    return (logits.argmax(dim=1) == labels).float().mean().item()
-
-
 def evaluate(model: nn.Module, split: Split) -> float:
-    """Top-1 accuracy of ``model`` on ``split``."""
-    return accuracy(predict_logits(model, split.x), split.y)
+    """The split's score of ``model``: top-1 accuracy, or the score the split defines (e.g. the
+    mean cosine similarity to reference embeddings)."""
+    return split.score(predict_logits(model, split.x), split.y)
+
+
+def scores(
+    model: nn.Module, split: Split, extra: Mapping[str, ScoreFn] | None = None
+) -> dict[str, float]:
+    """The split's score under key ``acc`` and each ``extra`` score, from one pass over it."""
+    outputs = predict_logits(model, split.x)
+    return {
+        "acc": split.score(outputs, split.y),
+        **{name: fn(outputs, split.y) for name, fn in (extra or {}).items()},
+    }

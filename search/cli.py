@@ -202,8 +202,9 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     with _wide():
         console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
         console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)
-        console.print("\nsamples per class:", highlight=False)
-        console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
+        if task.outputs == "logits":
+            console.print("\nsamples per class:", highlight=False)
+            console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
         console.print("\nmodel:", highlight=False)
         summary = model_summary(task.build_model(), task.example_inputs(1))
         console.print(summary.to_string(index=False), highlight=False)

@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from experiments import load_or_train_baseline  # noqa: E402
+from experiments import load_or_train_baseline, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
 from search.reuse import load_study, study_config  # noqa: E402
@@ -81,11 +81,14 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         models[f"trial {number}"] = trial_model(
             Path(study_cfg.output_dir), study_name, number, run_id, client, task.build_model
         )
-    metrics, confusion = _metrics(models, task)
+    if task.outputs == "logits":  # classification metrics; an embedding task has its scores
+        metrics, confusion = _metrics(models, task)
+        files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
+        balance = class_balance(task)
+        files.append(_save(balance.to_csv, folder / "class_balance.csv"))
+    else:
+        metrics, balance = _scores(models, task), pd.DataFrame()
     files.append(_save(metrics.to_csv, folder / "metrics.csv"))
-    files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
-    balance = class_balance(task)
-    files.append(_save(balance.to_csv, folder / "class_balance.csv"))
 
     baseline_metrics = study.user_attrs.get("baseline", {})
     objectives = list(study_cfg.search.objectives)
@@ -128,6 +131,15 @@ def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict]:
             row.update({f"acc_class_{c}": v for c, v in enumerate(per_class)})
             rows.append(row)
     return pd.DataFrame(rows).set_index(["model", "split"]), confusion
+
+
+def _scores(models: dict, task) -> pd.DataFrame:
+    rows = [
+        {"model": name, "split": split_name, **scores(model, split, task.extra_scores)}
+        for name, model in models.items()
+        for split_name, split in (("val", task.val), ("test", task.test))
+    ]
+    return pd.DataFrame(rows).set_index(["model", "split"])
 
 
 def _figures(study, objectives, trials, front_ids, baseline, client) -> dict[str, tuple]:

@@ -186,6 +186,24 @@ class SearchSpace:
         """Instantiate the recipe's compressors in pipeline order."""
         return [self._classes[n](**recipe.compressors[n]) for n in recipe.pipeline]
 
+    def check_outputs(self, outputs: str, *, task: str) -> None:
+        """Check the space's values against what the task's model outputs (``logits`` or
+        ``embeddings``), e.g. that distillation's loss suits them.
+
+        Raises:
+            ConfigError: Naming the parameter, the values it may take for this task, and the
+                value given.
+        """
+        where = f"space '{self.name}' (task '{task}', whose model outputs {outputs})"
+        for comp, compressor_cls in self._classes.items():
+            for key, constraint in compressor_cls.output_params.get(outputs, {}).items():
+                value = self._entries[comp][key]
+                for candidate in _candidates(value):
+                    try:
+                        check_param(where, f"{comp}.{key}", constraint, candidate)
+                    except InvalidParameterError as err:
+                        raise ConfigError(str(err)) from None
+
     @property
     def compressor_names(self) -> list[str]:
         """Every compressor this space can use."""
@@ -253,13 +271,7 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
     if isinstance(value, Mapping) and getattr(constraint, "per_layer", False):
         return {k: _parse_leaf(f"{name}.{k}", constraint, v, where) for k, v in value.items()}
     parsed = parse_value(f"space.{name}", value)
-    if isinstance(parsed, CategoricalDistribution):
-        candidates = list(parsed.choices)
-    elif isinstance(parsed, IntDistribution | FloatDistribution):
-        candidates = [parsed.low, parsed.high]
-    else:
-        candidates = [parsed]
-    for candidate in candidates:
+    for candidate in _candidates(parsed):
         try:
             check_param(where, name, constraint, candidate)
         except InvalidParameterError as err:
@@ -276,6 +288,16 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
                 str(err).replace(f"Got {candidate!r}", f"Got {shown}") + hint
             ) from None
     return parsed
+
+
+def _candidates(parsed: Any) -> list[Any]:
+    """The values a parsed space value can take that constraints must accept (an interval's
+    ends, a choice's options, or the fixed value)."""
+    if isinstance(parsed, CategoricalDistribution):
+        return list(parsed.choices)
+    if isinstance(parsed, IntDistribution | FloatDistribution):
+        return [parsed.low, parsed.high]
+    return [parsed]
 
 
 def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compressor]], where: str):

@@ -191,6 +191,7 @@ def _run(
 ) -> SweepResult:
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
+    plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
     baseline = load_or_train_baseline(
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
     )

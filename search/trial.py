@@ -24,13 +24,16 @@ from compressors import (
     load_packed,
     save_packed,
 )
-from experiments import Baseline, EpochStats, Task, ce_loss, evaluate, fit
+from experiments import Baseline, EpochStats, Task, evaluate, fit, scores
 from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
 from search.space import Recipe, SearchSpace
 from search.tracking import Tracker
 
-#: Metrics each trial measures; any of them can be an objective. ``latency_ms`` is at batch 1;
-#: each other batch size ``B`` of ``measure.latency_batch_sizes`` adds ``latency_ms_bB``.
+#: Metrics each trial measures; any of them can be an objective. ``val_acc`` is the task's
+#: validation score: top-1 accuracy, or the mean cosine similarity to the original embeddings for
+#: an embedding task (``minilm``). ``latency_ms`` is at batch 1; each other batch size ``B`` of
+#: ``measure.latency_batch_sizes`` adds ``latency_ms_bB``; each extra score of the task (e.g.
+#: ``retrieval``) adds ``val_<name>``.
 METRICS = (
     "val_acc",
     "size_bytes",
@@ -150,13 +153,15 @@ def compress_recipe(
         teacher_logits=baseline.teacher_logits,
         example_inputs=task.example_inputs(),
         seed=seed,
+        loss=task.loss,
+        outputs=task.outputs,
     )
     model = apply_pipeline(compressors, model, context)
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's
-    #    logits when the recipe has it. Then each compressor has its last word (post-training
-    #    quantization, the schedule's final step).
+    #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
+    #    last word (post-training quantization, the schedule's final step).
     history = fit(
         model,
         task.train,
@@ -164,7 +169,7 @@ def compress_recipe(
         batch_size=recipe.finetune["batch_size"],
         lr=recipe.finetune["lr"],
         schedule=recipe.finetune["schedule"],
-        loss_fn=_finetune_loss(compressors),
+        loss_fn=_finetune_loss(compressors, context),
         teacher_logits=baseline.teacher_logits,
         val=task.val,
         seed=seed,
@@ -178,11 +183,11 @@ def compress_recipe(
 def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:
     """Mean validation accuracy of ``recipe`` over the folds of ``ctx`` (each fold compresses
     its own baseline and is evaluated on its held-out part)."""
-    scores = []
+    fold_scores = []
     for task, baseline in ctx.folds:
         model, _ = compress_recipe(recipe, ctx.space, task, baseline, seed=seed)
-        scores.append(evaluate(model, task.val))
-    return sum(scores) / len(scores)
+        fold_scores.append(evaluate(model, task.val))
+    return sum(fold_scores) / len(fold_scores)
 
 
 def measure(
@@ -191,11 +196,12 @@ def measure(
     latency_batch_sizes: Sequence[int] = (1,),
     latency_repeats: int = 30,
 ) -> dict[str, float]:
-    """Validation accuracy and the costs of running ``shipped``: nonzero parameters, FLOPs of
-    one sample, latency at each batch size, and peak memory at the largest one."""
+    """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
+    costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
+    size, and peak memory at the largest one."""
     largest = task.example_inputs(max(latency_batch_sizes))
     metrics = {
-        "val_acc": evaluate(shipped, task.val),
+        **{f"val_{k}": v for k, v in scores(shipped, task.val, task.extra_scores).items()},
         "nonzero_params": nonzero_params(shipped),
         "flops": count_flops(shipped, task.example_inputs(1)),
         "peak_memory_bytes": peak_memory_bytes(shipped, largest),
@@ -219,6 +225,7 @@ def _schedules(compressors: list[Compressor], model: torch.nn.Module):
     return before_epoch
 
 
-def _finetune_loss(compressors: list[Compressor]):
-    losses = [loss for loss in (c.finetune_loss() for c in compressors) if loss is not None]
-    return losses[0] if losses else ce_loss  # the space allows one compressor of kind "loss"
+def _finetune_loss(compressors: list[Compressor], context: CompressionContext):
+    losses = [c.finetune_loss(context) for c in compressors]
+    losses = [loss for loss in losses if loss is not None]
+    return losses[0] if losses else context.loss  # the space allows one compressor of kind "loss"

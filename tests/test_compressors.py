@@ -162,7 +162,7 @@ def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, 
         epochs=3,
         batch_size=64,
         lr=3e-3,
-        loss_fn=kd.finetune_loss(),
+        loss_fn=kd.finetune_loss(CompressionContext()),
         teacher_logits=teacher,
     )
     assert gap(model) < before

@@ -42,4 +42,4 @@ def test_every_yaml_file_is_in_a_group_that_composes():
     groups = {p.parent.name for p in Path(CONF_DIR).rglob("*.yaml") if p.parent != CONF_DIR}
     assert groups <= {"task", "space", "search", "tracking", "compressor", "experiment"}
     for path in Path(CONF_DIR).glob("experiment/*.yaml"):
-        compose_config([f"+experiment={path.stem}"])
+        compose_config([f"experiment={path.stem}"])  # the defaults list has experiment: null

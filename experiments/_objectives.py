@@ -1,0 +1,68 @@
+"""What a model is trained for and scored by: losses and scores of logits and of embeddings.
+
+A loss is ``loss(outputs, targets, teacher) -> scalar`` (`LossFn`), where ``teacher`` is the
+teacher's outputs on the same batch, or None. A score is ``score(outputs, targets) -> float``,
+higher is better. Classifiers use `ce_loss` and `accuracy`; embedding models, whose targets are
+reference embeddings, use `cosine_loss` and `mean_cosine` (`neighbour_agreement` is a retrieval
+check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+#: ``loss(outputs, targets, teacher_outputs) -> scalar``; a loss without a teacher ignores it.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: ``score(outputs, targets) -> float``, higher is better.
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+#: What a task's model outputs: class ``logits``, or ``embeddings`` compared by cosine.
+OUTPUTS = ("logits", "embeddings")
+
+
+def ce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy with the hard labels."""
+    return F.cross_entropy(logits, labels)
+
+
+def cosine_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean cosine distance ``1 - cos(output, target)`` over the batch."""
+    return 1.0 - F.cosine_similarity(outputs, targets, dim=-1).mean()
+
+
+def mse_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over the batch of the squared Euclidean distance between output and target (for unit
+    vectors, twice the cosine distance)."""
+    return (outputs - targets).pow(2).sum(dim=-1).mean()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits`` against ``labels``."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def mean_cosine(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean cosine similarity between each output and its target embedding."""
+    return F.cosine_similarity(outputs, targets, dim=-1).mean().item()
+
+
+def neighbour_agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of rows whose nearest other row (by cosine) is the same under ``outputs`` as under
+    ``targets``: does retrieval with the compressed embeddings find what the original found?"""
+    return (_nearest(outputs) == _nearest(targets)).float().mean().item()
+
+
+def _nearest(embeddings: torch.Tensor) -> torch.Tensor:
+    unit = F.normalize(embeddings, dim=-1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-torch.inf)
+    return similarity.argmax(dim=1)
