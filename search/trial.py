@@ -7,7 +7,8 @@ compress → fine-tune → write the packed file → reload it → measure on va
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -21,7 +22,11 @@ from compressors import (
     save_packed,
 )
 from experiments import Baseline, Task, ce_loss, evaluate, fit
+from experiments._training import EpochStats
 from experiments.metrics import count_flops, latency_ms, nonzero_params
+from search.budget import seed_trial
+from search.constraints import constraint_values
+from search.early_stop import EarlyStop
 from search.space import SearchSpace
 from search.tracking import Tracker
 
@@ -41,9 +46,11 @@ class SweepContext:
         objectives: Metric names returned to Optuna, in the order of the study's directions.
         tracker: MLflow parent run of the study.
         output_dir: Where trials write their packed model files.
-        seed: Trial ``n`` is seeded with ``seed + n``.
+        seed: Trial ``n`` is seeded with ``seed + n`` (a retry like the trial it retries).
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement.
+        constraints: Bounds on metrics (``search.constraints``), given to Optuna.
+        early_stop: When fine-tuning stops early (pruner or Pareto dominance).
     """
 
     task: Task
@@ -56,11 +63,13 @@ class SweepContext:
     seed: int
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
+    constraints: Mapping[str, float] = field(default_factory=dict)
+    early_stop: EarlyStop = field(default_factory=EarlyStop)
 
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     """Compress, fine-tune, ship and measure one sampled recipe; return its objective values."""
-    task, seed = ctx.task, ctx.seed + trial.number
+    task, seed = ctx.task, ctx.seed + seed_trial(trial)
 
     # 1. Sample the recipe: which compressors, in which order, with which parameters.
     recipe = ctx.space.sample(trial)
@@ -87,8 +96,18 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         model = apply_pipeline(compressors, model, context)
 
         # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, and the loss
-        #    is distillation from the baseline's logits when the recipe has it.
-        history = fit(
+        #    is distillation from the baseline's logits when the recipe has it. A trial that can
+        #    no longer reach the front stops early (optuna.TrialPruned).
+        stop = ctx.early_stop.start(trial, model)
+
+        def after_epoch(stats: EpochStats) -> None:
+            run.log_metrics(
+                {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
+            )
+            if stop is not None:
+                stop(stats)
+
+        fit(
             model,
             task.train,
             epochs=recipe.finetune["epochs"],
@@ -98,11 +117,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             teacher_logits=ctx.baseline.teacher_logits,
             val=task.val,
             seed=seed,
+            after_epoch=after_epoch,
         )
-        for stats in history:
-            run.log_metrics(
-                {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
-            )
 
         # 5. Ship: write the packed file and load it back into a fresh model. Everything below is
         #    measured on the model a user would load from that file.
@@ -123,6 +139,10 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         run.log_metrics(metrics)
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
+
+        # 7. Constraints: only trials within all of them can be on the reported front.
+        for name, value in constraint_values(metrics, ctx.constraints).items():
+            trial.set_constraint(name, value)
         return tuple(float(metrics[name]) for name in ctx.objectives)
 
 

@@ -48,7 +48,7 @@ BAD_INPUT = [
     ),
     (["search.directions=[maximize]"], "must be non-empty lists of the same length"),
     (["search.directions=[maximize,smaller]"], "Unknown direction 'smaller'"),
-    (["search.n_trials=0"], "search.n_trials must be an int >= 1. Got 0"),
+    (["search.n_trials=0"], "The 'search.n_trials' config value must be an int in [1, "),
     (["search.n_trails=3"], "Could not override 'search.n_trails'"),
     (["search.storage=redis://localhost/0"], "Unsupported search.storage URL scheme 'redis'"),
     (["space=nope"], "Unknown space 'nope'"),
