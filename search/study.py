@@ -41,7 +41,7 @@ from search.loop import run_trials
 from search.pareto import SweepResult
 from search.schema import check_schema
 from search.space import SearchSpace
-from search.storage import check_storage, mask_url, open_storage
+from search.storage import check_storage, is_url, mask_url, open_storage
 from search.tracking import Tracker, check_tracking_uri
 from search.trial import METRICS, SweepContext, run_trial
 
@@ -346,6 +346,12 @@ def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
 
 def _load_study(plan: SweepPlan) -> optuna.Study:
     search = plan.cfg.search
+    missing = ConfigError(
+        f"No study {plan.study_name!r} in search.storage {mask_url(plan.storage)!r}. Start "
+        "it with `squeeze sweep` and the same overrides, then add workers."
+    )
+    if not is_url(plan.storage) and not Path(plan.storage).exists():
+        raise missing  # (opening a journal would create the file)
     try:
         study = optuna.load_study(
             study_name=plan.study_name,
@@ -353,10 +359,7 @@ def _load_study(plan: SweepPlan) -> optuna.Study:
             pruner=make_pruner(search.pruner, search.pruner_options),
         )
     except KeyError:
-        raise ConfigError(
-            f"No study {plan.study_name!r} in search.storage {mask_url(plan.storage)!r}. Start "
-            "it with `squeeze sweep` and the same overrides, then add workers."
-        ) from None
+        raise missing from None
     if "mlflow_parent_run_id" not in study.user_attrs:
         raise ConfigError(
             f"Study {plan.study_name!r} has no MLflow parent run yet: start it with "
