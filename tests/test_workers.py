@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import compose_config, run_sweep
-from search.budget import RETRY_OF_ATTR, WORKER_ATTR
+from search.budget import RETRY_OF_ATTR, WORKER_ATTR, Budget, fail_kind
 from search.cli import main
 from search.storage import open_storage
 from tests.conftest import sweep_overrides
@@ -198,3 +198,25 @@ def test_a_budget_already_spent_runs_nothing_more(tmp_path, cache_dir, storage):
     run_sweep(compose_config(overrides))
     result = run_sweep(compose_config(overrides))
     assert len(result.trials) == 2
+
+
+def test_a_trial_without_heartbeat_on_postgresql_fails_and_is_retried(pg_url):
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(pg_url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize"])
+    try:
+        with pytest.warns(UserWarning, match="Heartbeat"):  # (squeeze's loop silences it)
+            lost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        lost.set_user_attr(WORKER_ATTR, "another-machine:123:456")  # only its heartbeat tells
+        storage.record_heartbeat(lost._trial_id)
+        budget = Budget(study=study, url=pg_url, total=2, retries=1)
+        time.sleep(3.5)  # past the grace period
+        retry = budget.claim()
+        trials = study.get_trials()
+        assert trials[0].state == TrialState.FAIL and fail_kind(trials[0]) == "worker_lost"
+        assert retry.number == 1 and retry.suggest_float("x", 0, 1) == lost.params["x"]
+        assert retry.user_attrs[RETRY_OF_ATTR] == 0
+        study.tell(retry, 1.0)
+        assert budget.claim() is None  # 2 finished trials: the budget is spent
+    finally:
+        optuna.delete_study(study_name=name, storage=pg_url)
