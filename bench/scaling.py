@@ -47,7 +47,9 @@ def steady_trials_per_minute(trials) -> float:
     return sum(trials_per_minute(own) for own in by_worker.values())
 
 
-def leg(root: Path, workers: int, trials: int, storage: str) -> tuple[float, float]:
+def leg(
+    root: Path, workers: int, trials: int, storage: str, extra: list[str]
+) -> tuple[float, float]:
     name = f"scaling-{uuid.uuid4().hex[:8]}"
     try:
         _, done = sweep(
@@ -59,6 +61,7 @@ def leg(root: Path, workers: int, trials: int, storage: str) -> tuple[float, flo
                 "search.sampler=random",
                 "threads=1",
                 f"cache_dir={root / 'cache'}",
+                *extra,
             ],
             storage=storage,
         )
@@ -73,23 +76,28 @@ def main() -> int:
     parser.add_argument("--trials", type=int, help="trials a leg (default 12, --full 40)")
     parser.add_argument("--rounds", type=int, help="rounds of both legs (default 2, --full 3)")
     parser.add_argument("--storage", default=PG_URL)
+    parser.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs a trial")
     args = parser.parse_args()
     trials = args.trials or (40 if args.full else 12)
     rounds = args.rounds or (3 if args.full else 2)
     quiet()
     root = Path(tempfile.mkdtemp(prefix="squeeze-scaling-"))
-    leg(root, 1, 2, args.storage)  # untimed warm-up: trains and caches the baseline
+    extra = [f"space.finetune.epochs={args.epochs}"]
+    leg(root, 1, 2, args.storage, extra)  # untimed warm-up: trains and caches the baseline
     rates: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     for r in range(rounds):
         for workers in (1, 2) if r % 2 == 0 else (2, 1):
-            steady, overall = leg(root, workers, trials, args.storage)
+            steady, overall = leg(root, workers, trials, args.storage, extra)
             rates[workers].append((steady, overall))
             print(
                 f"round {r}: {workers} worker(s)  steady {steady:6.1f} trials/min   "
                 f"end to end {overall:6.1f} trials/min",
                 flush=True,
             )
-    print(f"\n{trials} trials a leg, {rounds} rounds, PostgreSQL storage, 1 torch thread a worker")
+    print(
+        f"\n{trials} trials a leg of {args.epochs} fine-tuning epochs, {rounds} rounds, "
+        "PostgreSQL storage, 1 torch thread a worker"
+    )
     for i, label in enumerate(("steady", "end to end")):
         one = statistics.median(r[i] for r in rates[1])
         two = statistics.median(r[i] for r in rates[2])

@@ -18,6 +18,7 @@ _EXPORTS = {
     "SweepPlan": "search.study",
     "plan_sweep": "search.study",
     "run_sweep": "search.study",
+    "run_worker": "search.study",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -144,6 +144,11 @@ def workers_wanted(cfg: DictConfig) -> int:
     from search.workers import gpu_count, resolve_device
 
     if resolve_device(cfg.device) == "cuda":
+        if gpu_count() == 0:
+            raise ConfigError(
+                "device='cuda' but torch sees no GPU (a CPU build of torch, or no CUDA device). "
+                "Allowed here: device=cpu or device=auto."
+            )
         return gpu_count() * int(cfg.search.trials_per_gpu)
     return int(cfg.search.n_jobs)
 

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from search import compose_config, run_sweep
+from search import ConfigError, compose_config, run_sweep
 from search.budget import RETRY_OF_ATTR, WORKER_ATTR, Budget, fail_kind
 from search.cli import main
 from search.storage import open_storage
+from search.study import workers_wanted
+from search.workers import gpu_assignment, resolve_device
 from tests.conftest import sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,3 +223,19 @@ def test_a_trial_without_heartbeat_on_postgresql_fails_and_is_retried(pg_url):
         assert budget.claim() is None  # 2 finished trials: the budget is spent
     finally:
         optuna.delete_study(study_name=name, storage=pg_url)
+
+
+def test_workers_are_pinned_to_gpus_and_auto_picks_cuda_only_when_present():
+    assert gpu_assignment(4, gpus=2, trials_per_gpu=2) == [0, 0, 1, 1]
+    assert gpu_assignment(3, gpus=2, trials_per_gpu=1) == [0, 1, 0]
+    with pytest.raises(ValueError, match="gpus must be >= 1"):
+        gpu_assignment(2, gpus=0, trials_per_gpu=1)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    assert workers_wanted(compose_config(["search.n_jobs=3"])) == 3
+    assert workers_wanted(compose_config(["device=auto", "search.n_jobs=3"])) == (
+        torch.cuda.device_count() * 1 if torch.cuda.is_available() else 3
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device='cuda' but torch sees no GPU"):
+            workers_wanted(compose_config(["device=cuda"]))
