@@ -3,8 +3,8 @@
 Both legs run the same sweep of `digits_mlp` (default sampler, space and objectives; same seed)
 with ``search.early_stop.enabled`` false and true. The target is the smaller of the two legs'
 final hypervolumes (fixed reference point: 10 points of accuracy below the baseline, the
-baseline's packed size); each leg's time to reach it is read from its trials' end times. Legs
-alternate over rounds (this machine's speed drifts by +-20%).
+baseline's packed size; sizes in log10); each leg's time to reach it is read from its trials'
+end times. Legs alternate over rounds (this machine's speed drifts by +-20%).
 
     python bench/early_stop.py            # 24 trials a leg, 1 round: ~3 minutes
     python bench/early_stop.py --full     # 40 trials a leg, 3 rounds

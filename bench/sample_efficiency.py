@@ -1,9 +1,8 @@
 """Hypervolume after 30 trials of the default sampler (TPE) against 60 trials of random search.
 
 Both on `digits_mlp` with the default space and objectives (validation accuracy, packed size),
-from the same cached baseline; hypervolume of (val_acc, size_bytes) with a fixed reference point
-(10 points of accuracy below the baseline, the baseline's packed size); median over seeds.
-Legs alternate per seed (this machine's speed drifts, though only the hypervolume is compared).
+from the same cached baseline; hypervolume of (val_acc, log10 size_bytes) with a fixed reference
+point (10 points of accuracy below the baseline, the baseline's packed size); median over seeds.
 
     python bench/sample_efficiency.py           # 3 seeds, 5 fine-tuning epochs: ~4 minutes
     python bench/sample_efficiency.py --full    # 3 seeds, the space's 15 epochs
