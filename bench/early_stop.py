@@ -59,9 +59,9 @@ def main() -> int:
         without, with_stop = time_to(curves[False], target), time_to(curves[True], target)
         speedups.append(without / with_stop)
         print(
-            f"round {r}: final hypervolume without {curves[False][-1][1]:.2f}, with "
-            f"{curves[True][-1][1]:.2f} ({pruned[True]} of {trials} trials stopped early); "
-            f"time to {target:.2f}: without {without:.1f} s, with {with_stop:.1f} s "
+            f"round {r}: final hypervolume without {curves[False][-1][1]:.4f}, with "
+            f"{curves[True][-1][1]:.4f} ({pruned[True]} of {trials} trials stopped early); "
+            f"time to {target:.4f}: without {without:.1f} s, with {with_stop:.1f} s "
             f"-> {speedups[-1]:.2f}x",
             flush=True,
         )

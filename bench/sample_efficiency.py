@@ -52,14 +52,14 @@ def main() -> int:
         random_hv.append(legs["random"])
         ratios.append(legs["tpe"] / legs["random"])
         print(
-            f"seed {seed}: hypervolume tpe@{args.trials} {legs['tpe']:.1f}   "
-            f"random@{2 * args.trials} {legs['random']:.1f}   ratio {ratios[-1]:.3f}",
+            f"seed {seed}: hypervolume tpe@{args.trials} {legs['tpe']:.4f}   "
+            f"random@{2 * args.trials} {legs['random']:.4f}   ratio {ratios[-1]:.3f}",
             flush=True,
         )
     print(f"\ndigits_mlp, default space, {epochs} fine-tuning epochs, {args.seeds} seeds")
     print(
-        f"median hypervolume: tpe@{args.trials} {statistics.median(tpe_hv):.1f}, "
-        f"random@{2 * args.trials} {statistics.median(random_hv):.1f}"
+        f"median hypervolume: tpe@{args.trials} {statistics.median(tpe_hv):.4f}, "
+        f"random@{2 * args.trials} {statistics.median(random_hv):.4f}"
     )
     print(
         f"ratio tpe@{args.trials} / random@{2 * args.trials} (median of seeds): "

@@ -34,7 +34,7 @@ from compressors import save_packed
 from experiments import Baseline, Task, TrainConfig, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
-from search.budget import Budget, budget_lock, worker_id
+from search.budget import WORKER_ATTR, Budget, budget_lock, worker_id
 from search.constraints import check_constraints
 from search.early_stop import EarlyStop, check_early_stop, make_pruner
 from search.loop import run_trials
@@ -224,9 +224,14 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
         ConfigError: If the storage holds no such study, or one started with another config.
     """
     plan = plan_sweep(cfg)
-    workers = int(os.environ.get(WORKERS_ENV, "1"))
-    _set_threads(cfg, workers=workers)
     study = _load_study(plan)
+    if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
+        from search.workers import run_local_workers
+
+        pids = run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+        ran = [t for t in study.get_trials(deepcopy=False) if WORKER_ATTR in t.user_attrs]
+        return sum(int(t.user_attrs[WORKER_ATTR].split(":")[1]) in pids for t in ran)
+    _set_threads(cfg, workers=int(os.environ.get(WORKERS_ENV, "1")))
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
     # Workers sample independently: each its own seed (a shared seed repeats the same recipes).
     seed = int(hashlib.sha256(f"{cfg.seed}:{done}:{worker_id()}".encode()).hexdigest()[:8], 16)

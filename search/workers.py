@@ -53,8 +53,8 @@ def run_local_workers(
     study: optuna.Study,
     callbacks: Iterable[Callable] = (),
     poll_s: float = 0.5,
-) -> list[int]:
-    """Run ``n`` worker processes until they end; return their exit codes.
+) -> dict[int, int]:
+    """Run ``n`` worker processes until they end; return their exit codes by process id.
 
     On an interrupt the workers are stopped (each fails its running trial) and it re-raises.
     """
@@ -95,8 +95,8 @@ def run_local_workers(
             p.join()
         raise
     _report_new(study, seen, callbacks)
-    codes = [p.exitcode for p in processes]
-    if any(codes):
+    codes = {p.pid: p.exitcode for p in processes}
+    if any(codes.values()):
         logger.warning("workers ended with exit codes %s", codes)
     return codes
 

@@ -88,7 +88,7 @@ def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_u
     def start_a_worker_and_wait_for_its_first_trial(study, trial):
         if joined:
             return
-        joined.append(
+        joined.append(  # as on another machine
             subprocess.Popen(
                 [sys.executable, "-m", "search.cli", "worker", "--quiet", *overrides],
                 cwd=tmp_path,
@@ -99,7 +99,7 @@ def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_u
             )
         )
         deadline = time.monotonic() + 120
-        while not any(_pid(t) == joined[0].pid for t in study.get_trials(deepcopy=False)):
+        while all(_pid(t) == os.getpid() for t in study.get_trials(deepcopy=False)):
             assert joined[0].poll() is None and time.monotonic() < deadline, "worker did not join"
             time.sleep(0.2)
 
@@ -112,8 +112,9 @@ def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_u
         trials = optuna.load_study(study_name=name, storage=pg_url).trials
         assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
         by_worker = Counter(_pid(t) for t in trials)
-        assert by_worker[joined[0].pid] >= 1 and by_worker[os.getpid()] >= 1, by_worker
-        assert f"worker ran {by_worker[joined[0].pid]} trial(s)" in out
+        elsewhere = len(trials) - by_worker[os.getpid()]
+        assert by_worker[os.getpid()] >= 1 and elsewhere >= 1, by_worker
+        assert f"worker ran {elsewhere} trial(s)" in out
         parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
         assert len(parents) == 1 and len(children) == 4
         assert [p.info.status for p in parents] == ["FINISHED"]
