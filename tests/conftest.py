@@ -40,6 +40,7 @@ def sweep_overrides(tmp_path, cache_dir, *extra: str, storage: str | None = None
         f"output_dir={tmp_path}/trials",
         "space.finetune.epochs=2",
         "measure.latency_repeats=3",
+        "threads=1",  # torch's spinning thread pool is many times slower on a busy 2-core machine
         *extra,
     ]
 

@@ -72,9 +72,9 @@ def test_pareto_dominance_stops_trials_and_constraints_shape_the_front(tmp_path,
         sweep_overrides(
             tmp_path,
             cache_dir,
-            "search.n_trials=10",
+            "search.n_trials=8",
             "search.sampler=random",
-            "space.finetune.epochs=4",
+            "space.finetune.epochs=3",
             "search.early_stop.enabled=true",
             "search.early_stop.margin=0.0",
             "search.early_stop.min_epochs=1",
@@ -93,9 +93,9 @@ def test_pareto_dominance_stops_trials_and_constraints_shape_the_front(tmp_path,
         if t.state == TrialState.PRUNED:
             assert run.info.status == "FINISHED" and run.data.tags["squeeze.state"] == "PRUNED"
             reasons.append(run.data.tags["squeeze.pruned"].split(":")[0])
-            assert len(epochs) < 4
+            assert len(epochs) < 3
         else:
-            assert len(epochs) == 4
+            assert len(epochs) == 3
             size_kb = t.user_attrs["metrics"]["size_bytes"] / 1000
             assert t.constraints == pytest.approx({"size_kb": size_kb - 15})
     assert set(reasons) <= {"infeasible before fine-tuning", "dominated by the front after epoch 0"}

@@ -150,7 +150,7 @@ def _wait_for_running_trial(journal: Path, pid: int, *, timeout: float = 180.0):
 
 def test_kill_nine_a_worker_mid_trial_three_times_then_resume(tmp_path, cache_dir):
     overrides = sweep_overrides(
-        tmp_path, cache_dir, "search.n_trials=5", "space.finetune.epochs=25", "search.retries=1"
+        tmp_path, cache_dir, "search.n_trials=5", "space.finetune.epochs=80", "search.retries=1"
     )
     command = [sys.executable, "-m", "search.cli", "sweep", "--quiet", *overrides]
     journal = tmp_path / "optuna.journal"
