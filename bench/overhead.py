@@ -36,7 +36,8 @@ from compressors.kd import distillation_loss
 from experiments import evaluate, fit, load_or_train_baseline
 from experiments.digits import digits_mlp
 from search import compose_config, run_sweep
-from search.study import make_sampler, open_storage
+from search.storage import open_storage
+from search.study import make_sampler
 from search.tracking import Tracker
 
 

@@ -67,11 +67,12 @@ class FakeQuant(nn.Module):
         return torch.sign(weight) * (weight.abs() > self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.requires_grad:
+        if weight.requires_grad or not isinstance(weight, nn.Parameter):
             return self._fake_quantize(weight)
-        # A frozen weight (e.g. a transformer's embedding table) gives the same values until it
-        # is changed in place: snap it once, not in every forward pass.
-        key = (weight.data_ptr(), weight._version)
+        # A frozen parameter (e.g. a transformer's embedding table) gives the same values until
+        # it is changed in place: snap it once, not in every forward pass. (Only a parameter the
+        # module keeps alive: a temporary tensor's address is reused by the next one.)
+        key = (id(weight), weight.data_ptr(), weight._version)
         if getattr(self, "_frozen_key", None) != key:
             self._frozen_key, self._frozen = key, self._fake_quantize(weight)
         return self._frozen

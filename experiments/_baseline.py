@@ -69,13 +69,8 @@ def load_or_train_baseline(
     key = config_key({"task": dict(config), "seed": seed})
     folder = Path(cache_dir) / f"{task.name}-{key}"
     if (folder / "metrics.json").exists():
-        model = task.build_model()
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-        model.eval()
-        teacher = load_file(folder / "teacher_logits.safetensors")["train"]
-        metrics = json.loads((folder / "metrics.json").read_text())
         logger.info("reusing cached baseline %s", folder)
-        return Baseline(model, teacher, metrics, key, folder, from_cache=True)
+        return _load(task, folder, key, from_cache=True)
 
     logger.info("training baseline for %s (seed %d)", task.name, seed)
     start = time.perf_counter()
@@ -100,7 +95,18 @@ def load_or_train_baseline(
         "train_seconds": time.perf_counter() - start,
     }
     _write_atomically(folder, model, teacher, metrics, config)
-    return Baseline(model, teacher, metrics, key, folder, from_cache=False)
+    # Return what the cache holds, not the trained object (which still carries the optimizer's
+    # last gradients): a sweep behaves the same whether it trained its baseline or reused it.
+    return _load(task, folder, key, from_cache=False)
+
+
+def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
+    model = task.build_model()
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.eval()
+    teacher = load_file(folder / "teacher_logits.safetensors")["train"]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return Baseline(model, teacher, metrics, key, folder, from_cache=from_cache)
 
 
 def _write_atomically(

@@ -18,6 +18,7 @@ _EXPORTS = {
     "SweepPlan": "search.study",
     "plan_sweep": "search.study",
     "run_sweep": "search.study",
+    "run_worker": "search.study",
     "export_trial": "search.reuse",
     "run_experiment": "search.reuse",
     "load_registered": "search.reuse",

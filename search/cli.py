@@ -15,12 +15,15 @@ from rich.console import Console
 
 from search._errors import ConfigError
 from search.config import compose_config
+from search.storage import mask_url
 
 _EPILOG = """examples:
   squeeze sweep task=digits_mlp search.n_trials=30
   squeeze sweep task=mnist1d_cnn space.prune.amount='interval(0.5, 0.98)' search.sampler=nsga2
   squeeze export --study digits_mlp --pick knee --max-drop 1.0
   squeeze run experiment=digits_mlp-t7
+  squeeze sweep search.n_jobs=2 search.storage=postgresql+psycopg2://user@host/db
+  squeeze worker search.storage=postgresql+psycopg2://user@host/db   # on another machine
   mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
 
@@ -90,7 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sensitivity.add_argument(
         "--tolerance", type=float, default=1.0, help="validation points a layer may lose (1.0)"
     )
-    for command in (sweep, export, run, report, inspect, sensitivity):
+    worker = commands.add_parser(
+        "worker",
+        help="join a running study (same overrides as its sweep) and run trials of its budget",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument("overrides", nargs="*", help="the same overrides as its sweep")
+    worker.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    for command in (sweep, worker, export, run, report, inspect, sensitivity):
         command.add_argument(
             "--config-dir",
             action="append",
@@ -117,8 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args, console)
         if args.command == "sensitivity":
             return _sensitivity(args, console)
+        if args.command == "worker":
+            return _worker(args, console)
     except ConfigError as err:
-        Console(stderr=True).print(f"[bold red]squeeze: error:[/] {err}", highlight=False)
+        Console(stderr=True).print(
+            f"[bold red]squeeze: error:[/] {mask_url(err)}", highlight=False, markup=True
+        )
         return 2
     return 1
 
@@ -176,6 +191,20 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"MLflow run {result.run_id}; registered model '{result.model_name}' version "
         f"{result.version} as @{args.alias}; file {result.path}",
+        highlight=False,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace, console: Console) -> int:
+    from search.study import plan_sweep, run_worker
+
+    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
+    plan_sweep(cfg)
+    count = run_worker(cfg)
+    console.print(
+        f"worker ran {count} trial(s) of study {cfg.search.study_name}; the budget of "
+        f"{cfg.search.n_trials} is spent",
         highlight=False,
     )
     return 0
@@ -243,10 +272,23 @@ def _wide():
     return pd.option_context("display.width", 200, "display.max_columns", 50)
 
 
+class _MaskPasswords(logging.Filter):
+    """Masks the password of any URL in a log line (third-party libraries log URLs too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_MaskPasswords())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

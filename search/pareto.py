@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
+from search.budget import fail_kind  # noqa: E402
 from search.trial import METRICS, SweepContext, trial_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row = {"trial": t.number, "state": t.state.name}
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row.update(t.user_attrs.get("metrics", {}))
+        row["feasible"] = all(v <= 0 for v in t.constraints.values())
+        if t.state == optuna.trial.TrialState.FAIL:
+            row["fail_kind"] = fail_kind(t)
+            row["fail_reason"] = t.user_attrs.get("fail_reason", "worker lost (no heartbeat)")
         row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)
@@ -62,6 +67,7 @@ def finish_study(
 ) -> SweepResult:
     """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
     ctx.tracker.wait()  # every trial's run is written before the results are read
+    _close_orphan_runs(study, ctx)
     trials = trials_frame(study)
     front_ids = front_numbers(study) if (trials.state == "COMPLETE").any() else []
     front = trials[trials.trial.isin(front_ids)].copy()
@@ -92,6 +98,36 @@ def finish_study(
         tags={"pareto_trials": ",".join(str(n) for n in front.trial)},
     )
     return SweepResult(study.study_name, parent_id, baseline, trials, front, paths)
+
+
+def _close_orphan_runs(study: optuna.Study, ctx: SweepContext) -> None:
+    """End the MLflow runs that lost workers left RUNNING, from what Optuna recorded."""
+    finished = {
+        t.number: {
+            "state": t.state.name,
+            "kind": fail_kind(t),
+            "reason": t.user_attrs.get("fail_reason", "worker lost (no heartbeat)"),
+            "metrics": t.user_attrs.get("metrics", {}),
+        }
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished()
+    }
+    closed = ctx.tracker.close_orphans(finished)
+    if closed:
+        logger.info("ended %d MLflow run(s) left running by lost workers", closed)
+
+
+def hypervolume(points: list[tuple[float, float]], *, reference: tuple[float, float]) -> float:
+    """Area dominated by ``(val_acc, size)`` points (accuracy maximized, size minimized) and
+    bounded by ``reference`` (a low accuracy and a large size); points beyond it add nothing."""
+    ref_acc, ref_size = reference
+    inside = sorted((s, a) for a, s in points if a > ref_acc and s < ref_size)
+    area, best = 0.0, ref_acc
+    for i, (size, acc) in enumerate(inside):
+        best = max(best, acc)
+        right = inside[i + 1][0] if i + 1 < len(inside) else ref_size
+        area += (right - size) * (best - ref_acc)
+    return area
 
 
 def _test_accuracy(ctx: SweepContext, study_name: str, number: int, run_id: str) -> float:

@@ -1,8 +1,10 @@
 """The study driver: validate the config, prepare the baseline, run the trials, report the front.
 
 `plan_sweep` checks the whole config and has no side effects; `run_sweep` creates the study,
-the MLflow parent run and the baseline, runs the trials with `search.trial.run_trial`, and ends
-with the Pareto front (`search.pareto`).
+the MLflow parent run and the baseline, runs the trials with `search.trial.run_trial` (in this
+process, or in ``search.n_jobs`` worker processes, see `search.workers`), waits for the trials of
+workers on other machines, and ends with the Pareto front (`search.pareto`). `run_worker` joins
+an existing study and runs trials until its total budget (`search.budget`) is spent.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,16 +28,21 @@ import pandas as pd
 import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
 from experiments import Baseline, Task, TrainConfig, cv_folds, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
+from search.budget import WORKER_ATTR, Budget, budget_lock, worker_id
+from search.constraints import check_constraints
+from search.early_stop import EarlyStop, check_early_stop, make_pruner
+from search.loop import run_trials
 from search.pareto import SweepResult
+from search.schema import check_schema
 from search.space import SearchSpace
-from search.tracking import Tracker
+from search.storage import check_storage, is_url, mask_url, open_storage
+from search.tracking import Tracker, check_tracking_uri
 from search.trial import METRICS, SweepContext, measure, run_trial
 
 logger = logging.getLogger(__name__)
@@ -45,8 +53,10 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "random": optuna.samplers.RandomSampler,
 }
 DIRECTIONS = ("maximize", "minimize")
-#: States that use up the study's budget.
+#: Finished states (each uses up one trial of the study's budget).
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+#: Environment variable telling a worker process how many workers share this machine.
+WORKERS_ENV = "SQUEEZE_LOCAL_WORKERS"
 
 
 @dataclass(frozen=True)
@@ -62,11 +72,19 @@ class SweepPlan:
     study_name: str
     storage: str
     n_trials: int
+    n_jobs: int
+    constraints: dict[str, float]
     fingerprint: str
 
 
-def plan_sweep(cfg: DictConfig) -> SweepPlan:
-    """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key."""
+def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
+    """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key.
+
+    Args:
+        cfg: The composed config.
+        connect: Also check that the storage and tracking servers answer (nothing is created).
+    """
+    check_schema(cfg)
     space = SearchSpace.from_config(cfg.space)
     task_builder, task_kwargs = _check_task(cfg)
     search = cfg.search
@@ -91,15 +109,19 @@ def plan_sweep(cfg: DictConfig) -> SweepPlan:
         )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
-    folds = search.get("cv_folds")
-    if folds is not None and (not isinstance(folds, int) or isinstance(folds, bool) or folds < 2):
-        raise ConfigError(f"search.cv_folds must be null or an int >= 2. Got {folds!r} instead.")
-    if not isinstance(search.n_trials, int) or search.n_trials < 1:
-        raise ConfigError(f"search.n_trials must be an int >= 1. Got {search.n_trials!r} instead.")
+    constraints = check_constraints(dict(search.constraints), known)
     make_sampler(search.sampler, seed=0, options=search.sampler_options)
+    make_pruner(search.pruner, search.pruner_options)
+    check_early_stop(
+        pruner=search.pruner,
+        enabled=search.early_stop.enabled,
+        objectives=objectives,
+        directions=directions,
+    )
+    n_jobs = workers_wanted(cfg)
     storage = str(search.storage)
-    _check_storage(storage)
-    fingerprint = _fingerprint(cfg)
+    check_storage(storage, n_jobs=n_jobs, connect=connect)
+    check_tracking_uri(str(cfg.tracking.uri), connect=connect)
     return SweepPlan(
         cfg=cfg,
         space=space,
@@ -110,8 +132,25 @@ def plan_sweep(cfg: DictConfig) -> SweepPlan:
         study_name=str(search.study_name),
         storage=storage,
         n_trials=search.n_trials,
-        fingerprint=fingerprint,
+        n_jobs=n_jobs,
+        constraints=constraints,
+        fingerprint=_fingerprint(cfg, constraints),
     )
+
+
+def workers_wanted(cfg: DictConfig) -> int:
+    """Worker processes on this machine: ``search.n_jobs`` on CPU, ``search.trials_per_gpu``
+    per visible GPU with ``device=cuda`` (or ``auto`` when a GPU is present)."""
+    from search.workers import gpu_count, resolve_device
+
+    if resolve_device(cfg.device) == "cuda":
+        if gpu_count() == 0:
+            raise ConfigError(
+                "device='cuda' but torch sees no GPU (a CPU build of torch, or no CUDA device). "
+                "Allowed here: device=cpu or device=auto."
+            )
+        return gpu_count() * int(cfg.search.trials_per_gpu)
+    return int(cfg.search.n_jobs)
 
 
 def make_sampler(
@@ -136,31 +175,26 @@ def make_sampler(
         raise ConfigError(f"Invalid search.sampler_options for sampler {name!r}: {err}") from None
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage: a journal file for a plain path, else a database URL."""
-    if "://" not in storage:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
-    return optuna.storages.RDBStorage(storage)
-
-
 def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepResult:
     """Run (or continue) the study ``cfg`` describes, up to ``search.n_trials`` finished trials.
 
+    With ``search.n_jobs`` > 1 the trials run in that many worker processes; workers started
+    with `run_worker` on other machines may join at any time. Either way the study ends with
+    exactly ``search.n_trials`` finished trials; this function returns once they all finished.
+
     Args:
         cfg: The composed config.
-        callbacks: Optuna callbacks called after each trial (e.g. a progress bar).
+        callbacks: Optuna callbacks called after each trial (e.g. a progress bar); with several
+            workers, called in this process as their trials finish.
     """
     plan = plan_sweep(cfg)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-
+    _set_threads(cfg, workers=1)
+    storage = _open_storage(plan)
     study = optuna.create_study(
         study_name=plan.study_name,
-        storage=open_storage(plan.storage),
+        storage=storage,
         directions=list(plan.directions),
+        pruner=make_pruner(cfg.search.pruner, cfg.search.pruner_options),
         load_if_exists=True,
     )
     _check_same_study(study, plan)
@@ -168,15 +202,56 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
     study.sampler = make_sampler(
         cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
     )
+    logger.info("study %s in %s", plan.study_name, mask_url(plan.storage))
 
     tracker = Tracker(
         cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
-        return _run(study, plan, tracker, done=done, callbacks=callbacks)
+        return _run(study, plan, tracker, callbacks=callbacks)
     except BaseException:
         tracker.abort()  # the parent run ends KILLED; a rerun continues the study and reopens it
         raise
+    finally:
+        tracker.close()
+
+
+def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
+    """Join the study ``cfg`` names (started by `run_sweep`) and run its trials until the
+    budget is spent; return how many trials this worker ran.
+
+    Raises:
+        ConfigError: If the storage holds no such study, or one started with another config.
+    """
+    plan = plan_sweep(cfg)
+    study = _load_study(plan)
+    if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
+        from search.workers import run_local_workers
+
+        pids = run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+        ran = [t for t in study.get_trials(deepcopy=False) if WORKER_ATTR in t.user_attrs]
+        return sum(int(t.user_attrs[WORKER_ATTR].split(":")[1]) in pids for t in ran)
+    _set_threads(cfg, workers=int(os.environ.get(WORKERS_ENV, "1")))
+    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
+    # Workers sample independently: each its own seed (a shared seed repeats the same recipes).
+    seed = int(hashlib.sha256(f"{cfg.seed}:{done}:{worker_id()}".encode()).hexdigest()[:8], 16)
+    study.sampler = make_sampler(cfg.search.sampler, seed=seed, options=cfg.search.sampler_options)
+    tracker = Tracker(
+        cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
+    )
+    try:
+        tracker.join_parent(study.user_attrs["mlflow_parent_run_id"])
+        ctx, _ = _prepare(plan, tracker)
+        gc.freeze()
+        try:
+            return run_trials(
+                _budget(study, plan),
+                partial(run_trial, ctx=ctx),
+                callbacks=callbacks,
+                timeout=cfg.search.timeout,
+            )
+        finally:
+            gc.unfreeze()
     finally:
         tracker.close()
 
@@ -186,9 +261,51 @@ def _run(
     plan: SweepPlan,
     tracker: Tracker,
     *,
-    done: int,
     callbacks: Iterable[Callable],
 ) -> SweepResult:
+    cfg = plan.cfg
+    ctx, baseline_metrics = _prepare(plan, tracker)
+    config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(_masked(cfg)), config_file)
+    parent_id = tracker.start_parent(
+        run_id=study.user_attrs.get("mlflow_parent_run_id"),
+        name=plan.study_name,
+        params=_parent_params(cfg, ctx.task, ctx.baseline.key),
+        metrics={f"baseline_{k}": v for k, v in baseline_metrics.items()},
+        tags={"squeeze.study": plan.study_name, "squeeze.role": "study"},
+        artifacts=[config_file],
+    )
+    study.set_user_attr("mlflow_parent_run_id", parent_id)
+    study.set_user_attr("fingerprint", plan.fingerprint)
+    study.set_user_attr("baseline", baseline_metrics)
+
+    budget = _budget(study, plan)
+    # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
+    # garbage collector's full passes, which fine-tuning's many small objects trigger often
+    # (they cost 4% of a sweep otherwise). Unfrozen when the study is reported.
+    gc.freeze()
+    try:
+        if plan.n_jobs == 1:
+            run_trials(
+                budget,
+                partial(run_trial, ctx=ctx),
+                callbacks=callbacks,
+                timeout=cfg.search.timeout,
+            )
+        else:
+            from search.workers import run_local_workers
+
+            tracker.wait()  # the parent run exists before the workers log children under it
+            run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+        _wait_for_other_workers(budget)
+        return pareto.finish_study(study, ctx, baseline_metrics, parent_id)
+    finally:
+        gc.unfreeze()
+
+
+def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str, float]]:
+    """The task, the cached baseline (trained if absent) and what every trial shares."""
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
     plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
@@ -204,21 +321,7 @@ def _run(
         "size_bytes": float(baseline_size),
         "fp32_bytes": float(4 * baseline.metrics["params"]),
     }
-    config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, config_file, resolve=True)
-    parent_id = tracker.start_parent(
-        run_id=study.user_attrs.get("mlflow_parent_run_id"),
-        name=plan.study_name,
-        params=_parent_params(cfg, task, baseline.key),
-        metrics={f"baseline_{k}": v for k, v in baseline_metrics.items()},
-        tags={"squeeze.study": plan.study_name, "squeeze.role": "study"},
-        artifacts=[config_file],
-    )
-    study.set_user_attr("mlflow_parent_run_id", parent_id)
-    study.set_user_attr("fingerprint", plan.fingerprint)
-    study.set_user_attr("baseline", baseline_metrics)
-
+    early = cfg.search.early_stop
     ctx = SweepContext(
         task=task,
         baseline=baseline,
@@ -231,26 +334,85 @@ def _run(
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
         folds=_cv_folds(cfg, plan, task),
+        constraints=plan.constraints,
+        early_stop=EarlyStop(
+            pruner=cfg.search.pruner != "none",
+            dominance=bool(early.enabled),
+            margin=float(early.margin),
+            min_epochs=int(early.min_epochs),
+            objectives=plan.objectives,
+            directions=plan.directions,
+            constraints=plan.constraints,
+            baseline_size=baseline_size,
+            example_inputs=task.example_inputs(1),
+        ),
     )
-    remaining = plan.n_trials - done
-    # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
-    # garbage collector's full passes, which fine-tuning's many small objects trigger often
-    # (they cost 4% of a sweep otherwise). Unfrozen when the study is reported.
-    gc.freeze()
+    return ctx, baseline_metrics
+
+
+def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
+    search = plan.cfg.search
+    return open_storage(
+        plan.storage,
+        heartbeat_interval=int(search.heartbeat_interval),
+        grace_period=int(search.grace_period),
+    )
+
+
+def _load_study(plan: SweepPlan) -> optuna.Study:
+    search = plan.cfg.search
+    missing = ConfigError(
+        f"No study {plan.study_name!r} in search.storage {mask_url(plan.storage)!r}. Start "
+        "it with `squeeze sweep` and the same overrides, then add workers."
+    )
+    if not is_url(plan.storage) and not Path(plan.storage).exists():
+        raise missing  # (opening a journal would create the file)
     try:
-        if remaining > 0:
-            study.optimize(
-                partial(run_trial, ctx=ctx),
-                n_trials=remaining,
-                timeout=cfg.search.timeout,
-                catch=(Exception,),
-                callbacks=[MaxTrialsCallback(plan.n_trials, states=FINISHED), *callbacks],
-            )
-        else:
-            logger.info("study %s already has %d finished trials", plan.study_name, done)
-        return pareto.finish_study(study, ctx, baseline_metrics, parent_id)
-    finally:
-        gc.unfreeze()
+        study = optuna.load_study(
+            study_name=plan.study_name,
+            storage=_open_storage(plan),
+            pruner=make_pruner(search.pruner, search.pruner_options),
+        )
+    except KeyError:
+        raise missing from None
+    if "mlflow_parent_run_id" not in study.user_attrs:
+        raise ConfigError(
+            f"Study {plan.study_name!r} has no MLflow parent run yet: start it with "
+            "`squeeze sweep` (same overrides) and add workers once it runs trials."
+        )
+    _check_same_study(study, plan)
+    return study
+
+
+def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
+    search = plan.cfg.search
+    return Budget(
+        study=study,
+        url=plan.storage,
+        total=plan.n_trials,
+        retries=int(search.retries),
+        retry_on=tuple(search.retry_on),
+    )
+
+
+def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
+    """Wait until no trial of the study runs (workers on other machines may still finish
+    theirs); trials of lost workers are failed meanwhile."""
+    while True:
+        with budget_lock(budget.url, budget.study.study_name):
+            budget.fail_lost_trials()
+            running = budget.study.get_trials(deepcopy=False, states=[TrialState.RUNNING])
+        if not running:
+            return
+        logger.info("waiting for %d trial(s) of other workers", len(running))
+        time.sleep(poll_s)
+
+
+def _set_threads(cfg: DictConfig, *, workers: int) -> None:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    elif workers > 1:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
@@ -305,18 +467,7 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
     return builder, kwargs
 
 
-def _check_storage(storage: str) -> None:
-    if "://" not in storage:
-        return
-    scheme = storage.split("://", 1)[0].split("+", 1)[0]
-    if scheme not in ("sqlite", "postgresql", "mysql"):
-        raise ConfigError(
-            f"Unsupported search.storage URL scheme {scheme!r}. Use a journal file path, "
-            "sqlite:///file.db or postgresql+psycopg2://user@host/db."
-        )
-
-
-def _fingerprint(cfg: DictConfig) -> str:
+def _fingerprint(cfg: DictConfig, constraints: Mapping[str, float]) -> str:
     """Hash of what must not change while a study is continued."""
     parts = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
@@ -327,6 +478,8 @@ def _fingerprint(cfg: DictConfig) -> str:
     }
     if cfg.search.get("cv_folds"):
         parts["cv_folds"] = cfg.search.cv_folds
+    if constraints:  # (studies without constraints keep the fingerprint they had before)
+        parts["constraints"] = dict(sorted(constraints.items()))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -334,14 +487,27 @@ def _check_same_study(study: optuna.Study, plan: SweepPlan) -> None:
     previous = study.user_attrs.get("fingerprint")
     if previous is not None and previous != plan.fingerprint:
         raise ConfigError(
-            f"Study {plan.study_name!r} in {plan.storage} was started with another task, space, "
-            "objectives or seed. Continue it with the same config, or start a new study with "
-            "search.study_name=<new name>."
+            f"Study {plan.study_name!r} in {mask_url(plan.storage)} was started with another "
+            "task, space, objectives, constraints or seed. Continue it with the same config, or "
+            "start a new study with search.study_name=<new name>."
         )
 
 
+def _masked(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data, with the password of every URL in it masked."""
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        return mask_url(value) if isinstance(value, str) else value
+
+    return mask(OmegaConf.to_container(cfg, resolve=True))
+
+
 def _parent_params(cfg: DictConfig, task: Task, baseline_key: str) -> dict[str, Any]:
-    flat = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0]
+    flat = pd.json_normalize(_masked(cfg), sep=".").iloc[0]
     params = {k: v for k, v in flat.items()}
     params.update({f"data.{k}_size": v for k, v in task.split_sizes().items()})
     params.update({"baseline.key": baseline_key, "torch.threads": torch.get_num_threads()})

@@ -28,6 +28,10 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search._errors import ConfigError
+from search.failures import failure_kind, failure_reason
+from search.storage import check_storage, mask_url
+
 logger = logging.getLogger(__name__)
 
 # Downloads of a trial's model file are internal; MLflow's tqdm bar would garble the terminal.
@@ -39,6 +43,47 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's limits per log_batch call.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_LEN = 6000
+
+
+_TRACKING_HINT = (
+    "Use sqlite:///mlflow.db, postgresql+psycopg2://user@host/db or the URL of an MLflow "
+    "tracking server (http://host:5000)."
+)
+
+
+def check_tracking_uri(uri: str, *, connect: bool = True) -> None:
+    """Check ``tracking.uri`` without creating anything.
+
+    Raises:
+        ConfigError: For an unsupported scheme, a SQLite file in a missing folder, or a database
+            or tracking server that does not answer.
+    """
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    shown = mask_url(uri)
+    if scheme in ("sqlite", "postgresql"):
+        try:
+            check_storage(uri, connect=connect)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("search.storage", "tracking.uri")) from None
+    elif scheme in ("http", "https"):
+        if connect:
+            _check_server(uri.rstrip("/"), shown)
+    elif scheme != "file":
+        raise ConfigError(f"Unsupported tracking.uri {shown!r}. {_TRACKING_HINT}")
+
+
+def _check_server(uri: str, shown: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"Cannot reach the MLflow tracking server tracking.uri {shown!r}: {reason}."
+        ) from None
 
 
 class ChildRun:
@@ -101,10 +146,20 @@ _writer_client: MlflowClient | None = None
 def _writer_init(uri: str) -> None:
     """Runs first in the forked writer: a client of its own, without the parent's connections."""
     global _writer_client
+    _exit_with_parent()
     _writer_client = MlflowClient(tracking_uri=uri)
     engine = getattr(_writer_client._tracking_client.store, "engine", None)
     if engine is not None:  # SQL stores: the pool's connections belong to the parent
         engine.dispose(close=False)
+
+
+def _exit_with_parent() -> None:
+    """Linux: end this writer when the process that forked it dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _writer_create(experiment_id: str, name: str, tags: dict[str, str]) -> str:
@@ -212,22 +267,40 @@ class Tracker:
         self._end(parent, None)
         return self.parent_id
 
+    def join_parent(self, run_id: str) -> None:
+        """Log the children of this process under ``run_id``, a parent run another process
+        opened (a worker joining a study)."""
+        self.parent_id = run_id
+
     @contextmanager
     def child_run(
         self, *, name: str, tags: Mapping[str, Any], link: Callable[[str], None] | None = None
     ) -> Iterator[ChildRun]:
-        """A child run of the parent; ends FAILED, with the error as a tag, if the body raises.
+        """A child run of the parent; ends FAILED, with the error as tags, if the body raises
+        (FINISHED with ``squeeze.state=PRUNED`` if it raises ``optuna.TrialPruned``).
 
         The writer creates the run while the body works; ``link`` is called with the run id
         before the run ends, whether the body succeeded or failed.
         """
-        assert self.parent_id is not None, "start_parent() first"
+        assert self.parent_id is not None, "start_parent() or join_parent() first"
         tags = {"mlflow.parentRunId": self.parent_id, **{k: str(v) for k, v in tags.items()}}
         child = ChildRun(self._submit(_writer_create, self.experiment_id, name, tags))
         try:
             yield child
         except BaseException as err:
-            child.set_tags({"squeeze.state": "FAIL", "squeeze.error": repr(err)[:5000]})
+            kind = failure_kind(err)
+            if kind == "pruned":
+                child.set_tags({"squeeze.state": "PRUNED", "squeeze.pruned": str(err)[:5000]})
+                self._end(child, "FINISHED", link)
+                raise
+            child.set_tags(
+                {
+                    "squeeze.state": "FAIL",
+                    "squeeze.fail_kind": kind,
+                    "squeeze.fail_reason": failure_reason(err),
+                    "squeeze.error": repr(err)[:5000],
+                }
+            )
             self._end(child, "FAILED", link)
             raise
         child.set_tags({"squeeze.state": "COMPLETE"})
@@ -265,6 +338,45 @@ class Tracker:
             self.wait()
         finally:
             self.client.set_terminated(self.parent_id, status="KILLED")
+
+    def close_orphans(self, trials: Mapping[int, Mapping[str, Any]]) -> int:
+        """End the child runs left RUNNING by a lost worker; return how many.
+
+        Args:
+            trials: Trial number -> ``{"state": "FAIL" | "COMPLETE" | ..., "reason": str,
+                "metrics": {...}}`` for every finished trial. A RUNNING child of a finished
+                trial ends FAILED with the reason, or, if its trial completed (the worker was
+                lost after telling Optuna but before the writer logged), gets the metrics.
+        """
+        self.wait()
+        orphans = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}' "
+            "and attributes.status = 'RUNNING'",
+            max_results=50_000,
+        )
+        closed = 0
+        for run in orphans:
+            number = run.data.tags.get("squeeze.trial")
+            info = trials.get(int(number)) if number is not None and number.isdigit() else None
+            if info is None:
+                continue  # still running (another worker) or not ours
+            child = ChildRun(run.info.run_id)
+            if info["state"] == "COMPLETE":
+                child.log_metrics(info.get("metrics", {}))
+                child.set_tags({"squeeze.state": "COMPLETE"})
+                self._end(child, "FINISHED")
+            else:
+                child.set_tags(
+                    {
+                        "squeeze.state": info["state"],
+                        "squeeze.fail_kind": info.get("kind", "worker_lost"),
+                        "squeeze.fail_reason": info.get("reason", "worker lost"),
+                    }
+                )
+                self._end(child, "FAILED" if info["state"] == "FAIL" else "FINISHED")
+            closed += 1
+        return closed
 
     def mark_front(self, front: Mapping[str, Mapping[str, float]]) -> None:
         """Tag ``pareto=true`` and log ``front[run_id]`` on the front's child runs, and tag

@@ -9,8 +9,8 @@ rerun (benchmarks) and for the baseline's own measurements.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -26,6 +26,9 @@ from compressors import (
 )
 from experiments import Baseline, EpochStats, Task, evaluate, fit, scores
 from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
+from search.budget import seed_trial
+from search.constraints import constraint_values
+from search.early_stop import EarlyStop
 from search.space import Recipe, SearchSpace
 from search.tracking import Tracker
 
@@ -57,11 +60,13 @@ class SweepContext:
         objectives: Metric names returned to Optuna, in the order of the study's directions.
         tracker: MLflow parent run of the study.
         output_dir: Where trials write their packed model files.
-        seed: Trial ``n`` is seeded with ``seed + n``.
+        seed: Trial ``n`` is seeded with ``seed + n`` (a retry like the trial it retries).
         folds: With ``search.cv_folds=K``: K (task, baseline) pairs whose splits are the folds of
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement.
+        constraints: Bounds on metrics (``search.constraints``), given to Optuna.
+        early_stop: When fine-tuning stops early (pruner or Pareto dominance).
     """
 
     task: Task
@@ -75,10 +80,13 @@ class SweepContext:
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
     folds: tuple[tuple[Task, Baseline], ...] = ()
+    constraints: Mapping[str, float] = field(default_factory=dict)
+    early_stop: EarlyStop = field(default_factory=EarlyStop)
 
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     """Compress, fine-tune, ship and measure one sampled recipe; return its objective values."""
+    seed = ctx.seed + seed_trial(trial)  # a retry is seeded like the trial it retries
     # 1. Sample the recipe: which compressors, in which order, with which parameters.
     recipe = ctx.space.sample(trial)
 
@@ -89,14 +97,25 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     ) as run:
         run.log_params(recipe.params)
 
-        # 2-4. Copy the cached baseline, compress it, fine-tune it, let compressors finalize it.
-        model, history = compress_recipe(
-            recipe, ctx.space, ctx.task, ctx.baseline, seed=ctx.seed + trial.number
-        )
-        for stats in history:
+        # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
+        #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
+        stopper = _Stopper(ctx.early_stop, trial)
+
+        def after_epoch(stats: EpochStats) -> None:
             run.log_metrics(
                 {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
             )
+            stopper(stats)
+
+        model, _ = compress_recipe(
+            recipe,
+            ctx.space,
+            ctx.task,
+            ctx.baseline,
+            seed=seed,
+            after_epoch=after_epoch,
+            on_compressed=stopper.start if stopper.active else None,
+        )
 
         # 5. Ship: write the packed file and load it back into a fresh model (int8 layers where
         #    the recipe asked for them). Everything below is measured on the model a user would
@@ -114,10 +133,14 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         }
         if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
             metrics["val_acc_split"] = metrics["val_acc"]
-            metrics["val_acc"] = cross_validate(recipe, ctx, seed=ctx.seed + trial.number)
+            metrics["val_acc"] = cross_validate(recipe, ctx, seed=seed)
         run.log_metrics(metrics)
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
+
+        # 7. Constraints: only trials within all of them can be on the reported front.
+        for name, value in constraint_values(metrics, ctx.constraints).items():
+            trial.set_constraint(name, value)
         return tuple(float(metrics[name]) for name in ctx.objectives)
 
 
@@ -129,6 +152,7 @@ def compress_recipe(
     *,
     seed: int,
     after_epoch: Callable[[EpochStats], None] | None = None,
+    on_compressed: Callable[[torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, list[EpochStats]]:
     """Apply ``recipe`` to a copy of the trained baseline; return the model to ship and the
     fine-tuning history.
@@ -140,6 +164,8 @@ def compress_recipe(
         baseline: The cached trained baseline and its teacher logits.
         seed: Seeds the compressors and the fine-tuning.
         after_epoch: Called after each fine-tuning epoch (early stopping raises here).
+        on_compressed: Called before fine-tuning with the model as it would ship without any
+            (finalized on a copy), whose size is then already known (early stopping).
     """
     compressors = space.build(recipe)
 
@@ -157,6 +183,8 @@ def compress_recipe(
         outputs=task.outputs,
     )
     model = apply_pipeline(compressors, model, context)
+    if on_compressed is not None:
+        on_compressed(finalize_pipeline(compressors, copy.deepcopy(model), context))
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's
@@ -215,6 +243,21 @@ def measure(
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
     """Where trial ``number`` of a study writes its packed model file."""
     return output_dir / study_name / f"trial-{number:04d}.sqz"
+
+
+class _Stopper:
+    """Early stopping of one trial: started on the compressed model, called after each epoch."""
+
+    def __init__(self, early_stop: EarlyStop, trial: optuna.Trial) -> None:
+        self.early_stop, self.trial, self.hook = early_stop, trial, None
+        self.active = early_stop.pruner or early_stop.dominance
+
+    def start(self, model: torch.nn.Module) -> None:
+        self.hook = self.early_stop.start(self.trial, model)
+
+    def __call__(self, stats: EpochStats) -> None:
+        if self.hook is not None:
+            self.hook(stats)
 
 
 def _schedules(compressors: list[Compressor], model: torch.nn.Module):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import sqlalchemy
 
 from experiments import load_or_train_baseline
 from experiments.digits import digits_mlp
 
+PG_URL = os.environ.get(
+    "SQUEEZE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
 DIGITS_CONFIG = {"name": "digits_mlp", "hidden": [300, 100], "train": {"epochs": 40}}
 
 
@@ -34,5 +40,19 @@ def sweep_overrides(tmp_path, cache_dir, *extra: str, storage: str | None = None
         f"output_dir={tmp_path}/trials",
         "space.finetune.epochs=2",
         "measure.latency_repeats=3",
+        "threads=1",  # torch's spinning thread pool is many times slower on a busy 2-core machine
         *extra,
     ]
+
+
+@pytest.fixture
+def pg_url():
+    """The PostgreSQL server every machine here runs; CI must reach it (fail, not skip)."""
+    try:
+        with sqlalchemy.create_engine(PG_URL).connect():
+            pass
+    except sqlalchemy.exc.OperationalError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {PG_URL} must be reachable in CI: {err}")
+        pytest.skip(f"no PostgreSQL at {PG_URL}")
+    return PG_URL

@@ -49,12 +49,70 @@ BAD_INPUT = [
     ),
     (["search.directions=[maximize]"], "must be non-empty lists of the same length"),
     (["search.directions=[maximize,smaller]"], "Unknown direction 'smaller'"),
-    (["search.n_trials=0"], "search.n_trials must be an int >= 1. Got 0"),
+    (["search.n_trials=0"], "The 'search.n_trials' config value must be an int in [1, "),
     (["search.n_trails=3"], "Could not override 'search.n_trails'"),
     (["search.storage=redis://localhost/0"], "Unsupported search.storage URL scheme 'redis'"),
     (["space=nope"], "Unknown space 'nope'"),
     (["+task.hiden=[10]"], "Invalid key in task 'digits_mlp'"),
     (["+task.train.epoch=3"], "Unknown key(s) ['epoch'] in task.train. Allowed: epochs"),
+    (
+        ["space.prune.amount=-0.1"],
+        "'prune.amount' parameter of space 'default' must be a float in [0.0, 1.0)",
+    ),
+    (["space.structured.amount=1.0"], "'structured.amount' parameter of space 'default'"),
+    (["space.kd.temperature=0"], "'kd.temperature' parameter of space 'default' must be a float"),
+    (
+        ["space.kd.alpha=1.5"],
+        "'kd.alpha' parameter of space 'default' must be a float in [0.0, 1.0]",
+    ),
+    (
+        ["space.finetune.lr=tag(log, interval(0, 0.1))"],
+        "Invalid search expression for 'space.finetune.lr'",
+    ),
+    (["space.quant.bits=choice(4, 33)"], "Got 33 (in choice(4, 33)) instead"),
+    (["space.pipeline=[quant,structured]"], "applies 'structured' after 'quant'"),
+    (
+        ["+search.n_trails=3"],
+        "Unknown config key 'search.n_trails'. Did you mean 'search.n_trials'?",
+    ),
+    (["+sead=3"], "Unknown config key 'sead'. Did you mean 'seed'?"),
+    (["search.n_jobs=0"], "The 'search.n_jobs' config value must be an int in [1, 1024]. Got 0"),
+    (["search.retries=-1"], "The 'search.retries' config value must be an int in [0, 100]"),
+    (["search.retry_on=[timeout]"], "The 'search.retry_on' config value must be a non-empty list"),
+    (["search.timeout=0"], "The 'search.timeout' config value must be null or a float in (0.0"),
+    (["device=tpu"], "The 'device' config value must be one of 'cpu', 'cuda', 'auto'. Got 'tpu'"),
+    (["search.trials_per_gpu=0"], "The 'search.trials_per_gpu' config value must be an int"),
+    (["search.early_stop.margin=2"], "The 'search.early_stop.margin' config value must be a float"),
+    (
+        ["search.pruner=median"],
+        "search.pruner='median' prunes on validation accuracy and needs the single objective",
+    ),
+    (
+        ["search.pruner=asha", "search.objectives=[val_acc]", "search.directions=[maximize]"],
+        "Unknown pruner 'asha' in search.pruner. Available: none, median, hyperband",
+    ),
+    (
+        [
+            "search.early_stop.enabled=true",
+            "search.objectives=[val_acc,latency_ms]",
+            "search.directions=[maximize,minimize]",
+        ],
+        "search.early_stop needs val_acc among search.objectives",
+    ),
+    (["search.constraints.size_kb=small"], "'search.constraints.size_kb' config value must be a"),
+    (["+search.constraints.sise_kb=3"], "Unknown constraint 'sise_kb' in search.constraints"),
+    (
+        ["search.storage=postgresql+psycopg2://nobody:hunter2@127.0.0.1:1/none"],
+        "Cannot reach search.storage 'postgresql+psycopg2://nobody:***@127.0.0.1:1/none'",
+    ),
+    (["search.storage=postgresql+psycopg2://"], "Malformed search.storage URL"),
+    (["search.storage=sqlite:///no/such/folder/optuna.db"], "does not exist"),
+    (["search.storage=sqlite:///optuna.db", "search.n_jobs=2"], "takes one writer at a time"),
+    (["tracking.uri=ftp://example.org/mlflow"], "Unsupported tracking.uri 'ftp://example.org"),
+    (
+        ["tracking.uri=http://127.0.0.1:1"],
+        "Cannot reach the MLflow tracking server tracking.uri 'http://127.0.0.1:1'",
+    ),
 ]
 
 
@@ -66,7 +124,12 @@ def test_bad_input_exits_2_with_a_message_before_any_work(
     assert main(["sweep", "--quiet", *overrides]) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()), err
+    assert "hunter2" not in err  # passwords are masked
     assert os.listdir(tmp_path) == []  # no study, MLflow database, cache or trial files
+
+
+def test_at_least_twenty_kinds_of_bad_input_are_covered():
+    assert len(BAD_INPUT) >= 40
 
 
 def test_console_script_exit_code(tmp_path):

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import optuna
-import pytest
-import sqlalchemy
 from optuna.trial import TrialState
 
 from search import compose_config, run_sweep
 from tests.conftest import sweep_overrides
-
-PG_URL = os.environ.get(
-    "SQUEEZE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
-
-
-@pytest.fixture
-def pg_url():
-    try:
-        with sqlalchemy.create_engine(PG_URL).connect():
-            pass
-    except sqlalchemy.exc.OperationalError as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG_URL} must be reachable in CI: {err}")
-        pytest.skip(f"no PostgreSQL at {PG_URL}")
-    return PG_URL
 
 
 def test_sweep_and_resume_on_postgresql(tmp_path, cache_dir, pg_url):

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
-from search.study import open_storage
+from search.storage import open_storage
 from tests.conftest import sweep_overrides
 
 

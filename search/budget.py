@@ -1,0 +1,213 @@
+"""The study's total budget, shared by every worker of every machine, claimed one trial at a time.
+
+A worker claims a trial under a lock held across workers (a PostgreSQL advisory lock for a
+database server, a file lock for a journal or SQLite file): it fails the trials of lost workers,
+counts the trials that use the budget (finished, running and waiting), and creates a trial only
+if one is left. So the study ends with exactly ``search.n_trials`` finished trials (complete,
+pruned or failed) however many workers join and however often they are killed and restarted.
+
+A lost worker is found in two ways: a worker on this machine whose process is gone (checked
+directly), and on a database server a trial whose heartbeat stopped (Optuna's heartbeat).
+A failed trial may be retried: its parameters are enqueued as a new trial, which uses the budget
+like any other and is seeded like the trial it retries (so its metrics are reproducible).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+from search.storage import is_url
+
+logger = logging.getLogger(__name__)
+
+#: States that use up the budget: finished ones, and those a worker runs or will run.
+USING_BUDGET = (
+    TrialState.COMPLETE,
+    TrialState.PRUNED,
+    TrialState.FAIL,
+    TrialState.RUNNING,
+    TrialState.WAITING,
+)
+
+WORKER_ATTR = "squeeze.worker"
+RETRY_OF_ATTR = "squeeze.retry_of"
+SEED_TRIAL_ATTR = "squeeze.seed_trial"
+ATTEMPT_ATTR = "squeeze.attempt"
+
+
+def worker_id() -> str:
+    """``host:pid:start`` of this process (``start``: its start time, against reused pids)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def is_lost(worker: str | None) -> bool:
+    """Whether ``worker`` (a `worker_id`) ran on this machine and its process is gone."""
+    if not worker:
+        return False
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's worker: the heartbeat tells
+    return _start_time(int(pid)) != start
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot, "" if gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass
+        return "?"  # no /proc: alive, start unknown
+    fields = stat.rsplit(")", 1)[1].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def fail_kind(trial: FrozenTrial) -> str:
+    """Why a FAIL trial failed (one of `search.failures.FAIL_KINDS`); one without the attribute
+    was failed by Optuna's heartbeat check, i.e. its worker was lost."""
+    return trial.user_attrs.get("fail_kind", "worker_lost")
+
+
+def seed_trial(trial: optuna.Trial | FrozenTrial) -> int:
+    """The number of the trial whose seed this one uses: its own, or that of the one it retries."""
+    return int(trial.user_attrs.get(SEED_TRIAL_ATTR, trial.number))
+
+
+def budget_lock(storage: str, study_name: str) -> AbstractContextManager[None]:
+    """A lock held across processes and machines while a trial is claimed."""
+    if is_url(storage) and not storage.startswith("sqlite"):
+        return _advisory_lock(storage, study_name)
+    path = storage.split("///", 1)[1] if storage.startswith("sqlite") else storage
+    return _file_lock(Path(f"{path}.budget-lock"))  # (not .lock: Optuna's own)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _advisory_lock(storage: str, study_name: str) -> Iterator[None]:
+    key = int.from_bytes(hashlib.sha256(f"squeeze:{study_name}".encode()).digest()[:8], "big")
+    key -= 1 << 63 if key >= 1 << 63 else 0  # PostgreSQL's bigint
+    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:  # a killed worker's connection closes: the lock is freed
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class Budget:
+    """The total budget of a study, claimed a trial at a time.
+
+    Attributes:
+        study: The study.
+        url: The storage URL or journal path (names the lock).
+        total: Trials the study ends with (``search.n_trials``).
+        retries: How many times a failed recipe is tried again.
+        retry_on: The `FAIL_KINDS` that are retried.
+    """
+
+    study: optuna.Study
+    url: str
+    total: int
+    retries: int = 0
+    retry_on: Collection[str] = ("worker_lost", "out_of_memory")
+
+    def claim(self) -> optuna.Trial | None:
+        """A new (or enqueued) trial for this worker, or None when the budget is spent."""
+        with budget_lock(self.url, self.study.study_name):
+            self.fail_lost_trials()
+            trials = self.study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting:
+                if sum(t.state in USING_BUDGET for t in trials) >= self.total:
+                    return None
+                self._enqueue_retry(trials)
+            with warnings.catch_warnings():  # "Heartbeat ... used with Study.optimize": we beat
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = self.study.ask()
+            trial.set_user_attr(WORKER_ATTR, worker_id())
+            return trial
+
+    def fail_lost_trials(self) -> list[int]:
+        """Fail the running trials of lost workers; return their numbers."""
+        failed = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            before = {t.number for t in self.study.get_trials(deepcopy=False, states=[_RUN])}
+            optuna.storages.fail_stale_trials(self.study)  # database server: stale heartbeats
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number in before and t.state == TrialState.FAIL:
+                failed.append(t.number)
+            elif t.state == _RUN and is_lost(t.user_attrs.get(WORKER_ATTR)):
+                storage = self.study._storage  # Optuna has no public setter for another's trial
+                try:
+                    storage.set_trial_user_attr(t._trial_id, "fail_kind", "worker_lost")
+                    storage.set_trial_user_attr(
+                        t._trial_id, "fail_reason", f"worker {t.user_attrs[WORKER_ATTR]} is gone"
+                    )
+                    self.study.tell(t.number, state=TrialState.FAIL)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker failed it first
+                failed.append(t.number)
+        for number in failed:
+            logger.warning("trial %d failed: its worker was lost", number)
+        return failed
+
+    def _enqueue_retry(self, trials: list[FrozenTrial]) -> None:
+        if self.retries <= 0:
+            return
+        retried = {t.user_attrs.get(RETRY_OF_ATTR) for t in trials}
+        for t in trials:
+            attempt = int(t.user_attrs.get(ATTEMPT_ATTR, 1))
+            if (
+                t.state == TrialState.FAIL
+                and t.number not in retried
+                and attempt <= self.retries
+                and fail_kind(t) in self.retry_on
+            ):
+                logger.info("retrying the recipe of failed trial %d", t.number)
+                self.study.enqueue_trial(
+                    dict(t.params),
+                    user_attrs={
+                        RETRY_OF_ATTR: t.number,
+                        SEED_TRIAL_ATTR: seed_trial(t),
+                        ATTEMPT_ATTR: attempt + 1,
+                    },
+                )
+                return
+
+
+_RUN = TrialState.RUNNING

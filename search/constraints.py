@@ -1,0 +1,68 @@
+"""Constraints from ``search.constraints``: bounds on a trial's metrics, given to Optuna.
+
+Each constraint becomes ``trial.set_constraint(name, value)`` with ``value <= 0`` when it holds;
+Optuna's samplers use them, and ``study.best_trials`` (the reported front) keeps only trials that
+meet all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+from search._errors import ConfigError
+
+#: Metrics where a constraint is a lower bound (higher is better); every other one is an upper one.
+LOWER_BOUNDS = frozenset({"val_acc", "compression_ratio"})
+#: Constraint names that are a scaled metric: name -> (metric, factor).
+SCALED = {"size_kb": ("size_bytes", 1e-3)}
+
+
+def allowed_names(metrics: Iterable[str]) -> list[str]:
+    """Constraint names for a sweep measuring ``metrics``."""
+    return sorted({*metrics, *SCALED})
+
+
+def check_constraints(given: Mapping[str, object], metrics: Iterable[str]) -> dict[str, float]:
+    """The set constraints of ``search.constraints`` (``null`` ones dropped), checked.
+
+    Raises:
+        ConfigError: For an unknown name or a bound that is not a finite number.
+    """
+    allowed = allowed_names(metrics)
+    out = {}
+    for name, bound in given.items():
+        if name not in allowed:
+            raise ConfigError(
+                f"Unknown constraint {name!r} in search.constraints. Allowed: {', '.join(allowed)}."
+            )
+        if bound is None:
+            continue
+        if (
+            isinstance(bound, bool)
+            or not isinstance(bound, int | float)
+            or not math.isfinite(bound)
+        ):
+            raise ConfigError(
+                f"The 'search.constraints.{name}' config value must be a finite number or null. "
+                f"Got {bound!r} instead."
+            )
+        out[name] = float(bound)
+    return out
+
+
+def constraint_values(
+    metrics: Mapping[str, float], bounds: Mapping[str, float]
+) -> dict[str, float]:
+    """Optuna's constraint value of each bound: ``<= 0`` when ``metrics`` meet it.
+
+    Bounds on metrics not in ``metrics`` are left out.
+    """
+    out = {}
+    for name, bound in bounds.items():
+        metric, factor = SCALED.get(name, (name, 1.0))
+        if metric not in metrics:
+            continue
+        value = float(metrics[metric]) * factor
+        out[name] = bound - value if metric in LOWER_BOUNDS else value - bound
+    return out

@@ -1,0 +1,165 @@
+"""Stopping a trial's fine-tuning early, from the validation accuracy after each epoch.
+
+- Single objective: an Optuna pruner (``search.pruner``: ``median`` or ``hyperband``) gets
+  every epoch's validation accuracy through ``trial.report`` and decides.
+- Any number of objectives (Optuna has no pruning for several): a trial's size, compression
+  ratio and FLOPs are known before fine-tuning (fine-tuning keeps masks, grids and shapes), so
+  when its validation accuracy after ``min_epochs`` epochs plus ``margin`` would still be
+  dominated by the current Pareto front, it can no longer reach the front and is pruned.
+  A trial whose size already breaks a constraint is pruned before fine-tuning.
+
+Either raises `optuna.TrialPruned`; the trial ends PRUNED.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from torch import nn
+
+from compressors import save_packed
+from experiments.metrics import count_flops
+from search._errors import ConfigError
+from search.constraints import constraint_values
+
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+}
+#: Objectives known before fine-tuning, besides validation accuracy.
+STRUCTURAL = ("size_bytes", "compression_ratio", "flops")
+
+EpochHook = Callable[[Any], None]
+
+
+def make_pruner(name: str, options: Mapping[str, Any] | None = None) -> optuna.pruners.BasePruner:
+    """The Optuna pruner named in ``search.pruner``."""
+    if name not in PRUNERS:
+        raise ConfigError(
+            f"Unknown pruner {name!r} in search.pruner. Available: {', '.join(PRUNERS)}."
+        )
+    try:
+        return PRUNERS[name](**dict(options or {}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid search.pruner_options for pruner {name!r}: {err}") from None
+
+
+def check_early_stop(
+    *, pruner: str, enabled: bool, objectives: Sequence[str], directions: Sequence[str]
+) -> None:
+    """Raise `ConfigError` if the objectives do not allow the chosen early stop."""
+    if pruner != "none" and (list(objectives) != ["val_acc"] or directions[0] != "maximize"):
+        raise ConfigError(
+            f"search.pruner={pruner!r} prunes on validation accuracy and needs the single "
+            f"objective val_acc (maximize); got search.objectives={list(objectives)}. For "
+            "several objectives use search.early_stop.enabled=true."
+        )
+    if enabled:
+        if pruner != "none":
+            raise ConfigError(
+                "Use either search.pruner or search.early_stop.enabled=true, not both."
+            )
+        others = [o for o in objectives if o != "val_acc"]
+        if "val_acc" not in objectives or any(o not in STRUCTURAL for o in others):
+            raise ConfigError(
+                "search.early_stop needs val_acc among search.objectives and the others among "
+                f"{', '.join(STRUCTURAL)} (known before fine-tuning); got {list(objectives)}."
+            )
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """How the trials of a sweep stop early.
+
+    Attributes:
+        pruner: Report each epoch to the study's Optuna pruner (single objective).
+        dominance: Stop a trial the current front dominates (any number of objectives).
+        margin: Accuracy a dominated trial may still gain (added before the comparison).
+        min_epochs: Epochs a trial always trains before it may be stopped.
+        objectives: The study's objectives, in order.
+        directions: ``maximize`` / ``minimize`` for each objective.
+        constraints: Bounds of ``search.constraints`` (a trial breaking one on its size is
+            pruned before fine-tuning).
+        baseline_size: Bytes of the baseline's packed file (for ``compression_ratio``).
+        example_inputs: Inputs of one forward pass (for ``flops``).
+    """
+
+    pruner: bool = False
+    dominance: bool = False
+    margin: float = 0.02
+    min_epochs: int = 2
+    objectives: tuple[str, ...] = ()
+    directions: tuple[str, ...] = ()
+    constraints: Mapping[str, float] = field(default_factory=dict)
+    baseline_size: int = 0
+    example_inputs: Any = None
+
+    def start(self, trial: optuna.Trial, model: nn.Module) -> EpochHook | None:
+        """The hook to call after each fine-tuning epoch of ``trial`` (None: nothing to check).
+
+        Raises:
+            optuna.TrialPruned: If the compressed model already breaks a size constraint.
+        """
+        if self.pruner:
+            return partial_report(trial, self.min_epochs)
+        if not self.dominance:
+            return None
+        known = self._structure(model)
+        broken = {k: v for k, v in constraint_values(known, self.constraints).items() if v > 0}
+        if broken:
+            raise optuna.TrialPruned(f"infeasible before fine-tuning: {sorted(broken)}")
+        front = [t.values for t in trial.study.best_trials]
+        if not front:
+            return None
+        return _DominanceStop(self, known, front)
+
+    def _structure(self, model: nn.Module) -> dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="squeeze-size-") as tmp:
+            size = float(save_packed(model, Path(tmp) / "model.sqz"))
+        known = {"size_bytes": size, "compression_ratio": self.baseline_size / size}
+        if "flops" in self.objectives or "flops" in self.constraints:
+            known["flops"] = float(count_flops(model, self.example_inputs))
+        return known
+
+
+def partial_report(trial: optuna.Trial, min_epochs: int) -> EpochHook:
+    """Report each epoch's validation accuracy; raise `optuna.TrialPruned` when Optuna says so."""
+
+    def hook(stats) -> None:
+        trial.report(stats.val_acc, stats.epoch)
+        if stats.epoch + 1 >= min_epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the study's pruner after epoch {stats.epoch}")
+
+    return hook
+
+
+class _DominanceStop:
+    def __init__(
+        self, rule: EarlyStop, known: Mapping[str, float], front: list[Sequence[float]]
+    ) -> None:
+        self._rule, self._known, self._front = rule, known, front
+
+    def __call__(self, stats) -> None:
+        if stats.epoch + 1 < self._rule.min_epochs:
+            return
+        hope = {**self._known, "val_acc": stats.val_acc + self._rule.margin}
+        point = [hope[name] for name in self._rule.objectives]
+        for values in self._front:
+            if dominates(values, point, self._rule.directions):
+                raise optuna.TrialPruned(
+                    f"dominated by the front after epoch {stats.epoch}: val_acc "
+                    f"{stats.val_acc:.4f} + margin {self._rule.margin} cannot reach it"
+                )
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """Whether point ``a`` is at least as good as ``b`` in every objective and better in one."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b, strict=True))
+    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b, strict=True))

@@ -1,0 +1,108 @@
+"""The trial loop of one worker: claim a trial of the budget, run it, tell Optuna how it ended.
+
+Like Optuna's own loop (`optuna.study.Study.optimize`): `optuna.TrialPruned` makes a trial
+PRUNED, any other error FAIL, and the loop goes on. Unlike it, every trial is claimed from the
+study's shared `search.budget.Budget`, and a failed trial records why (user attributes
+``fail_kind`` and ``fail_reason``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import optuna
+from optuna.trial import TrialState
+
+from search.budget import Budget
+from search.failures import failure_kind, failure_reason
+
+logger = logging.getLogger(__name__)
+
+Objective = Callable[[optuna.Trial], tuple[float, ...]]
+Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+
+def run_trials(
+    budget: Budget,
+    objective: Objective,
+    *,
+    callbacks: Iterable[Callback] = (),
+    timeout: float | None = None,
+) -> int:
+    """Run trials until the budget is spent (or ``timeout`` seconds passed); return how many."""
+    study, start, count = budget.study, time.monotonic(), 0
+    while timeout is None or time.monotonic() - start < timeout:
+        trial = budget.claim()
+        if trial is None:
+            break
+        frozen = run_one(study, trial, objective)
+        count += 1
+        for callback in callbacks:
+            callback(study, frozen)
+    return count
+
+
+def run_one(
+    study: optuna.Study, trial: optuna.Trial, objective: Objective
+) -> optuna.trial.FrozenTrial:
+    """Run ``objective`` on a claimed trial and tell the study; errors end the trial FAIL."""
+    try:
+        with _heartbeat(study, trial):
+            values = objective(trial)
+    except optuna.TrialPruned as err:
+        logger.info("trial %d pruned: %s", trial.number, err)
+        return study.tell(trial, state=TrialState.PRUNED)
+    except (Exception, KeyboardInterrupt) as err:
+        _record_failure(trial, failure_kind(err), failure_reason(err))
+        logger.warning("trial %d failed (%s)", trial.number, failure_reason(err))
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        _free_accelerator_memory()
+        return frozen
+    if not all(math.isfinite(v) for v in values):
+        _record_failure(trial, "error", f"objective values {list(values)} are not all finite")
+        return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, list(values))
+
+
+def _record_failure(trial: optuna.Trial, kind: str, reason: str) -> None:
+    trial.set_user_attr("fail_kind", kind)
+    trial.set_user_attr("fail_reason", reason)
+
+
+@contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat in the background, if its storage keeps heartbeats."""
+    storage = study._storage  # the storage Optuna wraps; it forwards heartbeats
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,162 @@
+"""The schema of the composed config (everything but ``task`` and ``space``, which their own
+builders check): known keys, and the type and range of each value.
+
+Every problem raises `ConfigError` with the key, the value and what is allowed, e.g.
+``The 'search.n_jobs' config value must be an int in [1, 1024]. Got 0 instead.``
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from compressors import Integer, Options, Real
+from search._errors import ConfigError
+from search.failures import FAIL_KINDS
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """``true`` or ``false``."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+@dataclass(frozen=True)
+class Nullable:
+    """``null`` or a value of ``inner``."""
+
+    inner: Any
+
+    def accepts(self, value: Any) -> bool:
+        return value is None or self.inner.accepts(value)
+
+    def describe(self) -> str:
+        return f"null or {self.inner.describe()}"
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A non-empty list whose items are values of ``inner``."""
+
+    inner: Any
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(map(self.inner.accepts, value))
+
+    def describe(self) -> str:
+        return f"a non-empty list of {self.inner.describe()}s"
+
+
+@dataclass(frozen=True)
+class AnyMapping:
+    """A mapping with free keys (checked where it is used, e.g. sampler options)."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, Mapping)
+
+    def describe(self) -> str:
+        return "a mapping"
+
+
+_POSITIVE = Real(0.0, math.inf, closed="neither")
+
+#: Allowed keys and values. ``task`` and ``space`` are checked by their own builders.
+SCHEMA: dict[str, Any] = {
+    "task": None,
+    "space": None,
+    "run": None,  # set by an exported experiment; read by `squeeze run`
+    "seed": Integer(0, 2**31 - 1),
+    "cache_dir": Text(),
+    "output_dir": Text(),
+    "threads": Nullable(Integer(1, 4096)),
+    "device": Options(("cpu", "cuda", "auto")),
+    "measure": {
+        "latency_batch_sizes": ListOf(Integer(1, 1 << 20)),
+        "latency_repeats": Integer(1, 100_000),
+    },
+    "search": {
+        "study_name": Text(),
+        "n_trials": Integer(1, 10_000_000),
+        "n_jobs": Integer(1, 1024),
+        "sampler": Text(),
+        "sampler_options": AnyMapping(),
+        "objectives": ListOf(Text()),
+        "directions": ListOf(Text()),
+        "storage": Text(),
+        "timeout": Nullable(_POSITIVE),
+        "cv_folds": Nullable(Integer(2, 1000)),
+        "heartbeat_interval": Integer(1, 86_400),
+        "grace_period": Integer(1, 864_000),
+        "retries": Integer(0, 100),
+        "retry_on": ListOf(Options(FAIL_KINDS)),
+        "pruner": Text(),
+        "pruner_options": AnyMapping(),
+        "early_stop": {
+            "enabled": Flag(),
+            "margin": Real(0.0, 1.0),
+            "min_epochs": Integer(1, 10_000),
+        },
+        "constraints": AnyMapping(),
+        "trials_per_gpu": Integer(1, 64),
+    },
+    "tracking": {
+        "uri": Text(),
+        "experiment": Text(),
+        "artifacts": Nullable(Text()),
+    },
+}
+
+
+def check_schema(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Raise `ConfigError` for the first unknown key or bad value of ``cfg``."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    _check(raw, SCHEMA, prefix="")
+
+
+def _check(values: Mapping[str, Any], schema: Mapping[str, Any], *, prefix: str) -> None:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(_unknown(name, key, schema, prefix))
+        rule = schema[key]
+        if rule is None:
+            continue
+        if isinstance(rule, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"The '{name}' config value must be a mapping with keys "
+                    f"{', '.join(rule)}. Got {value!r} instead."
+                )
+            _check(value, rule, prefix=f"{name}.")
+        elif not rule.accepts(value):
+            raise ConfigError(
+                f"The '{name}' config value must be {rule.describe()}. Got {value!r} instead."
+            )
+
+
+def _unknown(name: str, key: str, schema: Mapping[str, Any], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(schema), n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
+    return f"Unknown config key '{name}'.{hint} Allowed {where}: {', '.join(schema)}."

@@ -1,0 +1,139 @@
+"""Optuna storages: check a storage URL up front, open it, and mask passwords in URLs.
+
+Two kinds of storage are supported:
+
+- a journal file path (``optuna.journal``, the default): several processes on one machine;
+- a database URL: ``sqlite:///file.db`` (one process at a time) or
+  ``postgresql+psycopg2://user@host/db`` (workers on many machines, with heartbeats so that
+  trials of a lost worker are failed).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from search._errors import ConfigError
+
+#: URL schemes accepted by ``search.storage`` (the part before any ``+driver``).
+SCHEMES = ("sqlite", "postgresql")
+_HINT = "Use a journal file path, sqlite:///file.db or postgresql+psycopg2://user@host/db."
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it as ``***``."""
+    return _PASSWORD.sub(r"\1***@", str(text))
+
+
+def is_url(storage: str) -> bool:
+    """Whether ``storage`` is a database URL rather than a journal file path."""
+    return "://" in storage
+
+
+def check_storage(storage: str, *, n_jobs: int = 1, connect: bool = True) -> None:
+    """Check ``search.storage`` without creating anything.
+
+    Args:
+        storage: A journal file path or a database URL.
+        n_jobs: Worker processes that will share it (SQLite takes one writer at a time).
+        connect: Also check that a database server answers.
+
+    Raises:
+        ConfigError: For a malformed or unsupported URL, a server that does not answer, a SQLite
+            file in a folder that does not exist, or SQLite shared by several workers.
+    """
+    if not is_url(storage):
+        if not storage or storage.endswith(("/", "\\")):
+            raise ConfigError(
+                f"search.storage must be a journal file path or a database URL. Got {storage!r} "
+                f"instead. {_HINT}"
+            )
+        return
+    shown = mask_url(storage)
+    try:
+        url = make_url(storage)
+    except (ArgumentError, ValueError) as err:
+        raise ConfigError(f"Malformed search.storage URL {shown!r}: {err}. {_HINT}") from None
+    scheme = url.get_backend_name()
+    if scheme not in SCHEMES:
+        raise ConfigError(f"Unsupported search.storage URL scheme {scheme!r}. {_HINT}")
+    if scheme == "sqlite":
+        _check_sqlite(url, shown, n_jobs)
+        return
+    if not url.host or not url.database:
+        raise ConfigError(
+            f"Malformed search.storage URL {shown!r}: it names no host or no database. {_HINT}"
+        )
+    if connect:
+        _check_reachable(storage, shown)
+
+
+def _check_sqlite(url: sqlalchemy.engine.URL, shown: str, n_jobs: int) -> None:
+    if n_jobs > 1:
+        raise ConfigError(
+            f"search.storage {shown!r} is SQLite, which takes one writer at a time; "
+            f"search.n_jobs={n_jobs} workers need a journal file path (the default, "
+            "optuna.journal) or postgresql+psycopg2://user@host/db."
+        )
+    if not url.database or url.database == ":memory:":
+        raise ConfigError(
+            f"search.storage {shown!r} names no database file; an in-memory study cannot be "
+            f"continued. {_HINT}"
+        )
+    folder = Path(url.database).resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"The folder of search.storage {shown!r} ({folder}) does not exist.")
+
+
+def _check_reachable(storage: str, shown: str) -> None:
+    engine = sqlalchemy.create_engine(
+        storage, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 5}
+    )
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as err:
+        reason = mask_url(str(err.orig).strip().splitlines()[0]) if err.orig else "no answer"
+        raise ConfigError(f"Cannot reach search.storage {shown!r}: {reason}.") from None
+    except Exception as err:  # noqa: BLE001 - a missing driver, a bad option, ...
+        raise ConfigError(
+            f"Cannot use search.storage {shown!r}: {mask_url(err)}. {_HINT}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def open_storage(
+    storage: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> optuna.storages.BaseStorage:
+    """An Optuna storage: a journal file for a plain path, else a database.
+
+    Args:
+        storage: A journal file path or a database URL.
+        heartbeat_interval: Seconds between the heartbeats of a running trial (database URLs of
+            a server; SQLite and journal files only ever have workers on this machine, whose
+            liveness is checked directly).
+        grace_period: Seconds without a heartbeat after which a running trial is failed.
+    """
+    if not is_url(storage):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(storage))
+    if storage.startswith("sqlite"):
+        return optuna.storages.RDBStorage(storage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            storage,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )

@@ -1,0 +1,136 @@
+"""MLflow through a real tracking server (``mlflow server`` on a PostgreSQL backend store) with
+several workers, and passwords in storage URLs masked in everything written or printed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+
+from search import compose_config, run_sweep
+from search.cli import main
+from tests.conftest import sweep_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path, pg_url):
+    """``mlflow server`` on its own PostgreSQL schema, serving artifacts from ``tmp_path``."""
+    schema = f"mlflow_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [
+            str(mlflow) if mlflow.exists() else "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"{pg_url}?options=-csearch_path%3D{schema}",
+            "--artifacts-destination",
+            str(tmp_path / "served-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+def test_two_workers_log_to_a_tracking_server(tmp_path, cache_dir, tracking_server):
+    overrides = [
+        *sweep_overrides(tmp_path, cache_dir, "search.n_trials=4", "search.n_jobs=2"),
+        f"tracking.uri={tracking_server}",
+    ]
+    result = run_sweep(compose_config(overrides))
+    client = MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name("squeeze")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("squeeze.role") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert Counter(c.data.tags["squeeze.trial"] for c in children) == Counter("0123")
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    for child in children:
+        files = client.list_artifacts(child.info.run_id)
+        assert [f.file_size for f in files] == [child.data.metrics["size_bytes"]]
+    assert {f.path for f in client.list_artifacts(parents[0].info.run_id)} >= {"pareto.csv"}
+    assert not result.front.empty
+
+
+def test_passwords_in_urls_are_masked_everywhere(tmp_path, cache_dir, pg_url, capsys, caplog):
+    secret = "pw-" + uuid.uuid4().hex[:10]  # PostgreSQL here trusts local users: any password
+    with_password = pg_url.replace("postgres@", f"postgres:{secret}@")
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    caplog.set_level("INFO")
+    try:
+        code = main(
+            [
+                "sweep",
+                *sweep_overrides(
+                    tmp_path,
+                    cache_dir,
+                    "search.n_trials=1",
+                    f"search.study_name={name}",
+                    storage=with_password,
+                ),
+            ]
+        )
+        assert code == 0
+        out = capsys.readouterr()
+        assert secret not in out.out + out.err
+        assert "postgres:***@" in caplog.text  # the URL is logged, masked
+        assert secret not in caplog.text
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        experiment = client.get_experiment_by_name("squeeze")
+        (parent,) = client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`squeeze.role` = 'study'"
+        )
+        assert parent.data.params["search.storage"].startswith(
+            "postgresql+psycopg2://postgres:***@"
+        )
+        for path in tmp_path.rglob("*"):  # MLflow's database, artifacts, config.yaml, CSVs
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    finally:
+        optuna.delete_study(study_name=name, storage=pg_url)
