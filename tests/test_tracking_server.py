@@ -3,6 +3,7 @@ several workers, and passwords in storage URLs masked in everything written or p
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -96,6 +97,18 @@ def test_two_workers_log_to_a_tracking_server(tmp_path, cache_dir, tracking_serv
         assert [f.file_size for f in files] == [child.data.metrics["size_bytes"]]
     assert {f.path for f in client.list_artifacts(parents[0].info.run_id)} >= {"pareto.csv"}
     assert not result.front.empty
+    # The same seen through the server's REST API, as any other client would see it.
+    parent_id = parents[0].info.run_id
+    with urllib.request.urlopen(
+        f"{tracking_server}/api/2.0/mlflow/artifacts/list?run_id={parent_id}", timeout=30
+    ) as response:
+        listed = {f["path"] for f in json.load(response)["files"]}
+    assert {"pareto.csv", "pareto.png", "trials.csv", "config.yaml"} <= listed
+    with urllib.request.urlopen(
+        f"{tracking_server}/api/2.0/mlflow/runs/get?run_id={parent_id}", timeout=30
+    ) as response:
+        tags = {t["key"]: t["value"] for t in json.load(response)["run"]["data"]["tags"]}
+    assert tags["pareto_trials"] == ",".join(str(n) for n in result.front.trial)
 
 
 def test_passwords_in_urls_are_masked_everywhere(tmp_path, cache_dir, pg_url, capsys, caplog):
