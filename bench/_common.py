@@ -84,3 +84,44 @@ def _points(trials: list[FrozenTrial]) -> list[tuple[float, float]]:
         for t in trials
         if t.state == TrialState.COMPLETE
     ]
+
+
+def shipped_baseline(cfg, workdir: Path):
+    """``(task, model)``: the task of ``cfg`` and its cached baseline as shipped (packed fp32
+    file, reloaded), the reference every speed-up is measured against."""
+    from compressors import load_packed, save_packed
+    from experiments import load_or_train_baseline
+    from search.study import plan_sweep
+
+    plan = plan_sweep(cfg)
+    task = plan.task_builder(**plan.task_kwargs)
+    baseline = load_or_train_baseline(
+        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_packed(baseline.model, workdir / "baseline.sqz")
+    return task, load_packed(workdir / "baseline.sqz", task.build_model())
+
+
+def side_by_side(base, model, inputs, *, rounds: int = 7, repeats: int = 50):
+    """``(speed-up, baseline ms, model ms)``: both timed in alternating rounds, median of the
+    rounds' medians (this machine's speed drifts more than a single A/B could tell apart)."""
+    import statistics
+
+    from experiments.metrics import latency_ms
+
+    base_times, times = [], []
+    for _ in range(rounds):
+        base_times.append(latency_ms(base, inputs, repeats=repeats))
+        times.append(latency_ms(model, inputs, repeats=repeats))
+    base_ms, ms = statistics.median(base_times), statistics.median(times)
+    return base_ms / ms, base_ms, ms
+
+
+def recipe_text(row) -> str:
+    """A trial row's sampled parameters as ``name=value, ...`` (unchosen methods left out)."""
+    return ", ".join(
+        f"{k.removeprefix('param.')}={f'{v:.3g}' if isinstance(v, float) else v}"
+        for k, v in row.items()
+        if k.startswith("param.") and v == v
+    )

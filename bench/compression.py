@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -33,12 +32,14 @@ from pathlib import Path
 import optuna
 import torch
 
-from compressors import load_packed, save_packed
-from experiments import evaluate, load_or_train_baseline
-from experiments.metrics import latency_ms
-from search import compose_config, run_sweep
-from search.study import plan_sweep
-from search.trial import compress_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import recipe_text, shipped_baseline, side_by_side  # noqa: E402
+
+from compressors import load_packed, save_packed  # noqa: E402
+from experiments import evaluate, load_or_train_baseline  # noqa: E402
+from search import compose_config, run_sweep  # noqa: E402
+from search.study import plan_sweep  # noqa: E402
+from search.trial import compress_recipe  # noqa: E402
 
 SIZE_SPACE = [
     "space.pipeline=[structured, prune, quant, kd]",
@@ -109,25 +110,19 @@ def _bench_task(task: str, workdir: Path, args: argparse.Namespace) -> None:
         print(
             f"size: best ratio within {drop} test pt: {row.compression_ratio:.1f}x "
             f"({row.size_bytes / 1000:.2f} KB; val {row.val_acc:.4f}, test {row.test_acc:.4f}"
-            f" = {-row.test_drop:+.1f} pt) trial {row.trial}: {_recipe(row)}"
+            f" = {-row.test_drop:+.1f} pt) trial {row.trial}: {recipe_text(row)}"
         )
 
-    plan = plan_sweep(speed_cfg)
-    task_obj = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task_obj, config=plan.task_kwargs, cache_dir=speed_cfg.cache_dir, seed=speed_cfg.seed
-    )
-    save_packed(baseline.model, workdir / "baseline.sqz")
-    base_model = load_packed(workdir / "baseline.sqz", task_obj.build_model())
+    task_obj, base_model = shipped_baseline(speed_cfg, workdir)
     candidates = speed.front[speed.front.test_drop <= max(args.max_drop)]
     for batch in (1, 256):
         inputs = task_obj.example_inputs(batch)
         ratios = {}
         for _, row in candidates.iterrows():
             path = Path(speed_cfg.output_dir) / "speed" / f"trial-{int(row.trial):04d}.sqz"
-            ratios[row.trial] = _side_by_side(
+            ratios[row.trial] = side_by_side(
                 base_model, load_packed(path, task_obj.build_model()), inputs
-            )
+            )[0]
         for drop in args.max_drop:
             ok = candidates[candidates.test_drop <= drop]
             if ok.empty:
@@ -138,7 +133,7 @@ def _bench_task(task: str, workdir: Path, args: argparse.Namespace) -> None:
                 f"latency b{batch}: best speed-up within {drop} test pt: {ratios[row.trial]:.2f}x"
                 f" (test {row.test_acc:.4f} = {-row.test_drop:+.1f} pt, "
                 f"{row.size_bytes / 1000:.1f} KB, {row.flops:.0f} FLOPs) trial {row.trial}: "
-                f"{_recipe(row)}"
+                f"{recipe_text(row)}"
             )
 
     _random_control(task, best, workdir)
@@ -147,15 +142,6 @@ def _bench_task(task: str, workdir: Path, args: argparse.Namespace) -> None:
 def _closest(front) -> str:
     row = front.loc[front.test_drop.idxmin()]
     return f"{-row.test_drop:+.1f} pt at {row.compression_ratio:.1f}x"
-
-
-def _side_by_side(base, model, inputs, *, rounds: int = 7, repeats: int = 50) -> float:
-    """Baseline latency over the model's, timed in alternating rounds (median of medians)."""
-    base_times, times = [], []
-    for _ in range(rounds):
-        base_times.append(latency_ms(base, inputs, repeats=repeats))
-        times.append(latency_ms(model, inputs, repeats=repeats))
-    return statistics.median(base_times) / statistics.median(times)
 
 
 def _random_control(task_name: str, best, workdir: Path) -> None:
@@ -199,19 +185,6 @@ def _random_control(task_name: str, best, workdir: Path) -> None:
         f"{r_val:.4f} test {r_test:.4f} ({r_size / 1000:.2f} KB) -> the criterion is worth "
         f"{100 * (l1_test - r_test):+.1f} test pt"
     )
-
-
-def _recipe(row) -> str:
-    items = [
-        f"{k.removeprefix('param.')}={_short(v)}"
-        for k, v in row.items()
-        if k.startswith("param.") and v == v
-    ]
-    return ", ".join(items)
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

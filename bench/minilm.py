@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +29,16 @@ from pathlib import Path
 import optuna
 import torch
 
-from compressors import load_packed, save_packed
-from experiments import load_or_train_baseline, scores
-from experiments.metrics import latency_ms
-from search import compose_config, run_sweep
-from search.study import plan_sweep
-from search.trial import trial_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import recipe_text, shipped_baseline, side_by_side  # noqa: E402
+
+from compressors import load_packed  # noqa: E402
+from experiments import scores  # noqa: E402
+from search import compose_config, run_sweep  # noqa: E402
+from search.trial import trial_file  # noqa: E402
+
+#: Fewer, shorter timing rounds than the small tasks': a MiniLM forward takes milliseconds.
+TIMING = {"rounds": 5, "repeats": 10}
 
 BATCHES = (1, 32)
 
@@ -78,13 +82,7 @@ def _bench(workdir: Path, args: argparse.Namespace) -> None:
         f"{base['flops'] / 1e6:.0f} MFLOPs/sentence"
     )
 
-    plan = plan_sweep(cfg)
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
-    save_packed(baseline.model, workdir / "baseline.sqz")
-    base_model = load_packed(workdir / "baseline.sqz", task.build_model())
+    task, base_model = shipped_baseline(cfg, workdir)
     trials = result.trials[result.trials.state == "COMPLETE"]
     good = trials[trials.val_acc >= args.min_cosine]
     if good.empty:
@@ -98,10 +96,10 @@ def _bench(workdir: Path, args: argparse.Namespace) -> None:
         f"best ratio at val cosine >= {args.min_cosine}: {best.compression_ratio:.2f}x "
         f"({best.size_bytes / 1e6:.2f} MB; val cosine {best.val_acc:.4f}, retrieval "
         f"{best.val_retrieval:.3f}; test cosine {test['acc']:.4f}, retrieval "
-        f"{test['retrieval']:.3f}) trial {best.trial}: {_recipe(best)}"
+        f"{test['retrieval']:.3f}) trial {best.trial}: {recipe_text(best)}"
     )
     for batch in BATCHES:
-        speedup, base_ms, ms = _side_by_side(base_model, model, task.example_inputs(batch))
+        speedup, base_ms, ms = side_by_side(base_model, model, task.example_inputs(batch), **TIMING)
         print(
             f"  latency b{batch}: {ms:.2f} ms vs baseline {base_ms:.2f} ms = {speedup:.2f}x "
             "(side by side)"
@@ -110,41 +108,21 @@ def _bench(workdir: Path, args: argparse.Namespace) -> None:
     fastest = good.nsmallest(3, "latency_ms_b32")
     timed = []
     for _, row in fastest.iterrows():
-        speedup, base_ms, ms = _side_by_side(
-            base_model, _load(cfg, task, row), task.example_inputs(32)
+        speedup, base_ms, ms = side_by_side(
+            base_model, _load(cfg, task, row), task.example_inputs(32), **TIMING
         )
         timed.append((speedup, base_ms, ms, row))
     speedup, base_ms, ms, row = max(timed, key=lambda t: t[0])
     print(
         f"fastest at val cosine >= {args.min_cosine}, batch 32: {speedup:.2f}x ({ms:.2f} ms vs "
         f"{base_ms:.2f} ms; {row.compression_ratio:.2f}x smaller, val cosine {row.val_acc:.4f}) "
-        f"trial {row.trial}: {_recipe(row)}"
+        f"trial {row.trial}: {recipe_text(row)}"
     )
 
 
 def _load(cfg, task, row) -> torch.nn.Module:
     path = trial_file(Path(cfg.output_dir), str(cfg.search.study_name), int(row.trial))
     return load_packed(path, task.build_model())
-
-
-def _side_by_side(base, model, inputs, *, rounds: int = 5, repeats: int = 10):
-    """``(speed-up, baseline ms, model ms)``, timed in alternating rounds (median of medians)."""
-    base_times, times = [], []
-    for _ in range(rounds):
-        base_times.append(latency_ms(base, inputs, repeats=repeats))
-        times.append(latency_ms(model, inputs, repeats=repeats))
-    base_ms, ms = statistics.median(base_times), statistics.median(times)
-    return base_ms / ms, base_ms, ms
-
-
-def _recipe(row) -> str:
-    params = {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}
-    parts = [f"{k}={_short(v)}" for k, v in params.items() if v == v and k != "pipeline"]
-    return f"{params.get('pipeline')} " + " ".join(parts)
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -37,19 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    sweep = commands.add_parser(
-        "sweep",
-        help="run (or continue) a multi-objective compression search",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    sweep = _command(commands, "sweep", "run (or continue) a multi-objective compression search")
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=mnist1d_cnn")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    export = commands.add_parser(
-        "export",
-        help="write a study's chosen trial as conf/experiment/<name>.yaml",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    export = _command(
+        commands, "export", "write a study's chosen trial as conf/experiment/<name>.yaml"
     )
     export.add_argument("--study", required=True, help="study name (search.study_name)")
     export.add_argument(
@@ -60,44 +52,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     export.add_argument("--name", default=None, help="experiment name (default: <study>-t<N>)")
     export.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
-    run = commands.add_parser(
-        "run",
-        help="rerun an exported experiment, log it to MLflow and register the model",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    run = _command(
+        commands, "run", "rerun an exported experiment, log it to MLflow and register the model"
     )
     run.add_argument("overrides", nargs="*", help="experiment=<name> and other overrides")
     run.add_argument("--alias", default="champion", help="model registry alias (champion)")
-    report = commands.add_parser(
-        "report",
-        help="trials table, plots, per-class metrics and an HTML page for a study",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    report = _command(
+        commands, "report", "trials table, plots, per-class metrics and an HTML page for a study"
     )
     report.add_argument("--study", required=True, help="study name (search.study_name)")
     report.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
-    inspect = commands.add_parser(
-        "inspect",
-        help="dataset analysis and model summary of a task",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    inspect = _command(commands, "inspect", "dataset analysis and model summary of a task")
     inspect.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
-    sensitivity = commands.add_parser(
+    sensitivity = _command(
+        commands,
         "sensitivity",
-        help="prune / quantize each layer alone; plot it; write a per-layer space",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "prune / quantize each layer alone; plot it; write a per-layer space",
     )
     sensitivity.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
     sensitivity.add_argument(
         "--tolerance", type=float, default=1.0, help="validation points a layer may lose (1.0)"
     )
-    worker = commands.add_parser(
+    worker = _command(
+        commands,
         "worker",
-        help="join a running study (same overrides as its sweep) and run trials of its budget",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "join a running study (same overrides as its sweep) and run trials of its budget",
     )
     worker.add_argument("overrides", nargs="*", help="the same overrides as its sweep")
     worker.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -136,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     return 1
+
+
+def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=help, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
