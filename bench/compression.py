@@ -76,6 +76,7 @@ def main() -> None:
 
 
 def _bench_task(task: str, workdir: Path, args: argparse.Namespace) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
     common = [
         f"task={task}",
         f"search.n_trials={args.trials}",
