@@ -193,7 +193,7 @@ def front_figure(
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g} KB"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("packed model file size (log scale)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("validation score (val_acc)")
     ax.set_title(f"{title}: accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")

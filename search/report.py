@@ -202,7 +202,7 @@ def _front_html(complete, front_ids, baseline) -> go.Figure:
     fig.update_layout(
         title="Validation accuracy vs packed size",
         xaxis={"type": "log", "title": "packed model file (KB, log scale)"},
-        yaxis={"title": "validation accuracy"},
+        yaxis={"title": "validation score (val_acc)"},
     )
     return fig
 
