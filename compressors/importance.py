@@ -27,7 +27,8 @@ def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
     """Fill ``.grad`` of the model's parameters with the gradient of the task's loss
     (``ctx.loss``: cross-entropy for a classifier) on training data."""
     model.zero_grad(set_to_none=True)
-    x, y = ctx.train.x[:TAYLOR_SAMPLES], ctx.train.y[:TAYLOR_SAMPLES]
+    device = next(model.parameters()).device
+    x, y = ctx.train.x[:TAYLOR_SAMPLES].to(device), ctx.train.y[:TAYLOR_SAMPLES].to(device)
     ctx.loss(model(x), y, None).backward()
 
 
@@ -49,7 +50,7 @@ def weight_scores(
             grad = _weight_grad(layer)
             scores[name] = (w * grad).abs()
         else:
-            scores[name] = torch.rand(w.shape, generator=generator)
+            scores[name] = torch.rand(w.shape, generator=generator).to(w.device)
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
     return scores

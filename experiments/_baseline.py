@@ -56,7 +56,12 @@ def config_key(config: Mapping[str, Any]) -> str:
 
 
 def load_or_train_baseline(
-    task: Task, *, config: Mapping[str, Any], cache_dir: str | os.PathLike, seed: int
+    task: Task,
+    *,
+    config: Mapping[str, Any],
+    cache_dir: str | os.PathLike,
+    seed: int,
+    device: str | None = None,
 ) -> Baseline:
     """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent.
 
@@ -65,6 +70,7 @@ def load_or_train_baseline(
         config: The task's config; any change to it trains a new baseline.
         cache_dir: Root folder of the cache.
         seed: Seed of the initialisation and of the mini-batch order.
+        device: Where to train it if absent (``cuda``); the returned model is on the CPU.
     """
     key = config_key({"task": dict(config), "seed": seed})
     folder = Path(cache_dir) / f"{task.name}-{key}"
@@ -86,6 +92,7 @@ def load_or_train_baseline(
         weight_decay=cfg.weight_decay,
         loss_fn=task.loss,
         seed=seed,
+        device=device,
     )
     teacher = predict_logits(model, task.train.x)
     metrics = {

@@ -53,6 +53,7 @@ def fit(
     seed: int = 0,
     before_epoch: Callable[[int, int], None] | None = None,
     after_epoch: Callable[[EpochStats], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place with Adam.
 
@@ -72,6 +73,8 @@ def fit(
         before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
             e.g. gradual pruning, changes the model here).
         after_epoch: Called with each epoch's `EpochStats` (early stopping raises here).
+        device: Train on this device (e.g. ``cuda``), batch by batch from the CPU-held splits;
+            the model is moved back to the CPU when training ends. None trains where it is.
 
     Returns:
         One `EpochStats` per epoch.
@@ -81,6 +84,9 @@ def fit(
     """
     if epochs == 0:
         return []
+    if device is not None:
+        model.to(device)
+    on = model_device(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train) / batch_size)
     scheduler = (
@@ -91,37 +97,51 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     history = []
     n = len(train)
-    for epoch in range(epochs):
-        if before_epoch is not None:
-            before_epoch(epoch, epochs)
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            teacher = None if teacher_logits is None else teacher_logits[idx]
-            loss = loss_fn(model(train.x[idx]), train.y[idx], teacher)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.item() * len(idx)
-        val_acc = evaluate(model, val) if val is not None else None
-        history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))
-        if after_epoch is not None:
-            after_epoch(history[-1])
+    try:
+        for epoch in range(epochs):
+            if before_epoch is not None:
+                before_epoch(epoch, epochs)
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                teacher = None if teacher_logits is None else teacher_logits[idx].to(on)
+                loss = loss_fn(model(train.x[idx].to(on)), train.y[idx].to(on), teacher)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total += loss.item() * len(idx)
+            val_acc = evaluate(model, val) if val is not None else None
+            history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))
+            if after_epoch is not None:
+                after_epoch(history[-1])
+    finally:
+        if device is not None:
+            model.to("cpu")
     model.eval()
     return history
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """Outputs (logits, or embeddings) of ``model`` on ``x``, in evaluation mode."""
+    """Outputs (logits, or embeddings) of ``model`` on ``x``, in evaluation mode, on the CPU
+    (computed batch by batch on the model's device)."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = model_device(model)
+    return torch.cat(
+        [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def evaluate(model: nn.Module, split: Split) -> float:

@@ -309,8 +309,9 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
     plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
+    device = _device(cfg)
     baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
+        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed, device=device
     )
     baseline_size = _baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
@@ -334,6 +335,7 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
         folds=_cv_folds(cfg, plan, task),
+        device=device,
         constraints=plan.constraints,
         early_stop=EarlyStop(
             pruner=cfg.search.pruner != "none",
@@ -415,6 +417,14 @@ def _set_threads(cfg: DictConfig, *, workers: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def _device(cfg: DictConfig) -> str | None:
+    """``cuda`` when ``device`` resolves to it (a worker sees only the GPU it is pinned to),
+    else None: train on the CPU."""
+    from search.workers import resolve_device
+
+    return "cuda" if resolve_device(cfg.device) == "cuda" else None
+
+
 def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
     """(task, baseline) per fold when ``search.cv_folds`` is set; each baseline is cached."""
     folds = cfg.search.get("cv_folds")
@@ -424,7 +434,7 @@ def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
     for k, fold in enumerate(cv_folds(task, folds, seed=cfg.seed)):
         config = {**plan.task_kwargs, "cv_fold": f"{k}/{folds}"}
         baseline = load_or_train_baseline(
-            fold, config=config, cache_dir=cfg.cache_dir, seed=cfg.seed
+            fold, config=config, cache_dir=cfg.cache_dir, seed=cfg.seed, device=_device(cfg)
         )
         pairs.append((fold, baseline))
     return tuple(pairs)

@@ -61,6 +61,8 @@ class SweepContext:
         tracker: MLflow parent run of the study.
         output_dir: Where trials write their packed model files.
         seed: Trial ``n`` is seeded with ``seed + n`` (a retry like the trial it retries).
+        device: Where fine-tuning runs (``cuda`` with ``device=cuda|auto`` and a GPU); None:
+            the CPU. The shipped model is always measured on the CPU.
         folds: With ``search.cv_folds=K``: K (task, baseline) pairs whose splits are the folds of
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
@@ -80,6 +82,7 @@ class SweepContext:
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
     folds: tuple[tuple[Task, Baseline], ...] = ()
+    device: str | None = None
     constraints: Mapping[str, float] = field(default_factory=dict)
     early_stop: EarlyStop = field(default_factory=EarlyStop)
 
@@ -115,6 +118,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             seed=seed,
             after_epoch=after_epoch,
             on_compressed=stopper.start if stopper.active else None,
+            device=ctx.device,
         )
 
         # 5. Ship: write the packed file and load it back into a fresh model (int8 layers where
@@ -153,6 +157,7 @@ def compress_recipe(
     seed: int,
     after_epoch: Callable[[EpochStats], None] | None = None,
     on_compressed: Callable[[torch.nn.Module], None] | None = None,
+    device: str | None = None,
 ) -> tuple[torch.nn.Module, list[EpochStats]]:
     """Apply ``recipe`` to a copy of the trained baseline; return the model to ship and the
     fine-tuning history.
@@ -166,6 +171,7 @@ def compress_recipe(
         after_epoch: Called after each fine-tuning epoch (early stopping raises here).
         on_compressed: Called before fine-tuning with the model as it would ship without any
             (finalized on a copy), whose size is then already known (early stopping).
+        device: Fine-tune there (e.g. ``cuda``); the model comes back on the CPU.
     """
     compressors = space.build(recipe)
 
@@ -203,6 +209,7 @@ def compress_recipe(
         seed=seed,
         before_epoch=_schedules(compressors, model),
         after_epoch=after_epoch,
+        device=device,
     )
     model = finalize_pipeline(compressors, model, context)
     return model, history
@@ -213,7 +220,7 @@ def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:
     its own baseline and is evaluated on its held-out part)."""
     fold_scores = []
     for task, baseline in ctx.folds:
-        model, _ = compress_recipe(recipe, ctx.space, task, baseline, seed=seed)
+        model, _ = compress_recipe(recipe, ctx.space, task, baseline, seed=seed, device=ctx.device)
         fold_scores.append(evaluate(model, task.val))
     return sum(fold_scores) / len(fold_scores)
 

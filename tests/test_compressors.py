@@ -203,3 +203,16 @@ def test_cosine_schedule_lets_weights_settle_at_the_end(digits_task, digits_base
         )
         last_step[schedule] = (snapshots[-1] - snapshots[-2]).abs().mean().item()
     assert last_step["cosine"] < 0.5 * last_step["constant"]
+
+
+def test_fit_on_an_explicit_device_returns_the_model_on_the_cpu(digits_task, digits_baseline):
+    """The device path (``device=cuda`` on a GPU machine) on the one device this CI has: the same
+    result as training in place, and the model comes back on the CPU."""
+    from experiments._training import model_device
+
+    a, b = copy.deepcopy(digits_baseline.model), copy.deepcopy(digits_baseline.model)
+    fit(a, digits_task.train, epochs=1, batch_size=64, lr=1e-3, seed=3)
+    fit(b, digits_task.train, epochs=1, batch_size=64, lr=1e-3, seed=3, device="cpu")
+    assert model_device(b).type == "cpu"
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
