@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,8 +24,12 @@ from experiments._training import evaluate, fit, predict_logits
 
 logger = logging.getLogger(__name__)
 
-#: Bump when training code changes in a way that invalidates cached baselines.
+#: Bump when training code changes in a way that invalidates cached baselines, or the layout of
+#: the cached files changes. ``model.safetensors`` holds the model's state, each tied tensor (an
+#: embedding that is also the output layer's weight) once, under its first name; its metadata
+#: maps the other names to it (the task's builder ties them again).
 CACHE_VERSION = 1
+_TIED = "squeeze.tied"  # metadata key of model.safetensors: {left-out name: name it is tied to}
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def load_or_train_baseline(
 
 def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
     model = task.build_model()
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    _load_state(model, folder / "model.safetensors")
     model.eval()
     teacher = load_file(folder / "teacher_logits.safetensors")["train"]
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -123,14 +128,70 @@ def _write_atomically(
     metrics: dict[str, float],
     config: Mapping[str, Any],
 ) -> None:
+    """Write the cache folder under a temporary name, then rename it into place; the temporary
+    folder is removed whatever happens (an error, or another worker renaming first)."""
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
+    try:
+        _write_files(tmp, model, teacher, metrics, config)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another worker cached the same baseline first; theirs is as good
+            if not (folder / "metrics.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(
+    tmp: Path,
+    model: nn.Module,
+    teacher: torch.Tensor,
+    metrics: dict[str, float],
+    config: Mapping[str, Any],
+) -> None:
+    _save_state(model, tmp / "model.safetensors")
     save_file({"train": teacher.contiguous()}, tmp / "teacher_logits.safetensors")
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another worker cached the same baseline first; theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_state(model: nn.Module, path: Path) -> None:
+    """Save ``model``'s state with safetensors, each tied tensor once (safetensors refuses
+    tensors that share memory); the metadata maps each left-out name to the name it is tied to.
+    """
+    state = model.state_dict()
+    first: dict[tuple[Any, ...], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in state.items():
+        where = (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        if tensor.numel() and where in first:
+            tied[name] = first[where]
+        else:
+            first.setdefault(where, name)
+            tensors[name] = tensor.contiguous()
+    save_file(tensors, path, metadata={_TIED: json.dumps(tied)} if tied else None)
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    """Load a state `_save_state` wrote into ``model``, whose own builder tied what was tied.
+
+    Raises:
+        RuntimeError: If names are missing or unexpected, or ``model`` does not tie a name
+            the file left out to the name it was tied to.
+    """
+    with safe_open(path, "pt") as f:
+        tied = json.loads((f.metadata() or {}).get(_TIED, "{}"))
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    state = model.state_dict()
+    untied = [
+        name
+        for name in missing
+        if name not in tied or state[name].data_ptr() != state[tied[name]].data_ptr()
+    ]
+    if untied or unexpected:
+        raise RuntimeError(
+            f"The cached baseline {path} does not fit the task's model: missing {untied}, "
+            f"unexpected {unexpected}. Delete the folder to train the baseline again."
+        )

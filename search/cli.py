@@ -12,10 +12,11 @@ from pathlib import Path
 
 import optuna
 from rich.console import Console
+from rich.markup import escape
 
 from search._errors import ConfigError
 from search.config import compose_config
-from search.storage import mask_url
+from search.storage import mask_url, open_storage
 
 _EPILOG = """examples:
   squeeze sweep task=digits_mlp search.n_trials=30
@@ -124,11 +125,13 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
+    """Run the sweep; exit code 1 (with the reason on stderr) if the study has no COMPLETE
+    trial when it ends, else 0."""
     from search.progress import SweepProgress, front_table
     from search.study import plan_sweep, run_sweep
 
     cfg = compose_config(args.overrides, config_dirs=args.config_dir)
-    plan_sweep(cfg)  # fail on bad input before anything is created
+    plan = plan_sweep(cfg)  # fail on bad input before anything is created
     if args.quiet:
         result = run_sweep(cfg)
     else:
@@ -144,7 +147,10 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         f"MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
-    return 0
+    if counts.get("COMPLETE", 0):
+        return 0
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
+    return _no_trial_completed(study.get_trials(deepcopy=False))
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
@@ -186,13 +192,30 @@ def _worker(args: argparse.Namespace, console: Console) -> int:
 
     cfg = compose_config(args.overrides, config_dirs=args.config_dir)
     plan_sweep(cfg)
-    count = run_worker(cfg)
+    finished: list[optuna.trial.FrozenTrial] = []
+    count = run_worker(cfg, callbacks=[lambda _study, trial: finished.append(trial)])
     console.print(
         f"worker ran {count} trial(s) of study {cfg.search.study_name}; the budget of "
         f"{cfg.search.n_trials} is spent",
         highlight=False,
     )
-    return 0
+    return _no_trial_completed(finished)
+
+
+def _no_trial_completed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """1, with the reason on stderr, if there are trials and none completed; else 0."""
+    from search.failures import no_trial_completed
+
+    line = no_trial_completed(trials)
+    if line is None:
+        return 0
+    Console(stderr=True).print(
+        f"[bold red]squeeze:[/] {escape(line)}. See fail_reason and fail_traceback of the "
+        "trials in Optuna, or traceback.txt of their MLflow runs.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 1
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:

@@ -1,13 +1,64 @@
-"""Why a trial stopped early: pruned, or which kind of failure (recorded in Optuna and MLflow)."""
+"""Why a trial stopped early: pruned, or which kind of failure, in which phase, with which
+traceback (recorded in Optuna and MLflow).
+
+Where a trial failed is carried by the exception itself, as Python exception notes
+(``err.add_note``) that also show in its traceback: `phase` adds ``phase 'compress'`` (the trial's
+steps are wrapped in it), and compressors may add ``compressor 'structured'`` and
+``layer 'encoder.layers.0.self_attn'``. The innermost note of each kind wins.
+"""
 
 from __future__ import annotations
 
+import re
+import traceback
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 #: Why a trial failed (its user attribute ``fail_kind``).
 FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost")
+#: The steps of a trial a failure is attributed to (its user attribute ``fail_phase``).
+PHASES = ("compress", "fine-tune", "pack", "reload", "measure")
+#: Characters of a traceback kept in the Optuna user attribute ``fail_traceback`` (the end).
+TRACEBACK_ATTR_CHARS = 20_000
+#: Characters of a traceback kept in the MLflow artifact ``traceback.txt`` (the end).
+TRACEBACK_FILE_CHARS = 1_000_000
 
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+_NOTE = re.compile(r"^(phase|compressor|layer) '(.*)'$", re.DOTALL)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Attribute an error raised in the body to the trial phase ``name`` (one of `PHASES`).
+
+    The error gets the note ``phase '<name>'`` unless an inner phase named it already;
+    ``optuna.TrialPruned`` passes untouched.
+
+    Raises:
+        ValueError: If ``name`` is not one of `PHASES`.
+    """
+    if name not in PHASES:
+        raise ValueError(f"Unknown trial phase {name!r}. Available: {', '.join(PHASES)}")
+    try:
+        yield
+    except BaseException as err:
+        if not isinstance(err, optuna.TrialPruned) and failure_phase(err) is None:
+            err.add_note(f"phase '{name}'")
+        raise
+
+
+def _notes(err: BaseException) -> dict[str, str]:
+    """The first ``phase``, ``compressor`` and ``layer`` notes of ``err``."""
+    found: dict[str, str] = {}
+    for note in getattr(err, "__notes__", ()):
+        match = _NOTE.match(str(note).strip())
+        if match:
+            found.setdefault(match.group(1), match.group(2))
+    return found
 
 
 def failure_kind(err: BaseException) -> str:
@@ -29,7 +80,55 @@ def failure_kind(err: BaseException) -> str:
     return "error"
 
 
+def failure_phase(err: BaseException) -> str | None:
+    """The trial phase ``err`` was raised in (one of `PHASES`), or None if not known."""
+    return _notes(err).get("phase")
+
+
 def failure_reason(err: BaseException) -> str:
-    """A one-line reason: the error's type and the first line of its message."""
+    """A one-line reason: the phase, compressor and layer when known, then the error's type and
+    the first line of its message.
+
+    For example ``compress: compressor 'structured', layer 'fc1': AssertionError: ...``.
+    """
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}"[:1000] if text else type(err).__name__
+    reason = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    notes = _notes(err)
+    where = ", ".join(f"{key} '{notes[key]}'" for key in ("compressor", "layer") if key in notes)
+    prefix = ": ".join(part for part in (notes.get("phase"), where) if part)
+    return (f"{prefix}: {reason}" if prefix else reason)[:1000]
+
+
+def failure_traceback(err: BaseException, *, limit: int = TRACEBACK_ATTR_CHARS) -> str:
+    """The formatted traceback of ``err`` (with its causes and notes), its last ``limit``
+    characters if longer."""
+    text = "".join(traceback.format_exception(err))
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    return f"[... the first {cut} characters are cut ...]\n{text[cut:]}"
+
+
+def no_trial_completed(trials: Iterable[FrozenTrial]) -> str | None:
+    """The line to print when none of ``trials`` completed, or None if one did (or there are
+    none).
+
+    For example ``no trial completed (4 failed: 3 in fine-tune, 1 elsewhere; 1 pruned; first
+    reason: ...)`` (``elsewhere``: a failure outside the trial's phases, e.g. a lost worker).
+    """
+    trials = sorted(trials, key=lambda t: t.number)
+    if not trials or any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    others = Counter(t.state.name.lower() for t in trials if t.state != TrialState.FAIL)
+    phases = Counter(t.user_attrs.get("fail_phase") for t in failed)
+    where = ", ".join(
+        f"{n} in {p}" if p else f"{n} elsewhere"
+        for p, n in sorted(phases.items(), key=lambda pn: (pn[0] is None, -pn[1]))
+    )
+    parts = [f"{len(failed)} failed: {where}"] if failed else []
+    parts += [f"{n} {state}" for state, n in others.items()]
+    if failed:
+        first = failed[0].user_attrs.get("fail_reason", "worker lost (no heartbeat)")
+        parts.append(f"first reason: {first}")
+    return f"no trial completed ({'; '.join(parts)})"

@@ -3,7 +3,7 @@
 Like Optuna's own loop (`optuna.study.Study.optimize`): `optuna.TrialPruned` makes a trial
 PRUNED, any other error FAIL, and the loop goes on. Unlike it, every trial is claimed from the
 study's shared `search.budget.Budget`, and a failed trial records why (user attributes
-``fail_kind`` and ``fail_reason``).
+``fail_kind``, ``fail_reason``, ``fail_phase`` and ``fail_traceback``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search.budget import Budget
-from search.failures import failure_kind, failure_reason
+from search.failures import failure_kind, failure_phase, failure_reason, failure_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -58,22 +58,44 @@ def run_one(
         logger.info("trial %d pruned: %s", trial.number, err)
         return study.tell(trial, state=TrialState.PRUNED)
     except (Exception, KeyboardInterrupt) as err:
-        _record_failure(trial, failure_kind(err), failure_reason(err))
-        logger.warning("trial %d failed (%s)", trial.number, failure_reason(err))
+        reason = failure_reason(err)
+        _record_failure(
+            trial,
+            failure_kind(err),
+            reason,
+            phase=failure_phase(err),
+            traceback=failure_traceback(err),
+        )
+        logger.warning("trial %d failed (%s)", trial.number, reason)
         frozen = study.tell(trial, state=TrialState.FAIL)
         if isinstance(err, KeyboardInterrupt):
             raise
         _free_accelerator_memory()
         return frozen
     if not all(math.isfinite(v) for v in values):
-        _record_failure(trial, "error", f"objective values {list(values)} are not all finite")
+        reason = f"measure: objective values {list(values)} are not all finite"
+        _record_failure(trial, "error", reason, phase="measure")
+        logger.warning("trial %d failed (%s)", trial.number, reason)
         return study.tell(trial, state=TrialState.FAIL)
     return study.tell(trial, list(values))
 
 
-def _record_failure(trial: optuna.Trial, kind: str, reason: str) -> None:
+def _record_failure(
+    trial: optuna.Trial,
+    kind: str,
+    reason: str,
+    *,
+    phase: str | None = None,
+    traceback: str | None = None,
+) -> None:
+    """Record why ``trial`` failed as user attributes (``fail_phase`` and ``fail_traceback``
+    only when known)."""
     trial.set_user_attr("fail_kind", kind)
     trial.set_user_attr("fail_reason", reason)
+    if phase is not None:
+        trial.set_user_attr("fail_phase", phase)
+    if traceback is not None:
+        trial.set_user_attr("fail_traceback", traceback)
 
 
 @contextmanager

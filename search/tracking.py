@@ -29,7 +29,13 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from search._errors import ConfigError
-from search.failures import failure_kind, failure_reason
+from search.failures import (
+    TRACEBACK_FILE_CHARS,
+    failure_kind,
+    failure_phase,
+    failure_reason,
+    failure_traceback,
+)
 from search.storage import check_storage, mask_url
 
 logger = logging.getLogger(__name__)
@@ -95,6 +101,7 @@ class ChildRun:
         self.metrics: list[Metric] = []
         self.tags: dict[str, str] = {}
         self.artifacts: list[str] = []
+        self.texts: dict[str, str] = {}
 
     @property
     def run_id(self) -> str:
@@ -116,6 +123,10 @@ class ChildRun:
     def log_artifact(self, path: str | Path) -> None:
         self.artifacts.append(str(path))
 
+    def log_text(self, text: str, name: str) -> None:
+        """Log ``text`` as the artifact file ``name`` (no local file needed)."""
+        self.texts[name] = text
+
 
 def _write(
     client: MlflowClient,
@@ -124,6 +135,7 @@ def _write(
     metrics: list[Metric],
     tags: Mapping[str, str],
     artifacts: list[str],
+    texts: Mapping[str, str],
 ) -> None:
     plist = [Param(k, v) for k, v in params.items()]
     tlist = [RunTag(k, v) for k, v in tags.items()]
@@ -137,6 +149,8 @@ def _write(
         metrics, plist, tlist = metrics[_MAX_METRICS:], plist[_MAX_PARAMS:], tlist[_MAX_TAGS:]
     for path in artifacts:
         client.log_artifact(run_id, path)
+    for name, text in texts.items():
+        client.log_text(run_id, text, name)
 
 
 # --- the writer process ---------------------------------------------------------------------
@@ -166,9 +180,9 @@ def _writer_create(experiment_id: str, name: str, tags: dict[str, str]) -> str:
     return _writer_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
-def _writer_write(run_id: str, params, metrics, tags, artifacts, status: str | None) -> None:
+def _writer_write(run_id: str, params, metrics, tags, artifacts, texts, status: str | None) -> None:
     try:
-        _write(_writer_client, run_id, params, metrics, tags, artifacts)
+        _write(_writer_client, run_id, params, metrics, tags, artifacts, texts)
     finally:
         if status is not None:
             _writer_client.set_terminated(run_id, status=status)
@@ -276,8 +290,10 @@ class Tracker:
     def child_run(
         self, *, name: str, tags: Mapping[str, Any], link: Callable[[str], None] | None = None
     ) -> Iterator[ChildRun]:
-        """A child run of the parent; ends FAILED, with the error as tags, if the body raises
-        (FINISHED with ``squeeze.state=PRUNED`` if it raises ``optuna.TrialPruned``).
+        """A child run of the parent; ends FAILED if the body raises, with the error as tags
+        (``squeeze.fail_kind``, ``squeeze.fail_reason``, ``squeeze.fail_phase`` when known) and
+        its full traceback as the artifact ``traceback.txt`` (FINISHED with
+        ``squeeze.state=PRUNED`` if it raises ``optuna.TrialPruned``).
 
         The writer creates the run while the body works; ``link`` is called with the run id
         before the run ends, whether the body succeeded or failed.
@@ -301,6 +317,9 @@ class Tracker:
                     "squeeze.error": repr(err)[:5000],
                 }
             )
+            if (where := failure_phase(err)) is not None:
+                child.set_tags({"squeeze.fail_phase": where})
+            child.log_text(failure_traceback(err, limit=TRACEBACK_FILE_CHARS), "traceback.txt")
             self._end(child, "FAILED", link)
             raise
         child.set_tags({"squeeze.state": "COMPLETE"})
@@ -316,6 +335,7 @@ class Tracker:
             child.metrics,
             child.tags,
             child.artifacts,
+            child.texts,
             status,
         )
 
