@@ -172,7 +172,7 @@ def _random_control(task_name: str, best, workdir: Path) -> None:
             recipe, plan.space, task, baseline, seed=cfg.seed + int(best.trial)
         )
         path = workdir / f"control-{importance}.sqz"
-        file_size = save_packed(model, path)
+        file_size = save_packed(model, path, like=baseline.model)
         shipped = load_packed(path, task.build_model())
         results[importance] = (
             evaluate(shipped, task.val),

@@ -13,12 +13,15 @@ import pkgutil
 from compressors._base import (
     CompressionContext,
     Compressor,
+    UnsupportedModelError,
     apply_pipeline,
     available,
+    coverage,
     finalize_pipeline,
     get_compressor,
 )
 from compressors._params import Integer, InvalidParameterError, Options, Real, check_param
+from compressors._targets import KINDS, Target, parameter_count, targets
 from compressors.packing import PackedFileError, load_packed, read_packed, save_packed
 
 for _module in pkgutil.iter_modules(__path__):
@@ -26,6 +29,7 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "KINDS",
     "CompressionContext",
     "Compressor",
     "Integer",
@@ -33,12 +37,17 @@ __all__ = [
     "Options",
     "PackedFileError",
     "Real",
+    "UnsupportedModelError",
     "apply_pipeline",
     "available",
+    "coverage",
     "finalize_pipeline",
     "check_param",
     "get_compressor",
     "load_packed",
     "read_packed",
+    "parameter_count",
     "save_packed",
+    "Target",
+    "targets",
 ]

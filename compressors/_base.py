@@ -11,7 +11,11 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 - ``stage``: 0 for methods that train the dense model before anything is removed (L1 sparse
   training), 1 for those that change layer shapes (structured pruning, factorisation), 2 for
   those that constrain weights in place (masks, quantization grids), 3 for those that only change
-  the fine-tuning; a pipeline applies them in non-decreasing stage.
+  the fine-tuning; a pipeline applies them in non-decreasing stage;
+- ``shrinks`` and ``acts_on``: whether the method itself makes the shipped model smaller, and on
+  what (in words); `Compressor.claims` names the tensors of a given model it compresses. A
+  method that shrinks models but can act on none of a model's tensors is refused before any
+  training (`check_model`), never run as a silent no-op.
 
 A trial calls the hooks in this order, each compressor in pipeline order:
 
@@ -28,18 +32,24 @@ edited to add a method.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from compressors._params import Constraint, check_known, check_param
+from compressors._params import Constraint, InvalidParameterError, check_known, check_param
+from compressors._targets import parameter_count, targets
 from experiments import Split
 from experiments._objectives import LossFn, ce_loss
 
 _REGISTRY: dict[str, type[Compressor]] = {}
+
+
+class UnsupportedModelError(InvalidParameterError):
+    """A compressor cannot act on a model (none of its tensors, or a module it cannot handle)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class Compressor:
     kind: ClassVar[str] = ""
     stage: ClassVar[int] = 2
     output_params: ClassVar[Mapping[str, Mapping[str, Constraint]]] = {}
+    shrinks: ClassVar[bool] = False
+    acts_on: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,6 +108,32 @@ class Compressor:
         """Return the compressed model (may change ``model`` in place). Default: unchanged."""
         return model
 
+    def claims(self, model: nn.Module) -> list[str]:
+        """Qualified names of the tensors of ``model`` this method compresses (their sizes are
+        the coverage of a recipe). Default: every weight tensor (`compressors._targets`) for a
+        method that ``shrinks``, none otherwise."""
+        return list(targets(model)) if self.shrinks else []
+
+    def check_model(self, model: nn.Module) -> list[str]:
+        """`claims` of ``model``, after checking that the method can act on it.
+
+        Raises:
+            UnsupportedModelError: If the method shrinks models but claims none of this one's
+                tensors (naming the method, what it acts on, and what the model has), or meets
+                a module it cannot handle.
+        """
+        claimed = self.claims(model)
+        if self.shrinks and not claimed:
+            found = targets(model)
+            have = ", ".join(f"{n} ({t.kind})" for n, t in list(found.items())[:8]) or "none"
+            more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+            raise UnsupportedModelError(
+                f"Compressor '{self.name}' cannot act on any tensor of this model: it "
+                f"{self.acts_on}. The model's compressible tensors: {have}{more}. Remove "
+                f"'{self.name}' from space.pipeline."
+            )
+        return claimed
+
     def check_outputs(self, outputs: str) -> None:
         """Raise `InvalidParameterError` if a parameter does not suit a task whose model outputs
         ``outputs`` (see ``output_params``)."""
@@ -119,6 +157,14 @@ class Compressor:
         return f"{type(self).__name__}({args})"
 
 
+def coverage(compressors: list[Compressor], model: nn.Module) -> float:
+    """Fraction of ``model``'s parameters that ``compressors`` together compress (a tied tensor
+    counts once)."""
+    found = targets(model)
+    claimed = {name for c in compressors if c.shrinks for name in c.claims(model)}
+    return sum(found[n].numel() for n in claimed if n in found) / max(1, parameter_count(model))
+
+
 def apply_pipeline(
     compressors: list[Compressor], model: nn.Module, ctx: CompressionContext
 ) -> nn.Module:
@@ -130,7 +176,8 @@ def apply_pipeline(
         if missing:
             raise ValueError(f"compressor '{compressor.name}' requires {missing} in its context")
     for compressor in compressors:
-        model = compressor.compress(model, ctx)
+        with _naming(compressor):
+            model = compressor.compress(model, ctx)
     return model
 
 
@@ -139,8 +186,19 @@ def finalize_pipeline(
 ) -> nn.Module:
     """Give each compressor, in order, its last word on the fine-tuned model."""
     for compressor in compressors:
-        model = compressor.finalize(model, ctx)
+        with _naming(compressor):
+            model = compressor.finalize(model, ctx)
     return model
+
+
+@contextmanager
+def _naming(compressor: Compressor) -> Iterator[None]:
+    """Add a note naming ``compressor`` to any error it raises (read by failure reports)."""
+    try:
+        yield
+    except Exception as err:
+        err.add_note(f"compressor '{compressor.name}'")
+        raise
 
 
 def available() -> list[str]:

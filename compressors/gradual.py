@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext
-from compressors._layers import weight_layers
 from compressors._params import Real
+from compressors._targets import targets
 from compressors.importance import weight_scores
 from compressors.prune import Mask, UnstructuredPruning, keep_masks
 
@@ -41,8 +40,8 @@ class GradualPruning(UnstructuredPruning):
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         self._ctx = ctx
-        for layer in weight_layers(model).values():
-            parametrize.register_parametrization(layer, "weight", Mask(layer.weight.new_ones(())))
+        for target in targets(model).values():
+            target.register(Mask(target.weight.new_ones(())))
         return model
 
     def on_epoch(self, model: nn.Module, epoch: int, epochs: int) -> None:
@@ -57,9 +56,9 @@ class GradualPruning(UnstructuredPruning):
             amount = {n: cubic_schedule(a, progress) for n, a in self.amount.items()}
         else:
             amount = cubic_schedule(self.amount, progress)
-        layers = weight_layers(model)
-        scores = weight_scores(self.importance, layers, model, self._ctx)
+        found = targets(model)
+        scores = weight_scores(self.importance, found, model, self._ctx)
         masks = keep_masks(scores, amount, self.scope, param=f"{self.name}.amount")
         for name, keep in masks.items():
-            mask = next(p for p in layers[name].parametrizations.weight if isinstance(p, Mask))
+            mask = next(p for p in found[name].parametrizations() if isinstance(p, Mask))
             mask.mask = keep.to(mask.mask.dtype)

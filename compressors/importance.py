@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressors._base import CompressionContext
+from compressors._targets import Target
 
 CRITERIA = ("l1", "l2", "taylor", "random")
 #: Training samples whose loss gradients feed the Taylor criterion.
@@ -25,29 +26,37 @@ TAYLOR_SAMPLES = 512
 
 def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
     """Fill ``.grad`` of the model's parameters with the gradient of the task's loss
-    (``ctx.loss``: cross-entropy for a classifier) on training data."""
+    (``ctx.loss``: cross-entropy for a classifier) on training data. Frozen parameters (a
+    pretrained embedding table) get gradients too: they are scored like the others."""
     model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    x, y = ctx.train.x[:TAYLOR_SAMPLES].to(device), ctx.train.y[:TAYLOR_SAMPLES].to(device)
-    ctx.loss(model(x), y, None).backward()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        device = next(model.parameters()).device
+        x, y = ctx.train.x[:TAYLOR_SAMPLES].to(device), ctx.train.y[:TAYLOR_SAMPLES].to(device)
+        ctx.loss(model(x), y, None).backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def weight_scores(
-    criterion: str, layers: dict[str, nn.Module], model: nn.Module, ctx: CompressionContext
+    criterion: str, targets: dict[str, Target], model: nn.Module, ctx: CompressionContext
 ) -> dict[str, torch.Tensor]:
-    """One score per weight of each layer (higher = more important)."""
+    """One score per weight of each target tensor (higher = more important)."""
     if criterion == "taylor":
         accumulate_gradients(model, ctx)
     generator = torch.Generator().manual_seed(ctx.seed)
     scores = {}
-    for name, layer in layers.items():
-        w = layer.weight.detach()
+    for name, target in targets.items():
+        w = target.weight.detach()
         if criterion == "l1":
             scores[name] = w.abs()
         elif criterion == "l2":
             scores[name] = w.pow(2)
         elif criterion == "taylor":
-            grad = _weight_grad(layer)
+            grad = target.latent.grad
             scores[name] = (w * grad).abs()
         else:
             scores[name] = torch.rand(w.shape, generator=generator).to(w.device)
@@ -65,10 +74,3 @@ def group_importance(criterion: str) -> tp.importance.Importance:
     if criterion == "taylor":
         return tp.importance.GroupTaylorImportance()
     return tp.importance.RandomImportance()
-
-
-def _weight_grad(layer: nn.Module) -> torch.Tensor:
-    """Gradient of the layer's effective weight (its latent weight's, if parametrized)."""
-    if hasattr(layer, "parametrizations"):
-        return layer.parametrizations.weight.original.grad
-    return layer.weight.grad

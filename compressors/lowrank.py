@@ -15,20 +15,36 @@ import torch
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor
-from compressors._layers import weight_layers
 from compressors._params import Options, Real
+from compressors._targets import output_layer, weight_layers
 from compressors.packing import Replacement, register_replacement
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 @register_replacement
 class LowRank(Replacement, nn.Sequential):
-    """``first`` (down to ``rank`` features or channels), then ``second`` (up to the outputs)."""
+    """``first`` (down to ``rank`` features or channels), then ``second`` (up to the outputs).
+
+    It also offers the ``weight`` and ``bias`` of the layer it replaces (the product of the two
+    factors), for parents that read their children's weights instead of calling them: torch's
+    ``nn.TransformerEncoderLayer`` fast path and ``nn.MultiheadAttention``'s ``out_proj``. Those
+    parents then run the product as one dense layer, with the same outputs.
+    """
 
     def __init__(self, first: nn.Module, second: nn.Module) -> None:
         super().__init__(first, second)
         self.rank = first.weight.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        first, second = self[0].weight, self[1].weight
+        product = second.flatten(1) @ first.flatten(1)  # (out, rank) @ (rank, in * k)
+        return product.view(second.shape[0], *first.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias
 
     def spec(self) -> dict:
         return {"rank": self.rank}
@@ -88,22 +104,39 @@ class LowRankFactorization(Compressor):
 
     name = "lowrank"
     stage = 1
+    shrinks = True
+    acts_on = (
+        "factorises Linear and Conv layers (groups=1) other than the output layer, where a pair "
+        "can hold fewer weights; recurrent, attention-projection and embedding tensors are not "
+        "factorised"
+    )
     params = {
         "keep": Real(0.0, 1.0, closed="right", default=0.5),
         "rank_by": Options(("ratio", "energy"), default="ratio"),
     }
 
+    def claims(self, model: nn.Module) -> list[str]:
+        return [f"{name}.weight" for name in _factorizable(model)]
+
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        layers = weight_layers(model)
-        output_layer = list(layers)[-1]  # keeps full rank: a thin classifier confuses classes
-        for name, layer in layers.items():
-            if name == output_layer:
-                continue
-            if isinstance(layer, nn.Conv1d | nn.Conv2d) and layer.groups != 1:
-                continue
+        for name, layer in _factorizable(model).items():
             matrix = layer.weight.detach().flatten(1)
             out_dim, in_dim = matrix.shape
             rank = choose_rank(torch.linalg.svdvals(matrix), self.keep, self.rank_by)
             if rank * (in_dim + out_dim) < in_dim * out_dim:
                 model.set_submodule(name, factorize(layer, rank))
         return model
+
+
+def _factorizable(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers a pair of rank 1 would make smaller: every Linear and Conv (groups=1) but the
+    output layer, which keeps full rank (a thin classifier confuses classes)."""
+    last = output_layer(model)
+    return {
+        name: layer
+        for name, layer in weight_layers(model).items()
+        if name != last
+        and getattr(layer, "groups", 1) == 1
+        and layer.weight.flatten(1).shape[0] * layer.weight.flatten(1).shape[1]
+        > sum(layer.weight.flatten(1).shape)
+    }

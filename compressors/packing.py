@@ -1,7 +1,9 @@
 """The packed model file: what makes a compressed model's size real.
 
-A file is ``b"SQZ1"``, one codec byte, then a safetensors payload (compressed with LZMA when that
-is smaller: at preset 9, or at preset 0 for payloads over `FAST_LZMA_BYTES`, where a high preset
+A file is ``b"SQZ2"``, one codec byte, the CRC-32 of the rest (4 bytes, little-endian; a
+truncated or corrupted file is refused with `PackedFileError`), then a safetensors payload
+(compressed with LZMA when that is smaller: at preset 9, or at preset 0 for payloads over
+`FAST_LZMA_BYTES`, where a high preset
 costs a minute for well under 1%: a 69 MB MiniLM payload took 62 s at preset 6 and 15 s at preset
 0 on a 2-core CPU, for 9.8% and 9.4% fewer bytes). For every tensor of the model's state the
 writer picks the smallest of three layouts:
@@ -19,9 +21,13 @@ them exactly (the scales, which are rounded to float16 when a grid is made, and 
 float16 values).
 
 The header also records how the model's structure differs from a freshly built one: layers
-replaced by other modules (a low-rank pair, see `register_replacement`) and Linear layers that run
-on int8 kernels (`compressors.runtime`). Loading rebuilds both; it reads tensors and JSON only and
-never unpickles code.
+replaced by other modules (a low-rank pair, see `register_replacement`), layers that run on int8
+kernels (`compressors.runtime`), module attributes that compression changed (a pruned layer's
+``out_features``, a depthwise conv's ``groups``, an attention's ``embed_dim`` and ``num_heads``,
+an LSTM's ``hidden_size``: given the uncompressed model as ``like``, every public attribute of
+plain value that differs from it), and tensors shared by several modules (a tied embedding and
+output layer), which are stored once and tied again on load. Loading rebuilds all of it; it
+reads tensors and JSON only and never unpickles code.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import math
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import constriction
 import numpy as np
@@ -41,11 +49,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from compressors._targets import targets
 from compressors.quant import FakeQuant
 from compressors.runtime import to_int8
 
-MAGIC = b"SQZ1"
-FORMAT_VERSION = 2
+MAGIC = b"SQZ2"
+FORMAT_VERSION = 3
+#: Bytes before the payload: magic, codec, CRC-32.
+HEADER_BYTES = 9
 _RAW, _LZMA = 0, 1
 #: Payloads larger than this are compressed with LZMA's fastest preset.
 FAST_LZMA_BYTES = 4 * 2**20
@@ -111,14 +122,26 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Fa
     return state, grids
 
 
-def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
-    """Write ``model`` as a packed file and return the file's size in bytes."""
+def save_packed(
+    model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None
+) -> int:
+    """Write ``model`` as a packed file and return the file's size in bytes.
+
+    Args:
+        model: The (compressed) model.
+        path: Where to write.
+        like: The uncompressed model it was made from (or a fresh one of its architecture):
+            module attributes of ``model`` that differ from it are recorded, so that loading
+            restores them. Needed whenever compression changed layer shapes.
+    """
     state, grids = plain_state(model)
+    tied = _tied_keys(model)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     for name, value in state.items():
-        layout[name] = _encode(name, value, grids.get(name), tensors)
-    meta = {
+        if name not in tied:
+            layout[name] = _encode(name, value, grids.get(name), tensors)
+    meta: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "t": layout,
         "modules": {
@@ -126,13 +149,18 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
             for name, module in model.named_modules()
             if isinstance(module, Replacement)
         },
-        "int8": sorted(k.removesuffix(".weight") for k, g in grids.items() if g.runtime == "int8"),
+        "int8": _int8_layers(model, grids),
     }
-    payload = st_save(tensors, metadata={"squeeze": json.dumps(meta)})
+    if tied:
+        meta["tied"] = tied
+    attrs = _changed_attributes(model, like) if like is not None else {}
+    if attrs:
+        meta["attrs"] = attrs
+    payload = st_save(tensors, metadata={"squeeze": json.dumps(meta, separators=(",", ":"))})
     packed = lzma.compress(payload, preset=0 if len(payload) > FAST_LZMA_BYTES else 9)
     codec, body = (_LZMA, packed) if len(packed) < len(payload) else (_RAW, payload)
     path = Path(path)
-    path.write_bytes(MAGIC + bytes([codec]) + body)
+    path.write_bytes(MAGIC + bytes([codec]) + struct.pack("<I", zlib.crc32(body)) + body)
     return path.stat().st_size
 
 
@@ -141,26 +169,49 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _read(path)[0]
 
 
+def int8_layers(path: str | os.PathLike) -> list[str]:
+    """Names of the layers a packed file runs on int8 kernels."""
+    return list(_read(path)[1]["int8"])
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state, header, raw tensors)`` of a packed file."""
     data = Path(path).read_bytes()
-    if data[:4] != MAGIC or len(data) < 5 or data[4] not in (_RAW, _LZMA):
+    if data[:3] == MAGIC[:3] and data[:4] != MAGIC:
+        raise PackedFileError(
+            f"{path} was written by another version of squeeze (format {data[3:4].decode()!r}); "
+            f"this squeeze reads format {MAGIC[3:].decode()!r}. Rerun the trial to rewrite it."
+        )
+    if data[:4] != MAGIC or len(data) < HEADER_BYTES or data[4] not in (_RAW, _LZMA):
         raise PackedFileError(f"{path} is not a squeeze packed model file")
-    payload = lzma.decompress(data[5:]) if data[4] == _LZMA else data[5:]
-    (header_len,) = struct.unpack("<Q", payload[:8])
-    meta = json.loads(json.loads(payload[8 : 8 + header_len])["__metadata__"]["squeeze"])
+    body = data[HEADER_BYTES:]
+    if zlib.crc32(body) != struct.unpack("<I", data[5:HEADER_BYTES])[0]:
+        raise PackedFileError(
+            f"{path} is truncated or corrupted: its checksum does not match ({len(data)} bytes)"
+        )
+    try:
+        payload = lzma.decompress(body) if data[4] == _LZMA else body
+        (header_len,) = struct.unpack("<Q", payload[:8])
+        header = json.loads(payload[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["squeeze"])
+        tensors = st_load(payload)
+    except (lzma.LZMAError, struct.error, ValueError, KeyError) as err:  # checksum passed
+        raise PackedFileError(f"{path} cannot be decoded: {err}") from None
     if meta["v"] != FORMAT_VERSION:
         raise PackedFileError(f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION}")
-    tensors = st_load(payload)
-    return {name: _decode(name, spec, tensors) for name, spec in meta["t"].items()}, meta, tensors
+    state = {name: _decode(name, spec, tensors) for name, spec in meta["t"].items()}
+    for alias, canonical in meta.get("tied", {}).items():
+        state[alias] = state[canonical]
+    return state, meta, tensors
 
 
 def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a packed file into ``model``, a freshly built model of the same architecture.
 
-    Layers the file records as replaced (a low-rank pair, say) are rebuilt first; tensors whose
-    shape changed (layers made smaller) replace the model's tensors; Linear layers the file
-    records as int8 are converted to int8 kernels last.
+    Layers the file records as replaced (a low-rank pair, say) are rebuilt first; module
+    attributes that compression changed are restored; tensors whose shape changed (layers made
+    smaller) replace the model's tensors; tied tensors are tied again; layers the file records
+    as int8 are converted to int8 kernels last.
     """
     state, meta, tensors = _read(path)
     for name, spec in meta["modules"].items():
@@ -175,10 +226,16 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise PackedFileError(
             f"{path} does not fit the model: missing {missing}, unexpected {extra}"
         )
+    for name, values in meta.get("attrs", {}).items():
+        module = model.get_submodule(name)
+        for attr, value in values.items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    tied = meta.get("tied", {})
     with torch.no_grad():
         for name, value in state.items():
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
+            if name in tied:
+                continue
+            module, attr = _owner(model, name)
             current = getattr(module, attr)
             if current.shape == value.shape:
                 current.copy_(value)
@@ -186,8 +243,89 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 setattr(module, attr, nn.Parameter(value, requires_grad=current.requires_grad))
             else:
                 setattr(module, attr, value)
-    to_int8(model, {name: tensors[f"{name}.weight:scale"] for name in meta["int8"]})
+        for alias, canonical in tied.items():
+            module, attr = _owner(model, alias)
+            source, source_attr = _owner(model, canonical)
+            setattr(module, attr, getattr(source, source_attr))
+    scales: dict[str, dict[str, torch.Tensor]] = {}
+    for layer in meta["int8"]:
+        prefix = f"{layer}." if layer else ""
+        scales[layer] = {
+            key[len(prefix) :].removesuffix(":scale"): value
+            for key, value in tensors.items()
+            if key.startswith(prefix) and key.endswith(":scale") and "." not in key[len(prefix) :]
+        }
+    to_int8(model, scales)
     return model.eval()
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = key.rpartition(".")
+    return model.get_submodule(module_name), attr
+
+
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """``{key: first key}`` for state keys whose tensor is the one of an earlier key."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for key, value in _state_identities(model):
+        if value in first:
+            tied[key] = first[value]
+        else:
+            first[value] = key
+    return tied
+
+
+def _state_identities(model: nn.Module):
+    """``(key, identity)`` of each entry of the plain state: the same identity for tensors
+    shared by several modules (the original under a parametrization, else the storage)."""
+    for key, value in model.state_dict(keep_vars=True).items():
+        match = _PARAMETRIZED.match(key)
+        if match is not None:
+            full = f"{match.group(1) or ''}.{match.group(2)}".lstrip(".")
+            yield full, ("p", id(value))
+        elif ".parametrizations." not in f".{key}":
+            storage = value.untyped_storage().data_ptr() if value.numel() else id(value)
+            yield key, ("s", storage, value.storage_offset(), tuple(value.shape), value.stride())
+
+
+def _int8_layers(model: nn.Module, grids: dict[str, FakeQuant]) -> list[str]:
+    """Layers all of whose weights are on grids that asked for int8 kernels."""
+    layers: dict[str, list[bool]] = {}
+    for target in targets(model).values():
+        grid = grids.get(target.name)
+        layers.setdefault(target.module_name, []).append(
+            grid is not None and grid.runtime == "int8"
+        )
+    return sorted(name for name, flags in layers.items() if all(flags))
+
+
+#: Attribute values recorded when they differ from the uncompressed model's.
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _changed_attributes(model: nn.Module, like: nn.Module) -> dict[str, dict[str, Any]]:
+    """Public attributes of plain value (numbers, strings, tuples of them) of each module that
+    differ from the same module of ``like``."""
+    reference = dict(like.named_modules())
+    changed: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        other = reference.get(name)
+        if other is None or type(other) is not type(module) or isinstance(module, Replacement):
+            continue
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training" or not _is_plain(value):
+                continue
+            if getattr(other, attr, None) != value:
+                plain = list(value) if isinstance(value, tuple) else value
+                changed.setdefault(name, {})[attr] = plain
+    return changed
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return all(isinstance(v, _PLAIN) for v in value)
+    return isinstance(value, _PLAIN)
 
 
 def _encode(

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
-from compressors._layers import weight_layers
 from compressors._params import InvalidParameterError, Options, Real
+from compressors._targets import targets
 from compressors.importance import CRITERIA, weight_scores
 
 
@@ -35,12 +34,14 @@ def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 class UnstructuredPruning(Compressor):
-    """Unstructured pruning of every Linear / Conv weight.
+    """Unstructured pruning of every weight tensor (`compressors._targets`: Linear, Conv,
+    attention projections, recurrent weights, embedding tables).
 
     Params:
         amount: Fraction of weights to zero. With ``scope='global'`` the least important weights
-            across all layers go; with ``scope='layer'`` each layer loses that fraction, or the
-            fraction a mapping ``{layer name: amount}`` gives it (layers not named stay dense).
+            across all tensors go; with ``scope='layer'`` each tensor loses that fraction, or the
+            fraction a mapping ``{tensor or layer name: amount}`` gives it (tensors not named
+            stay dense; a layer's name stands for its ``weight``).
         scope: ``global`` or ``layer``.
         importance: How weights are scored, one of `compressors.importance.CRITERIA`.
     """
@@ -48,6 +49,8 @@ class UnstructuredPruning(Compressor):
     name = "prune"
     kind = "sparsity"
     stage = 2
+    shrinks = True
+    acts_on = "zeroes single weights of Linear, Conv, attention, recurrent and embedding tensors"
     params = {
         "amount": Real(0.0, 1.0, closed="left", default=0.5, per_layer=True),
         "scope": Options(("global", "layer"), default="global"),
@@ -58,12 +61,18 @@ class UnstructuredPruning(Compressor):
     def requires(self) -> frozenset[str]:
         return frozenset({"train"}) if self.importance == "taylor" else frozenset()
 
+    def claims(self, model: nn.Module) -> list[str]:
+        found = targets(model)
+        if isinstance(self.amount, Mapping):
+            return [n for n in (_tensor_name(k, found) for k in self.amount) if n in found]
+        return list(found)
+
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        layers = weight_layers(model)
-        scores = weight_scores(self.importance, layers, model, ctx)
+        found = targets(model)
+        scores = weight_scores(self.importance, found, model, ctx)
         masks = keep_masks(scores, self.amount, self.scope, param=f"{self.name}.amount")
         for name, keep in masks.items():
-            parametrize.register_parametrization(layers[name], "weight", Mask(keep))
+            found[name].register(Mask(keep))
         return model
 
 
@@ -83,15 +92,21 @@ def keep_masks(
         param: The parameter ``amount`` came from, for the error message.
     """
     if isinstance(amount, Mapping):
-        unknown = sorted(set(amount) - set(scores))
+        named = {_tensor_name(n, scores): a for n, a in amount.items()}
+        unknown = sorted(n for n in named if n not in scores)
         if unknown:
             raise InvalidParameterError(
                 f"The '{param}' parameter names unknown layers {unknown}. "
-                f"Prunable layers: {', '.join(scores)}."
+                f"Prunable tensors: {', '.join(scores)}."
             )
-        return {n: smallest_mask(scores[n], a) for n, a in amount.items()}
+        return {n: smallest_mask(scores[n], a) for n, a in named.items()}
     if scope == "layer":
         return {n: smallest_mask(s, amount) for n, s in scores.items()}
     flat = torch.cat([s.flatten() for s in scores.values()])
     keep = smallest_mask(flat, amount).split([s.numel() for s in scores.values()])
     return {n: k.view_as(s) for (n, s), k in zip(scores.items(), keep, strict=True)}
+
+
+def _tensor_name(name: str, scores: Mapping[str, torch.Tensor]) -> str:
+    """``name`` if it names a tensor, else the ``weight`` of the layer it names."""
+    return name if name in scores or f"{name}.weight" not in scores else f"{name}.weight"

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
-from compressors._layers import embedding_layers, weight_layers
 from compressors._params import AnyOf, Integer, Options
+from compressors._targets import targets
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -150,32 +150,41 @@ class HalfPrecision(nn.Module):
 
 
 class Quantization(Compressor):
-    """Quantize every Linear / Conv weight, one scale per output channel (and optionally the
-    embedding tables, one scale per row).
+    """Quantize every weight tensor (`compressors._targets`: Linear and Conv weights, attention
+    projections, recurrent weights, embedding tables), one scale per row (output channel, gate
+    unit or token).
 
     Params:
         bits: Bits per weight, 1..8 (1 = binary, sign x scale), or ``"ternary"`` ({-1, 0, +1} x
             scale).
         mode: ``qat`` quantizes before fine-tuning and fine-tunes on the grid (straight-through
             estimator); ``ptq`` quantizes the fine-tuned model once, after fine-tuning.
-        runtime: ``int8`` ships Linear layers as int8 kernels (torch.ao dynamic quantization:
-            int8 weights exactly as on the grid, activations quantized on the fly), which is
-            faster on CPU for large batches; ``float`` ships float32 layers.
-        bias: ``fp16`` keeps biases on float16 values (stored in 2 bytes), ``fp32`` leaves them.
-        embeddings: ``float`` leaves embedding tables (a transformer's token and position
-            embeddings) as they are; 2..8 puts them on a k-bit grid with one scale per row
-            (token), quantized and fine-tuned like the weights. Their lookups stay float.
+        runtime: ``int8`` ships the layers torch has int8 kernels for (Linear layers whose parent
+            does not read their weight, LSTM and GRU) as dynamically quantized modules (int8
+            weights exactly as on the grid, activations quantized on the fly), which is faster on
+            CPU for large batches; other layers stay float. ``float`` ships float32 layers.
+        bias: ``fp16`` keeps the biases of quantized layers on float16 values (stored in 2
+            bytes), ``fp32`` leaves them.
+        embeddings: ``same`` quantizes embedding tables like the other weights (``bits``);
+            ``float`` leaves them as they are; 2..8 puts them on a grid of that many bits. Their
+            lookups stay float.
     """
 
     name = "quant"
     kind = "quantizer"
+    shrinks = True
+    acts_on = "quantizes Linear, Conv, attention, recurrent and embedding weight tensors"
     params = {
         "bits": AnyOf((Integer(1, 8), Options(("ternary",))), default=8),
         "mode": Options(("qat", "ptq"), default="qat"),
         "runtime": Options(("float", "int8"), default="float"),
         "bias": Options(("fp16", "fp32"), default="fp16"),
-        "embeddings": AnyOf((Options(("float",)), Integer(2, 8)), default="float"),
+        "embeddings": AnyOf((Options(("same", "float")), Integer(2, 8)), default="same"),
     }
+
+    def claims(self, model: nn.Module) -> list[str]:
+        skip = ("embedding",) if self.embeddings == "float" else ()
+        return [n for n, t in targets(model).items() if t.kind not in skip]
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         return self._quantize(model) if self.mode == "qat" else model
@@ -184,14 +193,19 @@ class Quantization(Compressor):
         return self._quantize(model) if self.mode == "ptq" else model
 
     def _quantize(self, model: nn.Module) -> nn.Module:
-        for layer in weight_layers(model).values():
-            runtime = self.runtime if isinstance(layer, nn.Linear) else "float"
-            grid = make_grid(layer.weight, self.bits, runtime=runtime)
-            parametrize.register_parametrization(layer, "weight", grid)
-            if self.bias == "fp16" and layer.bias is not None:
-                parametrize.register_parametrization(layer, "bias", HalfPrecision())
-        if self.embeddings != "float":
-            for table in embedding_layers(model).values():
-                grid = make_grid(table.weight, self.embeddings)
-                parametrize.register_parametrization(table, "weight", grid)
+        owners = {}
+        for target in targets(model).values():
+            bits = self.bits
+            if target.kind == "embedding" and self.embeddings != "same":
+                if self.embeddings == "float":
+                    continue
+                bits = self.embeddings
+            runtime = self.runtime if target.int8 else "float"
+            target.register(make_grid(target.weight, bits, runtime=runtime))
+            owners.update({id(site.module): site.module for site in target.sites})
+        if self.bias == "fp16":
+            for module in owners.values():
+                for name, _ in list(module.named_parameters(recurse=False)):
+                    if "bias" in name and not parametrize.is_parametrized(module, name):
+                        parametrize.register_parametrization(module, name, HalfPrecision())
         return model

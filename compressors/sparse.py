@@ -1,9 +1,9 @@
 """L1-regularised sparse training: train the dense model with an L1 penalty before pruning.
 
-The penalty ``strength * sum(|w|)`` over every Linear / Conv weight pushes unneeded weights
-towards zero, so the pruning that follows (``prune``, ``gradual``, ``structured``) removes weights
-that already carry little, and the network has learnt to do without them (Han et al., 2015, train
-with L1/L2 regularisation before pruning).
+The penalty ``strength * sum(|w|)`` over every trainable weight tensor (`compressors._targets`)
+pushes unneeded weights towards zero, so the pruning that follows (``prune``, ``gradual``,
+``structured``) removes weights that already carry little, and the network has learnt to do
+without them (Han et al., 2015, train with L1/L2 regularisation before pruning).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor
-from compressors._layers import weight_layers
 from compressors._params import Integer, Real
+from compressors._targets import targets
 from experiments._objectives import LossFn, ce_loss
 from experiments._training import fit
 
@@ -58,7 +58,7 @@ class SparseTraining(Compressor):
     }
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        weights = [layer.weight for layer in weight_layers(model).values()]
+        weights = [t.latent for t in targets(model).values() if t.latent.requires_grad]
         fit(
             model,
             ctx.train,

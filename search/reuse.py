@@ -178,7 +178,7 @@ def run_experiment(cfg: DictConfig, *, alias: str = "champion") -> RunResult:
     folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.sqz"
-    size = save_packed(model, path)
+    size = save_packed(model, path, like=baseline.model)
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
     shipped = load_packed(path, task.build_model())
     metrics = {

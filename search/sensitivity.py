@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from compressors._layers import weight_layers  # noqa: E402
+from compressors._targets import weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate, load_or_train_baseline  # noqa: E402

@@ -25,8 +25,19 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from torch import nn
 
-from compressors import Compressor, InvalidParameterError, available, check_param
+from compressors import (
+    Compressor,
+    InvalidParameterError,
+    UnsupportedModelError,
+    available,
+    check_param,
+    coverage,
+    get_compressor,
+    parameter_count,
+    targets,
+)
 from compressors._params import Constraint, Integer, Options, Real, check_known
 from search._errors import ConfigError
 
@@ -204,10 +215,63 @@ class SearchSpace:
                     except InvalidParameterError as err:
                         raise ConfigError(str(err)) from None
 
+    def check_model(self, model: nn.Module, *, task: str) -> dict[str, float]:
+        """Check that every compressor the pipeline can use acts on ``model``, before any
+        training; return the coverage of each pipeline (the fraction of the model's parameters
+        its compressors compress, `compressors.coverage`), by pipeline.
+
+        Raises:
+            ConfigError: If a compressor that shrinks models can act on none of this one's
+                tensors, or meets a module it cannot handle (the message says which).
+        """
+        options = (
+            [tuple(_split_pipeline(c)) for c in self._pipeline.choices]
+            if isinstance(self._pipeline, CategoricalDistribution)
+            else [tuple(self._pipeline)]
+        )
+        built: dict[str, Compressor] = {}
+        for comp in sorted({c for option in options for c in option}):
+            params = {k: _representative(v) for k, v in self._entries[comp].items()}
+            built[comp] = self._classes[comp](**params)
+            try:
+                built[comp].check_model(model)
+            except UnsupportedModelError as err:
+                raise ConfigError(f"{err} (task '{task}', space '{self.name}')") from None
+        return {"+".join(o): coverage([built[c] for c in o], model) for o in options}
+
     @property
     def compressor_names(self) -> list[str]:
         """Every compressor this space can use."""
         return sorted(self._classes)
+
+
+def claims_table(model: nn.Module, space: SearchSpace | None = None) -> list[dict[str, Any]]:
+    """One row per parameter tensor of ``model`` (a tied tensor once): its name, shape, size,
+    kind of target (`compressors.KINDS`, or ``-`` for biases, norms and other tensors no method
+    compresses) and, for each registered compressor that shrinks models (with its default
+    parameters), whether it acts on the tensor; then one row per pipeline of ``space`` with the
+    fraction of the parameters it compresses."""
+    found = targets(model)
+    methods = [get_compressor(n)() for n in available() if get_compressor(n).shrinks]
+    claimed = {m.name: set(m.claims(model)) for m in methods}
+    rows = []
+    for name, tensor in model.named_parameters():
+        key = name.replace(".parametrizations.", ".").removesuffix(".original")
+        rows.append(
+            {
+                "tensor": key,
+                "shape": "x".join(map(str, tensor.shape)),
+                "parameters": tensor.numel(),
+                "kind": found[key].kind if key in found else "-",
+                **{m: "yes" if key in claimed[m] else "" for m in claimed},
+            }
+        )
+    if space is not None:
+        total = parameter_count(model)
+        for pipeline, fraction in space.check_model(model, task="").items():
+            rows.append({"tensor": f"pipeline {pipeline}", "parameters": round(fraction * total),
+                         "kind": f"{100 * fraction:.0f}% compressed"})
+    return rows
 
 
 def _parse_pipeline(value: Any, where: str) -> Any:
@@ -288,6 +352,13 @@ def _parse_leaf(name: str, constraint: Constraint, value: Any, where: str) -> An
                 str(err).replace(f"Got {candidate!r}", f"Got {shown}") + hint
             ) from None
     return parsed
+
+
+def _representative(parsed: Any) -> Any:
+    """One value a parsed space value can take (an interval's low end, a choice's first)."""
+    if isinstance(parsed, Mapping):
+        return {k: _representative(v) for k, v in parsed.items()}
+    return _candidates(parsed)[0]
 
 
 def _candidates(parsed: Any) -> list[Any]:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
+from compressors.packing import MAGIC
 from experiments import Baseline, Task, TrainConfig, cv_folds, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
@@ -309,6 +310,7 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
     plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
+    _check_coverage(plan.space.check_model(task.build_model(), task=task.name), task.name)
     device = _device(cfg)
     baseline = load_or_train_baseline(
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed, device=device
@@ -350,6 +352,23 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
         ),
     )
     return ctx, baseline_metrics
+
+
+#: A pipeline that compresses less of the model than this is warned about before training.
+MIN_COVERAGE = 0.5
+
+
+def _check_coverage(coverages: Mapping[str, float], task: str) -> None:
+    for pipeline, fraction in coverages.items():
+        if fraction < MIN_COVERAGE:
+            logger.warning(
+                "pipeline %s compresses only %.0f%% of the parameters of task %s's model "
+                "(see `squeeze inspect task=%s` for which tensors each compressor acts on)",
+                pipeline,
+                100 * fraction,
+                task,
+                task,
+            )
 
 
 def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
@@ -443,10 +462,13 @@ def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
 def _baseline_file_size(baseline: Baseline) -> int:
     """Bytes of the baseline's packed fp32 file, written once next to the cached baseline."""
     path = baseline.folder / "model.sqz"
-    if not path.exists():
+    if not path.exists() or path.read_bytes()[: len(MAGIC)] != MAGIC:  # absent, or older format
         tmp = path.with_name(f"model.sqz.tmp-{os.getpid()}")
-        save_packed(baseline.model, tmp)
-        tmp.replace(path)
+        try:
+            save_packed(baseline.model, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 

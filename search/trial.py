@@ -20,15 +20,18 @@ from compressors import (
     CompressionContext,
     Compressor,
     apply_pipeline,
+    coverage,
     finalize_pipeline,
     load_packed,
     save_packed,
 )
+from compressors.runtime import INT8_MODULES
 from experiments import Baseline, EpochStats, Task, evaluate, fit, scores
 from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
 from search.budget import seed_trial
 from search.constraints import constraint_values
 from search.early_stop import EarlyStop
+from search.failures import phase
 from search.space import Recipe, SearchSpace
 from search.tracking import Tracker
 
@@ -36,7 +39,8 @@ from search.tracking import Tracker
 #: validation score: top-1 accuracy, or the mean cosine similarity to the original embeddings for
 #: an embedding task (``minilm``). ``latency_ms`` is at batch 1; each other batch size ``B`` of
 #: ``measure.latency_batch_sizes`` adds ``latency_ms_bB``; each extra score of the task (e.g.
-#: ``retrieval``) adds ``val_<name>``.
+#: ``retrieval``) adds ``val_<name>``. ``compressed_fraction`` is the fraction of the baseline's
+#: parameters that the recipe's compressors act on.
 METRICS = (
     "val_acc",
     "size_bytes",
@@ -45,6 +49,7 @@ METRICS = (
     "flops",
     "latency_ms",
     "peak_memory_bytes",
+    "compressed_fraction",
 )
 
 
@@ -125,20 +130,25 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         #    the recipe asked for them). Everything below is measured on the model a user would
         #    load from that file.
         path = trial_file(ctx.output_dir, trial.study.study_name, trial.number)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        size = save_packed(model, path)
-        shipped = load_packed(path, ctx.task.build_model())
+        with phase("pack"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = save_packed(model, path, like=ctx.baseline.model)
+        with phase("reload"):
+            shipped = load_packed(path, ctx.task.build_model())
 
         # 6. Measure on the validation split (test accuracy is computed only for the front).
-        metrics = {
-            "size_bytes": size,
-            "compression_ratio": ctx.baseline_size / size,
-            **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
-        }
-        if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
-            metrics["val_acc_split"] = metrics["val_acc"]
-            metrics["val_acc"] = cross_validate(recipe, ctx, seed=seed)
+        with phase("measure"):
+            metrics = {
+                "size_bytes": size,
+                "compression_ratio": ctx.baseline_size / size,
+                "compressed_fraction": coverage(ctx.space.build(recipe), ctx.baseline.model),
+                **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
+            }
+            if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
+                metrics["val_acc_split"] = metrics["val_acc"]
+                metrics["val_acc"] = cross_validate(recipe, ctx, seed=seed)
         run.log_metrics(metrics)
+        run.log_params({"int8_layers": ",".join(int8_layers(shipped)) or "none"})
         run.log_artifact(path)
         trial.set_user_attr("metrics", metrics)
 
@@ -172,46 +182,51 @@ def compress_recipe(
         on_compressed: Called before fine-tuning with the model as it would ship without any
             (finalized on a copy), whose size is then already known (early stopping).
         device: Fine-tune there (e.g. ``cuda``); the model comes back on the CPU.
+
+    Errors are attributed to the phase ``compress`` or ``fine-tune`` (`search.failures.phase`).
     """
-    compressors = space.build(recipe)
+    with phase("compress"):
+        compressors = space.build(recipe)
 
-    # 2. Start from a copy of the cached, trained baseline.
-    torch.manual_seed(seed)
-    model = copy.deepcopy(baseline.model)
+        # 2. Start from a copy of the cached, trained baseline.
+        torch.manual_seed(seed)
+        model = copy.deepcopy(baseline.model)
 
-    # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
-    context = CompressionContext(
-        train=task.train,
-        teacher_logits=baseline.teacher_logits,
-        example_inputs=task.example_inputs(),
-        seed=seed,
-        loss=task.loss,
-        outputs=task.outputs,
-    )
-    model = apply_pipeline(compressors, model, context)
-    if on_compressed is not None:
-        on_compressed(finalize_pipeline(compressors, copy.deepcopy(model), context))
+        # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
+        context = CompressionContext(
+            train=task.train,
+            teacher_logits=baseline.teacher_logits,
+            example_inputs=task.example_inputs(),
+            seed=seed,
+            loss=task.loss,
+            outputs=task.outputs,
+        )
+        model = apply_pipeline(compressors, model, context)
+        if on_compressed is not None:
+            on_compressed(finalize_pipeline(compressors, copy.deepcopy(model), context))
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
-    history = fit(
-        model,
-        task.train,
-        epochs=recipe.finetune["epochs"],
-        batch_size=recipe.finetune["batch_size"],
-        lr=recipe.finetune["lr"],
-        schedule=recipe.finetune["schedule"],
-        loss_fn=_finetune_loss(compressors, context),
-        teacher_logits=baseline.teacher_logits,
-        val=task.val,
-        seed=seed,
-        before_epoch=_schedules(compressors, model),
-        after_epoch=after_epoch,
-        device=device,
-    )
-    model = finalize_pipeline(compressors, model, context)
+    with phase("fine-tune"):
+        history = fit(
+            model,
+            task.train,
+            epochs=recipe.finetune["epochs"],
+            batch_size=recipe.finetune["batch_size"],
+            lr=recipe.finetune["lr"],
+            schedule=recipe.finetune["schedule"],
+            loss_fn=_finetune_loss(compressors, context),
+            teacher_logits=baseline.teacher_logits,
+            val=task.val,
+            seed=seed,
+            before_epoch=_schedules(compressors, model),
+            after_epoch=after_epoch,
+            device=device,
+        )
+    with phase("compress"):
+        model = finalize_pipeline(compressors, model, context)
     return model, history
 
 
@@ -245,6 +260,12 @@ def measure(
         key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
         metrics[key] = latency_ms(shipped, task.example_inputs(batch), repeats=latency_repeats)
     return metrics
+
+
+def int8_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the layers of a shipped model that run on int8 kernels."""
+    int8 = tuple(INT8_MODULES.values())
+    return [name for name, module in model.named_modules() if isinstance(module, int8)]
 
 
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:

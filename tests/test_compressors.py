@@ -17,7 +17,7 @@ from compressors import (
     available,
     get_compressor,
 )
-from compressors._layers import weight_layers
+from compressors._targets import weight_layers
 from compressors.kd import distillation_loss
 from compressors.packing import plain_state
 from experiments import fit

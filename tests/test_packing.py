@@ -19,7 +19,7 @@ from compressors import (
     read_packed,
     save_packed,
 )
-from compressors.packing import _decode_gaps, _encode_gaps, plain_state
+from compressors.packing import HEADER_BYTES, _decode_gaps, _encode_gaps, plain_state
 from experiments import evaluate, fit
 from experiments.models import ConvNet1d
 
@@ -86,7 +86,7 @@ def test_peaked_codes_are_entropy_coded_near_their_entropy(tmp_path, digits_base
     model = _compressed(digits_baseline.model, bits=4)
     path = tmp_path / "m.sqz"
     save_packed(model, path)
-    payload = lzma.decompress(path.read_bytes()[5:])
+    payload = lzma.decompress(path.read_bytes()[HEADER_BYTES:])
     (header_len,) = struct.unpack("<Q", payload[:8])
     header = json.loads(payload[8 : 8 + header_len])
     layout = json.loads(header["__metadata__"]["squeeze"])["t"]

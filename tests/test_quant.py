@@ -16,7 +16,7 @@ from compressors import (
     read_packed,
     save_packed,
 )
-from compressors._layers import weight_layers
+from compressors._targets import weight_layers
 from compressors.packing import plain_state
 from compressors.quant import FakeQuant
 from compressors.runtime import Int8Linear

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compressors import CompressionContext, apply_pipeline, finalize_pipeline, get_compressor
-from compressors._layers import weight_layers
+from compressors._targets import weight_layers
 from compressors.gradual import cubic_schedule
 from compressors.packing import plain_state
 from experiments import evaluate, fit

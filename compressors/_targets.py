@@ -1,0 +1,207 @@
+"""Which weight tensors compressors act on: one table, per module type.
+
+A *target* is one weight tensor that pruning, sparse training and quantization act on, wherever
+it lives: a Linear's or a Conv's ``weight`` (grouped and depthwise convs included), the bare
+``in_proj_weight`` (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention`` (its ``out_proj`` is a
+Linear), the ``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*`` of ``nn.LSTM`` / ``nn.GRU`` /
+``nn.RNN``, and an embedding table. Biases, norms and other parameters are not targets (they are
+stored as they are, or as float16 by ``quant.bias``).
+
+Compressors change a target through ``torch.nn.utils.parametrize`` (`Target.register`), so the
+owning module keeps reading a plain tensor attribute: an LSTM's flat weights, the fast path of
+``nn.TransformerEncoderLayer`` and a tied output layer all see the compressed values. A tensor
+shared by several modules (an embedding tied to the output layer) is one target with several
+*sites*; it is registered at each with the same parametrization, so it stays tied, is compressed
+once and is stored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+#: Kinds of targets, by the module that owns them.
+KINDS = ("linear", "conv", "attention", "recurrent", "embedding")
+#: Layers whose ``weight`` structured pruning and low-rank factorisation reshape as a whole.
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Modules that read their children's ``.weight`` directly (torch's attention passes
+#: ``out_proj.weight`` to a functional; the encoder / decoder layers' fast path reads every
+#: Linear's weight): a child of theirs must keep a float ``weight`` tensor, so it never runs on
+#: int8 kernels.
+READS_CHILD_WEIGHTS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+#: Recurrent modules that torch can run with dynamic int8 kernels.
+INT8_RECURRENT = (nn.LSTM, nn.GRU)
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a target tensor lives: attribute ``attr`` of the module named ``module_name``."""
+
+    module_name: str
+    module: nn.Module
+    attr: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """One compressible weight tensor.
+
+    Attributes:
+        name: Qualified name of the tensor, as in the uncompressed model's ``state_dict``
+            (``encoder.layers.0.self_attn.in_proj_weight``); for a tied tensor, its first site's.
+        kind: One of `KINDS`.
+        sites: Every (module, attribute) holding it; more than one when it is tied.
+        int8: Whether the shipped model can run it on torch's int8 kernels (a plain Linear whose
+            parent does not read its weight, or an LSTM / GRU weight).
+    """
+
+    name: str
+    kind: str
+    sites: tuple[Site, ...]
+    int8: bool = False
+
+    @property
+    def module(self) -> nn.Module:
+        """The module of the first site."""
+        return self.sites[0].module
+
+    @property
+    def module_name(self) -> str:
+        return self.sites[0].module_name
+
+    @property
+    def attr(self) -> str:
+        return self.sites[0].attr
+
+    @property
+    def tied(self) -> bool:
+        return len(self.sites) > 1
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor's current value (after any parametrization)."""
+        return getattr(self.module, self.attr)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """The tensor that training updates: the original under a parametrization, else the
+        parameter itself."""
+        if parametrize.is_parametrized(self.module, self.attr):
+            return self.module.parametrizations[self.attr].original
+        return getattr(self.module, self.attr)
+
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    def register(self, parametrization: nn.Module) -> None:
+        """Register ``parametrization`` on the tensor at every site (one instance shared by all,
+        so a tied tensor stays tied)."""
+        for site in self.sites:
+            parametrize.register_parametrization(site.module, site.attr, parametrization)
+
+    def parametrizations(self) -> list[nn.Module]:
+        """The parametrizations registered on the tensor, in order (empty if none)."""
+        if not parametrize.is_parametrized(self.module, self.attr):
+            return []
+        return list(self.module.parametrizations[self.attr])
+
+
+def targets(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> dict[str, Target]:
+    """The model's compressible weight tensors of the given kinds, by qualified name, in module
+    order; a tied tensor appears once (under its first site's name)."""
+    parents = _parents(model)
+    found: dict[int, tuple[str, str, list[Site], bool]] = {}
+    for module_name, module in _modules(model):
+        kind, attrs = _rule(module)
+        if kind is None or kind not in kinds:
+            continue
+        for attr in attrs:
+            tensor = _identity(module, attr)
+            if tensor is None:
+                continue
+            site = Site(module_name, module, attr)
+            if id(tensor) in found:
+                found[id(tensor)][2].append(site)
+                continue
+            name = f"{module_name}.{attr}".lstrip(".")
+            found[id(tensor)] = (name, kind, [site], _int8_capable(module, parents.get(module)))
+    return {
+        name: Target(name, kind, tuple(sites), int8=int8 and len(sites) == 1)
+        for name, kind, sites, int8 in found.values()
+    }
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv layers (whose ``weight`` is reshaped as a whole by structured pruning and
+    low-rank factorisation), by qualified module name."""
+    return {name: m for name, m in _modules(model) if isinstance(m, WEIGHT_LAYERS)}
+
+
+def output_layer(model: nn.Module) -> str | None:
+    """Name of the model's output layer: its last Linear / Conv in module order (kept whole by
+    the methods that change shapes, so the model keeps its classes)."""
+    return next(reversed(weight_layers(model)), None)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of distinct parameter elements (a tied tensor counts once)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for plist in module.parametrizations.values():
+                seen.setdefault(id(plist.original), plist.original.numel())
+        for p in module.parameters(recurse=False):
+            seen.setdefault(id(p), p.numel())
+    return sum(seen.values())
+
+
+def _rule(module: nn.Module) -> tuple[str | None, list[str]]:
+    """The kind of ``module``'s targets and the attributes holding them."""
+    if isinstance(module, nn.Linear):
+        return "linear", ["weight"]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv", ["weight"]
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return "attention", [n for n in names if _identity(module, n) is not None]
+    if isinstance(module, nn.RNNBase):
+        return "recurrent", [n for n in module._flat_weights_names if n.startswith("weight_")]
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return "embedding", ["weight"]
+    return None, []
+
+
+def _identity(module: nn.Module, attr: str) -> torch.Tensor | None:
+    """The object that identifies the tensor ``module.attr``: the parameter, or the original
+    under a parametrization (shared by tied sites). None where the attribute holds no tensor."""
+    if parametrize.is_parametrized(module, attr):
+        return module.parametrizations[attr].original
+    value = module._parameters.get(attr)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, without the internals of parametrizations."""
+    for name, module in model.named_modules():
+        if "parametrizations" not in name.split("."):
+            yield name, module
+
+
+def _parents(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    return {child: parent for _, parent in _modules(model) for child in parent.children()}
+
+
+def _int8_capable(module: nn.Module, parent: nn.Module | None) -> bool:
+    if isinstance(module, INT8_RECURRENT):
+        return module.proj_size == 0 if isinstance(module, nn.LSTM) else True
+    if type(module) is not nn.Linear:  # e.g. NonDynamicallyQuantizableLinear (attention)
+        return False
+    return not isinstance(parent, READS_CHILD_WEIGHTS)
