@@ -79,7 +79,8 @@ def dataset_summary(task: Task) -> pd.DataFrame:
 
 
 def model_summary(model: nn.Module, example: torch.Tensor) -> pd.DataFrame:
-    """One row per leaf module (with parameters or not), and a total: parameters, bytes, FLOPs."""
+    """One row per leaf module (with parameters or not), and a total: parameters, bytes, FLOPs
+    (a tensor shared by several modules, such as a tied embedding, counts once in the total)."""
     rows = []
     for name, module in model.named_modules():
         if any(True for _ in module.children()):
@@ -94,10 +95,11 @@ def model_summary(model: nn.Module, example: torch.Tensor) -> pd.DataFrame:
             }
         )
     frame = pd.DataFrame(rows)
+    unique = {id(t): t for t in weight_tensors(model)}.values()  # a tied tensor counts once
     total = {
         "layer": "total",
         "type": f"FLOPs/sample: {count_flops(model, example)}",
-        "parameters": int(frame.parameters.sum()),
-        "bytes": int(frame.bytes.sum()),
+        "parameters": sum(t.numel() for t in unique),
+        "bytes": sum(t.numel() * t.element_size() for t in unique),
     }
     return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)

@@ -1,8 +1,22 @@
 """Measurements of a model as shipped: nonzero parameters, FLOPs, CPU latency and peak memory.
 
-Shipped models may hold int8 layers (``torch.ao.nn.quantized.dynamic.Linear``), whose weights are
-quantized tensors inside packed parameters rather than ``nn.Parameter``s; `weight_tensors` and
-the FLOP formula below make those count like any other layer.
+Shipped models may hold dynamic-quantized layers (``torch.ao.nn.quantized.dynamic.Linear``,
+``LSTM``, ``GRU`` and the cells), whose weights are quantized (or float16) tensors inside packed
+parameters rather than ``nn.Parameter``s; `weight_tensors` and the FLOP formulas below make
+those count like any other layer.
+
+FLOPs are torch's ``FlopCounterMode`` count of matrix products (linear layers, convolutions,
+``bmm``, attention), 2 per multiply-add; element-wise work (activations, norms, gates, softmax)
+is not counted. `count_flops` adds what that counter cannot see:
+
+- recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, their cells, and their dynamic-quantized
+  versions), whose fused kernels it does not know: 2 FLOPs per weight-matrix element per sample
+  per time step (all layers and directions; an LSTM's projection ``weight_hr`` too), which is
+  what it counts for a recurrent layer that runs as ``addmm`` calls (float ``nn.GRU`` on the CPU);
+- attention: torch's fused eval fast path of ``nn.TransformerEncoderLayer`` and
+  ``nn.MultiheadAttention`` (``_transformer_encoder_layer_fwd``, ``_native_multi_head_attention``)
+  is switched off while counting, so attention runs as the counted projections and scaled
+  dot-product attention, whose CPU kernel gets torch's own formula.
 """
 
 from __future__ import annotations
@@ -11,23 +25,46 @@ import math
 import statistics
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase as PackedRNN
+from torch.ao.nn.quantized.dynamic.modules.rnn import RNNCellBase as PackedRNNCell
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+#: Recurrent layers whose FLOPs `count_flops` works out from their weights' shapes.
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase, PackedRNN, PackedRNNCell)
 
 
 def weight_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The model's parameters and buffers; an int8 layer's weight is its quantized tensor."""
-    tensors = []
+    """The model's parameters and buffers, each once (a tied weight, e.g. an embedding that is
+    also the output layer's weight, is one tensor); a dynamic-quantized layer's weights are its
+    unpacked quantized (or float16) tensors."""
+    tensors: list[torch.Tensor] = []
+    seen: set[int] = set()  # the tensors stay alive in `tensors`, so their ids stay unique
     for module in model.modules():
-        if isinstance(module, Int8Linear):
-            tensors += [t for t in module._weight_bias() if t is not None]
-        else:
-            tensors += [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for tensor in _own_tensors(module):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors.append(tensor)
+    return tensors
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    if isinstance(module, Int8Linear):
+        return [t for t in module._weight_bias() if t is not None]
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if isinstance(module, (PackedRNN, PackedRNNCell)):
+        # {"weight": {name: tensor}, "bias": {name: tensor}}; a cell's biases are also its
+        # parameters (the caller skips tensors it has seen)
+        packed = module._weight_bias()
+        tensors += [t for group in packed.values() for t in group.values() if t is not None]
     return tensors
 
 
@@ -44,23 +81,105 @@ def _int8_linear_flop(x_shape, _packed, *_args, out_shape=None, **_kwargs) -> in
     return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * out_shape[-1]
 
 
-#: FLOP formulas for ops torch's counter does not know: the int8 Linear does one MAC per weight.
-_EXTRA_FLOPS = {torch.ops.quantized.linear_dynamic: _int8_linear_flop}
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: FLOP formulas for ops torch's counter does not know: the int8 (or float16) Linear does one MAC
+#: per weight; the CPU kernel of scaled dot-product attention does what the other attention
+#: kernels do.
+_EXTRA_FLOPS = {
+    torch.ops.quantized.linear_dynamic: _int8_linear_flop,
+    torch.ops.quantized.linear_dynamic_fp16: _int8_linear_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+}
 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``inputs``, as counted by torch's ``FlopCounterMode``.
+    """FLOPs of one forward pass on ``inputs``, as counted by torch's ``FlopCounterMode``, with
+    recurrent layers and fused attention counted too (see the module's docstring).
 
     Dense kernels do the same work for zero and nonzero weights, so unstructured sparsity does
     not lower this count; only smaller layers do. An int8 multiply-add counts as 2 FLOPs, as a
-    float one does.
+    float one does. The model is put in eval mode; torch's multi-head attention fast path is
+    off while counting (a process-wide switch, restored afterwards).
     """
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
-    with counter:
+    with _attention_fastpath(False), _RecurrentFlops(model, counter) as recurrent, counter:
         model(inputs)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + recurrent.correction
+
+
+@contextmanager
+def _attention_fastpath(enabled: bool) -> Iterator[None]:
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+class _RecurrentFlops:
+    """Forward hooks on the model's recurrent layers that replace whatever ``counter`` counted
+    inside each call (nothing for a fused LSTM kernel; every ``addmm`` for a decomposed GRU) by
+    `recurrent_flops`; ``correction`` is what to add to the counter's total."""
+
+    def __init__(self, model: nn.Module, counter: FlopCounterMode) -> None:
+        self._layers = [m for m in model.modules() if isinstance(m, _RECURRENT)]
+        self._counter = counter
+        self._started: list[int] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.correction = 0
+
+    def __enter__(self) -> _RecurrentFlops:
+        for layer in self._layers:
+            self._handles.append(layer.register_forward_pre_hook(self._before))
+            self._handles.append(layer.register_forward_hook(self._after, with_kwargs=True))
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, _module: nn.Module, _args) -> None:
+        self._started.append(self._counter.get_total_flops())
+
+    def _after(self, module: nn.Module, args, kwargs, _output) -> None:
+        counted = self._counter.get_total_flops() - self._started.pop()
+        inputs = args[0] if args else kwargs["input"]
+        self.correction += recurrent_flops(module, inputs) - counted
+
+
+def recurrent_flops(layer: nn.Module, inputs: torch.Tensor | PackedSequence) -> int:
+    """FLOPs of a recurrent layer's (or cell's) forward pass on ``inputs``: 2 per element of each
+    weight matrix (input-hidden, hidden-hidden, an LSTM's projection; every layer and direction)
+    per sample per time step. Biases, gates and activations are not counted.
+
+    Args:
+        layer: An ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, a cell, or a dynamic-quantized one.
+        inputs: Its input: ``(batch, steps, features)`` (``batch_first``) or ``(steps, batch,
+            features)``, unbatched ``(steps, features)``, a ``PackedSequence``; for a cell
+            ``(batch, features)`` or ``(features,)``.
+    """
+    if isinstance(inputs, PackedSequence):
+        tokens = inputs.data.shape[0]  # one row per (sample, step)
+    elif isinstance(layer, (nn.RNNCellBase, PackedRNNCell)):
+        tokens = inputs.shape[0] if inputs.dim() == 2 else 1
+    else:
+        tokens = math.prod(inputs.shape[:2]) if inputs.dim() == 3 else inputs.shape[0]
+    return 2 * tokens * sum(w.numel() for w in _recurrent_weights(layer))
+
+
+def _recurrent_weights(layer: nn.Module) -> list[torch.Tensor]:
+    if isinstance(layer, (PackedRNN, PackedRNNCell)):
+        return list(layer._weight_bias()["weight"].values())
+    if isinstance(layer, nn.RNNBase):
+        return [w for weights in layer.all_weights for w in weights if w.dim() == 2]
+    return [layer.weight_ih, layer.weight_hh]
 
 
 @torch.no_grad()

@@ -231,7 +231,10 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
+    import pandas as pd
+
     from experiments.analysis import class_balance, dataset_summary, model_summary
+    from search.space import claims_table
     from search.study import plan_sweep
 
     plan = plan_sweep(compose_config(args.overrides, config_dirs=args.config_dir))
@@ -243,8 +246,16 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
             console.print("\nsamples per class:", highlight=False)
             console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
         console.print("\nmodel:", highlight=False)
-        summary = model_summary(task.build_model(), task.example_inputs(1))
+        model = task.build_model()
+        summary = model_summary(model, task.example_inputs(1))
         console.print(summary.to_string(index=False), highlight=False)
+        console.print(
+            "\nparameter tensors and the compressors that act on them "
+            f"(pipelines of space '{plan.space.name}' last):",
+            highlight=False,
+        )
+        table = pd.DataFrame(claims_table(model, plan.space)).fillna("")
+        console.print(table.to_string(index=False), highlight=False, soft_wrap=True)
     return 0
 
 

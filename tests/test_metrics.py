@@ -1,0 +1,234 @@
+"""Measurements of the shapes users bring: recurrent layers, attention, tied and packed weights."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.flop_counter import FlopCounterMode
+
+from experiments.metrics import (
+    _EXTRA_FLOPS,
+    count_flops,
+    nonzero_params,
+    peak_memory_bytes,
+    recurrent_flops,
+    weight_tensors,
+)
+from tests.zoo.models import RecurrentClassifier, TiedNextToken, TransformerClassifier
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def _torch_count(model: nn.Module, x: torch.Tensor) -> int:
+    """What torch's own counter (with squeeze's extra op formulas) counts, in the mode the model
+    is in, nothing switched off."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def _int8(model: nn.Module, dtype: torch.dtype = torch.qint8) -> nn.Module:
+    kinds = {nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        return torch.ao.quantization.quantize_dynamic(model, kinds, dtype=dtype)
+
+
+def _gates(layer: nn.Module) -> int:
+    return {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[type(layer)]
+
+
+def _rnn_formula(layer: nn.RNNBase, samples: int, steps: int) -> int:
+    """2 FLOPs per weight element per sample per step, every layer and direction."""
+    gates, hidden, dirs = _gates(layer), layer.hidden_size, 1 + layer.bidirectional
+    out = layer.proj_size or hidden
+    weights = 0
+    for k in range(layer.num_layers):
+        features = layer.input_size if k == 0 else dirs * out
+        weights += dirs * (
+            gates * hidden * (features + out) + (out * hidden if layer.proj_size else 0)
+        )
+    return 2 * samples * steps * weights
+
+
+class _Last(nn.Module):
+    """A recurrent layer whose outputs (a tuple) are reduced to one tensor."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        out = self.layer(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+RNNS = {
+    "lstm_2_layers": lambda: nn.LSTM(8, 48, 2, batch_first=True),
+    "lstm_bidirectional_projected": lambda: nn.LSTM(8, 16, 2, bidirectional=True, proj_size=6),
+    "gru_bidirectional": lambda: nn.GRU(8, 32, batch_first=True, bidirectional=True),
+    "rnn": lambda: nn.RNN(8, 12, 3),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RNNS))
+def test_recurrent_flops_match_the_formula(kind):
+    layer = RNNS[kind]()
+    batch, steps = 3, 7
+    x = torch.randn(batch, steps, 8) if layer.batch_first else torch.randn(steps, batch, 8)
+    expected = _rnn_formula(layer, batch, steps)
+    assert expected > 0
+    assert count_flops(_Last(layer), x) == expected
+    assert count_flops(_Last(layer), x[:, :1] if layer.batch_first else x[:1]) == expected // steps
+    assert not layer._forward_hooks and not layer._forward_pre_hooks  # the hooks are gone
+
+
+def test_lstm_is_invisible_to_torchs_counter_and_counted_here():
+    model = RecurrentClassifier(8, 10, cell="lstm", hidden=48, num_layers=2).eval()
+    x = torch.randn(1, 8, 8)
+    head = 2 * 48 * 10
+    assert _torch_count(model, x) == head  # torch's counter: the fused LSTM kernel is 0
+    assert count_flops(model, x) == _rnn_formula(model.rnn, 1, 8) + head == 467_904
+
+
+def test_the_formula_is_what_torch_counts_for_a_gru_that_runs_as_matrix_products():
+    model = RecurrentClassifier(8, 10, cell="gru", hidden=32, num_layers=1, bidirectional=True)
+    x = torch.randn(2, 8, 8)
+    assert count_flops(model, x) == _torch_count(model.eval(), x) == 2 * 124_160
+
+
+def test_packed_sequences_count_their_real_steps():
+    layer = nn.LSTM(8, 16, batch_first=True)
+    lengths = torch.tensor([5, 3, 1])
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), lengths, batch_first=True)
+    weights = 4 * 16 * (8 + 16)
+    assert recurrent_flops(layer, packed) == 2 * int(lengths.sum()) * weights
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_cells_count_one_step_per_sample(cell):
+    layer = cell(8, 16)
+    gates = {nn.LSTMCell: 4, nn.GRUCell: 3, nn.RNNCell: 1}[cell]
+    expected = 2 * 5 * gates * 16 * (8 + 16)
+    assert count_flops(_Last(layer), torch.randn(5, 8)) == expected
+    assert count_flops(_Last(_int8(layer)), torch.randn(5, 8)) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.qint8, torch.float16])
+def test_dynamic_quantized_recurrent_layers_count_like_float_ones(dtype):
+    model = RecurrentClassifier(8, 10, cell="lstm", hidden=48, num_layers=2).eval()
+    shipped = _int8(model, dtype)
+    assert type(shipped.rnn).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    x = torch.randn(4, 8, 8)
+    assert count_flops(shipped, x) == count_flops(model, x)
+
+    tensors = weight_tensors(shipped)
+    assert sum(t.numel() for t in tensors) == sum(p.numel() for p in model.parameters())
+    assert nonzero_params(shipped) > 0.95 * nonzero_params(model)
+    weights = sum(w.numel() for layer in model.rnn.all_weights for w in layer if w.dim() == 2)
+    biases = sum(w.numel() for layer in model.rnn.all_weights for w in layer if w.dim() == 1)
+    size = 1 if dtype == torch.qint8 else 2
+    assert peak_memory_bytes(shipped, x) >= size * weights + 4 * biases
+    assert peak_memory_bytes(shipped, x) < peak_memory_bytes(model, x)
+
+
+def test_dynamic_quantized_cells_hold_their_weights_once():
+    layer = nn.GRUCell(8, 16)
+    shipped = _int8(_Last(layer))
+    tensors = weight_tensors(shipped)
+    assert sum(t.numel() for t in tensors) == sum(p.numel() for p in layer.parameters())
+    assert sum(t.is_quantized for t in tensors) == 2
+
+
+def _transformer_formula(d_model: int, *, tokens=8, features=8, ff=64, layers=2, classes=10):
+    per_layer = 2 * tokens * (4 * d_model**2 + 2 * d_model * ff)  # q, k, v, out; the FFN
+    per_layer += 2 * 2 * tokens * tokens * d_model  # scores and their weighted sum, all heads
+    return 2 * tokens * features * d_model + layers * per_layer + 2 * d_model * classes
+
+
+@pytest.mark.parametrize("d_model", [16, 32, 64])
+def test_transformer_encoder_flops_are_the_same_on_the_eval_fast_path_and_train_path(d_model):
+    model = TransformerClassifier(8, 8, 10, d_model=d_model, nhead=4, dim_feedforward=64)
+    x = torch.randn(2, 8, 8)
+    expected = 2 * _transformer_formula(d_model)
+    assert _torch_count(model.eval(), x) == 2 * (2 * 8 * 8 * d_model + 2 * d_model * 10)  # blind
+    assert _torch_count(model.train(), x) == expected  # dropout: attention as bmm
+    assert count_flops(model, x) == expected  # eval: the fast path switched off
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_multihead_attention_counts_the_same_with_and_without_weights():
+    class Attend(nn.Module):
+        def __init__(self, need_weights: bool) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.need_weights = need_weights
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+    x = torch.randn(3, 5, 32)
+    expected = 3 * (2 * 5 * 4 * 32 * 32 + 2 * 2 * 5 * 5 * 32)
+    assert count_flops(Attend(need_weights=False), x) == expected  # eval fast path, or sdpa
+    assert count_flops(Attend(need_weights=True), x) == expected  # bmm and softmax
+
+
+def test_count_flops_restores_the_attention_fast_path_setting():
+    model = TransformerClassifier(8, 8, 10)
+    x = torch.randn(1, 8, 8)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        assert count_flops(model, x) == _transformer_formula(32)
+        assert not torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert count_flops(model, x) == _transformer_formula(32)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_tied_weights_count_once():
+    model = TiedNextToken(17, dim=24).eval()
+    assert model.head.weight is model.emb.weight
+    params = sum(p.numel() for p in model.parameters())  # torch lists a tied weight once
+    assert sum(t.numel() for t in weight_tensors(model)) == params
+    assert nonzero_params(model) == params
+    untied = copy.deepcopy(model)
+    untied.head.weight = nn.Parameter(untied.emb.weight.detach().clone())
+    assert nonzero_params(untied) == params + 17 * 24
+    tokens = torch.randint(0, 17, (1, 8))
+    assert peak_memory_bytes(untied, tokens) - peak_memory_bytes(model, tokens) == 4 * 17 * 24
+
+
+def test_linear_conv_and_int8_linear_counts_are_unchanged():
+    mlp = nn.Sequential(nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 10))
+    x = torch.randn(2, 64)
+    assert count_flops(mlp, x) == 2 * 2 * (64 * 30 + 30 * 10) == _torch_count(mlp, x)
+    shipped = _int8(mlp)
+    assert isinstance(shipped[0], Int8Linear)
+    assert count_flops(shipped, x) == count_flops(mlp, x)
+    assert sum(t.numel() for t in weight_tensors(shipped)) == sum(
+        p.numel() for p in mlp.parameters()
+    )
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    image = torch.randn(1, 1, 8, 8)
+    assert count_flops(conv, image) == 2 * 64 * (4 * 9 + 4 * 9) == _torch_count(conv, image)
