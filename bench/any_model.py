@@ -5,8 +5,8 @@ would) and each registered compressor, one fixed recipe runs through the trial's
 (`search.trial.compress_recipe`: compress, fine-tune, finalize), then the packed file is written
 and reloaded. Printed per cell: the size ratio against the baseline's packed file, the change of
 the validation score in points (negative: a loss), whether the reloaded model's outputs equal
-the compressed model's (max abs diff <= 1e-5), and the fraction of the parameters the compressor acts on; a compressor
-that cannot act on a family prints its refusal. Usage::
+the compressed model's (max abs diff <= 1e-5), and the fraction of the parameters the
+compressor acts on; a compressor that cannot act on a family prints its refusal. Usage::
 
     python bench/any_model.py [--epochs 5] [--families resnet,lstm] [--out DIR]
 """
