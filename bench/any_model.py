@@ -62,7 +62,9 @@ def cell(family: str, name: str, *, epochs: int, out: Path) -> dict:
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
     )
     try:
-        plan.space.check_model(task.build_model(), task=task.name)
+        plan.space.check_model(
+            task.build_model(), task=task.name, example_inputs=task.example_inputs()
+        )
     except ConfigError as err:
         return {"refused": str(err).split(": it ")[0]}
     recipe = plan.space.sample(optuna.trial.FixedTrial({}))
@@ -77,7 +79,7 @@ def cell(family: str, name: str, *, epochs: int, out: Path) -> dict:
         "ratio": base_size / size,
         "drop": 100 * (baseline.metrics["val_acc"] - evaluate(shipped, task.val)),
         "exact": diff <= 1e-5,
-        "coverage": coverage(plan.space.build(recipe), baseline.model),
+        "coverage": coverage(plan.space.build(recipe), baseline.model, task.example_inputs()),
     }
 
 

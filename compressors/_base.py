@@ -108,13 +108,14 @@ class Compressor:
         """Return the compressed model (may change ``model`` in place). Default: unchanged."""
         return model
 
-    def claims(self, model: nn.Module) -> list[str]:
+    def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """Qualified names of the tensors of ``model`` this method compresses (their sizes are
-        the coverage of a recipe). Default: every weight tensor (`compressors._targets`) for a
-        method that ``shrinks``, none otherwise."""
+        the coverage of a recipe); ``example_inputs`` let a method that traces the model be
+        exact. Default: every weight tensor (`compressors._targets`) for a method that
+        ``shrinks``, none otherwise."""
         return list(targets(model)) if self.shrinks else []
 
-    def check_model(self, model: nn.Module) -> list[str]:
+    def check_model(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """`claims` of ``model``, after checking that the method can act on it.
 
         Raises:
@@ -122,7 +123,7 @@ class Compressor:
                 tensors (naming the method, what it acts on, and what the model has), or meets
                 a module it cannot handle.
         """
-        claimed = self.claims(model)
+        claimed = self.claims(model, example_inputs)
         if self.shrinks and not claimed:
             found = targets(model)
             have = ", ".join(f"{n} ({t.kind})" for n, t in list(found.items())[:8]) or "none"
@@ -157,11 +158,13 @@ class Compressor:
         return f"{type(self).__name__}({args})"
 
 
-def coverage(compressors: list[Compressor], model: nn.Module) -> float:
+def coverage(
+    compressors: list[Compressor], model: nn.Module, example_inputs: Any = None
+) -> float:
     """Fraction of ``model``'s parameters that ``compressors`` together compress (a tied tensor
     counts once)."""
     found = targets(model)
-    claimed = {name for c in compressors if c.shrinks for name in c.claims(model)}
+    claimed = {n for c in compressors if c.shrinks for n in c.claims(model, example_inputs)}
     return sum(found[n].numel() for n in claimed if n in found) / max(1, parameter_count(model))
 
 

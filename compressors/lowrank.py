@@ -10,6 +10,7 @@ weights than the original are left alone. Fine-tuning then recovers what truncat
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ class LowRankFactorization(Compressor):
         "rank_by": Options(("ratio", "energy"), default="ratio"),
     }
 
-    def claims(self, model: nn.Module) -> list[str]:
+    def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         return [f"{name}.weight" for name in _factorizable(model)]
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:

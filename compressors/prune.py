@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ class UnstructuredPruning(Compressor):
     def requires(self) -> frozenset[str]:
         return frozenset({"train"}) if self.importance == "taylor" else frozenset()
 
-    def claims(self, model: nn.Module) -> list[str]:
+    def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         found = targets(model)
         if isinstance(self.amount, Mapping):
             return [n for n in (_tensor_name(k, found) for k in self.amount) if n in found]

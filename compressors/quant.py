@@ -14,6 +14,8 @@ also makes the shipped model run its Linear layers with int8 kernels (`compresso
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -182,7 +184,7 @@ class Quantization(Compressor):
         "embeddings": AnyOf((Options(("same", "float")), Integer(2, 8)), default="same"),
     }
 
-    def claims(self, model: nn.Module) -> list[str]:
+    def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         skip = ("embedding",) if self.embeddings == "float" else ()
         return [n for n, t in targets(model).items() if t.kind not in skip]
 

@@ -1,42 +1,108 @@
-"""Structured pruning: remove whole neurons / channels, shrinking every layer that depends on them.
+"""Structured pruning: remove whole neurons / channels / heads, shrinking every layer that depends
+on them.
 
 Which channels matter is an importance criterion (`compressors.importance`); what must shrink
-together (a Linear's outputs and the next layer's inputs, a Conv's channels and the flattened
-features of the head) is torch-pruning's dependency graph. The layers really get smaller, so the
-file, the FLOPs and the latency fall with them. The output layer keeps its classes.
+together (a Linear's outputs and the next layer's inputs, a Conv's channels, its BatchNorm and the
+flattened features of the head, a residual stream and every layer reading or adding to it) is
+torch-pruning's dependency graph (`compressors._structured_groups`). The layers really get
+smaller, so the file, the FLOPs and the latency fall with them. Channels that reach the model's
+output (its classes, an encoder's embedding width) are never removed.
 
-Transformers: a model with multi-head attention names its query / key / value projections and
-their number of heads with a method ``attention_heads() -> {nn.Linear: heads}`` (as
-`experiments.minilm.SentenceEncoder` does). Whole heads are then removed, ``amount`` of them in
-each attention layer (never all; ``scope`` is then always ``layer``), and never dimensions
-inside a head, so the head size the
-attention reshapes by is unchanged; feed-forward neurons are removed like any channels. The
-residual width is coupled to the output layer, which keeps its outputs, so it is not pruned.
+Layers and the unit they lose:
+
+- Linear, Conv (plain, grouped: the same channels of each group; depthwise: ``groups`` follows),
+  BatchNorm / LayerNorm / GroupNorm: channels;
+- ``nn.Embedding``: embedding dimensions (never vocabulary rows);
+- ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (any number of layers, bidirectional or not): hidden
+  units, the same ones in every layer and direction (`compressors._structured_pruners`);
+- torch's ``nn.MultiheadAttention`` (e.g. in ``nn.TransformerEncoderLayer``): whole heads. Its
+  width is also the residual stream's, so removing head ``h`` removes the residual channels
+  ``[h * head_dim, (h + 1) * head_dim)`` in every layer coupled to it, and ``num_heads`` falls;
+- attention written with plain Linears: a model naming its query / key / value projections and
+  their number of heads with a method ``attention_heads() -> {nn.Linear: heads}`` (as
+  `experiments.minilm.SentenceEncoder` does) loses whole heads of them, and the attention
+  module's ``num_attention_heads`` / ``all_head_size`` follow when it has them.
+
+A weight tied between layers (an embedding and the output layer reading the same matrix) stays
+one tensor, cut once: the channels of every layer that reads it along one axis go together (an
+embedding's width and the hidden units of the GRU feeding the tied output layer, say), and when
+one of them must stay whole (it reaches the model's output) they all do. Models the compressor
+cannot shrink consistently (LSTM projections, attention with its own key / value widths, a plain
+parameter used as a weight matrix, a model that cannot be traced on its example inputs, or
+nothing to remove at all) are refused with `compressors.UnsupportedModelError`, naming the module
+and why; `StructuredPruning.explain` says beforehand what would shrink, what stays whole and why.
 """
 
 from __future__ import annotations
 
-import torch_pruning as tp
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from torch import nn
 
-from compressors._base import CompressionContext, Compressor
-from compressors._layers import weight_layers
+from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import Options, Real
+from compressors._structured_groups import (
+    CoupledGroup,
+    channel_scores,
+    coupled_groups,
+    describe,
+    refusals,
+    tied_weights,
+    trace,
+)
+from compressors._targets import targets
 from compressors.importance import CRITERIA, accumulate_gradients, group_importance
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StructureReport", "StructuredPruning", "UnsupportedModelError"]
+
+
+@dataclass(frozen=True)
+class StructureReport:
+    """What structured pruning can remove from a model (`StructuredPruning.explain`).
+
+    Attributes:
+        prunable: Groups of coupled channels that may shrink, by the layer whose outputs root
+            them: how many units they have and which layers change shape with them.
+        kept: Groups that stay whole, by their root layer, with the reason.
+    """
+
+    prunable: dict[str, str]
+    kept: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = ["Prunable:"] + [f"  {k}: {v}" for k, v in self.prunable.items()]
+        lines += ["Kept whole:"] + [f"  {k}: {v}" for k, v in self.kept.items()]
+        return "\n".join(lines)
 
 
 class StructuredPruning(Compressor):
-    """Remove a fraction of the output channels of every Linear / Conv but the output layer.
+    """Remove a fraction of the channels (heads, hidden units) of every group of coupled layers.
 
     Params:
-        amount: Fraction of channels removed, in [0, 1).
-        scope: ``layer``: that fraction in each layer; ``global``: the least important channels
-            across layers (each layer keeps at least one).
-        importance: How channel groups are scored, one of `compressors.importance.CRITERIA`.
+        amount: Fraction of the units removed, in [0, 1).
+        scope: ``layer``: each group of ``n`` units keeps ``int(n * (1 - amount))`` of them (at
+            least one); ``global``: the least important units across groups go until that
+            fraction of all channels is removed, scores scaled to mean 1 in each group (each
+            group keeps at least one unit).
+        importance: How channels are scored, one of `compressors.importance.CRITERIA`; a unit
+            (a head, ...) scores the mean of its channels.
     """
 
     name = "structured"
     stage = 1
+    shrinks = True
+    acts_on = (
+        "removes whole channels, attention heads and recurrent hidden units (and the embedding "
+        "dimensions coupled to them), shrinking Linear, Conv, norm, attention, recurrent and "
+        "embedding layers together; the model's output width is kept"
+    )
     params = {
         "amount": Real(0.0, 1.0, closed="left", default=0.5),
         "scope": Options(("layer", "global"), default="layer"),
@@ -48,36 +114,255 @@ class StructuredPruning(Compressor):
         needs = {"example_inputs"}
         return frozenset(needs | {"train"} if self.importance == "taylor" else needs)
 
+    def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
+        """Qualified names of the weight tensors of ``model`` that pruning makes smaller.
+
+        Exact given ``example_inputs`` (the model is traced); without them, an estimate: the
+        weights of every Linear, Conv, attention and recurrent layer (embedding tables shrink
+        only where their width is not tied to the model's output, which tracing tells).
+        """
+        found = targets(model)
+        if example_inputs is None:
+            return [name for name, t in found.items() if t.kind != "embedding"]
+        _, groups, _ = _analyse(model, example_inputs, None)
+        shrunk = {name for group in groups for name in group.modules}
+        shrunk |= {
+            f"{name}.out_proj"  # attention's output projection shrinks with it
+            for name, module in model.named_modules()
+            if name in shrunk and isinstance(module, nn.MultiheadAttention)
+        }
+        return [
+            name for name, t in found.items() if any(s.module_name in shrunk for s in t.sites)
+        ]
+
+    def check_model(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
+        """`claims` of ``model``, after checking that it can be pruned consistently (and, given
+        ``example_inputs``, that something can be removed: see `explain` for what and why).
+
+        Raises:
+            UnsupportedModelError: Naming each module it cannot prune consistently (an LSTM
+                with projections, a plain parameter used as a weight matrix, ...), or saying
+                why no channel can be removed.
+        """
+        _refuse(model)
+        return super().check_model(model, example_inputs)
+
+    @staticmethod
+    def explain(
+        model: nn.Module, example_inputs: Any, *, heads: Mapping[nn.Module, int] | None = None
+    ) -> StructureReport:
+        """What `compress` could remove from ``model``, and what stays whole and why. The model
+        is traced on ``example_inputs`` but not changed.
+
+        Args:
+            model: The model.
+            example_inputs: A batch of inputs (a tensor; a tuple of positional or a dict of
+                keyword arguments).
+            heads: Query / key / value Linears and their number of heads, if attention is
+                written with plain layers (default: ``model.attention_heads()`` if it exists).
+
+        Raises:
+            UnsupportedModelError: As `check_model`.
+        """
+        _, groups, kept = _analyse(model, example_inputs, heads)
+        prunable = {
+            g.label: f"{len(g.units)} units ({g.unit}); shrinks {', '.join(g.modules)}"
+            for g in groups
+        }
+        return StructureReport(prunable=prunable, kept=kept)
+
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Return a pruned copy of ``model`` (the model itself is not changed).
+
+        Raises:
+            UnsupportedModelError: As `check_model`; or if the pruned copy would not run on the
+                example inputs or would change its outputs' shapes (a last guard).
+        """
         if self.amount == 0.0:
             return model
-        output_layer = list(weight_layers(model).values())[-1]
-        heads = dict(model.attention_heads()) if hasattr(model, "attention_heads") else {}
-        pruner = tp.pruner.BasePruner(
-            model,
-            ctx.example_inputs,
-            importance=group_importance(self.importance),
-            pruning_ratio=self.amount,
-            global_pruning=self.scope == "global" and not heads,
-            max_pruning_ratio=0.99,
-            ignored_layers=[output_layer],
-            num_heads=heads,
-            prune_num_heads=bool(heads),
-            prune_head_dims=not heads,
-            head_pruning_ratio=_head_ratio(self.amount, min(heads.values(), default=1)),
-            # fresh dicts: torch-pruning fills these in place, and its defaults are shared
-            in_channel_groups={},
-            out_channel_groups={},
-        )
-        if self.importance == "taylor":
-            accumulate_gradients(model, ctx)
-        pruner.step()
-        model.zero_grad(set_to_none=True)
+        model = copy.deepcopy(model)
+        modes = {m: m.training for m in model.modules()}
+        try:
+            heads = _heads(model, None)
+            graph, groups, kept = _analyse(model, ctx.example_inputs, heads)
+            for label, reason in kept.items():
+                logger.info("structured: keeping %s whole: %s", label, reason)
+            expected = _output_shapes(model, ctx.example_inputs)
+            if self.importance == "taylor":
+                accumulate_gradients(model, ctx)
+            importance = group_importance(self.importance)
+            scores = [
+                [channel_scores(member, self.importance, importance) for member in g.members]
+                for g in groups
+            ]
+            removals = self._choose(groups, scores)
+            if not removals:
+                logger.warning(
+                    "structured: amount=%s removes no unit of %s", self.amount, _name(model)
+                )
+            ties = list(tied_weights(model).values())
+            attention = _attention_modules(model, heads)
+            for member, idxs in removals:
+                root = member[0].dep
+                graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
+            _retie(ties)
+            _update_attention(attention)
+            _check_runs(model, ctx.example_inputs, expected)
+        finally:
+            model.zero_grad(set_to_none=True)
+            for module, training in modes.items():
+                module.train(training)
         return model
 
+    def _choose(
+        self, groups: list[CoupledGroup], scores: list[list[torch.Tensor]]
+    ) -> list[tuple[Any, list[int]]]:
+        """``(torch-pruning group, root channels to remove)`` for each group that loses some."""
+        unit_scores = [
+            torch.stack([torch.stack([s[m][r] for m, r in unit]).mean() for unit in g.units])
+            for g, s in zip(groups, scores, strict=True)
+        ]
+        chosen: list[list[int]] = []
+        if self.scope == "layer":
+            for g, s in zip(groups, unit_scores, strict=True):
+                n = len(g.units)
+                count = min(n - 1, n - int(n * (1 - self.amount)))
+                chosen.append(torch.argsort(s, stable=True)[:count].tolist())
+        else:
+            chosen = [[] for _ in groups]
+            total = sum(g.channels() for g in groups)
+            target = total - int(total * (1 - self.amount))
+            ranked = sorted(
+                (float(score), i, u) for i, s in enumerate(unit_scores) for u, score in enumerate(s)
+            )
+            removed = 0
+            for _, i, u in ranked:
+                if removed >= target:
+                    break
+                if len(chosen[i]) + 1 < len(groups[i].units):
+                    chosen[i].append(u)
+                    removed += len(groups[i].units[u])
+        removals = []
+        for g, units in zip(groups, chosen, strict=True):
+            for m, member in enumerate(g.members):
+                idxs = sorted(r for u in units for mm, r in g.units[u] if mm == m)
+                if idxs:
+                    removals.append((member, idxs))
+        return removals
 
-def _head_ratio(amount: float, heads: int) -> float:
-    """The ratio that makes torch-pruning (which rounds ``ratio * heads`` up) remove
-    ``round(amount * heads)`` heads of ``heads``, and never all of them."""
-    removed = min(heads - 1, round(amount * heads))
-    return (removed - 0.5) / heads if removed > 0 else 0.0
+
+def _name(model: nn.Module) -> str:
+    return type(model).__name__
+
+
+def _heads(model: nn.Module, heads: Mapping[nn.Module, int] | None) -> dict[nn.Module, int]:
+    if heads is not None:
+        return dict(heads)
+    return dict(model.attention_heads()) if hasattr(model, "attention_heads") else {}
+
+
+def _refuse(model: nn.Module) -> None:
+    problems = refusals(model)
+    if problems:
+        lines = "\n".join(f"- {p}" for p in problems)
+        raise UnsupportedModelError(
+            f"Compressor 'structured' cannot prune this model consistently:\n{lines}"
+        )
+
+
+def _analyse(model: nn.Module, example_inputs: Any, heads: Mapping[nn.Module, int] | None):
+    """``(graph, prunable groups, kept groups)`` of ``model``, or `UnsupportedModelError`."""
+    _refuse(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        graph = trace(model, example_inputs)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    groups, kept = coupled_groups(model, graph, _heads(model, heads))
+    if not groups:
+        why = "".join(f"\n- {label}: {reason}" for label, reason in kept.items())
+        raise UnsupportedModelError(
+            f"Compressor 'structured' cannot act on any tensor of this model "
+            f"({_name(model)}): every group of coupled channels stays whole."
+            + (why or " It has no layer torch-pruning can shrink.")
+            + "\nRemove 'structured' from space.pipeline."
+        )
+    return graph, groups, kept
+
+
+def _call(model: nn.Module, example_inputs: Any):
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _shapes(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, Mapping):
+        return {k: _shapes(v) for k, v in output.items()}
+    if isinstance(output, tuple | list):
+        return [_shapes(v) for v in output]
+    return None
+
+
+def _output_shapes(model: nn.Module, example_inputs: Any) -> Any:
+    model.eval()
+    with torch.no_grad():
+        return _shapes(_call(model, example_inputs))
+
+
+def _check_runs(model: nn.Module, example_inputs: Any, expected: Any) -> None:
+    """Raise `UnsupportedModelError` unless the pruned model runs (in eval mode, without
+    gradients) and its outputs keep their shapes: the last guard against a shape the tracer got
+    wrong (the caller's model is untouched, since `compress` prunes a copy)."""
+    try:
+        shapes = _output_shapes(model, example_inputs)
+    except Exception as err:  # the pruned copy is discarded
+        raise UnsupportedModelError(
+            f"Compressor 'structured' cannot prune {describe('', model)} consistently: the "
+            f"pruned model fails on its example inputs ({type(err).__name__}: {err})"
+        ) from err
+    if shapes != expected:
+        raise UnsupportedModelError(
+            f"Compressor 'structured' cannot prune {describe('', model)} consistently: its "
+            f"outputs would change shape from {expected} to {shapes}"
+        )
+
+
+def _retie(ties: list[list[tuple[nn.Module, str]]]) -> None:
+    """Make the places of each tied parameter hold one parameter again (pruning gave each place
+    its own copy, all cut alike)."""
+    for places in ties:
+        first = getattr(*places[0])
+        for module, attr in places[1:]:
+            param = getattr(module, attr)
+            if param is first:
+                continue
+            if param.shape != first.shape or not torch.equal(param, first):
+                raise RuntimeError(f"tied parameter {attr!r} was cut differently in its places")
+            setattr(module, attr, first)
+
+
+def _attention_modules(model: nn.Module, heads: Mapping[nn.Module, int]) -> list[tuple]:
+    """``(module, projection, head size)`` of each attention module with a
+    ``num_attention_heads`` attribute whose query / key / value projections are in ``heads``."""
+    found = []
+    for module in model.modules():
+        if not isinstance(getattr(module, "num_attention_heads", None), int):
+            continue
+        for child in module.children():
+            if child in heads:
+                found.append((module, child, child.out_features // heads[child]))
+                break
+    return found
+
+
+def _update_attention(attention: list[tuple]) -> None:
+    for module, projection, size in attention:
+        module.num_attention_heads = projection.out_features // size
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = projection.out_features

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = [*args.overrides, *rest]  # overrides may come after --quiet
     console = Console(stderr=False)
     _setup_logging(getattr(args, "quiet", False))
+    restore = _catch_interrupts()
     try:
         if args.command == "sweep":
             return _sweep(args, console)
@@ -115,7 +118,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[bold red]squeeze: error:[/] {mask_url(err)}", highlight=False, markup=True
         )
         return 2
+    except KeyboardInterrupt:
+        again = " (rerun the same command to continue)" if args.command in _RESUMABLE else ""
+        Console(stderr=True).print(f"squeeze: interrupted{again}", highlight=False)
+        return 130
+    finally:
+        restore()
     return 1
+
+
+#: Commands whose interrupted work a rerun continues.
+_RESUMABLE = ("sweep", "worker")
+
+
+def _catch_interrupts():
+    """The first Ctrl-C (SIGINT) raises KeyboardInterrupt: the running trial is recorded as
+    interrupted, its MLflow run and the study's parent run end KILLED, and the command exits
+    130; a second one exits at once. Returns a function restoring the previous handler."""
+    previous = signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            os._exit(130)  # the writer and worker processes end with this one (their PDEATHSIG)
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
@@ -254,7 +286,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
             f"(pipelines of space '{plan.space.name}' last):",
             highlight=False,
         )
-        table = pd.DataFrame(claims_table(model, plan.space)).fillna("")
+        table = pd.DataFrame(claims_table(model, task.example_inputs(), plan.space)).fillna("")
         console.print(table.to_string(index=False), highlight=False, soft_wrap=True)
     return 0
 

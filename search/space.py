@@ -215,7 +215,9 @@ class SearchSpace:
                     except InvalidParameterError as err:
                         raise ConfigError(str(err)) from None
 
-    def check_model(self, model: nn.Module, *, task: str) -> dict[str, float]:
+    def check_model(
+        self, model: nn.Module, *, task: str, example_inputs: Any = None
+    ) -> dict[str, float]:
         """Check that every compressor the pipeline can use acts on ``model``, before any
         training; return the coverage of each pipeline (the fraction of the model's parameters
         its compressors compress, `compressors.coverage`), by pipeline.
@@ -234,10 +236,12 @@ class SearchSpace:
             params = {k: _representative(v) for k, v in self._entries[comp].items()}
             built[comp] = self._classes[comp](**params)
             try:
-                built[comp].check_model(model)
+                built[comp].check_model(model, example_inputs)
             except UnsupportedModelError as err:
                 raise ConfigError(f"{err} (task '{task}', space '{self.name}')") from None
-        return {"+".join(o): coverage([built[c] for c in o], model) for o in options}
+        return {
+            "+".join(o): coverage([built[c] for c in o], model, example_inputs) for o in options
+        }
 
     @property
     def compressor_names(self) -> list[str]:
@@ -245,7 +249,9 @@ class SearchSpace:
         return sorted(self._classes)
 
 
-def claims_table(model: nn.Module, space: SearchSpace | None = None) -> list[dict[str, Any]]:
+def claims_table(
+    model: nn.Module, example_inputs: Any = None, space: SearchSpace | None = None
+) -> list[dict[str, Any]]:
     """One row per parameter tensor of ``model`` (a tied tensor once): its name, shape, size,
     kind of target (`compressors.KINDS`, or ``-`` for biases, norms and other tensors no method
     compresses) and, for each registered compressor that shrinks models (with its default
@@ -253,7 +259,7 @@ def claims_table(model: nn.Module, space: SearchSpace | None = None) -> list[dic
     fraction of the parameters it compresses."""
     found = targets(model)
     methods = [get_compressor(n)() for n in available() if get_compressor(n).shrinks]
-    claimed = {m.name: set(m.claims(model)) for m in methods}
+    claimed = {m.name: set(m.claims(model, example_inputs)) for m in methods}
     rows = []
     for name, tensor in model.named_parameters():
         key = name.replace(".parametrizations.", ".").removesuffix(".original")
@@ -268,7 +274,8 @@ def claims_table(model: nn.Module, space: SearchSpace | None = None) -> list[dic
         )
     if space is not None:
         total = parameter_count(model)
-        for pipeline, fraction in space.check_model(model, task="").items():
+        coverages = space.check_model(model, task="", example_inputs=example_inputs)
+        for pipeline, fraction in coverages.items():
             rows.append({"tensor": f"pipeline {pipeline}", "parameters": round(fraction * total),
                          "kind": f"{100 * fraction:.0f}% compressed"})
     return rows

@@ -189,7 +189,6 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
             workers, called in this process as their trials finish.
     """
     plan = plan_sweep(cfg)
-    _set_threads(cfg, workers=1)
     storage = _open_storage(plan)
     study = optuna.create_study(
         study_name=plan.study_name,
@@ -232,7 +231,6 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
         pids = run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
         ran = [t for t in study.get_trials(deepcopy=False) if WORKER_ATTR in t.user_attrs]
         return sum(int(t.user_attrs[WORKER_ATTR].split(":")[1]) in pids for t in ran)
-    _set_threads(cfg, workers=int(os.environ.get(WORKERS_ENV, "1")))
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
     # Workers sample independently: each its own seed (a shared seed repeats the same recipes).
     seed = int(hashlib.sha256(f"{cfg.seed}:{done}:{worker_id()}".encode()).hexdigest()[:8], 16)
@@ -287,19 +285,26 @@ def _run(
     # (they cost 4% of a sweep otherwise). Unfrozen when the study is reported.
     gc.freeze()
     try:
-        if plan.n_jobs == 1:
-            run_trials(
-                budget,
-                partial(run_trial, ctx=ctx),
-                callbacks=callbacks,
-                timeout=cfg.search.timeout,
-            )
-        else:
-            from search.workers import run_local_workers
+        start, timeout = time.monotonic(), cfg.search.timeout
+        while True:
+            if plan.n_jobs == 1:
+                run_trials(
+                    budget,
+                    partial(run_trial, ctx=ctx),
+                    callbacks=callbacks,
+                    timeout=None if timeout is None else timeout - (time.monotonic() - start),
+                )
+            else:
+                from search.workers import run_local_workers
 
-            tracker.wait()  # the parent run exists before the workers log children under it
-            run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
-        _wait_for_other_workers(budget)
+                tracker.wait()  # the parent run exists before the workers log children under it
+                run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+            _wait_for_other_workers(budget)
+            # A trial lost at the end (a worker killed after the others stopped claiming) is
+            # run again here, so the study still ends with its whole budget.
+            timed_out = timeout is not None and time.monotonic() - start >= timeout
+            if timed_out or not budget.has_work():
+                break
         return pareto.finish_study(study, ctx, baseline_metrics, parent_id)
     finally:
         gc.unfreeze()
@@ -310,7 +315,10 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
     plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
-    _check_coverage(plan.space.check_model(task.build_model(), task=task.name), task.name)
+    model = task.build_model()
+    coverages = plan.space.check_model(model, task=task.name, example_inputs=task.example_inputs())
+    _check_coverage(coverages, task.name)
+    _set_threads(cfg, task, model)  # before the baseline is trained (the probe trains `model`)
     device = _device(cfg)
     baseline = load_or_train_baseline(
         task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed, device=device
@@ -413,6 +421,7 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
         total=plan.n_trials,
         retries=int(search.retries),
         retry_on=tuple(search.retry_on),
+        lost_retries=int(search.lost_retries),
     )
 
 
@@ -429,11 +438,16 @@ def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
         time.sleep(poll_s)
 
 
-def _set_threads(cfg: DictConfig, *, workers: int) -> None:
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    elif workers > 1:  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+def _set_threads(cfg: DictConfig, task: Task, model: torch.nn.Module) -> None:
+    """Torch threads of this process (``threads``: auto, a count or null; see search.threads),
+    for the trials' batch size when the space fixes it, else the baseline's."""
+    from search.threads import set_threads
+
+    batch_size = cfg.space.get("finetune", {}).get("batch_size")
+    if not isinstance(batch_size, int):
+        batch_size = task.train_config.batch_size
+    workers = int(os.environ.get(WORKERS_ENV, "1"))  # set in the worker processes of a sweep
+    set_threads(cfg.threads, task, batch_size=batch_size, workers=workers, model=model)
 
 
 def _device(cfg: DictConfig) -> str | None:

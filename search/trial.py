@@ -32,25 +32,9 @@ from search.budget import seed_trial
 from search.constraints import constraint_values
 from search.early_stop import EarlyStop
 from search.failures import phase
+from search.metrics import METRICS  # noqa: F401 - re-exported: what a trial measures
 from search.space import Recipe, SearchSpace
 from search.tracking import Tracker
-
-#: Metrics each trial measures; any of them can be an objective. ``val_acc`` is the task's
-#: validation score: top-1 accuracy, or the mean cosine similarity to the original embeddings for
-#: an embedding task (``minilm``). ``latency_ms`` is at batch 1; each other batch size ``B`` of
-#: ``measure.latency_batch_sizes`` adds ``latency_ms_bB``; each extra score of the task (e.g.
-#: ``retrieval``) adds ``val_<name>``. ``compressed_fraction`` is the fraction of the baseline's
-#: parameters that the recipe's compressors act on.
-METRICS = (
-    "val_acc",
-    "size_bytes",
-    "compression_ratio",
-    "nonzero_params",
-    "flops",
-    "latency_ms",
-    "peak_memory_bytes",
-    "compressed_fraction",
-)
 
 
 @dataclass(frozen=True)
@@ -141,7 +125,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             metrics = {
                 "size_bytes": size,
                 "compression_ratio": ctx.baseline_size / size,
-                "compressed_fraction": coverage(ctx.space.build(recipe), ctx.baseline.model),
+                "compressed_fraction": coverage(
+                    ctx.space.build(recipe), ctx.baseline.model, ctx.task.example_inputs()
+                ),
                 **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
             }
             if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds

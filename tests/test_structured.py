@@ -1,4 +1,6 @@
-"""Structured pruning really removes channels; importance criteria are interchangeable plug-ins."""
+"""Structured pruning really removes channels (heads, hidden units) of every model family users
+bring, keeps every module's attributes true to its tensors, refuses clearly what it cannot prune;
+importance criteria are interchangeable plug-ins."""
 
 from __future__ import annotations
 
@@ -7,11 +9,20 @@ import copy
 import optuna
 import pytest
 import torch
+from torch import nn
 
-from compressors import CompressionContext, get_compressor, load_packed, save_packed
+from compressors import (
+    CompressionContext,
+    UnsupportedModelError,
+    get_compressor,
+    load_packed,
+    save_packed,
+    targets,
+)
+from compressors._structured_pruners import AttentionHeadPruner
 from compressors.importance import weight_scores
 from compressors.packing import plain_state
-from experiments import evaluate, fit
+from experiments import Split, evaluate, fit
 from experiments.metrics import count_flops
 from experiments.models import ConvNet1d
 from search import ConfigError, SearchSpace, compose_config
@@ -64,7 +75,7 @@ def test_taylor_importance_differs_from_magnitude_on_dead_inputs(digits_task, di
     """Pixels that are 0 in every image give their weights zero gradient: Taylor scores them 0
     whatever their size, magnitude does not."""
     model = copy.deepcopy(digits_baseline.model)
-    layers = {"net.1": model.net[1]}
+    layers = {"net.1": targets(model)["net.1.weight"]}
     dead = (digits_task.train.x[:512] == 0).all(dim=0)
     assert dead.sum() >= 3
     magnitude = weight_scores("l1", layers, model, _ctx(digits_task))["net.1"]
@@ -102,3 +113,539 @@ def test_shape_changing_methods_must_come_first():
     cfg = compose_config(["space.pipeline=[structured,quant,kd]"])
     recipe = SearchSpace.from_config(cfg.space).sample(optuna.create_study().ask())
     assert recipe.pipeline == ("structured", "quant", "kd")
+
+
+# --- The model families users bring, small ------------------------------------------------------
+
+
+class MobileNet(nn.Module):
+    """Stem, two depthwise-separable blocks (3x3 depthwise conv + BN + ReLU6, 1x1 pointwise conv
+    + BN + ReLU6), global pooling and a linear head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.ReLU6(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU6(),
+            ]
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU6(),
+            *block(width, 2 * width, 2),
+            *block(2 * width, 2 * width, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResNet(nn.Module):
+    """Conv + BN stem and two residual blocks added to it (BN after each conv), then a head."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+
+        def block() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+            )
+
+        self.block1, self.block2 = block(), block()
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block1(x))
+        x = torch.relu(x + self.block2(x))
+        return self.head(x.mean((2, 3)))
+
+
+class GroupedConvNet(nn.Module):
+    """Grouped convolutions and a GroupNorm: channels go by the same offset in every group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.norm2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 1, groups=2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(self.norm2(self.conv2(x)))
+        return self.head(self.conv3(x).mean((2, 3)))
+
+
+class Transformer(nn.Module):
+    """torch's ``nn.TransformerEncoder`` (batch_first) between an input projection and a head."""
+
+    def __init__(self, features: int = 8, d_model: int = 32, nhead: int = 4, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Linear(features, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class Recurrent(nn.Module):
+    """An RNN / GRU / LSTM classifier on ``(batch, steps, features)``: the head reads the last
+    step of the output sequence, or (``state=True``) the last layer's final hidden state of
+    each direction, concatenated."""
+
+    def __init__(self, cell, features: int, *, hidden: int = 16, layers: int = 1,
+                 bidirectional: bool = False, state: bool = False) -> None:
+        super().__init__()
+        self.rnn = cell(features, hidden, layers, batch_first=True, bidirectional=bidirectional)
+        self.directions = 2 if bidirectional else 1
+        self.state = state
+        self.head = nn.Linear(self.directions * hidden, 10)
+
+    def forward(self, x):
+        out, h_n = self.rnn(x)
+        if not self.state:
+            return self.head(out[:, -1])
+        h_n = h_n[0] if isinstance(h_n, tuple) else h_n
+        return self.head(torch.cat(list(h_n[-self.directions :]), dim=-1))
+
+
+class TiedTransformer(nn.Module):
+    """A next-token model on a vocabulary of 17 whose output layer reads the embedding's weight
+    (one tensor), with a residual encoder layer between them."""
+
+    def __init__(self, vocab: int = 17, d_model: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        self.block = nn.TransformerEncoderLayer(d_model, 4, 64, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.block(self.emb(tokens))))
+
+
+class TiedGRU(nn.Module):
+    """Embedding -> GRU -> output layer tied to the embedding: the embedding's width and the
+    GRU's hidden units are separate groups that must lose the same indices."""
+
+    def __init__(self, vocab: int = 17, dim: int = 24) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = nn.GRU(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.emb(tokens))[1][-1])
+
+
+def _digits(shape):
+    return lambda: torch.randn(*shape)
+
+
+def _tokens():
+    return torch.randint(0, 17, (8, 7))
+
+
+#: name -> (model builder, example inputs builder)
+FAMILIES = {
+    "mobilenet": (MobileNet, _digits((8, 1, 8, 8))),
+    "resnet": (ResNet, _digits((8, 1, 8, 8))),
+    "grouped-conv": (GroupedConvNet, _digits((8, 1, 8, 8))),
+    "transformer": (Transformer, _digits((8, 6, 8))),
+    "lstm-1x40": (lambda: Recurrent(nn.LSTM, 1), _digits((8, 40, 1))),
+    "lstm-2layer-bi-state": (
+        lambda: Recurrent(nn.LSTM, 8, layers=2, bidirectional=True, state=True),
+        _digits((8, 8, 8)),
+    ),
+    "gru-2layer-bi": (
+        lambda: Recurrent(nn.GRU, 8, layers=2, bidirectional=True), _digits((8, 8, 8))
+    ),
+    "gru-bi-state": (
+        lambda: Recurrent(nn.GRU, 8, bidirectional=True, state=True), _digits((8, 8, 8))
+    ),
+    "rnn-2layer-1x40": (lambda: Recurrent(nn.RNN, 1, layers=2), _digits((8, 40, 1))),
+    "rnn-bi-state": (
+        lambda: Recurrent(nn.RNN, 8, bidirectional=True, state=True), _digits((8, 8, 8))
+    ),
+    "tied-transformer": (TiedTransformer, _tokens),
+    "tied-gru": (TiedGRU, _tokens),
+}
+
+
+def _family(name: str, seed: int = 0):
+    build, inputs = FAMILIES[name]
+    torch.manual_seed(seed)
+    return build(), inputs()
+
+
+def _prune(model, x, **params):
+    ctx = CompressionContext(example_inputs=x)
+    return get_compressor("structured")(**params).compress(model, ctx)
+
+
+def _size(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied tensor counts once
+
+
+def _inconsistent(model: nn.Module) -> list[str]:
+    """Modules whose public attributes (what ``print(model)`` shows, what forward reads)
+    disagree with their tensors."""
+    wrong = []
+    for name, m in model.named_modules():
+        ok = True
+        if isinstance(m, nn.Linear):
+            ok = tuple(m.weight.shape) == (m.out_features, m.in_features)
+            ok &= m.bias is None or tuple(m.bias.shape) == (m.out_features,)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            ok = m.weight.shape[0] == m.out_channels
+            ok &= m.weight.shape[1] * m.groups == m.in_channels
+            ok &= m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            ok = m.weight.numel() == m.running_mean.numel() == m.num_features
+        elif isinstance(m, nn.LayerNorm):
+            ok = tuple(m.weight.shape) == tuple(m.normalized_shape)
+        elif isinstance(m, nn.GroupNorm):
+            ok = m.weight.numel() == m.num_channels and m.num_channels % m.num_groups == 0
+        elif isinstance(m, nn.Embedding):
+            ok = tuple(m.weight.shape) == (m.num_embeddings, m.embedding_dim)
+        elif isinstance(m, nn.MultiheadAttention):
+            e = m.embed_dim
+            ok = e == m.num_heads * m.head_dim == m.kdim == m.vdim
+            ok &= tuple(m.in_proj_weight.shape) == (3 * e, e) and m.in_proj_bias.shape == (3 * e,)
+            ok &= m.out_proj.in_features == m.out_proj.out_features == e
+        elif isinstance(m, nn.RNNBase):
+            gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1) * m.hidden_size
+            directions = 2 if m.bidirectional else 1
+            for layer in range(m.num_layers):
+                inputs = m.input_size if layer == 0 else directions * m.hidden_size
+                for suffix in ("", "_reverse")[:directions]:
+                    w = f"_l{layer}{suffix}"
+                    ok &= tuple(getattr(m, "weight_ih" + w).shape) == (gates, inputs)
+                    ok &= tuple(getattr(m, "weight_hh" + w).shape) == (gates, m.hidden_size)
+                    ok &= tuple(getattr(m, "bias_ih" + w).shape) == (gates,)
+            ok &= all(a is b for a, b in zip(m._flat_weights, m.parameters(), strict=True))
+        if not ok:
+            wrong.append(f"{name}: {m}")
+    return wrong
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_shrinks_runs_trains_and_reloads(family, scope, tmp_path):
+    """Smaller, attributes true to tensors, runs in eval without gradients (the fast path of
+    ``nn.TransformerEncoderLayer``) as with them, reloads from its packed file to the same
+    outputs and architecture, and trains."""
+    model, x = _family(family)
+    pruned = _prune(model, x, amount=0.5, scope=scope)
+    assert _size(pruned) < 0.7 * _size(model)
+    assert _inconsistent(pruned) == []
+    pruned.eval()
+    with torch.no_grad():
+        fast = pruned(x)
+    slow = pruned(x)  # with gradients: torch's attention takes its plain path
+    assert fast.shape == model(x).shape
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+    save_packed(pruned, tmp_path / "m.sqz", like=_family(family, seed=1)[0])
+    reloaded = load_packed(tmp_path / "m.sqz", _family(family, seed=1)[0])
+    assert str(reloaded) == str(pruned)
+    with torch.no_grad():
+        assert (reloaded(x) - fast).abs().max() <= 1e-5
+
+    pruned.train()
+    pruned(x).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in pruned.parameters())
+
+
+def test_depthwise_convs_keep_their_groups_and_batch_norms_follow_their_convs():
+    model, x = _family("mobilenet")
+    pruned = _prune(model, x, amount=0.5)
+    convs = [m for m in pruned.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in pruned.features if isinstance(m, nn.BatchNorm2d)]
+    depthwise = [c for c in convs if c.groups > 1]
+    assert len(depthwise) == 2
+    assert all(c.groups == c.in_channels == c.out_channels for c in depthwise)
+    assert [c.out_channels for c in convs] == [n.num_features for n in norms] == [8, 8, 16, 16, 16]
+    assert pruned.head.in_features == 16 and pruned.head.out_features == 10
+
+
+def _kept_channels(before: nn.Linear, after: nn.Linear) -> list[int]:
+    """Which output channels of ``before`` survive in ``after`` (matched by their biases)."""
+    return [int((before.bias == b).nonzero()) for b in after.bias.detach()]
+
+
+def test_torch_attention_loses_whole_heads_and_the_residual_stream_follows():
+    model, x = _family("transformer")
+    pruned = _prune(model, x, amount=0.5)
+    kept = _kept_channels(model.embed, pruned.embed)  # the residual stream's channels
+    assert len(kept) == 16 == 8 * len({c // 8 for c in kept})  # whole blocks of head_dim (8)
+    for before, after in zip(model.encoder.layers, pruned.encoder.layers, strict=True):
+        attention = after.self_attn
+        assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (2, 8, 16)
+        assert attention.kdim == attention.vdim == 16
+        rows = [block * 32 + c for block in range(3) for c in kept]
+        assert torch.equal(
+            attention.in_proj_weight, before.self_attn.in_proj_weight[rows][:, kept]
+        )
+        assert after.norm1.normalized_shape == after.norm2.normalized_shape == (16,)
+        assert after.linear1.in_features == after.linear2.out_features == 16
+        assert after.linear1.out_features == 32  # feed-forward neurons go like any channels
+    assert pruned.head.in_features == 16
+
+    most = _prune(model, x, amount=0.95)
+    assert {layer.self_attn.num_heads for layer in most.encoder.layers} == {1}  # never all
+
+
+def test_attention_head_pruner_removes_exactly_the_heads_it_is_given():
+    """With head 1 fed zeros and its output projection zeroed, the attention without head 1
+    computes what the full one computed, on the other channels."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=True).eval()
+    with torch.no_grad():
+        attention.out_proj.weight[:, 4:8] = 0
+    x = torch.randn(2, 5, 16)
+    x[..., 4:8] = 0
+    keep = [i for i in range(16) if not 4 <= i < 8]
+    expected = attention(x, x, x, need_weights=False)[0][..., keep]
+    AttentionHeadPruner().prune_out_channels(attention, list(range(4, 8)))
+    assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (3, 4, 12)
+    assert attention.bias_k.shape == (1, 1, 12)
+    got = attention(x[..., keep], x[..., keep], x[..., keep], need_weights=False)[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="not whole heads"):
+        AttentionHeadPruner().prune_out_channels(attention, [0, 1])
+
+
+@pytest.mark.parametrize(
+    "cell, layers, bidirectional, state",
+    [
+        (nn.LSTM, 2, True, True),
+        (nn.LSTM, 1, False, False),
+        (nn.GRU, 2, True, False),
+        (nn.GRU, 1, True, True),
+        (nn.RNN, 2, True, True),
+    ],
+    ids=["lstm-2-bi-state", "lstm-1", "gru-2-bi", "gru-1-bi-state", "rnn-2-bi-state"],
+)
+def test_recurrent_layers_lose_exactly_their_dead_hidden_units(cell, layers, bidirectional, state):
+    """Hidden units whose every weight is zero carry nothing: removing them (the least important
+    units) leaves the function unchanged, whichever output the head reads."""
+    torch.manual_seed(0)
+    model = Recurrent(cell, 8, hidden=8, layers=layers, bidirectional=bidirectional, state=state)
+    rnn, dead = model.rnn, [1, 6]
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cell]
+    rows = [g * 8 + u for g in range(gates) for u in dead]
+    columns = [d * 8 + u for d in range(model.directions) for u in dead]
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            param[rows] = 0
+            if name.startswith("weight_hh"):
+                param[:, dead] = 0
+            elif name.startswith("weight_ih") and not name.startswith("weight_ih_l0"):
+                param[:, columns] = 0
+        model.head.weight[:, columns] = 0
+    x = torch.randn(4, 6, 8)
+    pruned = _prune(model, x, amount=0.25)  # 2 of 8 units
+    assert pruned.rnn.hidden_size == 6 and pruned.rnn.input_size == 8
+    assert pruned.head.in_features == 6 * model.directions
+    assert _inconsistent(pruned) == []
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x), atol=1e-6)
+
+
+def test_a_tied_embedding_keeps_its_tie_and_its_vocabulary():
+    model, x = _family("tied-transformer")
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.head.weight is pruned.emb.weight  # one tensor, pruned once
+    assert (pruned.emb.num_embeddings, pruned.head.out_features) == (17, 17)
+    assert pruned.emb.embedding_dim == pruned.head.in_features == 16
+    kept = [int((model.emb.weight[0] == v).nonzero()) for v in pruned.emb.weight[0].detach()]
+    assert torch.equal(pruned.emb.weight, model.emb.weight[:, kept])
+    assert pruned.block.self_attn.num_heads == 2
+    assert len(plain_state(pruned)[0]) == len(plain_state(model)[0])
+
+    model, x = _family("tied-gru")
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.head.weight is pruned.emb.weight
+    assert pruned.emb.embedding_dim == pruned.rnn.input_size == pruned.rnn.hidden_size == 12
+    assert (pruned.emb.num_embeddings, pruned.head.out_features) == (17, 17)
+
+
+class TiedWithSideOutput(nn.Module):
+    """An embedding tied to the output layer whose width also reaches the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(17, 32)
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 17, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        e = self.emb(tokens)
+        return self.head(self.fc2(torch.relu(self.fc1(e)))), e.mean(1)
+
+
+def test_a_tie_that_cannot_shrink_alike_stays_whole_and_says_why():
+    model, x = TiedWithSideOutput(), _tokens()
+    report = get_compressor("structured").explain(model, x)
+    assert report.kept["emb (Embedding)"] == "its channels reach the model's output"
+    assert report.kept["fc2 (Linear)"].startswith(
+        "it shares a tied weight with emb (Embedding), which stays whole"
+    )
+    assert list(report.prunable) == ["fc1 (Linear)"]
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.head.weight is pruned.emb.weight and pruned.emb.weight.shape == (17, 32)
+    assert pruned.fc1.out_features == pruned.fc2.in_features == 32
+
+
+class HeadsOfLinears(nn.Module):
+    """Attention written with plain Linears (as Hugging Face's BERT), naming its projections
+    and heads with ``attention_heads()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(16, 16) for _ in range(3))
+        self.num_attention_heads, self.attention_head_size, self.all_head_size = 4, 4, 16
+        self.out = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (
+            p(x).view(b, t, -1, 4).transpose(1, 2) for p in (self.query, self.key, self.value)
+        )
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(self.out(a.transpose(1, 2).reshape(b, t, -1)).mean(1))
+
+    def attention_heads(self):
+        return {p: p.out_features // 4 for p in (self.query, self.key, self.value)}
+
+
+def test_attention_of_plain_linears_loses_whole_heads_and_its_counts_follow():
+    torch.manual_seed(0)
+    model, x = HeadsOfLinears(), torch.randn(2, 5, 16)
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.query.out_features == pruned.value.out_features == pruned.out.in_features == 8
+    assert (pruned.num_attention_heads, pruned.all_head_size) == (2, 8)
+    assert set(pruned.attention_heads().values()) == {2}
+    kept = _kept_channels(model.query, pruned.query)
+    assert len({c // 4 for c in kept}) == 2  # two whole heads
+
+
+def test_other_criteria_rank_heads_and_hidden_units_too():
+    for family in ("transformer", "gru-2layer-bi"):
+        model, x = _family(family)
+        y = torch.randint(0, model.head.out_features, (len(x),))
+        ctx = CompressionContext(train=Split(x, y), example_inputs=x, seed=0)
+        for criterion in ("taylor", "random", "l2"):
+            pruned = get_compressor("structured")(amount=0.5, importance=criterion).compress(
+                model, ctx
+            )
+            assert _size(pruned) < 0.7 * _size(model) and _inconsistent(pruned) == []
+            assert all(p.grad is None for p in pruned.parameters())
+
+
+class MatrixParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.w = nn.Parameter(torch.randn(16, 5))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) @ self.w
+
+
+class Projected(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True, proj_size=4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    "model, x, message",
+    [
+        (
+            Projected(),
+            torch.randn(2, 5, 8),
+            "Compressor 'structured' cannot prune this model consistently:\n- 'rnn' (LSTM) has "
+            "proj_size=4: LSTM projections are not supported",
+        ),
+        (
+            nn.MultiheadAttention(16, 2, kdim=8, vdim=8),
+            (torch.randn(3, 2, 16), torch.randn(3, 2, 8), torch.randn(3, 2, 8)),
+            "- '<model>' (MultiheadAttention) has kdim=8, vdim=8 unlike embed_dim=16: only the "
+            "packed query/key/value projection is supported",
+        ),
+        (
+            MatrixParameter(),
+            torch.randn(2, 8),
+            "- '<model>' (MatrixParameter) uses its parameter 'w' (16, 5) as a weight matrix "
+            "(Mm), which torch-pruning would cut as if it were an element-wise tensor",
+        ),
+        (
+            nn.Sequential(nn.Linear(8, 3)),
+            torch.randn(2, 8),
+            "Compressor 'structured' cannot act on any tensor of this model (Sequential): every "
+            "group of coupled channels stays whole.\n- 0 (Linear): its channels reach the "
+            "model's output\nRemove 'structured' from space.pipeline.",
+        ),
+        (
+            nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)),
+            torch.randn(2, 5),
+            "Compressor 'structured' cannot trace '<model>' (Sequential) on its example inputs: "
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x5 and 8x4)",
+        ),
+    ],
+    ids=["lstm-projection", "attention-kdim", "matrix-parameter", "output-only", "untraceable"],
+)
+def test_what_cannot_be_pruned_is_refused_naming_the_module_and_why(model, x, message):
+    before = copy.deepcopy(model.state_dict())
+    compressor = get_compressor("structured")(amount=0.5)
+    with pytest.raises(UnsupportedModelError) as refused:
+        compressor.check_model(model, x)
+    assert message in str(refused.value)
+    with pytest.raises(UnsupportedModelError) as refused:
+        compressor.compress(model, CompressionContext(example_inputs=x))
+    assert message in str(refused.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_checking_and_compressing_leave_the_given_model_as_it_was():
+    model, x = _family("transformer")
+    model.train()
+    model.encoder.layers[1].eval()  # a mix of modes is restored module by module
+    before = copy.deepcopy(model)
+    compressor = get_compressor("structured")(amount=0.5)
+    claimed = compressor.check_model(model, x)
+    assert "encoder.layers.0.self_attn.in_proj_weight" in claimed and "head.weight" in claimed
+    pruned = compressor.compress(model, CompressionContext(example_inputs=x))
+    assert str(model) == str(before)
+    params = zip(model.parameters(), before.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in params)
+    for m, b, p in zip(model.modules(), before.modules(), pruned.modules(), strict=True):
+        assert m.training == b.training == p.training

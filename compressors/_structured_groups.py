@@ -1,0 +1,477 @@
+"""What structured pruning may remove: the model traced into groups of coupled channels.
+
+torch-pruning's dependency graph finds which channels shrink together (a group: a layer's outputs
+and every input, norm, residual add, ... they feed). This module adds what it leaves to its
+callers: it refuses the modules it cannot shrink consistently (`UnsupportedModelError`), keeps
+whole the groups that must not shrink (the model's outputs, tied weights cut two ways) with the
+reason, and splits each other group into *units*, the sets of channels removed together (one
+channel, a whole attention head, the same hidden unit of every direction of a recurrent layer,
+the same offset in every group of a grouped convolution).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from compressors._base import UnsupportedModelError
+from compressors._structured_pruners import (
+    RECURRENT,
+    customized_pruners,
+    local_scores,
+    opaque_tracing,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Layers whose output channels start a group.
+ROOTS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention, *RECURRENT)
+#: Autograd operations that use a plain tensor as a weight matrix, not element-wise.
+_MATRIX_OPS = {"Mm", "Addmm", "Bmm", "Baddbmm", "Mv", "Addmv", "Dot", "Convolution", "Embedding",
+               "EmbeddingBag", "Linear"}
+#: Autograd operations that only move or copy a tensor.
+_SHAPE_OPS = {"T", "Transpose", "Permute", "View", "Reshape", "Unsqueeze", "Squeeze", "Expand",
+              "Clone", "ToCopy", "Alias", "Unsafe_View", "UnsafeView"}
+
+
+def describe(name: str, module: nn.Module) -> str:
+    """``'name' (Type)``, the way messages name a module."""
+    return f"'{name or '<model>'}' ({type(module).__name__})"
+
+
+def refusals(model: nn.Module) -> list[str]:
+    """One line per module that structured pruning cannot shrink consistently (empty if none)."""
+    problems = []
+    for name, module in model.named_modules():
+        where = describe(name, module)
+        if "parametrizations" in dict(module.named_children()):
+            problems.append(
+                f"{where} has parametrized tensors (masks or quantization grids): apply "
+                "'structured' before the methods that add them"
+            )
+        if isinstance(module, nn.RNNBase) and not isinstance(module, RECURRENT):
+            problems.append(f"{where} is a recurrent layer of an unknown kind")
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            problems.append(
+                f"{where} has proj_size={module.proj_size}: LSTM projections are not supported"
+            )
+        if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+            problems.append(
+                f"{where} has kdim={module.kdim}, vdim={module.vdim} unlike embed_dim="
+                f"{module.embed_dim}: only the packed query/key/value projection is supported"
+            )
+        if isinstance(module, nn.modules.conv._ConvNd):
+            depthwise = module.groups == module.out_channels > 1
+            if depthwise and module.in_channels != module.out_channels:
+                problems.append(
+                    f"{where} is a depthwise convolution with {module.in_channels} inputs for "
+                    f"{module.out_channels} outputs: torch-pruning keeps them equal"
+                )
+            if module.transposed and module.groups > 1 and not depthwise:
+                problems.append(
+                    f"{where} is a grouped transposed convolution (groups={module.groups}): "
+                    "torch-pruning cuts its weight along the wrong axis"
+                )
+    return problems
+
+
+def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model`` run on ``example_inputs``.
+
+    Raises:
+        UnsupportedModelError: If the model cannot be traced, or a plain parameter (not in a
+            layer torch-pruning knows) is used as a weight matrix.
+    """
+    outputs: list[Any] = []
+
+    def forward(m: nn.Module, x: Any) -> Any:
+        if isinstance(x, Mapping):
+            out = m(**x)
+        elif isinstance(x, tuple | list):
+            out = m(*x)
+        else:
+            out = m(x)
+        outputs.append(out)
+        return out
+
+    try:
+        with opaque_tracing(model), warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs,
+                forward_fn=forward,
+                customized_pruners=customized_pruners(),
+                verbose=False,
+            )
+    except Exception as err:  # any failure of the user's forward or of the tracer
+        raise UnsupportedModelError(
+            f"Compressor 'structured' cannot trace {describe('', model)} on its example "
+            f"inputs: {type(err).__name__}: {err}"
+        ) from err
+    problems = _matrix_parameters(graph)
+    if problems:
+        raise UnsupportedModelError(_message(problems))
+    # a layer whose own output is the model's output has no output node after it
+    graph.output_grad_fns = {t.grad_fn for t in tp.utils.flatten_as_list(outputs[0])}
+    for node in list(graph.module2node.values()):
+        if isinstance(node.module, RECURRENT):
+            _pass_recurrent_channels(node)
+    return graph
+
+
+def _pass_recurrent_channels(node) -> None:
+    """Let the channels of a recurrent layer's outputs pass unchanged through the splits and
+    concatenations between it and the next layers.
+
+    Its output channel ``i`` names hidden unit ``i % hidden_size`` (`RecurrentPruner`), whichever
+    output it comes from: the sequence (directions side by side) or ``h_n`` (layers and
+    directions stacked along the first axis, which torch-pruning would take for channels). So
+    unstacking ``h_n`` and concatenating its directions (``torch.cat(list(h_n[-2:]), -1)``) maps
+    channel ``c`` of the next layer to unit ``c % hidden_size``: the identity, taken modulo.
+    """
+    ops = tp.ops.OPTYPE
+    reached, stack = set(), list(node.outputs)
+    while stack:  # the tensor operations between the layer and the next layers
+        user = stack.pop()
+        if user in reached or not type(user.module).__module__.startswith("torch_pruning"):
+            continue
+        reached.add(user)
+        stack.extend(user.outputs)
+    for user in reached:
+        if user.type not in (ops.UNBIND, ops.SPLIT, ops.CONCAT):
+            continue
+        if user.type == ops.CONCAT and not all(i in reached or i is node for i in user.inputs):
+            continue  # other tensors join the layer's: keep torch-pruning's offsets
+        user.enable_index_mapping = False
+        for dep in user.dependencies:
+            dep.index_mapping = [None, None]
+        for other in (*user.inputs, *user.outputs):
+            for dep in other.dependencies:
+                if dep.target is user:
+                    dep.index_mapping = [None, None]
+
+
+def _message(problems: Sequence[str]) -> str:
+    lines = "\n".join(f"- {p}" for p in problems)
+    return f"Compressor 'structured' cannot prune this model consistently:\n{lines}"
+
+
+def _op_name(node) -> str:
+    """The autograd operation of a node that torch-pruning made for a tensor operation (empty
+    for a layer)."""
+    if not type(node.module).__module__.startswith("torch_pruning"):
+        return ""
+    name = getattr(node.grad_fn, "name", None)
+    return re.sub(r"Backward\d*$", "", name()) if callable(name) else ""
+
+
+def _matrix_parameters(graph: tp.DependencyGraph) -> list[str]:
+    """Plain parameters (outside any layer torch-pruning knows) used as weight matrices: it would
+    cut them along their last dimension, as if they were added or multiplied element-wise."""
+    problems = []
+    for param, _ in graph.unwrapped_parameters:
+        node = graph.module2node.get(param)
+        stack, seen = list(node.outputs) if node is not None else [], set()
+        while stack:
+            user = stack.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            op = _op_name(user)
+            if op in _MATRIX_OPS:
+                name = graph._param_to_name.get(param, "?")
+                owner = name.rpartition(".")[0]
+                problems.append(
+                    f"{describe(owner, graph.model.get_submodule(owner))} uses its parameter "
+                    f"'{name}' {tuple(param.shape)} as a weight matrix ({op}), which torch-pruning "
+                    "would cut as if it were an element-wise tensor"
+                )
+                break
+            if user.type == tp.ops.OPTYPE.RESHAPE or op in _SHAPE_OPS:
+                stack.extend(user.outputs)
+    return problems
+
+
+@dataclass
+class CoupledGroup:
+    """Channels that shrink together: the output channels of one layer (a torch-pruning group)
+    and everything coupled to them, or several such groups whose layers share a tied weight.
+
+    Attributes:
+        label: The layers rooting its groups, e.g. ``"enc.layers.0.linear1 (Linear)"``.
+        modules: Qualified names of the layers that change shape with it.
+        members: torch-pruning's groups over all channels of each root layer.
+        units: The sets of channels removed together, as ``(member, root channel)`` pairs; a
+            partition of all members' channels.
+        unit: What one unit is, e.g. ``"channel"`` or ``"head of 8 channels"``.
+    """
+
+    label: str
+    modules: tuple[str, ...]
+    members: list[Any] = field(repr=False)
+    units: list[list[tuple[int, int]]] = field(repr=False)
+    unit: str = "channel"
+
+    def channels(self) -> int:
+        """Channels of all its root layers."""
+        return sum(len(group[0].idxs) for group in self.members)
+
+
+class _UnionFind:
+    def __init__(self, size: int) -> None:
+        self.parent = list(range(size))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+    def sets(self) -> list[list[int]]:
+        found: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            found.setdefault(self.find(i), []).append(i)
+        return list(found.values())
+
+
+def coupled_groups(
+    model: nn.Module, graph: tp.DependencyGraph, heads: Mapping[nn.Module, int]
+) -> tuple[list[CoupledGroup], dict[str, str]]:
+    """The groups whose channels may be removed, and the others with the reason they stay whole.
+
+    Args:
+        model: The traced model.
+        graph: Its dependency graph (`trace`).
+        heads: Query / key / value projections (``nn.Linear``) of attention written with plain
+            layers, and their number of heads: their output channels go in whole heads.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    groups = list(graph.get_all_groups(root_module_types=ROOTS))
+    labels = [_label(group[0].dep.target.module, names) for group in groups]
+    offsets = [0]
+    for group in groups:
+        offsets.append(offsets[-1] + len(group[0].idxs))
+    channels = _UnionFind(offsets[-1])  # channels removed together, over all groups
+    linked = _UnionFind(len(groups))  # groups that shrink together (through a tied weight)
+    reasons: list[str | None] = []
+    units: list[str] = []
+    for g, group in enumerate(groups):
+        reason = _kept_reason(group, graph)
+        if reason is None and not _join_units(group, graph, heads, channels, offsets[g]):
+            reason = "torch-pruning cannot map its channels onto its root layer's"
+        reasons.append(reason)
+        units.append(_unit_name(group, graph, heads))
+    _join_tied(model, groups, graph, channels, linked, offsets, reasons)
+
+    prunable, kept = [], {}
+    for component in linked.sets():
+        whole = [g for g in component if reasons[g] is not None]
+        if whole:
+            first = whole[0]
+            for g in component:
+                kept[labels[g]] = reasons[g] or (
+                    f"it shares a tied weight with {labels[first]}, which stays whole: "
+                    f"{reasons[first]}"
+                )
+            continue
+        position = {g: i for i, g in enumerate(component)}
+        found: dict[int, list[tuple[int, int]]] = {}
+        for g in component:
+            for root in range(offsets[g + 1] - offsets[g]):
+                found.setdefault(channels.find(offsets[g] + root), []).append((position[g], root))
+        members = [groups[g] for g in component]
+        modules = tuple(dict.fromkeys(
+            names[item.dep.target.module]
+            for group in members
+            for item in group
+            if item.dep.target.module in names
+        ))
+        unit = next((units[g] for g in component if units[g] != "channel"), "channel")
+        label = " + ".join(labels[g] for g in component)
+        coupled = CoupledGroup(label, modules, members, list(found.values()), unit)
+        if len(coupled.units) < 2:
+            kept[label] = f"it has a single {unit}"
+        else:
+            prunable.append(coupled)
+    return prunable, kept
+
+
+def _label(module: nn.Module, names: Mapping[nn.Module, str]) -> str:
+    return f"{names.get(module) or '<model>'} ({type(module).__name__})"
+
+
+def _kept_reason(group, graph: tp.DependencyGraph) -> str | None:
+    """Why ``group`` must stay whole whatever the other groups do, or None."""
+    for item in group:
+        target = item.dep.target
+        if target.type == tp.ops.OPTYPE.OUTPUT or (
+            target.grad_fn in graph.output_grad_fns
+            and graph.is_out_channel_pruning_fn(item.dep.handler)
+        ):
+            return "its channels reach the model's output"
+        if any(r is None for r in item.root_idxs):
+            return "torch-pruning cannot map its channels onto its root layer's"
+    return None
+
+
+def _unit_of(module: nn.Module, out: bool, graph, heads) -> tuple[Callable[[int], int], str] | None:
+    """``(key, description)``: channels of ``module`` with the same key are removed together;
+    None if any set of its channels may go."""
+    if isinstance(module, nn.MultiheadAttention):
+        size = module.head_dim
+        return (lambda i: i // size), f"head of {size} channels"
+    if out and module in heads:
+        size = module.out_features // heads[module]
+        return (lambda i: i // size), f"head of {size} channels"
+    if out and isinstance(module, RECURRENT):
+        hidden = module.hidden_size
+        return (lambda i: i % hidden), "hidden unit"
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
+        return None  # depthwise: torch-pruning updates `groups` itself
+    pruner = graph.get_pruner_of_module(module)
+    if pruner is None or isinstance(module, nn.Parameter):
+        return None
+    groups = pruner.get_out_channel_groups(module) if out else pruner.get_in_channel_groups(module)
+    channels = graph.get_out_channels(module) if out else graph.get_in_channels(module)
+    if groups > 1 and channels:
+        per_group = channels // groups
+        return (lambda i: i % per_group), f"channel of each of {groups} groups"
+    return None
+
+
+def _rules(group, graph, heads):
+    for item in group:
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        rule = _unit_of(item.dep.target.module, out, graph, heads)
+        if rule is not None:
+            yield item, rule
+
+
+def _unit_name(group, graph, heads) -> str:
+    return next((name for _, (_, name) in _rules(group, graph, heads)), "channel")
+
+
+def _join_units(group, graph, heads, channels: _UnionFind, offset: int) -> bool:
+    """Join in ``channels`` the root channels of ``group`` that its layers remove together (whole
+    heads, the same offset in each group of a grouped conv, ...); False if a layer's channels
+    do not map onto the root's."""
+    size = len(group[0].idxs)
+    for item, (key, _) in _rules(group, graph, heads):
+        first: dict[int, int] = {}
+        for idx, root in zip(item.idxs, item.root_idxs, strict=True):
+            if not 0 <= root < size:
+                return False
+            channels.union(offset + root, first.setdefault(key(idx), offset + root))
+    return True
+
+
+def tied_weights(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Parameters held by several modules (tied weights): ``id -> [(module, attribute)]``."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, attr))
+    return {key: places for key, places in holders.items() if len(places) > 1}
+
+
+def _weight_axis(module: nn.Module, out: bool) -> int | None:
+    """The axis of ``module.weight`` that its output (``out``) or input channels index."""
+    if isinstance(module, nn.Embedding):
+        return 1
+    if isinstance(module, nn.Linear):
+        return 0 if out else 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (0 if out else 1) if not module.transposed else (1 if out else 0)
+    return None
+
+
+def _join_tied(model, groups, graph, channels, linked, offsets, reasons) -> None:
+    """Make the groups that cut a tied weight cut it alike.
+
+    Along each axis of the weight, every module holding it must lose the same indices: the
+    channels (of whichever group) that map to one index of the weight are removed together, and
+    their groups shrink together (``linked``). Where that cannot be (a holder cut along an axis
+    the others are not, or in a way of unknown axis), the groups that would cut it stay whole
+    (``reasons``).
+    """
+    names = {module: name for name, module in model.named_modules()}
+    for places in tied_weights(model).values():
+        holders = dict(places)
+        tied = " and ".join(describe(names.get(m, "?"), m) for m, _ in places)
+        reason = f"it would cut the weight tied between {tied} in one of them only"
+        by_axis: dict[int, list[tuple[int, Any, nn.Module]]] = {}
+        unknown = set()
+        for g, group in enumerate(groups):
+            for item in group:
+                module = item.dep.target.module
+                if module not in holders:
+                    continue
+                out = graph.is_out_channel_pruning_fn(item.dep.handler)
+                axis = _weight_axis(module, out) if holders[module] == "weight" else None
+                if axis is None:
+                    unknown.add(g)
+                else:
+                    by_axis.setdefault(axis, []).append((g, item, module))
+        if unknown:  # then no use of the weight may cut it
+            unknown |= {g for uses in by_axis.values() for g, _, _ in uses}
+            by_axis = {}
+        for g in unknown:
+            reasons[g] = reasons[g] or reason
+        shape = getattr(places[0][0], places[0][1]).shape
+        for axis, uses in by_axis.items():
+            complete = {m for _, _, m in uses} == set(holders) and all(
+                sorted(item.idxs) == list(range(shape[axis])) for _, item, _ in uses
+            )
+            if not complete:
+                for g, _, _ in uses:
+                    reasons[g] = reasons[g] or reason
+                continue
+            first: dict[int, int] = {}
+            for g, item, _ in uses:
+                linked.union(g, uses[0][0])
+                for idx, root in zip(item.idxs, item.root_idxs, strict=True):
+                    if root is not None:
+                        here = offsets[g] + root
+                        channels.union(here, first.setdefault(idx, here))
+
+
+def channel_scores(group, criterion: str, importance) -> torch.Tensor:
+    """One score per root channel of a torch-pruning group: its group importance
+    (``importance``) averaged with ``criterion`` applied to the embedding, recurrent and attention
+    layers of the group (which torch-pruning's importance skips), each scaled to mean 1."""
+    size = len(group[0].idxs)
+    parts = []
+    try:
+        base = importance(group)
+    except (IndexError, RuntimeError) as err:  # its reduction assumes simple index mappings
+        logger.debug("torch-pruning's importance failed on a group (%s): scoring its layers", err)
+        base = None
+    if base is not None and len(base) == size:
+        parts.append(base.detach().float().cpu())
+    if criterion != "random":
+        extra, count = torch.zeros(size), 0
+        for item in group:
+            out = group._DG.is_out_channel_pruning_fn(item.dep.handler)
+            local = local_scores(item.dep.target.module, out, item.idxs, criterion)
+            if local is not None:
+                extra.index_add_(0, torch.as_tensor(item.root_idxs), local.float().cpu())
+                count += 1
+        if count:
+            parts.append(extra / count)
+    parts = [p / p.mean() for p in parts if p.mean() > 0]
+    if not parts:
+        return torch.ones(size)
+    return sum(parts) / len(parts)
