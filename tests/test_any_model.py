@@ -213,3 +213,36 @@ def test_a_two_trial_sweep_with_the_default_space_through_config_dir(
         metrics = trial.user_attrs["metrics"]
         assert metrics["compressed_fraction"] > 0.5
         assert metrics["compression_ratio"] > 1.05
+
+
+def test_a_compressor_that_can_act_on_nothing_is_refused_before_any_training(
+    tmp_path, cache_dir, capsys
+):
+    overrides = sweep_overrides(tmp_path, cache_dir / "refused", "space.pipeline=[lowrank,quant]")
+    code = main(["sweep", "--config-dir", str(ZOO_CONF), "task=zoo_lstm", *overrides])
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Compressor 'lowrank' cannot act on any tensor of this model" in err
+    assert "rnn.weight_ih_l0 (recurrent)" in err and "Remove 'lowrank' from space.pipeline" in err
+    assert not (cache_dir / "refused").exists()  # no baseline was trained
+
+
+def test_a_pipeline_reaching_under_half_of_the_parameters_is_warned_about_and_logged(
+    tmp_path, cache_dir, capsys
+):
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=1",
+        "space.pipeline=[prune]",
+        "space.prune.amount={head: 0.5}",
+        "space.finetune.epochs=1",
+    )
+    assert main(["sweep", "--config-dir", str(ZOO_CONF), "task=zoo_lstm", *overrides]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pipeline prune compresses only 2% of the parameters of task zoo_lstm" in err
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
+    )
+    (trial,) = optuna.load_study(study_name="zoo_lstm", storage=storage).get_trials()
+    assert trial.user_attrs["metrics"]["compressed_fraction"] == pytest.approx(480 / 30442)  # head.weight, 48 x 10

@@ -147,8 +147,51 @@ def test_loading_rejects_foreign_files_without_unpickling(tmp_path, digits_task)
         read_packed(pickle_file)
     fake = tmp_path / "fake.sqz"
     fake.write_bytes(b"SQZ1\x01" + lzma.compress(b"\x00" * 16))
-    with pytest.raises(Exception):  # noqa: B017 - any decoding error, never code execution
+    with pytest.raises(PackedFileError, match="written by another version of squeeze"):
         read_packed(fake)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_truncated_or_corrupted_file_is_refused_by_its_checksum(tmp_path, digits_task, damage):
+    path = tmp_path / "m.sqz"
+    save_packed(digits_task.build_model(), path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackedFileError, match=f"{path} is truncated or corrupted"):
+        load_packed(path, digits_task.build_model())
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(17, 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 17, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(self.emb(x).mean(1))))
+
+
+def test_tied_weights_are_compressed_once_stored_once_and_tied_again(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Tied(), torch.randint(0, 17, (4, 6))
+    get_compressor("quant")(bits=4).compress(model, CompressionContext())
+    assert model.emb.parametrizations.weight.original is model.head.parametrizations.weight.original
+    save_packed(model, tmp_path / "m.sqz")
+    assert set(read_packed(tmp_path / "m.sqz")) == set(_Tied().state_dict())
+    reloaded = load_packed(tmp_path / "m.sqz", _Tied())
+    assert reloaded.head.weight is reloaded.emb.weight
+    assert torch.equal(reloaded(x), model(x))
+    plain = _Tied()
+    untied = torch.nn.Linear(8, 17, bias=False)
+    untied.weight = torch.nn.Parameter(plain.emb.weight.detach().clone())
+    plain.head = untied  # the same values, stored twice
+    assert save_packed(plain, tmp_path / "twice.sqz") > save_packed(_Tied(), tmp_path / "once.sqz")
 
 
 def test_loading_into_another_architecture_names_the_mismatch(tmp_path, digits_task):
