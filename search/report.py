@@ -3,20 +3,26 @@
 Everything is written to ``<output_dir>/<study>/report/`` and logged to the study's parent MLflow
 run under ``report/``:
 
+- ``report.html``: one page that leads with the Pareto front table (the baseline first, then the
+  front from the smallest file up: size, ratio, validation and test score, their change against
+  the baseline in percentage points, negative being a loss, and the full recipe), then every
+  figure and table, linking the files below;
 - ``trials.csv`` (and ``trials.parquet`` when pyarrow is installed): one row per trial;
 - ``metrics.csv`` and ``confusion.json``: top-1 / top-5 accuracy, macro F1 and recall, per-class
   accuracy and the confusion matrix on validation and test, for the baseline and every Pareto
   point; ``class_balance.csv``: samples per class in each split;
-- figures, each as PNG (matplotlib) and interactive HTML (plotly): the Pareto front (accuracy vs
-  packed size on a log scale, front highlighted, baseline marked, parameters on hover),
-  hypervolume history, parameter importance per objective (`optuna.importance`), parameters vs
-  accuracy, and the fine-tuning curves of the front's trials;
-- ``report.html``: one self-contained page (plotly.js inlined once, no network) with every
-  figure and table, linking the files above.
+- figures, each as PNG (matplotlib) and interactive HTML (plotly), every axis saying what it shows
+  and in which unit: the Pareto front (score vs packed size on a log scale, front highlighted,
+  baseline marked, the recipe on hover), hypervolume history, parameter importance per objective
+  (`optuna.importance`), parameters vs the first objective, and the fine-tuning curves of the
+  front's trials. A figure with nothing to show is left out, with a line in report.html saying why;
+- ``plotly.min.js``, once: report.html and every figure's HTML load it from the folder, so the
+  folder works offline.
 """
 
 from __future__ import annotations
 
+import html as html_text
 import json
 import logging
 import warnings
@@ -31,17 +37,55 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
+import plotly.offline  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from optuna.distributions import CategoricalDistribution  # noqa: E402
+from optuna.trial import FixedTrial, TrialState  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
 
-from experiments import load_or_train_baseline, scores  # noqa: E402
+from experiments import accuracy, evaluate, load_or_train_baseline, mean_cosine, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
 from search.reuse import load_study, study_config  # noqa: E402
 from search.study import plan_sweep  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+#: The figures, in the order report.html shows them.
+FIGURES = (
+    "pareto_front",
+    "hypervolume",
+    "param_importance",
+    "params_vs_accuracy",
+    "finetune_curves",
+)
+#: The one copy of plotly.js in the folder, which report.html and every figure's HTML load.
+PLOTLY_JS = "plotly.min.js"
+
+#: Units of the metrics a study may optimise (``val_acc`` takes the task's score).
+_METRIC_UNITS = {
+    "size_bytes": "bytes",
+    "compression_ratio": "× smaller than the baseline file",
+    "nonzero_params": "parameters",
+    "flops": "FLOPs per sample",
+    "latency_ms": "ms per batch of 1",
+    "peak_memory_bytes": "bytes",
+}
+#: Units of the searched parameters, by their name within a compressor (``prune.amount``).
+_PARAM_UNITS = {
+    "amount": "fraction removed, 0–1",
+    "end": "fraction of the fine-tuning epochs, 0–1",
+    "keep": "fraction of the rank kept, 0–1",
+    "bits": "bits per weight",
+    "strength": "L1 penalty weight",
+    "temperature": "distillation temperature",
+    "alpha": "weight of the distillation loss, 0–1",
+    "lr": "learning rate",
+    "epochs": "epochs",
+    "batch_size": "samples per batch",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +95,10 @@ class Report:
     folder: Path
     files: list[Path]
     parent_run_id: str | None
+
+
+class _NoData(Exception):
+    """A figure has nothing to show; the message says why (one line in report.html)."""
 
 
 def build_report(cfg: DictConfig, study_name: str) -> Report:
@@ -90,18 +138,50 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         metrics, balance = _scores(models, task), pd.DataFrame()
     files.append(_save(metrics.to_csv, folder / "metrics.csv"))
 
-    baseline_metrics = study.user_attrs.get("baseline", {})
+    base = {**baseline.metrics, **study.user_attrs.get("baseline", {})}
+    score = _score_unit(task)
+    recipes = _recipes(study, plan.space)
+    test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
+    front_rows = _front_rows(trials, front_ids, base, test_scores, recipes)
+
+    files.append(_write(folder / PLOTLY_JS, plotly.offline.get_plotlyjs()))
     objectives = list(study_cfg.search.objectives)
-    figures = _figures(study, objectives, trials, front_ids, baseline_metrics, client)
-    html_parts = []
-    for name, (fig_png, fig_html) in figures.items():
-        png, html = folder / f"{name}.png", folder / f"{name}.html"
+    figures, notes = _figures(
+        study, objectives, trials, front_ids, base, client, recipes=recipes, score=score
+    )
+    for name in FIGURES:
+        png, page = folder / f"{name}.png", folder / f"{name}.html"
+        if name not in figures:  # no file, not even a previous report's
+            png.unlink(missing_ok=True)
+            page.unlink(missing_ok=True)
+            continue
+        fig_png, fig_html = figures[name]
         fig_png.savefig(png)
         plt.close(fig_png)
-        fig_html.write_html(html, include_plotlyjs=True)
-        files += [png, html]
-        html_parts.append((name, fig_html))
-    files.append(_write_page(folder / "report.html", study_name, html_parts, metrics, balance))
+        fig_html.write_html(page, include_plotlyjs="directory")  # the folder's PLOTLY_JS
+        files += [png, page]
+    counts = trials.state.value_counts().to_dict()
+    states = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+    summary = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in states.items())
+    directions = [d.name.lower() for d in study.directions]
+    heading = (
+        f"{len(trials)} trials ({summary}); objectives: "
+        + ", ".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=True))
+        + f"; scores: {score}."
+    )
+    files.append(
+        _write_page(
+            folder / "report.html",
+            study_name,
+            heading=heading,
+            front=_front_table(front_rows, score),
+            figures={name: figures[name][1] for name in FIGURES if name in figures},
+            notes=notes,
+            metrics=metrics,
+            balance=balance,
+            data_files=[p.name for p in files if p.suffix in (".csv", ".json", ".parquet")],
+        )
+    )
 
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     if parent_id is not None:
@@ -116,7 +196,7 @@ def _save(method, path: Path, **kwargs) -> Path:
 
 
 def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -142,87 +222,222 @@ def _scores(models: dict, task) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "split"])
 
 
-def _figures(study, objectives, trials, front_ids, baseline, client) -> dict[str, tuple]:
-    complete = trials[trials.state == "COMPLETE"]
-    front = trials[trials.trial.isin(front_ids)].sort_values("size_bytes")
-    figures = {
-        "pareto_front": (
-            front_figure(trials, front, baseline, title=study.study_name),
-            _front_html(complete, front_ids, baseline),
+# ----------------------------------------------------------------------------- the front table
+
+
+def _recipes(study: optuna.Study, space) -> dict[int, str]:
+    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return {
+        t.number: " ".join(
+            f"{k}={v}" for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
         )
+        for t in done
     }
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if len(done) >= 2:
-        figures["hypervolume"] = _hypervolume(study, done)
-        figures["params_vs_accuracy"] = _params_vs_accuracy(study, objectives[0])
-        importance = _importances(study, objectives)
-        if importance is not None:
-            figures["param_importance"] = importance
-    figures["finetune_curves"] = _curves(study, front_ids, client)
-    return figures
 
 
-def _front_html(complete, front_ids, baseline) -> go.Figure:
-    params = [c for c in complete.columns if c.startswith("param.")]
-    hover = (
-        complete[params]
-        .astype(str)
-        .apply(
-            lambda r: "<br>".join(
-                f"{k.removeprefix('param.')}={v}" for k, v in r.items() if v != "nan"
-            ),
-            axis=1,
+def _front_rows(trials, front_ids, base, test_scores, recipes) -> list[dict]:
+    """The baseline, then the front by packed size (ties: better score first), as numbers."""
+    front = trials[trials.trial.isin(front_ids)]
+    front = front.sort_values(["size_bytes", "val_acc"], ascending=[True, False])
+    rows = [
+        {
+            "model": "baseline (fp32)",
+            "size_kb": base.get("size_bytes", float("nan")) / 1000,
+            "ratio": 1.0,
+            "val": base["val_acc"],
+            "test": test_scores["baseline"],
+            "recipe": "none: the trained fp32 model, packed",
+        }
+    ]
+    for row in front.itertuples():
+        name = f"trial {row.trial}"
+        rows.append(
+            {
+                "model": name,
+                "size_kb": row.size_bytes / 1000,
+                "ratio": row.compression_ratio,
+                "val": row.val_acc,
+                "test": test_scores[name],
+                "recipe": recipes[row.trial],
+            }
         )
+    for row in rows:
+        row["val_change_pt"] = 100.0 * (row["val"] - rows[0]["val"])
+        row["test_change_pt"] = 100.0 * (row["test"] - rows[0]["test"])
+    return rows
+
+
+def _front_table(rows: list[dict], score: str) -> str:
+    """The front as an HTML table; a change is signed, a minus meaning worse than the baseline."""
+    header = (
+        "model",
+        "size (KB)",
+        "ratio (× smaller)",
+        "val score",
+        "val change",
+        "test score",
+        "test change",
+        "recipe",
     )
+    body = []
+    for i, row in enumerate(rows):
+        cells = (
+            row["model"],
+            f"{row['size_kb']:.2f}",
+            f"{row['ratio']:.1f}×",
+            f"{row['val']:.4f}",
+            "reference" if i == 0 else _points(row["val_change_pt"]),
+            f"{row['test']:.4f}",
+            "reference" if i == 0 else _points(row["test_change_pt"]),
+        )
+        body.append(
+            "<tr>"
+            + "".join(f"<td>{html_text.escape(c)}</td>" for c in cells)
+            + f"<td class='recipe'><code>{html_text.escape(row['recipe'])}</code></td></tr>"
+        )
+    return (
+        "<table class='front'><caption>The baseline, then the Pareto front from the smallest "
+        f"packed file up. Scores: {html_text.escape(score)}. A change is the score minus the "
+        "baseline's, in percentage points (pt): negative is a loss (−1.4 pt: 1.4 points worse "
+        "than the baseline), positive a gain.</caption><thead><tr>"
+        + "".join(f"<th>{h}</th>" for h in header)
+        + "</tr></thead><tbody>"
+        + "".join(body)
+        + "</tbody></table>"
+    )
+
+
+def _points(value: float) -> str:
+    text = f"{value:+.1f}"
+    return "0.0 pt" if float(text) == 0 else f"{text} pt".replace("-", "−")  # a real minus sign
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _score_unit(task) -> str:
+    """What the task's score (``val_acc`` / ``test_acc``) measures, for axis titles."""
+    known = {accuracy: "top-1 accuracy, 0–1", mean_cosine: "mean cosine similarity, −1–1"}
+    return known.get(task.val.score, "the task's score, higher is better")
+
+
+def _unit(metric: str, score: str) -> str:
+    if metric == "val_acc":
+        return score
+    if metric.startswith("latency_ms_b"):
+        return f"ms per batch of {metric.removeprefix('latency_ms_b')}"
+    return _METRIC_UNITS.get(metric, "value")
+
+
+def _metric_label(metric: str, score: str) -> str:
+    if metric == "val_acc":
+        return f"validation score (val_acc: {score})"
+    return f"{metric} ({_unit(metric, score)})"
+
+
+def _param_label(name: str, distribution) -> str:
+    if isinstance(distribution, CategoricalDistribution):
+        unit = "choice"
+    else:
+        unit = _PARAM_UNITS.get(name.split(".")[1] if "." in name else name, "value")
+    if getattr(distribution, "log", False):
+        unit += ", log scale"
+    return f"{name} ({unit})"
+
+
+def _figures(
+    study, objectives, trials, front_ids, baseline, client, *, recipes, score
+) -> tuple[dict[str, tuple], dict[str, str]]:
+    """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    builders = {
+        "pareto_front": lambda: _front(study, trials, front_ids, baseline, recipes, score),
+        "hypervolume": lambda: _hypervolume(study, done, objectives),
+        "param_importance": lambda: _importances(study, done, objectives),
+        "params_vs_accuracy": lambda: _params_vs_accuracy(done, objectives[0], score),
+        "finetune_curves": lambda: _curves(study, front_ids, client),
+    }
+    figures, notes = {}, {}
+    for name, build in builders.items():
+        try:
+            figures[name] = build()
+        except _NoData as why:
+            notes[name] = str(why)
+    return figures, notes
+
+
+def _need_two(done) -> None:
+    if len(done) < 2:
+        raise _NoData(f"it needs at least 2 complete trials and the study has {len(done)}")
+
+
+def _front(study, trials, front_ids, baseline, recipes, score):
+    complete = trials[trials.state == "COMPLETE"]
+    if complete.empty:
+        raise _NoData("the study has no complete trial")
+    front = trials[trials.trial.isin(front_ids)].sort_values("size_bytes")
+    size_label = "packed model file size (KB, log scale)"
+    score_label = _metric_label("val_acc", score)
+    fig = front_figure(trials, front, baseline, title=study.study_name)
+    fig.axes[0].set_xlabel(size_label)
+    fig.axes[0].set_ylabel(score_label)
+
     on_front = complete.trial.isin(front_ids)
-    fig = go.Figure()
+    html = go.Figure()
     for mask, label, color in (
         (~on_front, "trials", "#999"),
         (on_front, "Pareto front", "#d62728"),
     ):
         part = complete[mask].sort_values("size_bytes")
-        fig.add_scatter(
+        html.add_scatter(
             x=part.size_bytes / 1000,
             y=part.val_acc,
             mode="markers+lines" if label == "Pareto front" else "markers",
             line={"shape": "hv"},
             name=label,
             marker={"color": color, "size": 8},
-            text=[f"trial {t}<br>{hover[i]}" for t, i in zip(part.trial, part.index, strict=True)],
+            text=[f"trial {t}<br>{recipes[t].replace(' ', '<br>')}" for t in part.trial],
             hoverinfo="text+x+y",
         )
-    if baseline:
-        fig.add_scatter(
-            x=[baseline["size_bytes"] / 1000],
-            y=[baseline["val_acc"]],
-            mode="markers",
-            name="baseline (fp32)",
-            marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
-        )
-    fig.update_layout(
-        title="Validation accuracy vs packed size",
-        xaxis={"type": "log", "title": "packed model file (KB, log scale)"},
-        yaxis={"title": "validation score (val_acc)"},
+    html.add_scatter(
+        x=[baseline["size_bytes"] / 1000],
+        y=[baseline["val_acc"]],
+        mode="markers",
+        name="baseline (fp32)",
+        marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
     )
-    return fig
+    html.update_layout(
+        title="Validation score vs packed size",
+        xaxis={"type": "log", "title": size_label},
+        yaxis={"title": score_label},
+    )
+    return fig, html
 
 
-def _hypervolume(study, done):
+def _hypervolume(study, done, objectives):
     """Hypervolume of the front after each trial (minimization space; fixed reference point)."""
+    if len(objectives) < 2:
+        raise _NoData("a single objective has no hypervolume")
+    _need_two(done)
     values = np.array([t.values for t in done], dtype=float)
     signs = np.array([-1.0 if d.name == "MAXIMIZE" else 1.0 for d in study.directions])
     points = values * signs
     reference = points.max(axis=0) + 0.1 * np.abs(points.max(axis=0)) + 1e-9
     history = [_hv(points[: i + 1], reference) for i in range(len(points))]
     numbers = [t.number for t in done]
+    units = " × ".join(_unit(o, "score") for o in objectives)
+    y_label = f"hypervolume of {' × '.join(objectives)} ({units})"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(numbers, history, "o-", ms=3)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("hypervolume")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial number")
+    ax.set_ylabel(y_label)
     ax.set_title(f"Hypervolume history (reference point {np.round(reference * signs, 4).tolist()})")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     html = go.Figure(go.Scatter(x=numbers, y=history, mode="lines+markers"))
-    html.update_layout(title="Hypervolume history", xaxis_title="trial", yaxis_title="hypervolume")
+    html.update_layout(title="Hypervolume history", xaxis_title="trial number", yaxis_title=y_label)
     return fig, html
 
 
@@ -233,8 +448,9 @@ def _hv(points: np.ndarray, reference: np.ndarray) -> float:
     return float(compute_hypervolume(inside, reference)) if len(inside) else 0.0
 
 
-def _importances(study, objectives):
-    frames = {}
+def _importances(study, done, objectives):
+    _need_two(done)
+    frames, errors = {}, []
     for i, name in enumerate(objectives):
         try:
             with warnings.catch_warnings():
@@ -243,97 +459,151 @@ def _importances(study, objectives):
                     study, target=lambda t, i=i: t.values[i]
                 )
         except (RuntimeError, ValueError) as err:
-            logger.info("no parameter importance for %s: %s", name, err)
-    if not frames:
-        return None
+            errors.append(f"{name}: {err}")
     table = pd.DataFrame(frames).fillna(0.0)
+    if table.empty:
+        raise _NoData(
+            "optuna.importance ranked no parameter" + (f" ({'; '.join(errors)})" if errors else "")
+        )
+    x_label = "importance (fANOVA: share of the objective's variance, 0–1)"
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1.5), dpi=120)
     table.plot.barh(ax=ax)
-    ax.set_xlabel("importance (fANOVA)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("searched parameter")
     ax.set_title("Parameter importance per objective")
     fig.tight_layout()
     html = go.Figure(
         [go.Bar(y=table.index, x=table[c], name=c, orientation="h") for c in table.columns]
     )
-    html.update_layout(title="Parameter importance per objective", barmode="group")
+    html.update_layout(
+        title="Parameter importance per objective",
+        barmode="group",
+        xaxis_title=x_label,
+        yaxis_title="searched parameter",
+    )
     return fig, html
 
 
-def _params_vs_accuracy(study, objective):
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+def _params_vs_accuracy(done, objective, score):
+    _need_two(done)
     params = sorted({p for t in done for p in t.params if p != "pipeline"})
-    cols = 3
-    rows = max(1, -(-len(params) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(9, 2.6 * rows), dpi=110, squeeze=False)
-    html = go.Figure()
-    for ax, name in zip(axes.flat, params, strict=False):
+    if not params:
+        raise _NoData("no parameter is searched")
+    y_label = _metric_label(objective, score)
+    short_y = f"{objective} ({_unit(objective, score)})"  # one per small panel
+    cols = min(3, len(params))
+    rows = -(-len(params) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(9, 2.8 * rows), dpi=110, squeeze=False)
+    specs = [[{} if r * cols + c < len(params) else None for c in range(cols)] for r in range(rows)]
+    html = make_subplots(rows=rows, cols=cols, specs=specs, vertical_spacing=0.5 / rows)
+    for i, (ax, name) in enumerate(zip(axes.flat, params, strict=False)):
         pairs = [(t.params[name], t.values[0]) for t in done if name in t.params]
+        distribution = next(t.distributions[name] for t in done if name in t.params)
         x = [p for p, _ in pairs]
-        numeric = all(isinstance(v, int | float) for v in x)
-        ax.scatter(x if numeric else [str(v) for v in x], [a for _, a in pairs], s=10)
-        ax.set_title(name, fontsize=9)
-        html.add_scatter(
-            x=[str(v) for v in x] if not numeric else x,
-            y=[a for _, a in pairs],
-            mode="markers",
-            name=name,
-            visible="legendonly",
-        )
+        if isinstance(distribution, CategoricalDistribution):
+            x = [str(v) for v in x]
+        y = [v for _, v in pairs]
+        x_label = _param_label(name, distribution)
+        log = getattr(distribution, "log", False)
+        ax.scatter(x, y, s=10)
+        if log:  # plain tick labels: mathtext "10^-3" overlaps and is slow to lay out
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(x_label, fontsize=7)
+        ax.set_ylabel(short_y, fontsize=7)
+        ax.tick_params(labelsize=7)
+        row, col = i // cols + 1, i % cols + 1
+        html.add_scatter(x=x, y=y, mode="markers", name=name, row=row, col=col)
+        html.update_xaxes(title_text=x_label, type="log" if log else None, row=row, col=col)
+        html.update_yaxes(title_text=short_y, row=row, col=col)
     for ax in list(axes.flat)[len(params) :]:
-        ax.axis("off")
-    fig.suptitle(f"Parameters vs {objective}")
+        ax.remove()
+    fig.suptitle(f"Parameters vs {y_label}", fontsize=9)
     fig.tight_layout()
-    html.update_layout(title=f"Parameters vs {objective} (pick parameters in the legend)")
+    html.update_layout(title=f"Parameters vs {objective}", height=320 * rows, showlegend=False)
     return fig, html
 
 
 def _curves(study, front_ids, client):
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    html = go.Figure()
+    curves = {}
     for number in front_ids:
         run_id = study.trials[number].user_attrs.get("mlflow_run_id")
-        if run_id is None:
-            continue
-        history = client.get_metric_history(run_id, "train_loss")
-        steps = [m.step for m in history]
-        losses = [m.value for m in history]
-        ax.plot(steps, losses, label=f"trial {number}")
-        html.add_scatter(x=steps, y=losses, mode="lines", name=f"trial {number}")
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("training loss")
+        history = client.get_metric_history(run_id, "train_loss") if run_id else []
+        if history:
+            curves[number] = ([m.step for m in history], [m.value for m in history])
+    if not curves:
+        raise _NoData("no trial of the front logged a fine-tuning loss (no fine-tuning epochs)")
+    x_label, y_label = "fine-tuning epoch (from 0)", "training loss (mean per sample)"
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    html = go.Figure()
+    for number, (steps, losses) in curves.items():
+        ax.plot(steps, losses, "o-", ms=3, label=f"trial {number}")
+        html.add_scatter(x=steps, y=losses, mode="lines+markers", name=f"trial {number}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.set_title("Fine-tuning curves of the Pareto front")
-    if front_ids:
-        ax.legend(fontsize=7)
-    html.update_layout(title="Fine-tuning curves of the Pareto front", xaxis_title="epoch")
+    ax.legend(fontsize=7)
+    html.update_layout(
+        title="Fine-tuning curves of the Pareto front", xaxis_title=x_label, yaxis_title=y_label
+    )
     return fig, html
 
 
-def _write_page(path: Path, study_name, parts, metrics: pd.DataFrame, balance) -> Path:
+# ----------------------------------------------------------------------------- the page
+
+
+def _write_page(
+    path: Path,
+    study_name: str,
+    *,
+    heading: str,
+    front: str,
+    figures: dict[str, go.Figure],
+    notes: dict[str, str],
+    metrics: pd.DataFrame,
+    balance: pd.DataFrame,
+    data_files: list[str],
+) -> Path:
     sections = []
-    for i, (name, fig) in enumerate(parts):
-        div = fig.to_html(full_html=False, include_plotlyjs=i == 0)
-        sections.append(
-            f"<h2>{name.replace('_', ' ')}</h2>"
-            f'<p><a href="{name}.png">{name}.png</a> · <a href="{name}.html">{name}.html</a></p>'
-            f"{div}"
-        )
+    for name in FIGURES:
+        title = name.replace("_", " ")
+        if name in notes:
+            sections.append(f"<p class='note'><b>{title}</b>: left out, {notes[name]}.</p>")
+        elif name in figures:
+            div = figures[name].to_html(full_html=False, include_plotlyjs=False)
+            sections.append(
+                f"<h3>{title}</h3>"
+                f"<p><a href='{name}.png'>{name}.png</a> · <a href='{name}.html'>{name}.html</a>"
+                f"</p>{div}"
+            )
     summary = metrics[[c for c in metrics.columns if not c.startswith("acc_class_")]]
+    per_class = metrics.filter(like="acc_class_")
+    tables = [("Metrics of the baseline and the Pareto points", summary, ".4f")]
+    tables += [("Per-class accuracy", per_class, ".3f"), ("Class balance", balance, "g")]
+    links = " · ".join(f"<a href='{f}'>{f}</a>" for f in data_files)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>squeeze report: {study_name}</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        f"<title>squeeze report: {html_text.escape(study_name)}</title>"
+        f"<script src='{PLOTLY_JS}'></script>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;"
-        "border-bottom:1px solid #ddd}</style></head><body>"
-        f"<h1>squeeze report: {study_name}</h1>"
-        '<p>Files: <a href="trials.csv">trials.csv</a> · <a href="metrics.csv">metrics.csv</a>'
-        ' · <a href="confusion.json">confusion.json</a> · '
-        '<a href="class_balance.csv">class_balance.csv</a></p>'
-        "<h2>Baseline and Pareto points</h2>"
-        f"{summary.to_html(float_format=lambda v: f'{v:.4f}')}"
-        "<h2>Per-class accuracy</h2>"
-        f"{metrics.filter(like='acc_class_').to_html(float_format=lambda v: f'{v:.3f}')}"
-        "<h2>Class balance</h2>"
-        f"{balance.to_html(float_format=lambda v: f'{v:g}')}" + "".join(sections) + "</body></html>"
+        "border-bottom:1px solid #ddd;vertical-align:top}caption{text-align:left;"
+        "padding:4px 0}table.front td{text-align:right;white-space:nowrap}"
+        "table.front td.recipe{text-align:left;white-space:normal;overflow-wrap:anywhere}"
+        ".note{color:#555}</style></head><body>"
+        f"<h1>squeeze report: {html_text.escape(study_name)}</h1>"
+        f"<p>{html_text.escape(heading)}</p>"
+        f"<h2>Pareto front</h2>{front}"
+        f"<p>Files: {links}</p>"
+        "<h2>Figures</h2>"
+        + "".join(sections)
+        + "".join(
+            f"<h2>{title}</h2>{table.to_html(float_format=lambda v, f=fmt: format(v, f))}"
+            for title, table, fmt in tables
+            if not table.empty
+        )
+        + "</body></html>"
     )
-    path.write_text(page)
-    return path
+    return _write(path, page)

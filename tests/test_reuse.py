@@ -92,31 +92,6 @@ def test_run_without_an_experiment_is_a_config_error(study, capsys):
     assert "squeeze run needs an exported experiment" in capsys.readouterr().err
 
 
-def test_report_has_every_file_a_row_per_trial_and_logs_to_the_parent(study, capsys):
-    workdir, overrides, result = study
-    assert main(["report", "--study", "digits_mlp", *overrides]) == 0
-    folder = workdir / "trials" / "digits_mlp" / "report"
-    names = {p.name for p in folder.iterdir()}
-    for figure in ("pareto_front", "hypervolume", "params_vs_accuracy", "finetune_curves"):
-        assert {f"{figure}.png", f"{figure}.html"} <= names, figure
-    assert {"trials.csv", "trials.parquet", "metrics.csv", "confusion.json"} <= names
-    assert {"class_balance.csv", "report.html"} <= names
-    trials = pd.read_csv(folder / "trials.csv")
-    assert list(trials.trial) == [0, 1, 2, 3, 4]
-    assert {"state", "val_acc", "size_bytes", "latency_ms", "param.pipeline"} <= set(trials)
-    metrics = pd.read_csv(folder / "metrics.csv")
-    assert set(metrics.model) == {"baseline", *(f"trial {n}" for n in result.front.trial)}
-    baseline_val = metrics[(metrics.model == "baseline") & (metrics.split == "val")].iloc[0]
-    assert baseline_val.top1 == pytest.approx(result.baseline["val_acc"])
-    assert baseline_val.top5 >= baseline_val.top1
-    page = (folder / "report.html").read_text()
-    assert len(page) > 1_000_000 and 'src="http' not in page  # plotly.js inlined: works offline
-    assert page.count("Plotly.newPlot") == len([n for n in names if n.endswith(".html")]) - 1
-    client = MlflowClient(compose_config(overrides).tracking.uri)
-    logged = {f.path for f in client.list_artifacts(result.parent_run_id, "report")}
-    assert {"report/report.html", "report/trials.csv", "report/pareto_front.png"} <= logged
-
-
 def test_per_class_accuracy_averages_to_the_accuracy_on_a_balanced_split(digits_baseline):
     import numpy as np
 
