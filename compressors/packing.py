@@ -13,8 +13,11 @@ writer picks the smallest of three layouts:
 - ``gaps``: the gaps between successive nonzero positions as bytes (a gap of 255 or more is
   spelled with 255s that carry no value, as in Deep Compression), plus the nonzero values.
 
-Values of a tensor that lies on a quantization grid (a `FakeQuant` parametrization) are stored as
-integer codes, each the index of its value in the tensor's code alphabet (a range such as -7..7,
+Values of a tensor that a parametrization keeps on a discrete set of values (a quantization grid,
+a codebook of shared weights) are stored as integer codes through one value protocol (`Codes`:
+the parametrization's method ``packed(value)`` gives the codes and how values are rebuilt from
+them, ``value = code * scale`` or ``value = codebook[code]``; the file knows nothing else of the
+method), each code the index of its value in the tensor's code alphabet (a range such as -7..7,
 or a list such as -1, +1 for binary weights), packed into ``ceil(log2(alphabet size))`` bits,
 with float16 per-channel scales. Other values are stored as float32, or as float16 when that holds
 them exactly (the scales, which are rounded to float16 when a grid is made, and biases kept on
@@ -39,6 +42,7 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,6 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from compressors._targets import targets
-from compressors.quant import FakeQuant
 from compressors.runtime import to_int8
 
 MAGIC = b"SQZ2"
@@ -61,6 +64,32 @@ _RAW, _LZMA = 0, 1
 #: Payloads larger than this are compressed with LZMA's fastest preset.
 FAST_LZMA_BYTES = 4 * 2**20
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A tensor on a discrete set of values, as a parametrization hands it to the packed file.
+
+    A parametrization that keeps its tensor on such a set offers ``packed(value) -> Codes`` (and
+    may set ``runtime = "int8"`` when its values are int8 codes times per-row scales that torch's
+    int8 kernels can run); the file stores the codes bit-packed or entropy-coded, sparse where
+    that is smaller, and ``tensors`` beside them.
+
+    Attributes:
+        codes: One integer per value, the tensor's shape.
+        decode: How values are rebuilt: ``scaled`` (``code * tensors["scale"]``, the scale
+            broadcast over the tensor: one per row) or ``codebook``
+            (``tensors["codebook"][code]``).
+        tensors: What ``decode`` reads. A tensor that float16 holds exactly is stored in 2 bytes.
+    """
+
+    codes: torch.Tensor
+    decode: str
+    tensors: dict[str, torch.Tensor]
+
+
+#: The ways `Codes` rebuild values (see `Codes.decode`).
+DECODERS = ("scaled", "codebook")
 
 
 class PackedFileError(ValueError):
@@ -93,18 +122,19 @@ def register_replacement(cls: type[Replacement]) -> type[Replacement]:
     return cls
 
 
-def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, FakeQuant]]:
-    """The model's state with parametrizations evaluated, and the grid of each quantized tensor.
+def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """The model's state with parametrizations evaluated, and the parametrization that gives
+    the codes (`Codes`) of each tensor kept on a discrete set of values.
 
     The model is left untouched (removing parametrizations from a deep copy would also strip them
     from the original, which shares the copy's parametrized class).
 
     Returns:
         ``(state, grids)``: ``state`` has the keys of the uncompressed model's ``state_dict``;
-        ``grids`` maps the keys of quantized tensors to their `FakeQuant`.
+        ``grids`` maps the keys of such tensors to the parametrization with ``packed``.
     """
     state: dict[str, torch.Tensor] = {}
-    grids: dict[str, FakeQuant] = {}
+    grids: dict[str, nn.Module] = {}
     with torch.no_grad():
         for key, value in model.state_dict().items():
             match = _PARAMETRIZED.match(key)
@@ -117,7 +147,7 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Fa
             full = f"{module_name}.{tensor_name}".lstrip(".")
             state[full] = getattr(module, tensor_name).detach().contiguous()
             for p in module.parametrizations[tensor_name]:
-                if isinstance(p, FakeQuant):
+                if callable(getattr(p, "packed", None)):
                     grids[full] = p
     return state, grids
 
@@ -289,13 +319,13 @@ def _state_identities(model: nn.Module):
             yield key, ("s", storage, value.storage_offset(), tuple(value.shape), value.stride())
 
 
-def _int8_layers(model: nn.Module, grids: dict[str, FakeQuant]) -> list[str]:
+def _int8_layers(model: nn.Module, grids: dict[str, nn.Module]) -> list[str]:
     """Layers all of whose weights are on grids that asked for int8 kernels."""
     layers: dict[str, list[bool]] = {}
     for target in targets(model).values():
         grid = grids.get(target.name)
         layers.setdefault(target.module_name, []).append(
-            grid is not None and grid.runtime == "int8"
+            grid is not None and getattr(grid, "runtime", "float") == "int8"
         )
     return sorted(name for name, flags in layers.items() if all(flags))
 
@@ -329,7 +359,7 @@ def _is_plain(value: Any) -> bool:
 
 
 def _encode(
-    name: str, value: torch.Tensor, grid: FakeQuant | None, out: dict[str, torch.Tensor]
+    name: str, value: torch.Tensor, grid: nn.Module | None, out: dict[str, torch.Tensor]
 ) -> dict:
     spec: dict = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
     if not value.is_floating_point():
@@ -341,10 +371,15 @@ def _encode(
     nnz, n = int(nonzero.sum()), flat.numel()
     gaps = _encode_gaps(torch.nonzero(nonzero).flatten().numpy())
     if grid is not None:
-        codes = torch.round(flat / grid.scale.expand_as(value).flatten()).to(torch.int64)
-        out[f"{name}:scale"] = grid.scale.to(torch.float16).contiguous()  # exact: see make_grid
-        return _encode_codes(name, codes, nonzero, gaps, spec, out)
-    half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)  # float16 holds it
+        packed: Codes = grid.packed(value.detach())
+        if packed.decode not in DECODERS:
+            raise PackedFileError(f"{name}: unknown decode {packed.decode!r}; known: {DECODERS}")
+        for key, tensor in packed.tensors.items():
+            tensor = tensor.detach().to(torch.float32).contiguous()
+            out[f"{name}:{key}"] = tensor.to(torch.float16) if _halves(tensor) else tensor
+        spec["decode"] = packed.decode
+        return _encode_codes(name, packed.codes.flatten().to(torch.int64), nonzero, gaps, spec, out)
+    half = _halves(flat)
     bits = 16 if half else 32
     costs = {"dense": bits * n, "bitmask": n + bits * nnz, "gaps": 8 * len(gaps) + bits * nnz}
     spec["enc"] = min(costs, key=costs.get)
@@ -430,6 +465,11 @@ def _store_positions(
         out[f"{name}:gaps"] = torch.from_numpy(gaps)
 
 
+def _halves(tensor: torch.Tensor) -> bool:
+    """Whether float16 holds every value of ``tensor`` exactly."""
+    return torch.equal(tensor.to(torch.float16).to(torch.float32), tensor)
+
+
 def _bits_for(symbols: int) -> int:
     return max(1, math.ceil(math.log2(symbols))) if symbols > 1 else 1
 
@@ -452,14 +492,18 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
             codes = index + spec["range"][0]
         else:
             codes = np.asarray(spec["alphabet"], dtype=np.int64)[index]
-        codes = torch.from_numpy(codes).to(torch.float32)
-        scale = tensors[f"{name}:scale"].to(torch.float32)
-        if spec["enc"] in ("dense", "ans"):
-            return codes.view(shape) * scale
-        scale = scale.expand(shape).flatten()
+        codes = torch.from_numpy(codes)
+        if spec["decode"] == "codebook":
+            codes, scale = tensors[f"{name}:codebook"].to(torch.float32)[codes], None
+        else:
+            codes = codes.to(torch.float32)
+            scale = tensors[f"{name}:scale"].to(torch.float32)
+            if spec["enc"] in ("dense", "ans"):
+                return codes.view(shape) * scale
+            scale = scale.expand(shape).flatten()
     else:
         codes, scale = tensors[f"{name}:values"].to(torch.float32), None
-    if spec["enc"] == "dense":
+    if spec["enc"] in ("dense", "ans"):
         return codes.view(shape)
     if spec["enc"] == "bitmask":
         packed = tensors[f"{name}:mask"].numpy()

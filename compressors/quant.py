@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from compressors._base import CompressionContext, Compressor
 from compressors._params import AnyOf, Integer, Options
 from compressors._targets import targets
+from compressors.packing import Codes
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -78,6 +79,12 @@ class FakeQuant(nn.Module):
         if getattr(self, "_frozen_key", None) != key:
             self._frozen_key, self._frozen = key, self._fake_quantize(weight)
         return self._frozen
+
+    def packed(self, value: torch.Tensor) -> Codes:
+        """The integer codes of ``value`` (a value of this grid) and its per-row scales, for the
+        packed file; the scales are float16 values (see `make_grid`), stored in 2 bytes."""
+        codes = torch.round(value / self.scale).to(torch.int64)
+        return Codes(codes, "scaled", {"scale": self.scale})
 
     def _fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         quantized = (self.codes(weight) * self.scale).detach()
