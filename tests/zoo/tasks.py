@@ -250,11 +250,14 @@ def zoo_minilm(
     test_fraction: float = 0.2,
     max_length: int = 32,
     layers: int = 1,
+    trim_vocabulary: bool = True,
     train: dict[str, Any] | None = None,
 ) -> Task:
     """The ``minilm`` task (`experiments.minilm.minilm`) with the encoder cut to its first
     ``layers`` transformer layers; the targets are that cut model's own embeddings, so the
-    baseline scores 1.0 and is not trained (``epochs`` 0)."""
+    baseline scores 1.0 and is not trained (``epochs`` 0). With ``trim_vocabulary`` the token
+    table keeps only the rows of the tokens the sentences use (ids renumbered, ``[PAD]`` stays
+    0): the same BERT structure, 1.9M parameters instead of 13.7M, so tests run fast."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from experiments._training import predict_logits
     from experiments.minilm import minilm
@@ -267,19 +270,23 @@ def zoo_minilm(
         max_length=max_length,
         train=train or {"epochs": 0},
     )
-    build = partial(cut_encoder, layers=layers)
+    splits = [task.train, task.val, task.test]
+    vocabulary = None
+    if trim_vocabulary:
+        used = torch.unique(torch.cat([s.x.flatten() for s in splits] + [torch.zeros(1).long()]))
+        vocabulary = tuple(used.tolist())  # sorted, [PAD] = 0 first
+        splits = [dataclasses.replace(s, x=torch.searchsorted(used, s.x)) for s in splits]
+    build = partial(cut_encoder, layers=layers, vocabulary=vocabulary)
     model = build()
-    splits = [
-        dataclasses.replace(s, y=predict_logits(model, s.x).contiguous())
-        for s in (task.train, task.val, task.test)
-    ]
+    splits = [dataclasses.replace(s, y=predict_logits(model, s.x).contiguous()) for s in splits]
     return dataclasses.replace(
         task, train=splits[0], val=splits[1], test=splits[2], build_model=build
     )
 
 
-def cut_encoder(*, layers: int = 1) -> torch.nn.Module:
-    """all-MiniLM-L6-v2 (`experiments.minilm.load_encoder`) keeping its first ``layers`` layers."""
+def cut_encoder(*, layers: int = 1, vocabulary: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """all-MiniLM-L6-v2 (`experiments.minilm.load_encoder`) keeping its first ``layers`` layers
+    (and, given ``vocabulary``, only those token rows, renumbered in that order)."""
     from experiments.minilm import load_encoder
 
     encoder = load_encoder()
@@ -291,4 +298,9 @@ def cut_encoder(*, layers: int = 1) -> torch.nn.Module:
         )
     bert.encoder.layer = bert.encoder.layer[:layers]
     bert.config.num_hidden_layers = layers
+    if vocabulary is not None:
+        table = bert.embeddings.word_embeddings
+        rows = table.weight.detach()[torch.tensor(vocabulary)]
+        bert.embeddings.word_embeddings = torch.nn.Embedding.from_pretrained(rows, freeze=True)
+        bert.config.vocab_size = len(vocabulary)
     return encoder
