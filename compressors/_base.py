@@ -32,6 +32,8 @@ edited to add a method.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,8 +206,18 @@ def _naming(compressor: Compressor) -> Iterator[None]:
         raise
 
 
+def load_methods() -> None:
+    """Import every public module of the package once, which registers its methods."""
+    import compressors
+
+    for module in pkgutil.iter_modules(compressors.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"compressors.{module.name}")
+
+
 def available() -> list[str]:
     """Names of the registered compressors."""
+    load_methods()
     return sorted(_REGISTRY)
 
 
@@ -215,6 +227,7 @@ def get_compressor(name: str) -> type[Compressor]:
     Raises:
         KeyError: With the available names, if ``name`` is unknown.
     """
+    load_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
