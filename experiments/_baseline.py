@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ def load_or_train_baseline(
     cache_dir: str | os.PathLike,
     seed: int,
     device: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Baseline:
     """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent.
 
@@ -76,6 +77,9 @@ def load_or_train_baseline(
         cache_dir: Root folder of the cache.
         seed: Seed of the initialisation and of the mini-batch order.
         device: Where to train it if absent (``cuda``); the returned model is on the CPU.
+        progress: Called as ``progress(stage, done, total)`` while a baseline is made:
+            ``("baseline epochs", k, epochs)`` after each training epoch, then
+            ``("teacher outputs", k, batches)`` after each batch of the teacher's outputs.
     """
     key = config_key({"task": dict(config), "seed": seed})
     folder = Path(cache_dir) / f"{task.name}-{key}"
@@ -97,9 +101,14 @@ def load_or_train_baseline(
         weight_decay=cfg.weight_decay,
         loss_fn=task.loss,
         seed=seed,
+        after_epoch=(
+            None
+            if progress is None
+            else lambda stats: progress("baseline epochs", stats.epoch + 1, cfg.epochs)
+        ),
         device=device,
     )
-    teacher = predict_logits(model, task.train.x)
+    teacher = _teacher_outputs(model, task.train.x, progress)
     metrics = {
         "val_acc": evaluate(model, task.val),
         "test_acc": evaluate(model, task.test),
@@ -110,6 +119,23 @@ def load_or_train_baseline(
     # Return what the cache holds, not the trained object (which still carries the optimizer's
     # last gradients): a sweep behaves the same whether it trained its baseline or reused it.
     return _load(task, folder, key, from_cache=False)
+
+
+def _teacher_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    progress: Callable[[str, int, int], None] | None,
+    *,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """The model's outputs on ``x`` (`predict_logits`), batch by batch, reporting progress."""
+    starts = range(0, len(x), batch_size)
+    outputs = []
+    for k, start in enumerate(starts, 1):
+        outputs.append(predict_logits(model, x[start : start + batch_size], batch_size=batch_size))
+        if progress is not None:
+            progress("teacher outputs", k, len(starts))
+    return torch.cat(outputs) if outputs else predict_logits(model, x)
 
 
 def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:

@@ -2,14 +2,21 @@
 
 A worker claims a trial under a lock held across workers (a PostgreSQL advisory lock for a
 database server, a file lock for a journal or SQLite file): it fails the trials of lost workers,
-counts the trials that use the budget (finished, running and waiting), and creates a trial only
+enqueues a rerun of each trial that was interrupted or lost its worker, counts the trials that use
+the budget (finished, running and waiting, less those a rerun replaces), and creates a trial only
 if one is left. So the study ends with exactly ``search.n_trials`` finished trials (complete,
-pruned or failed) however many workers join and however often they are killed and restarted.
+pruned or failed) that count, however many workers join and however often they are interrupted,
+killed and restarted.
 
 A lost worker is found in two ways: a worker on this machine whose process is gone (checked
 directly), and on a database server a trial whose heartbeat stopped (Optuna's heartbeat).
-A failed trial may be retried: its parameters are enqueued as a new trial, which uses the budget
-like any other and is seeded like the trial it retries (so its metrics are reproducible).
+An interrupted trial (Ctrl-C, SIGTERM; ``fail_kind`` ``interrupted``) or one whose worker was lost
+(``worker_lost``) failed through no fault of its recipe: the same parameters are enqueued as a new
+trial, seeded like the trial it replaces (so its metrics are reproducible), and the replaced trial
+uses no budget (`superseded`). A recipe whose worker was lost more than ``lost_retries`` times
+may be what kills it (the kernel's out-of-memory killer): its last loss counts as a failure.
+Other failed trials (an exception, a NaN loss, out of memory) count; with ``retries`` their
+recipe is tried again as a new trial that uses the budget like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,12 @@ WORKER_ATTR = "squeeze.worker"
 RETRY_OF_ATTR = "squeeze.retry_of"
 SEED_TRIAL_ATTR = "squeeze.seed_trial"
 ATTEMPT_ATTR = "squeeze.attempt"
+#: On a rerun of an interrupted or lost trial: that trial's number (it then uses no budget).
+REPLACES_ATTR = "squeeze.replaces"
+#: How many earlier attempts of this recipe lost their worker.
+LOST_ATTR = "squeeze.lost"
+#: Failures that are not the recipe's: the trial is run again and uses no budget.
+INTERRUPTIONS = ("interrupted", "worker_lost")
 
 
 def worker_id() -> str:
@@ -85,6 +98,21 @@ def fail_kind(trial: FrozenTrial) -> str:
     """Why a FAIL trial failed (one of `search.failures.FAIL_KINDS`); one without the attribute
     was failed by Optuna's heartbeat check, i.e. its worker was lost."""
     return trial.user_attrs.get("fail_kind", "worker_lost")
+
+
+def superseded(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of the interrupted or lost trials that a rerun replaces: they use no budget."""
+    return {int(t.user_attrs[REPLACES_ATTR]) for t in trials if REPLACES_ATTR in t.user_attrs}
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that use the budget: finished, running or waiting, less the replaced ones."""
+    return sum(t.state in USING_BUDGET for t in trials) - len(superseded(trials))
+
+
+def finished_in_budget(trials: Sequence[FrozenTrial]) -> int:
+    """Finished trials that count (complete, pruned or failed), less the replaced ones."""
+    return sum(t.state in _FINISHED for t in trials) - len(superseded(trials))
 
 
 def seed_trial(trial: optuna.Trial | FrozenTrial) -> int:
@@ -135,24 +163,29 @@ class Budget:
         study: The study.
         url: The storage URL or journal path (names the lock).
         total: Trials the study ends with (``search.n_trials``).
-        retries: How many times a failed recipe is tried again.
-        retry_on: The `FAIL_KINDS` that are retried.
+        retries: How many times a failed recipe is tried again (as a trial of the budget).
+        retry_on: The `FAIL_KINDS` that are retried so.
+        lost_retries: How many times a recipe whose worker was lost runs again without using
+            the budget (interrupted trials always do).
     """
 
     study: optuna.Study
     url: str
     total: int
     retries: int = 0
-    retry_on: Collection[str] = ("worker_lost", "out_of_memory")
+    retry_on: Collection[str] = ("out_of_memory",)
+    lost_retries: int = 3
 
     def claim(self) -> optuna.Trial | None:
         """A new (or enqueued) trial for this worker, or None when the budget is spent."""
         with budget_lock(self.url, self.study.study_name):
             self.fail_lost_trials()
             trials = self.study.get_trials(deepcopy=False)
+            if self._rerun_interrupted(trials):
+                trials = self.study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting:
-                if sum(t.state in USING_BUDGET for t in trials) >= self.total:
+                if budget_used(trials) >= self.total:
                     return None
                 self._enqueue_retry(trials)
             with warnings.catch_warnings():  # "Heartbeat ... used with Study.optimize": we beat
@@ -160,6 +193,16 @@ class Budget:
                 trial = self.study.ask()
             trial.set_user_attr(WORKER_ATTR, worker_id())
             return trial
+
+    def has_work(self) -> bool:
+        """Whether a trial is left to claim: a waiting one (a rerun), or budget."""
+        with budget_lock(self.url, self.study.study_name):
+            self.fail_lost_trials()
+            trials = self.study.get_trials(deepcopy=False)
+            if self._rerun_interrupted(trials):
+                return True
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            return waiting or budget_used(trials) < self.total
 
     def fail_lost_trials(self) -> list[int]:
         """Fail the running trials of lost workers; return their numbers."""
@@ -186,6 +229,32 @@ class Budget:
             logger.warning("trial %d failed: its worker was lost", number)
         return failed
 
+    def _rerun_interrupted(self, trials: list[FrozenTrial]) -> bool:
+        """Enqueue a rerun (same parameters, same seed) of each interrupted or lost trial that
+        has none yet; return whether any was enqueued. Call under the lock."""
+        retried = {t.user_attrs.get(RETRY_OF_ATTR) for t in trials}
+        enqueued = False
+        for t in trials:
+            if t.state != TrialState.FAIL or t.number in retried:
+                continue
+            kind = fail_kind(t)
+            lost = int(t.user_attrs.get(LOST_ATTR, 0)) + (kind == "worker_lost")
+            if kind not in INTERRUPTIONS or lost > self.lost_retries:
+                continue  # the recipe's own failure: it counts
+            logger.info("trial %d was %s: its recipe runs again", t.number, _WHY[kind])
+            self.study.enqueue_trial(
+                dict(t.params),
+                user_attrs={
+                    RETRY_OF_ATTR: t.number,
+                    REPLACES_ATTR: t.number,
+                    SEED_TRIAL_ATTR: seed_trial(t),
+                    ATTEMPT_ATTR: int(t.user_attrs.get(ATTEMPT_ATTR, 1)),
+                    LOST_ATTR: lost,
+                },
+            )
+            enqueued = True
+        return enqueued
+
     def _enqueue_retry(self, trials: list[FrozenTrial]) -> None:
         if self.retries <= 0:
             return
@@ -211,3 +280,5 @@ class Budget:
 
 
 _RUN = TrialState.RUNNING
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_WHY = {"interrupted": "interrupted", "worker_lost": "lost with its worker"}

@@ -11,14 +11,14 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
-import optuna
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING
 
 from search._errors import ConfigError
-from search.config import compose_config
-from search.storage import mask_url, open_storage
+
+if TYPE_CHECKING:  # imported where a command needs them: `squeeze --help` imports none of them
+    import optuna
+    from omegaconf import DictConfig
+    from rich.console import Console
 
 _EPILOG = """examples:
   squeeze sweep task=digits_mlp search.n_trials=30
@@ -44,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=mnist1d_cnn")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     export = _command(
-        commands, "export", "write a study's chosen trial as conf/experiment/<name>.yaml"
+        commands,
+        "export",
+        "write a study's chosen trial as <config dir>/experiment/<name>.yaml (the last "
+        "--config-dir, else ./conf of the current directory)",
     )
     export.add_argument("--study", required=True, help="study name (search.study_name)")
     export.add_argument(
@@ -54,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-drop", type=float, default=None, help="validation points allowed below baseline"
     )
     export.add_argument("--name", default=None, help="experiment name (default: <study>-t<N>)")
+    export.add_argument("--force", action="store_true", help="overwrite an existing file")
     export.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
     run = _command(
         commands, "run", "rerun an exported experiment, log it to MLflow and register the model"
@@ -95,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *rest]  # overrides may come after --quiet
+    from rich.console import Console
+
     console = Console(stderr=False)
+    if not console.is_terminal:  # a file or a pipe: no line is folded (every recipe stays whole)
+        console.width = _UNFOLDED
     _setup_logging(getattr(args, "quiet", False))
     restore = _catch_interrupts()
     try:
@@ -114,8 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return _worker(args, console)
     except ConfigError as err:
-        Console(stderr=True).print(
-            f"[bold red]squeeze: error:[/] {mask_url(err)}", highlight=False, markup=True
+        from rich.markup import escape
+
+        from search.storage import mask_url
+
+        Console(stderr=True).print(  # soft_wrap: paths and keys are never broken by newlines
+            f"[bold red]squeeze: error:[/] {escape(mask_url(err))}",
+            highlight=False,
+            markup=True,
+            soft_wrap=True,
         )
         return 2
     except KeyboardInterrupt:
@@ -127,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
+#: Console width when stdout is not a terminal: lines as long as they need.
+_UNFOLDED = 100_000
 #: Commands whose interrupted work a rerun continues.
 _RESUMABLE = ("sweep", "worker")
 
@@ -156,53 +173,135 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
     )
 
 
+def _compose(args: argparse.Namespace) -> DictConfig:
+    from search.config import compose_config
+
+    return compose_config(args.overrides, config_dirs=args.config_dir)
+
+
+def _load_study(plan) -> optuna.Study:
+    import optuna
+
+    from search.storage import open_storage
+
+    return optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
+
+
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     """Run the sweep; exit code 1 (with the reason on stderr) if the study has no COMPLETE
     trial when it ends, else 0."""
-    from search.progress import SweepProgress, front_table
-    from search.study import plan_sweep, run_sweep
+    from search.plan import plan_sweep
 
-    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
-    plan = plan_sweep(cfg)  # fail on bad input before anything is created
-    if args.quiet:
+    cfg = _compose(args)
+    plan = plan_sweep(cfg)  # fail on bad input before anything is created (or torch imported)
+    from rich.console import Console
+
+    from search.budget import superseded
+    from search.progress import SweepProgress, front_table
+    from search.reuse import recommend
+    from search.study import run_sweep
+
+    done, total = _finished_trials(plan), cfg.search.n_trials
+    if done >= total:
+        console.print(
+            f"study {plan.study_name} already has {done}/{total} finished trials; nothing to run "
+            "— raise search.n_trials to continue",
+            highlight=False,
+        )
+    if args.quiet or done >= total:
         result = run_sweep(cfg)
-    else:
-        with SweepProgress(cfg.search.n_trials, console=console) as progress:
-            result = run_sweep(cfg, callbacks=[progress])
+    else:  # the bar and the log lines on stderr; the results on stdout
+        with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
+            result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
+    pick = None if result.front.empty else recommend(result.front)
     console.print(
-        front_table(result.front, result.baseline, title=f"Pareto front of {result.study_name}")
+        front_table(
+            result.front,
+            result.baseline,
+            title=f"Pareto front of {result.study_name}",
+            recommended=None if pick is None else pick.trial,
+        )
     )
+    study = _load_study(plan)
+    trials = study.get_trials(deepcopy=False)
     counts = result.trials.state.value_counts().to_dict() if not result.trials.empty else {}
+    replaced = superseded(trials)
+    rerun = len(replaced)
     console.print(
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "
-        f"{counts.get('FAIL', 0)} failed, {counts.get('PRUNED', 0)} pruned); "
-        f"MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
+        f"{counts.get('FAIL', 0) - rerun} failed, {counts.get('PRUNED', 0)} pruned"
+        + (f", {rerun} interrupted or lost and run again" if rerun else "")
+        + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
+    if pick is not None:
+        _next_steps(console, result.study_name, pick, args)
     if counts.get("COMPLETE", 0):
         return 0
-    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
-    return _no_trial_completed(study.get_trials(deepcopy=False))
+    return _no_trial_completed([t for t in trials if t.number not in replaced])
+
+
+def _finished_trials(plan) -> int:
+    """Finished trials of the budget the study holds already (0 if there is no study yet; a
+    journal file is not created by looking)."""
+    from search.budget import finished_in_budget
+    from search.storage import is_url
+
+    if not is_url(plan.storage) and not Path(plan.storage).exists():
+        return 0
+    try:
+        study = _load_study(plan)
+    except KeyError:
+        return 0
+    return finished_in_budget(study.get_trials(deepcopy=False))
+
+
+def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespace) -> None:
+    """The recommended point of the front and the commands that export it and rerun it."""
+    from search.reuse import next_commands
+
+    budget = f"{pick.max_drop:g} validation point{'s' if pick.max_drop != 1 else ''}"
+    why = (
+        f"the knee of the front within {budget} of the baseline"
+        if pick.within_budget
+        else f"no point is within {budget} of the baseline; this is the most accurate"
+    )
+    console.print(
+        f"* recommended: trial {pick.trial} ({why}). Export it, then rerun it, log it and "
+        "register the model:",
+        highlight=False,
+    )
+    lines = next_commands(
+        study_name, pick.trial, config_dirs=args.config_dir, overrides=args.overrides
+    )
+    for line in lines:
+        console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from search.config import CONF_DIR
-    from search.reuse import export_trial
+    conf_dir = _writable_config_dir(args.config_dir)
+    cfg = _compose(args)  # (a mistyped key is reported before torch is imported)
+    from search.reuse import export_trial, run_command
 
-    conf_dir = _writable_config_dir(args.config_dir) or CONF_DIR
-    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
     path = export_trial(
-        cfg, args.study, pick=args.pick, max_drop=args.max_drop, name=args.name, conf_dir=conf_dir
+        cfg,
+        args.study,
+        pick=args.pick,
+        max_drop=args.max_drop,
+        name=args.name,
+        conf_dir=conf_dir,
+        force=args.force,
     )
-    console.print(f"wrote {path}; rerun it with: squeeze run experiment={path.stem}")
+    run = run_command(path.stem, config_dirs=args.config_dir, overrides=args.overrides)
+    console.print(f"wrote {path}; rerun it with: {run}", highlight=False, markup=False)
     return 0
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
+    cfg = _compose(args)
     from search.reuse import run_experiment
 
-    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
-    result = run_experiment(cfg, alias=args.alias)
+    result = run_experiment(cfg, alias=args.alias, config_dirs=args.config_dir)
     for key, value in result.metrics.items():
         expected = result.expected.get(key)
         same = (
@@ -220,10 +319,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _worker(args: argparse.Namespace, console: Console) -> int:
-    from search.study import plan_sweep, run_worker
+    from search.plan import plan_sweep
 
-    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
+    cfg = _compose(args)
     plan_sweep(cfg)
+    from search.study import run_worker
+
     finished: list[optuna.trial.FrozenTrial] = []
     count = run_worker(cfg, callbacks=[lambda _study, trial: finished.append(trial)])
     console.print(
@@ -236,6 +337,9 @@ def _worker(args: argparse.Namespace, console: Console) -> int:
 
 def _no_trial_completed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
     """1, with the reason on stderr, if there are trials and none completed; else 0."""
+    from rich.console import Console
+    from rich.markup import escape
+
     from search.failures import no_trial_completed
 
     line = no_trial_completed(trials)
@@ -251,9 +355,10 @@ def _no_trial_completed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:
+    cfg = _compose(args)
     from search.report import build_report
 
-    report = build_report(compose_config(args.overrides, config_dirs=args.config_dir), args.study)
+    report = build_report(cfg, args.study)
     console.print(
         f"wrote {len(report.files)} files to {report.folder} (open report.html)"
         + (f"; logged to MLflow run {report.parent_run_id}" if report.parent_run_id else ""),
@@ -263,13 +368,14 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from search.plan import plan_sweep
+
+    plan = plan_sweep(_compose(args))
     import pandas as pd
 
     from experiments.analysis import class_balance, dataset_summary, model_summary
     from search.space import claims_table
-    from search.study import plan_sweep
 
-    plan = plan_sweep(compose_config(args.overrides, config_dirs=args.config_dir))
     task = plan.task_builder(**plan.task_kwargs)
     with _wide():
         console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
@@ -292,11 +398,10 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
 
 def _sensitivity(args: argparse.Namespace, console: Console) -> int:
-    from search.config import CONF_DIR
+    conf_dir = _writable_config_dir(args.config_dir)
+    cfg = _compose(args)
     from search.sensitivity import run_sensitivity
 
-    conf_dir = _writable_config_dir(args.config_dir) or CONF_DIR
-    cfg = compose_config(args.overrides, config_dirs=args.config_dir)
     result = run_sensitivity(cfg, tolerance=args.tolerance, conf_dir=conf_dir)
     table = result.table.pivot_table(
         index=["method", "setting"], columns="layer", values="drop_pt", sort=False
@@ -308,12 +413,14 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _writable_config_dir(config_dirs: list[str]) -> Path | None:
-    """The last ``--config-dir``, created if missing: commands that write configs write there."""
-    if not config_dirs:
-        return None
-    folder = Path(config_dirs[-1])
-    folder.mkdir(parents=True, exist_ok=True)
+def _writable_config_dir(config_dirs: list[str]) -> Path:
+    """Where a command that writes configs writes (`search.config.writable_config_dir`); a
+    ``--config-dir`` given is created if missing, so that it can be searched."""
+    from search.config import writable_config_dir
+
+    folder = writable_config_dir(config_dirs)
+    if config_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -327,6 +434,8 @@ class _MaskPasswords(logging.Filter):
     """Masks the password of any URL in a log line (third-party libraries log URLs too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from search.storage import mask_url
+
         message = record.getMessage()
         masked = mask_url(message)
         if masked != message:
@@ -335,6 +444,8 @@ class _MaskPasswords(logging.Filter):
 
 
 def _setup_logging(quiet: bool) -> None:
+    import optuna
+
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -13,10 +14,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from search._errors import ConfigError
-from search.space import EXAMPLES
+from search.schema import unknown_key_message
 
 #: The project's config tree.
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: The config folder of the current directory: searched after ``conf/`` and any ``--config-dir``,
+#: and where `squeeze export` and `squeeze sensitivity` write when no ``--config-dir`` is given.
+LOCAL_CONF = "conf"
+
+#: The search expressions a space value may be (the syntax of Hydra's Optuna sweeper).
+EXAMPLES = (
+    "interval(0.1, 0.9), int(interval(2, 8)), choice(a, b), range(2, 9), "
+    "tag(log, interval(1e-4, 1e-1))"
+)
 
 _SWEEP_PREFIXES = ("space.", "+space.", "++space.")
 
@@ -36,29 +46,55 @@ def compose_config(
         overrides: Hydra overrides, e.g. ``["task=mnist1d_cnn", "search.n_trials=30"]``.
         config_name: The primary config in ``conf/``.
         config_dirs: More config folders searched for groups after ``conf/`` (a user's own
-            ``task/``, ``experiment/``, ... yaml files).
+            ``task/``, ``experiment/``, ... yaml files); ``./conf`` of the current directory
+            is searched after them (see `search_dirs`).
 
     Raises:
         ConfigError: For an unknown config group option, key or a malformed override.
     """
     prepared = [_keep_search_expression(o) for o in overrides]
-    if config_dirs:
-        dirs = ", ".join(f"file://{Path(d).resolve()}" for d in config_dirs)
-        prepared.append(f"hydra.searchpath=[{dirs}]")
+    dirs = search_dirs(config_dirs)
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=prepared)
+        cfg = _compose(config_name, prepared, dirs)
         OmegaConf.resolve(cfg)
     except MissingConfigException as err:
-        raise ConfigError(_missing_option_message(err)) from None
+        raise ConfigError(_missing_option_message(err, dirs)) from None
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"Invalid config override: {err}") from None
+        raise ConfigError(_override_message(err, prepared, config_name, dirs)) from None
     return cfg
 
 
-def group_options(group: str) -> list[str]:
-    """Names of the yaml files of a config group, e.g. ``group_options("task")``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def search_dirs(config_dirs: Sequence[str | Path] = ()) -> list[Path]:
+    """The config folders searched after ``conf/``: each ``--config-dir``, then ``./conf`` of the
+    current directory when it exists (where `squeeze export` writes); ``conf/`` itself and
+    repeats left out."""
+    found: list[Path] = []
+    local = Path.cwd() / LOCAL_CONF
+    for folder in [*map(Path, config_dirs), *([local] if local.is_dir() else [])]:
+        folder = folder.resolve()
+        if folder != CONF_DIR and folder not in found:
+            found.append(folder)
+    return found
+
+
+def writable_config_dir(config_dirs: Sequence[str | Path] = ()) -> Path:
+    """Where commands that write configs write: the last ``--config-dir``, else ``./conf`` of the
+    current directory (never the installed package's ``conf/``, unless that is where one works)."""
+    return Path(config_dirs[-1]) if config_dirs else Path.cwd() / LOCAL_CONF
+
+
+def group_options(group: str, dirs: Sequence[Path] = ()) -> list[str]:
+    """Names of the yaml files of a config group, e.g. ``group_options("task")``, in ``conf/``
+    and in ``dirs``."""
+    return sorted({p.stem for d in (CONF_DIR, *dirs) for p in (Path(d) / group).glob("*.yaml")})
+
+
+def _compose(config_name: str, overrides: list[str], dirs: Sequence[Path]) -> DictConfig:
+    if dirs:
+        paths = ", ".join(f"file://{d}" for d in dirs)
+        overrides = [*overrides, f"hydra.searchpath=[{paths}]"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
 
 
 def _keep_search_expression(override: str) -> str:
@@ -78,11 +114,48 @@ def _keep_search_expression(override: str) -> str:
     return f"{key}='{escaped}'"
 
 
-def _missing_option_message(err: MissingConfigException) -> str:
+def _missing_option_message(err: MissingConfigException, dirs: Sequence[Path]) -> str:
     text = str(err)
     match = re.search(r"Could not find '([\w/]+?)/([^'/]+)'", text)
     if match is None:
         return text.splitlines()[0]
     group, name = match.group(1).split("/")[-1], match.group(2)
-    options = ", ".join(group_options(group)) or "none"
+    options = ", ".join(group_options(group, dirs)) or "none"
     return f"Unknown {group} '{name}' (no conf/{group}/{name}.yaml). Available: {options}."
+
+
+def _override_message(
+    err: Exception, overrides: list[str], config_name: str, dirs: Sequence[Path]
+) -> str:
+    """Hydra's message, except for a key that does not exist: that one names the closest key
+    (``serch.n_trials`` -> ``search.n_trials``) instead of Hydra's advice to add it with '+'."""
+    match = re.match(r"Could not override '([^']+)'", str(err))
+    if match is not None:
+        tree = _known_keys(config_name, overrides, dirs, missing=match.group(1))
+        if tree is not None:
+            return unknown_key_message(match.group(1), tree)
+    return f"Invalid config override: {err}"
+
+
+def _known_keys(
+    config_name: str, overrides: list[str], dirs: Sequence[Path], *, missing: str
+) -> dict[str, Any] | None:
+    """The keys the config has with the user's choices of groups (``task=...``) but none of
+    the values, or None if ``missing`` is among them after all (another problem)."""
+    choices = [o for o in overrides if "." not in o.partition("=")[0] and o[:1] not in "+~"]
+    choices = [o for o in choices if o.partition("=")[0] != missing]
+    for attempt in (choices, []):
+        try:
+            tree = OmegaConf.to_container(_compose(config_name, attempt, dirs), resolve=False)
+            break
+        except (HydraException, OmegaConfBaseException):
+            continue
+    else:
+        return None
+    tree.setdefault("experiment", None)  # a group of the defaults list, not a key
+    node: Any = tree
+    for part in missing.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return tree
+        node = node[part]
+    return None

@@ -17,15 +17,15 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-from torch import nn
 
-from compressors import save_packed
-from experiments.metrics import count_flops
 from search._errors import ConfigError
 from search.constraints import constraint_values
+
+if TYPE_CHECKING:  # (torch is imported when a trial runs, not when a config is checked)
+    from torch import nn
 
 PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
     "none": optuna.pruners.NopPruner,
@@ -120,6 +120,9 @@ class EarlyStop:
         return _DominanceStop(self, known, front)
 
     def _structure(self, model: nn.Module) -> dict[str, float]:
+        from compressors import save_packed
+        from experiments.metrics import count_flops
+
         with tempfile.TemporaryDirectory(prefix="squeeze-size-") as tmp:
             size = float(save_packed(model, Path(tmp) / "model.sqz"))
         known = {"size_bytes": size, "compression_ratio": self.baseline_size / size}

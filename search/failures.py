@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-#: Why a trial failed (its user attribute ``fail_kind``).
-FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost")
+#: Why a trial failed (its user attribute ``fail_kind``). ``interrupted`` (Ctrl-C, SIGTERM) and
+#: ``worker_lost`` are no fault of the recipe: such a trial runs again (`search.budget`).
+FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost", "interrupted")
 #: The steps of a trial a failure is attributed to (its user attribute ``fail_phase``).
 PHASES = ("compress", "fine-tune", "pack", "reload", "measure")
 #: Characters of a traceback kept in the Optuna user attribute ``fail_traceback`` (the end).
@@ -62,14 +63,17 @@ def _notes(err: BaseException) -> dict[str, str]:
 
 
 def failure_kind(err: BaseException) -> str:
-    """``pruned``, ``out_of_memory``, ``non_finite_loss`` or ``error``.
+    """``pruned``, ``interrupted``, ``out_of_memory``, ``non_finite_loss`` or ``error``.
 
-    Out of memory is ``torch.OutOfMemoryError`` (CUDA and other accelerators) or the
-    ``RuntimeError`` torch's CPU allocator raises; a NaN or infinite loss is a
-    ``FloatingPointError`` (``experiments``' ``NonFiniteLossError``).
+    Interrupted is a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM in a worker process); out of
+    memory is ``torch.OutOfMemoryError`` (CUDA and other accelerators) or the ``RuntimeError``
+    torch's CPU allocator raises; a NaN or infinite loss is a ``FloatingPointError``
+    (``experiments``' ``NonFiniteLossError``).
     """
     if isinstance(err, optuna.TrialPruned):
         return "pruned"
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
     names = {cls.__name__ for cls in type(err).__mro__}
     if "OutOfMemoryError" in names or (
         isinstance(err, RuntimeError) and any(t in str(err) for t in _OOM_TEXT)

@@ -3,7 +3,9 @@
 Like Optuna's own loop (`optuna.study.Study.optimize`): `optuna.TrialPruned` makes a trial
 PRUNED, any other error FAIL, and the loop goes on. Unlike it, every trial is claimed from the
 study's shared `search.budget.Budget`, and a failed trial records why (user attributes
-``fail_kind``, ``fail_reason``, ``fail_phase`` and ``fail_traceback``).
+``fail_kind``, ``fail_reason``, ``fail_phase`` and ``fail_traceback``). An interrupt
+(``KeyboardInterrupt``) fails the running trial with ``fail_kind`` ``interrupted`` (the budget
+runs it again) and stops the loop.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ def run_one(
     except optuna.TrialPruned as err:
         logger.info("trial %d pruned: %s", trial.number, err)
         return study.tell(trial, state=TrialState.PRUNED)
-    except (Exception, KeyboardInterrupt) as err:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM in a worker: record it, then stop
+        where = failure_phase(err)
+        reason = f"interrupted in {where}" if where else "interrupted"
+        _record_failure(trial, "interrupted", reason, phase=where)
+        study.tell(trial, state=TrialState.FAIL)
+        logger.warning("trial %d interrupted; rerunning the command runs it again", trial.number)
+        raise
+    except Exception as err:
         reason = failure_reason(err)
         _record_failure(
             trial,
@@ -68,8 +77,6 @@ def run_one(
         )
         logger.warning("trial %d failed (%s)", trial.number, reason)
         frozen = study.tell(trial, state=TrialState.FAIL)
-        if isinstance(err, KeyboardInterrupt):
-            raise
         _free_accelerator_memory()
         return frozen
     if not all(math.isfinite(v) for v in values):

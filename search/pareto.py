@@ -21,6 +21,7 @@ from torch import nn  # noqa: E402
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from search.budget import fail_kind  # noqa: E402
+from search.tracking import NOTE_TAG  # noqa: E402
 from search.trial import METRICS, SweepContext, trial_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ def finish_study(
     trials.to_csv(paths[1], index=False)
     plot_front(trials, front, baseline, paths[2], title=study.study_name)
 
-    ctx.tracker.mark_front({r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()})
+    ctx.tracker.mark_front(
+        {r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()},
+        notes={r.mlflow_run_id: _front_note(study.study_name, r) for r in front.itertuples()},
+    )
     counts = trials.state.value_counts().to_dict()
     ctx.tracker.finish_parent(
         artifacts=paths,
@@ -95,9 +99,28 @@ def finish_study(
             "trials_failed": counts.get("FAIL", 0),
             "trials_pruned": counts.get("PRUNED", 0),
         },
-        tags={"pareto_trials": ",".join(str(n) for n in front.trial)},
+        tags={
+            "pareto_trials": ",".join(str(n) for n in front.trial),
+            NOTE_TAG: (
+                f"Study `{study.study_name}`: {len(trials)} trials; Pareto front: trials "
+                f"{', '.join(str(n) for n in sorted(front.trial)) or 'none'} (their runs are "
+                "tagged `pareto=true`: filter the runs with `tags.pareto = 'true'`). "
+                "pareto.csv and pareto.png are among this run's artifacts."
+            ),
+        },
     )
     return SweepResult(study.study_name, parent_id, baseline, trials, front, paths)
+
+
+def _front_note(study_name: str, row) -> str:
+    """The description of a front trial's MLflow run."""
+    return (
+        f"On the Pareto front of study `{study_name}`: validation score {row.val_acc:.4f} "
+        f"({-row.val_drop:+.1f} points against the baseline), test {row.test_acc:.4f} "
+        f"({-row.test_drop:+.1f} points), {row.size_bytes / 1000:.2f} KB packed "
+        f"({row.compression_ratio:.1f}x smaller than the baseline's file). Export it: "
+        f"`squeeze export --study {study_name} --pick trial={row.trial}`."
+    )
 
 
 def _close_orphan_runs(study: optuna.Study, ctx: SweepContext) -> None:

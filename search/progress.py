@@ -2,51 +2,165 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
+
+from search.budget import finished_in_budget, superseded
 
 
 class SweepProgress:
-    """An Optuna callback that drives a rich progress bar: trials done of N, front size, ETA."""
+    """An Optuna callback that drives a rich progress bar: trials of the budget done of N
+    (interrupted or lost trials that run again do not count), front size, failures, the time
+    elapsed and the time left; the stages before the first trial (baseline epochs, teacher
+    outputs) get bars of their own through `stage`.
 
-    def __init__(self, total: int, *, console: Console | None = None) -> None:
+    While the bar is live, log records of the root logger print above it through its console
+    (its stream handlers are set aside and restored afterwards), so they never break it.
+
+    Args:
+        total: The budget (``search.n_trials``).
+        console: Where the bar and the log lines go.
+        done: Finished trials of the budget when the sweep starts (a resumed study).
+    """
+
+    def __init__(self, total: int, *, console: Console | None = None, done: int = 0) -> None:
         self._progress = Progress(
-            TextColumn("[bold]sweep"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("front {task.fields[front]}  failed {task.fields[failed]}"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            _Clock(),
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task("sweep", total=total, front=0, failed=0)
+        self._task = self._progress.add_task(
+            "sweep", total=total, completed=done, info="", since=time.monotonic(), base=done
+        )
+        self._stages: dict[str, int] = {}
+        self._handlers: list[logging.Handler] = []
+        self._rich_handler: RichHandler | None = None
+
+    @property
+    def console(self) -> Console:
+        return self._progress.console
 
     def __enter__(self) -> SweepProgress:
         self._progress.start()
+        self._route_logging()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore_logging()
         self._progress.stop()
 
     def start_at(self, done: int) -> None:
-        self._progress.update(self._task, completed=done)
+        """Count from ``done`` finished trials (the time left is estimated from here)."""
+        self._progress.update(self._task, completed=done, since=time.monotonic(), base=done)
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        """Show the progress of a stage before the trials, e.g. ``("baseline epochs", 3, 40)``.
+        When it is complete, the time left of the sweep is estimated from then on."""
+        if name not in self._stages:
+            self._stages[name] = self._progress.add_task(
+                name, total=total, info="", since=None, base=0
+            )
+        self._progress.update(self._stages[name], completed=done, total=total)
+        if done >= total:
+            self._progress.update(self._task, since=time.monotonic())
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state.is_finished() for t in trials)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
+        replaced = superseded(trials)
+        failed = sum(t.state == TrialState.FAIL and t.number not in replaced for t in trials)
         front = len(study.best_trials) if any(t.state == TrialState.COMPLETE for t in trials) else 0
-        self._progress.update(self._task, completed=done, front=front, failed=failed)
+        info = f"front {front}" + (f"  failed {failed}" if failed else "")
+        if replaced:
+            info += f"  rerun {len(replaced)}"
+        self._progress.update(self._task, completed=finished_in_budget(trials), info=info)
+
+    def _route_logging(self) -> None:
+        root = logging.getLogger()
+        streams = [
+            h
+            for h in root.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        if not streams:
+            return
+        handler = RichHandler(
+            console=self._progress.console, show_time=False, show_path=False, markup=False
+        )
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.setLevel(min(h.level for h in streams))
+        for existing in streams:
+            for log_filter in existing.filters:
+                handler.addFilter(log_filter)
+            root.removeHandler(existing)
+        root.addHandler(handler)
+        self._handlers, self._rich_handler = streams, handler
+
+    def _restore_logging(self) -> None:
+        root = logging.getLogger()
+        if self._rich_handler is not None:
+            root.removeHandler(self._rich_handler)
+        for handler in self._handlers:
+            root.addHandler(handler)
+        self._handlers, self._rich_handler = [], None
 
 
-def front_table(front: pd.DataFrame, baseline: dict[str, float], *, title: str) -> Table:
-    """The Pareto points: validation and test accuracy, size, ratio and drop vs the baseline."""
-    table = Table(title=title)
-    for column in ("trial", "val acc", "test acc", "size KB", "ratio", "val drop", "test drop"):
+class _Clock(ProgressColumn):
+    """``elapsed 0:01:05  left ~0:02:10``: the time since the bar started and, for the trials,
+    the time left at the rate of this session's finished trials (``left ?`` before the first)."""
+
+    def render(self, task) -> Text:
+        elapsed = f"elapsed {_hms(task.finished_time or task.elapsed or 0.0)}"
+        if task.finished:
+            return Text(elapsed, style="progress.elapsed")
+        since, base = task.fields.get("since"), task.fields.get("base", 0)
+        if since is None:  # a stage: rich's own estimate from its recent speed
+            left = task.time_remaining
+        elif task.completed > base:
+            rate = (time.monotonic() - since) / (task.completed - base)
+            left = rate * (task.total - task.completed)
+        else:
+            left = None
+        shown = "?" if left is None else f"~{_hms(left)}"
+        return Text(f"{elapsed}  left {shown}", style="progress.remaining")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def front_table(
+    front: pd.DataFrame,
+    baseline: dict[str, float],
+    *,
+    title: str,
+    recommended: int | None = None,
+) -> Table:
+    """The Pareto points: validation and test score, size, ratio, the change of each score
+    against the baseline in points (negative: a loss) and the whole recipe; the ``recommended``
+    trial is marked ``*`` (the caption says so).
+
+    The recipe column folds only to fit a terminal; print the table on a console as wide as its
+    lines (`search.cli` does when stdout is a file or a pipe) to keep every recipe on one line.
+    """
+    caption = "change: the score minus the baseline's, in points (negative: a loss)"
+    if recommended is not None:
+        caption = f"* recommended (see below); {caption}"
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for column in ("trial", "val acc", "test acc", "size KB", "ratio", "val change", "test change"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("recipe", overflow="fold", min_width=24)
     table.add_row(
@@ -55,8 +169,8 @@ def front_table(front: pd.DataFrame, baseline: dict[str, float], *, title: str) 
         f"{baseline['test_acc']:.4f}",
         f"{baseline['size_bytes'] / 1000:.1f}",
         "1.0x",
-        "",
-        "",
+        "reference",
+        "reference",
         "fp32",
         style="dim",
     )
@@ -65,17 +179,24 @@ def front_table(front: pd.DataFrame, baseline: dict[str, float], *, title: str) 
         recipe = " ".join(
             f"{c.removeprefix('param.')}={_short(row[c])}" for c in params if pd.notna(row[c])
         )
+        marked = row["trial"] == recommended
         table.add_row(
-            str(row["trial"]),
+            f"* {row['trial']}" if marked else str(row["trial"]),
             f"{row['val_acc']:.4f}",
             f"{row['test_acc']:.4f}",
             f"{row['size_bytes'] / 1000:.2f}",
             f"{row['compression_ratio']:.1f}x",
-            f"{row['val_drop']:+.1f} pt",
-            f"{row['test_drop']:+.1f} pt",
+            _change(-row["val_drop"]),
+            _change(-row["test_drop"]),
             recipe,
+            style="bold" if marked else None,
         )
     return table
+
+
+def _change(points: float) -> str:
+    """``-23.1 pt`` (a loss), ``+0.4 pt`` (a gain) or ``0.0 pt``."""
+    return "0.0 pt" if abs(points) < 0.05 else f"{points:+.1f} pt"
 
 
 def _short(value) -> str:

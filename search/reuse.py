@@ -1,8 +1,13 @@
 """Reuse a study's result: export a chosen trial as a Hydra experiment, rerun it, load it back.
 
 - `export_trial` picks a point of a study's Pareto front and writes
-  ``conf/experiment/<name>.yaml``: the study's task, its seed, and a space whose every value is the
-  chosen trial's (no ranges), with a comment naming the study, the trial and its metrics;
+  ``<config dir>/experiment/<name>.yaml`` (the last ``--config-dir``, else ``./conf`` of the
+  current directory; never over an existing file unless asked): the study's task, its seed, and
+  a space whose every value is the chosen trial's (no ranges), with a comment naming the study,
+  the trial and its metrics;
+- `recommend` picks the point ``squeeze sweep`` recommends (the knee within
+  `RECOMMEND_MAX_DROP` validation points) and `next_commands` spells out the ``squeeze export``
+  and ``squeeze run`` commands for it;
 - `run_experiment` (``squeeze run experiment=<name>``) reruns that recipe from the cached
   baseline with the trial's seed, evaluates the shipped file on validation and test, logs an
   MLflow run, and registers the model in the MLflow Model Registry under an alias;
@@ -14,13 +19,16 @@ from __future__ import annotations
 
 import datetime
 import math
+import shlex
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -29,12 +37,20 @@ from optuna.trial import TrialState
 from compressors import load_packed, save_packed
 from experiments import evaluate, load_or_train_baseline
 from search._errors import ConfigError
-from search.config import CONF_DIR
+from search.config import CONF_DIR, search_dirs, writable_config_dir
+from search.storage import mask_url
 from search.study import open_storage, plan_sweep
 from search.tracking import experiment_id
 from search.trial import compress_recipe, measure
 
 PICKS = ("knee", "max-acc", "min-size")
+#: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
+RECOMMEND_MAX_DROP = 1.0
+#: Overrides that say where a study's results live; the commands `next_commands` prints repeat
+#: them (``search.storage``, ``tracking.*``, the baseline cache and the trials' files).
+_WHERE_KEYS = ("search.storage", "tracking.", "cache_dir", "output_dir")
+#: The first words of an exported experiment's header comment.
+_EXPORTED = "Exported by `squeeze export`"
 #: Artifact folder of a run's registered model: the packed file and the experiment's config.
 MODEL_DIR = "model"
 
@@ -96,9 +112,25 @@ def export_trial(
     pick: str = "knee",
     max_drop: float | None = None,
     name: str | None = None,
-    conf_dir: Path = CONF_DIR,
+    conf_dir: Path | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write the picked trial of ``study_name`` as ``conf/experiment/<name>.yaml``; return it."""
+    """Write the picked trial of ``study_name`` as ``<conf_dir>/experiment/<name>.yaml``; return
+    the path.
+
+    Args:
+        cfg: A config naming the study's storage and tracking.
+        study_name: The study.
+        pick: See `pick_trial`.
+        max_drop: See `pick_trial`.
+        name: The experiment's name (default ``<study>-t<trial>``).
+        conf_dir: The config folder to write into; by default ``./conf`` of the current
+            directory (`search.config.writable_config_dir`), never the installed package.
+        force: Overwrite an existing file of that name.
+
+    Raises:
+        ConfigError: If the file exists and ``force`` is not set (nothing is written).
+    """
     study = load_study(cfg, study_name)
     trial = pick_trial(study, pick, max_drop=max_drop)
     study_cfg = study_config(cfg, study)
@@ -125,14 +157,20 @@ def export_trial(
     ratio = baseline.get("size_bytes", math.nan) / metrics["size_bytes"]
     header = (
         "# @package _global_\n"
-        f"# Exported by `squeeze export` on {datetime.date.today()} from study '{study_name}', "
+        f"# {_EXPORTED} on {datetime.date.today()} from study '{study_name}', "
         f"trial {trial.number} (--pick {pick}):\n"
         f"#   val_acc {metrics['val_acc']:.4f}, {metrics['size_bytes'] / 1000:.2f} KB packed "
         f"({ratio:.1f}x the baseline's fp32 file), latency {metrics.get('latency_ms', 0):.3f} ms"
         "\n"
         f"# Rerun it: squeeze run experiment={name}\n"
     )
-    path = conf_dir / "experiment" / f"{name}.yaml"
+    path = (conf_dir if conf_dir is not None else writable_config_dir()) / "experiment"
+    path = path / f"{name}.yaml"
+    if path.exists() and not force:
+        raise ConfigError(
+            f"{path} already exists; squeeze export leaves it as it is. Overwrite it with "
+            "--force, or choose another name with --name."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(experiment)))
     return path
@@ -150,18 +188,23 @@ class RunResult:
     path: Path
 
 
-def run_experiment(cfg: DictConfig, *, alias: str = "champion") -> RunResult:
+def run_experiment(
+    cfg: DictConfig, *, alias: str = "champion", config_dirs: Sequence[str | Path] = ()
+) -> RunResult:
     """Rerun the exported recipe ``cfg`` holds (``squeeze run experiment=<name>``).
 
     The recipe is applied to the cached baseline with the exported trial's seed, so on CPU the
     validation metrics equal the trial's. The shipped file is evaluated on validation and test,
     logged to an MLflow run, and registered as model ``<experiment name>`` with ``alias``.
+    ``config_dirs`` (the ``--config-dir`` folders) only serve the message listing the exported
+    experiments when ``cfg`` holds none.
     """
     if cfg.get("run") is None:
-        exported = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+        exported = _exported(search_dirs(config_dirs))
         raise ConfigError(
             "squeeze run needs an exported experiment: squeeze run experiment=<name> "
-            f"(in conf/experiment/: {', '.join(exported) or 'none yet; see squeeze export'})."
+            "(in conf/experiment/ of this directory, of --config-dir or of the project: "
+            f"{', '.join(exported) or 'none yet; see squeeze export'})."
         )
     plan = plan_sweep(cfg)
     try:
@@ -238,15 +281,33 @@ def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | N
         return load_packed(folder / "model.sqz", task.build_model())
 
 
+def _exported(dirs: Sequence[Path]) -> list[str]:
+    """Names of the experiments `export_trial` wrote into ``conf/experiment/`` or ``dirs``."""
+    names = set()
+    for folder in (CONF_DIR, *dirs):
+        for path in (Path(folder) / "experiment").glob("*.yaml"):
+            if _EXPORTED in path.read_text(encoding="utf-8", errors="replace")[:500]:
+                names.add(path.stem)
+    return sorted(names)
+
+
 def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float:
     return float(trial.user_attrs["metrics"][key])
 
 
 def _knee(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
-    acc = np.array([_metric(t, "val_acc") for t in front])
-    size = np.log(np.array([_metric(t, "size_bytes") for t in front]))
-    if len(front) < 3:
-        return front[int(np.argmax(acc))]
+    acc = [_metric(t, "val_acc") for t in front]
+    return front[knee_index(acc, [_metric(t, "size_bytes") for t in front])]
+
+
+def knee_index(val_acc: Sequence[float], size_bytes: Sequence[float]) -> int:
+    """The knee of a front given as accuracies and sizes: the point farthest above the line
+    joining the smallest file and the most accurate model (accuracy against log size, both
+    scaled to [0, 1]); the most accurate of fewer than three points."""
+    acc = np.asarray(val_acc, dtype=float)
+    size = np.log(np.asarray(size_bytes, dtype=float))
+    if len(acc) < 3:
+        return int(np.argmax(acc))
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
     s = (size - size.min()) / max(np.ptp(size), 1e-12)
     # Ends of the front: the smallest file and the most accurate model; the knee is the point
@@ -254,7 +315,67 @@ def _knee(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
     i, j = int(np.argmin(s)), int(np.argmax(a))
     line = np.array([s[j] - s[i], a[j] - a[i]])
     distance = (line[0] * (a - a[i]) - line[1] * (s - s[i])) / max(np.linalg.norm(line), 1e-12)
-    return front[int(np.argmax(distance))]
+    return int(np.argmax(distance))
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The front point ``squeeze sweep`` recommends, and why."""
+
+    trial: int
+    within_budget: bool  # False: no point is within the budget; this is the most accurate one
+    max_drop: float
+
+
+def recommend(front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP) -> Recommendation:
+    """The knee of the front's points within ``max_drop`` validation points of the baseline (the
+    trial ``squeeze export --pick knee --max-drop <max_drop>`` exports), or, when none is, the
+    most accurate point.
+
+    Args:
+        front: The front as `search.pareto.finish_study` reports it (columns ``trial``,
+            ``val_acc``, ``size_bytes``, ``val_drop``), not empty.
+        max_drop: The accuracy budget, in validation points.
+    """
+    points = front.sort_values("trial")  # the order of study.best_trials, as pick_trial sees it
+    inside = points[points.val_drop <= max_drop]
+    if inside.empty:
+        best = points.sort_values(["val_acc", "size_bytes"], ascending=[False, True]).iloc[0]
+        return Recommendation(int(best.trial), within_budget=False, max_drop=max_drop)
+    chosen = inside.iloc[knee_index(inside.val_acc.tolist(), inside.size_bytes.tolist())]
+    return Recommendation(int(chosen.trial), within_budget=True, max_drop=max_drop)
+
+
+def next_commands(
+    study_name: str,
+    trial: int,
+    *,
+    config_dirs: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+) -> list[str]:
+    """The ``squeeze export`` and ``squeeze run`` command lines for ``trial`` of ``study_name``,
+    with the ``--config-dir`` folders and the overrides that say where the study's results live
+    (storage, tracking, cache and output folders; passwords masked)."""
+    export = ["export", "--study", study_name, "--pick", f"trial={trial}"]
+    return [
+        _command_line(export, config_dirs, overrides),
+        run_command(f"{study_name}-t{trial}", config_dirs=config_dirs, overrides=overrides),
+    ]
+
+
+def run_command(
+    experiment: str, *, config_dirs: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+) -> str:
+    """The ``squeeze run experiment=<experiment>`` command line, as `next_commands` writes it."""
+    return _command_line(["run", f"experiment={experiment}"], config_dirs, overrides)
+
+
+def _command_line(
+    words: list[str], config_dirs: Sequence[str | Path], overrides: Sequence[str]
+) -> str:
+    dirs = [arg for d in config_dirs for arg in ("--config-dir", str(d))]
+    where = [o for o in overrides if o.lstrip("+~").startswith(_WHERE_KEYS)]
+    return mask_url(shlex.join(["squeeze", *words, *dirs, *where]))
 
 
 def _trial_number(pick: str) -> int:

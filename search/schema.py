@@ -3,6 +3,9 @@ builders check): known keys, and the type and range of each value.
 
 Every problem raises `ConfigError` with the key, the value and what is allowed, e.g.
 ``The 'search.n_jobs' config value must be an int in [1, 1024]. Got 0 instead.``
+
+This module imports no torch, so that a bad value is reported at once: its `Integer`, `Real` and
+`Options` are the compressors' own constraints (``compressors._params``, which is torch-free).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from compressors import Integer, Options, Real
+from compressors._params import Integer, Options, Real
 from search._errors import ConfigError
 from search.failures import FAIL_KINDS
 
@@ -56,6 +59,19 @@ class Nullable:
 
 
 @dataclass(frozen=True)
+class AutoOr:
+    """``auto`` or a value of ``inner``."""
+
+    inner: Any
+
+    def accepts(self, value: Any) -> bool:
+        return value == "auto" or self.inner.accepts(value)
+
+    def describe(self) -> str:
+        return f"'auto' or {self.inner.describe()}"
+
+
+@dataclass(frozen=True)
 class ListOf:
     """A non-empty list whose items are values of ``inner``."""
 
@@ -89,7 +105,7 @@ SCHEMA: dict[str, Any] = {
     "seed": Integer(0, 2**31 - 1),
     "cache_dir": Text(),
     "output_dir": Text(),
-    "threads": Nullable(Integer(1, 4096)),
+    "threads": Nullable(AutoOr(Integer(1, 4096))),
     "device": Options(("cpu", "cuda", "auto")),
     "measure": {
         "latency_batch_sizes": ListOf(Integer(1, 1 << 20)),
@@ -109,6 +125,7 @@ SCHEMA: dict[str, Any] = {
         "heartbeat_interval": Integer(1, 86_400),
         "grace_period": Integer(1, 864_000),
         "retries": Integer(0, 100),
+        "lost_retries": Integer(0, 100),
         "retry_on": ListOf(Options(FAIL_KINDS)),
         "pruner": Text(),
         "pruner_options": AnyMapping(),
@@ -138,7 +155,8 @@ def _check(values: Mapping[str, Any], schema: Mapping[str, Any], *, prefix: str)
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in schema:
-            raise ConfigError(_unknown(name, key, schema, prefix))
+            leaf = _only_leaf(value)  # `+serch.n_trials=3` is named in full
+            raise ConfigError(unknown_key_message(f"{name}.{leaf}" if leaf else name, SCHEMA))
         rule = schema[key]
         if rule is None:
             continue
@@ -155,8 +173,47 @@ def _check(values: Mapping[str, Any], schema: Mapping[str, Any], *, prefix: str)
             )
 
 
-def _unknown(name: str, key: str, schema: Mapping[str, Any], prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(schema), n=1)
-    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-    where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
-    return f"Unknown config key '{name}'.{hint} Allowed {where}: {', '.join(schema)}."
+def unknown_key_message(key: str, tree: Mapping[str, Any]) -> str:
+    """The message for the dotted config ``key`` that ``tree`` (nested mappings of the allowed
+    keys; None for a subtree that takes any key) lacks, naming the closest existing key, e.g.
+    ``Unknown config key 'serch.n_trials'. Did you mean 'search.n_trials'? Allowed at the top
+    level: ...``."""
+    parts = key.split(".")
+    node: Any = tree
+    depth = 0
+    while depth < len(parts) and isinstance(node, Mapping) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    known = ".".join(parts[:depth])
+    if not isinstance(node, Mapping):
+        return f"Unknown config key '{key}': '{known}' holds a value, not keys."
+    guess = _closest(parts[depth:], node)
+    hint = f" Did you mean '{'.'.join([*parts[:depth], *guess])}'?" if guess else ""
+    where = f"under '{known}'" if known else "at the top level"
+    return f"Unknown config key '{key}'.{hint} Allowed {where}: {', '.join(map(str, node))}."
+
+
+def _closest(parts: list[str], node: Any) -> list[str] | None:
+    """The existing key path nearest to ``parts`` below ``node``, one close match per level."""
+    found: list[str] = []
+    for i, part in enumerate(parts):
+        if node is None:  # a free subtree (task, space): any key may follow
+            return [*found, *parts[i:]]
+        if not isinstance(node, Mapping):
+            return None
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+            if not close:
+                return None
+            part = close[0]
+        found.append(part)
+        node = node[part]
+    return found
+
+
+def _only_leaf(value: Any) -> str | None:
+    """``a.b`` for ``{"a": {"b": 1}}``: the path of the one value inside a mapping, else None."""
+    if not isinstance(value, Mapping) or len(value) != 1:
+        return None
+    key, inner = next(iter(value.items()))
+    below = _only_leaf(inner)
+    return f"{key}.{below}" if below else str(key)

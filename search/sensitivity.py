@@ -26,7 +26,7 @@ from compressors._targets import weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate, load_or_train_baseline  # noqa: E402
-from search.config import CONF_DIR  # noqa: E402
+from search.config import writable_config_dir  # noqa: E402
 from search.study import plan_sweep  # noqa: E402
 
 AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -48,9 +48,11 @@ def run_sensitivity(
     amounts: tuple[float, ...] = AMOUNTS,
     bits: tuple[int, ...] = BITS,
     tolerance: float = 1.0,
-    conf_dir: Path = CONF_DIR,
+    conf_dir: Path | None = None,
 ) -> Sensitivity:
-    """Measure each layer's sensitivity for the task of ``cfg``; write plot and space."""
+    """Measure each layer's sensitivity for the task of ``cfg``; write plot and space (into
+    ``<conf_dir>/space/``; by default ``./conf`` of the current directory)."""
+    conf_dir = conf_dir if conf_dir is not None else writable_config_dir()
     plan = plan_sweep(cfg)
     task = plan.task_builder(**plan.task_kwargs)
     baseline = load_or_train_baseline(

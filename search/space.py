@@ -40,6 +40,7 @@ from compressors import (
 )
 from compressors._params import Constraint, Integer, Options, Real, check_known
 from search._errors import ConfigError
+from search.config import EXAMPLES
 
 #: Fine-tuning settings every space has, with their constraints.
 FINETUNE_PARAMS: dict[str, Constraint] = {
@@ -48,11 +49,6 @@ FINETUNE_PARAMS: dict[str, Constraint] = {
     "lr": Real(0.0, math.inf, closed="neither", default=1e-3),
     "schedule": Options(("constant", "cosine"), default="constant"),
 }
-
-EXAMPLES = (
-    "interval(0.1, 0.9), int(interval(2, 8)), choice(a, b), range(2, 9), "
-    "tag(log, interval(1e-4, 1e-1))"
-)
 
 _parser = OverridesParser.create()
 _STAGES = {

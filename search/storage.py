@@ -110,6 +110,47 @@ def _check_reachable(storage: str, shown: str) -> None:
         engine.dispose()
 
 
+_TRACKING_HINT = (
+    "Use sqlite:///mlflow.db, postgresql+psycopg2://user@host/db or the URL of an MLflow "
+    "tracking server (http://host:5000)."
+)
+
+
+def check_tracking_uri(uri: str, *, connect: bool = True) -> None:
+    """Check ``tracking.uri`` without creating anything.
+
+    Raises:
+        ConfigError: For an unsupported scheme, a SQLite file in a missing folder, or a database
+            or tracking server that does not answer.
+    """
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    shown = mask_url(uri)
+    if scheme in ("sqlite", "postgresql"):
+        try:
+            check_storage(uri, connect=connect)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("search.storage", "tracking.uri")) from None
+    elif scheme in ("http", "https"):
+        if connect:
+            _check_server(uri.rstrip("/"), shown)
+    elif scheme != "file":
+        raise ConfigError(f"Unsupported tracking.uri {shown!r}. {_TRACKING_HINT}")
+
+
+def _check_server(uri: str, shown: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"Cannot reach the MLflow tracking server tracking.uri {shown!r}: {reason}."
+        ) from None
+
+
 def open_storage(
     storage: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
 ) -> optuna.storages.BaseStorage:

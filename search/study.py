@@ -1,24 +1,22 @@
 """The study driver: validate the config, prepare the baseline, run the trials, report the front.
 
-`plan_sweep` checks the whole config and has no side effects; `run_sweep` creates the study,
-the MLflow parent run and the baseline, runs the trials with `search.trial.run_trial` (in this
-process, or in ``search.n_jobs`` worker processes, see `search.workers`), waits for the trials of
-workers on other machines, and ends with the Pareto front (`search.pareto`). `run_worker` joins
-an existing study and runs trials until its total budget (`search.budget`) is spent.
+`search.plan.plan_sweep` (re-exported here) checks the whole config first; `run_sweep` creates
+the study, the MLflow parent run and the baseline, runs the trials with `search.trial.run_trial`
+(in this process, or in ``search.n_jobs`` worker processes, see `search.workers`), waits for the
+trials of workers on other machines, and ends with the Pareto front (`search.pareto`).
+`run_worker` joins an existing study and runs trials until its total budget (`search.budget`) is
+spent.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
-import inspect
-import json
 import logging
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,157 +24,44 @@ from typing import Any
 import optuna
 import pandas as pd
 import torch
-from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
 from compressors.packing import MAGIC
-from experiments import Baseline, Task, TrainConfig, cv_folds, load_or_train_baseline
+from experiments import Baseline, Task, cv_folds, load_or_train_baseline
 from search import pareto
 from search._errors import ConfigError
 from search.budget import WORKER_ATTR, Budget, budget_lock, worker_id
-from search.constraints import check_constraints
-from search.early_stop import EarlyStop, check_early_stop, make_pruner
+from search.early_stop import EarlyStop, make_pruner
 from search.loop import run_trials
 from search.pareto import SweepResult
-from search.schema import check_schema
-from search.space import SearchSpace
-from search.storage import check_storage, is_url, mask_url, open_storage
-from search.tracking import Tracker, check_tracking_uri
-from search.trial import METRICS, SweepContext, measure, run_trial
+from search.plan import (  # noqa: F401 - re-exported: the plan was checked here before
+    DIRECTIONS,
+    SAMPLERS,
+    SweepPlan,
+    make_sampler,
+    plan_sweep,
+    workers_wanted,
+)
+from search.storage import is_url, mask_url, open_storage
+from search.tracking import Tracker
+from search.trial import SweepContext, measure, run_trial
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-    "random": optuna.samplers.RandomSampler,
-}
-DIRECTIONS = ("maximize", "minimize")
 #: Finished states (each uses up one trial of the study's budget).
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 #: Environment variable telling a worker process how many workers share this machine.
 WORKERS_ENV = "SQUEEZE_LOCAL_WORKERS"
 
 
-@dataclass(frozen=True)
-class SweepPlan:
-    """A fully validated sweep; building it touches no file, database or network."""
-
-    cfg: DictConfig
-    space: SearchSpace
-    task_builder: Callable[..., Task]
-    task_kwargs: dict[str, Any]
-    objectives: tuple[str, ...]
-    directions: tuple[str, ...]
-    study_name: str
-    storage: str
-    n_trials: int
-    n_jobs: int
-    constraints: dict[str, float]
-    fingerprint: str
-
-
-def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
-    """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key.
-
-    Args:
-        cfg: The composed config.
-        connect: Also check that the storage and tracking servers answer (nothing is created).
-    """
-    check_schema(cfg)
-    space = SearchSpace.from_config(cfg.space)
-    task_builder, task_kwargs = _check_task(cfg)
-    search = cfg.search
-    objectives, directions = tuple(search.objectives), tuple(search.directions)
-    known = set(METRICS) | {f"latency_ms_b{b}" for b in cfg.measure.latency_batch_sizes}
-    for name in objectives:
-        if name not in known:
-            raise ConfigError(
-                f"Unknown objective {name!r} in search.objectives. "
-                f"Available: {', '.join(sorted(known))}."
-            )
-    for direction in directions:
-        if direction not in DIRECTIONS:
-            raise ConfigError(
-                f"Unknown direction {direction!r} in search.directions. "
-                "Allowed: maximize, minimize."
-            )
-    if len(objectives) != len(directions) or not objectives:
-        raise ConfigError(
-            f"search.objectives {list(objectives)} and search.directions {list(directions)} "
-            "must be non-empty lists of the same length (one direction per objective)."
-        )
-    if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
-        raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
-    constraints = check_constraints(dict(search.constraints), known)
-    make_sampler(search.sampler, seed=0, options=search.sampler_options)
-    make_pruner(search.pruner, search.pruner_options)
-    check_early_stop(
-        pruner=search.pruner,
-        enabled=search.early_stop.enabled,
-        objectives=objectives,
-        directions=directions,
-    )
-    n_jobs = workers_wanted(cfg)
-    storage = str(search.storage)
-    check_storage(storage, n_jobs=n_jobs, connect=connect)
-    check_tracking_uri(str(cfg.tracking.uri), connect=connect)
-    return SweepPlan(
-        cfg=cfg,
-        space=space,
-        task_builder=task_builder,
-        task_kwargs=task_kwargs,
-        objectives=objectives,
-        directions=directions,
-        study_name=str(search.study_name),
-        storage=storage,
-        n_trials=search.n_trials,
-        n_jobs=n_jobs,
-        constraints=constraints,
-        fingerprint=_fingerprint(cfg, constraints),
-    )
-
-
-def workers_wanted(cfg: DictConfig) -> int:
-    """Worker processes on this machine: ``search.n_jobs`` on CPU, ``search.trials_per_gpu``
-    per visible GPU with ``device=cuda`` (or ``auto`` when a GPU is present)."""
-    from search.workers import gpu_count, resolve_device
-
-    if resolve_device(cfg.device) == "cuda":
-        if gpu_count() == 0:
-            raise ConfigError(
-                "device='cuda' but torch sees no GPU (a CPU build of torch, or no CUDA device). "
-                "Allowed here: device=cpu or device=auto."
-            )
-        return gpu_count() * int(cfg.search.trials_per_gpu)
-    return int(cfg.search.n_jobs)
-
-
-def make_sampler(
-    name: str, *, seed: int, options: Mapping[str, Any] | None = None
-) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named in ``search.sampler``."""
-    if name not in SAMPLERS:
-        raise ConfigError(
-            f"Unknown sampler {name!r} in search.sampler. Available: {', '.join(SAMPLERS)}."
-        )
-    kwargs: dict[str, Any] = {"seed": seed}
-    if name == "tpe":  # conditional spaces (a method's params exist only when it is chosen)
-        kwargs.update(multivariate=True, group=True)
-    kwargs.update(
-        OmegaConf.to_container(options) if isinstance(options, DictConfig) else options or {}
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return SAMPLERS[name](**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"Invalid search.sampler_options for sampler {name!r}: {err}") from None
-
-
-def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepResult:
+def run_sweep(
+    cfg: DictConfig,
+    *,
+    callbacks: Iterable[Callable] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SweepResult:
     """Run (or continue) the study ``cfg`` describes, up to ``search.n_trials`` finished trials.
 
     With ``search.n_jobs`` > 1 the trials run in that many worker processes; workers started
@@ -187,6 +72,8 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         cfg: The composed config.
         callbacks: Optuna callbacks called after each trial (e.g. a progress bar); with several
             workers, called in this process as their trials finish.
+        progress: Called as ``progress(stage, done, total)`` while a baseline is trained
+            (``baseline epochs``) and its teacher outputs are computed (``teacher outputs``).
     """
     plan = plan_sweep(cfg)
     storage = _open_storage(plan)
@@ -198,6 +85,7 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         load_if_exists=True,
     )
     _check_same_study(study, plan)
+    _name_objectives(study, plan.objectives)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
     study.sampler = make_sampler(
         cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
@@ -208,7 +96,7 @@ def run_sweep(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> SweepRe
         cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
-        return _run(study, plan, tracker, callbacks=callbacks)
+        return _run(study, plan, tracker, callbacks=callbacks, progress=progress)
     except BaseException:
         tracker.abort()  # the parent run ends KILLED; a rerun continues the study and reopens it
         raise
@@ -261,9 +149,10 @@ def _run(
     tracker: Tracker,
     *,
     callbacks: Iterable[Callable],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> SweepResult:
     cfg = plan.cfg
-    ctx, baseline_metrics = _prepare(plan, tracker)
+    ctx, baseline_metrics = _prepare(plan, tracker, progress=progress)
     config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(_masked(cfg)), config_file)
@@ -310,7 +199,9 @@ def _run(
         gc.unfreeze()
 
 
-def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str, float]]:
+def _prepare(
+    plan: SweepPlan, tracker: Tracker, *, progress: Callable[[str, int, int], None] | None = None
+) -> tuple[SweepContext, dict[str, float]]:
     """The task, the cached baseline (trained if absent) and what every trial shares."""
     cfg = plan.cfg
     task = plan.task_builder(**plan.task_kwargs)
@@ -321,7 +212,12 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
     _set_threads(cfg, task, model)  # before the baseline is trained (the probe trains `model`)
     device = _device(cfg)
     baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed, device=device
+        task,
+        config=plan.task_kwargs,
+        cache_dir=cfg.cache_dir,
+        seed=cfg.seed,
+        device=device,
+        progress=progress,
     )
     baseline_size = _baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
@@ -344,7 +240,7 @@ def _prepare(plan: SweepPlan, tracker: Tracker) -> tuple[SweepContext, dict[str,
         seed=cfg.seed,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
-        folds=_cv_folds(cfg, plan, task),
+        folds=_cv_folds(cfg, plan, task, progress),
         device=device,
         constraints=plan.constraints,
         early_stop=EarlyStop(
@@ -458,7 +354,12 @@ def _device(cfg: DictConfig) -> str | None:
     return "cuda" if resolve_device(cfg.device) == "cuda" else None
 
 
-def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
+def _cv_folds(
+    cfg: DictConfig,
+    plan: SweepPlan,
+    task: Task,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple:
     """(task, baseline) per fold when ``search.cv_folds`` is set; each baseline is cached."""
     folds = cfg.search.get("cv_folds")
     if not folds:
@@ -467,10 +368,19 @@ def _cv_folds(cfg: DictConfig, plan: SweepPlan, task: Task) -> tuple:
     for k, fold in enumerate(cv_folds(task, folds, seed=cfg.seed)):
         config = {**plan.task_kwargs, "cv_fold": f"{k}/{folds}"}
         baseline = load_or_train_baseline(
-            fold, config=config, cache_dir=cfg.cache_dir, seed=cfg.seed, device=_device(cfg)
+            fold,
+            config=config,
+            cache_dir=cfg.cache_dir,
+            seed=cfg.seed,
+            device=_device(cfg),
+            progress=progress and partial(_fold_stage, progress, f"fold {k + 1}/{folds} "),
         )
         pairs.append((fold, baseline))
     return tuple(pairs)
+
+
+def _fold_stage(progress: Callable[[str, int, int], None], prefix: str, stage: str, *args) -> None:
+    progress(prefix + stage, *args)
 
 
 def _baseline_file_size(baseline: Baseline) -> int:
@@ -486,47 +396,13 @@ def _baseline_file_size(baseline: Baseline) -> int:
     return path.stat().st_size
 
 
-def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
-    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
-    target = task_cfg.pop("_target_", None)
-    if target is None:
-        raise ConfigError("task has no '_target_' naming the function that builds it.")
-    try:
-        builder = get_method(target)
-    except Exception:  # noqa: BLE001 - Hydra raises several kinds here
-        raise ConfigError(f"task._target_ {target!r} cannot be imported.") from None
-    kwargs = {**task_cfg, "seed": cfg.seed}
-    try:
-        inspect.signature(builder).bind(**kwargs)
-    except TypeError as err:
-        allowed = [p for p in inspect.signature(builder).parameters if p != "seed"]
-        raise ConfigError(
-            f"Invalid key in task {task_cfg.get('name')!r}: {err}. Allowed: {', '.join(allowed)}."
-        ) from None
-    train = kwargs.get("train") or {}
-    unknown = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(
-            f"Unknown key(s) {unknown} in task.train. Allowed: "
-            f"{', '.join(TrainConfig.__dataclass_fields__)}."
-        )
-    return builder, kwargs
-
-
-def _fingerprint(cfg: DictConfig, constraints: Mapping[str, float]) -> str:
-    """Hash of what must not change while a study is continued."""
-    parts = {
-        "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "space": OmegaConf.to_container(cfg.space, resolve=True),
-        "objectives": list(cfg.search.objectives),
-        "directions": list(cfg.search.directions),
-        "seed": cfg.seed,
-    }
-    if cfg.search.get("cv_folds"):
-        parts["cv_folds"] = cfg.search.cv_folds
-    if constraints:  # (studies without constraints keep the fingerprint they had before)
-        parts["constraints"] = dict(sorted(constraints.items()))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _name_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
+    """Give the study its objectives' names (optuna-dashboard shows them instead of
+    "Objective 0/1")."""
+    if study.metric_names != list(objectives):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives))
 
 
 def _check_same_study(study: optuna.Study, plan: SweepPlan) -> None:

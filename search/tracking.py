@@ -28,7 +28,6 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from search._errors import ConfigError
 from search.failures import (
     TRACEBACK_FILE_CHARS,
     failure_kind,
@@ -36,7 +35,7 @@ from search.failures import (
     failure_reason,
     failure_traceback,
 )
-from search.storage import check_storage, mask_url
+from search.storage import check_tracking_uri, mask_url  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -49,47 +48,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's limits per log_batch call.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_LEN = 6000
-
-
-_TRACKING_HINT = (
-    "Use sqlite:///mlflow.db, postgresql+psycopg2://user@host/db or the URL of an MLflow "
-    "tracking server (http://host:5000)."
-)
-
-
-def check_tracking_uri(uri: str, *, connect: bool = True) -> None:
-    """Check ``tracking.uri`` without creating anything.
-
-    Raises:
-        ConfigError: For an unsupported scheme, a SQLite file in a missing folder, or a database
-            or tracking server that does not answer.
-    """
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
-    shown = mask_url(uri)
-    if scheme in ("sqlite", "postgresql"):
-        try:
-            check_storage(uri, connect=connect)
-        except ConfigError as err:
-            raise ConfigError(str(err).replace("search.storage", "tracking.uri")) from None
-    elif scheme in ("http", "https"):
-        if connect:
-            _check_server(uri.rstrip("/"), shown)
-    elif scheme != "file":
-        raise ConfigError(f"Unsupported tracking.uri {shown!r}. {_TRACKING_HINT}")
-
-
-def _check_server(uri: str, shown: str) -> None:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
-            answer.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise ConfigError(
-            f"Cannot reach the MLflow tracking server tracking.uri {shown!r}: {reason}."
-        ) from None
 
 
 class ChildRun:
@@ -158,8 +116,14 @@ _writer_client: MlflowClient | None = None
 
 
 def _writer_init(uri: str) -> None:
-    """Runs first in the forked writer: a client of its own, without the parent's connections."""
+    """Runs first in the forked writer: a client of its own, without the parent's connections.
+
+    Ctrl-C reaches every process of the terminal's process group: the writer ignores it and
+    finishes the writes the interrupted process still sends (its runs end KILLED)."""
     global _writer_client
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
     _writer_client = MlflowClient(tracking_uri=uri)
     engine = getattr(_writer_client._tracking_client.store, "engine", None)
@@ -203,17 +167,28 @@ def _make_writer(uri: str) -> Executor:
     return executor
 
 
+#: MLflow 3's UI opens an experiment in its GenAI view (traces) unless this tag says it holds
+#: model training runs; squeeze sets it on the experiments it creates, and on those without it.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: The tag MLflow's UI shows as a run's description.
+NOTE_TAG = "mlflow.note.content"
+
+
 def experiment_id(
     client: MlflowClient, uri: str, experiment: str, *, artifacts: str | None = None
 ) -> str:
     """The id of MLflow experiment ``experiment``, created if missing (artifacts in ``mlruns/``
-    next to a SQLite database file, else where ``artifacts`` or the server says)."""
+    next to a SQLite database file, else where ``artifacts`` or the server says), tagged
+    `EXPERIMENT_KIND` so that MLflow's UI opens it on its runs."""
+    key, kind = EXPERIMENT_KIND
     found = client.get_experiment_by_name(experiment)
     if found:
+        if key not in found.tags:  # (an experiment a user gave another kind keeps it)
+            client.set_experiment_tag(found.experiment_id, key, kind)
         return found.experiment_id
     if artifacts is None and uri.startswith("sqlite:///"):
         artifacts = str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns")
-    return client.create_experiment(experiment, artifact_location=artifacts)
+    return client.create_experiment(experiment, artifact_location=artifacts, tags={key: kind})
 
 
 class Tracker:
@@ -293,7 +268,8 @@ class Tracker:
         """A child run of the parent; ends FAILED if the body raises, with the error as tags
         (``squeeze.fail_kind``, ``squeeze.fail_reason``, ``squeeze.fail_phase`` when known) and
         its full traceback as the artifact ``traceback.txt`` (FINISHED with
-        ``squeeze.state=PRUNED`` if it raises ``optuna.TrialPruned``).
+        ``squeeze.state=PRUNED`` if it raises ``optuna.TrialPruned``; KILLED, with
+        ``squeeze.fail_kind=interrupted``, on ``KeyboardInterrupt``).
 
         The writer creates the run while the body works; ``link`` is called with the run id
         before the run ends, whether the body succeeded or failed.
@@ -319,6 +295,9 @@ class Tracker:
             )
             if (where := failure_phase(err)) is not None:
                 child.set_tags({"squeeze.fail_phase": where})
+            if kind == "interrupted":  # no error to trace; the trial runs again
+                self._end(child, "KILLED", link)
+                raise
             child.log_text(failure_traceback(err, limit=TRACEBACK_FILE_CHARS), "traceback.txt")
             self._end(child, "FAILED", link)
             raise
@@ -351,11 +330,15 @@ class Tracker:
         self._end(parent, "FINISHED")
 
     def abort(self) -> None:
-        """End the parent run as KILLED after an error or an interrupt (best effort)."""
+        """End the parent run as KILLED after an error or an interrupt (best effort: a write
+        that failed is logged, so that the error or interrupt that stopped the sweep is the one
+        raised)."""
         if self.parent_id is None:
             return
         try:
             self.wait()
+        except Exception as err:  # noqa: BLE001 - logged; the caller re-raises its own error
+            logger.warning("%s: %s", err, err.__cause__)
         finally:
             self.client.set_terminated(self.parent_id, status="KILLED")
 
@@ -394,13 +377,20 @@ class Tracker:
                         "squeeze.fail_reason": info.get("reason", "worker lost"),
                     }
                 )
-                self._end(child, "FAILED" if info["state"] == "FAIL" else "FINISHED")
+                status = "FAILED" if info["state"] == "FAIL" else "FINISHED"
+                self._end(child, "KILLED" if info.get("kind") == "interrupted" else status)
             closed += 1
         return closed
 
-    def mark_front(self, front: Mapping[str, Mapping[str, float]]) -> None:
-        """Tag ``pareto=true`` and log ``front[run_id]`` on the front's child runs, and tag
-        ``pareto=false`` on children that were on the front of an earlier session but are no more.
+    def mark_front(
+        self,
+        front: Mapping[str, Mapping[str, float]],
+        *,
+        notes: Mapping[str, str] | None = None,
+    ) -> None:
+        """Tag ``pareto=true`` and log ``front[run_id]`` on the front's child runs, with
+        ``notes[run_id]`` as the run's description, and tag ``pareto=false`` (and say so in the
+        description) on children that were on the front of an earlier session but are no more.
         """
         self.wait()
         earlier = self.client.search_runs(
@@ -411,9 +401,16 @@ class Tracker:
         for run in earlier:
             if run.info.run_id not in front:
                 self.client.set_tag(run.info.run_id, "pareto", "false")
+                self.client.set_tag(
+                    run.info.run_id,
+                    NOTE_TAG,
+                    "No longer on the Pareto front: a later trial of the study dominates it.",
+                )
         for run_id, metrics in front.items():
             run = ChildRun(run_id)
             run.set_tags({"pareto": "true"})
+            if notes and run_id in notes:
+                run.set_tags({NOTE_TAG: notes[run_id]})
             run.log_metrics(metrics)
             self._end(run, None)
 

@@ -83,7 +83,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     recipe = ctx.space.sample(trial)
 
     with ctx.tracker.child_run(
-        name=f"trial-{trial.number:04d}",
+        name=f"{trial.study.study_name}-t{trial.number:04d}",  # unique across studies
         tags={"squeeze.trial": trial.number, "squeeze.study": trial.study.study_name},
         link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:

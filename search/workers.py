@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -56,7 +58,8 @@ def run_local_workers(
 ) -> dict[int, int]:
     """Run ``n`` worker processes until they end; return their exit codes by process id.
 
-    On an interrupt the workers are stopped (each fails its running trial) and it re-raises.
+    On an interrupt the workers are stopped (each records its running trial as interrupted)
+    and it re-raises.
     """
     from search.study import WORKERS_ENV
 
@@ -68,24 +71,27 @@ def run_local_workers(
     )
     container = OmegaConf.to_container(cfg, resolve=True)
     context = multiprocessing.get_context("spawn")
-    processes = []
+    processes, logs = [], []
     for i in range(n):
         env = {WORKERS_ENV: str(n)}
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = str(pins[i])
+        reader, writer = context.Pipe(duplex=False)  # one per worker: a killed one harms no other
         process = context.Process(
             target=_worker_main,
-            args=(container, env, logging.getLogger().level),
+            args=(container, env, logging.getLogger().level, writer),
             name=f"squeeze-worker-{i}",
         )
         with _environment(env):  # a spawned child reads its environment when it starts
             process.start()
+        writer.close()
         processes.append(process)
+        logs.append(reader)
     logger.info("started %d workers: pids %s", n, [p.pid for p in processes])
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
         while any(p.is_alive() for p in processes):
-            time.sleep(poll_s)
+            _relay_logs(logs, timeout=poll_s)
             seen = _report_new(study, seen, callbacks)
     except BaseException:
         for p in processes:
@@ -93,12 +99,55 @@ def run_local_workers(
                 p.terminate()
         for p in processes:
             p.join()
+        _relay_logs(logs, timeout=0)
         raise
+    _relay_logs(logs, timeout=0)
     _report_new(study, seen, callbacks)
     codes = {p.pid: p.exitcode for p in processes}
     if any(codes.values()):
         logger.warning("workers ended with exit codes %s", codes)
     return codes
+
+
+def _relay_logs(logs: list, *, timeout: float) -> None:
+    """Log here the records the workers sent (so they go through this process's handlers, e.g.
+    above a progress bar); wait up to ``timeout`` seconds for the first. A closed or broken pipe
+    (its worker ended or was killed) is dropped."""
+    from multiprocessing.connection import wait
+
+    deadline = time.monotonic() + timeout
+    while logs:
+        ready = wait(logs, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return
+        for conn in ready:
+            try:
+                record = conn.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                logs.remove(conn)
+                conn.close()
+                continue
+            logging.getLogger(record.name).handle(record)
+
+
+class _PipeHandler(logging.Handler):
+    """Sends a worker's log records to the process that started it."""
+
+    def __init__(self, conn) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record = logging.makeLogRecord(
+                {**record.__dict__, "msg": message, "args": None, "exc_info": None}
+            )
+            self._conn.send(record)
+        except Exception:  # noqa: BLE001 - logging must never fail the worker
+            self.handleError(record)
 
 
 def _report_new(study: optuna.Study, seen: set[int], callbacks: Iterable[Callable]) -> set[int]:
@@ -127,19 +176,37 @@ class _environment:
                 os.environ[key] = value
 
 
-def _worker_main(container: dict[str, Any], env: dict[str, str], log_level: int) -> None:
-    """The body of a worker process."""
+def _worker_main(container: dict[str, Any], env: dict[str, str], log_level: int, logs) -> None:
+    """The body of a worker process.
+
+    Ctrl-C in the terminal reaches every process of its group: a worker ignores it and is
+    stopped by the process that started it (SIGTERM: the running trial ends ``interrupted``),
+    which also happens when that process dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)  # fail the running trial, then stop
+    _exit_with_parent()
     os.environ.update(env)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, handlers=[_PipeHandler(logs)])  # logged by the parent
     for noisy in ("alembic", "mlflow", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from search.study import run_worker
+    try:
+        from search.study import run_worker
 
-    run_worker(OmegaConf.create(container))
+        run_worker(OmegaConf.create(container))
+    except KeyboardInterrupt:
+        sys.exit(130)  # recorded already; no traceback
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the worker at once
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _exit_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -50,7 +50,22 @@ BAD_INPUT = [
     (["search.directions=[maximize]"], "must be non-empty lists of the same length"),
     (["search.directions=[maximize,smaller]"], "Unknown direction 'smaller'"),
     (["search.n_trials=0"], "The 'search.n_trials' config value must be an int in [1, "),
-    (["search.n_trails=3"], "Could not override 'search.n_trails'"),
+    (
+        ["search.n_trails=3"],
+        "Unknown config key 'search.n_trails'. Did you mean 'search.n_trials'? Allowed under "
+        "'search': study_name, n_trials,",
+    ),
+    (
+        ["serch.n_trials=3"],
+        "Unknown config key 'serch.n_trials'. Did you mean 'search.n_trials'? Allowed at the "
+        "top level:",
+    ),
+    (
+        ["+serch.n_trials=3"],
+        "Unknown config key 'serch.n_trials'. Did you mean 'search.n_trials'?",
+    ),
+    (["tsk=minilm"], "Unknown config key 'tsk'. Did you mean 'task'?"),
+    (["task.hiden=[10]"], "Unknown config key 'task.hiden'. Did you mean 'task.hidden'?"),
     (["search.storage=redis://localhost/0"], "Unsupported search.storage URL scheme 'redis'"),
     (["space=nope"], "Unknown space 'nope'"),
     (["+task.hiden=[10]"], "Invalid key in task 'digits_mlp'"),
@@ -130,6 +145,38 @@ def test_bad_input_exits_2_with_a_message_before_any_work(
 
 def test_at_least_twenty_kinds_of_bad_input_are_covered():
     assert len(BAD_INPUT) >= 40
+
+
+def test_a_mistyped_key_is_named_without_advice_to_add_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--quiet", "serch.n_trials=3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Did you mean 'search.n_trials'?" in err
+    assert "+" not in err  # Hydra's own message advises `+serch.n_trials=3`
+    assert os.listdir(tmp_path) == []
+
+
+_IMPORTS = """
+import sys
+from search.cli import main
+codes = []
+for args in (["--help"], ["sweep", "--help"]):
+    try:
+        main(args)
+    except SystemExit as done:
+        codes.append(done.code)
+codes += [main(["sweep", "serch.n_trials=3"]), main(["sweep", "search.n_jobs=0"])]
+print(codes, "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_help_and_config_errors_answer_without_importing_torch(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "[0, 0, 2, 2] False", done.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_console_script_exit_code(tmp_path):

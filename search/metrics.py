@@ -1,0 +1,24 @@
+"""The names of the metrics a trial measures, without importing what measures them.
+
+Config validation (`search.plan`) checks objectives and constraints against these names before
+torch is imported; `search.trial` measures them.
+"""
+
+from __future__ import annotations
+
+#: Metrics each trial measures; any of them can be an objective. ``val_acc`` is the task's
+#: validation score: top-1 accuracy, or the mean cosine similarity to the original embeddings for
+#: an embedding task (``minilm``). ``latency_ms`` is at batch 1; each other batch size ``B`` of
+#: ``measure.latency_batch_sizes`` adds ``latency_ms_bB``; each extra score of the task (e.g.
+#: ``retrieval``) adds ``val_<name>``. ``compressed_fraction`` is the fraction of the baseline's
+#: parameters that the recipe's compressors act on.
+METRICS = (
+    "val_acc",
+    "size_bytes",
+    "compression_ratio",
+    "nonzero_params",
+    "flops",
+    "latency_ms",
+    "peak_memory_bytes",
+    "compressed_fraction",
+)

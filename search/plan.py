@@ -1,0 +1,204 @@
+"""Checking a sweep's whole config before any work: `plan_sweep` returns a `SweepPlan` or raises
+`ConfigError` naming the bad key, the value and what is allowed.
+
+Nothing here imports torch at module level, and the checks run cheapest first: the config's keys
+and values (`search.schema`), the objectives, directions, constraints, sampler, pruner and early
+stop, then the storage and tracking URLs; a mistake there is reported before torch is imported.
+The space comes next (its compressors declare their parameters' constraints, and importing them
+imports torch), then the task (its builder's module).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
+from search._errors import ConfigError
+from search.constraints import check_constraints
+from search.early_stop import check_early_stop, make_pruner
+from search.metrics import METRICS
+from search.schema import check_schema
+from search.storage import check_storage, check_tracking_uri
+
+if TYPE_CHECKING:
+    from experiments import Task
+    from search.space import SearchSpace
+
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "random": optuna.samplers.RandomSampler,
+}
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A fully validated sweep; building it touches no file, database or network."""
+
+    cfg: DictConfig
+    space: SearchSpace
+    task_builder: Callable[..., Task]
+    task_kwargs: dict[str, Any]
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+    study_name: str
+    storage: str
+    n_trials: int
+    n_jobs: int
+    constraints: dict[str, float]
+    fingerprint: str
+
+
+def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
+    """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key.
+
+    Args:
+        cfg: The composed config.
+        connect: Also check that the storage and tracking servers answer (nothing is created).
+    """
+    check_schema(cfg)
+    search = cfg.search
+    objectives, directions = tuple(search.objectives), tuple(search.directions)
+    known = set(METRICS) | {f"latency_ms_b{b}" for b in cfg.measure.latency_batch_sizes}
+    for name in objectives:
+        if name not in known:
+            raise ConfigError(
+                f"Unknown objective {name!r} in search.objectives. "
+                f"Available: {', '.join(sorted(known))}."
+            )
+    for direction in directions:
+        if direction not in DIRECTIONS:
+            raise ConfigError(
+                f"Unknown direction {direction!r} in search.directions. "
+                "Allowed: maximize, minimize."
+            )
+    if len(objectives) != len(directions) or not objectives:
+        raise ConfigError(
+            f"search.objectives {list(objectives)} and search.directions {list(directions)} "
+            "must be non-empty lists of the same length (one direction per objective)."
+        )
+    if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
+        raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
+    constraints = check_constraints(dict(search.constraints), known)
+    make_sampler(search.sampler, seed=0, options=search.sampler_options)
+    make_pruner(search.pruner, search.pruner_options)
+    check_early_stop(
+        pruner=search.pruner,
+        enabled=search.early_stop.enabled,
+        objectives=objectives,
+        directions=directions,
+    )
+    n_jobs = workers_wanted(cfg)
+    storage = str(search.storage)
+    check_storage(storage, n_jobs=n_jobs, connect=connect)
+    check_tracking_uri(str(cfg.tracking.uri), connect=connect)
+    from search.space import SearchSpace  # imports the compressors, and so torch
+
+    space = SearchSpace.from_config(cfg.space)
+    task_builder, task_kwargs = _check_task(cfg)
+    return SweepPlan(
+        cfg=cfg,
+        space=space,
+        task_builder=task_builder,
+        task_kwargs=task_kwargs,
+        objectives=objectives,
+        directions=directions,
+        study_name=str(search.study_name),
+        storage=storage,
+        n_trials=search.n_trials,
+        n_jobs=n_jobs,
+        constraints=constraints,
+        fingerprint=_fingerprint(cfg, constraints),
+    )
+
+
+def workers_wanted(cfg: DictConfig) -> int:
+    """Worker processes on this machine: ``search.n_jobs`` on CPU, ``search.trials_per_gpu``
+    per visible GPU with ``device=cuda`` (or ``auto`` when a GPU is present)."""
+    from search.workers import gpu_count, resolve_device
+
+    if resolve_device(cfg.device) == "cuda":
+        if gpu_count() == 0:
+            raise ConfigError(
+                "device='cuda' but torch sees no GPU (a CPU build of torch, or no CUDA device). "
+                "Allowed here: device=cpu or device=auto."
+            )
+        return gpu_count() * int(cfg.search.trials_per_gpu)
+    return int(cfg.search.n_jobs)
+
+
+def make_sampler(
+    name: str, *, seed: int, options: Mapping[str, Any] | None = None
+) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named in ``search.sampler``."""
+    if name not in SAMPLERS:
+        raise ConfigError(
+            f"Unknown sampler {name!r} in search.sampler. Available: {', '.join(SAMPLERS)}."
+        )
+    kwargs: dict[str, Any] = {"seed": seed}
+    if name == "tpe":  # conditional spaces (a method's params exist only when it is chosen)
+        kwargs.update(multivariate=True, group=True)
+    kwargs.update(
+        OmegaConf.to_container(options) if isinstance(options, DictConfig) else options or {}
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return SAMPLERS[name](**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid search.sampler_options for sampler {name!r}: {err}") from None
+
+
+def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    target = task_cfg.pop("_target_", None)
+    if target is None:
+        raise ConfigError("task has no '_target_' naming the function that builds it.")
+    try:
+        builder = get_method(target)
+    except Exception:  # noqa: BLE001 - Hydra raises several kinds here
+        raise ConfigError(f"task._target_ {target!r} cannot be imported.") from None
+    kwargs = {**task_cfg, "seed": cfg.seed}
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as err:
+        allowed = [p for p in inspect.signature(builder).parameters if p != "seed"]
+        raise ConfigError(
+            f"Invalid key in task {task_cfg.get('name')!r}: {err}. Allowed: {', '.join(allowed)}."
+        ) from None
+    from experiments import TrainConfig
+
+    train = kwargs.get("train") or {}
+    unknown = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {unknown} in task.train. Allowed: "
+            f"{', '.join(TrainConfig.__dataclass_fields__)}."
+        )
+    return builder, kwargs
+
+
+def _fingerprint(cfg: DictConfig, constraints: Mapping[str, float]) -> str:
+    """Hash of what must not change while a study is continued."""
+    parts = {
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "space": OmegaConf.to_container(cfg.space, resolve=True),
+        "objectives": list(cfg.search.objectives),
+        "directions": list(cfg.search.directions),
+        "seed": cfg.seed,
+    }
+    if cfg.search.get("cv_folds"):
+        parts["cv_folds"] = cfg.search.cv_folds
+    if constraints:  # (studies without constraints keep the fingerprint they had before)
+        parts["constraints"] = dict(sorted(constraints.items()))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
