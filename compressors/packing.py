@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from compressors._targets import targets
 from compressors.runtime import to_int8
@@ -341,7 +342,9 @@ def _changed_attributes(model: nn.Module, like: nn.Module) -> dict[str, dict[str
     changed: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         other = reference.get(name)
-        if other is None or type(other) is not type(module) or isinstance(module, Replacement):
+        if other is None or isinstance(module, Replacement):
+            continue
+        if type_before_parametrizations(module) is not type_before_parametrizations(other):
             continue
         for attr, value in vars(module).items():
             if attr.startswith("_") or attr == "training" or not _is_plain(value):

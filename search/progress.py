@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import optuna
@@ -89,10 +90,11 @@ class SweepProgress:
 
     def _route_logging(self) -> None:
         root = logging.getLogger()
-        streams = [
+        terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+        streams = [  # handlers that print to the terminal (not files, not captures)
             h
             for h in root.handlers
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in terminal
         ]
         if not streams:
             return

@@ -102,7 +102,7 @@ def pick_trial(
         return max(front, key=lambda t: (_metric(t, "val_acc"), -_metric(t, "size_bytes")))
     if pick == "min-size":
         return min(front, key=lambda t: (_metric(t, "size_bytes"), -_metric(t, "val_acc")))
-    return _knee(front)
+    return _knee(front, within_budget=max_drop is not None)
 
 
 def export_trial(
@@ -295,19 +295,26 @@ def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float:
     return float(trial.user_attrs["metrics"][key])
 
 
-def _knee(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+def _knee(
+    front: list[optuna.trial.FrozenTrial], *, within_budget: bool
+) -> optuna.trial.FrozenTrial:
     acc = [_metric(t, "val_acc") for t in front]
-    return front[knee_index(acc, [_metric(t, "size_bytes") for t in front])]
+    sizes = [_metric(t, "size_bytes") for t in front]
+    return front[knee_index(acc, sizes, within_budget=within_budget)]
 
 
-def knee_index(val_acc: Sequence[float], size_bytes: Sequence[float]) -> int:
+def knee_index(
+    val_acc: Sequence[float], size_bytes: Sequence[float], *, within_budget: bool = False
+) -> int:
     """The knee of a front given as accuracies and sizes: the point farthest above the line
     joining the smallest file and the most accurate model (accuracy against log size, both
-    scaled to [0, 1]); the most accurate of fewer than three points."""
+    scaled to [0, 1]). Of fewer than three points: the smallest file when they all lie within
+    an accuracy budget (``within_budget``: any of them is good enough), else the most
+    accurate."""
     acc = np.asarray(val_acc, dtype=float)
     size = np.log(np.asarray(size_bytes, dtype=float))
     if len(acc) < 3:
-        return int(np.argmax(acc))
+        return int(np.argmin(size)) if within_budget else int(np.argmax(acc))
     a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
     s = (size - size.min()) / max(np.ptp(size), 1e-12)
     # Ends of the front: the smallest file and the most accurate model; the knee is the point
@@ -342,7 +349,9 @@ def recommend(front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP) -> R
     if inside.empty:
         best = points.sort_values(["val_acc", "size_bytes"], ascending=[False, True]).iloc[0]
         return Recommendation(int(best.trial), within_budget=False, max_drop=max_drop)
-    chosen = inside.iloc[knee_index(inside.val_acc.tolist(), inside.size_bytes.tolist())]
+    chosen = inside.iloc[
+        knee_index(inside.val_acc.tolist(), inside.size_bytes.tolist(), within_budget=True)
+    ]
     return Recommendation(int(chosen.trial), within_budget=True, max_drop=max_drop)
 
 

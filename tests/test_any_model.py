@@ -195,6 +195,24 @@ def test_int8_runtime_runs_where_torch_has_kernels_and_the_parent_allows(
 
 
 @pytest.mark.parametrize("family", _family_params())
+def test_a_pruned_then_quantized_model_reloads_with_its_real_architecture(
+    family, trained, tmp_path
+):
+    """Shapes change (structured), then parametrizations wrap the modules (quant): the packed
+    file must still restore the changed attributes of the parametrized modules."""
+    task, baseline = trained(family)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(), seed=0)
+    pipeline = [get_compressor("structured")(amount=0.4), get_compressor("quant")(bits=4)]
+    model = finalize_pipeline(pipeline, apply_pipeline(pipeline, copy.deepcopy(baseline), ctx), ctx)
+    save_packed(model.eval(), tmp_path / "m.sqz", like=baseline)
+    reloaded = load_packed(tmp_path / "m.sqz", task.build_model())
+    assert _consistent(reloaded) == []
+    x = task.val.x[:32]
+    with torch.no_grad():
+        assert (reloaded(x) - model(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", _family_params())
 def test_quantization_reaches_every_weight_tensor_of_a_family(family):
     baseline = _task(family).build_model()
     quant = get_compressor("quant")()

@@ -224,11 +224,14 @@ def test_a_spent_study_says_there_is_nothing_to_run(tmp_path, cache_dir, capsys,
     assert len(_trials(tmp_path)) == 1
 
 
-def test_log_lines_go_through_the_bar_s_console_while_it_is_live():
-    stream, screen = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(stream)
+def test_log_lines_go_through_the_bar_s_console_while_it_is_live(capsys):
+    screen = io.StringIO()
+    handler = logging.StreamHandler(sys.stderr)  # the terminal (captured), as the CLI logs
+    kept = io.StringIO()
+    capture = logging.StreamHandler(kept)  # not a terminal (a file, pytest's caplog): stays
     root = logging.getLogger()
     root.addHandler(handler)
+    root.addHandler(capture)
     level, root.level = root.level, logging.INFO
     try:
         console = Console(file=screen, width=120, force_terminal=False)
@@ -239,10 +242,13 @@ def test_log_lines_go_through_the_bar_s_console_while_it_is_live():
         logging.getLogger("search.test").info("a line after it")
     finally:
         root.removeHandler(handler)
+        root.removeHandler(capture)
         root.level = level
+    assert "a line while the bar is live" in kept.getvalue()
     assert "a line while the bar is live" in screen.getvalue()
-    assert "a line while the bar is live" not in stream.getvalue()
-    assert stream.getvalue() == "a line after it\n"  # the handler is back once the bar stopped
+    err = capsys.readouterr().err
+    assert "a line while the bar is live" not in err
+    assert err == "a line after it\n"  # the handler is back once the bar stopped
     shown = screen.getvalue()
     assert "3/10" in shown and "baseline epochs" in shown and "4/40" in shown
     assert "elapsed 0:00:0" in shown and "left" in shown

@@ -160,16 +160,7 @@ def zoo_lstm(
 ) -> Task:
     """Digits as 8 steps (rows) of 8 features and a 2-layer ``nn.LSTM`` classifier."""
     model = partial(RecurrentClassifier, 8, 10, cell="lstm", hidden=hidden, num_layers=num_layers)
-    return _digits_task(
-        name,
-        model,
-        (8, 8),
-        seed=seed,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        train=train,
-        default_train={"epochs": 15, "lr": 0.01},
-    )
+    return _rows_task(name, model, seed, val_fraction, test_fraction, train, lr=0.01)
 
 
 def zoo_gru(
@@ -185,6 +176,11 @@ def zoo_gru(
     model = partial(
         RecurrentClassifier, 8, 10, cell="gru", hidden=hidden, num_layers=1, bidirectional=True
     )
+    return _rows_task(name, model, seed, val_fraction, test_fraction, train, lr=0.005)
+
+
+def _rows_task(name, model, seed, val_fraction, test_fraction, train, *, lr: float) -> Task:
+    """A digits task whose inputs are 8 rows of 8 pixels (a sequence model's 8 steps)."""
     return _digits_task(
         name,
         model,
@@ -193,7 +189,7 @@ def zoo_gru(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         train=train,
-        default_train={"epochs": 15, "lr": 0.005},
+        default_train={"epochs": 15, "lr": lr},
     )
 
 
