@@ -256,7 +256,7 @@ def test_a_compressor_that_can_act_on_nothing_is_refused_before_any_training(
 
 
 def test_a_pipeline_reaching_under_half_of_the_parameters_is_warned_about_and_logged(
-    tmp_path, cache_dir, capsys
+    tmp_path, cache_dir, caplog
 ):
     overrides = sweep_overrides(
         tmp_path,
@@ -267,8 +267,8 @@ def test_a_pipeline_reaching_under_half_of_the_parameters_is_warned_about_and_lo
         "space.finetune.epochs=1",
     )
     assert main(["sweep", "--config-dir", str(ZOO_CONF), "task=zoo_lstm", *overrides]) == 0
-    err = " ".join(capsys.readouterr().err.split())
-    assert "pipeline prune compresses only 2% of the parameters of task zoo_lstm" in err
+    logged = " ".join(caplog.text.split())
+    assert "pipeline prune compresses only 2% of the parameters of task zoo_lstm" in logged
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
     )
