@@ -90,14 +90,10 @@ def shipped_baseline(cfg, workdir: Path):
     """``(task, model)``: the task of ``cfg`` and its cached baseline as shipped (packed fp32
     file, reloaded), the reference every speed-up is measured against."""
     from compressors import load_packed, save_packed
-    from experiments import load_or_train_baseline
-    from search.study import plan_sweep
+    from search.workload import load_workload
 
-    plan = plan_sweep(cfg)
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
+    workload = load_workload(cfg)
+    task, baseline = workload.task, workload.baseline
     workdir.mkdir(parents=True, exist_ok=True)
     save_packed(baseline.model, workdir / "baseline.sqz")
     return task, load_packed(workdir / "baseline.sqz", task.build_model())

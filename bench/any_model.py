@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 from bench._common import quiet  # noqa: E402
 from compressors import available, coverage, load_packed, save_packed  # noqa: E402
-from experiments import evaluate, load_or_train_baseline  # noqa: E402
+from experiments import evaluate  # noqa: E402
 from search import ConfigError, compose_config  # noqa: E402
-from search.study import plan_sweep  # noqa: E402
 from search.trial import compress_recipe  # noqa: E402
+from search.workload import load_workload  # noqa: E402
 
 FAMILIES = ("resnet", "mobilenet", "transformer", "lstm", "gru", "tied", "minilm")
 #: One fixed recipe per compressor (the default space's other entries stay unused).
@@ -56,11 +56,8 @@ def cell(family: str, name: str, *, epochs: int, out: Path) -> dict:
         *SETTINGS.get(name, []),
     ]
     cfg = compose_config(overrides, config_dirs=[str(ROOT / "tests" / "zoo_conf")])
-    plan = plan_sweep(cfg, connect=False)
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
+    workload = load_workload(cfg, connect=False)
+    plan, task, baseline = workload.plan, workload.task, workload.baseline
     try:
         plan.space.check_model(
             task.build_model(), task=task.name, example_inputs=task.example_inputs()
@@ -68,7 +65,9 @@ def cell(family: str, name: str, *, epochs: int, out: Path) -> dict:
     except ConfigError as err:
         return {"refused": str(err).split(": it ")[0]}
     recipe = plan.space.sample(optuna.trial.FixedTrial({}))
-    model, _ = compress_recipe(recipe, plan.space, task, baseline, seed=cfg.seed)
+    model, _ = compress_recipe(
+        recipe, plan.space, task, baseline, seed=cfg.seed, device=workload.device
+    )
     base_size = save_packed(baseline.model, out / "base.sqz")
     size = save_packed(model, out / "model.sqz", like=baseline.model)
     shipped = load_packed(out / "model.sqz", task.build_model())

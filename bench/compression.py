@@ -36,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import recipe_text, shipped_baseline, side_by_side  # noqa: E402
 
 from compressors import load_packed, save_packed  # noqa: E402
-from experiments import evaluate, load_or_train_baseline  # noqa: E402
+from experiments import evaluate  # noqa: E402
 from search import compose_config, run_sweep  # noqa: E402
 from search.study import plan_sweep  # noqa: E402
 from search.trial import compress_recipe  # noqa: E402
+from search.workload import load_workload  # noqa: E402
 
 SIZE_SPACE = [
     "space.pipeline=[structured, prune, quant, kd]",
@@ -159,17 +160,20 @@ def _random_control(task_name: str, best, workdir: Path) -> None:
     if not set(PRUNERS) & set(plan.space.sample(optuna.trial.FixedTrial(params)).pipeline):
         print("control: the best size recipe prunes nothing; no control to run")
         return
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
+    workload = load_workload(cfg, plan=plan)
+    task, baseline = workload.task, workload.baseline
     results = {}
     for importance in ("l1", "random"):
         recipe = plan.space.sample(optuna.trial.FixedTrial(params))
         for pruner in set(PRUNERS) & set(recipe.compressors):
             recipe.compressors[pruner]["importance"] = importance
         model, _ = compress_recipe(
-            recipe, plan.space, task, baseline, seed=cfg.seed + int(best.trial)
+            recipe,
+            plan.space,
+            task,
+            baseline,
+            seed=cfg.seed + int(best.trial),
+            device=workload.device,
         )
         path = workdir / f"control-{importance}.sqz"
         file_size = save_packed(model, path, like=baseline.model)

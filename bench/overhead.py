@@ -33,12 +33,12 @@ import torch
 
 from compressors import CompressionContext, get_compressor, save_packed
 from compressors.kd import distillation_loss
-from experiments import evaluate, fit, load_or_train_baseline
-from experiments.digits import digits_mlp
+from experiments import evaluate, fit
 from search import compose_config, run_sweep
 from search.storage import open_storage
 from search.study import make_sampler
 from search.tracking import Tracker
+from search.workload import load_workload
 
 
 class BareLoop:
@@ -46,14 +46,8 @@ class BareLoop:
 
     def __init__(self, cfg, workdir: Path) -> None:
         start = time.perf_counter()
-        task_cfg = {k: v for k, v in dict(cfg.task).items() if k != "_target_"}
-        self.task = digits_mlp(**task_cfg, seed=cfg.seed)
-        self.baseline = load_or_train_baseline(
-            self.task,
-            config={**task_cfg, "seed": cfg.seed},
-            cache_dir=cfg.cache_dir,
-            seed=cfg.seed,
-        )
+        workload = load_workload(cfg)  # the same cached baseline as the sweep's
+        self.task, self.baseline = workload.task, workload.baseline
         save_packed(self.baseline.model, workdir / "baseline.sqz")
         self.cfg, self.workdir = cfg, workdir
         self.study = optuna.create_study(
@@ -75,7 +69,7 @@ class BareLoop:
         model = copy.deepcopy(self.baseline.model)
         ctx = CompressionContext(
             train=self.task.train,
-            teacher_logits=self.baseline.teacher_logits,
+            teacher_outputs=self.baseline.teacher_outputs,
             example_inputs=self.task.example_inputs(),
             seed=seed,
         )
@@ -93,7 +87,7 @@ class BareLoop:
             batch_size=64,
             lr=lr,
             loss_fn=loss,
-            teacher_logits=self.baseline.teacher_logits,
+            teacher_outputs=self.baseline.teacher_outputs,
             val=self.task.val,
             seed=seed,
         )
@@ -115,7 +109,7 @@ def interleaved_run(base: list[str], workdir: Path) -> tuple[float, float, bool]
         f"output_dir={workdir}/trials",
     ]
     cfg = compose_config(overrides)
-    Tracker(cfg.tracking.uri, cfg.tracking.experiment).close()  # DB exists, as after a 1st sweep
+    Tracker(cfg.tracking.uri, cfg.tracking.mlflow_experiment).close()  # DB as after a 1st sweep
     (workdir / "bare").mkdir(parents=True)
     bare = BareLoop(cfg, workdir / "bare")
     inside = 0.0

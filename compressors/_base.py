@@ -4,7 +4,8 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 
 - ``name``: the registry key used in pipelines and in ``conf/compressor/<name>.yaml``;
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
-- ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_logits``);
+- ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_outputs``,
+  ``fit``); the context is all a compressor knows of the task: it never imports the workloads;
 - ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say);
 - ``output_params``: narrower constraints of some parameters for a task whose model outputs
   ``logits`` or ``embeddings`` (distillation's KL needs logits, say);
@@ -34,18 +35,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compressors._params import Constraint, InvalidParameterError, check_known, check_param
 from compressors._targets import parameter_count, targets
-from experiments import Split
-from experiments._objectives import LossFn, ce_loss
+
+#: ``loss(outputs, targets, teacher_outputs) -> scalar``; a loss without a teacher ignores it.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _REGISTRY: dict[str, type[Compressor]] = {}
 
@@ -54,25 +57,56 @@ class UnsupportedModelError(InvalidParameterError):
     """A compressor cannot act on a model (none of its tensors, or a module it cannot handle)."""
 
 
+class Data(Protocol):
+    """A split of the task as a compressor sees it: inputs ``x`` and targets ``y``, row-aligned."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+
+class Fit(Protocol):
+    """Train a model in place on the task's training split, on the trial's device and with its
+    seed (the task's own loop: mini-batches, Adam, a NaN check)."""
+
+    def __call__(
+        self, model: nn.Module, *, epochs: int, batch_size: int, lr: float, loss_fn: LossFn
+    ) -> Any: ...
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """The loss a context assumes when it is given none: cross-entropy with hard labels."""
+    return F.cross_entropy(logits, labels)
+
+
 @dataclass(frozen=True)
 class CompressionContext:
-    """What a trial offers its compressors.
+    """What a trial offers its compressors: everything they know of the task and the trial.
 
     Attributes:
-        train: Training split (for data-aware methods and fine-tuning).
-        teacher_logits: Cached logits of the uncompressed baseline on ``train``.
+        train: Training split (for data-aware methods).
+        teacher_outputs: Cached outputs (logits, or embeddings) of the uncompressed baseline on
+            ``train``.
         example_inputs: A small batch of real inputs.
         seed: Seed of this trial.
         loss: The task's training loss ``loss(outputs, targets, teacher)``.
+        losses: Further losses between two outputs of the task's kind, by name (``cosine``,
+            ``mse``: what distillation may match an encoder's embeddings with).
         outputs: What the task's model outputs: ``logits`` or ``embeddings``.
+        fit: Trains a model on ``train`` on the trial's device with the trial's seed (`Fit`).
     """
 
-    train: Split | None = None
-    teacher_logits: torch.Tensor | None = None
+    train: Data | None = None
+    teacher_outputs: torch.Tensor | None = None
     example_inputs: torch.Tensor | None = None
     seed: int = 0
-    loss: LossFn = ce_loss
+    loss: LossFn = cross_entropy
+    losses: Mapping[str, LossFn] = field(default_factory=dict)
     outputs: str = "logits"
+    fit: Fit | None = None
 
 
 class Compressor:

@@ -13,9 +13,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from compressors._base import CompressionContext, Compressor
+from compressors._base import CompressionContext, Compressor, LossFn, cross_entropy
 from compressors._params import Options, Real
-from experiments._objectives import LossFn, ce_loss, cosine_loss, mse_loss
 
 #: The loss ``auto`` stands for, by what the task's model outputs.
 AUTO_LOSS = {"logits": "kl", "embeddings": "cosine"}
@@ -39,8 +38,8 @@ def distillation_loss(
     *,
     temperature: float,
     alpha: float,
-    loss: str = "kl",
-    task_loss: LossFn = ce_loss,
+    loss: str | LossFn = "kl",
+    task_loss: LossFn = cross_entropy,
 ) -> torch.Tensor:
     """``alpha * soft(student, teacher) + (1 - alpha) * task_loss(student, labels)``.
 
@@ -50,8 +49,8 @@ def distillation_loss(
         teacher: The teacher's outputs on the same batch.
         temperature: Softmax temperature of ``kl`` (unused by the embedding losses).
         alpha: Weight of the soft loss in [0, 1]; 0 is the task's loss alone.
-        loss: ``kl`` (``T^2`` times the KL divergence of the softened predictions), ``cosine``
-            (mean cosine distance) or ``mse`` (mean squared Euclidean distance).
+        loss: ``kl`` (``T^2`` times the KL divergence of the softened predictions), or a loss
+            between student and teacher outputs (the task's ``cosine`` or ``mse``, say).
         task_loss: The task's own loss (cross-entropy for a classifier).
     """
     hard = task_loss(student, labels, None)
@@ -59,10 +58,8 @@ def distillation_loss(
         return hard
     if loss == "kl":
         soft = kl_loss(student, teacher, temperature=temperature)
-    elif loss == "cosine":
-        soft = cosine_loss(student, teacher, None)
     else:
-        soft = mse_loss(student, teacher, None)
+        soft = loss(student, teacher, None)
     return alpha * soft + (1.0 - alpha) * hard
 
 
@@ -79,7 +76,7 @@ class Distillation(Compressor):
     name = "kd"
     kind = "loss"
     stage = 3
-    requires = frozenset({"teacher_logits"})
+    requires = frozenset({"teacher_outputs"})  # the fine-tuning hands each batch's to the loss
     params = {
         "temperature": Real(0.0, math.inf, closed="neither", default=4.0),
         "alpha": Real(0.0, 1.0, default=0.5),
@@ -93,6 +90,13 @@ class Distillation(Compressor):
     def finetune_loss(self, ctx: CompressionContext) -> LossFn:
         self.check_outputs(ctx.outputs)
         loss = AUTO_LOSS[ctx.outputs] if self.loss == "auto" else self.loss
+        if loss != "kl":
+            if loss not in ctx.losses:
+                raise ValueError(
+                    f"compressor 'kd' with loss={loss!r} needs the task's {loss!r} loss in its "
+                    f"context (CompressionContext.losses has {sorted(ctx.losses) or 'none'})"
+                )
+            loss = ctx.losses[loss]
         return partial(
             distillation_loss,
             temperature=self.temperature,

@@ -14,11 +14,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from compressors._base import CompressionContext, Compressor
+from compressors._base import CompressionContext, Compressor, LossFn, cross_entropy
 from compressors._params import Integer, Real
 from compressors._targets import targets
-from experiments._objectives import LossFn, ce_loss
-from experiments._training import fit
 
 
 def l1_loss(
@@ -28,7 +26,7 @@ def l1_loss(
     *,
     weights: list[torch.Tensor],
     strength: float,
-    base: LossFn = ce_loss,
+    base: LossFn = cross_entropy,
 ) -> torch.Tensor:
     """The task's loss ``base`` (cross-entropy) plus ``strength`` times the L1 norm of
     ``weights``."""
@@ -49,7 +47,7 @@ class SparseTraining(Compressor):
 
     name = "sparse"
     stage = 0
-    requires = frozenset({"train"})
+    requires = frozenset({"fit"})
     params = {
         "strength": Real(0.0, math.inf, closed="neither", default=1e-4),
         "epochs": Integer(1, 10_000, default=5),
@@ -59,13 +57,11 @@ class SparseTraining(Compressor):
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         weights = [t.latent for t in targets(model).values() if t.latent.requires_grad]
-        fit(
+        ctx.fit(  # on the task's training split, the trial's device and seed
             model,
-            ctx.train,
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=self.lr,
             loss_fn=partial(l1_loss, weights=weights, strength=self.strength, base=ctx.loss),
-            seed=ctx.seed,
         )
         return model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
 from experiments._objectives import (
+    LOSSES,
     OUTPUTS,
     LossFn,
     ScoreFn,
@@ -18,9 +19,10 @@ from experiments._objectives import (
     neighbour_agreement,
 )
 from experiments._task import Split, Task, TrainConfig, cv_folds
-from experiments._training import EpochStats, evaluate, fit, predict_logits, scores
+from experiments._training import EpochStats, evaluate, fit, predict_outputs, scores
 
 __all__ = [
+    "LOSSES",
     "OUTPUTS",
     "Baseline",
     "EpochStats",
@@ -39,6 +41,6 @@ __all__ = [
     "mean_cosine",
     "mse_loss",
     "neighbour_agreement",
-    "predict_logits",
+    "predict_outputs",
     "scores",
 ]

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from experiments._task import Task
-from experiments._training import evaluate, fit, predict_logits
+from experiments._training import evaluate, fit, predict_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Baseline:
 
     Attributes:
         model: The trained, uncompressed model (treat as read-only; trials copy it).
-        teacher_logits: Its outputs on the training split (logits, or embeddings for an
+        teacher_outputs: Its outputs on the training split (logits, or embeddings for an
             embedding task), the distillation teacher.
         metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
         key: Hash of the task config the baseline was trained for.
@@ -47,7 +47,7 @@ class Baseline:
     """
 
     model: nn.Module
-    teacher_logits: torch.Tensor
+    teacher_outputs: torch.Tensor
     metrics: dict[str, float]
     key: str
     folder: Path
@@ -128,21 +128,24 @@ def _teacher_outputs(
     *,
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """The model's outputs on ``x`` (`predict_logits`), batch by batch, reporting progress."""
+    """The model's outputs on ``x`` (`predict_outputs`), batch by batch, reporting progress."""
     starts = range(0, len(x), batch_size)
     outputs = []
     for k, start in enumerate(starts, 1):
-        outputs.append(predict_logits(model, x[start : start + batch_size], batch_size=batch_size))
+        outputs.append(predict_outputs(model, x[start : start + batch_size], batch_size=batch_size))
         if progress is not None:
             progress("teacher outputs", k, len(starts))
-    return torch.cat(outputs) if outputs else predict_logits(model, x)
+    return torch.cat(outputs) if outputs else predict_outputs(model, x)
 
 
 def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
     model = task.build_model()
     _load_state(model, folder / "model.safetensors")
     model.eval()
-    teacher = load_file(folder / "teacher_logits.safetensors")["train"]
+    teacher_file = folder / "teacher_outputs.safetensors"
+    if not teacher_file.exists():  # cached before the file was renamed
+        teacher_file = folder / "teacher_logits.safetensors"
+    teacher = load_file(teacher_file)["train"]
     metrics = json.loads((folder / "metrics.json").read_text())
     return Baseline(model, teacher, metrics, key, folder, from_cache=from_cache)
 
@@ -177,7 +180,7 @@ def _write_files(
     config: Mapping[str, Any],
 ) -> None:
     _save_state(model, tmp / "model.safetensors")
-    save_file({"train": teacher.contiguous()}, tmp / "teacher_logits.safetensors")
+    save_file({"train": teacher.contiguous()}, tmp / "teacher_outputs.safetensors")
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

@@ -45,6 +45,10 @@ def mse_loss(
     return (outputs - targets).pow(2).sum(dim=-1).mean()
 
 
+#: The losses between two outputs of a task's kind, by name (what distillation may match with).
+LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "mse": mse_loss}
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of ``logits`` against ``labels``."""
     return (logits.argmax(dim=1) == labels).float().mean().item()

@@ -20,7 +20,7 @@ __all__ = [
     "ce_loss",
     "evaluate",
     "fit",
-    "predict_logits",
+    "predict_outputs",
     "scores",
 ]
 
@@ -48,7 +48,7 @@ def fit(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     loss_fn: LossFn = ce_loss,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_outputs: torch.Tensor | None = None,
     val: Split | None = None,
     seed: int = 0,
     before_epoch: Callable[[int, int], None] | None = None,
@@ -66,8 +66,8 @@ def fit(
         weight_decay: Adam weight decay.
         schedule: ``constant`` learning rate, or ``cosine``: decayed to 0 along a half cosine
             over all steps, which lets weights on a quantization grid settle at the end.
-        loss_fn: Loss of a batch; receives the teacher's logits of that batch when given.
-        teacher_logits: Teacher logits aligned with ``train`` (for distillation).
+        loss_fn: Loss of a batch; receives the teacher's outputs on that batch when given.
+        teacher_outputs: The teacher's outputs aligned with ``train`` (for distillation).
         val: If given, its score (`evaluate`) is measured after every epoch.
         seed: Seeds the order of the mini-batches.
         before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
@@ -106,7 +106,7 @@ def fit(
             total = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                teacher = None if teacher_logits is None else teacher_logits[idx].to(on)
+                teacher = None if teacher_outputs is None else teacher_outputs[idx].to(on)
                 loss = loss_fn(model(train.x[idx].to(on)), train.y[idx].to(on), teacher)
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
@@ -128,7 +128,7 @@ def fit(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+def predict_outputs(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
     """Outputs (logits, or embeddings) of ``model`` on ``x``, in evaluation mode, on the CPU
     (computed batch by batch on the model's device)."""
     model.eval()
@@ -147,14 +147,14 @@ def model_device(model: nn.Module) -> torch.device:
 def evaluate(model: nn.Module, split: Split) -> float:
     """The split's score of ``model``: top-1 accuracy, or the score the split defines (e.g. the
     mean cosine similarity to reference embeddings)."""
-    return split.score(predict_logits(model, split.x), split.y)
+    return split.score(predict_outputs(model, split.x), split.y)
 
 
 def scores(
     model: nn.Module, split: Split, extra: Mapping[str, ScoreFn] | None = None
 ) -> dict[str, float]:
     """The split's score under key ``acc`` and each ``extra`` score, from one pass over it."""
-    outputs = predict_logits(model, split.x)
+    outputs = predict_outputs(model, split.x)
     return {
         "acc": split.score(outputs, split.y),
         **{name: fn(outputs, split.y) for name, fn in (extra or {}).items()},

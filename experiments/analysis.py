@@ -15,7 +15,7 @@ from sklearn.metrics import confusion_matrix, f1_score, recall_score, top_k_accu
 from torch import nn
 
 from experiments._task import Split, Task
-from experiments._training import predict_logits
+from experiments._training import predict_outputs
 from experiments.metrics import count_flops, weight_tensors
 
 
@@ -27,7 +27,7 @@ def classification_report(model: nn.Module, split: Split, num_classes: int) -> d
         ``per_class_acc`` (list, one per class: the fraction of that class predicted right) and
         ``confusion`` (list of rows: true class, columns: predicted class).
     """
-    logits = predict_logits(model, split.x)
+    logits = predict_outputs(model, split.x)
     labels = split.y.numpy()
     predicted = logits.argmax(dim=1).numpy()
     classes = np.arange(num_classes)

@@ -35,7 +35,7 @@ from torch import nn
 
 from experiments._objectives import cosine_loss, mean_cosine, neighbour_agreement
 from experiments._task import Split, Task, TrainConfig
-from experiments._training import predict_logits
+from experiments._training import predict_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def minilm(
         )
     topics, texts = read_sentences(sentences or SENTENCES)
     ids = tokenize(texts, max_length=max_length)
-    targets = predict_logits(load_encoder(), ids)  # the original model's embeddings
+    targets = predict_outputs(load_encoder(), ids)  # the original model's embeddings
     index = np.arange(len(texts))
     rest, test = train_test_split(
         index, test_size=test_fraction, stratify=topics, random_state=seed

@@ -125,7 +125,8 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
 def workers_wanted(cfg: DictConfig) -> int:
     """Worker processes on this machine: ``search.n_jobs`` on CPU, ``search.trials_per_gpu``
     per visible GPU with ``device=cuda`` (or ``auto`` when a GPU is present)."""
-    from search.workers import gpu_count, resolve_device
+    from search.workers import gpu_count
+    from search.workload import resolve_device
 
     if resolve_device(cfg.device) == "cuda":
         if gpu_count() == 0:

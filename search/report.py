@@ -40,16 +40,16 @@ import plotly.graph_objects as go  # noqa: E402
 import plotly.offline  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from optuna.distributions import CategoricalDistribution  # noqa: E402
 from optuna.trial import FixedTrial, TrialState  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from experiments import accuracy, evaluate, load_or_train_baseline, mean_cosine, scores  # noqa: E402
+from experiments import accuracy, evaluate, mean_cosine, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
 from search.reuse import load_study, study_config  # noqa: E402
-from search.study import plan_sweep  # noqa: E402
+from search.workload import load_workload  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,10 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     """Write the report of ``study_name`` (storage, tracking and output folder from ``cfg``)."""
     study = load_study(cfg, study_name)
     study_cfg = study_config(cfg, study)
-    plan = plan_sweep(study_cfg)
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=study_cfg.seed
-    )
+    # The study's task and seed; this command's cache and device.
+    here = {"cache_dir": cfg.cache_dir, "device": cfg.device}
+    workload = load_workload(OmegaConf.merge(study_cfg, here))
+    plan, task, baseline = workload.plan, workload.task, workload.baseline
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     folder = Path(cfg.output_dir) / study_name / "report"
     folder.mkdir(parents=True, exist_ok=True)

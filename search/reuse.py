@@ -35,13 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import evaluate, load_or_train_baseline
+from experiments import evaluate
 from search._errors import ConfigError
 from search.config import CONF_DIR, search_dirs, writable_config_dir
 from search.storage import mask_url
 from search.study import open_storage, plan_sweep
 from search.tracking import experiment_id
 from search.trial import compress_recipe, measure
+from search.workload import load_workload
 
 PICKS = ("knee", "max-acc", "min-size")
 #: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
@@ -211,12 +212,15 @@ def run_experiment(
         recipe = plan.space.sample(optuna.trial.FixedTrial({}))
     except ValueError as err:  # a value left as a range: FixedTrial has nothing to give it
         raise ConfigError(f"The experiment's space is not fixed ({err}).") from None
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
+    workload = load_workload(cfg, plan=plan)
+    task, baseline = workload.task, workload.baseline
     model, _ = compress_recipe(
-        recipe, plan.space, task, baseline, seed=int(cfg.seed) + int(cfg.run.trial)
+        recipe,
+        plan.space,
+        task,
+        baseline,
+        seed=int(cfg.seed) + int(cfg.run.trial),
+        device=workload.device,
     )
     folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,7 +235,7 @@ def run_experiment(
     }
 
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
-    exp_id = experiment_id(client, str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    exp_id = experiment_id(client, str(cfg.tracking.uri), str(cfg.tracking.mlflow_experiment))
     run = client.create_run(
         exp_id,
         run_name=f"run-{cfg.run.name}",

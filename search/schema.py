@@ -139,7 +139,7 @@ SCHEMA: dict[str, Any] = {
     },
     "tracking": {
         "uri": Text(),
-        "experiment": Text(),
+        "mlflow_experiment": Text(),
         "artifacts": Nullable(Text()),
     },
 }

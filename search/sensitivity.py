@@ -25,9 +25,9 @@ from torch.nn.utils import parametrize  # noqa: E402
 from compressors._targets import weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
-from experiments import evaluate, load_or_train_baseline  # noqa: E402
+from experiments import evaluate  # noqa: E402
 from search.config import writable_config_dir  # noqa: E402
-from search.study import plan_sweep  # noqa: E402
+from search.workload import load_workload  # noqa: E402
 
 AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 BITS = (2, 3, 4, 6, 8)
@@ -53,11 +53,8 @@ def run_sensitivity(
     """Measure each layer's sensitivity for the task of ``cfg``; write plot and space (into
     ``<conf_dir>/space/``; by default ``./conf`` of the current directory)."""
     conf_dir = conf_dir if conf_dir is not None else writable_config_dir()
-    plan = plan_sweep(cfg)
-    task = plan.task_builder(**plan.task_kwargs)
-    baseline = load_or_train_baseline(
-        task, config=plan.task_kwargs, cache_dir=cfg.cache_dir, seed=cfg.seed
-    )
+    workload = load_workload(cfg)
+    task, baseline = workload.task, workload.baseline
     reference = evaluate(baseline.model, task.val)
     rows = []
     for layer_name in weight_layers(baseline.model):

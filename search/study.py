@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
 from compressors.packing import MAGIC
-from experiments import Baseline, Task, cv_folds, load_or_train_baseline
+from experiments import Baseline, Task, cv_folds
 from search import pareto
 from search._errors import ConfigError
 from search.budget import WORKER_ATTR, Budget, budget_lock, worker_id
@@ -47,6 +47,7 @@ from search.plan import (  # noqa: F401 - re-exported: the plan was checked here
 from search.storage import is_url, mask_url, open_storage
 from search.tracking import Tracker
 from search.trial import SweepContext, measure, run_trial
+from search.workload import load_baseline, load_workload, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def run_sweep(
     logger.info("study %s in %s", plan.study_name, mask_url(plan.storage))
 
     tracker = Tracker(
-        cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
+        cfg.tracking.uri, cfg.tracking.mlflow_experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
         return _run(study, plan, tracker, callbacks=callbacks, progress=progress)
@@ -124,7 +125,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     seed = int(hashlib.sha256(f"{cfg.seed}:{done}:{worker_id()}".encode()).hexdigest()[:8], 16)
     study.sampler = make_sampler(cfg.search.sampler, seed=seed, options=cfg.search.sampler_options)
     tracker = Tracker(
-        cfg.tracking.uri, cfg.tracking.experiment, artifacts=cfg.tracking.get("artifacts")
+        cfg.tracking.uri, cfg.tracking.mlflow_experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
         tracker.join_parent(study.user_attrs["mlflow_parent_run_id"])
@@ -204,21 +205,18 @@ def _prepare(
 ) -> tuple[SweepContext, dict[str, float]]:
     """The task, the cached baseline (trained if absent) and what every trial shares."""
     cfg = plan.cfg
-    task = plan.task_builder(**plan.task_kwargs)
-    plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
-    model = task.build_model()
-    coverages = plan.space.check_model(model, task=task.name, example_inputs=task.example_inputs())
-    _check_coverage(coverages, task.name)
-    _set_threads(cfg, task, model)  # before the baseline is trained (the probe trains `model`)
-    device = _device(cfg)
-    baseline = load_or_train_baseline(
-        task,
-        config=plan.task_kwargs,
-        cache_dir=cfg.cache_dir,
-        seed=cfg.seed,
-        device=device,
-        progress=progress,
-    )
+
+    def check(task: Task) -> None:  # before the baseline is trained
+        plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
+        model = task.build_model()
+        example = task.example_inputs()
+        _check_coverage(
+            plan.space.check_model(model, task=task.name, example_inputs=example), task.name
+        )
+        _set_threads(cfg, task, model)  # the probe trains `model`
+
+    workload = load_workload(cfg, plan=plan, check=check, progress=progress)
+    task, baseline, device = workload.task, workload.baseline, workload.device
     baseline_size = _baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
@@ -346,14 +344,6 @@ def _set_threads(cfg: DictConfig, task: Task, model: torch.nn.Module) -> None:
     set_threads(cfg.threads, task, batch_size=batch_size, workers=workers, model=model)
 
 
-def _device(cfg: DictConfig) -> str | None:
-    """``cuda`` when ``device`` resolves to it (a worker sees only the GPU it is pinned to),
-    else None: train on the CPU."""
-    from search.workers import resolve_device
-
-    return "cuda" if resolve_device(cfg.device) == "cuda" else None
-
-
 def _cv_folds(
     cfg: DictConfig,
     plan: SweepPlan,
@@ -367,12 +357,11 @@ def _cv_folds(
     pairs = []
     for k, fold in enumerate(cv_folds(task, folds, seed=cfg.seed)):
         config = {**plan.task_kwargs, "cv_fold": f"{k}/{folds}"}
-        baseline = load_or_train_baseline(
+        baseline = load_baseline(
             fold,
-            config=config,
-            cache_dir=cfg.cache_dir,
-            seed=cfg.seed,
-            device=_device(cfg),
+            config,
+            cfg,
+            device=training_device(cfg),
             progress=progress and partial(_fold_stage, progress, f"fold {k + 1}/{folds} "),
         )
         pairs.append((fold, baseline))

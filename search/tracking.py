@@ -50,7 +50,7 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_LEN = 6000
 
 
-class ChildRun:
+class TrackedRun:
     """What one run logs, buffered until it is written in one go."""
 
     def __init__(self, run_id: str | Future[str]) -> None:
@@ -248,7 +248,7 @@ class Tracker:
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
         self.parent_id = run.info.run_id
-        parent = ChildRun(self.parent_id)
+        parent = TrackedRun(self.parent_id)
         parent.log_params(params)
         parent.log_metrics(metrics)
         for path in artifacts:
@@ -264,7 +264,7 @@ class Tracker:
     @contextmanager
     def child_run(
         self, *, name: str, tags: Mapping[str, Any], link: Callable[[str], None] | None = None
-    ) -> Iterator[ChildRun]:
+    ) -> Iterator[TrackedRun]:
         """A child run of the parent; ends FAILED if the body raises, with the error as tags
         (``squeeze.fail_kind``, ``squeeze.fail_reason``, ``squeeze.fail_phase`` when known) and
         its full traceback as the artifact ``traceback.txt`` (FINISHED with
@@ -276,7 +276,7 @@ class Tracker:
         """
         assert self.parent_id is not None, "start_parent() or join_parent() first"
         tags = {"mlflow.parentRunId": self.parent_id, **{k: str(v) for k, v in tags.items()}}
-        child = ChildRun(self._submit(_writer_create, self.experiment_id, name, tags))
+        child = TrackedRun(self._submit(_writer_create, self.experiment_id, name, tags))
         try:
             yield child
         except BaseException as err:
@@ -304,7 +304,9 @@ class Tracker:
         child.set_tags({"squeeze.state": "COMPLETE"})
         self._end(child, "FINISHED", link)
 
-    def _end(self, child: ChildRun, status: str | None, link: Callable[[str], None] | None = None):
+    def _end(
+        self, child: TrackedRun, status: str | None, link: Callable[[str], None] | None = None
+    ):
         if link is not None:
             link(child.run_id)
         self._submit(
@@ -322,7 +324,7 @@ class Tracker:
         self, *, artifacts: list[Path], metrics: Mapping[str, float], tags: Mapping[str, Any]
     ) -> None:
         """Log the study's results to the parent run and close it (through the writer)."""
-        parent = ChildRun(self.parent_id)
+        parent = TrackedRun(self.parent_id)
         parent.log_metrics(metrics)
         parent.set_tags(tags)
         for path in artifacts:
@@ -364,7 +366,7 @@ class Tracker:
             info = trials.get(int(number)) if number is not None and number.isdigit() else None
             if info is None:
                 continue  # still running (another worker) or not ours
-            child = ChildRun(run.info.run_id)
+            child = TrackedRun(run.info.run_id)
             if info["state"] == "COMPLETE":
                 child.log_metrics(info.get("metrics", {}))
                 child.set_tags({"squeeze.state": "COMPLETE"})
@@ -407,7 +409,7 @@ class Tracker:
                     "No longer on the Pareto front: a later trial of the study dominates it.",
                 )
         for run_id, metrics in front.items():
-            run = ChildRun(run_id)
+            run = TrackedRun(run_id)
             run.set_tags({"pareto": "true"})
             if notes and run_id in notes:
                 run.set_tags({NOTE_TAG: notes[run_id]})

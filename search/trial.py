@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -26,7 +27,7 @@ from compressors import (
     save_packed,
 )
 from compressors.runtime import INT8_MODULES
-from experiments import Baseline, EpochStats, Task, evaluate, fit, scores
+from experiments import LOSSES, Baseline, EpochStats, Task, evaluate, fit, scores
 from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
 from search.budget import seed_trial
 from search.constraints import constraint_values
@@ -43,7 +44,7 @@ class SweepContext:
 
     Attributes:
         task: Data splits and model builder.
-        baseline: The cached trained baseline and its teacher logits.
+        baseline: The cached trained baseline and its teacher outputs.
         baseline_size: Bytes of the baseline's packed fp32 file.
         space: The search space.
         objectives: Metric names returned to Optuna, in the order of the study's directions.
@@ -162,7 +163,7 @@ def compress_recipe(
         recipe: Compressors, their parameters and the fine-tuning settings.
         space: The space the recipe comes from (it builds the compressors).
         task: Data splits and model builder.
-        baseline: The cached trained baseline and its teacher logits.
+        baseline: The cached trained baseline and its teacher outputs.
         seed: Seeds the compressors and the fine-tuning.
         after_epoch: Called after each fine-tuning epoch (early stopping raises here).
         on_compressed: Called before fine-tuning with the model as it would ship without any
@@ -179,14 +180,7 @@ def compress_recipe(
         model = copy.deepcopy(baseline.model)
 
         # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
-        context = CompressionContext(
-            train=task.train,
-            teacher_logits=baseline.teacher_logits,
-            example_inputs=task.example_inputs(),
-            seed=seed,
-            loss=task.loss,
-            outputs=task.outputs,
-        )
+        context = compression_context(task, baseline, seed=seed, device=device)
         model = apply_pipeline(compressors, model, context)
         if on_compressed is not None:
             on_compressed(finalize_pipeline(compressors, copy.deepcopy(model), context))
@@ -204,7 +198,7 @@ def compress_recipe(
             lr=recipe.finetune["lr"],
             schedule=recipe.finetune["schedule"],
             loss_fn=_finetune_loss(compressors, context),
-            teacher_logits=baseline.teacher_logits,
+            teacher_outputs=baseline.teacher_outputs,
             val=task.val,
             seed=seed,
             before_epoch=_schedules(compressors, model),
@@ -214,6 +208,24 @@ def compress_recipe(
     with phase("compress"):
         model = finalize_pipeline(compressors, model, context)
     return model, history
+
+
+def compression_context(
+    task: Task, baseline: Baseline, *, seed: int, device: str | None = None
+) -> CompressionContext:
+    """What the compressors of a trial get from its task: the training split, the baseline's
+    outputs on it, the task's losses, and the task's training loop bound to the trial's device
+    and seed (methods that train, such as L1 sparse training, train through it)."""
+    return CompressionContext(
+        train=task.train,
+        teacher_outputs=baseline.teacher_outputs,
+        example_inputs=task.example_inputs(),
+        seed=seed,
+        loss=task.loss,
+        losses=LOSSES,
+        outputs=task.outputs,
+        fit=partial(fit, train=task.train, seed=seed, device=device),
+    )
 
 
 def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:

@@ -22,16 +22,9 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from search.workload import resolve_device  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    """``cpu`` or ``cuda``: ``auto`` is ``cuda`` when torch sees a GPU."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def gpu_count() -> int:

@@ -27,7 +27,7 @@ from compressors import (
     save_packed,
     targets,
 )
-from experiments import Split, fit, load_or_train_baseline, predict_logits
+from experiments import LOSSES, Split, fit, load_or_train_baseline, predict_outputs
 from search.cli import main
 from tests.conftest import sweep_overrides
 from tests.zoo import tasks
@@ -137,14 +137,16 @@ def test_every_compressor_on_every_family(family, name, trained, tmp_path):
     claimed = compressor.check_model(baseline, example)
 
     train = Split(task.train.x[:SAMPLES], task.train.y[:SAMPLES], task.train.score)
-    teacher = predict_logits(baseline, train.x)
+    teacher = predict_outputs(baseline, train.x)
     ctx = CompressionContext(
         train=train,
-        teacher_logits=teacher,
+        teacher_outputs=teacher,
         example_inputs=task.example_inputs(),
         seed=0,
         loss=task.loss,
+        losses=LOSSES,
         outputs=task.outputs,
+        fit=functools.partial(fit, train=train, seed=0),
     )
     model = apply_pipeline([compressor], copy.deepcopy(baseline), ctx)
     fit(
@@ -154,7 +156,7 @@ def test_every_compressor_on_every_family(family, name, trained, tmp_path):
         batch_size=64,
         lr=1e-4,
         loss_fn=compressor.finetune_loss(ctx) or task.loss,
-        teacher_logits=teacher,
+        teacher_outputs=teacher,
         before_epoch=lambda e, n: compressor.on_epoch(model, e, n),
     )
     model = finalize_pipeline([compressor], model, ctx).eval()

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from sklearn.datasets import load_digits
 from torch import nn
 
-from experiments import load_or_train_baseline, predict_logits
+from experiments import load_or_train_baseline, predict_outputs
 from experiments._task import Split, Task, TrainConfig
 
 CONTEXT, TOKENS, WIDTH = 8, 17, 16  # digits pixels are intensities 0..16
@@ -96,7 +96,7 @@ def test_a_tied_baseline_is_cached_and_loads_tied(tmp_path):
     assert again.from_cache and again.key == first.key
     assert again.model.emb.weight is again.model.head.weight
     assert torch.equal(again.model.emb.weight, first.model.emb.weight)
-    assert torch.equal(predict_logits(again.model, task.train.x), again.teacher_logits)
+    assert torch.equal(predict_outputs(again.model, task.train.x), again.teacher_outputs)
     with torch.no_grad():  # still one parameter: changing the embedding changes the output layer
         again.model.emb.weight[0, 0] += 1.0
     assert torch.equal(again.model.head.weight, again.model.emb.weight)

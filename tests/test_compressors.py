@@ -122,9 +122,9 @@ def test_fine_tuning_moves_quantized_weights_along_the_grid(digits_task, digits_
 
 def test_pipeline_checks_what_each_compressor_requires(digits_baseline):
     kd = get_compressor("kd")()
-    with pytest.raises(ValueError, match=r"compressor 'kd' requires \['teacher_logits'\]"):
+    with pytest.raises(ValueError, match=r"compressor 'kd' requires \['teacher_outputs'\]"):
         apply_pipeline([kd], digits_baseline.model, CompressionContext())
-    ctx = CompressionContext(teacher_logits=digits_baseline.teacher_logits)
+    ctx = CompressionContext(teacher_outputs=digits_baseline.teacher_outputs)
     assert apply_pipeline([kd], digits_baseline.model, ctx) is digits_baseline.model
 
 
@@ -150,7 +150,7 @@ def test_distillation_soft_term_is_t_squared_kl():
 def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, digits_baseline):
     kd = get_compressor("kd")(temperature=2.0, alpha=1.0)
     model = _apply(digits_baseline.model, ("prune", {"amount": 0.9}))
-    teacher = digits_baseline.teacher_logits
+    teacher = digits_baseline.teacher_outputs
 
     def gap(m):
         return F.mse_loss(m(digits_task.train.x), teacher).item()
@@ -163,7 +163,7 @@ def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, 
         batch_size=64,
         lr=3e-3,
         loss_fn=kd.finetune_loss(CompressionContext()),
-        teacher_logits=teacher,
+        teacher_outputs=teacher,
     )
     assert gap(model) < before
 

@@ -23,7 +23,7 @@ from compressors import (  # noqa: E402
 )
 from compressors.kd import distillation_loss  # noqa: E402
 from compressors.packing import plain_state  # noqa: E402
-from experiments import evaluate, predict_logits, scores  # noqa: E402
+from experiments import LOSSES, evaluate, predict_outputs, scores  # noqa: E402
 from experiments.minilm import load_encoder, minilm, model_dir, read_sentences, tokenize  # noqa: E402
 from search import ConfigError, SearchSpace, compose_config, run_sweep  # noqa: E402
 from tests.conftest import sweep_overrides  # noqa: E402
@@ -54,10 +54,11 @@ def _fp32_bytes(model) -> int:
 def _ctx(task, seed=0):
     return CompressionContext(
         train=task.train,
-        teacher_logits=task.train.y,
+        teacher_outputs=task.train.y,
         example_inputs=task.example_inputs(),
         seed=seed,
         loss=task.loss,
+        losses=LOSSES,
         outputs=task.outputs,
     )
 
@@ -70,7 +71,7 @@ def test_encoder_reproduces_sentence_transformers():
     reference = SentenceTransformer(str(model_dir()), device="cpu").encode(
         texts, convert_to_tensor=True
     )
-    ours = predict_logits(load_encoder(), tokenize(texts, max_length=128))
+    ours = predict_outputs(load_encoder(), tokenize(texts, max_length=128))
     assert ours.shape == (len(texts), 384)
     assert torch.allclose(ours, reference, atol=1e-5)
 
@@ -108,7 +109,7 @@ def test_structured_pruning_removes_whole_heads_and_ffn_neurons(task, original, 
     size = save_packed(model, tmp_path / "s.sqz")
     assert size < _fp32_bytes(original) / 4  # 8-bit codes, and fewer of them
     reloaded = load_packed(tmp_path / "s.sqz", task.build_model())
-    assert torch.equal(predict_logits(reloaded, task.val.x), predict_logits(model, task.val.x))
+    assert torch.equal(predict_outputs(reloaded, task.val.x), predict_outputs(model, task.val.x))
     assert 0.3 < evaluate(reloaded, task.val) < 0.99
 
 
@@ -156,7 +157,8 @@ def test_distillation_on_embeddings_validates_its_loss(task):
     with pytest.raises(ConfigError, match=r"must be one of 'auto', 'kl', 'mse'. Got 'cosine'"):
         space("cosine").check_outputs("logits", task="digits_mlp")
     student, teacher = torch.nn.functional.normalize(torch.randn(2, 8, 4), dim=-1)
-    for loss in ("cosine", "mse"):
+    for name in ("cosine", "mse"):
+        loss = LOSSES[name]  # the task's losses reach distillation through the context
         value = distillation_loss(student, teacher, teacher, temperature=1.0, alpha=1.0, loss=loss)
         assert value > 0.1
         same = distillation_loss(teacher, teacher, teacher, temperature=1.0, alpha=1.0, loss=loss)

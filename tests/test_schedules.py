@@ -12,6 +12,7 @@ from compressors._targets import weight_layers
 from compressors.gradual import cubic_schedule
 from compressors.packing import plain_state
 from experiments import evaluate, fit
+from search.trial import compression_context
 
 
 def _sparsity(model):
@@ -72,7 +73,7 @@ def test_gradual_pruning_without_fine_tuning_prunes_at_once(digits_baseline):
 
 
 def test_l1_sparse_training_makes_weights_small_before_pruning(digits_task, digits_baseline):
-    ctx = CompressionContext(train=digits_task.train, seed=0)
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
     l1 = get_compressor("sparse")(strength=3e-4, epochs=5)
     plain = get_compressor("sparse")(strength=1e-12, epochs=5)  # the same training, no penalty
     tiny = {}

@@ -49,7 +49,7 @@ def test_digits_baseline_is_accurate_and_cached(digits_task, digits_baseline, ca
         seed=0,
     )
     assert again.from_cache and again.key == digits_baseline.key
-    assert torch.equal(again.teacher_logits, digits_baseline.teacher_logits)
+    assert torch.equal(again.teacher_outputs, digits_baseline.teacher_outputs)
     assert evaluate(again.model, digits_task.val) == digits_baseline.metrics["val_acc"]
     other = load_or_train_baseline(
         digits_task,

@@ -255,7 +255,7 @@ def zoo_minilm(
     table keeps only the rows of the tokens the sentences use (ids renumbered, ``[PAD]`` stays
     0): the same BERT structure, 1.9M parameters instead of 13.7M, so tests run fast."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from experiments._training import predict_logits
+    from experiments._training import predict_outputs
     from experiments.minilm import minilm
 
     task = minilm(
@@ -274,7 +274,7 @@ def zoo_minilm(
         splits = [dataclasses.replace(s, x=torch.searchsorted(used, s.x)) for s in splits]
     build = partial(cut_encoder, layers=layers, vocabulary=vocabulary)
     model = build()
-    splits = [dataclasses.replace(s, y=predict_logits(model, s.x).contiguous()) for s in splits]
+    splits = [dataclasses.replace(s, y=predict_outputs(model, s.x).contiguous()) for s in splits]
     return dataclasses.replace(
         task, train=splits[0], val=splits[1], test=splits[2], build_model=build
     )

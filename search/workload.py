@@ -1,0 +1,105 @@
+"""The one way to get a sweep's task and its trained baseline, on the configured device.
+
+Every command (`sweep`, `run`, `report`, `sensitivity`) and every bench calls `load_workload`:
+it checks the config (`plan_sweep`), builds the task, lets the caller check the model before
+anything is trained, then loads the cached baseline or trains it on ``device`` (``cuda`` with
+``device=cuda``, or ``auto`` and a GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from search.plan import SweepPlan, plan_sweep
+
+if TYPE_CHECKING:
+    from experiments import Baseline, Task
+
+#: ``progress(stage, done, total)`` while a baseline is made (see `load_or_train_baseline`).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A checked sweep config, its task, and the task's trained baseline.
+
+    Attributes:
+        plan: The checked config (`plan_sweep`).
+        task: Data splits and model builder.
+        baseline: The cached trained baseline and its outputs on the training split.
+        device: Where training runs: ``cuda``, or None for the CPU (models live on the CPU in
+            between).
+    """
+
+    plan: SweepPlan
+    task: Task
+    baseline: Baseline
+    device: str | None
+
+
+def load_workload(
+    cfg: DictConfig,
+    *,
+    plan: SweepPlan | None = None,
+    connect: bool = True,
+    check: Callable[[Task], None] | None = None,
+    progress: Progress | None = None,
+) -> Workload:
+    """The task of ``cfg`` and its baseline, trained (on the configured device) if not cached.
+
+    Args:
+        cfg: A composed squeeze config.
+        plan: ``cfg``'s plan when the caller has made it already.
+        connect: Whether planning checks the storage and tracking connections.
+        check: Called with the built task before its baseline is loaded or trained (checks that
+            must fail before any training: the space against the model, say).
+        progress: Reports the baseline's training and teacher outputs when it is made.
+    """
+    plan = plan if plan is not None else plan_sweep(cfg, connect=connect)
+    task = plan.task_builder(**plan.task_kwargs)
+    if check is not None:
+        check(task)
+    device = training_device(cfg)
+    baseline = load_baseline(task, plan.task_kwargs, cfg, device=device, progress=progress)
+    return Workload(plan, task, baseline, device)
+
+
+def load_baseline(
+    task: Task,
+    task_config: Mapping[str, Any],
+    cfg: DictConfig,
+    *,
+    device: str | None,
+    progress: Progress | None = None,
+) -> Baseline:
+    """The baseline of ``task`` for ``task_config`` (cached under ``cfg.cache_dir``, seeded by
+    ``cfg.seed``), trained on ``device`` if absent."""
+    from experiments import load_or_train_baseline
+
+    return load_or_train_baseline(
+        task,
+        config=task_config,
+        cache_dir=cfg.cache_dir,
+        seed=int(cfg.seed),
+        device=device,
+        progress=progress,
+    )
+
+
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda``: ``auto`` is ``cuda`` when torch sees a GPU."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def training_device(cfg: DictConfig) -> str | None:
+    """``cuda`` when ``cfg.device`` resolves to it (a worker sees only the GPU it is pinned to),
+    else None: train on the CPU."""
+    return "cuda" if resolve_device(str(cfg.device)) == "cuda" else None
