@@ -6,7 +6,8 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
 - ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_outputs``,
   ``fit``); the context is all a compressor knows of the task: it never imports the workloads;
-- ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say);
+- ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say); a
+  space's pipeline may name the kind to have the search choose among them;
 - ``output_params``: narrower constraints of some parameters for a task whose model outputs
   ``logits`` or ``embeddings`` (distillation's KL needs logits, say);
 - ``stage``: 0 for methods that train the dense model before anything is removed (L1 sparse
@@ -126,6 +127,9 @@ class Compressor:
         if "name" in cls.__dict__:
             if cls.name in _REGISTRY:
                 raise RuntimeError(f"compressor name {cls.name!r} is registered twice")
+            kinds = {c.kind for c in _REGISTRY.values()} | {cls.kind}
+            if cls.name in kinds or cls.kind in _REGISTRY:  # a space's pipeline names both
+                raise RuntimeError(f"compressor {cls.name!r} (kind {cls.kind!r}) names a kind")
             _REGISTRY[cls.name] = cls
 
     def __init__(self, **params: Any) -> None:

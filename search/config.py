@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
@@ -89,7 +90,21 @@ def group_options(group: str, dirs: Sequence[Path] = ()) -> list[str]:
     return sorted({p.stem for d in (CONF_DIR, *dirs) for p in (Path(d) / group).glob("*.yaml")})
 
 
+#: The config a space's defaults list names to get an entry for every compressor (``- _compressors``):
+#: made at compose time from the yaml files of the ``compressor`` group (the project's and those of
+#: each config folder), so that a new method's yaml is all a space needs to offer it.
+COMPRESSORS_NODE = "_compressors"
+
+
+def _register_compressors(dirs: Sequence[Path]) -> None:
+    """Store ``space/_compressors`` in Hydra's config store: a defaults list that places each
+    ``compressor/<name>.yaml`` at ``space.<name>``."""
+    defaults = [{f"/compressor@{name}": name} for name in group_options("compressor", dirs)]
+    ConfigStore.instance().store(group="space", name=COMPRESSORS_NODE, node={"defaults": defaults})
+
+
 def _compose(config_name: str, overrides: list[str], dirs: Sequence[Path]) -> DictConfig:
+    _register_compressors(dirs)
     if dirs:
         paths = ", ".join(f"file://{d}" for d in dirs)
         overrides = [*overrides, f"hydra.searchpath=[{paths}]"]

@@ -26,7 +26,7 @@ from compressors._targets import weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from search.config import writable_config_dir  # noqa: E402
+from search.config import COMPRESSORS_NODE, writable_config_dir  # noqa: E402
 from search.workload import load_workload  # noqa: E402
 
 AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -120,12 +120,7 @@ def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path) -> Path:
     fewest = int(tolerated_bits.max()) if len(tolerated_bits) == table.layer.nunique() else 8
     low = max(2, min(fewest, max(bits)) - 1)
     space = {
-        "defaults": [
-            {"/compressor@prune": "prune"},
-            {"/compressor@quant": "quant"},
-            {"/compressor@kd": "kd"},
-            "_self_",
-        ],
+        "defaults": [COMPRESSORS_NODE, "_self_"],
         "name": f"{task}_sensitivity",
         "pipeline": ["prune", "quant", "kd"],
         "prune": {"amount": per_layer},

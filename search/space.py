@@ -8,6 +8,7 @@ chosen compressors' parameters are sampled.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -151,20 +152,22 @@ class SearchSpace:
         pipeline_value = raw.pop("pipeline", None)
         finetune_raw = raw.pop("finetune", {}) or {}
         pipeline = _parse_pipeline(pipeline_value, where)
+        classes, entries = {}, {}
+        for comp in sorted(k for k, v in raw.items() if isinstance(v, Mapping)):
+            classes[comp], entries[comp] = _parse_entry(comp, raw[comp], where)  # used or not
+        pipeline = _expand_kinds(pipeline, classes)
         used = set(
             pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline]
         )
-        names = sorted({n for option in used for n in _split_pipeline(option)})
-        names += sorted(k for k, v in raw.items() if isinstance(v, Mapping) and k not in names)
-        classes, entries = {}, {}
-        for comp in names:  # every entry is checked, used by the pipeline or not
-            if comp not in raw or not isinstance(raw[comp], Mapping):
+        for comp in sorted({n for option in used for n in _split_pipeline(option)}):
+            if comp not in classes:
                 raise ConfigError(
                     f"Unknown compressor '{comp}' in space.pipeline of {where}. Available: "
-                    f"{', '.join(available())}. A compressor is used by giving the space an entry "
-                    f"for it (add '- /compressor@{comp}: {comp}' to the space's defaults)."
+                    f"{', '.join(available())}, or a kind standing for each compressor of it: "
+                    f"{', '.join(sorted({c.kind for c in classes.values() if c.kind}))}. A space "
+                    f"gets an entry for every conf/compressor/<name>.yaml when its defaults list "
+                    f"has '- _compressors'."
                 )
-            classes[comp], entries[comp] = _parse_entry(comp, raw[comp], where)
         for option in used:
             _check_combination(_split_pipeline(option), classes, where)
         finetune = _parse_params("finetune", FINETUNE_PARAMS, finetune_raw, where)
@@ -298,6 +301,29 @@ def _parse_pipeline(value: Any, where: str) -> Any:
         f"The 'pipeline' parameter of {where} must be a list of compressor names, 'a+b', or "
         f"choice(a+b, c). Got {value!r} instead."
     )
+
+
+def _expand_kinds(pipeline: Any, classes: Mapping[str, type[Compressor]]) -> Any:
+    """Replace each kind named in the pipeline (``quantizer``) by each compressor of the space
+    of that kind (``quant``, ``cluster``): a pipeline with a kind becomes a choice of pipelines,
+    so that a method added with its yaml is offered wherever its kind is."""
+    kinds: dict[str, list[str]] = {}
+    for comp, compressor_cls in sorted(classes.items()):
+        if compressor_cls.kind and comp not in kinds:
+            kinds.setdefault(compressor_cls.kind, []).append(comp)
+    options = pipeline.choices if isinstance(pipeline, CategoricalDistribution) else [pipeline]
+    expanded: list[str] = []
+    for option in options:
+        slots = [
+            kinds[part] if part in kinds and part not in classes else [part]
+            for part in _split_pipeline(option)
+        ]
+        for combination in itertools.product(*slots):
+            if "+".join(combination) not in expanded:
+                expanded.append("+".join(combination))
+    if isinstance(pipeline, str) and len(expanded) == 1:
+        return expanded[0]
+    return CategoricalDistribution(expanded)
 
 
 def _split_pipeline(option: Any) -> list[str]:

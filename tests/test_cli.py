@@ -28,7 +28,8 @@ BAD_INPUT = [
     (
         ["space.pipeline=[prune,quantize]"],
         "Unknown compressor 'quantize' in space.pipeline of space 'default'. "
-        "Available: gradual, kd, lowrank, prune, quant, sparse, structured",
+        "Available: cluster, gradual, kd, lowrank, prune, quant, sparse, structured, or a kind "
+        "standing for each compressor of it: loss, quantizer, sparsity",
     ),
     (
         ["space.prune.amount=interval("],

@@ -37,12 +37,13 @@ def _weights(model):
 
 
 def test_registry_lists_every_method_and_each_has_its_yaml():
-    methods = ["gradual", "kd", "lowrank", "prune", "quant", "sparse", "structured"]
-    assert available() == methods
-    for name in methods:
+    yamls = sorted(p.stem for p in (CONF_DIR / "compressor").glob("*.yaml"))
+    assert available() == yamls  # one module and one yaml per method, nothing listed by hand
+    assert {"kd", "prune", "quant", "structured"} <= set(yamls)
+    for name in yamls:
         target = OmegaConf.load(CONF_DIR / "compressor" / f"{name}.yaml")._target_
         assert get_class(target) is get_compressor(name)
-    with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: gradual, kd, low"):
+    with pytest.raises(KeyError, match="Unknown compressor 'prun'. Available: .*gradual, kd, low"):
         get_compressor("prun")
 
 
