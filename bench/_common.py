@@ -12,8 +12,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import compose_config, run_sweep
-from search.pareto import SweepResult, hypervolume
-from search.storage import open_storage
+from search.config.storage import open_storage
+from search.run.pareto import SweepResult, hypervolume
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
@@ -90,7 +90,7 @@ def shipped_baseline(cfg, workdir: Path):
     """``(task, model)``: the task of ``cfg`` and its cached baseline as shipped (packed fp32
     file, reloaded), the reference every speed-up is measured against."""
     from compressors import load_packed, save_packed
-    from search.workload import load_workload
+    from search.run.workload import load_workload
 
     workload = load_workload(cfg)
     task, baseline = workload.task, workload.baseline

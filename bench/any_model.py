@@ -2,7 +2,7 @@
 
 For each family (a task of ``tests/zoo_conf/task/``, its baseline trained and cached as a sweep
 would) and each registered compressor, one fixed recipe runs through the trial's own code path
-(`search.trial.compress_recipe`: compress, fine-tune, finalize), then the packed file is written
+(`search.run.trial.compress_recipe`: compress, fine-tune, finalize), then the packed file is written
 and reloaded. Printed per cell: the size ratio against the baseline's packed file, the change of
 the validation score in points (negative: a loss), whether the reloaded model's outputs equal
 the compressed model's (max abs diff <= 1e-5), and the fraction of the parameters the
@@ -30,8 +30,8 @@ from bench._common import quiet  # noqa: E402
 from compressors import available, coverage, load_packed, save_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from search import ConfigError, compose_config  # noqa: E402
-from search.trial import compress_recipe  # noqa: E402
-from search.workload import load_workload  # noqa: E402
+from search.run.trial import compress_recipe  # noqa: E402
+from search.run.workload import load_workload  # noqa: E402
 
 FAMILIES = ("resnet", "mobilenet", "transformer", "lstm", "gru", "tied", "minilm")
 #: One fixed recipe per compressor (the default space's other entries stay unused).

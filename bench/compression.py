@@ -38,9 +38,9 @@ from _common import recipe_text, shipped_baseline, side_by_side  # noqa: E402
 from compressors import load_packed, save_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from search import compose_config, run_sweep  # noqa: E402
-from search.study import plan_sweep  # noqa: E402
-from search.trial import compress_recipe  # noqa: E402
-from search.workload import load_workload  # noqa: E402
+from search.config.plan import plan_sweep  # noqa: E402
+from search.run.trial import compress_recipe  # noqa: E402
+from search.run.workload import load_workload  # noqa: E402
 
 SIZE_SPACE = [
     "space.pipeline=[structured, prune, quant, kd]",

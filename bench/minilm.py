@@ -35,7 +35,7 @@ from _common import recipe_text, shipped_baseline, side_by_side  # noqa: E402
 from compressors import load_packed  # noqa: E402
 from experiments import scores  # noqa: E402
 from search import compose_config, run_sweep  # noqa: E402
-from search.trial import trial_file  # noqa: E402
+from search.run.trial import trial_file  # noqa: E402
 
 #: Fewer, shorter timing rounds than the small tasks': a MiniLM forward takes milliseconds.
 TIMING = {"rounds": 5, "repeats": 10}

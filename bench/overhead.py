@@ -35,10 +35,10 @@ from compressors import CompressionContext, get_compressor, save_packed
 from compressors.kd import distillation_loss
 from experiments import evaluate, fit
 from search import compose_config, run_sweep
-from search.storage import open_storage
-from search.study import make_sampler
-from search.tracking import Tracker
-from search.workload import load_workload
+from search.config.plan import make_sampler
+from search.config.storage import open_storage
+from search.run.tracking import Tracker
+from search.run.workload import load_workload
 
 
 class BareLoop:

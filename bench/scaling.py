@@ -29,7 +29,7 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet, sweep  # noqa: E402
 
-from search.budget import WORKER_ATTR  # noqa: E402
+from search.run.budget import WORKER_ATTR  # noqa: E402
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 

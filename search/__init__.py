@@ -11,18 +11,18 @@ from typing import Any
 
 _EXPORTS = {
     "ConfigError": "search._errors",
-    "compose_config": "search.config",
-    "Recipe": "search.space",
-    "SearchSpace": "search.space",
-    "SweepResult": "search.pareto",
-    "SweepPlan": "search.plan",
-    "plan_sweep": "search.plan",
-    "run_sweep": "search.study",
-    "run_worker": "search.study",
-    "export_trial": "search.reuse",
-    "run_experiment": "search.reuse",
-    "load_registered": "search.reuse",
-    "build_report": "search.report",
+    "compose_config": "search.config.compose",
+    "Recipe": "search.config.space",
+    "SearchSpace": "search.config.space",
+    "SweepResult": "search.run.pareto",
+    "SweepPlan": "search.config.plan",
+    "plan_sweep": "search.config.plan",
+    "run_sweep": "search.run.study",
+    "run_worker": "search.run.study",
+    "export_trial": "search.results.reuse",
+    "run_experiment": "search.results.reuse",
+    "load_registered": "search.results.reuse",
+    "build_report": "search.results.report",
 }
 
 __all__ = sorted(_EXPORTS)

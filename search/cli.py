@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         from rich.markup import escape
 
-        from search.storage import mask_url
+        from search.config.storage import mask_url
 
         Console(stderr=True).print(  # soft_wrap: paths and keys are never broken by newlines
             f"[bold red]squeeze: error:[/] {escape(mask_url(err))}",
@@ -174,7 +174,7 @@ def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
 
 
 def _compose(args: argparse.Namespace) -> DictConfig:
-    from search.config import compose_config
+    from search.config.compose import compose_config
 
     return compose_config(args.overrides, config_dirs=args.config_dir)
 
@@ -182,7 +182,7 @@ def _compose(args: argparse.Namespace) -> DictConfig:
 def _load_study(plan) -> optuna.Study:
     import optuna
 
-    from search.storage import open_storage
+    from search.config.storage import open_storage
 
     return optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
 
@@ -190,16 +190,16 @@ def _load_study(plan) -> optuna.Study:
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     """Run the sweep; exit code 1 (with the reason on stderr) if the study has no COMPLETE
     trial when it ends, else 0."""
-    from search.plan import plan_sweep
+    from search.config.plan import plan_sweep
 
     cfg = _compose(args)
     plan = plan_sweep(cfg)  # fail on bad input before anything is created (or torch imported)
     from rich.console import Console
 
-    from search.budget import superseded
-    from search.progress import SweepProgress, front_table
-    from search.reuse import recommend
-    from search.study import run_sweep
+    from search.results.reuse import recommend
+    from search.run.budget import superseded
+    from search.run.progress import SweepProgress, front_table
+    from search.run.study import run_sweep
 
     done, total = _finished_trials(plan), cfg.search.n_trials
     if done >= total:
@@ -244,8 +244,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 def _finished_trials(plan) -> int:
     """Finished trials of the budget the study holds already (0 if there is no study yet; a
     journal file is not created by looking)."""
-    from search.budget import finished_in_budget
-    from search.storage import is_url
+    from search.config.storage import is_url
+    from search.run.budget import finished_in_budget
 
     if not is_url(plan.storage) and not Path(plan.storage).exists():
         return 0
@@ -258,7 +258,7 @@ def _finished_trials(plan) -> int:
 
 def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespace) -> None:
     """The recommended point of the front and the commands that export it and rerun it."""
-    from search.reuse import next_commands
+    from search.results.reuse import next_commands
 
     budget = f"{pick.max_drop:g} validation point{'s' if pick.max_drop != 1 else ''}"
     why = (
@@ -281,7 +281,7 @@ def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespac
 def _export(args: argparse.Namespace, console: Console) -> int:
     conf_dir = _writable_config_dir(args.config_dir)
     cfg = _compose(args)  # (a mistyped key is reported before torch is imported)
-    from search.reuse import export_trial, run_command
+    from search.results.reuse import export_trial, run_command
 
     path = export_trial(
         cfg,
@@ -299,7 +299,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     cfg = _compose(args)
-    from search.reuse import run_experiment
+    from search.results.reuse import run_experiment
 
     result = run_experiment(cfg, alias=args.alias, config_dirs=args.config_dir)
     for key, value in result.metrics.items():
@@ -319,11 +319,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _worker(args: argparse.Namespace, console: Console) -> int:
-    from search.plan import plan_sweep
+    from search.config.plan import plan_sweep
 
     cfg = _compose(args)
     plan_sweep(cfg)
-    from search.study import run_worker
+    from search.run.study import run_worker
 
     finished: list[optuna.trial.FrozenTrial] = []
     count = run_worker(cfg, callbacks=[lambda _study, trial: finished.append(trial)])
@@ -356,7 +356,7 @@ def _no_trial_completed(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
 
 def _report(args: argparse.Namespace, console: Console) -> int:
     cfg = _compose(args)
-    from search.report import build_report
+    from search.results.report import build_report
 
     report = build_report(cfg, args.study)
     console.print(
@@ -368,13 +368,13 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    from search.plan import plan_sweep
+    from search.config.plan import plan_sweep
 
     plan = plan_sweep(_compose(args))
     import pandas as pd
 
     from experiments.analysis import class_balance, dataset_summary, model_summary
-    from search.space import claims_table
+    from search.config.space import claims_table
 
     task = plan.task_builder(**plan.task_kwargs)
     with _wide():
@@ -400,7 +400,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     conf_dir = _writable_config_dir(args.config_dir)
     cfg = _compose(args)
-    from search.sensitivity import run_sensitivity
+    from search.results.sensitivity import run_sensitivity
 
     result = run_sensitivity(cfg, tolerance=args.tolerance, conf_dir=conf_dir)
     table = result.table.pivot_table(
@@ -414,9 +414,9 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
 
 
 def _writable_config_dir(config_dirs: list[str]) -> Path:
-    """Where a command that writes configs writes (`search.config.writable_config_dir`); a
+    """Where a command that writes configs writes (`search.config.compose.writable_config_dir`); a
     ``--config-dir`` given is created if missing, so that it can be searched."""
-    from search.config import writable_config_dir
+    from search.config.compose import writable_config_dir
 
     folder = writable_config_dir(config_dirs)
     if config_dirs:
@@ -434,7 +434,7 @@ class _MaskPasswords(logging.Filter):
     """Masks the password of any URL in a log line (third-party libraries log URLs too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from search.storage import mask_url
+        from search.config.storage import mask_url
 
         message = record.getMessage()
         masked = mask_url(message)

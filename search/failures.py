@@ -1,5 +1,8 @@
 """Why a trial stopped early: pruned, or which kind of failure, in which phase, with which
-traceback (recorded in Optuna and MLflow).
+traceback (recorded in Optuna and MLflow). The whole failure story is here: the kinds and phases,
+how an exception is classified and recorded on its trial (`record_failure`), which failures are no
+fault of the recipe (`INTERRUPTIONS`, run again by `search.run.budget`), and the line printed
+when no trial completed.
 
 Where a trial failed is carried by the exception itself, as Python exception notes
 (``err.add_note``) that also show in its traceback: `phase` adds ``phase 'compress'`` (the trial's
@@ -19,8 +22,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 #: Why a trial failed (its user attribute ``fail_kind``). ``interrupted`` (Ctrl-C, SIGTERM) and
-#: ``worker_lost`` are no fault of the recipe: such a trial runs again (`search.budget`).
+#: ``worker_lost`` are no fault of the recipe: such a trial runs again (`search.run.budget`).
 FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost", "interrupted")
+#: Failures that are not the recipe's: the trial is run again and uses no budget.
+INTERRUPTIONS = ("interrupted", "worker_lost")
 #: The steps of a trial a failure is attributed to (its user attribute ``fail_phase``).
 PHASES = ("compress", "fine-tune", "pack", "reload", "measure")
 #: Characters of a traceback kept in the Optuna user attribute ``fail_traceback`` (the end).
@@ -30,6 +35,37 @@ TRACEBACK_FILE_CHARS = 1_000_000
 
 _OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
 _NOTE = re.compile(r"^(phase|compressor|layer) '(.*)'$", re.DOTALL)
+
+
+class NonFiniteObjectiveError(ValueError):
+    """A trial's objective values are not all finite (a failure of its ``measure`` phase)."""
+
+    def __init__(self, values: Iterable[float]) -> None:
+        super().__init__(f"objective values {list(values)} are not all finite")
+        self.add_note("phase 'measure'")
+
+
+def record_failure(trial: optuna.Trial, err: BaseException) -> str:
+    """Record why ``trial`` failed with ``err`` as its user attributes ``fail_kind``,
+    ``fail_reason`` and, when known, ``fail_phase`` and ``fail_traceback``; return the reason."""
+    kind, where = failure_kind(err), failure_phase(err)
+    if kind == "interrupted":
+        reason = f"interrupted in {where}" if where else "interrupted"
+    else:
+        reason = failure_reason(err)
+    trial.set_user_attr("fail_kind", kind)
+    trial.set_user_attr("fail_reason", reason)
+    if where is not None:
+        trial.set_user_attr("fail_phase", where)
+    if kind != "interrupted" and err.__traceback__ is not None:
+        trial.set_user_attr("fail_traceback", failure_traceback(err))
+    return reason
+
+
+def fail_kind(trial: FrozenTrial) -> str:
+    """Why a FAIL trial failed (one of `FAIL_KINDS`); one without the attribute was failed by
+    Optuna's heartbeat check, i.e. its worker was lost."""
+    return trial.user_attrs.get("fail_kind", "worker_lost")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from compressors._targets import weight_layers
 from compressors.kd import distillation_loss
 from compressors.packing import plain_state
 from experiments import fit
-from search.config import CONF_DIR
+from search.config.compose import CONF_DIR
 
 
 def _apply(model, *steps):

@@ -11,8 +11,9 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from compressors import Compressor, Integer, Options, Real, available
-from search import compose_config, plan_sweep, schema
-from search.config import CONF_DIR, group_options, search_dirs, writable_config_dir
+from search import compose_config, plan_sweep
+from search.config import schema
+from search.config.compose import CONF_DIR, group_options, search_dirs, writable_config_dir
 
 
 @pytest.mark.parametrize("task", group_options("task"))
@@ -94,6 +95,6 @@ def test_the_config_folder_of_the_current_directory_is_searched(tmp_path, monkey
 
 def test_the_schema_shares_the_compressors_constraints_without_importing_torch():
     assert (schema.Integer, schema.Real, schema.Options) == (Integer, Real, Options)
-    code = "import sys, search.schema, compressors._params; print('torch' in sys.modules)"
+    code = "import sys, search.config.schema, compressors._params; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,10 +9,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import compose_config, run_sweep
-from search.constraints import constraint_values
-from search.early_stop import dominates
-from search.pareto import hypervolume
-from search.storage import mask_url, open_storage
+from search.config.constraints import constraint_values
+from search.config.early_stop import dominates
+from search.config.storage import mask_url, open_storage
+from search.run.pareto import hypervolume
 from tests.conftest import sweep_overrides
 
 

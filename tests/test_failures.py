@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from compressors import Compressor
 from search import compose_config, run_sweep
-from search.budget import ATTEMPT_ATTR, RETRY_OF_ATTR
 from search.cli import main
+from search.config.storage import open_storage
 from search.failures import (
     failure_kind,
     failure_phase,
@@ -22,7 +22,7 @@ from search.failures import (
     no_trial_completed,
     phase,
 )
-from search.storage import open_storage
+from search.run.budget import ATTEMPT_ATTR, RETRY_OF_ATTR
 from tests.conftest import sweep_overrides
 
 

@@ -26,7 +26,9 @@ from experiments import Split, Task, TrainConfig
 from experiments.digits import digits_mlp
 from experiments.models import MLP
 from search import ConfigError, compose_config, plan_sweep
-from search.budget import (
+from search.cli import main
+from search.config.storage import open_storage
+from search.run.budget import (
     LOST_ATTR,
     REPLACES_ATTR,
     SEED_TRIAL_ATTR,
@@ -36,10 +38,8 @@ from search.budget import (
     finished_in_budget,
     superseded,
 )
-from search.cli import main
-from search.progress import SweepProgress
-from search.storage import open_storage
-from search.threads import choose_threads
+from search.run.progress import SweepProgress
+from search.run.threads import choose_threads
 from tests.conftest import sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

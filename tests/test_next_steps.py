@@ -16,9 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
-from search.config import CONF_DIR
-from search.reuse import RECOMMEND_MAX_DROP, pick_trial
-from search.storage import open_storage
+from search.config.compose import CONF_DIR
+from search.config.storage import open_storage
+from search.results.reuse import RECOMMEND_MAX_DROP, pick_trial
 from tests.conftest import sweep_overrides
 
 

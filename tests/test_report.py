@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from search import compose_config, run_sweep
 from search.cli import main
-from search.pareto import front_numbers, trials_frame
-from search.report import FIGURES, PLOTLY_JS, _figures
-from search.reuse import load_study
+from search.results.report import FIGURES, PLOTLY_JS, _figures
+from search.results.reuse import load_study
+from search.run.pareto import front_numbers, trials_frame
 from tests.conftest import sweep_overrides
 
 PIPELINES = "space.pipeline=choice(structured+quant, prune+quant+kd, lowrank+quant)"

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
-from search.reuse import export_trial, load_registered, load_study, pick_trial
-from search.space import SearchSpace
+from search.config.space import SearchSpace
+from search.results.reuse import export_trial, load_registered, load_study, pick_trial
 from tests.conftest import sweep_overrides
 
 

@@ -12,7 +12,7 @@ from compressors._targets import weight_layers
 from compressors.gradual import cubic_schedule
 from compressors.packing import plain_state
 from experiments import evaluate, fit
-from search.trial import compression_context
+from search.run.trial import compression_context
 
 
 def _sparsity(model):

@@ -7,7 +7,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from search import ConfigError, SearchSpace, compose_config
-from search.space import parse_value
+from search.config.space import parse_value
 
 
 @pytest.mark.parametrize(

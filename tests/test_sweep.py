@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
-from search.storage import open_storage
+from search.config.storage import open_storage
 from tests.conftest import sweep_overrides
 
 
@@ -236,8 +236,8 @@ def test_an_interrupted_sweep_ends_its_parent_run_killed_and_resumes(tmp_path, c
 
 def test_cross_validated_objective_is_the_mean_over_fold_baselines(tmp_path, cache_dir):
     from experiments import evaluate
-    from search.study import plan_sweep
-    from search.trial import compress_recipe
+    from search.config.plan import plan_sweep
+    from search.run.trial import compress_recipe
 
     cfg = compose_config(
         sweep_overrides(tmp_path, cache_dir, "search.n_trials=2", "search.cv_folds=3")
@@ -249,7 +249,7 @@ def test_cross_validated_objective_is_the_mean_over_fold_baselines(tmp_path, cac
     assert len(folds) >= 4  # the split's baseline and one per fold
     plan = plan_sweep(cfg)
     task = plan.task_builder(**plan.task_kwargs)
-    from search.study import _cv_folds
+    from search.run.study import _cv_folds
 
     pairs = _cv_folds(cfg, plan, task)
     assert [len(t.val) for t, _ in pairs] == [479, 479, 479]  # 1,437 train + val samples

@@ -18,7 +18,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
-from search.budget import (
+from search.cli import main
+from search.config.device import resolve_device
+from search.config.plan import workers_wanted
+from search.config.storage import open_storage
+from search.run.budget import (
     REPLACES_ATTR,
     RETRY_OF_ATTR,
     WORKER_ATTR,
@@ -26,10 +30,7 @@ from search.budget import (
     fail_kind,
     seed_trial,
 )
-from search.cli import main
-from search.storage import open_storage
-from search.study import workers_wanted
-from search.workers import gpu_assignment, resolve_device
+from search.run.workers import gpu_assignment
 from tests.conftest import sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,9 +47,9 @@ from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, evaluate, mean_cosine, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
-from search.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
-from search.reuse import load_study, study_config  # noqa: E402
-from search.workload import load_workload  # noqa: E402
+from search.results.reuse import load_study, study_config  # noqa: E402
+from search.run.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
+from search.run.workload import load_workload  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ from optuna.trial import TrialState
 from compressors import load_packed, save_packed
 from experiments import evaluate
 from search._errors import ConfigError
-from search.config import CONF_DIR, search_dirs, writable_config_dir
-from search.storage import mask_url
-from search.study import open_storage, plan_sweep
-from search.tracking import experiment_id
-from search.trial import compress_recipe, measure
-from search.workload import load_workload
+from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
+from search.config.plan import plan_sweep
+from search.config.storage import mask_url, open_storage
+from search.run.tracking import experiment_id
+from search.run.trial import compress_recipe, measure
+from search.run.workload import load_workload
 
 PICKS = ("knee", "max-acc", "min-size")
 #: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
@@ -126,7 +126,7 @@ def export_trial(
         max_drop: See `pick_trial`.
         name: The experiment's name (default ``<study>-t<trial>``).
         conf_dir: The config folder to write into; by default ``./conf`` of the current
-            directory (`search.config.writable_config_dir`), never the installed package.
+            directory (`search.config.compose.writable_config_dir`), never the installed package.
         force: Overwrite an existing file of that name.
 
     Raises:
@@ -344,7 +344,7 @@ def recommend(front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP) -> R
     most accurate point.
 
     Args:
-        front: The front as `search.pareto.finish_study` reports it (columns ``trial``,
+        front: The front as `search.run.pareto.finish_study` reports it (columns ``trial``,
             ``val_acc``, ``size_bytes``, ``val_drop``), not empty.
         max_drop: The accuracy budget, in validation points.
     """

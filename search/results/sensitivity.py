@@ -26,8 +26,8 @@ from compressors._targets import weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from search.config import COMPRESSORS_NODE, writable_config_dir  # noqa: E402
-from search.workload import load_workload  # noqa: E402
+from search.config.compose import COMPRESSORS_NODE, writable_config_dir  # noqa: E402
+from search.run.workload import load_workload  # noqa: E402
 
 AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 BITS = (2, 3, 4, 6, 8)

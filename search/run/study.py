@@ -1,11 +1,11 @@
 """The study driver: validate the config, prepare the baseline, run the trials, report the front.
 
-`search.plan.plan_sweep` (re-exported here) checks the whole config first; `run_sweep` creates
-the study, the MLflow parent run and the baseline, runs the trials with `search.trial.run_trial`
-(in this process, or in ``search.n_jobs`` worker processes, see `search.workers`), waits for the
-trials of workers on other machines, and ends with the Pareto front (`search.pareto`).
-`run_worker` joins an existing study and runs trials until its total budget (`search.budget`) is
-spent.
+`search.config.plan.plan_sweep` checks the whole config first; `run_sweep`
+creates the study, the MLflow parent run and the baseline, runs the trials with
+`search.run.trial.run_trial` (in this process, or in ``search.n_jobs`` worker processes, see
+`search.run.workers`), waits for the trials of workers on other machines, and ends with the Pareto
+front (`search.run.pareto`). `run_worker` joins an existing study and runs trials until its total
+budget (`search.run.budget`) is spent.
 """
 
 from __future__ import annotations
@@ -30,31 +30,25 @@ from optuna.trial import TrialState
 from compressors import load_packed, save_packed
 from compressors.packing import MAGIC
 from experiments import Baseline, Task, cv_folds
-from search import pareto
 from search._errors import ConfigError
-from search.budget import WORKER_ATTR, Budget, budget_lock, worker_id
-from search.early_stop import EarlyStop, make_pruner
-from search.loop import run_trials
-from search.pareto import SweepResult
-from search.plan import (  # noqa: F401 - re-exported: the plan was checked here before
-    DIRECTIONS,
-    SAMPLERS,
-    SweepPlan,
-    make_sampler,
-    plan_sweep,
-    workers_wanted,
-)
-from search.storage import is_url, mask_url, open_storage
-from search.tracking import Tracker
-from search.trial import SweepContext, measure, run_trial
-from search.workload import load_baseline, load_workload, training_device
+from search.config.device import training_device
+from search.config.early_stop import EarlyStop, make_pruner
+from search.config.plan import SweepPlan, make_sampler, plan_sweep
+from search.config.storage import is_url, mask_url, open_storage
+from search.run import pareto
+from search.run.budget import WORKER_ATTR, Budget, budget_lock, worker_id
+from search.run.loop import run_trials
+from search.run.pareto import SweepResult
+from search.run.tracking import Tracker
+from search.run.trial import SweepContext, measure, run_trial
+from search.run.workers import WORKERS_ENV, run_local_workers
+from search.run.workload import load_baseline, load_workload
 
 logger = logging.getLogger(__name__)
 
 #: Finished states (each uses up one trial of the study's budget).
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 #: Environment variable telling a worker process how many workers share this machine.
-WORKERS_ENV = "SQUEEZE_LOCAL_WORKERS"
 
 
 def run_sweep(
@@ -115,9 +109,9 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     plan = plan_sweep(cfg)
     study = _load_study(plan)
     if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
-        from search.workers import run_local_workers
-
-        pids = run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+        pids = run_local_workers(
+            cfg, plan.n_jobs, study=study, target=run_worker, callbacks=callbacks
+        )
         ran = [t for t in study.get_trials(deepcopy=False) if WORKER_ATTR in t.user_attrs]
         return sum(int(t.user_attrs[WORKER_ATTR].split(":")[1]) in pids for t in ran)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
@@ -185,10 +179,10 @@ def _run(
                     timeout=None if timeout is None else timeout - (time.monotonic() - start),
                 )
             else:
-                from search.workers import run_local_workers
-
                 tracker.wait()  # the parent run exists before the workers log children under it
-                run_local_workers(cfg, plan.n_jobs, study=study, callbacks=callbacks)
+                run_local_workers(
+                    cfg, plan.n_jobs, study=study, target=run_worker, callbacks=callbacks
+                )
             _wait_for_other_workers(budget)
             # A trial lost at the end (a worker killed after the others stopped claiming) is
             # run again here, so the study still ends with its whole budget.
@@ -333,9 +327,9 @@ def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
 
 
 def _set_threads(cfg: DictConfig, task: Task, model: torch.nn.Module) -> None:
-    """Torch threads of this process (``threads``: auto, a count or null; see search.threads),
+    """Torch threads of this process (``threads``: auto, a count or null; see search.run.threads),
     for the trials' batch size when the space fixes it, else the baseline's."""
-    from search.threads import set_threads
+    from search.run.threads import set_threads
 
     batch_size = cfg.space.get("finetune", {}).get("batch_size")
     if not isinstance(batch_size, int):

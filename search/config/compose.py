@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from search._errors import ConfigError
-from search.schema import unknown_key_message
+from search.config.schema import unknown_key_message
 
 #: The project's config tree.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: The config folder of the current directory: searched after ``conf/`` and any ``--config-dir``,
 #: and where `squeeze export` and `squeeze sensitivity` write when no ``--config-dir`` is given.
 LOCAL_CONF = "conf"
@@ -41,7 +41,7 @@ def compose_config(
     """Compose ``conf/<config_name>.yaml`` with command-line ``overrides``.
 
     Values under ``space.`` may be search expressions (``interval(0.5, 0.98)``); Hydra would read
-    them as sweeps, so they are passed on as strings for `search.space` to parse.
+    them as sweeps, so they are passed on as strings for `search.config.space` to parse.
 
     Args:
         overrides: Hydra overrides, e.g. ``["task=mnist1d_cnn", "search.n_trials=30"]``.
@@ -90,9 +90,10 @@ def group_options(group: str, dirs: Sequence[Path] = ()) -> list[str]:
     return sorted({p.stem for d in (CONF_DIR, *dirs) for p in (Path(d) / group).glob("*.yaml")})
 
 
-#: The config a space's defaults list names to get an entry for every compressor (``- _compressors``):
-#: made at compose time from the yaml files of the ``compressor`` group (the project's and those of
-#: each config folder), so that a new method's yaml is all a space needs to offer it.
+#: The config a space's defaults list names to get an entry for every compressor (``-
+#: _compressors``): made at compose time from the yaml files of the ``compressor`` group (the
+#: project's and those of each config folder), so that a new method's yaml is all a space needs to
+#: offer it.
 COMPRESSORS_NODE = "_compressors"
 
 

@@ -29,13 +29,13 @@ from compressors import (
 from compressors.runtime import INT8_MODULES
 from experiments import LOSSES, Baseline, EpochStats, Task, evaluate, fit, scores
 from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
-from search.budget import seed_trial
-from search.constraints import constraint_values
-from search.early_stop import EarlyStop
+from search.config.constraints import constraint_values
+from search.config.early_stop import EarlyStop
+from search.config.metrics import METRICS  # noqa: F401 - re-exported: what a trial measures
+from search.config.space import Recipe, SearchSpace
 from search.failures import phase
-from search.metrics import METRICS  # noqa: F401 - re-exported: what a trial measures
-from search.space import Recipe, SearchSpace
-from search.tracking import Tracker
+from search.run.budget import seed_trial
+from search.run.tracking import Tracker
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The names of the metrics a trial measures, without importing what measures them.
 
-Config validation (`search.plan`) checks objectives and constraints against these names before
-torch is imported; `search.trial` measures them.
+Config validation (`search.config.plan`) checks objectives and constraints against these names
+before torch is imported; `search.run.trial` measures them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Worker processes on this machine: start them, pin them to GPUs, follow their trials.
 
 Each worker is a fresh Python process (``spawn``: nothing of this process's torch threads,
-database connections or MLflow writer is inherited) that runs `search.study.run_worker` on the
+database connections or MLflow writer is inherited) that runs `search.run.study.run_worker` on the
 same config: it joins the study this process created, claims trials from the shared budget and
 logs child runs under the shared parent run. The caller's Optuna callbacks (a progress bar)
 are called here as the workers' trials finish.
@@ -22,16 +22,9 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from search.workload import resolve_device  # noqa: F401 - re-exported
+from search.config.device import gpu_count, resolve_device
 
 logger = logging.getLogger(__name__)
-
-
-def gpu_count() -> int:
-    """GPUs torch sees (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpu_assignment(workers: int, *, gpus: int, trials_per_gpu: int) -> list[int]:
@@ -41,21 +34,25 @@ def gpu_assignment(workers: int, *, gpus: int, trials_per_gpu: int) -> list[int]
     return [(i // trials_per_gpu) % gpus for i in range(workers)]
 
 
+#: Set in the worker processes a sweep starts: how many there are.
+WORKERS_ENV = "SQUEEZE_LOCAL_WORKERS"
+
+
 def run_local_workers(
     cfg: DictConfig,
     n: int,
     *,
     study: optuna.Study,
+    target: Callable[[DictConfig], Any],
     callbacks: Iterable[Callable] = (),
     poll_s: float = 0.5,
 ) -> dict[int, int]:
-    """Run ``n`` worker processes until they end; return their exit codes by process id.
+    """Run ``n`` worker processes, each calling ``target(cfg)`` (`search.run.study.run_worker`),
+    until they end; return their exit codes by process id.
 
     On an interrupt the workers are stopped (each records its running trial as interrupted)
     and it re-raises.
     """
-    from search.study import WORKERS_ENV
-
     cuda = resolve_device(cfg.device) == "cuda"
     pins = (
         gpu_assignment(n, gpus=gpu_count(), trials_per_gpu=cfg.search.trials_per_gpu)
@@ -72,7 +69,7 @@ def run_local_workers(
         reader, writer = context.Pipe(duplex=False)  # one per worker: a killed one harms no other
         process = context.Process(
             target=_worker_main,
-            args=(container, env, logging.getLogger().level, writer),
+            args=(target, container, env, logging.getLogger().level, writer),
             name=f"squeeze-worker-{i}",
         )
         with _environment(env):  # a spawned child reads its environment when it starts
@@ -169,7 +166,13 @@ class _environment:
                 os.environ[key] = value
 
 
-def _worker_main(container: dict[str, Any], env: dict[str, str], log_level: int, logs) -> None:
+def _worker_main(
+    target: Callable[[DictConfig], Any],
+    container: dict[str, Any],
+    env: dict[str, str],
+    log_level: int,
+    logs,
+) -> None:
     """The body of a worker process.
 
     Ctrl-C in the terminal reaches every process of its group: a worker ignores it and is
@@ -185,9 +188,7 @@ def _worker_main(container: dict[str, Any], env: dict[str, str], log_level: int,
         logging.getLogger(noisy).setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        from search.study import run_worker
-
-        run_worker(OmegaConf.create(container))
+        target(OmegaConf.create(container))
     except KeyboardInterrupt:
         sys.exit(130)  # recorded already; no traceback
 

@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search.config.storage import check_tracking_uri, mask_url  # noqa: F401 - re-exported
 from search.failures import (
     TRACEBACK_FILE_CHARS,
     failure_kind,
@@ -35,7 +36,6 @@ from search.failures import (
     failure_reason,
     failure_traceback,
 )
-from search.storage import check_tracking_uri, mask_url  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from search._errors import ConfigError
-from search.constraints import constraint_values
+from search.config.constraints import constraint_values
 
 if TYPE_CHECKING:  # (torch is imported when a trial runs, not when a config is checked)
     from torch import nn

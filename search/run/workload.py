@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from search.plan import SweepPlan, plan_sweep
+from search.config.device import training_device
+from search.config.plan import SweepPlan, plan_sweep
 
 if TYPE_CHECKING:
     from experiments import Baseline, Task
@@ -88,18 +89,3 @@ def load_baseline(
         device=device,
         progress=progress,
     )
-
-
-def resolve_device(device: str) -> str:
-    """``cpu`` or ``cuda``: ``auto`` is ``cuda`` when torch sees a GPU."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def training_device(cfg: DictConfig) -> str | None:
-    """``cuda`` when ``cfg.device`` resolves to it (a worker sees only the GPU it is pinned to),
-    else None: train on the CPU."""
-    return "cuda" if resolve_device(str(cfg.device)) == "cuda" else None

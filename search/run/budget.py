@@ -36,7 +36,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import is_url
+from search.config.storage import is_url
+from search.failures import INTERRUPTIONS, fail_kind
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ ATTEMPT_ATTR = "squeeze.attempt"
 REPLACES_ATTR = "squeeze.replaces"
 #: How many earlier attempts of this recipe lost their worker.
 LOST_ATTR = "squeeze.lost"
-#: Failures that are not the recipe's: the trial is run again and uses no budget.
-INTERRUPTIONS = ("interrupted", "worker_lost")
 
 
 def worker_id() -> str:
@@ -92,12 +91,6 @@ def _start_time(pid: int) -> str:
         return "?"  # no /proc: alive, start unknown
     fields = stat.rsplit(")", 1)[1].split()
     return "" if fields[0] in ("Z", "X") else fields[19]
-
-
-def fail_kind(trial: FrozenTrial) -> str:
-    """Why a FAIL trial failed (one of `search.failures.FAIL_KINDS`); one without the attribute
-    was failed by Optuna's heartbeat check, i.e. its worker was lost."""
-    return trial.user_attrs.get("fail_kind", "worker_lost")
 
 
 def superseded(trials: Iterable[FrozenTrial]) -> set[int]:

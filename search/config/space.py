@@ -41,7 +41,7 @@ from compressors import (
 )
 from compressors._params import Constraint, Integer, Options, Real, check_known
 from search._errors import ConfigError
-from search.config import EXAMPLES
+from search.config.compose import EXAMPLES
 
 #: Fine-tuning settings every space has, with their constraints.
 FINETUNE_PARAMS: dict[str, Constraint] = {
@@ -275,8 +275,13 @@ def claims_table(
         total = parameter_count(model)
         coverages = space.check_model(model, task="", example_inputs=example_inputs)
         for pipeline, fraction in coverages.items():
-            rows.append({"tensor": f"pipeline {pipeline}", "parameters": round(fraction * total),
-                         "kind": f"{100 * fraction:.0f}% compressed"})
+            rows.append(
+                {
+                    "tensor": f"pipeline {pipeline}",
+                    "parameters": round(fraction * total),
+                    "kind": f"{100 * fraction:.0f}% compressed",
+                }
+            )
     return rows
 
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from search.budget import finished_in_budget, superseded
+from search.run.budget import finished_in_budget, superseded
 
 
 class SweepProgress:

@@ -1,8 +1,8 @@
 """Checking a sweep's whole config before any work: `plan_sweep` returns a `SweepPlan` or raises
 `ConfigError` naming the bad key, the value and what is allowed.
 
-Nothing here imports torch at module level, and the checks run cheapest first: the config's keys
-and values (`search.schema`), the objectives, directions, constraints, sampler, pruner and early
+Nothing here imports torch at module level, and the checks run cheapest first: the config's keys and
+values (`search.config.schema`), the objectives, directions, constraints, sampler, pruner and early
 stop, then the storage and tracking URLs; a mistake there is reported before torch is imported.
 The space comes next (its compressors declare their parameters' constraints, and importing them
 imports torch), then the task (its builder's module).
@@ -23,15 +23,15 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from search._errors import ConfigError
-from search.constraints import check_constraints
-from search.early_stop import check_early_stop, make_pruner
-from search.metrics import METRICS
-from search.schema import check_schema
-from search.storage import check_storage, check_tracking_uri
+from search.config.constraints import check_constraints
+from search.config.early_stop import check_early_stop, make_pruner
+from search.config.metrics import METRICS
+from search.config.schema import check_schema
+from search.config.storage import check_storage, check_tracking_uri
 
 if TYPE_CHECKING:
     from experiments import Task
-    from search.space import SearchSpace
+    from search.config.space import SearchSpace
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
@@ -102,7 +102,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     storage = str(search.storage)
     check_storage(storage, n_jobs=n_jobs, connect=connect)
     check_tracking_uri(str(cfg.tracking.uri), connect=connect)
-    from search.space import SearchSpace  # imports the compressors, and so torch
+    from search.config.space import SearchSpace  # imports the compressors, and so torch
 
     space = SearchSpace.from_config(cfg.space)
     task_builder, task_kwargs = _check_task(cfg)
@@ -125,8 +125,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
 def workers_wanted(cfg: DictConfig) -> int:
     """Worker processes on this machine: ``search.n_jobs`` on CPU, ``search.trials_per_gpu``
     per visible GPU with ``device=cuda`` (or ``auto`` when a GPU is present)."""
-    from search.workers import gpu_count
-    from search.workload import resolve_device
+    from search.config.device import gpu_count, resolve_device
 
     if resolve_device(cfg.device) == "cuda":
         if gpu_count() == 0:

@@ -2,8 +2,8 @@
 
 Like Optuna's own loop (`optuna.study.Study.optimize`): `optuna.TrialPruned` makes a trial
 PRUNED, any other error FAIL, and the loop goes on. Unlike it, every trial is claimed from the
-study's shared `search.budget.Budget`, and a failed trial records why (user attributes
-``fail_kind``, ``fail_reason``, ``fail_phase`` and ``fail_traceback``). An interrupt
+study's shared `search.run.budget.Budget`, and a failed trial records why
+(`search.failures.record_failure`). An interrupt
 (``KeyboardInterrupt``) fails the running trial with ``fail_kind`` ``interrupted`` (the budget
 runs it again) and stops the loop.
 """
@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import TrialState
 
-from search.budget import Budget
-from search.failures import failure_kind, failure_phase, failure_reason, failure_traceback
+from search.failures import NonFiniteObjectiveError, record_failure
+from search.run.budget import Budget
 
 logger = logging.getLogger(__name__)
 
@@ -60,49 +60,21 @@ def run_one(
         logger.info("trial %d pruned: %s", trial.number, err)
         return study.tell(trial, state=TrialState.PRUNED)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM in a worker: record it, then stop
-        where = failure_phase(err)
-        reason = f"interrupted in {where}" if where else "interrupted"
-        _record_failure(trial, "interrupted", reason, phase=where)
+        record_failure(trial, err)
         study.tell(trial, state=TrialState.FAIL)
         logger.warning("trial %d interrupted; rerunning the command runs it again", trial.number)
         raise
     except Exception as err:
-        reason = failure_reason(err)
-        _record_failure(
-            trial,
-            failure_kind(err),
-            reason,
-            phase=failure_phase(err),
-            traceback=failure_traceback(err),
-        )
+        reason = record_failure(trial, err)
         logger.warning("trial %d failed (%s)", trial.number, reason)
         frozen = study.tell(trial, state=TrialState.FAIL)
         _free_accelerator_memory()
         return frozen
     if not all(math.isfinite(v) for v in values):
-        reason = f"measure: objective values {list(values)} are not all finite"
-        _record_failure(trial, "error", reason, phase="measure")
+        reason = record_failure(trial, NonFiniteObjectiveError(values))
         logger.warning("trial %d failed (%s)", trial.number, reason)
         return study.tell(trial, state=TrialState.FAIL)
     return study.tell(trial, list(values))
-
-
-def _record_failure(
-    trial: optuna.Trial,
-    kind: str,
-    reason: str,
-    *,
-    phase: str | None = None,
-    traceback: str | None = None,
-) -> None:
-    """Record why ``trial`` failed as user attributes (``fail_phase`` and ``fail_traceback``
-    only when known)."""
-    trial.set_user_attr("fail_kind", kind)
-    trial.set_user_attr("fail_reason", reason)
-    if phase is not None:
-        trial.set_user_attr("fail_phase", phase)
-    if traceback is not None:
-        trial.set_user_attr("fail_traceback", traceback)
 
 
 @contextmanager

@@ -20,9 +20,9 @@ from torch import nn  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from search.budget import fail_kind  # noqa: E402
-from search.tracking import NOTE_TAG  # noqa: E402
-from search.trial import METRICS, SweepContext, trial_file  # noqa: E402
+from search.failures import fail_kind  # noqa: E402
+from search.run.tracking import NOTE_TAG  # noqa: E402
+from search.run.trial import METRICS, SweepContext, trial_file  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
