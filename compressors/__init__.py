@@ -22,6 +22,7 @@ _API = {
     "apply_pipeline": "_base",
     "available": "_base",
     "coverage": "_base",
+    "detached_copy": "_base",
     "finalize_pipeline": "_base",
     "get_compressor": "_base",
     "Integer": "_params",

@@ -34,16 +34,19 @@ edited to add a method.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compressors._params import Constraint, InvalidParameterError, check_known, check_param
 from compressors._targets import parameter_count, targets
@@ -98,6 +101,8 @@ class CompressionContext:
             ``mse``: what distillation may match an encoder's embeddings with).
         outputs: What the task's model outputs: ``logits`` or ``embeddings``.
         fit: Trains a model on ``train`` on the trial's device with the trial's seed (`Fit`).
+        cache_dir: A folder beside the cached baseline where a method may keep what it measures
+            once per baseline (a sensitivity table), shared by the trials and workers of a study.
     """
 
     train: Data | None = None
@@ -108,6 +113,7 @@ class CompressionContext:
     losses: Mapping[str, LossFn] = field(default_factory=dict)
     outputs: str = "logits"
     fit: Fit | None = None
+    cache_dir: Path | None = None
 
 
 class Compressor:
@@ -206,6 +212,21 @@ def coverage(
     found = targets(model)
     claimed = {n for c in compressors if c.shrinks for n in c.claims(model, example_inputs)}
     return sum(found[n].numel() for n in claimed if n in found) / max(1, parameter_count(model))
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parametrized modules have classes of their own.
+
+    torch keeps a parametrized module's tensors as properties of a class made for it, which a
+    plain deep copy shares with the original: registering a parametrization of another tensor on
+    the copy (a post-training quantizer's bias) would break the original. Not so on this copy.
+    """
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, (cls,), {})
+    return clone
 
 
 def apply_pipeline(

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from compressors._base import CompressionContext, Compressor
 from compressors._params import Integer, Options
 from compressors._targets import targets
 from compressors.packing import Codes
-from compressors.quant import HalfPrecision
+from compressors.quant import half_biases
 
 #: Where k-means starts (Han et al. 2016 compared the three and found ``linear`` best).
 INITS = ("linear", "density", "random")
@@ -227,9 +226,6 @@ class WeightClustering(Compressor):
             )
             target.latent.requires_grad_(False)  # the centroids are trained, not the weights
             owners.update({id(site.module): site.module for site in target.sites})
-        for module in owners.values() if self.bias == "fp16" else ():
-            biases = [n for n, _ in module.named_parameters(recurse=False) if "bias" in n]
-            for bias in biases:
-                if not parametrize.is_parametrized(module, bias):
-                    parametrize.register_parametrization(module, bias, HalfPrecision())
+        if self.bias == "fp16":
+            half_biases(owners.values())
         return model

@@ -153,9 +153,7 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn
     return state, grids
 
 
-def save_packed(
-    model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None
-) -> int:
+def save_packed(model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None) -> int:
     """Write ``model`` as a packed file and return the file's size in bytes.
 
     Args:
@@ -165,7 +163,40 @@ def save_packed(
             module attributes of ``model`` that differ from it are recorded, so that loading
             restores them. Needed whenever compression changed layer shapes.
     """
+    path = Path(path)
+    path.write_bytes(_file(model, like=like))
+    return path.stat().st_size
+
+
+def packed_size(
+    model: nn.Module,
+    *,
+    replace: dict[str, tuple[torch.Tensor, nn.Module | None]] | None = None,
+    like: nn.Module | None = None,
+    lzma_pass: bool = True,
+) -> int:
+    """Bytes of the file `save_packed` would write for ``model``, with the values (and the
+    parametrizations giving their codes, or None) of the tensors named in ``replace`` swapped
+    in: the size of a variant of the model, without copying it (a deep copy of a parametrized
+    model shares its class, and changing the copy's parametrizations would change the
+    original's). ``lzma_pass=False``: the size before the payload's optional LZMA pass (the
+    sum of `tensor_bytes` and the record of the model)."""
+    return len(_file(model, like=like, replace=replace, lzma_pass=lzma_pass))
+
+
+def _file(
+    model: nn.Module,
+    *,
+    like: nn.Module | None = None,
+    replace: dict[str, tuple[torch.Tensor, nn.Module | None]] | None = None,
+    lzma_pass: bool = True,
+) -> bytes:
     state, grids = plain_state(model)
+    for name, (value, grid) in (replace or {}).items():
+        state[name] = value.detach().contiguous()
+        grids.pop(name, None)
+        if grid is not None:
+            grids[name] = grid
     tied = _tied_keys(model)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
@@ -188,11 +219,23 @@ def save_packed(
     if attrs:
         meta["attrs"] = attrs
     payload = st_save(tensors, metadata={"squeeze": json.dumps(meta, separators=(",", ":"))})
-    packed = lzma.compress(payload, preset=0 if len(payload) > FAST_LZMA_BYTES else 9)
+    packed = (
+        lzma.compress(payload, preset=0 if len(payload) > FAST_LZMA_BYTES else 9)
+        if lzma_pass
+        else payload
+    )
     codec, body = (_LZMA, packed) if len(packed) < len(payload) else (_RAW, payload)
-    path = Path(path)
-    path.write_bytes(MAGIC + bytes([codec]) + struct.pack("<I", zlib.crc32(body)) + body)
-    return path.stat().st_size
+    return MAGIC + bytes([codec]) + struct.pack("<I", zlib.crc32(body)) + body
+
+
+def tensor_bytes(value: torch.Tensor, grid: nn.Module | None = None) -> int:
+    """Bytes the payload of a packed file spends on one tensor: its arrays in the layout the
+    writer picks (codes of ``grid``'s `Codes` when given), their safetensors entries and the
+    tensor's layout record. A file's payload is the sum over its tensors plus the record of the
+    model (replaced modules, ties, changed attributes) and a few bytes of framing."""
+    out: dict[str, torch.Tensor] = {}
+    spec = _encode("t", value.detach(), grid, out)
+    return len(st_save(out)) - 8 + len(json.dumps(spec, separators=(",", ":")))
 
 
 def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -31,8 +36,27 @@ def digits_baseline(digits_task, cache_dir):
     return load_or_train_baseline(digits_task, config=DIGITS_CONFIG, cache_dir=cache_dir, seed=0)
 
 
-def sweep_overrides(tmp_path, cache_dir, *extra: str, storage: str | None = None) -> list[str]:
-    """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session)."""
+@functools.cache
+def _empty_mlflow_db() -> Path:
+    """An MLflow SQLite store as MLflow creates it (every migration run, the Default experiment),
+    made once per session: creating one takes 1-5 s of schema migrations on this machine."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="squeeze-test-mlflow-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def sweep_overrides(
+    tmp_path, cache_dir, *extra: str, storage: str | None = None, fresh_mlflow: bool = False
+) -> list[str]:
+    """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session).
+
+    ``tmp_path/mlflow.db`` starts as a copy of an empty MLflow store made once per session, unless
+    it exists or ``fresh_mlflow`` asks the sweep to create it (as a first sweep does)."""
+    if not fresh_mlflow and not (Path(tmp_path) / "mlflow.db").exists():
+        shutil.copyfile(_empty_mlflow_db(), Path(tmp_path) / "mlflow.db")
     return [
         f"search.storage={storage or f'{tmp_path}/optuna.journal'}",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

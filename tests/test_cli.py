@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from compressors import available
 from search.cli import main
 
 BAD_INPUT = [
@@ -28,8 +29,8 @@ BAD_INPUT = [
     (
         ["space.pipeline=[prune,quantize]"],
         "Unknown compressor 'quantize' in space.pipeline of space 'default'. "
-        "Available: cluster, gradual, kd, lowrank, prune, quant, sparse, structured, or a kind "
-        "standing for each compressor of it: loss, quantizer, sparsity",
+        f"Available: {', '.join(available())}, or a kind standing for each compressor of it: "
+        "loss, quantizer, sparsity",
     ),
     (
         ["space.prune.amount=interval("],

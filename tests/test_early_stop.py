@@ -74,6 +74,7 @@ def test_pareto_dominance_stops_trials_and_constraints_shape_the_front(tmp_path,
             cache_dir,
             "search.n_trials=8",
             "search.sampler=random",
+            "search.warm_start=false",  # eight random recipes, some dominated after an epoch
             "space.finetune.epochs=3",
             "search.early_stop.enabled=true",
             "search.early_stop.margin=0.0",

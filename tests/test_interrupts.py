@@ -111,7 +111,9 @@ def _runs(tmp_path):
     return parents, children
 
 
-def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_completes_its_budget(tmp_path, cache_dir):
+def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_completes_its_budget(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
     command = [sys.executable, "-m", "search.cli", "sweep", *_overrides(tmp_path, cache_dir)]
     command.append("search.n_trials=2")
     process = subprocess.Popen(  # a session of its own: Ctrl-C reaches its whole group
@@ -142,11 +144,13 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_completes_its_budget(tmp_path,
     assert children[0].info.status == "KILLED"
     assert children[0].data.tags["squeeze.fail_kind"] == "interrupted"
 
-    done = subprocess.run(
-        [*command, "--quiet"], cwd=tmp_path, env=_env(blocks=1), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "(2 complete, 0 failed, 0 pruned, 1 interrupted or lost and run again)" in done.stdout
+    # The same command again, run in this process (saves starting a second interpreter).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(BLOCKS_ENV, "1")
+    code = main([*command[3:], "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "(2 complete, 0 failed, 0 pruned, 1 interrupted or lost and run again)" in out
     trials = _trials(tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     rerun = trials[1]

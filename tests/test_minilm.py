@@ -94,6 +94,10 @@ def test_splits_are_disjoint_stratified_by_topic_and_scored_by_cosine(task, orig
     assert noisy_scores["acc"] < 0.99 and noisy_scores["retrieval"] < 1.0
 
 
+# Long (all 22.7M parameters pruned, quantized, packed and reloaded). The fast lane's smaller
+# form: BERT-style attention of plain linears losing whole heads (test_structured.py), the
+# zoo's attention models, and MiniLM's 4-bit round trip below.
+@pytest.mark.slow
 def test_structured_pruning_removes_whole_heads_and_ffn_neurons(task, original, tmp_path):
     structured = get_compressor("structured")(amount=0.5)
     quant = get_compressor("quant")(bits=8, embeddings=8)  # a small file packs fast
@@ -113,14 +117,26 @@ def test_structured_pruning_removes_whole_heads_and_ffn_neurons(task, original, 
     assert 0.3 < evaluate(reloaded, task.val) < 0.99
 
 
+# The fast lane packs one recipe into MiniLM; pruning, int8 kernels and low rank round-trip there
+# on the zoo's smaller attention models (test_any_model.py), and here on MiniLM in the full run.
 @pytest.mark.parametrize(
     "pipeline",
     [
-        [("quant", {"bits": 4, "embeddings": 4})],
-        [("prune", {"amount": 0.3}), ("quant", {"bits": 8, "embeddings": 8, "runtime": "int8"})],
-        [("lowrank", {"keep": 0.9}), ("quant", {"bits": 6, "embeddings": 8})],
+        pytest.param([("quant", {"bits": 4, "embeddings": 4})], id="4bit-emb4"),
+        pytest.param(
+            [
+                ("prune", {"amount": 0.3}),
+                ("quant", {"bits": 8, "embeddings": 8, "runtime": "int8"}),
+            ],
+            id="prune-int8",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            [("lowrank", {"keep": 0.9}), ("quant", {"bits": 6, "embeddings": 8})],
+            id="lowrank-6bit",
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["4bit-emb4", "prune-int8", "lowrank-6bit"],
 )
 def test_packed_file_round_trips_bit_exactly_into_a_fresh_minilm(
     task, original, tmp_path, pipeline
@@ -165,6 +181,9 @@ def test_distillation_on_embeddings_validates_its_loss(task):
         assert same.abs() < 1e-6
 
 
+# Long: the 22.7M-parameter encoder packed in fp32 once, then a trial. The fast lane's smaller
+# form: the two-trial sweep of zoo_minilm (MiniLM cut to one layer, test_any_model.py).
+@pytest.mark.slow
 def test_minilm_sweep_runs_a_trial(tmp_path, cache_dir):
     cfg = compose_config(
         [

@@ -78,6 +78,9 @@ def tracking_server(tmp_path, pg_url):
         engine.dispose()
 
 
+# Long: an `mlflow server` started on a new PostgreSQL schema and two spawned workers. The fast
+# lane logs from several processes to one MLflow store in test_workers.py (a worker joining).
+@pytest.mark.slow
 def test_two_workers_log_to_a_tracking_server(tmp_path, cache_dir, tracking_server):
     overrides = [
         *sweep_overrides(tmp_path, cache_dir, "search.n_trials=4", "search.n_jobs=2"),

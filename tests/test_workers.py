@@ -53,6 +53,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
+# Long: 40 trials in 4 spawned workers. The fast lane's smaller form: a worker from elsewhere
+# joining a 4-trial sweep on PostgreSQL (below) and the lost-trial budget tests.
+@pytest.mark.slow
 def test_four_workers_on_postgresql_finish_exactly_the_budget(tmp_path, cache_dir, pg_url):
     name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
     overrides = sweep_overrides(
@@ -64,6 +67,7 @@ def test_four_workers_on_postgresql_finish_exactly_the_budget(tmp_path, cache_di
         "search.sampler=random",
         "space.finetune.epochs=1",
         storage=pg_url,
+        fresh_mlflow=True,  # the workers' parent creates the MLflow store, as a first sweep does
     )
     seen: list[int] = []
     try:
@@ -89,7 +93,12 @@ def test_four_workers_on_postgresql_finish_exactly_the_budget(tmp_path, cache_di
 def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_url):
     name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
     overrides = sweep_overrides(
-        tmp_path, cache_dir, "search.n_trials=4", f"search.study_name={name}", storage=pg_url
+        tmp_path,
+        cache_dir,
+        "search.n_trials=4",
+        f"search.study_name={name}",
+        "search.warm_start=false",  # (no enqueued trial waits without a worker)
+        storage=pg_url,
     )
     joined: list[subprocess.Popen] = []
 
@@ -156,9 +165,18 @@ def _wait_for_running_trial(journal: Path, pid: int, *, timeout: float = 180.0):
     raise AssertionError(f"no trial of worker {pid} started within {timeout} s")
 
 
+# Long: four sweep processes, trials of 80 epochs. The fast lane's smaller form: Ctrl-C and a
+# rerun (test_interrupts.py), lost trials rerun without using the budget, and a trial without
+# heartbeat on PostgreSQL (below).
+@pytest.mark.slow
 def test_kill_nine_a_worker_mid_trial_three_times_then_resume(tmp_path, cache_dir):
     overrides = sweep_overrides(
-        tmp_path, cache_dir, "search.n_trials=5", "space.finetune.epochs=80", "search.retries=1"
+        tmp_path,
+        cache_dir,
+        "search.n_trials=5",
+        "space.finetune.epochs=80",
+        "search.retries=1",
+        fresh_mlflow=True,  # the first sweep process creates the MLflow store
     )
     command = [sys.executable, "-m", "search.cli", "sweep", "--quiet", *overrides]
     journal = tmp_path / "optuna.journal"

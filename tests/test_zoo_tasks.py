@@ -94,7 +94,7 @@ def _check_family(name: str, model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", _PARAMS)
-def test_zoo_baseline_trains_and_caches_to_its_floor(name, tmp_path):
+def test_zoo_baseline_trains_and_caches_to_its_floor(name, tmp_path, cache_dir):
     plan = _plan(name, tmp_path)
     task = plan.task_builder(**plan.task_kwargs)
     model = task.build_model()
@@ -103,10 +103,11 @@ def test_zoo_baseline_trains_and_caches_to_its_floor(name, tmp_path):
         outputs = model.eval()(task.example_inputs(3))
     assert outputs.shape == (3, task.num_classes)
 
-    baseline = load_or_train_baseline(task, config=plan.task_kwargs, cache_dir=tmp_path, seed=0)
+    # The session's cache: test_any_model.py's cells and sweeps use (and train) the same baselines.
+    baseline = load_or_train_baseline(task, config=plan.task_kwargs, cache_dir=cache_dir, seed=0)
     assert baseline.metrics["val_acc"] >= FLOORS[name], baseline.metrics
     _check_family(name, baseline.model)  # what the cache gives back is the same family
-    again = load_or_train_baseline(task, config=plan.task_kwargs, cache_dir=tmp_path, seed=0)
+    again = load_or_train_baseline(task, config=plan.task_kwargs, cache_dir=cache_dir, seed=0)
     assert again.from_cache
     with torch.no_grad():
         x = task.example_inputs(8)

@@ -5,7 +5,8 @@ Nothing here imports torch at module level, and the checks run cheapest first: t
 values (`search.config.schema`), the objectives, directions, constraints, sampler, pruner and early
 stop, then the storage and tracking URLs; a mistake there is reported before torch is imported.
 The space comes next (its compressors declare their parameters' constraints, and importing them
-imports torch), then the task (its builder's module).
+imports torch), with its warm-start recipes (`search.config.warm_start`), then the task (its
+builder's module).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from search._errors import ConfigError
 from search.config.constraints import check_constraints
@@ -28,6 +29,7 @@ from search.config.early_stop import check_early_stop, make_pruner
 from search.config.metrics import METRICS
 from search.config.schema import check_schema
 from search.config.storage import check_storage, check_tracking_uri
+from search.config.warm_start import WarmStarts, check_warm_start
 
 if TYPE_CHECKING:
     from experiments import Task
@@ -37,6 +39,23 @@ SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
     "nsga2": optuna.samplers.NSGAIISampler,
     "random": optuna.samplers.RandomSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+#: Defaults of ours, before ``search.sampler_options``. TPE: conditional spaces (a method's
+#: parameters exist only when it is chosen) need ``group``, which needs ``multivariate``. GP
+#: models only the parameters every trial has and samples the others at random, which it would
+#: otherwise warn about at every trial of a space whose pipeline is a choice.
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tpe": {"multivariate": True, "group": True},
+    "gp": {"warn_independent_sampling": False},
+}
+#: Keyword arguments that are not options: ours to set (``seed``), deprecated in Optuna 5
+#: (``constraints_func``: samplers read the constraints trials record with ``set_constraint``),
+#: or objects and functions a YAML value cannot be.
+_NOT_OPTIONS = {
+    *("self", "seed", "constraints_func", "gamma", "weights", "independent_sampler"),
+    *("mutation", "crossover", "elite_population_selection_strategy"),
+    *("child_generation_strategy", "after_trial_strategy"),
 }
 DIRECTIONS = ("maximize", "minimize")
 
@@ -57,6 +76,7 @@ class SweepPlan:
     n_jobs: int
     constraints: dict[str, float]
     fingerprint: str
+    warm_start: WarmStarts = WarmStarts()
 
 
 def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
@@ -105,6 +125,13 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     from search.config.space import SearchSpace  # imports the compressors, and so torch
 
     space = SearchSpace.from_config(cfg.space)
+    warm_start = cfg.space.get("warm_start")
+    warm_start = check_warm_start(
+        OmegaConf.to_container(warm_start, resolve=True)
+        if isinstance(warm_start, ListConfig)
+        else warm_start,
+        space,
+    )
     task_builder, task_kwargs = _check_task(cfg)
     return SweepPlan(
         cfg=cfg,
@@ -119,6 +146,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         n_jobs=n_jobs,
         constraints=constraints,
         fingerprint=_fingerprint(cfg, constraints),
+        warm_start=warm_start,
     )
 
 
@@ -140,17 +168,29 @@ def workers_wanted(cfg: DictConfig) -> int:
 def make_sampler(
     name: str, *, seed: int, options: Mapping[str, Any] | None = None
 ) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named in ``search.sampler``."""
+    """The Optuna sampler named in ``search.sampler``, with our defaults (`SAMPLER_DEFAULTS`)
+    and then ``options`` as keyword arguments.
+
+    Constraints need no argument: TPE, NSGA-II and GP read those each trial records with
+    ``trial.set_constraint`` (Optuna 5 deprecates ``constraints_func``); random ignores them.
+    """
     if name not in SAMPLERS:
         raise ConfigError(
             f"Unknown sampler {name!r} in search.sampler. Available: {', '.join(SAMPLERS)}."
         )
-    kwargs: dict[str, Any] = {"seed": seed}
-    if name == "tpe":  # conditional spaces (a method's params exist only when it is chosen)
-        kwargs.update(multivariate=True, group=True)
-    kwargs.update(
+    options = dict(
         OmegaConf.to_container(options) if isinstance(options, DictConfig) else options or {}
     )
+    allowed = [p for p in inspect.signature(SAMPLERS[name]).parameters if p not in _NOT_OPTIONS]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} in search.sampler_options for "
+            f"sampler {name!r}. Allowed: {', '.join(allowed) or 'none'}."
+        )
+    kwargs: dict[str, Any] = {"seed": seed, **SAMPLER_DEFAULTS.get(name, {}), **options}
+    if name == "tpe" and not kwargs["multivariate"] and "group" not in options:
+        kwargs["group"] = False  # (our default group=True needs multivariate)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -190,9 +230,11 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
 
 def _fingerprint(cfg: DictConfig, constraints: Mapping[str, float]) -> str:
     """Hash of what must not change while a study is continued."""
+    space = OmegaConf.to_container(cfg.space, resolve=True)
+    space.pop("warm_start", None)  # recipes run once each, whenever the list is (see run_sweep)
     parts = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "space": OmegaConf.to_container(cfg.space, resolve=True),
+        "space": space,
         "objectives": list(cfg.search.objectives),
         "directions": list(cfg.search.directions),
         "seed": cfg.seed,

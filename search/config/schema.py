@@ -117,6 +117,7 @@ SCHEMA: dict[str, Any] = {
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),
         "sampler_options": AnyMapping(),
+        "warm_start": Flag(),
         "objectives": ListOf(Text()),
         "directions": ListOf(Text()),
         "storage": Text(),

@@ -150,6 +150,7 @@ class SearchSpace:
         name = str(raw.pop("name", "space"))
         where = f"space '{name}'"
         pipeline_value = raw.pop("pipeline", None)
+        raw.pop("warm_start", None)  # recipes run first (search.config.warm_start checks them)
         finetune_raw = raw.pop("finetune", {}) or {}
         pipeline = _parse_pipeline(pipeline_value, where)
         classes, entries = {}, {}
@@ -246,6 +247,38 @@ class SearchSpace:
     def compressor_names(self) -> list[str]:
         """Every compressor this space can use."""
         return sorted(self._classes)
+
+    @property
+    def pipelines(self) -> list[tuple[str, ...]]:
+        """Every pipeline this space can produce; several when the pipeline is a search
+        dimension (the Optuna parameter ``pipeline``, whose choices are ``a+b`` strings)."""
+        if isinstance(self._pipeline, CategoricalDistribution):
+            return [tuple(_split_pipeline(c)) for c in self._pipeline.choices]
+        return [tuple(self._pipeline)]
+
+    def values(self, prefix: str) -> dict[str, Any]:
+        """The values of compressor ``prefix`` (or of ``finetune``), flat and namespaced as
+        `sample` names them (``prune.amount``): an Optuna distribution, or a fixed value."""
+        tree = self._finetune if prefix == "finetune" else self._entries[prefix]
+        return _flat_values(prefix, tree)
+
+    def constraint(self, prefix: str, key: str) -> Constraint | None:
+        """The declared constraint of parameter ``key`` of compressor ``prefix`` (or of
+        ``finetune``), None if it has no such parameter."""
+        if prefix == "finetune":
+            return FINETUNE_PARAMS.get(key)
+        return self._classes[prefix].params.get(key) if prefix in self._classes else None
+
+    def check_pipeline(self, pipeline: list[str], where: str) -> None:
+        """Raise `ConfigError` unless ``pipeline`` is a pipeline some space could hold: known
+        compressors, none twice, in an order their stages allow, one of each kind."""
+        for comp in pipeline:
+            if comp not in self._classes:
+                raise ConfigError(
+                    f"Unknown compressor '{comp}' in the pipeline of {where}. Available: "
+                    f"{', '.join(self.compressor_names)}."
+                )
+        _check_combination(pipeline, self._classes, where)
 
 
 def claims_table(
@@ -423,6 +456,16 @@ def _check_combination(pipeline: list[str], classes: Mapping[str, type[Compresso
                 f"'{comp}', which are both of kind '{kind}'; use at most one of them."
             )
         seen.setdefault(kind, comp)
+
+
+def _flat_values(prefix: str, tree: Mapping[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_values(f"{prefix}.{key}", value))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
 
 
 def _sample_tree(trial: optuna.Trial, prefix: str, tree: Mapping[str, Any], flat: dict) -> dict:

@@ -58,6 +58,8 @@ ATTEMPT_ATTR = "squeeze.attempt"
 REPLACES_ATTR = "squeeze.replaces"
 #: How many earlier attempts of this recipe lost their worker.
 LOST_ATTR = "squeeze.lost"
+#: True on a trial that runs one of the space's warm-start recipes (and on its reruns).
+WARM_START_ATTR = "squeeze.warm_start"
 
 
 def worker_id() -> str:
@@ -243,6 +245,7 @@ class Budget:
                     SEED_TRIAL_ATTR: seed_trial(t),
                     ATTEMPT_ATTR: int(t.user_attrs.get(ATTEMPT_ATTR, 1)),
                     LOST_ATTR: lost,
+                    **({WARM_START_ATTR: True} if t.user_attrs.get(WARM_START_ATTR) else {}),
                 },
             )
             enqueued = True

@@ -27,22 +27,28 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from compressors import load_packed, save_packed
-from compressors.packing import MAGIC
-from experiments import Baseline, Task, cv_folds
+from compressors import load_packed
+from experiments import Task, cv_folds
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
 from search.config.plan import SweepPlan, make_sampler, plan_sweep
 from search.config.storage import is_url, mask_url, open_storage
 from search.run import pareto
-from search.run.budget import WORKER_ATTR, Budget, budget_lock, worker_id
+from search.run.budget import (
+    WARM_START_ATTR,
+    WORKER_ATTR,
+    Budget,
+    budget_lock,
+    budget_used,
+    worker_id,
+)
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
 from search.run.trial import SweepContext, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
-from search.run.workload import load_baseline, load_workload
+from search.run.workload import baseline_file_size, load_baseline, load_workload
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,8 @@ def run_sweep(
     )
     _check_same_study(study, plan)
     _name_objectives(study, plan.objectives)
+    if cfg.search.get("warm_start", True):
+        _enqueue_warm_starts(study, plan)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
     study.sampler = make_sampler(
         cfg.search.sampler, seed=cfg.seed + done, options=cfg.search.sampler_options
@@ -211,7 +219,7 @@ def _prepare(
 
     workload = load_workload(cfg, plan=plan, check=check, progress=progress)
     task, baseline, device = workload.task, workload.baseline, workload.device
-    baseline_size = _baseline_file_size(baseline)
+    baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
     baseline_metrics = {
@@ -313,6 +321,37 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
     )
 
 
+def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
+    """Enqueue the space's warm-start recipes that the study has not run yet, in order, as far
+    as its budget has room (the rest when ``search.n_trials`` grows): trials run enqueued
+    recipes first, and each recipe once, however often the sweep is rerun and however many
+    workers join."""
+    left_out: dict[str, list[str]] = {}  # reason: recipe numbers
+    for item in plan.warm_start.left_out:
+        left_out.setdefault(item.reason, []).append(str(item.number))
+    for reason, numbers in left_out.items():
+        logger.warning(
+            "warm start: recipe%s %s of space '%s' left out: %s",
+            "s" if len(numbers) > 1 else "",
+            ", ".join(numbers),
+            plan.space.name,
+            reason,
+        )
+    with budget_lock(plan.storage, plan.study_name):
+        trials = study.get_trials(deepcopy=False)
+        count, room = len(trials), plan.n_trials - budget_used(trials)
+        for recipe in plan.warm_start.recipes:
+            if room <= 0:
+                logger.info("warm start: the budget has no room for %s (yet)", recipe.text)
+                continue
+            study.enqueue_trial(  # (skipped if a trial of the study was enqueued with them)
+                recipe.params, user_attrs={WARM_START_ATTR: True}, skip_if_exists=True
+            )
+            if len(study.get_trials(deepcopy=False)) > count:
+                count, room = count + 1, room - 1
+                logger.info("warm start: trial %d runs %s", count - 1, recipe.text)
+
+
 def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
     """Wait until no trial of the study runs (workers on other machines may still finish
     theirs); trials of lost workers are failed meanwhile."""
@@ -364,19 +403,6 @@ def _cv_folds(
 
 def _fold_stage(progress: Callable[[str, int, int], None], prefix: str, stage: str, *args) -> None:
     progress(prefix + stage, *args)
-
-
-def _baseline_file_size(baseline: Baseline) -> int:
-    """Bytes of the baseline's packed fp32 file, written once next to the cached baseline."""
-    path = baseline.folder / "model.sqz"
-    if not path.exists() or path.read_bytes()[: len(MAGIC)] != MAGIC:  # absent, or older format
-        tmp = path.with_name(f"model.sqz.tmp-{os.getpid()}")
-        try:
-            save_packed(baseline.model, tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path.stat().st_size
 
 
 def _name_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:

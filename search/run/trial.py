@@ -22,6 +22,7 @@ from compressors import (
     Compressor,
     apply_pipeline,
     coverage,
+    detached_copy,
     finalize_pipeline,
     load_packed,
     save_packed,
@@ -34,7 +35,7 @@ from search.config.early_stop import EarlyStop
 from search.config.metrics import METRICS  # noqa: F401 - re-exported: what a trial measures
 from search.config.space import Recipe, SearchSpace
 from search.failures import phase
-from search.run.budget import seed_trial
+from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.tracking import Tracker
 
 
@@ -85,7 +86,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
 
     with ctx.tracker.child_run(
         name=f"{trial.study.study_name}-t{trial.number:04d}",  # unique across studies
-        tags={"squeeze.trial": trial.number, "squeeze.study": trial.study.study_name},
+        tags={
+            "squeeze.trial": trial.number,
+            "squeeze.study": trial.study.study_name,
+            **({WARM_START_ATTR: "true"} if trial.user_attrs.get(WARM_START_ATTR) else {}),
+        },
         link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:
         run.log_params(recipe.params)
@@ -183,7 +188,7 @@ def compress_recipe(
         context = compression_context(task, baseline, seed=seed, device=device)
         model = apply_pipeline(compressors, model, context)
         if on_compressed is not None:
-            on_compressed(finalize_pipeline(compressors, copy.deepcopy(model), context))
+            on_compressed(finalize_pipeline(compressors, detached_copy(model), context))
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's
@@ -225,6 +230,7 @@ def compression_context(
         losses=LOSSES,
         outputs=task.outputs,
         fit=partial(fit, train=task.train, seed=seed, device=device),
+        cache_dir=baseline.folder,
     )
 
 

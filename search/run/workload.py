@@ -8,6 +8,7 @@ anything is trained, then loads the cached baseline or trains it on ``device`` (
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,3 +90,20 @@ def load_baseline(
         device=device,
         progress=progress,
     )
+
+
+def baseline_file_size(baseline: Baseline) -> int:
+    """Bytes of the baseline's packed fp32 file (what compression ratios are measured against),
+    written once next to the cached baseline."""
+    from compressors import save_packed
+    from compressors.packing import MAGIC
+
+    path = baseline.folder / "model.sqz"
+    if not path.exists() or path.read_bytes()[: len(MAGIC)] != MAGIC:  # absent, or older format
+        tmp = path.with_name(f"model.sqz.tmp-{os.getpid()}")
+        try:
+            save_packed(baseline.model, tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.stat().st_size

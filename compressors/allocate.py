@@ -1,0 +1,447 @@
+"""Budget-driven allocation: each tensor's sparsity and bit width, chosen to fit a target size.
+
+One search dimension (the target ``ratio``) replaces one per layer. For every compressible
+tensor (`compressors._targets`) and every candidate setting (a sparsity from `SPARSITIES`, then a
+bit width, or float32), the allocator knows
+
+- its **cost**: the exact bytes the packed file spends on the tensor at that setting (the file's
+  own encoder, `compressors.packing.tensor_bytes`), and
+- its **sensitivity**: how much the task's loss rises on training data when that tensor alone is
+  compressed so (``loss``: measured; ``fisher``: the second-order estimate
+  ``1/2 sum F_i dw_i^2`` from the empirical Fisher diagonal, one backward pass over the data).
+
+It then solves the multiple-choice knapsack exactly (one setting per tensor, least total
+sensitivity, total bytes within the budget) with HiGHS (`scipy.optimize.milp`), applies the
+chosen masks (`compressors.prune.Mask`) and grids (`compressors.quant.make_grid`), and the trial
+fine-tunes as usual. The table is measured once per baseline and kept in the context's
+``cache_dir`` (the trials and workers of a study share it). After fine-tuning, `finalize` checks
+the packed size and, in the rare case the file would pass the target, prunes the least sensitive
+weights until it does not.
+
+As in HAWQ-V3 (mixed precision as an integer program) and NVIDIA Model Optimizer's AutoQuantize
+(per-layer formats from sensitivity scores under an effective-bits budget), but with pruning and
+quantization together and the budget in real bytes of the shipped file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressors._base import CompressionContext, Compressor, UnsupportedModelError
+from compressors._params import Integer, Options, Real
+from compressors._targets import Target, targets
+from compressors.packing import packed_size, tensor_bytes
+from compressors.prune import Mask, smallest_mask
+from compressors.quant import half_biases, make_grid
+
+#: Sparsities a tensor may get (each combined with every bit width and with float32).
+SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+#: Training samples the sensitivities are measured on.
+SAMPLES = 1024
+#: The allocator aims this far under the target (the header records changed layer shapes and
+#: per-tensor layouts whose lengths vary by a few bytes).
+SLACK = 0.01
+_CACHE_VERSION = 2
+#: Solves at most, each followed by packing the allocated model, to fit the file to the target.
+CALIBRATIONS = 5
+#: A file this close under the target (a fraction of it) ends the calibration.
+CLOSE_ENOUGH = 0.02
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One candidate of a tensor: a sparsity, and a bit width (None: float32 values)."""
+
+    sparsity: float
+    bits: int | None
+
+    def __str__(self) -> str:
+        return f"{self.sparsity:g}/{'fp32' if self.bits is None else f'{self.bits}b'}"
+
+
+class BudgetAllocation(Compressor):
+    """Choose each tensor's sparsity and bit width to fit a size budget with the least loss.
+
+    Params:
+        ratio: Target compression ratio: the shipped file is at most the packed size of the
+            model the allocator receives over ``ratio`` (the baseline's, when it comes first;
+            after structured pruning the two ratios multiply, so each is its own dimension).
+        min_bits: Fewest bits per weight a tensor may get (1 is binary, sign x scale).
+        max_bits: Most bits per weight; float32 is also a candidate, for tensors worth it.
+        max_sparsity: Largest fraction of a tensor's weights that may be pruned.
+        sensitivity: ``loss`` (measured: one forward pass per tensor and setting; it ranked
+            fine-tuned results best in ``bench/allocation.py``) or ``fisher`` (the empirical
+            Fisher estimate of the loss increase, one backward pass: for large models).
+        bias: ``fp16`` keeps the biases of compressed layers on float16 values, ``fp32`` not.
+    """
+
+    name = "allocate"
+    kind = "quantizer"
+    stage = 2
+    shrinks = True
+    acts_on = (
+        "chooses a sparsity and a bit width for each Linear, Conv, attention, recurrent and "
+        "embedding tensor"
+    )
+    requires = frozenset({"train"})
+    params = {
+        "ratio": Real(1.0, math.inf, closed="neither", default=8.0),
+        "min_bits": Integer(1, 8, default=2),
+        "max_bits": Integer(1, 8, default=8),
+        "max_sparsity": Real(0.0, 1.0, closed="left", default=0.95),
+        "sensitivity": Options(("loss", "fisher"), default="loss"),
+        "bias": Options(("fp16", "fp32"), default="fp16"),
+    }
+
+    def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        found = targets(model)
+        if self.min_bits > self.max_bits:
+            raise UnsupportedModelError(
+                f"allocate.min_bits ({self.min_bits}) is above allocate.max_bits ({self.max_bits})."
+            )
+        settings = self.settings()
+        table = self.table(model, ctx)
+        budget = self._budget(model, ctx)
+        # The payload is the tensors' bytes plus a fixed part (biases, norms, the header); the
+        # file is the payload after LZMA when that is smaller, which the sum cannot tell: the
+        # payload's budget is corrected until the file itself fills (but never passes) its own.
+        fixed = _overhead(model, found, half=self.bias == "fp16")
+        payload_budget = budget - fixed
+        best: tuple[int, list[int]] | None = None
+        for _ in range(CALIBRATIONS):
+            try:
+                choice = solve(table["bytes"], table["sensitivity"], payload_budget)
+            except UnsupportedModelError:  # by the sum; LZMA may still bring the file under
+                choice = [int(i) for i in table["bytes"].argmin(axis=1)]
+            size = packed_size(model, replace=self._replacement(model, settings, choice))
+            if size <= budget and (best is None or size > best[0]):
+                best = (size, choice)
+            if size <= budget and budget - size <= CLOSE_ENOUGH * budget:
+                break
+            payload_budget += (budget - size) if size <= budget else (budget - size) - 1
+        if best is None:
+            raise UnsupportedModelError(
+                f"allocate cannot fit {budget} bytes (ratio {self.ratio:g}): the smallest "
+                f"allocation found packs to {size} bytes (of which about {fixed} are tensors it "
+                f"does not compress, such as biases and norms, and the file's header); lower "
+                f"allocate.ratio, or allow fewer bits (allocate.min_bits) or more sparsity "
+                f"(allocate.max_sparsity)."
+            )
+        self.allocation = {name: settings[c] for name, c in zip(found, best[1], strict=True)}
+        self._target_bytes = budget
+        return self._apply(model, settings, best[1])
+
+    def _replacement(
+        self, model: nn.Module, settings: list[Setting], choice: list[int]
+    ) -> dict[str, tuple[torch.Tensor, nn.Module | None]]:
+        """The values (and grids) ``choice`` gives the model's tensors, biases included: what
+        `compressors.packing.packed_size` needs to size the allocated model without building
+        it."""
+        found = targets(model)
+        replace = {
+            name: next(_variants(target.weight, [settings[c]]))
+            for (name, target), c in zip(found.items(), choice, strict=True)
+        }
+        if self.bias == "fp16":
+            replace.update(_half_biases(model, found))
+        return replace
+
+    def _apply(self, model: nn.Module, settings: list[Setting], choice: list[int]) -> nn.Module:
+        found = targets(model)
+        apply_settings(model, found, {n: settings[c] for n, c in zip(found, choice, strict=True)})
+        if self.bias == "fp16":
+            half_biases({id(s.module): s.module for t in found.values() for s in t.sites}.values())
+        return model
+
+    def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Prune the least important remaining weights if the packed file would pass the target
+        (the budget holds by construction; this guards the header's few variable bytes)."""
+        budget = getattr(self, "_target_bytes", None)
+        if budget is None:
+            return model
+        for _ in range(20):
+            excess = _packed_size(model) - budget
+            if excess <= 0:
+                return model
+            _prune_more(model, excess)
+        raise RuntimeError(f"allocate could not fit the packed file in {budget} bytes")
+
+    def settings(self) -> list[Setting]:
+        """The candidate settings of every tensor, float32 dense first."""
+        sparsities = [s for s in SPARSITIES if s <= self.max_sparsity]
+        bits = [None, *range(self.min_bits, self.max_bits + 1)]
+        return [Setting(s, b) for s in sparsities for b in bits]
+
+    def _budget(self, model: nn.Module, ctx: CompressionContext) -> int:
+        return math.floor(_packed_size(model) / self.ratio * (1.0 - SLACK))
+
+    def table(self, model: nn.Module, ctx: CompressionContext) -> dict[str, np.ndarray]:
+        """``bytes`` and ``sensitivity`` of each tensor of ``model`` (rows, `targets` order) at
+        each setting (columns, `settings` order), cached in ``ctx.cache_dir`` under a key of the
+        weights, the settings and the method."""
+        found, settings = targets(model), self.settings()
+        key = _table_key(found, settings, self.sensitivity)
+        path = None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"allocate-{key}.npz"
+        if path is not None and path.exists():
+            with np.load(path) as cached:
+                return {"bytes": cached["bytes"], "sensitivity": cached["sensitivity"]}
+        table = {
+            "bytes": np.array([candidate_bytes(t.weight, settings) for t in found.values()]),
+            "sensitivity": sensitivities(model, found, settings, ctx, method=self.sensitivity),
+        }
+        if path is not None:
+            _save_atomically(path, table)
+        return table
+
+
+def sensitivities(
+    model: nn.Module,
+    found: dict[str, Target],
+    settings: list[Setting],
+    ctx: CompressionContext,
+    *,
+    method: str = "fisher",
+) -> np.ndarray:
+    """The loss increase of compressing each tensor alone at each setting (tensors x settings).
+
+    ``fisher``: ``1/2 sum_i F_i (w_i - q(w)_i)^2`` with the empirical Fisher diagonal ``F``
+    (squared gradients of the task's loss, summed over mini-batches of the training sample);
+    ``loss``: the measured loss on the training sample minus the uncompressed model's.
+    """
+    x, y = ctx.train.x[:SAMPLES], ctx.train.y[:SAMPLES]
+    teacher = None if ctx.teacher_outputs is None else ctx.teacher_outputs[:SAMPLES]
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "fisher":
+            fisher = _fisher(model, found, x, y, teacher, ctx)
+            return np.array(
+                [
+                    [
+                        0.5 * float((f * (t.weight.detach() - value) ** 2).sum())
+                        for value in compressed(t.weight, settings)
+                    ]
+                    for t, f in zip(found.values(), fisher, strict=True)
+                ]
+            )
+        with torch.no_grad():
+            base = _loss(model, x, y, teacher, ctx)
+            rows = []
+            for target in found.values():
+                original = target.latent.detach().clone()
+                row = []
+                for value in compressed(original, settings):
+                    target.latent.data.copy_(value)
+                    row.append(_loss(model, x, y, teacher, ctx) - base)
+                target.latent.data.copy_(original)
+                rows.append(row)
+            return np.array(rows)
+    finally:
+        model.train(was_training)
+
+
+def compressed(weight: torch.Tensor, settings: list[Setting]) -> Iterator[torch.Tensor]:
+    """``weight`` at each setting (see `_variants`)."""
+    for value, _ in _variants(weight, settings):
+        yield value
+
+
+def _variants(
+    weight: torch.Tensor, settings: list[Setting]
+) -> Iterator[tuple[torch.Tensor, nn.Module | None]]:
+    """``(value, grid)`` of ``weight`` at each setting: its ``sparsity`` smallest magnitudes
+    zeroed, then on the grid of ``bits`` (what `apply_settings` makes of it before fine-tuning;
+    no grid for float32). The weights are ranked once."""
+    w = weight.detach()
+    order = torch.argsort(w.abs().flatten(), stable=True)  # as `smallest_mask` ranks them
+    masked = {}
+    for sparsity in {s.sparsity for s in settings}:
+        keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+        keep[order[: round(sparsity * w.numel())]] = False
+        masked[sparsity] = w * keep.view_as(w)
+    for setting in settings:
+        value, grid = masked[setting.sparsity], None
+        if setting.bits is not None:
+            grid = make_grid(value, setting.bits)
+            value = grid.codes(value) * grid.scale
+        yield value, grid
+
+
+def candidate_bytes(weight: torch.Tensor, settings: list[Setting]) -> list[int]:
+    """The exact bytes the packed file's payload spends on ``weight`` at each setting (its
+    arrays in the layout the file picks, their entries and its layout record; `tensor_bytes`).
+    Fine-tuning moves values within the same mask and grid, which changes these by a little
+    (entropy-coded codes); `BudgetAllocation.finalize` absorbs that."""
+    return [tensor_bytes(value, grid) for value, grid in _variants(weight, settings)]
+
+
+def solve(costs: np.ndarray, values: np.ndarray, budget: float) -> list[int]:
+    """The multiple-choice knapsack: one option per row, least total ``values``, total
+    ``costs`` at most ``budget``; exact (HiGHS branch and bound). Returns each row's option.
+
+    Raises:
+        UnsupportedModelError: If even the cheapest option of every row passes the budget.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    rows, options = costs.shape
+    cheapest = costs.min(axis=1).sum()
+    if cheapest > budget:
+        raise UnsupportedModelError(
+            f"allocate cannot fit the budget: even the smallest setting of every tensor needs "
+            f"{int(cheapest)} bytes, over the {int(budget)} bytes the target ratio leaves; "
+            f"lower allocate.ratio or allow fewer bits (allocate.min_bits) or more sparsity "
+            f"(allocate.max_sparsity)."
+        )
+    one_each = np.kron(np.eye(rows), np.ones(options))
+    constraints = [
+        LinearConstraint(one_each, 1, 1),
+        LinearConstraint(costs.reshape(1, -1), -np.inf, budget),
+    ]
+    # Sensitivities are shifted to be positive per row (the choice is unchanged: one per row).
+    objective = (values - values.min(axis=1, keepdims=True)).reshape(-1)
+    with _native_stdout_silenced():  # HiGHS's C++ prints debug lines on some problems
+        result = milp(
+            objective,
+            constraints=constraints,
+            integrality=np.ones(rows * options),
+            bounds=Bounds(0, 1),
+        )
+    if result.x is None:
+        raise RuntimeError(f"allocate: the knapsack solver failed ({result.message})")
+    return [int(i) for i in np.round(result.x).reshape(rows, options).argmax(axis=1)]
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def apply_settings(
+    model: nn.Module, found: dict[str, Target], allocation: dict[str, Setting]
+) -> None:
+    """Register each tensor's mask (if it is pruned) and grid (if it is quantized)."""
+    for name, setting in allocation.items():
+        target = found[name]
+        if setting.sparsity > 0:
+            target.register(Mask(smallest_mask(target.weight.detach().abs(), setting.sparsity)))
+        if setting.bits is not None:
+            target.register(make_grid(target.weight, setting.bits))
+
+
+def _fisher(model, found, x, y, teacher, ctx, *, batch_size: int = 64) -> list[torch.Tensor]:
+    """Squared gradients of the task's loss, summed over mini-batches, per target tensor."""
+    latents = [t.latent for t in found.values()]
+    frozen = [p for p in latents if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    fisher = [torch.zeros_like(p) for p in latents]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size]
+            tb = None if teacher is None else teacher[start : start + batch_size].to(device)
+            loss = ctx.loss(model(xb), yb.to(device), tb)
+            grads = torch.autograd.grad(loss, latents, allow_unused=True)
+            for f, g in zip(fisher, grads, strict=True):
+                if g is not None:  # (a tensor the loss does not reach: no sensitivity)
+                    f += g.detach() ** 2 * len(xb)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return fisher
+
+
+def _loss(model, x, y, teacher, ctx, *, batch_size: int = 256) -> float:
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size]
+        tb = None if teacher is None else teacher[start : start + batch_size].to(device)
+        total += float(ctx.loss(model(xb), yb.to(device), tb)) * len(xb)
+    return total / len(x)
+
+
+def _overhead(model: nn.Module, found: dict[str, Target], *, half: bool) -> int:
+    """Bytes of the payload that are not the target tensors' (biases, as float16 if ``half``;
+    norms; the header's record of the model): the payload of ``model`` less its targets'."""
+    replace = _half_biases(model, found) if half else {}
+    dense = sum(tensor_bytes(t.weight.detach()) for t in found.values())
+    return max(0, packed_size(model, replace=replace, lzma_pass=False) - dense)
+
+
+def _half_biases(
+    model: nn.Module, found: dict[str, Target]
+) -> dict[str, tuple[torch.Tensor, None]]:
+    """The biases of the targets' modules, rounded to float16 values (as `half_biases` keeps
+    them), by state key."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for target in found.values():
+        for site in target.sites:
+            for name, value in site.module.named_parameters(recurse=False):
+                if "bias" in name and "parametrizations" not in name:
+                    key = f"{names[id(site.module)]}.{name}".lstrip(".")
+                    out[key] = (value.detach().to(torch.float16).to(torch.float32), None)
+    return out
+
+
+def _packed_size(model: nn.Module) -> int:
+    return packed_size(model)
+
+
+def _prune_more(model: nn.Module, excess: int) -> None:
+    """Zero the smallest remaining weights of the largest tensor, about ``8 * excess`` bytes'
+    worth at its bit width (a few weights: the budget is met up to header bytes)."""
+    found = targets(model)
+    name = max(found, key=lambda n: found[n].numel())
+    target = found[name]
+    weight = target.weight.detach()
+    extra = min(weight.numel(), max(1, 8 * excess))
+    keep = smallest_mask(
+        weight.abs(), min(1.0, (int((weight == 0).sum()) + extra) / weight.numel())
+    )
+    target.register(Mask(keep))
+
+
+def _table_key(found: dict[str, Target], settings: list[Setting], method: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps([_CACHE_VERSION, method, SAMPLES, [str(s) for s in settings]]).encode()
+    )
+    for name, target in found.items():
+        digest.update(name.encode())
+        digest.update(target.weight.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _save_atomically(path: Path, table: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **table)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

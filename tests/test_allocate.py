@@ -1,0 +1,122 @@
+"""Budget-driven allocation: the knapsack is exact, the shipped file fits the target, the table
+is measured once per baseline."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from compressors import InvalidParameterError, UnsupportedModelError, get_compressor
+from compressors import allocate as alloc
+from compressors.packing import load_packed, save_packed, tensor_bytes
+from experiments import evaluate, fit
+from search.run.trial import compression_context
+from search.run.workload import baseline_file_size
+
+
+def _brute_force(costs, values, budget):
+    best = None
+    for choice in itertools.product(*(range(costs.shape[1]) for _ in range(costs.shape[0]))):
+        cost = sum(costs[r, c] for r, c in enumerate(choice))
+        value = sum(values[r, c] for r, c in enumerate(choice))
+        if cost <= budget and (best is None or value < best[0]):
+            best = (value, list(choice))
+    return best
+
+
+def test_the_knapsack_picks_the_known_optimum_and_is_deterministic():
+    costs = np.array([[10, 6, 3], [8, 5, 2], [12, 7, 4], [9, 4, 1]])
+    values = np.array([[0.0, 0.2, 1.5], [0.0, 0.1, 0.9], [0.0, 0.5, 0.6], [0.0, 0.05, 2.0]])
+    for budget in (39, 25, 20, 14, 10):
+        value, expected = _brute_force(costs, values, budget)
+        choice = alloc.solve(costs, values, budget)
+        assert sum(values[r, c] for r, c in enumerate(choice)) == pytest.approx(value)
+        assert sum(costs[r, c] for r, c in enumerate(choice)) <= budget
+        assert choice == alloc.solve(costs, values, budget)  # deterministic
+    assert alloc.solve(costs, values, 39) == [0, 0, 0, 0]  # everything fits: nothing is lost
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # random tables: the solver's optimum is the brute force's
+        costs, values = rng.integers(1, 30, (4, 4)), rng.random((4, 4))
+        budget = int(costs.min(axis=1).sum() + rng.integers(0, 40))
+        choice = alloc.solve(costs, values, budget)
+        assert sum(values[r, c] for r, c in enumerate(choice)) == pytest.approx(
+            _brute_force(costs, values, budget)[0]
+        )
+    with pytest.raises(UnsupportedModelError, match="even the smallest setting"):
+        alloc.solve(costs, values, int(costs.min(axis=1).sum()) - 1)
+
+
+def test_candidate_bytes_are_the_bytes_the_file_spends(digits_baseline):
+    weight = digits_baseline.model.net[1].weight.detach()
+    settings = [alloc.Setting(0.0, None), alloc.Setting(0.5, 4), alloc.Setting(0.9, 2)]
+    sizes = alloc.candidate_bytes(weight, settings)
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[0] == tensor_bytes(weight)
+    assert 4 * weight.numel() < sizes[0] < 4 * weight.numel() + 200  # float32, dense
+
+
+@pytest.mark.parametrize("ratio", [8.0, 25.0])
+def test_the_shipped_file_fits_the_target_after_fine_tuning(
+    digits_task, digits_baseline, tmp_path, ratio
+):
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    allocator = get_compressor("allocate")(ratio=ratio)
+    model = allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
+    assert set(allocator.allocation) == {"net.1.weight", "net.3.weight", "net.5.weight"}
+    fit(model, digits_task.train, epochs=2, batch_size=64, lr=1e-3, seed=0)
+    model = allocator.finalize(model, ctx)
+    size = save_packed(model, tmp_path / "m.sqz", like=digits_baseline.model)
+    target = baseline_file_size(digits_baseline) / ratio
+    assert size <= target
+    assert size > 0.7 * target  # the budget is used, not wasted
+    shipped = load_packed(tmp_path / "m.sqz", digits_task.build_model())
+    with torch.no_grad():
+        assert torch.equal(shipped(digits_task.val.x), model(digits_task.val.x))
+    assert evaluate(shipped, digits_task.val) > 0.85
+
+
+def test_the_table_is_measured_once_per_baseline_and_both_methods_agree_on_zero(
+    digits_task, digits_baseline, tmp_path
+):
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    ctx = type(ctx)(**{**ctx.__dict__, "cache_dir": tmp_path})
+    tables = {}
+    for method in ("fisher", "loss"):
+        allocator = get_compressor("allocate")(ratio=10.0, sensitivity=method)
+        allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
+        settings = allocator.settings()
+        tables[method] = allocator.table(digits_baseline.model, ctx)
+        sensitivity = tables[method]["sensitivity"]
+        assert sensitivity.shape == (3, len(settings))
+        assert np.allclose(sensitivity[:, 0], 0.0)  # dense float32: nothing changes
+        harsh = settings.index(alloc.Setting(0.95, 2))
+        assert (sensitivity[:, harsh] > sensitivity[:, 0]).all()
+    assert len(list(tmp_path.glob("allocate-*.npz"))) == 2
+    np.testing.assert_array_equal(tables["fisher"]["bytes"], tables["loss"]["bytes"])
+
+
+def test_bad_parameters_and_budgets_are_refused(digits_task, digits_baseline):
+    with pytest.raises(InvalidParameterError, match=r"'allocate.ratio' .* a float in \(1.0, inf\)"):
+        get_compressor("allocate")(ratio=0.5)
+    with pytest.raises(InvalidParameterError, match="'allocate.sensitivity'"):
+        get_compressor("allocate")(sensitivity="hessian")
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    with pytest.raises(UnsupportedModelError, match="packs to .* bytes .* lower allocate.ratio"):
+        get_compressor("allocate")(ratio=5000.0).compress(copy.deepcopy(digits_baseline.model), ctx)
+
+
+def test_a_detached_copy_can_be_changed_without_breaking_the_original(digits_task, digits_baseline):
+    from compressors import detached_copy
+
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    model = get_compressor("prune")(amount=0.5).compress(copy.deepcopy(digits_baseline.model), ctx)
+    expected = model(digits_task.val.x)
+    clone = detached_copy(model)
+    get_compressor("quant")(bits=4, mode="ptq").finalize(clone, ctx)  # parametrizes the biases
+    assert not torch.equal(clone(digits_task.val.x), expected)
+    assert torch.equal(model(digits_task.val.x), expected)
+    assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
