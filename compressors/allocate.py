@@ -89,7 +89,7 @@ class BudgetAllocation(Compressor):
     """
 
     name = "allocate"
-    kind = "quantizer"
+    kind = "allocator"  # its own: it prunes and quantizes, and is not offered where a quantizer is
     stage = 2
     shrinks = True
     acts_on = (
@@ -108,6 +108,14 @@ class BudgetAllocation(Compressor):
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         found = targets(model)
+        gridded = [
+            n for n, t in found.items() if any(hasattr(p, "packed") for p in t.parametrizations())
+        ]
+        if gridded:
+            raise UnsupportedModelError(
+                f"allocate chooses each tensor's bit width itself, but {gridded[0]} is already "
+                f"quantized: use allocate without another quantizer (quant, cluster)."
+            )
         if self.min_bits > self.max_bits:
             raise UnsupportedModelError(
                 f"allocate.min_bits ({self.min_bits}) is above allocate.max_bits ({self.max_bits})."
