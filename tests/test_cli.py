@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from compressors import available
+from compressors import available, get_compressor
 from search.cli import main
 
 BAD_INPUT = [
@@ -30,7 +30,7 @@ BAD_INPUT = [
         ["space.pipeline=[prune,quantize]"],
         "Unknown compressor 'quantize' in space.pipeline of space 'default'. "
         f"Available: {', '.join(available())}, or a kind standing for each compressor of it: "
-        "loss, quantizer, sparsity",
+        f"{', '.join(sorted({get_compressor(n).kind for n in available()} - {''}))}",
     ),
     (
         ["space.prune.amount=interval("],

@@ -68,6 +68,9 @@ def test_warm_starts_run_first_and_once_across_a_resume(tmp_path, cache_dir):
     assert sorted(tagged) == ["0", "1", "2", "3"]
 
 
+# Long (two spawned workers). The fast lane's smaller form: the resume test above, where each
+# recipe runs once across three runs of the same study.
+@pytest.mark.slow
 def test_two_workers_run_each_warm_start_once(tmp_path, cache_dir):
     _sweep(tmp_path, cache_dir, PIPELINES, "search.n_trials=3", "search.n_jobs=2", TWO_RECIPES)
     _sweep(tmp_path, cache_dir, PIPELINES, "search.n_trials=4", "search.n_jobs=2", TWO_RECIPES)
