@@ -116,7 +116,11 @@ def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_u
             )
         )
         deadline = time.monotonic() + 120
-        while all(_pid(t) == os.getpid() for t in study.get_trials(deepcopy=False)):
+        # (a trial the worker has just created may not carry its worker id yet: it is not ours)
+        while all(
+            WORKER_ATTR in t.user_attrs and _pid(t) == os.getpid()
+            for t in study.get_trials(deepcopy=False)
+        ):
             assert joined[0].poll() is None and time.monotonic() < deadline, "worker did not join"
             time.sleep(0.2)
 
