@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
-from compressors._params import Integer, Options, Real
+from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._targets import Target, targets
 from compressors.packing import packed_size, tensor_bytes
 from compressors.prune import Mask, smallest_mask
@@ -106,6 +106,14 @@ class BudgetAllocation(Compressor):
         "bias": Options(("fp16", "fp32"), default="fp16"),
     }
 
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if self.min_bits > self.max_bits:
+            raise InvalidParameterError(
+                f"The 'allocate.min_bits' parameter ({self.min_bits}) must not be above "
+                f"'allocate.max_bits' ({self.max_bits})."
+            )
+
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         found = targets(model)
         gridded = [
@@ -115,10 +123,6 @@ class BudgetAllocation(Compressor):
             raise UnsupportedModelError(
                 f"allocate chooses each tensor's bit width itself, but {gridded[0]} is already "
                 f"quantized: use allocate without another quantizer (quant, cluster)."
-            )
-        if self.min_bits > self.max_bits:
-            raise UnsupportedModelError(
-                f"allocate.min_bits ({self.min_bits}) is above allocate.max_bits ({self.max_bits})."
             )
         settings = self.settings()
         table = self.table(model, ctx)

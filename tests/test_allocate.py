@@ -102,6 +102,8 @@ def test_the_table_is_measured_once_per_baseline_and_both_methods_agree_on_zero(
 def test_bad_parameters_and_budgets_are_refused(digits_task, digits_baseline):
     with pytest.raises(InvalidParameterError, match=r"'allocate.ratio' .* a float in \(1.0, inf\)"):
         get_compressor("allocate")(ratio=0.5)
+    with pytest.raises(InvalidParameterError, match="'allocate.min_bits' .* not be above"):
+        get_compressor("allocate")(min_bits=6, max_bits=4)
     with pytest.raises(InvalidParameterError, match="'allocate.sensitivity'"):
         get_compressor("allocate")(sensitivity="hessian")
     ctx = compression_context(digits_task, digits_baseline, seed=0)

@@ -31,7 +31,6 @@ from torch import nn
 from compressors import (
     Compressor,
     InvalidParameterError,
-    UnsupportedModelError,
     available,
     check_param,
     coverage,
@@ -234,10 +233,10 @@ class SearchSpace:
         built: dict[str, Compressor] = {}
         for comp in sorted({c for option in options for c in option}):
             params = {k: _representative(v) for k, v in self._entries[comp].items()}
-            built[comp] = self._classes[comp](**params)
             try:
+                built[comp] = self._classes[comp](**params)  # (parameters checked together)
                 built[comp].check_model(model, example_inputs)
-            except UnsupportedModelError as err:
+            except InvalidParameterError as err:  # UnsupportedModelError included
                 raise ConfigError(f"{err} (task '{task}', space '{self.name}')") from None
         return {
             "+".join(o): coverage([built[c] for c in o], model, example_inputs) for o in options
