@@ -80,3 +80,15 @@ def pg_url():
             pytest.fail(f"PostgreSQL at {PG_URL} must be reachable in CI: {err}")
         pytest.skip(f"no PostgreSQL at {PG_URL}")
     return PG_URL
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (``pytestmark = usefixtures("one_thread")``):
+    two threads on two shared cores can stall each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

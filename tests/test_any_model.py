@@ -94,12 +94,7 @@ def trained(cache_dir):
     return get
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two shared cores can stall each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _consistent(model: nn.Module) -> list[str]:

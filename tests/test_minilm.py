@@ -28,13 +28,7 @@ from experiments.minilm import load_encoder, minilm, model_dir, read_sentences, 
 from search import ConfigError, SearchSpace, compose_config, run_sweep  # noqa: E402
 from tests.conftest import sweep_overrides  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on two shared cores can stall each other
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
