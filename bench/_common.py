@@ -102,15 +102,9 @@ def shipped_baseline(cfg, workdir: Path):
 def side_by_side(base, model, inputs, *, rounds: int = 7, repeats: int = 50):
     """``(speed-up, baseline ms, model ms)``: both timed in alternating rounds, median of the
     rounds' medians (this machine's speed drifts more than a single A/B could tell apart)."""
-    import statistics
+    from experiments.metrics import interleaved_latency_ms
 
-    from experiments.metrics import latency_ms
-
-    base_times, times = [], []
-    for _ in range(rounds):
-        base_times.append(latency_ms(base, inputs, repeats=repeats))
-        times.append(latency_ms(model, inputs, repeats=repeats))
-    base_ms, ms = statistics.median(base_times), statistics.median(times)
+    ms, base_ms = interleaved_latency_ms(model, base, inputs, rounds=rounds, repeats=repeats)
     return base_ms / ms, base_ms, ms
 
 

@@ -36,12 +36,20 @@ from search.run.pareto import hypervolume  # noqa: E402
 #: The earlier default: its space with quant as the quantizer, no warm starts (and TPE without
 #: multivariate / group).
 OLD = ["space=default", "space.pipeline=[structured,prune,quant,kd]", "search.warm_start=false"]
+#: The new default: few dimensions, allocation to a target size, warm starts.
+NEW = ["space=budget"]
 OLD_TPE = [*OLD, "search.sampler=tpe", "++search.sampler_options={multivariate: false}"]
 
 
-def legs(short: int, long: int) -> list[tuple[str, list[str]]]:
+def legs(short: int, long: int, samplers: list[str]) -> list[tuple[str, list[str]]]:
     return [
-        (f"new@{short}", ["space=budget", f"search.n_trials={short}"]),
+        *(
+            (
+                f"new {name}@{short}",
+                ["space=budget", f"search.sampler={name}", f"search.n_trials={short}"],
+            )
+            for name in samplers
+        ),
         (f"old tpe@{short}", [*OLD_TPE, f"search.n_trials={short}"]),
         (f"old tpe@{long}", [*OLD_TPE, f"search.n_trials={long}"]),
         (f"old random@{long}", [*OLD, "search.sampler=random", f"search.n_trials={long}"]),
@@ -68,6 +76,9 @@ def main() -> int:
     parser.add_argument("--short", type=int, default=30, help="trials of the short runs")
     parser.add_argument("--long", type=int, default=100, help="trials of the long runs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--samplers", nargs="+", default=["tpe", "gp"], help="samplers of the new space's runs"
+    )
     args = parser.parse_args()
     quiet()
     root = Path(tempfile.mkdtemp(prefix="squeeze-search-quality-"))
@@ -75,7 +86,7 @@ def main() -> int:
     for task in args.tasks:
         runs = []
         for seed in range(args.seeds):
-            for name, overrides in legs(args.short, args.long):
+            for name, overrides in legs(args.short, args.long, args.samplers):
                 folder = root / task / f"{name.replace(' ', '-').replace('@', '')}-s{seed}"
                 start = time.perf_counter()
                 result, trials = sweep(

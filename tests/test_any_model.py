@@ -48,9 +48,7 @@ SAMPLES = 128
 
 
 def _family_params():
-    return [
-        pytest.param(f, marks=pytest.mark.slow) if f == "minilm" else f for f in FAMILIES
-    ]
+    return [pytest.param(f, marks=pytest.mark.slow) if f == "minilm" else f for f in FAMILIES]
 
 
 ZOO_CONF = Path(__file__).resolve().parent / "zoo_conf"
@@ -182,9 +180,7 @@ def test_every_compressor_on_every_family(family, name, trained, tmp_path):
 
 
 @pytest.mark.parametrize("family", _family_params())
-def test_int8_runtime_runs_where_torch_has_kernels_and_the_parent_allows(
-    family, trained, tmp_path
-):
+def test_int8_runtime_runs_where_torch_has_kernels_and_the_parent_allows(family, trained, tmp_path):
     task, baseline = trained(family)
     quant = get_compressor("quant")(bits=8, runtime="int8")
     ctx = CompressionContext(example_inputs=task.example_inputs(), seed=0)

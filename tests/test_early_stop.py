@@ -54,6 +54,10 @@ def test_constraint_values_are_upper_or_lower_bounds():
     values = constraint_values(metrics, {"size_kb": 30.0, "val_acc": 0.95, "latency_ms": 0.1})
     assert values == pytest.approx({"size_kb": -5.0, "val_acc": 0.05, "latency_ms": 0.1})
     assert constraint_values(metrics, {"flops": 1.0}) == {}  # not measured: left out
+    speed = {"speedup": 1.5, "speedup_b256": 3.0}
+    assert constraint_values(speed, {"speedup": 2.0, "speedup_b256": 2.0}) == pytest.approx(
+        {"speedup": 0.5, "speedup_b256": -1.0}  # lower bounds: met at batch 256 only
+    )
 
 
 def test_mask_url_hides_passwords_only():
@@ -129,6 +133,10 @@ def test_median_pruner_with_a_single_objective(tmp_path, cache_dir):
             assert len(t.intermediate_values) == 4
 
 
+def timed(metric: str) -> bool:
+    return metric.startswith(("latency", "speedup"))
+
+
 def test_the_same_seed_gives_the_same_metrics(tmp_path, cache_dir):
     measured = []
     for run in ("a", "b"):
@@ -138,7 +146,7 @@ def test_the_same_seed_gives_the_same_metrics(tmp_path, cache_dir):
         trials = _study(folder).trials
         measured.append(
             [
-                (t.params, {k: v for k, v in t.user_attrs["metrics"].items() if "latency" not in k})
+                (t.params, {k: v for k, v in t.user_attrs["metrics"].items() if not timed(k)})
                 for t in trials
             ]
         )

@@ -202,9 +202,7 @@ def test_a_kind_in_the_pipeline_offers_every_compressor_of_that_kind():
     assert space._pipeline == CategoricalDistribution([f"prune+{q}" for q in quantizers])
     cfg = compose_config(["space.pipeline=choice(sparsity+quantizer, quant)"])
     choices = SearchSpace.from_config(cfg.space)._pipeline.choices
-    assert sorted(choices) == sorted(
-        [f"{s}+{q}" for s in sparsity for q in quantizers] + ["quant"]
-    )
+    assert sorted(choices) == sorted([f"{s}+{q}" for s in sparsity for q in quantizers] + ["quant"])
     # every conf/compressor/<name>.yaml has an entry in the default space
     assert set(available()) <= set(compose_config([]).space)
     with pytest.raises(ConfigError, match=r"or a kind standing for each compressor of it: .*quan"):

@@ -155,13 +155,16 @@ class ResNet(nn.Module):
 
     def __init__(self, width: int = 16, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
 
         def block() -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
                 nn.BatchNorm2d(width),
             )
 
@@ -211,8 +214,16 @@ class Recurrent(nn.Module):
     step of the output sequence, or (``state=True``) the last layer's final hidden state of
     each direction, concatenated."""
 
-    def __init__(self, cell, features: int, *, hidden: int = 16, layers: int = 1,
-                 bidirectional: bool = False, state: bool = False) -> None:
+    def __init__(
+        self,
+        cell,
+        features: int,
+        *,
+        hidden: int = 16,
+        layers: int = 1,
+        bidirectional: bool = False,
+        state: bool = False,
+    ) -> None:
         super().__init__()
         self.rnn = cell(features, hidden, layers, batch_first=True, bidirectional=bidirectional)
         self.directions = 2 if bidirectional else 1
@@ -278,14 +289,17 @@ FAMILIES = {
         _digits((8, 8, 8)),
     ),
     "gru-2layer-bi": (
-        lambda: Recurrent(nn.GRU, 8, layers=2, bidirectional=True), _digits((8, 8, 8))
+        lambda: Recurrent(nn.GRU, 8, layers=2, bidirectional=True),
+        _digits((8, 8, 8)),
     ),
     "gru-bi-state": (
-        lambda: Recurrent(nn.GRU, 8, bidirectional=True, state=True), _digits((8, 8, 8))
+        lambda: Recurrent(nn.GRU, 8, bidirectional=True, state=True),
+        _digits((8, 8, 8)),
     ),
     "rnn-2layer-1x40": (lambda: Recurrent(nn.RNN, 1, layers=2), _digits((8, 40, 1))),
     "rnn-bi-state": (
-        lambda: Recurrent(nn.RNN, 8, bidirectional=True, state=True), _digits((8, 8, 8))
+        lambda: Recurrent(nn.RNN, 8, bidirectional=True, state=True),
+        _digits((8, 8, 8)),
     ),
     "tied-transformer": (TiedTransformer, _tokens),
     "tied-gru": (TiedGRU, _tokens),
@@ -404,9 +418,7 @@ def test_torch_attention_loses_whole_heads_and_the_residual_stream_follows():
         assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (2, 8, 16)
         assert attention.kdim == attention.vdim == 16
         rows = [block * 32 + c for block in range(3) for c in kept]
-        assert torch.equal(
-            attention.in_proj_weight, before.self_attn.in_proj_weight[rows][:, kept]
-        )
+        assert torch.equal(attention.in_proj_weight, before.self_attn.in_proj_weight[rows][:, kept])
         assert after.norm1.normalized_shape == after.norm2.normalized_shape == (16,)
         assert after.linear1.in_features == after.linear2.out_features == 16
         assert after.linear1.out_features == 32  # feed-forward neurons go like any channels

@@ -69,13 +69,17 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(four_trials):
             "flops",
             "latency_ms",
             "latency_ms_b256",
+            "speedup",
+            "speedup_b256",
             "peak_memory_bytes",
         ):
             assert metric in child.data.metrics, metric
             assert f"baseline_{metric}" in parent.data.metrics or metric in ("compression_ratio",)
+        assert child.data.metrics["speedup_b256"] > 0
         assert {"prune.amount", "quant.bits", "kd.alpha", "finetune.lr"} <= set(child.data.params)
         assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 2
         assert child.data.tags["squeeze.state"] == "COMPLETE"
+    assert parent.data.metrics["baseline_speedup"] == 1.0
 
 
 def test_each_child_size_is_the_size_of_its_model_artifact(four_trials):

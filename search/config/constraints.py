@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from search._errors import ConfigError
 
 #: Metrics where a constraint is a lower bound (higher is better); every other one is an upper one.
-LOWER_BOUNDS = frozenset({"val_acc", "compression_ratio"})
+LOWER_BOUNDS = frozenset({"val_acc", "compression_ratio", "speedup"})
 #: Constraint names that are a scaled metric: name -> (metric, factor).
 SCALED = {"size_kb": ("size_bytes", 1e-3)}
 
@@ -64,5 +64,6 @@ def constraint_values(
         if metric not in metrics:
             continue
         value = float(metrics[metric]) * factor
-        out[name] = bound - value if metric in LOWER_BOUNDS else value - bound
+        lower = metric in LOWER_BOUNDS or metric.startswith("speedup_b")
+        out[name] = bound - value if lower else value - bound
     return out

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from search._errors import ConfigError
 from search.config.constraints import check_constraints
 from search.config.early_stop import check_early_stop, make_pruner
-from search.config.metrics import METRICS
+from search.config.metrics import METRICS, batch_metrics
 from search.config.schema import check_schema
 from search.config.storage import check_storage, check_tracking_uri
 from search.config.warm_start import WarmStarts, check_warm_start
@@ -89,7 +89,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     check_schema(cfg)
     search = cfg.search
     objectives, directions = tuple(search.objectives), tuple(search.directions)
-    known = set(METRICS) | {f"latency_ms_b{b}" for b in cfg.measure.latency_batch_sizes}
+    known = set(METRICS) | set(batch_metrics(cfg.measure.latency_batch_sizes))
     for name in objectives:
         if name not in known:
             raise ConfigError(

@@ -60,9 +60,7 @@ def check_storage(storage: str, *, n_jobs: int = 1, connect: bool = True) -> Non
     try:
         url = make_url(storage)
     except (ArgumentError, ValueError) as err:
-        raise ConfigError(
-            f"Malformed search.storage URL {shown!r}: {err}. {_HINT}"
-        ) from None
+        raise ConfigError(f"Malformed search.storage URL {shown!r}: {err}. {_HINT}") from None
     scheme = url.get_backend_name()
     if scheme not in SCHEMES:
         raise ConfigError(f"Unsupported search.storage URL scheme {scheme!r}. {_HINT}")
@@ -91,9 +89,7 @@ def _check_sqlite(url: sqlalchemy.engine.URL, shown: str, n_jobs: int) -> None:
         )
     folder = Path(url.database).resolve().parent
     if not folder.is_dir():
-        raise ConfigError(
-            f"The folder of search.storage {shown!r} ({folder}) does not exist."
-        )
+        raise ConfigError(f"The folder of search.storage {shown!r} ({folder}) does not exist.")
 
 
 def _check_reachable(storage: str, shown: str) -> None:

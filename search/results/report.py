@@ -71,6 +71,7 @@ _METRIC_UNITS = {
     "nonzero_params": "parameters",
     "flops": "FLOPs per sample",
     "latency_ms": "ms per batch of 1",
+    "speedup": "× faster than the baseline at batch 1, timed in turns",
     "peak_memory_bytes": "bytes",
 }
 #: Units of the searched parameters, by their name within a compressor (``prune.amount``).
@@ -326,6 +327,8 @@ def _unit(metric: str, score: str) -> str:
         return score
     if metric.startswith("latency_ms_b"):
         return f"ms per batch of {metric.removeprefix('latency_ms_b')}"
+    if metric.startswith("speedup_b"):
+        return f"× faster than the baseline at batch {metric.removeprefix('speedup_b')}"
     return _METRIC_UNITS.get(metric, "value")
 
 

@@ -32,6 +32,7 @@ from experiments import Task, cv_folds
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
+from search.config.metrics import batch_suffix
 from search.config.plan import SweepPlan, make_sampler, plan_sweep
 from search.config.storage import is_url, mask_url, open_storage
 from search.run import pareto
@@ -225,6 +226,7 @@ def _prepare(
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
         **{k: float(v) for k, v in measure(shipped, task, *latency).items()},
+        **{f"speedup{batch_suffix(batch)}": 1.0 for batch in latency[0]},
         "size_bytes": float(baseline_size),
         "fp32_bytes": float(4 * baseline.metrics["params"]),
     }
@@ -240,6 +242,7 @@ def _prepare(
         seed=cfg.seed,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
+        reference=shipped,
         folds=_cv_folds(cfg, plan, task, progress),
         device=device,
         constraints=plan.constraints,

@@ -29,10 +29,19 @@ from compressors import (
 )
 from compressors.runtime import INT8_MODULES
 from experiments import LOSSES, Baseline, EpochStats, Task, evaluate, fit, scores
-from experiments.metrics import count_flops, latency_ms, nonzero_params, peak_memory_bytes
+from experiments.metrics import (
+    count_flops,
+    interleaved_latency_ms,
+    latency_ms,
+    nonzero_params,
+    peak_memory_bytes,
+)
 from search.config.constraints import constraint_values
 from search.config.early_stop import EarlyStop
-from search.config.metrics import METRICS  # noqa: F401 - re-exported: what a trial measures
+from search.config.metrics import (
+    METRICS,  # noqa: F401 - re-exported: what a trial measures
+    batch_suffix,
+)
 from search.config.space import Recipe, SearchSpace
 from search.failures import phase
 from search.run.budget import WARM_START_ATTR, seed_trial
@@ -58,6 +67,8 @@ class SweepContext:
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement.
+        reference: The shipped baseline (its packed file, reloaded): each trial's latency is
+            timed against it, interleaved, for the speed-up. None: no speed-up is measured.
         constraints: Bounds on metrics (``search.constraints``), given to Optuna.
         early_stop: When fine-tuning stops early (pruner or Pareto dominance).
     """
@@ -72,6 +83,7 @@ class SweepContext:
     seed: int
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
+    reference: torch.nn.Module | None = None
     folds: tuple[tuple[Task, Baseline], ...] = ()
     device: str | None = None
     constraints: Mapping[str, float] = field(default_factory=dict)
@@ -134,7 +146,13 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                 "compressed_fraction": coverage(
                     ctx.space.build(recipe), ctx.baseline.model, ctx.task.example_inputs()
                 ),
-                **measure(shipped, ctx.task, ctx.latency_batch_sizes, ctx.latency_repeats),
+                **measure(
+                    shipped,
+                    ctx.task,
+                    ctx.latency_batch_sizes,
+                    ctx.latency_repeats,
+                    reference=ctx.reference,
+                ),
             }
             if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
                 metrics["val_acc_split"] = metrics["val_acc"]
@@ -249,10 +267,17 @@ def measure(
     task: Task,
     latency_batch_sizes: Sequence[int] = (1,),
     latency_repeats: int = 30,
+    *,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
     costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
-    size, and peak memory at the largest one."""
+    size, and peak memory at the largest one.
+
+    With a ``reference`` (the shipped baseline), each latency is timed in rounds alternating
+    with the reference's, and the ratio is logged as ``speedup`` (batch 1) and ``speedup_b<B>``:
+    a speed-up that other load on the machine does not move as it moves absolute times.
+    """
     largest = task.example_inputs(max(latency_batch_sizes))
     metrics = {
         **{f"val_{k}": v for k, v in scores(shipped, task.val, task.extra_scores).items()},
@@ -261,9 +286,26 @@ def measure(
         "peak_memory_bytes": peak_memory_bytes(shipped, largest),
     }
     for batch in latency_batch_sizes:
-        key = "latency_ms" if batch == 1 else f"latency_ms_b{batch}"
-        metrics[key] = latency_ms(shipped, task.example_inputs(batch), repeats=latency_repeats)
+        suffix = batch_suffix(batch)
+        inputs = task.example_inputs(batch)
+        if reference is None:
+            metrics[f"latency_ms{suffix}"] = latency_ms(shipped, inputs, repeats=latency_repeats)
+            continue
+        ms, reference_ms = interleaved_latency_ms(
+            shipped, reference, inputs, rounds=LATENCY_ROUNDS, repeats=_per_round(latency_repeats)
+        )
+        metrics[f"latency_ms{suffix}"] = ms
+        metrics[f"speedup{suffix}"] = reference_ms / ms
     return metrics
+
+
+#: Alternating rounds of a trial's latency against the baseline's.
+LATENCY_ROUNDS = 5
+
+
+def _per_round(repeats: int) -> int:
+    """Forwards per round: ``measure.latency_repeats`` spread over the rounds (3 at least)."""
+    return max(3, -(-repeats // LATENCY_ROUNDS))
 
 
 def int8_layers(model: torch.nn.Module) -> list[str]:
