@@ -1,13 +1,13 @@
 """How strong a front a few trials find: the default space and sampler against long runs.
 
-Per task and seed, four sweeps from the same cached baseline:
+Per task and seed, sweeps from the same cached baseline:
 
-- ``new@N``: the space of few dimensions (``space=budget``: structured pruning, then one
-  quantizer: per-tensor allocation to a target size, clustering or quantization; distillation;
-  warm starts) with the default sampler (TPE, multivariate and grouped);
-- ``old tpe@N``, ``old tpe@L`` and ``old random@L``: the default space as it was before warm
-  starts (``space=default``: structured, prune, quantize and distil, every knob searched, no warm
-  starts) with plain TPE and random search.
+- ``new <sampler>@N``: the default space (``space=default``: structured pruning, then one
+  quantizer: per-tensor allocation to a target size, clustering or quantization; warm starts)
+  with each sampler of ``--samplers`` (TPE multivariate and grouped, the default; Optuna's GP);
+- ``old tpe@N``, ``old tpe@L`` and ``old random@L``: the default as it was before
+  (``space=wide``: structured, prune, quantize and distil, every knob searched, no warm starts)
+  with plain TPE and random search.
 
 Every complete trial of every run on a task makes the **reference front** (the union of all
 points found). Printed per run: hypervolume of (val_acc, log10 size_bytes) over the reference
@@ -35,9 +35,9 @@ from search.run.pareto import hypervolume  # noqa: E402
 
 #: The earlier default: its space with quant as the quantizer, no warm starts (and TPE without
 #: multivariate / group).
-OLD = ["space=default", "space.pipeline=[structured,prune,quant,kd]", "search.warm_start=false"]
+OLD = ["space=wide", "space.pipeline=[structured,prune,quant,kd]", "search.warm_start=false"]
 #: The new default: few dimensions, allocation to a target size, warm starts.
-NEW = ["space=budget"]
+NEW = ["space=default"]
 OLD_TPE = [*OLD, "search.sampler=tpe", "++search.sampler_options={multivariate: false}"]
 
 
@@ -46,7 +46,7 @@ def legs(short: int, long: int, samplers: list[str]) -> list[tuple[str, list[str
         *(
             (
                 f"new {name}@{short}",
-                ["space=budget", f"search.sampler={name}", f"search.n_trials={short}"],
+                [*NEW, f"search.sampler={name}", f"search.n_trials={short}"],
             )
             for name in samplers
         ),

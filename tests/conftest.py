@@ -62,6 +62,7 @@ def sweep_overrides(
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"cache_dir={cache_dir}",
         f"output_dir={tmp_path}/trials",
+        "space=wide",  # every compressor's knob searched (the default space allocates)
         "space.finetune.epochs=2",
         "measure.latency_repeats=3",
         "threads=1",  # torch's spinning thread pool is many times slower on a busy 2-core machine

@@ -30,10 +30,11 @@ def test_expressions(text, expected):
 
 
 def _space(*overrides):
-    return SearchSpace.from_config(compose_config(list(overrides)).space)
+    """The wide space (every knob searched), changed by ``overrides``."""
+    return SearchSpace.from_config(compose_config(["space=wide", *overrides]).space)
 
 
-def test_default_space_samples_every_parameter_in_range():
+def test_wide_space_samples_every_parameter_in_range():
     space = _space()
     study = optuna.create_study(directions=["maximize", "minimize"])
     for _ in range(20):
@@ -68,6 +69,36 @@ def test_default_space_samples_every_parameter_in_range():
             "Distillation",
         ]
         study.tell(trial, [0.5, 1.0])
+
+
+def test_the_default_space_searches_few_dimensions():
+    space = SearchSpace.from_config(compose_config([]).space)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        recipe = space.sample(trial)
+        seen.add(recipe.pipeline)
+        assert recipe.pipeline[0] == "structured"
+        assert 0.0 <= recipe.compressors["structured"]["amount"] <= 0.8
+        method = recipe.pipeline[1]
+        assert set(trial.params) == {"pipeline", "structured.amount", *_searched(method)}
+        if method == "allocate":
+            assert 2.0 <= recipe.compressors["allocate"]["ratio"] <= 40.0
+        else:
+            assert 2 <= recipe.compressors[method]["bits"] <= 8
+        assert recipe.finetune == {
+            "epochs": 15,
+            "batch_size": 64,
+            "lr": 0.001,
+            "schedule": "constant",
+        }
+        study.tell(trial, [0.5, 1.0])
+    assert seen == {("structured", m) for m in ("allocate", "quant", "cluster")}
+
+
+def _searched(method: str) -> set[str]:
+    return {"allocate": {"allocate.ratio"}}.get(method, {f"{method}.bits"})
 
 
 def test_command_line_overrides_change_the_space():
@@ -109,7 +140,7 @@ def test_conditional_pipeline_samples_only_the_chosen_methods():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("space.prune.amount=1.5", r"'prune.amount' parameter of space 'default' must be a float"),
+        ("space.prune.amount=1.5", r"'prune.amount' parameter of space 'wide' must be a float"),
         ("space.prune.amount=interval(0.5, 1.5)", r"Got 'interval\(0.5, 1.5\)' instead"),
         ("space.quant.bits=0", r"'quant.bits' .* must be an int in \[1, 8\] or 'ternary'. Got 0"),
         ("space.quant.bits=interval(2, 8)", r"Use int\(interval\(a, b\)\) for integers"),

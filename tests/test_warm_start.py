@@ -47,7 +47,7 @@ def _warm(trials) -> list[int]:
 def test_warm_starts_run_first_and_once_across_a_resume(tmp_path, cache_dir):
     overrides = sweep_overrides(tmp_path, cache_dir, PIPELINES)
     plan = plan_sweep(compose_config(overrides), connect=False)
-    recipes = [r.params for r in plan.warm_start.recipes]  # conf/space/default.yaml's four
+    recipes = [r.params for r in plan.warm_start.recipes]  # conf/space/wide.yaml's four
     assert len(recipes) == 4 and not plan.warm_start.left_out
     assert all(r["pipeline"] == "structured+prune+quant+kd" for r in recipes)
 
@@ -118,6 +118,7 @@ def test_a_recipe_no_space_could_run_is_a_config_error_naming_it(recipe, message
 
 def test_a_recipe_this_space_cannot_produce_is_left_out_with_the_reason():
     overrides = [
+        "space=wide",
         "space.pipeline=[prune,quant]",  # as from the command line
         "space.quant.bits=int(interval(2, 6))",
         "space.warm_start=[{pipeline: prune+quant, quant.bits: 8}, {pipeline: quant}, "
