@@ -25,7 +25,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,6 +63,15 @@ def points(trials) -> list[tuple[float, float]]:
     ]
 
 
+def wall_seconds(trials) -> float:
+    """From the first trial's start to the last one's end (a continued run counts its trials'
+    own time, not the time spent reading them)."""
+    done = [t for t in trials if t.datetime_complete is not None]
+    return (
+        max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    ).total_seconds()
+
+
 def best_within(front, baseline_test: float, drop: float = 1.0) -> float | None:
     ok = front[100.0 * (baseline_test - front.test_acc) <= drop + 1e-9]
     return float(ok.compression_ratio.max()) if len(ok) else None
@@ -79,16 +87,22 @@ def main() -> int:
     parser.add_argument(
         "--samplers", nargs="+", default=["tpe", "gp"], help="samplers of the new space's runs"
     )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="the folder of an earlier run to continue: a run whose study is complete is read, "
+        "not run again (delete a run's folder to run it anew)",
+    )
     args = parser.parse_args()
     quiet()
-    root = Path(tempfile.mkdtemp(prefix="squeeze-search-quality-"))
+    root = args.root or Path(tempfile.mkdtemp(prefix="squeeze-search-quality-"))
     print(f"{args.seeds} seed(s), {args.threads} thread(s); runs in {root}", flush=True)
     for task in args.tasks:
         runs = []
         for seed in range(args.seeds):
             for name, overrides in legs(args.short, args.long, args.samplers):
                 folder = root / task / f"{name.replace(' ', '-').replace('@', '')}-s{seed}"
-                start = time.perf_counter()
                 result, trials = sweep(
                     folder,
                     [
@@ -100,7 +114,7 @@ def main() -> int:
                         *overrides,
                     ],
                 )
-                seconds = time.perf_counter() - start
+                seconds = wall_seconds(trials)
                 best = best_within(result.front, result.baseline["test_acc"])
                 runs.append((name, seed, points(trials), best, seconds, result.baseline))
                 shown = "none" if best is None else f"{best:.1f}x"

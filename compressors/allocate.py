@@ -16,7 +16,10 @@ chosen masks (`compressors.prune.Mask`) and grids (`compressors.quant.make_grid`
 fine-tunes as usual. The table is measured once per baseline and kept in the context's
 ``cache_dir`` (the trials and workers of a study share it). After fine-tuning, `finalize` checks
 the packed size and, in the rare case the file would pass the target, prunes the least sensitive
-weights until it does not.
+weights until it does not. A target out of reach (below the smallest allocation: every tensor at
+its most sparse and fewest bits, plus what is not compressed, such as biases, norms and the
+header) ships that smallest allocation, with a warning: in a search, structured pruning and the
+ratio are sampled independently, and such a trial is still the front's smallest point.
 
 As in HAWQ-V3 (mixed precision as an integer program) and NVIDIA Model Optimizer's AutoQuantize
 (per-layer formats from sensitivity scores under an effective-bits budget), but with pruning and
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -46,6 +50,8 @@ from compressors._targets import Target, targets
 from compressors.packing import packed_size, tensor_bytes
 from compressors.prune import Mask, smallest_mask
 from compressors.quant import half_biases, make_grid
+
+logger = logging.getLogger(__name__)
 
 #: Sparsities a tensor may get (each combined with every bit width and with float32).
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -133,25 +139,36 @@ class BudgetAllocation(Compressor):
         fixed = _overhead(model, found, half=self.bias == "fp16")
         payload_budget = budget - fixed
         best: tuple[int, list[int]] | None = None
+        smallest: tuple[int, list[int]] | None = None
         for _ in range(CALIBRATIONS):
             try:
                 choice = solve(table["bytes"], table["sensitivity"], payload_budget)
             except UnsupportedModelError:  # by the sum; LZMA may still bring the file under
                 choice = [int(i) for i in table["bytes"].argmin(axis=1)]
             size = packed_size(model, replace=self._replacement(model, settings, choice))
+            if smallest is None or size < smallest[0]:
+                smallest = (size, choice)
             if size <= budget and (best is None or size > best[0]):
                 best = (size, choice)
             if size <= budget and budget - size <= CLOSE_ENOUGH * budget:
                 break
             payload_budget += (budget - size) if size <= budget else (budget - size) - 1
         if best is None:
-            raise UnsupportedModelError(
-                f"allocate cannot fit {budget} bytes (ratio {self.ratio:g}): the smallest "
-                f"allocation found packs to {size} bytes (of which about {fixed} are tensors it "
-                f"does not compress, such as biases and norms, and the file's header); lower "
-                f"allocate.ratio, or allow fewer bits (allocate.min_bits) or more sparsity "
-                f"(allocate.max_sparsity)."
+            # Out of reach (a search samples structured pruning and the ratio independently):
+            # ship the smallest allocation, so the trial is still a point of the front.
+            best = smallest
+            logger.warning(
+                "allocate cannot fit %d bytes (ratio %g): the smallest allocation found packs "
+                "to %d bytes (of which about %d are tensors it does not compress, such as "
+                "biases and norms, and the file's header), and is used instead; lower "
+                "allocate.ratio, or allow fewer bits (allocate.min_bits) or more sparsity "
+                "(allocate.max_sparsity) to go further.",
+                budget,
+                self.ratio,
+                best[0],
+                fixed,
             )
+            budget = best[0]
         self.allocation = {name: settings[c] for name, c in zip(found, best[1], strict=True)}
         self._target_bytes = budget
         return self._apply(model, settings, best[1])

@@ -106,9 +106,24 @@ def test_bad_parameters_and_budgets_are_refused(digits_task, digits_baseline):
         get_compressor("allocate")(min_bits=6, max_bits=4)
     with pytest.raises(InvalidParameterError, match="'allocate.sensitivity'"):
         get_compressor("allocate")(sensitivity="hessian")
+
+
+def test_a_target_out_of_reach_ships_the_smallest_allocation_with_a_warning(
+    digits_task, digits_baseline, tmp_path, caplog
+):
     ctx = compression_context(digits_task, digits_baseline, seed=0)
-    with pytest.raises(UnsupportedModelError, match="packs to .* bytes .* lower allocate.ratio"):
-        get_compressor("allocate")(ratio=5000.0).compress(copy.deepcopy(digits_baseline.model), ctx)
+    sizes = {}
+    for ratio in (200.0, 5000.0):
+        allocator = get_compressor("allocate")(ratio=ratio)
+        with caplog.at_level("WARNING", logger="compressors.allocate"):
+            model = allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
+        assert "cannot fit" in caplog.text and "is used instead" in caplog.text
+        caplog.clear()
+        model = allocator.finalize(model, ctx)
+        sizes[ratio] = save_packed(model, tmp_path / f"{ratio}.sqz", like=digits_baseline.model)
+        # every tensor at the most sparsity and fewest bits allowed
+        assert set(allocator.allocation.values()) == {alloc.Setting(0.95, 2)}
+    assert sizes[200.0] == sizes[5000.0] < baseline_file_size(digits_baseline) / 40
 
 
 def test_a_detached_copy_can_be_changed_without_breaking_the_original(digits_task, digits_baseline):
