@@ -61,6 +61,9 @@ SAMPLES = 1024
 #: per-tensor layouts whose lengths vary by a few bytes).
 SLACK = 0.01
 _CACHE_VERSION = 2
+#: An empirical Fisher diagonal whose largest entry is below this is flat: a model at its loss's
+#: minimum (trained classifiers measured 3e-3 to 0.8; minilm, its own target, ~0).
+FLAT_FISHER = 1e-9
 #: Solves at most, each followed by packing the allocated model, to fit the file to the target.
 CALIBRATIONS = 5
 #: A file this close under the target (a fraction of it) ends the calibration.
@@ -257,6 +260,14 @@ def sensitivities(
     try:
         if method == "fisher":
             fisher = _fisher(model, found, x, y, teacher, ctx)
+            if max(float(f.max()) for f in fisher) < FLAT_FISHER:
+                raise UnsupportedModelError(
+                    "allocate.sensitivity=fisher needs gradients, but the task's loss is flat "
+                    "at this model (every squared gradient is below "
+                    f"{FLAT_FISHER:g}: a model whose targets are its own outputs, such as "
+                    "minilm's embeddings, is at the loss's minimum), so every setting would "
+                    "look free; use allocate.sensitivity=loss."
+                )
             return np.array(
                 [
                     [

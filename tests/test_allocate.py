@@ -137,3 +137,25 @@ def test_a_detached_copy_can_be_changed_without_breaking_the_original(digits_tas
     assert not torch.equal(clone(digits_task.val.x), expected)
     assert torch.equal(model(digits_task.val.x), expected)
     assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
+
+
+def test_fisher_is_refused_where_the_loss_is_flat(digits_task, digits_baseline):
+    """A model whose targets are its own outputs (as minilm's embeddings are) sits at the loss's
+    minimum: its gradients, hence Fisher sensitivities, are zero and would make every setting
+    look free."""
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    model = copy.deepcopy(digits_baseline.model).eval()
+    with torch.no_grad():
+        own = model(digits_task.train.x)
+    ctx = type(ctx)(
+        **{
+            **ctx.__dict__,
+            "teacher_outputs": own,
+            "loss": lambda out, _y, teacher: torch.nn.functional.mse_loss(out, teacher),
+        }
+    )
+    allocator = get_compressor("allocate")(ratio=8.0, sensitivity="fisher")
+    with pytest.raises(
+        UnsupportedModelError, match="loss is flat .* use allocate.sensitivity=loss"
+    ):
+        allocator.compress(model, ctx)
