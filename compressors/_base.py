@@ -204,9 +204,7 @@ class Compressor:
         return f"{type(self).__name__}({args})"
 
 
-def coverage(
-    compressors: list[Compressor], model: nn.Module, example_inputs: Any = None
-) -> float:
+def coverage(compressors: list[Compressor], model: nn.Module, example_inputs: Any = None) -> float:
     """Fraction of ``model``'s parameters that ``compressors`` together compress (a tied tensor
     counts once)."""
     found = targets(model)

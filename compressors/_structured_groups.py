@@ -35,11 +35,35 @@ logger = logging.getLogger(__name__)
 #: Layers whose output channels start a group.
 ROOTS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention, *RECURRENT)
 #: Autograd operations that use a plain tensor as a weight matrix, not element-wise.
-_MATRIX_OPS = {"Mm", "Addmm", "Bmm", "Baddbmm", "Mv", "Addmv", "Dot", "Convolution", "Embedding",
-               "EmbeddingBag", "Linear"}
+_MATRIX_OPS = {
+    "Mm",
+    "Addmm",
+    "Bmm",
+    "Baddbmm",
+    "Mv",
+    "Addmv",
+    "Dot",
+    "Convolution",
+    "Embedding",
+    "EmbeddingBag",
+    "Linear",
+}
 #: Autograd operations that only move or copy a tensor.
-_SHAPE_OPS = {"T", "Transpose", "Permute", "View", "Reshape", "Unsqueeze", "Squeeze", "Expand",
-              "Clone", "ToCopy", "Alias", "Unsafe_View", "UnsafeView"}
+_SHAPE_OPS = {
+    "T",
+    "Transpose",
+    "Permute",
+    "View",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Expand",
+    "Clone",
+    "ToCopy",
+    "Alias",
+    "Unsafe_View",
+    "UnsafeView",
+}
 
 
 def describe(name: str, module: nn.Module) -> str:
@@ -292,12 +316,14 @@ def coupled_groups(
             for root in range(offsets[g + 1] - offsets[g]):
                 found.setdefault(channels.find(offsets[g] + root), []).append((position[g], root))
         members = [groups[g] for g in component]
-        modules = tuple(dict.fromkeys(
-            names[item.dep.target.module]
-            for group in members
-            for item in group
-            if item.dep.target.module in names
-        ))
+        modules = tuple(
+            dict.fromkeys(
+                names[item.dep.target.module]
+                for group in members
+                for item in group
+                if item.dep.target.module in names
+            )
+        )
         unit = next((units[g] for g in component if units[g] != "channel"), "channel")
         label = " + ".join(labels[g] for g in component)
         coupled = CoupledGroup(label, modules, members, list(found.values()), unit)

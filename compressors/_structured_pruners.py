@@ -160,8 +160,12 @@ class AttentionHeadPruner(tp.pruner.function.BasePruningFunc):
 def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
     """Fresh pruner instances by layer type, for ``DependencyGraph.build_dependency``."""
     recurrent, attention = RecurrentPruner(), AttentionHeadPruner()
-    return {nn.RNN: recurrent, nn.GRU: recurrent, nn.LSTM: recurrent,
-            nn.MultiheadAttention: attention}
+    return {
+        nn.RNN: recurrent,
+        nn.GRU: recurrent,
+        nn.LSTM: recurrent,
+        nn.MultiheadAttention: attention,
+    }
 
 
 class _Opaque(torch.autograd.Function):
@@ -187,7 +191,7 @@ def _opaque_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     a recurrent layer from one node: its sequence, ``h_n`` and ``c_n``)."""
     if isinstance(module, nn.MultiheadAttention):
         names = ("query", "key", "value")
-        inputs = [*args[:3], *(kwargs[n] for n in names[len(args[:3]):] if n in kwargs)]
+        inputs = [*args[:3], *(kwargs[n] for n in names[len(args[:3]) :] if n in kwargs)]
     else:
         inputs = [args[0] if args else kwargs["input"]]
     inputs = [_tensor(t) for t in inputs]

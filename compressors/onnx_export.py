@@ -68,8 +68,6 @@ import io
 import logging
 import os
 import re
-import statistics
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -99,7 +97,7 @@ __all__ = [
     "OnnxExportError",
     "check_onnx",
     "export_onnx",
-    "ort_latency_ms",
+    "OrtModule",
     "ort_session",
 ]
 
@@ -361,24 +359,19 @@ def ort_session(
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_latency_ms(
-    session: onnxruntime.InferenceSession,
-    inputs: torch.Tensor,
-    *,
-    repeats: int = 30,
-    warmup: int = 5,
-) -> float:
-    """Median wall time of one run in milliseconds, after ``warmup`` untimed runs (as
-    `experiments.metrics.latency_ms` measures torch models)."""
-    feed = {session.get_inputs()[0].name: inputs.numpy()}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+class OrtModule(nn.Module):
+    """An ONNX Runtime session as a torch module: ``module(x)`` runs the graph on ``x`` (on the
+    CPU) and returns its first output as a tensor, so the project's evaluation and latency code
+    (`experiments.evaluate`, `experiments.metrics.latency_ms`) runs on the deployed graph."""
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        super().__init__()
+        self.session = session
+        self._input = session.get_inputs()[0].name
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        feed = {self._input: inputs.detach().cpu().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 # --- export ---------------------------------------------------------------------------------

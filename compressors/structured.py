@@ -131,9 +131,7 @@ class StructuredPruning(Compressor):
             for name, module in model.named_modules()
             if name in shrunk and isinstance(module, nn.MultiheadAttention)
         }
-        return [
-            name for name, t in found.items() if any(s.module_name in shrunk for s in t.sites)
-        ]
+        return [name for name, t in found.items() if any(s.module_name in shrunk for s in t.sites)]
 
     def check_model(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """`claims` of ``model``, after checking that it can be pruned consistently (and, given

@@ -27,7 +27,7 @@ FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost", "inter
 #: Failures that are not the recipe's: the trial is run again and uses no budget.
 INTERRUPTIONS = ("interrupted", "worker_lost")
 #: The steps of a trial a failure is attributed to (its user attribute ``fail_phase``).
-PHASES = ("compress", "fine-tune", "pack", "reload", "measure")
+PHASES = ("compress", "fine-tune", "pack", "reload", "export", "measure")
 #: Characters of a traceback kept in the Optuna user attribute ``fail_traceback`` (the end).
 TRACEBACK_ATTR_CHARS = 20_000
 #: Characters of a traceback kept in the MLflow artifact ``traceback.txt`` (the end).

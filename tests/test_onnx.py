@@ -34,14 +34,15 @@ from compressors import (  # noqa: E402
 from compressors.onnx_export import (  # noqa: E402
     EXACT_TOLERANCE,
     OnnxExportError,
+    OrtModule,
     check_onnx,
     export_onnx,
-    ort_latency_ms,
     ort_session,
 )
 from compressors.packing import read_tensors  # noqa: E402
-from experiments import Split, Task, TrainConfig  # noqa: E402
+from experiments import Split, Task, TrainConfig, evaluate  # noqa: E402
 from experiments.digits import digits_mlp  # noqa: E402
+from experiments.metrics import latency_ms  # noqa: E402
 from experiments.models import ConvNet1d  # noqa: E402
 from tests.zoo import tasks  # noqa: E402
 
@@ -206,8 +207,10 @@ def test_int8_layers_run_as_matmul_integer_on_the_files_own_codes(tmp_path):
         matmul="dequantize",
     )
     assert dequantized.ops["DequantizeLinear"] == 3 and "MatMulInteger" not in dequantized.ops
-    session = ort_session(dequantized.path, threads=1)
-    assert ort_latency_ms(session, task.example_inputs(4), repeats=3, warmup=1) > 0
+    deployed = OrtModule(ort_session(dequantized.path, threads=1))
+    assert latency_ms(deployed, task.example_inputs(4), repeats=3, warmup=1) > 0
+    float_model = load_packed(packed, task.build_model(), int8=False)
+    assert evaluate(deployed, task.val) == evaluate(float_model, task.val)
 
 
 def test_a_tied_embedding_and_output_layer_stay_one_initializer(tmp_path):
@@ -321,3 +324,43 @@ def test_read_tensors_gives_the_codes_of_every_layout(tmp_path):
     assert torch.equal(t.codes.codes * t.codes.tensors["scale"], t.value)
     reloaded = load_packed(packed, task.build_model(), int8=False)
     assert torch.equal(reloaded.net[3].weight.detach(), t.value)
+
+
+def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
+    """measure.runtime=onnxruntime: each trial's packed file is exported, checked in ONNX Runtime
+    and logged beside it; latency and the speed-up over the baseline's graph are timed there."""
+    from mlflow.tracking import MlflowClient
+
+    from search import compose_config, run_sweep
+    from tests.conftest import sweep_overrides
+
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=2",
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=0.5",
+        "space.quant.bits=choice(4, 8)",
+        "measure.runtime=onnxruntime",
+        "measure.latency_batch_sizes=[1,64]",
+        fresh_mlflow=True,
+    )
+    result = run_sweep(compose_config(overrides))
+    assert result.baseline["speedup"] == 1.0 and result.baseline["onnx_bytes"] > 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("squeeze")
+    children = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(children) == 2
+    for child in children:
+        metrics = child.data.metrics
+        assert metrics["onnx_max_abs_diff"] <= EXACT_TOLERANCE[0]
+        assert metrics["val_acc_onnx"] == pytest.approx(metrics["val_acc"], abs=1e-9)
+        # half the neurons and 4 or 8 bits: the graph is far smaller than the baseline's
+        assert metrics["onnx_bytes"] < result.baseline["onnx_bytes"] / 3
+        assert metrics["speedup"] > 0 and metrics["speedup_b64"] > 0
+        files = sorted(f.path for f in client.list_artifacts(child.info.run_id))
+        assert [Path(f).suffix for f in files] == [".onnx", ".sqz"]

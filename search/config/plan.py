@@ -17,6 +17,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -107,6 +108,13 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
             f"search.objectives {list(objectives)} and search.directions {list(directions)} "
             "must be non-empty lists of the same length (one direction per objective)."
         )
+    if cfg.measure.runtime == "onnxruntime":
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if find_spec(m) is None]
+        if missing:
+            raise ConfigError(
+                f"measure.runtime=onnxruntime needs {', '.join(missing)}: "
+                'pip install -e ".[onnx]" (or measure.runtime=torch).'
+            )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
     constraints = check_constraints(dict(search.constraints), known)

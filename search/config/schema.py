@@ -110,6 +110,7 @@ SCHEMA: dict[str, Any] = {
     "measure": {
         "latency_batch_sizes": ListOf(Integer(1, 1 << 20)),
         "latency_repeats": Integer(1, 100_000),
+        "runtime": Options(("torch", "onnxruntime")),
     },
     "search": {
         "study_name": Text(),

@@ -44,6 +44,7 @@ from search.run.budget import (
     budget_used,
     worker_id,
 )
+from search.run.deploy import deploy_onnx
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
@@ -223,9 +224,19 @@ def _prepare(
     baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
+    runtime = str(cfg.measure.runtime)
+    deployed = None
+    if runtime == "onnxruntime":  # the baseline's graph, once per process
+        folder = Path(cfg.output_dir) / plan.study_name
+        folder.mkdir(parents=True, exist_ok=True)
+        deployed = deploy_onnx(
+            baseline.folder / "model.sqz", task, folder / f"baseline-{os.getpid()}.onnx"
+        )
+    reference = deployed.module if deployed else shipped
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
-        **{k: float(v) for k, v in measure(shipped, task, *latency).items()},
+        **{k: float(v) for k, v in measure(shipped, task, *latency, timed=reference).items()},
+        **(deployed.metrics if deployed else {}),
         **{f"speedup{batch_suffix(batch)}": 1.0 for batch in latency[0]},
         "size_bytes": float(baseline_size),
         "fp32_bytes": float(4 * baseline.metrics["params"]),
@@ -242,7 +253,8 @@ def _prepare(
         seed=cfg.seed,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
-        reference=shipped,
+        reference=reference,
+        runtime=runtime,
         folds=_cv_folds(cfg, plan, task, progress),
         device=device,
         constraints=plan.constraints,

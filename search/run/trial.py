@@ -45,6 +45,7 @@ from search.config.metrics import (
 from search.config.space import Recipe, SearchSpace
 from search.failures import phase
 from search.run.budget import WARM_START_ATTR, seed_trial
+from search.run.deploy import deploy_onnx
 from search.run.tracking import Tracker
 
 
@@ -67,8 +68,11 @@ class SweepContext:
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement.
-        reference: The shipped baseline (its packed file, reloaded): each trial's latency is
-            timed against it, interleaved, for the speed-up. None: no speed-up is measured.
+        reference: The shipped baseline (its packed file, reloaded; in ONNX Runtime with
+            ``runtime="onnxruntime"``): each trial's latency is timed against it, interleaved,
+            for the speed-up. None: no speed-up is measured.
+        runtime: Where latency is timed: ``torch``, or ``onnxruntime`` (each trial's packed
+            file is also exported to ONNX and checked in ONNX Runtime, `search.run.deploy`).
         constraints: Bounds on metrics (``search.constraints``), given to Optuna.
         early_stop: When fine-tuning stops early (pruner or Pareto dominance).
     """
@@ -84,6 +88,7 @@ class SweepContext:
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
     reference: torch.nn.Module | None = None
+    runtime: str = "torch"
     folds: tuple[tuple[Task, Baseline], ...] = ()
     device: str | None = None
     constraints: Mapping[str, float] = field(default_factory=dict)
@@ -138,10 +143,18 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         with phase("reload"):
             shipped = load_packed(path, ctx.task.build_model())
 
+        #    With measure.runtime=onnxruntime, also export it to ONNX and check ONNX Runtime's
+        #    outputs against it: latency is then timed there.
+        deployed = None
+        if ctx.runtime == "onnxruntime":
+            with phase("export"):
+                deployed = deploy_onnx(path, ctx.task, path.with_suffix(".onnx"))
+
         # 6. Measure on the validation split (test accuracy is computed only for the front).
         with phase("measure"):
             metrics = {
                 "size_bytes": size,
+                **(deployed.metrics if deployed else {}),
                 "compression_ratio": ctx.baseline_size / size,
                 "compressed_fraction": coverage(
                     ctx.space.build(recipe), ctx.baseline.model, ctx.task.example_inputs()
@@ -152,6 +165,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                     ctx.latency_batch_sizes,
                     ctx.latency_repeats,
                     reference=ctx.reference,
+                    timed=deployed.module if deployed else None,
                 ),
             }
             if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
@@ -160,6 +174,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         run.log_metrics(metrics)
         run.log_params({"int8_layers": ",".join(int8_layers(shipped)) or "none"})
         run.log_artifact(path)
+        if deployed:
+            run.log_artifact(deployed.path)
         trial.set_user_attr("metrics", metrics)
 
         # 7. Constraints: only trials within all of them can be on the reported front.
@@ -269,15 +285,19 @@ def measure(
     latency_repeats: int = 30,
     *,
     reference: torch.nn.Module | None = None,
+    timed: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
     costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
     size, and peak memory at the largest one.
 
-    With a ``reference`` (the shipped baseline), each latency is timed in rounds alternating
-    with the reference's, and the ratio is logged as ``speedup`` (batch 1) and ``speedup_b<B>``:
-    a speed-up that other load on the machine does not move as it moves absolute times.
+    Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
+    its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
+    each latency is timed in rounds alternating with the reference's, and the ratio is logged as
+    ``speedup`` (batch 1) and ``speedup_b<B>``: a speed-up that other load on the machine does
+    not move as it moves absolute times.
     """
+    timed = shipped if timed is None else timed
     largest = task.example_inputs(max(latency_batch_sizes))
     metrics = {
         **{f"val_{k}": v for k, v in scores(shipped, task.val, task.extra_scores).items()},
@@ -289,10 +309,10 @@ def measure(
         suffix = batch_suffix(batch)
         inputs = task.example_inputs(batch)
         if reference is None:
-            metrics[f"latency_ms{suffix}"] = latency_ms(shipped, inputs, repeats=latency_repeats)
+            metrics[f"latency_ms{suffix}"] = latency_ms(timed, inputs, repeats=latency_repeats)
             continue
         ms, reference_ms = interleaved_latency_ms(
-            shipped, reference, inputs, rounds=LATENCY_ROUNDS, repeats=_per_round(latency_repeats)
+            timed, reference, inputs, rounds=LATENCY_ROUNDS, repeats=_per_round(latency_repeats)
         )
         metrics[f"latency_ms{suffix}"] = ms
         metrics[f"speedup{suffix}"] = reference_ms / ms
