@@ -57,6 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-drop", type=float, default=None, help="validation points allowed below baseline"
     )
     export.add_argument("--name", default=None, help="experiment name (default: <study>-t<N>)")
+    export.add_argument(
+        "--format",
+        choices=("config", "onnx"),
+        default="config",
+        help="config: the recipe as a Hydra experiment (default); onnx: the trial's model as an "
+        "ONNX graph checked in ONNX Runtime",
+    )
+    export.add_argument(
+        "--output", default=None, help="--format onnx: the .onnx path (default: <study>-t<N>.onnx)"
+    )
     export.add_argument("--force", action="store_true", help="overwrite an existing file")
     export.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
     run = _command(
@@ -279,6 +289,8 @@ def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespac
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
+    if args.format == "onnx":
+        return _export_onnx(args, console)
     conf_dir = _writable_config_dir(args.config_dir)
     cfg = _compose(args)  # (a mistyped key is reported before torch is imported)
     from search.results.reuse import export_trial, run_command
@@ -294,6 +306,39 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     )
     run = run_command(path.stem, config_dirs=args.config_dir, overrides=args.overrides)
     console.print(f"wrote {path}; rerun it with: {run}", highlight=False, markup=False)
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace, console: Console) -> int:
+    cfg = _compose(args)
+    from compressors.onnx_export import OnnxExportError
+    from search.results.reuse import export_onnx_trial
+    from search.run.deploy import OnnxMismatchError
+
+    try:
+        result = export_onnx_trial(
+            cfg,
+            args.study,
+            pick=args.pick,
+            max_drop=args.max_drop,
+            out=args.output and Path(args.output),
+            force=args.force,
+        )
+    except (OnnxExportError, OnnxMismatchError) as err:
+        Console(stderr=True).print(f"squeeze: error: {err}", highlight=False, markup=False)
+        return 1
+    deployed = result.deployed
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(deployed.export.ops.items()))
+    console.print(
+        f"wrote {deployed.path} (trial {result.trial}): {deployed.export.size_bytes:,} bytes; "
+        f"its packed .sqz file: {result.packed_bytes:,} bytes\n"
+        f"ONNX Runtime agrees with the torch model: {deployed.check.message}; validation score "
+        f"{deployed.metrics['val_acc_onnx']:.4f}\nops: {ops}",
+        highlight=False,
+        markup=False,
+    )
+    for note in deployed.export.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
     return 0
 
 

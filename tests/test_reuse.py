@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import pytest
@@ -73,6 +75,11 @@ def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp
     assert metrics["size_bytes"] == expected["size_bytes"]
     assert 0.5 < metrics["test_acc"] <= 1.0
     assert "(= the trial's)" in out
+    # the registered model ships an ONNX graph beside the packed file, checked in ONNX Runtime
+    files = {Path(f.path).name for f in client.list_artifacts(version.run_id, "model")}
+    assert {"model.sqz", "model.onnx", "config.yaml"} <= files
+    assert metrics["onnx_max_abs_diff"] < 1e-4 and metrics["onnx_bytes"] > 0
+    assert metrics["val_acc_onnx"] == pytest.approx(metrics["val_acc"])
 
     from search import load_registered as public_loader
 
@@ -84,6 +91,21 @@ def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp
     with torch.no_grad():
         accuracy = (model(task.val.x).argmax(1) == task.val.y).float().mean().item()
     assert accuracy == pytest.approx(expected["val_acc"])
+
+
+def test_export_as_onnx_writes_a_checked_graph_of_the_picked_trial(study, tmp_path, capsys):
+    workdir, overrides, _ = study
+    out = tmp_path / "knee.onnx"
+    args = ["export", "--study", "digits_mlp", "--format", "onnx", "--output", str(out)]
+    assert main([*args, *overrides]) == 0
+    printed = capsys.readouterr().out
+    knee = pick_trial(load_study(compose_config(overrides), "digits_mlp"), "knee")
+    packed = workdir / "trials" / "digits_mlp" / f"trial-{knee.number:04d}.sqz"
+    assert f"wrote {out} (trial {knee.number}): {out.stat().st_size:,} bytes" in printed
+    assert f"its packed .sqz file: {packed.stat().st_size:,} bytes" in printed
+    assert "ONNX Runtime agrees with the torch model" in printed
+    assert main([*args, *overrides]) == 2  # never over an existing file
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_run_without_an_experiment_is_a_config_error(study, capsys):

@@ -80,6 +80,11 @@ class SweepPlan:
     warm_start: WarmStarts = WarmStarts()
 
 
+def missing_onnx_extra() -> list[str]:
+    """The modules of the ``onnx`` extra (ONNX export and ONNX Runtime) that are not installed."""
+    return [m for m in ("onnx", "onnxruntime", "onnxscript") if find_spec(m) is None]
+
+
 def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     """Check every part of ``cfg`` before any work; raise `ConfigError` naming the bad key.
 
@@ -108,13 +113,11 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
             f"search.objectives {list(objectives)} and search.directions {list(directions)} "
             "must be non-empty lists of the same length (one direction per objective)."
         )
-    if cfg.measure.runtime == "onnxruntime":
-        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if find_spec(m) is None]
-        if missing:
-            raise ConfigError(
-                f"measure.runtime=onnxruntime needs {', '.join(missing)}: "
-                'pip install -e ".[onnx]" (or measure.runtime=torch).'
-            )
+    if cfg.measure.runtime == "onnxruntime" and missing_onnx_extra():
+        raise ConfigError(
+            f"measure.runtime=onnxruntime needs {', '.join(missing_onnx_extra())}: "
+            'pip install -e ".[onnx]" (or measure.runtime=torch).'
+        )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
     constraints = check_constraints(dict(search.constraints), known)

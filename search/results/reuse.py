@@ -5,12 +5,17 @@
   current directory; never over an existing file unless asked): the study's task, its seed, and
   a space whose every value is the chosen trial's (no ranges), with a comment naming the study,
   the trial and its metrics;
+- `export_onnx_trial` (``squeeze export --format onnx``) writes a chosen trial's model as an ONNX
+  graph (`compressors.onnx_export`), checked in ONNX Runtime against the torch model on the
+  validation split;
 - `recommend` picks the point ``squeeze sweep`` recommends (the knee within
   `RECOMMEND_MAX_DROP` validation points) and `next_commands` spells out the ``squeeze export``
   and ``squeeze run`` commands for it;
 - `run_experiment` (``squeeze run experiment=<name>``) reruns that recipe from the cached
-  baseline with the trial's seed, evaluates the shipped file on validation and test, logs an
-  MLflow run, and registers the model in the MLflow Model Registry under an alias;
+  baseline with the trial's seed, evaluates the shipped file on validation and test, exports it
+  to ONNX (with the ``onnx`` extra) and checks it in ONNX Runtime, logs an MLflow run, and
+  registers the model (the packed file, the ONNX graph, the config) in the MLflow Model Registry
+  under an alias;
 - `load_registered` loads a registered model back as a working torch model, from the packed file
   and the experiment's config only (no pickled code).
 """
@@ -18,6 +23,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import shlex
 import tempfile
@@ -38,11 +44,14 @@ from compressors import load_packed, save_packed
 from experiments import evaluate
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
-from search.config.plan import plan_sweep
+from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.storage import mask_url, open_storage
+from search.run.deploy import Deployed, deploy_onnx
 from search.run.tracking import experiment_id
 from search.run.trial import compress_recipe, measure
 from search.run.workload import load_workload
+
+logger = logging.getLogger(__name__)
 
 PICKS = ("knee", "max-acc", "min-size")
 #: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
@@ -178,6 +187,65 @@ def export_trial(
 
 
 @dataclass(frozen=True)
+class OnnxResult:
+    """What `export_onnx_trial` wrote: the picked trial, its graph and its packed file's bytes."""
+
+    trial: int
+    deployed: Deployed
+    packed_bytes: int
+
+
+def export_onnx_trial(
+    cfg: DictConfig,
+    study_name: str,
+    *,
+    pick: str = "knee",
+    max_drop: float | None = None,
+    out: Path | None = None,
+    force: bool = False,
+) -> OnnxResult:
+    """Write the picked trial's model as an ONNX graph (default ``./<study>-t<N>.onnx``),
+    checked in ONNX Runtime against the torch model on the validation split.
+
+    The trial's packed file is read from ``output_dir`` or, for a trial another machine ran,
+    from its MLflow run.
+
+    Raises:
+        ConfigError: If the file exists and ``force`` is not set, or the onnx extra is missing.
+        search.run.deploy.OnnxMismatchError: If ONNX Runtime's outputs are not the model's.
+    """
+    from search.run.pareto import trial_packed_file
+
+    if missing_onnx_extra():
+        raise ConfigError(
+            f"squeeze export --format onnx needs {', '.join(missing_onnx_extra())}: "
+            'pip install -e ".[onnx]".'
+        )
+    study = load_study(cfg, study_name)
+    trial = pick_trial(study, pick, max_drop=max_drop)
+    out = Path(out or f"{study_name}-t{trial.number}.onnx")
+    if out.exists() and not force:
+        raise ConfigError(
+            f"{out} already exists; squeeze export leaves it as it is. Overwrite it with "
+            "--force, or choose another path with --output."
+        )
+    task = load_workload(study_config(cfg, study)).task
+    client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = trial_packed_file(
+            Path(cfg.output_dir),
+            study_name,
+            trial.number,
+            trial.user_attrs.get("mlflow_run_id"),
+            client,
+            Path(tmp),
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        deployed = deploy_onnx(packed, task, out)
+        return OnnxResult(trial.number, deployed, packed.stat().st_size)
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What `run_experiment` produced."""
 
@@ -233,6 +301,10 @@ def run_experiment(
         **{k: float(v) for k, v in measure(shipped, task, (1,), 10).items()},
         "test_acc": evaluate(shipped, task.test),
     }
+    if not missing_onnx_extra():
+        metrics.update(deploy_onnx(path, task, folder / "model.onnx").metrics)
+    else:
+        logger.warning('ONNX not exported (pip install -e ".[onnx]" to ship model.onnx too)')
 
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     exp_id = experiment_id(client, str(cfg.tracking.uri), str(cfg.tracking.mlflow_experiment))

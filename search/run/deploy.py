@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from experiments import Task, evaluate
+
+if TYPE_CHECKING:
+    from compressors.onnx_export import OnnxCheck, OnnxExport
 
 #: ``measure.runtime`` values.
 RUNTIMES = ("torch", "onnxruntime")
@@ -34,11 +38,15 @@ class Deployed:
             difference from the torch model's outputs on validation) and ``val_acc_onnx`` (the
             validation score of ONNX Runtime's outputs).
         path: The ``.onnx`` file.
+        export: What the export made (ops, exporter, notes such as sparsity stored dense).
+        check: How ONNX Runtime's outputs compared with the torch model's.
     """
 
     module: torch.nn.Module
     metrics: dict[str, float]
     path: Path
+    export: OnnxExport
+    check: OnnxCheck
 
 
 def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = None) -> Deployed:
@@ -62,4 +70,4 @@ def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = No
         "onnx_max_abs_diff": check.max_abs_diff,
         "val_acc_onnx": evaluate(module, task.val),
     }
-    return Deployed(module, metrics, out)
+    return Deployed(module, metrics, out, exported, check)

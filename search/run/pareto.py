@@ -170,11 +170,20 @@ def trial_model(
 ) -> nn.Module:
     """A trial's shipped model: its packed file loaded into ``build_model()``, from the local copy
     or else from its MLflow run (a trial run by a worker on another machine)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trial_packed_file(output_dir, study_name, number, run_id, client, Path(tmp))
+        return load_packed(path, build_model())
+
+
+def trial_packed_file(
+    output_dir: Path, study_name: str, number: int, run_id: str, client: MlflowClient, tmp: Path
+) -> Path:
+    """A trial's packed file: the local copy, or else a download from its MLflow run into
+    ``tmp``."""
     local = trial_file(output_dir, study_name, number)
     if local.exists():
-        return load_packed(local, build_model())
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_packed(client.download_artifacts(run_id, local.name, tmp), build_model())
+        return local
+    return Path(client.download_artifacts(run_id, local.name, str(tmp)))
 
 
 def plot_front(
