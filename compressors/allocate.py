@@ -28,13 +28,11 @@ quantization together and the budget in real bytes of the shipped file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from torch import nn
 
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import Integer, InvalidParameterError, Options, Real
+from compressors._quiet import native_stdout_silenced
 from compressors._targets import Target, targets
 from compressors.packing import packed_size, tensor_bytes
 from compressors.prune import Mask, smallest_mask
@@ -353,7 +352,7 @@ def solve(costs: np.ndarray, values: np.ndarray, budget: float) -> list[int]:
     ]
     # Sensitivities are shifted to be positive per row (the choice is unchanged: one per row).
     objective = (values - values.min(axis=1, keepdims=True)).reshape(-1)
-    with _native_stdout_silenced():  # HiGHS's C++ prints debug lines on some problems
+    with native_stdout_silenced():  # HiGHS's C++ prints debug lines on some problems
         result = milp(
             objective,
             constraints=constraints,
@@ -363,20 +362,6 @@ def solve(costs: np.ndarray, values: np.ndarray, budget: float) -> list[int]:
     if result.x is None:
         raise RuntimeError(f"allocate: the knapsack solver failed ({result.message})")
     return [int(i) for i in np.round(result.x).reshape(rows, options).argmax(axis=1)]
-
-
-@contextlib.contextmanager
-def _native_stdout_silenced() -> Iterator[None]:
-    """Send what native code writes to file descriptor 1 to /dev/null meanwhile."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def apply_settings(

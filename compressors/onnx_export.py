@@ -63,10 +63,8 @@ merged into another tensor stays float32 (a note names it).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import logging
-import os
 import re
 import warnings
 from collections import Counter
@@ -79,6 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors._quiet import native_stdout_silenced
 from compressors._targets import targets
 from compressors.packing import PackedTensor, int8_layers, load_packed, read_tensors
 
@@ -468,34 +467,13 @@ def _quiet(*, native: bool = False) -> Iterator[None]:
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
-            _native_stdout_silenced() if native else contextlib.nullcontext(),
+            native_stdout_silenced() if native else contextlib.nullcontext(),
         ):
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def _native_stdout_silenced() -> Iterator[None]:
-    """Point file descriptor 1 at /dev/null, flushing C's buffers on both sides (where the C
-    library can be loaded; elsewhere native output is left alone)."""
-    try:
-        flush = ctypes.CDLL(None).fflush
-    except (OSError, AttributeError):
-        yield
-        return
-    flush(None)
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        flush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _fixed_axes(proto: onnx.ModelProto, example: torch.Tensor) -> list[str]:
