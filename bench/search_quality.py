@@ -88,6 +88,12 @@ def main() -> int:
         "--samplers", nargs="+", default=["tpe", "gp"], help="samplers of the new space's runs"
     )
     parser.add_argument(
+        "--long-seeds",
+        type=int,
+        default=None,
+        help="run the long legs for the first K seeds only (default: every seed)",
+    )
+    parser.add_argument(
         "--root",
         type=Path,
         default=None,
@@ -102,6 +108,8 @@ def main() -> int:
         runs = []
         for seed in range(args.seeds):
             for name, overrides in legs(args.short, args.long, args.samplers):
+                if name.endswith(f"@{args.long}") and seed >= (args.long_seeds or args.seeds):
+                    continue
                 folder = root / task / f"{name.replace(' ', '-').replace('@', '')}-s{seed}"
                 result, trials = sweep(
                     folder,
