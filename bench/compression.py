@@ -2,7 +2,7 @@
 
 For each task, in one run:
 
-1. a **size** sweep (objectives: validation accuracy, packed file bytes) over the default space
+1. a **size** sweep (objectives: validation accuracy, packed file bytes) over the wide space
    with binary / ternary / k-bit weights; reported: the front point with the largest size ratio
    whose *test* accuracy is at most 1 point below the baseline's (the sweep itself chose the front
    on validation; test accuracy is only read for that front);
@@ -43,10 +43,12 @@ from search.run.trial import compress_recipe  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
 SIZE_SPACE = [
+    "space=wide",
     "space.pipeline=[structured, prune, quant, kd]",
     "space.quant.bits=choice(1, ternary, 2, 3, 4, 6, 8)",
 ]
 SPEED_SPACE = [
+    "space=wide",
     "space.pipeline=choice(structured+quant, structured+quant+kd, structured+lowrank+quant, "
     "lowrank+quant)",
     "space.structured.amount=interval(0.3, 0.9)",

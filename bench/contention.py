@@ -43,6 +43,7 @@ def sweep(root: Path, name: str, setting: str, trials: int) -> tuple[float, int 
         "sweep",
         f"search.n_trials={trials}",
         f"cache_dir={root / 'cache'}",
+        "space=wide",
         *([] if setting == "default" else [setting]),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_LOGGING_LEVEL": "WARNING"}

@@ -149,7 +149,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="squeeze-overhead-"))
-    base = [f"cache_dir={root / 'cache'}", f"threads={args.threads}"]
+    base = [f"cache_dir={root / 'cache'}", "space=wide", f"threads={args.threads}"]
     # Untimed warm-up: trains and caches the baseline, and pays the one-time costs of a process
     # (first autograd calls, SQL statement compilation, font loading) for both legs.
     interleaved_run([*base, "search.n_trials=2"], root / "warmup")

@@ -82,7 +82,7 @@ def main() -> int:
     rounds = args.rounds or (3 if args.full else 2)
     quiet()
     root = Path(tempfile.mkdtemp(prefix="squeeze-scaling-"))
-    extra = [f"space.finetune.epochs={args.epochs}"]
+    extra = ["space=wide", f"space.finetune.epochs={args.epochs}"]
     leg(root, 1, 2, args.storage, extra)  # untimed warm-up: trains and caches the baseline
     rates: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     for r in range(rounds):
