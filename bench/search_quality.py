@@ -4,7 +4,7 @@ Per task and seed, sweeps from the same cached baseline:
 
 - ``new <sampler>@N``: the default space (``space=default``: structured pruning, then one
   quantizer: per-tensor allocation to a target size, clustering or quantization; warm starts)
-  with each sampler of ``--samplers`` (TPE multivariate and grouped, the default; Optuna's GP);
+  with each sampler of ``--samplers`` (Optuna's GP, the default; TPE multivariate and grouped);
 - ``old tpe@N``, ``old tpe@L`` and ``old random@L``: the default as it was before
   (``space=wide``: structured, prune, quantize and distil, every knob searched, no warm starts)
   with plain TPE and random search.
@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=100, help="trials of the long runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--samplers", nargs="+", default=["tpe", "gp"], help="samplers of the new space's runs"
+        "--samplers", nargs="+", default=["gp", "tpe"], help="samplers of the new space's runs"
     )
     parser.add_argument(
         "--long-seeds",

@@ -58,7 +58,7 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(four_trials):
     assert parent.data.metrics["baseline_val_acc"] > 0.9
     assert parent.data.metrics["baseline_test_acc"] > 0.9
     assert parent.data.params["data.train_size"] == "1077"
-    assert parent.data.params["search.sampler"] == "tpe"
+    assert parent.data.params["search.sampler"] == "gp"
     for child in children:
         assert child.info.status == "FINISHED"
         for metric in (
