@@ -41,9 +41,9 @@ SPACES = {
         "space.structured.amount=interval(0.1, 0.8)",
         "space.quant.bits=8",
     ],
-    "minilm": [
-        "space.pipeline=[structured,quant]",
-        "space.structured.amount=interval(0.1, 0.5)",
+    "minilm": [  # (removing 10% of the heads and FFN neurons cost 0.09 of cosine in a run)
+        "space.pipeline=choice(quant, structured+quant)",
+        "space.structured.amount=interval(0.02, 0.3)",
         "space.quant.bits=8",
         "space.quant.embeddings=8",
         "space.quant.runtime=choice(float, int8)",
