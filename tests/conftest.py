@@ -49,9 +49,15 @@ def _empty_mlflow_db() -> Path:
 
 
 def sweep_overrides(
-    tmp_path, cache_dir, *extra: str, storage: str | None = None, fresh_mlflow: bool = False
+    tmp_path,
+    cache_dir,
+    *extra: str,
+    storage: str | None = None,
+    fresh_mlflow: bool = False,
+    space: str | None = "wide",
 ) -> list[str]:
-    """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session).
+    """Overrides that keep a sweep small and inside ``tmp_path`` (cache shared by the session),
+    on the wide space by default (``space=None``: the one the task or experiment names).
 
     ``tmp_path/mlflow.db`` starts as a copy of an empty MLflow store made once per session, unless
     it exists or ``fresh_mlflow`` asks the sweep to create it (as a first sweep does)."""
@@ -62,7 +68,7 @@ def sweep_overrides(
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"cache_dir={cache_dir}",
         f"output_dir={tmp_path}/trials",
-        "space=wide",  # every compressor's knob searched (the default space allocates)
+        *([f"space={space}"] if space else []),  # wide: every compressor's knob searched
         "space.finetune.epochs=2",
         "measure.latency_repeats=3",
         "threads=1",  # torch's spinning thread pool is many times slower on a busy 2-core machine

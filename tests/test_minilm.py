@@ -182,7 +182,7 @@ def test_minilm_sweep_runs_a_trial(tmp_path, cache_dir):
     cfg = compose_config(
         [
             "experiment=minilm",
-            *sweep_overrides(tmp_path, cache_dir),
+            *sweep_overrides(tmp_path, cache_dir, space=None),  # the minilm space
             "search.n_trials=1",
             "space.finetune.epochs=1",
             "space.pipeline=[prune,quant,kd]",

@@ -143,7 +143,7 @@ def test_a_recipe_this_space_cannot_produce_is_left_out_with_the_reason():
     [
         (["search.sampler=cmaes"], "Unknown sampler 'cmaes' .* Available: tpe, nsga2, random, gp"),
         (
-            ["+search.sampler_options.multivariat=true"],
+            ["search.sampler=tpe", "+search.sampler_options.multivariat=true"],
             r"Unknown option\(s\) 'multivariat' in search.sampler_options for sampler 'tpe'. "
             r"Allowed: .*multivariate, group",
         ),
@@ -193,6 +193,7 @@ def test_tpe_multivariate_group_runs_a_conditional_space(tmp_path, cache_dir):
         cache_dir,
         "search.n_trials=3",
         "search.warm_start=false",
+        "search.sampler=tpe",
         "space.pipeline=choice(prune+quant, structured+quant+kd)",
         "+search.sampler_options={multivariate: true, group: true, n_startup_trials: 1}",
     )
