@@ -284,8 +284,10 @@ def read_tensors(path: str | os.PathLike) -> dict[str, PackedTensor]:
     return records
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """``(state, header, raw tensors)`` of a packed file."""
+def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
+    """``(payload, lzma)``: a packed file's safetensors payload (decompressed) and whether the
+    file holds it LZMA-compressed, after the checks every reader makes (magic, format,
+    checksum). The file's size is `HEADER_BYTES` plus the payload's, or its LZMA stream's."""
     data = Path(path).read_bytes()
     if data[:3] == MAGIC[:3] and data[:4] != MAGIC:
         raise PackedFileError(
@@ -300,7 +302,15 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]
             f"{path} is truncated or corrupted: its checksum does not match ({len(data)} bytes)"
         )
     try:
-        payload = lzma.decompress(body) if data[4] == _LZMA else body
+        return (lzma.decompress(body) if data[4] == _LZMA else body), data[4] == _LZMA
+    except lzma.LZMAError as err:  # checksum passed
+        raise PackedFileError(f"{path} cannot be decoded: {err}") from None
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """``(state, header, raw tensors)`` of a packed file."""
+    payload, _ = read_payload(path)
+    try:
         (header_len,) = struct.unpack("<Q", payload[:8])
         header = json.loads(payload[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["squeeze"])

@@ -17,6 +17,7 @@ from experiments._objectives import (
     mean_cosine,
     mse_loss,
     neighbour_agreement,
+    prediction_agreement,
 )
 from experiments._task import Split, Task, TrainConfig, cv_folds
 from experiments._training import EpochStats, evaluate, fit, predict_outputs, scores
@@ -42,5 +43,6 @@ __all__ = [
     "mse_loss",
     "neighbour_agreement",
     "predict_outputs",
+    "prediction_agreement",
     "scores",
 ]

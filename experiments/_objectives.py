@@ -4,7 +4,7 @@ A loss is ``loss(outputs, targets, teacher) -> scalar`` (`LossFn`), where ``teac
 teacher's outputs on the same batch, or None. A score is ``score(outputs, targets) -> float``,
 higher is better. Classifiers use `ce_loss` and `accuracy`; embedding models, whose targets are
 reference embeddings, use `cosine_loss` and `mean_cosine` (`neighbour_agreement` is a retrieval
-check).
+check). `prediction_agreement` compares two models' decisions rather than a model with targets.
 """
 
 from __future__ import annotations
@@ -63,6 +63,28 @@ def neighbour_agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of rows whose nearest other row (by cosine) is the same under ``outputs`` as under
     ``targets``: does retrieval with the compressed embeddings find what the original found?"""
     return (_nearest(outputs) == _nearest(targets)).float().mean().item()
+
+
+def prediction_agreement(
+    outputs: torch.Tensor, reference: torch.Tensor, *, kind: str = "logits"
+) -> float:
+    """Fraction of inputs on which a model decides as a reference model did (``reference``:
+    the reference's outputs on the same inputs): the same top-1 class for ``logits``, the same
+    nearest other row (`neighbour_agreement`) for ``embeddings``. 1.0 for the reference itself.
+    """
+    if kind not in OUTPUTS:
+        raise ValueError(
+            f"The 'kind' parameter must be one of {', '.join(map(repr, OUTPUTS))}. "
+            f"Got {kind!r} instead."
+        )
+    if outputs.shape != reference.shape:
+        raise ValueError(
+            f"outputs {tuple(outputs.shape)} and reference {tuple(reference.shape)} must have "
+            "the same shape (one row per input, in the same order)."
+        )
+    if kind == "embeddings":
+        return neighbour_agreement(outputs, reference)
+    return (outputs.argmax(dim=1) == reference.argmax(dim=1)).float().mean().item()
 
 
 def _nearest(embeddings: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Measurements of a model as shipped: nonzero parameters, FLOPs, CPU latency and peak memory.
+"""Measurements of a model as shipped: nonzero parameters, FLOPs, CPU latency and peak memory,
+and its agreement with the uncompressed model (`agreement`).
 
 Shipped models may hold dynamic-quantized layers (``torch.ao.nn.quantized.dynamic.Linear``,
 ``LSTM``, ``GRU`` and the cells), whose weights are quantized (or float16) tensors inside packed
@@ -37,6 +38,10 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from experiments._objectives import prediction_agreement
+from experiments._task import Split
+from experiments._training import predict_outputs
 
 #: Recurrent layers whose FLOPs `count_flops` works out from their weights' shapes.
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase, PackedRNN, PackedRNNCell)
@@ -266,3 +271,19 @@ def peak_memory_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
     with tracker:
         model(inputs)
     return weights + inputs.numel() * inputs.element_size() + tracker.peak
+
+
+def agreement(
+    model: nn.Module, reference_outputs: torch.Tensor, split: Split, *, outputs: str = "logits"
+) -> float:
+    """Share of ``split``'s inputs on which ``model`` decides as the uncompressed model did:
+    the same top-1 class (``outputs="logits"``), or the same nearest neighbour among the
+    split's inputs (``"embeddings"``, `experiments.neighbour_agreement`).
+
+    Args:
+        model: The (compressed, shipped) model.
+        reference_outputs: The uncompressed model's outputs on ``split.x``, computed once.
+        split: The inputs.
+        outputs: What the models output, one of `experiments.OUTPUTS`.
+    """
+    return prediction_agreement(predict_outputs(model, split.x), reference_outputs, kind=outputs)

@@ -23,6 +23,12 @@ _EXPORTS = {
     "run_experiment": "search.results.reuse",
     "load_registered": "search.results.reuse",
     "build_report": "search.results.report",
+    "Explanation": "search.results.explain",
+    "explain_trial": "search.results.explain",
+    "explain_model": "search.results.explain",
+    "byte_breakdown": "search.results.explain",
+    "agreement_report": "search.results.explain",
+    "attribution_fidelity": "search.results.explain",
 }
 
 __all__ = sorted(_EXPORTS)

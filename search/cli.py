@@ -25,6 +25,7 @@ _EPILOG = """examples:
   squeeze sweep task=mnist1d_cnn space.prune.amount='interval(0.5, 0.98)' search.sampler=nsga2
   squeeze export --study digits_mlp --pick knee --max-drop 1.0
   squeeze run experiment=digits_mlp-t7
+  squeeze explain --study digits_mlp --trial 7      # bytes per layer, flipped predictions
   squeeze sweep search.n_jobs=2 search.storage=postgresql+psycopg2://user@host/db
   squeeze worker search.storage=postgresql+psycopg2://user@host/db   # on another machine
   mlflow ui --backend-store-uri sqlite:///mlflow.db
@@ -79,6 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report.add_argument("--study", required=True, help="study name (search.study_name)")
     report.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
+    # squeeze explain: what compression changed in one trial
+    explain = _command(
+        commands,
+        "explain",
+        "what compression changed in a trial: bytes per layer, flipped predictions, "
+        "attribution fidelity",
+    )
+    explain.add_argument("--study", required=True, help="study name (search.study_name)")
+    explain.add_argument("--trial", required=True, help="a complete trial's number, or baseline")
+    explain.add_argument(
+        "--samples", type=int, default=None, help="validation samples attributed (64; tokens 16)"
+    )
+    explain.add_argument(
+        "--no-attributions", action="store_true", help="bytes and agreement only (fast)"
+    )
+    explain.add_argument("overrides", nargs="*", help="overrides naming storage and tracking")
     inspect = _command(commands, "inspect", "dataset analysis and model summary of a task")
     inspect.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
     sensitivity = _command(
@@ -97,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     worker.add_argument("overrides", nargs="*", help="the same overrides as its sweep")
     worker.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    for command in (sweep, worker, export, run, report, inspect, sensitivity):
+    for command in (sweep, worker, export, run, report, explain, inspect, sensitivity):
         command.add_argument(
             "--config-dir",
             action="append",
@@ -125,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, console)
         if args.command == "report":
             return _report(args, console)
+        if args.command == "explain":
+            return _explain(args, console)
         if args.command == "inspect":
             return _inspect(args, console)
         if args.command == "sensitivity":
@@ -407,6 +426,32 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"wrote {len(report.files)} files to {report.folder} (open report.html)"
         + (f"; logged to MLflow run {report.parent_run_id}" if report.parent_run_id else ""),
+        highlight=False,
+    )
+    return 0
+
+
+def _explain(args: argparse.Namespace, console: Console) -> int:
+    """``squeeze explain``: print the trial's explanation; its files are written
+    under ``<output_dir>/<study>/explain/`` and logged to the trial's MLflow run."""
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be a positive int. Got {args.samples} instead.")
+    cfg = _compose(args)
+    from search.results.explain import console_tables, explain_trial
+
+    explanation = explain_trial(
+        cfg,
+        args.study,
+        args.trial,
+        attributions=not args.no_attributions,
+        samples=args.samples,
+    )
+    for renderable in console_tables(explanation):
+        console.print(renderable, highlight=False)
+    folder = explanation.files[0].parent if explanation.files else None
+    console.print(
+        f"wrote {len(explanation.files)} files to {folder}"
+        + (f"; logged to MLflow run {explanation.run_id}" if explanation.run_id else ""),
         highlight=False,
     )
     return 0

@@ -102,7 +102,8 @@ def test_the_folder_carries_plotly_js_once(study):
     assert [p.name for p in scripts] == [PLOTLY_JS]
     assert scripts[0].read_text() == plotly.offline.get_plotlyjs()
     pages = list(folder.glob("*.html"))
-    assert len(pages) == 1 + len([n for n in FIGURES if (folder / f"{n}.html").exists()])
+    figures = [*FIGURES, "bytes_per_layer"]  # (the last: what compression changed, per layer)
+    assert len(pages) == 1 + len([n for n in figures if (folder / f"{n}.html").exists()])
     for page in pages:  # each 4.8 MB before, plotly.js inlined in every one
         text = page.read_text()
         assert page.stat().st_size < 200_000, page.name
@@ -171,7 +172,7 @@ def test_a_figure_without_data_is_left_out_with_a_note(study, cache_dir):
     for name in ("hypervolume", "param_importance", "params_vs_accuracy", "finetune_curves"):
         assert f"{name}.png" not in names and f"{name}.html" not in names, name
     page = (report / "report.html").read_text()
-    assert page.count("Plotly.newPlot") == 1
+    assert page.count("Plotly.newPlot") == 2  # the front, and the front point's bytes per layer
     notes = re.findall(r"<p class='note'><b>([a-z ]+)</b>: left out, ([^<]+)\.</p>", page)
     two = "it needs at least 2 complete trials and the study has 1"
     assert dict(notes) == {

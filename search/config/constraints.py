@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from search._errors import ConfigError
 
 #: Metrics where a constraint is a lower bound (higher is better); every other one is an upper one.
-LOWER_BOUNDS = frozenset({"val_acc", "compression_ratio", "speedup"})
+LOWER_BOUNDS = frozenset({"val_acc", "val_agreement", "compression_ratio", "speedup"})
 #: Constraint names that are a scaled metric: name -> (metric, factor).
 SCALED = {"size_kb": ("size_bytes", 1e-3)}
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 #: baseline's latency over the trial's, both timed in alternating rounds (`batch_metrics`).
 #: Each extra score of the task (e.g.
 #: ``retrieval``) adds ``val_<name>``. ``compressed_fraction`` is the fraction of the baseline's
-#: parameters that the recipe's compressors act on.
+#: parameters that the recipe's compressors act on. ``val_agreement`` is the share of validation
+#: inputs on which the trial's model decides as the baseline did (the same top-1 class; the same
+#: nearest neighbour for an embedding task).
 METRICS = (
     "val_acc",
     "size_bytes",
@@ -24,6 +26,7 @@ METRICS = (
     "speedup",
     "peak_memory_bytes",
     "compressed_fraction",
+    "val_agreement",
 )
 
 

@@ -17,7 +17,12 @@ run under ``report/``:
   (`optuna.importance`), parameters vs the first objective, and the fine-tuning curves of the
   front's trials. A figure with nothing to show is left out, with a line in report.html saying why;
 - ``plotly.min.js``, once: report.html and every figure's HTML load it from the folder, so the
-  folder works offline.
+  folder works offline;
+- what compression changed in each front point (`search.results.explain`): bytes per layer,
+  baseline beside each point (``bytes_per_layer.csv`` / ``.png`` / ``.html``), agreement with
+  the baseline's predictions (``agreement.csv``, ``flipped.csv``), attribution fidelity
+  (``attribution_fidelity.csv``, ``attributions_trial_<N>.png``); each point's own files are
+  also logged to its MLflow run under ``explain/``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, evaluate, mean_cosine, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
+from search.results.explain import explain_front  # noqa: E402
 from search.results.reuse import load_study, study_config  # noqa: E402
 from search.run.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
@@ -160,6 +166,17 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         plt.close(fig_png)
         fig_html.write_html(page, include_plotlyjs="directory")  # the folder's PLOTLY_JS
         files += [png, page]
+    # What compression changed: bytes per layer, agreement, attributions
+    explained, explain_html = explain_front(
+        study,
+        task,
+        baseline,
+        client,
+        output_dir=Path(study_cfg.output_dir),
+        front_ids=front_ids,
+        folder=folder,
+    )
+    files += explained
     counts = trials.state.value_counts().to_dict()
     states = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
     summary = ", ".join(f"{counts.get(s, 0)} {word}" for s, word in states.items())
@@ -180,6 +197,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
             metrics=metrics,
             balance=balance,
             data_files=[p.name for p in files if p.suffix in (".csv", ".json", ".parquet")],
+            explain=explain_html,
         )
     )
 
@@ -567,6 +585,7 @@ def _write_page(
     metrics: pd.DataFrame,
     balance: pd.DataFrame,
     data_files: list[str],
+    explain: str = "",
 ) -> Path:
     sections = []
     for name in FIGURES:
@@ -601,6 +620,7 @@ def _write_page(
         f"<p>Files: {links}</p>"
         "<h2>Figures</h2>"
         + "".join(sections)
+        + explain  # what compression changed (search.results.explain)
         + "".join(
             f"<h2>{title}</h2>{table.to_html(float_format=lambda v, f=fmt: format(v, f))}"
             for title, table, fmt in tables

@@ -12,7 +12,8 @@
   `RECOMMEND_MAX_DROP` validation points) and `next_commands` spells out the ``squeeze export``
   and ``squeeze run`` commands for it;
 - `run_experiment` (``squeeze run experiment=<name>``) reruns that recipe from the cached
-  baseline with the trial's seed, evaluates the shipped file on validation and test, exports it
+  baseline with the trial's seed, evaluates the shipped file on validation and test (and its
+  agreement with the baseline, with `search.results.explain`'s files under ``explain/``), exports it
   to ONNX (with the ``onnx`` extra) and checks it in ONNX Runtime, logs an MLflow run, and
   registers the model (the packed file, the ONNX graph, the config) in the MLflow Model Registry
   under an alias;
@@ -41,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import evaluate
+from experiments import evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
@@ -296,9 +297,13 @@ def run_experiment(
     size = save_packed(model, path, like=baseline.model)
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
     shipped = load_packed(path, task.build_model())
+    val_reference = predict_outputs(baseline.model, task.val.x)  # for val_agreement
     metrics = {
         "size_bytes": float(size),
-        **{k: float(v) for k, v in measure(shipped, task, (1,), 10).items()},
+        **{
+            k: float(v)
+            for k, v in measure(shipped, task, (1,), 10, reference_outputs=val_reference).items()
+        },
         "test_acc": evaluate(shipped, task.test),
     }
     if not missing_onnx_extra():
@@ -323,6 +328,13 @@ def run_experiment(
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.log_artifacts(run_id, str(folder), MODEL_DIR)
+    # What compression changed, logged beside the model under explain/
+    from search.results.explain import explain_model, write_explanation
+
+    explanation = explain_model(path, task, baseline, name=str(cfg.run.name))
+    explain_dir = Path(cfg.output_dir) / "runs" / f"{cfg.run.name}-explain"
+    write_explanation(explanation, explain_dir)
+    client.log_artifacts(run_id, str(explain_dir), "explain")
     client.set_terminated(run_id, "FINISHED")
     model_name = str(cfg.run.name)
     try:

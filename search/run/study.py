@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed
-from experiments import Task, cv_folds
+from experiments import Task, cv_folds, predict_outputs
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -233,9 +233,15 @@ def _prepare(
             baseline.folder / "model.sqz", task, folder / f"baseline-{os.getpid()}.onnx"
         )
     reference = deployed.module if deployed else shipped
+    val_reference = predict_outputs(baseline.model, task.val.x)  # for every trial's val_agreement
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
-        **{k: float(v) for k, v in measure(shipped, task, *latency, timed=reference).items()},
+        **{
+            k: float(v)
+            for k, v in measure(
+                shipped, task, *latency, timed=reference, reference_outputs=val_reference
+            ).items()
+        },
         **(deployed.metrics if deployed else {}),
         **{f"speedup{batch_suffix(batch)}": 1.0 for batch in latency[0]},
         "size_bytes": float(baseline_size),
@@ -269,6 +275,7 @@ def _prepare(
             baseline_size=baseline_size,
             example_inputs=task.example_inputs(1),
         ),
+        val_reference=val_reference,
     )
     return ctx, baseline_metrics
 

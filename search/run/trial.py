@@ -28,7 +28,16 @@ from compressors import (
     save_packed,
 )
 from compressors.runtime import INT8_MODULES
-from experiments import LOSSES, Baseline, EpochStats, Task, evaluate, fit, scores
+from experiments import (
+    LOSSES,
+    Baseline,
+    EpochStats,
+    Task,
+    evaluate,
+    fit,
+    prediction_agreement,
+    scores,
+)
 from experiments.metrics import (
     count_flops,
     interleaved_latency_ms,
@@ -75,6 +84,8 @@ class SweepContext:
             file is also exported to ONNX and checked in ONNX Runtime, `search.run.deploy`).
         constraints: Bounds on metrics (``search.constraints``), given to Optuna.
         early_stop: When fine-tuning stops early (pruner or Pareto dominance).
+        val_reference: The baseline's outputs on the validation split, computed once per
+            sweep: each trial's ``val_agreement`` is measured against them. None: not measured.
     """
 
     task: Task
@@ -93,6 +104,7 @@ class SweepContext:
     device: str | None = None
     constraints: Mapping[str, float] = field(default_factory=dict)
     early_stop: EarlyStop = field(default_factory=EarlyStop)
+    val_reference: torch.Tensor | None = None
 
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
@@ -166,6 +178,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                     ctx.latency_repeats,
                     reference=ctx.reference,
                     timed=deployed.module if deployed else None,
+                    reference_outputs=ctx.val_reference,
                 ),
             }
             if ctx.folds:  # search.cv_folds: val_acc becomes the mean over K folds
@@ -286,6 +299,7 @@ def measure(
     *,
     reference: torch.nn.Module | None = None,
     timed: torch.nn.Module | None = None,
+    reference_outputs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
     costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
@@ -296,11 +310,18 @@ def measure(
     each latency is timed in rounds alternating with the reference's, and the ratio is logged as
     ``speedup`` (batch 1) and ``speedup_b<B>``: a speed-up that other load on the machine does
     not move as it moves absolute times.
+
+    With ``reference_outputs`` (the baseline's outputs on the validation split), the share of
+    validation inputs on which ``shipped`` decides as the baseline did is ``val_agreement``
+    (`experiments.prediction_agreement`, from the same pass over the split as the score).
     """
     timed = shipped if timed is None else timed
     largest = task.example_inputs(max(latency_batch_sizes))
+    extra = dict(task.extra_scores)
+    if reference_outputs is not None:
+        extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
     metrics = {
-        **{f"val_{k}": v for k, v in scores(shipped, task.val, task.extra_scores).items()},
+        **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
         "nonzero_params": nonzero_params(shipped),
         "flops": count_flops(shipped, task.example_inputs(1)),
         "peak_memory_bytes": peak_memory_bytes(shipped, largest),
@@ -317,6 +338,11 @@ def measure(
         metrics[f"latency_ms{suffix}"] = ms
         metrics[f"speedup{suffix}"] = reference_ms / ms
     return metrics
+
+
+def _agreement(outputs: torch.Tensor, _targets: torch.Tensor, *, reference, kind: str) -> float:
+    """`prediction_agreement` as a score of the split (its targets unused)."""
+    return prediction_agreement(outputs, reference, kind=kind)
 
 
 #: Alternating rounds of a trial's latency against the baseline's.

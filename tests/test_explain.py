@@ -1,0 +1,347 @@
+"""`squeeze explain` (issue #16): where the bytes went, which predictions flipped, and whether the
+compressed model still looks at the same evidence — on digits, on every family of the zoo, and
+from the command line, the report and the trial's MLflow run."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from compressors import (
+    CompressionContext,
+    apply_pipeline,
+    finalize_pipeline,
+    get_compressor,
+    load_packed,
+    save_packed,
+    targets,
+)
+from compressors.packing import HEADER_BYTES, read_payload, read_tensors
+from experiments import load_or_train_baseline, predict_outputs
+from experiments.digits import digits_mlp
+from experiments.metrics import agreement
+from search import compose_config
+from search.cli import main
+from search.config.constraints import LOWER_BOUNDS, constraint_values
+from search.config.metrics import METRICS
+from search.config.storage import open_storage
+from search.results.explain import (
+    CONTAINER,
+    FILE_HEADER,
+    RECORD,
+    attribution_fidelity,
+    byte_breakdown,
+    explain_model,
+    write_explanation,
+)
+from search.results.reuse import export_trial, load_study
+from tests.conftest import sweep_overrides
+from tests.zoo import tasks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: Every model family of tests/zoo/models.py, the MLP and the 1-D CNN of the project's tasks.
+FAMILIES = ["mlp", "cnn1d", "resnet", "mobilenet", "transformer", "lstm", "gru", "tied", "minilm"]
+
+
+def _families():
+    return [pytest.param(f, marks=pytest.mark.slow) if f == "minilm" else f for f in FAMILIES]
+
+
+@functools.cache
+def _task(family: str, data_dir: str):
+    """The family's task, its baseline trained 1 epoch (2 for the MLP): enough for real,
+    distinct predictions; what is checked is the accounting, not accuracy."""
+    torch.manual_seed(0)
+    if family == "mlp":
+        return digits_mlp(seed=0, hidden=[64, 32], train={"epochs": 2})
+    if family == "cnn1d":
+        from experiments.mnist1d import mnist1d_cnn
+
+        return mnist1d_cnn(seed=0, data_dir=data_dir, train={"epochs": 1})
+    if family == "minilm":
+        return tasks.zoo_minilm(seed=0)
+    return getattr(tasks, f"zoo_{family}")(seed=0, train={"epochs": 1})
+
+
+@pytest.fixture
+def family_baseline(cache_dir):
+    def get(family: str):
+        task = _task(family, str(cache_dir / "mnist1d"))
+        config = {"explain_test": family}
+        return task, load_or_train_baseline(task, config=config, cache_dir=cache_dir, seed=0)
+
+    return get
+
+
+def _compress(model, task, pipeline):
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(), seed=0)
+    compressors = [get_compressor(name)(**kwargs) for name, kwargs in pipeline]
+    model = apply_pipeline(compressors, copy.deepcopy(model), ctx)
+    return finalize_pipeline(compressors, model, ctx).eval()
+
+
+def _check_accounting(path, model):
+    """The breakdown's lines sum to the file's size, and each part is what it says it is."""
+    breakdown = byte_breakdown(path, model)
+    size = path.stat().st_size
+    lines = breakdown.lines()
+    assert int(lines.bytes.sum()) == size
+    assert list(lines.tensor[-3:]) == [RECORD, CONTAINER, FILE_HEADER]
+    payload, compressed = read_payload(path)
+    assert breakdown.header_bytes == HEADER_BYTES
+    assert breakdown.container_bytes == size - HEADER_BYTES - len(payload)
+    assert (breakdown.container_bytes < 0) == compressed
+    # The record line, computed independently: the payload with every tensor's entries and
+    # layout records removed (length prefix, JSON framing, padding, the model record).
+    length = int.from_bytes(payload[:8], "little")
+    header_text = payload[8 : 8 + length]
+    header = json.loads(header_text)
+    meta = json.loads(header["__metadata__"]["squeeze"])
+    bare = {"__metadata__": {"squeeze": json.dumps({**meta, "t": {}}, separators=(",", ":"))}}
+    padding = length - len(header_text.rstrip(b" "))
+    assert breakdown.record_bytes == 8 + len(json.dumps(bare, separators=(",", ":"))) + padding
+    assert int(breakdown.rows.data_bytes.sum()) == len(payload) - 8 - length  # the arrays
+    # Every stored tensor is in exactly one row; every compressible tensor has its row.
+    stored = [n for names in breakdown.rows.stored_tensors for n in names.split()]
+    assert sorted(stored) == sorted(meta["t"])
+    tied = set(meta.get("tied", {}))
+    assert set(read_tensors(path)) - tied == set(stored)
+    replaced = set(meta["modules"])
+    expected = {n for n, t in targets(model).items() if t.module_name not in replaced}
+    assert expected <= set(breakdown.rows.tensor)
+    return breakdown
+
+
+@pytest.mark.parametrize("family", _families())
+def test_bytes_per_tensor_sum_to_the_file_size_on_every_family(family, family_baseline, tmp_path):
+    task, baseline = family_baseline(family)
+    base_path = tmp_path / "base.sqz"
+    save_packed(baseline.model, base_path)
+    _check_accounting(base_path, task.build_model())
+    model = _compress(
+        baseline.model, task, [("structured", {"amount": 0.4}), ("quant", {"bits": 4})]
+    )
+    path = tmp_path / "small.sqz"
+    save_packed(model, path, like=baseline.model)
+    breakdown = _check_accounting(path, task.build_model())
+    assert (breakdown.rows.kept != "").any()  # structured pruning's kept channels are shown
+    assert breakdown.rows.stored.str.contains("15-level grid").any()  # quant's 4 bits
+
+
+PIPELINES = {
+    "lowrank": [("lowrank", {"keep": 0.3})],
+    "cluster": [("cluster", {})],
+    "int8": [("quant", {"bits": 8, "runtime": "int8"})],
+    "prune+2bit": [("prune", {"amount": 0.98}), ("quant", {"bits": 2})],
+}
+
+
+@pytest.mark.parametrize("recipe", PIPELINES)
+def test_replaced_layers_codebooks_int8_and_sparse_layouts_are_accounted(
+    recipe, digits_task, digits_baseline, tmp_path
+):
+    model = _compress(digits_baseline.model, digits_task, PIPELINES[recipe])
+    path = tmp_path / "m.sqz"
+    save_packed(model, path, like=digits_baseline.model)
+    rows = _check_accounting(path, digits_task.build_model()).rows.set_index("tensor")
+    first = rows.loc["net.1.weight"]
+    if recipe == "lowrank":  # the pair's two weights count as the layer they replace
+        assert first.kind == "linear, LowRank" and first.kept.startswith("rank ")
+        assert " + " in first.shape_after
+    elif recipe == "cluster":
+        assert first.stored.startswith("codebook of ")
+    elif recipe == "int8":
+        assert set(rows.runtime) == {"int8"}
+    else:
+        assert first.sparsity > 0.9 and first.layout != "dense"  # (sparse, or entropy-coded)
+
+
+def test_the_baseline_against_itself_agrees_everywhere_and_attributes_alike(
+    digits_task, digits_baseline, tmp_path
+):
+    """The baseline's packed fp32 file reloads to exactly the baseline: agreement 1, no flip,
+    fidelity 1."""
+    from search.run.workload import baseline_file_size
+
+    baseline_file_size(digits_baseline)
+    path = digits_baseline.folder / "model.sqz"
+    explanation = explain_model(path, digits_task, digits_baseline, name="baseline", samples=32)
+    for split in ("val", "test"):
+        a = explanation.agreement[split]
+        assert a.agreement == 1.0 and a.flipped.empty and a.samples == 360
+        assert np.count_nonzero(a.flips.to_numpy() - np.diag(np.diag(a.flips.to_numpy()))) == 0
+    assert explanation.fidelity.mean == pytest.approx(1.0, abs=1e-9)
+    assert explanation.fidelity.per_class.mean_spearman.to_numpy() == pytest.approx(1.0)
+    assert explanation.breakdown.file_bytes == explanation.baseline_breakdown.file_bytes
+    files = {p.name for p in write_explanation(explanation, tmp_path / "out")}
+    assert {"bytes_per_layer.csv", "bytes_per_layer.png", "agreement.csv", "flipped.csv"} <= files
+
+
+def test_a_destructive_recipe_flips_predictions_and_the_flip_matrix_adds_up(
+    digits_task, digits_baseline, tmp_path
+):
+    model = _compress(
+        digits_baseline.model, digits_task, [("prune", {"amount": 0.98}), ("quant", {"bits": 2})]
+    )
+    path = tmp_path / "m.sqz"
+    save_packed(model, path, like=digits_baseline.model)
+    explanation = explain_model(path, digits_task, digits_baseline, name="trial x", samples=32)
+    val = explanation.agreement["val"]
+    assert val.agreement < 1.0
+    reference = predict_outputs(digits_baseline.model, digits_task.val.x)
+    counts = np.bincount(reference.argmax(1).numpy(), minlength=10)
+    assert (val.flips.sum(axis=1).to_numpy() == counts).all()  # rows: the baseline's classes
+    off_diagonal = val.flips.to_numpy().sum() - np.trace(val.flips.to_numpy())
+    assert off_diagonal == len(val.flipped) == round((1 - val.agreement) * 360)
+    assert (val.flipped.baseline != val.flipped.compressed).all()
+    labels = digits_task.val.y[torch.tensor(val.flipped["index"].to_numpy())].numpy()
+    assert (val.flipped.label.to_numpy() == labels).all()
+    assert val.flipped.baseline_conf.between(0, 1).all()
+    # experiments.metrics.agreement (what trials log as val_agreement) says the same
+    shipped = load_packed(path, digits_task.build_model())
+    assert agreement(shipped, reference, digits_task.val) == val.agreement
+    assert explanation.fidelity.mean < 0.99
+
+
+@pytest.mark.parametrize("family", _families())
+def test_every_family_is_explained_and_attributes_like_itself(family, family_baseline, tmp_path):
+    """Bytes, agreement and attributions on each family; int8 layers are attributed on the float
+    reload; a model's attributions against its own have fidelity 1."""
+    task, baseline = family_baseline(family)
+    self_fidelity = attribution_fidelity(
+        baseline.model, baseline.model, task.val, outputs=task.outputs, samples=8, steps=8
+    )
+    assert self_fidelity.mean == pytest.approx(1.0, abs=1e-9)
+    model = _compress(baseline.model, task, [("quant", {"bits": 8, "runtime": "int8"})])
+    path = tmp_path / "m.sqz"
+    save_packed(model, path, like=baseline.model)
+    explanation = explain_model(path, task, baseline, name="int8", samples=8, steps=8)
+    assert int(explanation.breakdown.lines().bytes.sum()) == path.stat().st_size
+    assert explanation.int8_layers and any("float reload" in n for n in explanation.notes)
+    for a in explanation.agreement.values():
+        assert 0.0 <= a.agreement <= 1.0
+        if task.outputs == "logits":
+            assert int(a.flips.to_numpy().sum()) == a.samples
+    assert -1.0 <= explanation.fidelity.mean <= 1.0
+    files = {p.name for p in write_explanation(explanation, tmp_path / "out")}
+    assert {"attribution_fidelity.csv", "attributions.png"} <= files
+
+
+def test_val_agreement_is_a_metric_an_objective_and_a_lower_bound():
+    assert "val_agreement" in METRICS and "val_agreement" in LOWER_BOUNDS
+    assert constraint_values({"val_agreement": 0.97}, {"val_agreement": 0.95}) == {
+        "val_agreement": pytest.approx(-0.02)
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
+    """Two trials of structured 0.5 + 4-bit quantization on digits."""
+    tmp_path = tmp_path_factory.mktemp("explain")
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=2",
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=0.5",
+        "space.quant.bits=4",
+        "space.finetune.lr=0.003",
+        "measure.latency_batch_sizes=[1]",
+    )
+    assert main(["sweep", "--quiet", *overrides]) == 0
+    return tmp_path, overrides
+
+
+def test_squeeze_explain_prints_the_breakdown_and_logs_it_to_the_trial_run(sweep, capsys):
+    tmp_path, overrides = sweep
+    study = optuna.load_study(
+        study_name="digits_mlp", storage=open_storage(f"{tmp_path}/optuna.journal")
+    )
+    trial = study.trials[1]
+    metrics = trial.user_attrs["metrics"]
+    assert 0.9 < metrics["val_agreement"] <= 1.0
+    assert study.user_attrs["baseline"]["val_agreement"] == 1.0
+
+    assert main(["explain", "--study", "digits_mlp", "--trial", "1", *overrides]) == 0
+    out = capsys.readouterr().out
+    for text in ("net.1.weight", "out 150/300", "15-level grid (4-bit)", RECORD, CONTAINER):
+        assert text in out
+    assert f"{int(metrics['size_bytes']):,}" in out
+    assert "Agreement with the baseline" in out and "Attribution fidelity" in out
+    folder = tmp_path / "trials" / "digits_mlp" / "explain" / "trial-0001"
+    table = pd.read_csv(folder / "bytes_per_layer.csv")
+    assert table[table.model == "trial 1"].bytes.sum() == metrics["size_bytes"]
+    assert (
+        table[table.model == "baseline"].bytes.sum() == study.user_attrs["baseline"]["size_bytes"]
+    )
+    logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").list_artifacts(
+        trial.user_attrs["mlflow_run_id"], "explain"
+    )
+    assert {"explain/bytes_per_layer.csv", "explain/bytes_per_layer.png"} <= {
+        f.path for f in logged
+    }
+
+    assert main(["explain", "--study", "digits_mlp", "--trial", "baseline", *overrides]) == 0
+    assert "1.0000" in capsys.readouterr().out
+
+
+def test_squeeze_explain_of_an_unknown_trial_names_it_and_the_trials_there(sweep, capsys):
+    _, overrides = sweep
+    code = main(
+        ["explain", "--study", "digits_mlp", "--trial", "7", "--no-attributions", *overrides]
+    )
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no complete trial 7" in err and "Complete trials: 0, 1." in err
+    code = main(["explain", "--study", "digits_mlp", "--trial", "last", *overrides])
+    assert code == 2
+    assert "expected a trial number or 'baseline'" in capsys.readouterr().err
+
+
+def test_the_report_explains_the_front(sweep):
+    tmp_path, overrides = sweep
+    assert main(["report", "--study", "digits_mlp", *overrides]) == 0
+    folder = tmp_path / "trials" / "digits_mlp" / "report"
+    table = pd.read_csv(folder / "bytes_per_layer.csv")
+    assert "baseline" in set(table.model)
+    agreement_csv = pd.read_csv(folder / "agreement.csv")
+    assert agreement_csv.agreement.between(0, 1).all()
+    page = (folder / "report.html").read_text()
+    assert "What compression changed" in page and "bytes_per_layer.html" in page
+    names = [p.name for p in folder.iterdir()]
+    assert page.count("Plotly.newPlot") == len([n for n in names if n.endswith(".html")]) - 1
+
+
+def test_squeeze_run_logs_the_agreement_and_the_explanation(sweep, tmp_path):
+    workdir, overrides = sweep
+    conf = tmp_path / "conf"
+    cfg = compose_config(overrides)
+    export_trial(cfg, "digits_mlp", pick="trial=1", name="exp1", conf_dir=conf)
+    assert main(["run", "--config-dir", str(conf), "experiment=exp1", *overrides]) == 0
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    run_id = client.get_model_version_by_alias("exp1", "champion").run_id
+    expected = load_study(cfg, "digits_mlp").trials[1].user_attrs["metrics"]
+    assert client.get_run(run_id).data.metrics["val_agreement"] == expected["val_agreement"]
+    logged = {f.path for f in client.list_artifacts(run_id, "explain")}
+    assert {"explain/bytes_per_layer.csv", "explain/agreement.csv"} <= logged
+
+
+def test_the_python_api_explains_a_trial(sweep):
+    import search
+
+    _, overrides = sweep
+    explanation = search.explain_trial(
+        compose_config(overrides), "digits_mlp", 0, attributions=False, log=False
+    )
+    assert explanation.name == "trial 0" and explanation.fidelity is None
+    assert explanation.run_id is None and explanation.files
+    assert int(explanation.breakdown.lines().bytes.sum()) == explanation.breakdown.file_bytes
