@@ -4,7 +4,7 @@ A compressor is one method (pruning, quantization, distillation, ...). Its class
 
 - ``name``: the registry key used in pipelines and in ``conf/compressor/<name>.yaml``;
 - ``params``: the constraint of each parameter (checked up front, see `compressors._params`);
-- ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher_outputs``,
+- ``requires``: what it needs from the trial's `CompressionContext` (e.g. ``teacher``,
   ``fit``); the context is all a compressor knows of the task: it never imports the workloads;
 - ``kind``: compressors of the same non-empty kind cannot be combined (two quantizers, say); a
   space's pipeline may name the kind to have the search choose among them;
@@ -61,13 +61,26 @@ class UnsupportedModelError(InvalidParameterError):
     """A compressor cannot act on a model (none of its tensors, or a module it cannot handle)."""
 
 
+class Calib(Protocol):
+    """One batch of calibration data: the model's inputs (a tensor, a tuple of positional or a
+    dict of keyword arguments), the targets, and the number of rows."""
+
+    inputs: Any
+    targets: Any
+    rows: int
+
+
 class Data(Protocol):
-    """A split of the task as a compressor sees it: inputs ``x`` and targets ``y``, row-aligned."""
+    """The task's training data as a compressor sees it: batches in the model's terms (a task
+    may read its data batch by batch, in batches of any structure)."""
 
-    x: torch.Tensor
-    y: torch.Tensor
+    def calibration(self, *, samples: int, batch_size: int, device: Any = None) -> list[Calib]:
+        """The first ``samples`` samples in a fixed order, as batches on ``device``."""
+        ...
 
-    def __len__(self) -> int: ...
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The model's scored output (logits, embeddings, values) on ``inputs``."""
+        ...
 
 
 class Fit(Protocol):
@@ -91,10 +104,12 @@ class CompressionContext:
     """What a trial offers its compressors: everything they know of the task and the trial.
 
     Attributes:
-        train: Training split (for data-aware methods).
+        train: Training data (for data-aware methods: calibration batches and the model's call).
         teacher_outputs: Cached outputs (logits, or embeddings) of the uncompressed baseline on
-            ``train``.
-        example_inputs: A small batch of real inputs.
+            ``train``, where the data is held in memory.
+        teacher: The uncompressed baseline (distillation runs it on each training batch where no
+            outputs are cached).
+        example_inputs: A small batch of real inputs (a tensor, a tuple or a dict).
         seed: Seed of this trial.
         loss: The task's training loss ``loss(outputs, targets, teacher)``.
         losses: Further losses between two outputs of the task's kind, by name (``cosine``,
@@ -107,7 +122,8 @@ class CompressionContext:
 
     train: Data | None = None
     teacher_outputs: torch.Tensor | None = None
-    example_inputs: torch.Tensor | None = None
+    teacher: nn.Module | None = None
+    example_inputs: Any = None
     seed: int = 0
     loss: LossFn = cross_entropy
     losses: Mapping[str, LossFn] = field(default_factory=dict)

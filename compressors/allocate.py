@@ -252,13 +252,12 @@ def sensitivities(
     (squared gradients of the task's loss, summed over mini-batches of the training sample);
     ``loss``: the measured loss on the training sample minus the uncompressed model's.
     """
-    x, y = ctx.train.x[:SAMPLES], ctx.train.y[:SAMPLES]
-    teacher = None if ctx.teacher_outputs is None else ctx.teacher_outputs[:SAMPLES]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         if method == "fisher":
-            fisher = _fisher(model, found, x, y, teacher, ctx)
+            fisher = _fisher(model, found, ctx, device=device)
             if max(float(f.max()) for f in fisher) < FLAT_FISHER:
                 raise UnsupportedModelError(
                     "allocate.sensitivity=fisher needs gradients, but the task's loss is flat "
@@ -277,14 +276,15 @@ def sensitivities(
                 ]
             )
         with torch.no_grad():
-            base = _loss(model, x, y, teacher, ctx)
+            batches = ctx.train.calibration(samples=SAMPLES, batch_size=256, device=device)
+            base = _loss(model, batches, ctx)
             rows = []
             for target in found.values():
                 original = target.latent.detach().clone()
                 row = []
                 for value in compressed(original, settings):
                     target.latent.data.copy_(value)
-                    row.append(_loss(model, x, y, teacher, ctx) - base)
+                    row.append(_loss(model, batches, ctx) - base)
                 target.latent.data.copy_(original)
                 rows.append(row)
             return np.array(rows)
@@ -376,37 +376,34 @@ def apply_settings(
             target.register(make_grid(target.weight, setting.bits))
 
 
-def _fisher(model, found, x, y, teacher, ctx, *, batch_size: int = 64) -> list[torch.Tensor]:
-    """Squared gradients of the task's loss, summed over mini-batches, per target tensor."""
+def _fisher(model, found, ctx, *, device, batch_size: int = 64) -> list[torch.Tensor]:
+    """Squared gradients of the task's loss, summed over mini-batches of the calibration
+    samples, per target tensor."""
     latents = [t.latent for t in found.values()]
     frozen = [p for p in latents if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
     fisher = [torch.zeros_like(p) for p in latents]
-    device = next(model.parameters()).device
     try:
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size]
-            tb = None if teacher is None else teacher[start : start + batch_size].to(device)
-            loss = ctx.loss(model(xb), yb.to(device), tb)
+        for b in ctx.train.calibration(samples=SAMPLES, batch_size=batch_size, device=device):
+            loss = ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None)
             grads = torch.autograd.grad(loss, latents, allow_unused=True)
             for f, g in zip(fisher, grads, strict=True):
                 if g is not None:  # (a tensor the loss does not reach: no sensitivity)
-                    f += g.detach() ** 2 * len(xb)
+                    f += g.detach() ** 2 * b.rows
     finally:
         for p in frozen:
             p.requires_grad_(False)
     return fisher
 
 
-def _loss(model, x, y, teacher, ctx, *, batch_size: int = 256) -> float:
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size]
-        tb = None if teacher is None else teacher[start : start + batch_size].to(device)
-        total += float(ctx.loss(model(xb), yb.to(device), tb)) * len(xb)
-    return total / len(x)
+def _loss(model, batches, ctx) -> float:
+    """The mean loss of the task over the calibration batches."""
+    total = sum(
+        float(ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None)) * b.rows
+        for b in batches
+    )
+    return total / sum(b.rows for b in batches)
 
 
 def _overhead(model: nn.Module, found: dict[str, Target], *, half: bool) -> int:

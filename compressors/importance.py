@@ -34,8 +34,13 @@ def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
         p.requires_grad_(True)
     try:
         device = next(model.parameters()).device
-        x, y = ctx.train.x[:TAYLOR_SAMPLES].to(device), ctx.train.y[:TAYLOR_SAMPLES].to(device)
-        ctx.loss(model(x), y, None).backward()
+        batches = ctx.train.calibration(
+            samples=TAYLOR_SAMPLES, batch_size=TAYLOR_SAMPLES, device=device
+        )
+        total = sum(b.rows for b in batches)
+        for b in batches:  # the mean loss over the samples
+            loss = ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None)
+            (loss * (b.rows / total) if len(batches) > 1 else loss).backward()
     finally:
         for p in frozen:
             p.requires_grad_(False)

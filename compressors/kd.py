@@ -17,7 +17,7 @@ from compressors._base import CompressionContext, Compressor, LossFn, cross_entr
 from compressors._params import Options, Real
 
 #: The loss ``auto`` stands for, by what the task's model outputs.
-AUTO_LOSS = {"logits": "kl", "embeddings": "cosine"}
+AUTO_LOSS = {"logits": "kl", "embeddings": "cosine", "values": "mse"}
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -69,14 +69,15 @@ class Distillation(Compressor):
     Params:
         temperature: Softmax temperature ``T`` (> 0) of both teacher and student (``kl`` only).
         alpha: Weight of the soft loss in ``[0, 1]``; 0 is the task's loss alone.
-        loss: ``kl`` for logits; ``cosine`` or ``mse`` (also for logits) for embeddings; ``auto``
-            picks ``kl`` for a classifier and ``cosine`` for an encoder.
+        loss: ``kl`` for logits; ``cosine`` or ``mse`` (also for logits) for embeddings; ``mse``
+            for a regression's values; ``auto`` picks ``kl`` for a classifier, ``cosine`` for an
+            encoder and ``mse`` for a regression.
     """
 
     name = "kd"
     kind = "loss"
     stage = 3
-    requires = frozenset({"teacher_outputs"})  # the fine-tuning hands each batch's to the loss
+    requires = frozenset({"teacher"})  # the fine-tuning hands its outputs on each batch to the loss
     params = {
         "temperature": Real(0.0, math.inf, closed="neither", default=4.0),
         "alpha": Real(0.0, 1.0, default=0.5),
@@ -85,6 +86,7 @@ class Distillation(Compressor):
     output_params = {
         "logits": {"loss": Options(("auto", "kl", "mse"))},
         "embeddings": {"loss": Options(("auto", "cosine", "mse"))},
+        "values": {"loss": Options(("auto", "mse"))},
     }
 
     def finetune_loss(self, ctx: CompressionContext) -> LossFn:

@@ -6,7 +6,20 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
+from experiments._checks import check_workload
+from experiments._data import (
+    Adapters,
+    Batch,
+    Data,
+    Split,
+    WorkloadError,
+    as_data,
+    call_model,
+    describe,
+    select_output,
+)
 from experiments._objectives import (
+    DECISIONS,
     LOSSES,
     OUTPUTS,
     LossFn,
@@ -18,15 +31,37 @@ from experiments._objectives import (
     mse_loss,
     neighbour_agreement,
     prediction_agreement,
+    r2_score,
+    regression_loss,
 )
-from experiments._task import Split, Task, TrainConfig, cv_folds
-from experiments._training import EpochStats, evaluate, fit, predict_outputs, scores
+from experiments._task import Task, TrainConfig, cv_folds
+from experiments._training import (
+    EpochStats,
+    evaluate,
+    fit,
+    is_streaming_metric,
+    predict_outputs,
+    scores,
+)
 
 __all__ = [
+    "DECISIONS",
     "LOSSES",
     "OUTPUTS",
+    "Adapters",
     "Baseline",
+    "Batch",
+    "Data",
     "EpochStats",
+    "WorkloadError",
+    "as_data",
+    "call_model",
+    "check_workload",
+    "describe",
+    "is_streaming_metric",
+    "r2_score",
+    "regression_loss",
+    "select_output",
     "LossFn",
     "ScoreFn",
     "Split",

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from experiments._task import Task
-from experiments._training import evaluate, fit, predict_outputs
+from experiments._training import evaluate, fit
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ class Baseline:
     Attributes:
         model: The trained, uncompressed model (treat as read-only; trials copy it).
         teacher_outputs: Its outputs on the training split (logits, or embeddings for an
-            embedding task), the distillation teacher.
+            embedding task), cached for distillation where the training data is held in memory
+            (its batches are the same every time); None where it is read batch by batch (a
+            dataset may augment at random): the teacher then runs on each batch.
         metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
         key: Hash of the task config the baseline was trained for.
         folder: The cache folder holding it (other derived files may be kept there too).
@@ -47,7 +49,7 @@ class Baseline:
     """
 
     model: nn.Module
-    teacher_outputs: torch.Tensor
+    teacher_outputs: torch.Tensor | None
     metrics: dict[str, float]
     key: str
     folder: Path
@@ -108,7 +110,7 @@ def load_or_train_baseline(
         ),
         device=device,
     )
-    teacher = _teacher_outputs(model, task.train.x, progress)
+    teacher = _teacher_outputs(model, task, progress) if task.train.deterministic else None
     metrics = {
         "val_acc": evaluate(model, task.val),
         "test_acc": evaluate(model, task.test),
@@ -121,21 +123,24 @@ def load_or_train_baseline(
     return _load(task, folder, key, from_cache=False)
 
 
+@torch.no_grad()
 def _teacher_outputs(
     model: nn.Module,
-    x: torch.Tensor,
+    task: Task,
     progress: Callable[[str, int, int], None] | None,
     *,
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """The model's outputs on ``x`` (`predict_outputs`), batch by batch, reporting progress."""
-    starts = range(0, len(x), batch_size)
+    """The model's outputs on the (in-memory) training split, batch by batch, reporting
+    progress."""
+    model.eval()
+    total = -(-len(task.train) // batch_size)
     outputs = []
-    for k, start in enumerate(starts, 1):
-        outputs.append(predict_outputs(model, x[start : start + batch_size], batch_size=batch_size))
+    for k, batch in enumerate(task.train.batches(batch_size), 1):
+        outputs.append(task.train.forward(model, batch.inputs).cpu())
         if progress is not None:
-            progress("teacher outputs", k, len(starts))
-    return torch.cat(outputs) if outputs else predict_outputs(model, x)
+            progress("teacher outputs", k, total)
+    return torch.cat(outputs)
 
 
 def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
@@ -145,7 +150,7 @@ def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
     teacher_file = folder / "teacher_outputs.safetensors"
     if not teacher_file.exists():  # cached before the file was renamed
         teacher_file = folder / "teacher_logits.safetensors"
-    teacher = load_file(teacher_file)["train"]
+    teacher = load_file(teacher_file)["train"] if teacher_file.exists() else None
     metrics = json.loads((folder / "metrics.json").read_text())
     return Baseline(model, teacher, metrics, key, folder, from_cache=from_cache)
 
@@ -153,7 +158,7 @@ def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
 def _write_atomically(
     folder: Path,
     model: nn.Module,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | None,
     metrics: dict[str, float],
     config: Mapping[str, Any],
 ) -> None:
@@ -175,12 +180,13 @@ def _write_atomically(
 def _write_files(
     tmp: Path,
     model: nn.Module,
-    teacher: torch.Tensor,
+    teacher: torch.Tensor | None,
     metrics: dict[str, float],
     config: Mapping[str, Any],
 ) -> None:
     _save_state(model, tmp / "model.safetensors")
-    save_file({"train": teacher.contiguous()}, tmp / "teacher_outputs.safetensors")
+    if teacher is not None:
+        save_file({"train": teacher.contiguous()}, tmp / "teacher_outputs.safetensors")
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

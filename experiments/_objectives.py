@@ -19,8 +19,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 #: ``score(outputs, targets) -> float``, higher is better.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-#: What a task's model outputs: class ``logits``, or ``embeddings`` compared by cosine.
-OUTPUTS = ("logits", "embeddings")
+#: What a task's model outputs: class ``logits``, ``embeddings`` compared by cosine, or
+#: ``values`` (regression).
+OUTPUTS = ("logits", "embeddings", "values")
+#: The outputs whose models make decisions that two models can agree on (top-1 class, nearest
+#: neighbour); a regression has none.
+DECISIONS = ("logits", "embeddings")
 
 
 def ce_loss(
@@ -45,6 +49,14 @@ def mse_loss(
     return (outputs - targets).pow(2).sum(dim=-1).mean()
 
 
+def regression_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean squared error, element-wise (targets shaped like the outputs, or one value per row
+    for a one-wide output)."""
+    return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+
+
 #: The losses between two outputs of a task's kind, by name (what distillation may match with).
 LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "mse": mse_loss}
 
@@ -52,6 +64,16 @@ LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "mse": mse_loss}
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of ``logits`` against ``labels``."""
     return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def r2_score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Coefficient of determination R² of ``outputs`` against ``targets`` over the whole split
+    (1 is perfect, 0 is predicting the mean; averaged uniformly over output columns)."""
+    predicted = outputs.reshape(len(outputs), -1).double()
+    actual = targets.reshape(predicted.shape).double()
+    residual = (actual - predicted).pow(2).sum(dim=0)
+    total = (actual - actual.mean(dim=0)).pow(2).sum(dim=0).clamp_min(1e-12)
+    return float((1.0 - residual / total).mean())
 
 
 def mean_cosine(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -72,9 +94,9 @@ def prediction_agreement(
     the reference's outputs on the same inputs): the same top-1 class for ``logits``, the same
     nearest other row (`neighbour_agreement`) for ``embeddings``. 1.0 for the reference itself.
     """
-    if kind not in OUTPUTS:
+    if kind not in DECISIONS:
         raise ValueError(
-            f"The 'kind' parameter must be one of {', '.join(map(repr, OUTPUTS))}. "
+            f"The 'kind' parameter must be one of {', '.join(map(repr, DECISIONS))}. "
             f"Got {kind!r} instead."
         )
     if outputs.shape != reference.shape:

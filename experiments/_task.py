@@ -5,32 +5,28 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from experiments._objectives import OUTPUTS, LossFn, ScoreFn, accuracy, ce_loss
+from experiments._data import Adapters, Data, Split, WorkloadError, as_data
+from experiments._objectives import (
+    OUTPUTS,
+    LossFn,
+    ScoreFn,
+    accuracy,
+    ce_loss,
+    cosine_loss,
+    mean_cosine,
+    neighbour_agreement,
+    r2_score,
+    regression_loss,
+)
 
-
-@dataclass(frozen=True)
-class Split:
-    """Inputs and targets of one split, and how a model's outputs are scored against them.
-
-    Attributes:
-        x: Inputs, one row per sample (what the model is called on).
-        y: Targets: integer labels, or reference embeddings.
-        score: ``score(outputs, y) -> float``, higher is better: top-1 accuracy by default, mean
-            cosine similarity for embedding targets. Reported as ``val_acc`` / ``test_acc``.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    score: ScoreFn = accuracy
-
-    def __len__(self) -> int:
-        return len(self.y)
+__all__ = ["Split", "Task", "TrainConfig", "cv_folds"]
 
 
 @dataclass(frozen=True)
@@ -45,49 +41,135 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Task:
-    """A workload: a classifier, or an encoder whose embeddings are compared by cosine.
+    """A workload: what the model is, what it reads, what it is trained for and scored by.
 
     Attributes:
         name: Task name, as selected by ``task=<name>``.
-        train: Split the models are trained and fine-tuned on.
-        val: Split the search optimises and selects on.
+        train: Split the models are trained and fine-tuned on: a `Split` held in memory, a
+            torch ``Dataset`` (map-style or iterable), a ``DataLoader``, or a factory
+            ``loader(batch_size=..., shuffle=..., seed=...)`` (see `experiments._data`).
+        val: Split the search optimises and selects on (the same kinds).
         test: Split reported only for the baseline and the Pareto points.
-        num_classes: Number of classes (the embedding width for an embedding task).
+        num_classes: Number of classes (the output width for ``embeddings`` and ``values``).
         build_model: Returns a model of the baseline's architecture (freshly initialised, or
             with pretrained weights for a pretrained baseline).
         train_config: How the baseline is trained (``epochs=0`` keeps a pretrained model as is).
-        outputs: What the model outputs, one of `OUTPUTS`: ``logits`` or ``embeddings``.
-        loss: The training loss on ``(outputs, targets)``: cross-entropy by default.
+        outputs: What the model outputs, one of `OUTPUTS`: class ``logits``, ``embeddings``
+            compared by cosine, or ``values`` (regression).
+        loss: The training loss ``loss(outputs, targets, teacher)``: cross-entropy for
+            ``logits``, mean squared error for ``values`` by default.
         extra_scores: More scores ``{name: score(outputs, targets)}``, logged as
             ``val_<name>`` next to the split's own score (e.g. a retrieval check).
+        inputs: ``inputs(batch)``: the model's call (a tensor, a tuple of positional arguments
+            or a dict of keyword arguments); default: a dict without its ``labels``, or all but
+            the last element of a tuple.
+        targets: ``targets(batch)``; default: a dict's ``labels``, or a tuple's last element.
+        output: Which output is scored: None (a tensor, the first of a tuple, ``.logits`` of a
+            ``ModelOutput``), a key, attribute name or position, or a function.
+        collate_fn: Collates a dataset's samples into batches (torch's default if None).
+        metric: The score (``val_acc`` / ``test_acc``): ``metric(outputs, targets) -> float``
+            on the whole split's outputs, or a ``torchmetrics.Metric`` accumulated over batches;
+            None: the `Split`'s own ``score``, else accuracy (``logits``), mean cosine
+            (``embeddings``) or R² (``values``).
+        higher_is_better: The metric's direction; None: the metric's own
+            ``higher_is_better`` (torchmetrics), else known for squeeze's scores.
+        eval_batch_size: Batch size of evaluation passes (None: 1024 for in-memory data, else
+            the training batch size).
     """
 
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Any
+    val: Any
+    test: Any
     num_classes: int
     build_model: Callable[[], nn.Module]
     train_config: TrainConfig
     outputs: str = "logits"
-    loss: LossFn = ce_loss
+    loss: LossFn | None = None
     extra_scores: Mapping[str, ScoreFn] = field(default_factory=dict)
+    inputs: Callable[[Any], Any] | None = None
+    targets: Callable[[Any], Any] | None = None
+    output: str | int | Callable[[Any], Any] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    metric: Any = None
+    higher_is_better: bool | None = None
+    eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUTS:
-            raise ValueError(
+            raise WorkloadError(
                 f"The 'outputs' parameter of task {self.name!r} must be one of "
                 f"{', '.join(map(repr, OUTPUTS))}. Got {self.outputs!r} instead."
             )
+        adapters = Adapters(self.inputs, self.targets, self.output, self.collate_fn)
+        metric = self.metric
+        if metric is None:
+            own = _source(self.val)
+            metric = own.score if isinstance(own, Split) else DEFAULT_METRICS[self.outputs]
+        batch = self.eval_batch_size or (
+            1024 if isinstance(_source(self.val), Split) else self.train_config.batch_size
+        )
+        for name in ("train", "val", "test"):
+            data = as_data(_source(getattr(self, name)), adapters, metric, batch)
+            object.__setattr__(self, name, data)
+        if self.loss is None:
+            object.__setattr__(self, "loss", DEFAULT_LOSSES[self.outputs])
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "higher_is_better", metric_direction(metric, self))
 
-    def example_inputs(self, batch_size: int = 1) -> torch.Tensor:
-        """A batch of real validation inputs, for FLOP counts and latency."""
-        reps = -(-batch_size // len(self.val))
-        return self.val.x.repeat(reps, *([1] * (self.val.x.dim() - 1)))[:batch_size]
+    def example_inputs(self, batch_size: int = 1) -> Any:
+        """The model's inputs for a batch of real validation samples (repeated when validation
+        has fewer), for tracing, FLOP counts and latency: a tensor, a tuple or a dict."""
+        return self.val.first_inputs(batch_size)
 
     def split_sizes(self) -> dict[str, int]:
-        """Number of samples in each split."""
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        """Number of samples in each split (-1 where it is not known without reading it)."""
+        return {
+            name: len(data) if data.sized() else -1
+            for name, data in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
+
+
+def _source(split: Any) -> Any:
+    return split.source if isinstance(split, Data) else split
+
+
+#: The metric of a task whose model outputs logits, embeddings or values, when it names none.
+DEFAULT_METRICS: dict[str, ScoreFn] = {
+    "logits": accuracy,
+    "embeddings": mean_cosine,
+    "values": r2_score,
+}
+#: The loss of a task whose model outputs logits, embeddings or values, when it names none.
+DEFAULT_LOSSES: dict[str, LossFn] = {
+    "logits": ce_loss,
+    "embeddings": cosine_loss,
+    "values": regression_loss,
+}
+#: squeeze's own scores and their direction.
+_KNOWN_DIRECTIONS = {accuracy: True, mean_cosine: True, r2_score: True, neighbour_agreement: True}
+
+
+def metric_direction(metric: Any, task: Task) -> bool:
+    """Whether ``metric`` is higher-is-better: the task's ``higher_is_better``, else the
+    metric's own attribute (torchmetrics), else known for squeeze's scores and for a `Split`'s
+    ``score`` (documented as higher-is-better).
+
+    Raises:
+        WorkloadError: If the direction cannot be known.
+    """
+    if task.higher_is_better is not None:
+        return bool(task.higher_is_better)
+    own = getattr(metric, "higher_is_better", None)
+    if isinstance(own, bool):
+        return own
+    if metric in _KNOWN_DIRECTIONS or task.metric is None:
+        return True
+    raise WorkloadError(
+        f"The metric of task {task.name!r} ({getattr(metric, '__name__', type(metric).__name__)}) "
+        "has no direction: set Task(higher_is_better=True) or False, or give a "
+        "torchmetrics.Metric (its higher_is_better says it)."
+    )
 
 
 def cv_folds(task: Task, folds: int, *, seed: int) -> list[Task]:
@@ -96,6 +178,12 @@ def cv_folds(task: Task, folds: int, *, seed: int) -> list[Task]:
     test stays untouched."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    if task.train.in_memory is None or task.val.in_memory is None:
+        raise WorkloadError(
+            f"search.cv_folds needs task {task.name!r}'s train and validation data held in "
+            f"memory (a Split) to refold them; its data is a "
+            f"{type(task.train.source).__name__}, read batch by batch. Use search.cv_folds=null."
+        )
     x = torch.cat([task.train.x, task.val.x])
     y = torch.cat([task.train.y, task.val.y])
     labels = y.dim() == 1 and not y.is_floating_point()

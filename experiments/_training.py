@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from experiments._data import Data, WorkloadError, as_data, cat_rows, model_device, to_device
 from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss
-from experiments._task import Split
 
 __all__ = [
     "EpochStats",
@@ -20,6 +22,8 @@ __all__ = [
     "ce_loss",
     "evaluate",
     "fit",
+    "model_device",
+    "outputs_and_targets",
     "predict_outputs",
     "scores",
 ]
@@ -40,7 +44,7 @@ class EpochStats:
 
 def fit(
     model: nn.Module,
-    train: Split,
+    train: Any,
     *,
     epochs: int,
     batch_size: int,
@@ -49,31 +53,36 @@ def fit(
     schedule: str = "constant",
     loss_fn: LossFn = ce_loss,
     teacher_outputs: torch.Tensor | None = None,
-    val: Split | None = None,
+    teacher: nn.Module | None = None,
+    val: Any = None,
     seed: int = 0,
     before_epoch: Callable[[int, int], None] | None = None,
     after_epoch: Callable[[EpochStats], None] | None = None,
     device: str | torch.device | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` in place with Adam.
+    """Train ``model`` in place with Adam, batch by batch from the task's training data.
 
     Args:
         model: The model; parametrizations on its weights (masks, quantizers) stay in force.
-        train: Training split.
+        train: Training data: a task's `Data`, or a `Split` (see `experiments._data`).
         epochs: Number of passes over ``train``; 0 trains nothing.
-        batch_size: Mini-batch size.
+        batch_size: Mini-batch size (a user's own DataLoader keeps its own).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         schedule: ``constant`` learning rate, or ``cosine``: decayed to 0 along a half cosine
             over all steps, which lets weights on a quantization grid settle at the end.
-        loss_fn: Loss of a batch; receives the teacher's outputs on that batch when given.
-        teacher_outputs: The teacher's outputs aligned with ``train`` (for distillation).
+        loss_fn: Loss of a batch, ``loss_fn(outputs, targets, teacher)``; receives the
+            teacher's outputs on that very batch when a teacher is given.
+        teacher_outputs: The teacher's outputs cached for an in-memory ``train`` (looked up by
+            the batch's rows).
+        teacher: The teacher model, run on each batch (data read batch by batch, perhaps
+            augmented at random, has no cached outputs); used where ``teacher_outputs`` cannot be.
         val: If given, its score (`evaluate`) is measured after every epoch.
         seed: Seeds the order of the mini-batches.
         before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
             e.g. gradual pruning, changes the model here).
         after_epoch: Called with each epoch's `EpochStats` (early stopping raises here).
-        device: Train on this device (e.g. ``cuda``), batch by batch from the CPU-held splits;
+        device: Train on this device (e.g. ``cuda``), batch by batch from the CPU-held data;
             the model is moved back to the CPU when training ends. None trains where it is.
 
     Returns:
@@ -84,40 +93,54 @@ def fit(
     """
     if epochs == 0:
         return []
+    data = as_data(train)
     if device is not None:
         model.to(device)
     on = model_device(model)
+    live_teacher = None
+    if teacher is not None and (teacher_outputs is None or not data.deterministic):
+        live_teacher = teacher if model_device(teacher) == on else copy.deepcopy(teacher).to(on)
+        live_teacher.eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(train) / batch_size)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        if schedule == "cosine"
-        else None
-    )
+    per_epoch = _steps_per_epoch(data, batch_size)
+    scheduler = None
+    if schedule == "cosine":  # over all steps; over epochs where the steps are not known
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=epochs * per_epoch if per_epoch else epochs
+        )
     generator = torch.Generator().manual_seed(seed)
     history = []
-    n = len(train)
     try:
         for epoch in range(epochs):
             if before_epoch is not None:
                 before_epoch(epoch, epochs)
             model.train()
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                teacher = None if teacher_outputs is None else teacher_outputs[idx].to(on)
-                loss = loss_fn(model(train.x[idx].to(on)), train.y[idx].to(on), teacher)
+            total, n = 0.0, 0
+            # a factory is given a seed of its own per epoch
+            for batch in data.batches(
+                batch_size, shuffle=True, seed=seed + epoch, generator=generator, device=on
+            ):
+                if live_teacher is not None:
+                    with torch.no_grad():
+                        soft = data.forward(live_teacher, batch.inputs)
+                elif teacher_outputs is not None and batch.index is not None:
+                    soft = teacher_outputs[batch.index].to(on)
+                else:
+                    soft = None
+                loss = loss_fn(data.forward(model, batch.inputs), batch.targets, soft)
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if scheduler is not None:
+                if scheduler is not None and per_epoch:
                     scheduler.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * batch.rows
+                n += batch.rows
+            if scheduler is not None and not per_epoch:
+                scheduler.step()
             val_acc = evaluate(model, val) if val is not None else None
-            history.append(EpochStats(epoch=epoch, train_loss=total / n, val_acc=val_acc))
+            history.append(EpochStats(epoch=epoch, train_loss=total / max(n, 1), val_acc=val_acc))
             if after_epoch is not None:
                 after_epoch(history[-1])
     finally:
@@ -127,35 +150,111 @@ def fit(
     return history
 
 
+def _steps_per_epoch(data: Data, batch_size: int) -> int | None:
+    """Optimizer steps in one epoch, where known without reading the data."""
+    if isinstance(data.source, torch.utils.data.DataLoader):
+        try:
+            return len(data.source)
+        except TypeError:
+            return None
+    return math.ceil(len(data) / batch_size) if data.sized() else None
+
+
 @torch.no_grad()
-def predict_outputs(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
-    """Outputs (logits, or embeddings) of ``model`` on ``x``, in evaluation mode, on the CPU
-    (computed batch by batch on the model's device)."""
+def predict_outputs(model: nn.Module, data: Any, *, batch_size: int | None = None) -> torch.Tensor:
+    """Scored outputs (logits, embeddings or values) of ``model`` on ``data`` (a task's `Data`,
+    a `Split`, or a tensor of inputs), in evaluation mode, on the CPU (computed batch by batch
+    on the model's device)."""
     model.eval()
-    device = model_device(model)
-    return torch.cat(
-        [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
-    )
+    if isinstance(data, torch.Tensor):
+        batch_size = batch_size or 1024
+        device = model_device(model)
+        return torch.cat(
+            [
+                model(data[i : i + batch_size].to(device)).cpu()
+                for i in range(0, len(data), batch_size)
+            ]
+        )
+    data = as_data(data)
+    batch_size = batch_size or data.eval_batch_size
+    outputs = [data.forward(model, b.inputs).cpu() for b in data.batches(batch_size)]
+    if not outputs:
+        raise WorkloadError("the split has no samples")
+    return torch.cat(outputs)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+def evaluate(model: nn.Module, split: Any, *, batch_size: int | None = None) -> float:
+    """The split's score of ``model``: its metric over the whole split (top-1 accuracy by
+    default; a ``torchmetrics.Metric`` is accumulated batch by batch, a plain function gets the
+    whole split's outputs)."""
+    return scores(model, split, batch_size=batch_size)["acc"]
 
 
-def evaluate(model: nn.Module, split: Split) -> float:
-    """The split's score of ``model``: top-1 accuracy, or the score the split defines (e.g. the
-    mean cosine similarity to reference embeddings)."""
-    return split.score(predict_outputs(model, split.x), split.y)
-
-
+@torch.no_grad()
 def scores(
-    model: nn.Module, split: Split, extra: Mapping[str, ScoreFn] | None = None
+    model: nn.Module,
+    split: Any,
+    extra: Mapping[str, ScoreFn] | None = None,
+    *,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
-    """The split's score under key ``acc`` and each ``extra`` score, from one pass over it."""
-    outputs = predict_outputs(model, split.x)
-    return {
-        "acc": split.score(outputs, split.y),
-        **{name: fn(outputs, split.y) for name, fn in (extra or {}).items()},
-    }
+    """The split's score under key ``acc`` and each ``extra`` score, from one pass over it.
+
+    A ``torchmetrics.Metric`` (anything with ``update`` / ``compute`` / ``reset``) is updated
+    batch by batch on a fresh copy; plain functions get the outputs and targets of the whole
+    split (never a mean of per-batch scores).
+    """
+    data = as_data(split)
+    metric = data.score
+    streaming = is_streaming_metric(metric)
+    if streaming:
+        metric = metric.clone()
+        metric.reset()
+    keep = not streaming or bool(extra)
+    outputs, targets = [], []
+    for out, target in _pass(model, data, batch_size or data.eval_batch_size):
+        if streaming:
+            metric.update(out, target)
+        if keep:
+            outputs.append(out)
+            targets.append(target)
+    result = {"acc": _float(metric.compute())} if streaming else {}
+    if keep:
+        everything, truth = _joined(outputs, targets)
+        if not streaming:
+            result["acc"] = _float(metric(everything, truth))
+        result.update({name: _float(fn(everything, truth)) for name, fn in (extra or {}).items()})
+    return result
+
+
+@torch.no_grad()
+def outputs_and_targets(
+    model: nn.Module, split: Any, *, batch_size: int | None = None
+) -> tuple[torch.Tensor, Any]:
+    """The scored outputs of ``model`` on the whole split and the split's targets (None where
+    its batches carry none), both on the CPU, from one pass."""
+    data = as_data(split)
+    pairs = list(_pass(model, data, batch_size or data.eval_batch_size))
+    return _joined([o for o, _ in pairs], [t for _, t in pairs])
+
+
+def _pass(model: nn.Module, data: Data, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(outputs, targets)`` of each batch, on the CPU, the model in evaluation mode."""
+    model.eval()
+    for batch in data.batches(batch_size):
+        yield data.forward(model, batch.inputs).detach().cpu(), to_device(batch.targets, "cpu")
+
+
+def _joined(outputs: list[torch.Tensor], targets: list[Any]) -> tuple[torch.Tensor, Any]:
+    if not outputs:
+        raise WorkloadError("the split has no samples")
+    return torch.cat(outputs), None if targets[0] is None else cat_rows(targets)
+
+
+def is_streaming_metric(metric: Any) -> bool:
+    """Whether ``metric`` accumulates over batches (a ``torchmetrics.Metric``)."""
+    return all(callable(getattr(metric, name, None)) for name in ("update", "compute", "reset"))
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -8,18 +8,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import confusion_matrix, f1_score, recall_score, top_k_accuracy_score
 from torch import nn
 
-from experiments._task import Split, Task
-from experiments._training import predict_outputs
+from experiments._data import Data, describe
+from experiments._task import Task
+from experiments._training import outputs_and_targets
 from experiments.metrics import count_flops, weight_tensors
 
 
-def classification_report(model: nn.Module, split: Split, num_classes: int) -> dict:
+def classification_report(model: nn.Module, split: Any, num_classes: int) -> dict:
     """Metrics of ``model`` on ``split``.
 
     Returns:
@@ -27,8 +30,8 @@ def classification_report(model: nn.Module, split: Split, num_classes: int) -> d
         ``per_class_acc`` (list, one per class: the fraction of that class predicted right) and
         ``confusion`` (list of rows: true class, columns: predicted class).
     """
-    logits = predict_outputs(model, split.x)
-    labels = split.y.numpy()
+    logits, targets = outputs_and_targets(model, split)
+    labels = targets.numpy()
     predicted = logits.argmax(dim=1).numpy()
     classes = np.arange(num_classes)
     confusion = confusion_matrix(labels, predicted, labels=classes)
@@ -50,7 +53,7 @@ def classification_report(model: nn.Module, split: Split, num_classes: int) -> d
 def class_balance(task: Task) -> pd.DataFrame:
     """Samples per class (rows) in each split (columns), with each split's imbalance ratio."""
     counts = {
-        name: np.bincount(split.y.numpy(), minlength=task.num_classes)
+        name: np.bincount(_labels(split).numpy(), minlength=task.num_classes)
         for name, split in (("train", task.train), ("val", task.val), ("test", task.test))
     }
     frame = pd.DataFrame(counts)
@@ -60,10 +63,28 @@ def class_balance(task: Task) -> pd.DataFrame:
     return frame
 
 
+def _labels(split: Data) -> torch.Tensor:
+    """The targets of a whole split (read batch by batch where it is not held in memory)."""
+    if split.in_memory is not None:
+        return split.y
+    return torch.cat([b.targets for b in split.batches(1024)])
+
+
 def dataset_summary(task: Task) -> pd.DataFrame:
-    """Per split: samples, classes present, input shape, feature mean and standard deviation."""
+    """Per split: samples, classes present, input shape, feature mean and standard deviation
+    (for data read batch by batch: its samples, where known, and its first batch's structure)."""
     rows = []
     for name, split in (("train", task.train), ("val", task.val), ("test", task.test)):
+        if split.in_memory is None:
+            first = next(iter(split.batches(2)))
+            rows.append(
+                {
+                    "split": name,
+                    "samples": len(split) if split.sized() else "unknown",
+                    "batch": describe(first.raw),
+                }
+            )
+            continue
         x = split.x.float()
         rows.append(
             {
@@ -78,7 +99,7 @@ def dataset_summary(task: Task) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("split")
 
 
-def model_summary(model: nn.Module, example: torch.Tensor) -> pd.DataFrame:
+def model_summary(model: nn.Module, example: Any) -> pd.DataFrame:
     """One row per leaf module (with parameters or not), and a total: parameters, bytes, FLOPs
     (a tensor shared by several modules, such as a tied embedding, counts once in the total)."""
     rows = []

@@ -28,6 +28,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from experiments._data import Split, call_model
 from experiments._objectives import prediction_agreement
-from experiments._task import Split
 from experiments._training import predict_outputs
 
 #: Recurrent layers whose FLOPs `count_flops` works out from their weights' shapes.
@@ -101,7 +102,7 @@ _EXTRA_FLOPS = {
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
+def count_flops(model: nn.Module, inputs: Any) -> int:
     """FLOPs of one forward pass on ``inputs``, as counted by torch's ``FlopCounterMode``, with
     recurrent layers and fused attention counted too (see the module's docstring).
 
@@ -113,7 +114,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     with _attention_fastpath(False), _RecurrentFlops(model, counter) as recurrent, counter:
-        model(inputs)
+        call_model(model, inputs)
     return int(counter.get_total_flops()) + recurrent.correction
 
 
@@ -188,17 +189,16 @@ def _recurrent_weights(layer: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def latency_ms(
-    model: nn.Module, inputs: torch.Tensor, *, repeats: int = 30, warmup: int = 5
-) -> float:
-    """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes."""
+def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes
+    (``inputs``: a tensor, a tuple of positional or a dict of keyword arguments)."""
     model.eval()
     for _ in range(warmup):
-        model(inputs)
+        call_model(model, inputs)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(inputs)
+        call_model(model, inputs)
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
 
@@ -207,7 +207,7 @@ def latency_ms(
 def interleaved_latency_ms(
     model: nn.Module,
     reference: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     rounds: int = 5,
     repeats: int = 30,
@@ -261,16 +261,17 @@ class _LiveTensors(TorchDispatchMode):
 
 
 @torch.no_grad()
-def peak_memory_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
+def peak_memory_bytes(model: nn.Module, inputs: Any) -> int:
     """Peak bytes one forward pass on ``inputs`` holds: the model's state, the inputs and the
     most activation bytes alive at once (tracked op by op through torch's dispatcher)."""
     model.eval()
     state = weight_tensors(model)
     weights = sum(t.numel() * t.element_size() for t in state)
-    tracker = _LiveTensors([*(t for t in state if not t.is_quantized), inputs])
+    given = [t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    tracker = _LiveTensors([*(t for t in state if not t.is_quantized), *given])
     with tracker:
-        model(inputs)
-    return weights + inputs.numel() * inputs.element_size() + tracker.peak
+        call_model(model, inputs)
+    return weights + sum(t.numel() * t.element_size() for t in given) + tracker.peak
 
 
 def agreement(
@@ -282,8 +283,8 @@ def agreement(
 
     Args:
         model: The (compressed, shipped) model.
-        reference_outputs: The uncompressed model's outputs on ``split.x``, computed once.
-        split: The inputs.
-        outputs: What the models output, one of `experiments.OUTPUTS`.
+        reference_outputs: The uncompressed model's outputs on ``split``, computed once.
+        split: The inputs (a task's data, or a `Split`).
+        outputs: What the models output, one of `experiments.DECISIONS`.
     """
-    return prediction_agreement(predict_outputs(model, split.x), reference_outputs, kind=outputs)
+    return prediction_agreement(predict_outputs(model, split), reference_outputs, kind=outputs)

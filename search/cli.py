@@ -465,8 +465,9 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
     from experiments.analysis import class_balance, dataset_summary, model_summary
     from search.config.space import claims_table
+    from search.run.workload import build_task
 
-    task = plan.task_builder(**plan.task_kwargs)
+    task = build_task(plan)
     with _wide():
         console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
         console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)

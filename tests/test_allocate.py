@@ -13,7 +13,7 @@ import torch
 from compressors import InvalidParameterError, UnsupportedModelError, get_compressor
 from compressors import allocate as alloc
 from compressors.packing import load_packed, save_packed, tensor_bytes
-from experiments import evaluate, fit
+from experiments import Split, evaluate, fit
 from search.run.trial import compression_context
 from search.run.workload import baseline_file_size
 
@@ -150,8 +150,8 @@ def test_fisher_is_refused_where_the_loss_is_flat(digits_task, digits_baseline):
     ctx = type(ctx)(
         **{
             **ctx.__dict__,
-            "teacher_outputs": own,
-            "loss": lambda out, _y, teacher: torch.nn.functional.mse_loss(out, teacher),
+            "train": Split(digits_task.train.x, own),
+            "loss": lambda out, targets, _teacher: torch.nn.functional.mse_loss(out, targets),
         }
     )
     allocator = get_compressor("allocate")(ratio=8.0, sensitivity="fisher")

@@ -143,6 +143,7 @@ def test_every_compressor_on_every_family(family, name, trained, tmp_path):
     ctx = CompressionContext(
         train=train,
         teacher_outputs=teacher,
+        teacher=baseline,
         example_inputs=task.example_inputs(),
         seed=0,
         loss=task.loss,

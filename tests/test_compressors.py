@@ -123,9 +123,9 @@ def test_fine_tuning_moves_quantized_weights_along_the_grid(digits_task, digits_
 
 def test_pipeline_checks_what_each_compressor_requires(digits_baseline):
     kd = get_compressor("kd")()
-    with pytest.raises(ValueError, match=r"compressor 'kd' requires \['teacher_outputs'\]"):
+    with pytest.raises(ValueError, match=r"compressor 'kd' requires \['teacher'\]"):
         apply_pipeline([kd], digits_baseline.model, CompressionContext())
-    ctx = CompressionContext(teacher_outputs=digits_baseline.teacher_outputs)
+    ctx = CompressionContext(teacher=digits_baseline.model)
     assert apply_pipeline([kd], digits_baseline.model, ctx) is digits_baseline.model
 
 

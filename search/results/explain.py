@@ -67,7 +67,15 @@ from compressors.packing import (  # noqa: E402
     read_payload,
     read_tensors,
 )
-from experiments import Baseline, Split, Task, predict_outputs, prediction_agreement  # noqa: E402
+from experiments import (  # noqa: E402
+    DECISIONS,
+    Baseline,
+    Split,
+    Task,
+    predict_outputs,
+    prediction_agreement,
+)
+from experiments._training import outputs_and_targets  # noqa: E402
 from search._errors import ConfigError  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -436,7 +444,7 @@ class Agreement:
 def agreement_report(
     reference_outputs: torch.Tensor,
     outputs: torch.Tensor,
-    split: Split,
+    targets: torch.Tensor | None,
     *,
     split_name: str,
     kind: str = "logits",
@@ -445,9 +453,9 @@ def agreement_report(
     """Agreement of ``outputs`` with ``reference_outputs`` (the baseline's) on ``split``.
 
     Args:
-        reference_outputs: The baseline's outputs on ``split.x``.
-        outputs: The compressed model's outputs on ``split.x``.
-        split: The inputs and their true labels (class labels are listed for flipped inputs).
+        reference_outputs: The baseline's outputs on the split.
+        outputs: The compressed model's outputs on the split.
+        targets: The split's targets (class labels are listed for flipped inputs).
         split_name: ``val`` or ``test``, for the tables.
         kind: What the models output (``logits`` or ``embeddings``).
         num_classes: Classes of a classifier (default: its outputs' width).
@@ -463,7 +471,13 @@ def agreement_report(
     flips = pd.DataFrame(counts.numpy(), index=range(classes), columns=range(classes))
     flips.index.name, flips.columns.name = "baseline class", "compressed class"
     where = torch.nonzero(base != comp).flatten()
-    labels = split.y[where] if split.y.dim() == 1 and not split.y.is_floating_point() else None
+    labels = (
+        targets[where]
+        if isinstance(targets, torch.Tensor)
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        else None
+    )
     flipped = pd.DataFrame(
         {
             "index": where.numpy(),
@@ -806,20 +820,32 @@ def explain_model(
     breakdown = byte_breakdown(path, fresh)
     base_breakdown = byte_breakdown(baseline.folder / "model.sqz", fresh)
     shipped = load_packed(path, task.build_model())
-    agreement = {
-        split_name: agreement_report(
-            predict_outputs(baseline.model, split.x),
-            predict_outputs(shipped, split.x),
-            split,
-            split_name=split_name,
-            kind=task.outputs,
-            num_classes=task.num_classes if task.outputs == "logits" else None,
-        )
-        for split_name, split in (("val", task.val), ("test", task.test))
-    }
-    int8 = int8_layers(path)
     notes: list[str] = []
+    agreement = {}
+    if task.outputs in DECISIONS:
+        for split_name, split in (("val", task.val), ("test", task.test)):
+            outputs, targets = outputs_and_targets(shipped, split)
+            agreement[split_name] = agreement_report(
+                predict_outputs(baseline.model, split),
+                outputs,
+                targets,
+                split_name=split_name,
+                kind=task.outputs,
+                num_classes=task.num_classes if task.outputs == "logits" else None,
+            )
+    else:
+        notes.append(
+            f"a model that outputs {task.outputs} makes no decisions to agree on: agreement and "
+            "flipped inputs are left out"
+        )
+    int8 = int8_layers(path)
     fidelity = shown = None
+    if attributions and not _attributable(task):
+        notes.append(
+            "attributions need a classifier or encoder whose validation data is held in memory "
+            "as one input tensor (a Split); left out for this task"
+        )
+        attributions = False
     if attributions:
         float_model = load_packed(path, task.build_model(), int8=False) if int8 else shipped
         if int8:
@@ -849,6 +875,16 @@ def explain_model(
         )
     return Explanation(
         name, breakdown, base_breakdown, agreement, fidelity, shown, int8, tuple(notes)
+    )
+
+
+def _attributable(task: Task) -> bool:
+    """Whether Integrated Gradients can attribute the task's models (one input tensor, held in
+    memory, and decisions to explain)."""
+    return (
+        task.outputs in DECISIONS
+        and task.val.in_memory is not None
+        and isinstance(task.example_inputs(1), torch.Tensor)
     )
 
 
@@ -1066,10 +1102,12 @@ def write_explanation(explanation: Explanation, folder: str | Path) -> list[Path
     for split_name, agreement in explanation.agreement.items():
         if agreement.flips is not None:
             files.append(_csv(agreement.flips, folder / f"flips_{split_name}.csv"))
-    flipped = pd.concat(
-        [a.flipped.assign(split=s) for s, a in explanation.agreement.items()], ignore_index=True
-    )
-    files.append(_csv(flipped, folder / "flipped.csv", index=False))
+    if explanation.agreement:
+        flipped = pd.concat(
+            [a.flipped.assign(split=s) for s, a in explanation.agreement.items()],
+            ignore_index=True,
+        )
+        files.append(_csv(flipped, folder / "flipped.csv", index=False))
     if explanation.fidelity is not None:
         table = explanation.fidelity.per_class.assign(method=explanation.fidelity.method)
         files.append(_csv(table, folder / "attribution_fidelity.csv"))

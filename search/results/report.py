@@ -50,7 +50,7 @@ from optuna.distributions import CategoricalDistribution  # noqa: E402
 from optuna.trial import FixedTrial, TrialState  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from experiments import accuracy, evaluate, mean_cosine, scores  # noqa: E402
+from experiments import accuracy, evaluate, mean_cosine, r2_score, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
 from search.results.reuse import load_study, study_config  # noqa: E402
@@ -336,8 +336,12 @@ def _points(value: float) -> str:
 
 def _score_unit(task) -> str:
     """What the task's score (``val_acc`` / ``test_acc``) measures, for axis titles."""
-    known = {accuracy: "top-1 accuracy, 0–1", mean_cosine: "mean cosine similarity, −1–1"}
-    return known.get(task.val.score, "the task's score, higher is better")
+    known = {
+        accuracy: "top-1 accuracy, 0–1",
+        mean_cosine: "mean cosine similarity, −1–1",
+        r2_score: "R², 1 is perfect",
+    }
+    return known.get(task.metric, "the task's score, higher is better")
 
 
 def _unit(metric: str, score: str) -> str:

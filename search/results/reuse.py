@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import evaluate, predict_outputs
+from experiments import DECISIONS, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
@@ -50,7 +50,7 @@ from search.config.storage import mask_url, open_storage
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.tracking import experiment_id
 from search.run.trial import compress_recipe, measure
-from search.run.workload import load_workload
+from search.run.workload import build_task, load_workload
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,9 @@ def run_experiment(
     size = save_packed(model, path, like=baseline.model)
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
     shipped = load_packed(path, task.build_model())
-    val_reference = predict_outputs(baseline.model, task.val.x)  # for val_agreement
+    val_reference = (  # for val_agreement (a regression has no decisions to agree on)
+        predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
+    )
     metrics = {
         "size_bytes": float(size),
         **{
@@ -365,7 +367,7 @@ def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | N
         folder = Path(client.download_artifacts(version.run_id, MODEL_DIR, tmp))
         cfg = OmegaConf.load(folder / "config.yaml")
         plan = plan_sweep(cfg)
-        task = plan.task_builder(**plan.task_kwargs)
+        task = build_task(plan)
         return load_packed(folder / "model.sqz", task.build_model())
 
 

@@ -20,6 +20,7 @@ from experiments import Task
 if TYPE_CHECKING:
     from compressors.onnx_export import OnnxCheck, OnnxExport
 
+
 class OnnxMismatchError(RuntimeError):
     """ONNX Runtime's outputs differ from the torch model's beyond the check's tolerance."""
 
@@ -53,10 +54,25 @@ def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = No
             `compressors.onnx_export.check_onnx`'s tolerance of the torch model's.
         compressors.onnx_export.OnnxExportError: If the model cannot be exported.
     """
-    from compressors.onnx_export import OrtModule, check_onnx, export_onnx, ort_session
+    from compressors.onnx_export import (
+        OnnxExportError,
+        OrtModule,
+        check_onnx,
+        export_onnx,
+        ort_session,
+    )
+    from experiments import describe
 
+    example = task.example_inputs(8)
+    if not isinstance(example, torch.Tensor) or task.val.in_memory is None:
+        raise OnnxExportError(
+            f"task {task.name!r}: ONNX export takes a model called on one input tensor, checked "
+            "on validation data held in memory (a Split); this task's model is called on "
+            f"{describe(example)}"
+            + ("" if task.val.in_memory is not None else " and its data is read batch by batch")
+        )
     model = task.build_model()
-    exported = export_onnx(packed, model, task.example_inputs(8), out)  # loads `model`
+    exported = export_onnx(packed, model, example, out)  # loads `model`
     check = check_onnx(out, model, task.val.x)
     if not check.agree:
         raise OnnxMismatchError(f"{out.name}: {check.message}")

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed
-from experiments import Task, cv_folds, predict_outputs
+from experiments import DECISIONS, Task, cv_folds, predict_outputs
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -50,7 +50,12 @@ from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
 from search.run.trial import SweepContext, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
-from search.run.workload import baseline_file_size, load_baseline, load_workload
+from search.run.workload import (
+    baseline_file_size,
+    check_task,
+    load_baseline,
+    load_workload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +218,7 @@ def _prepare(
     def check(task: Task) -> None:  # before the baseline is trained
         plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
         model = task.build_model()
+        check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
         example = task.example_inputs()
         _check_coverage(
             plan.space.check_model(model, task=task.name, example_inputs=example), task.name
@@ -233,7 +239,9 @@ def _prepare(
             baseline.folder / "model.sqz", task, folder / f"baseline-{os.getpid()}.onnx"
         )
     reference = deployed.module if deployed else shipped
-    val_reference = predict_outputs(baseline.model, task.val.x)  # for every trial's val_agreement
+    # the baseline's outputs on validation, for every trial's val_agreement (a regression has
+    # no decisions to agree on)
+    val_reference = predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
         **{

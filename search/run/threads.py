@@ -99,12 +99,12 @@ def choose_threads(
     """The rule of ``threads: auto`` (see the module docstring); probes only large models."""
     cores = usable_cores() if cores is None else cores
     share = max(1, cores // max(1, workers))
-    inputs = task.train.x[:batch_size]
-    flops = 3 * count_flops(model, inputs)  # backward ~ twice the forward
+    batch = task.train.calibration(samples=batch_size, batch_size=batch_size)[0]
+    flops = 3 * count_flops(model, batch.inputs)  # backward ~ twice the forward
     if flops < MIN_PARALLEL_FLOPS:
         return ThreadChoice(
             1,
-            f"auto: {flops / 1e6:.0f} MFLOP per training batch of {len(inputs)}, below "
+            f"auto: {flops / 1e6:.0f} MFLOP per training batch of {batch.rows}, below "
             f"{MIN_PARALLEL_FLOPS / 1e9:g} GFLOP",
         )
     if share == 1:
@@ -130,13 +130,13 @@ def probe(
     taken in turn (the order alternates by round), after one warm-up step each; at most
     `PROBE_ROUNDS` rounds and about `PROBE_SECONDS` seconds."""
     before = torch.get_num_threads()
-    x, y = task.train.x[:batch_size], task.train.y[:batch_size]
+    batch = task.train.calibration(samples=batch_size, batch_size=batch_size)[0]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     model.train()
 
     def step() -> float:
         start = time.perf_counter()
-        loss = task.loss(model(x), y, None)
+        loss = task.loss(task.train.forward(model, batch.inputs), batch.targets, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

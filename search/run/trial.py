@@ -29,6 +29,7 @@ from compressors import (
 )
 from compressors.runtime import INT8_MODULES
 from experiments import (
+    DECISIONS,
     LOSSES,
     Baseline,
     EpochStats,
@@ -251,6 +252,7 @@ def compress_recipe(
             schedule=recipe.finetune["schedule"],
             loss_fn=_finetune_loss(compressors, context),
             teacher_outputs=baseline.teacher_outputs,
+            teacher=baseline.model if _distils(compressors) else None,
             val=task.val,
             seed=seed,
             before_epoch=_schedules(compressors, model),
@@ -265,12 +267,13 @@ def compress_recipe(
 def compression_context(
     task: Task, baseline: Baseline, *, seed: int, device: str | None = None
 ) -> CompressionContext:
-    """What the compressors of a trial get from its task: the training split, the baseline's
-    outputs on it, the task's losses, and the task's training loop bound to the trial's device
-    and seed (methods that train, such as L1 sparse training, train through it)."""
+    """What the compressors of a trial get from its task: the training data, the baseline (and
+    its outputs on in-memory data), the task's losses, and the task's training loop bound to the
+    trial's device and seed (methods that train, such as L1 sparse training, train through it)."""
     return CompressionContext(
         train=task.train,
         teacher_outputs=baseline.teacher_outputs,
+        teacher=baseline.model,
         example_inputs=task.example_inputs(),
         seed=seed,
         loss=task.loss,
@@ -318,7 +321,7 @@ def measure(
     timed = shipped if timed is None else timed
     largest = task.example_inputs(max(latency_batch_sizes))
     extra = dict(task.extra_scores)
-    if reference_outputs is not None:
+    if reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
         extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
     metrics = {
         **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
@@ -386,6 +389,11 @@ def _schedules(compressors: list[Compressor], model: torch.nn.Module):
             compressor.on_epoch(model, epoch, epochs)
 
     return before_epoch
+
+
+def _distils(compressors: list[Compressor]) -> bool:
+    """Whether the fine-tuning's loss needs the teacher's outputs on each batch."""
+    return any("teacher" in c.requires for c in compressors)
 
 
 def _finetune_loss(compressors: list[Compressor], context: CompressionContext):

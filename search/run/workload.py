@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.plan import SweepPlan, plan_sweep
 
@@ -62,12 +63,41 @@ def load_workload(
         progress: Reports the baseline's training and teacher outputs when it is made.
     """
     plan = plan if plan is not None else plan_sweep(cfg, connect=connect)
-    task = plan.task_builder(**plan.task_kwargs)
+    task = build_task(plan)
     if check is not None:
         check(task)
     device = training_device(cfg)
     baseline = load_baseline(task, plan.task_kwargs, cfg, device=device, progress=progress)
     return Workload(plan, task, baseline, device)
+
+
+def build_task(plan: SweepPlan) -> Task:
+    """The task of ``plan``; a task that refuses its own settings (a metric with no direction,
+    say) is a config error (exit 2, before any work)."""
+    from experiments import WorkloadError
+
+    try:
+        return plan.task_builder(**plan.task_kwargs)
+    except WorkloadError as err:
+        raise ConfigError(str(err)) from err
+
+
+def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
+    """Refuse a workload whose data, model call, outputs, loss or metric do not work together
+    (`experiments.check_workload`), or whose data the sweep cannot use as configured (K-fold
+    needs it in memory), as a config error before any training."""
+    from experiments import WorkloadError, check_workload
+
+    try:
+        check_workload(task, model)
+    except WorkloadError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.search.get("cv_folds") and (task.train.in_memory is None or task.val.in_memory is None):
+        raise ConfigError(
+            f"search.cv_folds needs task {task.name!r}'s train and validation data held in "
+            f"memory (a Split) to refold them; its data is a "
+            f"{type(task.train.source).__name__}, read batch by batch. Use search.cv_folds=null."
+        )
 
 
 def load_baseline(

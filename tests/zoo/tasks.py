@@ -266,7 +266,7 @@ def zoo_minilm(
         max_length=max_length,
         train=train or {"epochs": 0},
     )
-    splits = [task.train, task.val, task.test]
+    splits = [task.train.in_memory, task.val.in_memory, task.test.in_memory]
     vocabulary = None
     if trim_vocabulary:
         used = torch.unique(torch.cat([s.x.flatten() for s in splits] + [torch.zeros(1).long()]))

@@ -1,0 +1,129 @@
+"""Checks of a workload before any training: the model takes the task's batches, returns what can
+be scored, and the loss and metric work on it.
+
+Each failure is a `WorkloadError` naming the task, the split, the batch's structure and what was
+tried, so that a user's own task is refused in seconds rather than after its baseline trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments._data import (
+    Data,
+    WorkloadError,
+    call_model,
+    describe,
+    model_device,
+    to_device,
+)
+from experiments._task import Task
+from experiments._training import is_streaming_metric
+
+#: Samples of each split the check runs the model on.
+CHECK_ROWS = 4
+
+
+def check_workload(task: Task, model: nn.Module) -> None:
+    """Run ``model`` (a fresh, untrained one) on a few samples of the task's training and
+    validation data, and check that the loss and the metric take its outputs.
+
+    Raises:
+        WorkloadError: If the data cannot be read, the model cannot take a batch, its output
+            cannot be scored (not a tensor, one row per sample; for ``logits``, ``num_classes``
+            wide), or the loss or the metric fail on it.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for name in ("train", "val"):
+            _check_split(task, model, name, getattr(task, name))
+    finally:
+        model.train(was_training)
+
+
+def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
+    where = f"task {task.name!r}, {name} data"
+    try:
+        batch = next(iter(data.batches(CHECK_ROWS, limit=CHECK_ROWS)), None)
+    except Exception as err:
+        raise WorkloadError(
+            f"{where}: reading a batch of {CHECK_ROWS} from {type(data.source).__name__} failed: "
+            f"{type(err).__name__}: {err}. Check the split and Task(collate_fn=...)."
+        ) from err
+    if batch is None:
+        raise WorkloadError(f"{where}: the split has no samples")
+    call = _how_called(batch.inputs)
+    try:
+        with torch.no_grad():
+            raw = data.forward(model, batch.inputs)
+    except Exception as err:
+        raise WorkloadError(
+            f"{where}: the model cannot take a batch: {call} with inputs "
+            f"{describe(batch.inputs)} (from a batch {describe(batch.raw)}) raised "
+            f"{type(err).__name__}: {err}. Say how a batch becomes the model's call with "
+            "Task(inputs=...) (and its targets with Task(targets=...))."
+        ) from err
+    output = raw
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        with torch.no_grad():
+            everything = call_model(model, to_device(batch.inputs, model_device(model)))
+        raise WorkloadError(
+            f"{where}: the model's output {describe(everything)} has no float tensor to score "
+            f"(picked: {describe(output)}). Name it with Task(output=...): a key, an attribute, "
+            "a position or a function."
+        )
+    if output.dim() == 0 or output.shape[0] != batch.rows:
+        raise WorkloadError(
+            f"{where}: the scored output {describe(output)} does not have one row per sample "
+            f"({batch.rows} in the batch)"
+        )
+    if task.outputs == "logits" and (output.dim() != 2 or output.shape[1] != task.num_classes):
+        raise WorkloadError(
+            f"{where}: the model outputs {describe(output)} but the task has "
+            f"num_classes={task.num_classes}: a classifier's logits must be (batch, "
+            f"{task.num_classes}). Fix num_classes or the model's head."
+        )
+    if batch.targets is None:
+        raise WorkloadError(
+            f"{where}: a batch {describe(batch.raw)} has no targets (a dict's 'labels', or a "
+            "tuple's last element); say where they are with Task(targets=...)"
+        )
+    try:
+        loss = task.loss(output, batch.targets, None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the loss returned {describe(loss)}, not a scalar tensor")
+    except Exception as err:
+        raise WorkloadError(
+            f"{where}: the loss {_name(task.loss)} failed on outputs {describe(output)} and "
+            f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
+        ) from err
+    metric = task.metric
+    try:
+        if is_streaming_metric(metric):
+            probe = metric.clone()
+            probe.reset()
+            probe.update(output, batch.targets)
+            probe.compute()
+        else:
+            float(metric(output, batch.targets))
+    except Exception as err:
+        raise WorkloadError(
+            f"{where}: the metric {_name(metric)} failed on outputs {describe(output)} and "
+            f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
+        ) from err
+
+
+def _how_called(inputs: Any) -> str:
+    if isinstance(inputs, dict):
+        return f"model(**{{{', '.join(map(str, inputs))}}})"
+    if isinstance(inputs, tuple | list):
+        return f"model(*{len(inputs)} positional arguments)"
+    return "model(inputs)"
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)

@@ -1,0 +1,323 @@
+"""Workloads as users bring them: torch datasets and loaders with augmentation, iterable data,
+dict batches into a transformers model returning a ModelOutput, two inputs, regression; metrics
+accumulated over batches; the teacher on the very batch trained on; bad workloads refused."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from compressors import (
+    CompressionContext,
+    apply_pipeline,
+    finalize_pipeline,
+    get_compressor,
+    load_packed,
+    save_packed,
+)
+from experiments import (
+    LOSSES,
+    Task,
+    TrainConfig,
+    WorkloadError,
+    as_data,
+    check_workload,
+    evaluate,
+    fit,
+    predict_outputs,
+    scores,
+)
+from search.cli import main
+from tests.conftest import sweep_overrides
+from tests.zoo import workloads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ZOO_CONF = Path(__file__).parent / "zoo_conf"
+WORKLOADS = ["wl_loader", "wl_iterable", "wl_two_inputs", "wl_dict_bert", "wl_regression"]
+
+
+def _task(name: str, **kwargs) -> Task:
+    return getattr(workloads, name)(train={"epochs": 2, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Each workload's model, briefly trained (the contract, not the accuracy, is tested)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            task = _task(name)
+            torch.manual_seed(0)
+            model = task.build_model()
+            cfg = task.train_config
+            fit(
+                model, task.train, epochs=2, batch_size=cfg.batch_size, lr=cfg.lr, loss_fn=task.loss
+            )
+            made[name] = task, model
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize("method", ["structured", "prune", "quant", "lowrank", "kd"])
+def test_every_compressor_on_every_workload(name, method, trained, tmp_path):
+    task, baseline = trained(name)
+    params = {
+        "structured": {"amount": 0.3},
+        "prune": {"amount": 0.5},
+        "quant": {"bits": 4},
+        "lowrank": {"keep": 0.5},
+        "kd": {},
+    }[method]
+    compressor = get_compressor(method)(**params)
+    example = task.example_inputs(4)
+    compressor.check_model(baseline, example)
+    ctx = CompressionContext(
+        train=task.train,
+        teacher=baseline,
+        example_inputs=example,
+        seed=0,
+        loss=task.loss,
+        losses=LOSSES,
+        outputs=task.outputs,
+    )
+    model = apply_pipeline([compressor], copy.deepcopy(baseline), ctx)
+    cfg = task.train_config
+    fit(
+        model,
+        task.train,
+        epochs=1,
+        batch_size=cfg.batch_size,
+        lr=1e-4,
+        loss_fn=compressor.finetune_loss(ctx) or task.loss,
+        teacher=baseline,
+    )
+    model = finalize_pipeline([compressor], model, ctx).eval()
+    save_packed(model, tmp_path / "m.sqz", like=baseline)
+    reloaded = load_packed(tmp_path / "m.sqz", task.build_model())
+    expected, got = predict_outputs(model, task.val), predict_outputs(reloaded, task.val)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert evaluate(reloaded, task.val) == pytest.approx(evaluate(model, task.val), abs=1e-6)
+
+
+def test_a_torchmetrics_macro_f1_equals_sklearns_on_the_whole_split(trained):
+    from torchmetrics.classification import MulticlassF1Score
+
+    task, model = trained("wl_loader")
+    metric = MulticlassF1Score(num_classes=10, average="macro")
+    logits = predict_outputs(model, task.val)
+    labels = torch.cat([b.targets for b in task.val.batches(64)])
+    expected = f1_score(labels.numpy(), logits.argmax(1).numpy(), average="macro")
+    data = as_data(task.val, score=metric)
+    for batch_size in (7, 64, 1000):  # accumulated, not a mean of per-batch scores
+        assert evaluate(model, data, batch_size=batch_size) == pytest.approx(expected, abs=1e-6)
+    # a plain function gets the whole split too: the same value at any batch size
+    f1 = lambda out, y: f1_score(y.numpy(), out.argmax(1).numpy(), average="macro")  # noqa: E731
+    plain = as_data(task.val, score=f1)
+    assert evaluate(model, plain, batch_size=7) == pytest.approx(expected, abs=1e-9)
+    per_batch = np.mean(
+        [f1(predict_outputs(model, b.inputs), b.targets) for b in task.val.batches(7)]
+    )
+    assert per_batch != pytest.approx(expected, abs=1e-3)  # what squeeze must not report
+
+
+def test_a_task_takes_the_direction_of_its_torchmetrics_metric():
+    from torchmetrics.regression import MeanSquaredError
+
+    base = workloads.wl_regression()
+    task = dataclasses.replace(base, metric=MeanSquaredError(), higher_is_better=None)
+    assert task.higher_is_better is False
+    assert base.higher_is_better is True  # R² by default
+
+
+def test_distillation_under_augmentation_sees_the_teachers_outputs_on_the_same_batch():
+    """The teacher runs on the very (randomly augmented) batch the student trains on."""
+    task = workloads.wl_loader()
+    assert task.train.deterministic is False  # nothing can be cached for it
+    teacher = nn.Sequential(nn.Identity())
+    teacher.register_buffer("anchor", torch.zeros(1))  # a device to run on
+    student = nn.Linear(64, 64)
+    seen = []
+
+    def loss(out, _labels, soft):
+        seen.append(soft)
+        return out.sum() * 0.0
+
+    student.weight.data.copy_(torch.eye(64))
+    student.bias.data.zero_()
+    fit(student, task.train, epochs=2, batch_size=32, lr=0.0, loss_fn=loss, teacher=teacher)
+    assert len(seen) == 2 * -(-1077 // 32)  # every batch of two epochs of 1,077 images
+    # the identity student and teacher see the same augmented pixels: the same outputs
+    student_outputs = []
+    fit(
+        student,
+        task.train,
+        epochs=1,
+        batch_size=32,
+        lr=0.0,
+        loss_fn=lambda out, _y, soft: (student_outputs.append((out.detach(), soft)), out.sum() * 0)[
+            1
+        ],
+        teacher=teacher,
+    )
+    assert all(torch.equal(out, soft) for out, soft in student_outputs)
+    # and the batches are augmented: two epochs' first batches differ
+    assert not torch.equal(seen[0], seen[len(seen) // 2])
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_a_two_trial_sweep_runs_on_each_workload(name, tmp_path, cache_dir):
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=2", space=None)
+    code = main(
+        [
+            "sweep",
+            "--quiet",
+            "--config-dir",
+            str(ZOO_CONF),
+            f"task={name}",
+            f"task.train.epochs={3 if name != 'wl_regression' else 10}",
+            *overrides,
+        ]
+    )
+    assert code == 0
+    study = optuna.load_study(
+        study_name=name,
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
+        ),
+    )
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    metrics = trials[0].user_attrs["metrics"]
+    assert metrics["size_bytes"] > 0 and np.isfinite(metrics["val_acc"])
+    if name == "wl_regression":
+        assert "val_agreement" not in metrics  # a regression has no decisions to agree on
+    else:
+        assert 0.0 <= metrics["val_agreement"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _tiny(**kwargs) -> Task:
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    data = TensorDataset(x, y)
+    defaults = dict(
+        name="tiny",
+        train=data,
+        val=data,
+        test=data,
+        num_classes=3,
+        build_model=lambda: nn.Linear(6, 3),
+        train_config=TrainConfig(epochs=1),
+    )
+    return Task(**{**defaults, **kwargs})
+
+
+class TwoArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+
+    def forward(self, x, mask):
+        return self.a(x) * mask
+
+
+class Words(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"note": "no tensor here"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"build_model": TwoArgs},
+            r"the model cannot take a batch: model\(inputs\) with inputs "
+            r"float32\[4, 6\].*missing 1 required positional argument",
+        ),
+        ({"build_model": Words}, r"output dict\(note: str\) has no float tensor to score"),
+        (
+            {"build_model": lambda: nn.Linear(6, 12)},
+            r"outputs float32\[4, 12\] but the task has num_classes=3",
+        ),
+        ({"targets": lambda batch: None}, r"has no targets"),
+        ({"loss": lambda out, y, t: out.sum() + y}, r"the loss <lambda> failed"),
+    ],
+)
+def test_a_workload_that_cannot_work_is_refused_naming_what_was_tried(kwargs, message):
+    task = _tiny(**kwargs)
+    with pytest.raises(WorkloadError, match=message):
+        check_workload(task, task.build_model())
+
+
+def test_a_metric_with_no_direction_is_refused():
+    with pytest.raises(WorkloadError, match="has no direction: set Task.higher_is_better"):
+        _tiny(metric=lambda out, y: 0.5)
+    assert _tiny(metric=lambda out, y: 0.5, higher_is_better=True).higher_is_better
+
+
+def test_bad_workloads_exit_2_before_any_training(tmp_path, cache_dir, capsys, monkeypatch):
+    user = tmp_path / "user"
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "bad_task.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "from experiments import Task, TrainConfig\n"
+        "def bad(*, name='bad', seed=0, wide=12, metric=False):\n"
+        "    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))\n"
+        "    extra = {'metric': (lambda o, y: 0.0)} if metric else {}\n"
+        "    return Task(name=name, train=data, val=data, test=data, num_classes=3,\n"
+        "                build_model=lambda: nn.Linear(6, wide),\n"
+        "                train_config=TrainConfig(epochs=1), **extra)\n"
+    )
+    (user / "conf" / "task" / "bad.yaml").write_text(
+        "_target_: bad_task.bad\nname: bad\nwide: 12\nmetric: false\n"
+    )
+    monkeypatch.syspath_prepend(str(user))
+    for extra, message in (
+        ([], "outputs float32[4, 12] but the task has num_classes=3"),
+        (["task.wide=3", "task.metric=true"], "has no direction"),
+    ):
+        overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=1", *extra)
+        assert (
+            main(["sweep", "--quiet", "--config-dir", str(user / "conf"), "task=bad", *overrides])
+            == 2
+        )
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "optuna.journal").exists()  # nothing created
+        assert not any(Path(cache_dir).glob("bad-*"))  # no baseline trained
+
+
+def test_k_fold_needs_data_held_in_memory(tmp_path, cache_dir, capsys):
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=1", "search.cv_folds=3")
+    code = main(["sweep", "--quiet", "--config-dir", str(ZOO_CONF), "task=wl_iterable", *overrides])
+    assert code == 2
+    assert "search.cv_folds needs task 'wl_iterable'" in capsys.readouterr().err
+
+
+def test_scores_of_an_in_memory_split_are_unchanged(digits_task, digits_baseline):
+    """The in-memory Split goes through the same path and gives what it gave before."""
+    x, y = digits_task.val.x, digits_task.val.y
+    with torch.no_grad():
+        expected = (digits_baseline.model(x).argmax(1) == y).float().mean().item()
+    assert evaluate(digits_baseline.model, digits_task.val) == expected
+    assert scores(digits_baseline.model, digits_task.val)["acc"] == expected
+    loader = DataLoader(TensorDataset(x, y), batch_size=50)
+    assert evaluate(digits_baseline.model, loader) == pytest.approx(expected)
