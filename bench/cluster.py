@@ -42,6 +42,7 @@ def overrides(pipeline: str, bits: int, args: argparse.Namespace) -> list[str]:
     quantizer = pipeline.split("+")[-1]
     return [
         f"task={args.task}",
+        f"threads={args.threads}",  # (load_workload sets torch's threads from the config)
         f"space.pipeline=[{pipeline.replace('+', ',')}]",
         f"space.prune.amount={args.amount}",
         "space.prune.scope=global",
@@ -69,7 +70,8 @@ def row(pipeline: str, bits: int, args: argparse.Namespace, out: Path, reference
 
 def baseline_reference(args: argparse.Namespace, out: Path) -> dict:
     """Bytes and accuracies of the baseline as shipped (its packed fp32 file, reloaded)."""
-    workload = load_workload(compose_config([f"task={args.task}"]), connect=False)
+    cfg = compose_config([f"task={args.task}", f"threads={args.threads}"])
+    workload = load_workload(cfg, connect=False)
     task = workload.task
     size = save_packed(workload.baseline.model, out / "baseline.sqz")
     shipped = load_packed(out / "baseline.sqz", task.build_model())

@@ -322,6 +322,8 @@ def _export(args: argparse.Namespace, console: Console) -> int:
         name=args.name,
         conf_dir=conf_dir,
         force=args.force,
+        config_dirs=args.config_dir,
+        overrides=args.overrides,
     )
     run = run_command(path.stem, config_dirs=args.config_dir, overrides=args.overrides)
     console.print(f"wrote {path}; rerun it with: {run}", highlight=False, markup=False)

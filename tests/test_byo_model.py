@@ -1,13 +1,24 @@
-"""Bring your own model: README's example task, written to a config folder of its own, sweeps."""
+"""Bring your own model: README's example task, written to a folder of its own beside its config
+folder, sweeps without ``PYTHONPATH``; the commands the sweep prints work when pasted; a
+convolutional task of one's own reruns exactly; its registered model loads where its module is
+importable."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import optuna
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
 
+from search import ConfigError, load_registered
 from search.cli import main
+from search.config import modules
 from tests.conftest import sweep_overrides
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -19,21 +30,57 @@ def _example_files() -> dict[str, str]:
     return dict(blocks)
 
 
-def test_readme_example_task_in_its_own_config_dir_runs_a_three_trial_sweep(
-    tmp_path, cache_dir, monkeypatch
+def _write(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def _forget(folder: Path) -> None:
+    """Leave this process as a new one finds it: the modules imported from ``folder`` and the
+    folder's place on sys.path (which squeeze appended) forgotten, no config folder composed."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != folder.resolve()]
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(folder)):
+            del sys.modules[name]
+    modules.use_config_dirs(())
+
+
+@pytest.fixture
+def user(tmp_path, monkeypatch):
+    """A user's folder (the current directory), not on sys.path; forgotten afterwards."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert all(Path(p or ".").resolve() != folder for p in sys.path)
+    yield folder
+    _forget(folder)
+
+
+def _without(overrides: list[str], *dropped: str) -> list[str]:
+    return [o for o in overrides if o not in dropped]
+
+
+def _pasted(out: str) -> list[list[str]]:
+    """The ``squeeze ...`` command lines a command printed, as argv after ``squeeze``."""
+    lines = [line.strip() for line in out.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("squeeze ")]
+
+
+def test_readme_example_sweeps_without_pythonpath_and_its_printed_commands_work_pasted(
+    user, tmp_path, cache_dir, capsys
 ):
     files = _example_files()
     assert set(files) == {"my_task.py", "my_conf/task/blobs.yaml"}
-    user = tmp_path / "user"
-    for name, text in files.items():
-        (user / name).parent.mkdir(parents=True, exist_ok=True)
-        (user / name).write_text(text)
-    monkeypatch.syspath_prepend(str(user))
+    _write(user, files)
+    readme = README.read_text()
+    assert "squeeze sweep --config-dir my_conf task=blobs" in readme
+    assert "PYTHONPATH=. squeeze" not in readme
     overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=3")
-    code = main(
-        ["sweep", "--quiet", "--config-dir", str(user / "my_conf"), "task=blobs", *overrides]
-    )
+    code = main(["sweep", "--config-dir", "my_conf", "task=blobs", *overrides])  # as README
     assert code == 0
+    out = capsys.readouterr().out
     study = optuna.load_study(
         study_name="blobs",
         storage=optuna.storages.JournalStorage(
@@ -45,9 +92,153 @@ def test_readme_example_task_in_its_own_config_dir_runs_a_three_trial_sweep(
     assert all(t.user_attrs["metrics"]["val_acc"] > 0.5 for t in trials)
     assert (tmp_path / "trials" / "blobs" / "pareto.csv").exists()
 
+    # The recommended trial's commands, pasted in the same folder by a new process.
+    export, run = _pasted(out)
+    assert export[:2] == ["export", "--study"] and run[:2] == ["run", run[1]]
+    assert export[export.index("--config-dir") + 1] == "my_conf"  # relative, as it was given
+    _forget(user)
+    assert main(export) == 0
+    written = Path(re.search(r"wrote (\S+);", capsys.readouterr().out).group(1))
+    assert written.resolve().parent == user / "my_conf" / "experiment"
+    header = written.read_text().splitlines()[3]
+    assert header == "# Rerun it: " + shlex.join(["squeeze", *run])  # the file's own command
+    _forget(user)
+    assert main(run) == 0
+    assert capsys.readouterr().out.count("(= the trial's)") == 2  # size_bytes and val_acc
 
-def test_an_own_task_whose_target_cannot_be_imported_is_reported(tmp_path, capsys):
-    (tmp_path / "task").mkdir()
-    (tmp_path / "task" / "mine.yaml").write_text("_target_: nowhere.build\nname: mine\n")
-    assert main(["sweep", "--config-dir", str(tmp_path), "task=mine"]) == 2
-    assert "task._target_ 'nowhere.build' cannot be imported" in capsys.readouterr().err
+
+def test_an_own_task_whose_module_cannot_be_found_names_it_and_the_folders_searched(user, capsys):
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "conf" / "task" / "mine.yaml").write_text("_target_: nowhere.build\nname: mine\n")
+    assert main(["sweep", "--config-dir", "conf", "task=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "task._target_ 'nowhere.build' cannot be imported: no module named 'nowhere'" in err
+    assert str(user) in err and "PYTHONPATH" in err and "nowhere.py" in err
+
+
+def test_an_own_module_that_fails_to_import_or_lacks_the_function_says_so(user, capsys):
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "conf" / "task" / "mine.yaml").write_text("_target_: broken.build\nname: mine\n")
+    (user / "broken.py").write_text("import not_installed_anywhere\n")
+    assert main(["inspect", "--config-dir", "conf", "task=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "importing module 'broken' raised ModuleNotFoundError" in err
+    assert "not_installed_anywhere" in err
+    _forget(user)
+    (user / "broken.py").write_text("def other(): ...\n")
+    assert main(["inspect", "--config-dir", "conf", "task=mine"]) == 2
+    assert "has no attribute 'build'" in capsys.readouterr().err
+
+
+#: A convolutional task of one's own: its training's float sums depend on torch's thread count.
+CONV_TASK = '''
+"""my_convnet.py: a small Conv2d model on generated 8x8 images."""
+
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from experiments import Split, Task, TrainConfig
+
+
+class ConvNet(nn.Module):
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.head = nn.Linear(2 * channels * 16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x.view(-1, 1, 8, 8)))
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(x.flatten(1))
+
+
+def shapes(*, name="shapes", seed=0, samples=600, channels=8, train=None) -> Task:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=samples)
+    x = (rng.normal(size=(4, 64))[labels] + 1.5 * rng.normal(size=(samples, 64))).astype("float32")
+    cut = [0, int(0.6 * samples), int(0.8 * samples), samples]
+    splits = [
+        Split(torch.from_numpy(x[a:b]), torch.from_numpy(labels[a:b])) for a, b in zip(cut, cut[1:])
+    ]
+    return Task(
+        name=name, train=splits[0], val=splits[1], test=splits[2], num_classes=4,
+        build_model=partial(ConvNet, channels, 4),
+        train_config=TrainConfig(**(train or {"epochs": 3})),
+    )
+'''
+
+
+def test_a_conv_task_swept_with_auto_threads_reruns_exactly_and_loads_where_importable(
+    user, tmp_path, cache_dir, capsys, monkeypatch
+):
+    _write(
+        user,
+        {
+            "my_convnet.py": CONV_TASK,
+            "conf/task/shapes.yaml": "_target_: my_convnet.shapes\nname: shapes\nchannels: 8\n",
+        },
+    )
+    where = _without(sweep_overrides(tmp_path, cache_dir), "threads=1")
+    overrides = [
+        *where,
+        "threads=auto",  # one thread for this small model
+        "task=shapes",
+        "search.n_trials=2",
+        "search.sampler=random",
+        "space.pipeline=[prune]",  # fp32 weights: a different float sum changes the file
+    ]
+    assert main(["sweep", "--quiet", "--config-dir", "conf", *overrides]) == 0
+    capsys.readouterr()
+    study = optuna.load_study(
+        study_name="shapes",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
+        ),
+    )
+    trial = study.trials[1]
+    assert trial.user_attrs["threads"] == 1 and study.user_attrs["threads"] == 1
+    where = [o for o in where if not o.startswith(("space", "measure"))]
+    assert (
+        main(["export", "--study", "shapes", "--pick", "trial=1", "--config-dir", "conf", *where])
+        == 0
+    )
+    exported = yaml.safe_load((user / "conf" / "experiment" / "shapes-t1.yaml").read_text())
+    assert exported["threads"] == 1 and exported["run"]["seed_trial"] == 1
+    capsys.readouterr()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default on a machine of two cores or more
+    try:
+        assert main(["run", "experiment=shapes-t1", "--config-dir", "conf", *where]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("shapes-t1", "champion")
+    metrics = client.get_run(version.run_id).data.metrics
+    expected = trial.user_attrs["metrics"]
+    assert metrics["size_bytes"] == expected["size_bytes"]
+    assert metrics["val_acc"] == expected["val_acc"]
+    shipped = tmp_path / "trials" / "runs" / "shapes-t1" / "model.sqz"
+    assert shipped.read_bytes() == (tmp_path / "trials" / "shapes" / "trial-0001.sqz").read_bytes()
+
+    # The registered model: from a folder where my_convnet cannot be imported, a message that
+    # names it; from the user's folder, the model.
+    _forget(user)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError) as err:
+        load_registered("shapes-t1", tracking_uri=uri)
+    message = str(err.value)
+    assert "no module named 'my_convnet'" in message and str(elsewhere) in message
+    assert "PYTHONPATH" in message and "my_convnet.py" in message
+    monkeypatch.chdir(user)
+    model = load_registered("shapes-t1", tracking_uri=uri)
+    assert type(model).__name__ == "ConvNet"
+    with torch.no_grad():
+        assert model(torch.zeros(3, 64)).shape == (3, 4)

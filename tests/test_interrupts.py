@@ -25,7 +25,7 @@ from compressors import Compressor
 from experiments import Split, Task, TrainConfig
 from experiments.digits import digits_mlp
 from experiments.models import MLP
-from search import ConfigError, compose_config, plan_sweep
+from search import ConfigError, compose_config, plan_sweep, run_sweep
 from search.cli import main
 from search.config.storage import open_storage
 from search.run.budget import (
@@ -262,8 +262,8 @@ def test_auto_threads_picks_one_thread_for_small_models_and_shares_the_cores():
     task = digits_mlp(seed=0, hidden=[300, 100], train={"epochs": 1})
     choice = choose_threads(task, model=task.build_model(), batch_size=64, workers=1, cores=16)
     assert choice.threads == 1 and "below 1 GFLOP" in choice.reason
-    # A model past the threshold: one thread when the cores are shared out one per worker,
-    # else whatever a probe finds faster (one thread unless 1.3x slower).
+    # A model past the threshold: one thread when the cores are shared out one per worker, else
+    # one thread per GFLOP of a training batch, at most the share; no clock is read.
     x = torch.randn(512, 1024)
     big = Task(
         name="big",
@@ -277,8 +277,32 @@ def test_auto_threads_picks_one_thread_for_small_models_and_shares_the_cores():
     model = big.build_model()
     shared = choose_threads(big, model=model, batch_size=256, workers=2, cores=2)
     assert shared.threads == 1 and "2 core(s) for 2 worker(s)" in shared.reason
-    probed = choose_threads(big, model=model, batch_size=256, workers=1, cores=2)
-    assert probed.threads in (1, 2) and "probe" in probed.reason
+    assert choose_threads(big, model=model, batch_size=256, workers=1, cores=2).threads == 2
+    many = choose_threads(big, model=model, batch_size=256, workers=1, cores=64)
+    assert many.threads == 3 and "one thread per 1 GFLOP" in many.reason  # 3.2 GFLOP a batch
+    tiny = choose_threads(big, model=model, batch_size=128, workers=2, cores=64)
+    assert tiny.threads == 1  # 1.6 GFLOP a batch: one thread, whatever the cores
+
+
+def test_a_study_records_its_trials_threads_and_a_resumed_auto_sweep_keeps_them(
+    tmp_path, cache_dir
+):
+    threads = torch.get_num_threads()
+    overrides = [o for o in sweep_overrides(tmp_path, cache_dir) if not o.startswith("threads")]
+    try:
+        run_sweep(compose_config([*overrides, "search.n_trials=1", "threads=2"]))
+        run_sweep(compose_config([*overrides, "search.n_trials=2", "threads=auto"]))
+    finally:
+        torch.set_num_threads(threads)
+    study = optuna.load_study(
+        study_name="digits_mlp", storage=open_storage(f"{tmp_path}/optuna.journal")
+    )
+    assert study.user_attrs["threads"] == 2  # what auto alone picks for digits_mlp: 1
+    assert [t.user_attrs["threads"] for t in study.trials] == [2, 2]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    trials = [r for r in runs if "squeeze.trial" in r.data.tags]
+    assert [r.data.params["torch.threads"] for r in trials] == ["2", "2"]
 
 
 def test_threads_is_auto_by_default_and_takes_an_int():

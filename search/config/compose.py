@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from search._errors import ConfigError
+from search.config.modules import use_config_dirs
 from search.config.schema import unknown_key_message
 
 #: The project's config tree.
@@ -48,12 +49,15 @@ def compose_config(
         config_name: The primary config in ``conf/``.
         config_dirs: More config folders searched for groups after ``conf/`` (a user's own
             ``task/``, ``experiment/``, ... yaml files); ``./conf`` of the current directory
-            is searched after them (see `search_dirs`).
+            is searched after them (see `search_dirs`). Their parent folders, then the current
+            directory, are where a ``_target_``'s module is searched when it is not importable
+            as it is (`search.config.modules`).
 
     Raises:
         ConfigError: For an unknown config group option, key or a malformed override.
     """
     prepared = [_keep_search_expression(o) for o in overrides]
+    use_config_dirs(config_dirs)
     dirs = search_dirs(config_dirs)
     try:
         cfg = _compose(config_name, prepared, dirs)

@@ -6,7 +6,8 @@ values (`search.config.schema`), the objectives, directions, constraints, sample
 stop, then the storage and tracking URLs; a mistake there is reported before torch is imported.
 The space comes next (its compressors declare their parameters' constraints, and importing them
 imports torch), with its warm-start recipes (`search.config.warm_start`), then the task (its
-builder's module).
+builder's module, searched beside the ``--config-dir`` folders and in the current directory when
+it is not importable as it is: `search.config.modules`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from search._errors import ConfigError
 from search.config.constraints import check_constraints
 from search.config.early_stop import check_early_stop, make_pruner
 from search.config.metrics import METRICS, batch_metrics
+from search.config.modules import import_target
 from search.config.schema import check_schema
 from search.config.storage import check_storage, check_tracking_uri
 from search.config.warm_start import WarmStarts, check_warm_start
@@ -215,10 +216,7 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
     target = task_cfg.pop("_target_", None)
     if target is None:
         raise ConfigError("task has no '_target_' naming the function that builds it.")
-    try:
-        builder = get_method(target)
-    except Exception:  # noqa: BLE001 - Hydra raises several kinds here
-        raise ConfigError(f"task._target_ {target!r} cannot be imported.") from None
+    builder = import_target(target, key="task._target_")  # a user's module: search.config.modules
     kwargs = {**task_cfg, "seed": cfg.seed}
     try:
         inspect.signature(builder).bind(**kwargs)

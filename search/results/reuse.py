@@ -47,9 +47,10 @@ from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.storage import mask_url, open_storage
+from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.tracking import experiment_id
-from search.run.trial import compress_recipe, measure
+from search.run.trial import THREADS_ATTR, compress_recipe, measure
 from search.run.workload import build_task, load_workload
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def export_trial(
     name: str | None = None,
     conf_dir: Path | None = None,
     force: bool = False,
+    config_dirs: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Write the picked trial of ``study_name`` as ``<conf_dir>/experiment/<name>.yaml``; return
     the path.
@@ -138,6 +141,9 @@ def export_trial(
         conf_dir: The config folder to write into; by default ``./conf`` of the current
             directory (`search.config.compose.writable_config_dir`), never the installed package.
         force: Overwrite an existing file of that name.
+        config_dirs: The ``--config-dir`` folders, repeated in the header's rerun command.
+        overrides: The command's overrides; those saying where results live are repeated
+            there too.
 
     Raises:
         ConfigError: If the file exists and ``force`` is not set (nothing is written).
@@ -149,6 +155,7 @@ def export_trial(
     fixed = _fixed_space(space, trial)
     name = name or f"{study_name}-t{trial.number}"
     metrics = trial.user_attrs["metrics"]
+    threads = trial_threads(cfg, study, trial)
     experiment = {
         "defaults": [
             {"override /task": study_cfg.task.name},
@@ -156,11 +163,14 @@ def export_trial(
         ],
         "task": OmegaConf.to_container(study_cfg.task, resolve=True),
         "seed": int(study_cfg.seed),
+        # the trial's torch threads: float reductions, and so its exact results, depend on them
+        **({"threads": threads} if threads is not None else {}),
         "space": fixed,
         "run": {
             "name": name,
             "study": study_name,
             "trial": trial.number,
+            "seed_trial": seed_trial(trial),  # a retry is seeded like the trial it retries
             "expected": {k: float(metrics[k]) for k in ("val_acc", "size_bytes")},
         },
     }
@@ -173,7 +183,7 @@ def export_trial(
         f"#   val_acc {metrics['val_acc']:.4f}, {metrics['size_bytes'] / 1000:.2f} KB packed "
         f"({ratio:.1f}x the baseline's fp32 file), latency {metrics.get('latency_ms', 0):.3f} ms"
         "\n"
-        f"# Rerun it: squeeze run experiment={name}\n"
+        f"# Rerun it: {run_command(name, config_dirs=config_dirs, overrides=overrides)}\n"
     )
     path = (conf_dir if conf_dir is not None else writable_config_dir()) / "experiment"
     path = path / f"{name}.yaml"
@@ -263,8 +273,9 @@ def run_experiment(
 ) -> RunResult:
     """Rerun the exported recipe ``cfg`` holds (``squeeze run experiment=<name>``).
 
-    The recipe is applied to the cached baseline with the exported trial's seed, so on CPU the
-    validation metrics equal the trial's. The shipped file is evaluated on validation and test,
+    The recipe is applied to the cached baseline with the exported trial's seed and torch
+    threads (``threads``, which `export_trial` writes), so on CPU the size and the validation
+    metrics equal the trial's. The shipped file is evaluated on validation and test,
     logged to an MLflow run, and registered as model ``<experiment name>`` with ``alias``.
     ``config_dirs`` (the ``--config-dir`` folders) only serve the message listing the exported
     experiments when ``cfg`` holds none.
@@ -288,7 +299,7 @@ def run_experiment(
         plan.space,
         task,
         baseline,
-        seed=int(cfg.seed) + int(cfg.run.trial),
+        seed=int(cfg.seed) + int(cfg.run.get("seed_trial", cfg.run.trial)),
         device=workload.device,
     )
     folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)
@@ -355,7 +366,13 @@ def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | N
     """The registered model ``name@alias`` as a working torch model (``eval`` mode).
 
     Reads the version's packed file and config; builds the task's architecture from the config's
-    ``_target_`` and loads the file into it. Nothing is unpickled.
+    ``_target_`` and loads the file into it. Nothing is unpickled. A task of one's own needs its
+    module importable: installed, on ``PYTHONPATH``, or in the current directory (or the parent
+    folder of a config folder this process composed with, `search.config.modules`).
+
+    Raises:
+        ConfigError: If the task's module cannot be imported; it names the module and how to
+            make it importable.
 
     Example:
         >>> from search import load_registered
@@ -366,7 +383,7 @@ def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | N
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(version.run_id, MODEL_DIR, tmp))
         cfg = OmegaConf.load(folder / "config.yaml")
-        plan = plan_sweep(cfg)
+        plan = plan_sweep(cfg, connect=False)  # (its module: search.config.modules)
         task = build_task(plan)
         return load_packed(folder / "model.sqz", task.build_model())
 
@@ -485,16 +502,42 @@ def _trial_number(pick: str) -> int:
 
 
 def study_config(cfg: DictConfig, study: optuna.Study) -> DictConfig:
-    """The config the study ran with: its local copy, else the parent MLflow run's artifact."""
+    """The config the study ran with: its local copy, else the parent MLflow run's artifact;
+    with ``threads`` fixed to the torch threads the study started with, when recorded (so that
+    a report or an explanation computes as its trials did)."""
     local = Path(cfg.output_dir) / study.study_name / "config.yaml"
     if local.exists():
-        return OmegaConf.load(local)
+        study_cfg = OmegaConf.load(local)
+    else:
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is None:
+            raise ConfigError(f"Study {study.study_name!r} has no recorded config to export from.")
+        with tempfile.TemporaryDirectory() as tmp:
+            client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+            study_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+    if THREADS_ATTR in study.user_attrs:
+        study_cfg.threads = int(study.user_attrs[THREADS_ATTR])
+    return study_cfg
+
+
+def trial_threads(
+    cfg: DictConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial
+) -> int | None:
+    """The torch threads ``trial`` ran with: its own record, else its study's (the count the
+    study started with, or the ``torch.threads`` param of its parent MLflow run, for studies
+    from before trials recorded it); None if nothing says."""
+    for attrs in (trial.user_attrs, study.user_attrs):
+        if THREADS_ATTR in attrs:
+            return int(attrs[THREADS_ATTR])
     run_id = study.user_attrs.get("mlflow_parent_run_id")
     if run_id is None:
-        raise ConfigError(f"Study {study.study_name!r} has no recorded config to export from.")
-    with tempfile.TemporaryDirectory() as tmp:
-        client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
-        return OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+        return None
+    try:
+        params = MlflowClient(tracking_uri=str(cfg.tracking.uri)).get_run(run_id).data.params
+    except MlflowException:
+        return None
+    value = params.get("torch.threads")
+    return int(value) if value is not None else None
 
 
 def _fixed_space(space: dict[str, Any], trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from search.run.deploy import deploy_onnx
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
-from search.run.trial import SweepContext, measure, run_trial
+from search.run.trial import THREADS_ATTR, SweepContext, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,
@@ -138,7 +138,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     )
     try:
         tracker.join_parent(study.user_attrs["mlflow_parent_run_id"])
-        ctx, _ = _prepare(plan, tracker)
+        ctx, _ = _prepare(plan, tracker, threads=study.user_attrs.get(THREADS_ATTR))
         gc.freeze()
         try:
             return run_trials(
@@ -162,7 +162,9 @@ def _run(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SweepResult:
     cfg = plan.cfg
-    ctx, baseline_metrics = _prepare(plan, tracker, progress=progress)
+    ctx, baseline_metrics = _prepare(
+        plan, tracker, threads=study.user_attrs.get(THREADS_ATTR), progress=progress
+    )
     config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(_masked(cfg)), config_file)
@@ -177,6 +179,8 @@ def _run(
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("fingerprint", plan.fingerprint)
     study.set_user_attr("baseline", baseline_metrics)
+    if THREADS_ATTR not in study.user_attrs:  # the count its trials reproduce with (run, report)
+        study.set_user_attr(THREADS_ATTR, torch.get_num_threads())
 
     budget = _budget(study, plan)
     # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
@@ -210,9 +214,14 @@ def _run(
 
 
 def _prepare(
-    plan: SweepPlan, tracker: Tracker, *, progress: Callable[[str, int, int], None] | None = None
+    plan: SweepPlan,
+    tracker: Tracker,
+    *,
+    threads: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SweepContext, dict[str, float]]:
-    """The task, the cached baseline (trained if absent) and what every trial shares."""
+    """The task, the cached baseline (trained if absent) and what every trial shares;
+    ``threads``: the torch threads the study started with (kept by ``threads: auto``)."""
     cfg = plan.cfg
 
     def check(task: Task) -> None:  # before the baseline is trained
@@ -223,9 +232,10 @@ def _prepare(
         _check_coverage(
             plan.space.check_model(model, task=task.name, example_inputs=example), task.name
         )
-        _set_threads(cfg, task, model)  # the probe trains `model`
 
-    workload = load_workload(cfg, plan=plan, check=check, progress=progress)
+    workload = load_workload(
+        cfg, plan=plan, check=check, progress=progress, recorded_threads=threads
+    )
     task, baseline, device = workload.task, workload.baseline, workload.device
     baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
@@ -393,18 +403,6 @@ def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
             return
         logger.info("waiting for %d trial(s) of other workers", len(running))
         time.sleep(poll_s)
-
-
-def _set_threads(cfg: DictConfig, task: Task, model: torch.nn.Module) -> None:
-    """Torch threads of this process (``threads``: auto, a count or null; see search.run.threads),
-    for the trials' batch size when the space fixes it, else the baseline's."""
-    from search.run.threads import set_threads
-
-    batch_size = cfg.space.get("finetune", {}).get("batch_size")
-    if not isinstance(batch_size, int):
-        batch_size = task.train_config.batch_size
-    workers = int(os.environ.get(WORKERS_ENV, "1"))  # set in the worker processes of a sweep
-    set_threads(cfg.threads, task, batch_size=batch_size, workers=workers, model=model)
 
 
 def _cv_folds(

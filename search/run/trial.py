@@ -58,6 +58,10 @@ from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.deploy import deploy_onnx
 from search.run.tracking import Tracker
 
+#: User attribute of a trial (and of its study: the count it started with): the torch threads it
+#: ran with, which its exact reproduction needs (`search.run.threads`).
+THREADS_ATTR = "threads"
+
 
 @dataclass(frozen=True)
 class SweepContext:
@@ -124,6 +128,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:
         run.log_params(recipe.params)
+        threads = torch.get_num_threads()  # float reductions, and so the results, depend on it
+        run.log_params({"torch.threads": threads})
+        trial.set_user_attr(THREADS_ATTR, threads)
 
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
         #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
@@ -235,8 +242,9 @@ def compress_recipe(
         # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
         context = compression_context(task, baseline, seed=seed, device=device)
         model = apply_pipeline(compressors, model, context)
-        if on_compressed is not None:
-            on_compressed(finalize_pipeline(compressors, detached_copy(model), context))
+        if on_compressed is not None:  # (random draws there leave fine-tuning's as they were)
+            with torch.random.fork_rng(devices=[]):
+                on_compressed(finalize_pipeline(compressors, detached_copy(model), context))
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's

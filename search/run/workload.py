@@ -2,8 +2,8 @@
 
 Every command (`sweep`, `run`, `report`, `sensitivity`) and every bench calls `load_workload`:
 it checks the config (`plan_sweep`), builds the task, lets the caller check the model before
-anything is trained, then loads the cached baseline or trains it on ``device`` (``cuda`` with
-``device=cuda``, or ``auto`` and a GPU).
+anything is trained, sets torch's threads (``threads``, `search.run.threads`), then loads the
+cached baseline or trains it on ``device`` (``cuda`` with ``device=cuda``, or ``auto`` and a GPU).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def load_workload(
     connect: bool = True,
     check: Callable[[Task], None] | None = None,
     progress: Progress | None = None,
+    recorded_threads: int | None = None,
 ) -> Workload:
     """The task of ``cfg`` and its baseline, trained (on the configured device) if not cached.
 
@@ -61,11 +62,14 @@ def load_workload(
         check: Called with the built task before its baseline is loaded or trained (checks that
             must fail before any training: the space against the model, say).
         progress: Reports the baseline's training and teacher outputs when it is made.
+        recorded_threads: The torch threads the study ran with, kept by ``threads: auto``
+            (`set_workload_threads`).
     """
     plan = plan if plan is not None else plan_sweep(cfg, connect=connect)
     task = build_task(plan)
     if check is not None:
         check(task)
+    set_workload_threads(plan, task, recorded=recorded_threads)
     device = training_device(cfg)
     baseline = load_baseline(task, plan.task_kwargs, cfg, device=device, progress=progress)
     return Workload(plan, task, baseline, device)
@@ -98,6 +102,30 @@ def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
             f"memory (a Split) to refold them; its data is a "
             f"{type(task.train.source).__name__}, read batch by batch. Use search.cv_folds=null."
         )
+
+
+def set_workload_threads(plan: SweepPlan, task: Task, *, recorded: int | None = None) -> int:
+    """Set torch's threads of this process from ``threads`` (auto, a count or null; see
+    `search.run.threads`) for the trials' batch size when the space fixes it, else the
+    baseline's, and return the count. The workers sharing this machine's cores are those a
+    sweep started (`WORKERS_ENV` in each), else ``search.n_jobs`` (a sweep's parent process)."""
+    from search.run.threads import set_threads
+    from search.run.workers import WORKERS_ENV
+
+    cfg = plan.cfg
+    batch_size = cfg.space.get("finetune", {}).get("batch_size")
+    if not isinstance(batch_size, int):
+        batch_size = task.train_config.batch_size
+    workers = int(os.environ.get(WORKERS_ENV, plan.n_jobs))
+    choice = set_threads(
+        cfg.threads,
+        task,
+        batch_size=batch_size,
+        workers=workers,
+        model=task.build_model(),
+        recorded=recorded,
+    )
+    return choice.threads
 
 
 def load_baseline(
