@@ -7,6 +7,12 @@ whole the groups that must not shrink (the model's outputs, tied weights cut two
 reason, and splits each other group into *units*, the sets of channels removed together (one
 channel, a whole attention head, the same hidden unit of every direction of a recurrent layer,
 the same offset in every group of a grouped convolution).
+
+torch-pruning takes every operation it does not know for an element-wise one, which couples the
+channels of its inputs one to one. A tensor of one channel broadcast against a wider one (an
+attention-pooling score ``Linear(hidden, 1)`` softmaxed over time and multiplied with the
+``hidden`` features, a spatial gate ``Conv(c, 1)``) is not coupled to them: `trace` cuts those
+edges, so such a layer keeps its single channel and the wider group shrinks alone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressors._base import UnsupportedModelError
+from compressors._structured_heads import Attention, find_attention
 from compressors._structured_pruners import (
     RECURRENT,
     customized_pruners,
@@ -149,7 +156,51 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     for node in list(graph.module2node.values()):
         if isinstance(node.module, RECURRENT):
             _pass_recurrent_channels(node)
+    _cut_broadcasts(graph)
     return graph
+
+
+def _is_op(node) -> bool:
+    """Whether ``node`` is a tensor operation torch-pruning made (not a layer or parameter)."""
+    return type(node.module).__module__.startswith("torch_pruning")
+
+
+def _channels(graph: tp.DependencyGraph, node, seen: set) -> int | None:
+    """Channels of the tensor ``node`` outputs, as torch-pruning counts them: its layer's output
+    channels, through element-wise operations; None where unknown (after a reshape, a
+    concatenation, ...)."""
+    if node in seen:
+        return None
+    seen.add(node)
+    if isinstance(node.module, nn.Parameter):
+        shape = node.module.shape
+        return int(shape[node.pruning_dim]) if shape else 1
+    if not _is_op(node):
+        pruner = graph.get_pruner_of_module(node.module)
+        return None if pruner is None else graph.get_out_channels(node.module)
+    if node.type != tp.ops.OPTYPE.ELEMENTWISE:
+        return None
+    known = [c for c in (_channels(graph, i, seen) for i in node.inputs) if c is not None]
+    return max(known) if known else None
+
+
+def _cut_broadcasts(graph: tp.DependencyGraph) -> None:
+    """Remove the coupling between an element-wise operation and an input of one channel that
+    it broadcasts against a wider one (``score(h).softmax(1) * h``, ``x * gate`` with a
+    one-channel gate): no channel of the one maps to a channel of the other, and torch-pruning
+    would otherwise remove the single channel with the others' (a layer of 0 outputs)."""
+    for node in list(graph.module2node.values()):
+        if not _is_op(node) or node.type != tp.ops.OPTYPE.ELEMENTWISE or len(node.inputs) < 2:
+            continue
+        counts = [(i, _channels(graph, i, set())) for i in node.inputs]
+        if not any(c is not None and c > 1 for _, c in counts):
+            continue
+        for narrow in {i for i, c in counts if c == 1}:
+            logger.debug("structured: %s is broadcast in %s, not coupled to it", narrow, node)
+            node.inputs = [i for i in node.inputs if i is not narrow]
+            narrow.outputs = [o for o in narrow.outputs if o is not node]
+            node.dependencies = [d for d in node.dependencies if d.target is not narrow]
+            narrow.dependencies = [d for d in narrow.dependencies if d.target is not node]
 
 
 def _pass_recurrent_channels(node) -> None:
@@ -271,43 +322,59 @@ class _UnionFind:
 
 
 def coupled_groups(
-    model: nn.Module, graph: tp.DependencyGraph, heads: Mapping[nn.Module, int]
-) -> tuple[list[CoupledGroup], dict[str, str]]:
-    """The groups whose channels may be removed, and the others with the reason they stay whole.
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    heads: Mapping[nn.Module, int],
+    *,
+    whole_attention: str | None = None,
+) -> tuple[list[CoupledGroup], dict[str, str], list[Attention]]:
+    """The groups whose channels may be removed, the others with the reason they stay whole,
+    and the attention layers written with plain Linears (`compressors._structured_heads`).
+
+    The query / key / value projections of such an attention lose whole heads, the same ones in
+    each; the width they read (the residual stream of a transformer) stays whole, since their
+    module's forward may read it (``reshape(B, N, C)``, ``C // self.num_heads``).
 
     Args:
         model: The traced model.
         graph: Its dependency graph (`trace`).
         heads: Query / key / value projections (``nn.Linear``) of attention written with plain
-            layers, and their number of heads: their output channels go in whole heads.
+            layers, and their number of heads (``attention_heads()``), besides those found by
+            their module's head count attribute.
+        whole_attention: If given, the reason every such attention keeps all its heads.
     """
     names = {module: name for name, module in model.named_modules()}
     groups = list(graph.get_all_groups(root_module_types=ROOTS))
+    attention, undecided = find_attention(model, groups, graph, heads)
+    projections = {p: layer for layer in attention for p in layer.projections}
     labels = [_label(group[0].dep.target.module, names) for group in groups]
     offsets = [0]
     for group in groups:
         offsets.append(offsets[-1] + len(group[0].idxs))
     channels = _UnionFind(offsets[-1])  # channels removed together, over all groups
-    linked = _UnionFind(len(groups))  # groups that shrink together (through a tied weight)
+    linked = _UnionFind(len(groups))  # groups that shrink together (tied weights, attention)
     reasons: list[str | None] = []
     units: list[str] = []
     for g, group in enumerate(groups):
-        reason = _kept_reason(group, graph)
-        if reason is None and not _join_units(group, graph, heads, channels, offsets[g]):
+        reason = _kept_reason(group, graph) or _attention_reason(
+            group, graph, projections, undecided, names, whole_attention
+        )
+        if reason is None and not _join_units(group, graph, projections, channels, offsets[g]):
             reason = "torch-pruning cannot map its channels onto its root layer's"
         reasons.append(reason)
-        units.append(_unit_name(group, graph, heads))
+        units.append(_unit_name(group, graph, projections))
     _join_tied(model, groups, graph, channels, linked, offsets, reasons)
+    with_heads = _join_heads(attention, groups, graph, channels, linked, offsets)
 
     prunable, kept = [], {}
     for component in linked.sets():
         whole = [g for g in component if reasons[g] is not None]
         if whole:
             first = whole[0]
+            bond = "loses the same heads as" if first in with_heads else "shares a tied weight with"
             for g in component:
                 kept[labels[g]] = reasons[g] or (
-                    f"it shares a tied weight with {labels[first]}, which stays whole: "
-                    f"{reasons[first]}"
+                    f"it {bond} {labels[first]}, which stays whole: {reasons[first]}"
                 )
             continue
         position = {g: i for i, g in enumerate(component)}
@@ -331,7 +398,51 @@ def coupled_groups(
             kept[label] = f"it has a single {unit}"
         else:
             prunable.append(coupled)
-    return prunable, kept
+    return prunable, kept, attention
+
+
+def _attention_reason(group, graph, projections, undecided, names, whole) -> str | None:
+    """Why ``group`` stays whole for the attention layers written with plain Linears, or None:
+    it is the width their projections read, or it would remove heads that must stay."""
+    for item in group:
+        module = item.dep.target.module
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if not out and module in projections:
+            layer = projections[module]
+            return (
+                f"it is the width attention '{layer.name or '<model>'}' reads (its forward may "
+                "take the head size or its output width from it)"
+            )
+        if out and module in undecided:
+            return undecided[module]
+        if out and whole is not None and module in projections:
+            return f"attention '{projections[module].name or '<model>'}' keeps its heads: {whole}"
+    return None
+
+
+def _join_heads(attention: list[Attention], groups, graph, channels, linked, offsets) -> set[int]:
+    """Make the projections of each attention layer lose the same heads: the channels at one
+    place of one head (``c % (heads * size)``) go together in all of them, and their groups
+    shrink together. Returns the groups holding projections."""
+    holding = set()
+    for layer in attention:
+        first: dict[int, tuple[int, int]] = {}
+        width = layer.heads * layer.size
+        for g, group in enumerate(groups):
+            for item in group:
+                if item.dep.target.module not in layer.projections:
+                    continue
+                if not graph.is_out_channel_pruning_fn(item.dep.handler):
+                    continue
+                holding.add(g)
+                for idx, root in zip(item.idxs, item.root_idxs, strict=True):
+                    if root is None:
+                        continue
+                    here = offsets[g] + root
+                    there, other = first.setdefault(idx % width, (here, g))
+                    channels.union(here, there)
+                    linked.union(g, other)
+    return holding
 
 
 def _label(module: nn.Module, names: Mapping[nn.Module, str]) -> str:
@@ -342,13 +453,19 @@ def _kept_reason(group, graph: tp.DependencyGraph) -> str | None:
     """Why ``group`` must stay whole whatever the other groups do, or None."""
     for item in group:
         target = item.dep.target
-        if target.type == tp.ops.OPTYPE.OUTPUT or (
-            target.grad_fn in graph.output_grad_fns
-            and graph.is_out_channel_pruning_fn(item.dep.handler)
-        ):
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if target.type == tp.ops.OPTYPE.OUTPUT or (target.grad_fn in graph.output_grad_fns and out):
             return "its channels reach the model's output"
         if any(r is None for r in item.root_idxs):
             return "torch-pruning cannot map its channels onto its root layer's"
+        if not _is_op(target) and not isinstance(target.module, nn.Parameter) and item.idxs:
+            count = graph.get_out_channels(target) if out else graph.get_in_channels(target)
+            if count is not None and max(item.idxs) >= count:
+                side = "outputs" if out else "inputs"
+                return (
+                    f"torch-pruning maps its channels beyond the {count} {side} of "
+                    f"{describe(target.name or '', target.module)}"
+                )
     return None
 
 
@@ -358,9 +475,8 @@ def _unit_of(module: nn.Module, out: bool, graph, heads) -> tuple[Callable[[int]
     if isinstance(module, nn.MultiheadAttention):
         size = module.head_dim
         return (lambda i: i // size), f"head of {size} channels"
-    if out and module in heads:
-        size = module.out_features // heads[module]
-        return (lambda i: i // size), f"head of {size} channels"
+    if out and module in heads:  # a query / key / value projection (`Attention`)
+        return heads[module].key(), heads[module].unit(module)
     if out and isinstance(module, RECURRENT):
         hidden = module.hidden_size
         return (lambda i: i % hidden), "hidden unit"

@@ -19,7 +19,15 @@ the packed size and, in the rare case the file would pass the target, prunes the
 weights until it does not. A target out of reach (below the smallest allocation: every tensor at
 its most sparse and fewest bits, plus what is not compressed, such as biases, norms and the
 header) ships that smallest allocation, with a warning: in a search, structured pruning and the
-ratio are sampled independently, and such a trial is still the front's smallest point.
+ratio are sampled independently, and such a trial is still the front's smallest point. Its
+file is then what the smallest allocation packs to after fine-tuning (which changes the tensors
+allocate does not compress, such as batch-norm statistics, and how well they pack), not held to
+the size measured before.
+
+The table also records the loss of the uncompressed model and of predictions that ignore the
+input (uniform over the classes for a classifier; the mean output otherwise). When the predicted
+loss of the chosen allocation (the model's plus each tensor's measured increase) reaches the
+latter, allocate warns: the shipped model may be at chance unless fine-tuning recovers it.
 
 As in HAWQ-V3 (mixed precision as an integer program) and NVIDIA Model Optimizer's AutoQuantize
 (per-layer formats from sensitivity scores under an effective-bits budget), but with pruning and
@@ -59,7 +67,7 @@ SAMPLES = 1024
 #: The allocator aims this far under the target (the header records changed layer shapes and
 #: per-tensor layouts whose lengths vary by a few bytes).
 SLACK = 0.01
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 #: An empirical Fisher diagonal whose largest entry is below this is flat: a model at its loss's
 #: minimum (trained classifiers measured 3e-3 to 0.8; minilm, its own target, ~0).
 FLAT_FISHER = 1e-9
@@ -155,25 +163,50 @@ class BudgetAllocation(Compressor):
             if size <= budget and budget - size <= CLOSE_ENOUGH * budget:
                 break
             payload_budget += (budget - size) if size <= budget else (budget - size) - 1
+        self._target_bytes: int | None = budget
         if best is None:
             # Out of reach (a search samples structured pruning and the ratio independently):
             # ship the smallest allocation, so the trial is still a point of the front.
             best = smallest
             logger.warning(
                 "allocate cannot fit %d bytes (ratio %g): the smallest allocation found packs "
-                "to %d bytes (of which about %d are tensors it does not compress, such as "
-                "biases and norms, and the file's header), and is used instead; lower "
-                "allocate.ratio, or allow fewer bits (allocate.min_bits) or more sparsity "
-                "(allocate.max_sparsity) to go further.",
+                "to %d bytes before fine-tuning (the tensors it does not compress, such as "
+                "biases and norms, and the file's header take about %d bytes before the file's "
+                "LZMA pass), and is used instead; lower allocate.ratio, or allow fewer bits "
+                "(allocate.min_bits) or more sparsity (allocate.max_sparsity) to go further.",
                 budget,
                 self.ratio,
                 best[0],
                 fixed,
             )
-            budget = best[0]
+            self._target_bytes = None  # the smallest allocation ships whatever it packs to
         self.allocation = {name: settings[c] for name, c in zip(found, best[1], strict=True)}
-        self._target_bytes = budget
+        self._warn_if_near_chance(table, best[1], ctx)
         return self._apply(model, settings, best[1])
+
+    def _warn_if_near_chance(
+        self, table: dict[str, np.ndarray], choice: list[int], ctx: CompressionContext
+    ) -> None:
+        """Warn if the predicted loss of ``choice`` reaches the loss of predictions that ignore
+        the input (`reference_losses`), where the model itself is below it."""
+        base, chance = (float(v) for v in table["reference"])
+        rows = np.arange(len(choice))
+        predicted = base + float(table["sensitivity"][rows, choice].sum())
+        self.predicted_loss = predicted
+        if chance > base and predicted >= chance:
+            what = "uniform predictions" if ctx.outputs == "logits" else "the mean output"
+            logger.warning(
+                "allocate (ratio %g): the predicted loss of its allocation is %.4g (the "
+                "model's %.4g plus each tensor's measured increase), at or above the loss of "
+                "%s for every input (%.4g): the shipped model may be at chance unless "
+                "fine-tuning recovers it. Lower allocate.ratio, or raise allocate.min_bits or "
+                "lower allocate.max_sparsity, for a model that keeps what it learned.",
+                self.ratio,
+                predicted,
+                base,
+                what,
+                chance,
+            )
 
     def _replacement(
         self, model: nn.Module, settings: list[Setting], choice: list[int]
@@ -198,8 +231,10 @@ class BudgetAllocation(Compressor):
         return model
 
     def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        """Prune the least important remaining weights if the packed file would pass the target
-        (the budget holds by construction; this guards the header's few variable bytes)."""
+        """Prune the smallest remaining weights if the packed file would pass the target
+        (fine-tuning changes how well the tensors pack, those allocate does not compress
+        included, such as batch-norm statistics). A target out of reach ships the smallest
+        allocation as it is (`compress` warned)."""
         budget = getattr(self, "_target_bytes", None)
         if budget is None:
             return model
@@ -207,8 +242,18 @@ class BudgetAllocation(Compressor):
             excess = _packed_size(model) - budget
             if excess <= 0:
                 return model
-            _prune_more(model, excess)
-        raise RuntimeError(f"allocate could not fit the packed file in {budget} bytes")
+            if not _prune_more(model, excess):
+                break
+        logger.warning(
+            "allocate could not fit the packed file in %d bytes (ratio %g) after fine-tuning, "
+            "even pruning more of its weights: it ships %d bytes. The tensors it does not "
+            "compress (biases, norms and their statistics) outgrew the budget; lower "
+            "allocate.ratio.",
+            budget,
+            self.ratio,
+            _packed_size(model),
+        )
+        return model
 
     def settings(self) -> list[Setting]:
         """The candidate settings of every tensor, float32 dense first."""
@@ -221,17 +266,19 @@ class BudgetAllocation(Compressor):
 
     def table(self, model: nn.Module, ctx: CompressionContext) -> dict[str, np.ndarray]:
         """``bytes`` and ``sensitivity`` of each tensor of ``model`` (rows, `targets` order) at
-        each setting (columns, `settings` order), cached in ``ctx.cache_dir`` under a key of the
-        weights, the settings and the method."""
+        each setting (columns, `settings` order), and the ``reference`` losses
+        (`reference_losses`), cached in ``ctx.cache_dir`` under a key of the weights, the
+        settings and the method."""
         found, settings = targets(model), self.settings()
         key = _table_key(found, settings, self.sensitivity)
         path = None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"allocate-{key}.npz"
         if path is not None and path.exists():
             with np.load(path) as cached:
-                return {"bytes": cached["bytes"], "sensitivity": cached["sensitivity"]}
+                return {key: cached[key] for key in ("bytes", "sensitivity", "reference")}
         table = {
             "bytes": np.array([candidate_bytes(t.weight, settings) for t in found.values()]),
             "sensitivity": sensitivities(model, found, settings, ctx, method=self.sensitivity),
+            "reference": np.array(reference_losses(model, ctx)),
         }
         if path is not None:
             _save_atomically(path, table)
@@ -290,6 +337,32 @@ def sensitivities(
             return np.array(rows)
     finally:
         model.train(was_training)
+
+
+def reference_losses(model: nn.Module, ctx: CompressionContext) -> tuple[float, float]:
+    """``(loss of the model, loss of predictions that ignore the input)`` on the training
+    sample: for logits, uniform over the classes (zero logits: ``log(classes)`` under
+    cross-entropy); for other outputs, the model's mean output for every input."""
+    x, y = ctx.train.x[:SAMPLES], ctx.train.y[:SAMPLES]
+    teacher = None if ctx.teacher_outputs is None else ctx.teacher_outputs[:SAMPLES]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            outputs = torch.cat(
+                [model(x[i : i + 256].to(device)) for i in range(0, len(x), 256)]
+            ).float()
+            if ctx.outputs == "logits":
+                blind = torch.zeros_like(outputs)
+            else:
+                blind = outputs.mean(0, keepdim=True).expand_as(outputs)
+            tb = None if teacher is None else teacher.to(device)
+            base = float(ctx.loss(outputs, y.to(device), tb))
+            chance = float(ctx.loss(blind, y.to(device), tb))
+    finally:
+        model.train(was_training)
+    return base, chance
 
 
 def compressed(weight: torch.Tensor, settings: list[Setting]) -> Iterator[torch.Tensor]:
@@ -434,18 +507,20 @@ def _packed_size(model: nn.Module) -> int:
     return packed_size(model)
 
 
-def _prune_more(model: nn.Module, excess: int) -> None:
-    """Zero the smallest remaining weights of the largest tensor, about ``8 * excess`` bytes'
-    worth at its bit width (a few weights: the budget is met up to header bytes)."""
+def _prune_more(model: nn.Module, excess: int) -> bool:
+    """Zero the smallest remaining weights of the tensor with the most nonzero weights, about
+    ``8 * excess`` of them (a byte or more each in the file); False if every weight is zero."""
     found = targets(model)
-    name = max(found, key=lambda n: found[n].numel())
+    nonzero = {n: int(t.weight.detach().count_nonzero()) for n, t in found.items()}
+    name = max(found, key=lambda n: nonzero[n])
+    if nonzero[name] == 0:
+        return False
     target = found[name]
     weight = target.weight.detach()
-    extra = min(weight.numel(), max(1, 8 * excess))
-    keep = smallest_mask(
-        weight.abs(), min(1.0, (int((weight == 0).sum()) + extra) / weight.numel())
-    )
-    target.register(Mask(keep))
+    extra = min(nonzero[name], max(1, 8 * excess))
+    zeros = weight.numel() - nonzero[name]
+    target.register(Mask(smallest_mask(weight.abs(), (zeros + extra) / weight.numel())))
+    return True
 
 
 def _table_key(found: dict[str, Target], settings: list[Setting], method: str) -> str:

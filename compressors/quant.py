@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressors._base import CompressionContext, Compressor
+from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import AnyOf, Integer, Options
 from compressors._targets import targets
 from compressors.packing import Codes
+from compressors.runtime import INT8_MODULES
 
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -196,6 +197,29 @@ class Quantization(Compressor):
         skip = ("embedding",) if self.embeddings == "float" else ()
         return [n for n, t in targets(model).items() if t.kind not in skip]
 
+    def check_model(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
+        """`claims` of ``model``, after checking that it has tensors to quantize and, with
+        ``runtime='int8'``, a layer torch's int8 kernels can run.
+
+        Raises:
+            UnsupportedModelError: If it has no tensor to quantize, or ``runtime='int8'`` would
+                ship no layer on int8 kernels (a model of convolutions only, say).
+        """
+        claimed = super().check_model(model, example_inputs)
+        if self.runtime == "int8" and not any(t.int8 for t in targets(model).values()):
+            kinds = ", ".join(
+                sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
+            )
+            raise UnsupportedModelError(
+                "The 'quant.runtime' parameter of compressor 'quant' is 'int8', but this model "
+                "has no layer int8 kernels run: they run "
+                f"{', '.join(t.__name__ for t in INT8_MODULES)} layers (a Linear whose parent "
+                "does not read its weight directly), and the model's layers are "
+                f"{kinds or 'none'}. Use quant.runtime=float (its weights are quantized all the "
+                "same)."
+            )
+        return claimed
+
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         return self._quantize(model) if self.mode == "qat" else model
 
@@ -216,6 +240,10 @@ class Quantization(Compressor):
         if self.bias == "fp16":
             half_biases(owners.values())
         return model
+
+
+def _has_own_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
 
 
 def half_biases(modules: Iterable[nn.Module]) -> None:

@@ -18,10 +18,19 @@ Layers and the unit they lose:
 - torch's ``nn.MultiheadAttention`` (e.g. in ``nn.TransformerEncoderLayer``): whole heads. Its
   width is also the residual stream's, so removing head ``h`` removes the residual channels
   ``[h * head_dim, (h + 1) * head_dim)`` in every layer coupled to it, and ``num_heads`` falls;
-- attention written with plain Linears: a model naming its query / key / value projections and
-  their number of heads with a method ``attention_heads() -> {nn.Linear: heads}`` (as
-  `experiments.minilm.SentenceEncoder` does) loses whole heads of them, and the attention
-  module's ``num_attention_heads`` / ``all_head_size`` follow when it has them.
+- attention written with plain Linears (`compressors._structured_heads`): a module with a head
+  count attribute (``num_heads`` as timm's, ``num_attention_heads`` as Hugging Face's BERT,
+  ``n_heads``, ``n_head``) and separate or fused (``qkv``) query / key / value projections, or
+  projections a model names with a method ``attention_heads() -> {nn.Linear: heads}`` (as
+  `experiments.minilm.SentenceEncoder` does), loses whole heads, the same in each projection;
+  the module's head count and ``all_head_size`` follow, its head size stays, and so does the
+  width its projections read (a transformer's residual stream: such forwards read it). Where
+  the module's forward does not run with fewer heads (``reshape(B, N, C)`` with ``C`` its input
+  width, ``C // self.num_heads``), its heads all stay, with a log line, and the rest is pruned.
+
+A layer of one output channel whose output is broadcast against a wider tensor (an attention
+pooling score ``Linear(hidden, 1)``, a one-channel spatial gate) is not coupled to it: it keeps
+its channel, and the wider tensor's channels shrink on their own.
 
 A weight tied between layers (an embedding and the output layer reading the same matrix) stays
 one tensor, cut once: the channels of every layer that reads it along one axis go together (an
@@ -36,6 +45,7 @@ and why; `StructuredPruning.explain` says beforehand what would shrink, what sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +65,7 @@ from compressors._structured_groups import (
     tied_weights,
     trace,
 )
+from compressors._structured_heads import update_heads
 from compressors._targets import targets
 from compressors.importance import CRITERIA, accumulate_gradients, group_importance
 
@@ -80,6 +91,15 @@ class StructureReport:
         lines = ["Prunable:"] + [f"  {k}: {v}" for k, v in self.prunable.items()]
         lines += ["Kept whole:"] + [f"  {k}: {v}" for k, v in self.kept.items()]
         return "\n".join(lines)
+
+
+class _FewerHeadsFailed(UnsupportedModelError):
+    """The pruned copy fails, and attention written with plain Linears lost heads in it."""
+
+    def __init__(self, message: str, attention: list[str], cause: BaseException) -> None:
+        super().__init__(message)
+        self.attention = attention
+        self.cause = f"{type(cause).__name__}: {cause}"
 
 
 class StructuredPruning(Compressor):
@@ -124,7 +144,7 @@ class StructuredPruning(Compressor):
         found = targets(model)
         if example_inputs is None:
             return [name for name, t in found.items() if t.kind != "embedding"]
-        _, groups, _ = _analyse(model, example_inputs, None)
+        _, groups, _, _ = _analyse(model, example_inputs, None)
         shrunk = {name for group in groups for name in group.modules}
         shrunk |= {
             f"{name}.out_proj"  # attention's output projection shrinks with it
@@ -162,7 +182,7 @@ class StructuredPruning(Compressor):
         Raises:
             UnsupportedModelError: As `check_model`.
         """
-        _, groups, kept = _analyse(model, example_inputs, heads)
+        _, groups, kept, _ = _analyse(model, example_inputs, heads)
         prunable = {
             g.label: f"{len(g.units)} units ({g.unit}); shrinks {', '.join(g.modules)}"
             for g in groups
@@ -172,17 +192,35 @@ class StructuredPruning(Compressor):
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         """Return a pruned copy of ``model`` (the model itself is not changed).
 
+        Attention written with plain Linears loses whole heads and its head counts follow; if
+        its module's forward does not run with fewer heads (it reads the head size from its
+        input width, say), it keeps all its heads (logged) and the rest is pruned.
+
         Raises:
             UnsupportedModelError: As `check_model`; or if the pruned copy would not run on the
                 example inputs or would change its outputs' shapes (a last guard).
         """
         if self.amount == 0.0:
             return model
-        model = copy.deepcopy(model)
+        try:
+            return self._prune(copy.deepcopy(model), ctx, whole_attention=None)
+        except _FewerHeadsFailed as err:
+            logger.info(
+                "structured: keeping the heads of %s whole: %s", ", ".join(err.attention), err
+            )
+            why = f"its forward does not run with fewer heads ({err.cause})"
+            return self._prune(copy.deepcopy(model), ctx, whole_attention=why)
+
+    def _prune(
+        self, model: nn.Module, ctx: CompressionContext, *, whole_attention: str | None
+    ) -> nn.Module:
+        """Prune ``model`` (a copy) in place and return it."""
         modes = {m: m.training for m in model.modules()}
         try:
             heads = _heads(model, None)
-            graph, groups, kept = _analyse(model, ctx.example_inputs, heads)
+            graph, groups, kept, attention = _analyse(
+                model, ctx.example_inputs, heads, whole_attention=whole_attention
+            )
             for label, reason in kept.items():
                 logger.info("structured: keeping %s whole: %s", label, reason)
             expected = _output_shapes(model, ctx.example_inputs)
@@ -199,13 +237,23 @@ class StructuredPruning(Compressor):
                     "structured: amount=%s removes no unit of %s", self.amount, _name(model)
                 )
             ties = list(tied_weights(model).values())
-            attention = _attention_modules(model, heads)
+            before = {p: p.out_features for layer in attention for p in layer.projections}
             for member, idxs in removals:
                 root = member[0].dep
                 graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
             _retie(ties)
-            _update_attention(attention)
-            _check_runs(model, ctx.example_inputs, expected)
+            update_heads(attention)
+            try:
+                _check_runs(model, ctx.example_inputs, expected)
+            except UnsupportedModelError as err:
+                changed = [
+                    layer.name or "<model>"
+                    for layer in attention
+                    if any(p.out_features != before[p] for p in layer.projections)
+                ]
+                if changed:
+                    raise _FewerHeadsFailed(str(err), changed, err.__cause__ or err) from err
+                raise
         finally:
             model.zero_grad(set_to_none=True)
             for module, training in modes.items():
@@ -268,8 +316,15 @@ def _refuse(model: nn.Module) -> None:
         )
 
 
-def _analyse(model: nn.Module, example_inputs: Any, heads: Mapping[nn.Module, int] | None):
-    """``(graph, prunable groups, kept groups)`` of ``model``, or `UnsupportedModelError`."""
+def _analyse(
+    model: nn.Module,
+    example_inputs: Any,
+    heads: Mapping[nn.Module, int] | None,
+    *,
+    whole_attention: str | None = None,
+):
+    """``(graph, prunable groups, kept groups, attention of plain Linears)`` of ``model``, or
+    `UnsupportedModelError`."""
     _refuse(model)
     modes = {m: m.training for m in model.modules()}
     try:
@@ -277,7 +332,9 @@ def _analyse(model: nn.Module, example_inputs: Any, heads: Mapping[nn.Module, in
     finally:
         for module, training in modes.items():
             module.train(training)
-    groups, kept = coupled_groups(model, graph, _heads(model, heads))
+    groups, kept, attention = coupled_groups(
+        model, graph, _heads(model, heads), whole_attention=whole_attention
+    )
     if not groups:
         why = "".join(f"\n- {label}: {reason}" for label, reason in kept.items())
         raise UnsupportedModelError(
@@ -286,7 +343,7 @@ def _analyse(model: nn.Module, example_inputs: Any, heads: Mapping[nn.Module, in
             + (why or " It has no layer torch-pruning can shrink.")
             + "\nRemove 'structured' from space.pipeline."
         )
-    return graph, groups, kept
+    return graph, groups, kept, attention
 
 
 def _call(model: nn.Module, example_inputs: Any):
@@ -298,12 +355,16 @@ def _call(model: nn.Module, example_inputs: Any):
 
 
 def _shapes(output: Any) -> Any:
+    """The shapes of the tensors in a model's output: a tensor, a mapping (a Hugging Face
+    ``ModelOutput``), a tuple or list, or a dataclass of them."""
     if isinstance(output, torch.Tensor):
         return tuple(output.shape)
     if isinstance(output, Mapping):
         return {k: _shapes(v) for k, v in output.items()}
     if isinstance(output, tuple | list):
         return [_shapes(v) for v in output]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return {f.name: _shapes(getattr(output, f.name)) for f in dataclasses.fields(output)}
     return None
 
 
@@ -343,24 +404,3 @@ def _retie(ties: list[list[tuple[nn.Module, str]]]) -> None:
             if param.shape != first.shape or not torch.equal(param, first):
                 raise RuntimeError(f"tied parameter {attr!r} was cut differently in its places")
             setattr(module, attr, first)
-
-
-def _attention_modules(model: nn.Module, heads: Mapping[nn.Module, int]) -> list[tuple]:
-    """``(module, projection, head size)`` of each attention module with a
-    ``num_attention_heads`` attribute whose query / key / value projections are in ``heads``."""
-    found = []
-    for module in model.modules():
-        if not isinstance(getattr(module, "num_attention_heads", None), int):
-            continue
-        for child in module.children():
-            if child in heads:
-                found.append((module, child, child.out_features // heads[child]))
-                break
-    return found
-
-
-def _update_attention(attention: list[tuple]) -> None:
-    for module, projection, size in attention:
-        module.num_attention_heads = projection.out_features // size
-        if isinstance(getattr(module, "all_head_size", None), int):
-            module.all_head_size = projection.out_features

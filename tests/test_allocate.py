@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from compressors import InvalidParameterError, UnsupportedModelError, get_compressor
+from compressors import (
+    CompressionContext,
+    InvalidParameterError,
+    UnsupportedModelError,
+    get_compressor,
+    targets,
+)
 from compressors import allocate as alloc
 from compressors.packing import load_packed, save_packed, tensor_bytes
 from experiments import Split, evaluate, fit
@@ -159,3 +167,52 @@ def test_fisher_is_refused_where_the_loss_is_flat(digits_task, digits_baseline):
         UnsupportedModelError, match="loss is flat .* use allocate.sensitivity=loss"
     ):
         allocator.compress(model, ctx)
+
+
+class _WideNorms(nn.Module):
+    """A small conv net whose batch norms are most of its file: their statistics start at
+    constants (which LZMA packs to nothing) and become incompressible as it trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 256, 1), nn.BatchNorm2d(256)
+        self.c2, self.b2 = nn.Conv2d(256, 256, 1, groups=256), nn.BatchNorm2d(256)
+        self.head = nn.Linear(256, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_target_out_of_reach_ships_even_when_fine_tuning_grows_what_it_does_not_compress(
+    tmp_path, caplog
+):
+    torch.manual_seed(0)
+    train = Split(torch.randn(128, 1, 4, 4), torch.randint(0, 4, (128,)))
+    ctx = CompressionContext(train=train, example_inputs=train.x[:4], seed=0)
+    allocator = get_compressor("allocate")(ratio=1000.0)
+    with caplog.at_level("WARNING", logger="compressors.allocate"):
+        model = allocator.compress(_WideNorms(), ctx)
+    assert "is used instead" in caplog.text
+    before = alloc._packed_size(model)
+    fit(model, train, epochs=1, batch_size=32, lr=1e-2, seed=0)
+    assert alloc._packed_size(model) > 1.5 * before  # the norms' statistics no longer pack
+    shipped = allocator.finalize(model, ctx)  # the smallest allocation, as it said
+    assert all(s.sparsity == 0.95 for s in allocator.allocation.values())
+    for name, target in targets(shipped).items():
+        zeros = int((target.weight == 0).sum())
+        assert zeros == round(0.95 * target.numel()), name  # not pruned further
+    assert save_packed(shipped, tmp_path / "m.sqz") == alloc._packed_size(model)
+
+
+def test_an_allocation_predicted_at_chance_is_warned_about(digits_task, digits_baseline, caplog):
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    base, chance = alloc.reference_losses(digits_baseline.model, ctx)
+    assert chance == pytest.approx(math.log(10), rel=1e-5) and base < 0.5 * chance
+    for ratio, warned in ((8.0, False), (5000.0, True)):
+        allocator = get_compressor("allocate")(ratio=ratio)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="compressors.allocate"):
+            allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
+        assert ("at or above the loss of uniform predictions" in caplog.text) is warned, ratio
+        assert (allocator.predicted_loss >= chance) is warned

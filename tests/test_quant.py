@@ -9,6 +9,7 @@ import torch
 
 from compressors import (
     CompressionContext,
+    UnsupportedModelError,
     apply_pipeline,
     finalize_pipeline,
     get_compressor,
@@ -151,3 +152,40 @@ def test_int8_runtime_leaves_convolutions_in_float(tmp_path):
     x = torch.randn(16, 40)
     with torch.no_grad():
         assert torch.allclose(shipped(x), model(x), atol=0.05 * model(x).abs().max().item())
+
+
+class _AllConv(torch.nn.Module):
+    """Convolutions to the classes and global pooling: no Linear, LSTM or GRU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv1d(1, 8, 3, padding=1), torch.nn.BatchNorm1d(8), torch.nn.ReLU()
+        )
+        self.classes = torch.nn.Conv1d(8, 10, 1)
+
+    def forward(self, x):
+        return self.classes(self.features(x.unsqueeze(1))).mean(-1)
+
+
+def test_int8_runtime_is_refused_where_no_layer_runs_on_int8_kernels():
+    from experiments.models import ConvNet1d
+    from search import ConfigError, SearchSpace, compose_config
+
+    model = _AllConv()
+    with pytest.raises(UnsupportedModelError) as refused:
+        get_compressor("quant")(runtime="int8").check_model(model)
+    message = str(refused.value)
+    assert "'quant.runtime' parameter of compressor 'quant' is 'int8'" in message
+    assert "they run Linear, LSTM, GRU layers" in message
+    assert "the model's layers are BatchNorm1d, Conv1d" in message
+    assert "Use quant.runtime=float" in message
+    assert get_compressor("quant")().check_model(model) == [
+        "features.0.weight",
+        "classes.weight",
+    ]
+    assert "head.weight" in get_compressor("quant")(runtime="int8").check_model(ConvNet1d(40, 10))
+
+    cfg = compose_config(["space.pipeline=[quant]", "space.quant.runtime=int8"])
+    with pytest.raises(ConfigError, match="'quant.runtime' .* 'int8'"):  # squeeze sweep exits 2
+        SearchSpace.from_config(cfg.space).check_model(model, task="all_conv")

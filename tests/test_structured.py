@@ -269,6 +269,113 @@ class TiedGRU(nn.Module):
         return self.head(self.rnn(self.emb(tokens))[1][-1])
 
 
+class TimmAttention(nn.Module):
+    """timm's attention: one fused ``qkv`` Linear read as ``(B, N, 3, num_heads, head_dim)``.
+    Its output is reshaped to ``-1`` channels, or (``width_from_input``, as timm's classic code)
+    to the width of its input, which no head count but all of them fits."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, *, width_from_input: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.width_from_input = width_from_input
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(a.reshape(b, n, c if self.width_from_input else -1))
+
+
+class SeparateAttention(nn.Module):
+    """Hand-written ViT attention: separate ``q``, ``k``, ``v`` Linears and ``self.num_heads``
+    (no head size attribute: each head is ``-1`` channels wide)."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        a = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+class ViT(nn.Module):
+    """Patch embedding of 16x16 images into 16 tokens, a class token, learned positions, two
+    pre-norm blocks (attention, then a GELU MLP) and a head on the class token."""
+
+    def __init__(self, attention=TimmAttention, dim: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(dim),
+                    "attn": attention(dim),
+                    "norm2": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 2 * dim),
+                    "fc2": nn.Linear(2 * dim, dim),
+                }
+            )
+            for _ in range(2)
+        )
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        for b in self.blocks:
+            x = x + b["attn"](b["norm1"](x))
+            x = x + b["fc2"](nn.functional.gelu(b["fc1"](b["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+class AttentionPoolingGRU(nn.Module):
+    """Conv1d features, a bidirectional GRU, and attention pooling over time: a score
+    ``Linear(2 * hidden, 1)`` softmaxed over the steps weighs the GRU's outputs."""
+
+    def __init__(self, features: int = 8, hidden: int = 12, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(features, 16, 3, padding=1)
+        self.gru = nn.GRU(16, hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(2 * hidden, 1)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        h, _ = self.gru(torch.relu(self.conv(x.transpose(1, 2))).transpose(1, 2))
+        weights = torch.softmax(self.score(h), dim=1)  # (B, T, 1), broadcast over the features
+        return self.head((weights * h).sum(1))
+
+
+class GatedCNN(nn.Module):
+    """Convolutions with a squeeze-and-excitation channel gate and a one-channel spatial gate
+    (``Conv2d(width, 1, 1)``, broadcast over the channels)."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.squeeze, self.excite = nn.Linear(width, width // 4), nn.Linear(width // 4, width)
+        self.spatial = nn.Conv2d(width, 1, 1)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3))))))
+        x = x * gate[:, :, None, None]
+        x = x * torch.sigmoid(self.spatial(x))
+        return self.head(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
 def _digits(shape):
     return lambda: torch.randn(*shape)
 
@@ -303,6 +410,10 @@ FAMILIES = {
     ),
     "tied-transformer": (TiedTransformer, _tokens),
     "tied-gru": (TiedGRU, _tokens),
+    "vit-fused-qkv": (ViT, _digits((8, 3, 16, 16))),
+    "vit-separate-qkv": (lambda: ViT(SeparateAttention), _digits((8, 3, 16, 16))),
+    "attention-pooling-gru": (AttentionPoolingGRU, _digits((8, 7, 8))),
+    "gated-cnn": (GatedCNN, _digits((8, 1, 8, 8))),
 }
 
 
@@ -401,6 +512,13 @@ def test_depthwise_convs_keep_their_groups_and_batch_norms_follow_their_convs():
     assert all(c.groups == c.in_channels == c.out_channels for c in depthwise)
     assert [c.out_channels for c in convs] == [n.num_features for n in norms] == [8, 8, 16, 16, 16]
     assert pruned.head.in_features == 16 and pruned.head.out_features == 10
+
+
+def _kept_rows(before: nn.Module, after: nn.Module, name: str) -> list[int]:
+    """Which output channels of layer ``name`` of ``before`` survive in ``after`` (matched by
+    their weight rows)."""
+    rows = {r.numpy().tobytes(): i for i, r in enumerate(getattr(before, name).weight.detach())}
+    return [rows[r.numpy().tobytes()] for r in getattr(after, name).weight.detach()]
 
 
 def _kept_channels(before: nn.Linear, after: nn.Linear) -> list[int]:
@@ -563,6 +681,131 @@ def test_attention_of_plain_linears_loses_whole_heads_and_its_counts_follow():
     assert set(pruned.attention_heads().values()) == {2}
     kept = _kept_channels(model.query, pruned.query)
     assert len({c // 4 for c in kept}) == 2  # two whole heads
+
+
+def _projections(attention: nn.Module) -> list[tuple[nn.Linear, int]]:
+    """Query / key / value projections of a ViT attention and the blocks of heads each holds."""
+    if isinstance(attention, TimmAttention):
+        return [(attention.qkv, 3)]
+    return [(attention.q, 1), (attention.k, 1), (attention.v, 1)]
+
+
+@pytest.mark.parametrize("attention", [TimmAttention, SeparateAttention], ids=["fused", "q-k-v"])
+def test_attention_with_a_num_heads_attribute_loses_whole_heads_and_its_count_follows(attention):
+    """The same whole heads go from the query, key and value projections (in every block of a
+    fused ``qkv``) and from the output projection's inputs; ``num_heads`` follows, the head
+    size and the residual width stay, and the attention computes what the full one computes
+    without those heads."""
+    model, x = ViT(attention), torch.randn(2, 3, 16, 16)
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.patch.out_channels == pruned.head.in_features == 32  # the residual stream
+    for before, after in zip(model.blocks, pruned.blocks, strict=True):
+        assert after["attn"].num_heads == 2 and after["attn"].proj.in_features == 16
+        assert after["norm1"].normalized_shape == after["norm2"].normalized_shape == (32,)
+        assert after["fc1"].out_features == after["fc2"].in_features == 32  # MLP neurons go too
+        heads = []
+        for (full, blocks), (cut, _) in zip(
+            _projections(before["attn"]), _projections(after["attn"]), strict=True
+        ):
+            assert cut.out_features == blocks * 16 and cut.in_features == 32
+            kept = _kept_channels(full, cut)
+            these = sorted({c % 32 // 8 for c in kept})
+            whole = [b * 32 + h * 8 + j for b in range(blocks) for h in these for j in range(8)]
+            assert sorted(kept) == whole  # whole heads, in each of q, k and v
+            heads.append(these)
+        assert all(h == heads[0] for h in heads)  # the same two heads in q, k and v
+        gone = [c for h in range(4) if h not in heads[0] for c in range(8 * h, 8 * h + 8)]
+        reference = copy.deepcopy(before["attn"])
+        with torch.no_grad():
+            reference.proj.weight[:, gone] = 0  # the full attention without those heads
+            tokens = torch.randn(2, 17, 32)
+            assert torch.allclose(after["attn"](tokens), reference(tokens), atol=1e-5)
+    if attention is TimmAttention:
+        assert {b["attn"].head_dim for b in pruned.blocks} == {8}
+    assert _inconsistent(pruned) == []
+
+
+def test_attention_that_reads_its_width_from_its_input_keeps_its_heads_and_says_so(caplog):
+    """timm's classic ``reshape(B, N, C)`` (``C`` the input width, which stays) fits no fewer
+    heads: its heads all stay, with a log line, and the MLPs are pruned."""
+    model = ViT(lambda dim: TimmAttention(dim, width_from_input=True))
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level("INFO", logger="compressors.structured"):
+        pruned = _prune(model, x, amount=0.5)
+    assert "keeping the heads of blocks.0.attn, blocks.1.attn whole" in caplog.text
+    assert "attention 'blocks.0.attn' keeps its heads: its forward does not run" in caplog.text
+    for block in pruned.blocks:
+        assert (block["attn"].num_heads, block["attn"].qkv.out_features) == (4, 96)
+        assert block["fc1"].out_features == 32
+    assert pruned(x).shape == (2, 10)
+
+
+def test_a_broadcast_single_channel_keeps_its_channel_and_the_wider_group_shrinks():
+    """An attention-pooling score (one channel, broadcast over the GRU's features) and a
+    one-channel spatial gate are not coupled to the channels they weigh."""
+    model, x = _family("attention-pooling-gru")
+    assert get_compressor("structured").explain(model, x).kept["score (Linear)"] == (
+        "it has a single channel"
+    )
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.score.out_features == 1 and pruned.score.weight.shape == (1, 12)
+    assert pruned.gru.hidden_size == 6 and pruned.conv.out_channels == 8
+    assert pruned(x).shape == (8, 5)
+
+    model, x = _family("gated-cnn")
+    pruned = _prune(model, x, amount=0.5)
+    assert pruned.spatial.out_channels == 1 and pruned.spatial.weight.shape == (1, 8, 1, 1)
+    assert pruned.conv1.out_channels == pruned.excite.out_features == pruned.squeeze.in_features
+    assert pruned.conv1.out_channels == 8 and pruned.squeeze.out_features == 2
+    assert pruned(x).shape == (8, 10) and _inconsistent(pruned) == []
+
+
+def _bert(seed: int = 0):
+    """``BertForSequenceClassification`` at bert-base width (768, 12 heads of 64), one layer,
+    a small vocabulary and feed-forward; and a dict batch with padding."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=768,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config).eval()
+    batch = {"input_ids": torch.randint(0, 50, (2, 16)), "attention_mask": torch.ones(2, 16).long()}
+    batch["attention_mask"][1, 10:] = 0
+    return model, batch
+
+
+def test_a_hugging_face_bert_classifier_loses_heads_and_ffn_neurons_and_reloads(tmp_path):
+    model, batch = _bert()
+    pruned = _prune(model, batch, amount=0.5)
+    layer = pruned.bert.encoder.layer[0]
+    attention = layer.attention.self
+    assert (attention.num_attention_heads, attention.attention_head_size) == (6, 64)
+    assert attention.all_head_size == 384
+    assert attention.query.weight.shape == attention.value.weight.shape == (384, 768)
+    assert layer.attention.output.dense.weight.shape == (768, 384)
+    assert layer.intermediate.dense.out_features == layer.output.dense.in_features == 32
+    assert pruned.bert.embeddings.word_embeddings.embedding_dim == 768  # hidden_size stays
+    assert layer.output.LayerNorm.normalized_shape == (768,)
+    full = model.bert.encoder.layer[0].attention.self
+    heads = [{c // 64 for c in _kept_rows(full, attention, p)} for p in ("query", "key", "value")]
+    assert len(heads[0]) == 6 and heads[0] == heads[1] == heads[2]  # whole heads, the same
+    with torch.no_grad():
+        logits = pruned(**batch).logits
+    assert logits.shape == model(**batch).logits.shape == (2, 3)
+    assert _size(pruned) < _size(model) and _inconsistent(pruned) == []
+
+    save_packed(pruned, tmp_path / "bert.sqz", like=_bert(seed=1)[0])
+    reloaded = load_packed(tmp_path / "bert.sqz", _bert(seed=1)[0])
+    assert reloaded.bert.encoder.layer[0].attention.self.num_attention_heads == 6
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, logits)
 
 
 def test_other_criteria_rank_heads_and_hidden_units_too():
