@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed
-from experiments import DECISIONS, Task, cv_folds, predict_outputs
+from experiments import DECISIONS, Task, cv_folds, describe, predict_outputs
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -52,6 +52,7 @@ from search.run.trial import THREADS_ATTR, SweepContext, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,
+    build_task,
     check_task,
     load_baseline,
     load_workload,
@@ -84,6 +85,7 @@ def run_sweep(
             (``baseline epochs``) and its teacher outputs are computed (``teacher outputs``).
     """
     plan = plan_sweep(cfg)
+    task = checked_task(plan)  # a workload that cannot work is refused before anything exists
     storage = _open_storage(plan)
     study = optuna.create_study(
         study_name=plan.study_name,
@@ -106,7 +108,7 @@ def run_sweep(
         cfg.tracking.uri, cfg.tracking.mlflow_experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
-        return _run(study, plan, tracker, callbacks=callbacks, progress=progress)
+        return _run(study, plan, tracker, task=task, callbacks=callbacks, progress=progress)
     except BaseException:
         tracker.abort()  # the parent run ends KILLED; a rerun continues the study and reopens it
         raise
@@ -122,6 +124,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
         ConfigError: If the storage holds no such study, or one started with another config.
     """
     plan = plan_sweep(cfg)
+    task = checked_task(plan)
     study = _load_study(plan)
     if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
         pids = run_local_workers(
@@ -138,7 +141,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     )
     try:
         tracker.join_parent(study.user_attrs["mlflow_parent_run_id"])
-        ctx, _ = _prepare(plan, tracker, threads=study.user_attrs.get(THREADS_ATTR))
+        ctx, _ = _prepare(plan, tracker, task=task, threads=study.user_attrs.get(THREADS_ATTR))
         gc.freeze()
         try:
             return run_trials(
@@ -158,12 +161,13 @@ def _run(
     plan: SweepPlan,
     tracker: Tracker,
     *,
+    task: Task,
     callbacks: Iterable[Callable],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SweepResult:
     cfg = plan.cfg
     ctx, baseline_metrics = _prepare(
-        plan, tracker, threads=study.user_attrs.get(THREADS_ATTR), progress=progress
+        plan, tracker, task=task, threads=study.user_attrs.get(THREADS_ATTR), progress=progress
     )
     config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -213,28 +217,53 @@ def _run(
         gc.unfreeze()
 
 
+def checked_task(plan: SweepPlan) -> Task:
+    """The task of ``plan``, checked before anything is created or trained: the space's
+    settings suit what its model outputs (kd's KL needs logits), the model takes the task's
+    batches and its outputs can be scored (`check_task`), ONNX Runtime can time it if asked, and
+    each pipeline of the space acts on the model (a warning when it compresses little of it).
+
+    Raises:
+        ConfigError: If any of these does not hold (exit 2, nothing created).
+    """
+    cfg = plan.cfg
+    task = build_task(plan)
+    plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
+    model = task.build_model()
+    check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
+    example = task.example_inputs()
+    if str(cfg.measure.runtime) == "onnxruntime" and (
+        not isinstance(example, torch.Tensor) or task.val.in_memory is None
+    ):
+        raise ConfigError(
+            f"measure.runtime=onnxruntime exports a model called on one input tensor and checks "
+            f"it on validation data held in memory; task {task.name!r}'s model is called on "
+            f"{describe(example)}. Use measure.runtime=torch."
+        )
+    _check_coverage(
+        plan.space.check_model(model, task=task.name, example_inputs=example), task.name
+    )
+    return task
+
+
 def _prepare(
     plan: SweepPlan,
     tracker: Tracker,
     *,
+    task: Task | None = None,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SweepContext, dict[str, float]]:
     """The task, the cached baseline (trained if absent) and what every trial shares;
-    ``threads``: the torch threads the study started with (kept by ``threads: auto``)."""
+    ``task``: the task `checked_task` built (else built and checked here); ``threads``: the
+    torch threads the study started with (kept by ``threads: auto``)."""
     cfg = plan.cfg
-
-    def check(task: Task) -> None:  # before the baseline is trained
-        plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
-        model = task.build_model()
-        check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
-        example = task.example_inputs()
-        _check_coverage(
-            plan.space.check_model(model, task=task.name, example_inputs=example), task.name
-        )
-
     workload = load_workload(
-        cfg, plan=plan, check=check, progress=progress, recorded_threads=threads
+        cfg,
+        plan=plan,
+        task=task if task is not None else checked_task(plan),
+        progress=progress,
+        recorded_threads=threads,
     )
     task, baseline, device = workload.task, workload.baseline, workload.device
     baseline_size = baseline_file_size(baseline)

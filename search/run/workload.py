@@ -49,6 +49,7 @@ def load_workload(
     *,
     plan: SweepPlan | None = None,
     connect: bool = True,
+    task: Task | None = None,
     check: Callable[[Task], None] | None = None,
     progress: Progress | None = None,
     recorded_threads: int | None = None,
@@ -59,6 +60,7 @@ def load_workload(
         cfg: A composed squeeze config.
         plan: ``cfg``'s plan when the caller has made it already.
         connect: Whether planning checks the storage and tracking connections.
+        task: The task of ``plan`` when the caller has built (and checked) it already.
         check: Called with the built task before its baseline is loaded or trained (checks that
             must fail before any training: the space against the model, say).
         progress: Reports the baseline's training and teacher outputs when it is made.
@@ -66,7 +68,7 @@ def load_workload(
             (`set_workload_threads`).
     """
     plan = plan if plan is not None else plan_sweep(cfg, connect=connect)
-    task = build_task(plan)
+    task = task if task is not None else build_task(plan)
     if check is not None:
         check(task)
     set_workload_threads(plan, task, recorded=recorded_threads)
