@@ -6,6 +6,7 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 from __future__ import annotations
 
 from experiments._baseline import Baseline, load_or_train_baseline
+from experiments._checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint
 from experiments._checks import check_workload
 from experiments._data import (
     Adapters,
@@ -57,6 +58,9 @@ __all__ = [
     "as_data",
     "call_model",
     "check_workload",
+    "checkpoint_digest",
+    "load_checkpoint",
+    "read_checkpoint",
     "describe",
     "is_streaming_metric",
     "r2_score",

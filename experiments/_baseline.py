@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from experiments._checkpoint import checkpoint_digest, load_checkpoint
 from experiments._task import Task
 from experiments._training import evaluate, fit
 
@@ -70,8 +71,11 @@ def load_or_train_baseline(
     seed: int,
     device: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> Baseline:
-    """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent.
+    """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent;
+    or, given a pretrained ``checkpoint`` (or the task's own), load, evaluate and cache it
+    without training.
 
     Args:
         task: The built task.
@@ -82,22 +86,36 @@ def load_or_train_baseline(
         progress: Called as ``progress(stage, done, total)`` while a baseline is made:
             ``("baseline epochs", k, epochs)`` after each training epoch, then
             ``("teacher outputs", k, batches)`` after each batch of the teacher's outputs.
+        checkpoint: A safetensors file, a ``weights_only`` state dict or a Hugging Face model
+            folder (`experiments._checkpoint`); its weights' hash is part of the cache key.
     """
-    key = config_key({"task": dict(config), "seed": seed})
+    checkpoint = checkpoint if checkpoint is not None else task.checkpoint
+    described = {"task": dict(config), "seed": seed}
+    if checkpoint is not None:
+        described["checkpoint"] = checkpoint_digest(checkpoint)
+    key = config_key(described)
     folder = Path(cache_dir) / f"{task.name}-{key}"
     if (folder / "metrics.json").exists():
         logger.info("reusing cached baseline %s", folder)
         return _load(task, folder, key, from_cache=True)
 
-    logger.info("training baseline for %s (seed %d)", task.name, seed)
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = task.build_model()
     cfg = task.train_config
+    if checkpoint is not None:
+        logger.info(
+            "baseline of %s: the pretrained checkpoint %s, evaluated, not trained",
+            task.name,
+            checkpoint,
+        )
+        load_checkpoint(model, checkpoint)
+    else:
+        logger.info("training baseline for %s (seed %d)", task.name, seed)
     fit(
         model,
         task.train,
-        epochs=cfg.epochs,
+        epochs=0 if checkpoint is not None else cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,

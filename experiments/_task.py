@@ -75,6 +75,9 @@ class Task:
             ``higher_is_better`` (torchmetrics), else known for squeeze's scores.
         eval_batch_size: Batch size of evaluation passes (None: 1024 for in-memory data, else
             the training batch size).
+        checkpoint: A pretrained baseline: a safetensors file, a ``weights_only`` state dict or
+            a Hugging Face model folder, loaded into ``build_model()``'s model, evaluated and not
+            trained (the top-level ``checkpoint=`` of the config, if set, wins).
     """
 
     name: str
@@ -94,6 +97,7 @@ class Task:
     metric: Any = None
     higher_is_better: bool | None = None
     eval_batch_size: int | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUTS:

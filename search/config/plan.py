@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         raise ConfigError(
             f"measure.runtime=onnxruntime needs {', '.join(missing_onnx_extra())}: "
             'pip install -e ".[onnx]" (or measure.runtime=torch).'
+        )
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint is not None and not os.path.exists(checkpoint):
+        raise ConfigError(
+            f"checkpoint={checkpoint!r} does not exist (a .safetensors file, a state dict saved "
+            f"with torch.save, or a Hugging Face model folder; relative to {os.getcwd()})."
         )
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")

@@ -107,6 +107,7 @@ SCHEMA: dict[str, Any] = {
     "output_dir": Text(),
     "threads": Nullable(AutoOr(Integer(1, 4096))),
     "device": Options(("cpu", "cuda", "auto")),
+    "checkpoint": Nullable(Text()),
     "measure": {
         "latency_batch_sizes": ListOf(Integer(1, 1 << 20)),
         "latency_repeats": Integer(1, 100_000),

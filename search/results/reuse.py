@@ -58,9 +58,10 @@ logger = logging.getLogger(__name__)
 PICKS = ("knee", "max-acc", "min-size")
 #: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
 RECOMMEND_MAX_DROP = 1.0
-#: Overrides that say where a study's results live; the commands `next_commands` prints repeat
-#: them (``search.storage``, ``tracking.*``, the baseline cache and the trials' files).
-_WHERE_KEYS = ("search.storage", "tracking.", "cache_dir", "output_dir")
+#: Overrides that say where a study's results live and which baseline it compressed; the
+#: commands `next_commands` prints repeat them (``search.storage``, ``tracking.*``, the baseline
+#: cache, the trials' files, a pretrained ``checkpoint``).
+_WHERE_KEYS = ("search.storage", "tracking.", "cache_dir", "output_dir", "checkpoint")
 #: The first words of an exported experiment's header comment.
 _EXPORTED = "Exported by `squeeze export`"
 #: Artifact folder of a run's registered model: the packed file and the experiment's config.

@@ -92,9 +92,12 @@ def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
     """Refuse a workload whose data, model call, outputs, loss or metric do not work together
     (`experiments.check_workload`), or whose data the sweep cannot use as configured (K-fold
     needs it in memory), as a config error before any training."""
-    from experiments import WorkloadError, check_workload
+    from experiments import WorkloadError, check_workload, load_checkpoint
 
+    checkpoint = cfg.get("checkpoint") or task.checkpoint
     try:
+        if checkpoint is not None:  # the pretrained weights fit the model
+            load_checkpoint(model, checkpoint)
         check_workload(task, model)
     except WorkloadError as err:
         raise ConfigError(str(err)) from err
@@ -149,6 +152,7 @@ def load_baseline(
         seed=int(cfg.seed),
         device=device,
         progress=progress,
+        checkpoint=cfg.get("checkpoint"),
     )
 
 
