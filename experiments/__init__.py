@@ -38,6 +38,7 @@ from experiments._objectives import (
 from experiments._task import Task, TrainConfig, cv_folds
 from experiments._training import (
     EpochStats,
+    TrainStep,
     evaluate,
     fit,
     is_streaming_metric,
@@ -54,6 +55,7 @@ __all__ = [
     "Batch",
     "Data",
     "EpochStats",
+    "TrainStep",
     "WorkloadError",
     "as_data",
     "call_model",

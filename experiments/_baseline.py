@@ -121,6 +121,7 @@ def load_or_train_baseline(
         weight_decay=cfg.weight_decay,
         loss_fn=task.loss,
         seed=seed,
+        **task.training(),
         after_epoch=(
             None
             if progress is None

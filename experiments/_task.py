@@ -75,6 +75,10 @@ class Task:
             ``higher_is_better`` (torchmetrics), else known for squeeze's scores.
         eval_batch_size: Batch size of evaluation passes (None: 1024 for in-memory data, else
             the training batch size).
+        optimizer: ``optimizer(params, lr=..., weight_decay=...)`` for the baseline and every
+            fine-tuning (``torch.optim.AdamW``, say); None: Adam.
+        train_step: The user's training step (`experiments.TrainStep`: gradient clipping,
+            mixed precision, ...), given squeeze's loss of each batch; None: backward and step.
         checkpoint: A pretrained baseline: a safetensors file, a ``weights_only`` state dict or
             a Hugging Face model folder, loaded into ``build_model()``'s model, evaluated and not
             trained (the top-level ``checkpoint=`` of the config, if set, wins).
@@ -97,6 +101,8 @@ class Task:
     metric: Any = None
     higher_is_better: bool | None = None
     eval_batch_size: int | None = None
+    optimizer: Callable[..., Any] | None = None
+    train_step: Callable[..., Any] | None = None
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +131,10 @@ class Task:
         """The model's inputs for a batch of real validation samples (repeated when validation
         has fewer), for tracing, FLOP counts and latency: a tensor, a tuple or a dict."""
         return self.val.first_inputs(batch_size)
+
+    def training(self) -> dict[str, Any]:
+        """The task's own training choices, as `experiments.fit`'s keyword arguments."""
+        return {"optimizer": self.optimizer, "train_step": self.train_step}
 
     def split_sizes(self) -> dict[str, int]:
         """Number of samples in each split (-1 where it is not known without reading it)."""

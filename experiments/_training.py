@@ -6,12 +6,12 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from experiments._data import Data, WorkloadError, as_data, cat_rows, model_device, to_device
+from experiments._data import Batch, Data, WorkloadError, as_data, cat_rows, model_device, to_device
 from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss
 
 __all__ = [
@@ -31,6 +31,24 @@ __all__ = [
 
 class NonFiniteLossError(FloatingPointError):
     """Raised when a training loss becomes NaN or infinite."""
+
+
+class TrainStep(Protocol):
+    """A user's training step: ``train_step(model, batch, loss, optimizer) -> loss``.
+
+    ``batch`` is the `experiments.Batch` (inputs, targets, rows, raw); ``loss()`` computes the
+    loss squeeze trains with on it (call it inside ``torch.autocast`` for mixed precision);
+    the step backpropagates, steps ``optimizer`` (clipping gradients first, if it wants) and
+    returns the loss (a tensor or a float) for the NaN check and the epoch's mean.
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        loss: Callable[[], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+    ) -> torch.Tensor | float: ...
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,8 @@ def fit(
     before_epoch: Callable[[int, int], None] | None = None,
     after_epoch: Callable[[EpochStats], None] | None = None,
     device: str | torch.device | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    train_step: TrainStep | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place with Adam, batch by batch from the task's training data.
 
@@ -84,6 +104,12 @@ def fit(
         after_epoch: Called with each epoch's `EpochStats` (early stopping raises here).
         device: Train on this device (e.g. ``cuda``), batch by batch from the CPU-held data;
             the model is moved back to the CPU when training ends. None trains where it is.
+        optimizer: ``optimizer(params, lr=..., weight_decay=...)`` (``torch.optim.AdamW``,
+            say); None: Adam.
+        train_step: The user's training step (`TrainStep`): gradient clipping, mixed
+            precision, several optimizer steps...; it gets squeeze's loss of the batch as a
+            function (the task's loss, or distillation / L1 as the recipe has it), so the
+            compressors' hooks still apply. None: backward and one optimizer step.
 
     Returns:
         One `EpochStats` per epoch.
@@ -101,7 +127,9 @@ def fit(
     if teacher is not None and (teacher_outputs is None or not data.deterministic):
         live_teacher = teacher if model_device(teacher) == on else copy.deepcopy(teacher).to(on)
         live_teacher.eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = (optimizer or torch.optim.Adam)(
+        model.parameters(), lr=lr, weight_decay=weight_decay
+    )
     per_epoch = _steps_per_epoch(data, batch_size)
     scheduler = None
     if schedule == "cosine":  # over all steps; over epochs where the steps are not known
@@ -127,12 +155,26 @@ def fit(
                     soft = teacher_outputs[batch.index].to(on)
                 else:
                     soft = None
-                loss = loss_fn(data.forward(model, batch.inputs), batch.targets, soft)
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLossError(f"training loss became {loss.item()} in epoch {epoch}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+
+                def batch_loss(batch=batch, soft=soft) -> torch.Tensor:
+                    return loss_fn(data.forward(model, batch.inputs), batch.targets, soft)
+
+                if train_step is not None:
+                    loss = train_step(model, batch, batch_loss, optimizer)
+                    loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
+                    if not math.isfinite(float(loss)):
+                        raise NonFiniteLossError(
+                            f"training loss became {float(loss)} in epoch {epoch}"
+                        )
+                else:
+                    loss = batch_loss()
+                    if not math.isfinite(loss.item()):
+                        raise NonFiniteLossError(
+                            f"training loss became {loss.item()} in epoch {epoch}"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
                 if scheduler is not None and per_epoch:
                     scheduler.step()
                 total += loss.item() * batch.rows

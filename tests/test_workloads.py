@@ -321,3 +321,43 @@ def test_scores_of_an_in_memory_split_are_unchanged(digits_task, digits_baseline
     assert scores(digits_baseline.model, digits_task.val)["acc"] == expected
     loader = DataLoader(TensorDataset(x, y), batch_size=50)
     assert evaluate(digits_baseline.model, loader) == pytest.approx(expected)
+
+
+def test_a_users_training_step_runs_and_the_compressors_hooks_still_apply(trained):
+    """The user's step (gradient clipping, AdamW) trains with squeeze's loss: a pruned
+    weight stays zero (its mask), and a distillation recipe's loss is what the step gets."""
+    task, baseline = trained("wl_loader")
+    calls = []
+
+    def step(model, batch, loss, optimizer):
+        value = loss()
+        optimizer.zero_grad()
+        value.backward()
+        calls.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+        optimizer.step()
+        return value
+
+    user = dataclasses.replace(task, train_step=step, optimizer=torch.optim.AdamW)
+    prune, kd = get_compressor("prune")(amount=0.6), get_compressor("kd")(alpha=1.0)
+    ctx = CompressionContext(train=user.train, teacher=baseline, loss=user.loss, seed=0)
+    model = apply_pipeline([prune, kd], copy.deepcopy(baseline), ctx)
+    zero = model.body[0].weight.detach() == 0
+    seen = []
+
+    def recorded(out, targets, soft):
+        seen.append(soft is not None)
+        return kd.finetune_loss(ctx)(out, targets, soft)
+
+    fit(
+        model,
+        user.train,
+        epochs=1,
+        batch_size=64,
+        lr=1e-2,
+        loss_fn=recorded,
+        teacher=baseline,
+        **user.training(),
+    )
+    assert len(calls) == len(seen) > 0 and all(seen)  # every batch: the teacher's outputs
+    assert bool((model.body[0].weight.detach()[zero] == 0).all())  # the mask held
+    assert not torch.equal(model.head.weight, baseline.head.weight)  # and it trained

@@ -266,6 +266,7 @@ def compress_recipe(
             before_epoch=_schedules(compressors, model),
             after_epoch=after_epoch,
             device=device,
+            **task.training(),
         )
     with phase("compress"):
         model = finalize_pipeline(compressors, model, context)
@@ -287,7 +288,7 @@ def compression_context(
         loss=task.loss,
         losses=LOSSES,
         outputs=task.outputs,
-        fit=partial(fit, train=task.train, seed=seed, device=device),
+        fit=partial(fit, train=task.train, seed=seed, device=device, **task.training()),
         cache_dir=baseline.folder,
     )
 
