@@ -28,9 +28,14 @@ def quiet() -> None:
 
 
 def sweep(
-    folder: Path, overrides: list[str], *, storage: str | None = None
+    folder: Path,
+    overrides: list[str],
+    *,
+    storage: str | None = None,
+    config_dirs: list[Path] = (),
 ) -> tuple[SweepResult, list[FrozenTrial]]:
-    """Run one sweep with its study, MLflow database and files in ``folder``."""
+    """Run one sweep with its study, MLflow database and files in ``folder`` (``config_dirs``:
+    config folders of one's own, as ``--config-dir``)."""
     folder.mkdir(parents=True, exist_ok=True)
     storage = storage or str(folder / "optuna.journal")
     cfg = compose_config(
@@ -39,7 +44,8 @@ def sweep(
             f"tracking.uri=sqlite:///{folder}/mlflow.db",
             f"output_dir={folder}/trials",
             *overrides,
-        ]
+        ],
+        config_dirs=config_dirs,
     )
     result = run_sweep(cfg)
     study = optuna.load_study(study_name=result.study_name, storage=open_storage(storage))
