@@ -99,10 +99,15 @@ def large_child(root: Path, samples: int, trials: int) -> None:
         "measure.latency_repeats=3",
         "measure.latency_batch_sizes=[1,32]",
     ]
+    import torch  # noqa: F401 - what every sweep process holds before it reads any data
+
+    import search.run.study  # noqa: F401
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     sweep(root / "large", overrides, config_dirs=[conf])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "seconds": time.perf_counter() - start}))
+    print(json.dumps({"peak_rss": peak, "before": before, "seconds": time.perf_counter() - start}))
 
 
 def main() -> None:
@@ -148,14 +153,18 @@ def main() -> None:
         split = args.samples * 4 * 1024
         model = (1024 * 256 + 256 + 256 * 10 + 10) * 4
         batch = 512 * 4 * 1024
-        rss = child["peak_rss"]
+        rss, before = child["peak_rss"], child["before"]
+        grown = rss - before
         print(f"  split on disk  {split / 2**30:6.2f} GB")
+        print(f"  model (fp32)   {model / 2**20:6.2f} MB; a training batch {batch / 2**20:.1f} MB")
         print(
-            f"  model (fp32)   {model / 2**20:6.2f} MB; one training batch {batch / 2**20:.1f} MB"
+            f"  peak RSS       {rss / 2**20:6.0f} MB, of which {before / 2**20:.0f} MB before "
+            "the sweep (Python, torch, MLflow, Optuna imported)"
         )
         print(
-            f"  peak RSS       {rss / 2**20:6.0f} MB  ({rss / split:.3f}x the split; "
-            f"sweep {child['seconds']:.0f} s, {args.large_trials} trials)"
+            f"  grown by       {grown / 2**20:6.0f} MB = {grown / split:.4f}x the split, "
+            f"{grown / (model + batch):.0f}x the model + one batch "
+            f"(sweep {child['seconds']:.0f} s, {args.large_trials} trials)"
         )
 
 
