@@ -242,3 +242,32 @@ def test_a_conv_task_swept_with_auto_threads_reruns_exactly_and_loads_where_impo
     assert type(model).__name__ == "ConvNet"
     with torch.no_grad():
         assert model(torch.zeros(3, 64)).shape == (3, 4)
+
+
+def test_readme_data_example_sweeps_with_its_dataset_metric_and_training_step(
+    tmp_path, cache_dir, monkeypatch
+):
+    """README's second example (a Dataset with augmentation, dict batches and outputs,
+    torchmetrics macro-F1, AdamW, a clipping training step), written as a user would."""
+    blocks = re.findall(
+        r"<!-- byo-data: (\S+) -->\n```\w*\n(.*?)```", README.read_text(), re.DOTALL
+    )
+    files = dict(blocks)
+    assert set(files) == {"my_digits.py", "my_conf/task/digits_aug.yaml"}
+    user = tmp_path / "user"
+    for name, text in files.items():
+        (user / name).parent.mkdir(parents=True, exist_ok=True)
+        (user / name).write_text(text)
+    monkeypatch.chdir(user)
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=2", "task.train.epochs=8")
+    code = main(["sweep", "--quiet", "--config-dir", "my_conf", "task=digits_aug", *overrides])
+    assert code == 0
+    study = optuna.load_study(
+        study_name="digits_aug",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
+        ),
+    )
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    assert all(t.user_attrs["metrics"]["val_acc"] > 0.5 for t in trials)  # macro-F1
