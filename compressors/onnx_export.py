@@ -8,7 +8,10 @@ first, which handles attention; the legacy TorchScript exporter where it fails; 
 dynamic, and the sequence axis of token inputs) without folding constants, so that every
 parameter is still an initializer under its state-dict name. onnxscript's optimizer then cleans
 the graph, with those parameters out of its reach, and each initializer the file holds as codes
-is replaced by its codes. What each compressor becomes:
+is replaced by its codes. The graph takes the model's inputs as the model is called (one tensor,
+positional tensors or keyword tensors, each a named input) and computes its scored output, or
+every output (`compressors._onnx_io`); `check_onnx` and `OrtModule` take the same call forms.
+What each compressor becomes:
 
 - ``structured``: smaller layers, hence smaller initializers and activations; no other op.
 - ``lowrank``: two MatMul / Gemm (or Conv) nodes where the layer had one.
@@ -77,6 +80,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors._onnx_io import (
+    OUTPUT_CHOICES,
+    Call,
+    OnnxExportError,
+    OrtModule,
+    Outputs,
+    OutputSelector,
+    call_model,
+    fixed_axes,
+    input_batches,
+    name_axes,
+    plan_outputs,
+    scored_output,
+    write_metadata,
+)
 from compressors._quiet import native_stdout_silenced
 from compressors._targets import targets
 from compressors.packing import PackedTensor, int8_layers, load_packed, read_tensors
@@ -94,6 +112,7 @@ __all__ = [
     "OnnxCheck",
     "OnnxExport",
     "OnnxExportError",
+    "check_exportable",
     "check_onnx",
     "export_onnx",
     "OrtModule",
@@ -138,10 +157,6 @@ _QUANTIZING_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQ
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class OnnxExportError(ValueError):
-    """The model cannot be exported to ONNX (the message names the layer and op where known)."""
-
-
 @dataclass(frozen=True)
 class OnnxExport:
     """An exported graph.
@@ -153,6 +168,12 @@ class OnnxExport:
         exporter: ``dynamo`` or ``legacy``: which torch.onnx exporter made the graph.
         notes: What the graph stores differently from the packed file, and why (sparsity stored
             dense, tensors left float, axes the exporter fixed).
+        inputs: The graph's input names, in the model's call order (``input`` for a model
+            called on one tensor; ``forward``'s parameter names for positional inputs; the
+            keys of keyword inputs).
+        outputs: The graph's output names (``output``: the scored output; with
+            ``outputs="all"``, every tensor the model returns, named by its keys or positions).
+        scored: Which output is the scored one.
     """
 
     path: Path
@@ -160,6 +181,9 @@ class OnnxExport:
     ops: Counter
     exporter: str
     notes: list[str] = field(default_factory=list)
+    inputs: tuple[str, ...] = ("input",)
+    outputs: tuple[str, ...] = ("output",)
+    scored: str = "output"
 
 
 @dataclass(frozen=True)
@@ -188,9 +212,11 @@ class OnnxCheck:
 def export_onnx(
     packed_path: str | Path,
     model: nn.Module,
-    example_inputs: torch.Tensor,
+    example_inputs: Any,
     out_path: str | Path,
     *,
+    output: OutputSelector | None = None,
+    outputs: str = "scored",
     opset: int = DEFAULT_OPSET,
     matmul: str = "auto",
     exporter: str = "auto",
@@ -202,9 +228,18 @@ def export_onnx(
         model: A freshly built model of the task (uncompressed shapes): the file is loaded into it
             in place, as float layers, so that afterwards it is the model the graph computes (what
             `check_onnx` compares with).
-        example_inputs: A real input batch (one tensor); its batch axis, and the sequence axis of
-            integer (token) inputs, are dynamic in the graph.
+        example_inputs: A real input batch, as the model is called on it: one tensor
+            (``model(x)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
+            (``model(**inputs)``). Each becomes a named graph input (`OnnxExport.inputs`) whose
+            batch axis, and the sequence axis of integer (token) inputs, are dynamic.
         out_path: Where to write the ``.onnx`` file.
+        output: ``output(model_outputs) -> tensor``: the scored output among what the model
+            returns (as ``Data.forward`` selects it); None: the tensor itself, ``.logits`` of a
+            ``ModelOutput`` or dict, or the first element of a tuple.
+        outputs: ``scored``: the graph computes the scored output only (named ``output``);
+            ``all``: every tensor the model returns, named by its keys or positions, the scored
+            one among them (`OnnxExport.scored`; one more output, ``output``, where the
+            selector computes it from them).
         opset: ONNX opset, at least 13; INT4 / UINT4 codes need 21 (below, INT8 / UINT8).
         matmul: How a MatMul / Gemm whose weight has INT8 codes runs: ``dequantize`` (on the
             dequantized weight: float kernels in ORT, the float model's outputs), ``integer``
@@ -216,7 +251,9 @@ def export_onnx(
         exporter: ``auto`` (dynamo, then legacy where it fails), ``dynamo`` or ``legacy``.
 
     Raises:
-        OnnxExportError: If neither exporter converts the model (naming the layer and op).
+        OnnxExportError: If neither exporter converts the model (naming the layer and op), or
+            its inputs are not tensors in one of the three forms, or its scored output is not a
+            tensor.
     """
     onnx = _require_onnx()
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -231,45 +268,88 @@ def export_onnx(
             f"The 'exporter' parameter must be one of {', '.join(map(repr, EXPORTERS))}. "
             f"Got {exporter!r} instead."
         )
-    if not isinstance(example_inputs, torch.Tensor):
-        raise TypeError(
-            "The 'example_inputs' parameter must be one tensor (a real input batch). "
-            f"Got {type(example_inputs).__name__} instead."
+    if outputs not in OUTPUT_CHOICES:
+        raise ValueError(
+            f"The 'outputs' parameter must be one of {', '.join(map(repr, OUTPUT_CHOICES))}. "
+            f"Got {outputs!r} instead."
         )
+    call = Call.of(model, example_inputs)  # refused before anything is read
     stored = read_tensors(packed_path)
     model = load_packed(packed_path, model, int8=False)
     notes: list[str] = []
-    proto, used = _export(model, example_inputs, opset=opset, exporter=exporter, notes=notes)
+    proto, used, graph_outputs = _export(
+        model, call, output, every=outputs == "all", opset=opset, exporter=exporter, notes=notes
+    )
     roots = _coded_roots(proto, stored, notes)
     proto = _optimize(proto, roots)
     integer = _integer_roots(matmul, roots, stored, int8_layers(packed_path))
     _Rewriter(proto, roots, opset=opset, integer=integer).run()
     notes += _sparsity_notes(model, stored)
     _strip_debug_info(proto)
+    write_metadata(proto, call, graph_outputs)
     onnx.checker.check_model(proto)
     out_path = Path(out_path)
     onnx.save_model(proto, out_path)
     ops = Counter(node.op_type for node in proto.graph.node)
-    return OnnxExport(out_path, out_path.stat().st_size, ops, used, notes)
+    inputs = tuple(value.name for value in proto.graph.input)
+    return OnnxExport(
+        out_path,
+        out_path.stat().st_size,
+        ops,
+        used,
+        notes,
+        inputs,
+        graph_outputs.names,
+        graph_outputs.scored,
+    )
+
+
+def check_exportable(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    output: OutputSelector | None = None,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+) -> str:
+    """Export ``model`` (float, as it is) to a graph in memory, to know before any training
+    whether it can be: returns the exporter that converts it.
+
+    Raises:
+        OnnxExportError: As `export_onnx` would: an op no exporter converts (naming the layer),
+            inputs that are not tensors in one of the three forms, a scored output that is not
+            a tensor.
+    """
+    _require_onnx()
+    call = Call.of(model, example_inputs)
+    _, used, _ = _export(model, call, output, every=False, opset=opset, exporter=exporter, notes=[])
+    return used
 
 
 def check_onnx(
     onnx_path: str | Path,
     shipped_model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
+    output: OutputSelector | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     exact: bool = True,
     batch_size: int = 256,
 ) -> OnnxCheck:
-    """Run the graph in ONNX Runtime (CPU) on ``inputs`` and compare with ``shipped_model``.
+    """Run the graph in ONNX Runtime (CPU) on ``inputs`` and compare its scored output with
+    ``shipped_model``'s, batch by batch.
 
     Args:
         onnx_path: The ``.onnx`` file.
         shipped_model: The float model the graph was exported from (the ``model`` given to
             `export_onnx`, or ``load_packed(path, fresh, int8=False)``).
-        inputs: Input samples, run in batches of ``batch_size``.
+        inputs: Input samples: the model's inputs for many samples (one tensor, a tuple or a
+            dict of tensors), run in batches of ``batch_size``; or an iterable of batches (a list
+            or a generator), each the model's inputs in one of these forms (a task's validation
+            data read batch by batch, say). Both are called as the model is (`OrtModule` takes
+            the same forms).
+        output: The scored output's selector given to `export_onnx` (None: its default).
         atol: Absolute tolerance. Default: `EXACT_TOLERANCE` (1e-4) for graphs computing in
             float (dequantized weights: float rounding only); `QUANTIZED_TOLERANCE` (25%) of the
             largest |expected output| for graphs that quantize activations on the fly
@@ -278,43 +358,48 @@ def check_onnx(
             MatMulInteger (torch's own int8 modules on the same file: 20%).
         rtol: Relative tolerance. Default: 1e-4 for float graphs, 0 for quantized ones.
         exact: Passed to `ort_session`.
-        batch_size: Samples per run.
+        batch_size: Samples per run, where ``inputs`` is not already batched.
+
+    Raises:
+        ValueError: If ``inputs`` holds no sample.
     """
-    session = ort_session(onnx_path, exact=exact)
-    name = session.get_inputs()[0].name
+    module = OrtModule(ort_session(onnx_path, exact=exact))
     got, expected = [], []
     shipped_model.eval()
     with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start : start + batch_size]
-            expected.append(shipped_model(batch).float())
-            got.append(torch.from_numpy(session.run(None, {name: batch.numpy()})[0]).float())
-    expected_t, got_t = torch.cat(expected), torch.cat(got)
+        for batch in input_batches(inputs, batch_size):
+            want = scored_output(call_model(shipped_model, batch), output)
+            expected.append(want.detach().float().cpu())
+            got.append(call_model(module, batch).float())
+    if not expected:
+        raise ValueError("check_onnx got no input samples")
     quantizing = not exact or bool(_QUANTIZING_OPS & set(_ops(onnx_path)))
-    scale = float(expected_t.abs().max()) if expected_t.numel() else 0.0
+    scale = max(float(e.abs().max()) if e.numel() else 0.0 for e in expected)
     if atol is None:
         atol = QUANTIZED_TOLERANCE * scale if quantizing else EXACT_TOLERANCE[0]
     if rtol is None:
         rtol = 0.0 if quantizing else EXACT_TOLERANCE[1]
     kind = "activations quantized on the fly" if quantizing else "float kernels"
-    if got_t.shape != expected_t.shape:
-        return OnnxCheck(
-            False,
-            float("inf"),
-            float("inf"),
-            atol,
-            rtol,
-            got_t,
-            f"ONNX Runtime's outputs have shape {tuple(got_t.shape)}; the torch model's "
-            f"{tuple(expected_t.shape)}",
-        )
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape:
+            return OnnxCheck(
+                False,
+                float("inf"),
+                float("inf"),
+                atol,
+                rtol,
+                g,
+                f"ONNX Runtime's outputs have shape {tuple(g.shape)}; the torch model's "
+                f"{tuple(e.shape)}",
+            )
+    expected_t, got_t = torch.cat(expected), torch.cat(got)
     diff = (got_t - expected_t).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else max_abs
     excess = diff - (atol + rtol * expected_t.abs())
     agree = bool((excess <= 0).all())
     message = (
-        f"{len(inputs)} samples ({kind}): max |difference| {max_abs:.3g} "
+        f"{len(expected_t)} samples ({kind}): max |difference| {max_abs:.3g} "
         f"({max_rel:.3g} of the largest |output|), tolerance {atol:.3g} + {rtol:.3g} * |expected|"
     )
     if not agree:
@@ -358,34 +443,28 @@ def ort_session(
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-class OrtModule(nn.Module):
-    """An ONNX Runtime session as a torch module: ``module(x)`` runs the graph on ``x`` (on the
-    CPU) and returns its first output as a tensor, so the project's evaluation and latency code
-    (`experiments.evaluate`, `experiments.metrics.latency_ms`) runs on the deployed graph."""
-
-    def __init__(self, session: onnxruntime.InferenceSession) -> None:
-        super().__init__()
-        self.session = session
-        self._input = session.get_inputs()[0].name
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        feed = {self._input: inputs.detach().cpu().numpy()}
-        return torch.from_numpy(self.session.run(None, feed)[0])
-
-
 # --- export ---------------------------------------------------------------------------------
 
 
 def _export(
-    model: nn.Module, example: torch.Tensor, *, opset: int, exporter: str, notes: list[str]
-) -> tuple[onnx.ModelProto, str]:
-    """The unfolded graph of ``model`` and the exporter that made it."""
-    example = _at_least_two(example)
+    model: nn.Module,
+    call: Call,
+    output: OutputSelector | None,
+    *,
+    every: bool,
+    opset: int,
+    exporter: str,
+    notes: list[str],
+) -> tuple[onnx.ModelProto, str, Outputs]:
+    """The unfolded graph of ``model`` called as ``call``, the exporter that made it and the
+    graph's outputs."""
+    call = call.at_least_two()
+    module, outputs = plan_outputs(model, call, output, every=every)
     errors: dict[str, BaseException] = {}
     for name in ("dynamo", "legacy") if exporter == "auto" else (exporter,):
         try:
             with _quiet(native=name == "legacy"):
-                proto = _EXPORTERS[name](model, example, opset)
+                proto = _EXPORTERS[name](module, call, outputs, opset)
         except Exception as err:  # torch.onnx raises many kinds; each is reported below
             errors[name] = err
             logger.debug("the %s exporter failed", name, exc_info=err)
@@ -395,56 +474,43 @@ def _export(
                 f"exported by the legacy exporter: the dynamo exporter failed: "
                 f"{_reason(errors['dynamo'])}"
             )
-        notes += _fixed_axes(proto, example)
-        return proto, name
-    raise _refusal(model, example, opset, errors) from None
+        name_axes(proto, call)
+        notes += fixed_axes(proto, call)
+        return proto, name, outputs
+    raise _refusal(model, call, opset, errors) from None
 
 
-def _at_least_two(example: torch.Tensor) -> torch.Tensor:
-    """``example`` with at least 2 samples (and 2 tokens): exporters fix axes of size 1."""
-    if example.dim() >= 1 and example.shape[0] < 2:
-        example = torch.cat([example] * 2)
-    if not example.is_floating_point() and example.dim() >= 2 and example.shape[1] < 2:
-        example = torch.cat([example] * 2, dim=1)
-    return example
-
-
-def _dynamic_axes(example: torch.Tensor) -> dict[int, str]:
-    axes = {0: "batch"}
-    if not example.is_floating_point() and example.dim() >= 2:
-        axes[1] = "sequence"
-    return axes
-
-
-def _dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    axes = {axis: torch.export.Dim.AUTO for axis in _dynamic_axes(example)}
+def _dynamo(module: nn.Module, call: Call, outputs: Outputs, opset: int) -> onnx.ModelProto:
+    axes = tuple({axis: torch.export.Dim.AUTO for axis in a} for a in call.axes())
     program = torch.onnx.export(
-        model,
-        (example,),
+        module,
+        call.tensors,
         dynamo=True,
         optimize=False,
         opset_version=opset,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=(axes,),
+        input_names=list(call.names),
+        output_names=list(outputs.names),
+        dynamic_shapes=(axes,),  # the module's one parameter, *tensors
         verbose=False,
     )
     return program.model_proto
 
 
-def _legacy(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+def _legacy(module: nn.Module, call: Call, outputs: Outputs, opset: int) -> onnx.ModelProto:
     onnx = _require_onnx()
     buffer = io.BytesIO()
+    axes = dict(zip(call.names, call.axes(), strict=True))
+    axes.update({n: {0: "batch"} for n, b in zip(outputs.names, outputs.batched, strict=True) if b})
     torch.onnx.export(
-        model,
-        (example,),
+        module,
+        call.tensors,
         buffer,
         dynamo=False,
         do_constant_folding=False,
         opset_version=opset,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": _dynamic_axes(example), "output": {0: "batch"}},
+        input_names=list(call.names),
+        output_names=list(outputs.names),
+        dynamic_axes=axes,
         verbose=False,
     )
     return onnx.load_from_string(buffer.getvalue())
@@ -476,17 +542,6 @@ def _quiet(*, native: bool = False) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _fixed_axes(proto: onnx.ModelProto, example: torch.Tensor) -> list[str]:
-    """Notes on the dynamic axes the exporter fixed to the example's size."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return [
-        f"the {name} axis of the input is fixed to {dims[axis].dim_value} (the exporter "
-        "specialised it)"
-        for axis, name in _dynamic_axes(example).items()
-        if axis < len(dims) and not dims[axis].dim_param
-    ]
-
-
 def _reason(err: BaseException) -> str:
     """The innermost cause of an exporter's error, on one line."""
     while err.__cause__ is not None:
@@ -498,12 +553,12 @@ def _reason(err: BaseException) -> str:
 
 
 def _refusal(
-    model: nn.Module, example: torch.Tensor, opset: int, errors: dict[str, BaseException]
+    model: nn.Module, call: Call, opset: int, errors: dict[str, BaseException]
 ) -> OnnxExportError:
     """The error for a model no exporter converts: the smallest layer that cannot be exported
     on its own (all of whose sublayers can), and each exporter's reason."""
     reasons = "; ".join(f"{name} exporter: {_reason(err)}" for name, err in errors.items())
-    culprit = _culprit(model, example, opset)
+    culprit = _culprit(model, call, opset)
     where = (
         f"layer {culprit[0]!r} ({culprit[1]}) cannot be exported: {culprit[2]}"
         if culprit
@@ -515,7 +570,7 @@ def _refusal(
     )
 
 
-def _culprit(model: nn.Module, example: torch.Tensor, opset: int) -> tuple[str, str, str] | None:
+def _culprit(model: nn.Module, call: Call, opset: int) -> tuple[str, str, str] | None:
     """``(name, type, reason)`` of the first layer (in call order) that the legacy exporter
     cannot export on its own while it can export each of its sublayers."""
     calls: dict[str, tuple] = {}
@@ -529,7 +584,7 @@ def _culprit(model: nn.Module, example: torch.Tensor, opset: int) -> tuple[str, 
     handles = [m.register_forward_pre_hook(record) for m in names if m is not model]
     try:
         with torch.no_grad(), _quiet():
-            model(example)
+            call_model(model, call.arguments(call.tensors))
     except Exception:  # the model itself fails: nothing to attribute
         return None
     finally:

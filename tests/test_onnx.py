@@ -364,3 +364,218 @@ def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
         assert metrics["speedup"] > 0 and metrics["speedup_b64"] > 0
         files = sorted(f.path for f in client.list_artifacts(child.info.run_id))
         assert [Path(f).suffix for f in files] == [".onnx", ".sqz"]
+
+
+# --------------------------------------------------- models called on several or keyword inputs
+
+
+def _workload(name: str) -> Task:
+    from tests.zoo import workloads
+
+    return getattr(workloads, name)(seed=0)
+
+
+def _packed_workload(task: Task, recipe: list[tuple[str, dict]], path: Path) -> None:
+    """``task``'s (untrained) model compressed by ``recipe`` and packed at ``path``."""
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    ctx = CompressionContext(
+        train=task.train, example_inputs=task.example_inputs(8), seed=0, loss=task.loss
+    )
+    pipeline = [get_compressor(name)(**params) for name, params in recipe]
+    model = apply_pipeline(pipeline, copy.deepcopy(baseline), ctx)
+    model = finalize_pipeline(pipeline, model, ctx).eval()
+    save_packed(model, path, like=baseline)
+
+
+def _dims(path: Path) -> dict[str, list]:
+    graph = onnx.load(str(path)).graph
+    return {
+        value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        for value in (*graph.input, *graph.output)
+    }
+
+
+#: recipe name -> (recipe, ONNX types its codes must take)
+WORKLOAD_RECIPES = {
+    "float": ([], set()),
+    "quant4": ([("quant", {"bits": 4})], {TensorProto.INT4}),
+    "quant8": ([("quant", {"bits": 8})], {TensorProto.INT8}),
+}
+
+
+@pytest.mark.parametrize("recipe", list(WORKLOAD_RECIPES))
+@pytest.mark.parametrize("name", ["wl_two_inputs", "wl_dict_bert"])
+def test_a_model_of_several_or_keyword_inputs_deploys_and_runs_like_the_torch_model(
+    name, recipe, tmp_path
+):
+    """``model(left, right)`` and a transformers BERT called with ``input_ids`` and
+    ``attention_mask`` returning a ``ModelOutput``: named graph inputs with dynamic batch (and
+    sequence) axes, the scored output (``logits``), checked over the validation batches and
+    scored with the task's metric; other batch sizes and sequence lengths run in ORT."""
+    from search.run.deploy import deploy_onnx
+
+    steps, types = WORKLOAD_RECIPES[recipe]
+    task = _workload(name)
+    packed = tmp_path / "m.sqz"
+    _packed_workload(task, steps, packed)
+    deployed = deploy_onnx(packed, task, tmp_path / "m.onnx", threads=1)
+    assert deployed.check.agree, deployed.check.message
+    assert deployed.metrics["onnx_max_abs_diff"] <= EXACT_TOLERANCE[0]
+    shipped = load_packed(packed, task.build_model(), int8=False)
+    assert deployed.metrics["val_acc_onnx"] == pytest.approx(evaluate(shipped, task.val))
+    assert len(deployed.check.outputs) == len(task.val)  # every validation sample, in batches
+    assert types <= {i.data_type for i in _initializers(deployed.path)}
+
+    dims = _dims(deployed.path)
+    token = name == "wl_dict_bert"
+    inputs = ("input_ids", "attention_mask") if token else ("left", "right")
+    assert deployed.export.inputs == inputs and deployed.export.scored == "output"
+    for key in inputs:
+        assert dims[key] == (["batch", "sequence"] if token else ["batch", 32])
+    assert dims["output"] == ["batch", 10]
+
+    # another batch size (and a shorter sequence), called as the model is
+    module = deployed.module
+    batch = task.example_inputs(5)
+    if token:
+        batch = {k: v[:, :40] for k, v in batch.items()}
+    with torch.no_grad():
+        expected = task.val.forward(shipped, batch)
+        got = module(**batch) if token else module(*batch)
+    assert got.shape == expected.shape == (5, 10)
+    assert torch.allclose(got, expected, atol=EXACT_TOLERANCE[0], rtol=EXACT_TOLERANCE[1])
+    if not token:  # positional inputs may be given by name too
+        assert torch.equal(module(left=batch[0], right=batch[1]), got)
+    assert latency_ms(module, task.example_inputs(3), repeats=2, warmup=1) > 0
+
+
+class _Heads(nn.Module):
+    """Returns a dict: an embedding and the logits computed from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        embedding = torch.tanh(self.body(x))
+        return {"embedding": embedding, "logits": self.head(embedding)}
+
+
+def test_every_output_can_be_exported_with_the_scored_one_named(tmp_path):
+    torch.manual_seed(0)
+    save_packed(_Heads(), tmp_path / "m.sqz")
+    x = _task("mlp").val.x
+    shipped = _Heads()
+    exported = export_onnx(tmp_path / "m.sqz", shipped, x[:8], tmp_path / "all.onnx", outputs="all")
+    assert exported.outputs == ("embedding", "logits") and exported.scored == "logits"
+    assert _dims(exported.path)["embedding"] == ["batch", 16]
+    check = check_onnx(exported.path, shipped, x)  # the scored output: the logits
+    assert check.agree and check.outputs.shape == (len(x), 10), check.message
+
+    def probabilities(outputs):
+        return outputs["logits"].softmax(-1)
+
+    # a selector that computes the scored output: the graph computes it as one more output
+    exported = export_onnx(
+        tmp_path / "m.sqz",
+        _Heads(),
+        x[:8],
+        tmp_path / "p.onnx",
+        output=probabilities,
+        outputs="all",
+    )
+    assert exported.outputs == ("embedding", "logits", "output")
+    assert exported.scored == "output"
+    check = check_onnx(exported.path, shipped, x, output=probabilities)
+    assert check.agree and torch.allclose(check.outputs.sum(-1), torch.ones(len(x)))
+    # the scored output alone
+    only = export_onnx(tmp_path / "m.sqz", _Heads(), x[:8], tmp_path / "o.onnx")
+    assert only.outputs == ("output",)
+    assert check_onnx(only.path, shipped, x).agree
+
+
+def test_inputs_that_are_not_tensors_are_refused_naming_them(tmp_path):
+    from compressors.onnx_export import check_exportable
+
+    model = _task("mlp").build_model()
+    with pytest.raises(OnnxExportError, match="got key 'mask' of type list"):
+        check_exportable(model, {"x": torch.rand(4, 64), "mask": [1, 2]})
+    with pytest.raises(OnnxExportError, match="got a value of type str"):
+        check_exportable(model, "pixels")
+    with pytest.raises(OnnxExportError, match=r"layer 'body.2' \(_Bessel\) cannot be exported"):
+        check_exportable(_WithBessel(), torch.rand(4, 64))
+
+
+def test_a_sweep_on_a_two_input_model_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
+    from search.cli import main
+    from tests.conftest import sweep_overrides
+
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=2",
+        "space.pipeline=[quant]",
+        "space.quant.bits=choice(4, 8)",
+        "measure.runtime=onnxruntime",
+        space=None,
+    )
+    zoo_conf = Path(__file__).parent / "zoo_conf"
+    args = ["sweep", "--quiet", "--config-dir", str(zoo_conf), "task=wl_two_inputs"]
+    assert main([*args, "task.train.epochs=2", *overrides]) == 0
+    import optuna
+
+    study = optuna.load_study(
+        study_name="wl_two_inputs",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(f"{tmp_path}/optuna.journal")
+        ),
+    )
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for trial in trials:
+        metrics = trial.user_attrs["metrics"]
+        assert metrics["onnx_max_abs_diff"] <= EXACT_TOLERANCE[0]
+        assert metrics["val_acc_onnx"] == pytest.approx(metrics["val_acc"], abs=1e-9)
+        assert metrics["speedup"] > 0 and metrics["onnx_bytes"] > 0
+
+
+def test_a_sweep_refuses_onnx_runtime_for_a_model_no_exporter_converts(
+    tmp_path, cache_dir, capsys, monkeypatch
+):
+    from search.cli import main
+    from tests.conftest import sweep_overrides
+
+    user = tmp_path / "user"
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "bessel_task.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "from experiments import Task, TrainConfig\n"
+        "class Bessel(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.special.i0(x)\n"
+        "def bessel(*, name='bessel', seed=0):\n"
+        "    data = TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))\n"
+        "    return Task(name=name, train=data, val=data, test=data, num_classes=3,\n"
+        "                build_model=lambda: nn.Sequential(nn.Linear(6, 3), Bessel()),\n"
+        "                train_config=TrainConfig(epochs=1))\n"
+    )
+    (user / "conf" / "task" / "bessel.yaml").write_text(
+        "_target_: bessel_task.bessel\nname: bessel\n"
+    )
+    monkeypatch.syspath_prepend(str(user))
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=1",
+        "space.pipeline=[quant]",
+        "measure.runtime=onnxruntime",
+    )
+    args = ["sweep", "--quiet", "--config-dir", str(user / "conf"), "task=bessel"]
+    assert main([*args, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "measure.runtime=onnxruntime: task 'bessel'" in err
+    assert "layer '1' (Bessel) cannot be exported" in err and "measure.runtime=torch" in err
+    assert not (tmp_path / "optuna.journal").exists()  # nothing created
+    assert not any(Path(cache_dir).glob("bessel-*"))  # no baseline trained

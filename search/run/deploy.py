@@ -5,17 +5,25 @@ exported to ONNX (`compressors.onnx_export`), checked in ONNX Runtime against th
 the whole validation split, and its latency and speed-up are timed in ONNX Runtime's CPU
 provider with the sweep's threads: the runtime users deploy to, where eager PyTorch's ~20 us of
 dispatch per forward no longer hides what compression removes.
+
+The graph takes the model's inputs as the task's batches hold them (one tensor, positional
+tensors, or keyword tensors such as ``input_ids`` and ``attention_mask``) and computes the
+output the task scores (``Task.output``); the check reads the validation split batch by batch,
+as every evaluation does, and scores ONNX Runtime's outputs with the task's metric.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from experiments import Task
+from experiments import Data, Task, is_streaming_metric, select_output
+from experiments._data import cat_rows
 
 if TYPE_CHECKING:
     from compressors.onnx_export import OnnxCheck, OnnxExport
@@ -47,39 +55,70 @@ class Deployed:
 
 
 def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = None) -> Deployed:
-    """Export the packed file ``packed`` of ``task``'s model to ``out`` and check it.
+    """Export the packed file ``packed`` of ``task``'s model to ``out`` and check it on the
+    validation split, batch by batch.
 
     Raises:
         OnnxMismatchError: If ONNX Runtime's outputs on the validation split are not within
             `compressors.onnx_export.check_onnx`'s tolerance of the torch model's.
         compressors.onnx_export.OnnxExportError: If the model cannot be exported.
     """
-    from compressors.onnx_export import (
-        OnnxExportError,
-        OrtModule,
-        check_onnx,
-        export_onnx,
-        ort_session,
-    )
-    from experiments import describe
+    from compressors.onnx_export import OrtModule, check_onnx, export_onnx, ort_session
 
-    example = task.example_inputs(8)
-    if not isinstance(example, torch.Tensor) or task.val.in_memory is None:
-        raise OnnxExportError(
-            f"task {task.name!r}: ONNX export takes a model called on one input tensor, checked "
-            "on validation data held in memory (a Split); this task's model is called on "
-            f"{describe(example)}"
-            + ("" if task.val.in_memory is not None else " and its data is read batch by batch")
-        )
     model = task.build_model()
-    exported = export_onnx(packed, model, example, out)  # loads `model`
-    check = check_onnx(out, model, task.val.x)
+    output = scored(task)
+    exported = export_onnx(packed, model, task.example_inputs(8), out, output=output)  # loads
+    targets: list[Any] = []
+    check = check_onnx(out, model, _inputs(task.val, targets), output=output)
     if not check.agree:
         raise OnnxMismatchError(f"{out.name}: {check.message}")
     module = OrtModule(ort_session(out, threads=threads or torch.get_num_threads()))
     metrics = {
         "onnx_bytes": float(exported.size_bytes),
         "onnx_max_abs_diff": check.max_abs_diff,
-        "val_acc_onnx": task.val.score(check.outputs, task.val.y),  # the check's own pass
+        "val_acc_onnx": _score(task.val, check.outputs, targets),  # the check's own pass
     }
     return Deployed(module, metrics, out, exported, check)
+
+
+def check_deployable(task: Task) -> str:
+    """Export ``task``'s freshly built model to a graph in memory, as `deploy_onnx` will export
+    each packed model; returns the exporter that converts it.
+
+    Raises:
+        compressors.onnx_export.OnnxExportError: If it cannot be: inputs that are not one
+            tensor, a tuple or a dict of tensors, a scored output that is not a tensor, or an op
+            no exporter converts (naming the layer).
+    """
+    from compressors.onnx_export import check_exportable
+
+    model = task.build_model().eval()
+    return check_exportable(model, task.example_inputs(8), output=scored(task))
+
+
+def scored(task: Task) -> Callable[[Any], torch.Tensor]:
+    """``output(model_outputs) -> tensor``: the output ``task`` scores (as ``Data.forward``
+    selects it)."""
+    return partial(select_output, output=task.val.adapters.output)
+
+
+def _inputs(data: Data, targets: list[Any]) -> Iterator[Any]:
+    """The model's inputs of each batch of ``data`` (in order), keeping their targets."""
+    for batch in data.batches(data.eval_batch_size):
+        targets.append(batch.targets)
+        yield batch.inputs
+
+
+def _score(data: Data, outputs: torch.Tensor, targets: list[Any]) -> float:
+    """``data``'s metric of ``outputs`` (a ``torchmetrics.Metric``, or a function of the whole
+    split's outputs and targets)."""
+    truth = None if not targets or targets[0] is None else cat_rows(targets)
+    metric = data.score
+    if is_streaming_metric(metric):
+        metric = metric.clone()
+        metric.reset()
+        metric.update(outputs, truth)
+        value = metric.compute()
+    else:
+        value = metric(outputs, truth)
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

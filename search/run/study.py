@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed
-from experiments import DECISIONS, Task, cv_folds, describe, predict_outputs
+from compressors.onnx_export import OnnxExportError
+from experiments import DECISIONS, Task, cv_folds, predict_outputs
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -44,7 +45,7 @@ from search.run.budget import (
     budget_used,
     worker_id,
 )
-from search.run.deploy import deploy_onnx
+from search.run.deploy import check_deployable, deploy_onnx
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
@@ -232,14 +233,14 @@ def checked_task(plan: SweepPlan) -> Task:
     model = task.build_model()
     check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
     example = task.example_inputs()
-    if str(cfg.measure.runtime) == "onnxruntime" and (
-        not isinstance(example, torch.Tensor) or task.val.in_memory is None
-    ):
-        raise ConfigError(
-            f"measure.runtime=onnxruntime exports a model called on one input tensor and checks "
-            f"it on validation data held in memory; task {task.name!r}'s model is called on "
-            f"{describe(example)}. Use measure.runtime=torch."
-        )
+    if str(cfg.measure.runtime) == "onnxruntime":  # its graph is exported once, here
+        try:
+            check_deployable(task)
+        except OnnxExportError as err:
+            raise ConfigError(
+                f"measure.runtime=onnxruntime: task {task.name!r}: {err}. Use "
+                "measure.runtime=torch."
+            ) from None
     _check_coverage(
         plan.space.check_model(model, task=task.name, example_inputs=example), task.name
     )
