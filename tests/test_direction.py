@@ -25,6 +25,7 @@ from search.config.metrics import default_directions
 from search.config.plan import plan_sweep
 from search.config.score import DIRECTION_ATTR, Score
 from search.config.storage import open_storage
+from search.results.report import _front_rows, _front_table
 from search.results.reuse import RECOMMEND_MAX_DROP, knee_index, pick_trial, recommend
 from search.run.pareto import hypervolume
 from search.run.workload import build_task
@@ -155,6 +156,25 @@ def test_the_knee_takes_scores_as_higher_is_better():
     errors = [v for v, _ in POINTS[:3]]
     sizes = [s for _, s in POINTS[:3]]
     assert knee_index([-e for e in errors], sizes, within_budget=True) == 1
+
+
+def test_report_html_signs_an_errors_change_negative_when_it_grows():
+    trials = pd.DataFrame(
+        [
+            {"trial": 0, "size_bytes": 2000.0, "compression_ratio": 5.0, "val_acc": 0.55},
+            {"trial": 1, "size_bytes": 4000.0, "compression_ratio": 2.5, "val_acc": 0.45},
+        ]
+    )
+    tests = {"baseline": 0.40, "trial 0": 0.44, "trial 1": 0.38}
+    rows = _front_rows(
+        trials, [0, 1], {"val_acc": 0.5, "size_bytes": 10_000.0}, tests, {0: "a", 1: "b"}, ERROR
+    )
+    page = _front_table(rows, "MeanSquaredError, lower is better", ERROR)
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    # trial 0: MSE 10% above the baseline's on validation, 10% on test; trial 1: 10% and 5% below
+    assert cells[7:14] == ["trial 0", "2.00", "5.0×", "0.5500", "−10.0 %", "0.4400", "−10.0 %"]
+    assert cells[14:21] == ["trial 1", "4.00", "2.5×", "0.4500", "+10.0 %", "0.3800", "+5.0 %"]
+    assert "in percent of the baseline's (%): negative is a loss" in page
 
 
 # ----------------------------------------------------------------------------- a real sweep
