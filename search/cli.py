@@ -55,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pick", default="knee", help="knee | max-acc | min-size | trial=N (default: knee)"
     )
     export.add_argument(
-        "--max-drop", type=float, default=None, help="validation points allowed below baseline"
+        "--max-drop",
+        type=float,
+        default=None,
+        help="how much worse than the baseline on validation a point may be: points of a "
+        "higher-is-better score, %% of the baseline's value for a lower-is-better one (MSE)",
     )
     export.add_argument("--name", default=None, help="experiment name (default: <study>-t<N>)")
     export.add_argument(
@@ -105,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sensitivity.add_argument("overrides", nargs="*", help="e.g. task=mnist1d_cnn")
     sensitivity.add_argument(
-        "--tolerance", type=float, default=1.0, help="validation points a layer may lose (1.0)"
+        "--tolerance",
+        type=float,
+        default=1.0,
+        help="how much worse on validation a layer may make the model: points, or %% of the "
+        "baseline's value for a lower-is-better score (1.0)",
     )
     worker = _command(
         commands,
@@ -242,13 +250,14 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     else:  # the bar and the log lines on stderr; the results on stdout
         with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
             result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
-    pick = None if result.front.empty else recommend(result.front)
+    pick = None if result.front.empty else recommend(result.front, score=result.score)
     console.print(
         front_table(
             result.front,
             result.baseline,
             title=f"Pareto front of {result.study_name}",
             recommended=None if pick is None else pick.trial,
+            score=result.score,
         )
     )
     study = _load_study(plan)
@@ -289,11 +298,12 @@ def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespac
     """The recommended point of the front and the commands that export it and rerun it."""
     from search.results.reuse import next_commands
 
-    budget = f"{pick.max_drop:g} validation point{'s' if pick.max_drop != 1 else ''}"
+    budget = pick.score.within(pick.max_drop)
+    best = "most accurate" if pick.score.higher_is_better else "best-scoring (lowest)"
     why = (
-        f"the knee of the front within {budget} of the baseline"
+        f"the knee of the front {budget}"
         if pick.within_budget
-        else f"no point is within {budget} of the baseline; this is the most accurate"
+        else f"no point is {budget}; this is the {best}"
     )
     console.print(
         f"* recommended: trial {pick.trial} ({why}). Export it, then rerun it, log it and "
@@ -497,10 +507,15 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
 
     result = run_sensitivity(cfg, tolerance=args.tolerance, conf_dir=conf_dir)
     table = result.table.pivot_table(
-        index=["method", "setting"], columns="layer", values="drop_pt", sort=False
+        index=["method", "setting"], columns="layer", values="val_drop", sort=False
+    )
+    lost = (
+        "validation points lost"
+        if result.score.higher_is_better
+        else "validation score worse by, in % of the baseline's"
     )
     with _wide():
-        console.print("validation points lost, each layer alone:", highlight=False)
+        console.print(f"{lost}, each layer alone:", highlight=False)
         console.print(table.to_string(float_format="%.1f"), highlight=False)
     console.print(f"plot {result.plot}; suggested space {result.space}", highlight=False)
     return 0

@@ -102,7 +102,7 @@ BAD_INPUT = [
     (["search.early_stop.margin=2"], "The 'search.early_stop.margin' config value must be a float"),
     (
         ["search.pruner=median"],
-        "search.pruner='median' prunes on validation accuracy and needs the single objective",
+        "search.pruner='median' prunes on the validation score and needs the single objective",
     ),
     (
         ["search.pruner=asha", "search.objectives=[val_acc]", "search.directions=[maximize]"],

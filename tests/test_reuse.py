@@ -139,7 +139,7 @@ def test_sensitivity_writes_a_per_layer_space_that_composes_and_samples(tmp_path
     path = conf / "space" / "digits_mlp_sensitivity.yaml"
     table = pd.read_csv(tmp_path / "out" / "sensitivity-digits_mlp" / "sensitivity.csv")
     assert set(table.layer) == {"net.1", "net.3", "net.5"}
-    drops = table[(table.method == "prune") & (table.layer == "net.1")].drop_pt.tolist()
+    drops = table[(table.method == "prune") & (table.layer == "net.1")].val_drop.tolist()
     assert drops[-1] > drops[0]  # pruning more of a layer costs more
     cfg = compose_config(["space=digits_mlp_sensitivity", *overrides], config_dirs=[conf])
     space = SearchSpace.from_config(cfg.space)
@@ -148,7 +148,7 @@ def test_sensitivity_writes_a_per_layer_space_that_composes_and_samples(tmp_path
     assert recipe.pipeline == ("prune", "quant", "kd")
     assert {"prune.amount.net.1", "prune.amount.net.3", "prune.amount.net.5"} <= set(trial.params)
     ranges = yaml.safe_load(path.read_text())["prune"]["amount"]
-    tolerated = table[(table.method == "prune") & (table.drop_pt <= 1.0)]
+    tolerated = table[(table.method == "prune") & (table.val_drop <= 1.0)]
     for layer, text in ranges.items():
         upper = float(text.removeprefix("interval(0.0, ").removesuffix(")"))
         best = tolerated[tolerated.layer == layer].setting.max()

@@ -11,9 +11,11 @@ import math
 from collections.abc import Iterable, Mapping
 
 from search._errors import ConfigError
+from search.config.metrics import HIGHER_IS_BETTER, higher_is_better
 
-#: Metrics where a constraint is a lower bound (higher is better); every other one is an upper one.
-LOWER_BOUNDS = frozenset({"val_acc", "val_agreement", "compression_ratio", "speedup"})
+#: Metrics where a constraint is a lower bound (``val_acc``: when the task's score is better
+#: higher, see `constraint_values`); every other one is an upper one.
+LOWER_BOUNDS = frozenset({"val_acc", *HIGHER_IS_BETTER})
 #: Constraint names that are a scaled metric: name -> (metric, factor).
 SCALED = {"size_kb": ("size_bytes", 1e-3)}
 
@@ -52,11 +54,17 @@ def check_constraints(given: Mapping[str, object], metrics: Iterable[str]) -> di
 
 
 def constraint_values(
-    metrics: Mapping[str, float], bounds: Mapping[str, float]
+    metrics: Mapping[str, float],
+    bounds: Mapping[str, float],
+    *,
+    score_higher_is_better: bool = True,
 ) -> dict[str, float]:
     """Optuna's constraint value of each bound: ``<= 0`` when ``metrics`` meet it.
 
-    Bounds on metrics not in ``metrics`` are left out.
+    A bound on a metric that is better higher (`search.config.metrics.higher_is_better`) is a
+    lower bound, on any other an upper bound; ``val_acc``'s is a lower bound when the task's
+    score is better higher (``score_higher_is_better``), an upper bound when it is an error
+    (``val_acc=0.3``: an MSE of at most 0.3). Bounds on metrics not in ``metrics`` are left out.
     """
     out = {}
     for name, bound in bounds.items():
@@ -64,6 +72,6 @@ def constraint_values(
         if metric not in metrics:
             continue
         value = float(metrics[metric]) * factor
-        lower = metric in LOWER_BOUNDS or metric.startswith("speedup_b")
+        lower = higher_is_better(metric, score_higher_is_better=score_higher_is_better)
         out[name] = bound - value if lower else value - bound
     return out

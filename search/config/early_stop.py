@@ -1,11 +1,14 @@
 """Stopping a trial's fine-tuning early, from the validation accuracy after each epoch.
 
 - Single objective: an Optuna pruner (``search.pruner``: ``median`` or ``hyperband``) gets
-  every epoch's validation accuracy through ``trial.report`` and decides.
+  every epoch's validation score through ``trial.report`` and decides (in the study's
+  direction: a lower-is-better score is minimized).
 - Any number of objectives (Optuna has no pruning for several): a trial's size, compression
   ratio and FLOPs are known before fine-tuning (fine-tuning keeps masks, grids and shapes), so
-  when its validation accuracy after ``min_epochs`` epochs plus ``margin`` would still be
-  dominated by the current Pareto front, it can no longer reach the front and is pruned.
+  when its validation score after ``min_epochs`` epochs, improved by ``margin``, would still be
+  dominated by the current Pareto front, it can no longer reach the front and is pruned. The
+  margin is in the score's units when it is better higher (0.02: 2 points of accuracy), a
+  fraction of the score when it is better lower (0.02: an MSE 2% lower), as `Score.hope` says.
   A trial whose size already breaks a constraint is pruned before fine-tuning.
 
 Either raises `optuna.TrialPruned`; the trial ends PRUNED.
@@ -23,6 +26,7 @@ import optuna
 
 from search._errors import ConfigError
 from search.config.constraints import constraint_values
+from search.config.score import Score
 
 if TYPE_CHECKING:  # (torch is imported when a trial runs, not when a config is checked)
     from torch import nn
@@ -50,14 +54,13 @@ def make_pruner(name: str, options: Mapping[str, Any] | None = None) -> optuna.p
         raise ConfigError(f"Invalid search.pruner_options for pruner {name!r}: {err}") from None
 
 
-def check_early_stop(
-    *, pruner: str, enabled: bool, objectives: Sequence[str], directions: Sequence[str]
-) -> None:
-    """Raise `ConfigError` if the objectives do not allow the chosen early stop."""
-    if pruner != "none" and (list(objectives) != ["val_acc"] or directions[0] != "maximize"):
+def check_early_stop(*, pruner: str, enabled: bool, objectives: Sequence[str]) -> None:
+    """Raise `ConfigError` if the objectives do not allow the chosen early stop (``val_acc``'s
+    direction is checked against the task's by `search.config.plan.SweepPlan.for_task`)."""
+    if pruner != "none" and list(objectives) != ["val_acc"]:
         raise ConfigError(
-            f"search.pruner={pruner!r} prunes on validation accuracy and needs the single "
-            f"objective val_acc (maximize); got search.objectives={list(objectives)}. For "
+            f"search.pruner={pruner!r} prunes on the validation score and needs the single "
+            f"objective val_acc; got search.objectives={list(objectives)}. For "
             "several objectives use search.early_stop.enabled=true."
         )
     if enabled:
@@ -80,7 +83,8 @@ class EarlyStop:
     Attributes:
         pruner: Report each epoch to the study's Optuna pruner (single objective).
         dominance: Stop a trial the current front dominates (any number of objectives).
-        margin: Accuracy a dominated trial may still gain (added before the comparison).
+        margin: What a dominated trial's score may still gain before the comparison
+            (`Score.hope`: in its units, or a fraction of it for a lower-is-better score).
         min_epochs: Epochs a trial always trains before it may be stopped.
         objectives: The study's objectives, in order.
         directions: ``maximize`` / ``minimize`` for each objective.
@@ -151,13 +155,16 @@ class _DominanceStop:
     def __call__(self, stats) -> None:
         if stats.epoch + 1 < self._rule.min_epochs:
             return
-        hope = {**self._known, "val_acc": stats.val_acc + self._rule.margin}
-        point = [hope[name] for name in self._rule.objectives]
+        rule = self._rule
+        score = Score.of_direction(rule.directions[rule.objectives.index("val_acc")])
+        hope = {**self._known, "val_acc": score.hope(stats.val_acc, rule.margin)}
+        point = [hope[name] for name in rule.objectives]
         for values in self._front:
-            if dominates(values, point, self._rule.directions):
+            if dominates(values, point, rule.directions):
                 raise optuna.TrialPruned(
                     f"dominated by the front after epoch {stats.epoch}: val_acc "
-                    f"{stats.val_acc:.4f} + margin {self._rule.margin} cannot reach it"
+                    f"{stats.val_acc:.4f} ({score.better}) with margin {rule.margin} cannot "
+                    "reach it"
                 )
 
 

@@ -12,6 +12,7 @@ it is not importable as it is: `search.config.modules`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -28,9 +29,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from search._errors import ConfigError
 from search.config.constraints import check_constraints
 from search.config.early_stop import check_early_stop, make_pruner
-from search.config.metrics import METRICS, batch_metrics
+from search.config.metrics import METRICS, batch_metrics, default_directions
 from search.config.modules import import_target
 from search.config.schema import check_schema
+from search.config.score import DEFAULT_SCORE, Score
 from search.config.storage import check_storage, check_tracking_uri
 from search.config.warm_start import WarmStarts, check_warm_start
 
@@ -65,7 +67,18 @@ DIRECTIONS = ("maximize", "minimize")
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """A fully validated sweep; building it touches no file, database or network."""
+    """A fully validated sweep; building it touches no file, database or network.
+
+    The direction of ``val_acc`` is the task's metric's, known once the task is built:
+    `plan_sweep` assumes higher-is-better, and `SweepPlan.for_task` settles it (the sweep and
+    its workers call it before a study is created or joined).
+
+    Attributes:
+        directions: The Optuna direction of each objective: ``search.directions``, or when it is
+            null each objective's own (`search.config.metrics.default_directions`).
+        explicit_directions: Whether ``search.directions`` was given (not null).
+        score: Which way the task's score (``val_acc``) goes, once `for_task` has settled it.
+    """
 
     cfg: DictConfig
     space: SearchSpace
@@ -80,6 +93,42 @@ class SweepPlan:
     constraints: dict[str, float]
     fingerprint: str
     warm_start: WarmStarts = WarmStarts()
+    explicit_directions: bool = True
+    score: Score = DEFAULT_SCORE
+
+    def for_task(self, task: Task) -> SweepPlan:
+        """This plan with the direction of ``task``'s score: ``val_acc`` is maximized when its
+        metric is better higher, minimized when it is better lower (an error such as MSE).
+
+        Raises:
+            ConfigError: If ``search.directions`` was given and asks the other way for
+                ``val_acc`` (exit 2, before anything is created).
+        """
+        score = Score(higher_is_better=bool(task.higher_is_better))
+        if self.explicit_directions:
+            directions = self.directions
+            if "val_acc" in self.objectives:
+                i = self.objectives.index("val_acc")
+                if directions[i] != score.direction:
+                    metric = getattr(task.metric, "__name__", type(task.metric).__name__)
+                    allowed = [score.direction if k == i else d for k, d in enumerate(directions)]
+                    raise ConfigError(
+                        f"The 'search.directions' config value {list(directions)} asks to "
+                        f"{directions[i]} val_acc, but task {task.name!r} scores val_acc with "
+                        f"{metric}, where {score.better}. Allowed: search.directions="
+                        f"[{','.join(allowed)}], or search.directions=null (each objective's "
+                        "own direction, val_acc's the task's)."
+                    )
+        else:
+            directions = default_directions(
+                self.objectives, score_higher_is_better=score.higher_is_better
+            )
+        return dataclasses.replace(
+            self,
+            directions=directions,
+            score=score,
+            fingerprint=_fingerprint(self.cfg, self.constraints, directions),
+        )
 
 
 def missing_onnx_extra() -> list[str]:
@@ -96,7 +145,9 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     """
     check_schema(cfg)
     search = cfg.search
-    objectives, directions = tuple(search.objectives), tuple(search.directions)
+    objectives = tuple(search.objectives)
+    explicit = search.directions is not None
+    directions = tuple(search.directions) if explicit else default_directions(objectives)
     known = set(METRICS) | set(batch_metrics(cfg.measure.latency_batch_sizes))
     for name in objectives:
         if name not in known:
@@ -135,7 +186,6 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         pruner=search.pruner,
         enabled=search.early_stop.enabled,
         objectives=objectives,
-        directions=directions,
     )
     n_jobs = workers_wanted(cfg)
     storage = str(search.storage)
@@ -164,8 +214,12 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         n_trials=search.n_trials,
         n_jobs=n_jobs,
         constraints=constraints,
-        fingerprint=_fingerprint(cfg, constraints),
+        fingerprint=_fingerprint(cfg, constraints, directions),
         warm_start=warm_start,
+        explicit_directions=explicit,
+        score=Score.of_direction(directions[objectives.index("val_acc")])
+        if explicit and "val_acc" in objectives
+        else Score(),
     )
 
 
@@ -244,15 +298,19 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
     return builder, kwargs
 
 
-def _fingerprint(cfg: DictConfig, constraints: Mapping[str, float]) -> str:
-    """Hash of what must not change while a study is continued."""
+def _fingerprint(
+    cfg: DictConfig, constraints: Mapping[str, float], directions: tuple[str, ...]
+) -> str:
+    """Hash of what must not change while a study is continued (``directions``: as resolved,
+    so that a study started with ``search.directions=[maximize, minimize]`` is continued with
+    ``search.directions=null`` on a higher-is-better task, and the other way round)."""
     space = OmegaConf.to_container(cfg.space, resolve=True)
     space.pop("warm_start", None)  # recipes run once each, whenever the list is (see run_sweep)
     parts = {
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "space": space,
         "objectives": list(cfg.search.objectives),
-        "directions": list(cfg.search.directions),
+        "directions": list(directions),
         "seed": cfg.seed,
     }
     if cfg.search.get("cv_folds"):

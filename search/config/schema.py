@@ -121,7 +121,7 @@ SCHEMA: dict[str, Any] = {
         "sampler_options": AnyMapping(),
         "warm_start": Flag(),
         "objectives": ListOf(Text()),
-        "directions": ListOf(Text()),
+        "directions": Nullable(ListOf(Text())),
         "storage": Text(),
         "timeout": Nullable(_POSITIVE),
         "cv_folds": Nullable(Integer(2, 1000)),

@@ -1026,14 +1026,13 @@ def explain_front(
     files.append(folder / "bytes_per_layer.html")
     agreement = pd.concat([agreement_table(e) for e in explained.values()], ignore_index=True)
     files.append(_csv(agreement, folder / "agreement.csv", index=False))
-    flipped = pd.concat(
-        [
-            a.flipped.assign(model=e.name, split=a.split)
-            for e in explained.values()
-            for a in e.agreement.values()
-        ],
-        ignore_index=True,
-    )
+    flips = [
+        a.flipped.assign(model=e.name, split=a.split)
+        for e in explained.values()
+        for a in e.agreement.values()
+    ]
+    # (a regression makes no decisions: no agreement, nothing flipped)
+    flipped = pd.concat(flips, ignore_index=True) if flips else pd.DataFrame()
     files.append(_csv(flipped, folder / "flipped.csv", index=False))
     per_model = [
         e.fidelity.per_class.assign(model=e.name, method=e.fidelity.method).reset_index()

@@ -5,8 +5,9 @@ run under ``report/``:
 
 - ``report.html``: one page that leads with the Pareto front table (the baseline first, then the
   front from the smallest file up: size, ratio, validation and test score, their change against
-  the baseline in percentage points, negative being a loss, and the full recipe), then every
-  figure and table, linking the files below;
+  the baseline, negative being worse: in percentage points, or in percent of the baseline's
+  value for a lower-is-better score such as MSE, see `search.config.score`; and the full
+  recipe), then every figure and table, linking the files below;
 - ``trials.csv`` (and ``trials.parquet`` when pyarrow is installed): one row per trial;
 - ``metrics.csv`` and ``confusion.json``: top-1 / top-5 accuracy, macro F1 and recall, per-class
   accuracy and the confusion matrix on validation and test, for the baseline and every Pareto
@@ -52,6 +53,7 @@ from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, evaluate, mean_cosine, r2_score, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
+from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
 from search.results.reuse import load_study, study_config  # noqa: E402
 from search.run.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
@@ -145,15 +147,24 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     files.append(_save(metrics.to_csv, folder / "metrics.csv"))
 
     base = {**baseline.metrics, **study.user_attrs.get("baseline", {})}
-    score = _score_unit(task)
+    direction = Score.of_study(study)  # as the study was searched
+    score = _score_unit(task, direction)
     recipes = _recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
-    front_rows = _front_rows(trials, front_ids, base, test_scores, recipes)
+    front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
 
     files.append(_write(folder / PLOTLY_JS, plotly.offline.get_plotlyjs()))
     objectives = list(study_cfg.search.objectives)
     figures, notes = _figures(
-        study, objectives, trials, front_ids, base, client, recipes=recipes, score=score
+        study,
+        objectives,
+        trials,
+        front_ids,
+        base,
+        client,
+        recipes=recipes,
+        score=score,
+        direction=direction,
     )
     for name in FIGURES:
         png, page = folder / f"{name}.png", folder / f"{name}.html"
@@ -191,7 +202,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
             folder / "report.html",
             study_name,
             heading=heading,
-            front=_front_table(front_rows, score),
+            front=_front_table(front_rows, score, direction),
             figures={name: figures[name][1] for name in FIGURES if name in figures},
             notes=notes,
             metrics=metrics,
@@ -254,10 +265,12 @@ def _recipes(study: optuna.Study, space) -> dict[int, str]:
     }
 
 
-def _front_rows(trials, front_ids, base, test_scores, recipes) -> list[dict]:
-    """The baseline, then the front by packed size (ties: better score first), as numbers."""
+def _front_rows(trials, front_ids, base, test_scores, recipes, direction: Score) -> list[dict]:
+    """The baseline, then the front by packed size (ties: better score first), as numbers; each
+    change against the baseline in the score's unit (negative: worse)."""
     front = trials[trials.trial.isin(front_ids)]
-    front = front.sort_values(["size_bytes", "val_acc"], ascending=[True, False])
+    front = front.assign(goodness=[direction.goodness(v) for v in front.val_acc])
+    front = front.sort_values(["size_bytes", "goodness"], ascending=[True, False])
     rows = [
         {
             "model": "baseline (fp32)",
@@ -281,12 +294,12 @@ def _front_rows(trials, front_ids, base, test_scores, recipes) -> list[dict]:
             }
         )
     for row in rows:
-        row["val_change_pt"] = 100.0 * (row["val"] - rows[0]["val"])
-        row["test_change_pt"] = 100.0 * (row["test"] - rows[0]["test"])
+        row["val_change"] = direction.change(row["val"], rows[0]["val"])
+        row["test_change"] = direction.change(row["test"], rows[0]["test"])
     return rows
 
 
-def _front_table(rows: list[dict], score: str) -> str:
+def _front_table(rows: list[dict], score: str, direction: Score) -> str:
     """The front as an HTML table; a change is signed, a minus meaning worse than the baseline."""
     header = (
         "model",
@@ -305,20 +318,29 @@ def _front_table(rows: list[dict], score: str) -> str:
             f"{row['size_kb']:.2f}",
             f"{row['ratio']:.1f}×",
             f"{row['val']:.4f}",
-            "reference" if i == 0 else _points(row["val_change_pt"]),
+            "reference" if i == 0 else direction.format_change(row["val_change"], minus="−"),
             f"{row['test']:.4f}",
-            "reference" if i == 0 else _points(row["test_change_pt"]),
+            "reference" if i == 0 else direction.format_change(row["test_change"], minus="−"),
         )
         body.append(
             "<tr>"
             + "".join(f"<td>{html_text.escape(c)}</td>" for c in cells)
             + f"<td class='recipe'><code>{html_text.escape(row['recipe'])}</code></td></tr>"
         )
+    if direction.higher_is_better:
+        change = (
+            "A change is the score minus the baseline's, in percentage points (pt): negative is "
+            "a loss (−1.4 pt: 1.4 points worse than the baseline), positive a gain."
+        )
+    else:
+        change = (
+            "A change is how much lower the score is than the "
+            "baseline's, in percent of the baseline's (%): negative is a loss (−5.0 %: 5% "
+            "higher, worse, than the baseline), positive a gain."
+        )
     return (
         "<table class='front'><caption>The baseline, then the Pareto front from the smallest "
-        f"packed file up. Scores: {html_text.escape(score)}. A change is the score minus the "
-        "baseline's, in percentage points (pt): negative is a loss (−1.4 pt: 1.4 points worse "
-        "than the baseline), positive a gain.</caption><thead><tr>"
+        f"packed file up. Scores: {html_text.escape(score)}. {change}</caption><thead><tr>"
         + "".join(f"<th>{h}</th>" for h in header)
         + "</tr></thead><tbody>"
         + "".join(body)
@@ -326,22 +348,20 @@ def _front_table(rows: list[dict], score: str) -> str:
     )
 
 
-def _points(value: float) -> str:
-    text = f"{value:+.1f}"
-    return "0.0 pt" if float(text) == 0 else f"{text} pt".replace("-", "−")  # a real minus sign
-
-
 # ----------------------------------------------------------------------------- figures
 
 
-def _score_unit(task) -> str:
+def _score_unit(task, direction: Score) -> str:
     """What the task's score (``val_acc`` / ``test_acc``) measures, for axis titles."""
     known = {
         accuracy: "top-1 accuracy, 0–1",
         mean_cosine: "mean cosine similarity, −1–1",
         r2_score: "R², 1 is perfect",
     }
-    return known.get(task.metric, "the task's score, higher is better")
+    if task.metric in known:
+        return known[task.metric]
+    name = getattr(task.metric, "__name__", type(task.metric).__name__)
+    return f"{name}, {direction.better}"
 
 
 def _unit(metric: str, score: str) -> str:
@@ -371,12 +391,23 @@ def _param_label(name: str, distribution) -> str:
 
 
 def _figures(
-    study, objectives, trials, front_ids, baseline, client, *, recipes, score
+    study,
+    objectives,
+    trials,
+    front_ids,
+    baseline,
+    client,
+    *,
+    recipes,
+    score,
+    direction: Score = DEFAULT_SCORE,
 ) -> tuple[dict[str, tuple], dict[str, str]]:
     """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     builders = {
-        "pareto_front": lambda: _front(study, trials, front_ids, baseline, recipes, score),
+        "pareto_front": lambda: _front(
+            study, trials, front_ids, baseline, recipes, score, direction
+        ),
         "hypervolume": lambda: _hypervolume(study, done, objectives),
         "param_importance": lambda: _importances(study, done, objectives),
         "params_vs_accuracy": lambda: _params_vs_accuracy(done, objectives[0], score),
@@ -396,14 +427,14 @@ def _need_two(done) -> None:
         raise _NoData(f"it needs at least 2 complete trials and the study has {len(done)}")
 
 
-def _front(study, trials, front_ids, baseline, recipes, score):
+def _front(study, trials, front_ids, baseline, recipes, score, direction):
     complete = trials[trials.state == "COMPLETE"]
     if complete.empty:
         raise _NoData("the study has no complete trial")
     front = trials[trials.trial.isin(front_ids)].sort_values("size_bytes")
     size_label = "packed model file size (KB, log scale)"
     score_label = _metric_label("val_acc", score)
-    fig = front_figure(trials, front, baseline, title=study.study_name)
+    fig = front_figure(trials, front, baseline, title=study.study_name, score=direction)
     fig.axes[0].set_xlabel(size_label)
     fig.axes[0].set_ylabel(score_label)
 

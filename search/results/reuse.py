@@ -9,8 +9,9 @@
   graph (`compressors.onnx_export`), checked in ONNX Runtime against the torch model on the
   validation split;
 - `recommend` picks the point ``squeeze sweep`` recommends (the knee within
-  `RECOMMEND_MAX_DROP` validation points) and `next_commands` spells out the ``squeeze export``
-  and ``squeeze run`` commands for it;
+  `RECOMMEND_MAX_DROP` of the baseline: validation points, or percent of the baseline's value
+  for a lower-is-better score, see `search.config.score`) and `next_commands` spells out the
+  ``squeeze export`` and ``squeeze run`` commands for it;
 - `run_experiment` (``squeeze run experiment=<name>``) reruns that recipe from the cached
   baseline with the trial's seed, evaluates the shipped file on validation and test (and its
   agreement with the baseline, with `search.results.explain`'s files under ``explain/``), exports it
@@ -46,6 +47,7 @@ from experiments import DECISIONS, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
+from search.config.score import DEFAULT_SCORE, Score
 from search.config.storage import mask_url, open_storage
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
@@ -56,7 +58,9 @@ from search.run.workload import build_task, load_workload
 logger = logging.getLogger(__name__)
 
 PICKS = ("knee", "max-acc", "min-size")
-#: Validation points below the baseline that the point ``squeeze sweep`` recommends may lose.
+#: How much worse than the baseline on validation the point ``squeeze sweep`` recommends may be:
+#: 1 point of a higher-is-better score (accuracy), 1% of the baseline's value of a lower-is-better
+#: one (an MSE at most 1% above the baseline's).
 RECOMMEND_MAX_DROP = 1.0
 #: Overrides that say where a study's results live and which baseline it compressed; the
 #: commands `next_commands` prints repeat them (``search.storage``, ``tracking.*``, the baseline
@@ -83,14 +87,17 @@ def load_study(cfg: DictConfig, study_name: str) -> optuna.Study:
 def pick_trial(
     study: optuna.Study, pick: str, *, max_drop: float | None = None
 ) -> optuna.trial.FrozenTrial:
-    """A trial of the study's Pareto front (feasible trials only).
+    """A trial of the study's Pareto front (feasible trials only), judged in the direction of
+    the task's score (`Score.of_study`: lower is better for an error such as MSE).
 
     Args:
         study: A finished or running squeeze study.
-        pick: ``knee`` (farthest from the line joining the front's ends, accuracy against
-            log size, both scaled to [0, 1]), ``max-acc``, ``min-size``, or ``trial=N``.
-        max_drop: If given, only points whose validation accuracy is at most this many points
-            below the baseline's are considered.
+        pick: ``knee`` (farthest from the line joining the front's ends, score against
+            log size, both scaled to [0, 1]), ``max-acc`` (the best validation score: the
+            lowest for a lower-is-better one), ``min-size``, or ``trial=N``.
+        max_drop: If given, only points at most this much worse than the baseline on
+            validation are considered: in points of a higher-is-better score, in percent of
+            the baseline's value of a lower-is-better one (`Score.drop`).
     """
     if pick.startswith("trial="):
         number = _trial_number(pick)
@@ -102,20 +109,27 @@ def pick_trial(
         return trials[number]
     if pick not in PICKS:
         raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
+    score = Score.of_study(study)
     front = [t for t in study.best_trials if "metrics" in t.user_attrs]
     if max_drop is not None:
         baseline = study.user_attrs["baseline"]["val_acc"]
-        front = [t for t in front if 100 * (baseline - _metric(t, "val_acc")) <= max_drop]
+        front = [t for t in front if score.drop(_metric(t, "val_acc"), baseline) <= max_drop]
     if not front:
         raise ConfigError(
             f"Study {study.study_name!r} has no front point"
-            + (f" within {max_drop} validation points of the baseline." if max_drop else ".")
+            + (f" {score.within(max_drop)}." if max_drop is not None else ".")
         )
     if pick == "max-acc":
-        return max(front, key=lambda t: (_metric(t, "val_acc"), -_metric(t, "size_bytes")))
+        return max(
+            front,
+            key=lambda t: (score.goodness(_metric(t, "val_acc")), -_metric(t, "size_bytes")),
+        )
     if pick == "min-size":
-        return min(front, key=lambda t: (_metric(t, "size_bytes"), -_metric(t, "val_acc")))
-    return _knee(front, within_budget=max_drop is not None)
+        return min(
+            front,
+            key=lambda t: (_metric(t, "size_bytes"), -score.goodness(_metric(t, "val_acc"))),
+        )
+    return _knee(front, score, within_budget=max_drop is not None)
 
 
 def export_trial(
@@ -404,21 +418,21 @@ def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float:
 
 
 def _knee(
-    front: list[optuna.trial.FrozenTrial], *, within_budget: bool
+    front: list[optuna.trial.FrozenTrial], score: Score, *, within_budget: bool
 ) -> optuna.trial.FrozenTrial:
-    acc = [_metric(t, "val_acc") for t in front]
+    goodness = [score.goodness(_metric(t, "val_acc")) for t in front]
     sizes = [_metric(t, "size_bytes") for t in front]
-    return front[knee_index(acc, sizes, within_budget=within_budget)]
+    return front[knee_index(goodness, sizes, within_budget=within_budget)]
 
 
 def knee_index(
     val_acc: Sequence[float], size_bytes: Sequence[float], *, within_budget: bool = False
 ) -> int:
-    """The knee of a front given as accuracies and sizes: the point farthest above the line
-    joining the smallest file and the most accurate model (accuracy against log size, both
-    scaled to [0, 1]). Of fewer than three points: the smallest file when they all lie within
-    an accuracy budget (``within_budget``: any of them is good enough), else the most
-    accurate."""
+    """The knee of a front given as scores (higher is better: a lower-is-better score comes
+    negated, `Score.goodness`) and sizes: the point farthest above the line joining the
+    smallest file and the best model (score against log size, both scaled to [0, 1]). Of fewer
+    than three points: the smallest file when they all lie within a budget (``within_budget``:
+    any of them is good enough), else the best."""
     acc = np.asarray(val_acc, dtype=float)
     size = np.log(np.asarray(size_bytes, dtype=float))
     if len(acc) < 3:
@@ -438,29 +452,41 @@ class Recommendation:
     """The front point ``squeeze sweep`` recommends, and why."""
 
     trial: int
-    within_budget: bool  # False: no point is within the budget; this is the most accurate one
+    within_budget: bool  # False: no point is within the budget; this is the best-scoring one
     max_drop: float
+    score: Score = DEFAULT_SCORE  # the direction of the score and the unit of max_drop
 
 
-def recommend(front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP) -> Recommendation:
-    """The knee of the front's points within ``max_drop`` validation points of the baseline (the
+def recommend(
+    front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP, score: Score = DEFAULT_SCORE
+) -> Recommendation:
+    """The knee of the front's points within ``max_drop`` of the baseline on validation (the
     trial ``squeeze export --pick knee --max-drop <max_drop>`` exports), or, when none is, the
-    most accurate point.
+    best-scoring point.
 
     Args:
         front: The front as `search.run.pareto.finish_study` reports it (columns ``trial``,
             ``val_acc``, ``size_bytes``, ``val_drop``), not empty.
-        max_drop: The accuracy budget, in validation points.
+        max_drop: The budget: validation points of a higher-is-better score, percent of the
+            baseline's value of a lower-is-better one (the unit of ``val_drop``).
+        score: Which way the task's score goes.
     """
     points = front.sort_values("trial")  # the order of study.best_trials, as pick_trial sees it
+    goodness = [score.goodness(v) for v in points.val_acc]
     inside = points[points.val_drop <= max_drop]
     if inside.empty:
-        best = points.sort_values(["val_acc", "size_bytes"], ascending=[False, True]).iloc[0]
-        return Recommendation(int(best.trial), within_budget=False, max_drop=max_drop)
+        best = points.assign(goodness=goodness).sort_values(
+            ["goodness", "size_bytes"], ascending=[False, True]
+        )
+        return Recommendation(int(best.trial.iloc[0]), False, max_drop, score)
     chosen = inside.iloc[
-        knee_index(inside.val_acc.tolist(), inside.size_bytes.tolist(), within_budget=True)
+        knee_index(
+            [score.goodness(v) for v in inside.val_acc],
+            inside.size_bytes.tolist(),
+            within_budget=True,
+        )
     ]
-    return Recommendation(int(chosen.trial), within_budget=True, max_drop=max_drop)
+    return Recommendation(int(chosen.trial), True, max_drop, score)
 
 
 def next_commands(

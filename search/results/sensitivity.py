@@ -1,11 +1,13 @@
 """``squeeze sensitivity``: how much each layer of the baseline tolerates alone.
 
 Every prunable layer of the trained baseline is pruned alone (magnitude, no fine-tuning) at
-several amounts, and quantized alone at several bit-widths; validation accuracy is measured each
-time. The result is a table, a plot of accuracy against amount / bits per layer, and a suggested
-space (``conf/space/<task>_sensitivity.yaml``): one pruning range per layer, up to the largest
-amount that layer tolerated within ``tolerance`` points, and a bit-width range starting at the
-fewest bits every layer tolerated. Layers that tolerate more get searched over more.
+several amounts, and quantized alone at several bit-widths; the validation score is measured
+each time. The result is a table, a plot of the score against amount / bits per layer, and a
+suggested space (``conf/space/<task>_sensitivity.yaml``): one pruning range per layer, up to the
+largest amount that layer tolerated within ``tolerance``, and a bit-width range starting at the
+fewest bits every layer tolerated. Layers that tolerate more get searched over more. A drop
+and the tolerance are in the unit of the task's score (`search.config.score`): points of a
+higher-is-better score, percent of the baseline's value of a lower-is-better one (MSE).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from search.config.compose import COMPRESSORS_NODE, writable_config_dir  # noqa: E402
+from search.config.score import Score  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
 AMOUNTS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -35,11 +38,13 @@ BITS = (2, 3, 4, 6, 8)
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """The measured table, the plot and the suggested space."""
+    """The measured table (``val_drop``: how much worse than the baseline, in ``score``'s unit),
+    the plot and the suggested space."""
 
     table: pd.DataFrame
     plot: Path
     space: Path
+    score: Score
 
 
 def run_sensitivity(
@@ -55,6 +60,7 @@ def run_sensitivity(
     conf_dir = conf_dir if conf_dir is not None else writable_config_dir()
     workload = load_workload(cfg)
     task, baseline = workload.task, workload.baseline
+    score = Score(higher_is_better=bool(task.higher_is_better))
     reference = evaluate(baseline.model, task.val)
     rows = []
     for layer_name in weight_layers(baseline.model):
@@ -63,34 +69,36 @@ def run_sensitivity(
             layer = weight_layers(model)[layer_name]
             keep = smallest_mask(layer.weight.detach().abs(), amount)
             parametrize.register_parametrization(layer, "weight", Mask(keep))
-            rows.append(_row(layer_name, "prune", amount, evaluate(model, task.val), reference))
+            value = evaluate(model, task.val)
+            rows.append(_row(layer_name, "prune", amount, value, score.drop(value, reference)))
         for b in bits:
             model = copy.deepcopy(baseline.model)
             layer = weight_layers(model)[layer_name]
             parametrize.register_parametrization(layer, "weight", make_grid(layer.weight, b))
-            rows.append(_row(layer_name, "quant", b, evaluate(model, task.val), reference))
+            value = evaluate(model, task.val)
+            rows.append(_row(layer_name, "quant", b, value, score.drop(value, reference)))
     table = pd.DataFrame(rows)
 
     folder = Path(cfg.output_dir) / f"sensitivity-{task.name}"
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "sensitivity.csv", index=False)
     plot = folder / "sensitivity.png"
-    _plot(table, reference, task.name, plot)
-    space = _write_space(table, task.name, tolerance, amounts, bits, conf_dir)
-    return Sensitivity(table, plot, space)
+    _plot(table, reference, task.name, plot, score)
+    space = _write_space(table, task.name, tolerance, amounts, bits, conf_dir, score)
+    return Sensitivity(table, plot, space, score)
 
 
-def _row(layer: str, method: str, setting: float, accuracy: float, reference: float) -> dict:
+def _row(layer: str, method: str, setting: float, value: float, drop: float) -> dict:
     return {
         "layer": layer,
         "method": method,
         "setting": setting,
-        "val_acc": accuracy,
-        "drop_pt": 100 * (reference - accuracy),
+        "val_acc": value,
+        "val_drop": drop,
     }
 
 
-def _plot(table: pd.DataFrame, reference: float, task: str, path: Path) -> None:
+def _plot(table: pd.DataFrame, reference: float, task: str, path: Path, score: Score) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for ax, method, label in zip(
         axes, ("prune", "quant"), ("fraction pruned", "bits"), strict=True
@@ -99,7 +107,7 @@ def _plot(table: pd.DataFrame, reference: float, task: str, path: Path) -> None:
             ax.plot(part.setting, part.val_acc, "o-", ms=3, label=layer)
         ax.axhline(reference, color="0.5", ls="--", lw=1, label="baseline")
         ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel(f"validation score ({score.better})")
         ax.set_title(f"{task}: each layer {'pruned' if method == 'prune' else 'quantized'} alone")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -108,8 +116,8 @@ def _plot(table: pd.DataFrame, reference: float, task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path) -> Path:
-    ok = table[table.drop_pt <= tolerance]
+def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path, score: Score) -> Path:
+    ok = table[table.val_drop <= tolerance]
     prune = ok[ok.method == "prune"].groupby("layer", sort=False).setting.max()
     per_layer = {}
     for layer in table.layer.unique():
@@ -132,8 +140,8 @@ def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# Written by `squeeze sensitivity task={task}`: each layer's pruning range reaches "
-        f"0.1 past the\n# largest amount it tolerated alone within {tolerance} validation "
-        "points (no fine-tuning);\n# bits start one below the fewest that every layer "
+        f"0.1 past the\n# largest amount it tolerated alone {score.within(tolerance)} (no "
+        "fine-tuning);\n# bits start one below the fewest that every layer "
         f"tolerated. Use it: squeeze sweep task={task} space={task}_sensitivity\n"
     )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(space)))

@@ -1,4 +1,9 @@
-"""The end of a study: the trials table, the Pareto front with test accuracy, CSV and plot."""
+"""The end of a study: the trials table, the Pareto front with test scores, CSV and plot.
+
+The front's ``val_drop`` and ``test_drop`` say how much worse than the baseline each point is,
+in the unit of the task's score (`search.config.score.Score`: points for a higher-is-better
+score, percent of the baseline's value for a lower-is-better one; negative: better).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch import nn  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
+from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.failures import fail_kind  # noqa: E402
 from search.run.tracking import NOTE_TAG  # noqa: E402
 from search.run.trial import METRICS, SweepContext, trial_file  # noqa: E402
@@ -29,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SweepResult:
-    """What a sweep produced: every trial, the front (with test accuracy) and the files written."""
+    """What a sweep produced: every trial, the front (with test scores) and the files written;
+    ``score``: which way the task's score goes (and the unit of ``val_drop``/``test_drop``)."""
 
     study_name: str
     parent_run_id: str
@@ -37,6 +44,7 @@ class SweepResult:
     trials: pd.DataFrame
     front: pd.DataFrame
     artifacts: list[Path] = field(default_factory=list)
+    score: Score = Score()
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -67,6 +75,7 @@ def finish_study(
     study: optuna.Study, ctx: SweepContext, baseline: dict[str, float], parent_id: str
 ) -> SweepResult:
     """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
+    score = Score(higher_is_better=bool(ctx.task.higher_is_better))
     ctx.tracker.wait()  # every trial's run is written before the results are read
     _close_orphan_runs(study, ctx)
     trials = trials_frame(study)
@@ -75,8 +84,8 @@ def finish_study(
     front["test_acc"] = [
         _test_accuracy(ctx, study.study_name, r.trial, r.mlflow_run_id) for r in front.itertuples()
     ]
-    front["val_drop"] = 100.0 * (baseline["val_acc"] - front.val_acc)
-    front["test_drop"] = 100.0 * (baseline["test_acc"] - front.test_acc)
+    front["val_drop"] = [score.drop(v, baseline["val_acc"]) for v in front.val_acc]
+    front["test_drop"] = [score.drop(v, baseline["test_acc"]) for v in front.test_acc]
     front = front.sort_values("size_bytes").reset_index(drop=True)
 
     folder = ctx.output_dir / study.study_name
@@ -84,11 +93,13 @@ def finish_study(
     paths = [folder / "pareto.csv", folder / "trials.csv", folder / "pareto.png"]
     front.to_csv(paths[0], index=False)
     trials.to_csv(paths[1], index=False)
-    plot_front(trials, front, baseline, paths[2], title=study.study_name)
+    plot_front(trials, front, baseline, paths[2], title=study.study_name, score=score)
 
     ctx.tracker.mark_front(
         {r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()},
-        notes={r.mlflow_run_id: _front_note(study.study_name, r) for r in front.itertuples()},
+        notes={
+            r.mlflow_run_id: _front_note(study.study_name, r, score) for r in front.itertuples()
+        },
     )
     counts = trials.state.value_counts().to_dict()
     ctx.tracker.finish_parent(
@@ -109,15 +120,16 @@ def finish_study(
             ),
         },
     )
-    return SweepResult(study.study_name, parent_id, baseline, trials, front, paths)
+    return SweepResult(study.study_name, parent_id, baseline, trials, front, paths, score)
 
 
-def _front_note(study_name: str, row) -> str:
+def _front_note(study_name: str, row, score: Score) -> str:
     """The description of a front trial's MLflow run."""
     return (
         f"On the Pareto front of study `{study_name}`: validation score {row.val_acc:.4f} "
-        f"({-row.val_drop:+.1f} points against the baseline), test {row.test_acc:.4f} "
-        f"({-row.test_drop:+.1f} points), {row.size_bytes / 1000:.2f} KB packed "
+        f"({score.better}; {score.format_change(-row.val_drop)} against the baseline), test "
+        f"{row.test_acc:.4f} ({score.format_change(-row.test_drop)}), "
+        f"{row.size_bytes / 1000:.2f} KB packed "
         f"({row.compression_ratio:.1f}x smaller than the baseline's file). Export it: "
         f"`squeeze export --study {study_name} --pick trial={row.trial}`."
     )
@@ -140,9 +152,18 @@ def _close_orphan_runs(study: optuna.Study, ctx: SweepContext) -> None:
         logger.info("ended %d MLflow run(s) left running by lost workers", closed)
 
 
-def hypervolume(points: list[tuple[float, float]], *, reference: tuple[float, float]) -> float:
-    """Area dominated by ``(val_acc, size)`` points (accuracy maximized, size minimized) and
-    bounded by ``reference`` (a low accuracy and a large size); points beyond it add nothing."""
+def hypervolume(
+    points: list[tuple[float, float]],
+    *,
+    reference: tuple[float, float],
+    score: Score = DEFAULT_SCORE,
+) -> float:
+    """Area dominated by ``(val_acc, size)`` points (the score in its direction, ``score``; size
+    minimized) and bounded by ``reference`` (a bad score and a large size); points beyond it
+    add nothing."""
+    if not score.higher_is_better:  # the same area, the score's axis flipped
+        points = [(-a, s) for a, s in points]
+        reference = (-reference[0], reference[1])
     ref_acc, ref_size = reference
     inside = sorted((s, a) for a, s in points if a > ref_acc and s < ref_size)
     area, best = 0.0, ref_acc
@@ -187,18 +208,30 @@ def trial_packed_file(
 
 
 def plot_front(
-    trials: pd.DataFrame, front: pd.DataFrame, baseline: dict[str, float], path: Path, *, title: str
+    trials: pd.DataFrame,
+    front: pd.DataFrame,
+    baseline: dict[str, float],
+    path: Path,
+    *,
+    title: str,
+    score: Score = DEFAULT_SCORE,
 ) -> None:
     """Save `front_figure` as a PNG."""
-    fig = front_figure(trials, front, baseline, title=title)
+    fig = front_figure(trials, front, baseline, title=title, score=score)
     fig.savefig(path)
     plt.close(fig)
 
 
 def front_figure(
-    trials: pd.DataFrame, front: pd.DataFrame, baseline: dict[str, float], *, title: str
+    trials: pd.DataFrame,
+    front: pd.DataFrame,
+    baseline: dict[str, float],
+    *,
+    title: str,
+    score: Score = DEFAULT_SCORE,
 ) -> plt.Figure:
-    """Validation accuracy against packed size (log scale), front highlighted, baseline marked."""
+    """Validation score against packed size (log scale), front highlighted, baseline marked;
+    the axis says which way the score is better (``score``)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     complete = trials[trials.state == "COMPLETE"]
     ax.scatter(complete.size_bytes, complete.val_acc, s=18, c="0.65", label="trials")
@@ -225,9 +258,10 @@ def front_figure(
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g} KB"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("packed model file size (log scale)")
-    ax.set_ylabel("validation score (val_acc)")
-    ax.set_title(f"{title}: accuracy vs size")
+    ax.set_ylabel(f"validation score (val_acc, {score.better})")
+    ax.set_title(f"{title}: {'accuracy' if score.higher_is_better else 'error'} vs size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    # (the front runs from the bottom left up, or from the top left down for an error)
+    ax.legend(loc="lower right" if score.higher_is_better else "upper right")
     fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.92)  # tight_layout costs 0.4 s
     return fig

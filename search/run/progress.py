@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from search.config.score import DEFAULT_SCORE, Score
 from search.run.budget import finished_in_budget, superseded
 
 
@@ -150,19 +151,22 @@ def front_table(
     *,
     title: str,
     recommended: int | None = None,
+    score: Score = DEFAULT_SCORE,
 ) -> Table:
     """The Pareto points: validation and test score, size, ratio, the change of each score
-    against the baseline in points (negative: a loss) and the whole recipe; the ``recommended``
-    trial is marked ``*`` (the caption says so).
+    against the baseline (negative: worse; points, or % of the baseline's value for a
+    lower-is-better ``score``) and the whole recipe; the ``recommended`` trial is marked ``*``
+    (the caption says so).
 
     The recipe column folds only to fit a terminal; print the table on a console as wide as its
     lines (`search.cli` does when stdout is a file or a pipe) to keep every recipe on one line.
     """
-    caption = "change: the score minus the baseline's, in points (negative: a loss)"
+    caption = f"change: {score.describe_change()}"
     if recommended is not None:
         caption = f"* recommended (see below); {caption}"
     table = Table(title=title, caption=caption, caption_justify="left")
-    for column in ("trial", "val acc", "test acc", "size KB", "ratio", "val change", "test change"):
+    scores = ("val acc", "test acc") if score.higher_is_better else ("val score", "test score")
+    for column in ("trial", *scores, "size KB", "ratio", "val change", "test change"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("recipe", overflow="fold", min_width=24)
     table.add_row(
@@ -188,17 +192,12 @@ def front_table(
             f"{row['test_acc']:.4f}",
             f"{row['size_bytes'] / 1000:.2f}",
             f"{row['compression_ratio']:.1f}x",
-            _change(-row["val_drop"]),
-            _change(-row["test_drop"]),
+            score.format_change(-row["val_drop"]),
+            score.format_change(-row["test_drop"]),
             recipe,
             style="bold" if marked else None,
         )
     return table
-
-
-def _change(points: float) -> str:
-    """``-23.1 pt`` (a loss), ``+0.4 pt`` (a gain) or ``0.0 pt``."""
-    return "0.0 pt" if abs(points) < 0.05 else f"{points:+.1f} pt"
 
 
 def _short(value) -> str:

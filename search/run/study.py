@@ -35,6 +35,7 @@ from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
 from search.config.metrics import batch_suffix
 from search.config.plan import SweepPlan, make_sampler, plan_sweep
+from search.config.score import DIRECTION_ATTR
 from search.config.storage import is_url, mask_url, open_storage
 from search.run import pareto
 from search.run.budget import (
@@ -87,6 +88,7 @@ def run_sweep(
     """
     plan = plan_sweep(cfg)
     task = checked_task(plan)  # a workload that cannot work is refused before anything exists
+    plan = plan.for_task(task)  # val_acc's direction: the task's metric's
     storage = _open_storage(plan)
     study = optuna.create_study(
         study_name=plan.study_name,
@@ -126,6 +128,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     """
     plan = plan_sweep(cfg)
     task = checked_task(plan)
+    plan = plan.for_task(task)  # val_acc's direction: the task's metric's
     study = _load_study(plan)
     if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
         pids = run_local_workers(
@@ -183,6 +186,7 @@ def _run(
     )
     study.set_user_attr("mlflow_parent_run_id", parent_id)
     study.set_user_attr("fingerprint", plan.fingerprint)
+    study.set_user_attr(DIRECTION_ATTR, plan.score.direction)  # read by report and export
     study.set_user_attr("baseline", baseline_metrics)
     if THREADS_ATTR not in study.user_attrs:  # the count its trials reproduce with (run, report)
         study.set_user_attr(THREADS_ATTR, torch.get_num_threads())

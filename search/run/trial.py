@@ -200,7 +200,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         trial.set_user_attr("metrics", metrics)
 
         # 7. Constraints: only trials within all of them can be on the reported front.
-        for name, value in constraint_values(metrics, ctx.constraints).items():
+        # (val_acc's bound is a lower one, or an upper one for an error such as MSE)
+        bounds = constraint_values(
+            metrics, ctx.constraints, score_higher_is_better=bool(ctx.task.higher_is_better)
+        )
+        for name, value in bounds.items():
             trial.set_constraint(name, value)
         return tuple(float(metrics[name]) for name in ctx.objectives)
 

@@ -1,6 +1,7 @@
 """Workloads as users bring them (not as squeeze's own tasks are written): torch datasets with
 random augmentation behind a DataLoader factory, an iterable dataset, dict batches into a Hugging
-Face model that returns a ``ModelOutput``, a model of two inputs, a regression task.
+Face model that returns a ``ModelOutput``, a model of two inputs, a regression task (scored by
+R², and by MSE: a lower-is-better score).
 
 Each builder is named by ``_target_`` in ``tests/zoo_conf/task/wl_<name>.yaml``.
 """
@@ -195,8 +196,9 @@ def wl_dict_bert(*, name: str = "wl_dict_bert", seed: int = 0, train: dict | Non
     )
 
 
-def wl_regression(*, name: str = "wl_regression", seed: int = 0, train: dict | None = None):
-    """scikit-learn's diabetes (442 patients, 10 features): disease progression, R² scored."""
+def _diabetes(seed: int) -> list[Any]:
+    """scikit-learn's diabetes (442 patients, 10 features, standardised): train, validation and
+    test datasets of 300, 71 and 71 patients (target: disease progression, standardised)."""
     data = load_diabetes()
     x = torch.tensor((data.data - data.data.mean(0)) / data.data.std(0), dtype=torch.float32)
     y = torch.tensor((data.target - data.target.mean()) / data.target.std(), dtype=torch.float32)
@@ -205,7 +207,12 @@ def wl_regression(*, name: str = "wl_regression", seed: int = 0, train: dict | N
     parts = [order[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
     from torch.utils.data import TensorDataset
 
-    splits = [TensorDataset(x[p], y[p, None]) for p in parts]
+    return [TensorDataset(x[p], y[p, None]) for p in parts]
+
+
+def wl_regression(*, name: str = "wl_regression", seed: int = 0, train: dict | None = None):
+    """scikit-learn's diabetes (442 patients, 10 features): disease progression, R² scored."""
+    splits = _diabetes(seed)
     return Task(
         name=name,
         train=splits[0],
@@ -215,4 +222,25 @@ def wl_regression(*, name: str = "wl_regression", seed: int = 0, train: dict | N
         outputs="values",
         build_model=lambda: SmallMLP(features=10, hidden=64, out=1),
         train_config=_train(train, {"epochs": 40, "lr": 3e-3, "batch_size": 32}),
+    )
+
+
+def wl_regression_mse(
+    *, name: str = "wl_regression_mse", seed: int = 0, train: dict | None = None
+) -> Task:
+    """`wl_regression` scored by torchmetrics' mean squared error: lower is better (its own
+    ``higher_is_better`` is False), so the search minimizes ``val_acc``."""
+    from torchmetrics.regression import MeanSquaredError
+
+    splits = _diabetes(seed)
+    return Task(
+        name=name,
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        num_classes=1,
+        outputs="values",
+        build_model=lambda: SmallMLP(features=10, hidden=64, out=1),
+        train_config=_train(train, {"epochs": 40, "lr": 3e-3, "batch_size": 32}),
+        metric=MeanSquaredError(),
     )
