@@ -6,8 +6,9 @@ A split is one of (`as_data` accepts each):
 - a `Split`: inputs and targets held in memory as two tensors (the simplest case; batches are
   slices, and it is the only kind whose order is fixed, so the teacher's outputs on it can be
   cached);
-- a map-style or iterable `torch.utils.data.Dataset` (a Hugging Face ``datasets.Dataset`` is
-  one), batched by a `torch.utils.data.DataLoader` with the task's ``collate_fn``;
+- a map-style or iterable `torch.utils.data.Dataset`, or anything indexable with a length (a
+  Hugging Face ``datasets.Dataset``), batched by a `torch.utils.data.DataLoader` with the task's
+  ``collate_fn``;
 - a `torch.utils.data.DataLoader` of the user's, iterated as it is (its own batch size,
   sampler, workers and collate);
 - a factory ``loader(batch_size=..., shuffle=..., seed=...) -> iterable of batches``, as a
@@ -387,7 +388,7 @@ class Data:
         if isinstance(source, DataLoader):
             yield from ((raw, None) for raw in source)
             return
-        if isinstance(source, Dataset):
+        if isinstance(source, Dataset) or _map_style(source):
             iterable = isinstance(source, IterableDataset)
             loader = DataLoader(
                 source,
@@ -458,6 +459,16 @@ def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters are (the CPU for a model without any)."""
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _map_style(source: Any) -> bool:
+    """Whether ``source`` reads as a map-style dataset without subclassing torch's (a Hugging
+    Face ``datasets.Dataset``): indexable, with a length, and no tensor or loader itself."""
+    return (
+        hasattr(source, "__getitem__")
+        and _has_len(source)
+        and not isinstance(source, torch.Tensor | Mapping | str)
+    )
 
 
 def _has_len(source: Any) -> bool:

@@ -361,3 +361,22 @@ def test_a_users_training_step_runs_and_the_compressors_hooks_still_apply(traine
     assert len(calls) == len(seen) > 0 and all(seen)  # every batch: the teacher's outputs
     assert bool((model.body[0].weight.detach()[zero] == 0).all())  # the mask held
     assert not torch.equal(model.head.weight, baseline.head.weight)  # and it trained
+
+
+def test_a_hugging_face_dataset_is_read_as_a_map_style_dataset():
+    from datasets import Dataset as HFDataset
+
+    rows = {"x": torch.randn(30, 4).tolist(), "label": [i % 3 for i in range(30)]}
+    data = HFDataset.from_dict(rows).with_format("torch")
+    task = _tiny(
+        train=data,
+        val=data,
+        test=data,
+        inputs=lambda batch: batch["x"],
+        build_model=lambda: nn.Linear(4, 3),
+    )
+    check_workload(task, task.build_model())
+    assert len(task.train) == 30 and task.example_inputs(5).shape == (5, 4)
+    batches = list(task.val.batches(8))
+    assert [b.rows for b in batches] == [8, 8, 8, 6]
+    assert torch.equal(torch.cat([b.targets for b in batches]), torch.tensor(rows["label"]))
