@@ -343,23 +343,20 @@ def reference_losses(model: nn.Module, ctx: CompressionContext) -> tuple[float, 
     """``(loss of the model, loss of predictions that ignore the input)`` on the training
     sample: for logits, uniform over the classes (zero logits: ``log(classes)`` under
     cross-entropy); for other outputs, the model's mean output for every input."""
-    x, y = ctx.train.x[:SAMPLES], ctx.train.y[:SAMPLES]
-    teacher = None if ctx.teacher_outputs is None else ctx.teacher_outputs[:SAMPLES]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            outputs = torch.cat(
-                [model(x[i : i + 256].to(device)) for i in range(0, len(x), 256)]
-            ).float()
-            if ctx.outputs == "logits":
-                blind = torch.zeros_like(outputs)
-            else:
-                blind = outputs.mean(0, keepdim=True).expand_as(outputs)
-            tb = None if teacher is None else teacher.to(device)
-            base = float(ctx.loss(outputs, y.to(device), tb))
-            chance = float(ctx.loss(blind, y.to(device), tb))
+            batches = ctx.train.calibration(samples=SAMPLES, batch_size=256, device=device)
+            outputs = [ctx.train.forward(model, b.inputs).float() for b in batches]
+            mean = torch.cat(outputs).mean(0, keepdim=True)
+            total = sum(b.rows for b in batches)
+            base = chance = 0.0
+            for out, b in zip(outputs, batches, strict=True):
+                blind = torch.zeros_like(out) if ctx.outputs == "logits" else mean.expand_as(out)
+                base += float(ctx.loss(out, b.targets, None)) * b.rows / total
+                chance += float(ctx.loss(blind, b.targets, None)) * b.rows / total
     finally:
         model.train(was_training)
     return base, chance

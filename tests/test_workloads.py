@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,18 @@ from tests.zoo import workloads
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO_CONF = Path(__file__).parent / "zoo_conf"
+#: Every compressor, with settings that act on small models.
+METHODS = {
+    "structured": {"amount": 0.3},
+    "prune": {"amount": 0.5},
+    "gradual": {"amount": 0.5},
+    "sparse": {"strength": 1e-4, "epochs": 1},
+    "quant": {"bits": 4},
+    "cluster": {"bits": 3},
+    "lowrank": {"keep": 0.5},
+    "allocate": {"ratio": 4.0},
+    "kd": {},
+}
 WORKLOADS = ["wl_loader", "wl_iterable", "wl_two_inputs", "wl_dict_bert", "wl_regression"]
 
 
@@ -71,16 +84,12 @@ def trained():
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
-@pytest.mark.parametrize("method", ["structured", "prune", "quant", "lowrank", "kd"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_compressor_on_every_workload(name, method, trained, tmp_path):
+    """Each compressor compresses, fine-tunes (through the task's batches, with the teacher on
+    the same batch), packs and reloads with the same outputs and score, on each workload."""
     task, baseline = trained(name)
-    params = {
-        "structured": {"amount": 0.3},
-        "prune": {"amount": 0.5},
-        "quant": {"bits": 4},
-        "lowrank": {"keep": 0.5},
-        "kd": {},
-    }[method]
+    params = METHODS[method]
     compressor = get_compressor(method)(**params)
     example = task.example_inputs(4)
     compressor.check_model(baseline, example)
@@ -92,6 +101,8 @@ def test_every_compressor_on_every_workload(name, method, trained, tmp_path):
         loss=task.loss,
         losses=LOSSES,
         outputs=task.outputs,
+        fit=functools.partial(fit, train=task.train, seed=0),
+        cache_dir=tmp_path,
     )
     model = apply_pipeline([compressor], copy.deepcopy(baseline), ctx)
     cfg = task.train_config
@@ -103,6 +114,7 @@ def test_every_compressor_on_every_workload(name, method, trained, tmp_path):
         lr=1e-4,
         loss_fn=compressor.finetune_loss(ctx) or task.loss,
         teacher=baseline,
+        before_epoch=lambda epoch, epochs: compressor.on_epoch(model, epoch, epochs),
     )
     model = finalize_pipeline([compressor], model, ctx).eval()
     save_packed(model, tmp_path / "m.sqz", like=baseline)
