@@ -141,6 +141,16 @@ def test_a_two_trial_sweep_of_digits_images(tmp_path, cache_dir):
     assert trials[0].user_attrs["metrics"]["size_bytes"] > 0
 
 
+@pytest.mark.parametrize("name", ["digits_images", "minilm_topics"])
+def test_each_task_names_its_own_space_and_plans(name, tmp_path):
+    from search import compose_config, plan_sweep
+
+    cfg = compose_config([f"task={name}", f"cache_dir={tmp_path}"])
+    assert cfg.space.name == name and cfg.threads == 1
+    plan = plan_sweep(cfg, connect=False)  # the space's values and warm starts are valid
+    assert plan.study_name == name and plan.warm_start.recipes
+
+
 # ----------------------------------------------------------------------------- models and texts
 
 
