@@ -133,6 +133,12 @@ def digits_images(
     root = write_digits_png(folder / "digits_png")
     splits = hf_dataset("imagefolder", data_dir=root, cache_dir=folder / "hf_datasets")
     settings = {"degrees": 10.0, "shift": 0.1, "scale": (0.9, 1.1)}
+    unknown = sorted(set(augment or {}) - set(settings))
+    if unknown:
+        raise ValueError(
+            f"Unknown key {unknown[0]!r} in the 'augment' parameter of task {name!r}. "
+            f"Allowed: {', '.join(settings)}."
+        )
     settings.update({k: tuple(v) if k == "scale" else v for k, v in (augment or {}).items()})
     normalise = {"size": size, "mean": PIXEL_MEAN, "std": PIXEL_STD}
     augmented = image_transform(augment=bool(augment is None or augment), **normalise, **settings)

@@ -83,6 +83,11 @@ def test_augmentation_is_random_in_training_and_absent_in_evaluation(images):
     assert abs(first[0].mean().item()) < 0.5
 
 
+def test_an_unknown_augmentation_key_is_refused_naming_it(data_dir):
+    with pytest.raises(ValueError, match="Unknown key 'rotate' .* Allowed: degrees, shift, scale"):
+        digits_images(data_dir=str(data_dir), augment={"rotate": 5})
+
+
 def test_random_affine_moves_pixels_and_keeps_shapes():
     image = torch.zeros(4, 1, 16, 16)
     image[:, :, 6:10, 6:10] = 1.0
