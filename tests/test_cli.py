@@ -23,8 +23,8 @@ BAD_INPUT = [
     (["space.quant.bits=33"], "Got 33 instead"),
     (
         ["task=imagenet"],
-        "Unknown task 'imagenet' (no conf/task/imagenet.yaml). Available: digits_mlp, minilm, "
-        "mnist1d_cnn",
+        "Unknown task 'imagenet' (no conf/task/imagenet.yaml). Available: digits_images, "
+        "digits_mlp, minilm, minilm_topics, mnist1d_cnn",
     ),
     (
         ["space.pipeline=[prune,quantize]"],
