@@ -343,23 +343,22 @@ def reference_losses(model: nn.Module, ctx: CompressionContext) -> tuple[float, 
     """``(loss of the model, loss of predictions that ignore the input)`` on the training
     sample: for logits, uniform over the classes (zero logits: ``log(classes)`` under
     cross-entropy); for other outputs, the model's mean output for every input."""
-    x, y = ctx.train.x[:SAMPLES], ctx.train.y[:SAMPLES]
     teacher = None if ctx.teacher_outputs is None else ctx.teacher_outputs[:SAMPLES]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            outputs = torch.cat(
-                [model(x[i : i + 256].to(device)) for i in range(0, len(x), 256)]
-            ).float()
+        with torch.no_grad():  # the data read batch by batch, as the task reads it
+            batches = ctx.train.calibration(samples=SAMPLES, batch_size=256, device=device)
+            outputs = torch.cat([ctx.train.forward(model, b.inputs) for b in batches]).float()
+            y = torch.cat([torch.as_tensor(b.targets) for b in batches]).to(device)
             if ctx.outputs == "logits":
                 blind = torch.zeros_like(outputs)
             else:
                 blind = outputs.mean(0, keepdim=True).expand_as(outputs)
-            tb = None if teacher is None else teacher.to(device)
-            base = float(ctx.loss(outputs, y.to(device), tb))
-            chance = float(ctx.loss(blind, y.to(device), tb))
+            tb = None if teacher is None else teacher[: len(outputs)].to(device)
+            base = float(ctx.loss(outputs, y, tb))
+            chance = float(ctx.loss(blind, y, tb))
     finally:
         model.train(was_training)
     return base, chance
