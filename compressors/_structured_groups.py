@@ -35,7 +35,9 @@ from compressors._structured_pruners import (
     customized_pruners,
     local_scores,
     opaque_tracing,
+    transposed_linear_types,
 )
+from compressors._targets import is_transposed_linear
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
                 model,
                 example_inputs,
                 forward_fn=forward,
-                customized_pruners=customized_pruners(),
+                customized_pruners=customized_pruners(model),
                 verbose=False,
             )
     except Exception as err:  # any failure of the user's forward or of the tracer
@@ -157,7 +159,33 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         if isinstance(node.module, RECURRENT):
             _pass_recurrent_channels(node)
     _cut_broadcasts(graph)
+    _map_channel_splits(graph)
     return graph
+
+
+def _map_channel_splits(graph: tp.DependencyGraph) -> None:
+    """Give the splits of a Linear's outputs along their last axis (``qkv(x).split(width,
+    dim=-1)``, as GPT-2 splits its fused query / key / value projection) the offsets of their
+    chunks, as torch-pruning does for splits along axis 1 only: otherwise each chunk's channels
+    would map one to one onto the whole input's."""
+    from torch_pruning.dependency.index_mapping import _SplitIndexMapping
+
+    for node in list(graph.module2node.values()):
+        grad_fn, offsets = node.grad_fn, getattr(node.module, "offsets", None)
+        if node.type != tp.ops.OPTYPE.SPLIT or offsets is None or not node.enable_index_mapping:
+            continue
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        dim = getattr(grad_fn, "_saved_dim", None)
+        if sizes is None or dim is None or len(sizes) < 3 or dim % len(sizes) != len(sizes) - 1:
+            continue  # not along the last axis of a sequence of features (axis 1: torch-pruning)
+        for i, out in enumerate(node.outputs):
+            chunk = offsets[i : i + 2]
+            for dep in node.dependencies:
+                if dep.target is out:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=chunk, reverse=False)
+            for dep in out.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = _SplitIndexMapping(offset=chunk, reverse=True)
 
 
 def _is_op(node) -> bool:
@@ -344,7 +372,8 @@ def coupled_groups(
         whole_attention: If given, the reason every such attention keeps all its heads.
     """
     names = {module: name for name, module in model.named_modules()}
-    groups = list(graph.get_all_groups(root_module_types=ROOTS))
+    roots = (*ROOTS, *transposed_linear_types(model))
+    groups = list(graph.get_all_groups(root_module_types=roots))
     attention, undecided = find_attention(model, groups, graph, heads)
     projections = {p: layer for layer in attention for p in layer.projections}
     labels = [_label(group[0].dep.target.module, names) for group in groups]
@@ -535,6 +564,8 @@ def _weight_axis(module: nn.Module, out: bool) -> int | None:
         return 1
     if isinstance(module, nn.Linear):
         return 0 if out else 1
+    if is_transposed_linear(module):
+        return 1 if out else 0
     if isinstance(module, nn.modules.conv._ConvNd):
         return (0 if out else 1) if not module.transposed else (1 if out else 0)
     return None

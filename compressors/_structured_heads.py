@@ -6,20 +6,21 @@ attention layers are found two ways:
 
 - the model's method ``attention_heads() -> {query / key / value Linear: number of heads}``;
 - a module with a head count attribute (``num_heads`` as in timm, ``num_attention_heads`` as in
-  Hugging Face's BERT, ``n_heads``, ``n_head``) and Linear children: those whose outputs feed
-  another child (the output projection, found in the dependency graph) are its query / key /
-  value projections, separate (``q``, ``k``, ``v``: ``heads * head_dim`` outputs each) or fused
-  (``qkv``: ``3 * heads * head_dim``, laid out as ``(3, heads, head_dim)``, as timm's
-  ``reshape(B, N, 3, num_heads, head_dim)`` reads them). The head size is the module's
+  Hugging Face's BERT, ``n_heads``, ``n_head``) and Linear children (Linears stored transposed,
+  GPT-2's ``Conv1D``, too): those whose outputs feed another child (the output projection,
+  found in the dependency graph) are its query / key / value projections, separate (``q``,
+  ``k``, ``v``: ``heads * head_dim`` outputs each) or fused (``qkv``: ``3 * heads * head_dim``,
+  laid out as ``(3, heads, head_dim)``, as timm's ``reshape(B, N, 3, num_heads, head_dim)`` and
+  GPT-2's ``split(split_size, dim=2)`` read them). The head size is the module's
   ``head_dim`` / ``attention_head_size`` / ``head_size`` / ``dim_per_head`` when it has one;
   else the output projection's inputs (or the smallest projection) over the head count. The
   innermost such module counts (a block holding ``num_heads`` beside its attention child is not
   an attention).
 
 Channel ``c`` of a projection belongs to head ``(c % (heads * head_dim)) // head_dim``; whole
-heads go, the same ones in every projection of a layer, and the module's head count (and
-``all_head_size``) follow (`update_heads`). Its head size and its input width stay: forwards
-commonly read them (``reshape(B, N, C)``, ``C // self.num_heads``).
+heads go, the same ones in every projection of a layer, and the module's head count (and the
+heads' width: ``all_head_size``, ``split_size``) follow (`update_heads`). Its head size and its
+input width stay: forwards commonly read them (``reshape(B, N, C)``, ``C // self.num_heads``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,32 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from compressors._targets import is_transposed_linear
+
 logger = logging.getLogger(__name__)
 
 #: Attributes that hold an attention module's number of heads.
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 #: Attributes that hold the channels of one head.
 HEAD_SIZES = ("head_dim", "attention_head_size", "head_size", "dim_per_head")
+#: Attributes that hold the width of all heads together (``heads * head size``; GPT-2 splits its
+#: fused projection's outputs by ``split_size``): they follow the head count.
+HEAD_WIDTHS = ("all_head_size", "split_size")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer (``nn.Linear``, or one stored transposed)."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def outputs_of(linear: nn.Module) -> int:
+    """Output features of a Linear layer (``nf`` of one stored transposed)."""
+    return linear.out_features if isinstance(linear, nn.Linear) else linear.nf
+
+
+def inputs_of(linear: nn.Module) -> int:
+    """Input features of a Linear layer (``nx`` of one stored transposed)."""
+    return linear.in_features if isinstance(linear, nn.Linear) else linear.nx
 
 
 @dataclass
@@ -104,8 +125,8 @@ def find_attention(
         by_parent.setdefault(parents.get(projection, model), []).append(projection)
     for parent, projections in by_parent.items():
         heads = explicit[projections[0]]
-        size = _int_attr(parent, HEAD_SIZES) or projections[0].out_features // heads
-        blocks = {p: max(1, p.out_features // (explicit[p] * size)) for p in projections}
+        size = _int_attr(parent, HEAD_SIZES) or outputs_of(projections[0]) // heads
+        blocks = {p: max(1, outputs_of(p) // (explicit[p] * size)) for p in projections}
         holder = parent if _int_attr(parent, HEAD_COUNTS) is not None else None
         found.append(Attention(names.get(parent, ""), holder, blocks, heads, size))
 
@@ -117,7 +138,7 @@ def find_attention(
             continue
         if any(_is_attention(m) for m in module.modules() if m is not module):
             continue  # the innermost module holding a head count is the attention
-        linears = [c for c in module.children() if isinstance(c, nn.Linear) and c not in explicit]
+        linears = [c for c in module.children() if is_linear(c) and c not in explicit]
         if not linears:
             continue
         # the output projection reads channels that only the module's own layers write
@@ -125,14 +146,14 @@ def find_attention(
         outputs = [p for p in linears if any(p in i and o and o <= inside for o, i in flows)]
         inputs = [p for p in linears if p not in outputs]
         size = _int_attr(module, HEAD_SIZES)
-        if size is None and outputs and outputs[0].in_features % heads == 0:
-            size = outputs[0].in_features // heads
+        if size is None and outputs and inputs_of(outputs[0]) % heads == 0:
+            size = inputs_of(outputs[0]) // heads
         if size is None and inputs:
-            size = min(p.out_features for p in inputs) // heads
+            size = min(outputs_of(p) for p in inputs) // heads
         projections = {
-            p: p.out_features // (heads * size)
+            p: outputs_of(p) // (heads * size)
             for p in inputs
-            if size and p.out_features % (heads * size) == 0
+            if size and outputs_of(p) % (heads * size) == 0
         }
         name = names.get(module, "")
         if not projections:
@@ -164,14 +185,14 @@ def _flows(groups: list, graph) -> list[tuple[set[nn.Module], set[nn.Module]]]:
 
 
 def update_heads(attention: list[Attention]) -> None:
-    """Set each attention module's head count (and ``all_head_size``) to what its projections
-    now hold (whole heads of unchanged size were removed).
+    """Set each attention module's head count (and its heads' width, `HEAD_WIDTHS`) to what its
+    projections now hold (whole heads of unchanged size were removed).
 
     Raises:
         RuntimeError: If the projections of one attention lost different numbers of heads.
     """
     for layer in attention:
-        counts = {p.out_features // (b * layer.size) for p, b in layer.projections.items()}
+        counts = {outputs_of(p) // (b * layer.size) for p, b in layer.projections.items()}
         if len(counts) != 1:
             raise RuntimeError(
                 f"the projections of attention '{layer.name}' kept different numbers of heads "
@@ -183,6 +204,7 @@ def update_heads(attention: list[Attention]) -> None:
         for attr in HEAD_COUNTS:
             if _int_attr(layer.holder, (attr,)) is not None:
                 setattr(layer.holder, attr, heads)
-        if _int_attr(layer.holder, ("all_head_size",)) is not None:
-            layer.holder.all_head_size = heads * layer.size
+        for attr in HEAD_WIDTHS:
+            if _int_attr(layer.holder, (attr,)) is not None:
+                setattr(layer.holder, attr, heads * layer.size)
         logger.debug("structured: attention '%s' keeps %d heads", layer.name, heads)

@@ -4,6 +4,9 @@
   directions (torch-pruning 1.6.1 has an LSTM pruner for one layer only, and none for the others).
 - `AttentionHeadPruner`: torch's ``nn.MultiheadAttention``, in whole heads (torch-pruning's own
   removes channels inside heads and keeps the number of heads).
+- `TransposedLinearPruner`: a Linear that stores its weight transposed, ``(nx, nf)`` (Hugging
+  Face's ``Conv1D`` of GPT-2; `compressors._targets.is_transposed_linear`), which torch-pruning
+  does not know: it would take its weight for a plain parameter.
 
 Both layers hide their internals from torch-pruning's tracer (`opaque_tracing`): their autograd
 graphs (gates, reshapes into heads, concatenated directions) would otherwise be read as a chain
@@ -23,6 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
+
+from compressors._targets import is_transposed_linear
 
 #: Gate blocks stacked in the rows of each recurrent weight, by ``RNNBase.mode``.
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -157,14 +162,50 @@ class AttentionHeadPruner(tp.pruner.function.BasePruningFunc):
         return layer.embed_dim
 
 
-def customized_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
-    """Fresh pruner instances by layer type, for ``DependencyGraph.build_dependency``."""
+class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
+    """Prunes a Linear that stores its weight transposed, ``(nx, nf)``, and computes ``x @
+    weight + bias``: its outputs are the weight's columns (and the bias), its inputs the rows;
+    ``nf`` and ``nx`` follow."""
+
+    TARGET_MODULES = None  # layers of any type that `is_transposed_linear` recognises
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = [i for i in range(layer.nf) if i not in {int(j) for j in idxs}]
+        layer.weight = _shrunk(layer.weight, keep, 1)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias = _shrunk(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = [i for i in range(layer.nx) if i not in {int(j) for j in idxs}]
+        layer.weight = _shrunk(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.nf
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.nx
+
+
+def transposed_linear_types(model: nn.Module) -> tuple[type, ...]:
+    """The types of ``model``'s Linear layers stored transposed (`is_transposed_linear`)."""
+    return tuple(dict.fromkeys(type(m) for m in model.modules() if is_transposed_linear(m)))
+
+
+def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
+    """Fresh pruner instances by layer type, for ``DependencyGraph.build_dependency`` of
+    ``model``."""
     recurrent, attention = RecurrentPruner(), AttentionHeadPruner()
+    transposed = TransposedLinearPruner()
     return {
         nn.RNN: recurrent,
         nn.GRU: recurrent,
         nn.LSTM: recurrent,
         nn.MultiheadAttention: attention,
+        **{kind: transposed for kind in transposed_linear_types(model)},
     }
 
 
@@ -244,9 +285,12 @@ def local_scores(
 ) -> torch.Tensor | None:
     """Score of channels ``idxs`` of ``module`` (outputs if ``out``, else inputs) under
     ``criterion`` (``l1``, ``l2`` or ``taylor``), for the layers torch-pruning's importance skips:
-    embeddings, recurrent and attention layers. None for any other layer."""
+    embeddings, recurrent and attention layers, Linears stored transposed. None for any other
+    layer."""
     if isinstance(module, nn.Embedding):
         per_channel = _weight_score(module.weight, criterion).sum(0)
+    elif is_transposed_linear(module):  # weight (inputs, outputs)
+        per_channel = _weight_score(module.weight, criterion).sum(0 if out else 1)
     elif isinstance(module, nn.MultiheadAttention):
         width = module.embed_dim
         q_k_v = _weight_score(module.in_proj_weight, criterion)

@@ -1,7 +1,8 @@
 """Which weight tensors compressors act on: one table, per module type.
 
 A *target* is one weight tensor that pruning, sparse training and quantization act on, wherever
-it lives: a Linear's or a Conv's ``weight`` (grouped and depthwise convs included), the bare
+it lives: a Linear's or a Conv's ``weight`` (grouped and depthwise convs included), the weight of
+a Linear stored transposed (`is_transposed_linear`: Hugging Face's ``Conv1D`` of GPT-2), the bare
 ``in_proj_weight`` (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention`` (its ``out_proj`` is a
 Linear), the ``weight_ih_l*`` / ``weight_hh_l*`` / ``weight_hr_l*`` of ``nn.LSTM`` / ``nn.GRU`` /
 ``nn.RNN``, and an embedding table. Biases, norms and other parameters are not targets (they are
@@ -141,8 +142,26 @@ def targets(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> dict[str, Targe
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear and Conv layers (whose ``weight`` is reshaped as a whole by structured pruning and
-    low-rank factorisation), by qualified module name."""
-    return {name: m for name, m in _modules(model) if isinstance(m, WEIGHT_LAYERS)}
+    low-rank factorisation), Linears stored transposed included, by qualified module name."""
+    return {
+        name: m
+        for name, m in _modules(model)
+        if isinstance(m, WEIGHT_LAYERS) or is_transposed_linear(m)
+    }
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear layer that stores its weight transposed, ``(inputs,
+    outputs)``, and names its widths ``nx`` (inputs) and ``nf`` (outputs): ``x @ weight + bias``,
+    as Hugging Face's ``Conv1D`` (GPT-2, OpenAI GPT) computes."""
+    if isinstance(module, WEIGHT_LAYERS) or not isinstance(module, nn.Module):
+        return False  # (a torch-pruning node may hold a bare parameter)
+    weight = _identity(module, "weight")
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    widths = isinstance(nx, int) and isinstance(nf, int)
+    if weight is None or not widths or weight.dim() != 2:
+        return False
+    return tuple(weight.shape) == (nx, nf)
 
 
 def output_layer(model: nn.Module) -> str | None:
@@ -165,7 +184,7 @@ def parameter_count(model: nn.Module) -> int:
 
 def _rule(module: nn.Module) -> tuple[str | None, list[str]]:
     """The kind of ``module``'s targets and the attributes holding them."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return "linear", ["weight"]
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv", ["weight"]

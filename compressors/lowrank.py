@@ -3,8 +3,16 @@
 A Linear ``W`` (out x in) becomes ``Linear(in, r, bias=False)`` then ``Linear(r, out)`` with
 weights ``sqrt(S_r) V_r^T`` and ``U_r sqrt(S_r)``. A Conv of kernel k is reshaped to
 (out x in*k), factorised the same way, and becomes a Conv with r output channels and the original
-kernel, stride and padding, followed by a 1x1 Conv. Layers where the pair would not hold fewer
-weights than the original are left alone. Fine-tuning then recovers what truncation lost.
+kernel, stride and padding, followed by a 1x1 Conv. A Linear stored transposed (Hugging Face's
+``Conv1D``, `compressors._targets.is_transposed_linear`) is factorised as the Linear it computes.
+Layers where the pair would not hold fewer weights than the original are left alone. Fine-tuning
+then recovers what truncation lost.
+
+The pair answers for the layer it replaces: parents that read a layer's geometry (a
+TensorFlow-style "same" padding reads a Conv's ``stride``, ``kernel_size`` and ``dilation``) get
+the first factor's (which has the original kernel, stride, padding and dilation), and widths
+(``in_features`` / ``out_features``, ``in_channels`` / ``out_channels``, ``nx`` / ``nf``) are the
+original layer's.
 """
 
 from __future__ import annotations
@@ -17,10 +25,26 @@ from torch import nn
 
 from compressors._base import CompressionContext, Compressor
 from compressors._params import Options, Real
-from compressors._targets import output_layer, weight_layers
+from compressors._targets import is_transposed_linear, output_layer, weight_layers
 from compressors.packing import Replacement, register_replacement
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+#: Attributes of a replaced layer the pair answers with its first factor's: its inputs and, for a
+#: Conv, the geometry of its kernel (the second factor is a 1 x 1 Conv).
+_FIRST_ATTRS = (
+    "in_features",
+    "in_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "padding_mode",
+    "groups",
+)
+#: ... and with its second factor's: its outputs.
+_SECOND_ATTRS = ("out_features", "out_channels")
 
 
 @register_replacement
@@ -28,19 +52,34 @@ class LowRank(Replacement, nn.Sequential):
     """``first`` (down to ``rank`` features or channels), then ``second`` (up to the outputs).
 
     It also offers the ``weight`` and ``bias`` of the layer it replaces (the product of the two
-    factors), for parents that read their children's weights instead of calling them: torch's
+    factors, laid out as the replaced layer's: ``(inputs, outputs)`` for a Linear stored
+    transposed), for parents that read their children's weights instead of calling them: torch's
     ``nn.TransformerEncoderLayer`` fast path and ``nn.MultiheadAttention``'s ``out_proj``. Those
-    parents then run the product as one dense layer, with the same outputs.
+    parents then run the product as one dense layer, with the same outputs. Parents that read the
+    replaced layer's geometry or widths get them too (`_FIRST_ATTRS`, `_SECOND_ATTRS`; ``nx`` and
+    ``nf`` of a transposed Linear).
     """
 
-    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+    def __init__(self, first: nn.Module, second: nn.Module, *, transposed: bool = False) -> None:
         super().__init__(first, second)
         self.rank = first.weight.shape[0]
+        self.transposed_weight = transposed
+        if transposed:  # the widths of the Linear stored transposed it replaces
+            self.nx, self.nf = first.in_features, second.out_features
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _FIRST_ATTRS or name in _SECOND_ATTRS:
+            factor = self._modules["0" if name in _FIRST_ATTRS else "1"]
+            if hasattr(factor, name):
+                return getattr(factor, name)
+        return super().__getattr__(name)
 
     @property
     def weight(self) -> torch.Tensor:
         first, second = self[0].weight, self[1].weight
         product = second.flatten(1) @ first.flatten(1)  # (out, rank) @ (rank, in * k)
+        if self.transposed_weight:
+            return product.T
         return product.view(second.shape[0], *first.shape[1:])
 
     @property
@@ -53,6 +92,10 @@ class LowRank(Replacement, nn.Sequential):
     @classmethod
     def like(cls, original: nn.Module, spec: dict) -> LowRank:
         rank, has_bias = int(spec["rank"]), original.bias is not None
+        if is_transposed_linear(original):
+            in_dim, out_dim = original.weight.shape
+            first = nn.Linear(in_dim, rank, bias=False)
+            return cls(first, nn.Linear(rank, out_dim, bias=has_bias), transposed=True)
         out_dim, in_dim = original.weight.shape[:2]  # the layer may have been pruned already
         if isinstance(original, nn.Linear):
             return cls(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim, bias=has_bias))
@@ -80,8 +123,7 @@ def choose_rank(singular_values: torch.Tensor, keep: float, rank_by: str) -> int
 
 def factorize(layer: nn.Module, rank: int) -> LowRank:
     """The rank-``rank`` truncated SVD of ``layer`` as a `LowRank` pair (exact at full rank)."""
-    weight = layer.weight.detach()
-    matrix = weight.flatten(1)
+    matrix = _matrix(layer)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:rank].sqrt()
     pair = LowRank.like(layer, {"rank": rank})
@@ -107,9 +149,9 @@ class LowRankFactorization(Compressor):
     stage = 1
     shrinks = True
     acts_on = (
-        "factorises Linear and Conv layers (groups=1) other than the output layer, where a pair "
-        "can hold fewer weights; recurrent, attention-projection and embedding tensors are not "
-        "factorised"
+        "factorises Linear (transposed ones too) and Conv layers (groups=1) other than the output "
+        "layer, where a pair can hold fewer weights; recurrent, attention-projection and "
+        "embedding tensors are not factorised"
     )
     params = {
         "keep": Real(0.0, 1.0, closed="right", default=0.5),
@@ -121,7 +163,7 @@ class LowRankFactorization(Compressor):
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         for name, layer in _factorizable(model).items():
-            matrix = layer.weight.detach().flatten(1)
+            matrix = _matrix(layer)
             out_dim, in_dim = matrix.shape
             rank = choose_rank(torch.linalg.svdvals(matrix), self.keep, self.rank_by)
             if rank * (in_dim + out_dim) < in_dim * out_dim:
@@ -138,6 +180,11 @@ def _factorizable(model: nn.Module) -> dict[str, nn.Module]:
         for name, layer in weight_layers(model).items()
         if name != last
         and getattr(layer, "groups", 1) == 1
-        and layer.weight.flatten(1).shape[0] * layer.weight.flatten(1).shape[1]
-        > sum(layer.weight.flatten(1).shape)
+        and _matrix(layer).shape[0] * _matrix(layer).shape[1] > sum(_matrix(layer).shape)
     }
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as the (outputs x inputs * kernel) matrix it applies."""
+    weight = layer.weight.detach()
+    return weight.T if is_transposed_linear(layer) else weight.flatten(1)

@@ -11,7 +11,9 @@ output (its classes, an encoder's embedding width) are never removed.
 Layers and the unit they lose:
 
 - Linear, Conv (plain, grouped: the same channels of each group; depthwise: ``groups`` follows),
-  BatchNorm / LayerNorm / GroupNorm: channels;
+  BatchNorm / LayerNorm / GroupNorm: channels; a Linear stored transposed (Hugging Face's
+  ``Conv1D`` of GPT-2, `compressors._structured_pruners.TransposedLinearPruner`): channels, its
+  ``nf`` / ``nx`` follow;
 - ``nn.Embedding``: embedding dimensions (never vocabulary rows);
 - ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (any number of layers, bidirectional or not): hidden
   units, the same ones in every layer and direction (`compressors._structured_pruners`);
@@ -23,7 +25,8 @@ Layers and the unit they lose:
   ``n_heads``, ``n_head``) and separate or fused (``qkv``) query / key / value projections, or
   projections a model names with a method ``attention_heads() -> {nn.Linear: heads}`` (as
   `experiments.minilm.SentenceEncoder` does), loses whole heads, the same in each projection;
-  the module's head count and ``all_head_size`` follow, its head size stays, and so does the
+  the module's head count and its heads' width (``all_head_size``, ``split_size``) follow, its
+  head size stays, and so does the
   width its projections read (a transformer's residual stream: such forwards read it). Where
   the module's forward does not run with fewer heads (``reshape(B, N, C)`` with ``C`` its input
   width, ``C // self.num_heads``), its heads all stay, with a log line, and the rest is pruned.
@@ -65,7 +68,7 @@ from compressors._structured_groups import (
     tied_weights,
     trace,
 )
-from compressors._structured_heads import update_heads
+from compressors._structured_heads import outputs_of, update_heads
 from compressors._targets import targets
 from compressors.importance import CRITERIA, accumulate_gradients, group_importance
 
@@ -237,7 +240,7 @@ class StructuredPruning(Compressor):
                     "structured: amount=%s removes no unit of %s", self.amount, _name(model)
                 )
             ties = list(tied_weights(model).values())
-            before = {p: p.out_features for layer in attention for p in layer.projections}
+            before = {p: outputs_of(p) for layer in attention for p in layer.projections}
             for member, idxs in removals:
                 root = member[0].dep
                 graph.get_pruning_group(root.target.module, root.handler, idxs).prune()
@@ -249,7 +252,7 @@ class StructuredPruning(Compressor):
                 changed = [
                     layer.name or "<model>"
                     for layer in attention
-                    if any(p.out_features != before[p] for p in layer.projections)
+                    if any(outputs_of(p) != before[p] for p in layer.projections)
                 ]
                 if changed:
                     raise _FewerHeadsFailed(str(err), changed, err.__cause__ or err) from err

@@ -7,7 +7,9 @@ README's "Bring your own model" says::
 
 The models (`tests.zoo.models`): a residual CNN, a depthwise-separable CNN, torch's own
 ``nn.TransformerEncoder``, an LSTM, a bidirectional GRU, an embedding tied to its output layer,
-and all-MiniLM-L6-v2 cut to one layer.
+and all-MiniLM-L6-v2 cut to one layer. `tests.zoo.hf` builds Hugging Face ``transformers``
+architectures from small configs (BERT, DistilBERT, GPT-2, ViT, ConvNeXt, ResNet, MobileNetV2),
+fed dict batches, for ``tests/test_hf_zoo.py``.
 """
 
 from __future__ import annotations
