@@ -215,6 +215,12 @@ class Compressor:
         """Return the model to ship, after fine-tuning. Default: unchanged."""
         return model
 
+    def finalizes(self) -> bool:
+        """Whether `finalize` may change the model (then the model as it would ship before
+        fine-tuning is seen on a finalized copy, else on the model itself). Default: whether
+        the class overrides `finalize`."""
+        return type(self).finalize is not Compressor.finalize
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"

@@ -29,6 +29,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressors._base import UnsupportedModelError
+from compressors._device import model_device, to_device
 from compressors._structured_heads import Attention, find_attention
 from compressors._structured_pruners import (
     RECURRENT,
@@ -124,6 +125,7 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
             layer torch-pruning knows) is used as a weight matrix.
     """
     outputs: list[Any] = []
+    example_inputs = to_device(example_inputs, model_device(model))  # traced where it is
 
     def forward(m: nn.Module, x: Any) -> Any:
         if isinstance(x, Mapping):
@@ -635,16 +637,17 @@ def channel_scores(group, criterion: str, importance) -> torch.Tensor:
     if base is not None and len(base) == size:
         parts.append(base.detach().float().cpu())
     if criterion != "random":
-        extra, count = torch.zeros(size), 0
+        extra, count = torch.zeros(size, device="cpu"), 0  # scores are read on the CPU
         for item in group:
             out = group._DG.is_out_channel_pruning_fn(item.dep.handler)
             local = local_scores(item.dep.target.module, out, item.idxs, criterion)
             if local is not None:
-                extra.index_add_(0, torch.as_tensor(item.root_idxs), local.float().cpu())
+                root = torch.as_tensor(item.root_idxs, device="cpu")
+                extra.index_add_(0, root, local.float().cpu())
                 count += 1
         if count:
             parts.append(extra / count)
     parts = [p / p.mean() for p in parts if p.mean() > 0]
     if not parts:
-        return torch.ones(size)
+        return torch.ones(size, device="cpu")
     return sum(parts) / len(parts)

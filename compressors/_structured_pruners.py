@@ -240,7 +240,8 @@ def _opaque_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     tensors = [_tensor(first)]
     if isinstance(module, RECURRENT):  # h_n (and c_n) come from the same node as the sequence
         tensors += list(rest) if isinstance(rest, tuple) else [rest]
-    anchor = torch.zeros((), requires_grad=True)  # so that the outputs have a node to trace
+    # so that the outputs have a node to trace (on their device)
+    anchor = torch.zeros((), device=tensors[0].device, requires_grad=True)
     outs = _Opaque.apply(len(tensors), *[t.detach() for t in tensors], anchor, *inputs)
     new_first = first._replace(data=outs[0]) if isinstance(first, PackedSequence) else outs[0]
     if isinstance(module, RECURRENT):
@@ -267,7 +268,8 @@ def opaque_tracing(model: nn.Module) -> Iterator[None]:
 
 def _weight_score(weight: torch.Tensor, criterion: str) -> torch.Tensor:
     """Score of each weight, on the CPU: ``|w|``, ``w²`` or ``|w · dL/dw|`` (0 without a
-    gradient)."""
+    gradient). Computed where the weight is, then brought to the CPU: channel scores are few
+    (one per channel) and end as Python lists of the channels to remove."""
     w = weight.detach()
     if criterion == "l1":
         score = w.abs()
@@ -309,7 +311,7 @@ def local_scores(
         )
     elif isinstance(module, RECURRENT):
         hidden, gates = module.hidden_size, GATES[module.mode]
-        per_channel = torch.zeros(hidden)
+        per_channel = torch.zeros(hidden, device="cpu")  # the scores' device
         for names in module._all_weights:
             for name in names:
                 if name.startswith("bias"):
@@ -323,4 +325,4 @@ def local_scores(
         idxs = [int(i) % hidden for i in idxs]
     else:
         return None
-    return per_channel[torch.as_tensor(list(idxs), dtype=torch.long)]
+    return per_channel[torch.as_tensor(list(idxs), dtype=torch.long, device="cpu")]

@@ -122,10 +122,11 @@ def kmeans_1d(
     if init == "linear":
         c = torch.linspace(float(x[0]), float(x[-1]), k, dtype=torch.float64, device=x.device)
     elif init == "density":
-        quantiles = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long()
-        c = torch.unique_consecutive(x[quantiles.to(x.device)])
+        quantiles = ((torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) * n / k).long()
+        c = torch.unique_consecutive(x[quantiles])
     elif init == "random":
-        chosen = torch.randperm(len(distinct), generator=generator)[:k]
+        # drawn on the CPU (the generator's device): a seed draws the same on any device
+        chosen = torch.randperm(len(distinct), generator=generator, device="cpu")[:k]
         c = distinct[chosen.to(x.device)].sort().values
     else:
         raise ValueError(f"unknown init {init!r}; known: {INITS}")

@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressors._base import CompressionContext
+from compressors._device import model_device
 from compressors._targets import Target
 
 CRITERIA = ("l1", "l2", "taylor", "random")
@@ -33,7 +34,7 @@ def accumulate_gradients(model: nn.Module, ctx: CompressionContext) -> None:
     for p in frozen:
         p.requires_grad_(True)
     try:
-        device = next(model.parameters()).device
+        device = model_device(model)  # the batches go where the model is
         batches = ctx.train.calibration(
             samples=TAYLOR_SAMPLES, batch_size=TAYLOR_SAMPLES, device=device
         )
@@ -64,7 +65,8 @@ def weight_scores(
             grad = target.latent.grad
             scores[name] = (w * grad).abs()
         else:
-            scores[name] = torch.rand(w.shape, generator=generator).to(w.device)
+            # drawn on the CPU (the generator's): a seed draws the same on any device
+            scores[name] = torch.rand(w.shape, generator=generator, device="cpu").to(w.device)
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
     return scores

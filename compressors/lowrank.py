@@ -91,14 +91,20 @@ class LowRank(Replacement, nn.Sequential):
 
     @classmethod
     def like(cls, original: nn.Module, spec: dict) -> LowRank:
+        """The pair of rank ``spec["rank"]`` that replaces ``original``, made on its device with
+        its dtype (its weights are set by the caller)."""
         rank, has_bias = int(spec["rank"]), original.bias is not None
+        where = {"device": original.weight.device, "dtype": original.weight.dtype}
         if is_transposed_linear(original):
             in_dim, out_dim = original.weight.shape
-            first = nn.Linear(in_dim, rank, bias=False)
-            return cls(first, nn.Linear(rank, out_dim, bias=has_bias), transposed=True)
+            first = nn.Linear(in_dim, rank, bias=False, **where)
+            return cls(first, nn.Linear(rank, out_dim, bias=has_bias, **where), transposed=True)
         out_dim, in_dim = original.weight.shape[:2]  # the layer may have been pruned already
         if isinstance(original, nn.Linear):
-            return cls(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim, bias=has_bias))
+            return cls(
+                nn.Linear(in_dim, rank, bias=False, **where),
+                nn.Linear(rank, out_dim, bias=has_bias, **where),
+            )
         conv = _CONV[original.weight.dim() - 2]
         first = conv(
             in_dim,
@@ -108,8 +114,9 @@ class LowRank(Replacement, nn.Sequential):
             padding=original.padding,
             dilation=original.dilation,
             bias=False,
+            **where,
         )
-        return cls(first, conv(rank, out_dim, 1, bias=has_bias))
+        return cls(first, conv(rank, out_dim, 1, bias=has_bias, **where))
 
 
 def choose_rank(singular_values: torch.Tensor, keep: float, rank_by: str) -> int:
@@ -118,11 +125,12 @@ def choose_rank(singular_values: torch.Tensor, keep: float, rank_by: str) -> int
     if rank_by == "ratio":
         return max(1, math.ceil(keep * len(singular_values)))
     energy = torch.cumsum(singular_values.pow(2), 0) / singular_values.pow(2).sum()
-    return max(1, int(torch.searchsorted(energy, torch.tensor(keep) - 1e-6)) + 1)
+    return max(1, int(torch.searchsorted(energy, energy.new_tensor(keep - 1e-6))) + 1)
 
 
 def factorize(layer: nn.Module, rank: int) -> LowRank:
-    """The rank-``rank`` truncated SVD of ``layer`` as a `LowRank` pair (exact at full rank)."""
+    """The rank-``rank`` truncated SVD of ``layer`` as a `LowRank` pair (exact at full rank),
+    on the layer's device."""
     matrix = _matrix(layer)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:rank].sqrt()

@@ -61,7 +61,9 @@ class FakeQuant(nn.Module):
         super().__init__()
         self.scheme, self.qmax, self.runtime = scheme, qmax, runtime
         self.register_buffer("scale", scale)
-        self.register_buffer("threshold", threshold if threshold is not None else torch.zeros(0))
+        self.register_buffer(
+            "threshold", threshold if threshold is not None else scale.new_zeros(0)
+        )
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (as floats) of ``weight`` on this grid."""
@@ -225,6 +227,9 @@ class Quantization(Compressor):
 
     def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         return self._quantize(model) if self.mode == "ptq" else model
+
+    def finalizes(self) -> bool:
+        return self.mode == "ptq"
 
     def _quantize(self, model: nn.Module) -> nn.Module:
         owners = {}

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
+from compressors._device import model_device, to_device
 from compressors._params import Options, Real
 from compressors._structured_groups import (
     CoupledGroup,
@@ -374,7 +375,7 @@ def _shapes(output: Any) -> Any:
 def _output_shapes(model: nn.Module, example_inputs: Any) -> Any:
     model.eval()
     with torch.no_grad():
-        return _shapes(_call(model, example_inputs))
+        return _shapes(_call(model, to_device(example_inputs, model_device(model))))
 
 
 def _check_runs(model: nn.Module, example_inputs: Any, expected: Any) -> None:

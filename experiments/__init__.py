@@ -5,7 +5,7 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 
 from __future__ import annotations
 
-from experiments._baseline import Baseline, load_or_train_baseline
+from experiments._baseline import Baseline, FreshModel, build_fresh, load_or_train_baseline
 from experiments._checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint
 from experiments._checks import check_workload
 from experiments._data import (
@@ -80,6 +80,8 @@ __all__ = [
     "evaluate",
     "fit",
     "load_or_train_baseline",
+    "build_fresh",
+    "FreshModel",
     "mean_cosine",
     "mse_loss",
     "neighbour_agreement",

@@ -57,6 +57,31 @@ class Baseline:
     from_cache: bool
 
 
+@dataclass(frozen=True)
+class FreshModel:
+    """A task's model as built right after ``torch.manual_seed(seed)``, with torch's CPU random
+    state right after building it: `load_or_train_baseline` trains it exactly as it trains a
+    model it builds itself, so a sweep that built one to check its workload does not build
+    another (`build_fresh`).
+
+    Attributes:
+        model: The untrained model (checks may have run it, without changing its state).
+        seed: The seed it was built with.
+        rng_state: ``torch.get_rng_state()`` right after it was built.
+    """
+
+    model: nn.Module
+    seed: int
+    rng_state: torch.Tensor
+
+
+def build_fresh(task: Task, seed: int) -> FreshModel:
+    """``task``'s model built right after ``torch.manual_seed(seed)`` (`FreshModel`)."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    return FreshModel(model, seed, torch.get_rng_state())
+
+
 def config_key(config: Mapping[str, Any]) -> str:
     """Stable hash of a task config (plain, JSON-serialisable values)."""
     payload = json.dumps({"config": config, "version": CACHE_VERSION}, sort_keys=True, default=str)
@@ -72,6 +97,7 @@ def load_or_train_baseline(
     device: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    fresh: FreshModel | None = None,
 ) -> Baseline:
     """Load the baseline trained for ``config`` and ``seed``, training and caching it if absent;
     or, given a pretrained ``checkpoint`` (or the task's own), load, evaluate and cache it
@@ -88,7 +114,13 @@ def load_or_train_baseline(
             ``("teacher outputs", k, batches)`` after each batch of the teacher's outputs.
         checkpoint: A safetensors file, a ``weights_only`` state dict or a Hugging Face model
             folder (`experiments._checkpoint`); its weights' hash is part of the cache key.
+        fresh: The task's model built with ``seed`` already (`build_fresh`): trained (or given
+            the cached weights) instead of building another. It becomes the baseline's model
+            where the baseline is cached; a trained one is reloaded from the cache, so that a
+            sweep behaves the same whether it trained its baseline or reused it.
     """
+    if fresh is not None and fresh.seed != seed:
+        fresh = None  # built for another seed: its weights are not this baseline's start
     checkpoint = checkpoint if checkpoint is not None else task.checkpoint
     described = {"task": dict(config), "seed": seed}
     if checkpoint is not None:
@@ -97,11 +129,15 @@ def load_or_train_baseline(
     folder = Path(cache_dir) / f"{task.name}-{key}"
     if (folder / "metrics.json").exists():
         logger.info("reusing cached baseline %s", folder)
-        return _load(task, folder, key, from_cache=True)
+        return _load(task, folder, key, from_cache=True, model=fresh and fresh.model)
 
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = task.build_model()
+    torch.manual_seed(seed)  # (the CUDA generators too)
+    if fresh is None:
+        model = task.build_model()
+    else:  # as if built here: the random stream continues from where building left it
+        model = fresh.model
+        torch.set_rng_state(fresh.rng_state)
     cfg = task.train_config
     if checkpoint is not None:
         logger.info(
@@ -162,8 +198,10 @@ def _teacher_outputs(
     return torch.cat(outputs)
 
 
-def _load(task: Task, folder: Path, key: str, *, from_cache: bool) -> Baseline:
-    model = task.build_model()
+def _load(
+    task: Task, folder: Path, key: str, *, from_cache: bool, model: nn.Module | None = None
+) -> Baseline:
+    model = task.build_model() if model is None else model
     _load_state(model, folder / "model.safetensors")
     model.eval()
     teacher_file = folder / "teacher_outputs.safetensors"

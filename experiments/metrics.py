@@ -26,8 +26,9 @@ import math
 import statistics
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -188,18 +189,50 @@ def _recurrent_weights(layer: nn.Module) -> list[torch.Tensor]:
     return [layer.weight_ih, layer.weight_hh]
 
 
+#: Timed forwards a latency is the median of, at least (fewer only where ``repeats`` is).
+MIN_REPEATS = 3
+#: Share of the time budget that warm-up passes may take (after the first one).
+WARMUP_SHARE = 0.25
+
+
 @torch.no_grad()
-def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of one forward pass in milliseconds, after ``warmup`` untimed passes
-    (``inputs``: a tensor, a tuple of positional or a dict of keyword arguments)."""
+def latency_ms(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    repeats: int = 30,
+    warmup: int = 5,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median wall time of one forward pass in milliseconds (``inputs``: a tensor, a tuple of
+    positional or a dict of keyword arguments).
+
+    Args:
+        model: The model (put in eval mode).
+        inputs: Its inputs.
+        repeats: Timed forwards, at most.
+        warmup: Untimed forwards first, at most (at least one).
+        budget_s: Seconds the timed forwards may take: timing stops once they have taken it,
+            after `MIN_REPEATS` forwards at least (or ``repeats``, if fewer); warm-up stops
+            once it has taken `WARMUP_SHARE` of it, after one forward. None: exactly
+            ``repeats`` timed and ``warmup`` untimed forwards.
+        clock: Seconds, monotonic (``time.perf_counter``; a test's fake clock).
+    """
     model.eval()
-    for _ in range(warmup):
+    started = clock()
+    for k in range(warmup):
+        if k and budget_s is not None and clock() - started >= WARMUP_SHARE * budget_s:
+            break
         call_model(model, inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    times: list[float] = []
+    least = min(MIN_REPEATS, repeats)
+    while len(times) < repeats:
+        if budget_s is not None and len(times) >= least and sum(times) >= budget_s:
+            break
+        start = clock()
         call_model(model, inputs)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1000.0 * statistics.median(times)
 
 
@@ -211,18 +244,25 @@ def interleaved_latency_ms(
     *,
     rounds: int = 5,
     repeats: int = 30,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, float]:
-    """``(model ms, reference ms)``: both timed in alternating rounds of ``repeats`` forwards,
-    each the median of its rounds' medians.
+    """``(model ms, reference ms)``: both timed in alternating rounds of ``repeats`` forwards at
+    most, each the median of its rounds' medians.
+
+    With ``budget_s``, the timed forwards of both models together take about that long: each
+    round of each model gets ``budget_s / (2 * rounds)`` (`latency_ms`: 3 forwards at least).
 
     Absolute times drift with whatever else the machine runs (one study's baseline measured
     58.9 ms at batch 256 against 0.19 ms in two others on the same machine); two models timed in
     turns see the same drift, so their ratio, the speed-up, can be trusted where the times can't.
     """
+    share = None if budget_s is None else budget_s / (2 * rounds)
+    timed = partial(latency_ms, repeats=repeats, warmup=2, budget_s=share, clock=clock)
     model_times, reference_times = [], []
     for _ in range(rounds):
-        reference_times.append(latency_ms(reference, inputs, repeats=repeats, warmup=2))
-        model_times.append(latency_ms(model, inputs, repeats=repeats, warmup=2))
+        reference_times.append(timed(reference, inputs))
+        model_times.append(timed(model, inputs))
     return statistics.median(model_times), statistics.median(reference_times)
 
 
@@ -260,10 +300,41 @@ class _LiveTensors(TorchDispatchMode):
         return out
 
 
+#: The two batch sizes `peak_memory_at` measures at, to extrapolate to larger ones (not 1, whose
+#: kernels and shapes may take paths of their own).
+PEAK_BATCHES = (2, 4)
+
+
+def peak_memory_at(model: nn.Module, inputs_of: Callable[[int], Any], batch: int) -> int:
+    """Peak bytes of one forward pass on ``batch`` rows (`peak_memory_bytes`), measured on two
+    small batches and extrapolated linearly, not measured on the large one.
+
+    Up to the larger of `PEAK_BATCHES` it is measured at ``batch``; beyond, at 2 and 4 rows,
+    as ``peak(4) + (batch - 4) * (peak(4) - peak(2)) / 2``: the model's state counts once, the
+    inputs and activations grow by the rows. Exact where the op at which memory peaks is the
+    same at every batch size (an MLP, a CNN, a transformer at a fixed sequence length); a lower
+    bound where a batch-independent buffer peaks at small batches and activations at large.
+
+    Args:
+        model: The model (put in eval mode).
+        inputs_of: ``inputs_of(rows)``: the model's inputs for ``rows`` samples (a task's
+            ``example_inputs``).
+        batch: The batch size to report.
+    """
+    small, large = PEAK_BATCHES
+    if batch <= large:
+        return peak_memory_bytes(model, inputs_of(batch))
+    at_small = peak_memory_bytes(model, inputs_of(small))
+    at_large = peak_memory_bytes(model, inputs_of(large))
+    per_row = max(0, at_large - at_small) / (large - small)
+    return int(round(at_large + (batch - large) * per_row))
+
+
 @torch.no_grad()
 def peak_memory_bytes(model: nn.Module, inputs: Any) -> int:
     """Peak bytes one forward pass on ``inputs`` holds: the model's state, the inputs and the
-    most activation bytes alive at once (tracked op by op through torch's dispatcher)."""
+    most activation bytes alive at once (tracked op by op through torch's dispatcher; for a
+    large batch, `peak_memory_at` extrapolates from small ones)."""
     model.eval()
     state = weight_tensors(model)
     weights = sum(t.numel() * t.element_size() for t in state)

@@ -15,7 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from experiments.metrics import (
     _EXTRA_FLOPS,
     count_flops,
+    interleaved_latency_ms,
+    latency_ms,
     nonzero_params,
+    peak_memory_at,
     peak_memory_bytes,
     recurrent_flops,
     weight_tensors,
@@ -232,3 +235,78 @@ def test_linear_conv_and_int8_linear_counts_are_unchanged():
     conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4))
     image = torch.randn(1, 1, 8, 8)
     assert count_flops(conv, image) == 2 * 64 * (4 * 9 + 4 * 9) == _torch_count(conv, image)
+
+
+class _FakeClock:
+    """A clock that moves ``step`` seconds each time it is read (no real time is measured)."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step, self.reads = 0.0, step, 0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        self.reads += 1
+        return self.now
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "repeats", "timed"),
+    [
+        (None, 7, 7),  # no budget: exactly `repeats`
+        (0.0, 30, 3),  # a spent budget: 3 at least
+        (1e9, 30, 30),  # a budget never spent: `repeats` at most
+        (10.0, 30, 10),  # each forward takes 1 s on the fake clock: 10 fit in 10 s
+        (0.0, 2, 2),  # fewer than 3 only where `repeats` is
+    ],
+)
+def test_latency_stops_when_its_budget_is_spent_within_3_and_repeats(budget_s, repeats, timed):
+    model = _Counting()
+    ms = latency_ms(
+        model, torch.zeros(1), repeats=repeats, warmup=1, budget_s=budget_s, clock=_FakeClock(1.0)
+    )
+    assert model.calls - 1 == timed  # (one warm-up pass)
+    assert ms == 1000.0  # every forward took one tick of the fake clock
+
+
+def test_warm_up_stops_after_its_share_of_the_budget():
+    model = _Counting()
+    latency_ms(model, torch.zeros(1), repeats=3, warmup=100, budget_s=4.0, clock=_FakeClock(1.0))
+    assert 3 < model.calls < 100  # 1 s of the 4 s budget's quarter, then 3 timed
+
+
+def test_interleaved_latency_splits_its_budget_over_rounds_and_models():
+    model, reference = _Counting(), _Counting()
+    ms, reference_ms = interleaved_latency_ms(
+        model, reference, torch.zeros(1), rounds=2, repeats=50, budget_s=40.0, clock=_FakeClock(1.0)
+    )
+    # 10 s per round and model: 10 timed forwards each (+ 2 warm-up passes at most)
+    assert 2 * 10 <= model.calls <= 2 * 12 and 2 * 10 <= reference.calls <= 2 * 12
+    assert ms == reference_ms == 1000.0
+
+
+def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32), torch.nn.Linear(32, 5)
+    )
+    asked = []
+
+    def inputs_of(rows: int) -> torch.Tensor:
+        asked.append(rows)
+        return torch.randn(rows, 20)
+
+    assert peak_memory_at(model, inputs_of, 200) == peak_memory_bytes(model, torch.randn(200, 20))
+    assert asked == [2, 4]  # never built at 200 rows
+    asked.clear()
+    assert peak_memory_at(model, inputs_of, 3) == peak_memory_bytes(model, torch.randn(3, 20))
+    assert asked == [3]  # small batches are measured as they are

@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
     "measure": {
         "latency_batch_sizes": ListOf(Integer(1, 1 << 20)),
         "latency_repeats": Integer(1, 100_000),
+        "latency_budget_s": Nullable(Real(0.0, 3600.0, closed="right")),
         "runtime": Options(("torch", "onnxruntime")),
     },
     "search": {

@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
 from compressors._targets import weight_layers  # noqa: E402
@@ -61,21 +62,18 @@ def run_sensitivity(
     workload = load_workload(cfg)
     task, baseline = workload.task, workload.baseline
     score = Score(higher_is_better=bool(task.higher_is_better))
-    reference = evaluate(baseline.model, task.val)
+    # One copy of the baseline, on the configured device: each layer is masked or snapped onto a
+    # grid there, evaluated, and given its own weight back.
+    model = copy.deepcopy(baseline.model).to(workload.device or "cpu")
+    reference = evaluate(model, task.val)
     rows = []
-    for layer_name in weight_layers(baseline.model):
+    for layer_name, layer in weight_layers(model).items():
         for amount in amounts:
-            model = copy.deepcopy(baseline.model)
-            layer = weight_layers(model)[layer_name]
             keep = smallest_mask(layer.weight.detach().abs(), amount)
-            parametrize.register_parametrization(layer, "weight", Mask(keep))
-            value = evaluate(model, task.val)
+            value = _evaluate_with(model, layer, Mask(keep), task.val)
             rows.append(_row(layer_name, "prune", amount, value, score.drop(value, reference)))
         for b in bits:
-            model = copy.deepcopy(baseline.model)
-            layer = weight_layers(model)[layer_name]
-            parametrize.register_parametrization(layer, "weight", make_grid(layer.weight, b))
-            value = evaluate(model, task.val)
+            value = _evaluate_with(model, layer, make_grid(layer.weight, b), task.val)
             rows.append(_row(layer_name, "quant", b, value, score.drop(value, reference)))
     table = pd.DataFrame(rows)
 
@@ -86,6 +84,16 @@ def run_sensitivity(
     _plot(table, reference, task.name, plot, score)
     space = _write_space(table, task.name, tolerance, amounts, bits, conf_dir, score)
     return Sensitivity(table, plot, space, score)
+
+
+def _evaluate_with(model: nn.Module, layer: nn.Module, change: nn.Module, split) -> float:
+    """The score of ``model`` with ``change`` (a parametrization) on ``layer``'s weight, which
+    then gets its own weight back."""
+    parametrize.register_parametrization(layer, "weight", change)
+    try:
+        return evaluate(model, split)
+    finally:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
 
 
 def _row(layer: str, method: str, setting: float, value: float, drop: float) -> dict:

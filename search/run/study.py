@@ -16,7 +16,8 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from compressors import load_packed
 from compressors.onnx_export import OnnxExportError
-from experiments import DECISIONS, Task, cv_folds, predict_outputs
+from experiments import DECISIONS, FreshModel, Task, build_fresh, cv_folds, predict_outputs
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -50,14 +52,16 @@ from search.run.deploy import check_deployable, deploy_onnx
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
-from search.run.trial import THREADS_ATTR, SweepContext, measure, run_trial
+from search.run.trial import THREADS_ATTR, SweepContext, baseline_on, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,
     build_task,
+    check_memory,
     check_task,
     load_baseline,
     load_workload,
+    local_workers,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,7 +91,7 @@ def run_sweep(
             (``baseline epochs``) and its teacher outputs are computed (``teacher outputs``).
     """
     plan = plan_sweep(cfg)
-    task = checked_task(plan)  # a workload that cannot work is refused before anything exists
+    task, fresh = checked_task(plan)  # a workload that cannot work is refused before anything
     plan = plan.for_task(task)  # val_acc's direction: the task's metric's
     storage = _open_storage(plan)
     study = optuna.create_study(
@@ -111,7 +115,9 @@ def run_sweep(
         cfg.tracking.uri, cfg.tracking.mlflow_experiment, artifacts=cfg.tracking.get("artifacts")
     )
     try:
-        return _run(study, plan, tracker, task=task, callbacks=callbacks, progress=progress)
+        return _run(
+            study, plan, tracker, task=task, fresh=fresh, callbacks=callbacks, progress=progress
+        )
     except BaseException:
         tracker.abort()  # the parent run ends KILLED; a rerun continues the study and reopens it
         raise
@@ -127,7 +133,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
         ConfigError: If the storage holds no such study, or one started with another config.
     """
     plan = plan_sweep(cfg)
-    task = checked_task(plan)
+    task, fresh = checked_task(plan)
     plan = plan.for_task(task)  # val_acc's direction: the task's metric's
     study = _load_study(plan)
     if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
@@ -145,7 +151,9 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     )
     try:
         tracker.join_parent(study.user_attrs["mlflow_parent_run_id"])
-        ctx, _ = _prepare(plan, tracker, task=task, threads=study.user_attrs.get(THREADS_ATTR))
+        ctx, _ = _prepare(
+            plan, tracker, task=task, fresh=fresh, threads=study.user_attrs.get(THREADS_ATTR)
+        )
         gc.freeze()
         try:
             return run_trials(
@@ -166,12 +174,18 @@ def _run(
     tracker: Tracker,
     *,
     task: Task,
+    fresh: FreshModel | None = None,
     callbacks: Iterable[Callable],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> SweepResult:
     cfg = plan.cfg
     ctx, baseline_metrics = _prepare(
-        plan, tracker, task=task, threads=study.user_attrs.get(THREADS_ATTR), progress=progress
+        plan,
+        tracker,
+        task=task,
+        fresh=fresh,
+        threads=study.user_attrs.get(THREADS_ATTR),
+        progress=progress,
     )
     config_file = Path(cfg.output_dir) / plan.study_name / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -222,11 +236,17 @@ def _run(
         gc.unfreeze()
 
 
-def checked_task(plan: SweepPlan) -> Task:
-    """The task of ``plan``, checked before anything is created or trained: the space's
-    settings suit what its model outputs (kd's KL needs logits), the model takes the task's
-    batches and its outputs can be scored (`check_task`), ONNX Runtime can time it if asked, and
-    each pipeline of the space acts on the model (a warning when it compresses little of it).
+def checked_task(plan: SweepPlan) -> tuple[Task, FreshModel | None]:
+    """The task of ``plan`` and its model, built once (with the sweep's seed, as the baseline
+    is: `experiments.build_fresh`) and checked before anything is created or trained: the
+    space's settings suit what its model outputs (kd's KL needs logits), a trial's copies fit in
+    this machine's memory (`check_memory`), the model takes the task's batches and its outputs
+    can be scored (`check_task`), ONNX Runtime can time it if asked, and each pipeline of the
+    space acts on the model (a warning when it compresses little of it).
+
+    The checks leave the model's state and modes as built, so it goes on to be the baseline
+    (`load_workload`'s ``fresh``); None instead where a check may have changed it (a lazy
+    module's weights are made by its first forward).
 
     Raises:
         ConfigError: If any of these does not hold (exit 2, nothing created).
@@ -234,7 +254,34 @@ def checked_task(plan: SweepPlan) -> Task:
     cfg = plan.cfg
     task = build_task(plan)
     plan.space.check_outputs(task.outputs, task=task.name)  # e.g. kd.loss=kl needs logits
-    model = task.build_model()
+    fresh = build_fresh(task, int(cfg.seed))
+    model = fresh.model
+    check_memory(task.name, model, device=training_device(cfg), workers=local_workers(plan))
+    lazy = any(isinstance(m, LazyModuleMixin) for m in model.modules())
+    with _unchanged(model):
+        _check_model(plan, task, model)
+    return task, None if lazy else fresh
+
+
+@contextmanager
+def _unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """Give ``model`` its buffers' values (a norm's running statistics) and its modules' modes
+    back after the block (checks that run it in training mode)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers and b.shape == buffers[name].shape:
+                    b.copy_(buffers[name])
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _check_model(plan: SweepPlan, task: Task, model: torch.nn.Module) -> None:
+    cfg = plan.cfg
     check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
     example = task.example_inputs()
     if str(cfg.measure.runtime) == "onnxruntime":  # its graph is exported once, here
@@ -248,7 +295,6 @@ def checked_task(plan: SweepPlan) -> Task:
     _check_coverage(
         plan.space.check_model(model, task=task.name, example_inputs=example), task.name
     )
-    return task
 
 
 def _prepare(
@@ -256,23 +302,29 @@ def _prepare(
     tracker: Tracker,
     *,
     task: Task | None = None,
+    fresh: FreshModel | None = None,
     threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[SweepContext, dict[str, float]]:
     """The task, the cached baseline (trained if absent) and what every trial shares;
-    ``task``: the task `checked_task` built (else built and checked here); ``threads``: the
-    torch threads the study started with (kept by ``threads: auto``)."""
+    ``task`` and ``fresh``: the task and model `checked_task` built (else built and checked
+    here); ``threads``: the torch threads the study started with (kept by ``threads: auto``)."""
     cfg = plan.cfg
+    if task is None:
+        task, fresh = checked_task(plan)
     workload = load_workload(
         cfg,
         plan=plan,
-        task=task if task is not None else checked_task(plan),
+        task=task,
+        fresh=fresh,
         progress=progress,
         recorded_threads=threads,
     )
     task, baseline, device = workload.task, workload.baseline, workload.device
     baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
+    budget_s = cfg.measure.get("latency_budget_s")
+    budget_s = None if budget_s is None else float(budget_s)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
     runtime = str(cfg.measure.runtime)
     deployed = None
@@ -285,13 +337,22 @@ def _prepare(
     reference = deployed.module if deployed else shipped
     # the baseline's outputs on validation, for every trial's val_agreement (a regression has
     # no decisions to agree on)
-    val_reference = predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
+    val_reference = (  # computed on the trials' device (the outputs come to the CPU)
+        predict_outputs(baseline_on(baseline.model, device), task.val)
+        if task.outputs in DECISIONS
+        else None
+    )
     baseline_metrics = {
         **{k: float(v) for k, v in baseline.metrics.items()},
         **{
             k: float(v)
             for k, v in measure(
-                shipped, task, *latency, timed=reference, reference_outputs=val_reference
+                shipped,
+                task,
+                *latency,
+                latency_budget_s=budget_s,
+                timed=reference,
+                reference_outputs=val_reference,
             ).items()
         },
         **(deployed.metrics if deployed else {}),
@@ -311,6 +372,7 @@ def _prepare(
         seed=cfg.seed,
         latency_batch_sizes=latency[0],
         latency_repeats=latency[1],
+        latency_budget_s=budget_s,
         reference=reference,
         runtime=runtime,
         folds=_cv_folds(cfg, plan, task, progress),

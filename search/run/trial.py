@@ -4,11 +4,21 @@ Read `run_trial` top to bottom to see the whole system: sample → copy the cach
 compress → fine-tune → finalize → write the packed file → reload it → measure on validation →
 log → return. `compress_recipe` and `measure` are its two halves, reused where a fixed recipe is
 rerun (benchmarks) and for the baseline's own measurements.
+
+Where each phase runs: the trial copies the cached baseline once, straight onto its device
+(``device=cuda``, or ``auto`` with a GPU; else the CPU), and compressing (k-means, SVD,
+structured tracing, Taylor gradients, calibration), fine-tuning and the per-epoch evaluation
+all run there; distillation's teacher is the baseline moved to that device once per process
+(`baseline_on`). The finalized model then comes to the CPU: the packed file is written from
+there (the packer works with numpy), and the shipped file's measurements (validation scores,
+latency, peak memory, FLOPs) run on the CPU by design: they describe the file a user loads
+there, and int8 layers have CPU kernels only.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,10 +54,10 @@ from experiments.metrics import (
     interleaved_latency_ms,
     latency_ms,
     nonzero_params,
-    peak_memory_bytes,
+    peak_memory_at,
 )
 from search.config.constraints import constraint_values
-from search.config.early_stop import EarlyStop
+from search.config.early_stop import EarlyStop, partial_report
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
     batch_suffix,
@@ -76,12 +86,15 @@ class SweepContext:
         tracker: MLflow parent run of the study.
         output_dir: Where trials write their packed model files.
         seed: Trial ``n`` is seeded with ``seed + n`` (a retry like the trial it retries).
-        device: Where fine-tuning runs (``cuda`` with ``device=cuda|auto`` and a GPU); None:
-            the CPU. The shipped model is always measured on the CPU.
+        device: Where compressing, fine-tuning and its evaluation run (``cuda`` with
+            ``device=cuda|auto`` and a GPU); None: the CPU. The shipped model is always
+            measured on the CPU.
         folds: With ``search.cv_folds=K``: K (task, baseline) pairs whose splits are the folds of
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
-        latency_repeats: Timed forwards per latency measurement.
+        latency_repeats: Timed forwards per latency measurement, at most (3 at least).
+        latency_budget_s: Seconds of timed forwards per latency measurement (per batch size):
+            timing stops when they are spent (`experiments.metrics.latency_ms`).
         reference: The shipped baseline (its packed file, reloaded; in ONNX Runtime with
             ``runtime="onnxruntime"``): each trial's latency is timed against it, interleaved,
             for the speed-up. None: no speed-up is measured.
@@ -103,6 +116,7 @@ class SweepContext:
     seed: int
     latency_batch_sizes: tuple[int, ...] = (1,)
     latency_repeats: int = 30
+    latency_budget_s: float | None = 2.0
     reference: torch.nn.Module | None = None
     runtime: str = "torch"
     folds: tuple[tuple[Task, Baseline], ...] = ()
@@ -149,7 +163,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             ctx.baseline,
             seed=seed,
             after_epoch=after_epoch,
-            on_compressed=stopper.start if stopper.active else None,
+            on_compressed=stopper.start if stopper.needs_model else None,
             device=ctx.device,
         )
 
@@ -184,6 +198,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                     ctx.task,
                     ctx.latency_batch_sizes,
                     ctx.latency_repeats,
+                    latency_budget_s=ctx.latency_budget_s,
                     reference=ctx.reference,
                     timed=deployed.module if deployed else None,
                     reference_outputs=ctx.val_reference,
@@ -230,25 +245,34 @@ def compress_recipe(
         baseline: The cached trained baseline and its teacher outputs.
         seed: Seeds the compressors and the fine-tuning.
         after_epoch: Called after each fine-tuning epoch (early stopping raises here).
-        on_compressed: Called before fine-tuning with the model as it would ship without any
-            (finalized on a copy), whose size is then already known (early stopping).
-        device: Fine-tune there (e.g. ``cuda``); the model comes back on the CPU.
+        on_compressed: Called before fine-tuning with the model as it would ship without any,
+            on the CPU, whose size is then already known (early stopping): the model itself
+            where no compressor changes it at finalize (`Compressor.finalizes`), else a
+            finalized copy.
+        device: Compress, fine-tune and evaluate there (e.g. ``cuda``); None: the CPU. The
+            model comes back on the CPU.
 
-    Errors are attributed to the phase ``compress`` or ``fine-tune`` (`search.failures.phase`).
+    The baseline is deep-copied once (onto ``device``); the early-stop estimate copies it again
+    only for a recipe that changes the model at finalize (post-training quantization, the last
+    step of gradual pruning), and only when early stopping asks for it. Errors are attributed to
+    the phase ``compress`` or ``fine-tune`` (`search.failures.phase`).
     """
     with phase("compress"):
         compressors = space.build(recipe)
 
-        # 2. Start from a copy of the cached, trained baseline.
+        # 2. Start from a copy of the cached, trained baseline, on the trial's device: the
+        #    trial's one copy; every phase until the packed file runs where it is.
         torch.manual_seed(seed)
         model = copy.deepcopy(baseline.model)
+        if device is not None:
+            model.to(device)
 
         # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
         context = compression_context(task, baseline, seed=seed, device=device)
         model = apply_pipeline(compressors, model, context)
         if on_compressed is not None:  # (random draws there leave fine-tuning's as they were)
             with torch.random.fork_rng(devices=[]):
-                on_compressed(finalize_pipeline(compressors, detached_copy(model), context))
+                _estimate(compressors, model, context, on_compressed)
 
     # 4. Fine-tune: pruned weights stay zero, quantized ones stay on their grid, schedules (gradual
     #    pruning) advance before each epoch, and the loss is distillation from the baseline's
@@ -264,35 +288,77 @@ def compress_recipe(
             schedule=recipe.finetune["schedule"],
             loss_fn=_finetune_loss(compressors, context),
             teacher_outputs=baseline.teacher_outputs,
-            teacher=baseline.model if _distils(compressors) else None,
+            teacher=context.teacher if _distils(compressors) else None,
             val=task.val,
             seed=seed,
             before_epoch=_schedules(compressors, model),
             after_epoch=after_epoch,
-            device=device,
             **task.training(),
-        )
+        )  # (where the model is: the trial's device)
     with phase("compress"):
         model = finalize_pipeline(compressors, model, context)
-    return model, history
+    return model.cpu(), history  # the packed file is written from the CPU
+
+
+def _estimate(
+    compressors: list[Compressor],
+    model: torch.nn.Module,
+    context: CompressionContext,
+    on_compressed: Callable[[torch.nn.Module], None],
+) -> None:
+    """Call ``on_compressed`` with ``model`` as it would ship now, on the CPU (the packer writes
+    from there): ``model`` itself where no compressor changes it at finalize (moved to the CPU
+    and back where it is elsewhere), else a finalized copy (`detached_copy`: a quantizer's
+    grid registered on the copy leaves ``model`` as it was)."""
+    if any(c.finalizes() for c in compressors):
+        on_compressed(finalize_pipeline(compressors, detached_copy(model), context).cpu())
+        return
+    device = next(iter(_devices(model)), torch.device("cpu"))
+    try:
+        on_compressed(model.cpu())
+    finally:
+        model.to(device)
+
+
+def _devices(model: torch.nn.Module) -> set[torch.device]:
+    return {t.device for t in [*model.parameters(), *model.buffers()]}
+
+
+#: The baseline on a device other than the CPU, by baseline model and device: moved once per
+#: process (distillation's teacher, the reference outputs), not once per trial.
+_ON_DEVICE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def baseline_on(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
+    """``model`` (a cached baseline, read-only) on ``device``: itself for the CPU (None), else
+    one copy there per process, made the first time it is asked for."""
+    if device is None or torch.device(device).type == "cpu":
+        return model
+    copies = _ON_DEVICE.setdefault(model, {})
+    if str(device) not in copies:
+        copies[str(device)] = copy.deepcopy(model).to(device).eval()
+    return copies[str(device)]
 
 
 def compression_context(
     task: Task, baseline: Baseline, *, seed: int, device: str | None = None
 ) -> CompressionContext:
-    """What the compressors of a trial get from its task: the training data, the baseline (and
-    its outputs on in-memory data), the task's losses, and the task's training loop bound to the
-    trial's device and seed (methods that train, such as L1 sparse training, train through it)."""
+    """What the compressors of a trial get from its task: the training data, the baseline on
+    ``device`` (and its outputs on in-memory data), the task's losses, and the task's training
+    loop bound to the trial's seed (methods that train, such as L1 sparse training, train
+    through it, where the model is: the trial's device)."""
     return CompressionContext(
         train=task.train,
         teacher_outputs=baseline.teacher_outputs,
-        teacher=baseline.model,
+        teacher=baseline_on(baseline.model, device),
         example_inputs=task.example_inputs(),
         seed=seed,
         loss=task.loss,
         losses=LOSSES,
         outputs=task.outputs,
-        fit=partial(fit, train=task.train, seed=seed, device=device, **task.training()),
+        fit=partial(fit, train=task.train, seed=seed, **task.training()),
         cache_dir=baseline.folder,
     )
 
@@ -303,6 +369,8 @@ def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:
     fold_scores = []
     for task, baseline in ctx.folds:
         model, _ = compress_recipe(recipe, ctx.space, task, baseline, seed=seed, device=ctx.device)
+        if ctx.device is not None:  # evaluated where it was fine-tuned
+            model.to(ctx.device)
         fold_scores.append(evaluate(model, task.val))
     return sum(fold_scores) / len(fold_scores)
 
@@ -313,13 +381,19 @@ def measure(
     latency_batch_sizes: Sequence[int] = (1,),
     latency_repeats: int = 30,
     *,
+    latency_budget_s: float | None = None,
     reference: torch.nn.Module | None = None,
     timed: torch.nn.Module | None = None,
     reference_outputs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
     costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
-    size, and peak memory at the largest one.
+    size, and peak memory at the largest one (measured at batch 2 and 4 and extrapolated
+    linearly, `experiments.metrics.peak_memory_at`). All of it runs on the CPU, where the
+    shipped file is loaded: what a user's CPU pays for it.
+
+    Each latency is the median of ``latency_repeats`` timed forwards at most, 3 at least,
+    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many).
 
     Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
     its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
@@ -332,7 +406,6 @@ def measure(
     (`experiments.prediction_agreement`, from the same pass over the split as the score).
     """
     timed = shipped if timed is None else timed
-    largest = task.example_inputs(max(latency_batch_sizes))
     extra = dict(task.extra_scores)
     if reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
         extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
@@ -340,16 +413,23 @@ def measure(
         **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
         "nonzero_params": nonzero_params(shipped),
         "flops": count_flops(shipped, task.example_inputs(1)),
-        "peak_memory_bytes": peak_memory_bytes(shipped, largest),
+        "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
     }
     for batch in latency_batch_sizes:
         suffix = batch_suffix(batch)
         inputs = task.example_inputs(batch)
         if reference is None:
-            metrics[f"latency_ms{suffix}"] = latency_ms(timed, inputs, repeats=latency_repeats)
+            metrics[f"latency_ms{suffix}"] = latency_ms(
+                timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s
+            )
             continue
         ms, reference_ms = interleaved_latency_ms(
-            timed, reference, inputs, rounds=LATENCY_ROUNDS, repeats=_per_round(latency_repeats)
+            timed,
+            reference,
+            inputs,
+            rounds=LATENCY_ROUNDS,
+            repeats=_per_round(latency_repeats),
+            budget_s=latency_budget_s,
         )
         metrics[f"latency_ms{suffix}"] = ms
         metrics[f"speedup{suffix}"] = reference_ms / ms
@@ -386,7 +466,11 @@ class _Stopper:
 
     def __init__(self, early_stop: EarlyStop, trial: optuna.Trial) -> None:
         self.early_stop, self.trial, self.hook = early_stop, trial, None
-        self.active = early_stop.pruner or early_stop.dominance
+        # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
+        # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
+        self.needs_model = early_stop.dominance and not early_stop.pruner
+        if early_stop.pruner:
+            self.hook = partial_report(trial, early_stop.min_epochs)
 
     def start(self, model: torch.nn.Module) -> None:
         self.hook = self.early_stop.start(self.trial, model)

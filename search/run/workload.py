@@ -4,13 +4,20 @@ Every command (`sweep`, `run`, `report`, `sensitivity`) and every bench calls `l
 it checks the config (`plan_sweep`), builds the task, lets the caller check the model before
 anything is trained, sets torch's threads (``threads``, `search.run.threads`), then loads the
 cached baseline or trains it on ``device`` (``cuda`` with ``device=cuda``, or ``auto`` and a GPU).
+
+The task's model is built once before training: a caller that built (and checked) one passes it
+on as ``fresh`` (`experiments.build_fresh`), and it is the model threads are chosen for and the
+baseline is trained as (or loaded into). `check_memory` refuses a model a trial's copies would
+not fit in this machine's memory, before the baseline is trained or copied.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -20,7 +27,9 @@ from search.config.device import training_device
 from search.config.plan import SweepPlan, plan_sweep
 
 if TYPE_CHECKING:
-    from experiments import Baseline, Task
+    from torch import nn
+
+    from experiments import Baseline, FreshModel, Task
 
 #: ``progress(stage, done, total)`` while a baseline is made (see `load_or_train_baseline`).
 Progress = Callable[[str, int, int], None]
@@ -53,6 +62,7 @@ def load_workload(
     check: Callable[[Task], None] | None = None,
     progress: Progress | None = None,
     recorded_threads: int | None = None,
+    fresh: FreshModel | None = None,
 ) -> Workload:
     """The task of ``cfg`` and its baseline, trained (on the configured device) if not cached.
 
@@ -66,14 +76,23 @@ def load_workload(
         progress: Reports the baseline's training and teacher outputs when it is made.
         recorded_threads: The torch threads the study ran with, kept by ``threads: auto``
             (`set_workload_threads`).
+        fresh: ``task``'s model built with ``cfg.seed`` by the caller (`experiments.build_fresh`,
+            which `search.run.study.checked_task` checked): used for the threads and as the
+            baseline's model instead of building others.
     """
+    from experiments import build_fresh
+
     plan = plan if plan is not None else plan_sweep(cfg, connect=connect)
     task = task if task is not None else build_task(plan)
     if check is not None:
         check(task)
-    set_workload_threads(plan, task, recorded=recorded_threads)
+    if fresh is None:  # the one model built before training
+        fresh = build_fresh(task, int(cfg.seed))
+    set_workload_threads(plan, task, recorded=recorded_threads, model=fresh.model)
     device = training_device(cfg)
-    baseline = load_baseline(task, plan.task_kwargs, cfg, device=device, progress=progress)
+    baseline = load_baseline(
+        task, plan.task_kwargs, cfg, device=device, progress=progress, fresh=fresh
+    )
     return Workload(plan, task, baseline, device)
 
 
@@ -109,28 +128,120 @@ def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
         )
 
 
-def set_workload_threads(plan: SweepPlan, task: Task, *, recorded: int | None = None) -> int:
+def set_workload_threads(
+    plan: SweepPlan,
+    task: Task,
+    *,
+    recorded: int | None = None,
+    model: nn.Module | None = None,
+) -> int:
     """Set torch's threads of this process from ``threads`` (auto, a count or null; see
     `search.run.threads`) for the trials' batch size when the space fixes it, else the
     baseline's, and return the count. The workers sharing this machine's cores are those a
-    sweep started (`WORKERS_ENV` in each), else ``search.n_jobs`` (a sweep's parent process)."""
+    sweep started (`WORKERS_ENV` in each), else ``search.n_jobs`` (a sweep's parent process).
+    ``model``: the task's model, already built (its FLOPs are counted; its state and mode are
+    left as they were); None: one is built."""
     from search.run.threads import set_threads
-    from search.run.workers import WORKERS_ENV
 
     cfg = plan.cfg
     batch_size = cfg.space.get("finetune", {}).get("batch_size")
     if not isinstance(batch_size, int):
         batch_size = task.train_config.batch_size
-    workers = int(os.environ.get(WORKERS_ENV, plan.n_jobs))
-    choice = set_threads(
-        cfg.threads,
-        task,
-        batch_size=batch_size,
-        workers=workers,
-        model=task.build_model(),
-        recorded=recorded,
-    )
+    model = task.build_model() if model is None else model
+    modes = {m: m.training for m in model.modules()}
+    try:
+        choice = set_threads(
+            cfg.threads,
+            task,
+            batch_size=batch_size,
+            workers=local_workers(plan),
+            model=model,
+            recorded=recorded,
+        )
+    finally:
+        for module, training in modes.items():
+            module.train(training)
     return choice.threads
+
+
+def local_workers(plan: SweepPlan) -> int:
+    """Workers sharing this machine: those a sweep started (`WORKERS_ENV` in each), else
+    ``search.n_jobs``."""
+    from search.run.workers import WORKERS_ENV
+
+    return int(os.environ.get(WORKERS_ENV, plan.n_jobs))
+
+
+#: Copies of a model's state a trial holds in this machine's memory, training on the CPU: the
+#: cached baseline, the trial's copy, its gradients, Adam's two moments, and the shipped model
+#: reloaded beside them. Training elsewhere (``cuda``), the host holds the baseline, the trial's
+#: copy on its way there and the shipped model (the device's own memory is not checked).
+TRIAL_COPIES = {"cpu": 6, "device": 3}
+
+
+def available_memory_bytes() -> tuple[int, str] | None:
+    """``(bytes, where it was read)``: memory available to new allocations without swapping
+    (psutil's ``available``, else ``MemAvailable`` of /proc/meminfo); None where neither
+    says."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available), "psutil.virtual_memory().available"
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
+    return (int(found.group(1)) * 1024, "MemAvailable in /proc/meminfo") if found else None
+
+
+def check_memory(
+    task_name: str,
+    model: nn.Module,
+    *,
+    device: str | None = None,
+    workers: int = 1,
+    available: tuple[int, str] | None = None,
+) -> None:
+    """Refuse a model whose trials would not fit in this machine's memory, before its baseline
+    is trained or copied: the bytes of its parameters and buffers, times `TRIAL_COPIES`, times
+    the ``workers`` sharing the machine, against the memory available.
+
+    Args:
+        task_name: The task, for the message.
+        model: The task's model, built once.
+        device: Where trials train (None: the CPU).
+        workers: Trial processes on this machine (each holds its own copies).
+        available: ``(bytes, source)``; None: read now (`available_memory_bytes`). Nothing is
+            checked where it cannot be read.
+
+    Raises:
+        ConfigError: Naming the model's size, the memory needed and the memory available
+            (exit 2).
+    """
+    available = available if available is not None else available_memory_bytes()
+    if available is None:
+        return
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied ones once
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    params = sum(t.numel() for t in {id(p): p for p in model.parameters()}.values())
+    copies = TRIAL_COPIES["cpu" if device is None or device == "cpu" else "device"]
+    needed = size * copies * max(1, workers)
+    free, source = available
+    if needed > free:
+        per = f" x {workers} workers (search.n_jobs)" if workers > 1 else ""
+        raise ConfigError(
+            f"Task {task_name!r}: its model has {params:,} parameters ({_gb(size)} of weights "
+            f"and buffers); a trial holds about {copies} copies of them{per}, "
+            f"{_gb(needed)}, but this machine has {_gb(free)} of memory available ({source}). "
+            "Use a smaller model, fewer search.n_jobs, or a machine with more memory."
+        )
+
+
+def _gb(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def load_baseline(
@@ -140,9 +251,11 @@ def load_baseline(
     *,
     device: str | None,
     progress: Progress | None = None,
+    fresh: FreshModel | None = None,
 ) -> Baseline:
     """The baseline of ``task`` for ``task_config`` (cached under ``cfg.cache_dir``, seeded by
-    ``cfg.seed``), trained on ``device`` if absent."""
+    ``cfg.seed``), trained on ``device`` if absent; ``fresh``: the task's model built with that
+    seed already (`experiments.build_fresh`), trained or loaded instead of another."""
     from experiments import load_or_train_baseline
 
     return load_or_train_baseline(
@@ -153,6 +266,7 @@ def load_baseline(
         device=device,
         progress=progress,
         checkpoint=cfg.get("checkpoint"),
+        fresh=fresh,
     )
 
 
