@@ -55,6 +55,7 @@ from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,
     build_task,
+    check_baseline,
     check_task,
     load_baseline,
     load_workload,
@@ -271,6 +272,7 @@ def _prepare(
         recorded_threads=threads,
     )
     task, baseline, device = workload.task, workload.baseline, workload.device
+    check_baseline(task, baseline)  # a NaN or chance-level baseline: no trial (exit 2)
     baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
