@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +32,95 @@ __all__ = ["Split", "Task", "TrainConfig", "cv_folds"]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the baseline is trained (fine-tuning takes its settings from the search space)."""
+    """How the baseline is trained (fine-tuning takes its settings from the search space).
+
+    Attributes:
+        epochs: Passes over the training split, >= 0 (0 keeps a pretrained model as it is).
+        batch_size: Samples per step, >= 1.
+        lr: The optimizer's learning rate, finite and > 0.
+        weight_decay: The optimizer's weight decay, finite and >= 0.
+
+    Raises:
+        WorkloadError: For a value out of its range (a `ValueError`; ``squeeze`` reports it
+            as a config error of ``task.train.<key>``, exit 2, before anything is created).
+    """
 
     epochs: int
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, low=0, owner="TrainConfig (task.train)")
+        check_int("batch_size", self.batch_size, low=1, owner="TrainConfig (task.train)")
+        check_real("lr", self.lr, low=0.0, low_open=True, owner="TrainConfig (task.train)")
+        check_real("weight_decay", self.weight_decay, low=0.0, owner="TrainConfig (task.train)")
+
+
+def check_int(name: str, value: Any, *, low: int, owner: str) -> None:
+    """Raise `WorkloadError` unless ``value`` is an int >= ``low`` (sklearn-style message:
+    ``The 'epochs' parameter of TrainConfig (task.train) must be an int in [0, inf). Got -1
+    instead.``)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise WorkloadError(
+            f"The {name!r} parameter of {owner} must be an int in [{low}, inf). "
+            f"Got {value!r} instead."
+        )
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+    owner: str,
+) -> None:
+    """Raise `WorkloadError` unless ``value`` is a finite number in the given interval."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float | np.integer | np.floating)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise WorkloadError(
+            f"The {name!r} parameter of {owner} must be a finite float in {interval}. "
+            f"Got {value!r} instead."
+        )
+
+
+def check_fractions(val_fraction: Any, test_fraction: Any, *, task: str) -> None:
+    """Raise `WorkloadError` unless both fractions are in (0, 1) and leave training samples
+    (their sum < 1)."""
+    owner = f"task {task!r}"
+    check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, owner=owner)
+    check_real("test_fraction", test_fraction, low=0.0, high=1.0, low_open=True, owner=owner)
+    if val_fraction + test_fraction >= 1.0:
+        raise WorkloadError(
+            f"The 'val_fraction' and 'test_fraction' parameters of {owner} must sum to less "
+            f"than 1 (the rest is the training split). Got {val_fraction!r} + "
+            f"{test_fraction!r} = {val_fraction + test_fraction:g} instead."
+        )
+
+
+def check_sizes(name: str, sizes: Any, *, task: str) -> None:
+    """Raise `WorkloadError` unless ``sizes`` is a list of ints >= 1 (layer widths)."""
+    if isinstance(sizes, str) or not isinstance(sizes, Sequence):
+        raise WorkloadError(
+            f"The {name!r} parameter of task {task!r} must be a list of ints in [1, inf). "
+            f"Got {sizes!r} instead."
+        )
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+            raise WorkloadError(
+                f"The {name!r} parameter of task {task!r} must be a list of ints in [1, inf). "
+                f"Got {list(sizes)!r} instead."
+            )
 
 
 @dataclass(frozen=True)

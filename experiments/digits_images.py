@@ -28,7 +28,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from experiments._task import Task, TrainConfig
+from experiments._data import WorkloadError
+from experiments._task import Task, TrainConfig, check_int, check_sizes
 from experiments.hf import as_torch, hf_dataset, hf_model, image_transform
 
 logger = logging.getLogger(__name__)
@@ -129,16 +130,22 @@ def digits_images(
         train: Baseline training (default ``{"epochs": 15, "lr": 0.003}``).
     """
     del seed  # the split on disk is fixed; squeeze seeds the model and the batches
-    folder = Path(data_dir) if data_dir is not None else Path(".squeeze/cache/data")
-    root = write_digits_png(folder / "digits_png")
-    splits = hf_dataset("imagefolder", data_dir=root, cache_dir=folder / "hf_datasets")
     settings = {"degrees": 10.0, "shift": 0.1, "scale": (0.9, 1.1)}
     unknown = sorted(set(augment or {}) - set(settings))
-    if unknown:
-        raise ValueError(
+    if unknown:  # checked before any file is written
+        raise WorkloadError(
             f"Unknown key {unknown[0]!r} in the 'augment' parameter of task {name!r}. "
             f"Allowed: {', '.join(settings)}."
         )
+    check_int("size", size, low=1, owner=f"task {name!r}")
+    check_int("embedding_size", embedding_size, low=1, owner=f"task {name!r}")
+    check_sizes("hidden_sizes", hidden_sizes, task=name)
+    if depths is not None:
+        check_sizes("depths", depths, task=name)
+    train_config = TrainConfig(**(train or {"epochs": 15, "lr": 0.003}))
+    folder = Path(data_dir) if data_dir is not None else Path(".squeeze/cache/data")
+    root = write_digits_png(folder / "digits_png")
+    splits = hf_dataset("imagefolder", data_dir=root, cache_dir=folder / "hf_datasets")
     settings.update({k: tuple(v) if k == "scale" else v for k, v in (augment or {}).items()})
     normalise = {"size": size, "mean": PIXEL_MEAN, "std": PIXEL_STD}
     augmented = image_transform(augment=bool(augment is None or augment), **normalise, **settings)
@@ -155,6 +162,6 @@ def digits_images(
             hidden_sizes=tuple(hidden_sizes),
             depths=None if depths is None else tuple(depths),
         ),
-        train_config=TrainConfig(**(train or {"epochs": 15, "lr": 0.003})),
+        train_config=train_config,
         eval_batch_size=512,
     )

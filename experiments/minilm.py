@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from sklearn.model_selection import train_test_split
 from torch import nn
 
+from experiments._data import WorkloadError
 from experiments._objectives import cosine_loss, mean_cosine, neighbour_agreement
-from experiments._task import Split, Task, TrainConfig
+from experiments._task import Split, Task, TrainConfig, check_fractions
 from experiments._training import predict_outputs
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,9 @@ def minilm(
         sentences: A ``topic<TAB>sentence`` file to use instead of the shipped one.
         train: Baseline training (default ``{"epochs": 0}``: the pretrained model as is).
     """
-    if not 2 <= max_length <= 512:
-        raise ValueError(
-            f"The 'max_length' parameter of task {name!r} must be an int in [2, 512]. "
-            f"Got {max_length!r} instead."
-        )
+    check_max_length(max_length, task=name)
+    check_fractions(val_fraction, test_fraction, task=name)
+    train_config = TrainConfig(**(train or {"epochs": 0}))
     topics, texts = read_sentences(sentences or SENTENCES)
     ids = tokenize(texts, max_length=max_length)
     targets = predict_outputs(load_encoder(), ids)  # the original model's embeddings
@@ -188,11 +187,22 @@ def minilm(
         test=splits[2],
         num_classes=targets.shape[1],
         build_model=load_encoder,
-        train_config=TrainConfig(**(train or {"epochs": 0})),
+        train_config=train_config,
         outputs="embeddings",
         loss=cosine_loss,
         extra_scores={"retrieval": neighbour_agreement},
     )
+
+
+def check_max_length(max_length: Any, *, task: str) -> None:
+    """Raise `WorkloadError` unless ``max_length`` is an int in [2, 512] (tokens per sentence,
+    ``[CLS]`` and ``[SEP]`` included)."""
+    wrong_type = isinstance(max_length, bool) or not isinstance(max_length, int)
+    if wrong_type or not 2 <= max_length <= 512:
+        raise WorkloadError(
+            f"The 'max_length' parameter of task {task!r} must be an int in [2, 512]. "
+            f"Got {max_length!r} instead."
+        )
 
 
 def _split(ids: torch.Tensor, targets: torch.Tensor, index: np.ndarray) -> Split:

@@ -25,9 +25,9 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Subset
 
-from experiments._task import Task, TrainConfig
+from experiments._task import Task, TrainConfig, check_fractions, check_real
 from experiments.hf import hf_model, hf_tokenized
-from experiments.minilm import SENTENCES, model_dir, read_sentences
+from experiments.minilm import SENTENCES, check_max_length, model_dir, read_sentences
 
 
 def minilm_topics(
@@ -53,11 +53,10 @@ def minilm_topics(
         sentences: A ``topic<TAB>sentence`` file to use instead of the shipped one.
         train: Baseline fine-tuning (default ``{"epochs": 8, "batch_size": 16, "lr": 1e-4}``).
     """
-    if not 2 <= max_length <= 512:
-        raise ValueError(
-            f"The 'max_length' parameter of task {name!r} must be an int in [2, 512]. "
-            f"Got {max_length!r} instead."
-        )
+    check_max_length(max_length, task=name)
+    check_fractions(val_fraction, test_fraction, task=name)
+    check_real("dropout", dropout, low=0.0, high=1.0, owner=f"task {name!r}")
+    train_config = TrainConfig(**(train or {"epochs": 8, "batch_size": 16, "lr": 1e-4}))
     topics, texts = read_sentences(sentences or SENTENCES)
     names = sorted(set(topics))
     labels = [names.index(t) for t in topics]
@@ -89,7 +88,7 @@ def minilm_topics(
             hidden_dropout_prob=dropout,
             classifier_dropout=dropout,
         ),
-        train_config=TrainConfig(**(train or {"epochs": 8, "batch_size": 16, "lr": 1e-4})),
+        train_config=train_config,
         collate_fn=data.collate_fn,
         eval_batch_size=64,
     )

@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from experiments._task import Task, TrainConfig, to_split, train_val_split
+from experiments._task import (
+    Task,
+    TrainConfig,
+    check_int,
+    check_real,
+    to_split,
+    train_val_split,
+)
 from experiments.models import ConvNet1d
 
 logger = logging.getLogger(__name__)
@@ -33,7 +40,15 @@ def mnist1d_cnn(
 
     Args:
         data_dir: Folder where the generated arrays are kept, so they are generated only once.
+
+    Raises:
+        WorkloadError: For ``val_fraction`` out of (0, 1), ``channels`` below 1 or a training
+            setting out of its range (`TrainConfig`), before any data is generated.
     """
+    owner = f"task {name!r}"
+    check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, owner=owner)
+    check_int("channels", channels, low=1, owner=owner)
+    train_config = TrainConfig(**(train or {"epochs": 60}))
     arrays = _load_or_generate(Path(data_dir) if data_dir else None)
     train_split, val_split = train_val_split(
         arrays["x"], arrays["y"], val_fraction=val_fraction, seed=seed
@@ -45,7 +60,7 @@ def mnist1d_cnn(
         test=to_split(arrays["x_test"], arrays["y_test"]),
         num_classes=10,
         build_model=partial(ConvNet1d, arrays["x"].shape[1], 10, channels=channels),
-        train_config=TrainConfig(**(train or {"epochs": 60})),
+        train_config=train_config,
     )
 
 

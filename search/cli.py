@@ -313,8 +313,24 @@ def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespac
     lines = next_commands(
         study_name, pick.trial, config_dirs=args.config_dir, overrides=args.overrides
     )
+    _password_note(console, args.overrides)
     for line in lines:
         console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _password_note(console: Console, overrides: Sequence[str]) -> None:
+    """Which environment variables the printed commands read passwords from (they hold none)."""
+    from search.results.reuse import password_variables
+
+    variables = password_variables(overrides)
+    if variables:
+        console.print(
+            f"  (they read passwords from the environment: set {', '.join(variables)} first, "
+            f"e.g. export {variables[0]}=...)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
@@ -337,6 +353,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     )
     run = run_command(path.stem, config_dirs=args.config_dir, overrides=args.overrides)
     console.print(f"wrote {path}; rerun it with: {run}", highlight=False, markup=False)
+    _password_note(console, args.overrides)
     return 0
 
 

@@ -130,6 +130,60 @@ BAD_INPUT = [
         ["tracking.uri=http://127.0.0.1:1"],
         "Cannot reach the MLflow tracking server tracking.uri 'http://127.0.0.1:1'",
     ),
+    # Names that become file names: nothing is written outside output_dir.
+    *(
+        (
+            [f"search.study_name={name}"],
+            "The 'search.study_name' config value must be a file name of letters, digits, '.', "
+            f"'_' and '-', starting with a letter or a digit (at most 128 characters). Got "
+            f"{name!r} instead.",
+        )
+        for name in ("a/b", "../../escaped", "/tmp/absolute", ".", "..", "a b")
+    ),
+    (["task.name=../up", "search.study_name=ok"], "The 'task.name' config value must be a"),
+    # The baseline's training and the tasks' settings, checked before any data is read.
+    (["task.train.epochs=-1"], "'epochs' parameter of TrainConfig (task.train) must be an int"),
+    (["task.train.epochs=1.5"], "'epochs' parameter of TrainConfig (task.train) must be an int"),
+    (["task.train.batch_size=0"], "'batch_size' parameter of TrainConfig (task.train) must be"),
+    (["task.train.lr=0"], "'lr' parameter of TrainConfig (task.train) must be a finite float in"),
+    (["task.train.lr=nan"], "(0.0, inf). Got nan instead."),
+    (["task.train.lr=inf"], "(0.0, inf). Got inf instead."),
+    (["+task.train.weight_decay=-0.1"], "'weight_decay' parameter of TrainConfig (task.train)"),
+    (["~task.train.epochs"], "task.train {'batch_size': 64, 'lr': 0.001} has no 'epochs'"),
+    (["task.val_fraction=0"], "'val_fraction' parameter of task 'digits_mlp' must be a finite"),
+    (["task.test_fraction=1.5"], "'test_fraction' parameter of task 'digits_mlp' must be a"),
+    (
+        ["task.val_fraction=0.5", "task.test_fraction=0.5"],
+        "'val_fraction' and 'test_fraction' parameters of task 'digits_mlp' must sum to less "
+        "than 1",
+    ),
+    (["task.hidden=[0,10]"], "'hidden' parameter of task 'digits_mlp' must be a list of ints"),
+    (
+        ["task=mnist1d_cnn", "task.channels=0"],
+        "'channels' parameter of task 'mnist1d_cnn' must be an int in [1, inf). Got 0",
+    ),
+    (["task=mnist1d_cnn", "task.val_fraction=1"], "'val_fraction' parameter of task 'mnist1d_cnn'"),
+    # Heartbeats and constraints that cannot work.
+    (
+        ["search.heartbeat_interval=60", "search.grace_period=30"],
+        "The 'search.heartbeat_interval' config value must be less than search.grace_period",
+    ),
+    (["search.constraints.size_kb=-1"], "'search.constraints.size_kb' config value cannot be met"),
+    (["+search.constraints.latency_ms=0"], "'search.constraints.latency_ms' config value cannot"),
+    (["+search.constraints.flops=-5"], "'search.constraints.flops' config value cannot be met"),
+    (
+        ["+search.constraints.val_agreement=1.5"],
+        "'search.constraints.val_agreement' config value cannot be met: it must be a number in "
+        "[0, 1]",
+    ),
+    (
+        ["+search.constraints.compressed_fraction=-0.1"],
+        "'search.constraints.compressed_fraction' config value cannot be met",
+    ),
+    (
+        ["+search.constraints.val_acc=1.5"],
+        "task 'digits_mlp' scores val_acc with accuracy, which is at most 1",
+    ),
 ]
 
 
@@ -146,7 +200,18 @@ def test_bad_input_exits_2_with_a_message_before_any_work(
 
 
 def test_at_least_twenty_kinds_of_bad_input_are_covered():
-    assert len(BAD_INPUT) >= 40
+    assert len(BAD_INPUT) >= 70
+
+
+@pytest.mark.parametrize("key", ["output_dir", "cache_dir"])
+def test_a_folder_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys, key):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file")
+    for value in ("taken", "taken/below"):
+        assert main(["sweep", "--quiet", f"{key}={value}"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"The '{key}' config value '{value}'" in err and "a file, not a folder" in err
+        assert os.listdir(tmp_path) == ["taken"]
 
 
 def test_a_mistyped_key_is_named_without_advice_to_add_it(tmp_path, monkeypatch, capsys):

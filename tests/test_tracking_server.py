@@ -4,6 +4,8 @@ several workers, and passwords in storage URLs masked in everything written or p
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -150,3 +152,84 @@ def test_passwords_in_urls_are_masked_everywhere(tmp_path, cache_dir, pg_url, ca
                 assert secret.encode() not in path.read_bytes(), path
     finally:
         optuna.delete_study(study_name=name, storage=pg_url)
+
+
+def _files_holding(secret: str, *folders: Path) -> list[Path]:
+    """Every file under ``folders`` whose bytes hold ``secret`` (databases and artifacts too)."""
+    return [
+        path
+        for folder in folders
+        for path in Path(folder).rglob("*")
+        if path.is_file() and secret.encode() in path.read_bytes()
+    ]
+
+
+def test_a_password_is_written_nowhere_and_the_printed_commands_read_it_from_the_environment(
+    tmp_path, cache_dir, pg_url, capsys, caplog, monkeypatch
+):
+    secret = "secretpw" + uuid.uuid4().hex[:8]  # PostgreSQL here trusts local users: any password
+    with_password = pg_url.replace("postgres@", f"postgres:{secret}@")
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)  # squeeze export writes ./conf/experiment/ here
+    monkeypatch.delenv("SQUEEZE_DB_PASSWORD", raising=False)
+    caplog.set_level("INFO")
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=2",
+        f"search.study_name={name}",
+        "space.pipeline=[prune]",
+        storage=with_password,
+    )
+    try:
+        assert main(["sweep", *overrides]) == 0
+        out = capsys.readouterr().out
+        assert "set SQUEEZE_DB_PASSWORD first" in out
+        lines = [line.strip() for line in out.splitlines()]
+        commands = [line for line in lines if line.startswith("squeeze ")]
+        assert [c.split()[1] for c in commands] == ["export", "run"]
+        for command in commands:
+            assert "postgres:${oc.env:SQUEEZE_DB_PASSWORD}@" in command and secret not in command
+        # Pasted without the variable: a clear error naming it, exit 2.
+        assert main(shlex.split(commands[0])[1:]) == 2
+        assert "reads the environment variable SQUEEZE_DB_PASSWORD" in capsys.readouterr().err
+        # Pasted as printed, with the variable set, as a shell would pass them.
+        monkeypatch.setenv("SQUEEZE_DB_PASSWORD", secret)
+        for command in commands:
+            assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr()
+        assert "squeeze run" in printed.out and secret not in printed.out + printed.err
+        exported = list((tmp_path / "conf" / "experiment").glob("*.yaml"))
+        assert len(exported) == 1 and "${oc.env:SQUEEZE_DB_PASSWORD}" in exported[0].read_text()
+        assert secret not in caplog.text and "secretpw" not in caplog.text
+        # The trials, the runs, MLflow's database and artifacts, the exported yaml, the cache.
+        assert (tmp_path / "trials" / "runs").is_dir() and (tmp_path / "mlflow.db").is_file()
+        assert _files_holding("secretpw", tmp_path, cache_dir) == []
+    finally:
+        optuna.delete_study(study_name=name, storage=pg_url)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_url_with_credentials_works_and_they_are_written_nowhere(
+    tmp_path, cache_dir, tracking_server, capsys, monkeypatch
+):
+    for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(variable, raising=False)  # (compose_config sets them)
+    secret = "secretpw" + uuid.uuid4().hex[:8]
+    with_credentials = tracking_server.replace("http://", f"http://squeeze:{secret}@")
+    overrides = [
+        *sweep_overrides(tmp_path, cache_dir, "search.n_trials=1", "space.pipeline=[prune]"),
+        f"tracking.uri={with_credentials}",
+    ]
+    assert main(["sweep", *overrides]) == 0, capsys.readouterr().err  # reached, not refused
+    out = capsys.readouterr().out
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == secret  # where MLflow's client reads it
+    assert f"tracking.uri={tracking_server}" in out and secret not in out
+    assert "set MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD first" in out
+    client = MlflowClient(tracking_server)
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("squeeze").experiment_id],
+        filter_string="tags.`squeeze.role` = 'study'",
+    )
+    assert parent.data.params["tracking.uri"] == tracking_server
+    assert _files_holding("secretpw", tmp_path) == []  # artifacts served from tmp_path too

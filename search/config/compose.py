@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from search._errors import ConfigError
 from search.config.modules import use_config_dirs
 from search.config.schema import unknown_key_message
+from search.config.storage import move_tracking_credentials
 
 #: The project's config tree.
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -61,11 +62,12 @@ def compose_config(
     dirs = search_dirs(config_dirs)
     try:
         cfg = _compose(config_name, prepared, dirs)
-        OmegaConf.resolve(cfg)
+        OmegaConf.resolve(cfg)  # (${oc.env:VAR} references read the environment here)
     except MissingConfigException as err:
         raise ConfigError(_missing_option_message(err, dirs)) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_override_message(err, prepared, config_name, dirs)) from None
+    move_tracking_credentials(cfg)  # http://user:pw@host: to MLflow's variables, out of cfg
     return cfg
 
 
@@ -149,6 +151,15 @@ def _override_message(
 ) -> str:
     """Hydra's message, except for a key that does not exist: that one names the closest key
     (``serch.n_trials`` -> ``search.n_trials``) instead of Hydra's advice to add it with '+'."""
+    missing_env = re.search(r"Environment variable '([^']+)' not found", str(err))
+    if missing_env is not None:
+        variable = missing_env.group(1)
+        keys = [o.partition("=")[0].lstrip("+~") for o in overrides if variable in o]
+        return (
+            f"The config value of {', '.join(keys) or 'a key'} reads the environment variable "
+            f"{variable} (${{oc.env:{variable}}}), which is not set. Set it first: export "
+            f"{variable}=<the password> (see README, Passwords)."
+        )
     match = re.match(r"Could not override '([^']+)'", str(err))
     if match is not None:
         tree = _known_keys(config_name, overrides, dirs, missing=match.group(1))

@@ -21,17 +21,18 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from search._errors import ConfigError
-from search.config.constraints import check_constraints
+from search.config.constraints import check_constraints, check_score_bound
 from search.config.early_stop import check_early_stop, make_pruner
 from search.config.metrics import METRICS, batch_metrics, default_directions
 from search.config.modules import import_target
-from search.config.schema import check_schema
+from search.config.schema import check_file_name, check_schema
 from search.config.score import DEFAULT_SCORE, Score
 from search.config.storage import check_storage, check_tracking_uri
 from search.config.warm_start import WarmStarts, check_warm_start
@@ -105,6 +106,9 @@ class SweepPlan:
                 ``val_acc`` (exit 2, before anything is created).
         """
         score = Score(higher_is_better=bool(task.higher_is_better))
+        if score.higher_is_better and _at_most_one(task.metric):
+            metric = getattr(task.metric, "__name__", type(task.metric).__name__)
+            check_score_bound(self.constraints, task=task.name, metric=metric)
         if self.explicit_directions:
             directions = self.directions
             if "val_acc" in self.objectives:
@@ -129,6 +133,13 @@ class SweepPlan:
             score=score,
             fingerprint=_fingerprint(self.cfg, self.constraints, directions),
         )
+
+
+def _at_most_one(metric: Any) -> bool:
+    """Whether ``metric`` is one of squeeze's scores that are at most 1."""
+    from experiments import accuracy, mean_cosine, neighbour_agreement, r2_score
+
+    return metric in (accuracy, mean_cosine, neighbour_agreement, r2_score)
 
 
 def missing_onnx_extra() -> list[str]:
@@ -180,6 +191,9 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     if "latency_ms" in objectives and 1 not in cfg.measure.latency_batch_sizes:
         raise ConfigError("Objective 'latency_ms' needs 1 in measure.latency_batch_sizes.")
     constraints = check_constraints(dict(search.constraints), known)
+    _check_heartbeat(search)
+    for key in ("output_dir", "cache_dir"):
+        _check_folder(str(cfg[key]), key)
     make_sampler(search.sampler, seed=0, options=search.sampler_options)
     make_pruner(search.pruner, search.pruner_options)
     check_early_stop(
@@ -286,7 +300,9 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
         raise ConfigError(
             f"Invalid key in task {task_cfg.get('name')!r}: {err}. Allowed: {', '.join(allowed)}."
         ) from None
-    from experiments import TrainConfig
+    if "name" in task_cfg:  # a folder of the baseline cache, and the default study name
+        check_file_name(task_cfg["name"], "task.name")
+    from experiments import TrainConfig, WorkloadError
 
     train = kwargs.get("train") or {}
     unknown = sorted(set(train) - set(TrainConfig.__dataclass_fields__))
@@ -295,7 +311,45 @@ def _check_task(cfg: DictConfig) -> tuple[Callable[..., Task], dict[str, Any]]:
             f"Unknown key(s) {unknown} in task.train. Allowed: "
             f"{', '.join(TrainConfig.__dataclass_fields__)}."
         )
+    if train:
+        try:
+            TrainConfig(**train)  # its ranges, before the builder reads or generates any data
+        except WorkloadError as err:
+            raise ConfigError(str(err)) from None
+        except TypeError:
+            raise ConfigError(
+                f"task.train {train} has no 'epochs'. Allowed keys: "
+                f"{', '.join(TrainConfig.__dataclass_fields__)} (epochs required)."
+            ) from None
     return builder, kwargs
+
+
+def _check_heartbeat(search: DictConfig) -> None:
+    """A trial with no heartbeat for ``grace_period`` seconds is failed as lost: heartbeats
+    must come more often than that, or every running trial is declared lost."""
+    interval, grace = int(search.heartbeat_interval), int(search.grace_period)
+    if interval >= grace:
+        raise ConfigError(
+            f"The 'search.heartbeat_interval' config value must be less than "
+            f"search.grace_period ({grace} s): a running trial sends a heartbeat every "
+            f"{interval} s and is failed as lost after {grace} s without one. Got {interval} "
+            f"instead. Allowed: search.heartbeat_interval < search.grace_period (e.g. 10 and 60)."
+        )
+
+
+def _check_folder(path: str, key: str) -> None:
+    """Refuse ``path`` (``output_dir``, ``cache_dir``) when it, or a folder it would be made
+    in, exists and is not a folder (nothing is created here)."""
+    folder = Path(path).expanduser()
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                what = "is" if part == folder else f"would be made inside {str(part)!r}, which is"
+                raise ConfigError(
+                    f"The '{key}' config value {path!r} {what} a file, not a folder. Allowed: a "
+                    "folder, existing or not (it is created), outside any file."
+                )
+            return
 
 
 def _fingerprint(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,36 @@ class Text:
 
     def describe(self) -> str:
         return "a non-empty string"
+
+
+#: What a name that becomes a file or folder name (a study's, a task's, an experiment's) may be.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class FileName:
+    """A name that is used as one file or folder name (``<output_dir>/<study>/``): letters,
+    digits, ``.``, ``_`` and ``-``, starting with a letter or a digit, at most 128 characters
+    (no ``/``, no ``..``, no absolute path: nothing is written outside its folder)."""
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and _FILE_NAME.fullmatch(value) is not None
+
+    def describe(self) -> str:
+        return (
+            "a file name of letters, digits, '.', '_' and '-', starting with a letter or a "
+            "digit (at most 128 characters)"
+        )
+
+
+def check_file_name(value: Any, key: str) -> None:
+    """Raise `ConfigError` unless ``value`` is a safe file name (`FileName`); ``key`` names it
+    in the message (``search.study_name``, ``--name``)."""
+    rule = FileName()
+    if not rule.accepts(value):
+        raise ConfigError(
+            f"The '{key}' config value must be {rule.describe()}. Got {value!r} instead."
+        )
 
 
 @dataclass(frozen=True)
@@ -115,7 +146,7 @@ SCHEMA: dict[str, Any] = {
         "runtime": Options(("torch", "onnxruntime")),
     },
     "search": {
-        "study_name": Text(),
+        "study_name": FileName(),
         "n_trials": Integer(1, 10_000_000),
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),

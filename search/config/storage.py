@@ -10,9 +10,12 @@ Two kinds of storage are supported:
 
 from __future__ import annotations
 
+import os
 import re
+import urllib.parse
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -24,12 +27,100 @@ from search._errors import ConfigError
 #: URL schemes accepted by ``search.storage`` (the part before any ``+driver``).
 SCHEMES = ("sqlite", "postgresql")
 _HINT = "Use a journal file path, sqlite:///file.db or postgresql+psycopg2://user@host/db."
-_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)@")
+#: A password given as a reference to an environment variable (``${oc.env:VAR}``, which
+#: OmegaConf resolves when the config is composed): no secret, never masked.
+_ENV_REFERENCE = re.compile(r"\$\{oc\.env:[A-Za-z_][A-Za-z0-9_]*(,[^}]*)?\}")
+#: The environment variable a printed command reads each URL's password from.
+PASSWORD_ENV = {
+    "search.storage": "SQUEEZE_DB_PASSWORD",
+    "tracking.uri": "SQUEEZE_TRACKING_PASSWORD",
+}
+#: Where an MLflow client reads the credentials of a tracking server (``http://user:pw@host``).
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def mask_url(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL in it as ``***``."""
-    return _PASSWORD.sub(r"\1***@", str(text))
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it as ``***``
+    (a password read from the environment, ``${oc.env:VAR}``, is left as it is)."""
+
+    def mask(match: re.Match) -> str:
+        if _ENV_REFERENCE.fullmatch(match.group(2)):
+            return match.group(0)
+        return f"{match.group(1)}***@"
+
+    return _PASSWORD.sub(mask, str(text))
+
+
+def masked_config(cfg: Any) -> Any:
+    """``cfg`` (a `DictConfig`, resolved) as plain data with every URL's password masked: what
+    any config file or MLflow artifact squeeze writes holds."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        return mask_url(value) if isinstance(value, str) else value
+
+    if isinstance(cfg, DictConfig | ListConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return mask(cfg)
+
+
+def password_from_env(override: str) -> tuple[str, list[str]]:
+    """A command-line override that says where results live, fit to print as a command to
+    paste: the password of a ``search.storage`` or database ``tracking.uri`` URL replaced by
+    ``${oc.env:VAR}`` (`PASSWORD_ENV`: OmegaConf reads it from the environment when the
+    config is composed), the credentials of a tracking server's URL left out (MLflow reads
+    them from `MLFLOW_CREDENTIALS`). Returns the override and the variables it needs set.
+
+    Example:
+        >>> password_from_env("search.storage=postgresql://me:pw@db/optuna")
+        ('search.storage=postgresql://me:${oc.env:SQUEEZE_DB_PASSWORD}@db/optuna', \
+['SQUEEZE_DB_PASSWORD'])
+    """
+    key, equals, value = override.partition("=")
+    name = key.lstrip("+~")
+    if not equals or name not in PASSWORD_ENV:
+        return override, []
+    match = _PASSWORD.search(value)
+    if match is None or _ENV_REFERENCE.fullmatch(match.group(2)):
+        return override, []
+    if name == "tracking.uri" and re.match(r"['\"]?https?://", value):
+        start = match.start() + len("://")
+        return f"{key}={value[:start]}{value[match.end() :]}", list(MLFLOW_CREDENTIALS)
+    variable = PASSWORD_ENV[name]
+    replaced = f"{match.group(1)}${{oc.env:{variable}}}@"
+    return f"{key}={value[: match.start()]}{replaced}{value[match.end() :]}", [variable]
+
+
+def split_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """An http(s) URL without its ``user:password@`` and the pair, or ``(uri, None)``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri, None
+    host = parts.netloc.rpartition("@")[2]
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    user = urllib.parse.unquote(parts.username or "")
+    return clean, (user, urllib.parse.unquote(parts.password))
+
+
+def move_tracking_credentials(cfg: Any) -> None:
+    """Move the credentials of ``cfg``'s tracking server URL (``http://user:pw@host``) into
+    the environment variables MLflow's client reads (`MLFLOW_CREDENTIALS`), so that the config
+    (and so every file, artifact and parameter written from it) holds none; this process's
+    workers inherit them."""
+    tracking = cfg.get("tracking") if hasattr(cfg, "get") else None
+    uri = tracking.get("uri") if tracking is not None else None
+    if not isinstance(uri, str):
+        return
+    clean, credentials = split_credentials(uri)
+    if credentials is None:
+        return
+    os.environ.update(dict(zip(MLFLOW_CREDENTIALS, credentials, strict=True)))
+    tracking.uri = clean
 
 
 def is_url(storage: str) -> bool:
@@ -138,11 +229,19 @@ def check_tracking_uri(uri: str, *, connect: bool = True) -> None:
 
 
 def _check_server(uri: str, shown: str) -> None:
+    import base64
     import urllib.error
     import urllib.request
 
+    uri, credentials = split_credentials(uri)
+    if credentials is None and all(os.environ.get(v) for v in MLFLOW_CREDENTIALS):
+        credentials = (os.environ[MLFLOW_CREDENTIALS[0]], os.environ[MLFLOW_CREDENTIALS[1]])
+    request = urllib.request.Request(f"{uri}/health")
+    if credentials is not None:  # a server behind basic authentication
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5) as answer:
             answer.read()
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)

@@ -48,7 +48,7 @@ from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import DEFAULT_SCORE, Score
-from search.config.storage import mask_url, open_storage
+from search.config.storage import mask_url, masked_config, open_storage, password_from_env
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.tracking import experiment_id
@@ -78,7 +78,7 @@ def load_study(cfg: DictConfig, study_name: str) -> optuna.Study:
     names = optuna.get_all_study_names(storage)
     if study_name not in names:
         raise ConfigError(
-            f"No study {study_name!r} in search.storage {cfg.search.storage}. "
+            f"No study {study_name!r} in search.storage {mask_url(cfg.search.storage)}. "
             f"Studies there: {', '.join(names) or 'none'}."
         )
     return optuna.load_study(study_name=study_name, storage=storage)
@@ -199,6 +199,7 @@ def export_trial(
         f"({ratio:.1f}x the baseline's fp32 file), latency {metrics.get('latency_ms', 0):.3f} ms"
         "\n"
         f"# Rerun it: {run_command(name, config_dirs=config_dirs, overrides=overrides)}\n"
+        + "".join(f"#   (with {v} set)\n" for v in password_variables(overrides))
     )
     path = (conf_dir if conf_dir is not None else writable_config_dir()) / "experiment"
     path = path / f"{name}.yaml"
@@ -321,7 +322,7 @@ def run_experiment(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.sqz"
     size = save_packed(model, path, like=baseline.model)
-    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.create(masked_config(cfg)), folder / "config.yaml")  # no password
     shipped = load_packed(path, task.build_model())
     val_reference = (  # for val_agreement (a regression has no decisions to agree on)
         predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
@@ -498,7 +499,8 @@ def next_commands(
 ) -> list[str]:
     """The ``squeeze export`` and ``squeeze run`` command lines for ``trial`` of ``study_name``,
     with the ``--config-dir`` folders and the overrides that say where the study's results live
-    (storage, tracking, cache and output folders; passwords masked)."""
+    (storage, tracking, cache and output folders; a password is read from an environment
+    variable, `password_variables`)."""
     export = ["export", "--study", study_name, "--pick", f"trial={trial}"]
     return [
         _command_line(export, config_dirs, overrides),
@@ -513,11 +515,24 @@ def run_command(
     return _command_line(["run", f"experiment={experiment}"], config_dirs, overrides)
 
 
+def password_variables(overrides: Sequence[str]) -> list[str]:
+    """The environment variables the commands `next_commands` and `run_command` print for
+    ``overrides`` read a password from (`search.config.storage.password_from_env`): they hold
+    ``${oc.env:VAR}`` instead of a password, to be set before the commands are pasted."""
+    found: list[str] = []
+    for override in overrides:
+        if override.lstrip("+~").startswith(_WHERE_KEYS):
+            found += [v for v in password_from_env(override)[1] if v not in found]
+    return found
+
+
 def _command_line(
     words: list[str], config_dirs: Sequence[str | Path], overrides: Sequence[str]
 ) -> str:
+    """The command, with the overrides saying where results live; a password in a URL is read
+    from an environment variable (`password_variables`): the line can be pasted as it is."""
     dirs = [arg for d in config_dirs for arg in ("--config-dir", str(d))]
-    where = [o for o in overrides if o.lstrip("+~").startswith(_WHERE_KEYS)]
+    where = [password_from_env(o)[0] for o in overrides if o.lstrip("+~").startswith(_WHERE_KEYS)]
     return mask_url(shlex.join(["squeeze", *words, *dirs, *where]))
 
 

@@ -57,6 +57,7 @@ from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,
     build_task,
+    check_baseline,
     check_memory,
     check_task,
     load_baseline,
@@ -321,6 +322,7 @@ def _prepare(
         recorded_threads=threads,
     )
     task, baseline, device = workload.task, workload.baseline, workload.device
+    check_baseline(task, baseline)  # a NaN or chance-level baseline: no trial (exit 2)
     baseline_size = baseline_file_size(baseline)
     latency = tuple(cfg.measure.latency_batch_sizes), int(cfg.measure.latency_repeats)
     budget_s = cfg.measure.get("latency_budget_s")

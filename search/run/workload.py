@@ -128,6 +128,72 @@ def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
         )
 
 
+#: Validation samples whose baseline outputs `check_baseline` checks are finite.
+CHECK_SAMPLES = 1024
+#: How far above chance (1 / classes) a classifier's baseline accuracy must be, in standard
+#: errors of a random guesser's accuracy on the validation split (at least `MIN_MARGIN`).
+CHANCE_ERRORS = 3.0
+MIN_MARGIN = 0.01
+
+
+def check_baseline(task: Task, baseline: Baseline) -> None:
+    """Refuse a baseline that is not worth compressing, before any trial: one whose scores or
+    outputs on validation (in eval mode) are not finite, or a classifier scored by accuracy
+    that does no better than chance (``1 / num_classes``, plus `CHANCE_ERRORS` standard errors
+    of a random guesser's accuracy on the validation split).
+
+    Raises:
+        ConfigError: Naming the task, the metric, its value and what to change (exit 2; the
+            baseline is cached by then, no trial has run).
+    """
+    import math
+
+    import torch
+
+    from experiments import accuracy
+
+    fix = (
+        f"Fix the task's model or its training (task.train: {task.train_config}), or give a "
+        "trained checkpoint=."
+    )
+    for key in ("val_acc", "test_acc"):
+        value = baseline.metrics.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            raise ConfigError(
+                f"The baseline of task {task.name!r} has {key}={value}: not a finite score, so "
+                f"no trial can be compared with it; no trial was run. {fix}"
+            )
+    model = baseline.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in task.val.batches(256, limit=CHECK_SAMPLES):
+                outputs = task.val.forward(model, batch.inputs)
+                bad = int((~torch.isfinite(outputs)).sum())
+                if bad:
+                    raise ConfigError(
+                        f"The baseline of task {task.name!r} outputs NaN or inf in eval mode on "
+                        f"validation ({bad} of {outputs.numel()} values of a batch of "
+                        f"{batch.rows}); no trial was run. {fix}"
+                    )
+    finally:
+        model.train(was_training)
+    value = baseline.metrics.get("val_acc")
+    if task.outputs != "logits" or task.metric is not accuracy or value is None:
+        return
+    chance = 1.0 / max(int(task.num_classes), 1)
+    n = len(task.val) if task.val.sized() else 0
+    margin = max(MIN_MARGIN, CHANCE_ERRORS * math.sqrt(chance * (1 - chance) / n) if n else 0.02)
+    if float(value) <= chance + margin:
+        raise ConfigError(
+            f"The baseline of task {task.name!r} has val_acc={float(value):.4f}: no better than "
+            f"chance (1/{task.num_classes} classes = {chance:.4f}, + {margin:.4f}: "
+            f"{CHANCE_ERRORS:g} standard errors of a random guess on {n or 'the'} validation "
+            f"samples); compressing it means nothing, and no trial was run. {fix}"
+        )
+
+
 def set_workload_threads(
     plan: SweepPlan,
     task: Task,
