@@ -200,7 +200,7 @@ def test_a_two_trial_sweep_runs_on_each_workload(name, tmp_path, cache_dir):
             "--config-dir",
             str(ZOO_CONF),
             f"task={name}",
-            f"task.train.epochs={3 if name != 'wl_regression' else 10}",
+            f"task.train.epochs={ {'wl_regression': 10, 'wl_dict_bert': 6}.get(name, 3) }",
             *overrides,
         ]
     )
