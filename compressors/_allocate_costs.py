@@ -36,6 +36,11 @@ from compressors.quant import make_grid
 #: Tensors of at most this many values get the entropy coder's exact size; larger ones its
 #: estimate (the codes' cross-entropy under the stored frequencies, in 32-bit words).
 EXACT_ANS = 1 << 16
+#: Tensors of more than this many values (with enough rows) are costed on every k-th row, k the
+#: smallest step that leaves at most this many values: counts, distortions and Fisher sums are
+#: scaled up by k (rows are independent on a per-row grid; the pruning threshold is the whole
+#: tensor's). The grid search over clipping ratios (`make_grid`) is most of a table's time.
+SAMPLED_ABOVE = 1 << 20
 #: safetensors orders a file's entries by dtype (this rank, highest first), then by name.
 _DTYPE_RANK = {"U8": 0, "F16": 1, "I32": 2, "F32": 3}
 _NAME = "t"  # the name `compressors.packing.tensor_bytes` encodes a tensor under
@@ -96,6 +101,9 @@ def costs(
     """Every setting's bytes and distortion for ``weight`` (and Fisher estimate, given
     ``fisher``, a tensor of ``weight``'s shape): one pass, one setting's values at a time."""
     w = weight.detach()
+    step = math.ceil(w.numel() / SAMPLED_ABOVE)
+    if step > 1 and w.dim() >= 2 and w.shape[0] >= 4 * step:
+        return _sampled_costs(w, settings, fisher=fisher, step=step)
     out_bytes, distortion, estimate = [], [], []
     for value, grid in variants(w, settings):
         out_bytes.append(value_bytes(value, grid))
@@ -111,28 +119,71 @@ def costs(
     )
 
 
-def value_bytes(value: torch.Tensor, grid: nn.Module | None = None) -> int:
+def _sampled_costs(
+    w: torch.Tensor, settings: list[Setting], *, fisher: torch.Tensor | None, step: int
+) -> Costs:
+    """`costs` estimated on every ``step``-th row of ``w`` (see `SAMPLED_ABOVE`)."""
+    rows = torch.arange(0, w.shape[0], step, device=w.device)
+    factor = w.shape[0] / len(rows)
+    sample = w[rows]
+    part = None if fisher is None else fisher[rows]
+    magnitudes = w.abs().flatten()
+    out_bytes, distortion, estimate = [], [], []
+    current, masked = None, None
+    for setting in settings:
+        if setting.sparsity != current:
+            k = round(setting.sparsity * w.numel())
+            threshold = float(torch.kthvalue(magnitudes, k).values) if k > 0 else -1.0
+            current, masked = setting.sparsity, sample * (sample.abs() > threshold)
+        value, grid = masked, None
+        if setting.bits is not None:
+            grid = make_grid(masked, setting.bits)
+            value = grid.codes(masked) * grid.scale
+        out_bytes.append(value_bytes(value, grid, shape=list(w.shape), factor=factor))
+        diff = (sample - value).float()
+        distortion.append(factor * float((diff * diff).sum()))
+        if part is not None:
+            estimate.append(0.5 * factor * float((part * diff * diff).sum()))
+    return Costs(
+        np.array(out_bytes, dtype=np.int64),
+        np.array(distortion),
+        None if fisher is None else np.array(estimate),
+    )
+
+
+def value_bytes(
+    value: torch.Tensor,
+    grid: nn.Module | None = None,
+    *,
+    shape: list[int] | None = None,
+    factor: float = 1.0,
+) -> int:
     """`compressors.packing.tensor_bytes` of ``value`` (on ``grid``, if given), by
-    arithmetic."""
+    arithmetic; or, given ``shape``, of a tensor of that shape whose rows ``value`` samples,
+    one in ``factor`` (its counts scaled up: an estimate)."""
     flat = value.detach().flatten()
-    spec: dict = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    full = list(value.shape) if shape is None else shape
+    spec: dict = {"shape": full, "dtype": str(value.dtype).removeprefix("torch.")}
     if grid is None:
-        return _float_bytes(flat.to(torch.float32), spec)
+        return _float_bytes(flat.to(torch.float32), spec, factor)
     packed = grid.packed(value.detach())
     entries = []
     for key, tensor in packed.tensors.items():
         tensor = tensor.detach().to(torch.float32)
         half = torch.equal(tensor.to(torch.float16).to(torch.float32), tensor)
-        entries.append((f"{_NAME}:{key}", "F16" if half else "F32", list(tensor.shape)))
+        stored = list(tensor.shape)
+        if shape is not None and stored and stored[0] == value.shape[0]:
+            stored[0] = shape[0]  # one scale per row
+        entries.append((f"{_NAME}:{key}", "F16" if half else "F32", stored))
     spec["decode"] = packed.decode
-    return _codes_bytes(packed.codes.flatten().to(torch.int64), spec, entries)
+    return _codes_bytes(packed.codes.flatten().to(torch.int64), spec, entries, factor)
 
 
-def _float_bytes(flat: torch.Tensor, spec: dict) -> int:
-    n = flat.numel()
+def _float_bytes(flat: torch.Tensor, spec: dict, factor: float = 1.0) -> int:
     nonzero = flat != 0
-    nnz = int(nonzero.sum())
-    gaps = _gap_bytes(nonzero, n)
+    n = math.prod(spec["shape"])
+    nnz = round(int(nonzero.sum()) * factor)
+    gaps = round(_gap_bytes(nonzero, flat.numel()) * factor)
     half = torch.equal(flat.to(torch.float16).to(torch.float32), flat)
     bits = 16 if half else 32
     sizes = {"dense": bits * n, "bitmask": n + bits * nnz, "gaps": 8 * gaps + bits * nnz}
@@ -163,13 +214,15 @@ class _Stream:
             self.counts = counts[present]
 
 
-def _codes_bytes(codes: torch.Tensor, spec: dict, entries: list) -> int:
-    n = codes.numel()
-    lo = int(codes.min()) if n else 0
-    counts = torch.bincount(codes - lo).cpu().numpy() if n else np.zeros(1, dtype=np.int64)
+def _codes_bytes(codes: torch.Tensor, spec: dict, entries: list, factor: float = 1.0) -> int:
+    n = math.prod(spec["shape"])
+    lo = int(codes.min()) if codes.numel() else 0
+    counts = torch.bincount(codes - lo).cpu().numpy() if codes.numel() else np.zeros(1)
+    if factor != 1.0:
+        counts = np.round(counts * factor)
     nonzero = codes != 0
-    nnz = int(nonzero.sum())
-    gaps = _gap_bytes(nonzero, n)
+    nnz = round(int(nonzero.sum()) * factor)
+    gaps = round(_gap_bytes(nonzero, codes.numel()) * factor)
     sparse_counts = counts.copy()
     if 0 <= -lo < len(sparse_counts):
         sparse_counts[-lo] = 0
@@ -201,7 +254,7 @@ def _ans_bytes(codes: torch.Tensor, stream: _Stream, lo: int) -> int:
     `EXACT_ANS` values."""
     counts = stream.counts.astype(np.float64)
     freqs = np.where(counts > 0, np.maximum(1, np.round(255 * counts / counts.max())), 0)
-    if codes.numel() <= EXACT_ANS:
+    if codes.numel() <= EXACT_ANS and stream.count == codes.numel():
         first = int(stream.spec["range"][0]) if "range" in stream.spec else None
         if first is not None:
             index = (codes - first).cpu().numpy().astype(np.int32)

@@ -11,7 +11,7 @@ cached table is found again):
   linearly in the distortion for the others (a loss increase is, to second order, proportional
   to a perturbation's size along a tensor's curvature; the curve through ``(0, 0)`` and the
   anchors is kept non-decreasing): ``1 + tensors x ANCHORS`` passes, on at most
-  `INTERPOLATED_SAMPLES` samples.
+  `INTERPOLATED_SAMPLES` samples (``fisher`` too when ``auto`` chooses it).
 - ``fisher``: ``1/2 sum_i F_i (w_i - v_i)^2`` with the empirical Fisher diagonal ``F`` (squared
   mini-batch gradients of the task's loss, weighted by the batch's rows), from one forward and
   backward pass over the samples. The squared gradients are added in place as each tensor's
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("auto", "loss", "interpolated", "fisher")
 #: Settings measured per tensor by ``interpolated``.
 ANCHORS = 6
-#: At most this many calibration samples for ``interpolated``.
+#: At most this many calibration samples for ``interpolated``, and for ``fisher`` when ``auto``
+#: chooses it (a backward pass over 256 samples: 4 training steps of batch 64).
 INTERPOLATED_SAMPLES = 256
 #: Training steps the passes of ``auto``'s choice may cost ...
 STEPS = 50
@@ -90,7 +91,7 @@ def plan(model: nn.Module, tensors: int, settings: int, *, method: str, samples:
         return Plan("loss", samples, LOSS_BATCH)
     if (1 + tensors * min(ANCHORS, settings)) * interpolated.samples <= allowed:
         return interpolated
-    return Plan("fisher", samples, fisher_batch)
+    return Plan("fisher", min(samples, INTERPOLATED_SAMPLES), fisher_batch)
 
 
 class Counter:

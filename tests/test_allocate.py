@@ -319,3 +319,16 @@ def test_the_estimated_tables_allocate_within_the_target_near_the_measured_one(
         accuracy[name] = evaluate(model, digits_task.val)
     assert accuracy["interpolated"] >= accuracy["loss"] - 0.05, accuracy
     assert accuracy["fisher"] >= accuracy["loss"] - 0.05, accuracy
+
+
+def test_large_tensors_are_costed_on_sampled_rows_within_a_percent():
+    from compressors import _allocate_costs as costs
+
+    torch.manual_seed(0)
+    weight = torch.randn(2100, 512) * 0.02  # over SAMPLED_ABOVE: every other row
+    assert weight.numel() > costs.SAMPLED_ABOVE
+    some = [alloc.Setting(0.0, None), alloc.Setting(0.5, 4), alloc.Setting(0.9, 2)]
+    got = alloc.candidate_bytes(weight, some)
+    assert got[0] == tensor_bytes(weight)  # dense float32: exact
+    for (value, grid), size in zip(costs.variants(weight, some), got, strict=True):
+        assert size == pytest.approx(tensor_bytes(value, grid), rel=0.01)
