@@ -4,17 +4,21 @@ One search dimension (the target ``ratio``) replaces one per layer. For every co
 tensor (`compressors._targets`) and every candidate setting (a sparsity from `SPARSITIES`, then a
 bit width, or float32), the allocator knows
 
-- its **cost**: the exact bytes the packed file spends on the tensor at that setting (the file's
-  own encoder, `compressors.packing.tensor_bytes`), and
+- its **cost**: the bytes the packed file spends on the tensor at that setting
+  (`compressors.packing.tensor_bytes`, computed from counts by `compressors._allocate_costs`:
+  exact for float and bit-packed layouts, the entropy-coded size of large tensors estimated), and
 - its **sensitivity**: how much the task's loss rises on training data when that tensor alone is
-  compressed so (``loss``: measured; ``fisher``: the second-order estimate
-  ``1/2 sum F_i dw_i^2`` from the empirical Fisher diagonal, one backward pass over the data).
+  compressed so (``loss``: measured; ``interpolated``: measured at a few settings;
+  ``fisher``: the second-order estimate ``1/2 sum F_i dw_i^2`` from the empirical Fisher
+  diagonal, one backward pass over the data; ``auto`` picks by the model's size,
+  `compressors._allocate_sensitivity`).
 
 It then solves the multiple-choice knapsack exactly (one setting per tensor, least total
 sensitivity, total bytes within the budget) with HiGHS (`scipy.optimize.milp`), applies the
 chosen masks (`compressors.prune.Mask`) and grids (`compressors.quant.make_grid`), and the trial
-fine-tunes as usual. The table is measured once per baseline and kept in the context's
-``cache_dir`` (the trials and workers of a study share it). After fine-tuning, `finalize` checks
+fine-tunes as usual. The table is measured once per set of weights and kept in the context's
+``cache_dir`` (the trials and workers of a study share it; structured pruning to the same shapes
+gives the same weights). After fine-tuning, `finalize` checks
 the packed size and, in the rare case the file would pass the target, prunes the least sensitive
 weights until it does not. A target out of reach (below the smallest allocation: every tensor at
 its most sparse and fewest bits, plus what is not compressed, such as biases, norms and the
