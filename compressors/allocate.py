@@ -4,17 +4,21 @@ One search dimension (the target ``ratio``) replaces one per layer. For every co
 tensor (`compressors._targets`) and every candidate setting (a sparsity from `SPARSITIES`, then a
 bit width, or float32), the allocator knows
 
-- its **cost**: the exact bytes the packed file spends on the tensor at that setting (the file's
-  own encoder, `compressors.packing.tensor_bytes`), and
+- its **cost**: the bytes the packed file spends on the tensor at that setting
+  (`compressors.packing.tensor_bytes`, computed from counts by `compressors._allocate_costs`:
+  exact for float and bit-packed layouts, the entropy-coded size of large tensors estimated), and
 - its **sensitivity**: how much the task's loss rises on training data when that tensor alone is
-  compressed so (``loss``: measured; ``fisher``: the second-order estimate
-  ``1/2 sum F_i dw_i^2`` from the empirical Fisher diagonal, one backward pass over the data).
+  compressed so (``loss``: measured; ``interpolated``: measured at a few settings;
+  ``fisher``: the second-order estimate ``1/2 sum F_i dw_i^2`` from the empirical Fisher
+  diagonal, one backward pass over the data; ``auto`` picks by the model's size,
+  `compressors._allocate_sensitivity`).
 
 It then solves the multiple-choice knapsack exactly (one setting per tensor, least total
 sensitivity, total bytes within the budget) with HiGHS (`scipy.optimize.milp`), applies the
 chosen masks (`compressors.prune.Mask`) and grids (`compressors.quant.make_grid`), and the trial
-fine-tunes as usual. The table is measured once per baseline and kept in the context's
-``cache_dir`` (the trials and workers of a study share it). After fine-tuning, `finalize` checks
+fine-tunes as usual. The table is measured once per set of weights and kept in the context's
+``cache_dir`` (the trials and workers of a study share it; structured pruning to the same shapes
+gives the same weights). After fine-tuning, `finalize` checks
 the packed size and, in the rare case the file would pass the target, prunes the least sensitive
 weights until it does not. A target out of reach (below the smallest allocation: every tensor at
 its most sparse and fewest bits, plus what is not compressed, such as biases, norms and the
@@ -42,7 +46,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +53,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors import _allocate_sensitivity as _sens
+from compressors._allocate_costs import Setting, costs, value_bytes, variants
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._quiet import native_stdout_silenced
 from compressors._targets import Target, targets
-from compressors.packing import packed_size, tensor_bytes
+from compressors.packing import FAST_LZMA_BYTES, packed_size
 from compressors.prune import Mask, smallest_mask
 from compressors.quant import half_biases, make_grid
 
@@ -62,30 +67,18 @@ logger = logging.getLogger(__name__)
 
 #: Sparsities a tensor may get (each combined with every bit width and with float32).
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-#: Training samples the sensitivities are measured on.
+#: Training samples the sensitivities are measured on (``allocate.samples``; ``interpolated``
+#: takes at most `compressors._allocate_sensitivity.INTERPOLATED_SAMPLES` of them).
 SAMPLES = 1024
 #: The allocator aims this far under the target (the header records changed layer shapes and
 #: per-tensor layouts whose lengths vary by a few bytes).
 SLACK = 0.01
-_CACHE_VERSION = 3
-#: An empirical Fisher diagonal whose largest entry is below this is flat: a model at its loss's
-#: minimum (trained classifiers measured 3e-3 to 0.8; minilm, its own target, ~0).
-FLAT_FISHER = 1e-9
+_CACHE_VERSION = 4
+FLAT_FISHER = _sens.FLAT_FISHER
 #: Solves at most, each followed by packing the allocated model, to fit the file to the target.
 CALIBRATIONS = 5
 #: A file this close under the target (a fraction of it) ends the calibration.
 CLOSE_ENOUGH = 0.02
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One candidate of a tensor: a sparsity, and a bit width (None: float32 values)."""
-
-    sparsity: float
-    bits: int | None
-
-    def __str__(self) -> str:
-        return f"{self.sparsity:g}/{'fp32' if self.bits is None else f'{self.bits}b'}"
 
 
 class BudgetAllocation(Compressor):
@@ -98,9 +91,14 @@ class BudgetAllocation(Compressor):
         min_bits: Fewest bits per weight a tensor may get (1 is binary, sign x scale).
         max_bits: Most bits per weight; float32 is also a candidate, for tensors worth it.
         max_sparsity: Largest fraction of a tensor's weights that may be pruned.
-        sensitivity: ``loss`` (measured: one forward pass per tensor and setting; it ranked
-            fine-tuned results best in ``bench/allocation.py``) or ``fisher`` (the empirical
-            Fisher estimate of the loss increase, one backward pass: for large models).
+        sensitivity: ``auto`` (the first of the next three whose passes cost at most 50
+            training steps of the model, or a few CPU-seconds: `compressors._allocate_sensitivity`),
+            ``loss`` (measured: one forward pass per tensor and setting; it ranked fine-tuned
+            results best in ``bench/allocation.py``), ``interpolated`` (measured at a few
+            settings per tensor, interpolated in the weights' distortion for the others) or
+            ``fisher`` (the empirical Fisher estimate of the loss increase, one backward pass).
+        samples: Training samples the sensitivities are measured on (``interpolated``: at most
+            256 of them).
         bias: ``fp16`` keeps the biases of compressed layers on float16 values, ``fp32`` not.
     """
 
@@ -118,7 +116,8 @@ class BudgetAllocation(Compressor):
         "min_bits": Integer(1, 8, default=2),
         "max_bits": Integer(1, 8, default=8),
         "max_sparsity": Real(0.0, 1.0, closed="left", default=0.95),
-        "sensitivity": Options(("loss", "fisher"), default="loss"),
+        "sensitivity": Options(_sens.METHODS, default="auto"),
+        "samples": Integer(1, 1_000_000, default=SAMPLES),
         "bias": Options(("fp16", "fp32"), default="fp16"),
     }
 
@@ -150,12 +149,19 @@ class BudgetAllocation(Compressor):
         payload_budget = budget - fixed
         best: tuple[int, list[int]] | None = None
         smallest: tuple[int, list[int]] | None = None
-        for _ in range(CALIBRATIONS):
+        # Past FAST_LZMA_BYTES the file's LZMA pass runs at its fastest preset and gains little
+        # on codes: the table's sum (exact bytes, the entropy-coded ones estimated to a word)
+        # decides, with no packing of the whole model (`finalize` checks the real file).
+        by_sum = int(table["bytes"][:, 0].sum()) > FAST_LZMA_BYTES
+        for _ in range(1 if by_sum else CALIBRATIONS):
             try:
                 choice = solve(table["bytes"], table["sensitivity"], payload_budget)
             except UnsupportedModelError:  # by the sum; LZMA may still bring the file under
                 choice = [int(i) for i in table["bytes"].argmin(axis=1)]
-            size = packed_size(model, replace=self._replacement(model, settings, choice))
+            if by_sum:
+                size = fixed + int(table["bytes"][np.arange(len(choice)), choice].sum())
+            else:
+                size = packed_size(model, replace=self._replacement(model, settings, choice))
             if smallest is None or size < smallest[0]:
                 smallest = (size, choice)
             if size <= budget and (best is None or size > best[0]):
@@ -216,7 +222,7 @@ class BudgetAllocation(Compressor):
         it."""
         found = targets(model)
         replace = {
-            name: next(_variants(target.weight, [settings[c]]))
+            name: next(variants(target.weight, [settings[c]]))
             for (name, target), c in zip(found.items(), choice, strict=True)
         }
         if self.bias == "fp16":
@@ -268,21 +274,70 @@ class BudgetAllocation(Compressor):
         """``bytes`` and ``sensitivity`` of each tensor of ``model`` (rows, `targets` order) at
         each setting (columns, `settings` order), and the ``reference`` losses
         (`reference_losses`), cached in ``ctx.cache_dir`` under a key of the weights, the
-        settings and the method."""
+        settings and the measurement's plan (`compressors._allocate_sensitivity.plan`).
+
+        The weights are the key: a structured pruning of the same baseline to the same shapes
+        gives the same weights (it is deterministic), so its trials share one table; a table is
+        never reused for other weights (see README: a baseline's sensitivities do not carry
+        over to a pruned model, whose loss and curvature have moved)."""
         found, settings = targets(model), self.settings()
-        key = _table_key(found, settings, self.sensitivity)
+        how = _sens.plan(
+            model, len(found), len(settings), method=self.sensitivity, samples=self.samples
+        )
+        key = _table_key(found, settings, how)
         path = None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"allocate-{key}.npz"
         if path is not None and path.exists():
             with np.load(path) as cached:
+                logger.info("sensitivity table (%s): cached, %s", how, path.name)
                 return {key: cached[key] for key in ("bytes", "sensitivity", "reference")}
-        table = {
-            "bytes": np.array([candidate_bytes(t.weight, settings) for t in found.values()]),
-            "sensitivity": sensitivities(model, found, settings, ctx, method=self.sensitivity),
-            "reference": np.array(reference_losses(model, ctx)),
-        }
+        table = measure_table(model, found, settings, ctx, how)
         if path is not None:
             _save_atomically(path, table)
         return table
+
+
+def measure_table(
+    model: nn.Module,
+    found: dict[str, Target],
+    settings: list[Setting],
+    ctx: CompressionContext,
+    how: _sens.Plan,
+) -> dict[str, np.ndarray]:
+    """The table (see `BudgetAllocation.table`) measured as ``how`` says, logged with its
+    cost at INFO: each tensor's bytes and distortion by arithmetic (`costs`), one tensor at a
+    time; sensitivities from the Fisher diagonal (dropped tensor by tensor as it is used) or
+    from forward passes over the calibration samples."""
+    counter = _sens.Counter()
+    was_training = model.training
+    model.eval()
+    try:
+        fisher, reference = None, None
+        if how.method == "fisher":
+            fisher, reference = _sens.fisher_diagonal(model, found, ctx, how, counter)
+        rows = []
+        for t in found.values():
+            rows.append(costs(t.weight, settings, fisher=None if fisher is None else fisher[0]))
+            if fisher is not None:
+                fisher.pop(0)  # (its memory goes with it)
+        table = {"bytes": np.stack([r.bytes for r in rows])}
+        if how.method == "fisher":
+            table["sensitivity"] = np.stack([r.fisher for r in rows])
+        else:
+            table["sensitivity"], reference = _sens.measured(
+                model,
+                found,
+                settings,
+                ctx,
+                how,
+                counter,
+                distortion=np.stack([r.distortion for r in rows]),
+                variants=variants,
+            )
+        table["reference"] = np.array(reference)
+    finally:
+        model.train(was_training)
+    counter.log(how, len(found), len(settings))
+    return table
 
 
 def sensitivities(
@@ -292,54 +347,17 @@ def sensitivities(
     ctx: CompressionContext,
     *,
     method: str = "fisher",
+    samples: int = SAMPLES,
 ) -> np.ndarray:
-    """The loss increase of compressing each tensor alone at each setting (tensors x settings).
-
-    ``fisher``: ``1/2 sum_i F_i (w_i - q(w)_i)^2`` with the empirical Fisher diagonal ``F``
-    (squared gradients of the task's loss, summed over mini-batches of the training sample);
-    ``loss``: the measured loss on the training sample minus the uncompressed model's.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        if method == "fisher":
-            fisher = _fisher(model, found, ctx, device=device)
-            if max(float(f.max()) for f in fisher) < FLAT_FISHER:
-                raise UnsupportedModelError(
-                    "allocate.sensitivity=fisher needs gradients, but the task's loss is flat "
-                    "at this model (every squared gradient is below "
-                    f"{FLAT_FISHER:g}: a model whose targets are its own outputs, such as "
-                    "minilm's embeddings, is at the loss's minimum), so every setting would "
-                    "look free; use allocate.sensitivity=loss."
-                )
-            return np.array(
-                [
-                    [
-                        0.5 * float((f * (t.weight.detach() - value) ** 2).sum())
-                        for value in compressed(t.weight, settings)
-                    ]
-                    for t, f in zip(found.values(), fisher, strict=True)
-                ]
-            )
-        with torch.no_grad():
-            batches = ctx.train.calibration(samples=SAMPLES, batch_size=256, device=device)
-            base = _loss(model, batches, ctx)
-            rows = []
-            for target in found.values():
-                original = target.latent.detach().clone()
-                row = []
-                for value in compressed(original, settings):
-                    target.latent.data.copy_(value)
-                    row.append(_loss(model, batches, ctx) - base)
-                target.latent.data.copy_(original)
-                rows.append(row)
-            return np.array(rows)
-    finally:
-        model.train(was_training)
+    """The loss increase of compressing each tensor alone at each setting (tensors x
+    settings), by ``method`` (`compressors._allocate_sensitivity`)."""
+    how = _sens.plan(model, len(found), len(settings), method=method, samples=samples)
+    return measure_table(model, found, settings, ctx, how)["sensitivity"]
 
 
-def reference_losses(model: nn.Module, ctx: CompressionContext) -> tuple[float, float]:
+def reference_losses(
+    model: nn.Module, ctx: CompressionContext, *, samples: int = SAMPLES
+) -> tuple[float, float]:
     """``(loss of the model, loss of predictions that ignore the input)`` on the training
     sample: for logits, uniform over the classes (zero logits: ``log(classes)`` under
     cross-entropy); for other outputs, the model's mean output for every input."""
@@ -348,53 +366,28 @@ def reference_losses(model: nn.Module, ctx: CompressionContext) -> tuple[float, 
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            batches = ctx.train.calibration(samples=SAMPLES, batch_size=256, device=device)
+            batches = ctx.train.calibration(
+                samples=samples, batch_size=_sens.LOSS_BATCH, device=device
+            )
             outputs = [ctx.train.forward(model, b.inputs).float() for b in batches]
-            mean = torch.cat(outputs).mean(0, keepdim=True)
-            total = sum(b.rows for b in batches)
-            base = chance = 0.0
-            for out, b in zip(outputs, batches, strict=True):
-                blind = torch.zeros_like(out) if ctx.outputs == "logits" else mean.expand_as(out)
-                base += float(ctx.loss(out, b.targets, None)) * b.rows / total
-                chance += float(ctx.loss(blind, b.targets, None)) * b.rows / total
+            return _sens.reference_from(outputs, batches, ctx)
     finally:
         model.train(was_training)
-    return base, chance
 
 
 def compressed(weight: torch.Tensor, settings: list[Setting]) -> Iterator[torch.Tensor]:
-    """``weight`` at each setting (see `_variants`)."""
-    for value, _ in _variants(weight, settings):
+    """``weight`` at each setting (see `compressors._allocate_costs.variants`)."""
+    for value, _ in variants(weight, settings):
         yield value
 
 
-def _variants(
-    weight: torch.Tensor, settings: list[Setting]
-) -> Iterator[tuple[torch.Tensor, nn.Module | None]]:
-    """``(value, grid)`` of ``weight`` at each setting: its ``sparsity`` smallest magnitudes
-    zeroed, then on the grid of ``bits`` (what `apply_settings` makes of it before fine-tuning;
-    no grid for float32). The weights are ranked once."""
-    w = weight.detach()
-    order = torch.argsort(w.abs().flatten(), stable=True)  # as `smallest_mask` ranks them
-    masked = {}
-    for sparsity in {s.sparsity for s in settings}:
-        keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-        keep[order[: round(sparsity * w.numel())]] = False
-        masked[sparsity] = w * keep.view_as(w)
-    for setting in settings:
-        value, grid = masked[setting.sparsity], None
-        if setting.bits is not None:
-            grid = make_grid(value, setting.bits)
-            value = grid.codes(value) * grid.scale
-        yield value, grid
-
-
 def candidate_bytes(weight: torch.Tensor, settings: list[Setting]) -> list[int]:
-    """The exact bytes the packed file's payload spends on ``weight`` at each setting (its
-    arrays in the layout the file picks, their entries and its layout record; `tensor_bytes`).
-    Fine-tuning moves values within the same mask and grid, which changes these by a little
-    (entropy-coded codes); `BudgetAllocation.finalize` absorbs that."""
-    return [tensor_bytes(value, grid) for value, grid in _variants(weight, settings)]
+    """The bytes the packed file's payload spends on ``weight`` at each setting (its arrays in
+    the layout the file picks, their entries and its layout record: `tensor_bytes`, by
+    arithmetic, `compressors._allocate_costs`). Fine-tuning moves values within the same mask
+    and grid, which changes these by a little (entropy-coded codes);
+    `BudgetAllocation.finalize` absorbs that."""
+    return [int(b) for b in costs(weight, settings).bytes]
 
 
 def solve(costs: np.ndarray, values: np.ndarray, budget: float) -> list[int]:
@@ -446,41 +439,11 @@ def apply_settings(
             target.register(make_grid(target.weight, setting.bits))
 
 
-def _fisher(model, found, ctx, *, device, batch_size: int = 64) -> list[torch.Tensor]:
-    """Squared gradients of the task's loss, summed over mini-batches of the calibration
-    samples, per target tensor."""
-    latents = [t.latent for t in found.values()]
-    frozen = [p for p in latents if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    fisher = [torch.zeros_like(p) for p in latents]
-    try:
-        for b in ctx.train.calibration(samples=SAMPLES, batch_size=batch_size, device=device):
-            loss = ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None)
-            grads = torch.autograd.grad(loss, latents, allow_unused=True)
-            for f, g in zip(fisher, grads, strict=True):
-                if g is not None:  # (a tensor the loss does not reach: no sensitivity)
-                    f += g.detach() ** 2 * b.rows
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-    return fisher
-
-
-def _loss(model, batches, ctx) -> float:
-    """The mean loss of the task over the calibration batches."""
-    total = sum(
-        float(ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None)) * b.rows
-        for b in batches
-    )
-    return total / sum(b.rows for b in batches)
-
-
 def _overhead(model: nn.Module, found: dict[str, Target], *, half: bool) -> int:
     """Bytes of the payload that are not the target tensors' (biases, as float16 if ``half``;
     norms; the header's record of the model): the payload of ``model`` less its targets'."""
     replace = _half_biases(model, found) if half else {}
-    dense = sum(tensor_bytes(t.weight.detach()) for t in found.values())
+    dense = sum(value_bytes(t.weight.detach()) for t in found.values())
     return max(0, packed_size(model, replace=replace, lzma_pass=False) - dense)
 
 
@@ -520,14 +483,13 @@ def _prune_more(model: nn.Module, excess: int) -> bool:
     return True
 
 
-def _table_key(found: dict[str, Target], settings: list[Setting], method: str) -> str:
+def _table_key(found: dict[str, Target], settings: list[Setting], how: _sens.Plan) -> str:
     digest = hashlib.sha256()
-    digest.update(
-        json.dumps([_CACHE_VERSION, method, SAMPLES, [str(s) for s in settings]]).encode()
-    )
+    digest.update(json.dumps([_CACHE_VERSION, str(how), [str(s) for s in settings]]).encode())
     for name, target in found.items():
         digest.update(name.encode())
-        digest.update(target.weight.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(str(tuple(target.weight.shape)).encode())
+        digest.update(target.weight.detach().cpu().contiguous().numpy())  # (no copy on CPU)
     return digest.hexdigest()[:16]
 
 

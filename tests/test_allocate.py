@@ -216,3 +216,119 @@ def test_an_allocation_predicted_at_chance_is_warned_about(digits_task, digits_b
             allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
         assert ("at or above the loss of uniform predictions" in caplog.text) is warned, ratio
         assert (allocator.predicted_loss >= chance) is warned
+
+
+def test_the_bytes_arithmetic_equals_the_encoders_bytes():
+    """The table's bytes come from counts, not from encoding: for float and bit-packed layouts
+    (and the entropy coder's own size up to EXACT_ANS values) they are `tensor_bytes` exactly;
+    above it the entropy-coded size is estimated to within a 4-byte word."""
+    from compressors import _allocate_costs as costs
+
+    torch.manual_seed(0)
+    settings = get_compressor("allocate")(min_bits=1).settings()
+    half = torch.randn(40, 30).to(torch.float16).to(torch.float32)  # stored in 2 bytes
+    sparse = torch.randn(50, 20) * (torch.rand(50, 20) > 0.97)  # mostly zeros: gaps
+    for weight in (torch.randn(300, 64) * 0.05, torch.randn(16, 8, 3, 3), half, sparse):
+        expected = [tensor_bytes(v, g) for v, g in costs.variants(weight, settings)]
+        assert alloc.candidate_bytes(weight, settings) == expected
+    large = torch.randn(300, 260) * 0.02  # above EXACT_ANS
+    assert large.numel() > costs.EXACT_ANS
+    some = [alloc.Setting(0.0, None), alloc.Setting(0.5, None), alloc.Setting(0.95, None)]
+    some += [alloc.Setting(s, b) for s in (0.0, 0.9) for b in (1, 4, 8)]
+    got = alloc.candidate_bytes(large, some)
+    for (value, grid), size in zip(costs.variants(large, some), got, strict=True):
+        assert abs(size - tensor_bytes(value, grid)) <= 4 if grid is not None else True
+        if grid is None:
+            assert size == tensor_bytes(value, grid)
+
+
+def _counting(model):
+    rows = []
+    model.register_forward_hook(lambda _m, inputs, _out: rows.append(inputs[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["loss", "interpolated", "fisher"])
+def test_the_table_measures_at_most_the_configured_samples(
+    digits_task, digits_baseline, method, caplog
+):
+    from compressors import _allocate_sensitivity as sens
+
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    model = copy.deepcopy(digits_baseline.model)
+    rows = _counting(model)
+    allocator = get_compressor("allocate")(sensitivity=method, samples=96)
+    with caplog.at_level("INFO", logger="compressors._allocate_sensitivity"):
+        table = allocator.table(model, ctx)
+    settings = len(allocator.settings())
+    assert max(rows) <= (64 if method == "fisher" else 96)
+    passes = {"loss": 1 + 3 * settings, "interpolated": 1 + 3 * sens.ANCHORS, "fisher": 1}[method]
+    assert sum(rows) == 96 * passes  # every pass reads the 96 samples, no more
+    assert f"{len(rows)} forwards (" in caplog.text and "sensitivity table" in caplog.text
+    assert table["sensitivity"].shape == (3, settings)
+    assert np.allclose(table["sensitivity"][:, 0], 0.0)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # as they were
+
+
+def test_auto_measures_small_models_and_estimates_large_ones(digits_baseline):
+    from compressors import _allocate_sensitivity as sens
+
+    assert sens.plan(digits_baseline.model, 3, 56, method="auto", samples=1024).method == "loss"
+    large = nn.Linear(3000, 3000)  # 9 M parameters
+    assert sens.plan(large, 1, 56, method="auto", samples=1024).method == "interpolated"
+    picked = sens.plan(large, 40, 56, method="auto", samples=1024)
+    assert picked.method == "fisher" and picked.batch_size == sens.FISHER_BATCH_LARGE
+
+
+def test_the_table_is_reused_by_trials_with_the_same_structured_shapes(
+    digits_task, digits_baseline, tmp_path, caplog
+):
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    ctx = type(ctx)(**{**ctx.__dict__, "cache_dir": tmp_path})
+    logs = []
+    shapes = []
+    for amount in (0.5, 0.4995, 0.3):  # the first two remove the same channels
+        pruned = get_compressor("structured")(amount=amount).compress(
+            copy.deepcopy(digits_baseline.model), ctx
+        )
+        shapes.append([tuple(p.shape) for p in pruned.parameters()])
+        caplog.clear()
+        with caplog.at_level("INFO", logger="compressors"):
+            get_compressor("allocate")(ratio=6.0, samples=128).compress(pruned, ctx)
+        logs.append(caplog.text)
+    assert shapes[0] == shapes[1] != shapes[2]
+    assert "forwards" in logs[0] and "cached" not in logs[0]
+    assert "cached" in logs[1] and "forwards" not in logs[1]  # a hit: nothing measured
+    assert "forwards" in logs[2]  # other shapes, other weights: measured
+    assert len(list(tmp_path.glob("allocate-*.npz"))) == 2
+
+
+def test_the_estimated_tables_allocate_within_the_target_near_the_measured_one(
+    digits_task, digits_baseline, tmp_path
+):
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    target = baseline_file_size(digits_baseline) / 12.0
+    accuracy = {}
+    for name in ("loss", "interpolated", "fisher"):
+        allocator = get_compressor("allocate")(ratio=12.0, sensitivity=name)
+        model = allocator.compress(copy.deepcopy(digits_baseline.model), ctx)
+        fit(model, digits_task.train, epochs=2, batch_size=64, lr=1e-3, seed=0)
+        model = allocator.finalize(model, ctx)
+        assert save_packed(model, tmp_path / f"{name}.sqz", like=digits_baseline.model) <= target
+        accuracy[name] = evaluate(model, digits_task.val)
+    assert accuracy["interpolated"] >= accuracy["loss"] - 0.05, accuracy
+    assert accuracy["fisher"] >= accuracy["loss"] - 0.05, accuracy
+
+
+def test_large_tensors_are_costed_on_sampled_rows_within_a_percent():
+    from compressors import _allocate_costs as costs
+
+    torch.manual_seed(0)
+    weight = torch.randn(2100, 512) * 0.02  # over SAMPLED_ABOVE: every other row
+    assert weight.numel() > costs.SAMPLED_ABOVE
+    some = [alloc.Setting(0.0, None), alloc.Setting(0.5, 4), alloc.Setting(0.9, 2)]
+    got = alloc.candidate_bytes(weight, some)
+    assert got[0] == tensor_bytes(weight)  # dense float32: exact
+    for (value, grid), size in zip(costs.variants(weight, some), got, strict=True):
+        assert size == pytest.approx(tensor_bytes(value, grid), rel=0.01)

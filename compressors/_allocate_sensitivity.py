@@ -1,0 +1,276 @@
+"""How much the task's loss rises when one tensor is compressed at one setting: `allocate`'s
+sensitivity table, at a cost bounded by the model's size.
+
+Three methods, and ``auto`` choosing among them by a cost model that reads no clock (so that a
+cached table is found again):
+
+- ``loss``: measured. One forward pass over the calibration samples per tensor and setting
+  (``1 + tensors x settings`` passes): the best guide for small models (``bench/allocation.py``).
+- ``interpolated``: measured at `ANCHORS` settings per tensor, spread over the settings'
+  distortions (``sum (w - v)^2``, computed for every setting with its bytes), and interpolated
+  linearly in the distortion for the others (a loss increase is, to second order, proportional
+  to a perturbation's size along a tensor's curvature; the curve through ``(0, 0)`` and the
+  anchors is kept non-decreasing): ``1 + tensors x ANCHORS`` passes, on at most
+  `INTERPOLATED_SAMPLES` samples (``fisher`` too when ``auto`` chooses it).
+- ``fisher``: ``1/2 sum_i F_i (w_i - v_i)^2`` with the empirical Fisher diagonal ``F`` (squared
+  mini-batch gradients of the task's loss, weighted by the batch's rows), from one forward and
+  backward pass over the samples. The squared gradients are added in place as each tensor's
+  gradient is ready (a hook after accumulation) and the gradient is dropped at once, and
+  parameters that are not compressed get none: memory beyond the model is the Fisher diagonal
+  (one copy of the compressed tensors), one gradient and one mini-batch's activations.
+
+``auto`` takes the first of ``loss``, ``interpolated``, ``fisher`` whose passes cost at most
+`STEPS` training steps of the model (a step: `STEP_SAMPLES` samples forward, a backward counted
+as two forwards), or, for small models, at most `SMALL_COST` multiply-adds (estimated as
+parameters x samples per pass), whichever allows more: digits and mnist1d keep the measured
+table; a 10 M-parameter model is interpolated; an 85 M encoder gets ``fisher``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressors._base import CompressionContext, UnsupportedModelError
+from compressors._targets import Target
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "loss", "interpolated", "fisher")
+#: Settings measured per tensor by ``interpolated``.
+ANCHORS = 6
+#: At most this many calibration samples for ``interpolated``, and for ``fisher`` when ``auto``
+#: chooses it (a backward pass over 256 samples: 4 training steps of batch 64).
+INTERPOLATED_SAMPLES = 256
+#: Training steps the passes of ``auto``'s choice may cost ...
+STEPS = 50
+#: ... each ``STEP_SAMPLES`` samples forward (a batch of 64, forward and a backward of two).
+STEP_SAMPLES = 3 * 64
+#: ... or, whichever allows more, this many multiply-adds (parameters x samples per pass): a
+#: few CPU-seconds, which keeps the measured table for small models (digits: 5e9).
+SMALL_COST = 2e10
+#: Calibration batch of the loss passes, and of Fisher's for models up to `FISHER_LARGE`
+#: parameters (beyond it, `FISHER_BATCH_LARGE`, to bound the activations a backward keeps).
+LOSS_BATCH, FISHER_BATCH = 256, 64
+FISHER_LARGE, FISHER_BATCH_LARGE = 4_000_000, 8
+#: An empirical Fisher diagonal whose largest entry is below this is flat: a model at its loss's
+#: minimum (trained classifiers measured 3e-3 to 0.8; minilm, its own target, ~0).
+FLAT_FISHER = 1e-9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The method a table is measured with, on how many samples, in batches of what size."""
+
+    method: str
+    samples: int
+    batch_size: int
+
+    def __str__(self) -> str:
+        return f"{self.method}@{self.samples}/{self.batch_size}"
+
+
+def plan(model: nn.Module, tensors: int, settings: int, *, method: str, samples: int) -> Plan:
+    """The `Plan` for ``method`` (``auto``: the cost model above) on ``samples`` samples."""
+    params = sum(p.numel() for p in model.parameters())
+    fisher_batch = FISHER_BATCH if params <= FISHER_LARGE else FISHER_BATCH_LARGE
+    interpolated = Plan("interpolated", min(samples, INTERPOLATED_SAMPLES), LOSS_BATCH)
+    if method == "loss":
+        return Plan("loss", samples, LOSS_BATCH)
+    if method == "interpolated":
+        return interpolated
+    if method == "fisher":
+        return Plan("fisher", samples, fisher_batch)
+    allowed = max(SMALL_COST / max(params, 1), STEPS * STEP_SAMPLES)  # sample-forwards
+    if (1 + tensors * settings) * samples <= allowed:
+        return Plan("loss", samples, LOSS_BATCH)
+    if (1 + tensors * min(ANCHORS, settings)) * interpolated.samples <= allowed:
+        return interpolated
+    return Plan("fisher", min(samples, INTERPOLATED_SAMPLES), fisher_batch)
+
+
+class Counter:
+    """Forward passes (batches) run while measuring a table."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.rows = 0
+        self.start = time.perf_counter()
+
+    def log(self, what: Plan, tensors: int, settings: int) -> None:
+        logger.info(
+            "sensitivity table (%s, %d tensors x %d settings): %d forwards (%d samples), %.1f s",
+            what,
+            tensors,
+            settings,
+            self.forwards,
+            self.rows,
+            time.perf_counter() - self.start,
+        )
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    found: dict[str, Target],
+    ctx: CompressionContext,
+    how: Plan,
+    counter: Counter,
+) -> tuple[list[torch.Tensor], tuple[float, float]]:
+    """The empirical Fisher diagonal of each target's tensor, and the reference losses
+    (`reference_from`) from the same forward passes. The model should be in eval mode.
+
+    Raises:
+        UnsupportedModelError: If the loss is flat at the model (every entry below
+            `FLAT_FISHER`): every setting would look free.
+    """
+    device = next(model.parameters()).device
+    latents = {id(t.latent): t.latent for t in found.values()}
+    fisher = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in latents.items()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved = {key: p.grad for key, p in latents.items()}
+    weight = [0.0]
+
+    def accumulate(p: torch.Tensor) -> None:
+        fisher[id(p)].addcmul_(p.grad, p.grad, value=weight[0])
+        p.grad = None
+
+    handles = []
+    outputs = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in latents)
+        for p in latents.values():
+            p.requires_grad_(True)
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(accumulate))
+        batches = ctx.train.calibration(
+            samples=how.samples, batch_size=how.batch_size, device=device
+        )
+        for b in batches:
+            out = ctx.train.forward(model, b.inputs)
+            weight[0] = float(b.rows)
+            ctx.loss(out, b.targets, None).backward()
+            outputs.append(out.detach().float())
+            counter.forwards += 1
+            counter.rows += b.rows
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for key, p in latents.items():
+            p.grad = saved[key]
+    if max(float(f.max()) for f in fisher.values()) < FLAT_FISHER:
+        raise UnsupportedModelError(
+            "allocate.sensitivity=fisher needs gradients, but the task's loss is flat "
+            "at this model (every squared gradient is below "
+            f"{FLAT_FISHER:g}: a model whose targets are its own outputs, such as "
+            "minilm's embeddings, is at the loss's minimum), so every setting would "
+            "look free; use allocate.sensitivity=loss."
+        )
+    reference = reference_from(outputs, batches, ctx)
+    return [fisher[id(t.latent)] for t in found.values()], reference
+
+
+def reference_from(outputs: list[torch.Tensor], batches: list, ctx: CompressionContext):
+    """``(loss of the model, loss of predictions that ignore the input)`` from the model's
+    outputs on the calibration batches: for logits, uniform over the classes (zero logits); for
+    other outputs, the model's mean output for every input."""
+    with torch.no_grad():
+        mean = torch.cat(outputs).mean(0, keepdim=True)
+        total = sum(b.rows for b in batches)
+        base = chance = 0.0
+        for out, b in zip(outputs, batches, strict=True):
+            blind = torch.zeros_like(out) if ctx.outputs == "logits" else mean.expand_as(out)
+            base += float(ctx.loss(out, b.targets, None)) * b.rows / total
+            chance += float(ctx.loss(blind, b.targets, None)) * b.rows / total
+    return base, chance
+
+
+def measured(
+    model: nn.Module,
+    found: dict[str, Target],
+    settings: list,
+    ctx: CompressionContext,
+    how: Plan,
+    counter: Counter,
+    *,
+    distortion: np.ndarray,
+    variants,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """The loss increase of each tensor at each setting, measured (``loss``) or measured at
+    anchors and interpolated in ``distortion`` (``interpolated``), and the reference losses.
+    ``variants(weight, settings)`` yields each setting's ``(value, grid)``."""
+    device = next(model.parameters()).device
+    batches = ctx.train.calibration(samples=how.samples, batch_size=how.batch_size, device=device)
+    with torch.no_grad():
+        outputs = [_forward(model, b, ctx, counter) for b in batches]
+        reference = reference_from(outputs, batches, ctx)
+        base = reference[0]
+        del outputs
+        rows = []
+        for r, target in enumerate(found.values()):
+            chosen = range(len(settings))
+            if how.method == "interpolated":
+                chosen = anchors(distortion[r])
+            original = target.latent.detach().clone()
+            losses = {}
+            picked = [settings[c] for c in chosen]
+            for c, (value, _) in zip(chosen, variants(original, picked), strict=True):
+                target.latent.data.copy_(value)
+                losses[c] = _mean_loss(model, batches, ctx, counter) - base
+            target.latent.data.copy_(original)
+            del original
+            if how.method == "interpolated":
+                rows.append(interpolate(distortion[r], losses))
+            else:
+                rows.append([losses[c] for c in range(len(settings))])
+    return np.array(rows), reference
+
+
+def anchors(distortion: np.ndarray) -> list[int]:
+    """`ANCHORS` settings of a tensor to measure: the ones nearest evenly spaced points of
+    ``log`` distortion over the settings that change the tensor, the largest included; in the
+    settings' order."""
+    changed = np.flatnonzero(distortion > 0)
+    if len(changed) <= ANCHORS:
+        return [int(c) for c in changed]
+    logs = np.log(distortion[changed])
+    points = np.linspace(logs.min(), logs.max(), ANCHORS)
+    picked = {int(changed[np.argmin(np.abs(logs - p))]) for p in points}
+    for c in changed[np.argsort(-logs)]:  # (two points nearest the same setting: fill up)
+        if len(picked) >= ANCHORS:
+            break
+        picked.add(int(c))
+    return sorted(picked)
+
+
+def interpolate(distortion: np.ndarray, losses: dict[int, float]) -> list[float]:
+    """Each setting's loss increase, linear in its distortion through ``(0, 0)`` and the
+    measured ``losses`` (kept non-decreasing in the distortion)."""
+    known = sorted(losses, key=lambda c: distortion[c])
+    xs = np.array([0.0, *(distortion[c] for c in known)])
+    ys = np.maximum.accumulate(np.array([0.0, *(losses[c] for c in known)]))
+    out = np.interp(distortion, xs, ys)
+    for c, loss in losses.items():
+        out[c] = loss  # the measured settings keep what was measured
+    return [float(v) for v in out]
+
+
+def _forward(model: nn.Module, b, ctx: CompressionContext, counter: Counter) -> torch.Tensor:
+    counter.forwards += 1
+    counter.rows += b.rows
+    return ctx.train.forward(model, b.inputs).float()
+
+
+def _mean_loss(model: nn.Module, batches: list, ctx: CompressionContext, counter: Counter) -> float:
+    total = sum(
+        float(ctx.loss(_forward(model, b, ctx, counter), b.targets, None)) * b.rows
+        for b in batches
+    )
+    return total / sum(b.rows for b in batches)
