@@ -96,7 +96,7 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
             arrays[key] = (tensor.to(torch.float16) if _halves(tensor) else tensor).numpy()
         spec["decode"] = packed.decode
         codes = packed.codes.reshape(-1)
-        del packed
+        del packed, flat
         _encode_codes(codes, nonzero, nnz, spec, arrays)
         return spec, arrays
     half = _halves(flat)
@@ -133,15 +133,21 @@ def _encode_codes(
     dense stream entropy-coded (rANS with the tensor's own code frequencies)."""
     n = codes.numel()
     dense = _Symbols(codes)
-    sparse = _Symbols(codes[nonzero]) if nnz < n else dense
-    costs = {"dense": dense.bits * n, "bitmask": n + sparse.bits * nnz}
-    positions = _positions_if_cheaper(nonzero, nnz, sparse.bits * nnz, min(costs.values()))
-    if positions is not None:
-        costs["gaps"] = 8 * _gap_bytes(positions) + sparse.bits * nnz
+    costs = {"dense": dense.bits * n}
     ans = None
     if dense.size > 1:
         ans = dense.ans()
         costs["ans"] = 8 * ans[0].nbytes + 8 * len(ans[1])
+    sparse, positions = dense, None
+    # A sparse stream's codes take at least 1 bit each; on a scaled grid (scales are nonzero,
+    # so a value is 0 exactly where its code is) its alphabet is the dense one less code 0.
+    floor = _bits_for(dense.distinct - 1) if spec["decode"] == "scaled" else 1
+    if nnz < n and min(n, 8 * nnz) + floor * nnz < min(costs.values()):
+        sparse = _Symbols(codes[nonzero])
+        costs["bitmask"] = n + sparse.bits * nnz
+        positions = _positions_if_cheaper(nonzero, nnz, sparse.bits * nnz, min(costs.values()))
+        if positions is not None:
+            costs["gaps"] = 8 * _gap_bytes(positions) + sparse.bits * nnz
     spec["enc"] = min(costs, key=costs.get)
     _store_positions(spec["enc"], nonzero, positions, arrays)
     stream = dense if spec["enc"] in ("dense", "ans") else sparse
@@ -161,14 +167,15 @@ class _Symbols:
         self.count = codes.numel()
         if not self.count:
             codes = torch.zeros(1, dtype=torch.int64)
-        codes = codes.to(torch.int64)
         lo, hi = int(codes.min()), int(codes.max())
+        if -(2**31) <= lo and hi < 2**31:
+            codes = codes.to(torch.int32)  # (half the memory of int64 codes)
         if hi - lo < _BINCOUNT_RANGE:
-            present = torch.bincount(codes - lo, minlength=hi - lo + 1) > 0
-            alphabet = torch.nonzero(present).reshape(-1) + lo
+            present = torch.bincount((codes - lo).reshape(-1), minlength=hi - lo + 1) > 0
+            alphabet = (torch.nonzero(present).reshape(-1) + lo).to(codes.dtype)
         else:
             alphabet = torch.unique(codes)
-        self.size = len(alphabet)
+        self.distinct = self.size = len(alphabet)
         self.bits = _bits_for(self.size)
         if hi - lo + 1 <= 2**self.bits:  # a range codes as compactly as the list
             self.spec = {"range": [lo, hi]}
@@ -177,7 +184,8 @@ class _Symbols:
         else:
             self.spec = {"alphabet": alphabet.tolist()}
             index = torch.searchsorted(alphabet, codes)
-        self.index = index[: self.count].to(torch.int32).numpy()
+        del codes
+        self.index = index.reshape(-1)[: self.count].to(torch.int32).numpy()
 
     def ans(self) -> tuple[np.ndarray, np.ndarray]:
         """``(compressed words, frequencies)``: the index stream entropy-coded under its own
@@ -238,10 +246,20 @@ def decode(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
         codes, scale = arrays["values"].to(torch.float32), None
     if spec["enc"] in ("dense", "ans"):
         return codes.view(shape)
-    index = stored_positions(spec, arrays, n)
     flat = torch.zeros(n, dtype=torch.float32)
+    if spec["enc"] == "bitmask":  # a boolean mask scatters faster than positions
+        mask = _unpacked_mask(arrays["mask"].numpy(), n)
+        flat.masked_scatter_(mask, codes * scale[mask] if scale is not None else codes)
+        return flat.view(shape)
+    index = stored_positions(spec, arrays, n)
     flat[index] = codes * scale[index] if scale is not None else codes
     return flat.view(shape)
+
+
+def _unpacked_mask(packed: np.ndarray, n: int) -> torch.Tensor:
+    if len(packed) * 8 < n:
+        raise CodecError(f"a mask of {len(packed)} bytes cannot cover {n} positions")
+    return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").view(np.bool_))
 
 
 def stored_codes(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -50,10 +50,8 @@ holding the same arrays, LZMA-compressed when that was smaller) still load.
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import re
-import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,41 +61,57 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from compressors._codecs import DECODERS, CodecError, Codes, decode, encode, full_codes, restore
+from compressors._codecs import DECODERS, Codes, encode, full_codes
 from compressors._codecs import store as store_array
+from compressors._container import (
+    FORMAT_VERSION,
+    FORMAT_VERSION_SQZ2,
+    FRAMING_BYTES,
+    HEADER_BYTES,
+    MAGIC,
+    MAGIC_SQZ2,
+    TRAILER,
+    PackedFileError,
+    checked,
+    open_packed,
+    sqz2_payload,
+)
 from compressors._targets import targets
 from compressors.runtime import to_int8
 
-__all__ = ["Codes", "DECODERS"]  # (re-exported: parametrizations import them from here)
-
-MAGIC = b"SQZ3"
-FORMAT_VERSION = 4
-#: The previous format, still read: its magic and the version in its model record.
-MAGIC_SQZ2, FORMAT_VERSION_SQZ2 = b"SQZ2", 3
-#: Bytes before an SQZ2 file's payload: magic, codec, CRC-32.
-HEADER_BYTES = 9
-#: Bytes of an SQZ3 file that are neither arrays nor index: the magic and the trailer.
-FRAMING_BYTES = 4 + 12
-_TRAILER = struct.Struct("<QI")
-_RAW, _LZMA = 0, 1
+#: Re-exported: parametrizations, exporters and readers of the bytes import them from here.
+__all__ = [
+    "DECODERS",
+    "FORMAT_VERSION",
+    "FORMAT_VERSION_SQZ2",
+    "FRAMING_BYTES",
+    "HEADER_BYTES",
+    "MAGIC",
+    "MAGIC_SQZ2",
+    "Codes",
+    "PackedFileError",
+    "PackedTensor",
+    "Replacement",
+    "load_packed",
+    "packed_size",
+    "plain_state",
+    "read_packed",
+    "read_payload",
+    "read_tensors",
+    "register_replacement",
+    "save_packed",
+    "tensor_bytes",
+]
 #: Threads encoding tensors at once (the file's bytes do not depend on it).
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
+IN_FLIGHT = 1 << 22
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
-#: The dtypes an array of a file may have (numpy's names; no objects).
-_DTYPES = frozenset(
-    ["|b1", "|u1", "|i1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
-)
-
-
-class PackedFileError(ValueError):
-    """The file is not a squeeze packed model, or does not fit the model it is loaded into."""
 
 
 class Replacement(nn.Module):
@@ -289,27 +303,34 @@ def _write(
     index = _compact(meta)
     if sink is not None:
         sink.write(index)
-        sink.write(_TRAILER.pack(len(index), zlib.crc32(index, crc)))
-    return size + len(index) + _TRAILER.size
+        sink.write(TRAILER.pack(len(index), zlib.crc32(index, crc)))
+    return size + len(index) + TRAILER.size
 
 
 def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
     """``(name, record, chunks)`` of each job ``(name, value, grid)``, in order, encoded by
-    `WORKERS` threads with a few tensors in flight (values are computed here, one job ahead of
-    each thread, so that memory holds a few tensors rather than the model)."""
+    `WORKERS` threads. Values are computed here, when a thread can take them, and at most
+    `IN_FLIGHT` values (or one larger tensor) are encoded at once, so that memory holds a few
+    tensors' work rather than the model's."""
     if WORKERS == 1:
         for name, value, grid in jobs:
             yield name, *_record(name, value(), grid)
         return
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-pack") as pool:
         pending: deque = deque()
+        in_flight = 0
         for name, value, grid in jobs:
-            pending.append((name, pool.submit(_record, name, value(), grid)))
-            if len(pending) > WORKERS:
-                done, future = pending.popleft()
+            tensor = value()
+            size = tensor.numel()
+            while pending and (len(pending) >= WORKERS or in_flight + size > IN_FLIGHT):
+                done, future, count = pending.popleft()
+                in_flight -= count
                 yield done, *future.result()
+            pending.append((name, pool.submit(_record, name, tensor, grid), size))
+            in_flight += size
+            del tensor
         while pending:
-            done, future = pending.popleft()
+            done, future, _ = pending.popleft()
             yield done, *future.result()
 
 
@@ -320,7 +341,7 @@ def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def int8_layers(path: str | os.PathLike) -> list[str]:
     """Names of the layers a packed file runs on int8 kernels."""
-    return list(_open(path).meta["int8"])
+    return list(open_packed(path).meta["int8"])
 
 
 @dataclass(frozen=True)
@@ -345,7 +366,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, PackedTensor]:
     """Every tensor of a packed file as the file stores it: values, layout and integer codes
     (what an exporter needs to store codes rather than floats). A tied tensor's keys map to one
     `PackedTensor` object."""
-    packed = _open(path)
+    packed = open_packed(path)
     records = {}
     for name, spec in packed.meta["t"].items():
         arrays = packed.arrays(name)
@@ -368,10 +389,10 @@ def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
     planes are compressed and its layout records without their storage lists, and whether the
     file is smaller than `HEADER_BYTES` plus that payload (what a byte count made for SQZ2
     files, `search.results.explain`, needs)."""
-    data = _checked(path)
+    data = checked(path)
     if data[:4] == MAGIC_SQZ2:
-        return _sqz2_payload(path, data)
-    packed = _open(path, data)
+        return sqz2_payload(path, data)
+    packed = open_packed(path, data)
     flat = {}
     layout = {}
     for name, spec in packed.meta["t"].items():
@@ -383,142 +404,10 @@ def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
     return payload, len(data) < HEADER_BYTES + len(payload)
 
 
-class _Packed:
-    """An opened packed file of either format: its model record (``meta``, with each tensor's
-    layout record under ``t``) and each tensor's arrays (`arrays`), decoded on demand."""
-
-    def __init__(self, path, meta: dict, arrays: Callable[[str], dict[str, torch.Tensor]]):
-        self.path, self.meta, self._arrays = path, meta, arrays
-
-    def arrays(self, name: str, only: str | None = None) -> dict[str, torch.Tensor]:
-        """The arrays of tensor ``name`` by suffix (``only``: just that one, if it has it)."""
-        return self.guarded(self._arrays, name, only)
-
-    def decoded(self, name: str, arrays: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Tensor ``name``'s values."""
-        arrays = self.arrays(name) if arrays is None else arrays
-        return self.guarded(decode, self.meta["t"][name], arrays)
-
-    def guarded(self, fn, *args):
-        """``fn(*args)``, a damaged or foreign record's error raised as `PackedFileError`."""
-        try:
-            return fn(*args)
-        except (CodecError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-            if isinstance(err, PackedFileError):
-                raise
-            raise PackedFileError(f"{self.path} cannot be decoded: {err!r}") from None
-
-
-def _checked(path: str | os.PathLike) -> bytes:
-    """The bytes of a packed file of a format this squeeze reads (the checksum not checked)."""
-    data = Path(path).read_bytes()
-    if data[:3] == MAGIC[:3] and data[:4] not in (MAGIC, MAGIC_SQZ2):
-        raise PackedFileError(
-            f"{path} was written by another version of squeeze (format {data[3:4].decode()!r}); "
-            f"this squeeze reads formats '2' and {MAGIC[3:].decode()!r}. Rerun the trial to "
-            "rewrite it."
-        )
-    if data[:4] not in (MAGIC, MAGIC_SQZ2):
-        raise PackedFileError(f"{path} is not a squeeze packed model file")
-    return data
-
-
-def _corrupted(path, data: bytes) -> PackedFileError:
-    return PackedFileError(
-        f"{path} is truncated or corrupted: its checksum does not match ({len(data)} bytes)"
-    )
-
-
-def _open(path: str | os.PathLike, data: bytes | None = None) -> _Packed:
-    """Open a packed file (SQZ3 or SQZ2) after checking its magic and checksum."""
-    data = _checked(path) if data is None else data
-    if data[:4] == MAGIC_SQZ2:
-        return _open_sqz2(path, data)
-    if len(data) < FRAMING_BYTES:
-        raise _corrupted(path, data)
-    index_len, crc = _TRAILER.unpack(data[-_TRAILER.size :])
-    index_start = len(data) - _TRAILER.size - index_len
-    view = memoryview(data)
-    if index_start < len(MAGIC) or zlib.crc32(view[: -_TRAILER.size]) != crc:
-        raise _corrupted(path, data)
-    try:
-        meta = json.loads(view[index_start : -_TRAILER.size].tobytes())
-        if meta["v"] != FORMAT_VERSION:
-            raise PackedFileError(
-                f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION}"
-            )
-        places: dict[str, list[tuple[str, np.dtype, list[int], str, list[int], int]]] = {}
-        offset = len(MAGIC)
-        for name, spec in meta["t"].items():
-            places[name] = []
-            for suffix, dtype, shape, codec, sizes in spec["a"]:
-                if dtype not in _DTYPES:
-                    raise PackedFileError(f"{path}: array {name}:{suffix} has dtype {dtype!r}")
-                places[name].append((suffix, np.dtype(dtype), shape, codec, sizes, offset))
-                offset += sum(int(s) for s in sizes)
-    except (ValueError, KeyError, TypeError) as err:  # checksum passed
-        if isinstance(err, PackedFileError):
-            raise
-        raise PackedFileError(f"{path} cannot be decoded: {err!r}") from None
-    if offset != index_start:
-        raise PackedFileError(f"{path}: its arrays do not fill the space before its index")
-
-    def arrays(name: str, only: str | None = None) -> dict[str, torch.Tensor]:
-        out = {}
-        for suffix, dtype, shape, codec, sizes, start in places[name]:
-            if only is not None and suffix != only:
-                continue
-            count = int(np.prod(shape)) if shape else 1
-            end = start + sum(sizes)
-            array = restore(dtype, count, codec, sizes, view[start:end])
-            out[suffix] = torch.from_numpy(array).reshape(shape)
-        return out
-
-    return _Packed(path, meta, arrays)
-
-
-def _sqz2_payload(path, data: bytes) -> tuple[bytes, bool]:
-    if len(data) < HEADER_BYTES or data[4] not in (_RAW, _LZMA):
-        raise PackedFileError(f"{path} is not a squeeze packed model file")
-    body = memoryview(data)[HEADER_BYTES:]
-    if zlib.crc32(body) != struct.unpack("<I", data[5:HEADER_BYTES])[0]:
-        raise _corrupted(path, data)
-    try:
-        return (lzma.decompress(body) if data[4] == _LZMA else bytes(body)), data[4] == _LZMA
-    except lzma.LZMAError as err:  # checksum passed
-        raise PackedFileError(f"{path} cannot be decoded: {err}") from None
-
-
-def _open_sqz2(path, data: bytes) -> _Packed:
-    payload, _ = _sqz2_payload(path, data)
-    try:
-        (header_len,) = struct.unpack("<Q", payload[:8])
-        header = json.loads(payload[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"]["squeeze"])
-        tensors = st_load(payload)
-    except (struct.error, ValueError, KeyError) as err:  # checksum passed
-        raise PackedFileError(f"{path} cannot be decoded: {err}") from None
-    del payload
-    if meta["v"] != FORMAT_VERSION_SQZ2:
-        raise PackedFileError(
-            f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION_SQZ2} in SQZ2 files"
-        )
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, suffix = key.rpartition(":")
-        grouped.setdefault(name or suffix, {})[suffix if name else ""] = tensor
-
-    def arrays(name: str, only: str | None = None) -> dict[str, torch.Tensor]:
-        found = grouped.get(name, {})
-        return found if only is None else {k: v for k, v in found.items() if k == only}
-
-    return _Packed(path, meta, arrays)
-
-
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state, model record, arrays)`` of a packed file; the arrays keyed as SQZ2 files key
     them (``<tensor>:<suffix>``, an integer tensor by its own name)."""
-    packed = _open(path)
+    packed = open_packed(path)
     state, flat = {}, {}
     for name in packed.meta["t"]:
         arrays = packed.arrays(name)
@@ -540,7 +429,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     float (with the same weight values), e.g. for export (`compressors.onnx_export`). Tensors
     are decoded one at a time, each straight into the model.
     """
-    packed = _open(path)
+    packed = open_packed(path)
     meta = packed.meta
     for name, spec in meta["modules"].items():
         spec = dict(spec)
