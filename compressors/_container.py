@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zstandard
 from safetensors.torch import load as st_load
 
 from compressors._codecs import CodecError, decode, restore
@@ -29,6 +30,8 @@ FRAMING_BYTES = 4 + 12
 #: An SQZ3 file's last bytes: its index's length and the CRC-32 of all before them.
 TRAILER = struct.Struct("<QI")
 _RAW, _LZMA = 0, 1
+#: An index larger than this (decompressed) is refused (a model of 100,000 tensors needs ~20 MB).
+MAX_INDEX_BYTES = 1 << 28
 #: The dtypes an array of a file may have (numpy's names; no objects).
 _DTYPES = frozenset(
     ["|b1", "|u1", "|i1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
@@ -98,7 +101,10 @@ def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
     if index_start < len(MAGIC) or zlib.crc32(view[: -TRAILER.size]) != crc:
         raise _corrupted(path, data)
     try:
-        meta = json.loads(view[index_start : -TRAILER.size].tobytes())
+        index = zstandard.ZstdDecompressor().decompress(
+            view[index_start : -TRAILER.size], max_output_size=MAX_INDEX_BYTES
+        )
+        meta = json.loads(index)
         if meta["v"] != FORMAT_VERSION:
             raise PackedFileError(
                 f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION}"
@@ -112,7 +118,7 @@ def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
                     raise PackedFileError(f"{path}: array {name}:{suffix} has dtype {dtype!r}")
                 places[name].append((suffix, np.dtype(dtype), shape, codec, sizes, offset))
                 offset += sum(int(s) for s in sizes)
-    except (ValueError, KeyError, TypeError) as err:  # checksum passed
+    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as err:  # checksum passed
         if isinstance(err, PackedFileError):
             raise
         raise PackedFileError(f"{path} cannot be decoded: {err!r}") from None

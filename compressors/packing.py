@@ -1,8 +1,9 @@
 """The packed model file: what makes a compressed model's size real.
 
 A file (format ``SQZ3``) is ``b"SQZ3"``, then each tensor's arrays, one tensor after another, then
-an index (compact JSON: each tensor's layout record with its arrays' names, dtypes, shapes and
-stored sizes, and the record of the model, below), then a 12-byte trailer: the index's length
+an index (compact JSON, as a zstd frame: each tensor's layout record with its arrays' names,
+dtypes, shapes and stored sizes, and the record of the model, below; compressed, because in a
+file of a few KB the index is a third of it), then a 12-byte trailer: the index's length
 (8 bytes) and the CRC-32 of everything before the trailer (4 bytes, both little-endian; a
 truncated or corrupted file is refused with `PackedFileError`). The writer streams: it encodes
 tensors in parallel (`WORKERS` threads; each record depends on its tensor alone, so the bytes do
@@ -30,9 +31,8 @@ float16 values).
 Each array's bytes are then stored as they are, or split into byte planes, each compressed with
 zstd where that measurably pays (`compressors._codecs.store`): the exponent bytes of float
 weights, sparse positions, integer buffers. The entropy-coded codes and the float mantissas are
-left as they are (nothing to gain, so no time spent). The file's size is the sum of what each
-tensor costs (`tensor_bytes`) plus the index's record of the model and 16 bytes of framing, so
-`packed_size` knows it exactly without writing a file.
+left as they are (nothing to gain, so no time spent). `packed_size` gives the file's size
+exactly without writing it: each tensor is encoded as the writer encodes it, only sizes kept.
 
 The index also records how the model's structure differs from a freshly built one: layers
 replaced by other modules (a low-rank pair, see `register_replacement`), layers that run on int8
@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zstandard
 from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
@@ -109,6 +110,8 @@ __all__ = [
 ]
 #: Threads encoding tensors at once (the file's bytes do not depend on it).
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: zstd's level for the index (JSON of a few KB to a few hundred: quick at any level).
+INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
 IN_FLIGHT = 1 << 22
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
@@ -230,8 +233,9 @@ def packed_size(
 def tensor_bytes(value: torch.Tensor, grid: nn.Module | None = None) -> int:
     """Bytes a packed file spends on one tensor: its arrays in the layout the writer picks
     (codes of ``grid``'s `Codes` when given) as stored (zstd'd byte planes where that pays),
-    and its record in the index. A file's size is the sum over its tensors plus the record of
-    the model (replaced modules, ties, changed attributes), the index's framing (its braces, the
+    and its record in the index (before the index is compressed). A file's size is about the
+    sum over its tensors plus the record of the model (replaced modules, ties, changed
+    attributes), the index's framing (its braces, the
     tensors' names) and `FRAMING_BYTES`."""
     spec, chunks = _record("t", value.detach(), grid)
     return sum(len(memoryview(c)) for c in chunks) + len(_compact(spec))
@@ -300,7 +304,7 @@ def _write(
     attrs = _changed_attributes(model, like) if like is not None else {}
     if attrs:
         meta["attrs"] = attrs
-    index = _compact(meta)
+    index = zstandard.ZstdCompressor(level=INDEX_LEVEL).compress(_compact(meta))
     if sink is not None:
         sink.write(index)
         sink.write(TRAILER.pack(len(index), zlib.crc32(index, crc)))
