@@ -95,7 +95,7 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
             tensor = tensor.detach().to(torch.float32).contiguous()
             arrays[key] = (tensor.to(torch.float16) if _halves(tensor) else tensor).numpy()
         spec["decode"] = packed.decode
-        codes = packed.codes.reshape(-1)
+        codes = _narrowed(packed.codes.reshape(-1))
         del packed, flat
         _encode_codes(codes, nonzero, nnz, spec, arrays)
         return spec, arrays
@@ -110,6 +110,15 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
     kept = flat if spec["enc"] == "dense" else flat[nonzero]
     arrays["values"] = kept.to(torch.float16 if half else torch.float32).numpy()
     return spec, arrays
+
+
+def _narrowed(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` as int32 where they fit (half the memory of the int64 codes grids give)."""
+    codes = codes.to(torch.int64) if not codes.dtype.is_signed else codes
+    if codes.numel() and codes.dtype == torch.int64:
+        if -(2**31) <= int(codes.min()) and int(codes.max()) < 2**31:
+            return codes.to(torch.int32)
+    return codes
 
 
 def _positions_if_cheaper(

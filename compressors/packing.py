@@ -157,22 +157,23 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn
     sources = _sources(model)
     with torch.no_grad():
         state = {name: value() for name, (value, _) in sources.items()}
-    return state, {name: grid for name, (_, grid) in sources.items() if grid is not None}
+    return state, {name: grid for name, (_, grid, _) in sources.items() if grid is not None}
 
 
-_Source = tuple[Callable[[], torch.Tensor], "nn.Module | None"]
+_Source = tuple[Callable[[], torch.Tensor], "nn.Module | None", int]
 
 
 def _sources(model: nn.Module) -> dict[str, _Source]:
-    """``{key: (value, grid)}`` in state order: a function computing the tensor's plain value
-    (its parametrizations evaluated; called when the tensor is written, so that the whole
-    evaluated state is never held at once) and its parametrization with ``packed``, or None."""
+    """``{key: (value, grid, numel)}`` in state order: a function computing the tensor's plain
+    value (its parametrizations evaluated; called when the tensor is written, so that the whole
+    evaluated state is never held at once), its parametrization with ``packed`` (or None), and
+    its number of values."""
     sources: dict[str, _Source] = {}
     for key, value in model.state_dict().items():
         match = _PARAMETRIZED.match(key)
         if match is None:
             if ".parametrizations." not in f".{key}":
-                sources[key] = (partial(_plain, value), None)
+                sources[key] = (partial(_plain, value), None, value.numel())
             continue
         module_name, tensor_name = match.group(1) or "", match.group(2)
         module = model.get_submodule(module_name)
@@ -181,7 +182,7 @@ def _sources(model: nn.Module) -> dict[str, _Source]:
         for p in module.parametrizations[tensor_name]:
             if callable(getattr(p, "packed", None)):
                 grid = p
-        sources[full] = (partial(_evaluated, module, tensor_name), grid)
+        sources[full] = (partial(_evaluated, module, tensor_name), grid, value.numel())
     return sources
 
 
@@ -274,10 +275,10 @@ def _write(
     """Write the file to ``sink`` (a binary file; None: only count its bytes); its size."""
     sources = _sources(model)
     for name, (value, grid) in (replace or {}).items():
-        sources[name] = (partial(_plain, value), grid)
+        sources[name] = (partial(_plain, value), grid, value.numel())
     tied = _tied_keys(model)
-    grids = {name: grid for name, (_, grid) in sources.items() if grid is not None}
-    jobs = ((name, value, grid) for name, (value, grid) in sources.items() if name not in tied)
+    grids = {name: grid for name, (_, grid, _) in sources.items() if grid is not None}
+    jobs = ((name, *source) for name, source in sources.items() if name not in tied)
     size, crc = len(MAGIC), zlib.crc32(MAGIC)
     if sink is not None:
         sink.write(MAGIC)
@@ -312,27 +313,24 @@ def _write(
 
 
 def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
-    """``(name, record, chunks)`` of each job ``(name, value, grid)``, in order, encoded by
-    `WORKERS` threads. Values are computed here, when a thread can take them, and at most
-    `IN_FLIGHT` values (or one larger tensor) are encoded at once, so that memory holds a few
+    """``(name, record, chunks)`` of each job ``(name, value, grid, numel)``, in order, encoded
+    by `WORKERS` threads. A value is computed here when a thread can take it, and at most
+    `IN_FLIGHT` values (or one larger tensor) are in work at once, so that memory holds a few
     tensors' work rather than the model's."""
     if WORKERS == 1:
-        for name, value, grid in jobs:
+        for name, value, grid, _ in jobs:
             yield name, *_record(name, value(), grid)
         return
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-pack") as pool:
         pending: deque = deque()
         in_flight = 0
-        for name, value, grid in jobs:
-            tensor = value()
-            size = tensor.numel()
+        for name, value, grid, size in jobs:
             while pending and (len(pending) >= WORKERS or in_flight + size > IN_FLIGHT):
                 done, future, count = pending.popleft()
                 in_flight -= count
                 yield done, *future.result()
-            pending.append((name, pool.submit(_record, name, tensor, grid), size))
+            pending.append((name, pool.submit(_record, name, value(), grid), size))
             in_flight += size
-            del tensor
         while pending:
             done, future, _ = pending.popleft()
             yield done, *future.result()
