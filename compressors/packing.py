@@ -156,7 +156,7 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn
     """
     sources = _sources(model)
     with torch.no_grad():
-        state = {name: value() for name, (value, _) in sources.items()}
+        state = {name: value() for name, (value, _, _) in sources.items()}
     return state, {name: grid for name, (_, grid, _) in sources.items() if grid is not None}
 
 
