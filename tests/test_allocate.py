@@ -64,7 +64,7 @@ def test_candidate_bytes_are_the_bytes_the_file_spends(digits_baseline):
     sizes = alloc.candidate_bytes(weight, settings)
     assert sizes[0] > sizes[1] > sizes[2]
     assert sizes[0] == tensor_bytes(weight)
-    assert 4 * weight.numel() < sizes[0] < 4 * weight.numel() + 200  # float32, dense
+    assert 3 * weight.numel() < sizes[0] < 4 * weight.numel()  # float32, dense (zstd'd exponents)
 
 
 @pytest.mark.parametrize("ratio", [8.0, 25.0])

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import lzma
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zstandard
+from torch import nn
 
 from compressors import (
     CompressionContext,
     PackedFileError,
     get_compressor,
     load_packed,
+    packing,
     read_packed,
     save_packed,
 )
-from compressors.packing import HEADER_BYTES, _decode_gaps, _encode_gaps, plain_state
+from compressors._codecs import decode_gaps, encode_gaps
+from compressors.packing import FRAMING_BYTES, packed_size, plain_state, read_tensors
 from experiments import evaluate, fit
 from experiments.models import ConvNet1d
+
+
+def _index(path: Path) -> dict:
+    """The index of an SQZ3 file (its trailer: the index's length, then the CRC-32)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[-12:-4])
+    return json.loads(zstandard.ZstdDecompressor().decompress(data[-12 - length : -12]))
 
 
 def _compressed(model, amount=None, bits=None, scope="global"):
@@ -68,8 +81,9 @@ def test_size_falls_as_bits_fall(tmp_path, digits_baseline):
         for b in (8, 6, 4, 3, 2)
     ]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
-    fp32 = save_packed(digits_baseline.model, tmp_path / "fp32.sqz")
-    assert fp32 / sizes[0] > 3.5  # 8-bit codes instead of 32-bit floats
+    params = sum(p.numel() for p in digits_baseline.model.parameters())
+    assert 4 * params / sizes[0] > 3.5  # 8-bit codes instead of 32-bit floats
+    assert save_packed(digits_baseline.model, tmp_path / "fp32.sqz") > 3 * sizes[0]
 
 
 def test_size_is_close_to_the_information_it_holds(tmp_path, digits_baseline):
@@ -86,19 +100,16 @@ def test_peaked_codes_are_entropy_coded_near_their_entropy(tmp_path, digits_base
     model = _compressed(digits_baseline.model, bits=4)
     path = tmp_path / "m.sqz"
     save_packed(model, path)
-    payload = lzma.decompress(path.read_bytes()[HEADER_BYTES:])
-    (header_len,) = struct.unpack("<Q", payload[:8])
-    header = json.loads(payload[8 : 8 + header_len])
-    layout = json.loads(header["__metadata__"]["squeeze"])["t"]
+    layout = _index(path)["t"]
     assert layout["net.1.weight"]["enc"] == "ans"
     state, grids = plain_state(model)
     codes = torch.round(state["net.1.weight"] / grids["net.1.weight"].scale).flatten()
     _, counts = torch.unique(codes, return_counts=True)
     p = counts / counts.sum()
     entropy_bytes = float(-(p * p.log2()).sum()) * codes.numel() / 8
-    start, end = header["net.1.weight:ans"]["data_offsets"]
-    assert entropy_bytes <= end - start < 1.02 * entropy_bytes + 16
-    assert end - start < codes.numel() * 4 / 8
+    (stored,) = [sum(a[4]) for a in layout["net.1.weight"]["a"] if a[0] == "ans"]
+    assert entropy_bytes <= stored < 1.02 * entropy_bytes + 16
+    assert stored < codes.numel() * 4 / 8
     assert torch.equal(read_packed(path)["net.1.weight"], state["net.1.weight"])
 
 
@@ -137,7 +148,7 @@ def test_smaller_tensors_replace_the_fresh_models(tmp_path, digits_task):
 @pytest.mark.parametrize("gaps", [[0], [0, 1, 2], [300], [5, 254, 255, 256, 1000, 0]])
 def test_gap_encoding_round_trip(gaps):
     positions = np.cumsum(np.array(gaps) + 1) - 1
-    assert np.array_equal(_decode_gaps(_encode_gaps(positions)), positions)
+    assert np.array_equal(decode_gaps(encode_gaps(positions)), positions)
 
 
 def test_loading_rejects_foreign_files_without_unpickling(tmp_path, digits_task):
@@ -214,3 +225,146 @@ def test_biases_on_float16_values_are_stored_in_two_bytes(tmp_path, digits_task,
         assert torch.equal(read_packed(tmp_path / f"{bias}.sqz")["net.1.bias"], state["net.1.bias"])
     biases = sum(p.numel() for n, p in digits_baseline.model.named_parameters() if "bias" in n)
     assert sizes["fp32"] - sizes["fp16"] >= biases  # about 2 bytes saved per bias
+
+
+# ------------------------------------------------------------------ format SQZ3 and SQZ2 files
+
+DATA = Path(__file__).parent / "data"
+
+
+def _fixture_model() -> nn.Module:
+    """The architecture of ``tests/data/sqz2_small.sqz``, written by the SQZ2 packer (commit
+    6ca984f) with layer 0 on a 4-bit grid, layer 3 90% pruned on a 3-bit grid, layer 5 60%
+    pruned, layer 7 clustered (2 bits), layer 9 99% pruned, a float16 bias and batch-norm
+    statistics: dense, bitmask, gaps, ans, codebook and raw records. ``sqz2_small.json`` holds
+    the SHA-256 of each tensor's values and of the outputs for a seeded input, as the SQZ2
+    reader read them."""
+    return nn.Sequential(
+        nn.Linear(16, 48),
+        nn.BatchNorm1d(48),
+        nn.ReLU(),
+        nn.Linear(48, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 24),
+        nn.ReLU(),
+        nn.Linear(24, 120),
+    )
+
+
+def _sha(tensor: torch.Tensor) -> str:
+    """SHA-256 of the values (-0.0 counted as 0.0: a pruned negative weight is stored as 0)."""
+    tensor = tensor.detach().contiguous()
+    if tensor.is_floating_point():
+        tensor = tensor + 0.0
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+def test_an_sqz2_file_still_loads_exactly():
+    path = DATA / "sqz2_small.sqz"
+    assert path.read_bytes()[:4] == b"SQZ2"
+    expected = json.loads((DATA / "sqz2_small.json").read_text())
+    outputs = expected.pop("__outputs__")
+    state = read_packed(path)
+    assert {k: [list(v.shape), str(v.dtype)[6:], _sha(v)] for k, v in state.items()} == expected
+    layouts = {t.layout for t in read_tensors(path).values()}
+    assert layouts == {"dense", "bitmask", "gaps", "ans", "raw"}
+    model = load_packed(path, _fixture_model())
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    assert _sha(model(x)) == outputs[2]
+    assert {k: _sha(v) for k, v in model.state_dict().items()} == {
+        k: v[2] for k, v in expected.items()
+    }
+
+
+def test_an_sqz2_file_rewritten_as_sqz3_keeps_its_values(tmp_path):
+    model = load_packed(DATA / "sqz2_small.sqz", _fixture_model())  # (plain float weights now)
+    save_packed(model, tmp_path / "m.sqz")
+    assert (tmp_path / "m.sqz").read_bytes()[:4] == b"SQZ3"
+    old, new = read_packed(DATA / "sqz2_small.sqz"), read_packed(tmp_path / "m.sqz")
+    assert old.keys() == new.keys()
+    for key, value in old.items():
+        assert torch.equal(new[key], value), key
+
+
+@pytest.mark.parametrize(("amount", "bits"), [(None, None), (0.7, None), (None, 4), (0.9, 3)])
+def test_a_file_packed_twice_is_byte_identical_whatever_the_threads(
+    tmp_path, monkeypatch, digits_baseline, amount, bits
+):
+    model = _compressed(digits_baseline.model, amount, bits)
+    files = []
+    for workers in (4, 1, 4):
+        monkeypatch.setattr(packing, "WORKERS", workers)
+        files.append(tmp_path / f"{len(files)}.sqz")
+        save_packed(model, files[-1])
+    data = [f.read_bytes() for f in files]
+    assert data[0][:4] == b"SQZ3" and data[0] == data[1] == data[2]
+
+
+@pytest.mark.parametrize(("amount", "bits"), [(None, None), (0.5, None), (None, 4), (0.95, 2)])
+def test_the_size_estimate_is_the_files_size(tmp_path, digits_baseline, amount, bits):
+    model = _compressed(digits_baseline.model, amount, bits)
+    estimate = packed_size(model)  # writes nothing
+    assert estimate == save_packed(model, tmp_path / "m.sqz")
+    # and the file is its tensors' stored arrays, the (compressed) index and the framing
+    data = (tmp_path / "m.sqz").read_bytes()
+    (index_bytes,) = struct.unpack("<Q", data[-12:-4])
+    index = _index(tmp_path / "m.sqz")
+    arrays = {n: sum(sum(a[4]) for a in spec["a"]) for n, spec in index["t"].items()}
+    assert estimate == sum(arrays.values()) + index_bytes + FRAMING_BYTES
+    state, grids = plain_state(model)
+    for name, spec in index["t"].items():
+        record = len(json.dumps(spec, separators=(",", ":")))
+        assert packing.tensor_bytes(state[name], grids.get(name)) == arrays[name] + record
+
+
+def test_float_weights_store_their_exponent_bytes_compressed(tmp_path, digits_baseline):
+    """A float32 weight's exponent bytes take fewer than 8 bits; its mantissa bytes are noise."""
+    path = tmp_path / "m.sqz"
+    save_packed(digits_baseline.model, path)
+    (values,) = [a for a in _index(path)["t"]["net.1.weight"]["a"] if a[0] == "values"]
+    _, dtype, shape, codec, sizes = values
+    n = int(np.prod(shape))
+    assert (dtype, codec, len(sizes)) == ("<f4", "planes", 4)
+    assert sizes[3] < 0.6 * n and sum(sizes) < 0.92 * 4 * n
+
+
+def test_a_large_sparse_quantized_tensor_round_trips(tmp_path):
+    """Past the chunk sizes of bit packing and of the float16 check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1500, 1400))
+    model = _compressed(model, 0.6, 5)
+    save_packed(model, tmp_path / "m.sqz")
+    state, _ = plain_state(model)
+    assert torch.equal(read_packed(tmp_path / "m.sqz")["0.weight"], state["0.weight"])
+    assert packed_size(model) == (tmp_path / "m.sqz").stat().st_size
+
+
+@pytest.mark.parametrize("where", ["magic", "array", "index", "trailer", "cut"])
+def test_damage_anywhere_in_an_sqz3_file_is_refused(tmp_path, digits_task, where):
+    path = tmp_path / "m.sqz"
+    save_packed(_compressed(digits_task.build_model(), 0.5, 4), path)
+    data = bytearray(path.read_bytes())
+    index_start = len(data) - 12 - struct.unpack("<Q", data[-12:-4])[0]
+    if where == "cut":
+        data = data[: index_start + 5]
+    else:
+        at = {"magic": 3, "array": 100, "index": index_start + 3, "trailer": len(data) - 2}[where]
+        data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackedFileError, match="truncated or corrupted|another version|not a"):
+        read_packed(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_sqz2_file_is_refused(tmp_path, damage):
+    data = bytearray((DATA / "sqz2_small.sqz").read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x40
+    path = tmp_path / "old.sqz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackedFileError, match="truncated or corrupted"):
+        load_packed(path, _fixture_model())

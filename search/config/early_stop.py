@@ -16,10 +16,8 @@ Either raises `optuna.TrialPruned`; the trial ends PRUNED.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -124,11 +122,10 @@ class EarlyStop:
         return _DominanceStop(self, known, front)
 
     def _structure(self, model: nn.Module) -> dict[str, float]:
-        from compressors import save_packed
+        from compressors.packing import packed_size
         from experiments.metrics import count_flops
 
-        with tempfile.TemporaryDirectory(prefix="squeeze-size-") as tmp:
-            size = float(save_packed(model, Path(tmp) / "model.sqz"))
+        size = float(packed_size(model))  # the file's size, exactly, without writing it
         known = {"size_bytes": size, "compression_ratio": self.baseline_size / size}
         if "flops" in self.objectives or "flops" in self.constraints:
             known["flops"] = float(count_flops(model, self.example_inputs))

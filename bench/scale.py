@@ -1,0 +1,221 @@
+"""Packing and loading at scale: the `.sqz` writer and reader against a `safetensors` file.
+
+For an MLP of about 1 M and 10 M parameters and a BERT-like encoder of about 28 M (``--large``:
+also BERT-base, 110 M), each fp32, pruned (50% unstructured, global) and 4-bit quantized
+(``quant`` with ``bits=4``), random init (seed 0), one child process per case measures:
+
+- ``pack_s``: `compressors.save_packed`; ``estimate_s``: `compressors.packing.packed_size`
+  (the early-stop size estimate, which writes no file);
+- ``reload_s``: `compressors.load_packed` into a freshly built model (built before timing);
+- the same fp32 model saved with `safetensors.torch.save_file` and loaded with ``load_file``
+  plus ``load_state_dict`` (``st_save_s``, ``st_load_s``), and the ratios ``pack_x`` /
+  ``reload_x`` to them (the goal: pack at most 5x, reload at most 3x);
+- ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
+  memory before it (sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``), divided
+  by the fp32 model's bytes (the goal: at most 2);
+- ``bytes``, the file's size, and ``estimate_bytes``; with ``--before old.json`` (a ``--json``
+  written by another version of squeeze, e.g. before a change) the ratio ``new/old`` per case.
+
+The reloaded model's outputs are checked to equal the packed model's (``exact``).
+
+    python bench/scale.py                        # about 2 minutes on a quiet 2-core machine
+    python bench/scale.py --large --json new.json --before old.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CASES = {"mlp-1m": False, "mlp-10m": False, "bert-28m": False, "bert-110m": True}
+VARIANTS = ("fp32", "pruned", "4bit")
+
+
+def _build(case: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if case.startswith("mlp"):
+        widths = [784, 1024, 256, 10] if case == "mlp-1m" else [1024, 2048, 2048, 2048, 10]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers[:-1]), torch.randn(4, widths[0])
+    from transformers import BertConfig, BertModel
+
+    if case == "bert-28m":
+        config = BertConfig(
+            hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048
+        )
+    else:
+        config = BertConfig()  # BERT-base
+    model = BertModel(config, add_pooling_layer=False).eval()
+    return model, torch.randint(0, config.vocab_size, (2, 16))
+
+
+def _outputs(model, x):
+    out = model(x)
+    return out if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+
+
+def _compress(model, variant: str):
+    from compressors import CompressionContext, get_compressor
+
+    if variant == "pruned":
+        return get_compressor("prune")(amount=0.5).compress(model, CompressionContext())
+    if variant == "4bit":
+        return get_compressor("quant")(bits=4).compress(model, CompressionContext())
+    return model
+
+
+class _PeakRss:
+    """Peak resident bytes above the level at entry, sampled from ``/proc/self/statm``."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> _PeakRss:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def over(self) -> int:
+        return self.peak - self.start
+
+
+def _child(case: str, variant: str) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from compressors import load_packed, save_packed
+    from compressors.packing import packed_size
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    model, x = _build(case)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() for p in model.parameters())
+    row: dict = {"case": case, "variant": variant, "params": params, "model_bytes": model_bytes}
+    with tempfile.TemporaryDirectory(prefix="squeeze-scale-") as tmp:
+        st = Path(tmp) / "m.safetensors"
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        t0 = time.perf_counter()
+        save_file(state, st)
+        row["st_save_s"] = time.perf_counter() - t0
+        del state
+        fresh, _ = _build(case)
+        t0 = time.perf_counter()
+        fresh.load_state_dict(load_file(st), strict=False)
+        row["st_load_s"] = time.perf_counter() - t0
+        row["st_bytes"] = st.stat().st_size
+        del fresh
+        model = _compress(model, variant)
+        with torch.no_grad():
+            expected = _outputs(model, x)
+        path = Path(tmp) / "m.sqz"
+        with _PeakRss() as peak:
+            t0 = time.perf_counter()
+            row["bytes"] = save_packed(model, path)
+            row["pack_s"] = time.perf_counter() - t0
+        row["pack_mem"] = peak.over / model_bytes
+        t0 = time.perf_counter()
+        row["estimate_bytes"] = packed_size(model)
+        row["estimate_s"] = time.perf_counter() - t0
+        del model
+        fresh, _ = _build(case)
+        with _PeakRss() as peak:
+            t0 = time.perf_counter()
+            reloaded = load_packed(path, fresh)
+            row["reload_s"] = time.perf_counter() - t0
+        row["reload_mem"] = peak.over / model_bytes
+        with torch.no_grad():
+            row["exact"] = bool(torch.equal(_outputs(reloaded, x), expected))
+    row["pack_x"] = row["pack_s"] / row["st_save_s"]
+    row["reload_x"] = row["reload_s"] / row["st_load_s"]
+    return row
+
+
+def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
+    head = (
+        f"{'case':<10} {'variant':<7} {'st save':>8} {'pack s':>8} {'x':>6} {'st load':>8} "
+        f"{'reload s':>8} {'x':>5} {'est s':>6} {'pack mem':>8} {'load mem':>8} {'bytes':>12} "
+        f"{'est/file':>9} {'new/old':>8} exact"
+    )
+    lines = [head]
+    for r in rows:
+        old = before.get((r["case"], r["variant"]))
+        ratio = f"{r['bytes'] / old['bytes']:.4f}" if old else "-"
+        lines.append(
+            f"{r['case']:<10} {r['variant']:<7} {r['st_save_s']:>8.3f} {r['pack_s']:>8.2f} "
+            f"{r['pack_x']:>6.1f} {r['st_load_s']:>8.3f} {r['reload_s']:>8.2f} "
+            f"{r['reload_x']:>5.1f} {r['estimate_s']:>6.2f} {r['pack_mem']:>8.2f} "
+            f"{r['reload_mem']:>8.2f} {r['bytes']:>12,} "
+            f"{r['estimate_bytes'] / r['bytes']:>9.4f} {ratio:>8} {r['exact']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", action="store_true", help="also BERT-base (110 M)")
+    parser.add_argument("--cases", nargs="*", help="only these cases (e.g. mlp-10m bert-28m)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--before", type=Path, help="rows of another version, for new/old bytes")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        sys.stdout.write(json.dumps(_child(*args.child)) + "\n")
+        return
+    cases = args.cases or [c for c, large in CASES.items() if args.large or not large]
+    before = {}
+    if args.before:
+        before = {(r["case"], r["variant"]): r for r in json.loads(args.before.read_text())}
+    rows = []
+    for case in cases:
+        for variant in args.variants:
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", case, variant],
+                check=True,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(_table(rows[-1:], before).splitlines()[1], flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(_table(rows, before))
+
+
+if __name__ == "__main__":
+    main()
