@@ -158,9 +158,16 @@ def value_bytes(
     shape: list[int] | None = None,
     factor: float = 1.0,
 ) -> int:
-    """`compressors.packing.tensor_bytes` of ``value`` (on ``grid``, if given), by
-    arithmetic; or, given ``shape``, of a tensor of that shape whose rows ``value`` samples,
-    one in ``factor`` (its counts scaled up: an estimate)."""
+    """`compressors.packing.tensor_bytes` of ``value`` (on ``grid``, if given): the file's own
+    encoder (its byte planes are compressed where that pays, which no count predicts); or, given
+    ``shape``, of a tensor of that shape whose rows ``value`` samples, one in ``factor`` (the
+    sample's bytes scaled up: an estimate)."""
+    from compressors.packing import tensor_bytes
+
+    if shape is None:
+        return tensor_bytes(value.detach(), grid)
+    if factor != 1.0:
+        return round(tensor_bytes(value.detach(), grid) * factor)
     flat = value.detach().flatten()
     full = list(value.shape) if shape is None else shape
     spec: dict = {"shape": full, "dtype": str(value.dtype).removeprefix("torch.")}

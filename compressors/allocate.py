@@ -59,11 +59,15 @@ from compressors._base import CompressionContext, Compressor, UnsupportedModelEr
 from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._quiet import native_stdout_silenced
 from compressors._targets import Target, targets
-from compressors.packing import FAST_LZMA_BYTES, packed_size
+from compressors.packing import packed_size
 from compressors.prune import Mask, smallest_mask
 from compressors.quant import half_biases, make_grid
 
 logger = logging.getLogger(__name__)
+#: Above this many bytes of tensors, the knapsack's budget is the table's sum (exact bytes of
+#: each tensor as the file stores it, sampled rows for the largest), with no packing of the whole
+#: model per calibration round (`finalize` checks the real file).
+SUM_ABOVE_BYTES = 4 * 2**20
 
 #: Sparsities a tensor may get (each combined with every bit width and with float32).
 SPARSITIES = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -149,10 +153,8 @@ class BudgetAllocation(Compressor):
         payload_budget = budget - fixed
         best: tuple[int, list[int]] | None = None
         smallest: tuple[int, list[int]] | None = None
-        # Past FAST_LZMA_BYTES the file's LZMA pass runs at its fastest preset and gains little
-        # on codes: the table's sum (exact bytes, the entropy-coded ones estimated to a word)
-        # decides, with no packing of the whole model (`finalize` checks the real file).
-        by_sum = int(table["bytes"][:, 0].sum()) > FAST_LZMA_BYTES
+        # Past SUM_ABOVE_BYTES the table's sum decides, with no packing of the whole model.
+        by_sum = int(table["bytes"][:, 0].sum()) > SUM_ABOVE_BYTES
         for _ in range(1 if by_sum else CALIBRATIONS):
             try:
                 choice = solve(table["bytes"], table["sensitivity"], payload_budget)

@@ -218,10 +218,9 @@ def test_an_allocation_predicted_at_chance_is_warned_about(digits_task, digits_b
         assert (allocator.predicted_loss >= chance) is warned
 
 
-def test_the_bytes_arithmetic_equals_the_encoders_bytes():
-    """The table's bytes come from counts, not from encoding: for float and bit-packed layouts
-    (and the entropy coder's own size up to EXACT_ANS values) they are `tensor_bytes` exactly;
-    above it the entropy-coded size is estimated to within a 4-byte word."""
+def test_the_tables_bytes_are_the_encoders_bytes():
+    """Each setting's bytes are `tensor_bytes` of the values the file would store at it (the
+    SQZ3 encoder, whose compressed byte planes no count predicts)."""
     from compressors import _allocate_costs as costs
 
     torch.manual_seed(0)
@@ -231,15 +230,6 @@ def test_the_bytes_arithmetic_equals_the_encoders_bytes():
     for weight in (torch.randn(300, 64) * 0.05, torch.randn(16, 8, 3, 3), half, sparse):
         expected = [tensor_bytes(v, g) for v, g in costs.variants(weight, settings)]
         assert alloc.candidate_bytes(weight, settings) == expected
-    large = torch.randn(300, 260) * 0.02  # above EXACT_ANS
-    assert large.numel() > costs.EXACT_ANS
-    some = [alloc.Setting(0.0, None), alloc.Setting(0.5, None), alloc.Setting(0.95, None)]
-    some += [alloc.Setting(s, b) for s in (0.0, 0.9) for b in (1, 4, 8)]
-    got = alloc.candidate_bytes(large, some)
-    for (value, grid), size in zip(costs.variants(large, some), got, strict=True):
-        assert abs(size - tensor_bytes(value, grid)) <= 4 if grid is not None else True
-        if grid is None:
-            assert size == tensor_bytes(value, grid)
 
 
 def _counting(model):
@@ -329,6 +319,5 @@ def test_large_tensors_are_costed_on_sampled_rows_within_a_percent():
     assert weight.numel() > costs.SAMPLED_ABOVE
     some = [alloc.Setting(0.0, None), alloc.Setting(0.5, 4), alloc.Setting(0.9, 2)]
     got = alloc.candidate_bytes(weight, some)
-    assert got[0] == tensor_bytes(weight)  # dense float32: exact
     for (value, grid), size in zip(costs.variants(weight, some), got, strict=True):
         assert size == pytest.approx(tensor_bytes(value, grid), rel=0.01)
