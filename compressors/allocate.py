@@ -77,7 +77,7 @@ SAMPLES = 1024
 #: The allocator aims this far under the target (the header records changed layer shapes and
 #: per-tensor layouts whose lengths vary by a few bytes).
 SLACK = 0.01
-_CACHE_VERSION = 4
+_CACHE_VERSION = 5  # 5: bytes as the SQZ3 file stores them
 FLAT_FISHER = _sens.FLAT_FISHER
 #: Solves at most, each followed by packing the allocated model, to fit the file to the target.
 CALIBRATIONS = 5
