@@ -4,19 +4,18 @@ predictions flipped, and whether it still looks at the same evidence as the base
 Three questions, three parts, each a plain function usable on its own:
 
 - **Where the bytes went** (`byte_breakdown`): the packed file (`compressors.packing`) taken apart
-  byte by byte. The file is a 9-byte header (magic, codec, CRC-32), then a safetensors payload,
-  stored LZMA-compressed when that is smaller. LZMA works on the whole payload, so no tensor has
-  an exact compressed size; the accounting is therefore made on the uncompressed payload, where
-  it is exact: each tensor costs its arrays' data (values, codes, masks, gaps, scales, codebook),
-  their entries in the safetensors JSON header, and its layout record in the model record. What
-  is left of the payload (the length prefix, JSON framing and padding, the format version,
-  replaced modules, int8 layers, ties and changed attributes) is the *model record* line; the
-  *LZMA container* line is the compressed payload's size minus the payload's (negative when
-  LZMA shrank it, 0 for a raw payload); the *file header* line is the 9 bytes. The lines sum to
-  the file's size exactly. Compressible tensors (`compressors.targets`) get a row each, with
-  their shape before and after, what structured pruning kept, sparsity, bit width or codebook
-  size and runtime (float or int8); the other tensors (biases, norms, buffers) are grouped by
-  the module that owns them.
+  byte by byte. The accounting is made on the file's payload as an SQZ2-style safetensors layout
+  (`compressors.packing.read_payload` builds it for SQZ3 files too), where it is exact: each tensor
+  costs its arrays' data (values, codes, masks, gaps, scales, codebook), their entries in the
+  safetensors JSON header, and its layout record in the model record. What is left of the payload
+  (the length prefix, JSON framing and padding, the format version, replaced modules, int8 layers,
+  ties and changed attributes) is the *model record* line; the *codecs and framing* line is the
+  file's size minus that payload and the header (negative when the codecs — zstd'd byte planes in
+  SQZ3, LZMA in SQZ2 — shrank the arrays more than the file's framing adds); the *file header* line
+  is the format's header bytes. The lines sum to the file's size exactly. Compressible tensors
+  (`compressors.targets`) get a row each, with their shape before and after, what structured pruning
+  kept, sparsity, bit width or codebook size and runtime (float or int8); the other tensors (biases,
+  norms, buffers) are grouped by the module that owns them.
 - **Which predictions flipped** (`agreement_report`): on validation and test, the share of inputs
   whose top-1 class is the baseline's (for an embedding task: whose nearest neighbour among the
   split is the baseline's, `experiments.neighbour_agreement`), the flip matrix (baseline class ->
@@ -89,7 +88,7 @@ STEPS = 32
 #: Flipped and kept examples the attribution figure shows (each at most).
 SHOWN = 3
 #: The three lines that complete the per-tensor rows to the file's size.
-RECORD, CONTAINER, FILE_HEADER = "model record", "LZMA container", "file header"
+RECORD, CONTAINER, FILE_HEADER = "model record", "codecs and framing", "file header"
 #: Names of a target's dimensions, by kind (after these, a conv's kernel).
 _DIMS = {
     "linear": ("out", "in"),
