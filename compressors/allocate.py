@@ -292,7 +292,24 @@ class BudgetAllocation(Compressor):
             with np.load(path) as cached:
                 logger.info("sensitivity table (%s): cached, %s", how, path.name)
                 return {key: cached[key] for key in ("bytes", "sensitivity", "reference")}
-        table = measure_table(model, found, settings, ctx, how)
+        try:
+            table = measure_table(model, found, settings, ctx, how)
+        except UnsupportedModelError:  # a flat loss (a model that is its own target)
+            if self.sensitivity != "auto" or how.method != "fisher":
+                raise
+            how = _sens.plan(
+                model, len(found), len(settings), method="interpolated", samples=self.samples
+            )
+            logger.info("the loss is flat at this model: auto measures the %s table", how)
+            path = (
+                None
+                if path is None
+                else path.with_name(f"allocate-{_table_key(found, settings, how)}.npz")
+            )
+            if path is not None and path.exists():
+                with np.load(path) as cached:
+                    return {key: cached[key] for key in ("bytes", "sensitivity", "reference")}
+            table = measure_table(model, found, settings, ctx, how)
         if path is not None:
             _save_atomically(path, table)
         return table
