@@ -126,7 +126,6 @@ def main() -> int:
     return 0
 
 
-
 class _Tokens:
     """Random token batches for a sequence classifier, as `CompressionContext.train` offers
     them."""

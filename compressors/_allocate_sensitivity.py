@@ -270,7 +270,6 @@ def _forward(model: nn.Module, b, ctx: CompressionContext, counter: Counter) -> 
 
 def _mean_loss(model: nn.Module, batches: list, ctx: CompressionContext, counter: Counter) -> float:
     total = sum(
-        float(ctx.loss(_forward(model, b, ctx, counter), b.targets, None)) * b.rows
-        for b in batches
+        float(ctx.loss(_forward(model, b, ctx, counter), b.targets, None)) * b.rows for b in batches
     )
     return total / sum(b.rows for b in batches)
