@@ -8,6 +8,7 @@ Each builder is named by ``_target_`` in ``tests/zoo_conf/task/wl_<name>.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -232,15 +233,5 @@ def wl_regression_mse(
     ``higher_is_better`` is False), so the search minimizes ``val_acc``."""
     from torchmetrics.regression import MeanSquaredError
 
-    splits = _diabetes(seed)
-    return Task(
-        name=name,
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        num_classes=1,
-        outputs="values",
-        build_model=lambda: SmallMLP(features=10, hidden=64, out=1),
-        train_config=_train(train, {"epochs": 40, "lr": 3e-3, "batch_size": 32}),
-        metric=MeanSquaredError(),
-    )
+    task = wl_regression(name=name, seed=seed, train=train)
+    return dataclasses.replace(task, metric=MeanSquaredError(), higher_is_better=None)
