@@ -23,18 +23,24 @@ def _digits(seed: int, hidden: list[int], train: dict | None) -> Task:
     return digits_mlp(seed=seed, hidden=hidden, train=train or {"epochs": 40})
 
 
-def digits_memory(*, name="digits_memory", seed=0, hidden=(300, 100), train=None) -> Task:
-    """digits_mlp itself: in-memory `Split`s."""
+def _same_digits(name: str, seed: int, hidden, train, wrap) -> Task:
+    """digits_mlp's task with each split given as ``wrap(split)``."""
     task = _digits(seed, list(hidden), train)
+    splits = [wrap(s.in_memory) for s in (task.train, task.val, task.test)]
     return Task(
         name=name,
-        train=task.train.in_memory,
-        val=task.val.in_memory,
-        test=task.test.in_memory,
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
         num_classes=10,
         build_model=task.build_model,
         train_config=task.train_config,
     )
+
+
+def digits_memory(*, name="digits_memory", seed=0, hidden=(300, 100), train=None) -> Task:
+    """digits_mlp itself: in-memory `Split`s."""
+    return _same_digits(name, seed, hidden, train, lambda split: split)
 
 
 class PerSample(Dataset):
@@ -53,32 +59,12 @@ class PerSample(Dataset):
 
 def digits_tensor_dataset(*, name="digits_tensor_dataset", seed=0, hidden=(300, 100), train=None):
     """The same data as `TensorDataset`s through torch's DataLoader."""
-    task = _digits(seed, list(hidden), train)
-    splits = [TensorDataset(s.x, s.y) for s in (task.train, task.val, task.test)]
-    return Task(
-        name=name,
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        num_classes=10,
-        build_model=task.build_model,
-        train_config=task.train_config,
-    )
+    return _same_digits(name, seed, hidden, train, lambda s: TensorDataset(s.x, s.y))
 
 
 def digits_per_sample(*, name="digits_per_sample", seed=0, hidden=(300, 100), train=None):
     """The same data as a per-sample `Dataset` through torch's DataLoader."""
-    task = _digits(seed, list(hidden), train)
-    splits = [PerSample(s.in_memory) for s in (task.train, task.val, task.test)]
-    return Task(
-        name=name,
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        num_classes=10,
-        build_model=task.build_model,
-        train_config=task.train_config,
-    )
+    return _same_digits(name, seed, hidden, train, PerSample)
 
 
 # ----------------------------------------------------------------------------- several GB on disk
