@@ -290,7 +290,9 @@ class BudgetAllocation(Compressor):
         path = None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"allocate-{key}.npz"
         if path is not None and path.exists():
             with np.load(path) as cached:
-                logger.info("sensitivity table (%s): cached, %s", how, path.name)
+                logger.info(
+                    "sensitivity table (%s): cached, %s", how, path.name, extra={"once": True}
+                )
                 return {key: cached[key] for key in ("bytes", "sensitivity", "reference")}
         try:
             table = measure_table(model, found, settings, ctx, how)
@@ -300,7 +302,11 @@ class BudgetAllocation(Compressor):
             how = _sens.plan(
                 model, len(found), len(settings), method="interpolated", samples=self.samples
             )
-            logger.info("the loss is flat at this model: auto measures the %s table", how)
+            logger.info(
+                "the loss is flat at this model: auto measures the %s table",
+                how,
+                extra={"once": True},
+            )
             path = (
                 None
                 if path is None

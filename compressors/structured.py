@@ -210,7 +210,10 @@ class StructuredPruning(Compressor):
             return self._prune(copy.deepcopy(model), ctx, whole_attention=None)
         except _FewerHeadsFailed as err:
             logger.info(
-                "structured: keeping the heads of %s whole: %s", ", ".join(err.attention), err
+                "structured: keeping the heads of %s whole: %s",
+                ", ".join(err.attention),
+                err,
+                extra={"once": True},
             )
             why = f"its forward does not run with fewer heads ({err.cause})"
             return self._prune(copy.deepcopy(model), ctx, whole_attention=why)
@@ -225,8 +228,8 @@ class StructuredPruning(Compressor):
             graph, groups, kept, attention = _analyse(
                 model, ctx.example_inputs, heads, whole_attention=whole_attention
             )
-            for label, reason in kept.items():
-                logger.info("structured: keeping %s whole: %s", label, reason)
+            for label, reason in kept.items():  # once: a fact of the model, not of each trial
+                logger.info("structured: keeping %s whole: %s", label, reason, extra={"once": True})
             expected = _output_shapes(model, ctx.example_inputs)
             if self.importance == "taylor":
                 accumulate_gradients(model, ctx)

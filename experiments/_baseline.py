@@ -128,7 +128,9 @@ def load_or_train_baseline(
     key = config_key(described)
     folder = Path(cache_dir) / f"{task.name}-{key}"
     if (folder / "metrics.json").exists():
-        logger.info("reusing cached baseline %s", folder)
+        logger.info(
+            "reusing cached baseline %s", folder, extra={"once": True}
+        )  # (each worker says it too)
         return _load(task, folder, key, from_cache=True, model=fresh and fresh.model)
 
     start = time.perf_counter()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             default=[],
             help="another folder of config groups (task/, experiment/, ...) besides conf/",
         )
+        command.add_argument(
+            "--verbose", action="store_true", help="also the INFO lines of other libraries"
+        )
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-")]
     if unknown:
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=False)
     if not console.is_terminal:  # a file or a pipe: no line is folded (every recipe stays whole)
         console.width = _UNFOLDED
-    _setup_logging(getattr(args, "quiet", False))
+    _setup_logging(getattr(args, "quiet", False), verbose=args.verbose)
     restore = _catch_interrupts()
     try:
         if args.command == "sweep":
@@ -186,22 +187,10 @@ _RESUMABLE = ("sweep", "worker")
 
 
 def _catch_interrupts():
-    """The first Ctrl-C (SIGINT) raises KeyboardInterrupt: the running trial is recorded as
-    interrupted, its MLflow run and the study's parent run end KILLED, and the command exits
-    130; a second one exits at once. Returns a function restoring the previous handler."""
-    previous = signal.getsignal(signal.SIGINT)
-    seen = []
+    """`search.run.interrupts.catch_interrupts` (Ctrl-C recorded, then raised; twice: exit)."""
+    from search.run.interrupts import catch_interrupts
 
-    def handler(signum, frame):
-        if seen:
-            os._exit(130)  # the writer and worker processes end with this one (their PDEATHSIG)
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    return catch_interrupts()
 
 
 def _command(commands, name: str, help: str) -> argparse.ArgumentParser:
@@ -568,17 +557,19 @@ class _MaskPasswords(logging.Filter):
         return True
 
 
-def _setup_logging(quiet: bool) -> None:
-    import optuna
+def _setup_logging(quiet: bool, *, verbose: bool = False) -> None:
+    from search.run.logs import OncePerRun, quiet_third_party
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, (_MaskPasswords, OncePerRun))]:
+            handler.removeFilter(old)  # (an earlier command in this process)
         handler.addFilter(_MaskPasswords())
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for noisy in ("alembic", "mlflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        if not verbose:  # a fact repeated by every trial is printed once
+            handler.addFilter(OncePerRun())
+    quiet_third_party(verbose=verbose)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from search.failures import NonFiniteObjectiveError, record_failure
 from search.run.budget import Budget
+from search.run.interrupts import raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def run_trials(
     """Run trials until the budget is spent (or ``timeout`` seconds passed); return how many."""
     study, start, count = budget.study, time.monotonic(), 0
     while timeout is None or time.monotonic() - start < timeout:
+        raise_if_interrupted()  # a Ctrl-C swallowed during the last trial (in a __del__) stops here
         trial = budget.claim()
         if trial is None:
             break

@@ -49,6 +49,7 @@ from search.run.budget import (
     worker_id,
 )
 from search.run.deploy import check_deployable, deploy_onnx
+from search.run.interrupts import raise_if_interrupted
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
 from search.run.tracking import Tracker
@@ -226,6 +227,7 @@ def _run(
                 run_local_workers(
                     cfg, plan.n_jobs, study=study, target=run_worker, callbacks=callbacks
                 )
+            raise_if_interrupted()  # (swallowed in a worker loop's last trial)
             _wait_for_other_workers(budget)
             # A trial lost at the end (a worker killed after the others stopped claiming) is
             # run again here, so the study still ends with its whole budget.
@@ -318,7 +320,7 @@ def _prepare(
         plan=plan,
         task=task,
         fresh=fresh,
-        progress=progress,
+        progress=partial(_interruptible, progress),
         recorded_threads=threads,
     )
     task, baseline, device = workload.task, workload.baseline, workload.device
@@ -478,10 +480,17 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
     with budget_lock(plan.storage, plan.study_name):
         trials = study.get_trials(deepcopy=False)
         count, room = len(trials), plan.n_trials - budget_used(trials)
+        queued = [t.system_attrs.get("fixed_params") for t in trials]
+        waiting = [r for r in plan.warm_start.recipes if r.params not in queued]
+        if room < len(waiting):  # one line for all: the next run with a larger budget runs them
+            logger.info(
+                "warm start: the budget has no room for %d of the space's recipes (yet): %s",
+                len(waiting) - max(room, 0),
+                "; ".join(r.text for r in waiting[max(room, 0) :]),
+            )
         for recipe in plan.warm_start.recipes:
             if room <= 0:
-                logger.info("warm start: the budget has no room for %s (yet)", recipe.text)
-                continue
+                break
             study.enqueue_trial(  # (skipped if a trial of the study was enqueued with them)
                 recipe.params, user_attrs={WARM_START_ATTR: True}, skip_if_exists=True
             )
@@ -525,6 +534,15 @@ def _cv_folds(
         )
         pairs.append((fold, baseline))
     return tuple(pairs)
+
+
+def _interruptible(
+    progress: Callable[[str, int, int], None] | None, stage: str, done: int, total: int
+) -> None:
+    """Forward a stage's progress; each step is a safe point for a swallowed Ctrl-C."""
+    raise_if_interrupted()
+    if progress is not None:
+        progress(stage, done, total)
 
 
 def _fold_stage(progress: Callable[[str, int, int], None], prefix: str, stage: str, *args) -> None:

@@ -93,7 +93,9 @@ def set_threads(
             f"threads must be 'auto', a positive int or None. Got {setting!r} instead."
         )
     torch.set_num_threads(choice.threads)
-    logger.info("torch threads: %d (%s)", choice.threads, choice.reason)
+    logger.info(
+        "torch threads: %d (%s)", choice.threads, choice.reason, extra={"once": True}
+    )  # (each worker says it too)
     return choice
 
 

@@ -18,6 +18,7 @@ there, and int8 layers have CPU kernels only.
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,11 @@ from search.config.space import Recipe, SearchSpace
 from search.failures import phase
 from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.deploy import deploy_onnx
+from search.run.interrupts import raise_if_interrupted
+from search.run.logs import Ticker
 from search.run.tracking import Tracker
+
+logger = logging.getLogger(__name__)
 
 #: User attribute of a trial (and of its study: the count it started with): the torch threads it
 #: ran with, which its exact reproduction needs (`search.run.threads`).
@@ -149,8 +154,12 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
         #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
         stopper = _Stopper(ctx.early_stop, trial)
+        ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
         def after_epoch(stats: EpochStats) -> None:
+            raise_if_interrupted()  # a safe point for a Ctrl-C swallowed in a __del__
+            val = "" if stats.val_acc is None else f"val {stats.val_acc:.4f}"
+            ticker(stats.epoch + 1, recipe.finetune["epochs"], val)
             run.log_metrics(
                 {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
             )

@@ -23,6 +23,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from search.config.device import gpu_count, resolve_device
+from search.run.interrupts import note_interrupt, raise_if_interrupted
+from search.run.logs import apply_levels, levels
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def run_local_workers(
         reader, writer = context.Pipe(duplex=False)  # one per worker: a killed one harms no other
         process = context.Process(
             target=_worker_main,
-            args=(target, container, env, logging.getLogger().level, writer),
+            args=(target, container, env, levels(), writer),
             name=f"squeeze-worker-{i}",
         )
         with _environment(env):  # a spawned child reads its environment when it starts
@@ -81,6 +83,7 @@ def run_local_workers(
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
         while any(p.is_alive() for p in processes):
+            raise_if_interrupted()  # (a Ctrl-C swallowed where it was raised stops them too)
             _relay_logs(logs, timeout=poll_s)
             seen = _report_new(study, seen, callbacks)
     except BaseException:
@@ -170,7 +173,7 @@ def _worker_main(
     target: Callable[[DictConfig], Any],
     container: dict[str, Any],
     env: dict[str, str],
-    log_level: int,
+    log_levels: dict[str, int],
     logs,
 ) -> None:
     """The body of a worker process.
@@ -183,19 +186,18 @@ def _worker_main(
     _exit_with_parent()
     os.environ.update(env)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=log_level, handlers=[_PipeHandler(logs)])  # logged by the parent
-    for noisy in ("alembic", "mlflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.basicConfig(handlers=[_PipeHandler(logs)])  # logged by the parent
+    apply_levels(log_levels)  # the parent's (its --verbose)
     try:
         target(OmegaConf.create(container))
+        raise_if_interrupted()
     except KeyboardInterrupt:
         sys.exit(130)  # recorded already; no traceback
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the worker at once
-    raise KeyboardInterrupt(f"signal {signum}")
+    note_interrupt(signum)  # raised, and again at the next safe point if swallowed
 
 
 def _exit_with_parent() -> None:
