@@ -137,6 +137,7 @@ def test_ctrl_c_with_two_workers_stops_them_all(tmp_path, cache_dir):
     assert process.returncode == 130, err
     assert "squeeze: interrupted (rerun the same command to continue)" in err
     trials = _study_trials(tmp_path, "digits_mlp")
-    assert trials and all(t.state == TrialState.FAIL for t in trials), err
-    assert all(t.user_attrs.get("fail_kind") == "interrupted" for t in trials)
+    states = [(t.state.name, t.user_attrs.get("fail_kind")) for t in trials]
+    assert ("FAIL", "interrupted") in states, states  # the blocked trial
+    assert all(state != "COMPLETE" for state, _ in states), states  # nothing ran on
     assert "Traceback" not in err, err
