@@ -317,6 +317,8 @@ def sqz2_payload(path, data: bytes, *, max_bytes: int = MAX_UNBOUNDED_BYTES) -> 
         payload = decompressor.decompress(body, max_length=max_bytes)
     except lzma.LZMAError as err:  # checksum passed
         raise PackedFileError(f"{path} cannot be decoded: {err}") from None
+    if decompressor.eof and decompressor.unused_data:
+        raise PackedFileError(f"{path}: bytes follow its LZMA stream (more streams are refused)")
     if not decompressor.eof:
         what = (
             "is cut short" if decompressor.needs_input else f"holds more than {max_bytes:,} bytes"
