@@ -31,6 +31,7 @@ from compressors import (
 from compressors._codecs import CodecError, restore
 from compressors.lowrank import LowRank
 from compressors.packing import TRAILER
+from experiments import BaselineCacheError, load_or_train_baseline
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -382,3 +383,66 @@ def test_a_byte_plane_stating_more_bytes_than_its_array_holds_is_refused_unread(
 def test_a_missing_file_is_a_packed_file_error(tmp_path):
     with pytest.raises(PackedFileError, match="cannot be read"):
         load_packed(tmp_path / "none.sqz", fixture_model())
+
+
+# ------------------------------------------------------------------------------ baseline cache
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """A small task and its baseline, cached (``(task, config, cache dir, folder)``)."""
+    from tests.test_baseline_cache import _next_pixel_task
+
+    task = _next_pixel_task(images=60)
+    cache = tmp_path_factory.mktemp("cache")
+    config = {"name": task.name}
+    first = load_or_train_baseline(task, config=config, cache_dir=cache, seed=0)
+    assert json.loads((first.folder / "checksums.json").read_text()).keys() == {
+        "model.safetensors",
+        "teacher_outputs.safetensors",
+    }
+    return task, config, cache, first.folder
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: _flip(f / "model.safetensors", -3),  # a weight's last byte
+        lambda f: _flip(f / "teacher_outputs.safetensors", -3),
+        lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:99]
+        ),
+        lambda f: (f / "model.safetensors").unlink(),
+        lambda f: (f / "metrics.json").write_text("{"),
+        lambda f: (f / "metrics.json").write_text('{"val_acc": "high"}'),
+        lambda f: (f / "checksums.json").write_text("[1, "),
+    ],
+)
+def test_a_damaged_baseline_cache_names_the_folder_to_delete(cached, damage):
+    task, config, cache, folder = cached
+    saved = {p.name: p.read_bytes() for p in folder.iterdir()}
+    try:
+        damage(folder)
+        with pytest.raises(BaselineCacheError, match=f"Delete the folder.*rm -r '{folder}'"):
+            load_or_train_baseline(task, config=config, cache_dir=cache, seed=0)
+    finally:
+        for name, data in saved.items():
+            (folder / name).write_bytes(data)
+    assert load_or_train_baseline(task, config=config, cache_dir=cache, seed=0).from_cache
+
+
+def test_a_cache_written_before_checksums_gets_them_and_is_then_guarded(cached):
+    task, config, cache, folder = cached
+    sums = (folder / "checksums.json").read_bytes()
+    try:
+        (folder / "checksums.json").unlink()
+        assert load_or_train_baseline(task, config=config, cache_dir=cache, seed=0).from_cache
+        assert (folder / "checksums.json").read_bytes() == sums
+    finally:
+        (folder / "checksums.json").write_bytes(sums)
