@@ -265,6 +265,123 @@ def decode(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return flat.view(shape)
 
 
+#: The layouts of a record (``enc``) and the arrays each may hold, with their dtypes (numpy's
+#: names): what a file's records are checked against before anything is decoded.
+_FLOATS = ("<f2", "<f4")
+_LAYOUT_ARRAYS = {
+    "dense": {"values": _FLOATS},
+    "bitmask": {"mask": ("|u1",), "values": _FLOATS},
+    "gaps": {"gaps": ("|u1",), "values": _FLOATS},
+}
+_CODE_ARRAYS = {
+    "dense": {"codes": ("|u1",)},
+    "ans": {"ans": ("<i4",), "freqs": ("|u1",)},
+    "bitmask": {"mask": ("|u1",), "codes": ("|u1",)},
+    "gaps": {"gaps": ("|u1",), "codes": ("|u1",)},
+}
+_TABLES = {"scaled": "scale", "codebook": "codebook"}
+#: Most entries of a codebook, whatever the tensor (k-means with 2**16 clusters is far beyond use).
+MAX_CODEBOOK = 1 << 16
+#: Most words an entropy-coded stream takes beyond one per code (a code costs < 32 bits).
+_ANS_SLACK = 64
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def check_layout(spec, arrays: Mapping[str, tuple[str, int]]) -> int:
+    """Check a tensor's layout record against the arrays the file holds for it, before any is
+    decoded: each array is one the layout has, of its dtype, with no more elements than the
+    tensor's shape lets it hold (``arrays``: ``{suffix: (numpy dtype name, element count)}``).
+    Returns the tensor's number of values.
+
+    Raises:
+        CodecError: Naming what does not fit.
+    """
+    if not isinstance(spec, dict):
+        raise CodecError(f"its record is a {type(spec).__name__}, not an object")
+    shape = spec.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or not all(_is_int(d) and d >= 0 for d in shape)
+    ):
+        raise CodecError(f"its shape {shape!r} is not a list of at most 8 sizes")
+    n = math.prod(shape)
+    enc = spec.get("enc")
+    if enc == "raw":
+        allowed = {"": None}
+    elif "count" in spec:
+        allowed = _code_arrays(spec, enc, n)
+    elif enc in _LAYOUT_ARRAYS:
+        allowed = _LAYOUT_ARRAYS[enc]
+    else:
+        raise CodecError(f"its layout {enc!r} is not one of raw, {', '.join(_LAYOUT_ARRAYS)}, ans")
+    count = spec.get("count", n)
+    bits = spec.get("bits", 32)
+    table = max(n, max(shape, default=1))
+    limits = {
+        "": n,
+        "values": n,
+        "mask": -(-n // 8),
+        "gaps": n + n // 255 + 1,
+        "codes": -(-count * bits // 8),
+        "ans": count + _ANS_SLACK,
+        "freqs": _alphabet_size(spec, count),
+        "scale": table,
+        "codebook": MAX_CODEBOOK,
+    }
+    for suffix, (dtype, elements) in arrays.items():
+        if suffix not in allowed:
+            raise CodecError(
+                f"a {enc} record holds no array {suffix!r} (it holds {sorted(allowed)})"
+            )
+        if allowed[suffix] is not None and dtype not in allowed[suffix]:
+            raise CodecError(f"its array {suffix!r} has dtype {dtype!r}, not {allowed[suffix]}")
+        exact = suffix in ("", "mask") or suffix == "values" and enc == "dense"
+        if elements > limits[suffix] or exact and elements != limits[suffix]:
+            raise CodecError(
+                f"its array {suffix!r} has {elements:,} elements; shape {shape} allows "
+                f"{'exactly' if exact else 'at most'} {limits[suffix]:,}"
+            )
+    return n
+
+
+def _code_arrays(spec: dict, enc, n: int) -> dict:
+    """The arrays of a record of integer codes, after checking its code fields."""
+    if enc not in _CODE_ARRAYS:
+        raise CodecError(f"its layout {enc!r} is not one of {', '.join(_CODE_ARRAYS)}")
+    count = spec["count"]
+    if not _is_int(count) or not 0 <= count <= n or enc in ("dense", "ans") and count != n:
+        raise CodecError(f"its code count {count!r} does not fit its {n:,} values ({enc})")
+    if spec.get("decode") not in _TABLES:
+        raise CodecError(f"its decode {spec.get('decode')!r} is not one of {DECODERS}")
+    if enc != "ans" and not (_is_int(spec.get("bits")) and 1 <= spec["bits"] <= 63):
+        raise CodecError(f"its code width {spec.get('bits')!r} is not 1..63 bits")
+    if "range" in spec:
+        lo_hi = spec["range"]
+        if not (isinstance(lo_hi, list) and len(lo_hi) == 2 and all(map(_is_int, lo_hi))):
+            raise CodecError(f"its code range {lo_hi!r} is not two integers")
+        if not -(2**62) <= lo_hi[0] <= lo_hi[1] <= 2**62:
+            raise CodecError(f"its code range {lo_hi!r} is empty or out of bounds")
+    elif isinstance(spec.get("alphabet"), list):
+        if not all(_is_int(a) and abs(a) <= 2**62 for a in spec["alphabet"]):
+            raise CodecError("its code alphabet is not a list of integers")
+    else:
+        raise CodecError("its codes have neither a range nor an alphabet")
+    if _alphabet_size(spec, count) > 2 * max(count, 1):
+        raise CodecError(f"its code alphabet is larger than twice its {count:,} codes")
+    return {**_CODE_ARRAYS[enc], _TABLES[spec["decode"]]: _FLOATS}
+
+
+def _alphabet_size(spec: dict, count: int) -> int:
+    if "range" in spec:
+        lo, hi = spec["range"]
+        return hi - lo + 1
+    return len(spec.get("alphabet", ()))
+
+
 def _unpacked_mask(packed: np.ndarray, n: int) -> torch.Tensor:
     if len(packed) * 8 < n:
         raise CodecError(f"a mask of {len(packed)} bytes cannot cover {n} positions")
@@ -437,6 +554,8 @@ def restore(
         return np.frombuffer(data, dtype=np.uint8).copy().view(dtype)
     if codec != "planes" or len(sizes) != k or sum(sizes) != len(data):
         raise CodecError(f"unknown codec {codec!r} or sizes {sizes} for {len(data)} bytes")
+    if any(size > count for size in sizes):
+        raise CodecError(f"a byte plane of {count} bytes is stored in more ({sizes})")
     out = np.empty((count, k), dtype=np.uint8)
     offset = 0
     for j, size in enumerate(sizes):
@@ -446,6 +565,11 @@ def restore(
             out[:, j] = np.frombuffer(chunk, dtype=np.uint8)
             continue
         try:
+            # A frame that states its size is decompressed to that size whatever the limit:
+            # the stated size is checked first (a frame that states none gets the limit).
+            stated = zstandard.frame_content_size(chunk)
+            if stated not in (count, -1):
+                raise CodecError(f"a byte plane states {stated} bytes, not {count}")
             plane = zstandard.ZstdDecompressor().decompress(chunk, max_output_size=count)
         except zstandard.ZstdError as err:
             raise CodecError(f"a byte plane does not decompress: {err}") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 import struct
 import zlib
@@ -17,7 +18,7 @@ import torch
 import zstandard
 from safetensors.torch import load as st_load
 
-from compressors._codecs import CodecError, decode, restore
+from compressors._codecs import CodecError, check_layout, decode, restore
 
 MAGIC = b"SQZ3"
 FORMAT_VERSION = 4
@@ -32,6 +33,13 @@ TRAILER = struct.Struct("<QI")
 _RAW, _LZMA = 0, 1
 #: An index larger than this (decompressed) is refused (a model of 100,000 tensors needs ~20 MB).
 MAX_INDEX_BYTES = 1 << 28
+#: ... and, whatever the model, one that decompresses to more than this many times its stored
+#: bytes (and more than `_SMALL_INDEX`): squeeze's indexes shrink about 5 to 10 times.
+INDEX_RATIO = 32
+_SMALL_INDEX = 1 << 20
+#: Bytes a file's tensors may decode to when it is read without the model it was made from (whose
+#: shapes bound them otherwise), and an SQZ2 file's payload at most, decompressed.
+MAX_UNBOUNDED_BYTES = 1 << 30
 #: The dtypes an array of a file may have (numpy's names; no objects).
 _DTYPES = frozenset(
     ["|b1", "|u1", "|i1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
@@ -44,13 +52,51 @@ class PackedFileError(ValueError):
 
 class Packed:
     """An opened packed file of either format: its model record (``meta``, with each tensor's
-    layout record under ``t``) and each tensor's arrays (`arrays`), decoded on demand."""
+    layout record under ``t``) and each tensor's arrays (`arrays`), decoded on demand.
+
+    Every layout record has been checked against the arrays the file holds for it
+    (`compressors._codecs.check_layout`); before any array is decoded, the records' shapes are
+    bounded (`bound`): by the shapes of the model the file is loaded into, or by
+    `MAX_UNBOUNDED_BYTES` in all.
+    """
 
     def __init__(self, path, meta: dict, arrays: Callable[[str], dict[str, torch.Tensor]]):
         self.path, self.meta, self._arrays = path, meta, arrays
+        self._bounded = False
+
+    def bound(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        """Refuse the file unless each tensor's shape has the dimensions of ``shapes``' (the
+        model's own shapes, by state key), each no larger; with no ``shapes``, unless its
+        tensors decode to `MAX_UNBOUNDED_BYTES` at most.
+
+        Raises:
+            PackedFileError: Naming the first tensor that does not fit.
+        """
+        total = 0
+        for name, spec in self.meta["t"].items():
+            shape = spec["shape"]
+            if shapes is None:
+                total += 4 * math.prod(shape)
+                if total > MAX_UNBOUNDED_BYTES:
+                    raise PackedFileError(
+                        f"{self.path}: its tensors decode to more than {MAX_UNBOUNDED_BYTES:,} "
+                        f"bytes (at {name!r}, shape {shape}); load it into its model instead"
+                    )
+                continue
+            limit = shapes.get(name)
+            if limit is None:
+                raise PackedFileError(f"{self.path}: tensor {name!r} is not one of the model's")
+            if len(shape) != len(limit) or any(a > b for a, b in zip(shape, limit, strict=True)):
+                raise PackedFileError(
+                    f"{self.path}: tensor {name!r} has shape {shape}; the model's is "
+                    f"{list(limit)} (a compressed tensor is never larger)"
+                )
+        self._bounded = True
 
     def arrays(self, name: str, only: str | None = None) -> dict[str, torch.Tensor]:
         """The arrays of tensor ``name`` by suffix (``only``: just that one, if it has it)."""
+        if not self._bounded:
+            self.bound()
         return self.guarded(self._arrays, name, only)
 
     def decoded(self, name: str, arrays: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -70,7 +116,10 @@ class Packed:
 
 def checked(path: str | os.PathLike) -> bytes:
     """The bytes of a packed file of a format this squeeze reads (the checksum not checked)."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise PackedFileError(f"{path} cannot be read: {err.strerror or err}") from None
     if data[:3] == MAGIC[:3] and data[:4] not in (MAGIC, MAGIC_SQZ2):
         raise PackedFileError(
             f"{path} was written by another version of squeeze (format {data[3:4].decode()!r}); "
@@ -88,11 +137,30 @@ def _corrupted(path, data: bytes) -> PackedFileError:
     )
 
 
-def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
-    """Open a packed file (SQZ3 or SQZ2) after checking its magic and checksum."""
+def open_packed(
+    path: str | os.PathLike,
+    data: bytes | None = None,
+    *,
+    max_bytes: int = MAX_UNBOUNDED_BYTES,
+    max_index: int = MAX_INDEX_BYTES,
+) -> Packed:
+    """Open a packed file (SQZ3 or SQZ2) after checking its magic, its checksum and every
+    record's fields against the bytes the file holds for it: nothing is allocated from a size
+    the file states before that size is checked.
+
+    Args:
+        path: The file.
+        data: Its bytes, if read already.
+        max_bytes: Most bytes an SQZ2 file's payload may decompress to (the model's tensors'
+            bytes bound it).
+        max_index: Most bytes an SQZ3 file's index may decompress to (besides `INDEX_RATIO`).
+
+    Raises:
+        PackedFileError: If the file is not one squeeze wrote, or is damaged, naming what.
+    """
     data = checked(path) if data is None else data
     if data[:4] == MAGIC_SQZ2:
-        return _open_sqz2(path, data)
+        return _open_sqz2(path, data, max_bytes=max_bytes)
     if len(data) < FRAMING_BYTES:
         raise _corrupted(path, data)
     index_len, crc = TRAILER.unpack(data[-TRAILER.size :])
@@ -100,28 +168,52 @@ def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
     view = memoryview(data)
     if index_start < len(MAGIC) or zlib.crc32(view[: -TRAILER.size]) != crc:
         raise _corrupted(path, data)
+    limit = min(MAX_INDEX_BYTES, max_index, max(_SMALL_INDEX, INDEX_RATIO * index_len))
+    index = _unzstd(path, view[index_start : -TRAILER.size], limit, "its index")
     try:
-        index = zstandard.ZstdDecompressor().decompress(
-            view[index_start : -TRAILER.size], max_output_size=MAX_INDEX_BYTES
-        )
         meta = json.loads(index)
-        if meta["v"] != FORMAT_VERSION:
+    except (ValueError, RecursionError) as err:  # (checksum passed: a crafted file)
+        raise PackedFileError(f"{path}: its index is not JSON ({err})") from None
+    del index
+    _check_model_record(path, meta, FORMAT_VERSION)
+    places: dict[str, list[tuple[str, np.dtype, list[int], str, list[int], int]]] = {}
+    offset = len(MAGIC)
+    for name, spec in meta["t"].items():
+        entries = spec.get("a") if isinstance(spec, dict) else None
+        if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
             raise PackedFileError(
-                f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION}"
+                f"{path}: tensor {name!r} does not list its arrays as "
+                "[suffix, dtype, shape, codec, sizes]"
             )
-        places: dict[str, list[tuple[str, np.dtype, list[int], str, list[int], int]]] = {}
-        offset = len(MAGIC)
-        for name, spec in meta["t"].items():
-            places[name] = []
-            for suffix, dtype, shape, codec, sizes in spec["a"]:
-                if dtype not in _DTYPES:
-                    raise PackedFileError(f"{path}: array {name}:{suffix} has dtype {dtype!r}")
-                places[name].append((suffix, np.dtype(dtype), shape, codec, sizes, offset))
-                offset += sum(int(s) for s in sizes)
-    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as err:  # checksum passed
-        if isinstance(err, PackedFileError):
-            raise
-        raise PackedFileError(f"{path} cannot be decoded: {err!r}") from None
+        places[name] = []
+        counts = {}
+        for suffix, dtype, shape, codec, sizes in entries:
+            where = f"{path}: array {name}:{suffix}"
+            if dtype not in _DTYPES:
+                raise PackedFileError(f"{where} has dtype {dtype!r}; allowed: {sorted(_DTYPES)}")
+            dtype = np.dtype(dtype)
+            count = math.prod(shape)
+            stored = sum(sizes)
+            if codec == "raw" and sizes != [count * dtype.itemsize]:
+                raise PackedFileError(
+                    f"{where}: {count:,} elements of {dtype.itemsize} bytes are stored raw in "
+                    f"{stored:,} bytes"
+                )
+            if codec == "planes" and (
+                len(sizes) != dtype.itemsize or any(size > count for size in sizes)
+            ):
+                raise PackedFileError(
+                    f"{where}: byte planes {sizes} do not fit {count:,} elements of "
+                    f"{dtype.itemsize} bytes"
+                )
+            if codec not in ("raw", "planes"):
+                raise PackedFileError(f"{where} has codec {codec!r}; known: raw, planes")
+            if suffix in counts or offset + stored > index_start:
+                raise PackedFileError(f"{where} is listed twice or runs past the arrays")
+            counts[suffix] = (dtype.str, count)
+            places[name].append((suffix, dtype, shape, codec, sizes, offset))
+            offset += stored
+        _check_record(path, name, spec, counts)
     if offset != index_start:
         raise PackedFileError(f"{path}: its arrays do not fill the space before its index")
 
@@ -130,7 +222,7 @@ def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
         for suffix, dtype, shape, codec, sizes, start in places[name]:
             if only is not None and suffix != only:
                 continue
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             end = start + sum(sizes)
             array = restore(dtype, count, codec, sizes, view[start:end])
             out[suffix] = torch.from_numpy(array).reshape(shape)
@@ -139,39 +231,155 @@ def open_packed(path: str | os.PathLike, data: bytes | None = None) -> Packed:
     return Packed(path, meta, arrays)
 
 
-def sqz2_payload(path, data: bytes) -> tuple[bytes, bool]:
+def _is_entry(entry) -> bool:
+    """Whether an index entry is ``[suffix, dtype, shape, codec, sizes]`` of plain values."""
+    if not (isinstance(entry, list) and len(entry) == 5):
+        return False
+    suffix, dtype, shape, codec, sizes = entry
+    return (
+        isinstance(suffix, str)
+        and isinstance(dtype, str)
+        and isinstance(codec, str)
+        and _sizes(shape, most=8)
+        and _sizes(sizes, most=8)
+    )
+
+
+def _sizes(values, *, most: int) -> bool:
+    return (
+        isinstance(values, list)
+        and len(values) <= most
+        and all(type(v) is int and 0 <= v < 2**48 for v in values)
+    )
+
+
+def _check_model_record(path, meta, version: int) -> None:
+    """Check the model record's fields are of the types the loader reads."""
+    if not isinstance(meta, dict):
+        raise PackedFileError(f"{path}: its model record is not a JSON object")
+    if meta.get("v") != version:
+        raise PackedFileError(f"{path} has format {meta.get('v')!r}; this squeeze reads {version}")
+    kinds = {"t": dict, "modules": dict, "int8": list, "tied": dict, "attrs": dict}
+    for key, kind in kinds.items():
+        if key in ("t", "modules", "int8") and key not in meta:
+            raise PackedFileError(f"{path}: its model record has no {key!r}")
+        if key in meta and not isinstance(meta[key], kind):
+            raise PackedFileError(
+                f"{path}: its model record's {key!r} is a {type(meta[key]).__name__}, not a "
+                f"{kind.__name__}"
+            )
+    names = [*meta["modules"], *meta["int8"], *meta.get("tied", {}).items(), *meta.get("attrs", {})]
+    if not all(isinstance(n, str) or isinstance(n, tuple) and all(map(_str, n)) for n in names):
+        raise PackedFileError(f"{path}: its model record names a module or tensor by a non-string")
+
+
+def _str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _check_record(path, name: str, spec, counts: dict[str, tuple[str, int]]) -> None:
+    try:
+        check_layout(spec, counts)
+    except CodecError as err:
+        raise PackedFileError(f"{path}: tensor {name!r}: {err}") from None
+
+
+def _unzstd(path, frame, limit: int, what: str) -> bytes:
+    """A zstd frame decompressed, refused if it holds more than ``limit`` bytes (streamed: a
+    frame that does not state its size is not trusted to be small)."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(bytes(frame))
+        out = reader.read(limit + 1)
+        while len(out) <= limit:
+            more = reader.read(limit + 1 - len(out))
+            if not more:
+                break
+            out += more
+    except zstandard.ZstdError as err:
+        raise PackedFileError(f"{path}: {what} does not decompress ({err})") from None
+    if len(out) > limit:
+        raise PackedFileError(f"{path}: {what} decompresses to more than {limit:,} bytes")
+    return out
+
+
+def sqz2_payload(path, data: bytes, *, max_bytes: int = MAX_UNBOUNDED_BYTES) -> tuple[bytes, bool]:
+    """``(payload, compressed)`` of an SQZ2 file, refused if it decompresses to more than
+    ``max_bytes``."""
     if len(data) < HEADER_BYTES or data[4] not in (_RAW, _LZMA):
         raise PackedFileError(f"{path} is not a squeeze packed model file")
     body = memoryview(data)[HEADER_BYTES:]
     if zlib.crc32(body) != struct.unpack("<I", data[5:HEADER_BYTES])[0]:
         raise _corrupted(path, data)
+    if data[4] == _RAW:
+        return bytes(body), False
+    decompressor = lzma.LZMADecompressor()
     try:
-        return (lzma.decompress(body) if data[4] == _LZMA else bytes(body)), data[4] == _LZMA
+        payload = decompressor.decompress(body, max_length=max_bytes)
     except lzma.LZMAError as err:  # checksum passed
         raise PackedFileError(f"{path} cannot be decoded: {err}") from None
+    if decompressor.eof and decompressor.unused_data:
+        raise PackedFileError(f"{path}: bytes follow its LZMA stream (more streams are refused)")
+    if not decompressor.eof:
+        what = (
+            "is cut short" if decompressor.needs_input else f"holds more than {max_bytes:,} bytes"
+        )
+        raise PackedFileError(f"{path}: its LZMA stream {what}")
+    return payload, True
 
 
-def _open_sqz2(path, data: bytes) -> Packed:
-    payload, _ = sqz2_payload(path, data)
+def _open_sqz2(path, data: bytes, *, max_bytes: int) -> Packed:
+    payload, _ = sqz2_payload(path, data, max_bytes=max_bytes)
     try:
         (header_len,) = struct.unpack("<Q", payload[:8])
+        if header_len > len(payload) - 8:
+            raise ValueError(f"a header of {header_len:,} bytes in a {len(payload):,}-byte payload")
         header = json.loads(payload[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["squeeze"])
         tensors = st_load(payload)
-    except (struct.error, ValueError, KeyError) as err:  # checksum passed
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types; checksum passed)
         raise PackedFileError(f"{path} cannot be decoded: {err}") from None
     del payload
-    if meta["v"] != FORMAT_VERSION_SQZ2:
+    if isinstance(meta, dict) and meta.get("v") != FORMAT_VERSION_SQZ2:
         raise PackedFileError(
             f"{path} has format {meta['v']}; this squeeze reads {FORMAT_VERSION_SQZ2} in SQZ2 files"
         )
+    _check_model_record(path, meta, FORMAT_VERSION_SQZ2)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.rpartition(":")
         grouped.setdefault(name or suffix, {})[suffix if name else ""] = tensor
+    if set(grouped) - set(meta["t"]):
+        raise PackedFileError(
+            f"{path} holds arrays of no tensor: {sorted(set(grouped) - set(meta['t']))}"
+        )
+    for name, spec in meta["t"].items():
+        counts = {}
+        for suffix, tensor in grouped.get(name, {}).items():
+            dtype = _NUMPY.get(tensor.dtype)
+            if dtype is None:
+                raise PackedFileError(f"{path}: array {name}:{suffix} has dtype {tensor.dtype}")
+            counts[suffix] = (dtype, tensor.numel())
+        _check_record(path, name, spec, counts)
 
     def arrays(name: str, only: str | None = None) -> dict[str, torch.Tensor]:
         found = grouped.get(name, {})
         return found if only is None else {k: v for k, v in found.items() if k == only}
 
     return Packed(path, meta, arrays)
+
+
+#: numpy's names of the dtypes an SQZ2 file's arrays may have.
+_NUMPY = {
+    getattr(torch, name): np.dtype(name).str
+    for name in (
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}

@@ -93,8 +93,19 @@ class LowRank(Replacement, nn.Sequential):
     def like(cls, original: nn.Module, spec: dict) -> LowRank:
         """The pair of rank ``spec["rank"]`` that replaces ``original``, made on its device with
         its dtype (its weights are set by the caller)."""
-        rank, has_bias = int(spec["rank"]), original.bias is not None
-        where = {"device": original.weight.device, "dtype": original.weight.dtype}
+        rank, has_bias = spec.get("rank"), original.bias is not None
+        weight = original.weight
+        if not isinstance(original, nn.Linear | nn.modules.conv._ConvNd) and not (
+            is_transposed_linear(original)
+        ):
+            raise ValueError(f"a low-rank pair replaces a Linear or a Conv, not {type(original)}")
+        full = min(weight.shape[0], weight[0].numel())  # (rows, and inputs times kernel)
+        if type(rank) is not int or not 1 <= rank <= full:
+            raise ValueError(
+                f"rank {rank!r} of a low-rank pair replacing a {tuple(weight.shape)} weight "
+                f"must be an integer in 1..{full}"
+            )
+        where = {"device": weight.device, "dtype": weight.dtype}
         if is_transposed_linear(original):
             in_dim, out_dim = original.weight.shape
             first = nn.Linear(in_dim, rank, bias=False, **where)

@@ -274,7 +274,7 @@ def export_onnx(
             f"Got {outputs!r} instead."
         )
     call = Call.of(model, example_inputs)  # refused before anything is read
-    stored = read_tensors(packed_path)
+    stored = read_tensors(packed_path, model=model)  # (bounded by the model's own shapes)
     model = load_packed(packed_path, model, int8=False)
     notes: list[str] = []
     proto, used, graph_outputs = _export(

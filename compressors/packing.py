@@ -50,6 +50,7 @@ holding the same arrays, LZMA-compressed when that was smaller) still load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zlib
@@ -79,17 +80,29 @@ from compressors._container import (
     TRAILER,
     PackedFileError,
     checked,
-    open_packed,
     sqz2_payload,
+)
+from compressors._opening import (
+    ARCHITECTURE_ATTRS,
+    Replacement,
+    limits,
+    module_named,
+    opened,
+    register_replacement,
+    restore_attributes,
+    typed_like,
 )
 from compressors._targets import targets
 from compressors.runtime import to_int8
+
+logger = logging.getLogger(__name__)
 
 #: Re-exported: parametrizations, exporters and readers of the bytes import them from here.
 __all__ = [
     "DECODERS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_SQZ2",
+    "ARCHITECTURE_ATTRS",
     "FRAMING_BYTES",
     "HEADER_BYTES",
     "MAGIC",
@@ -115,32 +128,6 @@ INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
 IN_FLIGHT = 1 << 22
 _PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
-
-
-class Replacement(nn.Module):
-    """A module that replaces a layer of the original architecture (e.g. a low-rank pair).
-
-    Subclasses registered with `register_replacement` are recorded in the packed file by
-    `spec`, and `like` rebuilds an empty one from the original layer when the file is loaded.
-    """
-
-    def spec(self) -> dict:
-        """JSON-able arguments that, with the original layer, fix this module's structure."""
-        raise NotImplementedError
-
-    @classmethod
-    def like(cls, original: nn.Module, spec: dict) -> nn.Module:
-        """An (untrained) module of the structure ``spec`` describes, replacing ``original``."""
-        raise NotImplementedError
-
-
-_REPLACEMENTS: dict[str, type[Replacement]] = {}
-
-
-def register_replacement(cls: type[Replacement]) -> type[Replacement]:
-    """Class decorator: let packed files record and rebuild modules of ``cls``."""
-    _REPLACEMENTS[cls.__name__] = cls
-    return cls
 
 
 def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
@@ -336,14 +323,20 @@ def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
             yield done, *future.result()
 
 
-def read_packed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Decode a packed file into a plain state dict (float32 weights, exact values)."""
-    return _read(path)[0]
+def read_packed(
+    path: str | os.PathLike, *, model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode a packed file into a plain state dict (float32 weights, exact values).
+
+    ``model``, a freshly built model of the file's architecture, bounds what the file may
+    decode to by its own shapes (without it, by `MAX_UNBOUNDED_BYTES` in all); it is not
+    changed. So do the other readers' (`read_tensors`, `read_payload`, `int8_layers`)."""
+    return _read(path, model)[0]
 
 
-def int8_layers(path: str | os.PathLike) -> list[str]:
+def int8_layers(path: str | os.PathLike, *, model: nn.Module | None = None) -> list[str]:
     """Names of the layers a packed file runs on int8 kernels."""
-    return list(open_packed(path).meta["int8"])
+    return list(opened(path, model)[0].meta["int8"])
 
 
 @dataclass(frozen=True)
@@ -364,11 +357,13 @@ class PackedTensor:
     codes: Codes | None = None
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, PackedTensor]:
+def read_tensors(
+    path: str | os.PathLike, *, model: nn.Module | None = None
+) -> dict[str, PackedTensor]:
     """Every tensor of a packed file as the file stores it: values, layout and integer codes
     (what an exporter needs to store codes rather than floats). A tied tensor's keys map to one
     `PackedTensor` object."""
-    packed = open_packed(path)
+    packed = opened(path, model)[0]
     records = {}
     for name, spec in packed.meta["t"].items():
         arrays = packed.arrays(name)
@@ -382,7 +377,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, PackedTensor]:
     return records
 
 
-def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
+def read_payload(path: str | os.PathLike, *, model: nn.Module | None = None) -> tuple[bytes, bool]:
     """``(payload, compressed)``: a packed file's arrays and records as one safetensors payload,
     after the checks every reader makes (magic, format, checksum). For an SQZ2 file, the payload
     it holds (decompressed) and whether the file holds it LZMA-compressed: the file's size is
@@ -393,8 +388,8 @@ def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
     files, `search.results.explain`, needs)."""
     data = checked(path)
     if data[:4] == MAGIC_SQZ2:
-        return sqz2_payload(path, data)
-    packed = open_packed(path, data)
+        return sqz2_payload(path, data, max_bytes=limits(model)[0])
+    packed = opened(path, model, data)[0]
     flat = {}
     layout = {}
     for name, spec in packed.meta["t"].items():
@@ -406,10 +401,12 @@ def read_payload(path: str | os.PathLike) -> tuple[bytes, bool]:
     return payload, len(data) < HEADER_BYTES + len(payload)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def _read(
+    path: str | os.PathLike, model: nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(state, model record, arrays)`` of a packed file; the arrays keyed as SQZ2 files key
     them (``<tensor>:<suffix>``, an integer tensor by its own name)."""
-    packed = open_packed(path)
+    packed = opened(path, model)[0]
     state, flat = {}, {}
     for name in packed.meta["t"]:
         arrays = packed.arrays(name)
@@ -431,26 +428,22 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     float (with the same weight values), e.g. for export (`compressors.onnx_export`). Tensors
     are decoded one at a time, each straight into the model.
     """
-    packed = open_packed(path)
+    try:
+        return _load(path, model, int8=int8)
+    except PackedFileError:
+        raise
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        # (every field was checked; this is the net under those checks)
+        raise PackedFileError(f"{path} does not load into the model: {err!r}") from None
+
+
+def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module:
+    packed, replaced = opened(path, model)
     meta = packed.meta
-    for name, spec in meta["modules"].items():
-        spec = dict(spec)
-        cls = _REPLACEMENTS.get(spec.pop("type"))
-        if cls is None:
-            raise PackedFileError(f"{path} has a module {name!r} of unknown type")
-        model.set_submodule(name, cls.like(model.get_submodule(name), spec))
+    for name, module in replaced.items():
+        model.set_submodule(name, module)
     tied = meta.get("tied", {})
-    stored = set(meta["t"]) | set(tied)
-    expected = set(model.state_dict())
-    if stored != expected:
-        missing, extra = sorted(expected - stored), sorted(stored - expected)
-        raise PackedFileError(
-            f"{path} does not fit the model: missing {missing}, unexpected {extra}"
-        )
-    for name, values in meta.get("attrs", {}).items():
-        module = model.get_submodule(name)
-        for attr, value in values.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    restore_attributes(path, model, meta.get("attrs", {}))
     with torch.no_grad():
         for name in meta["t"]:
             if name in tied:
@@ -472,6 +465,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     scales: dict[str, dict[str, torch.Tensor]] = {}
     for layer in meta["int8"] if int8 else ():
         prefix = f"{layer}." if layer else ""
+        module_named(path, model, layer, what="runs on int8 kernels")
         scales[layer] = {
             name[len(prefix) :]: packed.arrays(name, "scale")["scale"]
             for name in meta["t"]
@@ -542,10 +536,36 @@ def _changed_attributes(model: nn.Module, like: nn.Module) -> dict[str, dict[str
         for attr, value in vars(module).items():
             if attr.startswith("_") or attr == "training" or not _is_plain(value):
                 continue
-            if getattr(other, attr, None) != value:
-                plain = list(value) if isinstance(value, tuple) else value
-                changed.setdefault(name, {})[attr] = plain
+            before = getattr(other, attr, None)
+            if before == value:
+                continue
+            if attr not in ARCHITECTURE_ATTRS or typed_like(before, _listed(value)) is None:
+                _warn_unrecorded(type(module).__name__, attr, before, value)
+                continue
+            changed.setdefault(name, {})[attr] = _listed(value)
     return changed
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_unrecorded(kind: str, attr: str, before: Any, value: Any) -> None:
+    """Say (once per attribute of a module type) that a changed attribute is not recorded: a
+    packed file restores only `ARCHITECTURE_ATTRS`, as integers or tuples of them."""
+    if (kind, attr) not in _WARNED:
+        _WARNED.add((kind, attr))
+        logger.warning(
+            "packed file: %s.%s changed from %r to %r and is not recorded (a packed file "
+            "restores only layer widths and head counts, as integers)",
+            kind,
+            attr,
+            before,
+            value,
+        )
 
 
 def _is_plain(value: Any) -> bool:

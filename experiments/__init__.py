@@ -5,7 +5,13 @@ Nothing here imports Optuna or MLflow; the search drives these functions.
 
 from __future__ import annotations
 
-from experiments._baseline import Baseline, FreshModel, build_fresh, load_or_train_baseline
+from experiments._baseline import (
+    Baseline,
+    BaselineCacheError,
+    FreshModel,
+    build_fresh,
+    load_or_train_baseline,
+)
 from experiments._checkpoint import checkpoint_digest, load_checkpoint, read_checkpoint
 from experiments._checks import check_workload
 from experiments._data import (
@@ -47,6 +53,7 @@ from experiments._training import (
 )
 
 __all__ = [
+    "BaselineCacheError",
     "DECISIONS",
     "LOSSES",
     "OUTPUTS",

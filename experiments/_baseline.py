@@ -31,6 +31,18 @@ logger = logging.getLogger(__name__)
 #: maps the other names to it (the task's builder ties them again).
 CACHE_VERSION = 1
 _TIED = "squeeze.tied"  # metadata key of model.safetensors: {left-out name: name it is tied to}
+#: The SHA-256 of each cached weights file, written beside them and checked on every load.
+CHECKSUMS = "checksums.json"
+_WEIGHTS = ("model.safetensors", "teacher_outputs.safetensors", "teacher_logits.safetensors")
+
+
+class BaselineCacheError(RuntimeError):
+    """A cached baseline cannot be used as it is (a changed byte, a cut file, bad JSON): the
+    message names the folder to delete, after which the baseline is trained again.
+
+    A damaged cache is refused rather than rebuilt on the spot: the trials of a study already
+    run were measured against it, other workers may be reading it, and a disk that changed a
+    byte deserves a person's look; deleting one folder is all it takes to go on."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,69 @@ def _teacher_outputs(
 def _load(
     task: Task, folder: Path, key: str, *, from_cache: bool, model: nn.Module | None = None
 ) -> Baseline:
+    """The cached baseline in ``folder``, its files checked against their checksums first.
+
+    Raises:
+        BaselineCacheError: If a file is damaged or missing, naming the folder to delete.
+    """
     model = task.build_model() if model is None else model
+    try:
+        _verify(folder)
+        return _load_checked(task, folder, key, from_cache=from_cache, model=model)
+    except BaselineCacheError:
+        raise
+    except Exception as err:  # noqa: BLE001 (safetensors, json and torch each raise their own)
+        raise _damaged(folder, f"{type(err).__name__}: {err}") from None
+
+
+def _damaged(folder: Path, what: str) -> BaselineCacheError:
+    return BaselineCacheError(
+        f"The cached baseline {folder} is damaged ({what}). Delete the folder to train the "
+        f"baseline again: rm -r '{folder}'"
+    )
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    sums = {name: _digest(folder / name) for name in _WEIGHTS if (folder / name).exists()}
+    tmp = folder / f"{CHECKSUMS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(sums, indent=2))
+    tmp.replace(folder / CHECKSUMS)
+
+
+def _verify(folder: Path) -> None:
+    """Check the weights files against ``checksums.json``; a cache written before checksums
+    were kept gets its checksums now (they guard it from here on)."""
+    path = folder / CHECKSUMS
+    if not path.exists():
+        logger.info("recording the checksums of the cached baseline %s", folder)
+        _write_checksums(folder)
+        return
+    try:
+        sums = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(folder, f"{CHECKSUMS} is unreadable: {err}") from None
+    if not isinstance(sums, dict) or "model.safetensors" not in sums:
+        raise _damaged(folder, f"{CHECKSUMS} lists no model.safetensors")
+    for name, expected in sums.items():
+        if name not in _WEIGHTS:
+            raise _damaged(folder, f"{CHECKSUMS} lists an unknown file {name!r}")
+        if not (folder / name).exists():
+            raise _damaged(folder, f"{name} is missing")
+        if _digest(folder / name) != expected:
+            raise _damaged(folder, f"{name} does not match its SHA-256 in {CHECKSUMS}")
+
+
+def _load_checked(
+    task: Task, folder: Path, key: str, *, from_cache: bool, model: nn.Module
+) -> Baseline:
     _load_state(model, folder / "model.safetensors")
     model.eval()
     teacher_file = folder / "teacher_outputs.safetensors"
@@ -211,6 +285,10 @@ def _load(
         teacher_file = folder / "teacher_logits.safetensors"
     teacher = load_file(teacher_file)["train"] if teacher_file.exists() else None
     metrics = json.loads((folder / "metrics.json").read_text())
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, int | float) for v in metrics.values()
+    ):
+        raise _damaged(folder, "metrics.json does not hold numbers by name")
     return Baseline(model, teacher, metrics, key, folder, from_cache=from_cache)
 
 
@@ -246,6 +324,7 @@ def _write_files(
     _save_state(model, tmp / "model.safetensors")
     if teacher is not None:
         save_file({"train": teacher.contiguous()}, tmp / "teacher_outputs.safetensors")
+    _write_checksums(tmp)
     (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, default=str))
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 

@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = " (rerun the same command to continue)" if args.command in _RESUMABLE else ""
         Console(stderr=True).print(f"squeeze: interrupted{again}", highlight=False)
         return 130
+    except _baseline_cache_error() as err:  # (evaluated only when an error gets here)
+        Console(stderr=True).print(f"squeeze: error: {err}", highlight=False, soft_wrap=True)
+        return 1
     finally:
         restore()
     return 1
@@ -575,3 +578,10 @@ def _setup_logging(quiet: bool, *, verbose: bool = False) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _baseline_cache_error() -> type[Exception]:
+    """`experiments.BaselineCacheError`, imported when an error needs it (not for ``--help``)."""
+    from experiments import BaselineCacheError
+
+    return BaselineCacheError

@@ -169,8 +169,8 @@ def byte_breakdown(path: str | Path, model: nn.Module) -> Breakdown:
     """
     path = Path(path)
     file_bytes = path.stat().st_size
-    payload, compressed = read_payload(path)
-    stored = read_tensors(path)
+    payload, compressed = read_payload(path, model=model)  # (bounded by its shapes)
+    stored = read_tensors(path, model=model)
     header, meta = _parse_header(path, payload)
     data_bytes, index_bytes, record_bytes = _tensor_bytes(path, header, meta)
     accounted = sum(data_bytes.values()) + sum(index_bytes.values()) + sum(record_bytes.values())
