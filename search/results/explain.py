@@ -915,7 +915,7 @@ def explain_trial(
     """
     from mlflow.tracking import MlflowClient
 
-    from search.results.reuse import load_study, study_config
+    from search.results._study import load_study, study_config
     from search.run.pareto import trial_packed_file
     from search.run.workload import load_workload
 

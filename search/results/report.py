@@ -54,8 +54,8 @@ from plotly.subplots import make_subplots  # noqa: E402
 from experiments import accuracy, evaluate, mean_cosine, r2_score, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
+from search.results._study import load_study, study_config  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
-from search.results.reuse import load_study, study_config  # noqa: E402
 from search.run.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
