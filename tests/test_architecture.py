@@ -8,6 +8,7 @@ under ``if TYPE_CHECKING:`` never run and are left out.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,9 @@ def _imported(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]
     return found
 
 
+@functools.cache
 def _graph() -> dict[str, dict[str, int]]:
+    """The project's import graph: module -> {imported module: line} (read once per run)."""
     modules = _modules()
     return {name: _imported(name, path, modules) for name, path in modules.items()}
 
