@@ -64,12 +64,10 @@ from compressors._structured_groups import (
     CoupledGroup,
     channel_scores,
     coupled_groups,
-    describe,
-    refusals,
     tied_weights,
-    trace,
 )
 from compressors._structured_heads import outputs_of, update_heads
+from compressors._structured_trace import describe, refusals, trace
 from compressors._targets import targets
 from compressors.importance import CRITERIA, accumulate_gradients, group_importance
 

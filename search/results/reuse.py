@@ -48,11 +48,12 @@ from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import DEFAULT_SCORE, Score
-from search.config.storage import mask_url, masked_config, open_storage, password_from_env
+from search.config.storage import mask_url, masked_config, password_from_env
+from search.results._study import load_study, study_config, trial_threads
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.tracking import experiment_id
-from search.run.trial import THREADS_ATTR, compress_recipe, measure
+from search.run.trial import compress_recipe, measure
 from search.run.workload import build_task, load_workload
 
 logger = logging.getLogger(__name__)
@@ -70,18 +71,6 @@ _WHERE_KEYS = ("search.storage", "tracking.", "cache_dir", "output_dir", "checkp
 _EXPORTED = "Exported by `squeeze export`"
 #: Artifact folder of a run's registered model: the packed file and the experiment's config.
 MODEL_DIR = "model"
-
-
-def load_study(cfg: DictConfig, study_name: str) -> optuna.Study:
-    """The study ``study_name`` in ``search.storage``; a `ConfigError` lists those there."""
-    storage = open_storage(str(cfg.search.storage))
-    names = optuna.get_all_study_names(storage)
-    if study_name not in names:
-        raise ConfigError(
-            f"No study {study_name!r} in search.storage {mask_url(cfg.search.storage)}. "
-            f"Studies there: {', '.join(names) or 'none'}."
-        )
-    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 def pick_trial(
@@ -541,45 +530,6 @@ def _trial_number(pick: str) -> int:
         return int(pick.removeprefix("trial="))
     except ValueError:
         raise ConfigError(f"--pick {pick!r}: expected trial=<number>.") from None
-
-
-def study_config(cfg: DictConfig, study: optuna.Study) -> DictConfig:
-    """The config the study ran with: its local copy, else the parent MLflow run's artifact;
-    with ``threads`` fixed to the torch threads the study started with, when recorded (so that
-    a report or an explanation computes as its trials did)."""
-    local = Path(cfg.output_dir) / study.study_name / "config.yaml"
-    if local.exists():
-        study_cfg = OmegaConf.load(local)
-    else:
-        run_id = study.user_attrs.get("mlflow_parent_run_id")
-        if run_id is None:
-            raise ConfigError(f"Study {study.study_name!r} has no recorded config to export from.")
-        with tempfile.TemporaryDirectory() as tmp:
-            client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
-            study_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
-    if THREADS_ATTR in study.user_attrs:
-        study_cfg.threads = int(study.user_attrs[THREADS_ATTR])
-    return study_cfg
-
-
-def trial_threads(
-    cfg: DictConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial
-) -> int | None:
-    """The torch threads ``trial`` ran with: its own record, else its study's (the count the
-    study started with, or the ``torch.threads`` param of its parent MLflow run, for studies
-    from before trials recorded it); None if nothing says."""
-    for attrs in (trial.user_attrs, study.user_attrs):
-        if THREADS_ATTR in attrs:
-            return int(attrs[THREADS_ATTR])
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id is None:
-        return None
-    try:
-        params = MlflowClient(tracking_uri=str(cfg.tracking.uri)).get_run(run_id).data.params
-    except MlflowException:
-        return None
-    value = params.get("torch.threads")
-    return int(value) if value is not None else None
 
 
 def _fixed_space(space: dict[str, Any], trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""Passes over an exported graph before its codes are written: which initializers the packed
+file holds as codes, onnxscript's optimizer with those kept out of its reach, which of them run
+on MatMulInteger, notes on sparsity, and the exporter's debug records dropped
+(see `compressors.onnx_export`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch import nn
+
+from compressors._onnx_torch import quiet
+from compressors._targets import targets
+from compressors.packing import PackedTensor
+
+if TYPE_CHECKING:
+    import onnx
+
+#: Weight tensors with at least this fraction of zeros are named in `OnnxExport.notes`.
+SPARSE_NOTE_ZEROS = 0.25
+
+
+def coded_roots(
+    proto: onnx.ModelProto, stored: dict[str, PackedTensor], notes: list[str]
+) -> dict[str, PackedTensor]:
+    """The graph's initializers that the file holds as codes, by initializer name.
+
+    Initializers are found by name (the unfolded graph keeps state-dict names), else by exact
+    value. An initializer that repeats a tensor already found (a tied tensor exported twice)
+    becomes an Identity of the first, so the graph stores it once.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    coded = {name: t for name, t in stored.items() if t.codes is not None}
+    by_value: dict[tuple, PackedTensor] = {}
+    for t in coded.values():
+        by_value.setdefault(_fingerprint(t.value.numpy()), t)
+    roots: dict[str, PackedTensor] = {}
+    first: dict[int, str] = {}
+    duplicates: list[tuple[str, str]] = []
+    for init in graph.initializer:
+        if init.data_type != 1:  # FLOAT
+            continue
+        array = numpy_helper.to_array(init)
+        tensor = coded.get(init.name)
+        if tensor is None or not np.array_equal(array, tensor.value.numpy()):
+            tensor = by_value.get(_fingerprint(array))
+            if tensor is None or not np.array_equal(array, tensor.value.numpy()):
+                continue
+        if id(tensor) in first:
+            duplicates.append((init.name, first[id(tensor)]))
+        else:
+            first[id(tensor)] = init.name
+            roots[init.name] = tensor
+    for name, original in duplicates:
+        _remove_initializer(graph, name)
+        graph.node.insert(0, helper.make_node("Identity", [original], [name], name=f"{name}_tied"))
+    found = {id(t) for t in roots.values()}
+    found_values = {_fingerprint(t.value.numpy()) for t in roots.values()}
+    missing = sorted(  # (a tensor equal to one found was merged with it by the exporter)
+        n
+        for n, t in coded.items()
+        if id(t) not in found
+        and n == _canonical(n, stored)
+        and _fingerprint(t.value.numpy()) not in found_values
+    )
+    if missing:
+        notes.append(
+            f"stored as float32: {', '.join(missing)} (the exporter folded them into other tensors)"
+        )
+    return roots
+
+
+def _canonical(name: str, stored: dict[str, PackedTensor]) -> str:
+    """The first key of a (possibly tied) tensor."""
+    return next(key for key, t in stored.items() if t is stored[name])
+
+
+def _fingerprint(array: np.ndarray) -> tuple:
+    return array.shape, hash(np.ascontiguousarray(array).tobytes())
+
+
+def _remove_initializer(graph: onnx.GraphProto, name: str) -> None:
+    for i, init in enumerate(graph.initializer):
+        if init.name == name:
+            del graph.initializer[i]
+            return
+
+
+def optimize_graph(proto: onnx.ModelProto, roots: dict[str, PackedTensor]) -> onnx.ModelProto:
+    """The graph cleaned by onnxscript's optimizer (constants folded, no-ops removed), with the
+    coded initializers kept out of its reach as graph inputs, so that their layout ops stay nodes
+    (which `Rewriter` applies to the codes). They come back as `Rewriter`'s integer
+    initializers; until then the graph reads them undefined."""
+    from onnx import helper
+    from onnxscript import optimizer
+
+    graph = proto.graph
+    for init in list(graph.initializer):
+        if init.name in roots:
+            shape = list(init.dims)
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, shape))
+            graph.initializer.remove(init)
+    with quiet():
+        proto = optimizer.optimize(proto)
+    for value in list(proto.graph.input):
+        if value.name in roots:
+            proto.graph.input.remove(value)
+    return proto
+
+
+def integer_roots(
+    matmul: str, roots: dict[str, PackedTensor], stored: dict[str, PackedTensor], int8: list[str]
+) -> set[str]:
+    """The coded initializers whose MatMul / Gemm readers run on MatMulInteger: all of them
+    (``integer``), none (``dequantize``), or those of the layers the file runs on int8 kernels
+    (``auto``, given their names ``int8``)."""
+    if matmul != "auto":
+        return set(roots) if matmul == "integer" else set()
+    layers = set(int8)
+    return {
+        name
+        for name, tensor in roots.items()
+        if any(key.rpartition(".")[0] in layers for key, t in stored.items() if t is tensor)
+    }
+
+
+def sparsity_notes(model: nn.Module, stored: dict[str, PackedTensor]) -> list[str]:
+    """A note on the weight tensors with many zeros (unstructured sparsity), which ONNX stores
+    dense."""
+    weights = {id(stored[n]): stored[n] for n in targets(model) if n in stored}
+    sparse = [
+        t for t in weights.values() if float((t.value == 0).float().mean()) >= SPARSE_NOTE_ZEROS
+    ]
+    if not sparse:
+        return []
+    zeros = sum(int((t.value == 0).sum()) for t in sparse)
+    total = sum(t.value.numel() for t in sparse)
+    return [
+        f"unstructured sparsity stored dense: {zeros / total:.0%} zeros in {len(sparse)} weight "
+        f"tensor{'s' if len(sparse) > 1 else ''} (no ONNX op runs a sparse weight faster; the "
+        "packed file codes zeros in fewer bits)"
+    ]
+
+
+def strip_debug_info(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug records (stack traces, module paths): most of a
+    small model's file otherwise."""
+    graph = proto.graph
+    for item in (*graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer):
+        del item.metadata_props[:]
+        item.doc_string = ""

@@ -1,0 +1,112 @@
+"""Which predictions flipped: a compressed model's decisions against the baseline's
+(`agreement_report`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from experiments import (
+    prediction_agreement,
+)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often a compressed model decides as the baseline did on one split.
+
+    Attributes:
+        split: ``val`` or ``test``.
+        kind: ``top-1 class``, or ``nearest neighbour`` for an embedding task.
+        agreement: The share of the split's inputs decided alike (1.0: none flipped).
+        samples: Inputs in the split.
+        flips: Counts of (baseline class -> compressed class), rows the baseline's classes: its
+            diagonal is what was kept, its row sums are the baseline's class counts. None for
+            an embedding task (no classes).
+        flipped: One row per flipped input: ``index`` in the split, ``label`` (true class),
+            ``baseline`` and ``compressed`` (their classes, or nearest neighbours' indices) and
+            ``baseline_conf`` / ``compressed_conf`` (softmax probability of their own class, or
+            cosine similarity to their neighbour).
+    """
+
+    split: str
+    kind: str
+    agreement: float
+    samples: int
+    flips: pd.DataFrame | None
+    flipped: pd.DataFrame
+
+
+def agreement_report(
+    reference_outputs: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    split_name: str,
+    kind: str = "logits",
+    num_classes: int | None = None,
+) -> Agreement:
+    """Agreement of ``outputs`` with ``reference_outputs`` (the baseline's) on ``split``.
+
+    Args:
+        reference_outputs: The baseline's outputs on the split.
+        outputs: The compressed model's outputs on the split.
+        targets: The split's targets (class labels are listed for flipped inputs).
+        split_name: ``val`` or ``test``, for the tables.
+        kind: What the models output (``logits`` or ``embeddings``).
+        num_classes: Classes of a classifier (default: its outputs' width).
+    """
+    score = prediction_agreement(outputs, reference_outputs, kind=kind)
+    if kind == "embeddings":
+        return _neighbour_agreement(reference_outputs, outputs, split_name, score)
+    base_prob, prob = reference_outputs.softmax(1), outputs.softmax(1)
+    base, comp = base_prob.argmax(1), prob.argmax(1)
+    classes = num_classes or outputs.shape[1]
+    counts = torch.zeros(classes, classes, dtype=torch.long)
+    counts.index_put_((base, comp), torch.ones_like(base), accumulate=True)
+    flips = pd.DataFrame(counts.numpy(), index=range(classes), columns=range(classes))
+    flips.index.name, flips.columns.name = "baseline class", "compressed class"
+    where = torch.nonzero(base != comp).flatten()
+    labels = (
+        targets[where]
+        if isinstance(targets, torch.Tensor)
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        else None
+    )
+    flipped = pd.DataFrame(
+        {
+            "index": where.numpy(),
+            "label": labels.numpy() if labels is not None else np.full(len(where), -1),
+            "baseline": base[where].numpy(),
+            "compressed": comp[where].numpy(),
+            "baseline_conf": base_prob[where, base[where]].numpy(),
+            "compressed_conf": prob[where, comp[where]].numpy(),
+        }
+    )
+    return Agreement(split_name, "top-1 class", score, len(base), flips, flipped)
+
+
+def _neighbour_agreement(reference, outputs, split_name: str, score: float) -> Agreement:
+    def nearest(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = torch.nn.functional.normalize(embeddings, dim=-1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-torch.inf)
+        return similarity.max(dim=1)
+
+    (base_sim, base), (comp_sim, comp) = nearest(reference), nearest(outputs)
+    where = torch.nonzero(base != comp).flatten()
+    flipped = pd.DataFrame(
+        {
+            "index": where.numpy(),
+            "label": np.full(len(where), -1),
+            "baseline": base[where].numpy(),
+            "compressed": comp[where].numpy(),
+            "baseline_conf": base_sim[where].numpy(),
+            "compressed_conf": comp_sim[where].numpy(),
+        }
+    )
+    return Agreement(split_name, "nearest neighbour", score, len(base), None, flipped)
