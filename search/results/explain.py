@@ -76,6 +76,7 @@ from experiments import (  # noqa: E402
 )
 from experiments._training import outputs_and_targets  # noqa: E402
 from search._errors import ConfigError  # noqa: E402
+from search.run.logs import Stages, Ticker  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -813,12 +814,15 @@ def explain_model(
     """
     from search.run.workload import baseline_file_size
 
+    step = Ticker(logger, f"explain {name}:")  # a long explanation shows its phases
+    steps = 4 if attributions and _attributable(task) else 2
     baseline_file_size(baseline)  # writes <baseline.folder>/model.sqz if absent
     path = Path(path)
     fresh = task.build_model()  # (only read: the architecture before compression)
     breakdown = byte_breakdown(path, fresh)
     base_breakdown = byte_breakdown(baseline.folder / "model.sqz", fresh)
     shipped = load_packed(path, task.build_model())
+    step(1, steps, "bytes per tensor group")
     notes: list[str] = []
     agreement = {}
     if task.outputs in DECISIONS:
@@ -837,6 +841,7 @@ def explain_model(
             f"a model that outputs {task.outputs} makes no decisions to agree on: agreement and "
             "flipped inputs are left out"
         )
+    step(2, steps, "agreement")
     int8 = int8_layers(path)
     fidelity = shown = None
     if attributions and not _attributable(task):
@@ -862,6 +867,7 @@ def explain_model(
             steps=steps,
         )
         notes += fidelity.notes
+        step(3, steps, "attribution fidelity")
         indices = _shown(agreement["val"], fidelity)
         shown = attribute(
             baseline.model,
@@ -872,6 +878,7 @@ def explain_model(
             steps=steps,
             flipped=np.isin(indices, agreement["val"].flipped["index"].to_numpy()),
         )
+        step(4, steps, "attributions shown")
     return Explanation(
         name, breakdown, base_breakdown, agreement, fidelity, shown, int8, tuple(notes)
     )
@@ -923,7 +930,7 @@ def explain_trial(
     number = _trial_number(study, trial)
     study_cfg = study_config(cfg, study)
     here = {"cache_dir": cfg.cache_dir, "device": cfg.device}
-    workload = load_workload(OmegaConf.merge(study_cfg, here))
+    workload = load_workload(OmegaConf.merge(study_cfg, here), progress=Stages(logger, "explain:"))
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     name = "baseline" if number is None else f"trial {number}"
     folder = Path(cfg.output_dir) / study_name / "explain"
@@ -1002,8 +1009,8 @@ def explain_front(
     if not front_ids:
         return [], "<p class='note'><b>what compression changed</b>: left out, no front.</p>"
     explained: dict[int, Explanation] = {}
-    for number in front_ids:
-        logger.info("explaining trial %d of the front", number)
+    points = Ticker(logger, "report: explaining point")
+    for k, number in enumerate(front_ids, 1):
         run_id = study.trials[number].user_attrs.get("mlflow_run_id")
         with tempfile.TemporaryDirectory() as tmp:
             path = trial_packed_file(
@@ -1015,6 +1022,7 @@ def explain_front(
             if run_id is not None:
                 client.log_artifact(run_id, str(file), "explain")
         explained[number] = explanation
+        points(k, len(front_ids))
     first = next(iter(explained.values()))
     models = {"baseline": first.baseline_breakdown}
     models.update({e.name: e.breakdown for e in explained.values()})
