@@ -5,6 +5,7 @@ as a matplotlib and a plotly figure with every axis's unit; a figure with nothin
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import matplotlib
@@ -22,7 +23,10 @@ from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, mean_cosine, r2_score  # noqa: E402
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
+from search.run.logs import Ticker  # noqa: E402
 from search.run.pareto import front_figure  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 #: Units of the metrics a study may optimise (``val_acc`` takes the task's score).
 _METRIC_UNITS = {
@@ -116,11 +120,13 @@ def _figures(
         "finetune_curves": lambda: _curves(study, front_ids, client),
     }
     figures, notes = {}, {}
-    for name, build in builders.items():
+    drawing = Ticker(logger, "report: figure")
+    for k, (name, build) in enumerate(builders.items(), 1):
         try:
             figures[name] = build()
         except _NoData as why:
             notes[name] = str(why)
+        drawing(k, len(builders), name)
     return figures, notes
 
 

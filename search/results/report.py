@@ -52,6 +52,7 @@ from search.config.score import Score  # noqa: E402
 from search.results._report_figures import _figures, _score_unit  # noqa: E402
 from search.results._study import load_study, study_config  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
+from search.run.logs import Stages, Ticker  # noqa: E402
 from search.run.pareto import front_numbers, trial_model, trials_frame  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
@@ -84,7 +85,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     study_cfg = study_config(cfg, study)
     # The study's task and seed; this command's cache and device.
     here = {"cache_dir": cfg.cache_dir, "device": cfg.device}
-    workload = load_workload(OmegaConf.merge(study_cfg, here))
+    workload = load_workload(OmegaConf.merge(study_cfg, here), progress=Stages(logger, "report:"))
     plan, task, baseline = workload.plan, workload.task, workload.baseline
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     folder = Path(cfg.output_dir) / study_name / "report"
@@ -100,11 +101,13 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
 
     front_ids = front_numbers(study) if (trials.state == "COMPLETE").any() else []
     models = {"baseline": baseline.model}
-    for number in front_ids:
+    loading = Ticker(logger, "report: loading point")  # a long report shows where it is
+    for k, number in enumerate(front_ids, 1):
         run_id = study.trials[number].user_attrs.get("mlflow_run_id")
         models[f"trial {number}"] = trial_model(
             Path(study_cfg.output_dir), study_name, number, run_id, client, task.build_model
         )
+        loading(k, len(front_ids))
     if task.outputs == "logits":  # classification metrics; an embedding task has its scores
         metrics, confusion = _metrics(models, task)
         files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
@@ -199,7 +202,8 @@ def _write(path: Path, text: str) -> Path:
 
 def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict]:
     rows, confusion = [], {}
-    for name, model in models.items():
+    scoring = Ticker(logger, "report: scoring model")
+    for k, (name, model) in enumerate(models.items(), 1):
         for split_name, split in (("val", task.val), ("test", task.test)):
             report = classification_report(model, split, task.num_classes)
             confusion[f"{name} / {split_name}"] = report.pop("confusion")
@@ -207,15 +211,18 @@ def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict]:
             row = {"model": name, "split": split_name, **report}
             row.update({f"acc_class_{c}": v for c, v in enumerate(per_class)})
             rows.append(row)
+        scoring(k, len(models), name)
     return pd.DataFrame(rows).set_index(["model", "split"]), confusion
 
 
 def _scores(models: dict, task) -> pd.DataFrame:
-    rows = [
-        {"model": name, "split": split_name, **scores(model, split, task.extra_scores)}
-        for name, model in models.items()
-        for split_name, split in (("val", task.val), ("test", task.test))
-    ]
+    rows, scoring = [], Ticker(logger, "report: scoring model")
+    for k, (name, model) in enumerate(models.items(), 1):
+        rows += [
+            {"model": name, "split": split_name, **scores(model, split, task.extra_scores)}
+            for split_name, split in (("val", task.val), ("test", task.test))
+        ]
+        scoring(k, len(models), name)
     return pd.DataFrame(rows).set_index(["model", "split"])
 
 

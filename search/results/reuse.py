@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import DECISIONS, evaluate, predict_outputs
+from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
@@ -52,6 +52,7 @@ from search.config.storage import mask_url, masked_config, password_from_env
 from search.results._study import load_study, study_config, trial_threads
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
+from search.run.logs import Stages, Ticker
 from search.run.tracking import experiment_id
 from search.run.trial import compress_recipe, measure
 from search.run.workload import build_task, load_workload
@@ -297,22 +298,35 @@ def run_experiment(
         recipe = plan.space.sample(optuna.trial.FixedTrial({}))
     except ValueError as err:  # a value left as a range: FixedTrial has nothing to give it
         raise ConfigError(f"The experiment's space is not fixed ({err}).") from None
-    workload = load_workload(cfg, plan=plan)
+    onnx = not missing_onnx_extra()
+    step = Ticker(logger, "run:")  # a long run shows its steps, its epochs, its explanation
+    steps = 7 if onnx else 6
+    workload = load_workload(cfg, plan=plan, progress=Stages(logger, "run:"))
     task, baseline = workload.task, workload.baseline
+    step(1, steps, "baseline ready")
+    epochs = Ticker(logger, "run: fine-tune epoch")
+
+    def after_epoch(stats: EpochStats) -> None:
+        val = "" if stats.val_acc is None else f"val {stats.val_acc:.4f}"
+        epochs(stats.epoch + 1, recipe.finetune["epochs"], val)
+
     model, _ = compress_recipe(
         recipe,
         plan.space,
         task,
         baseline,
         seed=int(cfg.seed) + int(cfg.run.get("seed_trial", cfg.run.trial)),
+        after_epoch=after_epoch,
         device=workload.device,
     )
+    step(2, steps, "compressed and fine-tuned")
     folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.sqz"
     size = save_packed(model, path, like=baseline.model)
     OmegaConf.save(OmegaConf.create(masked_config(cfg)), folder / "config.yaml")  # no password
     shipped = load_packed(path, task.build_model())
+    step(3, steps, "packed")
     val_reference = (  # for val_agreement (a regression has no decisions to agree on)
         predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
     )
@@ -324,8 +338,10 @@ def run_experiment(
         },
         "test_acc": evaluate(shipped, task.test),
     }
-    if not missing_onnx_extra():
+    step(4, steps, "measured")
+    if onnx:
         metrics.update(deploy_onnx(path, task, folder / "model.onnx").metrics)
+        step(5, steps, "exported to ONNX")
     else:
         logger.warning('ONNX not exported (pip install -e ".[onnx]" to ship model.onnx too)')
 
@@ -352,6 +368,7 @@ def run_experiment(
     explanation = explain_model(path, task, baseline, name=str(cfg.run.name))
     explain_dir = Path(cfg.output_dir) / "runs" / f"{cfg.run.name}-explain"
     write_explanation(explanation, explain_dir)
+    step(steps - 1, steps, "explained")
     client.log_artifacts(run_id, str(explain_dir), "explain")
     client.set_terminated(run_id, "FINISHED")
     model_name = str(cfg.run.name)
@@ -363,6 +380,7 @@ def run_experiment(
         model_name, f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id
     ).version
     client.set_registered_model_alias(model_name, alias, version)
+    step(steps, steps, "logged and registered")
     expected = {k: float(v) for k, v in cfg.run.expected.items()}
     return RunResult(metrics, expected, run_id, model_name, str(version), path)
 

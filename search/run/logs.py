@@ -9,7 +9,8 @@
   get the levels of the process that started them.
 - `Ticker`: progress lines (``trial 3 epoch 2/15 val 0.9510 (12 s)``) at most one every few
   seconds and at most `Ticker.max_lines` per job, the last step always shown once the job has
-  taken long enough to show any.
+  taken long enough to show any. `Stages` keeps one per stage of a job that reports
+  ``(stage, done, total)`` (a baseline's epochs, then its teacher outputs).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Ticker:
         what: The job, e.g. ``trial 3 epoch``: lines read ``trial 3 epoch 2/15 ...``.
         every: Seconds between lines (default `every_s`).
         clock: Seconds on a monotonic clock (tests pass their own).
+        start: When the job started on ``clock`` (default: now).
     """
 
     max_lines = 10
@@ -118,10 +120,11 @@ class Ticker:
         *,
         every: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        start: float | None = None,
     ) -> None:
         self._logger, self._what, self._clock = logger, what, clock
         self._every = every_s() if every is None else every
-        self._start = self._last = clock()
+        self._start = self._last = clock() if start is None else start
         self.lines = 0
 
     def __call__(self, done: int, total: int, detail: str = "") -> None:
@@ -149,6 +152,44 @@ class Ticker:
             f" {detail}" if detail else "",
             _duration(now - self._start),
         )
+
+
+class Stages:
+    """One `Ticker` per stage, for callbacks called as ``progress(stage, done, total)`` (a
+    baseline being made: ``baseline epochs``, then ``teacher outputs``): lines read
+    ``<prefix> baseline epochs 3/40 (12 s)``, bounded per stage as a `Ticker` bounds them.
+
+    Args:
+        logger: Where the lines go (INFO).
+        prefix: What the lines start with, e.g. ``run:``.
+        every: Seconds between lines (default `every_s`).
+        clock: Seconds on a monotonic clock (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        prefix: str,
+        *,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger, self._prefix, self._every, self._clock = logger, prefix, every, clock
+        self._tickers: dict[str, Ticker] = {}
+        self._since = clock()  # a new stage started when the one before last reported
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """Step ``done`` of ``total`` of ``stage`` finished."""
+        if stage not in self._tickers:
+            self._tickers[stage] = Ticker(
+                self._logger,
+                f"{self._prefix} {stage}",
+                every=self._every,
+                clock=self._clock,
+                start=self._since,
+            )
+        self._tickers[stage](done, total)
+        self._since = self._clock()
 
 
 def _duration(seconds: float) -> str:

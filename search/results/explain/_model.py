@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from search.results.explain._attributions import (
     attribution_fidelity,
 )
 from search.results.explain._bytes import Breakdown, byte_breakdown
+from search.run.logs import Ticker
+
+logger = logging.getLogger(__name__)
 
 #: Flipped and kept examples the attribution figure shows (each at most).
 SHOWN = 3
@@ -91,12 +95,15 @@ def explain_model(
     """
     from search.run.workload import baseline_file_size
 
+    step = Ticker(logger, f"explain {name}:")  # a long explanation shows its phases
+    phases = 4 if attributions and _attributable(task) else 2
     baseline_file_size(baseline)  # writes <baseline.folder>/model.sqz if absent
     path = Path(path)
     fresh = task.build_model()  # (only read: the architecture before compression)
     breakdown = byte_breakdown(path, fresh)
     base_breakdown = byte_breakdown(baseline.folder / "model.sqz", fresh)
     shipped = load_packed(path, task.build_model())
+    step(1, phases, "bytes per tensor group")
     notes: list[str] = []
     agreement = {}
     if task.outputs in DECISIONS:
@@ -115,6 +122,7 @@ def explain_model(
             f"a model that outputs {task.outputs} makes no decisions to agree on: agreement and "
             "flipped inputs are left out"
         )
+    step(2, phases, "agreement")
     int8 = int8_layers(path)
     fidelity = shown = None
     if attributions and not _attributable(task):
@@ -140,6 +148,7 @@ def explain_model(
             steps=steps,
         )
         notes += fidelity.notes
+        step(3, phases, "attribution fidelity")
         indices = _shown(agreement["val"], fidelity)
         shown = attribute(
             baseline.model,
@@ -150,6 +159,7 @@ def explain_model(
             steps=steps,
             flipped=np.isin(indices, agreement["val"].flipped["index"].to_numpy()),
         )
+        step(4, phases, "attributions shown")
     return Explanation(
         name, breakdown, base_breakdown, agreement, fidelity, shown, int8, tuple(notes)
     )

@@ -27,6 +27,7 @@ from search.results.explain._files import (
     write_explanation,
 )
 from search.results.explain._model import Explanation, explain_model
+from search.run.logs import Stages, Ticker
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def explain_trial(
     number = _trial_number(study, trial)
     study_cfg = study_config(cfg, study)
     here = {"cache_dir": cfg.cache_dir, "device": cfg.device}
-    workload = load_workload(OmegaConf.merge(study_cfg, here))
+    workload = load_workload(OmegaConf.merge(study_cfg, here), progress=Stages(logger, "explain:"))
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     name = "baseline" if number is None else f"trial {number}"
     folder = Path(cfg.output_dir) / study_name / "explain"
@@ -135,8 +136,8 @@ def explain_front(
     if not front_ids:
         return [], "<p class='note'><b>what compression changed</b>: left out, no front.</p>"
     explained: dict[int, Explanation] = {}
-    for number in front_ids:
-        logger.info("explaining trial %d of the front", number)
+    points = Ticker(logger, "report: explaining point")
+    for k, number in enumerate(front_ids, 1):
         run_id = study.trials[number].user_attrs.get("mlflow_run_id")
         with tempfile.TemporaryDirectory() as tmp:
             path = trial_packed_file(
@@ -148,6 +149,7 @@ def explain_front(
             if run_id is not None:
                 client.log_artifact(run_id, str(file), "explain")
         explained[number] = explanation
+        points(k, len(front_ids))
     first = next(iter(explained.values()))
     models = {"baseline": first.baseline_breakdown}
     models.update({e.name: e.breakdown for e in explained.values()})
