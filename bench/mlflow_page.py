@@ -7,7 +7,7 @@ metric columns (val_acc, size_bytes, compression_ratio, speedup), and no GenAI o
 token usage); the front's link lists only the Pareto front. Writes a screenshot of the first page.
 
     python bench/mlflow_page.py [--trials 6] [--screenshot docs/mlflow-first-page.png]
-                                [--workdir DIR] [override ...]
+                                [--workdir DIR] [--control] [override ...]
 
 Exit status 0 when every check holds, 1 otherwise (each failed check is printed).
 """
@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary one")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also render the experiment's plain link (what `mlflow ui` gives) and show that "
+        "the check fails there",
+    )
     parser.add_argument("overrides", nargs="*", help="more overrides of the sweep")
     args = parser.parse_args(argv)
     if browser() is None:
@@ -122,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         pareto = page_text(render(urls[1], dump=True))
         rest = [n for n in complete if n not in front]
         wrong += [f"front: {w}" for w in check_page(pareto, runs=front, absent=rest)]
+        if args.control:  # the check can fail: the plain experiment link opens the GenAI page
+            plain = urls[0].split("/runs?")[0]
+            failed = check_page(page_text(render(plain, dump=True)), runs=complete)
+            print(f"control {plain}: {'; '.join(failed) or 'no check failed'}")
+            if failed:
+                print("control: the plain experiment link fails the check")
+            else:
+                wrong.append("control: the plain experiment link passed the check")
         if args.screenshot is not None:
             args.screenshot.parent.mkdir(parents=True, exist_ok=True)
             render(urls[0], dump=False, out=args.screenshot.resolve())
