@@ -52,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     export.add_argument("--study", required=True, help="study name (search.study_name)")
     export.add_argument(
-        "--pick", default="knee", help="knee | max-acc | min-size | trial=N (default: knee)"
+        "--pick",
+        default="recommended",
+        help="recommended | knee | max-acc | min-size | trial=N (default: recommended, the "
+        "point the sweep marked *: the knee within 1 validation point of the baseline)",
     )
     export.add_argument(
         "--max-drop",

@@ -57,6 +57,8 @@ from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
 from search.results.reuse import load_study, study_config  # noqa: E402
 from search.run.pareto import front_figure, front_numbers, trial_model, trials_frame  # noqa: E402
+from search.run.progress import short_value  # noqa: E402
+from search.run.recommend import recommend  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -152,6 +154,9 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     recipes = _recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
     front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
+    recommended = _recommended(trials, front_ids, base, direction)
+    for row in front_rows:
+        row["recommended"] = row["model"] == f"trial {recommended}"
 
     files.append(_write(folder / PLOTLY_JS, plotly.offline.get_plotlyjs()))
     objectives = list(study_cfg.search.objectives)
@@ -165,6 +170,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         recipes=recipes,
         score=score,
         direction=direction,
+        recommended=recommended,
     )
     for name in FIGURES:
         png, page = folder / f"{name}.png", folder / f"{name}.html"
@@ -255,14 +261,25 @@ def _scores(models: dict, task) -> pd.DataFrame:
 
 
 def _recipes(study: optuna.Study, space) -> dict[int, str]:
-    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``."""
+    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``
+    (floats to 3 significant digits, as ``squeeze sweep`` prints them)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return {
         t.number: " ".join(
-            f"{k}={v}" for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
+            f"{k}={short_value(v)}"
+            for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
         )
         for t in done
     }
+
+
+def _recommended(trials, front_ids, base, direction: Score) -> int | None:
+    """The front point ``squeeze sweep`` recommends (`search.run.recommend`), or None."""
+    front = trials[trials.trial.isin(front_ids)]
+    if front.empty:
+        return None
+    front = front.assign(val_drop=[direction.drop(v, base["val_acc"]) for v in front.val_acc])
+    return recommend(front, score=direction).trial
 
 
 def _front_rows(trials, front_ids, base, test_scores, recipes, direction: Score) -> list[dict]:
@@ -313,8 +330,9 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
     )
     body = []
     for i, row in enumerate(rows):
+        marked = row.get("recommended", False)
         cells = (
-            row["model"],
+            row["model"] + (" (recommended)" if marked else ""),
             f"{row['size_kb']:.2f}",
             f"{row['ratio']:.1f}×",
             f"{row['val']:.4f}",
@@ -323,7 +341,7 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
             "reference" if i == 0 else direction.format_change(row["test_change"], minus="−"),
         )
         body.append(
-            "<tr>"
+            ("<tr class='recommended'>" if marked else "<tr>")
             + "".join(f"<td>{html_text.escape(c)}</td>" for c in cells)
             + f"<td class='recipe'><code>{html_text.escape(row['recipe'])}</code></td></tr>"
         )
@@ -340,7 +358,10 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
         )
     return (
         "<table class='front'><caption>The baseline, then the Pareto front from the smallest "
-        f"packed file up. Scores: {html_text.escape(score)}. {change}</caption><thead><tr>"
+        f"packed file up; in bold the point <code>squeeze sweep</code> recommends (the knee "
+        "within 1 validation point of the baseline, else the best score), the one "
+        "<code>squeeze export</code> exports by default. "
+        f"Scores: {html_text.escape(score)}. {change}</caption><thead><tr>"
         + "".join(f"<th>{h}</th>" for h in header)
         + "</tr></thead><tbody>"
         + "".join(body)
@@ -401,12 +422,13 @@ def _figures(
     recipes,
     score,
     direction: Score = DEFAULT_SCORE,
+    recommended: int | None = None,
 ) -> tuple[dict[str, tuple], dict[str, str]]:
     """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     builders = {
         "pareto_front": lambda: _front(
-            study, trials, front_ids, baseline, recipes, score, direction
+            study, trials, front_ids, baseline, recipes, score, direction, recommended
         ),
         "hypervolume": lambda: _hypervolume(study, done, objectives),
         "param_importance": lambda: _importances(study, done, objectives),
@@ -427,14 +449,16 @@ def _need_two(done) -> None:
         raise _NoData(f"it needs at least 2 complete trials and the study has {len(done)}")
 
 
-def _front(study, trials, front_ids, baseline, recipes, score, direction):
+def _front(study, trials, front_ids, baseline, recipes, score, direction, recommended=None):
     complete = trials[trials.state == "COMPLETE"]
     if complete.empty:
         raise _NoData("the study has no complete trial")
     front = trials[trials.trial.isin(front_ids)].sort_values("size_bytes")
     size_label = "packed model file size (KB, log scale)"
     score_label = _metric_label("val_acc", score)
-    fig = front_figure(trials, front, baseline, title=study.study_name, score=direction)
+    fig = front_figure(
+        trials, front, baseline, title=study.study_name, score=direction, recommended=recommended
+    )
     fig.axes[0].set_xlabel(size_label)
     fig.axes[0].set_ylabel(score_label)
 
@@ -462,6 +486,18 @@ def _front(study, trials, front_ids, baseline, recipes, score, direction):
         name="baseline (fp32)",
         marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
     )
+    if recommended is not None and (front.trial == recommended).any():
+        point = front[front.trial == recommended].iloc[0]
+        html.add_scatter(
+            x=[point.size_bytes / 1000],
+            y=[point.val_acc],
+            mode="markers+text",
+            name=f"recommended: trial {recommended}",
+            text=[f"trial {recommended}"],
+            textposition="bottom right",
+            marker={"symbol": "circle-open", "size": 18, "color": "black", "line": {"width": 2}},
+            hoverinfo="name+x+y",
+        )
     html.update_layout(
         title="Validation score vs packed size",
         xaxis={"type": "log", "title": size_label},
@@ -648,7 +684,7 @@ def _write_page(
         "border-bottom:1px solid #ddd;vertical-align:top}caption{text-align:left;"
         "padding:4px 0}table.front td{text-align:right;white-space:nowrap}"
         "table.front td.recipe{text-align:left;white-space:normal;overflow-wrap:anywhere}"
-        ".note{color:#555}</style></head><body>"
+        ".note{color:#555}tr.recommended td{font-weight:bold}</style></head><body>"
         f"<h1>squeeze report: {html_text.escape(study_name)}</h1>"
         f"<p>{html_text.escape(heading)}</p>"
         f"<h2>Pareto front</h2>{front}"
