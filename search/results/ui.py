@@ -106,8 +106,8 @@ def serve(
     timeout: float = START_TIMEOUT_S,
 ) -> int:
     """Run ``mlflow server`` on the tracking store ``uri`` until it stops or Ctrl-C; call
-    ``ready(base)`` once it answers. Its output goes to a temporary log file (the links stay readable).
-    Returns 0 after Ctrl-C, else the server's exit code.
+    ``ready(base)`` once it answers. Its output goes to a temporary log file (the links stay
+    readable). Returns 0 after Ctrl-C, else the server's exit code.
 
     Raises:
         ConfigError: If the server stops before it answers (e.g. the port is taken); it quotes
