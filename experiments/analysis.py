@@ -100,8 +100,9 @@ def dataset_summary(task: Task) -> pd.DataFrame:
 
 
 def model_summary(model: nn.Module, example: Any) -> pd.DataFrame:
-    """One row per leaf module (with parameters or not), and a total: parameters, bytes, FLOPs
-    (a tensor shared by several modules, such as a tied embedding, counts once in the total)."""
+    """One row per leaf module (with parameters or not), and a total: parameters, bytes, and
+    FLOPs of one sample in a column of its own, on the total's row only (a tensor shared by
+    several modules, such as a tied embedding, counts once in the total)."""
     rows = []
     for name, module in model.named_modules():
         if any(True for _ in module.children()):
@@ -115,12 +116,13 @@ def model_summary(model: nn.Module, example: Any) -> pd.DataFrame:
                 "bytes": sum(t.numel() * t.element_size() for t in tensors),
             }
         )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).assign(**{"FLOPs/sample": ""})
     unique = {id(t): t for t in weight_tensors(model)}.values()  # a tied tensor counts once
     total = {
         "layer": "total",
-        "type": f"FLOPs/sample: {count_flops(model, example)}",
+        "type": "",
         "parameters": sum(t.numel() for t in unique),
         "bytes": sum(t.numel() * t.element_size() for t in unique),
+        "FLOPs/sample": str(count_flops(model, example)),
     }
     return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)

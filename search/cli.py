@@ -26,7 +26,7 @@ _EPILOG = """examples:
   squeeze explain --study digits_mlp --trial 7      # bytes per layer, flipped predictions
   squeeze sweep search.n_jobs=2 search.storage=postgresql+psycopg2://user@host/db
   squeeze worker search.storage=postgresql+psycopg2://user@host/db   # on another machine
-  mlflow ui --backend-store-uri sqlite:///mlflow.db
+  squeeze ui                                        # MLflow's UI on the study's runs
 """
 
 
@@ -50,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     export.add_argument("--study", required=True, help="study name (search.study_name)")
     export.add_argument(
-        "--pick", default="knee", help="knee | max-acc | min-size | trial=N (default: knee)"
+        "--pick",
+        default="recommended",
+        help="recommended | knee | max-acc | min-size | trial=N (default: recommended, the "
+        "point the sweep marked *: the knee within 1 validation point of the baseline)",
     )
     export.add_argument(
         "--max-drop",
@@ -120,7 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     worker.add_argument("overrides", nargs="*", help="the same overrides as its sweep")
     worker.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    for command in (sweep, worker, export, run, report, explain, inspect, sensitivity):
+    ui = _command(commands, "ui", "start MLflow's UI and print the link to a study's runs table")
+    ui.add_argument("--study", default=None, help="study name (default: the latest)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000, help="port (5000; 0: any free one)")
+    ui.add_argument("--open", action="store_true", help="open the link in a web browser")
+    ui.add_argument("overrides", nargs="*", help="overrides naming tracking (tracking.uri=...)")
+    for command in (sweep, worker, export, run, report, explain, inspect, sensitivity, ui):
         command.add_argument(
             "--config-dir",
             action="append",
@@ -159,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sensitivity(args, console)
         if args.command == "worker":
             return _worker(args, console)
+        if args.command == "ui":
+            return _ui(args, console)
     except ConfigError as err:
         from rich.markup import escape
 
@@ -528,6 +539,35 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
         console.print(table.to_string(float_format="%.1f"), highlight=False)
     console.print(f"plot {result.plot}; suggested space {result.space}", highlight=False)
     return 0
+
+
+def _ui(args: argparse.Namespace, console: Console) -> int:
+    """``squeeze ui``: MLflow's UI on the study's runs (`search.results.ui`)."""
+    cfg = _compose(args)
+    from search.results.ui import find_study, free_port, serve, server_base
+
+    runs = find_study(cfg, args.study)
+
+    def show(base: str) -> None:
+        console.print(
+            f"study {runs.study}: its trials (the Views menu has its Pareto front)\n"
+            f"  {runs.url(base)}\nits Pareto front\n  {runs.url(base, front=True)}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        console.file.flush()
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(runs.url(base))
+
+    uri = str(cfg.tracking.uri)
+    if (base := server_base(uri)) is not None:  # a tracking server: it serves the UI itself
+        show(base)
+        return 0
+    port = args.port or free_port(args.host)
+    return serve(uri, host=args.host, port=port, ready=show)
 
 
 def _writable_config_dir(config_dirs: list[str]) -> Path:

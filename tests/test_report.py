@@ -18,6 +18,8 @@ from search.cli import main
 from search.results.report import FIGURES, PLOTLY_JS, _figures
 from search.results.reuse import load_study
 from search.run.pareto import front_numbers, trials_frame
+from search.run.progress import short_value
+from search.run.recommend import recommend
 from tests.conftest import sweep_overrides
 
 PIPELINES = "space.pipeline=choice(structured+quant, prune+quant+kd, lowrank+quant)"
@@ -78,7 +80,16 @@ def test_report_leads_with_the_front_by_size_baseline_first(study):
     size, val = f"{base['size_bytes'] / 1000:.2f}", f"{base['val_acc']:.4f}"
     assert rows[0][1:5] == [size, "1.0×", val, "reference"]
     front = result.front.sort_values("size_bytes")  # the sweep's own front, with test scores
-    assert [r[0] for r in rows[1:]] == [f"trial {n}" for n in front.trial]
+    assert [r[0].removesuffix(" (recommended)") for r in rows[1:]] == [
+        f"trial {n}" for n in front.trial
+    ]
+    # the point the sweep recommended (and `export` exports by default) is marked, once
+    pick = recommend(result.front, score=result.score).trial
+    assert [r[0] for r in rows if r[0].endswith(" (recommended)")] == [
+        f"trial {pick} (recommended)"
+    ]
+    assert "<tr class='recommended'>" in page
+    assert f"recommended: trial {pick}" in (folder / "pareto_front.html").read_text()
     sizes = [float(r[1]) for r in rows[1:]]
     assert sizes == sorted(sizes)
     trials = load_study(compose_config(overrides), "digits_mlp").trials
@@ -91,7 +102,7 @@ def test_report_leads_with_the_front_by_size_baseline_first(study):
                 assert cell.startswith("−" if drop > 0 else "+"), cell
         recipe = cells[7]
         for name, value in trials[point.trial].params.items():  # every value, never cut
-            assert f"{name}={value}" in recipe.split(" ")
+            assert f"{name}={short_value(value)}" in recipe.split(" ")  # 3 significant digits
         assert "finetune.epochs=1" in recipe  # fixed values too: the whole recipe
     assert any(c.startswith("−") for r in rows[1:] for c in (r[4], r[6]))  # this tiny run loses
 
@@ -184,7 +195,7 @@ def test_a_figure_without_data_is_left_out_with_a_note(study, cache_dir):
         ),
     }
     _, baseline, trial = _first_table(page)
-    assert baseline[0] == "baseline (fp32)" and trial[0] == "trial 0"
+    assert baseline[0] == "baseline (fp32)" and trial[0] == "trial 0 (recommended)"
     assert "finetune.epochs=0" in trial[7].split(" ")
 
 

@@ -14,7 +14,13 @@ from mlflow.tracking import MlflowClient
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
 from search.config.space import SearchSpace
-from search.results.reuse import export_trial, load_registered, load_study, pick_trial
+from search.results.reuse import (
+    export_trial,
+    load_registered,
+    load_study,
+    pick_trial,
+    recommend,
+)
 from tests.conftest import sweep_overrides
 
 
@@ -94,12 +100,14 @@ def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp
 
 
 def test_export_as_onnx_writes_a_checked_graph_of_the_picked_trial(study, tmp_path, capsys):
-    workdir, overrides, _ = study
+    workdir, overrides, result = study
     out = tmp_path / "knee.onnx"
     args = ["export", "--study", "digits_mlp", "--format", "onnx", "--output", str(out)]
     assert main([*args, *overrides]) == 0
     printed = capsys.readouterr().out
-    knee = pick_trial(load_study(compose_config(overrides), "digits_mlp"), "knee")
+    # no --pick: the point the sweep recommended (its table's *), not the whole front's knee
+    knee = pick_trial(load_study(compose_config(overrides), "digits_mlp"), "recommended")
+    assert knee.number == recommend(result.front, score=result.score).trial
     packed = workdir / "trials" / "digits_mlp" / f"trial-{knee.number:04d}.sqz"
     assert f"wrote {out} (trial {knee.number}): {out.stat().st_size:,} bytes" in printed
     assert f"its packed .sqz file: {packed.stat().st_size:,} bytes" in printed

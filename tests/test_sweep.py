@@ -82,6 +82,23 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(four_trials):
     assert parent.data.metrics["baseline_speedup"] == 1.0
 
 
+def test_the_sweep_saves_the_mlflow_views_that_list_its_trials(four_trials):
+    import json
+
+    from search.run.mlflow_views import VIEW_TAG_PREFIX, view_key
+
+    client, _, children = _mlflow_runs(four_trials)
+    experiment = client.get_experiment_by_name("squeeze")
+    for front in (False, True):
+        view = json.loads(experiment.tags[VIEW_TAG_PREFIX + view_key("digits_mlp", front=front)])
+        state = json.loads(view["state"])
+        found = client.search_runs([experiment.experiment_id], state["searchFilter"])
+        tagged = {c.info.run_id for c in children if c.data.tags.get("pareto") == "true"}
+        assert {r.info.run_id for r in found} == (
+            tagged if front else {c.info.run_id for c in children}
+        )
+
+
 def test_each_child_size_is_the_size_of_its_model_artifact(four_trials):
     client, parents, children = _mlflow_runs(four_trials)
     baseline_size = parents[0].data.metrics["baseline_size_bytes"]

@@ -107,12 +107,13 @@ def _figures(
     recipes,
     score,
     direction: Score = DEFAULT_SCORE,
+    recommended: int | None = None,
 ) -> tuple[dict[str, tuple], dict[str, str]]:
     """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     builders = {
         "pareto_front": lambda: _front(
-            study, trials, front_ids, baseline, recipes, score, direction
+            study, trials, front_ids, baseline, recipes, score, direction, recommended
         ),
         "hypervolume": lambda: _hypervolume(study, done, objectives),
         "param_importance": lambda: _importances(study, done, objectives),
@@ -135,14 +136,16 @@ def _need_two(done) -> None:
         raise _NoData(f"it needs at least 2 complete trials and the study has {len(done)}")
 
 
-def _front(study, trials, front_ids, baseline, recipes, score, direction):
+def _front(study, trials, front_ids, baseline, recipes, score, direction, recommended=None):
     complete = trials[trials.state == "COMPLETE"]
     if complete.empty:
         raise _NoData("the study has no complete trial")
     front = trials[trials.trial.isin(front_ids)].sort_values("size_bytes")
     size_label = "packed model file size (KB, log scale)"
     score_label = _metric_label("val_acc", score)
-    fig = front_figure(trials, front, baseline, title=study.study_name, score=direction)
+    fig = front_figure(
+        trials, front, baseline, title=study.study_name, score=direction, recommended=recommended
+    )
     fig.axes[0].set_xlabel(size_label)
     fig.axes[0].set_ylabel(score_label)
 
@@ -170,6 +173,18 @@ def _front(study, trials, front_ids, baseline, recipes, score, direction):
         name="baseline (fp32)",
         marker={"symbol": "star", "size": 16, "color": "#1f77b4"},
     )
+    if recommended is not None and (front.trial == recommended).any():
+        point = front[front.trial == recommended].iloc[0]
+        html.add_scatter(
+            x=[point.size_bytes / 1000],
+            y=[point.val_acc],
+            mode="markers+text",
+            name=f"recommended: trial {recommended}",
+            text=[f"trial {recommended}"],
+            textposition="bottom right",
+            marker={"symbol": "circle-open", "size": 18, "color": "black", "line": {"width": 2}},
+            hoverinfo="name+x+y",
+        )
     html.update_layout(
         title="Validation score vs packed size",
         xaxis={"type": "log", "title": size_label},

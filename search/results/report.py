@@ -54,6 +54,8 @@ from search.results._study import load_study, study_config  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
 from search.run.logs import Stages, Ticker  # noqa: E402
 from search.run.pareto import front_numbers, trial_model, trials_frame  # noqa: E402
+from search.run.progress import short_value  # noqa: E402
+from search.run.recommend import recommend  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -123,6 +125,9 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     recipes = _recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
     front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
+    recommended = _recommended(trials, front_ids, base, direction)
+    for row in front_rows:
+        row["recommended"] = row["model"] == f"trial {recommended}"
 
     files.append(_write(folder / PLOTLY_JS, plotly.offline.get_plotlyjs()))
     objectives = list(study_cfg.search.objectives)
@@ -136,6 +141,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         recipes=recipes,
         score=score,
         direction=direction,
+        recommended=recommended,
     )
     for name in FIGURES:
         png, page = folder / f"{name}.png", folder / f"{name}.html"
@@ -230,14 +236,25 @@ def _scores(models: dict, task) -> pd.DataFrame:
 
 
 def _recipes(study: optuna.Study, space) -> dict[int, str]:
-    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``."""
+    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``
+    (floats to 3 significant digits, as ``squeeze sweep`` prints them)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return {
         t.number: " ".join(
-            f"{k}={v}" for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
+            f"{k}={short_value(v)}"
+            for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
         )
         for t in done
     }
+
+
+def _recommended(trials, front_ids, base, direction: Score) -> int | None:
+    """The front point ``squeeze sweep`` recommends (`search.run.recommend`), or None."""
+    front = trials[trials.trial.isin(front_ids)]
+    if front.empty:
+        return None
+    front = front.assign(val_drop=[direction.drop(v, base["val_acc"]) for v in front.val_acc])
+    return recommend(front, score=direction).trial
 
 
 def _front_rows(trials, front_ids, base, test_scores, recipes, direction: Score) -> list[dict]:
@@ -288,8 +305,9 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
     )
     body = []
     for i, row in enumerate(rows):
+        marked = row.get("recommended", False)
         cells = (
-            row["model"],
+            row["model"] + (" (recommended)" if marked else ""),
             f"{row['size_kb']:.2f}",
             f"{row['ratio']:.1f}×",
             f"{row['val']:.4f}",
@@ -298,7 +316,7 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
             "reference" if i == 0 else direction.format_change(row["test_change"], minus="−"),
         )
         body.append(
-            "<tr>"
+            ("<tr class='recommended'>" if marked else "<tr>")
             + "".join(f"<td>{html_text.escape(c)}</td>" for c in cells)
             + f"<td class='recipe'><code>{html_text.escape(row['recipe'])}</code></td></tr>"
         )
@@ -315,7 +333,10 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
         )
     return (
         "<table class='front'><caption>The baseline, then the Pareto front from the smallest "
-        f"packed file up. Scores: {html_text.escape(score)}. {change}</caption><thead><tr>"
+        f"packed file up; in bold the point <code>squeeze sweep</code> recommends (the knee "
+        "within 1 validation point of the baseline, else the best score), the one "
+        "<code>squeeze export</code> exports by default. "
+        f"Scores: {html_text.escape(score)}. {change}</caption><thead><tr>"
         + "".join(f"<th>{h}</th>" for h in header)
         + "</tr></thead><tbody>"
         + "".join(body)
@@ -365,7 +386,7 @@ def _write_page(
         "border-bottom:1px solid #ddd;vertical-align:top}caption{text-align:left;"
         "padding:4px 0}table.front td{text-align:right;white-space:nowrap}"
         "table.front td.recipe{text-align:left;white-space:normal;overflow-wrap:anywhere}"
-        ".note{color:#555}</style></head><body>"
+        ".note{color:#555}tr.recommended td{font-weight:bold}</style></head><body>"
         f"<h1>squeeze report: {html_text.escape(study_name)}</h1>"
         f"<p>{html_text.escape(heading)}</p>"
         f"<h2>Pareto front</h2>{front}"

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -47,23 +46,25 @@ from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.plan import missing_onnx_extra, plan_sweep
-from search.config.score import DEFAULT_SCORE, Score
+from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
 from search.results._study import load_study, study_config, trial_threads
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.logs import Stages, Ticker
+from search.run.recommend import (  # noqa: F401 - re-exported
+    RECOMMEND_MAX_DROP,
+    Recommendation,
+    knee_index,
+    recommend,
+)
 from search.run.tracking import experiment_id
 from search.run.trial import compress_recipe, measure
 from search.run.workload import build_task, load_workload
 
 logger = logging.getLogger(__name__)
 
-PICKS = ("knee", "max-acc", "min-size")
-#: How much worse than the baseline on validation the point ``squeeze sweep`` recommends may be:
-#: 1 point of a higher-is-better score (accuracy), 1% of the baseline's value of a lower-is-better
-#: one (an MSE at most 1% above the baseline's).
-RECOMMEND_MAX_DROP = 1.0
+PICKS = ("recommended", "knee", "max-acc", "min-size")
 #: Overrides that say where a study's results live and which baseline it compressed; the
 #: commands `next_commands` prints repeat them (``search.storage``, ``tracking.*``, the baseline
 #: cache, the trials' files, a pretrained ``checkpoint``).
@@ -82,8 +83,10 @@ def pick_trial(
 
     Args:
         study: A finished or running squeeze study.
-        pick: ``knee`` (farthest from the line joining the front's ends, score against
-            log size, both scaled to [0, 1]), ``max-acc`` (the best validation score: the
+        pick: ``recommended`` (what ``squeeze sweep`` recommends: the knee of the points
+            within ``max_drop``, by default `RECOMMEND_MAX_DROP`, else the best-scoring point;
+            `recommend`), ``knee`` (farthest from the line joining the front's ends, score
+            against log size, both scaled to [0, 1]), ``max-acc`` (the best validation score: the
             lowest for a lower-is-better one), ``min-size``, or ``trial=N``.
         max_drop: If given, only points at most this much worse than the baseline on
             validation are considered: in points of a higher-is-better score, in percent of
@@ -101,6 +104,19 @@ def pick_trial(
         raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
     score = Score.of_study(study)
     front = [t for t in study.best_trials if "metrics" in t.user_attrs]
+    if pick == "recommended" and front:
+        baseline = study.user_attrs["baseline"]["val_acc"]
+        points = pd.DataFrame(
+            {
+                "trial": [t.number for t in front],
+                "val_acc": [_metric(t, "val_acc") for t in front],
+                "size_bytes": [_metric(t, "size_bytes") for t in front],
+            }
+        )
+        points["val_drop"] = [score.drop(v, baseline) for v in points.val_acc]
+        budget = RECOMMEND_MAX_DROP if max_drop is None else max_drop
+        chosen = recommend(points, max_drop=budget, score=score).trial
+        return next(t for t in front if t.number == chosen)
     if max_drop is not None:
         baseline = study.user_attrs["baseline"]["val_acc"]
         front = [t for t in front if score.drop(_metric(t, "val_acc"), baseline) <= max_drop]
@@ -126,7 +142,7 @@ def export_trial(
     cfg: DictConfig,
     study_name: str,
     *,
-    pick: str = "knee",
+    pick: str = "recommended",
     max_drop: float | None = None,
     name: str | None = None,
     conf_dir: Path | None = None,
@@ -216,7 +232,7 @@ def export_onnx_trial(
     cfg: DictConfig,
     study_name: str,
     *,
-    pick: str = "knee",
+    pick: str = "recommended",
     max_drop: float | None = None,
     out: Path | None = None,
     force: bool = False,
@@ -394,15 +410,24 @@ def load_registered(name: str, *, alias: str = "champion", tracking_uri: str | N
     folder of a config folder this process composed with, `search.config.modules`).
 
     Raises:
-        ConfigError: If the task's module cannot be imported; it names the module and how to
-            make it importable.
+        ConfigError: If there is no such model or alias (it names the registered models), or
+            the task's module cannot be imported (it names the module and how to make it
+            importable).
 
     Example:
         >>> from search import load_registered
-        >>> model = load_registered("digits_mlp-t7", tracking_uri="sqlite:///mlflow.db")
+        >>> model = load_registered("digits_mlp-best", tracking_uri="sqlite:///mlflow.db")
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version_by_alias(name, alias)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        models = sorted(m.name for m in client.search_registered_models(max_results=1000))
+        raise ConfigError(
+            f"No registered model {name!r} with alias @{alias} in tracking URI "
+            f"{mask_url(client.tracking_uri)}. Registered models there: "
+            f"{', '.join(models) or 'none'}; `squeeze run experiment=<name>` registers one."
+        ) from None  # (MLflow's own traceback says no more)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(client.download_artifacts(version.run_id, MODEL_DIR, tmp))
         cfg = OmegaConf.load(folder / "config.yaml")
@@ -431,70 +456,6 @@ def _knee(
     goodness = [score.goodness(_metric(t, "val_acc")) for t in front]
     sizes = [_metric(t, "size_bytes") for t in front]
     return front[knee_index(goodness, sizes, within_budget=within_budget)]
-
-
-def knee_index(
-    val_acc: Sequence[float], size_bytes: Sequence[float], *, within_budget: bool = False
-) -> int:
-    """The knee of a front given as scores (higher is better: a lower-is-better score comes
-    negated, `Score.goodness`) and sizes: the point farthest above the line joining the
-    smallest file and the best model (score against log size, both scaled to [0, 1]). Of fewer
-    than three points: the smallest file when they all lie within a budget (``within_budget``:
-    any of them is good enough), else the best."""
-    acc = np.asarray(val_acc, dtype=float)
-    size = np.log(np.asarray(size_bytes, dtype=float))
-    if len(acc) < 3:
-        return int(np.argmin(size)) if within_budget else int(np.argmax(acc))
-    a = (acc - acc.min()) / max(np.ptp(acc), 1e-12)
-    s = (size - size.min()) / max(np.ptp(size), 1e-12)
-    # Ends of the front: the smallest file and the most accurate model; the knee is the point
-    # farthest above the straight line between them (a small, accurate point).
-    i, j = int(np.argmin(s)), int(np.argmax(a))
-    line = np.array([s[j] - s[i], a[j] - a[i]])
-    distance = (line[0] * (a - a[i]) - line[1] * (s - s[i])) / max(np.linalg.norm(line), 1e-12)
-    return int(np.argmax(distance))
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """The front point ``squeeze sweep`` recommends, and why."""
-
-    trial: int
-    within_budget: bool  # False: no point is within the budget; this is the best-scoring one
-    max_drop: float
-    score: Score = DEFAULT_SCORE  # the direction of the score and the unit of max_drop
-
-
-def recommend(
-    front: pd.DataFrame, *, max_drop: float = RECOMMEND_MAX_DROP, score: Score = DEFAULT_SCORE
-) -> Recommendation:
-    """The knee of the front's points within ``max_drop`` of the baseline on validation (the
-    trial ``squeeze export --pick knee --max-drop <max_drop>`` exports), or, when none is, the
-    best-scoring point.
-
-    Args:
-        front: The front as `search.run.pareto.finish_study` reports it (columns ``trial``,
-            ``val_acc``, ``size_bytes``, ``val_drop``), not empty.
-        max_drop: The budget: validation points of a higher-is-better score, percent of the
-            baseline's value of a lower-is-better one (the unit of ``val_drop``).
-        score: Which way the task's score goes.
-    """
-    points = front.sort_values("trial")  # the order of study.best_trials, as pick_trial sees it
-    goodness = [score.goodness(v) for v in points.val_acc]
-    inside = points[points.val_drop <= max_drop]
-    if inside.empty:
-        best = points.assign(goodness=goodness).sort_values(
-            ["goodness", "size_bytes"], ascending=[False, True]
-        )
-        return Recommendation(int(best.trial.iloc[0]), False, max_drop, score)
-    chosen = inside.iloc[
-        knee_index(
-            [score.goodness(v) for v in inside.val_acc],
-            inside.size_bytes.tolist(),
-            within_budget=True,
-        )
-    ]
-    return Recommendation(int(chosen.trial), True, max_drop, score)
 
 
 def next_commands(

@@ -27,6 +27,7 @@ from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.failures import fail_kind  # noqa: E402
+from search.run.recommend import recommend  # noqa: E402
 from search.run.tracking import NOTE_TAG  # noqa: E402
 from search.run.trial import METRICS, SweepContext, trial_file  # noqa: E402
 
@@ -93,7 +94,10 @@ def finish_study(
     paths = [folder / "pareto.csv", folder / "trials.csv", folder / "pareto.png"]
     front.to_csv(paths[0], index=False)
     trials.to_csv(paths[1], index=False)
-    plot_front(trials, front, baseline, paths[2], title=study.study_name, score=score)
+    pick = None if front.empty else recommend(front, score=score).trial
+    plot_front(
+        trials, front, baseline, paths[2], title=study.study_name, score=score, recommended=pick
+    )
 
     ctx.tracker.mark_front(
         {r.mlflow_run_id: {"test_acc": r.test_acc} for r in front.itertuples()},
@@ -115,8 +119,9 @@ def finish_study(
             NOTE_TAG: (
                 f"Study `{study.study_name}`: {len(trials)} trials; Pareto front: trials "
                 f"{', '.join(str(n) for n in sorted(front.trial)) or 'none'} (their runs are "
-                "tagged `pareto=true`: filter the runs with `tags.pareto = 'true'`). "
-                "pareto.csv and pareto.png are among this run's artifacts."
+                f'tagged `pareto=true`; the Views menu\'s "{study.study_name}: Pareto front" '
+                "lists them). pareto.csv and pareto.png (the recommended point ringed) are "
+                "among this run's artifacts."
             ),
         },
     )
@@ -215,9 +220,10 @@ def plot_front(
     *,
     title: str,
     score: Score = DEFAULT_SCORE,
+    recommended: int | None = None,
 ) -> None:
     """Save `front_figure` as a PNG."""
-    fig = front_figure(trials, front, baseline, title=title, score=score)
+    fig = front_figure(trials, front, baseline, title=title, score=score, recommended=recommended)
     fig.savefig(path)
     plt.close(fig)
 
@@ -229,9 +235,11 @@ def front_figure(
     *,
     title: str,
     score: Score = DEFAULT_SCORE,
+    recommended: int | None = None,
 ) -> plt.Figure:
-    """Validation score against packed size (log scale), front highlighted, baseline marked;
-    the axis says which way the score is better (``score``)."""
+    """Validation score against packed size (log scale), front highlighted, baseline marked,
+    the ``recommended`` trial (`search.run.recommend`) ringed and named; the axis says which way
+    the score is better (``score``)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     complete = trials[trials.state == "COMPLETE"]
     ax.scatter(complete.size_bytes, complete.val_acc, s=18, c="0.65", label="trials")
@@ -253,6 +261,25 @@ def front_figure(
         label="baseline (fp32)",
         zorder=3,
     )
+    if recommended is not None and (front.trial == recommended).any():
+        point = front[front.trial == recommended].iloc[0]
+        ax.scatter(
+            [point.size_bytes],
+            [point.val_acc],
+            s=220,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.6,
+            label=f"recommended: trial {recommended}",
+            zorder=4,
+        )
+        ax.annotate(
+            f"trial {recommended}",
+            (point.size_bytes, point.val_acc),
+            xytext=(8, -14 if score.higher_is_better else 8),
+            textcoords="offset points",
+            fontsize=9,
+        )
     ax.set_xscale("log")
     # Plain "12 KB" labels: readable, and no mathtext parsing of "10^4" (a third of the time).
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g} KB"))

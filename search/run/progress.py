@@ -183,7 +183,7 @@ def front_table(
     params = [c for c in front.columns if c.startswith("param.")]
     for row in front.to_dict("records"):
         recipe = " ".join(
-            f"{c.removeprefix('param.')}={_short(row[c])}" for c in params if pd.notna(row[c])
+            f"{c.removeprefix('param.')}={short_value(row[c])}" for c in params if pd.notna(row[c])
         )
         marked = row["trial"] == recommended
         table.add_row(
@@ -200,5 +200,7 @@ def front_table(
     return table
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
+    """A recipe's value as printed: floats to 3 significant digits (``0.00354``), others as
+    they are."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -201,6 +201,9 @@ def _run(
         artifacts=[config_file],
     )
     study.set_user_attr("mlflow_parent_run_id", parent_id)
+    tracker.save_views(
+        plan.study_name, plan.objectives, higher_is_better=plan.score.higher_is_better
+    )
     study.set_user_attr("fingerprint", plan.fingerprint)
     study.set_user_attr(DIRECTION_ATTR, plan.score.direction)  # read by report and export
     study.set_user_attr("baseline", baseline_metrics)

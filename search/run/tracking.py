@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +36,7 @@ from search.failures import (
     failure_reason,
     failure_traceback,
 )
+from search.run.mlflow_views import save_views
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,15 @@ class Tracker:
             parent.log_artifact(path)
         self._end(parent, None)
         return self.parent_id
+
+    def save_views(
+        self, study: str, objectives: Sequence[str], *, higher_is_better: bool = True
+    ) -> None:
+        """Save the study's runs table and Pareto front as views of MLflow's UI
+        (`search.run.mlflow_views`)."""
+        save_views(
+            self.client, self.experiment_id, study, objectives, higher_is_better=higher_is_better
+        )
 
     def join_parent(self, run_id: str) -> None:
         """Log the children of this process under ``run_id``, a parent run another process

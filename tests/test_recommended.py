@@ -1,0 +1,109 @@
+"""The recommended point everywhere: `export` picks it by default, `pareto.png` marks it; the
+load snippet's error names what is registered; `inspect`'s FLOPs in a column of their own."""
+
+from __future__ import annotations
+
+import shutil
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import FloatDistribution
+
+from experiments.analysis import model_summary
+from search import ConfigError
+from search.cli import main
+from search.results.reuse import load_registered, pick_trial
+from search.run.pareto import front_figure
+from search.run.progress import short_value
+from tests.conftest import _empty_mlflow_db
+
+# (val_acc, size_bytes) of a front against a baseline of 0.98: the knee of the whole front is
+# trial 2, two points down; within 1 point (trials 0 and 1) the recommended one is trial 1.
+POINTS = [(0.979, 100_000), (0.975, 20_000), (0.96, 5_000), (0.90, 4_000)]
+
+
+def _study() -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("baseline", {"val_acc": 0.98, "size_bytes": 400_000})
+    for acc, size in POINTS:
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[acc, size],
+                params={"prune.amount": 0.5},
+                distributions={"prune.amount": FloatDistribution(0.0, 0.99)},
+                user_attrs={"metrics": {"val_acc": acc, "size_bytes": size}},
+            )
+        )
+    return study
+
+
+def test_export_picks_the_recommended_point_by_default_not_the_knee_of_the_whole_front():
+    study = _study()
+    assert pick_trial(study, "knee").number == 2  # 2 validation points down
+    assert pick_trial(study, "recommended").number == 1  # what the sweep marks *
+    assert pick_trial(study, "knee", max_drop=1.0).number == 1  # README's equivalent
+    assert pick_trial(study, "recommended", max_drop=0.5).number == 0
+    # No point within the budget: the best-scoring one (where `--pick knee --max-drop` refuses).
+    assert pick_trial(study, "recommended", max_drop=0.01).number == 0
+    with pytest.raises(ConfigError, match="Allowed: recommended, knee, max-acc, min-size"):
+        pick_trial(study, "best")
+
+
+def test_export_without_pick_means_recommended(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "default: recommended" in capsys.readouterr().out
+
+
+def test_the_front_plot_rings_and_names_the_recommended_point():
+    trials = pd.DataFrame(
+        {
+            "trial": [0, 1, 2, 3],
+            "state": "COMPLETE",
+            "val_acc": [a for a, _ in POINTS],
+            "size_bytes": [s for _, s in POINTS],
+        }
+    )
+    front = trials.sort_values("size_bytes")
+    base = {"val_acc": 0.98, "size_bytes": 400_000}
+    fig = front_figure(trials, front, base, title="t", recommended=1)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "recommended: trial 1" in labels
+    assert "trial 1" in [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    fig = front_figure(trials, front, base, title="t")  # no recommendation: nothing marked
+    assert not any("recommended" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    plt.close(fig)
+
+
+def test_recipe_values_are_rounded_to_three_significant_digits():
+    assert short_value(0.0035412345) == "0.00354"
+    assert short_value(0.6081234) == "0.608"
+    assert short_value(4) == "4" and short_value("structured+quant") == "structured+quant"
+
+
+def test_loading_a_model_that_is_not_registered_names_those_that_are(tmp_path):
+    shutil.copyfile(_empty_mlflow_db(), tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).create_registered_model("digits_mlp-best")
+    with pytest.raises(ConfigError, match="Registered models there: digits_mlp-best") as err:
+        load_registered("digits_mlp-t7", tracking_uri=uri)
+    assert err.value.__suppress_context__  # one line, not MLflow's traceback beneath it
+    assert "squeeze run experiment=<name>" in str(err.value)
+
+
+def test_inspect_prints_flops_in_a_column_of_their_own(digits_task):
+    summary = model_summary(digits_task.build_model(), digits_task.example_inputs(1))
+    total = summary.iloc[-1]
+    assert total.layer == "total" and total.type == ""
+    assert int(total["FLOPs/sample"]) > 0
+    lines = summary.to_string(index=False).splitlines()
+    header, last = lines[0], lines[-1]
+    assert len(last) == len(header)  # every value under its header, none running into the next
+    for name in ("parameters", "bytes", "FLOPs/sample"):  # numbers right-aligned to their header
+        end = header.index(name) + len(name)
+        assert last[:end].split()[-1] == str(total[name])
