@@ -60,7 +60,8 @@ def test_digits_baseline_is_accurate_and_cached(digits_task, digits_baseline, ca
     assert not other.from_cache and other.key != digits_baseline.key
 
 
-def test_mnist1d_cnn_baseline_reaches_90_percent_test(tmp_path):
+@pytest.mark.slow  # (200 epochs)
+def test_mnist1d_cnn_baseline_reaches_the_published_cnn_figure_within_a_point(tmp_path):
     cfg = compose_config(["task=mnist1d_cnn", f"cache_dir={tmp_path}"]).task
     task = mnist1d_cnn(
         seed=0,
@@ -72,7 +73,7 @@ def test_mnist1d_cnn_baseline_reaches_90_percent_test(tmp_path):
     assert task.split_sizes() == {"train": 3200, "val": 800, "test": 1000}
     assert _n_params(task.build_model()) == 5210
     baseline = load_or_train_baseline(task, config=dict(cfg), cache_dir=tmp_path, seed=0)
-    assert baseline.metrics["test_acc"] >= 0.90
+    assert baseline.metrics["test_acc"] >= 0.925  # MNIST-1D's README: CNN 94% on 4,000 signals
     assert (tmp_path / "data" / "mnist1d.npz").exists()  # generated once, offline
 
 
