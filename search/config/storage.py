@@ -263,10 +263,12 @@ def open_storage(
         grace_period: Seconds without a heartbeat after which a running trial is failed.
     """
     if not is_url(storage):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalStorage
+
+        from search.config.journal import SafeJournalBackend
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
+        return JournalStorage(SafeJournalBackend(storage))
     if storage.startswith("sqlite"):
         return optuna.storages.RDBStorage(storage)
     with warnings.catch_warnings():
