@@ -12,7 +12,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.config import journal
 from search.config.storage import open_storage
 
 
@@ -56,7 +55,7 @@ def test_a_journal_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         os.write(fd, data[: len(data) // 2])
         _disk_full()
 
-    monkeypatch.setattr(journal, "_append", half_then_full)
+    monkeypatch.setattr("search.config.journal._append", half_then_full)
     with pytest.raises(OSError, match="No space left"):
         study.tell(trial, 1.0)
     assert path.read_bytes() == before
@@ -65,3 +64,34 @@ def test_a_journal_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert [t.state for t in again.trials] == [TrialState.RUNNING]
     again.tell(again.trials[0].number, 1.0)
     assert optuna.load_study(study_name="s", storage=open_storage(str(path))).trials[0].value == 1
+
+
+# --- two sweeps of one study started at once ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_study_with_different_spaces_cannot_both_run(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    from search import compose_config, run_sweep
+    from search.cli import main
+    from search.run import study as study_module
+    from tests.conftest import sweep_overrides
+
+    codes = []
+    prepare = study_module._prepare
+
+    def second_sweep_starts_meanwhile(*args, **kwargs):  # while the first prepares its baseline
+        if not codes:
+            overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=1")
+            codes.append(main(["sweep", "--quiet", *overrides, "space.quant.bits=4"]))
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "_prepare", second_sweep_starts_meanwhile)
+    result = run_sweep(compose_config(sweep_overrides(tmp_path, cache_dir, "search.n_trials=1")))
+    assert codes == [2]
+    assert "was started with another space than this config" in capsys.readouterr().err
+    study = optuna.load_study(
+        study_name=result.study_name, storage=open_storage(f"{tmp_path}/optuna.journal")
+    )
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
