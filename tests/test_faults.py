@@ -95,3 +95,64 @@ def test_two_sweeps_of_one_study_with_different_spaces_cannot_both_run(
         study_name=result.study_name, storage=open_storage(f"{tmp_path}/optuna.journal")
     )
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+# --- a new MLflow SQLite database -------------------------------------------------------------
+
+
+def _sqlite_full_at(statement: str):
+    """A SQLAlchemy hook failing ``statement`` as SQLite does on a full disk."""
+    import sqlite3
+
+    def full(conn, cursor, text, *args):
+        if text.lstrip().startswith(statement):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    return full
+
+
+@pytest.mark.slow
+def test_a_new_mlflow_db_on_a_full_disk_leaves_no_half_database(tmp_path):
+    import sqlalchemy
+
+    from search.run.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    hook = _sqlite_full_at("DROP TABLE params")  # halfway through MLflow's migrations
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", hook)
+    try:
+        with pytest.raises(Exception, match="disk is full"):
+            Tracker(uri, "squeeze")
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", hook)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+    tracker = Tracker(uri, "squeeze")  # space freed: the next sweep creates it whole
+    tracker.close()
+    assert tracker.client.get_experiment_by_name("squeeze") is not None
+
+
+def _first_use(uri: str, barrier) -> None:
+    from search.run.tracking import Tracker
+
+    barrier.wait()
+    Tracker(uri, "squeeze").close()
+
+
+@pytest.mark.slow
+def test_two_sweeps_creating_one_mlflow_db_at_once_both_work(tmp_path):
+    import multiprocessing
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    processes = [context.Process(target=_first_use, args=(uri, barrier)) for _ in range(2)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0]
+    names = [e.name for e in MlflowClient(uri).search_experiments()]
+    assert names.count("squeeze") == 1

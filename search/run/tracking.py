@@ -36,6 +36,7 @@ from search.failures import (
     failure_reason,
     failure_traceback,
 )
+from search.run.mlflow_db import first_use
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +204,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, *, artifacts: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = experiment_id(self.client, uri, experiment, artifacts=artifacts)
+        with first_use(uri):  # a new SQLite file: created whole, once (`search.run.mlflow_db`)
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = experiment_id(self.client, uri, experiment, artifacts=artifacts)
         self.parent_id: str | None = None
         self._writer = _make_writer(uri)
         self._pending: list[Future] = []
