@@ -156,3 +156,49 @@ def test_two_sweeps_creating_one_mlflow_db_at_once_both_work(tmp_path):
     assert [p.exitcode for p in processes] == [0, 0]
     names = [e.name for e in MlflowClient(uri).search_experiments()]
     assert names.count("squeeze") == 1
+
+
+# --- a full disk mid-sweep --------------------------------------------------------------------
+
+
+def _sweep(tmp_path, cache_dir, *extra: str) -> tuple[int, str]:
+    from search.cli import main
+    from tests.conftest import sweep_overrides
+
+    code = main(["sweep", "--quiet", *sweep_overrides(tmp_path, cache_dir, *extra)])
+    return code
+
+
+def _trials(tmp_path) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(f"{tmp_path}/optuna.journal")
+    return optuna.load_study(study_name="digits_mlp", storage=storage).trials
+
+
+@pytest.mark.slow
+def test_a_trial_whose_mlflow_run_cannot_be_written_is_not_complete(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    from search.run import tracking
+
+    write = tracking._write
+
+    def full_for_trials(client, run_id, params, metrics, tags, *args):
+        if tags.get("squeeze.state") == "COMPLETE":  # a completed trial's run: the disk is full
+            _disk_full()
+        return write(client, run_id, params, metrics, tags, *args)
+
+    monkeypatch.setattr(tracking, "_write", full_for_trials)  # (the writer forks with it)
+    code = _sweep(tmp_path, cache_dir, "search.n_trials=2")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "squeeze: stopped: the MLflow store" in err and "No space left on device" in err
+    assert "Traceback" not in err
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.FAIL]  # told to Optuna only once written
+    assert "No space left on device" in trials[0].user_attrs["fail_reason"]
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
+        trials[0].user_attrs["mlflow_run_id"]
+    )
+    assert run.info.status == "FAILED"
