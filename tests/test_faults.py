@@ -202,3 +202,35 @@ def test_a_trial_whose_mlflow_run_cannot_be_written_is_not_complete(
         trials[0].user_attrs["mlflow_run_id"]
     )
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_full_output_dir_stops_the_sweep_at_once_and_keeps_finished_trials(
+    tmp_path, cache_dir, monkeypatch, capsys
+):
+    from search.run import trial as trial_module
+
+    save_packed, calls = trial_module.save_packed, []
+
+    def full_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            _disk_full()
+        return save_packed(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "save_packed", full_after_one)
+    code = _sweep(tmp_path, cache_dir, "search.n_trials=4", "search.warm_start=false")
+    err = capsys.readouterr().err
+    assert code == 1 and len(calls) == 2  # stopped at the first full write, not 3 more
+    stop = [line for line in err.splitlines() if "No space left on device" in line]
+    assert stop == [
+        f"squeeze: stopped: cannot write {tmp_path}/trials/digits_mlp/trial-0001.sqz in "
+        "output_dir: No space left on device (ENOSPC)"
+    ]
+    assert "Traceback" not in err and "OSError" not in err
+    assert [t.state for t in _trials(tmp_path)] == [TrialState.COMPLETE, TrialState.FAIL]
+    monkeypatch.undo()  # space freed: the rerun runs the stopped trial's recipe again
+    assert _sweep(tmp_path, cache_dir, "search.n_trials=2", "search.warm_start=false") == 0
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[2].params == trials[1].params
