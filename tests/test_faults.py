@@ -56,7 +56,7 @@ def test_a_journal_record_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         _disk_full()
 
     monkeypatch.setattr("search.config.journal._append", half_then_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(Exception, match="No space left"):  # (the sweep stops: SweepStopped)
         study.tell(trial, 1.0)
     assert path.read_bytes() == before
     monkeypatch.undo()  # space freed
@@ -234,3 +234,159 @@ def test_a_full_output_dir_stops_the_sweep_at_once_and_keeps_finished_trials(
     trials = _trials(tmp_path)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert trials[2].params == trials[1].params
+
+
+# --- a database outage ------------------------------------------------------------------------
+
+
+class _Proxy:
+    """A TCP forwarder on 127.0.0.1 in front of PostgreSQL: `stop` drops every connection and
+    refuses new ones (the server is gone), `start` listens again on the same port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self._target, self._socket, self._threading = (host, port), socket, threading
+        self._open: list = []
+        self._listener = None
+        self.port = 0
+        self.start()
+
+    def start(self) -> None:
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.port, self._listener = s.getsockname()[1], s
+        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self) -> None:
+        try:  # (wakes the thread blocked in accept: close alone would leave it listening)
+            self._listener.shutdown(self._socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn in self._open:
+            try:
+                conn.shutdown(self._socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        self._open.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server = self._socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
+            self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def pg_proxy(pg_url):
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = _Proxy(url.host, url.port or 5432)
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    yield proxy, proxied, name
+    proxy.stop()
+    try:
+        optuna.delete_study(study_name=name, storage=pg_url)
+    except KeyError:
+        pass
+
+
+@pytest.mark.slow
+def test_a_two_worker_sweep_survives_a_postgresql_outage(tmp_path, cache_dir, pg_url, pg_proxy):
+    import threading
+
+    from search import compose_config, run_sweep
+    from tests.conftest import sweep_overrides
+
+    proxy, proxied, name = pg_proxy
+    outages = []
+
+    def outage_after_first_trial(study, trial) -> None:
+        if not outages:  # the server goes away for a few seconds, mid-sweep
+            proxy.stop()
+            outages.append(threading.Timer(3.0, proxy.start))
+            outages[0].start()
+
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=4",
+        "search.n_jobs=2",
+        f"search.study_name={name}",
+        "search.storage_retry_s=120",
+        storage=proxied,
+    )
+    run_sweep(compose_config(overrides), callbacks=[outage_after_first_trial])
+    assert outages
+    trials = optuna.load_study(study_name=name, storage=pg_url).trials
+    finished = [t for t in trials if t.state.is_finished()]
+    assert sum(t.state == TrialState.COMPLETE for t in finished) >= 4
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+@pytest.mark.slow
+def test_a_postgresql_outage_longer_than_the_retry_time_stops_the_sweep_in_one_line(
+    tmp_path, cache_dir, pg_url, pg_proxy, monkeypatch, capsys
+):
+    from search.run import loop
+    from tests.conftest import sweep_overrides
+
+    proxy, proxied, name = pg_proxy
+    run_one = loop.run_one
+
+    def server_gone_after_first_trial(*args):
+        frozen = run_one(*args)
+        proxy.stop()  # and it does not come back
+        return frozen
+
+    monkeypatch.setattr(loop, "run_one", server_gone_after_first_trial)
+    from search.cli import main
+
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=3",
+        f"search.study_name={name}",
+        "search.storage_retry_s=2",
+        storage=proxied,
+    )
+    code = main(["sweep", "--quiet", *overrides])
+    err = capsys.readouterr().err
+    assert code == 1
+    stop = [line for line in err.splitlines() if line.startswith("squeeze: stopped:")]
+    assert len(stop) == 1 and "was unreachable for 2 s (search.storage_retry_s)" in stop[0]
+    assert "Traceback" not in err
+    trials = optuna.load_study(study_name=name, storage=pg_url).trials
+    assert trials[0].state == TrialState.COMPLETE  # the finished trial is kept

@@ -98,7 +98,11 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial._trial_id)
+            try:
+                storage.record_heartbeat(trial._trial_id)  # (retried through an outage)
+            except Exception as err:  # noqa: BLE001 - the trial's own next call meets it too
+                logger.debug("trial %d: heartbeat stopped: %s", trial.number, err)
+                return
             if stop.wait(interval):
                 return
 

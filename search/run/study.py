@@ -38,7 +38,7 @@ from search.config.early_stop import EarlyStop, make_pruner
 from search.config.metrics import batch_suffix
 from search.config.plan import SweepPlan, fingerprint_parts, make_sampler, plan_sweep
 from search.config.score import DIRECTION_ATTR
-from search.config.storage import is_url, mask_url, open_storage
+from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url, open_storage
 from search.run import pareto
 from search.run.budget import (
     WARM_START_ATTR,
@@ -419,7 +419,12 @@ def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
         plan.storage,
         heartbeat_interval=int(search.heartbeat_interval),
         grace_period=int(search.grace_period),
+        retry_s=_retry_s(plan),
     )
+
+
+def _retry_s(plan: SweepPlan) -> float:
+    return float(plan.cfg.search.get("storage_retry_s", DEFAULT_RETRY_S))
 
 
 def _load_study(plan: SweepPlan) -> optuna.Study:
@@ -456,6 +461,7 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
         retries=int(search.retries),
         retry_on=tuple(search.retry_on),
         lost_retries=int(search.lost_retries),
+        retry_s=_retry_s(plan),
     )
 
 
@@ -475,7 +481,7 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
             plan.space.name,
             reason,
         )
-    with budget_lock(plan.storage, plan.study_name):
+    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
         trials = study.get_trials(deepcopy=False)
         count, room = len(trials), plan.n_trials - budget_used(trials)
         for recipe in plan.warm_start.recipes:
@@ -494,7 +500,7 @@ def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
     """Wait until no trial of the study runs (workers on other machines may still finish
     theirs); trials of lost workers are failed meanwhile."""
     while True:
-        with budget_lock(budget.url, budget.study.study_name):
+        with budget_lock(budget.url, budget.study.study_name, retry_s=budget.retry_s):
             budget.fail_lost_trials()
             running = budget.study.get_trials(deepcopy=False, states=[TrialState.RUNNING])
         if not running:
@@ -548,7 +554,7 @@ def _claim_study(study: optuna.Study, plan: SweepPlan) -> None:
     """Record ``plan``'s fingerprint on a new study, or check it against the one recorded,
     under the study's lock: of two sweeps of one study with different configs started at once,
     the second is refused (`_check_same_study`), whichever wrote first."""
-    with budget_lock(plan.storage, plan.study_name):
+    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
         attrs = study.user_attrs
         if "fingerprint" not in attrs:
             study.set_user_attr(PARTS_ATTR, fingerprint_parts(plan))
