@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search._errors import ConfigError
+from search._errors import ConfigError, SweepStopped
 
 if TYPE_CHECKING:  # imported where a command needs them: `squeeze --help` imports none of them
     import optuna
@@ -182,6 +182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
+    except SweepStopped as err:
+        from search.config.storage import mask_url
+
+        Console(stderr=True).print(
+            f"squeeze: stopped: {mask_url(err)}", highlight=False, markup=False, soft_wrap=True
+        )
+        return 1
     except KeyboardInterrupt:
         again = " (rerun the same command to continue)" if args.command in _RESUMABLE else ""
         Console(stderr=True).print(f"squeeze: interrupted{again}", highlight=False)

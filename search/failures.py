@@ -12,6 +12,7 @@ steps are wrapped in it), and compressors may add ``compressor 'structured'`` an
 
 from __future__ import annotations
 
+import errno
 import re
 import traceback
 from collections import Counter
@@ -21,7 +22,10 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-#: Why a trial failed (its user attribute ``fail_kind``). ``interrupted`` (Ctrl-C, SIGTERM) and
+from search._errors import SweepStopped
+
+#: Why a trial failed (its user attribute ``fail_kind``). ``interrupted`` (Ctrl-C, SIGTERM, a sweep
+#: stopped by a full disk or an unreachable database: `search._errors.SweepStopped`) and
 #: ``worker_lost`` are no fault of the recipe: such a trial runs again (`search.run.budget`).
 FAIL_KINDS = ("error", "non_finite_loss", "out_of_memory", "worker_lost", "interrupted")
 #: Failures that are not the recipe's: the trial is run again and uses no budget.
@@ -49,7 +53,9 @@ def record_failure(trial: optuna.Trial, err: BaseException) -> str:
     """Record why ``trial`` failed with ``err`` as its user attributes ``fail_kind``,
     ``fail_reason`` and, when known, ``fail_phase`` and ``fail_traceback``; return the reason."""
     kind, where = failure_kind(err), failure_phase(err)
-    if kind == "interrupted":
+    if isinstance(err, SweepStopped):
+        reason = f"the sweep stopped: {err}"
+    elif kind == "interrupted":
         reason = f"interrupted in {where}" if where else "interrupted"
     else:
         reason = failure_reason(err)
@@ -101,14 +107,15 @@ def _notes(err: BaseException) -> dict[str, str]:
 def failure_kind(err: BaseException) -> str:
     """``pruned``, ``interrupted``, ``out_of_memory``, ``non_finite_loss`` or ``error``.
 
-    Interrupted is a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM in a worker process); out of
+    Interrupted is a ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM in a worker process) or a
+    `search._errors.SweepStopped` (what the sweep writes to failed, not the recipe); out of
     memory is ``torch.OutOfMemoryError`` (CUDA and other accelerators) or the ``RuntimeError``
     torch's CPU allocator raises; a NaN or infinite loss is a ``FloatingPointError``
     (``experiments``' ``NonFiniteLossError``).
     """
     if isinstance(err, optuna.TrialPruned):
         return "pruned"
-    if isinstance(err, KeyboardInterrupt):
+    if isinstance(err, KeyboardInterrupt | SweepStopped):  # (the trial runs again)
         return "interrupted"
     names = {cls.__name__ for cls in type(err).__mro__}
     if "OutOfMemoryError" in names or (
@@ -118,6 +125,24 @@ def failure_kind(err: BaseException) -> str:
     if isinstance(err, FloatingPointError):
         return "non_finite_loss"
     return "error"
+
+
+#: What an error says when the disk it wrote to is full (SQLite says "database or disk is full").
+_FULL_TEXT = ("no space left on device", "disk is full", "disk quota exceeded")
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it comes from) is a write to a full disk: ``ENOSPC`` or
+    ``EDQUOT``, or a database's or MLflow's error saying so."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err).lower() for text in _FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def failure_phase(err: BaseException) -> str | None:

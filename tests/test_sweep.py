@@ -147,7 +147,7 @@ def test_second_sweep_reuses_the_baseline_and_continues_the_study(four_trials, c
 
 def test_continuing_with_another_space_is_refused(four_trials, cache_dir):
     cfg = compose_config(sweep_overrides(four_trials, cache_dir, "space.quant.bits=4"))
-    with pytest.raises(ConfigError, match="was started with another task, space"):
+    with pytest.raises(ConfigError, match="was started with another space than this config"):
         run_sweep(cfg)
 
 

@@ -358,6 +358,20 @@ def _fingerprint(
     """Hash of what must not change while a study is continued (``directions``: as resolved,
     so that a study started with ``search.directions=[maximize, minimize]`` is continued with
     ``search.directions=null`` on a higher-is-better task, and the other way round)."""
+    parts = _fingerprinted(cfg, constraints, directions)
+    return _hash(parts)
+
+
+def fingerprint_parts(plan: SweepPlan) -> dict[str, str]:
+    """A hash of each part of ``plan``'s fingerprint (``task``, ``space``, ``objectives``, ...):
+    kept with a study, they name what another config changed."""
+    parts = _fingerprinted(plan.cfg, plan.constraints, plan.directions)
+    return {name: _hash(value) for name, value in parts.items()}
+
+
+def _fingerprinted(
+    cfg: DictConfig, constraints: Mapping[str, float], directions: tuple[str, ...]
+) -> dict[str, Any]:
     space = OmegaConf.to_container(cfg.space, resolve=True)
     space.pop("warm_start", None)  # recipes run once each, whenever the list is (see run_sweep)
     parts = {
@@ -371,4 +385,8 @@ def _fingerprint(
         parts["cv_folds"] = cfg.search.cv_folds
     if constraints:  # (studies without constraints keep the fingerprint they had before)
         parts["constraints"] = dict(sorted(constraints.items()))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return parts
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -159,6 +159,7 @@ SCHEMA: dict[str, Any] = {
         "cv_folds": Nullable(Integer(2, 1000)),
         "heartbeat_interval": Integer(1, 86_400),
         "grace_period": Integer(1, 864_000),
+        "storage_retry_s": Real(0.0, 86_400.0),
         "retries": Integer(0, 100),
         "lost_retries": Integer(0, 100),
         "retry_on": ListOf(Options(FAIL_KINDS)),

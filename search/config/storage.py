@@ -250,10 +250,20 @@ def _check_server(uri: str, shown: str) -> None:
         ) from None
 
 
+#: Seconds an outage of the study's storage is ridden out by default (``search.storage_retry_s``).
+DEFAULT_RETRY_S = 120.0
+
+
 def open_storage(
-    storage: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None
+    storage: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    retry_s: float = DEFAULT_RETRY_S,
 ) -> optuna.storages.BaseStorage:
-    """An Optuna storage: a journal file for a plain path, else a database.
+    """An Optuna storage: a journal file for a plain path, else a database; every call is
+    retried while the database is unreachable or locked, for up to ``retry_s`` seconds
+    (`search.config.retry.RetryingStorage`).
 
     Args:
         storage: A journal file path or a database URL.
@@ -261,12 +271,30 @@ def open_storage(
             a server; SQLite and journal files only ever have workers on this machine, whose
             liveness is checked directly).
         grace_period: Seconds without a heartbeat after which a running trial is failed.
+        retry_s: Seconds an outage is ridden out before `search._errors.SweepStopped`.
     """
+    from search.config.retry import RetryingStorage, retrying
+
+    opened = retrying(  # (opening a database reads its schema: an outage may be met here too)
+        lambda: _open(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period),
+        retry_s=retry_s,
+        name=mask_url(storage),
+    )
+    return RetryingStorage(
+        optuna.storages.get_storage(opened), retry_s=retry_s, name=mask_url(storage)
+    )
+
+
+def _open(
+    storage: str, *, heartbeat_interval: int | None, grace_period: int | None
+) -> optuna.storages.BaseStorage:
     if not is_url(storage):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalStorage
+
+        from search.config.journal import SafeJournalBackend
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
+        return JournalStorage(SafeJournalBackend(storage))
     if storage.startswith("sqlite"):
         return optuna.storages.RDBStorage(storage)
     with warnings.catch_warnings():

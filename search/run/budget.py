@@ -36,7 +36,8 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config.storage import is_url
+from search.config.retry import retrying
+from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url
 from search.failures import INTERRUPTIONS, fail_kind
 
 logger = logging.getLogger(__name__)
@@ -115,10 +116,13 @@ def seed_trial(trial: optuna.Trial | FrozenTrial) -> int:
     return int(trial.user_attrs.get(SEED_TRIAL_ATTR, trial.number))
 
 
-def budget_lock(storage: str, study_name: str) -> AbstractContextManager[None]:
-    """A lock held across processes and machines while a trial is claimed."""
+def budget_lock(
+    storage: str, study_name: str, *, retry_s: float = DEFAULT_RETRY_S
+) -> AbstractContextManager[None]:
+    """A lock held across processes and machines while a trial is claimed (taking a database's
+    lock is retried for up to ``retry_s`` seconds while the database is unreachable)."""
     if is_url(storage) and not storage.startswith("sqlite"):
-        return _advisory_lock(storage, study_name)
+        return _advisory_lock(storage, study_name, retry_s=retry_s)
     path = storage.split("///", 1)[1] if storage.startswith("sqlite") else storage
     return _file_lock(Path(f"{path}.budget-lock"))  # (not .lock: Optuna's own)
 
@@ -135,17 +139,31 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _advisory_lock(storage: str, study_name: str) -> Iterator[None]:
+def _advisory_lock(storage: str, study_name: str, *, retry_s: float) -> Iterator[None]:
     key = int.from_bytes(hashlib.sha256(f"squeeze:{study_name}".encode()).digest()[:8], "big")
     key -= 1 << 63 if key >= 1 << 63 else 0  # PostgreSQL's bigint
     engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as conn:  # a killed worker's connection closes: the lock is freed
+
+    def lock() -> sqlalchemy.Connection:
+        conn = engine.connect()
+        try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    try:
+        # a killed worker's connection closes: the lock is freed
+        conn = retrying(lock, retry_s=retry_s, name=mask_url(storage))
+        try:
+            yield
+        finally:
             try:
-                yield
-            finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.close()
+            except sqlalchemy.exc.DBAPIError as err:  # the connection died: so did its lock
+                logger.debug("advisory unlock: %s", err)
     finally:
         engine.dispose()
 
@@ -162,6 +180,7 @@ class Budget:
         retry_on: The `FAIL_KINDS` that are retried so.
         lost_retries: How many times a recipe whose worker was lost runs again without using
             the budget (interrupted trials always do).
+        retry_s: Seconds an outage of the database holding the lock is ridden out.
     """
 
     study: optuna.Study
@@ -170,10 +189,11 @@ class Budget:
     retries: int = 0
     retry_on: Collection[str] = ("out_of_memory",)
     lost_retries: int = 3
+    retry_s: float = DEFAULT_RETRY_S
 
     def claim(self) -> optuna.Trial | None:
         """A new (or enqueued) trial for this worker, or None when the budget is spent."""
-        with budget_lock(self.url, self.study.study_name):
+        with budget_lock(self.url, self.study.study_name, retry_s=self.retry_s):
             self.fail_lost_trials()
             trials = self.study.get_trials(deepcopy=False)
             if self._rerun_interrupted(trials):
@@ -191,7 +211,7 @@ class Budget:
 
     def has_work(self) -> bool:
         """Whether a trial is left to claim: a waiting one (a rerun), or budget."""
-        with budget_lock(self.url, self.study.study_name):
+        with budget_lock(self.url, self.study.study_name, retry_s=self.retry_s):
             self.fail_lost_trials()
             trials = self.study.get_trials(deepcopy=False)
             if self._rerun_interrupted(trials):

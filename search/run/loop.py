@@ -5,7 +5,8 @@ PRUNED, any other error FAIL, and the loop goes on. Unlike it, every trial is cl
 study's shared `search.run.budget.Budget`, and a failed trial records why
 (`search.failures.record_failure`). An interrupt
 (``KeyboardInterrupt``) fails the running trial with ``fail_kind`` ``interrupted`` (the budget
-runs it again) and stops the loop.
+runs it again) and stops the loop; so does `search._errors.SweepStopped` (a full disk, a database
+that stays down), which the command line reports in one line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import TrialState
 
+from search._errors import SweepStopped
 from search.failures import NonFiniteObjectiveError, record_failure
 from search.run.budget import Budget
 from search.run.interrupts import raise_if_interrupted
@@ -66,6 +68,13 @@ def run_one(
         study.tell(trial, state=TrialState.FAIL)
         logger.warning("trial %d interrupted; rerunning the command runs it again", trial.number)
         raise
+    except SweepStopped as err:  # a full disk, a database down: record it if it can, then stop
+        try:
+            record_failure(trial, err)
+            study.tell(trial, state=TrialState.FAIL)
+        except Exception as also:  # noqa: BLE001 - (its worker is then found lost: run again)
+            logger.debug("trial %d could not be recorded as stopped: %s", trial.number, also)
+        raise
     except Exception as err:
         reason = record_failure(trial, err)
         logger.warning("trial %d failed (%s)", trial.number, reason)
@@ -91,7 +100,11 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial._trial_id)
+            try:
+                storage.record_heartbeat(trial._trial_id)  # (retried through an outage)
+            except Exception as err:  # noqa: BLE001 - the trial's own next call meets it too
+                logger.debug("trial %d: heartbeat stopped: %s", trial.number, err)
+                return
             if stop.wait(interval):
                 return
 

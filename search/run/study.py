@@ -36,9 +36,9 @@ from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
 from search.config.metrics import batch_suffix
-from search.config.plan import SweepPlan, make_sampler, plan_sweep
+from search.config.plan import SweepPlan, fingerprint_parts, make_sampler, plan_sweep
 from search.config.score import DIRECTION_ATTR
-from search.config.storage import is_url, mask_url, open_storage
+from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url, open_storage
 from search.run import pareto
 from search.run.budget import (
     WARM_START_ATTR,
@@ -103,7 +103,7 @@ def run_sweep(
         pruner=make_pruner(cfg.search.pruner, cfg.search.pruner_options),
         load_if_exists=True,
     )
-    _check_same_study(study, plan)
+    _claim_study(study, plan)
     _name_objectives(study, plan.objectives)
     if cfg.search.get("warm_start", True):
         _enqueue_warm_starts(study, plan)
@@ -424,7 +424,12 @@ def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
         plan.storage,
         heartbeat_interval=int(search.heartbeat_interval),
         grace_period=int(search.grace_period),
+        retry_s=_retry_s(plan),
     )
+
+
+def _retry_s(plan: SweepPlan) -> float:
+    return float(plan.cfg.search.get("storage_retry_s", DEFAULT_RETRY_S))
 
 
 def _load_study(plan: SweepPlan) -> optuna.Study:
@@ -461,6 +466,7 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
         retries=int(search.retries),
         retry_on=tuple(search.retry_on),
         lost_retries=int(search.lost_retries),
+        retry_s=_retry_s(plan),
     )
 
 
@@ -480,7 +486,7 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
             plan.space.name,
             reason,
         )
-    with budget_lock(plan.storage, plan.study_name):
+    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
         trials = study.get_trials(deepcopy=False)
         count, room = len(trials), plan.n_trials - budget_used(trials)
         queued = [t.system_attrs.get("fixed_params") for t in trials]
@@ -506,7 +512,7 @@ def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
     """Wait until no trial of the study runs (workers on other machines may still finish
     theirs); trials of lost workers are failed meanwhile."""
     while True:
-        with budget_lock(budget.url, budget.study.study_name):
+        with budget_lock(budget.url, budget.study.study_name, retry_s=budget.retry_s):
             budget.fail_lost_trials()
             running = budget.study.get_trials(deepcopy=False, states=[TrialState.RUNNING])
         if not running:
@@ -561,14 +567,42 @@ def _name_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
             study.set_metric_names(list(objectives))
 
 
-def _check_same_study(study: optuna.Study, plan: SweepPlan) -> None:
-    previous = study.user_attrs.get("fingerprint")
-    if previous is not None and previous != plan.fingerprint:
-        raise ConfigError(
-            f"Study {plan.study_name!r} in {mask_url(plan.storage)} was started with another "
-            "task, space, objectives, constraints or seed. Continue it with the same config, or "
-            "start a new study with search.study_name=<new name>."
-        )
+#: Study user attribute: a hash of each part of the fingerprint (`fingerprint_parts`).
+PARTS_ATTR = "fingerprint_parts"
+
+
+def _claim_study(study: optuna.Study, plan: SweepPlan) -> None:
+    """Record ``plan``'s fingerprint on a new study, or check it against the one recorded,
+    under the study's lock: of two sweeps of one study with different configs started at once,
+    the second is refused (`_check_same_study`), whichever wrote first."""
+    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
+        attrs = study.user_attrs
+        if "fingerprint" not in attrs:
+            study.set_user_attr(PARTS_ATTR, fingerprint_parts(plan))
+            study.set_user_attr("fingerprint", plan.fingerprint)
+            return
+    _check_same_study(study, plan, attrs)
+
+
+def _check_same_study(
+    study: optuna.Study, plan: SweepPlan, attrs: Mapping[str, Any] | None = None
+) -> None:
+    attrs = study.user_attrs if attrs is None else attrs
+    previous = attrs.get("fingerprint")
+    if previous is None or previous == plan.fingerprint:
+        return
+    recorded, parts = attrs.get(PARTS_ATTR) or {}, fingerprint_parts(plan)
+    changed = sorted(k for k in {*recorded, *parts} if recorded.get(k) != parts.get(k))
+    what = (
+        f"another {', '.join(changed)} than this config"
+        if recorded and changed
+        else "another task, space, objectives, constraints or seed"
+    )
+    raise ConfigError(
+        f"Study {plan.study_name!r} in {mask_url(plan.storage)} was started with {what}. "
+        "Continue it with the same config, or start a new study with "
+        "search.study_name=<new name>."
+    )
 
 
 def _masked(cfg: DictConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from search._errors import SweepStopped
 from search.config.storage import check_tracking_uri, mask_url  # noqa: F401 - re-exported
 from search.failures import (
     TRACEBACK_FILE_CHARS,
@@ -35,7 +36,9 @@ from search.failures import (
     failure_phase,
     failure_reason,
     failure_traceback,
+    out_of_space,
 )
+from search.run.mlflow_db import first_use
 from search.run.mlflow_views import save_views
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's limits per log_batch call.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """A trial's MLflow run could not be written (the trial fails with this reason)."""
 
 
 class TrackedRun:
@@ -148,9 +155,15 @@ def _writer_create(experiment_id: str, name: str, tags: dict[str, str]) -> str:
 def _writer_write(run_id: str, params, metrics, tags, artifacts, texts, status: str | None) -> None:
     try:
         _write(_writer_client, run_id, params, metrics, tags, artifacts, texts)
-    finally:
-        if status is not None:
-            _writer_client.set_terminated(run_id, status=status)
+    except BaseException:
+        if status is not None:  # not FINISHED with what it lacks: FAILED, if that can be written
+            try:
+                _writer_client.set_terminated(run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the write's own error is the one raised
+                pass
+        raise
+    if status is not None:
+        _writer_client.set_terminated(run_id, status=status)
 
 
 def _make_writer(uri: str) -> Executor:
@@ -204,8 +217,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, *, artifacts: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = experiment_id(self.client, uri, experiment, artifacts=artifacts)
+        with first_use(uri):  # a new SQLite file: created whole, once (`search.run.mlflow_db`)
+            self.client = MlflowClient(tracking_uri=uri)
+            self.experiment_id = experiment_id(self.client, uri, experiment, artifacts=artifacts)
         self.parent_id: str | None = None
         self._writer = _make_writer(uri)
         self._pending: list[Future] = []
@@ -312,14 +326,34 @@ class Tracker:
             self._end(child, "FAILED", link)
             raise
         child.set_tags({"squeeze.state": "COMPLETE"})
-        self._end(child, "FINISHED", link)
+        self._checked(self._end(child, "FINISHED", link), child.run_id)
+
+    def _checked(self, write: Future, run_id: str) -> None:
+        """Wait for ``write`` (a completed trial's run): a trial is told to Optuna only once
+        its run is written.
+
+        Raises:
+            SweepStopped: If the MLflow store is out of space (every later trial would fail).
+            TrackingError: If the write failed otherwise (the run ends FAILED if it can).
+        """
+        try:
+            write.result()
+        except Exception as err:
+            self._pending = [f for f in self._pending if f is not write]  # reported here, once
+            reason = failure_reason(err)
+            if out_of_space(err):
+                raise SweepStopped(
+                    f"the MLflow store {mask_url(self.uri)} is out of space: the run {run_id} "
+                    f"of a completed trial could not be written ({reason})"
+                ) from err
+            raise TrackingError(f"MLflow run {run_id} could not be written: {reason}") from err
 
     def _end(
         self, child: TrackedRun, status: str | None, link: Callable[[str], None] | None = None
-    ):
+    ) -> Future:
         if link is not None:
             link(child.run_id)
-        self._submit(
+        return self._submit(
             _writer_write,
             child.run_id,
             child.params,
@@ -351,8 +385,10 @@ class Tracker:
             self.wait()
         except Exception as err:  # noqa: BLE001 - logged; the caller re-raises its own error
             logger.warning("%s: %s", err, err.__cause__)
-        finally:
+        try:
             self.client.set_terminated(self.parent_id, status="KILLED")
+        except Exception as err:  # noqa: BLE001 - (a full disk, a store that is down)
+            logger.warning("the parent run %s could not be ended KILLED: %s", self.parent_id, err)
 
     def close_orphans(self, trials: Mapping[int, Mapping[str, Any]]) -> int:
         """End the child runs left RUNNING by a lost worker; return how many.

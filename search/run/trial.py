@@ -18,9 +18,11 @@ there, and int8 layers have CPU kernels only.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,6 +59,7 @@ from experiments.metrics import (
     nonzero_params,
     peak_memory_at,
 )
+from search._errors import SweepStopped
 from search.config.constraints import constraint_values
 from search.config.early_stop import EarlyStop, partial_report
 from search.config.metrics import (
@@ -180,7 +183,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         #    the recipe asked for them). Everything below is measured on the model a user would
         #    load from that file.
         path = trial_file(ctx.output_dir, trial.study.study_name, trial.number)
-        with phase("pack"):
+        with phase("pack"), _stops_sweep(path):  # a full output_dir fails every later trial
             path.parent.mkdir(parents=True, exist_ok=True)
             size = save_packed(model, path, like=ctx.baseline.model)
         with phase("reload"):
@@ -463,6 +466,19 @@ def int8_layers(model: torch.nn.Module) -> list[str]:
     """Names of the layers of a shipped model that run on int8 kernels."""
     int8 = tuple(INT8_MODULES.values())
     return [name for name, module in model.named_modules() if isinstance(module, int8)]
+
+
+@contextmanager
+def _stops_sweep(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` writing ``path`` (no space left, read-only, no permission) into
+    `SweepStopped`: the sweep stops at the first, naming the cause and the path."""
+    try:
+        yield
+    except OSError as err:
+        raise SweepStopped(
+            f"cannot write {path} in output_dir: {err.strerror or err} "
+            f"({errno.errorcode.get(err.errno, 'OSError')})"
+        ) from err
 
 
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from search._errors import SweepStopped
 from search.config.device import gpu_count, resolve_device
 from search.run.interrupts import note_interrupt, raise_if_interrupted
 from search.run.logs import apply_levels, levels
@@ -81,10 +82,13 @@ def run_local_workers(
         logs.append(reader)
     logger.info("started %d workers: pids %s", n, [p.pid for p in processes])
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    stopped: list[str] = []  # why a worker stopped the sweep (`SweepStopped`)
     try:
         while any(p.is_alive() for p in processes):
             raise_if_interrupted()  # (a Ctrl-C swallowed where it was raised stops them too)
-            _relay_logs(logs, timeout=poll_s)
+            stopped += _relay_logs(logs, timeout=poll_s)
+            if stopped:  # the others would meet the same full disk or dead database
+                raise SweepStopped(stopped[0])
             seen = _report_new(study, seen, callbacks)
     except BaseException:
         for p in processes:
@@ -94,7 +98,9 @@ def run_local_workers(
             p.join()
         _relay_logs(logs, timeout=0)
         raise
-    _relay_logs(logs, timeout=0)
+    stopped += _relay_logs(logs, timeout=0)
+    if stopped:
+        raise SweepStopped(stopped[0])
     _report_new(study, seen, callbacks)
     codes = {p.pid: p.exitcode for p in processes}
     if any(codes.values()):
@@ -102,17 +108,18 @@ def run_local_workers(
     return codes
 
 
-def _relay_logs(logs: list, *, timeout: float) -> None:
+def _relay_logs(logs: list, *, timeout: float) -> list[str]:
     """Log here the records the workers sent (so they go through this process's handlers, e.g.
     above a progress bar); wait up to ``timeout`` seconds for the first. A closed or broken pipe
-    (its worker ended or was killed) is dropped."""
+    (its worker ended or was killed) is dropped. Returns why workers stopped the sweep, if any
+    did (`SweepStopped`: not logged, the command line prints it)."""
     from multiprocessing.connection import wait
 
-    deadline = time.monotonic() + timeout
+    deadline, stopped = time.monotonic() + timeout, []
     while logs:
         ready = wait(logs, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
-            return
+            return stopped
         for conn in ready:
             try:
                 record = conn.recv()
@@ -120,7 +127,15 @@ def _relay_logs(logs: list, *, timeout: float) -> None:
                 logs.remove(conn)
                 conn.close()
                 continue
+            if getattr(record, _STOPPED, None):
+                stopped.append(record.getMessage())
+                continue
             logging.getLogger(record.name).handle(record)
+    return stopped
+
+
+#: Attribute of the log record a worker sends when it stopped the sweep (`SweepStopped`).
+_STOPPED = "squeeze_stopped"
 
 
 class _PipeHandler(logging.Handler):
@@ -193,6 +208,10 @@ def _worker_main(
         raise_if_interrupted()
     except KeyboardInterrupt:
         sys.exit(130)  # recorded already; no traceback
+    except SweepStopped as err:  # told to the process that started it, which stops the sweep
+        record = logging.makeLogRecord({"name": __name__, "msg": str(err), _STOPPED: True})
+        logs.send(record)
+        sys.exit(1)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
