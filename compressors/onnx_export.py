@@ -24,8 +24,13 @@ What each compressor becomes:
   activations, ``MatMulInteger`` on the file's codes (never re-quantized: for grids under 8 bits
   that would change the values), ``Cast`` and a ``Mul`` by the scales, which ORT fuses into its
   ``DynamicQuantizeMatMul`` kernel. Activations are then quantized to uint8 per batch, so the
-  outputs are close to, not equal to, the float model's (as with torch's int8 modules). Embedding
-  tables are quantized the same way: ``DequantizeLinear``, then ``Gather``.
+  outputs are close to, not equal to, the float model's (as with torch's int8 modules). Codes
+  outside -64..63 (8-bit grids) are stored + 128 as UINT8 with zero point 128, the same values:
+  ORT's uint8 x int8 kernel on x86 CPUs without VNNI (AVX2, AVX-512F) sums pairs of products in
+  saturating int16 (``vpmaddubsw``), which moved the 8-bit digits MLP's outputs by 15% of the
+  largest on AVX2; its uint8 x uint8 kernel is exact everywhere (slower there: see below).
+  Codes in -64..63 never saturate and stay INT8. Embedding tables are quantized the same way:
+  ``DequantizeLinear``, then ``Gather``.
 - ``cluster`` (codebooks, ``value = codebook[code]``): UINT4 (at most 16 values used, opset >= 21)
   or UINT8 indices, ``Cast`` to int64 and ``Gather`` from the float32 codebook. The file holds
   indices; ORT computes the lookup once when it loads the graph and runs float kernels.
