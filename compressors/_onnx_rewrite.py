@@ -17,6 +17,12 @@ from compressors.packing import PackedTensor
 if TYPE_CHECKING:
     import onnx
 
+#: The zero point of UINT8 codes that MatMulInteger reads: the file's INT8 codes + 128.
+_ZERO_POINT = 128
+
+#: The widest INT8 codes that a uint8 x int8 product never saturates on: see `_u8s8_exact`.
+_U8S8_EXACT = (-64, 63)
+
 #: Ops that only move a weight's elements, applied to codes and scales alike.
 _LAYOUT_OPS = frozenset(
     {
@@ -85,6 +91,7 @@ class Rewriter:
         self.names = {v for n in self.graph.node for v in (*n.input, *n.output)}
         self.names |= {i.name for i in self.graph.initializer}
         self.forms: dict[int, tuple] = {}
+        self.zero_point: str | None = None
 
     def _form(self, c: _Coded) -> tuple[str, int, np.ndarray, int]:
         """`_scale_form` of a coded grid tensor that is written (computed once)."""
@@ -203,6 +210,8 @@ class Rewriter:
     def _materialize(self, coded: dict[str, _Coded], folded: set[int]) -> None:
         """Write each coded tensor that a kept op reads: one integer initializer, and the
         nodes that dequantize it (or the integer MatMuls that read it)."""
+        from onnx import TensorProto
+
         needed = self._needed(coded, folded)
         kept = [node for i, node in enumerate(self.graph.node) if i not in folded]
         outputs = {o.name for o in self.graph.output}
@@ -221,7 +230,12 @@ class Rewriter:
             layouts = {_transposed(node) for node in integer}
             stored = False if rest or len(layouts) > 1 else layouts.pop()
             codes = np.ascontiguousarray(c.codes.T if stored else c.codes)
-            codes_name = self._add(codes, f"{base}_quantized", self._int_type(c.codes))
+            if _u8s8_exact(codes):
+                codes_name, zero_name = self._add(codes, f"{base}_quantized", TensorProto.INT8), ""
+            else:  # the same values as UINT8 + 128, zero point 128: uint8 x uint8 (see _u8s8_exact)
+                shifted = codes.astype(np.int16) + _ZERO_POINT
+                codes_name = self._add(shifted, f"{base}_quantized", TensorProto.UINT8)
+                zero_name = self._zero_point()
             weights = {stored: codes_name}
             for layout in {_transposed(node) for node in integer} - {stored}:
                 weights[layout] = self._unique(f"{base}_quantized_t")
@@ -230,12 +244,21 @@ class Rewriter:
             scale_name = self._add(scale.astype(np.float32), f"{base}_scale")
             for node in integer:
                 self._integer_matmul_nodes(
-                    node, weights[_transposed(node)], scale_name, kept, quantized_inputs
+                    node, weights[_transposed(node)], zero_name, scale_name, kept, quantized_inputs
                 )
-            if rest:
-                head.append(self._dequantize_node(name, c, codes_name, scale_name))
+            if rest:  # DequantizeLinear's zero point takes its scale's shape
+                if zero_name and scale.ndim:
+                    zeros = np.full(scale.shape, _ZERO_POINT, np.uint8)
+                    zero_name = self._add(zeros, f"{base}_zero_points")
+                head.append(self._dequantize_node(name, c, codes_name, scale_name, zero_name))
         del self.graph.node[:]
         self.graph.node.extend(head + kept)
+
+    def _zero_point(self) -> str:
+        """The scalar UINT8 zero point (128) of UINT8 codes, one initializer for all."""
+        if self.zero_point is None:
+            self.zero_point = self._add(np.array(_ZERO_POINT, np.uint8), "uint8_zero_point")
+        return self.zero_point
 
     def _unique(self, name: str) -> str:
         candidate, k = name, 1
@@ -272,12 +295,15 @@ class Rewriter:
         scale_name = self._add(scale.astype(np.float32), f"{base}_scale")
         return [self._dequantize_node(name, c, codes, scale_name)]
 
-    def _dequantize_node(self, name: str, c: _Coded, codes: str, scale: str) -> Any:
+    def _dequantize_node(
+        self, name: str, c: _Coded, codes: str, scale: str, zero: str | None = None
+    ) -> Any:
         kind, axis, _, block = self._form(c)
         attrs = {"axis": axis} if kind in ("axis", "block") else {}
         if kind == "block":
             attrs["block_size"] = block
-        return _node("DequantizeLinear", [codes, scale], [name], **attrs)
+        inputs = [codes, scale] + ([zero] if zero else [])
+        return _node("DequantizeLinear", inputs, [name], **attrs)
 
     def _int_type(self, codes: np.ndarray) -> int:
         """The smallest signed ONNX integer type that holds ``codes`` at this opset."""
@@ -322,12 +348,14 @@ class Rewriter:
         self,
         node: Any,
         weight: str,
+        zero: str,
         scale: str,
         kept: list[Any],
         quantized_inputs: dict[str, tuple[str, str, str]],
     ) -> None:
         """Replace ``node`` in ``kept`` by DynamicQuantizeLinear (one per activation) +
-        MatMulInteger + Cast + Mul (+ Add for a Gemm's bias), as quantize_dynamic writes it."""
+        MatMulInteger (on ``weight``: INT8, or UINT8 with zero point ``zero``) + Cast + Mul
+        (+ Add for a Gemm's bias), as quantize_dynamic writes it."""
         from onnx import TensorProto
 
         out, source = node.output[0], node.input[0]
@@ -344,7 +372,7 @@ class Rewriter:
             self._unique(f"{out}_{suffix}") for suffix in ("int32", "float", "scales")
         )
         new += [
-            _node("MatMulInteger", [q, weight, z], [product]),
+            _node("MatMulInteger", [q, weight, z] + ([zero] if zero else []), [product]),
             _node("Cast", [product], [floats], to=TensorProto.FLOAT),
             _node("Mul", [s, scale], [scales]),
         ]
@@ -358,6 +386,17 @@ class Rewriter:
             new.append(_node("Mul", [floats, scales], [out]))
         index = kept.index(node)
         kept[index : index + 1] = new
+
+
+def _u8s8_exact(codes: np.ndarray) -> bool:
+    """Whether ONNX Runtime multiplies uint8 activations by these INT8 codes exactly on every
+    CPU. Its uint8 x int8 kernel on x86 CPUs without VNNI (AVX2, AVX-512F) adds pairs of products
+    in saturating int16 (``vpmaddubsw``): 2 * 255 * 128 overflows, 2 * 255 * 64 does not (the 7-bit
+    weights of quantize_dynamic's ``reduce_range``). Wider codes are stored as UINT8 + 128 with
+    zero point 128 instead, the same values, which ORT's uint8 x uint8 kernel multiplies exactly
+    (and 10-20% slower on AVX2)."""
+    lo, hi = _U8S8_EXACT
+    return not codes.size or (lo <= int(codes.min()) and int(codes.max()) <= hi)
 
 
 def _node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> Any:
@@ -409,7 +448,7 @@ def _typed(array: np.ndarray, name: str, dtype: int | None) -> onnx.TensorProto:
     from onnx import TensorProto, numpy_helper
 
     if dtype is None:
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return numpy_helper.from_array(np.require(array, requirements="C"), name)
     numpy_type = {
         TensorProto.INT4: ml_dtypes.int4,
         TensorProto.UINT4: ml_dtypes.uint4,
@@ -418,4 +457,4 @@ def _typed(array: np.ndarray, name: str, dtype: int | None) -> onnx.TensorProto:
         TensorProto.INT16: np.int16,
         TensorProto.UINT16: np.uint16,
     }[dtype]
-    return numpy_helper.from_array(np.ascontiguousarray(array).astype(numpy_type), name)
+    return numpy_helper.from_array(np.require(array, requirements="C").astype(numpy_type), name)

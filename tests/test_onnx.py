@@ -13,6 +13,7 @@ import copy
 import functools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -91,6 +92,16 @@ def _initializers(path: Path) -> list[onnx.TensorProto]:
     return list(onnx.load(str(path)).graph.initializer)
 
 
+def _zero_points(path: Path) -> set[str]:
+    """The names of the zero points MatMulInteger and DequantizeLinear nodes read."""
+    position = {"MatMulInteger": 3, "DequantizeLinear": 2}
+    return {
+        node.input[position[node.op_type]]
+        for node in onnx.load(str(path)).graph.node
+        if len(node.input) > position.get(node.op_type, len(node.input))
+    }
+
+
 def _coded_elements(packed: Path) -> int:
     """Elements of the distinct tensors the packed file holds as integer codes."""
     tensors = {id(t): t for t in read_tensors(packed).values() if t.codes is not None}
@@ -102,7 +113,7 @@ def _coded_elements(packed: Path) -> int:
 CASES = {
     "mlp": (
         [("structured", {"amount": 0.4}), ("quant", {"bits": 8, "runtime": "int8"})],
-        {TensorProto.INT8},
+        {TensorProto.UINT8},  # MatMulInteger's weights: the codes + 128, zero point 128
     ),
     "cnn1d": (
         [("allocate", {"ratio": 6.0, "sensitivity": "fisher", "min_bits": 3})],
@@ -142,7 +153,10 @@ def test_every_family_exports_its_codes_and_runs_like_the_torch_model(family, tm
     check = check_onnx(exported.path, shipped, task.val.x)
     assert check.agree, check.message
     initializers = _initializers(exported.path)
-    integer = [i for i in initializers if i.data_type in INTEGER_TYPES]
+    zero_points = _zero_points(exported.path)
+    integer = [
+        i for i in initializers if i.data_type in INTEGER_TYPES and i.name not in zero_points
+    ]
     assert types <= {i.data_type for i in integer}, exported.ops
     # every code of the file is in the graph once, as an integer
     assert sum(numpy_helper.to_array(i).size for i in integer) == _coded_elements(packed)
@@ -196,7 +210,11 @@ def test_int8_layers_run_as_matmul_integer_on_the_files_own_codes(tmp_path):
         assert exported.ops["MatMulInteger"] == 3 and exported.ops["DynamicQuantizeLinear"] == 3
         assert "DequantizeLinear" not in exported.ops
         weights = {i.name: numpy_helper.to_array(i) for i in _initializers(exported.path)}
-        assert (weights["net.1.weight_quantized"].T == codes.codes.numpy()).all()  # [K, N]
+        # the file's codes + 128 as UINT8 with zero point 128 (uint8 x uint8: ORT's uint8 x
+        # int8 kernel saturates on AVX2 without VNNI), [K, N]
+        stored, zero = weights["net.1.weight_quantized"], weights["uint8_zero_point"]
+        assert stored.dtype == np.uint8 and zero.dtype == np.uint8 and int(zero) == 128
+        assert (stored.T.astype(np.int16) == codes.codes.numpy().astype(np.int16) + 128).all()
         check = check_onnx(exported.path, shipped, task.val.x)
         assert check.agree and 0 < check.max_rel_diff < 0.05, check.message
     dequantized = export_onnx(
@@ -213,9 +231,28 @@ def test_int8_layers_run_as_matmul_integer_on_the_files_own_codes(tmp_path):
     assert evaluate(deployed, task.val) == evaluate(float_model, task.val)
 
 
+def test_codes_of_at_most_7_bits_stay_int8_for_matmul_integer(tmp_path):
+    """Codes in -64..63 never saturate ORT's uint8 x int8 kernel (pairs of products summed in
+    int16: 2 * 255 * 64 < 2**15), so they stay INT8, without a zero point."""
+    task = _task("mlp")
+    packed = tmp_path / "m.sqz"
+    _shipped("mlp", [("quant", {"bits": 7, "runtime": "int8"})], packed)
+    codes = read_tensors(packed)["net.1.weight"].codes.codes.numpy()
+    assert codes.min() >= -64 and codes.max() <= 63
+    shipped = task.build_model()
+    exported = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "m.onnx")
+    assert exported.ops["MatMulInteger"] == 3 and not _zero_points(exported.path)
+    weights = {i.name: numpy_helper.to_array(i) for i in _initializers(exported.path)}
+    assert (weights["net.1.weight_quantized"].T == codes).all()
+    assert weights["net.1.weight_quantized"].dtype == np.int8
+    check = check_onnx(exported.path, shipped, task.val.x)
+    assert check.agree and 0 < check.max_rel_diff < 0.05, check.message
+
+
 def test_a_tied_embedding_and_output_layer_stay_one_initializer(tmp_path):
     """The table is read by a Gather (dequantized) and by the output layer's MatMulInteger
-    (through a Transpose of the same INT8 initializer, which ORT folds when it loads)."""
+    (through a Transpose of the same UINT8 initializer, codes + 128 with zero point 128,
+    which ORT folds when it loads)."""
     task = _task("tied")
     packed = tmp_path / "m.sqz"
     _shipped("tied", [("quant", {"bits": 8})], packed)
@@ -225,8 +262,12 @@ def test_a_tied_embedding_and_output_layer_stay_one_initializer(tmp_path):
     )
     assert exported.ops["MatMulInteger"] == 1 and exported.ops["Gather"] >= 1
     table = [i for i in _initializers(exported.path) if sorted(i.dims) == [17, 24]]
-    assert len(table) == 1 and table[0].data_type == TensorProto.INT8, table
-    assert check_onnx(exported.path, shipped, task.val.x).agree
+    assert len(table) == 1 and table[0].data_type == TensorProto.UINT8, table
+    codes = read_tensors(packed)["emb.weight"].codes.codes.numpy().astype(np.int16)
+    stored = numpy_helper.to_array(table[0]).astype(np.int16)
+    assert (stored == codes + 128).all() or (stored.T == codes + 128).all()
+    check = check_onnx(exported.path, shipped, task.val.x)
+    assert check.agree and check.max_rel_diff < 0.05, check.message
 
 
 def test_the_legacy_exporter_gives_the_same_graph_contents(tmp_path):
