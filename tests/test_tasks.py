@@ -60,6 +60,7 @@ def test_digits_baseline_is_accurate_and_cached(digits_task, digits_baseline, ca
     assert not other.from_cache and other.key != digits_baseline.key
 
 
+@pytest.mark.slow  # trains the shipped task in full (a minute)
 def test_mnist1d_cnn_baseline_reaches_90_percent_test(tmp_path):
     cfg = compose_config(["task=mnist1d_cnn", f"cache_dir={tmp_path}"]).task
     task = mnist1d_cnn(
