@@ -67,7 +67,7 @@ def test_candidate_bytes_are_the_bytes_the_file_spends(digits_baseline):
     assert 3 * weight.numel() < sizes[0] < 4 * weight.numel()  # float32, dense (zstd'd exponents)
 
 
-@pytest.mark.parametrize("ratio", [8.0, 25.0])
+@pytest.mark.parametrize("ratio", [pytest.param(8.0, marks=pytest.mark.slow), 25.0])
 def test_the_shipped_file_fits_the_target_after_fine_tuning(
     digits_task, digits_baseline, tmp_path, ratio
 ):
@@ -238,7 +238,14 @@ def _counting(model):
     return rows
 
 
-@pytest.mark.parametrize("method", ["loss", "interpolated", "fisher"])
+@pytest.mark.parametrize(  # (the lane: interpolated; loss and fisher in the full run)
+    "method",
+    [
+        pytest.param("loss", marks=pytest.mark.slow),
+        "interpolated",
+        pytest.param("fisher", marks=pytest.mark.slow),
+    ],
+)
 def test_the_table_measures_at_most_the_configured_samples(
     digits_task, digits_baseline, method, caplog
 ):
@@ -294,6 +301,7 @@ def test_the_table_is_reused_by_trials_with_the_same_structured_shapes(
     assert len(list(tmp_path.glob("allocate-*.npz"))) == 2
 
 
+@pytest.mark.slow  # two sweeps' worth of tables (a minute)
 def test_the_estimated_tables_allocate_within_the_target_near_the_measured_one(
     digits_task, digits_baseline, tmp_path
 ):

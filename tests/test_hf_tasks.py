@@ -121,6 +121,7 @@ def test_allocates_reference_losses_read_data_batch_by_batch(images):
     assert base > 0
 
 
+@pytest.mark.slow  # (test_digits_images_passes_the_workload_check_and_trains: the lane's)
 def test_a_two_trial_sweep_of_digits_images(tmp_path, cache_dir):
     overrides = sweep_overrides(
         tmp_path,

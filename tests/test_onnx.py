@@ -445,8 +445,16 @@ WORKLOAD_RECIPES = {
 }
 
 
-@pytest.mark.parametrize("recipe", list(WORKLOAD_RECIPES))
-@pytest.mark.parametrize("name", ["wl_two_inputs", "wl_dict_bert"])
+@pytest.mark.parametrize(
+    ("name", "recipe"),  # (the lane: every recipe on wl_two_inputs, quant4 on wl_dict_bert)
+    [
+        pytest.param(
+            n, r, marks=[pytest.mark.slow] if n == "wl_dict_bert" and r != "quant4" else []
+        )
+        for n in ("wl_two_inputs", "wl_dict_bert")
+        for r in WORKLOAD_RECIPES
+    ],
+)
 def test_a_model_of_several_or_keyword_inputs_deploys_and_runs_like_the_torch_model(
     name, recipe, tmp_path
 ):
@@ -549,6 +557,7 @@ def test_inputs_that_are_not_tensors_are_refused_naming_them(tmp_path):
         check_exportable(_WithBessel(), torch.rand(4, 64))
 
 
+@pytest.mark.slow  # (the lane: the digits sweep and the two-input exports above)
 def test_a_sweep_on_a_two_input_model_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     from search.cli import main
     from tests.conftest import sweep_overrides

@@ -83,8 +83,16 @@ def trained():
     return get
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(
+    ("method", "name"),  # (allocate on wl_dict_bert, two minutes on a busy machine: the full run's)
+    [
+        pytest.param(
+            m, n, marks=[pytest.mark.slow] if (m, n) == ("allocate", "wl_dict_bert") else []
+        )
+        for m in sorted(METHODS)
+        for n in WORKLOADS
+    ],
+)
 def test_every_compressor_on_every_workload(name, method, trained, tmp_path):
     """Each compressor compresses, fine-tunes (through the task's batches, with the teacher on
     the same batch), packs and reloads with the same outputs and score, on each workload."""
