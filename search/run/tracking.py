@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -42,6 +43,15 @@ from search.run.mlflow_db import first_use
 from search.run.mlflow_views import save_views
 
 logger = logging.getLogger(__name__)
+
+
+def _shortest(value: float) -> float:
+    """``value`` as a float; a float32's value (torchmetrics' scores) as the shortest decimal
+    that reads back as that float32 (0.975, not 0.9750000238418579), which MLflow's UI shows."""
+    value = float(value)
+    single = np.float32(value)
+    return float(str(single)) if np.isfinite(single) and float(single) == value else value
+
 
 # Downloads of a trial's model file are internal; MLflow's tqdm bar would garble the terminal.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -81,7 +91,7 @@ class TrackedRun:
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
         stamp = int(time.time() * 1000)
-        self.metrics += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        self.metrics += [Metric(k, _shortest(v), stamp, step) for k, v in metrics.items()]
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
