@@ -393,10 +393,19 @@ def _unpacked_mask(packed: np.ndarray, n: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").view(np.bool_))
 
 
-def stored_codes(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The integer codes a tensor's record holds (int64): every position's for the ``dense``
-    and ``ans`` layouts, the nonzero positions' for ``bitmask`` and ``gaps``."""
-    return torch.from_numpy(_looked_up(spec, arrays, _alphabet(spec)))
+def stored_codes(spec: dict, arrays: Mapping[str, torch.Tensor], *, holds: int = 0) -> torch.Tensor:
+    """The integer codes a tensor's record holds, in the narrowest integer type that holds them
+    and ``holds`` (an exporter reads a 4-bit grid's codes from int8, not int64; a codebook's
+    indices are int32 at least, so that they index a tensor): every position's for the
+    ``dense`` and ``ans`` layouts, the nonzero positions' for ``bitmask`` and ``gaps``."""
+    alphabet = _alphabet(spec)
+    lo, hi = min(int(alphabet.min()), holds), max(int(alphabet.max()), holds)
+    types = (np.int32, np.int64) if spec.get("decode") == "codebook" else _SIGNED
+    dtype = next(t for t in types if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+    return torch.from_numpy(_looked_up(spec, arrays, alphabet.astype(dtype)))
+
+
+_SIGNED = (np.int8, np.int16, np.int32, np.int64)
 
 
 def _looked_up(spec: dict, arrays: Mapping[str, torch.Tensor], table: np.ndarray) -> np.ndarray:
@@ -458,18 +467,18 @@ def full_codes(spec: dict, arrays: Mapping[str, torch.Tensor]) -> Codes:
     shape, decode_as = spec["shape"], spec["decode"]
     key = "codebook" if decode_as == "codebook" else "scale"
     table = arrays[key].to(torch.float32)
-    stored = stored_codes(spec, arrays)
-    if spec["enc"] in ("dense", "ans"):
-        return Codes(stored.view(shape), decode_as, {key: table})
     zero = 0
-    if decode_as == "codebook":
+    if decode_as == "codebook" and spec["enc"] not in ("dense", "ans"):
         zeros = torch.nonzero(table == 0).flatten()
         if len(zeros):
             zero = int(zeros[0])
         else:
             zero, table = len(table), torch.cat([table, table.new_zeros(1)])
+    stored = stored_codes(spec, arrays, holds=zero)
+    if spec["enc"] in ("dense", "ans"):
+        return Codes(stored.view(shape), decode_as, {key: table})
     n = math.prod(shape)
-    full = torch.full((n,), zero, dtype=torch.int64)
+    full = torch.full((n,), zero, dtype=stored.dtype)
     full[stored_positions(spec, arrays, n)] = stored
     return Codes(full.view(shape), decode_as, {key: table})
 
