@@ -1,7 +1,16 @@
-"""Packing and loading at scale: the `.sqz` writer and reader against a `safetensors` file.
+"""A trial's phases at scale (default), or packing and loading alone (``--packing``).
 
-For an MLP of about 1 M and 10 M parameters and a BERT-like encoder of about 28 M (``--large``:
-also BERT-base, 110 M), each fp32, pruned (50% unstructured, global) and 4-bit quantized
+Default: the ladder of `bench._scale_phases` (an MLP, a ResNet-like CNN and a BERT-like
+encoder at about 0.1 M, 1 M, 10 M and 30 M parameters; 110 M with ``--big``), each phase of a
+trial as a multiple of one training step of the same model (wall and CPU time) and its peak RSS
+over the model's bytes, as a markdown table:
+
+    python bench/scale.py --kinds mlp cnn bert --rungs 0.1M 1M 10M 30M --json phases.json
+    python bench/scale.py --big --rungs 110M --kinds bert     # the 110 M rung, once
+
+``--packing``: the `.sqz` writer and reader against a `safetensors` file. For an MLP of about
+1 M and 10 M parameters and a BERT-like encoder of about 28 M (``--large``: also BERT-base,
+110 M), each fp32, pruned (50% unstructured, global) and 4-bit quantized
 (``quant`` with ``bits=4``), random init (seed 0), one child process per case measures:
 
 - ``pack_s``: `compressors.save_packed`; ``estimate_s``: `compressors.packing.packed_size`
@@ -18,8 +27,8 @@ also BERT-base, 110 M), each fp32, pruned (50% unstructured, global) and 4-bit q
 
 The reloaded model's outputs are checked to equal the packed model's (``exact``).
 
-    python bench/scale.py                        # about 2 minutes on a quiet 2-core machine
-    python bench/scale.py --large --json new.json --before old.json
+    python bench/scale.py --packing                # about 2 minutes on a quiet 2-core machine
+    python bench/scale.py --packing --large --json new.json --before old.json
 """
 
 from __future__ import annotations
@@ -193,9 +202,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--before", type=Path, help="rows of another version, for new/old bytes")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--packing", action="store_true", help="packing and loading alone")
+    parser.add_argument("--kinds", nargs="*", default=["mlp", "cnn", "bert"])
+    parser.add_argument("--rungs", nargs="*", help="default: 0.1M 1M 10M 30M (and 110M: --big)")
+    parser.add_argument("--big", action="store_true", help="also the 110 M rung")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export phase")
+    parser.add_argument("--skip", nargs="*", default=[], help="compressors not timed")
+    parser.add_argument("--phase-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         sys.stdout.write(json.dumps(_child(*args.child)) + "\n")
+        return
+    if args.phase_child:
+        from _scale_phases import run_case
+
+        row = run_case(*args.phase_child, onnx=not args.no_onnx, skip=tuple(args.skip))
+        sys.stdout.write(json.dumps(row) + "\n")
+        return
+    if not args.packing:
+        _phases(args)
         return
     cases = args.cases or [c for c, large in CASES.items() if args.large or not large]
     before = {}
@@ -215,6 +240,58 @@ def main(argv: list[str] | None = None) -> None:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(_table(rows, before))
+
+
+def _phases(args) -> None:
+    from _scale_phases import RUNGS
+
+    rungs = args.rungs or [r for r in RUNGS if r != "110M" or args.big]
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    done = {(r["kind"], r["rung"]) for r in rows}
+    for rung in rungs:
+        for kind in args.kinds:
+            if (kind, rung) in done:
+                continue
+            command = [sys.executable, __file__, "--phase-child", kind, rung]
+            child = subprocess.run(
+                command + (["--no-onnx"] if args.no_onnx else []) + ["--skip", *args.skip],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if child.returncode:
+                rows.append({"kind": kind, "rung": rung, "failed": child.returncode})
+            else:
+                rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            print(_phase_table(rows[-1:]), flush=True)
+    print(_phase_table(rows))
+
+
+def _phase_table(rows: list[dict]) -> str:
+    """Markdown: a row per phase, a column per (model, rung): wall steps / CPU steps / RSS x."""
+    rows = [r for r in rows if "phases" in r]
+    if not rows:
+        return "(no finished case)"
+    head = ["phase"] + [f"{r['kind']} {r['rung']} ({r['params'] / 1e6:.2g} M)" for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    step = ["one training step (s, CPU s)"] + [
+        f"{r['step_s']:.3g} s ({r['step_cpu_s']:.3g})" for r in rows
+    ]
+    lines.append("| " + " | ".join(step) + " |")
+    names = list(dict.fromkeys(n for r in rows for n in r["phases"]))
+    for name in names:
+        cells = [name]
+        for r in rows:
+            p = r["phases"].get(name)
+            if p is None:
+                cells.append("-")
+            elif "error" in p:
+                cells.append(f"error: {p['error'][:60]}")
+            else:
+                cells.append(f"{p['steps']:.3g} / {p['cpu_steps']:.3g} / {p['mem']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,25 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import constriction
 import numpy as np
 import torch
 import zstandard
+
+from compressors._bits import (  # noqa: F401 (re-exported: readers and tests import them here)
+    BYTE_ALIGNED,
+    BitsError,
+    decode_gaps,
+    encode_gaps,
+    pack_bits,
+    unpack_bits,
+    unpacked_index,
+)
+from compressors._bits import (
+    gap_bytes as _gap_bytes,
+)
 
 #: zstd's level for byte planes: on float32 weights, level 1 stored the exponent plane as well as
 #: levels 3 and 9 (shuffled, 0.843 of the raw bytes against 0.856 and 0.850) and fastest.
@@ -38,9 +52,17 @@ _SMALL = 4 * SAMPLE_BYTES
 _CHUNK = 1 << 20
 #: Code alphabets up to this range are counted with `bincount` rather than sorted.
 _BINCOUNT_RANGE = 1 << 20
+#: Codes are entropy-coded (rANS, a few nanoseconds per code each way, against zstd's fraction
+#: of one) when the coder's estimate is below this fraction of the bit-packed codes as stored,
+#: or when the tensor has at most `ANS_ALWAYS` values (then the coder's exact size decides).
+ANS_PAYS = 0.97
+ANS_ALWAYS = 1 << 16
+#: Bit widths whose codes fill whole bytes, so that zstd's byte-wise entropy stage sees whole
+#: codes (others are also tried one code per byte).
+_BYTE_ALIGNED = BYTE_ALIGNED
 
 
-class CodecError(ValueError):
+class CodecError(BitsError):
     """An array's stored bytes cannot be decoded (the packed file is damaged or foreign)."""
 
 
@@ -70,13 +92,37 @@ class Codes:
 DECODERS = ("scaled", "codebook")
 
 
+@dataclass(frozen=True)
+class Stored:
+    """An array with its stored form (`store`'s result), when choosing a layout stored it
+    already (so that it is not compressed twice)."""
+
+    array: np.ndarray
+    codec: str
+    sizes: list[int]
+    chunks: list
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+
 # ------------------------------------------------------------------------------ layouts
 
 
-def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.ndarray]]:
+def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.ndarray | Stored]]:
     """``(layout record, arrays by suffix)`` of one tensor (``grid``: the parametrization whose
-    ``packed`` gives its `Codes`, or None). The layout is the smallest of ``dense``,
-    ``bitmask`` and ``gaps`` (and ``ans`` for codes) in raw bits, as in format SQZ2."""
+    ``packed`` gives its `Codes`, or None). Float values take the smallest of ``dense``,
+    ``bitmask`` and ``gaps`` in raw bits, as in format SQZ2; codes the smallest as stored
+    (`_encode_codes`)."""
     spec: dict = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
     value = value.detach()
     if not value.is_floating_point():
@@ -84,9 +130,8 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
         return spec, {"": value.contiguous().numpy()}
     flat = value.reshape(-1).to(torch.float32)
     n = flat.numel()
-    nonzero = flat != 0
-    nnz = int(nonzero.sum())
-    arrays: dict[str, np.ndarray] = {}
+    nnz = int(torch.count_nonzero(flat))
+    arrays: dict[str, np.ndarray | Stored] = {}
     if grid is not None:
         packed: Codes = grid.packed(value)
         if packed.decode not in DECODERS:
@@ -96,24 +141,43 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
             arrays[key] = (tensor.to(torch.float16) if _halves(tensor) else tensor).numpy()
         spec["decode"] = packed.decode
         codes = _narrowed(packed.codes.reshape(-1))
-        del packed, flat
+        nonzero = _Lazy(value=flat != 0 if nnz < n else None)
+        del packed, value, flat  # (the codes are what is stored)
         _encode_codes(codes, nonzero, nnz, spec, arrays)
         return spec, arrays
+    nonzero = _Lazy(partial(torch.ne, flat, 0))
     half = _halves(flat)
     bits = 16 if half else 32
     costs = {"dense": bits * n, "bitmask": n + bits * nnz}
-    positions = _positions_if_cheaper(nonzero, nnz, bits * nnz, min(costs.values()))
+    positions = None
+    if nnz < n:
+        positions = _positions_if_cheaper(nonzero.get(), nnz, bits * nnz, min(costs.values()))
     if positions is not None:
         costs["gaps"] = 8 * _gap_bytes(positions) + bits * nnz
     spec["enc"] = min(costs, key=costs.get)
     _store_positions(spec["enc"], nonzero, positions, arrays)
-    kept = flat if spec["enc"] == "dense" else flat[nonzero]
+    del positions
+    kept = flat if spec["enc"] == "dense" else flat[nonzero.get()]
+    del nonzero, value, flat  # (what is kept is what is stored)
     arrays["values"] = kept.to(torch.float16 if half else torch.float32).numpy()
     return spec, arrays
 
 
+class _Lazy:
+    """A value computed when first asked for (a tensor's nonzero mask: dense tensors need none)."""
+
+    def __init__(self, make=None, *, value=None) -> None:
+        self._make, self._value = make, value
+
+    def get(self):
+        if self._value is None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+
 def _narrowed(codes: torch.Tensor) -> torch.Tensor:
-    """``codes`` as int32 where they fit (half the memory of the int64 codes grids give)."""
+    """``codes`` as int32 where they fit (half the memory of int64 codes; narrower codes, such
+    as a quantization grid's int8, are kept)."""
     codes = codes.to(torch.int64) if not codes.dtype.is_signed else codes
     if codes.numel() and codes.dtype == torch.int64:
         if -(2**31) <= int(codes.min()) and int(codes.max()) < 2**31:
@@ -133,18 +197,22 @@ def _positions_if_cheaper(
 
 def _encode_codes(
     codes: torch.Tensor,
-    nonzero: torch.Tensor,
+    nonzero: _Lazy,
     nnz: int,
     spec: dict,
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray | Stored],
 ) -> None:
-    """Store integer codes in the cheapest of: bit-packed dense / bitmask / gaps layouts, or the
-    dense stream entropy-coded (rANS with the tensor's own code frequencies)."""
+    """Store integer codes in the cheapest of: the dense stream bit-packed (and then stored by
+    `store`, whose zstd entropy-codes whole codes where they fill bytes; for other widths also
+    tried one code per byte), bitmask / gaps layouts of the nonzero codes (in raw bits), or the
+    dense stream entropy-coded (rANS with the tensor's own code frequencies) where its estimate
+    beats the stored stream by `ANS_PAYS` (always tried on tensors of up to `ANS_ALWAYS`)."""
     n = codes.numel()
     dense = _Symbols(codes)
-    costs = {"dense": dense.bits * n}
+    packed = _stored_codes(dense)
+    costs = {"dense": 8 * packed.nbytes}
     ans = None
-    if dense.size > 1:
+    if dense.size > 1 and (n <= ANS_ALWAYS or dense.ans_bits() < ANS_PAYS * costs["dense"]):
         ans = dense.ans()
         costs["ans"] = 8 * ans[0].nbytes + 8 * len(ans[1])
     sparse, positions = dense, None
@@ -152,9 +220,11 @@ def _encode_codes(
     # so a value is 0 exactly where its code is) its alphabet is the dense one less code 0.
     floor = _bits_for(dense.distinct - 1) if spec["decode"] == "scaled" else 1
     if nnz < n and min(n, 8 * nnz) + floor * nnz < min(costs.values()):
-        sparse = _Symbols(codes[nonzero])
+        sparse = _Symbols(codes[nonzero.get()])
         costs["bitmask"] = n + sparse.bits * nnz
-        positions = _positions_if_cheaper(nonzero, nnz, sparse.bits * nnz, min(costs.values()))
+        positions = _positions_if_cheaper(
+            nonzero.get(), nnz, sparse.bits * nnz, min(costs.values())
+        )
         if positions is not None:
             costs["gaps"] = 8 * _gap_bytes(positions) + sparse.bits * nnz
     spec["enc"] = min(costs, key=costs.get)
@@ -164,48 +234,114 @@ def _encode_codes(
     if spec["enc"] == "ans":
         arrays["ans"] = ans[0].view(np.int32)
         arrays["freqs"] = ans[1]
+    elif spec["enc"] == "dense":
+        arrays["codes"], spec["bits"] = packed, packed.bits
     else:
         arrays["codes"] = pack_bits(stream.index, stream.bits)
         spec["bits"] = stream.bits
 
 
+@dataclass(frozen=True)
+class _PackedCodes(Stored):
+    bits: int = 8
+
+
+def _stored_codes(stream: _Symbols) -> _PackedCodes:
+    """The stream's codes bit-packed as `store` stores them; for widths that do not fill whole
+    bytes, one code per byte instead where zstd then stores that in fewer bytes."""
+    best = None
+    widths = [stream.bits] if stream.bits in _BYTE_ALIGNED else [stream.bits, 8]
+    for bits in widths:
+        array = pack_bits(stream.index, bits)
+        codec, sizes, chunks = store(array)
+        if best is None or sum(sizes) < best.nbytes:
+            best = _PackedCodes(array, codec, sizes, chunks, bits)
+    return best
+
+
 class _Symbols:
-    """Integer codes as indices into their alphabet (a range lo..hi, or an explicit list)."""
+    """Integer codes as indices into their alphabet (a range lo..hi, or an explicit list):
+    ``index`` (uint8 where the alphabet fits in a byte, else int32) and ``counts``, each
+    index's number of occurrences."""
 
     def __init__(self, codes: torch.Tensor) -> None:
         self.count = codes.numel()
         if not self.count:
-            codes = torch.zeros(1, dtype=torch.int64)
-        lo, hi = int(codes.min()), int(codes.max())
-        if -(2**31) <= lo and hi < 2**31:
+            codes = torch.zeros(1, dtype=torch.int8)
+        lo, hi = (int(v) for v in torch.aminmax(codes))
+        if codes.dtype == torch.int64 and -(2**31) <= lo and hi < 2**31:
             codes = codes.to(torch.int32)  # (half the memory of int64 codes)
         if hi - lo < _BINCOUNT_RANGE:
-            present = torch.bincount((codes - lo).reshape(-1), minlength=hi - lo + 1) > 0
-            alphabet = (torch.nonzero(present).reshape(-1) + lo).to(codes.dtype)
+            index = _offset(codes, lo, hi - lo)
+            counts = _bincount(index, hi - lo + 1)
+            alphabet = np.flatnonzero(counts) + lo
         else:
-            alphabet = torch.unique(codes)
+            index, counts = None, None
+            alphabet = torch.unique(codes).numpy()
         self.distinct = self.size = len(alphabet)
         self.bits = _bits_for(self.size)
         if hi - lo + 1 <= 2**self.bits:  # a range codes as compactly as the list
             self.spec = {"range": [lo, hi]}
-            index = codes - lo
             self.size = hi - lo + 1
         else:
             self.spec = {"alphabet": alphabet.tolist()}
-            index = torch.searchsorted(alphabet, codes)
+            index = np.searchsorted(alphabet, codes.numpy()).astype(_index_dtype(self.size))
+            counts = counts[counts > 0] if counts is not None else _bincount(index, self.size)
         del codes
-        self.index = index.reshape(-1)[: self.count].to(torch.int32).numpy()
+        self.index = index[: self.count]
+        self.counts = counts if self.count else np.zeros_like(counts)
+
+    def ans_bits(self) -> float:
+        """Bits the entropy-coded stream takes, estimated: the codes' cross-entropy under the
+        frequencies `ans` stores (the coder's size is within a few words of it)."""
+        freqs = _freqs(self.counts).astype(np.float64)
+        used = self.counts > 0
+        p = freqs[used] / freqs.sum()
+        return float(-(self.counts[used] * np.log2(p)).sum()) + 8 * len(freqs)
 
     def ans(self) -> tuple[np.ndarray, np.ndarray]:
         """``(compressed words, frequencies)``: the index stream entropy-coded under its own
         symbol frequencies, which are stored as bytes (1..255 for a symbol that occurs)."""
-        counts = np.bincount(self.index, minlength=self.size).astype(np.float64)
-        freqs = np.where(counts > 0, np.maximum(1, np.round(255 * counts / counts.max())), 0)
-        freqs = freqs.astype(np.uint8)
+        freqs = _freqs(self.counts)
         coder = constriction.stream.stack.AnsCoder()
         if len(self.index):
-            coder.encode_reverse(self.index, _ans_model(freqs))
+            coder.encode_reverse(self.index.astype(np.int32, copy=False), _ans_model(freqs))
         return coder.get_compressed(), freqs
+
+
+def _freqs(counts: np.ndarray) -> np.ndarray:
+    counts = counts.astype(np.float64)
+    return np.where(counts > 0, np.maximum(1, np.round(255 * counts / counts.max())), 0).astype(
+        np.uint8
+    )
+
+
+def _index_dtype(size: int) -> type:
+    return np.uint8 if size <= 256 else np.int32
+
+
+def _offset(codes: torch.Tensor, lo: int, span: int) -> np.ndarray:
+    """``codes - lo`` as a numpy array of the narrowest index dtype (in chunks: no int64
+    temporary of the whole tensor)."""
+    dtype = _index_dtype(span + 1)
+    flat = codes.reshape(-1)
+    if dtype is np.uint8 and flat.dtype in (torch.int8, torch.uint8):
+        # Wrapping byte arithmetic: (code - lo) mod 256 is the index, which is below 256.
+        return flat.numpy().view(np.uint8) - np.uint8(lo % 256)
+    out = np.empty(flat.numel(), dtype=dtype)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK].to(torch.int64) - lo
+        out[start : start + _CHUNK] = part.numpy()
+    return out
+
+
+def _bincount(index: np.ndarray, size: int) -> np.ndarray:
+    """Occurrences of each of ``size`` index values (in chunks: `np.bincount` widens its input
+    to 8 bytes a value)."""
+    counts = np.zeros(size, dtype=np.int64)
+    for start in range(0, len(index), _CHUNK):
+        counts += np.bincount(index[start : start + _CHUNK], minlength=size)[:size]
+    return counts
 
 
 def _ans_model(freqs: np.ndarray) -> constriction.stream.model.Categorical:
@@ -213,11 +349,9 @@ def _ans_model(freqs: np.ndarray) -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(weights / weights.sum(), perfect=False)
 
 
-def _store_positions(
-    enc: str, nonzero: torch.Tensor, positions: np.ndarray | None, arrays: dict[str, np.ndarray]
-) -> None:
+def _store_positions(enc: str, nonzero: _Lazy, positions: np.ndarray | None, arrays: dict) -> None:
     if enc == "bitmask":
-        arrays["mask"] = np.packbits(nonzero.numpy(), bitorder="little")
+        arrays["mask"] = np.packbits(nonzero.get().numpy(), bitorder="little")
     elif enc == "gaps":
         arrays["gaps"] = encode_gaps(positions)
 
@@ -241,15 +375,16 @@ def decode(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
     if spec["enc"] == "raw":
         return arrays[""]
     n = math.prod(shape)
-    if "count" in spec:  # integer codes on a grid
-        codes = stored_codes(spec, arrays)
+    if "count" in spec:  # integer codes on a grid: each index's value looked up in one pass
+        symbols = _alphabet(spec)
         if spec["decode"] == "codebook":
-            codes, scale = arrays["codebook"].to(torch.float32)[codes], None
+            table, scale = arrays["codebook"].to(torch.float32).numpy()[symbols], None
         else:
-            codes = codes.to(torch.float32)
-            scale = arrays["scale"].to(torch.float32)
+            table, scale = symbols.astype(np.float32), arrays["scale"].to(torch.float32)
+        codes = torch.from_numpy(_looked_up(spec, arrays, table))
+        if scale is not None:
             if spec["enc"] in ("dense", "ans"):
-                return codes.view(shape) * scale
+                return codes.view(shape).mul_(scale)
             scale = scale.expand(shape).reshape(-1)
     else:
         codes, scale = arrays["values"].to(torch.float32), None
@@ -388,18 +523,61 @@ def _unpacked_mask(packed: np.ndarray, n: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, count=n, bitorder="little").view(np.bool_))
 
 
-def stored_codes(spec: dict, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The integer codes a tensor's record holds (int64): every position's for the ``dense``
-    and ``ans`` layouts, the nonzero positions' for ``bitmask`` and ``gaps``."""
+def stored_codes(spec: dict, arrays: Mapping[str, torch.Tensor], *, holds: int = 0) -> torch.Tensor:
+    """The integer codes a tensor's record holds, in the narrowest integer type that holds them
+    and ``holds`` (an exporter reads a 4-bit grid's codes from int8, not int64; a codebook's
+    indices are int32 at least, so that they index a tensor): every position's for the
+    ``dense`` and ``ans`` layouts, the nonzero positions' for ``bitmask`` and ``gaps``."""
+    alphabet = _alphabet(spec)
+    lo, hi = min(int(alphabet.min()), holds), max(int(alphabet.max()), holds)
+    types = (np.int32, np.int64) if spec.get("decode") == "codebook" else _SIGNED
+    dtype = next(t for t in types if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+    return torch.from_numpy(_looked_up(spec, arrays, alphabet.astype(dtype)))
+
+
+_SIGNED = (np.int8, np.int16, np.int32, np.int64)
+
+
+def _looked_up(spec: dict, arrays: Mapping[str, torch.Tensor], table: np.ndarray) -> np.ndarray:
+    """``table[index]`` for each code index a record stores: where bit-packed codes fill whole
+    bytes, straight from the bytes (each byte's codes looked up at once, one pass)."""
+    if spec["enc"] == "ans" or spec["bits"] not in _BYTE_ALIGNED:
+        return np.take(table, _stored_index(spec, arrays))
+    bits, count = spec["bits"], spec["count"]
+    packed = arrays["codes"].numpy()
+    if len(packed) * 8 < count * bits:
+        raise CodecError(f"{len(packed)} bytes cannot hold {count} codes of {bits} bits")
+    packed = packed[: -(-count // (8 // bits))]
+    indices = _BYTE_CODES[bits]  # (256, codes per byte)
+    valid = (indices < len(table)).all(axis=1)
+    if not valid.all() and not np.take(valid, packed).all():
+        raise CodecError(f"a code index is beyond its alphabet of {len(table)}")
+    per_byte = table[np.minimum(indices, len(table) - 1)]
+    return np.take(per_byte, packed, axis=0).reshape(-1)[:count]
+
+
+#: The codes each byte value holds, for each width of `_BYTE_ALIGNED` (least significant first).
+_BYTE_CODES = {
+    bits: (np.arange(256)[:, None] >> np.arange(0, 8, bits)) & ((1 << bits) - 1)
+    for bits in _BYTE_ALIGNED
+}
+
+
+def _alphabet(spec: dict) -> np.ndarray:
+    """The codes a record's indices stand for (int64)."""
+    if "range" in spec:
+        lo, hi = spec["range"]
+        return np.arange(lo, hi + 1, dtype=np.int64)
+    return np.asarray(spec["alphabet"], dtype=np.int64)
+
+
+def _stored_index(spec: dict, arrays: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """A record's code indices (into `_alphabet`), uint8 where they fit."""
     if spec["enc"] == "ans":
         freqs = arrays["freqs"].numpy()
         coder = constriction.stream.stack.AnsCoder(arrays["ans"].numpy().view(np.uint32))
-        index = coder.decode(_ans_model(freqs), spec["count"]).astype(np.int64)
-    else:
-        index = unpack_bits(arrays["codes"].numpy(), spec["bits"], spec["count"])
-    if "range" in spec:
-        return torch.from_numpy(index + spec["range"][0])
-    return torch.from_numpy(np.asarray(spec["alphabet"], dtype=np.int64)[index])
+        return coder.decode(_ans_model(freqs), spec["count"])
+    return unpacked_index(arrays["codes"].numpy(), spec["bits"], spec["count"])
 
 
 def stored_positions(spec: dict, arrays: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
@@ -419,118 +597,63 @@ def full_codes(spec: dict, arrays: Mapping[str, torch.Tensor]) -> Codes:
     shape, decode_as = spec["shape"], spec["decode"]
     key = "codebook" if decode_as == "codebook" else "scale"
     table = arrays[key].to(torch.float32)
-    stored = stored_codes(spec, arrays)
-    if spec["enc"] in ("dense", "ans"):
-        return Codes(stored.view(shape), decode_as, {key: table})
     zero = 0
-    if decode_as == "codebook":
+    if decode_as == "codebook" and spec["enc"] not in ("dense", "ans"):
         zeros = torch.nonzero(table == 0).flatten()
         if len(zeros):
             zero = int(zeros[0])
         else:
             zero, table = len(table), torch.cat([table, table.new_zeros(1)])
+    stored = stored_codes(spec, arrays, holds=zero)
+    if spec["enc"] in ("dense", "ans"):
+        return Codes(stored.view(shape), decode_as, {key: table})
     n = math.prod(shape)
-    full = torch.full((n,), zero, dtype=torch.int64)
+    full = torch.full((n,), zero, dtype=stored.dtype)
     full[stored_positions(spec, arrays, n)] = stored
     return Codes(full.view(shape), decode_as, {key: table})
-
-
-def _gap_bytes(positions: np.ndarray) -> int:
-    """Bytes `encode_gaps` spells ``positions`` in, without spelling them."""
-    if not len(positions):
-        return 0
-    gaps = np.diff(positions, prepend=-1) - 1
-    return int((gaps // 255).sum()) + len(positions)
-
-
-def encode_gaps(positions: np.ndarray) -> np.ndarray:
-    """Bytes spelling the gaps before each position; each 255 adds 255 and carries no value."""
-    gaps = np.diff(positions, prepend=-1) - 1
-    counts = gaps // 255 + 1
-    out = np.full(int(counts.sum()), 255, dtype=np.uint8)
-    out[np.cumsum(counts) - 1] = gaps % 255
-    return out
-
-
-def decode_gaps(data: np.ndarray) -> np.ndarray:
-    """Positions of `encode_gaps`'s bytes."""
-    ends = np.flatnonzero(data < 255)
-    return np.cumsum(data.astype(np.int64))[ends] + np.arange(len(ends))
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integers below ``2**bits`` into a dense little-endian bit stream (in
-    chunks: a whole-tensor bit plane would take ``bits`` bytes per value)."""
-    shifts = np.arange(bits, dtype=values.dtype)
-    parts = [
-        np.packbits(
-            ((values[start : start + _CHUNK, None] >> shifts) & 1).astype(np.uint8).reshape(-1),
-            bitorder="little",
-        )
-        for start in range(0, len(values), _CHUNK)  # _CHUNK * bits is a whole number of bytes
-    ]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The ``count`` integers `pack_bits` packed (int64)."""
-    if len(packed) * 8 < count * bits:
-        raise CodecError(f"{len(packed)} bytes cannot hold {count} codes of {bits} bits")
-    out = np.empty(count, dtype=np.int64)
-    weights = np.left_shift(1, np.arange(bits, dtype=np.int64))
-    step = _CHUNK * bits // 8
-    for i, start in enumerate(range(0, count, _CHUNK)):
-        m = min(_CHUNK, count - start)
-        planes = np.unpackbits(
-            packed[i * step : i * step + step], count=m * bits, bitorder="little"
-        )
-        out[start : start + m] = planes.reshape(m, bits) @ weights
-    return out
 
 
 # ------------------------------------------------------------------------------ stored bytes
 
 
-def store(array: np.ndarray) -> tuple[str, list[int], list]:
+def store(array: np.ndarray | Stored) -> tuple[str, list[int], list]:
     """``(codec, sizes, chunks)``: how ``array``'s little-endian bytes are stored. ``raw``: one
     chunk, the bytes; ``planes``: one chunk per byte of an element (least significant first),
     zstd-compressed where that is smaller (its size is then below the element count). The
-    chunks are what the file holds, back to back; ``sizes`` their lengths."""
+    chunks are what the file holds, back to back; ``sizes`` their lengths. (A `Stored` array
+    was stored already: its result.)"""
+    if isinstance(array, Stored):
+        return array.codec, array.sizes, array.chunks
     array = np.ascontiguousarray(array)
     array = array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)
     n, k = array.size, array.dtype.itemsize
     raw = array.view(np.uint8)
     if not n:
         return "raw", [0], []
-    planes = raw.reshape(n, k)
-    chunks: list = []
-    packed = False
-    for j in range(k):
-        plane = planes[:, j]
-        compressed = _compressed_if_smaller(plane)
-        packed = packed or compressed is not None
-        chunks.append(compressed)
-    if not packed:
+    strided = raw.reshape(n, k)
+    tried = [j for j in range(k) if n <= _SMALL or _sample_pays(strided[:, j])]
+    if not tried:
         return "raw", [raw.nbytes], [raw.data]
-    chunks = [
-        c if c is not None else np.ascontiguousarray(planes[:, j]).data
-        for j, c in enumerate(chunks)
-    ]
-    return "planes", [len(c) if isinstance(c, bytes) else n for c in chunks], chunks
+    planes = strided.T.copy() if k > 1 else strided.reshape(1, n)  # (one transposing copy)
+    chunks: list = [planes[j].data for j in range(k)]
+    for j in tried:
+        frame = _zstd().compress(planes[j].data)
+        if len(frame) < n:
+            chunks[j] = frame
+    sizes = [len(c) if isinstance(c, bytes) else n for c in chunks]
+    if all(size == n for size in sizes):
+        return "raw", [raw.nbytes], [raw.data]
+    return "planes", sizes, chunks
 
 
-def _compressed_if_smaller(plane: np.ndarray) -> bytes | None:
-    """zstd's frame of ``plane`` (a byte array, maybe strided) if it is smaller, else None; a
-    large plane is compressed only if a sample of it shrinks below `PAYS`."""
+def _sample_pays(plane: np.ndarray) -> bool:
+    """Whether zstd shrinks evenly spaced blocks of ``plane`` (a large byte array, maybe
+    strided) below `PAYS` of their bytes."""
     n = len(plane)
-    if n > _SMALL:
-        block = SAMPLE_BYTES // _SAMPLE_BLOCKS
-        starts = np.linspace(0, n - block, _SAMPLE_BLOCKS).astype(np.int64)
-        sample = np.concatenate([plane[s : s + block] for s in starts])
-        if len(_zstd().compress(sample.data)) >= PAYS * len(sample):
-            return None
-    frame = _zstd().compress(np.ascontiguousarray(plane).data)
-    return frame if len(frame) < n else None
+    block = SAMPLE_BYTES // _SAMPLE_BLOCKS
+    starts = np.linspace(0, n - block, _SAMPLE_BLOCKS).astype(np.int64)
+    sample = np.concatenate([plane[s : s + block] for s in starts])
+    return len(_zstd().compress(sample.data)) < PAYS * len(sample)
 
 
 def _zstd() -> zstandard.ZstdCompressor:
@@ -556,13 +679,13 @@ def restore(
         raise CodecError(f"unknown codec {codec!r} or sizes {sizes} for {len(data)} bytes")
     if any(size > count for size in sizes):
         raise CodecError(f"a byte plane of {count} bytes is stored in more ({sizes})")
-    out = np.empty((count, k), dtype=np.uint8)
+    out = np.empty((k, count), dtype=np.uint8)
     offset = 0
     for j, size in enumerate(sizes):
         chunk = data[offset : offset + size]
         offset += size
         if size == count:
-            out[:, j] = np.frombuffer(chunk, dtype=np.uint8)
+            out[j] = np.frombuffer(chunk, dtype=np.uint8)
             continue
         try:
             # A frame that states its size is decompressed to that size whatever the limit:
@@ -575,5 +698,5 @@ def restore(
             raise CodecError(f"a byte plane does not decompress: {err}") from None
         if len(plane) != count:
             raise CodecError(f"a byte plane holds {len(plane)} bytes, not {count}")
-        out[:, j] = np.frombuffer(plane, dtype=np.uint8)
-    return out.reshape(-1).view(dtype)
+        out[j] = np.frombuffer(plane, dtype=np.uint8)
+    return (out.T.copy() if k > 1 else out).reshape(-1).view(dtype)

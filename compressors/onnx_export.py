@@ -270,11 +270,16 @@ def export_onnx(
     integer = integer_roots(matmul, roots, stored, int8_layers(packed_path))
     Rewriter(proto, roots, opset=opset, integer=integer).run()
     notes += sparsity_notes(model, stored)
+    del stored, roots  # (the graph holds what it needs of them)
     strip_debug_info(proto)
     write_metadata(proto, call, graph_outputs)
-    onnx.checker.check_model(proto)
     out_path = Path(out_path)
     onnx.save_model(proto, out_path)
+    try:  # checked from the file: checking the proto would serialize a second copy of it
+        onnx.checker.check_model(str(out_path))
+    except Exception:
+        out_path.unlink(missing_ok=True)
+        raise
     ops = Counter(node.op_type for node in proto.graph.node)
     inputs = tuple(value.name for value in proto.graph.input)
     return OnnxExport(

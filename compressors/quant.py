@@ -31,6 +31,8 @@ _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 #: Clipping ratios tried for k-bit grids (the one with the least squared error wins per channel).
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+#: Values turned into codes at a time (`FakeQuant.packed`).
+_CHUNK = 1 << 20
 #: Ternary weights below this fraction of the channel's mean magnitude become 0 (TWN's 0.7).
 TERNARY_THRESHOLD = 0.7
 
@@ -66,14 +68,17 @@ class FakeQuant(nn.Module):
         )
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        """Integer codes (as floats) of ``weight`` on this grid."""
+        """Integer codes (as floats) of ``weight`` on this grid (one new tensor: the rest is
+        done in place)."""
         if self.scheme == "int":
-            return torch.clamp(torch.round(weight / self.scale), -self.qmax, self.qmax)
+            return torch.div(weight.detach(), self.scale).round_().clamp_(-self.qmax, self.qmax)
         if self.scheme == "binary":
-            return torch.sign(weight)
-        return torch.sign(weight) * (weight.abs() > self.threshold)
+            return torch.sign(weight.detach())
+        return torch.sign(weight.detach()).mul_(weight.detach().abs() > self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # no gradient to pass: the grid's values alone
+            return self.codes(weight).mul_(self.scale)
         if weight.requires_grad or not isinstance(weight, nn.Parameter):
             return self._fake_quantize(weight)
         # A frozen parameter (e.g. a transformer's embedding table) gives the same values until
@@ -87,11 +92,23 @@ class FakeQuant(nn.Module):
     def packed(self, value: torch.Tensor) -> Codes:
         """The integer codes of ``value`` (a value of this grid) and its per-row scales, for the
         packed file; the scales are float16 values (see `make_grid`), stored in 2 bytes."""
-        codes = torch.round(value / self.scale).to(torch.int64)
-        return Codes(codes, "scaled", {"scale": self.scale})
+        value = value.detach()
+        if value.dim() == 0 or self.scale.numel() not in (1, value.shape[0]):
+            return Codes(
+                torch.div(value, self.scale).round_().to(torch.int8),
+                "scaled",
+                {"scale": self.scale},
+            )
+        rows, scale = value.reshape(value.shape[0], -1), self.scale.reshape(-1, 1)
+        codes = torch.empty(rows.shape, dtype=torch.int8, device=value.device)  # |code| <= 127
+        step = max(1, _CHUNK // max(1, rows.shape[1]))
+        for start in range(0, len(rows), step):  # (no float temporary of the whole tensor)
+            part = slice(start, start + step)
+            codes[part] = torch.div(rows[part], scale if len(scale) == 1 else scale[part]).round_()
+        return Codes(codes.view(value.shape), "scaled", {"scale": self.scale})
 
     def _fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        quantized = (self.codes(weight) * self.scale).detach()
+        quantized = self.codes(weight).mul_(self.scale)
         inside = (weight / self.scale).abs() <= self.qmax + 0.5
         return quantized + (weight - weight.detach()) * inside  # value: quantized; grad: STE
 
