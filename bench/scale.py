@@ -34,14 +34,11 @@ The reloaded model's outputs are checked to equal the packed model's (``exact``)
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -87,44 +84,9 @@ def _compress(model, variant: str):
     return model
 
 
-class _PeakRss:
-    """Peak resident bytes above the level at entry, sampled from ``/proc/self/statm``."""
-
-    def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self) -> _PeakRss:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def over(self) -> int:
-        return self.peak - self.start
-
-
 def _child(case: str, variant: str) -> dict:
     import torch
+    from _scale_phases import PeakRss
     from safetensors.torch import load_file, save_file
 
     from compressors import load_packed, save_packed
@@ -152,7 +114,7 @@ def _child(case: str, variant: str) -> dict:
         with torch.no_grad():
             expected = _outputs(model, x)
         path = Path(tmp) / "m.sqz"
-        with _PeakRss() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             row["bytes"] = save_packed(model, path)
             row["pack_s"] = time.perf_counter() - t0
@@ -162,7 +124,7 @@ def _child(case: str, variant: str) -> dict:
         row["estimate_s"] = time.perf_counter() - t0
         del model
         fresh, _ = _build(case)
-        with _PeakRss() as peak:
+        with PeakRss() as peak:
             t0 = time.perf_counter()
             reloaded = load_packed(path, fresh)
             row["reload_s"] = time.perf_counter() - t0

@@ -89,6 +89,22 @@ def sweep_overrides(
     ]
 
 
+def structured_quant_overrides(tmp_path, cache_dir, *extra: str, **kwargs) -> list[str]:
+    """`sweep_overrides` of two trials of structured 0.5 then quantization (``space.quant.bits``
+    4 unless ``extra`` says otherwise) on digits, timed at batch 1 unless ``extra`` says."""
+    return sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=2",
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=0.5",
+        "space.quant.bits=4",
+        "measure.latency_batch_sizes=[1]",
+        *extra,  # (Hydra: the last override of a key wins)
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def pg_url():
     """The PostgreSQL server every machine here runs; CI must reach it (fail, not skip)."""

@@ -13,7 +13,7 @@ from search import compose_config
 from search.cli import main
 from search.results.reuse import export_trial
 from search.run.logs import Stages, Ticker
-from tests.conftest import sweep_overrides
+from tests.conftest import structured_quant_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,16 +58,7 @@ def test_stages_bound_each_stage_and_time_it_from_the_end_of_the_one_before(capl
 def sweep(tmp_path_factory, cache_dir):
     """Two trials of structured 0.5 + 4-bit quantization on digits, three epochs each."""
     tmp_path = tmp_path_factory.mktemp("progress")
-    overrides = sweep_overrides(
-        tmp_path,
-        cache_dir,
-        "search.n_trials=2",
-        "space.pipeline=[structured,quant]",
-        "space.structured.amount=0.5",
-        "space.quant.bits=4",
-        "space.finetune.epochs=3",
-        "measure.latency_batch_sizes=[1]",
-    )
+    overrides = structured_quant_overrides(tmp_path, cache_dir, "space.finetune.epochs=3")
     assert main(["sweep", "--quiet", *overrides]) == 0
     return tmp_path, overrides
 

@@ -43,7 +43,7 @@ from search.results.explain import (
     write_explanation,
 )
 from search.results.reuse import export_trial, load_study
-from tests.conftest import sweep_overrides
+from tests.conftest import structured_quant_overrides
 from tests.zoo import tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,16 +247,7 @@ def test_val_agreement_is_a_metric_an_objective_and_a_lower_bound():
 def sweep(tmp_path_factory, cache_dir):
     """Two trials of structured 0.5 + 4-bit quantization on digits."""
     tmp_path = tmp_path_factory.mktemp("explain")
-    overrides = sweep_overrides(
-        tmp_path,
-        cache_dir,
-        "search.n_trials=2",
-        "space.pipeline=[structured,quant]",
-        "space.structured.amount=0.5",
-        "space.quant.bits=4",
-        "space.finetune.lr=0.003",
-        "measure.latency_batch_sizes=[1]",
-    )
+    overrides = structured_quant_overrides(tmp_path, cache_dir, "space.finetune.lr=0.003")
     assert main(["sweep", "--quiet", *overrides]) == 0
     return tmp_path, overrides
 

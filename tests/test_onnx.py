@@ -373,14 +373,11 @@ def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     from mlflow.tracking import MlflowClient
 
     from search import compose_config, run_sweep
-    from tests.conftest import sweep_overrides
+    from tests.conftest import structured_quant_overrides
 
-    overrides = sweep_overrides(
+    overrides = structured_quant_overrides(
         tmp_path,
         cache_dir,
-        "search.n_trials=2",
-        "space.pipeline=[structured,quant]",
-        "space.structured.amount=0.5",
         "space.quant.bits=choice(4, 8)",
         "measure.runtime=onnxruntime",
         "measure.latency_batch_sizes=[1,64]",

@@ -32,6 +32,7 @@ from compressors._codecs import CodecError, restore
 from compressors.lowrank import LowRank
 from compressors.packing import TRAILER
 from experiments import BaselineCacheError, load_or_train_baseline
+from tests.test_packing import _fixture_model as fixture_model  # the SQZ2 fixture's model
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -39,22 +40,6 @@ ROOT = Path(__file__).parent.parent
 MEMORY_BOUND = 100 << 20
 #: What a bomb decompresses to (enough to be seen above the bound).
 BOMB = 1 << 29
-
-
-def fixture_model() -> nn.Module:
-    """The architecture of ``tests/data/sqz2_small.sqz`` (see ``test_packing._fixture_model``)."""
-    return nn.Sequential(
-        nn.Linear(16, 48),
-        nn.BatchNorm1d(48),
-        nn.ReLU(),
-        nn.Linear(48, 64),
-        nn.ReLU(),
-        nn.Linear(64, 32),
-        nn.ReLU(),
-        nn.Linear(32, 24),
-        nn.ReLU(),
-        nn.Linear(24, 120),
-    )
 
 
 # ------------------------------------------------------------------------------ crafting

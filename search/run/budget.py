@@ -21,7 +21,6 @@ recipe is tried again as a new trial that uses the budget like any other.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -39,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config.retry import retrying
 from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url
 from search.failures import INTERRUPTIONS, fail_kind
+from search.run.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -124,18 +124,7 @@ def budget_lock(
     if is_url(storage) and not storage.startswith("sqlite"):
         return _advisory_lock(storage, study_name, retry_s=retry_s)
     path = storage.split("///", 1)[1] if storage.startswith("sqlite") else storage
-    return _file_lock(Path(f"{path}.budget-lock"))  # (not .lock: Optuna's own)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(Path(f"{path}.budget-lock"))  # (not .lock: Optuna's own)
 
 
 @contextmanager

@@ -10,7 +10,6 @@ lock and then finds the whole database; a failed creation leaves no file.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import uuid
@@ -19,6 +18,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from search._errors import SweepStopped
+from search.run.locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +41,10 @@ def first_use(uri: str) -> AbstractContextManager[None]:
 
 @contextmanager
 def _created(path: Path) -> Iterator[None]:
-    with _lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if not path.exists() or path.stat().st_size == 0:
             create(path)
         yield
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def create(path: Path) -> None:
