@@ -34,6 +34,25 @@ def _torch_on_one_thread():
     torch.set_num_threads(threads)
 
 
+#: Cases of parametrized tests that take over 6 s on 2 cores: the slow lane runs them, their
+#: sibling cases stay in the fast lane (`pytest -m "not slow"`).
+SLOW_CASES = {
+    "test_any_model.py::test_a_two_trial_sweep_with_the_default_space_through_config_dir[minilm]",
+    "test_explain.py::test_every_family_is_explained_and_attributes_like_itself[cnn1d]",
+    "test_workloads.py::test_a_two_trial_sweep_runs_on_each_workload[wl_dict_bert]",
+    "test_onnx.py::test_every_family_exports_its_codes_and_runs_like_the_torch_model[gru]",
+    "test_hf_zoo.py::test_every_hf_architecture_deploys_to_onnx[gpt2-quant4]",
+    "test_hf_zoo.py::test_every_hf_architecture_deploys_to_onnx[distilbert-quant4]",
+    "test_minilm.py::test_packed_file_round_trips_bit_exactly_into_a_fresh_minilm[4bit-emb4]",
+}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.nodeid.removeprefix("tests/") in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

@@ -68,6 +68,7 @@ def _pasted(out: str) -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines if line.startswith("squeeze ")]
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_readme_example_sweeps_without_pythonpath_and_its_printed_commands_work_pasted(
     user, tmp_path, cache_dir, capsys
 ):
@@ -172,6 +173,7 @@ def shapes(*, name="shapes", seed=0, samples=600, channels=8, train=None) -> Tas
 '''
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_conv_task_swept_with_auto_threads_reruns_exactly_and_loads_where_importable(
     user, tmp_path, cache_dir, capsys, monkeypatch
 ):

@@ -284,6 +284,7 @@ def test_auto_threads_picks_one_thread_for_small_models_and_shares_the_cores():
     assert tiny.threads == 1  # 1.6 GFLOP a batch: one thread, whatever the cores
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_study_records_its_trials_threads_and_a_resumed_auto_sweep_keeps_them(
     tmp_path, cache_dir
 ):

@@ -111,6 +111,7 @@ def test_mlflow_and_optuna_dashboard_show_the_study_by_name(sweep):
         assert note.startswith("On the Pareto front of study `digits_mlp`") == on_front
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_the_printed_commands_export_into_this_folder_and_run_it(sweep):
     work, _, out, study = sweep
     trial, (export, run) = _recommended(out)

@@ -367,6 +367,7 @@ def test_read_tensors_gives_the_codes_of_every_layout(tmp_path):
     assert torch.equal(reloaded.net[3].weight.detach(), t.value)
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     """measure.runtime=onnxruntime: each trial's packed file is exported, checked in ONNX Runtime
     and logged beside it; latency and the speed-up over the baseline's graph are timed there."""

@@ -255,6 +255,7 @@ def test_an_interrupted_sweep_ends_its_parent_run_killed_and_resumes(tmp_path, c
     assert len(children) == 3 and len(_study(tmp_path).trials) == 3
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_cross_validated_objective_is_the_mean_over_fold_baselines(tmp_path, cache_dir):
     from experiments import evaluate
     from search.config.plan import plan_sweep

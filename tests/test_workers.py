@@ -90,6 +90,7 @@ def test_four_workers_on_postgresql_finish_exactly_the_budget(tmp_path, cache_di
         optuna.delete_study(study_name=name, storage=pg_url)
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_worker_from_elsewhere_joins_a_running_sweep(tmp_path, cache_dir, pg_url):
     name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
     overrides = sweep_overrides(
