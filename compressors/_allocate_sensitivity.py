@@ -94,6 +94,11 @@ def plan(model: nn.Module, tensors: int, settings: int, *, method: str, samples:
     return Plan("fisher", min(samples, INTERPOLATED_SAMPLES), fisher_batch)
 
 
+#: A sensitivity table that took this long is logged at INFO (a quicker one at DEBUG: a small
+#: model's trials each measure one, and their lines said nothing a person acts on).
+NOTABLE_S = 10.0
+
+
 class Counter:
     """Forward passes (batches) run while measuring a table."""
 
@@ -103,14 +108,16 @@ class Counter:
         self.start = time.perf_counter()
 
     def log(self, what: Plan, tensors: int, settings: int) -> None:
-        logger.info(
+        seconds = time.perf_counter() - self.start
+        logger.log(
+            logging.INFO if seconds >= NOTABLE_S else logging.DEBUG,  # (not once per trial)
             "sensitivity table (%s, %d tensors x %d settings): %d forwards (%d samples), %.1f s",
             what,
             tensors,
             settings,
             self.forwards,
             self.rows,
-            time.perf_counter() - self.start,
+            seconds,
         )
 
 

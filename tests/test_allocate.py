@@ -255,7 +255,7 @@ def test_the_table_measures_at_most_the_configured_samples(
     model = copy.deepcopy(digits_baseline.model)
     rows = _counting(model)
     allocator = get_compressor("allocate")(sensitivity=method, samples=96)
-    with caplog.at_level("INFO", logger="compressors._allocate_sensitivity"):
+    with caplog.at_level("DEBUG", logger="compressors._allocate_sensitivity"):
         table = allocator.table(model, ctx)
     settings = len(allocator.settings())
     assert max(rows) <= (64 if method == "fisher" else 96)
