@@ -190,7 +190,7 @@ def test_a_trial_whose_mlflow_run_cannot_be_written_is_not_complete(
         return write(client, run_id, params, metrics, tags, *args)
 
     monkeypatch.setattr(tracking, "_write", full_for_trials)  # (the writer forks with it)
-    code = _sweep(tmp_path, cache_dir, "search.n_trials=2")
+    code = _sweep(tmp_path, cache_dir, "search.n_trials=2", "search.warm_start=false")
     err = capsys.readouterr().err
     assert code == 1
     assert "squeeze: stopped: the MLflow store" in err and "No space left on device" in err
