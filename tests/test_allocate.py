@@ -291,7 +291,7 @@ def test_the_table_is_reused_by_trials_with_the_same_structured_shapes(
         )
         shapes.append([tuple(p.shape) for p in pruned.parameters()])
         caplog.clear()
-        with caplog.at_level("INFO", logger="compressors"):
+        with caplog.at_level("DEBUG", logger="compressors"):
             get_compressor("allocate")(ratio=6.0, samples=128).compress(pruned, ctx)
         logs.append(caplog.text)
     assert shapes[0] == shapes[1] != shapes[2]
