@@ -71,6 +71,7 @@ def test_mask_url_hides_passwords_only():
     assert mask_url("postgresql://ann@db/x") == "postgresql://ann@db/x"
 
 
+@pytest.mark.slow  # (over 4.5 s on 2 cores: the slow lane runs it)
 def test_pareto_dominance_stops_trials_and_constraints_shape_the_front(tmp_path, cache_dir):
     cfg = compose_config(
         sweep_overrides(

@@ -298,6 +298,7 @@ def test_squeeze_explain_of_an_unknown_trial_names_it_and_the_trials_there(sweep
     assert "expected a trial number or 'baseline'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (over 4.5 s on 2 cores: the slow lane runs it)
 def test_the_report_explains_the_front(sweep):
     tmp_path, overrides = sweep
     assert main(["report", "--study", "digits_mlp", *overrides]) == 0

@@ -111,6 +111,7 @@ def _runs(tmp_path):
     return parents, children
 
 
+@pytest.mark.slow  # (over 4.5 s on 2 cores: the slow lane runs it)
 def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_completes_its_budget(
     tmp_path, cache_dir, monkeypatch, capsys
 ):
