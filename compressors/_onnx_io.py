@@ -393,14 +393,29 @@ def ort_feeds(
 
 
 def input_batches(inputs: Any, batch_size: int) -> Iterator[Any]:
-    """Batches of the model's inputs: slices of ``batch_size`` rows of one tensor, of a tuple
-    or of a dict of tensors, or the batches any other iterable (a list, a generator) yields."""
+    """Batches of the model's inputs: slices of at most ``batch_size`` rows of one tensor, of a
+    tuple or of a dict of tensors, or of each batch any other iterable (a list, a generator)
+    yields (so that a check's activations stay those of ``batch_size`` rows)."""
     if isinstance(inputs, torch.Tensor | Mapping | tuple):
         rows = len(inputs) if isinstance(inputs, torch.Tensor) else _rows(inputs)
         for start in range(0, rows, batch_size):
             yield _slice(inputs, start, start + batch_size)
         return
-    yield from inputs
+    for batch in inputs:
+        if _splittable(batch):
+            yield from input_batches(batch, batch_size)
+        else:
+            yield batch
+
+
+def _splittable(inputs: Any) -> bool:
+    """Whether ``inputs`` is one tensor, a tuple or a dict of tensors with a batch axis."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.dim() > 0
+    if not isinstance(inputs, Mapping | tuple):
+        return False
+    values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values)
 
 
 def _rows(inputs: Mapping | tuple) -> int:

@@ -5,8 +5,9 @@ that dequantize it or the integer MatMuls that read it (see `compressors.onnx_ex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,8 +51,11 @@ class _Coded:
         root: The initializer it comes from (the first, for a concatenation).
         roots: Every initializer it comes from.
         offset: A root's first element's position among all stored codes.
-        moved_ids: Each element's position among all stored codes, once layout ops moved them
-            (a root's are ``offset`` onwards, made on demand: see `ids`).
+        moved_ids: How to compute each element's position among all stored codes, once layout
+            ops moved them (None for a root, whose are ``offset`` onwards). Made on demand
+            (`ids`), one group of tensors at a time: held for every weight at once, they took
+            11x a BERT-base's fp32 bytes.
+        id_type: The integer type of positions (int32 where every position fits).
     """
 
     codes: np.ndarray
@@ -60,14 +64,16 @@ class _Coded:
     root: str
     roots: frozenset[str]
     offset: int = 0
-    moved_ids: np.ndarray | None = None
+    moved_ids: Callable[[], np.ndarray] | None = None
+    id_type: type = np.int64
 
     @property
     def ids(self) -> np.ndarray:
         """Each element's position among all stored codes (to find elements stored twice)."""
         if self.moved_ids is not None:
-            return self.moved_ids
-        return np.arange(self.offset, self.offset + self.codes.size).reshape(self.codes.shape)
+            return self.moved_ids()
+        end = self.offset + self.codes.size
+        return np.arange(self.offset, end, dtype=self.id_type).reshape(self.codes.shape)
 
 
 class Rewriter:
@@ -92,6 +98,8 @@ class Rewriter:
         self.names |= {i.name for i in self.graph.initializer}
         self.forms: dict[int, tuple] = {}
         self.zero_point: str | None = None
+        total = sum(t.value.numel() for t in roots.values())
+        self.id_type = np.int32 if total < np.iinfo(np.int32).max else np.int64
 
     def _form(self, c: _Coded) -> tuple[str, int, np.ndarray, int]:
         """`_scale_form` of a coded grid tensor that is written (computed once)."""
@@ -114,12 +122,23 @@ class Rewriter:
     # folding
 
     def _constants(self) -> dict[str, np.ndarray]:
+        """The constant operands of layout ops (shapes, axes, starts), by name: only those (a
+        copy of every initializer would be the model's bytes again)."""
         from onnx import numpy_helper
 
-        values = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
+        operands = {
+            name
+            for node in self.graph.node
+            if node.op_type in _LAYOUT_OPS
+            for name in node.input[1 if node.op_type != "Concat" else len(node.input) :]
+        }
+        values = {
+            i.name: numpy_helper.to_array(i) for i in self.graph.initializer if i.name in operands
+        }
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute[0].name == "value":
-                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                if node.output[0] in operands:
+                    values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         return values
 
     def _fold(self, unfolded: set[str]) -> tuple[dict[str, _Coded], set[int]]:
@@ -155,7 +174,7 @@ class Rewriter:
             outputs = zip(
                 run("codes"),
                 run("scale") if sources[0].scale is not None else [None] * len(node.output),
-                run("ids"),
+                [partial(_output, run, "ids", k) for k in range(len(node.output))],
                 strict=True,
             )
             roots = frozenset().union(*(s.roots for s in sources))
@@ -175,9 +194,10 @@ class Rewriter:
         if codes.decode == "codebook":  # only the values used (a cluster's 0 may be unused)
             used, index = np.unique(values, return_inverse=True)
             book = table[used].astype(np.float32)
-            return _Coded(index.reshape(values.shape), None, book, name, frozenset({name}), offset)
+            index = index.reshape(values.shape)
+            return _Coded(index, None, book, name, frozenset({name}), offset, None, self.id_type)
         scale = np.broadcast_to(table.astype(np.float32), values.shape)  # a view: no copy
-        return _Coded(values, scale, None, name, frozenset({name}), offset)
+        return _Coded(values, scale, None, name, frozenset({name}), offset, None, self.id_type)
 
     def _needed(self, coded: dict[str, _Coded], folded: set[int]) -> dict[str, _Coded]:
         """Coded tensors read by ops that stay (or that are graph outputs)."""
@@ -189,21 +209,31 @@ class Rewriter:
 
     def _stored_twice(self, coded: dict[str, _Coded], folded: set[int]) -> set[str]:
         """Roots some of whose elements would be stored in two initializers (a tied table read
-        as is by a Gather and transposed by a MatMul, say)."""
+        as is by a Gather and transposed by a MatMul, say). Checked one group of roots at a
+        time (those that moved tensors join), so that positions are held for one group only."""
         needed = list(self._needed(coded, folded).values())
-        moved = [c.ids.ravel() for c in needed if c.moved_ids is not None]
-        if not moved:
-            return set()
-        names = list(self.roots)
-        starts = np.array([offset for offset, _ in _offsets(self.roots)])
-
-        def owners(ids: np.ndarray) -> set[str]:
-            return {names[i] for i in np.unique(np.searchsorted(starts, ids, side="right") - 1)}
-
-        touched = owners(np.concatenate(moved))
-        direct = [c.ids.ravel() for c in needed if c.moved_ids is None and c.root in touched]
-        values, counts = np.unique(np.concatenate(moved + direct), return_counts=True)
-        return owners(values[counts > 1])
+        groups = _groups([c.roots for c in needed if c.moved_ids is not None])
+        offsets = {name: offset for offset, name in _offsets(self.roots)}
+        twice: set[str] = set()
+        for group in groups:
+            members = [c for c in needed if c.roots & group]
+            if len(group) == 1 and len(members) == 1:  # one tensor from one root: any repeat?
+                (root,) = group
+                ids = members[0].ids.ravel() - offsets[root]
+                seen = np.zeros(self.roots[root].value.numel(), dtype=bool)
+                seen[ids] = True
+                if int(seen.sum()) < ids.size:
+                    twice.add(root)
+                continue
+            names = sorted(group, key=offsets.__getitem__)
+            starts = np.array([offsets[n] for n in names])
+            values, counts = np.unique(
+                np.concatenate([c.ids.ravel() for c in members]), return_counts=True
+            )
+            repeated = values[counts > 1]
+            owners = np.unique(np.searchsorted(starts, repeated, side="right") - 1)
+            twice |= {names[i] for i in owners}
+        return twice
 
     # writing
 
@@ -414,6 +444,21 @@ def _attributes(node: Any) -> dict[str, Any]:
 def _transposed(node: Any) -> bool:
     """Whether a MatMul / Gemm reads its weight as [N, K] (a Gemm with transB)."""
     return node.op_type == "Gemm" and bool(_attributes(node).get("transB", 0))
+
+
+def _output(run: Callable[[str], list[np.ndarray]], field: str, k: int) -> np.ndarray:
+    """The ``k``-th output of a layout op run on its sources' ``field``."""
+    return run(field)[k]
+
+
+def _groups(sets: list[frozenset[str]]) -> list[set[str]]:
+    """The connected groups of names that ``sets`` join (each set joins its names)."""
+    groups: list[set[str]] = []
+    for names in sets:
+        joined = [g for g in groups if g & names]
+        merged = set(names).union(*joined)
+        groups = [g for g in groups if not g & names] + [merged]
+    return groups
 
 
 def _offsets(roots: dict[str, PackedTensor]) -> Iterator[tuple[int, str]]:

@@ -57,7 +57,7 @@ import os
 import re
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -385,17 +385,25 @@ class PackedTensor:
 
 
 def read_tensors(
-    path: str | os.PathLike, *, model: nn.Module | None = None
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    values: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, PackedTensor]:
     """Every tensor of a packed file as the file stores it: values, layout and integer codes
     (what an exporter needs to store codes rather than floats). A tied tensor's keys map to one
-    `PackedTensor` object."""
+    `PackedTensor` object. ``values``: the file's values where the caller holds them already (the
+    state dict of a model the file was loaded into), taken as they are rather than decoded again
+    (another copy of the model's bytes)."""
     packed = opened(path, model)[0]
     records = {}
     for name, spec in packed.meta["t"].items():
         arrays = packed.arrays(name)
+        held = None if values is None else values.get(name)
+        if held is not None and held.is_floating_point() and held.dtype != torch.float32:
+            held = None  # (the file's values are float32: see `read_packed`)
         records[name] = PackedTensor(
-            packed.decoded(name, arrays),
+            packed.decoded(name, arrays) if held is None else held,
             spec["enc"],
             packed.guarded(full_codes, spec, arrays) if "count" in spec else None,
         )

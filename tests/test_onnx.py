@@ -365,6 +365,50 @@ def test_read_tensors_gives_the_codes_of_every_layout(tmp_path):
     assert torch.equal(t.codes.codes * t.codes.tensors["scale"], t.value)
     reloaded = load_packed(packed, task.build_model(), int8=False)
     assert torch.equal(reloaded.net[3].weight.detach(), t.value)
+    # values a caller already holds (the model the file was loaded into) are taken, not decoded
+    held = read_tensors(packed, model=reloaded, values=reloaded.state_dict())["net.3.weight"]
+    assert held.value.data_ptr() == reloaded.net[3].weight.data_ptr()
+    assert torch.equal(held.codes.codes, t.codes.codes) and held.layout == t.layout
+
+
+def test_check_inputs_are_split_to_at_most_the_check_rows():
+    from compressors._onnx_io import input_batches
+
+    batches = [torch.zeros(20, 3), {"a": torch.zeros(5, 2), "b": torch.ones(5)}, "opaque"]
+    rows = [
+        b if isinstance(b, str) else len(next(iter(b.values())) if isinstance(b, dict) else b)
+        for b in input_batches(batches, 8)
+    ]
+    assert rows == [8, 8, 4, 5, "opaque"]
+    assert [len(b) for b in input_batches(torch.zeros(10, 2), 4)] == [4, 4, 2]
+
+
+def test_a_check_on_outputs_computed_first_is_the_check_on_the_model(tmp_path):
+    """`deploy_onnx` computes the torch model's outputs, frees the model, then runs ONNX Runtime:
+    the same verdict and figures as the check with the model at hand."""
+    from compressors.onnx_export import torch_outputs
+
+    task = _task("mlp")
+    packed, out = tmp_path / "m.sqz", tmp_path / "m.onnx"
+    _shipped("mlp", [("quant", {"bits": 4})], packed)
+    model = task.build_model()
+    export_onnx(packed, model, task.example_inputs(8), out)
+    x = task.val.x[:50]
+    with_model = check_onnx(out, model, x)
+    first = check_onnx(out, None, x, expected=torch_outputs(model, x))
+    assert with_model.agree and first.agree and first.max_abs_diff == with_model.max_abs_diff
+    assert torch.equal(first.outputs, with_model.outputs) and len(first.outputs) == 50
+    with pytest.raises(ValueError, match="one of 'shipped_model' and 'expected'"):
+        check_onnx(out, model, x, expected=torch_outputs(model, x))
+    with pytest.raises(ValueError, match="7 batches of inputs and 1 of expected"):
+        check_onnx(out, None, x, expected=torch_outputs(model, x[:8]))
+
+
+def test_layout_groups_join_roots_that_tensors_share():
+    from compressors._onnx_rewrite import _groups
+
+    groups = _groups([frozenset("a"), frozenset("bc"), frozenset("cd"), frozenset("a")])
+    assert sorted(map(sorted, groups)) == [["a"], ["b", "c", "d"]]
 
 
 @pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
