@@ -22,6 +22,10 @@ SAMPLE_BYTES = 1 << 16
 _SAMPLE_BLOCKS = 16
 #: A plane is compressed when its sample shrinks below this fraction of its bytes.
 PAYS = 0.97
+#: Bytes of elements a decoded array's byte planes are written into at a time (a block that
+#: stays in the cache while each plane writes its bytes: about twice as fast as plane by plane
+#: over the whole array, whose elements each plane would bring from memory again).
+_INTERLEAVE_BYTES = 1 << 20
 #: Arrays smaller than this are compressed whole, without a sample.
 _SMALL = 4 * SAMPLE_BYTES
 
@@ -107,33 +111,98 @@ def restore(
     Raises:
         CodecError: If the bytes do not decode to such an array.
     """
+    out = np.empty(count * dtype.itemsize, dtype=np.uint8)
+    restore_into(out, dtype, count, codec, sizes, data)
+    return out.view(dtype)
+
+
+def restore_into(
+    out: np.ndarray, dtype: np.dtype, count: int, codec: str, sizes: list[int], data: memoryview
+) -> None:
+    """Decode the array `store` stored as ``data`` (``count`` elements of ``dtype``) straight
+    into ``out``, ``count`` times the element's bytes (a byte view of the tensor it is for):
+    each byte plane is written into its place in the elements, with no copy of the whole
+    array on the way (only a compressed plane is decompressed first, one at a time).
+
+    Raises:
+        CodecError: If the bytes do not decode to such an array (``out`` may then hold part).
+    """
     k = dtype.itemsize
+    if out.dtype != np.uint8 or out.shape != (count * k,):
+        raise ValueError(f"out must be {count * k:,} bytes (uint8), not {out.dtype} {out.shape}")
     if codec == "raw":
         if sizes != [count * k] or len(data) != count * k:
             raise CodecError(f"a raw array of {count} x {k} bytes is stored in {len(data)}")
-        return np.frombuffer(data, dtype=np.uint8).copy().view(dtype)
+        out[:] = np.frombuffer(data, dtype=np.uint8)
+        return
     if codec != "planes" or len(sizes) != k or sum(sizes) != len(data):
         raise CodecError(f"unknown codec {codec!r} or sizes {sizes} for {len(data)} bytes")
     if any(size > count for size in sizes):
         raise CodecError(f"a byte plane of {count} bytes is stored in more ({sizes})")
-    out = np.empty((k, count), dtype=np.uint8)
-    offset = 0
-    for j, size in enumerate(sizes):
+    planes, offset = [], 0
+    for size in sizes:
         chunk = data[offset : offset + size]
         offset += size
-        if size == count:
-            out[j] = np.frombuffer(chunk, dtype=np.uint8)
-            continue
+        planes.append(np.frombuffer(chunk, np.uint8) if size == count else _Plane(chunk, count))
+    elements = out.reshape(count, k)
+    step = _INTERLEAVE_BYTES // k
+    for start in range(0, count, step):  # (a block's planes in its elements while cached)
+        block = elements[start : start + step]
+        for j, plane in enumerate(planes):
+            block[:, j] = plane[start : start + len(block)]
+    for plane in planes:
+        if isinstance(plane, _Plane):
+            plane.end()
+
+
+class _Plane:
+    """A zstd-compressed byte plane of ``count`` bytes, decompressed a block at a time as it is
+    sliced in order (``plane[start:stop]``, the blocks consecutive): into one small buffer,
+    rather than the whole plane into new memory.
+
+    Raises:
+        CodecError: If the frame states another size, does not decompress, or holds fewer or
+            more than ``count`` bytes (checked by `end`).
+    """
+
+    def __init__(self, chunk: memoryview, count: int) -> None:
+        self.count, self._done = count, 0
         try:
             # A frame that states its size is decompressed to that size whatever the limit:
-            # the stated size is checked first (a frame that states none gets the limit).
+            # the stated size is checked first (a frame that states none is read to `count`).
             stated = zstandard.frame_content_size(chunk)
             if stated not in (count, -1):
                 raise CodecError(f"a byte plane states {stated} bytes, not {count}")
-            plane = zstandard.ZstdDecompressor().decompress(chunk, max_output_size=count)
+            self._reader = zstandard.ZstdDecompressor().stream_reader(chunk)
         except zstandard.ZstdError as err:
             raise CodecError(f"a byte plane does not decompress: {err}") from None
-        if len(plane) != count:
-            raise CodecError(f"a byte plane holds {len(plane)} bytes, not {count}")
-        out[j] = np.frombuffer(plane, dtype=np.uint8)
-    return (out.T.copy() if k > 1 else out).reshape(-1).view(dtype)
+        self._buffer = bytearray(min(count, _INTERLEAVE_BYTES))
+
+    def __getitem__(self, block: slice) -> np.ndarray:
+        if block.start != self._done or block.stop - block.start > len(self._buffer):
+            raise ValueError(f"blocks of a plane are read in order, not {block}")
+        n = block.stop - block.start
+        view, got = memoryview(self._buffer)[:n], 0
+        try:
+            while got < n:
+                more = self._reader.readinto(view[got:])
+                if not more:
+                    raise CodecError(
+                        f"a byte plane holds {self._done + got} bytes, not {self.count}"
+                    )
+                got += more
+        except zstandard.ZstdError as err:
+            raise CodecError(f"a byte plane does not decompress: {err}") from None
+        self._done += n
+        return np.frombuffer(self._buffer, np.uint8, n)
+
+    def end(self) -> None:
+        """Check the frame held no more than the plane's bytes."""
+        try:
+            more = self._reader.read(1)
+        except zstandard.ZstdError as err:
+            raise CodecError(f"a byte plane does not decompress: {err}") from None
+        if self._done != self.count or more:
+            raise CodecError(
+                f"a byte plane does not decompress to {self.count} bytes (it holds more)"
+            )

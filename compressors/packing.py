@@ -8,7 +8,10 @@ file of a few KB the index is a third of it), then a 12-byte trailer: the index'
 truncated or corrupted file is refused with `PackedFileError`). The writer streams: it encodes
 tensors in parallel (`WORKERS` threads; each record depends on its tensor alone, so the bytes do
 not depend on the threads) and writes each record as soon as it and those before it are done;
-the reader decodes one tensor at a time.
+the reader maps the file, checks its CRC-32 in parts at once, and decodes tensors in parallel
+(`WORKERS` threads), each where it can straight into the model's own tensor: a dense float32
+weight's byte planes are written into the tensor's storage block by block, its compressed plane
+decompressed a block at a time, with no copy of the whole tensor or file on the way.
 
 For every tensor of the model's state the writer picks the smallest of three layouts:
 
@@ -401,7 +404,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     smaller) replace the model's tensors; tied tensors are tied again; layers the file records
     as int8 are converted to int8 kernels last, unless ``int8=False``, which keeps every layer
     float (with the same weight values), e.g. for export (`compressors.onnx_export`). Tensors
-    are decoded one at a time, each straight into the model.
+    are decoded by `WORKERS` threads, each straight into the model's own tensor where the file
+    holds it as the model does (`Packed.decode_into`: a dense float32 weight, an integer
+    buffer), else decoded and copied in.
     """
     try:
         return _load(path, model, int8=int8)
@@ -420,11 +425,11 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
     tied = meta.get("tied", {})
     restore_attributes(path, model, meta.get("attrs", {}))
     with torch.no_grad():
-        for name in meta["t"]:
-            if name in tied:
-                continue
-            value = packed.decoded(name)
-            module, attr = _owner(model, name)
+        owners = {name: _owner(model, name) for name in meta["t"] if name not in tied}
+        for name, value in _decoded(packed, owners):
+            if value is None:
+                continue  # (decoded straight into the model's tensor)
+            module, attr = owners[name]
             current = getattr(module, attr)
             if current.shape == value.shape:
                 current.copy_(value)
@@ -451,6 +456,35 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
         }
     to_int8(model, scales)
     return model.eval()
+
+
+def _decoded(
+    packed, owners: dict[str, tuple[nn.Module, str]]
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """``(name, value)`` of each tensor of ``owners`` (``{name: (module, attribute)}``), in
+    order, decoded by `WORKERS` threads (at most that many tensors in work at once): None where
+    the tensor was decoded straight into the model's own (`Packed.decode_into`), else its
+    values, for the caller to copy or set."""
+
+    def one(name: str) -> torch.Tensor | None:
+        module, attr = owners[name]
+        if packed.decode_into(name, getattr(module, attr)):
+            return None
+        return packed.decoded(name)
+
+    if WORKERS == 1:
+        yield from ((name, one(name)) for name in owners)
+        return
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:
+        pending: deque = deque()
+        for name in owners:
+            if len(pending) >= WORKERS:
+                done, future = pending.popleft()
+                yield done, future.result()
+            pending.append((name, pool.submit(one, name)))
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
