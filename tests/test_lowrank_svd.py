@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from compressors import CompressionContext, get_compressor
-from compressors.lowrank import LowRank, choose_rank, randomized, truncated_svd
+from compressors.lowrank import (
+    LowRank,
+    choose_rank,
+    randomized,
+    singular_values,
+    truncated_svd,
+)
 
 
 def _low_rank_plus_noise(m: int, n: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
@@ -73,3 +79,14 @@ def test_each_layer_gets_the_rank_its_singular_values_give(keep, rank_by):
             assert isinstance(out[i], LowRank) and out[i].rank == rank
         else:
             assert isinstance(out[i], nn.Linear)  # (no pair would be smaller)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (128, 128), (1, 50)])
+def test_singular_values_from_the_gram_matrix_are_svdvals(shape):
+    matrix = _low_rank_plus_noise(*shape, rank=min(shape), noise=0.5, seed=2)
+    expected = torch.linalg.svdvals(matrix)
+    found = singular_values(matrix)
+    assert found.shape == expected.shape
+    assert torch.allclose(found.float(), expected, atol=1e-4 * float(expected[0]))
+    for keep in (0.3, 0.6, 0.9, 0.99):
+        assert choose_rank(found, keep, "energy") == choose_rank(expected, keep, "energy")
