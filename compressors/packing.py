@@ -55,6 +55,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import zlib
 from collections import deque
@@ -133,6 +134,9 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
 IN_FLIGHT = 1 << 22
+#: Values a file's tensors hold from which they are decoded by `WORKERS` threads (below, in the
+#: calling thread: starting threads would cost more than they save).
+THREADED_FROM = 1 << 16
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None) -> int:
@@ -472,7 +476,8 @@ def _decoded(
             return None
         return packed.decoded(name)
 
-    if WORKERS == 1:
+    values = sum(math.prod(packed.meta["t"][name]["shape"]) for name in owners)
+    if WORKERS == 1 or values < THREADED_FROM:
         yield from ((name, one(name)) for name in owners)
         return
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:

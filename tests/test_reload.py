@@ -181,6 +181,7 @@ def test_a_file_of_the_previous_reader_loads_exactly_in_place(monkeypatch, worke
     expected = json.loads((DATA / "sqz3_v4_small.json").read_text())
     outputs = expected.pop("__outputs__")
     monkeypatch.setattr(packing, "WORKERS", workers)
+    monkeypatch.setattr(packing, "THREADED_FROM", 0)  # (a small model: threads all the same)
     model = _sqz3_fixture_model()
     packed, _ = opened(path, model)
     assert packed.decode_into("0.weight", torch.empty(200, 64))  # (the in-place path)
