@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import mmap
 import os
 import struct
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import zstandard
 from safetensors.torch import load as st_load
 
 from compressors._codecs import CodecError, check_layout, decode, restore
+from compressors._planes import restore_into
 
 MAGIC = b"SQZ3"
 FORMAT_VERSION = 4
@@ -60,8 +63,14 @@ class Packed:
     `MAX_UNBOUNDED_BYTES` in all.
     """
 
-    def __init__(self, path, meta: dict, arrays: Callable[[str], dict[str, torch.Tensor]]):
-        self.path, self.meta, self._arrays = path, meta, arrays
+    def __init__(
+        self,
+        path,
+        meta: dict,
+        arrays: Callable[[str], dict[str, torch.Tensor]],
+        into: Callable[[str, str, np.ndarray], None] | None = None,
+    ):
+        self.path, self.meta, self._arrays, self._into = path, meta, arrays, into
         self._bounded = False
 
     def bound(self, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
@@ -104,6 +113,37 @@ class Packed:
         arrays = self.arrays(name) if arrays is None else arrays
         return self.guarded(decode, self.meta["t"][name], arrays)
 
+    def decode_into(self, name: str, target: torch.Tensor) -> bool:
+        """Decode tensor ``name`` straight into ``target``'s storage, where the file holds it
+        as ``target`` holds it: one array of ``target``'s dtype and shape (a ``dense`` record
+        of float values, or an integer tensor stored ``raw``), ``target`` contiguous on the
+        CPU. Its bytes are then written in place, byte plane by byte plane, with no copy of
+        the whole tensor on the way. False, and nothing written, where it is not so (SQZ2
+        files, sparse layouts, codes, values stored as float16 for a float32 tensor): then
+        `decoded` and a copy.
+        """
+        if self._into is None:
+            return False
+        if not self._bounded:
+            self.bound()
+        spec = self.meta["t"][name]
+        entries = spec["a"]
+        suffix = {"dense": "values", "raw": ""}.get(spec["enc"])
+        if (
+            suffix is None
+            or "count" in spec
+            or len(entries) != 1
+            or entries[0][0] != suffix
+            or entries[0][1] != _NUMPY.get(target.dtype)
+            or list(target.shape) != spec["shape"]
+            or not target.is_contiguous()
+            or target.device.type != "cpu"
+        ):
+            return False
+        out = target.detach().reshape(-1).view(torch.uint8).numpy()
+        self.guarded(self._into, name, suffix, out)
+        return True
+
     def guarded(self, fn, *args):
         """``fn(*args)``, a damaged or foreign record's error raised as `PackedFileError`."""
         try:
@@ -114,10 +154,16 @@ class Packed:
             raise PackedFileError(f"{self.path} cannot be decoded: {err!r}") from None
 
 
-def checked(path: str | os.PathLike) -> bytes:
-    """The bytes of a packed file of a format this squeeze reads (the checksum not checked)."""
+def checked(path: str | os.PathLike) -> bytes | mmap.mmap:
+    """The bytes of a packed file of a format this squeeze reads (the checksum not checked):
+    the file mapped read-only (a tensor's arrays are then decoded from the page cache, with no
+    copy of the whole file), or read where it cannot be mapped (an empty file)."""
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            try:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (ValueError, OSError):
+                data = f.read()
     except OSError as err:
         raise PackedFileError(f"{path} cannot be read: {err.strerror or err}") from None
     if data[:3] == MAGIC[:3] and data[:4] not in (MAGIC, MAGIC_SQZ2):
@@ -166,7 +212,7 @@ def open_packed(
     index_len, crc = TRAILER.unpack(data[-TRAILER.size :])
     index_start = len(data) - TRAILER.size - index_len
     view = memoryview(data)
-    if index_start < len(MAGIC) or zlib.crc32(view[: -TRAILER.size]) != crc:
+    if index_start < len(MAGIC) or crc32(view[: -TRAILER.size]) != crc:
         raise _corrupted(path, data)
     limit = min(MAX_INDEX_BYTES, max_index, max(_SMALL_INDEX, INDEX_RATIO * index_len))
     index = _unzstd(path, view[index_start : -TRAILER.size], limit, "its index")
@@ -228,7 +274,78 @@ def open_packed(
             out[suffix] = torch.from_numpy(array).reshape(shape)
         return out
 
-    return Packed(path, meta, arrays)
+    def into(name: str, suffix: str, out: np.ndarray) -> None:
+        for found, dtype, shape, codec, sizes, start in places[name]:
+            if found == suffix:
+                end = start + sum(sizes)
+                restore_into(out, dtype, math.prod(shape), codec, sizes, view[start:end])
+
+    return Packed(path, meta, arrays, into)
+
+
+#: Threads checking a large file's CRC-32, a part each (zlib lets go of the GIL meanwhile).
+CRC_WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Bytes below which a file's CRC-32 is computed in one part.
+_CRC_PART = 1 << 22
+_CRC_POLY = 0xEDB88320
+
+
+def crc32(data) -> int:
+    """``zlib.crc32(data)``, computed in `CRC_WORKERS` parts at once on a large buffer and the
+    parts' checksums combined (zlib's ``crc32_combine``, which Python does not expose)."""
+    view = memoryview(data).cast("B")
+    parts = min(CRC_WORKERS, len(view) // _CRC_PART)
+    if parts <= 1:
+        return zlib.crc32(view)
+    bounds = [len(view) * i // parts for i in range(parts + 1)]
+    chunks = [view[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    with ThreadPoolExecutor(parts, thread_name_prefix="squeeze-crc") as pool:
+        crcs = list(pool.map(zlib.crc32, chunks))
+    crc = crcs[0]
+    for part, chunk in zip(crcs[1:], chunks[1:], strict=True):
+        crc = crc32_combine(crc, part, len(chunk))
+    return crc
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of ``a + b`` from ``crc1`` of ``a``, ``crc2`` of ``b`` and ``len(b)``: zlib's
+    ``crc32_combine`` (``crc1`` times x^(8 len2) modulo the polynomial, plus ``crc2``)."""
+    return _multmodp(_x2nmodp(len2, 3), crc1) ^ crc2
+
+
+def _multmodp(a: int, b: int) -> int:
+    """``a * b`` modulo the CRC polynomial (bit-reflected, as zlib has it)."""
+    m, p = 1 << 31, 0
+    while m:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                break
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return p
+
+
+def _x2n_table() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _multmodp(p, p)
+    return table
+
+
+_X2N = _x2n_table()
+
+
+def _x2nmodp(n: int, k: int) -> int:
+    """x^(n * 2^k) modulo the CRC polynomial."""
+    p = 1 << 31  # x^0
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
 
 
 def _is_entry(entry) -> bool:

@@ -134,21 +134,78 @@ def choose_rank(singular_values: torch.Tensor, keep: float, rank_by: str) -> int
     """The rank that keeps a fraction ``keep`` of the full rank (``ratio``) or of the squared
     singular values' sum (``energy``); at least 1."""
     if rank_by == "ratio":
-        return max(1, math.ceil(keep * len(singular_values)))
+        return _ratio_rank(keep, len(singular_values))
     energy = torch.cumsum(singular_values.pow(2), 0) / singular_values.pow(2).sum()
     return max(1, int(torch.searchsorted(energy, energy.new_tensor(keep - 1e-6))) + 1)
 
 
-def factorize(layer: nn.Module, rank: int) -> LowRank:
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix``'s singular values, descending, as the square roots of the eigenvalues of its
+    smaller Gram matrix (``A A^T``), in float64 (float32 on Apple's MPS, which has no float64):
+    about 2.5x faster than `torch.linalg.svdvals` on 2048 x 2048 here, within 1e-5 of it."""
+    a = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    a = a.to(torch.float32 if a.device.type == "mps" else torch.float64)
+    return torch.linalg.eigvalsh(a @ a.T).flip(0).clamp_min(0).sqrt()
+
+
+def _ratio_rank(keep: float, full: int) -> int:
+    return max(1, math.ceil(keep * full))
+
+
+#: Power iterations of the randomized SVD (Halko, Martinsson and Tropp 2011, algorithm 4.4):
+#: with 4, the kept factors' reconstruction error was within 0.8% of the full SVD's on 2048 x
+#: 2048 matrices (flat, decaying and low-rank-plus-noise spectra; 2.8% with 2).
+NITER = 4
+#: The randomized SVD is used where its sketch (rank plus `_oversample`) is at most this fraction
+#: of the full rank; beyond, it took as long as the full SVD (2048 x 1024 at rank 512: 1.4 s each,
+#: against 0.8 s and 1.2 s at rank 341).
+RANDOMIZED_UP_TO = 0.5
+
+
+def _oversample(rank: int) -> int:
+    return max(10, rank // 10)
+
+
+def randomized(shape: tuple[int, int], rank: int) -> bool:
+    """Whether `truncated_svd` of a matrix of ``shape`` at ``rank`` is randomized."""
+    return rank + _oversample(rank) <= RANDOMIZED_UP_TO * min(shape)
+
+
+def truncated_svd(
+    matrix: torch.Tensor, rank: int, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, S_r, Vh_r)``: the top ``rank`` singular triplets of ``matrix``, on its device (in
+    float32 at least). Where ``rank`` is small against the matrix (`randomized`), a randomized
+    SVD: a Gaussian sketch of ``rank`` + a few columns (drawn from its own generator seeded
+    with ``seed``: the global random state is untouched), `NITER` power iterations, each
+    re-orthonormalized, then the SVD of the small projected matrix; else the full SVD,
+    truncated (exact at full rank)."""
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    if not randomized(tuple(work.shape), rank):
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    generator = torch.Generator(device=work.device).manual_seed(seed)
+    sketch = rank + _oversample(rank)
+    omega = torch.randn(
+        work.shape[1], sketch, generator=generator, device=work.device, dtype=work.dtype
+    )
+    basis = torch.linalg.qr(work @ omega).Q
+    for _ in range(NITER):
+        basis = torch.linalg.qr(work @ torch.linalg.qr(work.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ work, full_matrices=False)
+    return (basis @ u[:, :rank]), s[:rank], vh[:rank]
+
+
+def factorize(layer: nn.Module, rank: int, *, seed: int = 0) -> LowRank:
     """The rank-``rank`` truncated SVD of ``layer`` as a `LowRank` pair (exact at full rank),
-    on the layer's device."""
-    matrix = _matrix(layer)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
+    on the layer's device (`truncated_svd`: randomized, seeded with ``seed``, where the rank is
+    small)."""
+    u, s, vh = truncated_svd(_matrix(layer), rank, seed=seed)
+    root = s.sqrt()
     pair = LowRank.like(layer, {"rank": rank})
     with torch.no_grad():
-        pair[0].weight.copy_((root[:, None] * vh[:rank]).view_as(pair[0].weight))
-        pair[1].weight.copy_((u[:, :rank] * root).view_as(pair[1].weight))
+        pair[0].weight.copy_((root[:, None] * vh).view_as(pair[0].weight))
+        pair[1].weight.copy_((u * root).view_as(pair[1].weight))
         if layer.bias is not None:
             pair[1].bias.copy_(layer.bias)
     return pair
@@ -181,12 +238,18 @@ class LowRankFactorization(Compressor):
         return [f"{name}.weight" for name in _factorizable(model)]
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
+        """Each layer's rank from ``keep`` (by ``ratio``: from its shape, no SVD; by
+        ``energy``: from its singular values, `singular_values`), then its truncated SVD only
+        where the pair saves weights (`factorize`; randomized where the rank is small)."""
         for name, layer in _factorizable(model).items():
             matrix = _matrix(layer)
             out_dim, in_dim = matrix.shape
-            rank = choose_rank(torch.linalg.svdvals(matrix), self.keep, self.rank_by)
+            if self.rank_by == "ratio":
+                rank = _ratio_rank(self.keep, min(out_dim, in_dim))
+            else:
+                rank = choose_rank(singular_values(matrix), self.keep, self.rank_by)
             if rank * (in_dim + out_dim) < in_dim * out_dim:
-                model.set_submodule(name, factorize(layer, rank))
+                model.set_submodule(name, factorize(layer, rank, seed=ctx.seed))
         return model
 
 

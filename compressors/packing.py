@@ -8,7 +8,10 @@ file of a few KB the index is a third of it), then a 12-byte trailer: the index'
 truncated or corrupted file is refused with `PackedFileError`). The writer streams: it encodes
 tensors in parallel (`WORKERS` threads; each record depends on its tensor alone, so the bytes do
 not depend on the threads) and writes each record as soon as it and those before it are done;
-the reader decodes one tensor at a time.
+the reader maps the file, checks its CRC-32 in parts at once, and decodes tensors in parallel
+(`WORKERS` threads), each where it can straight into the model's own tensor: a dense float32
+weight's byte planes are written into the tensor's storage block by block, its compressed plane
+decompressed a block at a time, with no copy of the whole tensor or file on the way.
 
 For every tensor of the model's state the writer picks the smallest of three layouts:
 
@@ -52,9 +55,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
-import logging
+import math
 import os
-import re
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -68,7 +70,6 @@ import torch
 import zstandard
 from safetensors.torch import save as st_save
 from torch import nn
-from torch.nn.utils.parametrize import type_before_parametrizations
 
 from compressors._codecs import DECODERS, Codes, encode, full_codes
 from compressors._codecs import store as store_array
@@ -84,6 +85,14 @@ from compressors._container import (
     checked,
     sqz2_payload,
 )
+from compressors._model_state import (  # noqa: F401 (_changed_attributes: tests import it here)
+    _changed_attributes,
+    _int8_layers,
+    _plain,
+    _sources,
+    _tied_keys,
+    plain_state,
+)
 from compressors._opening import (
     ARCHITECTURE_ATTRS,
     Replacement,
@@ -92,12 +101,8 @@ from compressors._opening import (
     opened,
     register_replacement,
     restore_attributes,
-    typed_like,
 )
-from compressors._targets import targets
 from compressors.runtime import to_int8
-
-logger = logging.getLogger(__name__)
 
 #: Re-exported: parametrizations, exporters and readers of the bytes import them from here.
 __all__ = [
@@ -129,59 +134,9 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
 IN_FLIGHT = 1 << 22
-_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.original$")
-
-
-def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
-    """The model's state with parametrizations evaluated, and the parametrization that gives
-    the codes (`Codes`) of each tensor kept on a discrete set of values.
-
-    The model is left untouched (removing parametrizations from a deep copy would also strip them
-    from the original, which shares the copy's parametrized class).
-
-    Returns:
-        ``(state, grids)``: ``state`` has the keys of the uncompressed model's ``state_dict``;
-        ``grids`` maps the keys of such tensors to the parametrization with ``packed``.
-    """
-    sources = _sources(model)
-    with torch.no_grad():
-        state = {name: value() for name, (value, _, _) in sources.items()}
-    return state, {name: grid for name, (_, grid, _) in sources.items() if grid is not None}
-
-
-_Source = tuple[Callable[[], torch.Tensor], "nn.Module | None", int]
-
-
-def _sources(model: nn.Module) -> dict[str, _Source]:
-    """``{key: (value, grid, numel)}`` in state order: a function computing the tensor's plain
-    value (its parametrizations evaluated; called when the tensor is written, so that the whole
-    evaluated state is never held at once), its parametrization with ``packed`` (or None), and
-    its number of values."""
-    sources: dict[str, _Source] = {}
-    for key, value in model.state_dict().items():
-        match = _PARAMETRIZED.match(key)
-        if match is None:
-            if ".parametrizations." not in f".{key}":
-                sources[key] = (partial(_plain, value), None, value.numel())
-            continue
-        module_name, tensor_name = match.group(1) or "", match.group(2)
-        module = model.get_submodule(module_name)
-        full = f"{module_name}.{tensor_name}".lstrip(".")
-        grid = None
-        for p in module.parametrizations[tensor_name]:
-            if callable(getattr(p, "packed", None)):
-                grid = p
-        sources[full] = (partial(_evaluated, module, tensor_name), grid, value.numel())
-    return sources
-
-
-def _plain(value: torch.Tensor) -> torch.Tensor:
-    return value.detach().contiguous()
-
-
-def _evaluated(module: nn.Module, name: str) -> torch.Tensor:
-    with torch.no_grad():
-        return getattr(module, name).detach().contiguous()
+#: Values a file's tensors hold from which they are decoded by `WORKERS` threads (below, in the
+#: calling thread: starting threads would cost more than they save).
+THREADED_FROM = 1 << 16
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None) -> int:
@@ -461,7 +416,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     smaller) replace the model's tensors; tied tensors are tied again; layers the file records
     as int8 are converted to int8 kernels last, unless ``int8=False``, which keeps every layer
     float (with the same weight values), e.g. for export (`compressors.onnx_export`). Tensors
-    are decoded one at a time, each straight into the model.
+    are decoded by `WORKERS` threads, each straight into the model's own tensor where the file
+    holds it as the model does (`Packed.decode_into`: a dense float32 weight, an integer
+    buffer), else decoded and copied in.
     """
     try:
         return _load(path, model, int8=int8)
@@ -480,11 +437,11 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
     tied = meta.get("tied", {})
     restore_attributes(path, model, meta.get("attrs", {}))
     with torch.no_grad():
-        for name in meta["t"]:
-            if name in tied:
-                continue
-            value = packed.decoded(name)
-            module, attr = _owner(model, name)
+        owners = {name: _owner(model, name) for name in meta["t"] if name not in tied}
+        for name, value in _decoded(packed, owners):
+            if value is None:
+                continue  # (decoded straight into the model's tensor)
+            module, attr = owners[name]
             current = getattr(module, attr)
             if current.shape == value.shape:
                 current.copy_(value)
@@ -513,98 +470,36 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
     return model.eval()
 
 
+def _decoded(
+    packed, owners: dict[str, tuple[nn.Module, str]]
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """``(name, value)`` of each tensor of ``owners`` (``{name: (module, attribute)}``), in
+    order, decoded by `WORKERS` threads (at most that many tensors in work at once): None where
+    the tensor was decoded straight into the model's own (`Packed.decode_into`), else its
+    values, for the caller to copy or set."""
+
+    def one(name: str) -> torch.Tensor | None:
+        module, attr = owners[name]
+        if packed.decode_into(name, getattr(module, attr)):
+            return None
+        return packed.decoded(name)
+
+    values = sum(math.prod(packed.meta["t"][name]["shape"]) for name in owners)
+    if WORKERS == 1 or values < THREADED_FROM:
+        yield from ((name, one(name)) for name in owners)
+        return
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:
+        pending: deque = deque()
+        for name in owners:
+            if len(pending) >= WORKERS:
+                done, future = pending.popleft()
+                yield done, future.result()
+            pending.append((name, pool.submit(one, name)))
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     module_name, _, attr = key.rpartition(".")
     return model.get_submodule(module_name), attr
-
-
-def _tied_keys(model: nn.Module) -> dict[str, str]:
-    """``{key: first key}`` for state keys whose tensor is the one of an earlier key."""
-    first: dict[tuple, str] = {}
-    tied = {}
-    for key, value in _state_identities(model):
-        if value in first:
-            tied[key] = first[value]
-        else:
-            first[value] = key
-    return tied
-
-
-def _state_identities(model: nn.Module):
-    """``(key, identity)`` of each entry of the plain state: the same identity for tensors
-    shared by several modules (the original under a parametrization, else the storage)."""
-    for key, value in model.state_dict(keep_vars=True).items():
-        match = _PARAMETRIZED.match(key)
-        if match is not None:
-            full = f"{match.group(1) or ''}.{match.group(2)}".lstrip(".")
-            yield full, ("p", id(value))
-        elif ".parametrizations." not in f".{key}":
-            storage = value.untyped_storage().data_ptr() if value.numel() else id(value)
-            yield key, ("s", storage, value.storage_offset(), tuple(value.shape), value.stride())
-
-
-def _int8_layers(model: nn.Module, grids: dict[str, nn.Module]) -> list[str]:
-    """Layers all of whose weights are on grids that asked for int8 kernels."""
-    layers: dict[str, list[bool]] = {}
-    for target in targets(model).values():
-        grid = grids.get(target.name)
-        layers.setdefault(target.module_name, []).append(
-            grid is not None and getattr(grid, "runtime", "float") == "int8"
-        )
-    return sorted(name for name, flags in layers.items() if all(flags))
-
-
-#: Attribute values recorded when they differ from the uncompressed model's.
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _changed_attributes(model: nn.Module, like: nn.Module) -> dict[str, dict[str, Any]]:
-    """Public attributes of plain value (numbers, strings, tuples of them) of each module that
-    differ from the same module of ``like``."""
-    reference = dict(like.named_modules())
-    changed: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        other = reference.get(name)
-        if other is None or isinstance(module, Replacement):
-            continue
-        if type_before_parametrizations(module) is not type_before_parametrizations(other):
-            continue
-        for attr, value in vars(module).items():
-            if attr.startswith("_") or attr == "training" or not _is_plain(value):
-                continue
-            before = getattr(other, attr, None)
-            if before == value:
-                continue
-            if attr not in ARCHITECTURE_ATTRS or typed_like(before, _listed(value)) is None:
-                _warn_unrecorded(type(module).__name__, attr, before, value)
-                continue
-            changed.setdefault(name, {})[attr] = _listed(value)
-    return changed
-
-
-def _listed(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-_WARNED: set[tuple[str, str]] = set()
-
-
-def _warn_unrecorded(kind: str, attr: str, before: Any, value: Any) -> None:
-    """Say (once per attribute of a module type) that a changed attribute is not recorded: a
-    packed file restores only `ARCHITECTURE_ATTRS`, as integers or tuples of them."""
-    if (kind, attr) not in _WARNED:
-        _WARNED.add((kind, attr))
-        logger.warning(
-            "packed file: %s.%s changed from %r to %r and is not recorded (a packed file "
-            "restores only layer widths and head counts, as integers)",
-            kind,
-            attr,
-            before,
-            value,
-        )
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, tuple | list):
-        return all(isinstance(v, _PLAIN) for v in value)
-    return isinstance(value, _PLAIN)

@@ -102,8 +102,17 @@ class EarlyStop:
     baseline_size: int = 0
     example_inputs: Any = None
 
-    def start(self, trial: optuna.Trial, model: nn.Module) -> EpochHook | None:
+    def start(
+        self, trial: optuna.Trial, model: nn.Module, *, like: nn.Module | None = None
+    ) -> EpochHook | None:
         """The hook to call after each fine-tuning epoch of ``trial`` (None: nothing to check).
+
+        ``model`` is the compressed model before fine-tuning; its size is the packed file's
+        (`compressors.packing.packed_size`, nothing written), with the layer attributes that
+        compression changed recorded against ``like`` (the uncompressed model) as the shipped
+        file records them. Fine-tuning then moves the weights, and with them the file's
+        entropy-coded bytes: the shipped file differed from the estimate by at most 1% after
+        3 epochs on digits (quant 4/8 bits, prune+quant, cluster, lowrank), up to 2% after 10.
 
         Raises:
             optuna.TrialPruned: If the compressed model already breaks a size constraint.
@@ -112,7 +121,7 @@ class EarlyStop:
             return partial_report(trial, self.min_epochs)
         if not self.dominance:
             return None
-        known = self._structure(model)
+        known = self._structure(model, like)
         broken = {k: v for k, v in constraint_values(known, self.constraints).items() if v > 0}
         if broken:
             raise optuna.TrialPruned(f"infeasible before fine-tuning: {sorted(broken)}")
@@ -121,11 +130,11 @@ class EarlyStop:
             return None
         return _DominanceStop(self, known, front)
 
-    def _structure(self, model: nn.Module) -> dict[str, float]:
+    def _structure(self, model: nn.Module, like: nn.Module | None = None) -> dict[str, float]:
         from compressors.packing import packed_size
         from experiments.metrics import count_flops
 
-        size = float(packed_size(model))  # the file's size, exactly, without writing it
+        size = float(packed_size(model, like=like))  # the file's size, without writing it
         known = {"size_bytes": size, "compression_ratio": self.baseline_size / size}
         if "flops" in self.objectives or "flops" in self.constraints:
             known["flops"] = float(count_flops(model, self.example_inputs))

@@ -156,7 +156,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
 
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
         #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
-        stopper = _Stopper(ctx.early_stop, trial)
+        stopper = _Stopper(ctx.early_stop, trial, like=ctx.baseline.model)
         ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
         def after_epoch(stats: EpochStats) -> None:
@@ -489,8 +489,11 @@ def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
 class _Stopper:
     """Early stopping of one trial: started on the compressed model, called after each epoch."""
 
-    def __init__(self, early_stop: EarlyStop, trial: optuna.Trial) -> None:
+    def __init__(
+        self, early_stop: EarlyStop, trial: optuna.Trial, *, like: torch.nn.Module | None = None
+    ) -> None:
         self.early_stop, self.trial, self.hook = early_stop, trial, None
+        self.like = like  # (the baseline: the estimate records changed layers as the file does)
         # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
         # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
         self.needs_model = early_stop.dominance and not early_stop.pruner
@@ -498,7 +501,7 @@ class _Stopper:
             self.hook = partial_report(trial, early_stop.min_epochs)
 
     def start(self, model: torch.nn.Module) -> None:
-        self.hook = self.early_stop.start(self.trial, model)
+        self.hook = self.early_stop.start(self.trial, model, like=self.like)
 
     def __call__(self, stats: EpochStats) -> None:
         if self.hook is not None:

@@ -1,0 +1,201 @@
+"""Reloading a packed file straight into the model: byte planes decoded into the tensor's own
+storage (`compressors._planes.restore_into`, `Packed.decode_into`), the file's CRC-32 checked in
+parts (`compressors._container.crc32`), and tensors decoded by several threads. No timings: the
+values, the bytes and the refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from torch import nn
+
+from compressors import _container, _planes, packing
+from compressors._codecs import CodecError, store
+from compressors._opening import opened
+from compressors.packing import load_packed, read_packed, save_packed
+
+DATA = Path(__file__).parent / "data"
+
+
+def _stored_bytes(array: np.ndarray) -> tuple[str, list[int], bytes]:
+    codec, sizes, chunks = store(array)
+    return codec, sizes, b"".join(bytes(memoryview(c)) for c in chunks)
+
+
+@pytest.mark.parametrize("count", [0, 1, 1000, (1 << 18) + 3, 700_001])
+@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8", "|u1"])
+def test_restore_into_writes_the_array_store_stored(count, dtype):
+    rng = np.random.default_rng(count)
+    if dtype in ("<f4", "<f2"):  # weights: compressible exponent planes, noisy mantissas
+        array = (rng.standard_normal(count) * 0.02).astype(dtype)
+    else:
+        array = rng.integers(0, 7, count).astype(dtype)
+    codec, sizes, data = _stored_bytes(array)
+    out = np.full(array.nbytes, 0xAB, dtype=np.uint8)
+    _planes.restore_into(out, array.dtype, count, codec, sizes, memoryview(data))
+    assert np.array_equal(out.view(array.dtype), array)
+    assert np.array_equal(_planes.restore(array.dtype, count, codec, sizes, data), array)
+
+
+def test_a_float_weight_is_stored_with_a_compressed_plane_and_decoded_block_by_block():
+    array = (np.random.default_rng(0).standard_normal(600_000) * 0.02).astype("<f4")
+    codec, sizes, data = _stored_bytes(array)
+    assert codec == "planes" and min(sizes) < len(array)  # (the exponent plane, compressed)
+    assert len(array) * 4 > 2 * _planes._INTERLEAVE_BYTES  # (several blocks)
+    out = np.empty(array.nbytes, dtype=np.uint8)
+    _planes.restore_into(out, array.dtype, len(array), codec, sizes, memoryview(data))
+    assert np.array_equal(out.view("<f4"), array)
+
+
+def test_a_byte_plane_holding_fewer_or_more_bytes_than_its_array_is_refused():
+    plane = bytes(range(256)) * 16  # 4096 bytes
+    short = zstandard.ZstdCompressor(write_content_size=False).compress(plane[:4000])
+    sizes = [len(short), 4096]
+    with pytest.raises(CodecError, match="holds 4000 bytes, not 4096"):
+        _planes.restore(np.dtype("<i2"), 4096, "planes", sizes, short + plane)
+    long = zstandard.ZstdCompressor(write_content_size=False).compress(plane + b"x")
+    sizes = [len(long), 4096]
+    with pytest.raises(CodecError, match="does not decompress to 4096 bytes"):
+        _planes.restore(np.dtype("<i2"), 4096, "planes", sizes, long + plane)
+
+
+@pytest.mark.parametrize("size", [0, 5, 1 << 22, (3 << 22) + 11])
+def test_the_crc_in_parts_is_zlibs(monkeypatch, size):
+    data = os.urandom(size)
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(_container, "CRC_WORKERS", workers)
+        assert _container.crc32(data) == zlib.crc32(data)
+    for cut in (0, 1, size // 3, size):
+        a, b = data[:cut], data[cut:]
+        combined = _container.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b))
+        assert combined == zlib.crc32(data)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
+    model[1].num_batches_tracked += 3  # (an integer tensor, stored raw)
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([0.5, 1.0, -2.0] + [0.25] * 7))  # (float16 holds these)
+    return model
+
+
+def test_dense_tensors_are_decoded_straight_into_the_models_own(tmp_path):
+    model = _model()
+    path = tmp_path / "m.sqz"
+    save_packed(model, path)
+    fresh = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
+    packed, _ = opened(path, fresh)
+    state = fresh.state_dict()
+    direct = {name: packed.decode_into(name, state[name]) for name in packed.meta["t"]}
+    # float32 weights and the integer count go straight in; the float16-stored bias does not
+    assert direct["0.weight"] and direct["1.num_batches_tracked"]
+    assert not direct["2.bias"]
+    expected = read_packed(path)
+    for name, wrote in direct.items():
+        if wrote:
+            assert torch.equal(state[name], expected[name]), name
+
+
+def test_a_tensor_of_another_shape_dtype_or_layout_is_not_written_in_place(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0  # (half zeros: a sparse layout)
+    path = tmp_path / "m.sqz"
+    save_packed(model, path)
+    packed, _ = opened(path, _model())
+    assert packed.meta["t"]["0.weight"]["enc"] != "dense"
+    target = torch.zeros(600, 300)
+    assert not packed.decode_into("0.weight", target)
+    assert not packed.decode_into("1.weight", torch.zeros(600, dtype=torch.float64))
+    assert not packed.decode_into("1.weight", torch.zeros(1200)[::2])  # (not contiguous)
+    assert not packed.decode_into("1.weight", torch.zeros(300))
+    assert torch.count_nonzero(target) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_reloaded_model_equals_the_packed_one_whatever_the_threads(
+    tmp_path, monkeypatch, workers
+):
+    model = _model().eval()
+    with torch.no_grad():
+        model[2].weight[:, ::3] = 0
+    path = tmp_path / "m.sqz"
+    save_packed(model, path)
+    monkeypatch.setattr(packing, "WORKERS", workers)
+    fresh = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
+    load_packed(path, fresh)
+    for (name, value), (_, loaded) in zip(
+        model.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert torch.equal(loaded, value), name
+
+
+def test_a_corrupted_array_is_refused_before_anything_is_written(tmp_path):
+    path = tmp_path / "m.sqz"
+    save_packed(_model(), path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    fresh = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(packing.PackedFileError, match="checksum"):
+        load_packed(path, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def _sha(tensor: torch.Tensor) -> str:
+    tensor = tensor.detach().contiguous()
+    if tensor.is_floating_point():
+        tensor = tensor + 0.0
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+def _sqz3_fixture_model() -> nn.Module:
+    """The architecture of ``tests/data/sqz3_v4_small.sqz``, written by the SQZ3 packer of
+    format version 4 before tensors were decoded in place (commit e1d2a27): dense float32 weights
+    with a compressed exponent plane, float16 records, a bitmask layer, an empty gaps record and
+    a raw integer. ``sqz3_v4_small.json`` holds the SHA-256 of each tensor's values and of the
+    outputs for a seeded input, as that version's reader read them."""
+    return nn.Sequential(
+        nn.Linear(64, 200),
+        nn.BatchNorm1d(200),
+        nn.ReLU(),
+        nn.Linear(200, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_file_of_the_previous_reader_loads_exactly_in_place(monkeypatch, workers):
+    path = DATA / "sqz3_v4_small.sqz"
+    expected = json.loads((DATA / "sqz3_v4_small.json").read_text())
+    outputs = expected.pop("__outputs__")
+    monkeypatch.setattr(packing, "WORKERS", workers)
+    monkeypatch.setattr(packing, "THREADED_FROM", 0)  # (a small model: threads all the same)
+    model = _sqz3_fixture_model()
+    packed, _ = opened(path, model)
+    assert packed.decode_into("0.weight", torch.empty(200, 64))  # (the in-place path)
+    model = load_packed(path, model)
+    assert {k: _sha(v) for k, v in model.state_dict().items()} == {
+        k: v[2] for k, v in expected.items()
+    }
+    assert {k: _sha(v) for k, v in read_packed(path).items()} == {
+        k: v[2] for k, v in expected.items()
+    }
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the outputs' hash was taken on one thread (float sums' order)
+    try:
+        assert _sha(model(x)) == outputs[2]
+    finally:
+        torch.set_num_threads(threads)
