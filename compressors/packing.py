@@ -70,10 +70,12 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
+from compressors import _act_quant
 from compressors._codecs import DECODERS, Codes, encode, full_codes
 from compressors._codecs import store as store_array
 from compressors._container import (
     FORMAT_VERSION,
+    FORMAT_VERSION_ACT,
     FORMAT_VERSION_SQZ2,
     FRAMING_BYTES,
     HEADER_BYTES,
@@ -316,6 +318,8 @@ def _write(
     }
     if tied:
         meta["tied"] = tied
+    if act := _act_quant.ranges(model):  # (W8A8: a format older readers refuse)
+        meta["act"], meta["v"] = act, FORMAT_VERSION_ACT
     attrs = _changed_attributes(model, like) if like is not None else {}
     if attrs:
         meta["attrs"] = attrs
@@ -490,6 +494,7 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
             module, attr = _owner(model, alias)
             source, source_attr = _owner(model, canonical)
             setattr(module, attr, getattr(source, source_attr))
+    _act_quant.restore(path, model, meta.get("act"))
     scales: dict[str, dict[str, torch.Tensor]] = {}
     for layer in meta["int8"] if int8 else ():
         prefix = f"{layer}." if layer else ""

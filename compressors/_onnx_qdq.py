@@ -1,0 +1,168 @@
+"""QDQ graphs of models with quantized activations (``quant.activations=8``): ONNX Runtime's
+integer Conv / MatMul / Gemm kernels.
+
+A packed file records a calibrated uint8 grid for the input of each quantized layer and the
+output of each convolution (`compressors._act_quant`). The model is exported as a float graph
+(its activation quantizers off), its weights become integer codes with ``DequantizeLinear``
+(`compressors._onnx_rewrite`), and `ActivationQDQ` then writes the activation grids into the
+graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ format):
+
+- a ``QuantizeLinear`` / ``DequantizeLinear`` pair (uint8, per tensor) on the input of each
+  Conv, MatMul or Gemm of a quantized layer, and on the output of each Conv;
+- the layer's bias as INT32 codes at ``input_scale * weight_scale`` (per output channel) with a
+  ``DequantizeLinear``, which ONNX Runtime's fusions require of a Conv or Gemm;
+- the weight's codes INT8 (codes of grids of at most 4 bits, which the export stores as INT4,
+  are widened: ONNX Runtime's integer kernels read 8-bit weights).
+
+ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
+``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs
+``DequantizeLinear -> Conv -> QuantizeLinear`` as ``QLinearConv``, ``DequantizeLinear ->
+MatMul`` as ``MatMulIntegerToFloat`` and ``DequantizeLinear -> Gemm`` as ``QGemm``. The values
+are those of the torch model's fake quantization up to the bias' rounding (at most half an
+accumulator step) and float rounding. On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8
+x int8 kernels sum pairs of products in saturating int16, which can move outputs (as
+``quantize_static`` warns; its remedy is 7-bit weights: ``quant.bits=7``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+#: The weight inputs of the ops a quantized layer exports to.
+_OPS = ("Conv", "MatMul", "Gemm")
+
+
+class ActivationQDQ:
+    """Finds the nodes of each quantized layer in the float graph (before its weights are
+    rewritten) and writes the activation grids around them afterwards (`insert`)."""
+
+    def __init__(self, proto: Any, grids: Mapping[str, Mapping[str, list]]) -> None:
+        self.proto, self.grids = proto, grids
+        producers = {out: node for node in proto.graph.node for out in node.output}
+        self.sites: dict[str, str] = {}  # layer -> output name of its Conv / MatMul / Gemm
+        self.weights: set[str] = set()
+        for layer in grids:
+            weight = f"{layer}.weight" if layer else "weight"  # (an initializer, or a root)
+            for node in proto.graph.node:
+                if node.op_type not in _OPS or len(node.input) < 2:
+                    continue
+                source = node.input[1]
+                via = producers.get(source)
+                if via is not None and via.op_type == "Transpose":
+                    source = via.input[0]
+                if source == weight:
+                    self.sites[layer] = node.output[0]
+                    self.weights.add(weight)
+        self.missing = sorted(set(grids) - set(self.sites))
+
+    def insert(self) -> None:
+        """Write the QDQ pairs, the integer biases and the INT8 weights into the graph."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        graph = self.proto.graph
+        inits = {i.name: i for i in graph.initializer}
+        nodes = list(graph.node)
+        producers = {out: node for node in nodes for out in node.output}
+        added: list[tuple[Any, list[Any]]] = []  # (node, nodes to put before it)
+        after: dict[int, list[Any]] = {}
+        for layer, out in self.sites.items():
+            node = producers[out]
+            grid = self.grids[layer]
+            base = _base(layer)
+            scale, zero = grid["in"]
+            before = _qdq(graph, node.input[0], f"{base}_input", scale, zero, helper, numpy_helper)
+            node.input[0] = before[-1].output[0]
+            weight_dq = producers.get(node.input[1])
+            weight_scale = _weight_scale(graph, weight_dq, inits, numpy_helper, TensorProto)
+            if len(node.input) > 2 and node.input[2] in inits and weight_scale is not None:
+                bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                bias_scale = (np.float64(np.float32(scale)) * weight_scale).astype(np.float32)
+                bias_scale = np.broadcast_to(bias_scale, bias.shape).copy()
+                codes = np.round(bias / bias_scale.astype(np.float64))
+                codes = np.clip(codes, -(2**31), 2**31 - 1).astype(np.int32)
+                graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(codes, f"{base}_bias_quantized"),
+                        numpy_helper.from_array(bias_scale, f"{base}_bias_scale"),
+                    ]
+                )
+                bias_out = f"{base}_bias_dequantized"
+                before.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_bias_quantized", f"{base}_bias_scale"],
+                        [bias_out],
+                        axis=0,
+                    )
+                )
+                _drop_unread(graph, node.input[2], nodes)
+                node.input[2] = bias_out
+            added.append((node, before))
+            if "out" in grid:
+                scale, zero = grid["out"]
+                raw = f"{base}_output_float"
+                final = node.output[0]
+                node.output[0] = raw
+                pair = _qdq(graph, raw, f"{base}_output", scale, zero, helper, numpy_helper)
+                pair[-1].output[0] = final
+                after[id(node)] = pair
+        placed = {id(n): b for n, b in added}
+        ordered = []
+        for node in nodes:
+            ordered += placed.get(id(node), [])
+            ordered.append(node)
+            ordered += after.get(id(node), [])
+        del graph.node[:]
+        graph.node.extend(ordered)
+
+
+def _base(layer: str) -> str:
+    return (layer or "model").replace(".", "_") + "_act"
+
+
+def _qdq(graph, tensor: str, base: str, scale: float, zero: int, helper, numpy_helper) -> list:
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{base}_scale"),
+            numpy_helper.from_array(np.array(zero, dtype=np.uint8), f"{base}_zero_point"),
+        ]
+    )
+    names = [f"{base}_scale", f"{base}_zero_point"]
+    return [
+        helper.make_node("QuantizeLinear", [tensor, *names], [f"{base}_quantized"]),
+        helper.make_node(
+            "DequantizeLinear", [f"{base}_quantized", *names], [f"{base}_dequantized"]
+        ),
+    ]
+
+
+def _weight_scale(graph, dq, inits, numpy_helper, tensor_proto) -> np.ndarray | None:
+    """The per-output-channel scales of a weight's ``DequantizeLinear`` (its INT4 codes
+    widened to INT8 on the way), or None where the weight is not dequantized from codes."""
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+        return None
+    codes = inits.get(dq.input[0])
+    if codes is not None and codes.data_type == tensor_proto.INT4:
+        widened = numpy_helper.to_array(codes).astype(np.int8)
+        codes.CopyFrom(numpy_helper.from_array(widened, codes.name))
+    scale = numpy_helper.to_array(inits[dq.input[1]])
+    if len(dq.input) < 3 and codes is not None and codes.data_type == tensor_proto.INT8:
+        # an explicit INT8 zero point: ONNX Runtime's QGemm fusion asks for one
+        zero = numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{dq.input[0]}_zero_point")
+        inits[zero.name] = zero
+        graph.initializer.append(zero)
+        dq.input.append(zero.name)
+    return scale.astype(np.float64).reshape(-1)
+
+
+def _drop_unread(graph, name: str, nodes: list) -> None:
+    """Remove initializer ``name`` if no node but the one about to stop reading it reads it."""
+    outputs = {o.name for o in graph.output}
+    if sum(name in node.input for node in nodes) <= 1 and name not in outputs:
+        for i, init in enumerate(graph.initializer):
+            if init.name == name:
+                del graph.initializer[i]
+                return
