@@ -28,6 +28,7 @@ on a freshly built model; the module buffers are not part of the state dict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -54,6 +55,15 @@ KEPT_VALUES = 1 << 20
 #: Fractions of the observed range the ``mse`` observer tries.
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(30))
 QMIN, QMAX = 0, 255
+#: Modules that map values on a grid holding 0 to values on that grid (`_Flow`).
+PASS_THROUGH = (
+    nn.ReLU,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+)
 
 
 class ActQuant(nn.Module):
@@ -67,8 +77,9 @@ class ActQuant(nn.Module):
             from the recorded ranges, `compressors._onnx_qdq`).
     """
 
-    def __init__(self, scale: float = 1.0, zero_point: int = 0) -> None:
+    def __init__(self, scale: float = 1.0, zero_point: int = 0, *, side: str = "in") -> None:
         super().__init__()
+        self.side = side
         self.register_buffer("scale", torch.tensor(float(scale)), persistent=False)
         self.register_buffer("zero_point", torch.tensor(float(zero_point)), persistent=False)
         self.observing: list[torch.Tensor] | None = None
@@ -143,7 +154,7 @@ def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = No
             layer.act_in = ActQuant(*record.get("in", (1.0, 0)))
             layer.register_forward_pre_hook(_quantize_input)
         if (isinstance(layer, OUTPUT_LAYERS) or "out" in record) and not hasattr(layer, "act_out"):
-            layer.act_out = ActQuant(*record.get("out", (1.0, 0)))
+            layer.act_out = ActQuant(*record.get("out", (1.0, 0)), side="out")
             layer.register_forward_hook(_quantize_output)
 
 
@@ -207,10 +218,12 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
         q.observing, q.seen = [], None
     training = model.training
     model.eval()
+    flow = _Flow()
     try:
         with torch.no_grad():
-            for batch in batches:
-                forward(model, batch.inputs)
+            for i, batch in enumerate(batches):
+                with flow.tracking(model) if i == 0 else contextlib.nullcontext():
+                    forward(model, batch.inputs)
     finally:
         model.train(training)
     try:
@@ -221,6 +234,73 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
     finally:
         for q in found:
             q.observing, q.seen = None, None
+    for out, consumer in flow.shared():
+        out.set(*consumer.params)
+
+
+class _Flow:
+    """Which output grid feeds which input grid (a conv, a ReLU, the next conv): seen on one
+    calibration batch through module hooks, by tensor identity (the tensors kept alive meanwhile
+    so that no identity is reused). An output read by exactly one module call, through
+    `PASS_THROUGH` modules to exactly one input quantizer, takes that input's grid: the values
+    are the same as quantizing the consumer's input alone (a grid holding 0 commutes with ReLU,
+    pooling and reshapes), and ONNX Runtime then fuses the ReLU and both QDQ pairs away, so that
+    one ``QLinearConv`` feeds the next. (Reads by functions in a ``forward``, not modules, are
+    not seen: a conv output also added elsewhere after a ReLU module would be clipped at 0 for
+    that use too; the trial's score measures what is shipped.)"""
+
+    def __init__(self) -> None:
+        self.origin: dict[int, tuple[ActQuant, torch.Tensor]] = {}
+        self.uses: dict[int, int] = {}
+        self.pairs: dict[int, tuple[ActQuant, set[int], list[ActQuant]]] = {}
+
+    @contextmanager
+    def tracking(self, model: nn.Module) -> Iterator[None]:
+        handles = []
+        for module in model.modules():
+            if isinstance(module, ActQuant):
+                handles.append(module.register_forward_hook(self._quantizer))
+            elif hasattr(module, "act_in"):
+                continue  # (a quantized layer reads its input through its quantizer)
+            elif not list(module.children()) or module._parameters:
+                handles.append(module.register_forward_hook(self._module))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.origin.clear()
+
+    def _quantizer(self, module: ActQuant, args: tuple, output: Any) -> None:
+        x = args[0]
+        source = self.origin.get(id(x))
+        if source is not None and source[1] is x:
+            out = source[0]
+            self.uses[id(out)] = self.uses.get(id(out), 0) + 1
+            entry = self.pairs.setdefault(id(out), (out, set(), []))
+            if id(module) not in entry[1]:
+                entry[1].add(id(module))
+                entry[2].append(module)
+        if module.side == "out":
+            self.origin[id(output)] = (module, output)
+
+    def _module(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for x in args:
+            source = self.origin.get(id(x))
+            if source is None or source[1] is not x:
+                continue
+            out = source[0]
+            self.uses[id(out)] = self.uses.get(id(out), 0) + 1
+            if isinstance(module, PASS_THROUGH) and isinstance(output, torch.Tensor):
+                self.origin[id(output)] = (out, output)
+                self.uses[id(out)] -= 1  # (read on the way to a consumer)
+
+    def shared(self) -> list[tuple[ActQuant, ActQuant]]:
+        return [
+            (out, consumers[0])
+            for key, (out, _, consumers) in self.pairs.items()
+            if len(consumers) == 1 and self.uses.get(key) == 1
+        ]
 
 
 def grid(values: torch.Tensor, seen: tuple[float, float], observer: str) -> tuple[float, int]:

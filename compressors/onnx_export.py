@@ -383,7 +383,7 @@ def check_onnx(
         atol = QUANTIZED_TOLERANCE * scale if quantizing else EXACT_TOLERANCE[0]
     if rtol is None:
         rtol = 0.0 if quantizing else EXACT_TOLERANCE[1]
-    kind = "activations quantized on the fly" if quantizing else "float kernels"
+    kind = "activations quantized" if quantizing else "float kernels"
     for g, e in zip(got, expected, strict=True):
         if g.shape != e.shape:
             return OnnxCheck(

@@ -24,7 +24,7 @@ from compressors import _act_quant as act
 from compressors._container import FORMAT_VERSION, FORMAT_VERSION_ACT
 from compressors._opening import opened
 from compressors._params import InvalidParameterError
-from experiments import Task, TrainConfig, evaluate, fit
+from experiments import Split, Task, TrainConfig, evaluate, fit
 from experiments.digits import digits_mlp
 from experiments.models import ConvNet1d
 
@@ -73,6 +73,11 @@ def test_calibration_is_deterministic_for_a_seed(calibration):
     assert first == again
     assert set(first) == {"features.0", "features.2", "features.4", "head"}
     assert all(set(sides) == {"in", "out"} for n, sides in first.items() if n != "head")
+    # a conv's output, through a ReLU (and the Flatten), is the next layer's input: one grid
+    chain = ["features.0", "features.2", "features.4", "head"]
+    for layer, consumer in zip(chain, chain[1:], strict=False):
+        assert first[layer]["out"] == first[consumer]["in"]
+        assert first[consumer]["in"][1] == 0  # (after a ReLU: 0 is the grid's first value)
     if calibration != "minmax":  # each observer clips differently from the extremes
         widest = act.ranges(_w8a8("minmax"))
         assert all(first[n]["in"][0] <= widest[n]["in"][0] for n in first)
@@ -141,6 +146,9 @@ def test_the_qdq_graph_runs_integer_kernels_and_scores_like_the_torch_model(tmp_
     ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
     assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 1 and ops["Gemm"] == 0
+    # each conv's output grid is the next layer's input grid: the ReLUs and the QDQ pairs
+    # between the layers are fused away, one integer kernel feeds the next
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0 and ops["Relu"] == 0
 
     check = check_onnx(graph, model, task.val.x)  # (the integer kernels: exact=True keeps them)
     assert check.agree, check.message
@@ -177,3 +185,25 @@ def test_activation_grids_need_calibration_batches():
         [get_compressor("quant")(activations=8, mode="ptq")], ConvNet1d(64, 10), ctx
     )
     assert not act.ranges(model)  # ptq calibrates after fine-tuning, at finalize
+
+
+def test_an_output_read_twice_keeps_its_own_grid():
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Conv1d(1, 4, 3, padding=1)
+            self.second = nn.Conv1d(4, 4, 3, padding=1)
+            self.relu, self.pool = nn.ReLU(), nn.AdaptiveAvgPool1d(1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.first(x.unsqueeze(1))
+            return self.head(self.pool(self.second(self.relu(y)) + self.pool(y)).flatten(1))
+
+    torch.manual_seed(0)
+    split = Split(torch.randn(64, 16), torch.randint(0, 3, (64,)))
+    ctx = CompressionContext(train=split, seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], Branch(), ctx)
+    grids = act.ranges(model)
+    assert grids["first"]["out"] != grids["second"]["in"]  # y is also pooled, unrectified
+    assert grids["first"]["out"][1] > 0  # (its grid holds y's negative values)
