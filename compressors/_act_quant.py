@@ -55,6 +55,8 @@ KEPT_VALUES = 1 << 20
 #: Fractions of the observed range the ``mse`` observer tries.
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(30))
 QMIN, QMAX = 0, 255
+#: Normalisations a conv's output grid may follow (`_place_outputs`).
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 #: Modules that map values on a grid holding 0 to values on that grid (`_Flow`).
 PASS_THROUGH = (
     nn.ReLU,
@@ -144,8 +146,9 @@ def _plain_type(module: nn.Module) -> type:
 
 def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Give each layer of ``ranges`` (every `quantizable` layer when None) its activation
-    quantizers: ``act_in`` (and ``act_out`` for convolutions), with the recorded ``[scale,
-    zero_point]`` of each (1.0 and 0 until calibrated)."""
+    quantizers with the recorded ``[scale, zero_point]`` of each (1.0 and 0 until calibrated):
+    ``act_in`` on the layer, and where the record has ``out``, ``act_out`` on the module named
+    by its ``after`` (the BatchNorm that reads a conv's output) or on the layer itself."""
     layers = quantizable(model) if ranges is None else ranges
     for name in layers:
         layer = model.get_submodule(name)
@@ -153,9 +156,16 @@ def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = No
         if not hasattr(layer, "act_in"):
             layer.act_in = ActQuant(*record.get("in", (1.0, 0)))
             layer.register_forward_pre_hook(_quantize_input)
-        if (isinstance(layer, OUTPUT_LAYERS) or "out" in record) and not hasattr(layer, "act_out"):
-            layer.act_out = ActQuant(*record.get("out", (1.0, 0)), side="out")
-            layer.register_forward_hook(_quantize_output)
+        if "out" in record:
+            _attach_output(model, name, record.get("after", name), record["out"])
+
+
+def _attach_output(model: nn.Module, layer: str, at: str, grid: Any = (1.0, 0)) -> None:
+    module = model.get_submodule(at)
+    if not hasattr(module, "act_out"):
+        module.act_out = ActQuant(*grid, side="out")
+        module.act_out.of = layer
+        module.register_forward_hook(_quantize_output)
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
@@ -166,15 +176,22 @@ def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> to
     return module.act_out(output)
 
 
-def ranges(model: nn.Module) -> dict[str, dict[str, list]]:
-    """The activation grids of ``model``, by layer: ``{"in": [scale, zero_point], "out": ...}``
-    (what the packed file records); empty for a model without activation quantization."""
-    found: dict[str, dict[str, list]] = {}
+def ranges(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The activation grids of ``model``, by layer: ``{"in": [scale, zero_point], "out": ...,
+    "after": module}`` (``after``: where the output grid sits when not on the layer itself);
+    what the packed file records; empty for a model without activation quantization."""
+    found: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        for side in ("in", "out"):
-            quant = getattr(module, f"act_{side}", None)
-            if isinstance(quant, ActQuant):
-                found.setdefault(name, {})[side] = list(quant.params)
+        quant = getattr(module, "act_in", None)
+        if isinstance(quant, ActQuant):
+            found.setdefault(name, {})["in"] = list(quant.params)
+    for name, module in model.named_modules():
+        quant = getattr(module, "act_out", None)
+        if isinstance(quant, ActQuant):
+            entry = found.setdefault(quant.of, {})
+            entry["out"] = list(quant.params)
+            if name != quant.of:
+                entry["after"] = name
     return found
 
 
@@ -213,11 +230,14 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
             f"The 'quant.calibration' parameter must be one of {', '.join(map(repr, OBSERVERS))}."
             f" Got {observer!r} instead."
         )
+    training = model.training
+    model.eval()
+    if batches:
+        with torch.no_grad():
+            _place_outputs(model, batches[0], forward)
     found = list(quantizers(model))
     for q in found:
         q.observing, q.seen = [], None
-    training = model.training
-    model.eval()
     flow = _Flow()
     try:
         with torch.no_grad():
@@ -236,6 +256,47 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
             q.observing, q.seen = None, None
     for out, consumer in flow.shared():
         out.set(*consumer.params)
+
+
+def _place_outputs(model: nn.Module, batch: Any, forward) -> None:
+    """Give each convolution its output grid: on the BatchNorm that alone reads its output
+    (ONNX Runtime folds the BatchNorm into the Conv before it fuses ``QLinearConv``), else on
+    the convolution itself. Which module reads what is seen on one batch through hooks."""
+    convs = {
+        name: layer
+        for name, layer in quantizable(model).items()
+        if isinstance(layer, OUTPUT_LAYERS) and not hasattr(layer, "act_out")
+    }
+    if not convs:
+        return
+    names = {id(m): n for n, m in model.named_modules()}
+    made: dict[int, tuple[str, torch.Tensor]] = {}
+    readers: dict[str, list[nn.Module]] = {name: [] for name in convs}
+
+    def produced(module, args, output):
+        made[id(output)] = (names[id(module)], output)
+
+    def read(module, args, output=None):
+        for x in args:
+            source = made.get(id(x))
+            if source is not None and source[1] is x:
+                readers[source[0]].append(module)
+
+    handles = [layer.register_forward_hook(produced) for layer in convs.values()]
+    for module in model.modules():
+        if isinstance(module, ActQuant) or not (module._parameters or not list(module.children())):
+            continue
+        handles.append(module.register_forward_pre_hook(read))
+    try:
+        forward(model, batch.inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in convs:
+        found = readers[name]
+        norm = found[0] if len(found) == 1 and isinstance(found[0], NORMS) else None
+        at = names[id(norm)] if norm is not None and not hasattr(norm, "act_out") else name
+        _attach_output(model, name, at)
 
 
 class _Flow:
@@ -352,12 +413,20 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
     if not record:
         return
     layers = quantizable(model)
+    modules = dict(model.named_modules())
     for name, sides in record.items():
-        ok = isinstance(sides, dict) and sides and set(sides) <= {"in", "out"} and "in" in sides
-        if name not in layers or not ok or not all(map(_valid_grid, sides.values())):
+        ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after"} and "in" in sides
+        grids = [v for k, v in sides.items() if k != "after"] if ok else []
+        after = sides.get("after") if ok else None
+        if after is not None and ("out" not in sides or not isinstance(after, str)):
+            ok = False
+        if after is not None and ok and not isinstance(modules.get(after), NORMS):
+            ok = False
+        if name not in layers or not ok or not all(map(_valid_grid, grids)):
             raise PackedFileError(
                 f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear, "
-                "Conv1d or Conv2d layer of the model with [scale > 0, zero point in 0..255]"
+                "Conv1d or Conv2d layer of the model with [scale > 0, zero point in 0..255] "
+                "(and its output's after a BatchNorm of the model)"
             )
     attach(model, record)
 

@@ -43,6 +43,7 @@ class ActivationQDQ:
         self.proto, self.grids = proto, grids
         producers = {out: node for node in proto.graph.node for out in node.output}
         self.sites: dict[str, str] = {}  # layer -> output name of its Conv / MatMul / Gemm
+        self.ends: dict[str, str] = {}  # layer -> output name of the BatchNorm after it
         self.weights: set[str] = set()
         for layer in grids:
             weight = f"{layer}.weight" if layer else "weight"  # (an initializer, or a root)
@@ -56,6 +57,11 @@ class ActivationQDQ:
                 if source == weight:
                     self.sites[layer] = node.output[0]
                     self.weights.add(weight)
+        for layer, out in self.sites.items():
+            readers = [n for n in proto.graph.node if out in n.input]
+            if grids[layer].get("after") and len(readers) == 1:
+                if readers[0].op_type == "BatchNormalization" and readers[0].input[0] == out:
+                    self.ends[layer] = readers[0].output[0]
         self.missing = sorted(set(grids) - set(self.sites))
 
     def insert(self) -> None:
@@ -77,6 +83,21 @@ class ActivationQDQ:
             node.input[0] = before[-1].output[0]
             weight_dq = producers.get(node.input[1])
             weight_scale = _weight_scale(graph, weight_dq, inits, numpy_helper, TensorProto)
+            norm = producers.get(self.ends.get(layer, ""))
+            stale = [*norm.input[1:5], *node.input[2:3]] if norm is not None else []
+            if (
+                weight_scale is not None
+                and norm is not None
+                and _fold(node, norm, weight_dq, inits)
+            ):
+                nodes.remove(norm)
+                graph.initializer.append(inits[node.input[2]])
+                for name in stale:
+                    _drop_unread(graph, name, nodes)
+                producers[node.output[0]] = node
+                self.ends.pop(layer)
+                weight_scale = numpy_helper.to_array(inits[weight_dq.input[1]]).reshape(-1)
+                weight_scale = weight_scale.astype(np.float64)
             if len(node.input) > 2 and node.input[2] in inits and weight_scale is not None:
                 bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
                 bias_scale = (np.float64(np.float32(scale)) * weight_scale).astype(np.float32)
@@ -101,14 +122,15 @@ class ActivationQDQ:
                 _drop_unread(graph, node.input[2], nodes)
                 node.input[2] = bias_out
             added.append((node, before))
-            if "out" in grid:
+            if "out" in grid:  # (after the BatchNorm, where the export kept it unfolded)
+                end = producers[self.ends.get(layer, out)]
                 scale, zero = grid["out"]
                 raw = f"{base}_output_float"
-                final = node.output[0]
-                node.output[0] = raw
+                final = end.output[0]
+                end.output[0] = raw
                 pair = _qdq(graph, raw, f"{base}_output", scale, zero, helper, numpy_helper)
                 pair[-1].output[0] = final
-                after[id(node)] = pair
+                after[id(end)] = pair
         placed = {id(n): b for n, b in added}
         ordered = []
         for node in nodes:
@@ -166,3 +188,39 @@ def _drop_unread(graph, name: str, nodes: list) -> None:
             if init.name == name:
                 del graph.initializer[i]
                 return
+
+
+def _fold(conv, norm, weight_dq, inits) -> bool:
+    """Fold the BatchNormalization ``norm`` that reads ``conv``'s output into ``conv``, on its
+    integer codes: per output channel ``g = gamma / sqrt(var + eps)`` multiplies the weight's
+    scale (``|g|``; a negative ``g`` negates the channel's codes, which are symmetric) and
+    ``(bias - mean) * g + beta`` is the new bias. ONNX Runtime folds a BatchNorm only into a
+    float Conv, so a QDQ Conv needs it done here. False (nothing changed) where a parameter is
+    not a constant or the weight's scales are not per output channel."""
+    from onnx import helper, numpy_helper
+
+    params = norm.input[1:5]
+    axis = {a.name: helper.get_attribute_value(a) for a in weight_dq.attribute}.get("axis", 1)
+    codes, scale = inits.get(weight_dq.input[0]), inits.get(weight_dq.input[1])
+    if not all(p in inits for p in params) or codes is None or scale is None:
+        return False
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+    eps = {a.name: helper.get_attribute_value(a) for a in norm.attribute}.get("epsilon", 1e-5)
+    g = gamma / np.sqrt(var + eps)
+    steps = numpy_helper.to_array(scale).astype(np.float64)
+    if steps.shape != g.shape or axis != 0 or not np.all(g != 0):
+        return False
+    values = numpy_helper.to_array(codes)
+    sign = np.where(g < 0, -1, 1).reshape(-1, *([1] * (values.ndim - 1)))
+    codes.CopyFrom(numpy_helper.from_array((values * sign).astype(values.dtype), codes.name))
+    scale.CopyFrom(numpy_helper.from_array((steps * np.abs(g)).astype(np.float32), scale.name))
+    bias = numpy_helper.to_array(inits[conv.input[2]]) if len(conv.input) > 2 else 0.0
+    folded = numpy_helper.from_array(
+        ((np.asarray(bias, np.float64) - mean) * g + beta).astype(np.float32),
+        f"{conv.output[0]}_folded_bias",
+    )
+    inits[folded.name] = folded
+    conv.input.extend([""] * (3 - len(conv.input)))
+    conv.input[2] = folded.name
+    conv.output[0] = norm.output[0]
+    return True

@@ -207,3 +207,33 @@ def test_an_output_read_twice_keeps_its_own_grid():
     grids = act.ranges(model)
     assert grids["first"]["out"] != grids["second"]["in"]  # y is also pooled, unrectified
     assert grids["first"]["out"][1] > 0  # (its grid holds y's negative values)
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    task = tasks.zoo_resnet(seed=0)  # conv + BatchNorm + ReLU, residual blocks, a linear head
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], baseline, ctx).eval()
+    grids = act.ranges(model)
+    assert grids["stem.0"]["after"] == "stem.1"  # the output grid follows the BatchNorm
+    path = tmp_path / "resnet.sqz"
+    save_packed(model, path)
+    shipped = task.build_model()
+    export_onnx(path, shipped, task.example_inputs(8), tmp_path / "resnet.onnx")
+    assert act.ranges(shipped) == grids
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(tmp_path / "resnet.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 6 and ops["Conv"] == ops["BatchNormalization"] == 0
+    check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
+    assert check.agree and check.max_rel_diff < 1e-3, check.message
