@@ -41,7 +41,9 @@ def _tasks() -> dict[str, Task]:
         build_model=functools.partial(ConvNet1d, 64, 10, channels=32),
         train_config=TrainConfig(epochs=20),
     )
-    return {"digits_mlp": digits, "digits_cnn1d": cnn}
+    from tests.zoo import tasks  # (the zoo's ResNet: conv + BatchNorm + ReLU, residual blocks)
+
+    return {"digits_mlp": digits, "digits_cnn1d": cnn, "zoo_resnet": tasks.zoo_resnet(seed=0)}
 
 
 def _optimized_ops(path: Path, folder: Path) -> Counter:

@@ -43,6 +43,10 @@ plain value that differs from it), and tensors shared by several modules (a tied
 output layer), which are stored once and tied again on load. Loading rebuilds all of it; it
 reads arrays of plain numbers and JSON only and never unpickles code.
 
+A model with quantized activations (``quant.activations=8``) adds its activation grids to the
+record (``act``: each layer's ``[scale, zero_point]``, `compressors._act_quant`) and is written as
+format 5, so that a reader that cannot restore them refuses the file; other files stay format 4.
+
 Files of the previous format (``SQZ2``: magic, codec byte, CRC-32, then one safetensors payload
 holding the same arrays, LZMA-compressed when that was smaller) still load.
 """

@@ -10,6 +10,8 @@ closed forms of XNOR-Net and Ternary Weight Networks). Quantization is either
 
 The packed file stores the integer codes and scales (`compressors.packing`); ``runtime='int8'``
 also makes the shipped model run its Linear layers with int8 kernels (`compressors.runtime`).
+``activations=8`` adds calibrated uint8 grids on the activations (W8A8, `compressors._act_quant`),
+which the ONNX export turns into ONNX Runtime's integer Conv / Gemm / MatMul kernels.
 """
 
 from __future__ import annotations
