@@ -68,6 +68,8 @@ class ActivationQDQ:
         """Write the QDQ pairs, the integer biases and the INT8 weights into the graph."""
         from onnx import TensorProto, helper, numpy_helper
 
+        if not self.sites:
+            return
         graph = self.proto.graph
         inits = {i.name: i for i in graph.initializer}
         nodes = list(graph.node)
