@@ -50,7 +50,8 @@ CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 128
 #: Quantile of the ``percentile`` observer (and its mirror at the low end).
 PERCENTILE = 0.9999
-#: Values an observer keeps for the ``percentile`` and ``mse`` observers (every k-th beyond).
+#: Values kept for the ``percentile`` and ``mse`` observers (the first, in calibration order; the
+#: extremes are tracked over all).
 KEPT_VALUES = 1 << 20
 #: Fractions of the observed range the ``mse`` observer tries.
 MSE_RATIOS = tuple(1.0 - 0.02 * i for i in range(30))
@@ -86,6 +87,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero_point", torch.tensor(float(zero_point)), persistent=False)
         self.observing: list[torch.Tensor] | None = None
         self.seen: tuple[float, float] | None = None
+        self.keep = KEPT_VALUES
         self.enabled = True
 
     @property
@@ -103,19 +105,19 @@ class ActQuant(nn.Module):
             return x
         if not self.enabled:
             return x
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point.to(torch.int32), QMIN, QMAX
+        quantized = torch.fake_quantize_per_tensor_affine(
+            x.float(), self.scale, self.zero_point.to(torch.int32), QMIN, QMAX
         )
+        return quantized.to(x.dtype)  # (under autocast: computed in float32)
 
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = float(x.min()), float(x.max())
         self.seen = (
             (lo, hi) if self.seen is None else (min(lo, self.seen[0]), max(hi, self.seen[1]))
         )
-        flat = x.flatten().float().cpu()
         kept = sum(t.numel() for t in self.observing)
-        if kept < KEPT_VALUES:
-            self.observing.append(flat[: KEPT_VALUES - kept])
+        if kept < self.keep:
+            self.observing.append(x.flatten()[: self.keep - kept].float().cpu())
 
     def extra_repr(self) -> str:
         scale, zero = self.params
@@ -236,8 +238,8 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
         with torch.no_grad():
             _place_outputs(model, batches[0], forward)
     found = list(quantizers(model))
-    for q in found:
-        q.observing, q.seen = [], None
+    for q in found:  # (min-max needs the extremes alone)
+        q.observing, q.seen, q.keep = [], None, 0 if observer == "minmax" else KEPT_VALUES
     flow = _Flow()
     try:
         with torch.no_grad():
@@ -250,7 +252,8 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
         for q in found:
             if q.seen is None:
                 raise ValueError("no calibration batch reached an activation quantizer")
-            q.set(*grid(torch.cat(q.observing), q.seen, observer))
+            values = torch.cat(q.observing) if q.observing else torch.tensor(q.seen)
+            q.set(*grid(values, q.seen, observer))
     finally:
         for q in found:
             q.observing, q.seen = None, None
