@@ -41,9 +41,14 @@ def _tasks() -> dict[str, Task]:
         build_model=functools.partial(ConvNet1d, 64, 10, channels=32),
         train_config=TrainConfig(epochs=20),
     )
-    from tests.zoo import tasks  # (the zoo's ResNet: conv + BatchNorm + ReLU, residual blocks)
+    from tests.zoo import tasks  # (the zoo's ResNet and MobileNet: conv + BatchNorm + ReLU(6))
 
-    return {"digits_mlp": digits, "digits_cnn1d": cnn, "zoo_resnet": tasks.zoo_resnet(seed=0)}
+    return {
+        "digits_mlp": digits,
+        "digits_cnn1d": cnn,
+        "zoo_resnet": tasks.zoo_resnet(seed=0),
+        "zoo_mobilenet": tasks.zoo_mobilenet(seed=0),
+    }
 
 
 def _optimized_ops(path: Path, folder: Path) -> Counter:

@@ -61,6 +61,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 #: Modules that map values on a grid holding 0 to values on that grid (`_Flow`).
 PASS_THROUGH = (
     nn.ReLU,
+    nn.ReLU6,  # (the consumer's grid, calibrated after it, ends at 6 at most)
     nn.Flatten,
     nn.Identity,
     nn.Dropout,
