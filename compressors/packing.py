@@ -39,13 +39,10 @@ replaced by other modules (a low-rank pair, see `register_replacement`), layers 
 kernels (`compressors.runtime`), module attributes that compression changed (a pruned layer's
 ``out_features``, a depthwise conv's ``groups``, an attention's ``embed_dim`` and ``num_heads``,
 an LSTM's ``hidden_size``: given the uncompressed model as ``like``, every public attribute of
-plain value that differs from it), and tensors shared by several modules (a tied embedding and
-output layer), which are stored once and tied again on load. Loading rebuilds all of it; it
-reads arrays of plain numbers and JSON only and never unpickles code.
-
-A model with quantized activations (``quant.activations=8``) adds its activation grids to the
-record (``act``: each layer's ``[scale, zero_point]``, `compressors._act_quant`) and is written as
-format 5, so that a reader that cannot restore them refuses the file; other files stay format 4.
+plain value that differs from it), activation grids (``act``: a file with them is format 5,
+`compressors._act_quant`), and tensors shared by several modules (a tied embedding and output
+layer), which are stored once and tied again on load. Loading rebuilds all of it; it reads
+arrays of plain numbers and JSON only and never unpickles code.
 
 Files of the previous format (``SQZ2``: magic, codec byte, CRC-32, then one safetensors payload
 holding the same arrays, LZMA-compressed when that was smaller) still load.
