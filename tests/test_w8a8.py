@@ -237,3 +237,27 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     assert ops["QLinearConv"] == 6 and ops["Conv"] == ops["BatchNormalization"] == 0
     check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
     assert check.agree and check.max_rel_diff < 1e-3, check.message
+
+
+@pytest.mark.slow  # (a sweep of one trial, exported: ~30 s)
+def test_a_w8a8_trial_is_scored_and_timed_on_integer_kernels(tmp_path, cache_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from search import compose_config, run_sweep
+    from tests.conftest import structured_quant_overrides
+
+    overrides = structured_quant_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=1",
+        "space.quant.bits=8",
+        "space.quant.activations=8",
+        "space.quant.calibration=percentile",
+        "measure.runtime=onnxruntime",
+        fresh_mlflow=True,
+    )
+    trial = run_sweep(compose_config(overrides)).trials.iloc[0]
+    assert trial["state"] == "COMPLETE"
+    # the shipped W8A8 model (reloaded from its file) and its integer graph score alike
+    assert abs(trial["val_acc_onnx"] - trial["val_acc"]) <= 1.5 / 360
+    assert trial["onnx_max_abs_diff"] > 0  # (integer kernels: not the float graph's 1e-6)
