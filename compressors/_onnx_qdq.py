@@ -12,7 +12,11 @@ graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ forma
 - the layer's bias as INT32 codes at ``input_scale * weight_scale`` (per output channel) with a
   ``DequantizeLinear``, which ONNX Runtime's fusions require of a Conv or Gemm;
 - the weight's codes INT8 (codes of grids of at most 4 bits, which the export stores as INT4,
-  are widened: ONNX Runtime's integer kernels read 8-bit weights).
+  are widened: ONNX Runtime's integer kernels read 8-bit weights), with an explicit zero point;
+- a BatchNorm that alone reads a quantized conv's output (where the conv's output grid sits,
+  `compressors._act_quant`) folded into the conv: its per-channel factor multiplies the
+  weight's scales (a negative one negates the channel's codes) and its shift becomes the bias,
+  so the file's codes are kept (ONNX Runtime folds BatchNorm only into float convolutions).
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs
