@@ -21,9 +21,15 @@ as the integer graph, not its speed): torch's CPU int8 kernels for static quanti
 (``torch.ao`` eager mode, fbgemm) need the model rewritten around quant stubs, which a model of
 any architecture is not; the integer kernels run in ONNX Runtime.
 
+A conv's output grid sits after the BatchNorm that alone reads the conv's output (the export
+folds that BatchNorm into the conv), and it is the next layer's input grid where the output
+reaches that layer alone through ReLU, ReLU6, Flatten, max-pooling or dropout modules (`_Flow`:
+the same values, and ONNX Runtime then feeds one integer kernel from the other).
+
 The ranges are plain numbers: the packed file records them as JSON in its model record
-(``act``: ``{layer: {"in": [scale, zero_point], "out": [...]}}``), and `attach` restores them
-on a freshly built model; the module buffers are not part of the state dict.
+(``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm}}``), and
+`restore` attaches them to a freshly built model; the module buffers are not part of the state
+dict.
 """
 
 from __future__ import annotations
@@ -128,7 +134,7 @@ class ActQuant(nn.Module):
 def quantizable(model: nn.Module) -> dict[str, nn.Module]:
     """The layers of ``model`` whose activations are quantized, by name: plain Linear, Conv1d
     and Conv2d layers (a subclass's forward may differ) whose parent does not read their weight
-    directly (torch's attention and transformer layers), with one weight of their own."""
+    directly (torch's attention and transformer layers)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
