@@ -25,6 +25,10 @@ from compressors._planes import restore_into
 
 MAGIC = b"SQZ3"
 FORMAT_VERSION = 4
+#: The version of SQZ3 files that record activation grids (``act``: W8A8 models). Files without
+#: them keep `FORMAT_VERSION`, so that a squeeze which cannot restore the grids refuses only the
+#: files that have them, rather than loading a model that computes differently.
+FORMAT_VERSION_ACT = 5
 #: The previous format, still read: its magic and the version in its model record.
 MAGIC_SQZ2, FORMAT_VERSION_SQZ2 = b"SQZ2", 3
 #: Bytes before an SQZ2 file's payload: magic, codec, CRC-32.
@@ -221,7 +225,7 @@ def open_packed(
     except (ValueError, RecursionError) as err:  # (checksum passed: a crafted file)
         raise PackedFileError(f"{path}: its index is not JSON ({err})") from None
     del index
-    _check_model_record(path, meta, FORMAT_VERSION)
+    _check_model_record(path, meta, (FORMAT_VERSION, FORMAT_VERSION_ACT))
     places: dict[str, list[tuple[str, np.dtype, list[int], str, list[int], int]]] = {}
     offset = len(MAGIC)
     for name, spec in meta["t"].items():
@@ -370,13 +374,17 @@ def _sizes(values, *, most: int) -> bool:
     )
 
 
-def _check_model_record(path, meta, version: int) -> None:
+def _check_model_record(path, meta, version: int | tuple[int, ...]) -> None:
     """Check the model record's fields are of the types the loader reads."""
     if not isinstance(meta, dict):
         raise PackedFileError(f"{path}: its model record is not a JSON object")
-    if meta.get("v") != version:
-        raise PackedFileError(f"{path} has format {meta.get('v')!r}; this squeeze reads {version}")
-    kinds = {"t": dict, "modules": dict, "int8": list, "tied": dict, "attrs": dict}
+    versions = version if isinstance(version, tuple) else (version,)
+    if meta.get("v") not in versions:
+        read = " or ".join(map(str, versions))
+        raise PackedFileError(f"{path} has format {meta.get('v')!r}; this squeeze reads {read}")
+    if "act" in meta and meta.get("v") != FORMAT_VERSION_ACT:
+        raise PackedFileError(f"{path} records activation grids in format {meta.get('v')!r}")
+    kinds = {"t": dict, "modules": dict, "int8": list, "tied": dict, "attrs": dict, "act": dict}
     for key, kind in kinds.items():
         if key in ("t", "modules", "int8") and key not in meta:
             raise PackedFileError(f"{path}: its model record has no {key!r}")
@@ -385,7 +393,13 @@ def _check_model_record(path, meta, version: int) -> None:
                 f"{path}: its model record's {key!r} is a {type(meta[key]).__name__}, not a "
                 f"{kind.__name__}"
             )
-    names = [*meta["modules"], *meta["int8"], *meta.get("tied", {}).items(), *meta.get("attrs", {})]
+    names = [
+        *meta["modules"],
+        *meta["int8"],
+        *meta.get("tied", {}).items(),
+        *meta.get("attrs", {}),
+        *meta.get("act", {}),
+    ]
     if not all(isinstance(n, str) or isinstance(n, tuple) and all(map(_str, n)) for n in names):
         raise PackedFileError(f"{path}: its model record names a module or tensor by a non-string")
 

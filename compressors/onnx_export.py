@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from compressors._act_quant import disabled, ranges
 from compressors._onnx_graph import (
     SPARSE_NOTE_ZEROS,
     coded_roots,
@@ -99,6 +100,7 @@ from compressors._onnx_io import (
     scored_output,
     write_metadata,
 )
+from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors
@@ -145,7 +147,9 @@ QUANTIZED_TOLERANCE = 0.25
 CHECK_ROWS = 8
 
 #: Ops of graphs whose outputs depend on activations quantized on the fly.
-_QUANTIZING_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"})
+_QUANTIZING_OPS = frozenset(
+    {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QuantizeLinear"}
+)
 
 
 @dataclass(frozen=True)
@@ -269,13 +273,21 @@ def export_onnx(
     # (bounded by the model's own shapes; the values are the model's, not decoded a second time)
     stored = read_tensors(packed_path, model=model, values=model.state_dict())
     notes: list[str] = []
-    proto, used, graph_outputs = export_graph(
-        model, call, output, every=outputs == "all", opset=opset, exporter=exporter, notes=notes
-    )
+    with disabled(model):  # (activation grids: written as QDQ pairs below, `_onnx_qdq`)
+        proto, used, graph_outputs = export_graph(
+            model, call, output, every=outputs == "all", opset=opset, exporter=exporter, notes=notes
+        )
     roots = coded_roots(proto, stored, notes)
     proto = optimize_graph(proto, roots)
-    integer = integer_roots(matmul, roots, stored, int8_layers(packed_path))
+    qdq = ActivationQDQ(proto, ranges(model))
+    integer = integer_roots(matmul, roots, stored, int8_layers(packed_path)) - qdq.weights
     Rewriter(proto, roots, opset=opset, integer=integer).run()
+    qdq.insert()
+    if qdq.missing:
+        raise OnnxExportError(
+            f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "
+            "reading their weight in the exported graph"
+        )
     notes += sparsity_notes(model, stored)
     del stored, roots  # (the graph holds what it needs of them)
     strip_debug_info(proto)
@@ -408,7 +420,7 @@ def check_onnx(
         atol = QUANTIZED_TOLERANCE * scale if quantizing else EXACT_TOLERANCE[0]
     if rtol is None:
         rtol = 0.0 if quantizing else EXACT_TOLERANCE[1]
-    kind = "activations quantized on the fly" if quantizing else "float kernels"
+    kind = "activations quantized" if quantizing else "float kernels"
     for g, e in zip(got, expected, strict=True):
         if g.shape != e.shape:
             return OnnxCheck(
@@ -457,6 +469,8 @@ def ort_session(
         exact: Dequantize integer weights once when the graph is loaded and run float kernels
             (``session.disable_quant_qdq``); False keeps ORT's defaults, which fuse
             ``DequantizeLinear`` + ``MatMul`` into kernels that quantize activations to int8.
+            A graph with activation grids (``QuantizeLinear`` nodes: ``quant.activations=8``,
+            `compressors._onnx_qdq`) always keeps them, so that it runs integer kernels.
     """
     ort = _require_ort()
     if not isinstance(threads, int) or threads < 1:
@@ -467,7 +481,7 @@ def ort_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    if exact:
+    if exact and "QuantizeLinear" not in _ops(onnx_path):  # (activation grids: integer kernels)
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 

@@ -42,9 +42,10 @@ replaced by other modules (a low-rank pair, see `register_replacement`), layers 
 kernels (`compressors.runtime`), module attributes that compression changed (a pruned layer's
 ``out_features``, a depthwise conv's ``groups``, an attention's ``embed_dim`` and ``num_heads``,
 an LSTM's ``hidden_size``: given the uncompressed model as ``like``, every public attribute of
-plain value that differs from it), and tensors shared by several modules (a tied embedding and
-output layer), which are stored once and tied again on load. Loading rebuilds all of it; it
-reads arrays of plain numbers and JSON only and never unpickles code.
+plain value that differs from it), activation grids (``act``: a file with them is format 5,
+`compressors._act_quant`), and tensors shared by several modules (a tied embedding and output
+layer), which are stored once and tied again on load. Loading rebuilds all of it; it reads
+arrays of plain numbers and JSON only and never unpickles code.
 
 Files of the previous format (``SQZ2``: magic, codec byte, CRC-32, then one safetensors payload
 holding the same arrays, LZMA-compressed when that was smaller) still load.
@@ -71,10 +72,12 @@ import zstandard
 from safetensors.torch import save as st_save
 from torch import nn
 
+from compressors import _act_quant
 from compressors._codecs import DECODERS, Codes, encode, full_codes
 from compressors._codecs import store as store_array
 from compressors._container import (
     FORMAT_VERSION,
+    FORMAT_VERSION_ACT,
     FORMAT_VERSION_SQZ2,
     FRAMING_BYTES,
     HEADER_BYTES,
@@ -271,6 +274,8 @@ def _write(
     }
     if tied:
         meta["tied"] = tied
+    if act := _act_quant.ranges(model):  # (W8A8: a format older readers refuse)
+        meta["act"], meta["v"] = act, FORMAT_VERSION_ACT
     attrs = _changed_attributes(model, like) if like is not None else {}
     if attrs:
         meta["attrs"] = attrs
@@ -455,6 +460,7 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
             module, attr = _owner(model, alias)
             source, source_attr = _owner(model, canonical)
             setattr(module, attr, getattr(source, source_attr))
+    _act_quant.restore(path, model, meta.get("act"))
     scales: dict[str, dict[str, torch.Tensor]] = {}
     for layer in meta["int8"] if int8 else ():
         prefix = f"{layer}." if layer else ""

@@ -10,6 +10,8 @@ closed forms of XNOR-Net and Ternary Weight Networks). Quantization is either
 
 The packed file stores the integer codes and scales (`compressors.packing`); ``runtime='int8'``
 also makes the shipped model run its Linear layers with int8 kernels (`compressors.runtime`).
+``activations=8`` adds calibrated uint8 grids on the activations (W8A8, `compressors._act_quant`),
+which the ONNX export turns into ONNX Runtime's integer Conv / Gemm / MatMul kernels.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compressors import _act_quant
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
-from compressors._params import AnyOf, Integer, Options
+from compressors._params import AnyOf, Integer, InvalidParameterError, Options
 from compressors._targets import targets
 from compressors.packing import Codes
 from compressors.runtime import INT8_MODULES
@@ -198,6 +201,18 @@ class Quantization(Compressor):
         embeddings: ``same`` quantizes embedding tables like the other weights (``bits``);
             ``float`` leaves them as they are; 2..8 puts them on a grid of that many bits. Their
             lookups stay float.
+        activations: ``8`` also quantizes the activations entering each plain Linear, Conv1d
+            and Conv2d layer (and leaving each convolution) onto calibrated uint8 grids
+            (`compressors._act_quant`): with 8-bit weights, W8A8. With ``mode='qat'`` they are
+            calibrated before fine-tuning, which then sees them fake-quantized (straight-through
+            gradients); with ``ptq`` after it. The packed file records the grids; the ONNX
+            graph carries them as QuantizeLinear / DequantizeLinear pairs that ONNX Runtime
+            runs on integer kernels (``QLinearConv``, ``MatMulIntegerToFloat``, ``QGemm``). In
+            torch the shipped model computes the same values with float kernels (fake
+            quantization: no integer speed there). ``float`` leaves activations float.
+        calibration: The observer that sets each activation range on the task's calibration
+            batches: ``minmax``, ``percentile`` (99.99 %) or ``mse`` (least squared error).
+            Only with ``activations=8``.
     """
 
     name = "quant"
@@ -210,7 +225,19 @@ class Quantization(Compressor):
         "runtime": Options(("float", "int8"), default="float"),
         "bias": Options(("fp16", "fp32"), default="fp16"),
         "embeddings": AnyOf((Options(("same", "float")), Integer(2, 8)), default="same"),
+        "activations": Options(("float", 8), default="float"),
+        "calibration": Options(_act_quant.OBSERVERS, default="minmax"),
     }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if self.activations == 8 and self.runtime == "int8":
+            raise InvalidParameterError(
+                "The 'quant.activations' parameter of compressor 'quant' is 8, which cannot be "
+                "combined with quant.runtime='int8' (torch's dynamic int8 layers quantize "
+                "activations on the fly, with no calibrated grid). Use quant.runtime=float: "
+                "quantized activations run on integer kernels in ONNX Runtime."
+            )
 
     def claims(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         skip = ("embedding",) if self.embeddings == "float" else ()
@@ -225,6 +252,16 @@ class Quantization(Compressor):
                 ship no layer on int8 kernels (a model of convolutions only, say).
         """
         claimed = super().check_model(model, example_inputs)
+        if self.activations == 8 and not _act_quant.quantizable(model):
+            kinds = ", ".join(
+                sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
+            )
+            raise UnsupportedModelError(
+                "The 'quant.activations' parameter of compressor 'quant' is 8, but this model "
+                "has no layer whose activations it quantizes: plain Linear, Conv1d and Conv2d "
+                f"layers (not inside torch's attention or transformer layers); the model's "
+                f"layers are {kinds or 'none'}. Use quant.activations=float."
+            )
         if self.runtime == "int8" and not any(t.int8 for t in targets(model).values()):
             kinds = ", ".join(
                 sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
@@ -240,15 +277,38 @@ class Quantization(Compressor):
         return claimed
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        return self._quantize(model) if self.mode == "qat" else model
+        return self._quantize(model, ctx) if self.mode == "qat" else model
 
     def finalize(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
-        return self._quantize(model) if self.mode == "ptq" else model
+        return self._quantize(model, ctx) if self.mode == "ptq" else model
 
     def finalizes(self) -> bool:
         return self.mode == "ptq"
 
-    def _quantize(self, model: nn.Module) -> nn.Module:
+    def _quantize(self, model: nn.Module, ctx: CompressionContext | None = None) -> nn.Module:
+        self._quantize_weights(model)
+        if self.activations == 8:
+            self._calibrate(model, ctx)
+        return model
+
+    def _calibrate(self, model: nn.Module, ctx: CompressionContext | None) -> None:
+        """Attach activation quantizers to ``model`` and calibrate them on ``ctx.train``'s
+        calibration batches (after the weights are on their grids)."""
+        if ctx is None or ctx.train is None:
+            raise ValueError(
+                "compressor 'quant' with quant.activations=8 requires ['train'] in its context "
+                "(the calibration batches)"
+            )
+        device = next((p.device for p in model.parameters()), None)
+        batches = ctx.train.calibration(
+            samples=_act_quant.CALIBRATION_SAMPLES,
+            batch_size=_act_quant.CALIBRATION_BATCH,
+            device=device,
+        )
+        _act_quant.attach(model)
+        _act_quant.calibrate(model, batches, ctx.train.forward, observer=self.calibration)
+
+    def _quantize_weights(self, model: nn.Module) -> None:
         owners = {}
         for target in targets(model).values():
             bits = self.bits
@@ -261,7 +321,6 @@ class Quantization(Compressor):
             owners.update({id(site.module): site.module for site in target.sites})
         if self.bias == "fp16":
             half_biases(owners.values())
-        return model
 
 
 def _has_own_weights(module: nn.Module) -> bool:

@@ -178,7 +178,7 @@ def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, 
         ("quant", {"bits": 33}, r"Got 33 instead"),
         ("kd", {"temperature": 0.0}, r"'kd.temperature' .* must be a float in \(0.0, inf\)"),
         ("kd", {"alpha": 1.5}, r"'kd.alpha' .* \[0.0, 1.0\]"),
-        ("quant", {"bitz": 4}, r"Unknown parameter 'quant.bitz' .* Allowed: bias, bits"),
+        ("quant", {"bitz": 4}, r"Unknown parameter 'quant.bitz' .* Allowed: activations, bias"),
     ],
 )
 def test_bad_parameters_are_rejected_when_built(name, params, message):

@@ -344,6 +344,12 @@ def test_the_writer_records_only_what_the_reader_restores(caplog):
         lambda i: i["t"]["3.weight"]["a"][0].__setitem__(2, [10**15]),
         lambda i: i["t"]["3.weight"]["a"][0].__setitem__(3, "pickle"),
         lambda i: i["t"]["3.weight"].update(a=[["x"]]),
+        lambda i: i.update(act={"0": {"in": [0.1, 0]}}),  # activation grids in format 4
+        lambda i: i.update(v=5, act=[["0"]]),
+        lambda i: i.update(v=5, act={"2": {"in": [0.1, 0]}}),  # a ReLU has no input grid
+        lambda i: i.update(v=5, act={"0": {"in": [float("nan"), 0]}}),
+        lambda i: i.update(v=5, act={"0": {"in": [0.1, 0], "out": [0.1, 0], "after": "2"}}),
+        lambda i: i.update(v=6),
     ],
 )
 def test_a_record_with_fields_of_the_wrong_kind_is_refused(crafted, tmp_path, edit):

@@ -1,0 +1,138 @@
+"""W8A8 (``quant.activations=8``) against fp32 in ONNX Runtime: latency at batch 1 and 32, score.
+
+For each model: train the baseline, quantize it to W8A8 (8-bit weights, calibrated uint8
+activations, quantization-aware fine-tuning), pack, export both graphs, and time them in ONNX
+Runtime (CPU, one intra-op thread, interleaved rounds) beside ONNX Runtime's own
+``quantize_static`` (QDQ, MinMax calibration on the same samples) of the fp32 graph. Prints
+one row per model and batch, and the kernels ONNX Runtime ran for the W8A8 graph.
+
+    python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed
+from compressors.onnx_export import OrtModule, check_onnx, export_onnx, ort_session
+from experiments import Task, TrainConfig, evaluate, fit
+from experiments.digits import digits_mlp
+from experiments.metrics import interleaved_latency_ms
+from experiments.models import ConvNet1d
+
+
+def _tasks() -> dict[str, Task]:
+    digits = digits_mlp(seed=0)
+    cnn = Task(
+        name="digits_cnn1d",
+        train=digits.train,
+        val=digits.val,
+        test=digits.test,
+        num_classes=10,
+        build_model=functools.partial(ConvNet1d, 64, 10, channels=32),
+        train_config=TrainConfig(epochs=20),
+    )
+    from tests.zoo import tasks  # (the zoo's ResNet and MobileNet: conv + BatchNorm + ReLU(6))
+
+    return {
+        "digits_mlp": digits,
+        "digits_cnn1d": cnn,
+        "zoo_resnet": tasks.zoo_resnet(seed=0),
+        "zoo_mobilenet": tasks.zoo_mobilenet(seed=0),
+    }
+
+
+def _optimized_ops(path: Path, folder: Path) -> Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _ort_static(fp32: Path, out: Path, x: torch.Tensor) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    name = onnx.load(str(fp32)).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: b.numpy()} for b in x.split(128)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return out
+
+
+def _acc(path: Path, task: Task) -> float:
+    out = OrtModule(ort_session(path))(task.val.x)
+    return float((out.argmax(1) == task.val.y).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", default="mse")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name, task in _tasks().items():
+        torch.manual_seed(0)
+        base = task.build_model()
+        fit(base, task.train, epochs=task.train_config.epochs, batch_size=64, lr=3e-3, seed=0)
+        base.eval()
+        ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8))
+        quant = get_compressor("quant")(bits=8, activations=8, calibration=args.calibration)
+        model = apply_pipeline([quant], copy.deepcopy(base), ctx)
+        fit(model, task.train, epochs=args.epochs, batch_size=64, lr=1e-3, seed=0)
+        model.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            save_packed(base, folder / "fp32.sqz")
+            save_packed(model, folder / "w8a8.sqz", like=base)
+            export_onnx(
+                folder / "fp32.sqz",
+                task.build_model(),
+                task.example_inputs(8),
+                folder / "fp32.onnx",
+            )
+            shipped = task.build_model()
+            export_onnx(folder / "w8a8.sqz", shipped, task.example_inputs(8), folder / "w8a8.onnx")
+            check = check_onnx(folder / "w8a8.onnx", shipped, task.val.x)
+            static = _ort_static(folder / "fp32.onnx", folder / "static.onnx", task.train.x[:512])
+            ops = _optimized_ops(folder / "w8a8.onnx", folder)
+            kernels = {k: v for k, v in ops.items() if "Q" in k or "Integer" in k}
+            print(
+                f"{name}: val acc fp32 torch {evaluate(base, task.val):.4f}, W8A8 torch "
+                f"{evaluate(shipped, task.val):.4f}, W8A8 ORT "
+                f"{_acc(folder / 'w8a8.onnx', task):.4f}"
+                f", ORT quantize_static {_acc(static, task):.4f}; {check.message}"
+            )
+            print(f"  W8A8 kernels after ORT optimisation: {kernels}")
+            fp32 = OrtModule(ort_session(folder / "fp32.onnx", threads=1))
+            w8a8 = OrtModule(ort_session(folder / "w8a8.onnx", threads=1))
+            ref = OrtModule(ort_session(static, threads=1, exact=False))
+            for batch in (1, 32):
+                x = task.val.x[:batch]
+                ours, base_ms = interleaved_latency_ms(w8a8, fp32, x, rounds=7, repeats=200)
+                theirs, base2 = interleaved_latency_ms(ref, fp32, x, rounds=7, repeats=200)
+                print(
+                    f"  batch {batch:>2}: fp32 {base_ms * 1e3:7.1f} us, W8A8 {ours * 1e3:7.1f} us "
+                    f"({base_ms / ours:.2f}x), ORT static int8 {theirs * 1e3:7.1f} us "
+                    f"({base2 / theirs:.2f}x)"
+                )
+
+
+if __name__ == "__main__":
+    main()

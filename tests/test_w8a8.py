@@ -1,0 +1,263 @@
+"""Activation quantization (``quant.activations=8``): calibration, quantization-aware fine-tuning,
+the packed file's activation grids, and the QDQ graph ONNX Runtime runs on integer kernels."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from compressors import (
+    CompressionContext,
+    PackedFileError,
+    UnsupportedModelError,
+    apply_pipeline,
+    get_compressor,
+    load_packed,
+    save_packed,
+)
+from compressors import _act_quant as act
+from compressors._container import FORMAT_VERSION, FORMAT_VERSION_ACT
+from compressors._opening import opened
+from compressors._params import InvalidParameterError
+from experiments import Split, Task, TrainConfig, evaluate, fit
+from experiments.digits import digits_mlp
+from experiments.models import ConvNet1d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@functools.cache
+def _cnn_task() -> Task:
+    """Digits' 64 pixels as a 1-D signal, MNIST-1D's CNN (three Conv1d and a Linear head)."""
+    digits = digits_mlp(seed=0)
+    return Task(
+        name="digits_cnn1d",
+        train=digits.train,
+        val=digits.val,
+        test=digits.test,
+        num_classes=10,
+        build_model=functools.partial(ConvNet1d, 64, 10),
+        train_config=TrainConfig(epochs=1),
+    )
+
+
+@functools.cache
+def _trained() -> nn.Module:
+    task = _cnn_task()
+    torch.manual_seed(0)
+    model = task.build_model()
+    fit(model, task.train, epochs=8, batch_size=64, lr=1e-2, seed=0)
+    return model.eval()
+
+
+def _w8a8(calibration: str = "minmax", *, seed: int = 0, epochs: int = 0) -> nn.Module:
+    """The trained CNN quantized to W8A8 (fine-tuned ``epochs`` on the grids)."""
+    task = _cnn_task()
+    torch.manual_seed(seed)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=seed)
+    quant = get_compressor("quant")(bits=8, activations=8, calibration=calibration)
+    model = apply_pipeline([quant], copy.deepcopy(_trained()), ctx)
+    if epochs:
+        fit(model, task.train, epochs=epochs, batch_size=64, lr=1e-3, seed=seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("calibration", act.OBSERVERS)
+def test_calibration_is_deterministic_for_a_seed(calibration):
+    first, again = act.ranges(_w8a8(calibration)), act.ranges(_w8a8(calibration))
+    assert first == again
+    assert set(first) == {"features.0", "features.2", "features.4", "head"}
+    assert all(set(sides) == {"in", "out"} for n, sides in first.items() if n != "head")
+    # a conv's output, through a ReLU (and the Flatten), is the next layer's input: one grid
+    chain = ["features.0", "features.2", "features.4", "head"]
+    for layer, consumer in zip(chain, chain[1:], strict=False):
+        assert first[layer]["out"] == first[consumer]["in"]
+        assert first[consumer]["in"][1] == 0  # (after a ReLU: 0 is the grid's first value)
+    if calibration != "minmax":  # each observer clips differently from the extremes
+        widest = act.ranges(_w8a8("minmax"))
+        assert all(first[n]["in"][0] <= widest[n]["in"][0] for n in first)
+        assert first != widest
+
+
+def test_observers_pick_their_ranges():
+    values = torch.cat([torch.linspace(-1.0, 1.0, 10001), torch.tensor([40.0])])
+    seen = (float(values.min()), float(values.max()))
+    minmax, _ = act.grid(values, seen, "minmax")
+    percentile, _ = act.grid(values, seen, "percentile")
+    mse, _ = act.grid(values, seen, "mse")
+    assert minmax == pytest.approx(41.0 / 255, rel=1e-6)
+    assert percentile < minmax / 4 and mse < minmax  # the outlier is clipped
+    assert act.affine(0.0, 0.0) == (1.0, 0)
+    assert act.affine(0.0, 2.55)[1] == 0 and act.affine(-2.55, 0.0)[1] == 255
+
+
+def test_a_w8a8_model_reloaded_from_its_packed_file_equals_the_in_memory_one(tmp_path):
+    model = _w8a8("percentile", epochs=1)  # quantization-aware fine-tuning through the grids
+    path = tmp_path / "w8a8.sqz"
+    save_packed(model, path, like=_trained())
+    shipped = load_packed(path, _cnn_task().build_model())
+    assert act.ranges(shipped) == act.ranges(model)
+    x = _cnn_task().val.x
+    with torch.no_grad():
+        assert torch.equal(shipped(x), model(x))
+        with act.disabled(shipped):  # the grids change the outputs: they were restored
+            assert not torch.equal(shipped(x), model(x))
+    assert opened(path, _cnn_task().build_model())[0].meta["v"] == FORMAT_VERSION_ACT
+    plain = tmp_path / "w8.sqz"
+    save_packed(_trained(), plain)  # files without activation grids keep their format
+    assert opened(plain, None)[0].meta["v"] == FORMAT_VERSION
+
+
+def test_a_forged_activation_grid_is_refused(tmp_path):
+    model = _cnn_task().build_model()
+    for record in (
+        {"nowhere": {"in": [0.1, 0]}},
+        {"head": {"in": [-0.1, 0]}},
+        {"head": {"in": [0.1, 300]}},
+        {"head": {"out": [0.1, 0]}},
+        {"head": {"in": ["0.1", 0]}},
+    ):
+        with pytest.raises(PackedFileError, match="activation grid"):
+            act.restore("f.sqz", model, record)
+
+
+@pytest.mark.slow  # (an export: ~7 s)
+def test_the_qdq_graph_runs_integer_kernels_and_scores_like_the_torch_model(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+
+    task = _cnn_task()
+    path = tmp_path / "w8a8.sqz"
+    save_packed(_w8a8("mse", epochs=1), path, like=_trained())
+    model = task.build_model()
+    graph = tmp_path / "w8a8.onnx"
+    export_onnx(path, model, task.example_inputs(8), graph)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0
+    assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 1 and ops["Gemm"] == 0
+    # each conv's output grid is the next layer's input grid: the ReLUs and the QDQ pairs
+    # between the layers are fused away, one integer kernel feeds the next
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0 and ops["Relu"] == 0
+
+    check = check_onnx(graph, model, task.val.x)  # (the integer kernels: exact=True keeps them)
+    assert check.agree, check.message
+    labels = task.val.y
+    onnx_acc = float((check.outputs.argmax(1) == labels).float().mean())
+    assert abs(onnx_acc - evaluate(model, task.val)) <= 1.5 / len(labels)  # at most one sample
+    assert evaluate(model, task.val) > 0.8
+
+
+def test_bad_settings_are_refused_before_training():
+    quant = get_compressor("quant")
+    with pytest.raises(InvalidParameterError, match=r"'quant.activations'.*Got 4 instead"):
+        quant(activations=4)
+    with pytest.raises(InvalidParameterError, match=r"'quant.calibration'.*'minmax'"):
+        quant(activations=8, calibration="entropy")
+    with pytest.raises(InvalidParameterError, match="quant.runtime='int8'"):
+        quant(activations=8, runtime="int8")
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8)
+
+    with pytest.raises(UnsupportedModelError, match="'quant.activations'.*LSTM"):
+        quant(activations=8).check_model(Recurrent())
+    assert quant(activations=8).check_model(_cnn_task().build_model())
+
+
+def test_activation_grids_need_calibration_batches():
+    ctx = CompressionContext()
+    with pytest.raises(ValueError, match=r"requires \['train'\]"):
+        apply_pipeline([get_compressor("quant")(activations=8)], ConvNet1d(64, 10), ctx)
+    model = apply_pipeline(
+        [get_compressor("quant")(activations=8, mode="ptq")], ConvNet1d(64, 10), ctx
+    )
+    assert not act.ranges(model)  # ptq calibrates after fine-tuning, at finalize
+
+
+def test_an_output_read_twice_keeps_its_own_grid():
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Conv1d(1, 4, 3, padding=1)
+            self.second = nn.Conv1d(4, 4, 3, padding=1)
+            self.relu, self.pool = nn.ReLU(), nn.AdaptiveAvgPool1d(1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.first(x.unsqueeze(1))
+            return self.head(self.pool(self.second(self.relu(y)) + self.pool(y)).flatten(1))
+
+    torch.manual_seed(0)
+    split = Split(torch.randn(64, 16), torch.randint(0, 3, (64,)))
+    ctx = CompressionContext(train=split, seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], Branch(), ctx)
+    grids = act.ranges(model)
+    assert grids["first"]["out"] != grids["second"]["in"]  # y is also pooled, unrectified
+    assert grids["first"]["out"][1] > 0  # (its grid holds y's negative values)
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    task = tasks.zoo_resnet(seed=0)  # conv + BatchNorm + ReLU, residual blocks, a linear head
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], baseline, ctx).eval()
+    grids = act.ranges(model)
+    assert grids["stem.0"]["after"] == "stem.1"  # the output grid follows the BatchNorm
+    path = tmp_path / "resnet.sqz"
+    save_packed(model, path)
+    shipped = task.build_model()
+    export_onnx(path, shipped, task.example_inputs(8), tmp_path / "resnet.onnx")
+    assert act.ranges(shipped) == grids
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(tmp_path / "resnet.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 6 and ops["Conv"] == ops["BatchNormalization"] == 0
+    check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
+    assert check.agree and check.max_rel_diff < 1e-3, check.message
+
+
+@pytest.mark.slow  # (a sweep of one trial, exported: ~30 s)
+def test_a_w8a8_trial_is_scored_and_timed_on_integer_kernels(tmp_path, cache_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from search import compose_config, run_sweep
+    from tests.conftest import structured_quant_overrides
+
+    overrides = structured_quant_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=1",
+        "space.quant.bits=8",
+        "space.quant.activations=8",
+        "space.quant.calibration=percentile",
+        "measure.runtime=onnxruntime",
+        fresh_mlflow=True,
+    )
+    trial = run_sweep(compose_config(overrides)).trials.iloc[0]
+    assert trial["state"] == "COMPLETE"
+    # the shipped W8A8 model (reloaded from its file) and its integer graph score alike
+    assert abs(trial["val_acc_onnx"] - trial["val_acc"]) <= 1.5 / 360
+    assert trial["onnx_max_abs_diff"] > 0  # (integer kernels: not the float graph's 1e-6)
