@@ -391,13 +391,19 @@ def _export_onnx(args: argparse.Namespace, console: Console) -> int:
         f"wrote {deployed.path} (trial {result.trial}): {deployed.export.size_bytes:,} bytes; "
         f"its packed .sqz file: {result.packed_bytes:,} bytes\n"
         f"ONNX Runtime agrees with the torch model: {deployed.check.message}; validation score "
-        f"{deployed.metrics['val_acc_onnx']:.4f}\nops: {ops}",
+        f"{deployed.metrics['val_acc_onnx']:.4f}\nops: {ops}\nONNX Runtime session (as a "
+        f"sweep times it): {_settings(deployed.threads)}",
         highlight=False,
         markup=False,
     )
     for note in deployed.export.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     return 0
+
+
+def _settings(threads: dict) -> str:
+    """An ONNX Runtime session's settings on one line."""
+    return ", ".join(f"{key.removeprefix('ort.')} {value}" for key, value in threads.items())
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
