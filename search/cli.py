@@ -260,7 +260,11 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     else:  # the bar and the log lines on stderr; the results on stdout
         with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
             result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
-    pick = None if result.front.empty else recommend(result.front, score=result.score)
+    pick = (
+        None
+        if result.front.empty
+        else recommend(result.front, score=result.score, objectives=result.objectives)
+    )
     console.print(
         front_table(
             result.front,
@@ -282,6 +286,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
+    if pick is not None and pick.note:
+        console.print(f"recommended point (*): {pick.note}", highlight=False, markup=False)
     if pick is not None:
         _next_steps(console, result.study_name, pick, args)
     if counts.get("COMPLETE", 0):
