@@ -20,8 +20,8 @@ from typing import Any
 import onnx
 from _common import side_by_side
 
-from compressors._onnx_io import OrtModule, ort_feeds
-from compressors.onnx_export import ort_session
+from compressors._onnx_io import ort_feeds
+from compressors.onnx_export import OrtModule, ort_session
 from experiments import evaluate
 
 #: Training samples the reference graph is calibrated on.
