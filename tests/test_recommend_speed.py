@@ -5,12 +5,17 @@ choice is checked against its own measured speed-ups."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import optuna
 import pandas as pd
 import pytest
 from optuna.distributions import FloatDistribution
 
-from search import compose_config, run_sweep
+from search import compose_config
+from search.cli import main
 from search.results.reuse import load_study, pick_trial
 from search.run.recommend import SIZE_AXIS, cost_axis, recommend
 from tests.conftest import sweep_overrides
@@ -125,16 +130,23 @@ def test_a_real_sweep_on_speed_up_recommends_a_point_faster_than_the_baseline(tm
         "measure.latency_batch_sizes=[1,32]",
         "search.objectives=[val_acc,speedup_b32]",
     )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["sweep", "--quiet", *overrides]) == 0
+    printed = re.search(r"^\* recommended: trial (\d+)", out.getvalue(), re.MULTILINE)
+    objectives = ("val_acc", "speedup_b32")
+    (pareto,) = (tmp_path / "trials").glob("*/pareto.csv")
+    front = pd.read_csv(pareto)
+    pick = recommend(front, objectives=objectives)
+    assert int(printed.group(1)) == pick.trial, out.getvalue()  # what the sweep marked *
+    assert not pick.note or f"recommended point (*): {pick.note}" in out.getvalue()
     cfg = compose_config(overrides)
-    result = run_sweep(cfg)
-    assert result.objectives == ("val_acc", "speedup_b32")
-    study = load_study(cfg, result.study_name)
-    pick = recommend(result.front, score=result.score, objectives=result.objectives)
-    assert pick_trial(study, "recommended").number == pick.trial  # export = sweep
+    study = load_study(cfg, pareto.parent.name)
+    assert pick_trial(study, "recommended").number == pick.trial  # what export picks
     # every point within a wide budget (one epoch of fine-tuning moves digits by ~1 point)
-    wide = recommend(result.front, max_drop=100, score=result.score, objectives=result.objectives)
+    wide = recommend(front, max_drop=100, objectives=objectives)
     assert pick_trial(study, "recommended", max_drop=100).number == wide.trial
-    front = result.front.set_index("trial")
+    front = front.set_index("trial")
     faster = front[front.speedup_b32 >= 1.0]
     if faster.empty:  # (measured, not assumed: a loaded machine may time no point faster)
         assert wide.axis == SIZE_AXIS and "faster than the baseline" in wide.note
