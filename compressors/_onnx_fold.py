@@ -81,6 +81,7 @@ def fold_batchnorm(proto: onnx.ModelProto, roots: dict[str, PackedTensor], notes
         if len(layer.input) > 2 and layer.input[2]:
             old = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64)
             bias = old * factor + shift
+            vectors.add(layer.input[2])  # (read by this layer alone: replaced below)
         b_name = _unique(f"{bn.output[0]}_bias", names)
         graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
         inputs = list(layer.input[:2]) + [b_name]
@@ -203,8 +204,8 @@ def _mul(a: str, b: str, out: str):
 
 
 def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Remove the initializers among ``names`` (folded BatchNormalizations' vectors) that no
-    node reads any more."""
+    """Remove the initializers among ``names`` (folded BatchNormalizations' vectors, the biases
+    they replaced) that no node reads any more."""
     read = {name for node in graph.node for name in node.input}
     read |= {o.name for o in graph.output}
     for init in list(graph.initializer):
