@@ -6,11 +6,15 @@ objectives ``[val_acc, speedup]`` over a space of what makes a graph faster: str
 (smaller layers), low rank (two thin MatMuls) and int8 MatMulInteger (``quant.runtime=int8``).
 Then the front's points within ``--max-drop`` test points of the baseline (cosine >= 0.97 for
 minilm) are timed again against the baseline's ONNX graph, side by side in one run (alternating
-rounds, median of the rounds' medians), at batch 1 and at the large batch, and the best is printed
-with its ONNX file's bytes beside its packed ``.sqz`` file's.
+rounds, median of the rounds' medians), at batch 1, 32 and the large batch, and the best is printed
+with its ONNX file's bytes beside its packed ``.sqz`` file's. Beside them, the reference int8
+graph: ONNX Runtime's own ``quantize_static`` of the baseline's graph (MinMax calibration on
+training batches, QDQ, `_reference`), scored on test and timed the same way. Every latency is
+timed with the ONNX Runtime session settings printed with the baseline's line.
 
     python bench/deploy.py                              # digits_mlp, mnist1d_cnn, minilm
     python bench/deploy.py --tasks digits_mlp --trials 12
+    python bench/deploy.py --tasks digits_mlp --trials 2 --no-reference   # without it
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet, recipe_text, side_by_side  # noqa: E402
+from _reference import quantize_reference  # noqa: E402
 
 from search import compose_config, run_sweep  # noqa: E402
 from search.run.deploy import deploy_onnx  # noqa: E402
@@ -62,12 +67,16 @@ def main() -> int:
     parser.add_argument("--max-drop", type=float, default=1.0, help="test points (classifiers)")
     parser.add_argument("--min-cosine", type=float, default=0.97, help="test cosine (minilm)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip ONNX Runtime's quantize_static graph"
+    )
     args = parser.parse_args()
     quiet()
     root = Path(tempfile.mkdtemp(prefix="squeeze-deploy-"))
     print(f"runs in {root}; {args.threads} thread(s) for torch and ONNX Runtime", flush=True)
     for task_name in args.tasks:
         large = LARGE[task_name]
+        batches = tuple(sorted({1, 32, large}))
         work = root / task_name
         cfg = compose_config(
             [
@@ -107,8 +116,23 @@ def main() -> int:
         )
         print(
             f"  baseline: ONNX {base['onnx_bytes']:,.0f} B, .sqz {base['size_bytes']:,.0f} B "
-            f"(ops: {dict(baseline_graph.export.ops)})"
+            f"(ops: {dict(baseline_graph.export.ops)}); ONNX Runtime sessions: "
+            + ", ".join(f"{k.removeprefix('ort.')} {v}" for k, v in baseline_graph.threads.items())
         )
+        if not args.no_reference:
+            ref = quantize_reference(
+                baseline_graph.path,
+                task,
+                work / "reference-int8.onnx",
+                baseline_graph.module,
+                batches,
+            )
+            print(
+                f"  reference (ORT quantize_static, MinMax, QDQ int8): test {ref.test:.4f}, "
+                + ", ".join(f"{ref.speed[b][0]:.2f}x at batch {b}" for b in batches)
+                + f", ONNX {ref.size_bytes:,} B (ops: {dict(ref.ops)})",
+                flush=True,
+            )
         rows = []
         for _, row in ok.iterrows():
             number = int(row.trial)
@@ -116,21 +140,22 @@ def main() -> int:
             graph = deploy_onnx(packed, task, work / f"trial-{number:04d}.onnx")
             speed = {
                 batch: side_by_side(baseline_graph.module, graph.module, task.example_inputs(batch))
-                for batch in (1, large)
+                for batch in batches
             }
             rows.append((row, graph, speed))
         if not rows:
             print(f"  no front point {within}")
             continue
         print(
-            f"  {'trial':>5} {'test':>7} {'x b1':>6} {f'x b{large}':>7} {'ONNX B':>9} "
-            f"{'.sqz B':>9}  recipe"
+            f"  {'trial':>5} {'test':>7} "
+            + " ".join(f"{f'x b{b}':>7}" for b in batches)
+            + f" {'ONNX B':>9} {'.sqz B':>9}  recipe"
         )
         for row, graph, speed in sorted(rows, key=lambda r: -r[2][1][0]):
             print(
-                f"  {int(row.trial):>5} {row.test_acc:>7.4f} {speed[1][0]:>6.2f} "
-                f"{speed[large][0]:>7.2f} {graph.export.size_bytes:>9,} "
-                f"{row.size_bytes:>9,.0f}  {recipe_text(row)}"
+                f"  {int(row.trial):>5} {row.test_acc:>7.4f} "
+                + " ".join(f"{speed[b][0]:>7.2f}" for b in batches)
+                + f" {graph.export.size_bytes:>9,} {row.size_bytes:>9,.0f}  {recipe_text(row)}"
             )
         row, graph, speed = max(rows, key=lambda r: r[2][1][0])
         print(

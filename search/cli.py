@@ -260,7 +260,11 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     else:  # the bar and the log lines on stderr; the results on stdout
         with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
             result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
-    pick = None if result.front.empty else recommend(result.front, score=result.score)
+    pick = (
+        None
+        if result.front.empty
+        else recommend(result.front, score=result.score, objectives=result.objectives)
+    )
     console.print(
         front_table(
             result.front,
@@ -282,6 +286,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
+    if pick is not None and pick.note:
+        console.print(f"recommended point (*): {pick.note}", highlight=False, markup=False)
     if pick is not None:
         _next_steps(console, result.study_name, pick, args)
     if counts.get("COMPLETE", 0):
@@ -391,13 +397,19 @@ def _export_onnx(args: argparse.Namespace, console: Console) -> int:
         f"wrote {deployed.path} (trial {result.trial}): {deployed.export.size_bytes:,} bytes; "
         f"its packed .sqz file: {result.packed_bytes:,} bytes\n"
         f"ONNX Runtime agrees with the torch model: {deployed.check.message}; validation score "
-        f"{deployed.metrics['val_acc_onnx']:.4f}\nops: {ops}",
+        f"{deployed.metrics['val_acc_onnx']:.4f}\nops: {ops}\nONNX Runtime session (as a "
+        f"sweep times it): {_settings(deployed.threads)}",
         highlight=False,
         markup=False,
     )
     for note in deployed.export.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     return 0
+
+
+def _settings(threads: dict) -> str:
+    """An ONNX Runtime session's settings on one line."""
+    return ", ".join(f"{key.removeprefix('ort.')} {value}" for key, value in threads.items())
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:

@@ -445,6 +445,9 @@ def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
         # half the neurons and 4 or 8 bits: the graph is far smaller than the baseline's
         assert metrics["onnx_bytes"] < result.baseline["onnx_bytes"] / 3
         assert metrics["speedup"] > 0 and metrics["speedup_b64"] > 0
+        params = child.data.params  # the settings its latencies were timed with
+        assert params["ort.intra_op_threads"] == params["torch.threads"] == "1"
+        assert params["ort.inter_op_threads"] == "1"
         files = sorted(f.path for f in client.list_artifacts(child.info.run_id))
         assert [Path(f).suffix for f in files] == [".onnx", ".sqz"]
 

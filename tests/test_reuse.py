@@ -112,6 +112,9 @@ def test_export_as_onnx_writes_a_checked_graph_of_the_picked_trial(study, tmp_pa
     assert f"wrote {out} (trial {knee.number}): {out.stat().st_size:,} bytes" in printed
     assert f"its packed .sqz file: {packed.stat().st_size:,} bytes" in printed
     assert "ONNX Runtime agrees with the torch model" in printed
+    # the session settings a latency in ONNX Runtime depends on, and the saved optimisation
+    assert "intra_op_threads 1, inter_op_threads 1, execution_mode sequential, " in printed
+    assert "optimization basic offline, all at load" in printed
     assert main([*args, *overrides]) == 2  # never over an existing file
     assert "already exists" in capsys.readouterr().err
 

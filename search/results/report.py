@@ -125,7 +125,9 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     recipes = _recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
     front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
-    recommended = _recommended(trials, front_ids, base, direction)
+    recommended = _recommended(
+        trials, front_ids, base, direction, tuple(study_cfg.search.objectives)
+    )
     for row in front_rows:
         row["recommended"] = row["model"] == f"trial {recommended}"
 
@@ -248,13 +250,13 @@ def _recipes(study: optuna.Study, space) -> dict[int, str]:
     }
 
 
-def _recommended(trials, front_ids, base, direction: Score) -> int | None:
+def _recommended(trials, front_ids, base, direction: Score, objectives=()) -> int | None:
     """The front point ``squeeze sweep`` recommends (`search.run.recommend`), or None."""
     front = trials[trials.trial.isin(front_ids)]
     if front.empty:
         return None
     front = front.assign(val_drop=[direction.drop(v, base["val_acc"]) for v in front.val_acc])
-    return recommend(front, score=direction).trial
+    return recommend(front, score=direction, objectives=objectives).trial
 
 
 def _front_rows(trials, front_ids, base, test_scores, recipes, direction: Score) -> list[dict]:

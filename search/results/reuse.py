@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -55,7 +54,9 @@ from search.run.logs import Stages, Ticker
 from search.run.recommend import (  # noqa: F401 - re-exported
     RECOMMEND_MAX_DROP,
     Recommendation,
+    front_points,
     knee_index,
+    knee_trial,
     recommend,
 )
 from search.run.tracking import experiment_id
@@ -87,7 +88,10 @@ def pick_trial(
             within ``max_drop``, by default `RECOMMEND_MAX_DROP`, else the best-scoring point;
             `recommend`), ``knee`` (farthest from the line joining the front's ends, score
             against log size, both scaled to [0, 1]), ``max-acc`` (the best validation score: the
-            lowest for a lower-is-better one), ``min-size``, or ``trial=N``.
+            lowest for a lower-is-better one), ``min-size``, or ``trial=N``. In a study whose
+            objectives include a latency or a speed-up, ``recommended`` and ``knee`` weigh the
+            score against it instead of size, among the points at least as fast as the baseline
+            (`search.run.recommend`).
         max_drop: If given, only points at most this much worse than the baseline on
             validation are considered: in points of a higher-is-better score, in percent of
             the baseline's value of a lower-is-better one (`Score.drop`).
@@ -103,19 +107,14 @@ def pick_trial(
     if pick not in PICKS:
         raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
     score = Score.of_study(study)
+    objectives = tuple(study.metric_names or ())
     front = [t for t in study.best_trials if "metrics" in t.user_attrs]
     if pick == "recommended" and front:
         baseline = study.user_attrs["baseline"]["val_acc"]
-        points = pd.DataFrame(
-            {
-                "trial": [t.number for t in front],
-                "val_acc": [_metric(t, "val_acc") for t in front],
-                "size_bytes": [_metric(t, "size_bytes") for t in front],
-            }
-        )
+        points = front_points(_numbers_and_metrics(front), objectives)
         points["val_drop"] = [score.drop(v, baseline) for v in points.val_acc]
         budget = RECOMMEND_MAX_DROP if max_drop is None else max_drop
-        chosen = recommend(points, max_drop=budget, score=score).trial
+        chosen = recommend(points, max_drop=budget, score=score, objectives=objectives).trial
         return next(t for t in front if t.number == chosen)
     if max_drop is not None:
         baseline = study.user_attrs["baseline"]["val_acc"]
@@ -135,7 +134,7 @@ def pick_trial(
             front,
             key=lambda t: (_metric(t, "size_bytes"), -score.goodness(_metric(t, "val_acc"))),
         )
-    return _knee(front, score, within_budget=max_drop is not None)
+    return _knee(front, score, within_budget=max_drop is not None, objectives=objectives)
 
 
 def export_trial(
@@ -450,12 +449,20 @@ def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float:
     return float(trial.user_attrs["metrics"][key])
 
 
+def _numbers_and_metrics(front: list[optuna.trial.FrozenTrial]) -> dict[int, dict]:
+    return {t.number: t.user_attrs["metrics"] for t in front}
+
+
 def _knee(
-    front: list[optuna.trial.FrozenTrial], score: Score, *, within_budget: bool
+    front: list[optuna.trial.FrozenTrial],
+    score: Score,
+    *,
+    within_budget: bool,
+    objectives: Sequence[str] = (),
 ) -> optuna.trial.FrozenTrial:
-    goodness = [score.goodness(_metric(t, "val_acc")) for t in front]
-    sizes = [_metric(t, "size_bytes") for t in front]
-    return front[knee_index(goodness, sizes, within_budget=within_budget)]
+    points = front_points(_numbers_and_metrics(front), objectives)
+    chosen = knee_trial(points, score, within_budget=within_budget, objectives=objectives)
+    return next(t for t in front if t.number == chosen)
 
 
 def next_commands(

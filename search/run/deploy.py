@@ -15,7 +15,7 @@ as every evaluation does, and scores ONNX Runtime's outputs with the task's metr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,9 @@ class Deployed:
         path: The ``.onnx`` file.
         export: What the export made (ops, exporter, notes such as sparsity stored dense).
         check: How ONNX Runtime's outputs compared with the torch model's.
+        threads: The session's settings that its latency depends on (intra- and inter-op
+            threads, execution mode, graph optimisation: `ORT_THREAD_PARAMS`), logged as a
+            trial's parameters beside ``torch.threads``.
     """
 
     module: torch.nn.Module
@@ -52,6 +55,16 @@ class Deployed:
     path: Path
     export: OnnxExport
     check: OnnxCheck
+    threads: dict[str, int | str] = field(default_factory=dict)
+
+
+#: The names of `Deployed.threads`, the ONNX Runtime session settings a trial logs.
+ORT_THREAD_PARAMS = (
+    "ort.intra_op_threads",
+    "ort.inter_op_threads",
+    "ort.execution_mode",
+    "ort.optimization",
+)
 
 
 def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = None) -> Deployed:
@@ -68,6 +81,7 @@ def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = No
         check_onnx,
         export_onnx,
         ort_session,
+        session_settings,
         torch_outputs,
     )
 
@@ -80,13 +94,21 @@ def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = No
     check = check_onnx(out, None, _inputs(task.val, targets), output=output, expected=expected)
     if not check.agree:
         raise OnnxMismatchError(f"{out.name}: {check.message}")
-    module = OrtModule(ort_session(out, threads=threads or torch.get_num_threads()))
+    threads = threads or torch.get_num_threads()
+    module = OrtModule(ort_session(out, threads=threads))
     metrics = {
         "onnx_bytes": float(exported.size_bytes),
         "onnx_max_abs_diff": check.max_abs_diff,
         "val_acc_onnx": _score(task.val, check.outputs, targets),  # the check's own pass
     }
-    return Deployed(module, metrics, out, exported, check)
+    return Deployed(
+        module,
+        metrics,
+        out,
+        exported,
+        check,
+        session_settings(threads, offline=exported.optimization),
+    )
 
 
 def check_deployable(task: Task) -> str:

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SweepResult:
     """What a sweep produced: every trial, the front (with test scores) and the files written;
-    ``score``: which way the task's score goes (and the unit of ``val_drop``/``test_drop``)."""
+    ``score``: which way the task's score goes (and the unit of ``val_drop``/``test_drop``);
+    ``objectives``: the study's (what its recommended point is chosen against)."""
 
     study_name: str
     parent_run_id: str
@@ -46,6 +47,7 @@ class SweepResult:
     front: pd.DataFrame
     artifacts: list[Path] = field(default_factory=list)
     score: Score = Score()
+    objectives: tuple[str, ...] = ()
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -94,7 +96,7 @@ def finish_study(
     paths = [folder / "pareto.csv", folder / "trials.csv", folder / "pareto.png"]
     front.to_csv(paths[0], index=False)
     trials.to_csv(paths[1], index=False)
-    pick = None if front.empty else recommend(front, score=score).trial
+    pick = None if front.empty else recommend(front, score=score, objectives=ctx.objectives).trial
     plot_front(
         trials, front, baseline, paths[2], title=study.study_name, score=score, recommended=pick
     )
@@ -125,7 +127,9 @@ def finish_study(
             ),
         },
     )
-    return SweepResult(study.study_name, parent_id, baseline, trials, front, paths, score)
+    return SweepResult(
+        study.study_name, parent_id, baseline, trials, front, paths, score, tuple(ctx.objectives)
+    )
 
 
 def _front_note(study_name: str, row, score: Score) -> str:

@@ -221,6 +221,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                 metrics["val_acc"] = cross_validate(recipe, ctx, seed=seed)
         run.log_metrics(metrics)
         run.log_params({"int8_layers": ",".join(int8_layers(shipped)) or "none"})
+        if deployed:  # the session settings its latency was timed with (torch.threads: above)
+            run.log_params(deployed.threads)
         run.log_artifact(path)
         if deployed:
             run.log_artifact(deployed.path)
