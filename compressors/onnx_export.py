@@ -127,7 +127,7 @@ from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_torch import export_graph, require_onnx
-from compressors.packing import int8_layers, load_packed, read_tensors
+from compressors.packing import int8_layers, load_packed, read_tensors, with_values
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -311,9 +311,10 @@ def export_onnx(
             f"Got {outputs!r} instead."
         )
     call = Call.of(model, example_inputs)  # refused before anything is read
+    # (bounded by the model's own shapes; the values are the loaded model's, not decoded twice)
+    stored = read_tensors(packed_path, model=model, decode=False)
     model = load_packed(packed_path, model, int8=False)
-    # (bounded by the model's own shapes; the values are the model's, not decoded a second time)
-    stored = read_tensors(packed_path, model=model, values=model.state_dict())
+    stored = with_values(stored, model.state_dict())
     notes: list[str] = []
     with disabled(model):  # (activation grids: written as QDQ pairs below, `_onnx_qdq`)
         proto, used, graph_outputs = export_graph(

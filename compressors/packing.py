@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import math
 import os
@@ -339,37 +340,50 @@ class PackedTensor:
             ``value``, exactly); None for other tensors.
     """
 
-    value: torch.Tensor
+    value: torch.Tensor | None
     layout: str
     codes: Codes | None = None
 
 
 def read_tensors(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module | None = None,
-    values: Mapping[str, torch.Tensor] | None = None,
+    path: str | os.PathLike, *, model: nn.Module | None = None, decode: bool = True
 ) -> dict[str, PackedTensor]:
     """Every tensor of a packed file as the file stores it: values, layout and integer codes
     (what an exporter needs to store codes rather than floats). A tied tensor's keys map to one
-    `PackedTensor` object. ``values``: the file's values where the caller holds them already (the
-    state dict of a model the file was loaded into), taken as they are rather than decoded again
-    (another copy of the model's bytes)."""
+    `PackedTensor` object. ``decode=False``: values left out (None), for a caller that loads the
+    file into ``model`` next and takes them from it (`with_values`) rather than decode a second
+    copy of the model's bytes."""
     packed = opened(path, model)[0]
     records = {}
     for name, spec in packed.meta["t"].items():
         arrays = packed.arrays(name)
-        held = None if values is None else values.get(name)
-        if held is not None and held.is_floating_point() and held.dtype != torch.float32:
-            held = None  # (the file's values are float32: see `read_packed`)
         records[name] = PackedTensor(
-            packed.decoded(name, arrays) if held is None else held,
+            packed.decoded(name, arrays) if decode else None,
             spec["enc"],
             packed.guarded(full_codes, spec, arrays) if "count" in spec else None,
         )
     for alias, canonical in packed.meta.get("tied", {}).items():
         records[alias] = records[canonical]
     return records
+
+
+def with_values(
+    records: dict[str, PackedTensor], state: Mapping[str, torch.Tensor]
+) -> dict[str, PackedTensor]:
+    """``records`` (`read_tensors` with ``decode=False``) with each value taken from ``state``,
+    the state dict of the model the file was loaded into (its tensors themselves; float32, as
+    `read_tensors` decodes them, where the model's are another floating type). Tied keys still
+    share one record."""
+    done: dict[int, PackedTensor] = {}
+    out = {}
+    for name, record in records.items():
+        if id(record) not in done:
+            value = state[name].detach()
+            if value.is_floating_point() and value.dtype != torch.float32:
+                value = value.float()
+            done[id(record)] = dataclasses.replace(record, value=value)
+        out[name] = done[id(record)]
+    return out
 
 
 def read_payload(path: str | os.PathLike, *, model: nn.Module | None = None) -> tuple[bytes, bool]:

@@ -344,73 +344,6 @@ def test_a_model_no_exporter_converts_is_refused_naming_its_layer_and_op(tmp_pat
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_bad_arguments_name_what_is_allowed(tmp_path):
-    with pytest.raises(ValueError, match="'matmul' parameter must be one of 'auto', 'dequant"):
-        export_onnx(tmp_path / "m.sqz", nn.Linear(2, 2), torch.zeros(2, 2), "x", matmul="int")
-    with pytest.raises(ValueError, match=r"'opset' parameter must be an int >= 13. Got 11"):
-        export_onnx(tmp_path / "m.sqz", nn.Linear(2, 2), torch.zeros(2, 2), "x", opset=11)
-
-
-def test_read_tensors_gives_the_codes_of_every_layout(tmp_path):
-    task = _task("mlp")
-    packed = tmp_path / "m.sqz"
-    _shipped("mlp", [("prune", {"amount": 0.9}), ("cluster", {"bits": 2})], packed)
-    tensors = read_tensors(packed)
-    assert {tensors[f"net.{i}.weight"].layout for i in (1, 3, 5)} & {"bitmask", "gaps"}
-    for i in (1, 3, 5):
-        t = tensors[f"net.{i}.weight"]
-        assert torch.equal(t.codes.tensors["codebook"][t.codes.codes], t.value)
-    _shipped("mlp", [("quant", {"bits": 3})], packed)
-    t = read_tensors(packed)["net.3.weight"]
-    assert torch.equal(t.codes.codes * t.codes.tensors["scale"], t.value)
-    reloaded = load_packed(packed, task.build_model(), int8=False)
-    assert torch.equal(reloaded.net[3].weight.detach(), t.value)
-    # values a caller already holds (the model the file was loaded into) are taken, not decoded
-    held = read_tensors(packed, model=reloaded, values=reloaded.state_dict())["net.3.weight"]
-    assert held.value.data_ptr() == reloaded.net[3].weight.data_ptr()
-    assert torch.equal(held.codes.codes, t.codes.codes) and held.layout == t.layout
-
-
-def test_check_inputs_are_split_to_at_most_the_check_rows():
-    from compressors._onnx_io import input_batches
-
-    batches = [torch.zeros(20, 3), {"a": torch.zeros(5, 2), "b": torch.ones(5)}, "opaque"]
-    rows = [
-        b if isinstance(b, str) else len(next(iter(b.values())) if isinstance(b, dict) else b)
-        for b in input_batches(batches, 8)
-    ]
-    assert rows == [8, 8, 4, 5, "opaque"]
-    assert [len(b) for b in input_batches(torch.zeros(10, 2), 4)] == [4, 4, 2]
-
-
-def test_a_check_on_outputs_computed_first_is_the_check_on_the_model(tmp_path):
-    """`deploy_onnx` computes the torch model's outputs, frees the model, then runs ONNX Runtime:
-    the same verdict and figures as the check with the model at hand."""
-    from compressors.onnx_export import torch_outputs
-
-    task = _task("mlp")
-    packed, out = tmp_path / "m.sqz", tmp_path / "m.onnx"
-    _shipped("mlp", [("quant", {"bits": 4})], packed)
-    model = task.build_model()
-    export_onnx(packed, model, task.example_inputs(8), out)
-    x = task.val.x[:50]
-    with_model = check_onnx(out, model, x)
-    first = check_onnx(out, None, x, expected=torch_outputs(model, x))
-    assert with_model.agree and first.agree and first.max_abs_diff == with_model.max_abs_diff
-    assert torch.equal(first.outputs, with_model.outputs) and len(first.outputs) == 50
-    with pytest.raises(ValueError, match="one of 'shipped_model' and 'expected'"):
-        check_onnx(out, model, x, expected=torch_outputs(model, x))
-    with pytest.raises(ValueError, match="7 batches of inputs and 1 of expected"):
-        check_onnx(out, None, x, expected=torch_outputs(model, x[:8]))
-
-
-def test_layout_groups_join_roots_that_tensors_share():
-    from compressors._onnx_rewrite import _groups
-
-    groups = _groups([frozenset("a"), frozenset("bc"), frozenset("cd"), frozenset("a")])
-    assert sorted(map(sorted, groups)) == [["a"], ["b", "c", "d"]]
-
-
 @pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     """measure.runtime=onnxruntime: each trial's packed file is exported, checked in ONNX Runtime
@@ -588,18 +521,6 @@ def test_every_output_can_be_exported_with_the_scored_one_named(tmp_path):
     only = export_onnx(tmp_path / "m.sqz", _Heads(), x[:8], tmp_path / "o.onnx")
     assert only.outputs == ("output",)
     assert check_onnx(only.path, shipped, x).agree
-
-
-def test_inputs_that_are_not_tensors_are_refused_naming_them(tmp_path):
-    from compressors.onnx_export import check_exportable
-
-    model = _task("mlp").build_model()
-    with pytest.raises(OnnxExportError, match="got key 'mask' of type list"):
-        check_exportable(model, {"x": torch.rand(4, 64), "mask": [1, 2]})
-    with pytest.raises(OnnxExportError, match="got a value of type str"):
-        check_exportable(model, "pixels")
-    with pytest.raises(OnnxExportError, match=r"layer 'body.2' \(_Bessel\) cannot be exported"):
-        check_exportable(_WithBessel(), torch.rand(4, 64))
 
 
 @pytest.mark.slow  # (the lane: the digits sweep and the two-input exports above)
