@@ -57,6 +57,19 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n 2``: each test module runs whole on one worker (xdist's ``loadscope``, the
+    modules with the most tests first) instead of in chunks that split a module between the
+    workers, which then both build its module-scoped sweep, its cached baselines and models.
+    Another ``--dist`` than the default ``load`` is left as asked."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    return LoadScopeScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
