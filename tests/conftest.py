@@ -57,6 +57,35 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+#: Modules that build the same session-cached work as another module run on its worker: the zoo
+#: baselines test_zoo_tasks.py trains are those test_any_model.py's cells and sweeps use.
+SAME_WORKER = {"tests/test_zoo_tasks.py": "tests/test_any_model.py"}
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work ``pytest -n`` gives one worker whole: the test's module, or the module
+    `SAME_WORKER` runs it with."""
+    module = nodeid.split("::", 1)[0]
+    return SAME_WORKER.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``pytest -n 2``: each test module runs whole on one worker (xdist's ``loadscope``, the
+    units with the most tests first; `xdist_scope`) instead of in chunks that split a module
+    between the workers, which then both build its module-scoped sweep, its cached baselines and
+    models. Another ``--dist`` than the default ``load`` is left as asked."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return _ByModule(config, log)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,18 @@
+"""The fast lane's scheduling under ``pytest -n``: whole modules per worker (tests/conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import SAME_WORKER, xdist_scope
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_module_is_one_unit_of_work_and_paired_modules_share_one():
+    assert xdist_scope("tests/test_cli.py::test_help[a]") == "tests/test_cli.py"
+    assert xdist_scope("tests/test_cli.py::test_x[a::b]") == "tests/test_cli.py"
+    assert xdist_scope("tests/test_zoo_tasks.py::test_y") == "tests/test_any_model.py"
+    for module, partner in SAME_WORKER.items():  # (a renamed file would silently unpair them)
+        assert (ROOT / module).is_file() and (ROOT / partner).is_file()
+        assert xdist_scope(f"{module}::t") == xdist_scope(f"{partner}::t") == partner
