@@ -24,7 +24,8 @@ import optuna
 
 from search._errors import ConfigError
 from search.config.constraints import constraint_values
-from search.config.score import Score
+from search.config.fidelity import front_trials
+from search.config.score import Score, dominates  # noqa: F401 - (dominates re-exported)
 
 if TYPE_CHECKING:  # (torch is imported when a trial runs, not when a config is checked)
     from torch import nn
@@ -116,7 +117,7 @@ class EarlyStop:
         broken = {k: v for k, v in constraint_values(known, self.constraints).items() if v > 0}
         if broken:
             raise optuna.TrialPruned(f"infeasible before fine-tuning: {sorted(broken)}")
-        front = [t.values for t in trial.study.best_trials]
+        front = [t.values for t in front_trials(trial.study)]  # full-fidelity points only
         if not front:
             return None
         return _DominanceStop(self, known, front)
@@ -163,10 +164,3 @@ class _DominanceStop:
                     f"{stats.val_acc:.4f} ({score.better}) with margin {rule.margin} cannot "
                     "reach it"
                 )
-
-
-def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
-    """Whether point ``a`` is at least as good as ``b`` in every objective and better in one."""
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b, strict=True))
-    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b, strict=True))

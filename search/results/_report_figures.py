@@ -22,6 +22,7 @@ from optuna.trial import TrialState  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, mean_cosine, r2_score  # noqa: E402
+from search.config.fidelity import is_screened  # noqa: E402
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.run.logs import Ticker  # noqa: E402
 from search.run.pareto import front_figure  # noqa: E402
@@ -111,6 +112,7 @@ def _figures(
 ) -> tuple[dict[str, tuple], dict[str, str]]:
     """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in done if not is_screened(t)]  # full-fidelity points only
     builders = {
         "pareto_front": lambda: _front(
             study, trials, front_ids, baseline, recipes, score, direction, recommended

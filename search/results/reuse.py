@@ -45,6 +45,7 @@ from compressors import load_packed, save_packed
 from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
+from search.config.fidelity import front_trials
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
@@ -103,7 +104,7 @@ def pick_trial(
     if pick not in PICKS:
         raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
     score = Score.of_study(study)
-    front = [t for t in study.best_trials if "metrics" in t.user_attrs]
+    front = [t for t in front_trials(study) if "metrics" in t.user_attrs]
     if pick == "recommended" and front:
         baseline = study.user_attrs["baseline"]["val_acc"]
         points = pd.DataFrame(

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from search.config.fidelity import front_trials
 from search.config.score import DEFAULT_SCORE, Score
 from search.run.budget import finished_in_budget, superseded
 
@@ -83,7 +84,8 @@ class SweepProgress:
         trials = study.get_trials(deepcopy=False)
         replaced = superseded(trials)
         failed = sum(t.state == TrialState.FAIL and t.number not in replaced for t in trials)
-        front = len(study.best_trials) if any(t.state == TrialState.COMPLETE for t in trials) else 0
+        complete = any(t.state == TrialState.COMPLETE for t in trials)
+        front = len(front_trials(study)) if complete else 0
         info = f"front {front}" + (f"  failed {failed}" if failed else "")
         if replaced:
             info += f"  rerun {len(replaced)}"

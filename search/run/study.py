@@ -45,6 +45,7 @@ from search.run.budget import (
     Budget,
     budget_lock,
     budget_used,
+    superseded,
     worker_id,
 )
 from search.run.deploy import check_deployable, deploy_onnx
@@ -403,6 +404,7 @@ def _prepare(
             example_inputs=task.example_inputs(1),
         ),
         val_reference=val_reference,
+        fidelity=plan.fidelity,
     )
     return ctx, baseline_metrics
 
@@ -434,6 +436,7 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
         retry_on=tuple(search.retry_on),
         lost_retries=int(search.lost_retries),
         retry_s=storage_retry_s(plan),
+        fidelity=plan.fidelity,
     )
 
 
@@ -456,6 +459,8 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
     with budget_lock(plan.storage, plan.study_name, retry_s=storage_retry_s(plan)):
         trials = study.get_trials(deepcopy=False)
         count, room = len(trials), plan.n_trials - budget_used(trials)
+        if plan.fidelity is not None:  # (and the epochs: search.n_epochs)
+            room = min(room, plan.fidelity.new_candidates(trials, superseded(trials)))
         queued = [t.system_attrs.get("fixed_params") for t in trials]
         waiting = [r for r in plan.warm_start.recipes if r.params not in queued]
         if room < len(waiting):  # one line for all: the next run with a larger budget runs them
