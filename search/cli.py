@@ -279,6 +279,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "
         f"{counts.get('FAIL', 0) - rerun} failed, {counts.get('PRUNED', 0)} pruned"
         + (f", {rerun} interrupted or lost and run again" if rerun else "")
+        + _fidelity_counts(result.trials[~result.trials.trial.isin(replaced)], cfg)
         + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
@@ -287,6 +288,17 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     if counts.get("COMPLETE", 0):
         return 0
     return _no_trial_completed([t for t in trials if t.number not in replaced])
+
+
+def _fidelity_counts(trials, cfg) -> str:
+    """``, 8 screened only; 150 of 150 fine-tuning epochs`` for a sweep with screening or an
+    epoch budget (else nothing)."""
+    text = ""
+    if "fidelity" in trials:
+        text += f", {int((trials.fidelity == 'screen').sum())} screened only"
+    if "epochs" in trials and cfg.search.get("n_epochs") is not None:
+        text += f"; {int(trials.epochs.sum())} of {cfg.search.n_epochs} fine-tuning epochs"
+    return text
 
 
 def _finished_trials(plan) -> int:

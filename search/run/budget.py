@@ -17,6 +17,11 @@ uses no budget (`superseded`). A recipe whose worker was lost more than ``lost_r
 may be what kills it (the kernel's out-of-memory killer): its last loss counts as a failure.
 Other failed trials (an exception, a NaN loss, out of memory) count; with ``retries`` their
 recipe is tried again as a new trial that uses the budget like any other.
+
+With ``search.n_epochs`` or ``search.screen_epochs`` (`search.config.fidelity`) the same claim
+also counts fine-tuning epochs (each trial charged what it plans to run, recorded as
+``squeeze.epochs``), and before sampling a new recipe it enqueues the promotion of a screened
+trial the promotion rule picks, if its epochs fit.
 """
 
 from __future__ import annotations
