@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -10,6 +11,7 @@ from optuna.trial import TrialState
 
 from compressors import get_compressor
 from search import ConfigError, compose_config, run_sweep
+from search.cli import main
 from search.config.fidelity import (
     EPOCHS_ATTR,
     FIDELITY_ATTR,
@@ -200,18 +202,16 @@ def test_screening_needs_fixed_epochs(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_a_screened_sweep_fronts_only_full_fine_tunes_within_its_epochs(tmp_path, cache_dir):
-    cfg = compose_config(
-        sweep_overrides(
-            tmp_path,
-            cache_dir,
-            "search.n_trials=100",
-            "search.n_epochs=12",
-            "search.screen_epochs=1",
-            "space.finetune.epochs=3",
-            "search.n_jobs=2",
-        )
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=100",
+        "search.n_epochs=12",
+        "search.screen_epochs=1",
+        "space.finetune.epochs=3",
+        "search.n_jobs=2",
     )
-    result = run_sweep(cfg)
+    result = run_sweep(compose_config(overrides))
     trials = result.trials
     assert trials.epochs.sum() <= 12 and (trials.state == "COMPLETE").all()
     assert set(trials.fidelity) == {"screen", "full"}
@@ -225,3 +225,9 @@ def test_a_screened_sweep_fronts_only_full_fine_tunes_within_its_epochs(tmp_path
         tags = client.get_run(row.mlflow_run_id).data.tags
         assert tags[FIDELITY_ATTR] == row.fidelity
         assert (tags.get("pareto") == "true") == (row.trial in set(result.front.trial))
+    # The report's front (its models' test scores) holds full fine-tunes only, too.
+    assert main(["report", "--study", "digits_mlp", *overrides]) == 0
+    report = tmp_path / "trials" / "digits_mlp" / "report"
+    models = set(pd.read_csv(report / "metrics.csv").model)
+    assert models == {"baseline", *(f"trial {n}" for n in result.front.trial)}
+    assert set(pd.read_csv(report / "trials.csv").fidelity) == {"screen", "full"}

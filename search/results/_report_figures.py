@@ -152,11 +152,15 @@ def _front(study, trials, front_ids, baseline, recipes, score, direction, recomm
     fig.axes[0].set_ylabel(score_label)
 
     on_front = complete.trial.isin(front_ids)
+    screened = complete.fidelity == "screen" if "fidelity" in complete else ~on_front & on_front
     html = go.Figure()
     for mask, label, color in (
-        (~on_front, "trials", "#999"),
+        (screened, "screened (short fine-tune)", "#ccc"),
+        (~on_front & ~screened, "trials", "#999"),
         (on_front, "Pareto front", "#d62728"),
     ):
+        if label.startswith("screened") and not mask.any():
+            continue
         part = complete[mask].sort_values("size_bytes")
         html.add_scatter(
             x=part.size_bytes / 1000,
