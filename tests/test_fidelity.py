@@ -21,9 +21,10 @@ from search.config.fidelity import (
 )
 from search.config.plan import plan_sweep
 from search.config.space import Recipe
+from search.config.storage import open_storage
 from search.run.budget import REPLACES_ATTR, Budget
 from search.run.pareto import front_numbers
-from search.run.screening import Stage, screen_file, trial_stage
+from search.run.screening import Stage, fetch_screen, screen_file, trial_stage
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
 
@@ -231,3 +232,14 @@ def test_a_screened_sweep_fronts_only_full_fine_tunes_within_its_epochs(tmp_path
     models = set(pd.read_csv(report / "metrics.csv").model)
     assert models == {"baseline", *(f"trial {n}" for n in result.front.trial)}
     assert set(pd.read_csv(report / "trials.csv").fidelity) == {"screen", "full"}
+    # A worker on another machine lacks the screen's file: it comes from the screen's MLflow run.
+    screened = int(full.promote_from.iloc[0])
+    folder = tmp_path / "trials" / "digits_mlp"
+    stage = Stage(load_from=screen_file(folder, screened), promoted_from=screened)
+    saved = stage.load_from.read_bytes()
+    stage.load_from.unlink()
+    study = optuna.load_study(
+        study_name="digits_mlp", storage=open_storage(f"{tmp_path}/optuna.journal")
+    )
+    fetch_screen(stage, study, client, tries=1)
+    assert stage.load_from.read_bytes() == saved

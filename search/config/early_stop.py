@@ -144,6 +144,25 @@ def partial_report(trial: optuna.Trial, min_epochs: int) -> EpochHook:
     return hook
 
 
+class Stopper:
+    """Early stopping of one trial: started on the compressed model, called after each epoch."""
+
+    def __init__(self, early_stop: EarlyStop, trial: optuna.Trial) -> None:
+        self.early_stop, self.trial, self.hook = early_stop, trial, None
+        # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
+        # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
+        self.needs_model = early_stop.dominance and not early_stop.pruner
+        if early_stop.pruner:
+            self.hook = partial_report(trial, early_stop.min_epochs)
+
+    def start(self, model: nn.Module) -> None:
+        self.hook = self.early_stop.start(self.trial, model)
+
+    def __call__(self, stats) -> None:
+        if self.hook is not None:
+            self.hook(stats)
+
+
 class _DominanceStop:
     def __init__(
         self, rule: EarlyStop, known: Mapping[str, float], front: list[Sequence[float]]

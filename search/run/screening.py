@@ -10,15 +10,21 @@ loaded with ``weights_only=True``: nothing in it is executed).
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from search.config.fidelity import FIDELITY_ATTR, FULL, PROMOTE_FROM_ATTR, SCREEN, Fidelity
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,30 @@ def save_state(model: torch.nn.Module, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fetch_screen(
+    stage: Stage, study: optuna.Study, client: MlflowClient, *, tries: int = 10, wait_s: float = 2.0
+) -> None:
+    """Bring a promotion's screened weights here from the screened trial's MLflow run when this
+    machine lacks them (a worker on another machine ran the screen), trying ``tries`` times
+    ``wait_s`` apart (that worker's writer logs the file in the background). Nothing when the
+    file is here, or for a trial that is not a promotion."""
+    if stage.load_from is None or stage.load_from.exists():
+        return
+    screened = study.get_trials(deepcopy=False)[int(stage.promoted_from)]
+    run_id = screened.user_attrs.get("mlflow_run_id")
+    if run_id is None:
+        return  # (loading then names the missing file)
+    stage.load_from.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(tries):
+        try:
+            client.download_artifacts(run_id, stage.load_from.name, str(stage.load_from.parent))
+            return
+        except (MlflowException, OSError) as err:
+            logger.debug("screened weights of trial %d: %s", screened.number, err)
+            if attempt + 1 < tries:
+                time.sleep(wait_s)
 
 
 def load_state(model: torch.nn.Module, path: Path) -> None:

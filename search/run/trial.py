@@ -61,7 +61,7 @@ from experiments.metrics import (
 )
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
-from search.config.early_stop import EarlyStop, partial_report
+from search.config.early_stop import EarlyStop, Stopper
 from search.config.fidelity import FIDELITY_ATTR, PROMOTE_FROM_ATTR, Fidelity
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
@@ -73,7 +73,14 @@ from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.deploy import deploy_onnx
 from search.run.interrupts import raise_if_interrupted
 from search.run.logs import Ticker
-from search.run.screening import WHOLE, Stage, load_state, save_state, trial_stage
+from search.run.screening import (
+    WHOLE,
+    Stage,
+    fetch_screen,
+    load_state,
+    save_state,
+    trial_stage,
+)
 from search.run.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -165,7 +172,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
 
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
         #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
-        stopper = _Stopper(ctx.early_stop, trial)
+        stopper = Stopper(ctx.early_stop, trial)
         ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
         def after_epoch(stats: EpochStats) -> None:
@@ -177,6 +184,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             )
             stopper(stats)
 
+        fetch_screen(stage, trial.study, ctx.tracker.client)  # (run on another machine)
         model, _ = compress_recipe(
             recipe,
             ctx.space,
@@ -505,25 +513,6 @@ def _stops_sweep(path: Path) -> Iterator[None]:
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
     """Where trial ``number`` of a study writes its packed model file."""
     return output_dir / study_name / f"trial-{number:04d}.sqz"
-
-
-class _Stopper:
-    """Early stopping of one trial: started on the compressed model, called after each epoch."""
-
-    def __init__(self, early_stop: EarlyStop, trial: optuna.Trial) -> None:
-        self.early_stop, self.trial, self.hook = early_stop, trial, None
-        # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
-        # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
-        self.needs_model = early_stop.dominance and not early_stop.pruner
-        if early_stop.pruner:
-            self.hook = partial_report(trial, early_stop.min_epochs)
-
-    def start(self, model: torch.nn.Module) -> None:
-        self.hook = self.early_stop.start(self.trial, model)
-
-    def __call__(self, stats: EpochStats) -> None:
-        if self.hook is not None:
-            self.hook(stats)
 
 
 def _schedules(compressors: list[Compressor], model: torch.nn.Module):
