@@ -62,7 +62,7 @@ from experiments.metrics import (
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
 from search.config.early_stop import EarlyStop, Stopper
-from search.config.fidelity import FIDELITY_ATTR, PROMOTE_FROM_ATTR, Fidelity
+from search.config.fidelity import FIDELITY_ATTR, PROMOTE_FROM_ATTR, SCREEN, Fidelity
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
     batch_suffix,
@@ -171,8 +171,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         trial.set_user_attr(THREADS_ATTR, threads)
 
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
-        #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
-        stopper = Stopper(ctx.early_stop, trial)
+        #      reach the front stops early: optuna.TrialPruned; not a screen, short already),
+        #      let compressors finalize it.
+        stopper = Stopper(EarlyStop() if stage.fidelity == SCREEN else ctx.early_stop, trial)
         ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
         def after_epoch(stats: EpochStats) -> None:
