@@ -258,7 +258,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     if args.quiet or done >= total:
         result = run_sweep(cfg)
     else:  # the bar and the log lines on stderr; the results on stdout
-        with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
+        epochs = plan.fidelity and plan.fidelity.n_epochs  # the bar counts them
+        with SweepProgress(
+            epochs or total,
+            console=Console(stderr=True),
+            done=_finished_trials(plan, epochs=True) if epochs else done,
+            fidelity=plan.fidelity,
+        ) as progress:
             result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
     pick = None if result.front.empty else recommend(result.front, score=result.score)
     console.print(
@@ -301,11 +307,12 @@ def _fidelity_counts(trials, cfg) -> str:
     return text
 
 
-def _finished_trials(plan) -> int:
-    """Finished trials of the budget the study holds already (0 if there is no study yet; a
-    journal file is not created by looking)."""
+def _finished_trials(plan, *, epochs: bool = False) -> int:
+    """Finished trials of the budget the study holds already (``epochs``: the fine-tuning
+    epochs charged to them; 0 if there is no study yet; a journal file is not created by
+    looking)."""
     from search.config.storage import is_url
-    from search.run.budget import finished_in_budget
+    from search.run.budget import finished_in_budget, superseded
 
     if not is_url(plan.storage) and not Path(plan.storage).exists():
         return 0
@@ -313,7 +320,10 @@ def _finished_trials(plan) -> int:
         study = _load_study(plan)
     except KeyError:
         return 0
-    return finished_in_budget(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    if epochs:
+        return plan.fidelity.epochs_finished(trials, superseded(trials))
+    return finished_in_budget(trials)
 
 
 def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespace) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import optuna
 import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from rich.console import Console
 
 from compressors import get_compressor
 from search import ConfigError, compose_config, run_sweep
@@ -22,8 +25,10 @@ from search.config.fidelity import (
 from search.config.plan import plan_sweep
 from search.config.space import Recipe
 from search.config.storage import open_storage
+from search.results.reuse import export_trial
 from search.run.budget import REPLACES_ATTR, Budget
 from search.run.pareto import front_numbers
+from search.run.progress import SweepProgress
 from search.run.screening import Stage, fetch_screen, screen_file, trial_stage
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
@@ -70,6 +75,22 @@ def test_a_promotion_continues_from_the_screened_weights(digits_task, digits_bas
         _recipe(3), *args, seed=0, stage=Stage(start_epoch=1, load_from=saved)
     )
     assert [s.epoch for s in history] == [1, 2]
+
+
+def test_the_rerun_of_a_promoted_trial_ships_the_same_model(digits_task, digits_baseline, tmp_path):
+    """`squeeze run` of a promoted trial fine-tunes in the two parts its screen and its
+    promotion ran (`Stage.split_at`): the same weights, where one part would differ."""
+    saved = tmp_path / "screen-0007.pt"
+    args = (_Space(), digits_task, digits_baseline)
+    compress_recipe(_recipe(3), *args, seed=7, stage=Stage(stop_epoch=1, save_to=saved))
+    promoted = _state(
+        compress_recipe(_recipe(3), *args, seed=7, stage=Stage(start_epoch=1, load_from=saved))[0]
+    )
+    rerun, history = compress_recipe(_recipe(3), *args, seed=7, stage=Stage(split_at=1))
+    assert [s.epoch for s in history] == [0, 1, 2]
+    assert all(torch.equal(promoted[k], v) for k, v in _state(rerun).items())
+    whole = _state(compress_recipe(_recipe(3), *args, seed=7)[0])  # one optimizer throughout
+    assert not all(torch.equal(promoted[k], v) for k, v in whole.items())
 
 
 def _frozen(number: int, values, *, fidelity=None, state=TrialState.COMPLETE, **attrs):
@@ -243,3 +264,28 @@ def test_a_screened_sweep_fronts_only_full_fine_tunes_within_its_epochs(tmp_path
     )
     fetch_screen(stage, study, client, tries=1)
     assert stage.load_from.read_bytes() == saved
+    # Exported and rerun, a promoted trial fine-tunes in its two parts: the same model again.
+    number = int(full.trial.iloc[0])
+    conf = tmp_path / "conf"
+    export_trial(
+        compose_config(overrides), "digits_mlp", pick=f"trial={number}", name="p", conf_dir=conf
+    )
+    assert main(["run", "--config-dir", str(conf), "experiment=p", *overrides]) == 0
+    version = client.get_model_version_by_alias("p", "champion")
+    metrics = client.get_run(version.run_id).data.metrics
+    expected = study.trials[number].user_attrs["metrics"]
+    assert metrics["val_acc"] == expected["val_acc"]
+    assert metrics["size_bytes"] == expected["size_bytes"]
+
+
+def test_the_bar_counts_epochs_with_an_epoch_budget():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(_frozen(0, [0.9, 500.0], fidelity="screen"))
+    study.add_trial(_frozen(1, [0.95, 500.0], fidelity="full", **{PROMOTE_FROM_ATTR: 0}))
+    study.add_trial(_frozen(2, None, fidelity="screen", state=TrialState.RUNNING))
+    fidelity = Fidelity(full_epochs=5, screen_epochs=1, n_epochs=14)
+    screen = io.StringIO()
+    with SweepProgress(14, console=Console(file=screen, width=120), fidelity=fidelity) as bar:
+        bar(study, study.trials[1])
+    shown = screen.getvalue()
+    assert "sweep epochs" in shown and "5/14" in shown and "front 1" in shown  # 1 + 4 finished

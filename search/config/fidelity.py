@@ -90,6 +90,14 @@ class Fidelity:
             self.trial_cost(t) for t in trials if t.state in _USING and t.number not in superseded
         )
 
+    def epochs_finished(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> int:
+        """Epochs charged to the finished trials (complete, pruned, failed; less the
+        ``superseded`` ones): a progress bar's count."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return sum(
+            self.trial_cost(t) for t in trials if t.state in done and t.number not in superseded
+        )
+
     def epochs_left(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> float:
         """Epochs of the budget not yet charged (infinite without ``search.n_epochs``)."""
         if self.n_epochs is None:

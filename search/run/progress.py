@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from search.config.fidelity import front_trials
+from search.config.fidelity import Fidelity, front_trials
 from search.config.score import DEFAULT_SCORE, Score
 from search.run.budget import finished_in_budget, superseded
 
@@ -33,9 +33,19 @@ class SweepProgress:
         total: The budget (``search.n_trials``).
         console: Where the bar and the log lines go.
         done: Finished trials of the budget when the sweep starts (a resumed study).
+        fidelity: With a budget in epochs (``search.n_epochs``): the bar counts the epochs
+            charged to finished trials, of ``total`` epochs (`search.config.fidelity`).
     """
 
-    def __init__(self, total: int, *, console: Console | None = None, done: int = 0) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        console: Console | None = None,
+        done: int = 0,
+        fidelity: Fidelity | None = None,
+    ) -> None:
+        self._fidelity = fidelity if fidelity and fidelity.n_epochs is not None else None
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -46,7 +56,12 @@ class SweepProgress:
             transient=False,
         )
         self._task = self._progress.add_task(
-            "sweep", total=total, completed=done, info="", since=time.monotonic(), base=done
+            "sweep epochs" if self._fidelity else "sweep",
+            total=total,
+            completed=done,
+            info="",
+            since=time.monotonic(),
+            base=done,
         )
         self._stages: dict[str, int] = {}
         self._handlers: list[logging.Handler] = []
@@ -89,7 +104,11 @@ class SweepProgress:
         info = f"front {front}" + (f"  failed {failed}" if failed else "")
         if replaced:
             info += f"  rerun {len(replaced)}"
-        self._progress.update(self._task, completed=finished_in_budget(trials), info=info)
+        if self._fidelity is not None:
+            done = self._fidelity.epochs_finished(trials, replaced)
+        else:
+            done = finished_in_budget(trials)
+        self._progress.update(self._task, completed=done, info=info)
 
     def _route_logging(self) -> None:
         root = logging.getLogger()

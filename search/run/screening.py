@@ -38,6 +38,9 @@ class Stage:
         load_from: The screened weights it continues (a promotion).
         save_to: Where it keeps its screened weights (a screen).
         promoted_from: The number of the screened trial it continues.
+        split_at: The rerun of a promoted trial (`squeeze run`): its fine-tune runs in two
+            parts as its screen and its promotion ran, split at this epoch (a fresh optimizer,
+            and the random state each started with), so the rerun ships the same model.
     """
 
     fidelity: str | None = None
@@ -46,6 +49,13 @@ class Stage:
     load_from: Path | None = None
     save_to: Path | None = None
     promoted_from: int | None = None
+    split_at: int | None = None
+
+    def parts(self) -> list[tuple[int, int | None]]:
+        """``(start_epoch, stop_epoch)`` of each part of the fine-tune it runs."""
+        if self.split_at is not None:
+            return [(0, self.split_at), (self.split_at, None)]
+        return [(self.start_epoch, self.stop_epoch)]
 
 
 #: The whole fine-tune (no screening).

@@ -317,24 +317,27 @@ def compress_recipe(
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
     with phase("fine-tune"):
-        history = fit(
-            model,
-            task.train,
-            epochs=recipe.finetune["epochs"],
-            batch_size=recipe.finetune["batch_size"],
-            lr=recipe.finetune["lr"],
-            schedule=recipe.finetune["schedule"],
-            loss_fn=_finetune_loss(compressors, context),
-            teacher_outputs=baseline.teacher_outputs,
-            teacher=context.teacher if _distils(compressors) else None,
-            val=task.val,
-            seed=seed,
-            before_epoch=_schedules(compressors, model),
-            after_epoch=after_epoch,
-            start_epoch=stage.start_epoch,
-            stop_epoch=stage.stop_epoch,
-            **task.training(),
-        )  # (where the model is: the trial's device)
+        history, rng = [], torch.get_rng_state()
+        for start, stop in stage.parts():  # (two for the rerun of a promoted trial)
+            torch.set_rng_state(rng)  # each part starts as a trial's fine-tune does
+            history += fit(
+                model,
+                task.train,
+                epochs=recipe.finetune["epochs"],
+                batch_size=recipe.finetune["batch_size"],
+                lr=recipe.finetune["lr"],
+                schedule=recipe.finetune["schedule"],
+                loss_fn=_finetune_loss(compressors, context),
+                teacher_outputs=baseline.teacher_outputs,
+                teacher=context.teacher if _distils(compressors) else None,
+                val=task.val,
+                seed=seed,
+                before_epoch=_schedules(compressors, model),
+                after_epoch=after_epoch,
+                start_epoch=start,
+                stop_epoch=stop,
+                **task.training(),
+            )  # (where the model is: the trial's device)
     if stage.save_to is not None:  # a screen: its weights before finalizing, for a promotion
         save_state(model, stage.save_to)
     with phase("compress"):
