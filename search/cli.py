@@ -297,11 +297,12 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
 
 def _fidelity_counts(trials, cfg) -> str:
-    """``, 8 screened only; 150 of 150 fine-tuning epochs`` for a sweep with screening or an
-    epoch budget (else nothing)."""
+    """``, 12 screens (5 promoted); 150 of 150 fine-tuning epochs`` for a sweep with screening
+    or an epoch budget (else nothing)."""
     text = ""
     if "fidelity" in trials:
-        text += f", {int((trials.fidelity == 'screen').sum())} screened only"
+        promoted = trials.promote_from.nunique() if "promote_from" in trials else 0
+        text += f", {int((trials.fidelity == 'screen').sum())} screens ({promoted} promoted)"
     if "epochs" in trials and cfg.search.get("n_epochs") is not None:
         text += f"; {int(trials.epochs.sum())} of {cfg.search.n_epochs} fine-tuning epochs"
     return text
