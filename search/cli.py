@@ -245,7 +245,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
     from search.results.reuse import recommend
     from search.run.budget import superseded
-    from search.run.progress import SweepProgress, front_table
+    from search.run.progress import SweepProgress, fidelity_summary, front_table
     from search.run.study import run_sweep
 
     done, total = _finished_trials(plan), cfg.search.n_trials
@@ -285,7 +285,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "
         f"{counts.get('FAIL', 0) - rerun} failed, {counts.get('PRUNED', 0)} pruned"
         + (f", {rerun} interrupted or lost and run again" if rerun else "")
-        + _fidelity_counts(result.trials[~result.trials.trial.isin(replaced)], cfg)
+        + fidelity_summary(result.trials[~result.trials.trial.isin(replaced)], cfg.search)
         + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
@@ -294,18 +294,6 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     if counts.get("COMPLETE", 0):
         return 0
     return _no_trial_completed([t for t in trials if t.number not in replaced])
-
-
-def _fidelity_counts(trials, cfg) -> str:
-    """``, 12 screens (5 promoted); 150 of 150 fine-tuning epochs`` for a sweep with screening
-    or an epoch budget (else nothing)."""
-    text = ""
-    if "fidelity" in trials:
-        promoted = trials.promote_from.nunique() if "promote_from" in trials else 0
-        text += f", {int((trials.fidelity == 'screen').sum())} screens ({promoted} promoted)"
-    if "epochs" in trials and cfg.search.get("n_epochs") is not None:
-        text += f"; {int(trials.epochs.sum())} of {cfg.search.n_epochs} fine-tuning epochs"
-    return text
 
 
 def _finished_trials(plan, *, epochs: bool = False) -> int:

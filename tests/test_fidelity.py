@@ -28,7 +28,7 @@ from search.config.storage import open_storage
 from search.results.reuse import export_trial
 from search.run.budget import REPLACES_ATTR, Budget
 from search.run.pareto import front_numbers
-from search.run.progress import SweepProgress
+from search.run.progress import SweepProgress, fidelity_summary
 from search.run.screening import Stage, fetch_screen, screen_file, trial_stage
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
@@ -289,3 +289,13 @@ def test_the_bar_counts_epochs_with_an_epoch_budget():
         bar(study, study.trials[1])
     shown = screen.getvalue()
     assert "sweep epochs" in shown and "5/14" in shown and "front 1" in shown  # 1 + 4 finished
+
+
+def test_the_summary_counts_screens_promotions_and_epochs():
+    trials = pd.DataFrame(
+        {"fidelity": ["screen", "full", "screen"], "promote_from": [None, 0, None]}
+        | {"epochs": [1, 4, 1]}
+    )
+    text = fidelity_summary(trials, compose_config(["search.n_epochs=14"]).search)
+    assert text == ", 2 screens (1 promoted); 6 of 14 fine-tuning epochs"
+    assert fidelity_summary(pd.DataFrame({"trial": [0]}), compose_config([]).search) == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -225,3 +226,16 @@ def short_value(value) -> str:
     """A recipe's value as printed: floats to 3 significant digits (``0.00354``), others as
     they are."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def fidelity_summary(trials: pd.DataFrame, search: Any) -> str:
+    """``, 12 screens (5 promoted); 150 of 150 fine-tuning epochs`` for a sweep with screening
+    or an epoch budget (else nothing). ``trials``: the trials table
+    (`search.run.pareto.trials_frame`) less the replaced trials; ``search``: the config's."""
+    text = ""
+    if "fidelity" in trials:
+        promoted = trials.promote_from.nunique() if "promote_from" in trials else 0
+        text += f", {int((trials.fidelity == 'screen').sum())} screens ({promoted} promoted)"
+    if "epochs" in trials and search.get("n_epochs") is not None:
+        text += f"; {int(trials.epochs.sum())} of {search.n_epochs} fine-tuning epochs"
+    return text
