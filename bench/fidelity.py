@@ -6,7 +6,8 @@ baseline:
 - ``full@N``: today's default, ``N`` trials of full fine-tunes (``N x 15`` epochs); its first
   ``K`` trials are also read as ``full@K`` (what it had found after ``K x 15`` epochs);
 - ``screenS@E``: ``search.screen_epochs=S``, ``search.n_epochs=E`` (trials unlimited), the
-  promotion rule with ``search.promote_margin`` (``+mM`` in the name when not 0).
+  promotion rule with ``search.promote_margin`` (``+mM`` in the name when not 0) and
+  ``search.promote_after`` (``+aK``).
 
 Printed per run: fine-tuning epochs charged, screens and full fine-tunes, hypervolume of the
 full-fidelity points' (val_acc, log10 size_bytes) (reference: 10 points below the baseline, the
@@ -34,12 +35,12 @@ from search.config.fidelity import EPOCHS_ATTR, is_screened  # noqa: E402
 from search.run.pareto import hypervolume  # noqa: E402
 
 EPOCHS = 15  # the default space's fine-tune
-LEG = re.compile(r"(full|screen(\d+))@(\d+)(?:\+m([0-9.]+))?")
+LEG = re.compile(r"(full|screen(\d+))@(\d+)(?:\+m([0-9.]+))?(?:\+a(\d+))?")
 
 
 def overrides(leg: str) -> list[str]:
     """The sweep overrides of a leg's name (`LEG`)."""
-    kind, screen, amount, margin = LEG.fullmatch(leg).groups()
+    kind, screen, amount, margin, after = LEG.fullmatch(leg).groups()
     if kind == "full":
         return [f"search.n_trials={amount}"]
     return [
@@ -47,6 +48,7 @@ def overrides(leg: str) -> list[str]:
         f"search.n_epochs={amount}",
         f"search.screen_epochs={screen}",
         f"search.promote_margin={margin or 0}",
+        f"search.promote_after={after or 0}",
     ]
 
 

@@ -136,6 +136,9 @@ def test_a_screened_point_is_promoted_when_no_other_screened_point_dominates_it(
     near = Fidelity(**{**rule.__dict__, "margin": 0.06})  # 0.85 + 0.06 is no longer dominated
     assert [t.number for t in near.promotable(trials, set())] == [0, 1, 2]
     assert [t.number for t in rule.promotable(trials, {4})] == [0, 1, 3]  # (4 was replaced)
+    waits = Fidelity(**{**rule.__dict__, "promote_after": 5})  # 4 screens: none promoted yet
+    assert waits.promotable(trials, set()) == []
+    assert len(Fidelity(**{**rule.__dict__, "promote_after": 4}).promotable(trials, set())) == 2
 
 
 def _run_claimed(budget: Budget, trial: optuna.Trial, folder, value: float) -> None:

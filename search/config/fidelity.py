@@ -63,6 +63,8 @@ class Fidelity:
             dominated by another screened point (``search.promote_margin``).
         objectives: The study's objectives.
         directions: Their directions.
+        promote_after: No promotion before this many screened points are complete (a
+            front of a few points promotes nearly all of them) (``search.promote_after``).
     """
 
     full_epochs: int
@@ -71,6 +73,7 @@ class Fidelity:
     margin: float = 0.0
     objectives: tuple[str, ...] = ()
     directions: tuple[str, ...] = ()
+    promote_after: int = 0
 
     @property
     def screening(self) -> bool:
@@ -122,6 +125,8 @@ class Fidelity:
             return []
         screened = [t for t in trials if is_screened(t) and _feasible(t)]
         screened = [t for t in screened if t.number not in superseded]
+        if len(screened) < self.promote_after:
+            return []
         promoted = {
             int(t.user_attrs[PROMOTE_FROM_ATTR])
             for t in trials
@@ -211,6 +216,7 @@ def check_fidelity(
         screen_epochs=screen,
         n_epochs=None if n_epochs is None else int(n_epochs),
         margin=float(search.get("promote_margin", 0.0)),
+        promote_after=int(search.get("promote_after", 0)),
         objectives=tuple(objectives),
         directions=tuple(directions),
     )
