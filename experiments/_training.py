@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -79,6 +80,8 @@ def fit(
     device: str | torch.device | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     train_step: TrainStep | None = None,
+    start_epoch: int = 0,
+    stop_epoch: int | None = None,
 ) -> list[EpochStats]:
     """Train ``model`` in place with Adam, batch by batch from the task's training data.
 
@@ -110,6 +113,10 @@ def fit(
             precision, several optimizer steps...; it gets squeeze's loss of the batch as a
             function (the task's loss, or distillation / L1 as the recipe has it), so the
             compressors' hooks still apply. None: backward and one optimizer step.
+        start_epoch: Begin at this epoch of the ``epochs``-long schedule (the learning rate,
+            ``before_epoch`` and the epochs' seeds as they are there): a continuation of a
+            fine-tune stopped at ``stop_epoch`` (the optimizer's state starts afresh).
+        stop_epoch: Stop before this epoch (None: ``epochs``): the first part of the schedule.
 
     Returns:
         One `EpochStats` per epoch.
@@ -117,7 +124,13 @@ def fit(
     Raises:
         NonFiniteLossError: If the loss becomes NaN or infinite.
     """
-    if epochs == 0:
+    stop_epoch = epochs if stop_epoch is None else stop_epoch
+    if not 0 <= start_epoch <= stop_epoch <= epochs:
+        raise ValueError(
+            "0 <= start_epoch <= stop_epoch <= epochs must hold, but got "
+            f"(start_epoch={start_epoch}, stop_epoch={stop_epoch}, epochs={epochs})"
+        )
+    if start_epoch == stop_epoch:
         return []
     data = as_data(train)
     if device is not None:
@@ -136,10 +149,14 @@ def fit(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=epochs * per_epoch if per_epoch else epochs
         )
+        with warnings.catch_warnings():  # (stepped before the optimizer: the skipped epochs)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * (per_epoch or 1)):
+                scheduler.step()
     generator = torch.Generator().manual_seed(seed)
     history = []
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, stop_epoch):
             if before_epoch is not None:
                 before_epoch(epoch, epochs)
             model.train()

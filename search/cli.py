@@ -123,7 +123,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
     from search.results.reuse import recommend
     from search.run.budget import superseded
-    from search.run.progress import SweepProgress, front_table
+    from search.run.progress import SweepProgress, fidelity_summary, front_table
     from search.run.study import run_sweep
 
     done, total = _finished_trials(plan), cfg.search.n_trials
@@ -136,7 +136,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     if args.quiet or done >= total:
         result = run_sweep(cfg)
     else:  # the bar and the log lines on stderr; the results on stdout
-        with SweepProgress(total, console=Console(stderr=True), done=done) as progress:
+        epochs = plan.fidelity and plan.fidelity.n_epochs  # the bar counts them
+        with SweepProgress(
+            epochs or total,
+            console=Console(stderr=True),
+            done=_finished_trials(plan, epochs=True) if epochs else done,
+            fidelity=plan.fidelity,
+        ) as progress:
             result = run_sweep(cfg, callbacks=[progress], progress=progress.stage)
     pick = (
         None
@@ -161,6 +167,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         f"{len(result.trials)} trials ({counts.get('COMPLETE', 0)} complete, "
         f"{counts.get('FAIL', 0) - rerun} failed, {counts.get('PRUNED', 0)} pruned"
         + (f", {rerun} interrupted or lost and run again" if rerun else "")
+        + fidelity_summary(result.trials[~result.trials.trial.isin(replaced)], cfg.search)
         + f"); MLflow parent run {result.parent_run_id}; files in {result.artifacts[0].parent}",
         highlight=False,
     )
@@ -173,11 +180,12 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     return _no_trial_completed([t for t in trials if t.number not in replaced])
 
 
-def _finished_trials(plan) -> int:
-    """Finished trials of the budget the study holds already (0 if there is no study yet; a
-    journal file is not created by looking)."""
+def _finished_trials(plan, *, epochs: bool = False) -> int:
+    """Finished trials of the budget the study holds already (``epochs``: the fine-tuning
+    epochs charged to them; 0 if there is no study yet; a journal file is not created by
+    looking)."""
     from search.config.storage import is_url
-    from search.run.budget import finished_in_budget
+    from search.run.budget import finished_in_budget, superseded
 
     if not is_url(plan.storage) and not Path(plan.storage).exists():
         return 0
@@ -185,7 +193,10 @@ def _finished_trials(plan) -> int:
         study = _load_study(plan)
     except KeyError:
         return 0
-    return finished_in_budget(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    if epochs:
+        return plan.fidelity.epochs_finished(trials, superseded(trials))
+    return finished_in_budget(trials)
 
 
 def _next_steps(console: Console, study_name: str, pick, args: argparse.Namespace) -> None:

@@ -24,7 +24,8 @@ import optuna
 
 from search._errors import ConfigError
 from search.config.constraints import constraint_values
-from search.config.score import Score
+from search.config.fidelity import front_trials
+from search.config.score import Score, dominates  # noqa: F401 - (dominates re-exported)
 
 if TYPE_CHECKING:  # (torch is imported when a trial runs, not when a config is checked)
     from torch import nn
@@ -125,7 +126,7 @@ class EarlyStop:
         broken = {k: v for k, v in constraint_values(known, self.constraints).items() if v > 0}
         if broken:
             raise optuna.TrialPruned(f"infeasible before fine-tuning: {sorted(broken)}")
-        front = [t.values for t in trial.study.best_trials]
+        front = [t.values for t in front_trials(trial.study)]  # full-fidelity points only
         if not front:
             return None
         return _DominanceStop(self, known, front)
@@ -152,6 +153,28 @@ def partial_report(trial: optuna.Trial, min_epochs: int) -> EpochHook:
     return hook
 
 
+class Stopper:
+    """Early stopping of one trial: started on the compressed model, called after each epoch."""
+
+    def __init__(
+        self, early_stop: EarlyStop, trial: optuna.Trial, *, like: nn.Module | None = None
+    ) -> None:
+        self.early_stop, self.trial, self.hook = early_stop, trial, None
+        self.like = like  # (the baseline: the estimate records changed layers as the file does)
+        # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
+        # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
+        self.needs_model = early_stop.dominance and not early_stop.pruner
+        if early_stop.pruner:
+            self.hook = partial_report(trial, early_stop.min_epochs)
+
+    def start(self, model: nn.Module) -> None:
+        self.hook = self.early_stop.start(self.trial, model, like=self.like)
+
+    def __call__(self, stats) -> None:
+        if self.hook is not None:
+            self.hook(stats)
+
+
 class _DominanceStop:
     def __init__(
         self, rule: EarlyStop, known: Mapping[str, float], front: list[Sequence[float]]
@@ -172,10 +195,3 @@ class _DominanceStop:
                     f"{stats.val_acc:.4f} ({score.better}) with margin {rule.margin} cannot "
                     "reach it"
                 )
-
-
-def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
-    """Whether point ``a`` is at least as good as ``b`` in every objective and better in one."""
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b, strict=True))
-    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b, strict=True))

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from search._errors import ConfigError
 from search.config.constraints import check_constraints, check_score_bound
 from search.config.early_stop import check_early_stop, make_pruner
+from search.config.fidelity import Fidelity, check_fidelity
 from search.config.metrics import METRICS, batch_metrics, default_directions
 from search.config.modules import import_target
 from search.config.schema import check_file_name, check_schema
@@ -78,6 +79,8 @@ class SweepPlan:
         directions: The Optuna direction of each objective: ``search.directions``, or when it is
             null each objective's own (`search.config.metrics.default_directions`).
         explicit_directions: Whether ``search.directions`` was given (not null).
+        fidelity: The budget in epochs and the screening (`search.config.fidelity`); None
+            when neither ``search.n_epochs`` nor ``search.screen_epochs`` is set.
         score: Which way the task's score (``val_acc``) goes, once `for_task` has settled it.
     """
 
@@ -96,6 +99,7 @@ class SweepPlan:
     warm_start: WarmStarts = WarmStarts()
     explicit_directions: bool = True
     score: Score = DEFAULT_SCORE
+    fidelity: Fidelity | None = None
 
     def for_task(self, task: Task) -> SweepPlan:
         """This plan with the direction of ``task``'s score: ``val_acc`` is maximized when its
@@ -127,10 +131,12 @@ class SweepPlan:
             directions = default_directions(
                 self.objectives, score_higher_is_better=score.higher_is_better
             )
+        fidelity = self.fidelity and dataclasses.replace(self.fidelity, directions=directions)
         return dataclasses.replace(
             self,
             directions=directions,
             score=score,
+            fidelity=fidelity,
             fingerprint=_fingerprint(self.cfg, self.constraints, directions),
         )
 
@@ -215,6 +221,9 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         else warm_start,
         space,
     )
+    fidelity = check_fidelity(
+        cfg, space.values("finetune").get("finetune.epochs"), objectives, directions
+    )
     task_builder, task_kwargs = _check_task(cfg)
     return SweepPlan(
         cfg=cfg,
@@ -234,6 +243,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         score=Score.of_direction(directions[objectives.index("val_acc")])
         if explicit and "val_acc" in objectives
         else Score(),
+        fidelity=fidelity,
     )
 
 
@@ -385,6 +395,8 @@ def _fingerprinted(
         parts["cv_folds"] = cfg.search.cv_folds
     if constraints:  # (studies without constraints keep the fingerprint they had before)
         parts["constraints"] = dict(sorted(constraints.items()))
+    if cfg.search.get("screen_epochs"):  # a trial's charge and stage depend on it
+        parts["screen_epochs"] = cfg.search.screen_epochs
     return parts
 
 

@@ -148,6 +148,10 @@ SCHEMA: dict[str, Any] = {
     "search": {
         "study_name": FileName(),
         "n_trials": Integer(1, 10_000_000),
+        "n_epochs": Nullable(Integer(1, 1_000_000_000)),
+        "screen_epochs": Integer(0, 10_000),
+        "promote_margin": Real(0.0, 1.0),
+        "promote_after": Integer(0, 10_000),
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),
         "sampler_options": AnyMapping(),

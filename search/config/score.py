@@ -132,3 +132,10 @@ class Score:
 
 #: A higher-is-better score (squeeze's own: accuracy, cosine, R²), the default where none is known.
 DEFAULT_SCORE = Score()
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:
+    """Whether point ``a`` is at least as good as ``b`` in every objective and better in one."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    at_least = all(s * x >= s * y for s, x, y in zip(signs, a, b, strict=True))
+    return at_least and any(s * x > s * y for s, x, y in zip(signs, a, b, strict=True))

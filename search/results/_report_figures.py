@@ -22,6 +22,7 @@ from optuna.trial import TrialState  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 from experiments import accuracy, mean_cosine, r2_score  # noqa: E402
+from search.config.fidelity import is_screened  # noqa: E402
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.run.logs import Ticker  # noqa: E402
 from search.run.pareto import front_figure  # noqa: E402
@@ -111,6 +112,7 @@ def _figures(
 ) -> tuple[dict[str, tuple], dict[str, str]]:
     """``{name: (matplotlib figure, plotly figure)}`` and ``{name: why it is left out}``."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in done if not is_screened(t)]  # full-fidelity points only
     builders = {
         "pareto_front": lambda: _front(
             study, trials, front_ids, baseline, recipes, score, direction, recommended
@@ -150,11 +152,15 @@ def _front(study, trials, front_ids, baseline, recipes, score, direction, recomm
     fig.axes[0].set_ylabel(score_label)
 
     on_front = complete.trial.isin(front_ids)
+    screened = complete.fidelity == "screen" if "fidelity" in complete else ~on_front & on_front
     html = go.Figure()
     for mask, label, color in (
-        (~on_front, "trials", "#999"),
+        (screened, "screened (short fine-tune)", "#ccc"),
+        (~on_front & ~screened, "trials", "#999"),
         (on_front, "Pareto front", "#d62728"),
     ):
+        if label.startswith("screened") and not mask.any():
+            continue
         part = complete[mask].sort_values("size_bytes")
         html.add_scatter(
             x=part.size_bytes / 1000,

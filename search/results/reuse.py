@@ -44,6 +44,7 @@ from compressors import load_packed, save_packed
 from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
+from search.config.fidelity import PROMOTE_FROM_ATTR, front_trials
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
@@ -59,6 +60,7 @@ from search.run.recommend import (  # noqa: F401 - re-exported
     knee_trial,
     recommend,
 )
+from search.run.screening import Stage
 from search.run.tracking import experiment_id
 from search.run.trial import compress_recipe, measure
 from search.run.workload import build_task, load_workload
@@ -108,7 +110,7 @@ def pick_trial(
         raise ConfigError(f"Unknown --pick {pick!r}. Allowed: {', '.join(PICKS)}, trial=N.")
     score = Score.of_study(study)
     objectives = tuple(study.metric_names or ())
-    front = [t for t in study.best_trials if "metrics" in t.user_attrs]
+    front = [t for t in front_trials(study) if "metrics" in t.user_attrs]
     if pick == "recommended" and front:
         baseline = study.user_attrs["baseline"]["val_acc"]
         points = front_points(_numbers_and_metrics(front), objectives)
@@ -135,6 +137,13 @@ def pick_trial(
             key=lambda t: (_metric(t, "size_bytes"), -score.goodness(_metric(t, "val_acc"))),
         )
     return _knee(front, score, within_budget=max_drop is not None, objectives=objectives)
+
+
+def _split_at(trial: optuna.trial.FrozenTrial, study_cfg: DictConfig) -> dict[str, int]:
+    """``{"split_at": S}`` for a promoted trial (`search.run.screening.Stage.split_at`)."""
+    if PROMOTE_FROM_ATTR not in trial.user_attrs:
+        return {}
+    return {"split_at": int(study_cfg.search.screen_epochs)}
 
 
 def export_trial(
@@ -191,6 +200,8 @@ def export_trial(
             "study": study_name,
             "trial": trial.number,
             "seed_trial": seed_trial(trial),  # a retry is seeded like the trial it retries
+            # a promoted trial fine-tuned in two parts: its screen's epochs, then the rest
+            **_split_at(trial, study_cfg),
             "expected": {k: float(metrics[k]) for k in ("val_acc", "size_bytes")},
         },
     }
@@ -333,6 +344,7 @@ def run_experiment(
         seed=int(cfg.seed) + int(cfg.run.get("seed_trial", cfg.run.trial)),
         after_epoch=after_epoch,
         device=workload.device,
+        stage=Stage(split_at=cfg.run.get("split_at")),
     )
     step(2, steps, "compressed and fine-tuned")
     folder = Path(cfg.output_dir) / "runs" / str(cfg.run.name)

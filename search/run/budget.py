@@ -17,6 +17,11 @@ uses no budget (`superseded`). A recipe whose worker was lost more than ``lost_r
 may be what kills it (the kernel's out-of-memory killer): its last loss counts as a failure.
 Other failed trials (an exception, a NaN loss, out of memory) count; with ``retries`` their
 recipe is tried again as a new trial that uses the budget like any other.
+
+With ``search.n_epochs`` or ``search.screen_epochs`` (`search.config.fidelity`) the same claim
+also counts fine-tuning epochs (each trial charged what it plans to run, recorded as
+``squeeze.epochs``), and before sampling a new recipe it enqueues the promotion of a screened
+trial the promotion rule picks, if its epochs fit.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from search.config.fidelity import EPOCHS_ATTR, FIDELITY_ATTR, FULL, PROMOTE_FROM_ATTR, Fidelity
 from search.config.retry import retrying
 from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url
 from search.failures import INTERRUPTIONS, fail_kind
@@ -170,6 +176,8 @@ class Budget:
         lost_retries: How many times a recipe whose worker was lost runs again without using
             the budget (interrupted trials always do).
         retry_s: Seconds an outage of the database holding the lock is ridden out.
+        fidelity: The budget in epochs and the screening's promotions
+            (`search.config.fidelity`); None: trials only, every trial a full fine-tune.
     """
 
     study: optuna.Study
@@ -179,6 +187,7 @@ class Budget:
     retry_on: Collection[str] = ("out_of_memory",)
     lost_retries: int = 3
     retry_s: float = DEFAULT_RETRY_S
+    fidelity: Fidelity | None = None
 
     def claim(self) -> optuna.Trial | None:
         """A new (or enqueued) trial for this worker, or None when the budget is spent."""
@@ -189,13 +198,19 @@ class Budget:
                 trials = self.study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting:
-                if budget_used(trials) >= self.total:
+                nxt = self._next(trials)
+                if nxt is None:
                     return None
-                self._enqueue_retry(trials)
+                if isinstance(nxt, FrozenTrial):
+                    self._enqueue_promotion(nxt)
+                else:
+                    self._enqueue_retry(trials)
             with warnings.catch_warnings():  # "Heartbeat ... used with Study.optimize": we beat
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = self.study.ask()
             trial.set_user_attr(WORKER_ATTR, worker_id())
+            if self.fidelity is not None:  # (an enqueued trial's attributes say what it runs)
+                trial.set_user_attr(EPOCHS_ATTR, self.fidelity.trial_cost(trial))
             return trial
 
     def has_work(self) -> bool:
@@ -206,7 +221,36 @@ class Budget:
             if self._rerun_interrupted(trials):
                 return True
             waiting = any(t.state == TrialState.WAITING for t in trials)
-            return waiting or budget_used(trials) < self.total
+            return waiting or self._next(trials) is not None
+
+    def _next(self, trials: list[FrozenTrial]) -> FrozenTrial | bool | None:
+        """What a claim with no waiting trial starts: the screened trial to promote, True for a
+        new candidate, None when the budget is spent (in trials, or in epochs: a promotion
+        only when it fits, a new candidate only while its whole fine-tune still fits)."""
+        if budget_used(trials) >= self.total:
+            return None
+        if self.fidelity is None:
+            return True
+        replaced = superseded(trials)
+        left = self.fidelity.epochs_left(trials, replaced)
+        promotion = self.fidelity.full_epochs - self.fidelity.screen_epochs
+        for screened in self.fidelity.promotable(trials, replaced):
+            if promotion <= left:
+                return screened
+        return True if self.fidelity.new_candidates(trials, replaced) > 0 else None
+
+    def _enqueue_promotion(self, screened: FrozenTrial) -> None:
+        """Enqueue the full fine-tune of ``screened``'s recipe, from its screened weights."""
+        logger.info("trial %d's screened point is promoted to a full fine-tune", screened.number)
+        self.study.enqueue_trial(
+            dict(screened.params),
+            user_attrs={
+                PROMOTE_FROM_ATTR: screened.number,
+                FIDELITY_ATTR: FULL,
+                SEED_TRIAL_ATTR: seed_trial(screened),
+                **({WARM_START_ATTR: True} if screened.user_attrs.get(WARM_START_ATTR) else {}),
+            },
+        )
 
     def fail_lost_trials(self) -> list[int]:
         """Fail the running trials of lost workers; return their numbers."""
@@ -255,6 +299,7 @@ class Budget:
                     ATTEMPT_ATTR: int(t.user_attrs.get(ATTEMPT_ATTR, 1)),
                     LOST_ATTR: lost,
                     **({WARM_START_ATTR: True} if t.user_attrs.get(WARM_START_ATTR) else {}),
+                    **_promotion_attrs(t),
                 },
             )
             enqueued = True
@@ -279,9 +324,17 @@ class Budget:
                         RETRY_OF_ATTR: t.number,
                         SEED_TRIAL_ATTR: seed_trial(t),
                         ATTEMPT_ATTR: attempt + 1,
+                        **_promotion_attrs(t),
                     },
                 )
                 return
+
+
+def _promotion_attrs(trial: FrozenTrial) -> dict[str, object]:
+    """The attributes a rerun or retry of a promoted trial keeps (it continues the same
+    screened weights, and is charged the same epochs)."""
+    keys = (PROMOTE_FROM_ATTR, FIDELITY_ATTR)
+    return {k: trial.user_attrs[k] for k in keys if k in trial.user_attrs}
 
 
 _RUN = TrialState.RUNNING

@@ -25,6 +25,13 @@ from torch import nn  # noqa: E402
 
 from compressors import load_packed  # noqa: E402
 from experiments import evaluate  # noqa: E402
+from search.config.fidelity import (  # noqa: E402
+    EPOCHS_ATTR,
+    FIDELITY_ATTR,
+    PROMOTE_FROM_ATTR,
+    SCREEN,
+    front_trials,
+)
 from search.config.score import DEFAULT_SCORE, Score  # noqa: E402
 from search.failures import fail_kind  # noqa: E402
 from search.run.recommend import recommend  # noqa: E402
@@ -58,6 +65,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row.update({f"param.{k}": v for k, v in t.params.items()})
         row.update(t.user_attrs.get("metrics", {}))
         row["feasible"] = all(v <= 0 for v in t.constraints.values())
+        for key, column in _FIDELITY_COLUMNS.items():  # (a study with screening or n_epochs)
+            if key in t.user_attrs:
+                row[column] = t.user_attrs[key]
         if t.state == optuna.trial.TrialState.FAIL:
             row["fail_kind"] = fail_kind(t)
             row["fail_reason"] = t.user_attrs.get("fail_reason", "worker lost (no heartbeat)")
@@ -69,9 +79,18 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return frame.reindex(columns=[*columns, *[c for c in frame.columns if c not in columns]])
 
 
+#: Trial attributes shown as columns of the trials table, where a trial has them.
+_FIDELITY_COLUMNS = {
+    FIDELITY_ATTR: "fidelity",
+    EPOCHS_ATTR: "epochs",
+    PROMOTE_FROM_ATTR: "promote_from",
+}
+
+
 def front_numbers(study: optuna.Study) -> list[int]:
-    """Trial numbers on the Pareto front of the study's objectives (feasible trials only)."""
-    return sorted(t.number for t in study.best_trials)
+    """Trial numbers on the Pareto front of the study's objectives (feasible trials only, of
+    full fidelity: `search.config.fidelity.front_trials`)."""
+    return sorted(t.number for t in front_trials(study))
 
 
 def finish_study(
@@ -246,6 +265,17 @@ def front_figure(
     the score is better (``score``)."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     complete = trials[trials.state == "COMPLETE"]
+    if "fidelity" in complete:  # screened-only points: shown, apart from full fine-tunes
+        screened = complete[complete.fidelity == SCREEN]
+        complete = complete[complete.fidelity != SCREEN]
+        ax.scatter(
+            screened.size_bytes,
+            screened.val_acc,
+            s=14,
+            facecolors="none",
+            edgecolors="0.65",
+            label="screened (short fine-tune)",
+        )
     ax.scatter(complete.size_bytes, complete.val_acc, s=18, c="0.65", label="trials")
     ax.plot(
         front.size_bytes,

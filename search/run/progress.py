@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from search.config.fidelity import Fidelity, front_trials
 from search.config.score import DEFAULT_SCORE, Score
 from search.run.budget import finished_in_budget, superseded
 
@@ -32,9 +34,19 @@ class SweepProgress:
         total: The budget (``search.n_trials``).
         console: Where the bar and the log lines go.
         done: Finished trials of the budget when the sweep starts (a resumed study).
+        fidelity: With a budget in epochs (``search.n_epochs``): the bar counts the epochs
+            charged to finished trials, of ``total`` epochs (`search.config.fidelity`).
     """
 
-    def __init__(self, total: int, *, console: Console | None = None, done: int = 0) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        console: Console | None = None,
+        done: int = 0,
+        fidelity: Fidelity | None = None,
+    ) -> None:
+        self._fidelity = fidelity if fidelity and fidelity.n_epochs is not None else None
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -45,7 +57,12 @@ class SweepProgress:
             transient=False,
         )
         self._task = self._progress.add_task(
-            "sweep", total=total, completed=done, info="", since=time.monotonic(), base=done
+            "sweep epochs" if self._fidelity else "sweep",
+            total=total,
+            completed=done,
+            info="",
+            since=time.monotonic(),
+            base=done,
         )
         self._stages: dict[str, int] = {}
         self._handlers: list[logging.Handler] = []
@@ -83,11 +100,16 @@ class SweepProgress:
         trials = study.get_trials(deepcopy=False)
         replaced = superseded(trials)
         failed = sum(t.state == TrialState.FAIL and t.number not in replaced for t in trials)
-        front = len(study.best_trials) if any(t.state == TrialState.COMPLETE for t in trials) else 0
+        complete = any(t.state == TrialState.COMPLETE for t in trials)
+        front = len(front_trials(study)) if complete else 0
         info = f"front {front}" + (f"  failed {failed}" if failed else "")
         if replaced:
             info += f"  rerun {len(replaced)}"
-        self._progress.update(self._task, completed=finished_in_budget(trials), info=info)
+        if self._fidelity is not None:
+            done = self._fidelity.epochs_finished(trials, replaced)
+        else:
+            done = finished_in_budget(trials)
+        self._progress.update(self._task, completed=done, info=info)
 
     def _route_logging(self) -> None:
         root = logging.getLogger()
@@ -204,3 +226,16 @@ def short_value(value) -> str:
     """A recipe's value as printed: floats to 3 significant digits (``0.00354``), others as
     they are."""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def fidelity_summary(trials: pd.DataFrame, search: Any) -> str:
+    """``, 12 screens (5 promoted); 150 of 150 fine-tuning epochs`` for a sweep with screening
+    or an epoch budget (else nothing). ``trials``: the trials table
+    (`search.run.pareto.trials_frame`) less the replaced trials; ``search``: the config's."""
+    text = ""
+    if "fidelity" in trials:
+        promoted = trials.promote_from.nunique() if "promote_from" in trials else 0
+        text += f", {int((trials.fidelity == 'screen').sum())} screens ({promoted} promoted)"
+    if "epochs" in trials and search.get("n_epochs") is not None:
+        text += f"; {int(trials.epochs.sum())} of {search.n_epochs} fine-tuning epochs"
+    return text

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -36,9 +35,9 @@ from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
 from search.config.metrics import batch_suffix
-from search.config.plan import SweepPlan, fingerprint_parts, make_sampler, plan_sweep
+from search.config.plan import SweepPlan, make_sampler, plan_sweep
 from search.config.score import DIRECTION_ATTR
-from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url, open_storage
+from search.config.storage import mask_url
 from search.run import pareto
 from search.run.budget import (
     WARM_START_ATTR,
@@ -46,12 +45,20 @@ from search.run.budget import (
     Budget,
     budget_lock,
     budget_used,
+    superseded,
     worker_id,
 )
 from search.run.deploy import check_deployable, deploy_onnx
 from search.run.interrupts import raise_if_interrupted
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
+from search.run.study_store import (
+    claim_study,
+    load_study,
+    name_objectives,
+    open_study_storage,
+    storage_retry_s,
+)
 from search.run.tracking import Tracker
 from search.run.trial import THREADS_ATTR, SweepContext, baseline_on, measure, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
@@ -95,7 +102,7 @@ def run_sweep(
     plan = plan_sweep(cfg)
     task, fresh = checked_task(plan)  # a workload that cannot work is refused before anything
     plan = plan.for_task(task)  # val_acc's direction: the task's metric's
-    storage = _open_storage(plan)
+    storage = open_study_storage(plan)
     study = optuna.create_study(
         study_name=plan.study_name,
         storage=storage,
@@ -103,8 +110,8 @@ def run_sweep(
         pruner=make_pruner(cfg.search.pruner, cfg.search.pruner_options),
         load_if_exists=True,
     )
-    _claim_study(study, plan)
-    _name_objectives(study, plan.objectives)
+    claim_study(study, plan)
+    name_objectives(study, plan.objectives)
     if cfg.search.get("warm_start", True):
         _enqueue_warm_starts(study, plan)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
@@ -137,7 +144,7 @@ def run_worker(cfg: DictConfig, *, callbacks: Iterable[Callable] = ()) -> int:
     plan = plan_sweep(cfg)
     task, fresh = checked_task(plan)
     plan = plan.for_task(task)  # val_acc's direction: the task's metric's
-    study = _load_study(plan)
+    study = load_study(plan)
     if WORKERS_ENV not in os.environ and plan.n_jobs > 1:  # this command starts the workers
         pids = run_local_workers(
             cfg, plan.n_jobs, study=study, target=run_worker, callbacks=callbacks
@@ -397,6 +404,7 @@ def _prepare(
             example_inputs=task.example_inputs(1),
         ),
         val_reference=val_reference,
+        fidelity=plan.fidelity,
     )
     return ctx, baseline_metrics
 
@@ -418,45 +426,6 @@ def _check_coverage(coverages: Mapping[str, float], task: str) -> None:
             )
 
 
-def _open_storage(plan: SweepPlan) -> optuna.storages.BaseStorage:
-    search = plan.cfg.search
-    return open_storage(
-        plan.storage,
-        heartbeat_interval=int(search.heartbeat_interval),
-        grace_period=int(search.grace_period),
-        retry_s=_retry_s(plan),
-    )
-
-
-def _retry_s(plan: SweepPlan) -> float:
-    return float(plan.cfg.search.get("storage_retry_s", DEFAULT_RETRY_S))
-
-
-def _load_study(plan: SweepPlan) -> optuna.Study:
-    search = plan.cfg.search
-    missing = ConfigError(
-        f"No study {plan.study_name!r} in search.storage {mask_url(plan.storage)!r}. Start "
-        "it with `squeeze sweep` and the same overrides, then add workers."
-    )
-    if not is_url(plan.storage) and not Path(plan.storage).exists():
-        raise missing  # (opening a journal would create the file)
-    try:
-        study = optuna.load_study(
-            study_name=plan.study_name,
-            storage=_open_storage(plan),
-            pruner=make_pruner(search.pruner, search.pruner_options),
-        )
-    except KeyError:
-        raise missing from None
-    if "mlflow_parent_run_id" not in study.user_attrs:
-        raise ConfigError(
-            f"Study {plan.study_name!r} has no MLflow parent run yet: start it with "
-            "`squeeze sweep` (same overrides) and add workers once it runs trials."
-        )
-    _check_same_study(study, plan)
-    return study
-
-
 def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
     search = plan.cfg.search
     return Budget(
@@ -466,7 +435,8 @@ def _budget(study: optuna.Study, plan: SweepPlan) -> Budget:
         retries=int(search.retries),
         retry_on=tuple(search.retry_on),
         lost_retries=int(search.lost_retries),
-        retry_s=_retry_s(plan),
+        retry_s=storage_retry_s(plan),
+        fidelity=plan.fidelity,
     )
 
 
@@ -486,9 +456,11 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
             plan.space.name,
             reason,
         )
-    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
+    with budget_lock(plan.storage, plan.study_name, retry_s=storage_retry_s(plan)):
         trials = study.get_trials(deepcopy=False)
         count, room = len(trials), plan.n_trials - budget_used(trials)
+        if plan.fidelity is not None:  # (and the epochs: search.n_epochs)
+            room = min(room, plan.fidelity.new_candidates(trials, superseded(trials)))
         queued = [t.system_attrs.get("fixed_params") for t in trials]
         waiting = [r for r in plan.warm_start.recipes if r.params not in queued]
         if room < len(waiting):  # one line for all: the next run with a larger budget runs them
@@ -556,53 +528,6 @@ def _interruptible(
 
 def _fold_stage(progress: Callable[[str, int, int], None], prefix: str, stage: str, *args) -> None:
     progress(prefix + stage, *args)
-
-
-def _name_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
-    """Give the study its objectives' names (optuna-dashboard shows them instead of
-    "Objective 0/1")."""
-    if study.metric_names != list(objectives):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(objectives))
-
-
-#: Study user attribute: a hash of each part of the fingerprint (`fingerprint_parts`).
-PARTS_ATTR = "fingerprint_parts"
-
-
-def _claim_study(study: optuna.Study, plan: SweepPlan) -> None:
-    """Record ``plan``'s fingerprint on a new study, or check it against the one recorded,
-    under the study's lock: of two sweeps of one study with different configs started at once,
-    the second is refused (`_check_same_study`), whichever wrote first."""
-    with budget_lock(plan.storage, plan.study_name, retry_s=_retry_s(plan)):
-        attrs = study.user_attrs
-        if "fingerprint" not in attrs:
-            study.set_user_attr(PARTS_ATTR, fingerprint_parts(plan))
-            study.set_user_attr("fingerprint", plan.fingerprint)
-            return
-    _check_same_study(study, plan, attrs)
-
-
-def _check_same_study(
-    study: optuna.Study, plan: SweepPlan, attrs: Mapping[str, Any] | None = None
-) -> None:
-    attrs = study.user_attrs if attrs is None else attrs
-    previous = attrs.get("fingerprint")
-    if previous is None or previous == plan.fingerprint:
-        return
-    recorded, parts = attrs.get(PARTS_ATTR) or {}, fingerprint_parts(plan)
-    changed = sorted(k for k in {*recorded, *parts} if recorded.get(k) != parts.get(k))
-    what = (
-        f"another {', '.join(changed)} than this config"
-        if recorded and changed
-        else "another task, space, objectives, constraints or seed"
-    )
-    raise ConfigError(
-        f"Study {plan.study_name!r} in {mask_url(plan.storage)} was started with {what}. "
-        "Continue it with the same config, or start a new study with "
-        "search.study_name=<new name>."
-    )
 
 
 def _masked(cfg: DictConfig) -> dict[str, Any]:

@@ -61,7 +61,8 @@ from experiments.metrics import (
 )
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
-from search.config.early_stop import EarlyStop, partial_report
+from search.config.early_stop import EarlyStop, Stopper
+from search.config.fidelity import FIDELITY_ATTR, PROMOTE_FROM_ATTR, SCREEN, Fidelity
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
     batch_suffix,
@@ -72,6 +73,14 @@ from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.deploy import deploy_onnx
 from search.run.interrupts import raise_if_interrupted
 from search.run.logs import Ticker
+from search.run.screening import (
+    WHOLE,
+    Stage,
+    fetch_screen,
+    load_state,
+    save_state,
+    trial_stage,
+)
 from search.run.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -112,6 +121,8 @@ class SweepContext:
         early_stop: When fine-tuning stops early (pruner or Pareto dominance).
         val_reference: The baseline's outputs on the validation split, computed once per
             sweep: each trial's ``val_agreement`` is measured against them. None: not measured.
+        fidelity: The screening of candidates (`search.config.fidelity`); None: every trial
+            fine-tunes fully.
     """
 
     task: Task
@@ -132,6 +143,7 @@ class SweepContext:
     constraints: Mapping[str, float] = field(default_factory=dict)
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     val_reference: torch.Tensor | None = None
+    fidelity: Fidelity | None = None
 
 
 def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
@@ -139,6 +151,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
     seed = ctx.seed + seed_trial(trial)  # a retry is seeded like the trial it retries
     # 1. Sample the recipe: which compressors, in which order, with which parameters.
     recipe = ctx.space.sample(trial)
+    #    With screening: the first epochs only (a screen), or the rest from a screen's weights.
+    stage = trial_stage(trial, ctx.fidelity, ctx.output_dir / trial.study.study_name)
 
     with ctx.tracker.child_run(
         name=f"{trial.study.study_name}-t{trial.number:04d}",  # unique across studies
@@ -146,6 +160,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             "squeeze.trial": trial.number,
             "squeeze.study": trial.study.study_name,
             **({WARM_START_ATTR: "true"} if trial.user_attrs.get(WARM_START_ATTR) else {}),
+            **({FIDELITY_ATTR: stage.fidelity} if stage.fidelity else {}),
+            **({PROMOTE_FROM_ATTR: stage.promoted_from} if stage.fidelity == "full" else {}),
         },
         link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:
@@ -155,8 +171,10 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         trial.set_user_attr(THREADS_ATTR, threads)
 
         # 2-4. Copy the cached baseline, compress it, fine-tune it (a trial that can no longer
-        #      reach the front stops early: optuna.TrialPruned), let compressors finalize it.
-        stopper = _Stopper(ctx.early_stop, trial, like=ctx.baseline.model)
+        #      reach the front stops early: optuna.TrialPruned; not a screen, short already),
+        #      let compressors finalize it.
+        rule = EarlyStop() if stage.fidelity == SCREEN else ctx.early_stop
+        stopper = Stopper(rule, trial, like=ctx.baseline.model)
         ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
         def after_epoch(stats: EpochStats) -> None:
@@ -168,6 +186,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             )
             stopper(stats)
 
+        fetch_screen(stage, trial.study, ctx.tracker.client)  # (run on another machine)
         model, _ = compress_recipe(
             recipe,
             ctx.space,
@@ -177,7 +196,10 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             after_epoch=after_epoch,
             on_compressed=stopper.start if stopper.needs_model else None,
             device=ctx.device,
+            stage=stage,
         )
+        if stage.save_to is not None:  # a screen's weights, for a worker on another machine
+            run.log_artifact(stage.save_to)
 
         # 5. Ship: write the packed file and load it back into a fresh model (int8 layers where
         #    the recipe asked for them). Everything below is measured on the model a user would
@@ -248,6 +270,7 @@ def compress_recipe(
     after_epoch: Callable[[EpochStats], None] | None = None,
     on_compressed: Callable[[torch.nn.Module], None] | None = None,
     device: str | None = None,
+    stage: Stage = WHOLE,
 ) -> tuple[torch.nn.Module, list[EpochStats]]:
     """Apply ``recipe`` to a copy of the trained baseline; return the model to ship and the
     fine-tuning history.
@@ -265,6 +288,8 @@ def compress_recipe(
             finalized copy.
         device: Compress, fine-tune and evaluate there (e.g. ``cuda``); None: the CPU. The
             model comes back on the CPU.
+        stage: The part of the fine-tune to run (`search.run.screening`): a screen keeps its
+            weights before finalizing; a promotion loads a screen's before its first epoch.
 
     The baseline is deep-copied once (onto ``device``); the early-stop estimate copies it again
     only for a recipe that changes the model at finalize (post-training quantization, the last
@@ -284,6 +309,8 @@ def compress_recipe(
         # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
         context = compression_context(task, baseline, seed=seed, device=device)
         model = apply_pipeline(compressors, model, context)
+        if stage.load_from is not None:  # a promotion: the screened trial's weights
+            load_state(model, stage.load_from)
         if on_compressed is not None:  # (random draws there leave fine-tuning's as they were)
             with torch.random.fork_rng(devices=[]):
                 _estimate(compressors, model, context, on_compressed)
@@ -293,22 +320,29 @@ def compress_recipe(
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
     with phase("fine-tune"):
-        history = fit(
-            model,
-            task.train,
-            epochs=recipe.finetune["epochs"],
-            batch_size=recipe.finetune["batch_size"],
-            lr=recipe.finetune["lr"],
-            schedule=recipe.finetune["schedule"],
-            loss_fn=_finetune_loss(compressors, context),
-            teacher_outputs=baseline.teacher_outputs,
-            teacher=context.teacher if _distils(compressors) else None,
-            val=task.val,
-            seed=seed,
-            before_epoch=_schedules(compressors, model),
-            after_epoch=after_epoch,
-            **task.training(),
-        )  # (where the model is: the trial's device)
+        history, rng = [], torch.get_rng_state()
+        for start, stop in stage.parts():  # (two for the rerun of a promoted trial)
+            torch.set_rng_state(rng)  # each part starts as a trial's fine-tune does
+            history += fit(
+                model,
+                task.train,
+                epochs=recipe.finetune["epochs"],
+                batch_size=recipe.finetune["batch_size"],
+                lr=recipe.finetune["lr"],
+                schedule=recipe.finetune["schedule"],
+                loss_fn=_finetune_loss(compressors, context),
+                teacher_outputs=baseline.teacher_outputs,
+                teacher=context.teacher if _distils(compressors) else None,
+                val=task.val,
+                seed=seed,
+                before_epoch=_schedules(compressors, model),
+                after_epoch=after_epoch,
+                start_epoch=start,
+                stop_epoch=stop,
+                **task.training(),
+            )  # (where the model is: the trial's device)
+    if stage.save_to is not None:  # a screen: its weights before finalizing, for a promotion
+        save_state(model, stage.save_to)
     with phase("compress"):
         model = finalize_pipeline(compressors, model, context)
     return model.cpu(), history  # the packed file is written from the CPU
@@ -486,28 +520,6 @@ def _stops_sweep(path: Path) -> Iterator[None]:
 def trial_file(output_dir: Path, study_name: str, number: int) -> Path:
     """Where trial ``number`` of a study writes its packed model file."""
     return output_dir / study_name / f"trial-{number:04d}.sqz"
-
-
-class _Stopper:
-    """Early stopping of one trial: started on the compressed model, called after each epoch."""
-
-    def __init__(
-        self, early_stop: EarlyStop, trial: optuna.Trial, *, like: torch.nn.Module | None = None
-    ) -> None:
-        self.early_stop, self.trial, self.hook = early_stop, trial, None
-        self.like = like  # (the baseline: the estimate records changed layers as the file does)
-        # The study's pruner needs only each epoch's score; the Pareto-dominance rule needs the
-        # compressed model's size (and FLOPs) first (`compress_recipe`'s ``on_compressed``).
-        self.needs_model = early_stop.dominance and not early_stop.pruner
-        if early_stop.pruner:
-            self.hook = partial_report(trial, early_stop.min_epochs)
-
-    def start(self, model: torch.nn.Module) -> None:
-        self.hook = self.early_stop.start(self.trial, model, like=self.like)
-
-    def __call__(self, stats: EpochStats) -> None:
-        if self.hook is not None:
-            self.hook(stats)
 
 
 def _schedules(compressors: list[Compressor], model: torch.nn.Module):

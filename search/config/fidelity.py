@@ -1,0 +1,222 @@
+"""Multi-fidelity search: screen every candidate with a short fine-tune, promote the promising.
+
+With ``search.screen_epochs=S`` (0: off), a sampled recipe first runs the first ``S`` epochs of
+its fine-tune (the same schedule as the full one, stopped early): a *screened* trial, user
+attribute ``squeeze.fidelity=screen``, whose weights before finalizing are kept in the study's
+output folder. Before a worker samples a new recipe, each screened point that is on the front
+of the screened points (`promotable`, the promotion rule) is *promoted*: its parameters are
+enqueued as a new trial with ``squeeze.promote_from=<screened trial>``, which loads the screened
+weights and runs epochs ``S`` .. ``E - 1`` of the same fine-tune (``E``: ``space.finetune.epochs``),
+seeded like the screened trial. Only full-fidelity trials (promoted ones, and every trial of a
+study without screening) form the front (`front_trials`).
+
+The budget in epochs (``search.n_epochs``, null: none) is counted like the budget in trials
+(`search.run.budget`): each trial that uses the budget is charged what it plans to run
+(`trial_cost`: ``S`` for a screen, ``E - S`` for a promotion, ``E`` without screening), from its
+attributes and the study's fingerprinted config, so the count is the same in every worker and
+after a resume. A new candidate is started only while its full fine-tune (screen and promotion)
+still fits in what is left; a promotion only when it fits.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial, TrialState
+
+from search._errors import ConfigError
+from search.config.score import Score, dominates
+
+#: User attribute of every trial of a screening study: ``screen`` or ``full``.
+FIDELITY_ATTR = "squeeze.fidelity"
+#: User attribute of a promoted trial: the number of the screened trial it continues.
+PROMOTE_FROM_ATTR = "squeeze.promote_from"
+#: User attribute: the fine-tuning epochs a trial is charged (`trial_cost`).
+EPOCHS_ATTR = "squeeze.epochs"
+SCREEN, FULL = "screen", "full"
+
+#: Trial states that use the budget (as `search.run.budget.USING_BUDGET`).
+_USING = (
+    TrialState.COMPLETE,
+    TrialState.PRUNED,
+    TrialState.FAIL,
+    TrialState.RUNNING,
+    TrialState.WAITING,
+)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """The fine-tuning budget of a study and how candidates are screened.
+
+    Attributes:
+        full_epochs: Epochs of a full fine-tune (``space.finetune.epochs``).
+        screen_epochs: Epochs of a screen (``search.screen_epochs``); 0: no screening.
+        n_epochs: The budget in epochs (``search.n_epochs``); None: trials only.
+        margin: A screened point is promoted when its score improved by ``margin`` (in the
+            score's units when better higher, a fraction of it when better lower) would not be
+            dominated by another screened point (``search.promote_margin``).
+        objectives: The study's objectives.
+        directions: Their directions.
+        promote_after: No promotion before this many screened points are complete (a
+            front of a few points promotes nearly all of them) (``search.promote_after``).
+    """
+
+    full_epochs: int
+    screen_epochs: int = 0
+    n_epochs: int | None = None
+    margin: float = 0.0
+    objectives: tuple[str, ...] = ()
+    directions: tuple[str, ...] = ()
+    promote_after: int = 0
+
+    @property
+    def screening(self) -> bool:
+        """Whether candidates are screened first."""
+        return self.screen_epochs > 0
+
+    def trial_cost(self, trial: FrozenTrial | optuna.Trial) -> int:
+        """The epochs ``trial`` is charged: a promotion's rest, a screen, or a full fine-tune."""
+        if PROMOTE_FROM_ATTR in trial.user_attrs:
+            return self.full_epochs - self.screen_epochs
+        return self.screen_epochs if self.screening else self.full_epochs
+
+    def epochs_used(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> int:
+        """Epochs charged to the trials that use the budget (finished, running, waiting; less
+        the ``superseded`` ones a rerun replaces)."""
+        return sum(
+            self.trial_cost(t) for t in trials if t.state in _USING and t.number not in superseded
+        )
+
+    def epochs_finished(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> int:
+        """Epochs charged to the finished trials (complete, pruned, failed; less the
+        ``superseded`` ones): a progress bar's count."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return sum(
+            self.trial_cost(t) for t in trials if t.state in done and t.number not in superseded
+        )
+
+    def epochs_left(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> float:
+        """Epochs of the budget not yet charged (infinite without ``search.n_epochs``)."""
+        if self.n_epochs is None:
+            return float("inf")
+        return self.n_epochs - self.epochs_used(trials, superseded)
+
+    def new_candidates(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> int:
+        """How many new candidates may still start: each while its whole fine-tune (screen
+        and promotion) fits in the epochs left (a large number without ``search.n_epochs``)."""
+        left = self.epochs_left(trials, superseded)
+        if left == float("inf"):
+            return 1 << 62
+        if left < self.full_epochs:
+            return 0
+        return int(left - self.full_epochs) // (self.screen_epochs or self.full_epochs) + 1
+
+    def promotable(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> list[FrozenTrial]:
+        """Screened trials to promote now, oldest first: complete and feasible, not yet promoted
+        (a promotion of theirs exists in any state), and on the front of the screened points
+        once their score is improved by ``margin`` (the promotion rule)."""
+        if not self.screening:
+            return []
+        screened = [t for t in trials if is_screened(t) and _feasible(t)]
+        screened = [t for t in screened if t.number not in superseded]
+        if len(screened) < self.promote_after:
+            return []
+        promoted = {
+            int(t.user_attrs[PROMOTE_FROM_ATTR])
+            for t in trials
+            if PROMOTE_FROM_ATTR in t.user_attrs and t.number not in superseded
+        }
+        i = self.objectives.index("val_acc") if "val_acc" in self.objectives else None
+        score = Score.of_direction(self.directions[i]) if i is not None else None
+        out = []
+        for t in screened:
+            if t.number in promoted:
+                continue
+            hope = list(t.values)
+            if i is not None:
+                hope[i] = score.hope(hope[i], self.margin)
+            others = (o.values for o in screened if o.number != t.number)
+            if not any(dominates(o, hope, self.directions) for o in others):
+                out.append(t)
+        return out
+
+
+def is_screened(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` ran a screen only (its point is not a full-fidelity one)."""
+    return trial.state == TrialState.COMPLETE and trial.user_attrs.get(FIDELITY_ATTR) == SCREEN
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's Pareto front of full-fidelity, feasible, complete trials: ``best_trials``
+    for a study without screened trials, else the same rule over its full-fidelity trials."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not any(is_screened(t) for t in trials):
+        return study.best_trials
+    full = [t for t in trials if not is_screened(t) and _feasible(t)]
+    directions = [d.name.lower() for d in study.directions]
+    return [
+        t
+        for t in full
+        if not any(dominates(o.values, t.values, directions) for o in full if o is not t)
+    ]
+
+
+def _feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def check_fidelity(
+    cfg: DictConfig, finetune_epochs: object, objectives: Iterable[str], directions: Iterable[str]
+) -> Fidelity | None:
+    """The study's `Fidelity`, or None when neither ``search.screen_epochs`` nor
+    ``search.n_epochs`` is set; ``finetune_epochs``: the space's ``finetune.epochs`` (an int, or
+    a distribution when it is searched).
+
+    Raises:
+        ConfigError: If the space's epochs are searched, the screen is not shorter than the
+            full fine-tune, or screening is combined with ``search.cv_folds``.
+    """
+    search = cfg.search
+    screen = int(search.get("screen_epochs", 0) or 0)
+    n_epochs = search.get("n_epochs")
+    if not screen and n_epochs is None:
+        return None
+    key = "search.screen_epochs" if screen else "search.n_epochs"
+    if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool):
+        raise ConfigError(
+            f"{key} needs a fixed number of fine-tuning epochs, but space.finetune.epochs is "
+            f"searched ({finetune_epochs}). Allowed: space.finetune.epochs=<int>, or "
+            f"{key}={'0' if screen else 'null'}."
+        )
+    if screen and screen >= finetune_epochs:
+        raise ConfigError(
+            f"The 'search.screen_epochs' config value must be an int in [0, "
+            f"{finetune_epochs - 1}] (less than space.finetune.epochs={finetune_epochs}; 0: no "
+            f"screening). Got {screen} instead."
+        )
+    if screen and search.get("cv_folds"):
+        raise ConfigError(
+            f"search.screen_epochs={screen} cannot be combined with search.cv_folds="
+            f"{search.cv_folds}. Allowed: search.screen_epochs=0 or search.cv_folds=null."
+        )
+    if n_epochs is not None and n_epochs < finetune_epochs:
+        raise ConfigError(
+            f"The 'search.n_epochs' config value must be null or an int of at least "
+            f"space.finetune.epochs={finetune_epochs} (one full fine-tune). Got {n_epochs} "
+            "instead."
+        )
+    return Fidelity(
+        full_epochs=finetune_epochs,
+        screen_epochs=screen,
+        n_epochs=None if n_epochs is None else int(n_epochs),
+        margin=float(search.get("promote_margin", 0.0)),
+        promote_after=int(search.get("promote_after", 0)),
+        objectives=tuple(objectives),
+        directions=tuple(directions),
+    )
