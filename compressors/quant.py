@@ -252,10 +252,10 @@ class Quantization(Compressor):
                 ship no layer on int8 kernels (a model of convolutions only, say).
         """
         claimed = super().check_model(model, example_inputs)
+        kinds = ", ".join(
+            sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
+        )
         if self.activations == 8 and not _act_quant.quantizable(model):
-            kinds = ", ".join(
-                sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
-            )
             raise UnsupportedModelError(
                 "The 'quant.activations' parameter of compressor 'quant' is 8, but this model "
                 "has no layer whose activations it quantizes: plain Linear, Conv1d and Conv2d "
@@ -263,9 +263,6 @@ class Quantization(Compressor):
                 f"layers are {kinds or 'none'}. Use quant.activations=float."
             )
         if self.runtime == "int8" and not any(t.int8 for t in targets(model).values()):
-            kinds = ", ".join(
-                sorted({type(m).__name__ for m in model.modules() if _has_own_weights(m)})
-            )
             raise UnsupportedModelError(
                 "The 'quant.runtime' parameter of compressor 'quant' is 'int8', but this model "
                 "has no layer int8 kernels run: they run "

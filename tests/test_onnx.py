@@ -41,10 +41,9 @@ from compressors.onnx_export import (  # noqa: E402
     ort_session,
 )
 from compressors.packing import read_tensors  # noqa: E402
-from experiments import Split, Task, TrainConfig, evaluate  # noqa: E402
+from experiments import Split, Task, evaluate  # noqa: E402
 from experiments.digits import digits_mlp  # noqa: E402
 from experiments.metrics import latency_ms  # noqa: E402
-from experiments.models import ConvNet1d  # noqa: E402
 from tests.zoo import tasks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,16 +57,7 @@ def _task(family: str) -> Task:
     if family == "mlp":
         return digits_mlp(seed=0)
     if family == "cnn1d":  # digits' 64 pixels as a 1-D signal, MNIST-1D's CNN
-        digits = digits_mlp(seed=0)
-        return Task(
-            name="digits_cnn1d",
-            train=digits.train,
-            val=digits.val,
-            test=digits.test,
-            num_classes=10,
-            build_model=functools.partial(ConvNet1d, 64, 10),
-            train_config=TrainConfig(epochs=1),
-        )
+        return tasks.digits_cnn1d()
     return getattr(tasks, f"zoo_{family}")(seed=0)
 
 
@@ -77,15 +67,23 @@ def _shipped(family: str, recipe: list[tuple[str, dict]], path: Path) -> nn.Modu
     task = _task(family)
     torch.manual_seed(0)
     baseline = task.build_model().eval()
-    train = Split(task.train.x[:256], task.train.y[:256], task.train.score)
-    ctx = CompressionContext(
-        train=train, example_inputs=task.example_inputs(8), seed=0, loss=task.loss
-    )
+    pack_recipe(baseline, recipe, task, path)
+    return baseline
+
+
+def pack_recipe(baseline: nn.Module, recipe, task: Task | None, path: Path) -> None:
+    """``baseline`` compressed by ``recipe`` on 256 of ``task``'s training rows (None: no
+    data), packed at ``path``."""
+    ctx = CompressionContext(seed=0)
+    if task is not None:
+        train = Split(task.train.x[:256], task.train.y[:256], task.train.score)
+        ctx = CompressionContext(
+            train=train, example_inputs=task.example_inputs(8), seed=0, loss=task.loss
+        )
     pipeline = [get_compressor(name)(**params) for name, params in recipe]
     model = apply_pipeline(pipeline, copy.deepcopy(baseline), ctx)
     model = finalize_pipeline(pipeline, model, ctx).eval()
     save_packed(model, path, like=baseline)
-    return baseline
 
 
 def _initializers(path: Path) -> list[onnx.TensorProto]:

@@ -7,7 +7,6 @@ Needs the ``onnx`` extra (part of ``.[dev]``); skipped without it.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
 from compressors import (  # noqa: E402
-    CompressionContext,
     _onnx_optimize,  # noqa: E402
-    apply_pipeline,
-    finalize_pipeline,
-    get_compressor,
-    save_packed,
 )
 from compressors.onnx_export import (  # noqa: E402
     OrtModule,
@@ -35,7 +29,7 @@ from compressors.onnx_export import (  # noqa: E402
     ort_session,
 )
 from compressors.packing import read_tensors  # noqa: E402
-from experiments import Split  # noqa: E402
+from tests.test_onnx import pack_recipe  # noqa: E402
 from tests.zoo import tasks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,20 +50,6 @@ def _trained_like(model: nn.Module) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=g) * 0.5 + 1)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
     return model.eval()
-
-
-def _pack(baseline: nn.Module, recipe, task, path: Path) -> None:
-    """``baseline`` compressed by ``recipe`` on ``task``'s data (None: no data), packed."""
-    ctx = CompressionContext(seed=0)
-    if task is not None:
-        train = Split(task.train.x[:256], task.train.y[:256], task.train.score)
-        ctx = CompressionContext(
-            train=train, example_inputs=task.example_inputs(8), seed=0, loss=task.loss
-        )
-    pipeline = [get_compressor(name)(**params) for name, params in recipe]
-    model = apply_pipeline(pipeline, copy.deepcopy(baseline), ctx)
-    model = finalize_pipeline(pipeline, model, ctx).eval()
-    save_packed(model, path, like=baseline)
 
 
 def _ops(path: Path) -> list[str]:
@@ -116,7 +96,7 @@ def test_batchnorm_is_folded_with_outputs_equal_to_1e_5_and_the_codes_kept(
     torch.manual_seed(0)
     baseline = _trained_like(task.build_model())
     packed = tmp_path / "m.sqz"
-    _pack(baseline, recipe, task, packed)
+    pack_recipe(baseline, recipe, task, packed)
 
     shipped = task.build_model()
     folded = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "folded.onnx")
@@ -161,7 +141,7 @@ def test_a_batchnorm_after_a_linear_is_folded_and_one_after_no_layer_kept(tmp_pa
     torch.manual_seed(0)
     baseline = _trained_like(_LinearBN())
     packed = tmp_path / "m.sqz"
-    _pack(baseline, [("quant", {"bits": 8})], None, packed)
+    pack_recipe(baseline, [("quant", {"bits": 8})], None, packed)
     shipped = _LinearBN()
     exported = export_onnx(  # (without ONNX Runtime's pass, which drops unread tensors itself)
         packed, shipped, x[:8], tmp_path / "m.onnx", matmul="dequantize", optimize="none"
@@ -183,7 +163,7 @@ def test_the_basic_offline_optimisation_is_saved_recorded_and_portable(tmp_path)
     torch.manual_seed(0)
     baseline = task.build_model().eval()
     packed = tmp_path / "m.sqz"
-    _pack(baseline, [("cluster", {"bits": 4})], task, packed)
+    pack_recipe(baseline, [("cluster", {"bits": 4})], task, packed)
     shipped = task.build_model()
     exported = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "o.onnx")
     proto = onnx.load(str(exported.path))
@@ -209,7 +189,7 @@ def test_an_optimisation_that_would_store_the_codes_as_floats_is_not_kept(tmp_pa
     task = tasks.zoo_resnet(seed=0)
     torch.manual_seed(0)
     packed = tmp_path / "m.sqz"
-    _pack(task.build_model().eval(), [("cluster", {"bits": 4})], task, packed)
+    pack_recipe(task.build_model().eval(), [("cluster", {"bits": 4})], task, packed)
     monkeypatch.setattr(_onnx_optimize, "DISABLED_OPTIMIZERS", ())
     exported = export_onnx(packed, task.build_model(), task.example_inputs(8), tmp_path / "m.onnx")
     assert any("offline optimisation not kept" in note for note in exported.notes)
@@ -236,7 +216,7 @@ def test_deployed_graphs_record_their_thread_settings(tmp_path):
     task = tasks.zoo_resnet(seed=0)
     torch.manual_seed(0)
     packed = tmp_path / "m.sqz"
-    _pack(_trained_like(task.build_model()), [("quant", {"bits": 8})], task, packed)
+    pack_recipe(_trained_like(task.build_model()), [("quant", {"bits": 8})], task, packed)
     deployed = deploy_onnx(packed, task, tmp_path / "m.onnx", threads=1)
     assert deployed.threads == {
         "ort.intra_op_threads": 1,

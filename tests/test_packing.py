@@ -271,10 +271,16 @@ def test_an_sqz2_file_still_loads_exactly():
     layouts = {t.layout for t in read_tensors(path).values()}
     assert layouts == {"dense", "bitmask", "gaps", "ans", "raw"}
     model = load_packed(path, _fixture_model())
+    assert_fixture_loaded(model, expected, outputs, features=16)
+
+
+def assert_fixture_loaded(model: nn.Module, expected: dict, outputs: list, *, features: int):
+    """``model``, loaded from a fixture file, holds the values the fixture's JSON lists and
+    computes the outputs it lists on its seeded input."""
     assert {k: _sha(v) for k, v in model.state_dict().items()} == {
         k: v[2] for k, v in expected.items()
     }
-    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, features, generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the outputs' hash was taken on one thread (float sums' order)
     try:

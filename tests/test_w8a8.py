@@ -24,9 +24,9 @@ from compressors import _act_quant as act
 from compressors._container import FORMAT_VERSION, FORMAT_VERSION_ACT
 from compressors._opening import opened
 from compressors._params import InvalidParameterError
-from experiments import Split, Task, TrainConfig, evaluate, fit
-from experiments.digits import digits_mlp
+from experiments import Split, Task, evaluate, fit
 from experiments.models import ConvNet1d
+from tests.zoo.tasks import digits_cnn1d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,16 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @functools.cache
 def _cnn_task() -> Task:
     """Digits' 64 pixels as a 1-D signal, MNIST-1D's CNN (three Conv1d and a Linear head)."""
-    digits = digits_mlp(seed=0)
-    return Task(
-        name="digits_cnn1d",
-        train=digits.train,
-        val=digits.val,
-        test=digits.test,
-        num_classes=10,
-        build_model=functools.partial(ConvNet1d, 64, 10),
-        train_config=TrainConfig(epochs=1),
-    )
+    return digits_cnn1d()
 
 
 @functools.cache

@@ -179,6 +179,23 @@ def zoo_gru(
     return _rows_task(name, model, seed, val_fraction, test_fraction, train, lr=0.005)
 
 
+def digits_cnn1d() -> Task:
+    """Digits' 64 pixels as a 1-D signal through MNIST-1D's CNN (three Conv1d and a Linear
+    head), untrained: one epoch if a test trains it."""
+    from experiments.models import ConvNet1d
+
+    digits = digits_mlp(seed=0)
+    return Task(
+        name="digits_cnn1d",
+        train=digits.train,
+        val=digits.val,
+        test=digits.test,
+        num_classes=10,
+        build_model=partial(ConvNet1d, 64, 10),
+        train_config=TrainConfig(epochs=1),
+    )
+
+
 def _rows_task(name, model, seed, val_fraction, test_fraction, train, *, lr: float) -> Task:
     """A digits task whose inputs are 8 rows of 8 pixels (a sequence model's 8 steps)."""
     return _digits_task(
