@@ -263,10 +263,11 @@ class _Counting(torch.nn.Module):
     ("budget_s", "repeats", "timed"),
     [
         (None, 7, 7),  # no budget: exactly `repeats`
-        (0.0, 30, 3),  # a spent budget: 3 at least
+        (1.5, 30, 3),  # a budget spent after 2 forwards: 3 at least
         (1e9, 30, 30),  # a budget never spent: `repeats` at most
         (10.0, 30, 10),  # each forward takes 1 s on the fake clock: 10 fit in 10 s
-        (0.0, 2, 2),  # fewer than 3 only where `repeats` is
+        (1.5, 2, 2),  # fewer than 3 only where `repeats` is
+        (0.5, 30, 0),  # one forward takes the whole budget: the warm-up pass is the measurement
     ],
 )
 def test_latency_stops_when_its_budget_is_spent_within_3_and_repeats(budget_s, repeats, timed):
@@ -291,6 +292,15 @@ def test_interleaved_latency_splits_its_budget_over_rounds_and_models():
     )
     # 10 s per round and model: 10 timed forwards each (+ 2 warm-up passes at most)
     assert 2 * 10 <= model.calls <= 2 * 12 and 2 * 10 <= reference.calls <= 2 * 12
+    assert ms == reference_ms == 1000.0
+
+
+def test_interleaved_latency_of_forwards_longer_than_the_budget_takes_one_round():
+    model, reference = _Counting(), _Counting()
+    ms, reference_ms = interleaved_latency_ms(
+        model, reference, torch.zeros(1), rounds=5, repeats=30, budget_s=1.0, clock=_FakeClock(1.0)
+    )
+    assert model.calls == reference.calls == 1  # (40 forwards before: 5 rounds of 1 + 3 each)
     assert ms == reference_ms == 1000.0
 
 
