@@ -15,23 +15,57 @@ from compressors.importance import CRITERIA, weight_scores
 
 
 class Mask(nn.Module):
-    """Parametrization ``w -> w * mask``: pruned weights stay zero and receive no gradient."""
+    """Parametrization ``w -> w * mask``: pruned weights stay zero and receive no gradient. The
+    mask is boolean (a quarter of float32's bytes: a BERT-base's masks took 440 MB as floats)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("mask", mask.to(torch.float32))
+        self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
 
 
 def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
-    """Boolean keep-mask that drops exactly ``round(amount * numel)`` lowest-scoring entries."""
-    flat = scores.flatten()
-    k = round(amount * flat.numel())
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat, stable=True)[:k]] = False
-    return keep.view_as(scores)
+    """Boolean keep-mask that drops exactly ``round(amount * numel)`` lowest-scoring entries
+    (of equal scores, the first in order: what a stable sort drops)."""
+    return smallest_masks([scores], amount)[0]
+
+
+def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
+    """Boolean keep-masks of ``parts`` (read as one tensor, in order) that drop exactly
+    ``round(amount * total)`` lowest-scoring entries, of equal scores the first in order (what a
+    stable sort of them all drops). Found by partitioning one float copy of the scores around
+    the k-th smallest rather than sorting them: a sort's int64 indices took twice the scores'
+    bytes again (global pruning of BERT-base: 7.2x the model's bytes at its peak; 2.25x now)."""
+    total = sum(p.numel() for p in parts)
+    k = round(amount * total)
+    if k == 0:
+        return [torch.ones_like(p, dtype=torch.bool) for p in parts]
+    flat = torch.cat([p.detach().flatten().cpu() for p in parts])
+    if flat.dtype in (torch.float16, torch.bfloat16):  # (no numpy type: float32 holds them)
+        flat = flat.float()
+    if torch.isnan(flat).any():  # (a sort ranks NaN last; a partition does not)
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[torch.argsort(flat, stable=True)[:k]] = False
+        return [
+            m.view(p.shape).to(p.device)
+            for m, p in zip(keep.split([q.numel() for q in parts]), parts, strict=True)
+        ]
+    values = flat.numpy()
+    values.partition(k - 1)  # (in place: the copy's order is not needed again)
+    threshold = float(values[k - 1])
+    del flat, values
+    remaining = k - sum(int((p < threshold).sum()) for p in parts)  # ties still to drop
+    masks = []
+    for p in parts:
+        keep = p.flatten() > threshold
+        tied = torch.nonzero(p.flatten() == threshold).flatten()  # (few, as a rule)
+        drop = min(remaining, len(tied))
+        keep[tied[drop:]] = True
+        remaining -= drop
+        masks.append(keep.view(p.shape))
+    return masks
 
 
 class UnstructuredPruning(Compressor):
@@ -103,9 +137,7 @@ def keep_masks(
         return {n: smallest_mask(scores[n], a) for n, a in named.items()}
     if scope == "layer":
         return {n: smallest_mask(s, amount) for n, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = smallest_mask(flat, amount).split([s.numel() for s in scores.values()])
-    return {n: k.view_as(s) for (n, s), k in zip(scores.items(), keep, strict=True)}
+    return dict(zip(scores, smallest_masks(list(scores.values()), amount), strict=True))
 
 
 def _tensor_name(name: str, scores: Mapping[str, torch.Tensor]) -> str:

@@ -65,6 +65,28 @@ def test_global_pruning_removes_the_smallest_weights(digits_baseline):
     assert dropped.max() <= kept.min()
 
 
+def test_the_k_smallest_are_dropped_ties_in_order_as_a_stable_sort_drops_them():
+    """`smallest_mask` finds the k-th smallest score instead of sorting (no int64 indices): the
+    same mask as a stable argsort, on scores with many ties, with none and with a NaN."""
+    from compressors.prune import smallest_mask, smallest_masks
+
+    def by_sort(scores, amount):
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep[torch.argsort(scores, stable=True)[: round(amount * scores.numel())]] = False
+        return keep
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, 4, (97,), generator=g).float(), torch.randn(97, generator=g)]
+    cases.append(torch.tensor([1.0, float("nan"), 0.0, 2.0, 0.0]))
+    for scores in cases:
+        for amount in (0.0, 0.1, 0.5, 0.77, 0.99):
+            assert torch.equal(smallest_mask(scores, amount), by_sort(scores, amount))
+    parts = [cases[0][:40].view(8, 5), cases[0][40:][None]]  # global: one rank
+    for amount in (0.3, 0.6):
+        got = torch.cat([m.flatten() for m in smallest_masks(parts, amount)])
+        assert torch.equal(got, by_sort(cases[0], amount))
+
+
 def test_layer_pruning_zeroes_the_fraction_in_every_layer(digits_baseline):
     model = _apply(digits_baseline.model, ("prune", {"amount": 0.75, "scope": "layer"}))
     for w in _weights(model).values():
