@@ -221,6 +221,10 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
         else warm_start,
         space,
     )
+    if search.get("warm_start", True) == "predicted":
+        from search.run.predicted_front import predicted_recipe
+
+        predicted_recipe(space)  # refused before any work if the space has no allocate
     fidelity = check_fidelity(
         cfg, space.values("finetune").get("finetune.epochs"), objectives, directions
     )

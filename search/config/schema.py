@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from compressors._params import Integer, Options, Real
+from compressors._params import AnyOf, Integer, Options, Real
 from search._errors import ConfigError
 from search.failures import FAIL_KINDS
 
@@ -155,7 +155,7 @@ SCHEMA: dict[str, Any] = {
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),
         "sampler_options": AnyMapping(),
-        "warm_start": Flag(),
+        "warm_start": AnyOf((Flag(), Options(("predicted",)))),
         "objectives": ListOf(Text()),
         "directions": Nullable(ListOf(Text())),
         "storage": Text(),

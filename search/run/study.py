@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from search.run.deploy import check_deployable, deploy_onnx
 from search.run.interrupts import raise_if_interrupted
 from search.run.loop import run_trials
 from search.run.pareto import SweepResult
+from search.run.predicted_front import DEFAULT_COUNT, predicted_warm_starts
 from search.run.study_store import (
     claim_study,
     load_study,
@@ -112,7 +114,7 @@ def run_sweep(
     )
     claim_study(study, plan)
     name_objectives(study, plan.objectives)
-    if cfg.search.get("warm_start", True):
+    if cfg.search.get("warm_start", True) is True:  # (predicted: once the baseline is there)
         _enqueue_warm_starts(study, plan)
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
     study.sampler = make_sampler(
@@ -217,6 +219,8 @@ def _run(
     if THREADS_ATTR not in study.user_attrs:  # the count its trials reproduce with (run, report)
         study.set_user_attr(THREADS_ATTR, torch.get_num_threads())
 
+    if cfg.search.get("warm_start", True) == "predicted":
+        _enqueue_predicted(study, plan, ctx)
     budget = _budget(study, plan)
     # Everything alive now (modules, baseline, clients) lives until the end: keep it out of the
     # garbage collector's full passes, which fine-tuning's many small objects trigger often
@@ -478,6 +482,19 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
             if len(study.get_trials(deepcopy=False)) > count:
                 count, room = count + 1, room - 1
                 logger.info("warm start: trial %d runs %s", count - 1, recipe.text)
+
+
+def _enqueue_predicted(study: optuna.Study, plan: SweepPlan, ctx: SweepContext) -> None:
+    """Enqueue recipes spread along the front that allocate's sensitivity table predicts
+    (`search.run.predicted_front`), as many as the space's warm_start recipes, in place of
+    them; once each per study, as `_enqueue_warm_starts` enqueues those."""
+    count = len(plan.warm_start.recipes) + len(plan.warm_start.left_out) or DEFAULT_COUNT
+    starts, chosen = predicted_warm_starts(ctx, count)
+    for p in chosen:
+        logger.info(
+            "predicted front: allocate.ratio %.4g -> loss %.4g, %d bytes", p.ratio, p.loss, p.bytes
+        )
+    _enqueue_warm_starts(study, replace(plan, warm_start=starts))
 
 
 def _wait_for_other_workers(budget: Budget, *, poll_s: float = 1.0) -> None:
