@@ -10,7 +10,20 @@ transposed to ``[K, N]`` with per-column scales (``axis=1``), a ``MatMul`` and a
 bias (in float, the same outputs as the Gemm). ORT's ``MatMulAddFusion`` would turn that
 ``MatMul`` + ``Add`` back into a ``Gemm`` before the QDQ fusion sees it, so `nbits_session`
 disables it; ORT then writes ``MatMulNBits`` (``bits=4``, ``block_size=32``: it re-blocks
-per-column scales along K itself, and absorbs the bias) for every such layer.
+per-column scales along K itself, and absorbs the bias) for every such layer. Where ORT's
+other fusions had fused the Gemm with its Relu, the Relu stays a node.
+
+Outputs: at ORT's default accuracy level 4 (int8 activations) the trained digits MLP's logits
+moved by 0.16 of 33 (0.5%), its validation accuracy not at all (0.9722 in both); accuracy level
+1 (``session.qdq_matmulnbits_accuracy_level``: float activations, 4-bit weights) moved them by
+8e-6. Speed (one thread, Xeon with AVX-512 VNNI, 2 loaded cores, sessions timed in alternating
+rounds): 4-bit kernels pay off only where reading float weights costs more than quantizing
+activations. The digits MLP (64-300-100-10, weights in cache) ran *slower* on them: batch 1
+10.0 us against 7.8 (fp32 graph and exact 4-bit session alike), batch 32 72.8 us against 29.6
+(accuracy level 1: 10.8 and 41.7 us). A 1024-4096-1024 MatMul stack (16 MB of float weights)
+ran 4.7x faster at batch 1 (255 us against 1196; level 1: 600 us) and as fast at batch 32
+(3.74 ms against 3.66-3.82). Whether the fused session is faster is therefore the model's and
+batch's question: `search.run.deploy.deploy_onnx` keeps it on the validation score alone.
 """
 
 from __future__ import annotations

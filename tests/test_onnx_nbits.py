@@ -95,3 +95,37 @@ def test_8bit_weights_are_not_rewritten_and_a_bad_tolerance_is_named(tmp_path):
     assert deployed.kernels == "float" and "no 4-bit" in deployed.kernels_why
     with pytest.raises(ValueError, match="nbits_tolerance.*-1"):
         deploy_onnx(packed, task, tmp_path / "b.onnx", threads=1, nbits_tolerance=-1)
+
+
+@pytest.mark.slow  # (a sweep of two trials in ONNX Runtime)
+def test_a_sweep_records_which_kernels_its_trials_were_timed_on(tmp_path, cache_dir):
+    from mlflow.tracking import MlflowClient
+
+    from search import compose_config, run_sweep
+    from tests.conftest import structured_quant_overrides
+
+    overrides = structured_quant_overrides(
+        tmp_path,
+        cache_dir,
+        "space.quant.bits=choice(4, 8)",
+        "measure.runtime=onnxruntime",
+        "measure.onnx_nbits_tolerance=0.001",
+        fresh_mlflow=True,
+    )
+    run_sweep(compose_config(overrides))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("squeeze")
+    children = [
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(children) == 2
+    for child in children:
+        kernels = child.data.params["onnx_kernels"]
+        assert kernels in ("float", "nbits")
+        assert child.data.metrics["onnx_nbits"] == (kernels == "nbits")
+        if kernels == "nbits":  # kept: its validation score within 0.001 of the torch model's
+            assert child.data.metrics["val_acc_onnx"] == pytest.approx(
+                child.data.metrics["val_acc"], abs=0.001 + 1e-9
+            )
