@@ -41,7 +41,9 @@ class Deployed:
         module: The ONNX Runtime session as a module (what latency is timed on).
         metrics: ``onnx_bytes`` (the ``.onnx`` file's size), ``onnx_max_abs_diff`` (largest
             difference from the torch model's outputs on validation) and ``val_acc_onnx`` (the
-            validation score of ONNX Runtime's outputs).
+            validation score of ONNX Runtime's outputs: of the graph that is timed, so of the
+            ``MatMulNBits`` graph where `kernels` is ``nbits``; ``onnx_max_abs_diff`` is the
+            exact session's), and ``onnx_nbits`` (1: on ``MatMulNBits``) with ``nbits_tolerance``.
         path: The ``.onnx`` file.
         export: What the export made (ops, exporter, notes such as sparsity stored dense).
         check: How ONNX Runtime's outputs compared with the torch model's.
