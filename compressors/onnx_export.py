@@ -49,7 +49,8 @@ needs it transposed, the Transpose stays a node.
 ONNX Runtime and ``DequantizeLinear``: by default ORT keeps ``DequantizeLinear`` nodes for its
 QDQ fusions and dequantizes at every run; the CPU provider of ORT 1.32 also fuses a per-channel
 ``DequantizeLinear`` + ``MatMul`` into ``MatMulNBits``, which at ORT's default accuracy level (4)
-quantizes activations to int8, so outputs move by ~1e-2 relative. `ort_session` with
+quantizes activations to int8, so outputs move by ~1e-2 relative (never this file's Gemms:
+`compressors._onnx_nbits` writes the MatMul form it fuses). `ort_session` with
 ``exact=True`` (the default) turns QDQ handling off (``session.disable_quant_qdq``): ORT
 dequantizes each weight once when it loads the graph and runs float kernels, with the float
 model's outputs and speed (its memory then holds float weights; the file does not). On the

@@ -144,6 +144,7 @@ SCHEMA: dict[str, Any] = {
         "latency_repeats": Integer(1, 100_000),
         "latency_budget_s": Nullable(Real(0.0, 3600.0, closed="right")),
         "runtime": Options(("torch", "onnxruntime")),
+        "onnx_nbits_tolerance": Nullable(Real(0.0, 1e9)),
     },
     "search": {
         "study_name": FileName(),

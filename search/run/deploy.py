@@ -41,13 +41,17 @@ class Deployed:
         module: The ONNX Runtime session as a module (what latency is timed on).
         metrics: ``onnx_bytes`` (the ``.onnx`` file's size), ``onnx_max_abs_diff`` (largest
             difference from the torch model's outputs on validation) and ``val_acc_onnx`` (the
-            validation score of ONNX Runtime's outputs).
+            validation score of ONNX Runtime's outputs: of the graph that is timed, so of the
+            ``MatMulNBits`` graph where `kernels` is ``nbits``; ``onnx_max_abs_diff`` is the
+            exact session's), and ``onnx_nbits`` (1: on ``MatMulNBits``) with ``nbits_tolerance``.
         path: The ``.onnx`` file.
         export: What the export made (ops, exporter, notes such as sparsity stored dense).
         check: How ONNX Runtime's outputs compared with the torch model's.
         threads: The session's settings that its latency depends on (intra- and inter-op
             threads, execution mode, graph optimisation: `ORT_THREAD_PARAMS`), logged as a
             trial's parameters beside ``torch.threads``.
+        kernels: ``float`` (weights dequantized at load: the exact session) or ``nbits`` (ORT's
+            4-bit ``MatMulNBits`` kernels, `compressors._onnx_nbits`), and why (``kernels_why``).
     """
 
     module: torch.nn.Module
@@ -56,6 +60,8 @@ class Deployed:
     export: OnnxExport
     check: OnnxCheck
     threads: dict[str, int | str] = field(default_factory=dict)
+    kernels: str = "float"
+    kernels_why: str = ""
 
 
 #: The names of `Deployed.threads`, the ONNX Runtime session settings a trial logs.
@@ -67,9 +73,23 @@ ORT_THREAD_PARAMS = (
 )
 
 
-def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = None) -> Deployed:
+def deploy_onnx(
+    packed: Path,
+    task: Task,
+    out: Path,
+    *,
+    threads: int | None = None,
+    nbits_tolerance: float | None = None,
+) -> Deployed:
     """Export the packed file ``packed`` of ``task``'s model to ``out`` and check it on the
     validation split, batch by batch.
+
+    With ``nbits_tolerance`` (a difference of validation scores, e.g. 0.001 for 0.1 point of
+    accuracy), a graph whose 4-bit layers ORT can run on its ``MatMulNBits`` kernels is also
+    written that way (`compressors._onnx_nbits`, ``<out>.nbits.onnx``) and scored on the
+    validation split in that session; it is what is timed and shipped (``kernels="nbits"``,
+    metric ``onnx_nbits`` 1) only if its score is within ``nbits_tolerance`` of the torch
+    model's, otherwise the exact session is (``kernels_why`` says why).
 
     Raises:
         OnnxMismatchError: If ONNX Runtime's outputs on the validation split are not within
@@ -101,14 +121,57 @@ def deploy_onnx(packed: Path, task: Task, out: Path, *, threads: int | None = No
         "onnx_max_abs_diff": check.max_abs_diff,
         "val_acc_onnx": _score(task.val, check.outputs, targets),  # the check's own pass
     }
-    return Deployed(
-        module,
-        metrics,
-        out,
-        exported,
-        check,
-        session_settings(threads, offline=exported.optimization),
-    )
+    settings = session_settings(threads, offline=exported.optimization)
+    if nbits_tolerance is None:
+        return Deployed(module, metrics, out, exported, check, settings)
+    metrics["onnx_nbits"] = 0.0
+    reference = _score(task.val, torch.cat(expected), targets)
+    nbits = _try_nbits(out, task, threads, reference, nbits_tolerance)
+    if isinstance(nbits, str):
+        return Deployed(module, metrics, out, exported, check, settings, kernels_why=nbits)
+    module, path, score, why = nbits
+    metrics |= {"val_acc_onnx": score, "onnx_nbits": 1.0}
+    return Deployed(module, metrics, path, exported, check, settings, "nbits", why)
+
+
+def _try_nbits(
+    out: Path, task: Task, threads: int, reference: float, tolerance: float
+) -> str | tuple[torch.nn.Module, Path, float, str]:
+    """``out`` on ORT's ``MatMulNBits`` kernels: (module, graph, validation score, why) if its
+    score is within ``tolerance`` of ``reference`` (the torch model's), else why not."""
+    from compressors._onnx_io import call_model, input_batches
+    from compressors._onnx_nbits import fused_ops, nbits_graph, nbits_session
+    from compressors.onnx_export import CHECK_ROWS, OrtModule
+
+    if not isinstance(tolerance, float | int) or tolerance < 0:
+        raise ValueError(
+            f"The 'nbits_tolerance' parameter must be a number >= 0. Got {tolerance!r} instead."
+        )
+    path = out.with_suffix(".nbits.onnx")
+    if not nbits_graph(out, path):
+        path.unlink(missing_ok=True)
+        return "no 4-bit Gemm weight to run on MatMulNBits"
+    fused = fused_ops(path, out.with_suffix(".nbits.optimized.onnx"), threads=threads)
+    out.with_suffix(".nbits.optimized.onnx").unlink(missing_ok=True)
+    if "MatMulNBits" not in fused:
+        path.unlink(missing_ok=True)
+        return "ONNX Runtime fused no MatMulNBits on this CPU"
+    module = OrtModule(nbits_session(path, threads=threads))
+    targets: list[Any] = []
+    with torch.no_grad():
+        got = [
+            call_model(module, batch).float()
+            for batch in input_batches(_inputs(task.val, targets), CHECK_ROWS)
+        ]
+    score = _score(task.val, torch.cat(got), targets)
+    if abs(score - reference) > tolerance:
+        path.unlink(missing_ok=True)
+        return (
+            f"MatMulNBits scored {score:.6g} on validation, the torch model {reference:.6g}: "
+            f"more than nbits_tolerance={tolerance:g} apart"
+        )
+    why = f"{fused.count('MatMulNBits')} MatMulNBits, validation {score:.6g} vs {reference:.6g}"
+    return module, path, score, why
 
 
 def check_deployable(task: Task) -> str:

@@ -345,6 +345,7 @@ def _prepare(
     budget_s = None if budget_s is None else float(budget_s)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
     runtime = str(cfg.measure.runtime)
+    nbits = cfg.measure.get("onnx_nbits_tolerance")
     deployed = None
     if runtime == "onnxruntime":  # the baseline's graph, once per process
         folder = Path(cfg.output_dir) / plan.study_name
@@ -393,6 +394,7 @@ def _prepare(
         latency_budget_s=budget_s,
         reference=reference,
         runtime=runtime,
+        nbits_tolerance=None if nbits is None else float(nbits),
         folds=_cv_folds(cfg, plan, task, progress),
         device=device,
         constraints=plan.constraints,

@@ -117,6 +117,7 @@ class SweepContext:
             for the speed-up. None: no speed-up is measured.
         runtime: Where latency is timed: ``torch``, or ``onnxruntime`` (each trial's packed
             file is also exported to ONNX and checked in ONNX Runtime, `search.run.deploy`).
+        nbits_tolerance: `deploy_onnx`'s (``measure.onnx_nbits_tolerance``); None: off.
         constraints: Bounds on metrics (``search.constraints``), given to Optuna.
         early_stop: When fine-tuning stops early (pruner or Pareto dominance).
         val_reference: The baseline's outputs on the validation split, computed once per
@@ -138,6 +139,7 @@ class SweepContext:
     latency_budget_s: float | None = 2.0
     reference: torch.nn.Module | None = None
     runtime: str = "torch"
+    nbits_tolerance: float | None = None
     folds: tuple[tuple[Task, Baseline], ...] = ()
     device: str | None = None
     constraints: Mapping[str, float] = field(default_factory=dict)
@@ -216,7 +218,9 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         deployed = None
         if ctx.runtime == "onnxruntime":
             with phase("export"):
-                deployed = deploy_onnx(path, ctx.task, path.with_suffix(".onnx"))
+                deployed = deploy_onnx(
+                    path, ctx.task, path.with_suffix(".onnx"), nbits_tolerance=ctx.nbits_tolerance
+                )
 
         # 6. Measure on the validation split (test accuracy is computed only for the front).
         with phase("measure"):
@@ -244,7 +248,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         run.log_metrics(metrics)
         run.log_params({"int8_layers": ",".join(int8_layers(shipped)) or "none"})
         if deployed:  # the session settings its latency was timed with (torch.threads: above)
-            run.log_params(deployed.threads)
+            run.log_params({**deployed.threads, "onnx_kernels": deployed.kernels})
         run.log_artifact(path)
         if deployed:
             run.log_artifact(deployed.path)
