@@ -42,10 +42,11 @@ def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tenso
     k = round(amount * total)
     if k == 0:
         return [torch.ones_like(p, dtype=torch.bool) for p in parts]
-    flat = torch.cat([p.detach().flatten().cpu() for p in parts])
+    flat = torch.cat([p.detach().flatten() for p in parts])
     if flat.dtype in (torch.float16, torch.bfloat16):  # (no numpy type: float32 holds them)
         flat = flat.float()
-    if torch.isnan(flat).any():  # (a sort ranks NaN last; a partition does not)
+    if flat.device.type != "cpu" or torch.isnan(flat).any():  # (on its device, as a sort: a
+        # sort ranks NaN last, a partition does not; the partition runs on CPU tensors only)
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat, stable=True)[:k]] = False
         return [
