@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compressors._onnx_torch import require_onnx
+from compressors.onnx_export import session_options
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -107,14 +108,7 @@ def nbits_session(
     the graph it runs (to see what it fused)."""
     import onnxruntime as ort
 
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"The 'threads' parameter must be an int >= 1. Got {threads!r} instead.")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = session_options(threads)
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(

@@ -525,6 +525,17 @@ def ort_session(
             A graph with activation grids (``QuantizeLinear`` nodes: ``quant.activations=8``,
             `compressors._onnx_qdq`) always keeps them, so that it runs integer kernels.
     """
+    options = session_options(threads)
+    if exact and "QuantizeLinear" not in _ops(onnx_path):  # (activation grids: integer kernels)
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return _require_ort().InferenceSession(
+        str(onnx_path), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
+    """The options of every session here: ``threads`` intra-op threads, one inter-op thread,
+    sequential execution, every graph optimization on, warnings and errors logged only."""
     ort = _require_ort()
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"The 'threads' parameter must be an int >= 1. Got {threads!r} instead.")
@@ -534,9 +545,7 @@ def ort_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    if exact and "QuantizeLinear" not in _ops(onnx_path):  # (activation grids: integer kernels)
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return options
 
 
 def session_settings(threads: int = 1, *, offline: str = "basic") -> dict[str, int | str]:
