@@ -113,6 +113,19 @@ def _empty_mlflow_db() -> Path:
     return folder / "mlflow.db"
 
 
+def study_runs(uri: str, *, max_results: int = 1000):
+    """``(client, parents, children)``: a tracking store's squeeze runs, the studies' parent runs
+    and the trials' child runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("squeeze")
+    runs = client.search_runs([experiment.experiment_id], max_results=max_results)
+    parents = [r for r in runs if r.data.tags.get("squeeze.role") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
 def sweep_overrides(
     tmp_path,
     cache_dir,

@@ -346,10 +346,8 @@ def test_a_model_no_exporter_converts_is_refused_naming_its_layer_and_op(tmp_pat
 def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     """measure.runtime=onnxruntime: each trial's packed file is exported, checked in ONNX Runtime
     and logged beside it; latency and the speed-up over the baseline's graph are timed there."""
-    from mlflow.tracking import MlflowClient
-
     from search import compose_config, run_sweep
-    from tests.conftest import structured_quant_overrides
+    from tests.conftest import structured_quant_overrides, study_runs
 
     overrides = structured_quant_overrides(
         tmp_path,
@@ -361,13 +359,7 @@ def test_a_sweep_times_its_trials_in_onnx_runtime(tmp_path, cache_dir):
     )
     result = run_sweep(compose_config(overrides))
     assert result.baseline["speedup"] == 1.0 and result.baseline["onnx_bytes"] > 0
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("squeeze")
-    children = [
-        r
-        for r in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" in r.data.tags
-    ]
+    client, _, children = study_runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert len(children) == 2
     for child in children:
         metrics = child.data.metrics

@@ -99,10 +99,8 @@ def test_8bit_weights_are_not_rewritten_and_a_bad_tolerance_is_named(tmp_path):
 
 @pytest.mark.slow  # (a sweep of two trials in ONNX Runtime)
 def test_a_sweep_records_which_kernels_its_trials_were_timed_on(tmp_path, cache_dir):
-    from mlflow.tracking import MlflowClient
-
     from search import compose_config, run_sweep
-    from tests.conftest import structured_quant_overrides
+    from tests.conftest import structured_quant_overrides, study_runs
 
     overrides = structured_quant_overrides(
         tmp_path,
@@ -113,13 +111,7 @@ def test_a_sweep_records_which_kernels_its_trials_were_timed_on(tmp_path, cache_
         fresh_mlflow=True,
     )
     run_sweep(compose_config(overrides))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("squeeze")
-    children = [
-        r
-        for r in client.search_runs([experiment.experiment_id])
-        if "mlflow.parentRunId" in r.data.tags
-    ]
+    children = study_runs(f"sqlite:///{tmp_path}/mlflow.db")[2]
     assert len(children) == 2
     for child in children:
         kernels = child.data.params["onnx_kernels"]

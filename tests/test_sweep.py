@@ -5,22 +5,16 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
 from search.cli import main
 from search.config.storage import open_storage
-from tests.conftest import sweep_overrides
+from tests.conftest import study_runs, sweep_overrides
 
 
 def _mlflow_runs(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("squeeze")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("squeeze.role") == "study"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+    return study_runs(f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def _study(tmp_path, name="digits_mlp"):

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from search import compose_config, run_sweep
 from search.cli import main
-from tests.conftest import sweep_overrides
+from tests.conftest import study_runs, sweep_overrides
 
 
 def _free_port() -> int:
@@ -89,11 +89,7 @@ def test_two_workers_log_to_a_tracking_server(tmp_path, cache_dir, tracking_serv
         f"tracking.uri={tracking_server}",
     ]
     result = run_sweep(compose_config(overrides))
-    client = MlflowClient(tracking_server)
-    experiment = client.get_experiment_by_name("squeeze")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("squeeze.role") == "study"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    client, parents, children = study_runs(tracking_server, max_results=100)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert Counter(c.data.tags["squeeze.trial"] for c in children) == Counter("0123")
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}

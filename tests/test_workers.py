@@ -14,7 +14,6 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from search import ConfigError, compose_config, run_sweep
@@ -31,18 +30,13 @@ from search.run.budget import (
     seed_trial,
 )
 from search.run.workers import gpu_assignment
-from tests.conftest import sweep_overrides
+from tests.conftest import study_runs, sweep_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _runs(uri: str):
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("squeeze")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("squeeze.role") == "study"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
+    return study_runs(uri)[1:]
 
 
 def _pid(trial) -> int:
