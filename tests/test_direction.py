@@ -8,7 +8,6 @@ import contextlib
 import io
 import os
 import re
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +27,7 @@ from search.config.storage import open_storage
 from search.results.report import _front_rows, _front_table
 from search.results.reuse import RECOMMEND_MAX_DROP, knee_index, pick_trial, recommend
 from search.run.pareto import hypervolume
+from search.run.study_store import name_objectives
 from search.run.workload import build_task
 from tests.conftest import sweep_overrides
 
@@ -106,9 +106,7 @@ POINTS = [(0.498, 10_000.0), (0.499, 3_000.0), (0.504, 1_500.0), (0.600, 500.0)]
 def _error_study(with_attr: bool = True) -> optuna.Study:
     """A real in-memory study minimizing (MSE, size) with the four `POINTS` as trials."""
     study = optuna.create_study(directions=["minimize", "minimize"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["val_acc", "size_bytes"])
+    name_objectives(study, ("val_acc", "size_bytes"))
     study.set_user_attr("baseline", {"val_acc": 0.5, "size_bytes": 20_000.0})
     if with_attr:
         study.set_user_attr(DIRECTION_ATTR, "minimize")

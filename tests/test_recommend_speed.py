@@ -18,6 +18,7 @@ from search import compose_config
 from search.cli import main
 from search.results.reuse import load_study, pick_trial
 from search.run.recommend import SIZE_AXIS, cost_axis, recommend
+from search.run.study_store import name_objectives
 from tests.conftest import sweep_overrides
 
 # (val_acc, size_bytes, speedup_b32) against a baseline of 0.98, all within 1 point: the
@@ -35,7 +36,7 @@ POINTS = [
 def _study(objectives: list[str], points=POINTS) -> optuna.Study:
     directions = ["maximize", "minimize" if objectives[1] != "speedup_b32" else "maximize"]
     study = optuna.create_study(directions=directions)
-    study.set_metric_names(objectives)
+    name_objectives(study, tuple(objectives))
     study.set_user_attr("baseline", {"val_acc": 0.98, "size_bytes": 400_000})
     for acc, size, speedup in points:
         metrics = {
