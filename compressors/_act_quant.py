@@ -1,7 +1,9 @@
 """Activation quantization: calibrated uint8 ranges on the inputs (and conv outputs) of layers.
 
 ``quant.activations=8`` (`compressors.quant`) puts the activations that reach each plain
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` on an affine uint8 grid (one scale and zero
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (but a convolution of fewer than 4 input
+channels per group, which ONNX Runtime runs faster in float: `int8_friendly`) on an affine
+uint8 grid (one scale and zero
 point per tensor, as ONNX Runtime's static QDQ quantization does), and the outputs of the
 convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into
 ``QLinearConv`` only with both ends quantized; a MatMul / Gemm with quantized inputs alone runs
@@ -49,6 +51,8 @@ from compressors._targets import READS_CHILD_WEIGHTS
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: Layers whose outputs get quantized as well (ONNX Runtime's ``QLinearConv`` needs both ends).
 OUTPUT_LAYERS = (nn.Conv1d, nn.Conv2d)
+#: Input channels per group below which a convolution's activations stay float (`int8_friendly`).
+MIN_CHANNELS = 4
 #: Observers of the calibration.
 OBSERVERS = ("minmax", "percentile", "mse")
 #: Training samples the ranges are calibrated on.
@@ -131,10 +135,12 @@ class ActQuant(nn.Module):
         return f"scale={scale:.6g}, zero_point={zero}"
 
 
-def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module]:
     """The layers of ``model`` whose activations are quantized, by name: plain Linear, Conv1d
     and Conv2d layers (a subclass's forward may differ) whose parent does not read their weight
-    directly (torch's attention and transformer layers)."""
+    directly (torch's attention and transformer layers), except convolutions that ONNX
+    Runtime's integer kernels run slower than its float ones (`int8_friendly`; ``every``: with
+    those, the layers a packed file may hold grids for)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
@@ -143,8 +149,26 @@ def quantizable(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(parents.get(id(module)), READS_CHILD_WEIGHTS):
             continue
+        if not every and not int8_friendly(module):
+            continue
         found[name] = module
     return found
+
+
+def int8_friendly(layer: nn.Module) -> bool:
+    """False for a convolution with fewer than `MIN_CHANNELS` input channels per group (an
+    image's 1 or 3 channels in a first layer), depthwise ones aside: ONNX Runtime's x86
+    ``QLinearConv`` then runs im2col and an int8 GEMM over a handful of columns, slower than
+    its float kernels. 3x3 convolutions to 16 channels on 8x8 images, batch 32, one thread:
+    1 input channel 65 us as ``QLinearConv`` against 25 us float (NCHWc) with the same output
+    grid, 3 channels 156 against 45 us, where 24 channels ran 3.3x faster in int8 and 25
+    channels 2.8x. Such a layer keeps float activations and weights (`compressors._onnx_qdq`);
+    the next layer's input grid quantizes its output."""
+    if not isinstance(layer, OUTPUT_LAYERS):
+        return True
+    per_group = layer.in_channels // layer.groups
+    depthwise = per_group == 1 and layer.out_channels == layer.groups
+    return depthwise or per_group >= MIN_CHANNELS
 
 
 def _plain_type(module: nn.Module) -> type:
@@ -422,7 +446,7 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
 
     if not record:
         return
-    layers = quantizable(model)
+    layers = quantizable(model, every=True)  # (files written before `int8_friendly`)
     modules = dict(model.named_modules())
     for name, sides in record.items():
         ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after"} and "in" in sides

@@ -16,7 +16,10 @@ graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ forma
 - a BatchNorm that alone reads a quantized conv's output (where the conv's output grid sits,
   `compressors._act_quant`) folded into the conv: its per-channel factor multiplies the
   weight's scales (a negative one negates the channel's codes) and its shift becomes the bias,
-  so the file's codes are kept (ONNX Runtime folds BatchNorm only into float convolutions).
+  so the file's codes are kept (ONNX Runtime folds BatchNorm only into float convolutions);
+- a Conv without activation grids (a layer `compressors._act_quant.int8_friendly` leaves float:
+  an image's first convolution) reading its weight's codes through a ``DequantizeLinear`` gets
+  the float weight instead, which ONNX Runtime's float (NCHWc) kernels need to be constant.
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs
@@ -98,8 +101,8 @@ class ActivationQDQ:
             ):
                 nodes.remove(norm)
                 graph.initializer.append(inits[node.input[2]])
-                for name in stale:
-                    _drop_unread(graph, name, nodes)
+                for name in stale:  # (the BatchNorm counted: shared constants stay)
+                    _drop_unread(graph, name, [*nodes, norm])
                 producers[node.output[0]] = node
                 self.ends.pop(layer)
                 weight_scale = numpy_helper.to_array(inits[weight_dq.input[1]]).reshape(-1)
@@ -137,6 +140,7 @@ class ActivationQDQ:
                 pair = _qdq(graph, raw, f"{base}_output", scale, zero, helper, numpy_helper)
                 pair[-1].output[0] = final
                 after[id(end)] = pair
+        _float_convs(graph, nodes, {id(n) for n, _ in added}, inits, numpy_helper)
         placed = {id(n): b for n, b in added}
         ordered = []
         for node in nodes:
@@ -184,6 +188,38 @@ def _weight_scale(graph, dq, inits, numpy_helper, tensor_proto) -> np.ndarray | 
         graph.initializer.append(zero)
         dq.input.append(zero.name)
     return scale.astype(np.float64).reshape(-1)
+
+
+def _float_convs(graph, nodes: list, sites: set[int], inits: dict, numpy_helper) -> None:
+    """Give each Conv outside ``sites`` (a layer whose activations stay float,
+    `compressors._act_quant.int8_friendly`) its weight as a float initializer in place of the
+    ``DequantizeLinear`` of its codes: with QDQ handling on, ONNX Runtime folds no
+    ``DequantizeLinear``, and a Conv reading one runs without its NCHWc float kernels (a 1 -> 16
+    channel 3x3 conv at batch 32: 37 us against 25 us)."""
+    producers = {out: node for node in nodes for out in node.output}
+    for node in list(nodes):
+        if node.op_type != "Conv" or id(node) in sites or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+            continue
+        if sum(dq.output[0] in other.input for other in nodes) != 1:
+            continue
+        codes, scale, *zero = (numpy_helper.to_array(inits[i]) for i in dq.input)
+        codes = codes.astype(np.float64)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % codes.ndim
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        if scale.ndim:
+            scale = scale.reshape(shape)
+        if zero:
+            codes = codes - (zero[0].reshape(shape) if zero[0].ndim else zero[0])
+        weight = numpy_helper.from_array((codes * scale).astype(np.float32), dq.output[0])
+        nodes.remove(dq)
+        for name in dq.input:
+            _drop_unread(graph, name, nodes + [dq])
+        inits[weight.name] = weight
+        graph.initializer.append(weight)
 
 
 def _drop_unread(graph, name: str, nodes: list) -> None:
