@@ -3,11 +3,12 @@
 For each model: train the baseline, quantize it to W8A8 (8-bit weights, calibrated uint8
 activations, quantization-aware fine-tuning), pack, export both graphs, and time them in ONNX
 Runtime (CPU, one intra-op thread, interleaved rounds) beside ONNX Runtime's own
-``quantize_static`` (QDQ, MinMax calibration on the same samples) of the fp32 graph. Prints
+``quantize_static`` of the fp32 graph (`_reference.quantize_baseline`: pre-processed, QDQ,
+MinMax calibration on 512 training samples, per-channel int8 weights). Prints
 one row per model and batch, and the kernels ONNX Runtime ran for the W8A8 graph.
 
-    python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3] [--models zoo_resnet ...]
-        [--keep FOLDER]  (each model's graphs, ORT-optimised ones beside them)
+    python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3]
+        [--models zoo_resnet ...] [--keep FOLDER]  (FOLDER: each model's graphs, optimised too)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import copy
 import functools
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -24,12 +26,20 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed
-from compressors.onnx_export import OrtModule, check_onnx, export_onnx, ort_session
-from experiments import Task, TrainConfig, evaluate, fit
-from experiments.digits import digits_mlp
-from experiments.metrics import interleaved_latency_ms
-from experiments.models import ConvNet1d
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _reference import quantize_baseline  # noqa: E402
+
+from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed  # noqa: E402
+from compressors.onnx_export import (  # noqa: E402
+    OrtModule,
+    check_onnx,
+    export_onnx,
+    ort_session,
+)
+from experiments import Task, TrainConfig, evaluate, fit  # noqa: E402
+from experiments.digits import digits_mlp  # noqa: E402
+from experiments.metrics import interleaved_latency_ms  # noqa: E402
+from experiments.models import ConvNet1d  # noqa: E402
 
 #: The models of the bench, in order.
 MODELS = ("digits_mlp", "digits_cnn1d", "zoo_resnet", "zoo_mobilenet", "zoo_transformer")
@@ -65,22 +75,6 @@ def _optimized_ops(path: Path) -> Counter:
     options.log_severity_level = 3
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
-def _ort_static(fp32: Path, out: Path, x: torch.Tensor) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    name = onnx.load(str(fp32)).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{name: b.numpy()} for b in x.split(128)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    return out
 
 
 def _acc(path: Path, task: Task) -> float:
@@ -123,7 +117,7 @@ def main() -> None:
             shipped = task.build_model()
             export_onnx(folder / "w8a8.sqz", shipped, task.example_inputs(8), folder / "w8a8.onnx")
             check = check_onnx(folder / "w8a8.onnx", shipped, task.val.x)
-            static = _ort_static(folder / "fp32.onnx", folder / "static.onnx", task.train.x[:512])
+            static = quantize_baseline(folder / "fp32.onnx", task, folder / "static.onnx")
             ops = _optimized_ops(folder / "w8a8.onnx")
             kernels = {k: v for k, v in ops.items() if "Q" in k or "Integer" in k}
             theirs = _optimized_ops(static)

@@ -17,9 +17,10 @@ graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ forma
   `compressors._act_quant`) folded into the conv: its per-channel factor multiplies the
   weight's scales (a negative one negates the channel's codes) and its shift becomes the bias,
   so the file's codes are kept (ONNX Runtime folds BatchNorm only into float convolutions);
-- a Conv without activation grids (a layer `compressors._act_quant.int8_friendly` leaves float:
-  an image's first convolution) reading its weight's codes through a ``DequantizeLinear`` gets
-  the float weight instead, which ONNX Runtime's float (NCHWc) kernels need to be constant.
+- a Conv, MatMul or Gemm without activation grids (a convolution that
+  `compressors._act_quant.int8_friendly` leaves float, a Linear inside torch's transformer
+  layers) reading its weight's codes through a ``DequantizeLinear`` gets the float weight
+  instead: ONNX Runtime's float kernels (NCHWc convolutions, MatMul) need it constant.
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs
@@ -140,7 +141,7 @@ class ActivationQDQ:
                 pair = _qdq(graph, raw, f"{base}_output", scale, zero, helper, numpy_helper)
                 pair[-1].output[0] = final
                 after[id(end)] = pair
-        _float_convs(graph, nodes, {id(n) for n, _ in added}, inits, numpy_helper)
+        _float_weights(graph, nodes, {id(n) for n, _ in added}, inits, numpy_helper)
         placed = {id(n): b for n, b in added}
         ordered = []
         for node in nodes:
@@ -190,15 +191,17 @@ def _weight_scale(graph, dq, inits, numpy_helper, tensor_proto) -> np.ndarray | 
     return scale.astype(np.float64).reshape(-1)
 
 
-def _float_convs(graph, nodes: list, sites: set[int], inits: dict, numpy_helper) -> None:
-    """Give each Conv outside ``sites`` (a layer whose activations stay float,
-    `compressors._act_quant.int8_friendly`) its weight as a float initializer in place of the
-    ``DequantizeLinear`` of its codes: with QDQ handling on, ONNX Runtime folds no
-    ``DequantizeLinear``, and a Conv reading one runs without its NCHWc float kernels (a 1 -> 16
-    channel 3x3 conv at batch 32: 37 us against 25 us)."""
+def _float_weights(graph, nodes: list, sites: set[int], inits: dict, numpy_helper) -> None:
+    """Give each Conv, MatMul or Gemm outside ``sites`` (a layer without activation grids: a
+    convolution `compressors._act_quant.int8_friendly` leaves float, a Linear inside torch's
+    transformer layers) its weight as a float initializer in place of the ``DequantizeLinear``
+    of its codes. With QDQ handling on, ONNX Runtime folds no ``DequantizeLinear``: a Conv
+    reading one runs without its NCHWc float kernels (a 1 -> 16 channel 3x3 conv at batch 32:
+    37 us against 25 us), and a MatMul becomes ``MatMulNBits``, which ran the zoo
+    TransformerEncoder's 32 x 32 .. 64 projections at 34-45 us against float's 12-17 us."""
     producers = {out: node for node in nodes for out in node.output}
     for node in list(nodes):
-        if node.op_type != "Conv" or id(node) in sites or len(node.input) < 2:
+        if node.op_type not in _OPS or id(node) in sites or len(node.input) < 2:
             continue
         dq = producers.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):

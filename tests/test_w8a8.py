@@ -277,3 +277,32 @@ def test_convolutions_slow_in_int8_keep_float_activations():
     found = act.quantizable(Net())
     assert set(found) == {"depthwise", "wide", "odd", "head"}
     assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped"}
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_layers_without_grids_run_float_kernels_on_float_weights(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    task = tasks.zoo_transformer(seed=0)  # (the encoder's Linears: no grids, torch reads them)
+    torch.manual_seed(0)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8)
+    model = apply_pipeline([quant], task.build_model().eval(), ctx).eval()
+    assert set(act.ranges(model)) == {"embed", "head"}
+    save_packed(model, tmp_path / "encoder.sqz")
+    shipped = task.build_model()
+    export_onnx(tmp_path / "encoder.sqz", shipped, task.example_inputs(8), tmp_path / "e.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    # embed and head on integer kernels; the encoder's projections on float MatMul / Gemm,
+    # not on weights dequantized at every call (MatMulNBits: 2-3x slower than float here)
+    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] == 2
+    assert ops["MatMulNBits"] == ops["DequantizeLinear"] == 0 and ops["MatMul"] > 0
+    check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
+    assert check.agree, check.message
