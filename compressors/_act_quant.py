@@ -26,10 +26,15 @@ any architecture is not; the integer kernels run in ONNX Runtime.
 A conv's output grid sits after the BatchNorm that alone reads the conv's output (the export
 folds that BatchNorm into the conv), and it is the next layer's input grid where the output
 reaches that layer alone through ReLU, ReLU6, Flatten, max-pooling or dropout modules (`_Flow`:
-the same values, and ONNX Runtime then feeds one integer kernel from the other).
+the same values, and ONNX Runtime then feeds one integer kernel from the other). A layer's
+input that is the output of a module called once (a ReLU) is quantized there, for every reader
+(``from``): a residual block's sum then adds two quantized tensors, which ONNX Runtime runs as
+``QLinearAdd`` (`compressors._onnx_qdq`), where the identity shortcut would otherwise read the
+float tensor beside the integer convolution.
 
 The ranges are plain numbers: the packed file records them as JSON in its model record
-(``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm}}``), and
+(``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm, "from":
+module}}``), and
 `restore` attaches them to a freshly built model; the module buffers are not part of the state
 dict.
 """
@@ -100,6 +105,7 @@ class ActQuant(nn.Module):
         self.seen: tuple[float, float] | None = None
         self.keep = KEPT_VALUES
         self.enabled = True
+        self.source: str | None = None  # (the module whose output it quantizes for every reader)
 
     @property
     def params(self) -> tuple[float, int]:
@@ -191,6 +197,23 @@ def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = No
             layer.register_forward_pre_hook(_quantize_input)
         if "out" in record:
             _attach_output(model, name, record.get("after", name), record["out"])
+        if "from" in record:
+            _share_input(model, layer.act_in, record["from"])
+
+
+def _share_input(model: nn.Module, quant: ActQuant, producer: str) -> None:
+    """Quantize the output of module ``producer`` (what ``quant``'s layer reads) with
+    ``quant`` for every reader of it: a residual addition reads it on the grid too, and ONNX
+    Runtime runs that addition as ``QLinearAdd`` between integer convolutions."""
+    module = model.get_submodule(producer)
+    if not hasattr(module, "act_shared"):
+        quant.source = producer
+        module.act_shared = quant
+        module.register_forward_hook(_quantize_shared)
+
+
+def _quantize_shared(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.act_shared(output)
 
 
 def _attach_output(model: nn.Module, layer: str, at: str, grid: Any = (1.0, 0)) -> None:
@@ -218,6 +241,8 @@ def ranges(model: nn.Module) -> dict[str, dict[str, Any]]:
         quant = getattr(module, "act_in", None)
         if isinstance(quant, ActQuant):
             found.setdefault(name, {})["in"] = list(quant.params)
+            if getattr(quant, "source", None) is not None:
+                found[name]["from"] = quant.source
     for name, module in model.named_modules():
         quant = getattr(module, "act_out", None)
         if isinstance(quant, ActQuant):
@@ -290,6 +315,9 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
             q.observing, q.seen = None, None
     for out, consumer in flow.shared():
         out.set(*consumer.params)
+    names = {id(m): n for n, m in model.named_modules()}
+    for quant, producer in flow.producers():
+        _share_input(model, quant, names[id(producer)])
 
 
 def _place_outputs(model: nn.Module, batch: Any, forward) -> None:
@@ -348,6 +376,9 @@ class _Flow:
         self.origin: dict[int, tuple[ActQuant, torch.Tensor]] = {}
         self.uses: dict[int, int] = {}
         self.pairs: dict[int, tuple[ActQuant, set[int], list[ActQuant]]] = {}
+        self.made: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # module outputs
+        self.calls: dict[int, int] = {}
+        self.fed: dict[int, tuple[ActQuant, nn.Module]] = {}  # input quantizer -> producer
 
     @contextmanager
     def tracking(self, model: nn.Module) -> Iterator[None]:
@@ -365,9 +396,13 @@ class _Flow:
             for handle in handles:
                 handle.remove()
             self.origin.clear()
+            self.made.clear()
 
     def _quantizer(self, module: ActQuant, args: tuple, output: Any) -> None:
         x = args[0]
+        made = self.made.get(id(x))
+        if module.side == "in" and made is not None and made[1] is x:
+            self.fed.setdefault(id(module), (module, made[0]))
         source = self.origin.get(id(x))
         if source is not None and source[1] is x:
             out = source[0]
@@ -380,6 +415,9 @@ class _Flow:
             self.origin[id(output)] = (module, output)
 
     def _module(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        if isinstance(output, torch.Tensor):
+            self.made[id(output)] = (module, output)
         for x in args:
             source = self.origin.get(id(x))
             if source is None or source[1] is not x:
@@ -389,6 +427,19 @@ class _Flow:
             if isinstance(module, PASS_THROUGH) and isinstance(output, torch.Tensor):
                 self.origin[id(output)] = (out, output)
                 self.uses[id(out)] -= 1  # (read on the way to a consumer)
+
+    def producers(self) -> list[tuple[ActQuant, nn.Module]]:
+        """``(input quantizer, module)``: the module, called once, whose output the quantizer
+        reads, where every quantizer reading that module's output has the same grid (one
+        tensor, one grid: calibrated alike)."""
+        by_module: dict[int, list[tuple[ActQuant, nn.Module]]] = {}
+        for quant, module in self.fed.values():
+            by_module.setdefault(id(module), []).append((quant, module))
+        return [
+            found[0]
+            for key, found in by_module.items()
+            if self.calls.get(key) == 1 and len({q.params for q, _ in found}) == 1
+        ]
 
     def shared(self) -> list[tuple[ActQuant, ActQuant]]:
         return [
@@ -449,8 +500,14 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
     layers = quantizable(model, every=True)  # (files written before `int8_friendly`)
     modules = dict(model.named_modules())
     for name, sides in record.items():
-        ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after"} and "in" in sides
-        grids = [v for k, v in sides.items() if k != "after"] if ok else []
+        ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after", "from"}
+        ok = ok and "in" in sides
+        grids = [v for k, v in sides.items() if k not in ("after", "from")] if ok else []
+        source = sides.get("from") if ok else None
+        if source is not None and (
+            not isinstance(source, str) or not source or source not in modules
+        ):
+            ok = False
         after = sides.get("after") if ok else None
         if after is not None and ("out" not in sides or not isinstance(after, str)):
             ok = False
@@ -460,7 +517,7 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
             raise PackedFileError(
                 f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear, "
                 "Conv1d or Conv2d layer of the model with [scale > 0, zero point in 0..255] "
-                "(and its output's after a BatchNorm of the model)"
+                "(and its output's after a BatchNorm of the model, its input from a module of it)"
             )
     attach(model, record)
 

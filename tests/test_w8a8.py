@@ -63,7 +63,9 @@ def test_calibration_is_deterministic_for_a_seed(calibration):
     first, again = act.ranges(_w8a8(calibration)), act.ranges(_w8a8(calibration))
     assert first == again
     assert set(first) == {"features.2", "features.4", "head"}  # (features.0: 1 channel)
-    assert all(set(sides) == {"in", "out"} for n, sides in first.items() if n != "head")
+    assert all(set(sides) == {"in", "out", "from"} for n, sides in first.items() if n != "head")
+    # each input is a ReLU's (the Flatten's) output, quantized there for every reader
+    assert [first[n]["from"] for n in first] == ["features.1", "features.3", "features.6"]
     # a conv's output, through a ReLU (and the Flatten), is the next layer's input: one grid
     chain = ["features.2", "features.4", "head"]
     for layer, consumer in zip(chain, chain[1:], strict=False):
@@ -112,6 +114,8 @@ def test_a_forged_activation_grid_is_refused(tmp_path):
         {"head": {"in": [0.1, 300]}},
         {"head": {"out": [0.1, 0]}},
         {"head": {"in": ["0.1", 0]}},
+        {"head": {"in": [0.1, 0], "from": "nowhere"}},
+        {"head": {"in": [0.1, 0], "from": ""}},  # (the model itself: its output)
     ):
         with pytest.raises(PackedFileError, match="activation grid"):
             act.restore("f.sqz", model, record)
@@ -229,10 +233,13 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     onnxruntime.InferenceSession(str(tmp_path / "resnet.onnx"), options)
     ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     # every conv but the 1-channel stem runs as QLinearConv, its BatchNorm folded; the stem
-    # runs ORT's float kernel (its BatchNorm and ReLU fused in: FusedConv) on float weights
+    # runs ORT's float kernel (its BatchNorm folded in) on float weights
     convs = [m for m in shipped.modules() if isinstance(m, nn.Conv2d)]
     assert ops["QLinearConv"] == len(convs) - 1 == 5
-    assert ops["FusedConv"] == 1 and ops["Conv"] == ops["BatchNormalization"] == 0
+    assert ops["FusedConv"] + ops["Conv"] == 1 and ops["BatchNormalization"] == 0
+    # the first block's sum: the stem's output quantized for both its readers, the sum on the
+    # next convs' grid (the last block's sum goes to float pooling: it stays float)
+    assert ops["QLinearAdd"] == 1 and ops["Add"] == 1
     check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
     # (the float stem's rounding, ORT's against torch's, may move a value of the next
     # layer's input across a step of its grid: a few steps' worth at the outputs)
