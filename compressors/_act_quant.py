@@ -27,16 +27,15 @@ A conv's output grid sits after the BatchNorm that alone reads the conv's output
 folds that BatchNorm into the conv), and it is the next layer's input grid where the output
 reaches that layer alone through ReLU, ReLU6, Flatten, max-pooling or dropout modules (`_Flow`:
 the same values, and ONNX Runtime then feeds one integer kernel from the other). A layer's
-input that is the output of a module called once (a ReLU) is quantized there, for every reader
-(``from``): a residual block's sum then adds two quantized tensors, which ONNX Runtime runs as
-``QLinearAdd`` (`compressors._onnx_qdq`), where the identity shortcut would otherwise read the
-float tensor beside the integer convolution.
+input that is the output of a ReLU, pooling or reshaping module called once is quantized there,
+for every reader (``from``): a residual block's sum then adds two quantized tensors, which ONNX
+Runtime runs as ``QLinearAdd`` (`compressors._onnx_qdq`), where the identity shortcut would
+otherwise read the float tensor beside the integer convolution.
 
 The ranges are plain numbers: the packed file records them as JSON in its model record
 (``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm, "from":
-module}}``), and
-`restore` attaches them to a freshly built model; the module buffers are not part of the state
-dict.
+module}}``), and `restore` attaches them to a freshly built model; the module buffers are not
+part of the state dict.
 """
 
 from __future__ import annotations
@@ -429,16 +428,19 @@ class _Flow:
                 self.uses[id(out)] -= 1  # (read on the way to a consumer)
 
     def producers(self) -> list[tuple[ActQuant, nn.Module]]:
-        """``(input quantizer, module)``: the module, called once, whose output the quantizer
-        reads, where every quantizer reading that module's output has the same grid (one
-        tensor, one grid: calibrated alike)."""
+        """``(input quantizer, module)``: the `PASS_THROUGH` module (a ReLU, pooling; not a
+        LayerNorm, whose residual stream's outliers one uint8 grid would clip for the sum),
+        called once, whose output the quantizer reads, where every quantizer reading that
+        output has the same grid (one tensor, one grid: calibrated alike)."""
         by_module: dict[int, list[tuple[ActQuant, nn.Module]]] = {}
         for quant, module in self.fed.values():
             by_module.setdefault(id(module), []).append((quant, module))
         return [
             found[0]
             for key, found in by_module.items()
-            if self.calls.get(key) == 1 and len({q.params for q, _ in found}) == 1
+            if self.calls.get(key) == 1
+            and isinstance(found[0][1], PASS_THROUGH)
+            and len({q.params for q, _ in found}) == 1
         ]
 
     def shared(self) -> list[tuple[ActQuant, ActQuant]]:
