@@ -375,7 +375,7 @@ class _Flow:
         self.origin: dict[int, tuple[ActQuant, torch.Tensor]] = {}
         self.uses: dict[int, int] = {}
         self.pairs: dict[int, tuple[ActQuant, set[int], list[ActQuant]]] = {}
-        self.made: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # module outputs
+        self.made: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # PASS_THROUGH outputs
         self.calls: dict[int, int] = {}
         self.fed: dict[int, tuple[ActQuant, nn.Module]] = {}  # input quantizer -> producer
 
@@ -415,8 +415,8 @@ class _Flow:
 
     def _module(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.calls[id(module)] = self.calls.get(id(module), 0) + 1
-        if isinstance(output, torch.Tensor):
-            self.made[id(output)] = (module, output)
+        if isinstance(module, PASS_THROUGH) and isinstance(output, torch.Tensor):
+            self.made[id(output)] = (module, output)  # (the outputs `producers` may share)
         for x in args:
             source = self.origin.get(id(x))
             if source is None or source[1] is not x:
@@ -438,9 +438,7 @@ class _Flow:
         return [
             found[0]
             for key, found in by_module.items()
-            if self.calls.get(key) == 1
-            and isinstance(found[0][1], PASS_THROUGH)
-            and len({q.params for q, _ in found}) == 1
+            if self.calls.get(key) == 1 and len({q.params for q, _ in found}) == 1
         ]
 
     def shared(self) -> list[tuple[ActQuant, ActQuant]]:
