@@ -3,9 +3,9 @@
 ``quant.activations=8`` (`compressors.quant`) puts the activations that reach each plain
 ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (but a convolution of fewer than 4 input
 channels per group, which ONNX Runtime runs faster in float: `int8_friendly`) on an affine
-uint8 grid (one scale and zero
-point per tensor, as ONNX Runtime's static QDQ quantization does), and the outputs of the
-convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into
+uint8 grid (one scale and zero point per tensor, as ONNX Runtime's static QDQ quantization
+does), and the outputs of the convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv
+-> QuantizeLinear`` into
 ``QLinearConv`` only with both ends quantized; a MatMul / Gemm with quantized inputs alone runs
 as ``MatMulIntegerToFloat`` / ``QGemm``. With the weights on 8-bit grids (or fewer bits, held
 in int8) that is W8A8 (`compressors._onnx_qdq` writes the graph).

@@ -284,6 +284,8 @@ def _float_weights(graph, nodes: list, sites: set[int], inits: dict, numpy_helpe
         if sum(dq.output[0] in other.input for other in nodes) != 1:
             continue
         codes, scale, *zero = (numpy_helper.to_array(inits[i]) for i in dq.input)
+        if scale.ndim > 1:  # (blocked scales: not what the export writes)
+            continue
         codes = codes.astype(np.float64)
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % codes.ndim
         shape = [1] * codes.ndim
