@@ -171,6 +171,8 @@ def test_bad_settings_are_refused_before_training():
 
     with pytest.raises(UnsupportedModelError, match="'quant.activations'.*LSTM"):
         quant(activations=8).check_model(Recurrent())
+    with pytest.raises(UnsupportedModelError, match="at least 4 input channels.*Conv2d"):
+        quant(activations=8).check_model(nn.Sequential(nn.Conv2d(1, 8, 3)))  # (an image's)
     assert quant(activations=8).check_model(_cnn_task().build_model())
 
 
