@@ -68,12 +68,10 @@ class _Calibration:
         return ort_feeds(self.module.input_names, self.module._graph_inputs, tuple(args), kwargs)
 
 
-def quantize_reference(
-    baseline_graph: Path, task: Any, out: Path, baseline_module: Any, batches: tuple[int, ...]
-) -> Reference:
-    """Calibrate and quantize the baseline's graph with ONNX Runtime (MinMax, QDQ, int8
-    weights per channel), score it on test and time it against ``baseline_module`` at
-    ``batches``."""
+def quantize_baseline(baseline_graph: Path, task: Any, out: Path) -> Path:
+    """Calibrate and quantize the baseline's graph with ONNX Runtime into ``out`` (MinMax on
+    `CALIBRATION_SAMPLES` training samples, QDQ, int8 weights per channel, uint8 activations,
+    after ``quant_pre_process``)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -95,6 +93,15 @@ def quantize_reference(
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
     )
+    return out
+
+
+def quantize_reference(
+    baseline_graph: Path, task: Any, out: Path, baseline_module: Any, batches: tuple[int, ...]
+) -> Reference:
+    """Calibrate and quantize the baseline's graph with ONNX Runtime (`quantize_baseline`),
+    score it on test and time it against ``baseline_module`` at ``batches``."""
+    quantize_baseline(baseline_graph, task, out)
     module = OrtModule(ort_session(out, exact=False))  # (its QDQ pairs run as integer kernels)
     speed = {b: side_by_side(baseline_module, module, task.example_inputs(b)) for b in batches}
     ops = Counter(node.op_type for node in onnx.load(str(out)).graph.node)

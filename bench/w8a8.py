@@ -3,10 +3,12 @@
 For each model: train the baseline, quantize it to W8A8 (8-bit weights, calibrated uint8
 activations, quantization-aware fine-tuning), pack, export both graphs, and time them in ONNX
 Runtime (CPU, one intra-op thread, interleaved rounds) beside ONNX Runtime's own
-``quantize_static`` (QDQ, MinMax calibration on the same samples) of the fp32 graph. Prints
+``quantize_static`` of the fp32 graph (`_reference.quantize_baseline`: pre-processed, QDQ,
+MinMax calibration on 512 training samples, per-channel int8 weights). Prints
 one row per model and batch, and the kernels ONNX Runtime ran for the W8A8 graph.
 
     python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3]
+        [--models zoo_resnet ...] [--keep FOLDER]  (FOLDER: each model's graphs, optimised too)
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import shutil
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -22,12 +26,23 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed
-from compressors.onnx_export import OrtModule, check_onnx, export_onnx, ort_session
-from experiments import Task, TrainConfig, evaluate, fit
-from experiments.digits import digits_mlp
-from experiments.metrics import interleaved_latency_ms
-from experiments.models import ConvNet1d
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _reference import quantize_baseline  # noqa: E402
+
+from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed  # noqa: E402
+from compressors.onnx_export import (  # noqa: E402
+    OrtModule,
+    check_onnx,
+    export_onnx,
+    ort_session,
+)
+from experiments import Task, TrainConfig, evaluate, fit  # noqa: E402
+from experiments.digits import digits_mlp  # noqa: E402
+from experiments.metrics import interleaved_latency_ms  # noqa: E402
+from experiments.models import ConvNet1d  # noqa: E402
+
+#: The models of the bench, in order.
+MODELS = ("digits_mlp", "digits_cnn1d", "zoo_resnet", "zoo_mobilenet", "zoo_transformer")
 
 
 def _tasks() -> dict[str, Task]:
@@ -48,32 +63,18 @@ def _tasks() -> dict[str, Task]:
         "digits_cnn1d": cnn,
         "zoo_resnet": tasks.zoo_resnet(seed=0),
         "zoo_mobilenet": tasks.zoo_mobilenet(seed=0),
+        "zoo_transformer": tasks.zoo_transformer(seed=0),
     }
 
 
-def _optimized_ops(path: Path, folder: Path) -> Counter:
+def _optimized_ops(path: Path) -> Counter:
+    """The nodes of ``path``'s graph as ONNX Runtime optimises it (saved beside it)."""
     options = ort.SessionOptions()
-    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.optimized_model_filepath = str(path.with_name(f"{path.stem}-optimized.onnx"))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.log_severity_level = 3
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
-def _ort_static(fp32: Path, out: Path, x: torch.Tensor) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    name = onnx.load(str(fp32)).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{name: b.numpy()} for b in x.split(128)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    return out
 
 
 def _acc(path: Path, task: Task) -> float:
@@ -85,9 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", default="mse")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=MODELS, help="the models to run (all)"
+    )
+    parser.add_argument("--keep", type=Path, help="a folder to keep each model's graphs in")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, task in _tasks().items():
+        if name not in args.models:
+            continue
         torch.manual_seed(0)
         base = task.build_model()
         fit(base, task.train, epochs=task.train_config.epochs, batch_size=64, lr=3e-3, seed=0)
@@ -110,9 +117,10 @@ def main() -> None:
             shipped = task.build_model()
             export_onnx(folder / "w8a8.sqz", shipped, task.example_inputs(8), folder / "w8a8.onnx")
             check = check_onnx(folder / "w8a8.onnx", shipped, task.val.x)
-            static = _ort_static(folder / "fp32.onnx", folder / "static.onnx", task.train.x[:512])
-            ops = _optimized_ops(folder / "w8a8.onnx", folder)
+            static = quantize_baseline(folder / "fp32.onnx", task, folder / "static.onnx")
+            ops = _optimized_ops(folder / "w8a8.onnx")
             kernels = {k: v for k, v in ops.items() if "Q" in k or "Integer" in k}
+            theirs = _optimized_ops(static)
             print(
                 f"{name}: val acc fp32 torch {evaluate(base, task.val):.4f}, W8A8 torch "
                 f"{evaluate(shipped, task.val):.4f}, W8A8 ORT "
@@ -120,6 +128,10 @@ def main() -> None:
                 f", ORT quantize_static {_acc(static, task):.4f}; {check.message}"
             )
             print(f"  W8A8 kernels after ORT optimisation: {kernels}")
+            print(f"  all W8A8 nodes: {dict(ops)}")
+            print(f"  quantize_static nodes: {dict(theirs)}")
+            if args.keep:
+                shutil.copytree(folder, args.keep / name, dirs_exist_ok=True)
             fp32 = OrtModule(ort_session(folder / "fp32.onnx", threads=1))
             w8a8 = OrtModule(ort_session(folder / "w8a8.onnx", threads=1))
             ref = OrtModule(ort_session(static, threads=1, exact=False))

@@ -1,9 +1,11 @@
 """Activation quantization: calibrated uint8 ranges on the inputs (and conv outputs) of layers.
 
 ``quant.activations=8`` (`compressors.quant`) puts the activations that reach each plain
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` on an affine uint8 grid (one scale and zero
-point per tensor, as ONNX Runtime's static QDQ quantization does), and the outputs of the
-convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (but a convolution of fewer than 4 input
+channels per group, which ONNX Runtime runs faster in float: `int8_friendly`) on an affine
+uint8 grid (one scale and zero point per tensor, as ONNX Runtime's static QDQ quantization
+does), and the outputs of the convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv
+-> QuantizeLinear`` into
 ``QLinearConv`` only with both ends quantized; a MatMul / Gemm with quantized inputs alone runs
 as ``MatMulIntegerToFloat`` / ``QGemm``. With the weights on 8-bit grids (or fewer bits, held
 in int8) that is W8A8 (`compressors._onnx_qdq` writes the graph).
@@ -24,12 +26,16 @@ any architecture is not; the integer kernels run in ONNX Runtime.
 A conv's output grid sits after the BatchNorm that alone reads the conv's output (the export
 folds that BatchNorm into the conv), and it is the next layer's input grid where the output
 reaches that layer alone through ReLU, ReLU6, Flatten, max-pooling or dropout modules (`_Flow`:
-the same values, and ONNX Runtime then feeds one integer kernel from the other).
+the same values, and ONNX Runtime then feeds one integer kernel from the other). A layer's
+input that is the output of a ReLU, pooling or reshaping module called once is quantized there,
+for every reader (``from``): a residual block's sum then adds two quantized tensors, which ONNX
+Runtime runs as ``QLinearAdd`` (`compressors._onnx_qdq`), where the identity shortcut would
+otherwise read the float tensor beside the integer convolution.
 
 The ranges are plain numbers: the packed file records them as JSON in its model record
-(``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm}}``), and
-`restore` attaches them to a freshly built model; the module buffers are not part of the state
-dict.
+(``act``: ``{layer: {"in": [scale, zero_point], "out": [...], "after": norm, "from":
+module}}``), and `restore` attaches them to a freshly built model; the module buffers are not
+part of the state dict.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ from compressors._targets import READS_CHILD_WEIGHTS
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: Layers whose outputs get quantized as well (ONNX Runtime's ``QLinearConv`` needs both ends).
 OUTPUT_LAYERS = (nn.Conv1d, nn.Conv2d)
+#: Input channels per group below which a convolution's activations stay float (`int8_friendly`).
+MIN_CHANNELS = 4
 #: Observers of the calibration.
 OBSERVERS = ("minmax", "percentile", "mse")
 #: Training samples the ranges are calibrated on.
@@ -96,6 +104,7 @@ class ActQuant(nn.Module):
         self.seen: tuple[float, float] | None = None
         self.keep = KEPT_VALUES
         self.enabled = True
+        self.source: str | None = None  # (the module whose output it quantizes for every reader)
 
     @property
     def params(self) -> tuple[float, int]:
@@ -131,10 +140,12 @@ class ActQuant(nn.Module):
         return f"scale={scale:.6g}, zero_point={zero}"
 
 
-def quantizable(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module]:
     """The layers of ``model`` whose activations are quantized, by name: plain Linear, Conv1d
     and Conv2d layers (a subclass's forward may differ) whose parent does not read their weight
-    directly (torch's attention and transformer layers)."""
+    directly (torch's attention and transformer layers), except convolutions that ONNX
+    Runtime's integer kernels run slower than its float ones (`int8_friendly`; ``every``: with
+    those, the layers a packed file may hold grids for)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
@@ -143,8 +154,26 @@ def quantizable(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(parents.get(id(module)), READS_CHILD_WEIGHTS):
             continue
+        if not every and not int8_friendly(module):
+            continue
         found[name] = module
     return found
+
+
+def int8_friendly(layer: nn.Module) -> bool:
+    """False for a convolution with fewer than `MIN_CHANNELS` input channels per group (an
+    image's 1 or 3 channels in a first layer), depthwise ones aside: ONNX Runtime's x86
+    ``QLinearConv`` then runs im2col and an int8 GEMM over a handful of columns, slower than
+    its float kernels. 3x3 convolutions to 16 channels on 8x8 images, batch 32, one thread:
+    1 input channel 65 us as ``QLinearConv`` against 25 us float (NCHWc) with the same output
+    grid, 3 channels 156 against 45 us, where 24 channels ran 3.3x faster in int8 and 25
+    channels 2.8x. Such a layer keeps float activations and weights (`compressors._onnx_qdq`);
+    the next layer's input grid quantizes its output."""
+    if not isinstance(layer, OUTPUT_LAYERS):
+        return True
+    per_group = layer.in_channels // layer.groups
+    depthwise = per_group == 1 and layer.out_channels == layer.groups
+    return depthwise or per_group >= MIN_CHANNELS
 
 
 def _plain_type(module: nn.Module) -> type:
@@ -167,6 +196,23 @@ def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = No
             layer.register_forward_pre_hook(_quantize_input)
         if "out" in record:
             _attach_output(model, name, record.get("after", name), record["out"])
+        if "from" in record:
+            _share_input(model, layer.act_in, record["from"])
+
+
+def _share_input(model: nn.Module, quant: ActQuant, producer: str) -> None:
+    """Quantize the output of module ``producer`` (what ``quant``'s layer reads) with
+    ``quant`` for every reader of it: a residual addition reads it on the grid too, and ONNX
+    Runtime runs that addition as ``QLinearAdd`` between integer convolutions."""
+    module = model.get_submodule(producer)
+    if not hasattr(module, "act_shared"):
+        quant.source = producer
+        module.act_shared = quant
+        module.register_forward_hook(_quantize_shared)
+
+
+def _quantize_shared(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.act_shared(output)
 
 
 def _attach_output(model: nn.Module, layer: str, at: str, grid: Any = (1.0, 0)) -> None:
@@ -194,6 +240,8 @@ def ranges(model: nn.Module) -> dict[str, dict[str, Any]]:
         quant = getattr(module, "act_in", None)
         if isinstance(quant, ActQuant):
             found.setdefault(name, {})["in"] = list(quant.params)
+            if getattr(quant, "source", None) is not None:
+                found[name]["from"] = quant.source
     for name, module in model.named_modules():
         quant = getattr(module, "act_out", None)
         if isinstance(quant, ActQuant):
@@ -266,6 +314,9 @@ def calibrate(model: nn.Module, batches: list, forward, *, observer: str) -> Non
             q.observing, q.seen = None, None
     for out, consumer in flow.shared():
         out.set(*consumer.params)
+    names = {id(m): n for n, m in model.named_modules()}
+    for quant, producer in flow.producers():
+        _share_input(model, quant, names[id(producer)])
 
 
 def _place_outputs(model: nn.Module, batch: Any, forward) -> None:
@@ -324,6 +375,9 @@ class _Flow:
         self.origin: dict[int, tuple[ActQuant, torch.Tensor]] = {}
         self.uses: dict[int, int] = {}
         self.pairs: dict[int, tuple[ActQuant, set[int], list[ActQuant]]] = {}
+        self.made: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # PASS_THROUGH outputs
+        self.calls: dict[int, int] = {}
+        self.fed: dict[int, tuple[ActQuant, nn.Module]] = {}  # input quantizer -> producer
 
     @contextmanager
     def tracking(self, model: nn.Module) -> Iterator[None]:
@@ -341,9 +395,13 @@ class _Flow:
             for handle in handles:
                 handle.remove()
             self.origin.clear()
+            self.made.clear()
 
     def _quantizer(self, module: ActQuant, args: tuple, output: Any) -> None:
         x = args[0]
+        made = self.made.get(id(x))
+        if module.side == "in" and made is not None and made[1] is x:
+            self.fed.setdefault(id(module), (module, made[0]))
         source = self.origin.get(id(x))
         if source is not None and source[1] is x:
             out = source[0]
@@ -356,6 +414,9 @@ class _Flow:
             self.origin[id(output)] = (module, output)
 
     def _module(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.calls[id(module)] = self.calls.get(id(module), 0) + 1
+        if isinstance(module, PASS_THROUGH) and isinstance(output, torch.Tensor):
+            self.made[id(output)] = (module, output)  # (the outputs `producers` may share)
         for x in args:
             source = self.origin.get(id(x))
             if source is None or source[1] is not x:
@@ -365,6 +426,20 @@ class _Flow:
             if isinstance(module, PASS_THROUGH) and isinstance(output, torch.Tensor):
                 self.origin[id(output)] = (out, output)
                 self.uses[id(out)] -= 1  # (read on the way to a consumer)
+
+    def producers(self) -> list[tuple[ActQuant, nn.Module]]:
+        """``(input quantizer, module)``: the `PASS_THROUGH` module (a ReLU, pooling; not a
+        LayerNorm, whose residual stream's outliers one uint8 grid would clip for the sum),
+        called once, whose output the quantizer reads, where every quantizer reading that
+        output has the same grid (one tensor, one grid: calibrated alike)."""
+        by_module: dict[int, list[tuple[ActQuant, nn.Module]]] = {}
+        for quant, module in self.fed.values():
+            by_module.setdefault(id(module), []).append((quant, module))
+        return [
+            found[0]
+            for key, found in by_module.items()
+            if self.calls.get(key) == 1 and len({q.params for q, _ in found}) == 1
+        ]
 
     def shared(self) -> list[tuple[ActQuant, ActQuant]]:
         return [
@@ -422,11 +497,17 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
 
     if not record:
         return
-    layers = quantizable(model)
+    layers = quantizable(model, every=True)  # (files written before `int8_friendly`)
     modules = dict(model.named_modules())
     for name, sides in record.items():
-        ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after"} and "in" in sides
-        grids = [v for k, v in sides.items() if k != "after"] if ok else []
+        ok = isinstance(sides, dict) and set(sides) <= {"in", "out", "after", "from"}
+        ok = ok and "in" in sides
+        grids = [v for k, v in sides.items() if k not in ("after", "from")] if ok else []
+        source = sides.get("from") if ok else None
+        if source is not None and (
+            not isinstance(source, str) or not source or source not in modules
+        ):
+            ok = False
         after = sides.get("after") if ok else None
         if after is not None and ("out" not in sides or not isinstance(after, str)):
             ok = False
@@ -436,7 +517,7 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
             raise PackedFileError(
                 f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear, "
                 "Conv1d or Conv2d layer of the model with [scale > 0, zero point in 0..255] "
-                "(and its output's after a BatchNorm of the model)"
+                "(and its output's after a BatchNorm of the model, its input from a module of it)"
             )
     attach(model, record)
 

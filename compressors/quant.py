@@ -259,7 +259,8 @@ class Quantization(Compressor):
             raise UnsupportedModelError(
                 "The 'quant.activations' parameter of compressor 'quant' is 8, but this model "
                 "has no layer whose activations it quantizes: plain Linear, Conv1d and Conv2d "
-                f"layers (not inside torch's attention or transformer layers); the model's "
+                "layers (not inside torch's attention or transformer layers; convolutions of "
+                "at least 4 input channels per group, or depthwise); the model's "
                 f"layers are {kinds or 'none'}. Use quant.activations=float."
             )
         if self.runtime == "int8" and not any(t.int8 for t in targets(model).values()):
