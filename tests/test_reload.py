@@ -1,7 +1,7 @@
 """Reloading a packed file straight into the model: byte planes decoded into the tensor's own
-storage (`compressors._planes.restore_into`, `Packed.decode_into`), the file's CRC-32 checked in
-parts (`compressors._container.crc32`), and tensors decoded by several threads. No timings: the
-values, the bytes and the refusals."""
+storage (`compressors._planes.restore_into`, `Packed.decode_into`), the file's XXH3-64 checked
+(an SQZ3 file's CRC-32 in parts, `compressors._container.crc32`), and tensors decoded by several
+threads. No timings: the values, the bytes and the refusals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 import zstandard
 from torch import nn
 
@@ -77,6 +78,19 @@ def test_the_crc_in_parts_is_zlibs(monkeypatch, size):
         a, b = data[:cut], data[cut:]
         combined = _container.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b))
         assert combined == zlib.crc32(data)
+
+
+def test_the_trailer_holds_the_xxh3_of_the_bytes_before_it(tmp_path):
+    path = tmp_path / "m.sqz"
+    save_packed(_model(), path)
+    data = path.read_bytes()
+    index_len, stated = packing.TRAILER.unpack(data[-packing.TRAILER.size :])
+    assert data[:4] == b"SQZ4" and stated == xxhash.xxh3_64_intdigest(data[:-16])
+    index = data[-16 - index_len : -16]
+    assert json.loads(zstandard.ZstdDecompressor().decompress(index))["v"] == 4
+    # the previous container (SQZ3: CRC-32 in a 12-byte trailer) still opens
+    old = DATA / "sqz3_v4_small.sqz"
+    assert old.read_bytes()[:4] == b"SQZ3" and opened(old, None)[0].meta["v"] == 4
 
 
 def _model() -> nn.Module:
