@@ -132,14 +132,23 @@ class Packed:
         files, sparse layouts, codes, values stored as float16 for a float32 tensor): then
         `decoded` and a copy.
         """
-        if self._into is None:
+        if not self.fits(name, target):
             return False
         if not self._bounded:
             self.bound()
+        suffix = {"dense": "values", "raw": ""}[self.meta["t"][name]["enc"]]
+        out = target.detach().reshape(-1).view(torch.uint8).numpy()
+        self.guarded(self._into, name, suffix, out)
+        return True
+
+    def fits(self, name: str, target: torch.Tensor) -> bool:
+        """Whether `decode_into` writes tensor ``name`` straight into ``target``."""
+        if self._into is None:
+            return False
         spec = self.meta["t"][name]
         entries = spec["a"]
         suffix = {"dense": "values", "raw": ""}.get(spec["enc"])
-        if (
+        return not (
             suffix is None
             or "count" in spec
             or len(entries) != 1
@@ -148,11 +157,7 @@ class Packed:
             or list(target.shape) != spec["shape"]
             or not target.is_contiguous()
             or target.device.type != "cpu"
-        ):
-            return False
-        out = target.detach().reshape(-1).view(torch.uint8).numpy()
-        self.guarded(self._into, name, suffix, out)
-        return True
+        )
 
     def guarded(self, fn, *args):
         """``fn(*args)``, a damaged or foreign record's error raised as `PackedFileError`."""

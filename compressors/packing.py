@@ -506,9 +506,11 @@ def _decoded(
     packed, owners: dict[str, tuple[nn.Module, str]]
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """``(name, value)`` of each tensor of ``owners`` (``{name: (module, attribute)}``), in
-    order, decoded by `WORKERS` threads (at most that many tensors in work at once): None where
-    the tensor was decoded straight into the model's own (`Packed.decode_into`), else its
-    values, for the caller to copy or set."""
+    order, decoded by `WORKERS` threads: None where the tensor was decoded straight into the
+    model's own (`Packed.decode_into`), else its values, for the caller to copy or set. Tensors
+    decoded in place hold no memory of their own, so any number of them are queued at once (a
+    large embedding first no longer leaves the other threads idle behind it); those decoded to
+    new values, `IN_FLIGHT` values at most (or one larger tensor)."""
 
     def one(name: str) -> torch.Tensor | None:
         module, attr = owners[name]
@@ -522,13 +524,20 @@ def _decoded(
         return
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:
         pending: deque = deque()
+        held = 0
         for name in owners:
-            if len(pending) >= WORKERS:
-                done, future = pending.popleft()
+            module, attr = owners[name]
+            size = 0
+            if not packed.fits(name, getattr(module, attr)):
+                size = math.prod(packed.meta["t"][name]["shape"])
+            while size and held and held + size > IN_FLIGHT:
+                done, future, count = pending.popleft()
+                held -= count
                 yield done, future.result()
-            pending.append((name, pool.submit(one, name)))
+            pending.append((name, pool.submit(one, name), size))
+            held += size
         while pending:
-            done, future = pending.popleft()
+            done, future, _ = pending.popleft()
             yield done, future.result()
 
 
