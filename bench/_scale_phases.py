@@ -7,7 +7,9 @@ weights), each at about 0.1 M, 1 M, 10 M and 30 M parameters (110 M with ``--big
 and then each phase of a trial, calling the trial's own functions
 (`search.run.trial.compress_recipe`'s copy, `compressors` ``compress`` / ``finalize``,
 `compressors.save_packed`, `compressors.packing.packed_size`, `compressors.load_packed`,
-`search.run.trial.measure`'s metrics, `search.run.deploy.deploy_onnx`). For each phase it
+`search.run.trial.measure`'s metrics (its latencies by `experiments.metrics.batch_latencies`:
+a batch too slow for the budget timed on fewer rows, recorded as ``latency_rows_b256``),
+`search.run.deploy.deploy_onnx`). For each phase it
 records the wall time over the training step's, the process's CPU time over the step's (the
 machine may be loaded by others: CPU time is what the phase itself spent), and the peak
 resident memory during the phase over the level before it (sampled every 2 ms from
@@ -209,7 +211,7 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     from compressors._base import finalize_pipeline
     from compressors.packing import packed_size
     from experiments._baseline import Baseline
-    from experiments.metrics import count_flops, latency_ms, peak_memory_at
+    from experiments.metrics import batch_latencies, count_flops, latency_ms, peak_memory_at
     from search.run.trial import compression_context, measure
 
     task, batch = make_task(kind, rung)
@@ -282,18 +284,25 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     timed("reload fp32", lambda: load_packed(fp32_path, fresh))
     fresh = task.build_model()
     shipped = timed("reload quant-4", lambda: load_packed(path, fresh))
-    timed(
+    latencies = timed(
         "latency b1+b256 (2 s budget)",
-        lambda: [
-            latency_ms(shipped, task.example_inputs(b), repeats=30, budget_s=2.0) for b in (1, 256)
-        ],
+        lambda: batch_latencies(
+            lambda x: (latency_ms(shipped, x, repeats=30, budget_s=2.0), None),
+            task.example_inputs,
+            (1, 256),
+            budget_s=2.0,
+        ),
     )
+    if latencies:  # (batch 256 timed on fewer rows where a forward of 256 would not fit)
+        row["latency_rows_b256"] = latencies[256].rows
     timed("peak memory (b256)", lambda: peak_memory_at(shipped, task.example_inputs, 256))
     timed("FLOPs", lambda: count_flops(shipped, task.example_inputs(1)))
-    timed(
+    measured = timed(
         "measure (whole)",
         lambda: measure(shipped, task, (1, 256), 30, latency_budget_s=2.0),
     )
+    if measured:
+        row["measure_rows_b256"] = measured.get("latency_rows_b256", 256)
     if onnx:
         from search.run.deploy import deploy_onnx
 

@@ -19,8 +19,8 @@ over the model's bytes, as a markdown table:
 - the same fp32 model saved with `safetensors.torch.save_file` and loaded with ``load_file``
   plus ``load_state_dict`` (``st_save_s``, ``st_load_s``), and the ratios ``pack_x`` /
   ``reload_x`` to them (the goal: pack at most 5x, reload at most 3x); with ``--repeats N``,
-  both loads are timed N times and the fastest kept (on a shared, loaded machine a single
-  timing of a few milliseconds is mostly the others' noise);
+  both loads are timed N times, taking turns, and the fastest of each kept (on a shared,
+  loaded machine a single timing of a few milliseconds is mostly the others' noise);
 - ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
   memory before it (sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``), divided
   by the fp32 model's bytes (the goal: at most 2);
@@ -87,15 +87,17 @@ def _compress(model, variant: str):
     return model
 
 
-def _fastest(load, case: str, repeats: int) -> float:
-    """Seconds of the fastest of ``repeats`` calls of ``load`` on a freshly built model each
-    (built before timing): on a loaded machine, the least disturbed."""
-    best = float("inf")
+def _fastest(loads: dict, case: str, repeats: int) -> dict[str, float]:
+    """Seconds of the fastest of ``repeats`` calls of each of ``loads`` (``{name: load}``), on a
+    freshly built model each (built before timing), the loads taking turns: on a loaded machine,
+    the least disturbed call of each, and both seeing the same spells of load."""
+    best = dict.fromkeys(loads, float("inf"))
     for _ in range(repeats):
-        fresh, _ = _build(case)
-        t0 = time.perf_counter()
-        load(fresh)
-        best = min(best, time.perf_counter() - t0)
+        for name, load in loads.items():
+            fresh, _ = _build(case)
+            t0 = time.perf_counter()
+            load(fresh)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -119,9 +121,6 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
         save_file(state, st)
         row["st_save_s"] = time.perf_counter() - t0
         del state
-        row["st_load_s"] = _fastest(
-            lambda fresh: fresh.load_state_dict(load_file(st), strict=False), case, repeats
-        )
         row["st_bytes"] = st.stat().st_size
         model = _compress(model, variant)
         with torch.no_grad():
@@ -142,9 +141,13 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
             reloaded = load_packed(path, fresh)
             row["reload_s"] = time.perf_counter() - t0
         row["reload_mem"] = peak.over / model_bytes
-        if repeats > 1:
-            again = _fastest(lambda fresh: load_packed(path, fresh), case, repeats - 1)
-            row["reload_s"] = min(row["reload_s"], again)
+        loads = {
+            "st_load_s": lambda fresh: fresh.load_state_dict(load_file(st), strict=False),
+            "reload_s": lambda fresh: load_packed(path, fresh),
+        }
+        best = _fastest(loads, case, repeats)
+        row["st_load_s"] = best["st_load_s"]
+        row["reload_s"] = min(row["reload_s"], best["reload_s"])
         with torch.no_grad():
             row["exact"] = bool(torch.equal(_outputs(reloaded, x), expected))
     row["pack_x"] = row["pack_s"] / row["st_save_s"]

@@ -1,14 +1,14 @@
 """The packed model file: what makes a compressed model's size real.
 
-A file (format ``SQZ3``) is ``b"SQZ3"``, then each tensor's arrays, one tensor after another, then
+A file (format ``SQZ4``) is ``b"SQZ4"``, then each tensor's arrays, one tensor after another, then
 an index (compact JSON, as a zstd frame: each tensor's layout record with its arrays' names,
 dtypes, shapes and stored sizes, and the record of the model, below; compressed, because in a
 file of a few KB the index is a third of it), then a 12-byte trailer: the index's length
-(8 bytes) and the CRC-32 of everything before the trailer (4 bytes, both little-endian; a
+(8 bytes) and the XXH3-64 of everything before the trailer (8 bytes, both little-endian; a
 truncated or corrupted file is refused with `PackedFileError`). The writer streams: it encodes
 tensors in parallel (`WORKERS` threads; each record depends on its tensor alone, so the bytes do
 not depend on the threads) and writes each record as soon as it and those before it are done;
-the reader maps the file, checks its CRC-32 in parts at once, and decodes tensors in parallel
+the reader maps the file, checks its checksum, and decodes tensors in parallel
 (`WORKERS` threads), each where it can straight into the model's own tensor: a dense float32
 weight's byte planes are written into the tensor's storage block by block, its compressed plane
 decompressed a block at a time, with no copy of the whole tensor or file on the way.
@@ -47,8 +47,10 @@ plain value that differs from it), activation grids (``act``: a file with them i
 layer), which are stored once and tied again on load. Loading rebuilds all of it; it reads
 arrays of plain numbers and JSON only and never unpickles code.
 
-Files of the previous format (``SQZ2``: magic, codec byte, CRC-32, then one safetensors payload
-holding the same arrays, LZMA-compressed when that was smaller) still load.
+Files of the previous formats still load: ``SQZ3``, the same but for its trailer (the index's
+length, then a CRC-32 of 4 bytes: a quarter of a large model's reload went to checking it), and
+``SQZ2`` (magic, codec byte, CRC-32, then one safetensors payload holding the same arrays,
+LZMA-compressed when that was smaller).
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ import dataclasses
 import json
 import math
 import os
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 import zstandard
 from safetensors.torch import save as st_save
 from torch import nn
@@ -84,6 +86,7 @@ from compressors._container import (
     HEADER_BYTES,
     MAGIC,
     MAGIC_SQZ2,
+    MAGIC_SQZ3,
     TRAILER,
     PackedFileError,
     checked,
@@ -118,6 +121,7 @@ __all__ = [
     "HEADER_BYTES",
     "MAGIC",
     "MAGIC_SQZ2",
+    "MAGIC_SQZ3",
     "Codes",
     "PackedFileError",
     "PackedTensor",
@@ -141,6 +145,9 @@ IN_FLIGHT = 1 << 22
 #: Values a file's tensors hold from which they are decoded by `WORKERS` threads (below, in the
 #: calling thread: starting threads would cost more than they save).
 THREADED_FROM = 1 << 16
+#: Bytes of decoded copies a reload lets go of before it gives memory back to the system
+#: (`_trim` walks the whole heap: after each of a 110 M BERT's 124 small tensors it cost 65 ms).
+TRIM_BYTES = 1 << 24
 
 
 def save_packed(model: nn.Module, path: str | os.PathLike, *, like: nn.Module | None = None) -> int:
@@ -173,7 +180,7 @@ def packed_size(
     the original's). Each tensor is encoded as the writer encodes it and only its size is kept;
     no file is written. The size is the sum of `tensor_bytes` over the stored tensors plus the
     record of the model and `FRAMING_BYTES`. ``lzma_pass`` is accepted for callers written for
-    format SQZ2 (whose payload had an optional whole-file LZMA pass); SQZ3 has none, so it
+    format SQZ2 (whose payload had an optional whole-file LZMA pass); SQZ4 has none, so it
     changes nothing."""
     del lzma_pass
     return _write(model, None, like=like, replace=replace)
@@ -252,7 +259,7 @@ def _write(
     tied = _tied_keys(model)
     grids = {name: grid for name, (_, grid, _) in sources.items() if grid is not None}
     jobs = ((name, *source) for name, source in sources.items() if name not in tied)
-    size, crc = len(MAGIC), zlib.crc32(MAGIC)
+    size, hasher = len(MAGIC), xxhash.xxh3_64(MAGIC)
     if sink is not None:
         sink.write(MAGIC)
     layout: dict[str, dict] = {}
@@ -262,7 +269,7 @@ def _write(
             size += len(memoryview(chunk))
             if sink is not None:
                 sink.write(chunk)
-                crc = zlib.crc32(chunk, crc)
+                hasher.update(chunk)
     meta: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "t": layout,
@@ -283,7 +290,8 @@ def _write(
     index = zstandard.ZstdCompressor(level=INDEX_LEVEL).compress(_compact(meta))
     if sink is not None:
         sink.write(index)
-        sink.write(TRAILER.pack(len(index), zlib.crc32(index, crc)))
+        hasher.update(index)
+        sink.write(TRAILER.pack(len(index), hasher.intdigest()))
     return size + len(index) + TRAILER.size
 
 
@@ -390,7 +398,7 @@ def read_payload(path: str | os.PathLike, *, model: nn.Module | None = None) -> 
     """``(payload, compressed)``: a packed file's arrays and records as one safetensors payload,
     after the checks every reader makes (magic, format, checksum). For an SQZ2 file, the payload
     it holds (decompressed) and whether the file holds it LZMA-compressed: the file's size is
-    `HEADER_BYTES` plus the payload's, or its LZMA stream's. For an SQZ3 file (which holds
+    `HEADER_BYTES` plus the payload's, or its LZMA stream's. For an SQZ4 or SQZ3 file (which holds
     arrays one by one), the same payload built from its arrays as they are before their byte
     planes are compressed and its layout records without their storage lists, and whether the
     file is smaller than `HEADER_BYTES` plus that payload (what a byte count made for SQZ2
@@ -457,6 +465,7 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
     restore_attributes(path, model, meta.get("attrs", {}))
     with torch.no_grad():
         owners = {name: _owner(model, name) for name in meta["t"] if name not in tied}
+        freed = 0
         for name, value in _decoded(packed, owners):
             if value is None:
                 continue  # (decoded straight into the model's tensor)
@@ -464,12 +473,15 @@ def _load(path: str | os.PathLike, model: nn.Module, *, int8: bool) -> nn.Module
             current = getattr(module, attr)
             if current.shape == value.shape:
                 current.copy_(value)
+                freed += value.nbytes
             elif isinstance(current, nn.Parameter):
                 setattr(module, attr, nn.Parameter(value, requires_grad=current.requires_grad))
             else:
                 setattr(module, attr, value)
             del value
-            _trim()
+            if freed >= TRIM_BYTES:  # (not after each bias: a trim walks the whole heap)
+                _trim()
+                freed = 0
         for alias, canonical in tied.items():
             module, attr = _owner(model, alias)
             source, source_attr = _owner(model, canonical)
@@ -494,9 +506,11 @@ def _decoded(
     packed, owners: dict[str, tuple[nn.Module, str]]
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """``(name, value)`` of each tensor of ``owners`` (``{name: (module, attribute)}``), in
-    order, decoded by `WORKERS` threads (at most that many tensors in work at once): None where
-    the tensor was decoded straight into the model's own (`Packed.decode_into`), else its
-    values, for the caller to copy or set."""
+    order, decoded by `WORKERS` threads: None where the tensor was decoded straight into the
+    model's own (`Packed.decode_into`), else its values, for the caller to copy or set. Tensors
+    decoded in place hold no memory of their own, so any number of them are queued at once (a
+    large embedding first no longer leaves the other threads idle behind it); those decoded to
+    new values, `IN_FLIGHT` values at most (or one larger tensor)."""
 
     def one(name: str) -> torch.Tensor | None:
         module, attr = owners[name]
@@ -510,13 +524,20 @@ def _decoded(
         return
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:
         pending: deque = deque()
+        held = 0
         for name in owners:
-            if len(pending) >= WORKERS:
-                done, future = pending.popleft()
+            module, attr = owners[name]
+            size = 0
+            if not packed.fits(name, getattr(module, attr)):
+                size = math.prod(packed.meta["t"][name]["shape"])
+            while size and held and held + size > IN_FLIGHT:
+                done, future, count = pending.popleft()
+                held -= count
                 yield done, future.result()
-            pending.append((name, pool.submit(one, name)))
+            pending.append((name, pool.submit(one, name), size))
+            held += size
         while pending:
-            done, future = pending.popleft()
+            done, future, _ = pending.popleft()
             yield done, future.result()
 
 

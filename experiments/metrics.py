@@ -26,8 +26,9 @@ import math
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -275,6 +276,70 @@ def interleaved_latency_ms(
         if share is not None and max(model_times[-1], reference_times[-1]) >= 1000.0 * share:
             break  # (one forward takes a round's whole share: the rounds cannot fit; one round)
     return statistics.median(model_times), statistics.median(reference_times)
+
+
+@dataclass(frozen=True)
+class BatchLatency:
+    """A latency at one batch size (`batch_latencies`).
+
+    Attributes:
+        batch: The batch size it is for.
+        rows: The rows it was timed on: ``batch``, or fewer where a forward of ``batch`` rows
+            would not fit the time budget; then ``ms`` and ``reference_ms`` are the times of
+            ``rows`` rows scaled by ``batch / rows`` (an estimate: per row, a larger batch
+            runs at least as fast on a CPU, so at most an over-estimate).
+        ms: Milliseconds of one forward of ``batch`` rows.
+        reference_ms: The reference's, timed on the same rows in turns with it; None without.
+    """
+
+    batch: int
+    rows: int
+    ms: float
+    reference_ms: float | None = None
+
+
+def timed_rows(
+    batch: int, probe_rows: int, probe_ms: float, *, budget_s: float | None, models: int = 1
+) -> int:
+    """Rows to time a forward of ``batch`` rows on: ``batch`` itself where that forward,
+    predicted from a forward of ``probe_rows`` rows that took ``probe_ms`` at the same time per
+    row, takes at most ``budget_s / (MIN_REPEATS * models)`` (`MIN_REPEATS` forwards of each of
+    ``models`` models fit the budget), else as many rows as fit it, never fewer than
+    ``probe_rows``. No budget (None): ``batch``."""
+    if budget_s is None or batch <= probe_rows:
+        return batch
+    per_row_s = max(probe_ms, 1e-9) / 1000.0 / probe_rows
+    fit = int(budget_s / (MIN_REPEATS * models * per_row_s))
+    return batch if fit >= batch else max(probe_rows, fit)
+
+
+def batch_latencies(
+    time_ms: Callable[[Any], tuple[float, float | None]],
+    inputs_of: Callable[[int], Any],
+    batches: Sequence[int],
+    *,
+    budget_s: float | None,
+    models: int = 1,
+) -> dict[int, BatchLatency]:
+    """The latency at each batch size of ``batches``, timed from the smallest up: ``time_ms``
+    times a forward on ``inputs_of(rows)`` (``(ms, reference ms or None)``: `latency_ms`, or
+    `interleaved_latency_ms` for ``models=2``). With a time budget, a batch whose forward would
+    not fit it (`timed_rows`, predicted from the batch timed before it: BERT-base at batch 256
+    takes about 8 of its training steps on a CPU) is timed on fewer rows and scaled, and says
+    so (`BatchLatency.rows`); the first batch is timed as it is (`latency_ms` stops at one
+    forward where one takes the budget)."""
+    out: dict[int, BatchLatency] = {}
+    probe: tuple[int, float] | None = None
+    for batch in sorted(set(batches)):
+        rows = batch
+        if probe is not None:
+            rows = timed_rows(batch, *probe, budget_s=budget_s, models=models)
+        ms, reference_ms = time_ms(inputs_of(rows))
+        probe = (rows, max(ms, reference_ms or 0.0))
+        scale = batch / rows
+        reference_ms = None if reference_ms is None else reference_ms * scale
+        out[batch] = BatchLatency(batch, rows, ms * scale, reference_ms)
+    return out
 
 
 class _LiveTensors(TorchDispatchMode):

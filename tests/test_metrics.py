@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from experiments.metrics import (
     _EXTRA_FLOPS,
+    batch_latencies,
     count_flops,
     interleaved_latency_ms,
     latency_ms,
@@ -21,6 +22,7 @@ from experiments.metrics import (
     peak_memory_at,
     peak_memory_bytes,
     recurrent_flops,
+    timed_rows,
     weight_tensors,
 )
 from tests.zoo.models import RecurrentClassifier, TiedNextToken, TransformerClassifier
@@ -302,6 +304,63 @@ def test_interleaved_latency_of_forwards_longer_than_the_budget_takes_one_round(
     )
     assert model.calls == reference.calls == 1  # (40 forwards before: 5 rounds of 1 + 3 each)
     assert ms == reference_ms == 1000.0
+
+
+def _per_row_timer(ms_per_row: float, seen: list[int], reference: float | None = None):
+    """A stand-in for `latency_ms`: ``ms_per_row`` for each row of its inputs (no time
+    measured), the rows it was given kept in ``seen``."""
+
+    def time_ms(inputs):
+        seen.append(len(inputs))
+        ms = ms_per_row * len(inputs)
+        return ms, None if reference is None else reference * ms
+
+    return time_ms
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "models", "rows"),
+    [
+        (None, 1, [1, 8, 256]),  # no budget: every batch as it is
+        (1e6, 1, [1, 8, 256]),  # forwards that fit the budget: as they are
+        (2.0, 1, [1, 6, 6]),  # 0.1 s a row: 6 rows fit 2 s / 3 forwards; never fewer than before
+        (2.0, 2, [1, 3, 3]),  # two models in turns share it: 3 rows
+        (0.06, 1, [1, 1, 1]),  # not even one row fits: the rows timed before
+    ],
+)
+def test_a_batch_too_slow_for_the_budget_is_timed_on_fewer_rows_and_scaled(budget_s, models, rows):
+    seen: list[int] = []
+    timer = _per_row_timer(100.0, seen, reference=1.0)
+    latencies = batch_latencies(
+        timer, lambda n: torch.zeros(n), (256, 1, 8), budget_s=budget_s, models=models
+    )
+    assert seen == rows  # (from the smallest batch up; 256 rows never built where they don't fit)
+    assert list(latencies) == [1, 8, 256]
+    for batch, latency in latencies.items():
+        assert latency.rows == rows[[1, 8, 256].index(batch)]
+        assert latency.ms == pytest.approx(100.0 * batch)  # scaled to the batch
+        assert latency.reference_ms == pytest.approx(100.0 * batch)
+
+
+def test_timed_rows_predicts_from_the_batch_timed_before():
+    assert timed_rows(256, 1, 100.0, budget_s=2.0) == 6
+    assert timed_rows(256, 32, 3200.0, budget_s=2.0) == 32  # (never fewer than the probe's)
+    assert timed_rows(256, 1, 0.01, budget_s=2.0) == 256
+    assert timed_rows(4, 8, 1e6, budget_s=2.0) == 4  # (smaller than the probe: as it is)
+    assert timed_rows(256, 1, 1e6, budget_s=None) == 256
+
+
+def test_measure_records_the_rows_a_scaled_latency_was_timed_on(digits_task, digits_baseline):
+    from search.run.trial import measure
+
+    model = copy.deepcopy(digits_baseline.model)
+    tiny = measure(model, digits_task, (1, 64), 3, latency_budget_s=1e-9)
+    assert tiny["latency_rows_b64"] == 1  # (no rows fit a nanosecond: batch 1's, scaled by 64)
+    assert tiny["latency_ms_b64"] > 0 and "latency_rows" not in tiny
+    whole = measure(model, digits_task, (1, 64), 3, latency_budget_s=None)
+    assert "latency_rows_b64" not in whole and whole["latency_ms_b64"] > 0
+    paired = measure(model, digits_task, (1, 64), 3, latency_budget_s=1e-9, reference=model)
+    assert paired["latency_rows_b64"] == 1 and paired["speedup_b64"] > 0
 
 
 def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():

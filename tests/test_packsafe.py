@@ -29,6 +29,7 @@ from compressors import (
     save_packed,
 )
 from compressors._codecs import CodecError, restore
+from compressors._container import MAGIC_SQZ3, TRAILER_SQZ3, checksum
 from compressors.lowrank import LowRank
 from compressors.packing import TRAILER
 from experiments import BaselineCacheError, load_or_train_baseline
@@ -46,18 +47,22 @@ BOMB = 1 << 29
 
 
 def sqz3_parts(data: bytes) -> tuple[bytes, dict]:
-    """``(arrays section with the magic, index)`` of an SQZ3 file."""
+    """``(arrays section with the magic, index)`` of an SQZ4 file (the layout SQZ3 began)."""
     index_len, _ = TRAILER.unpack(data[-TRAILER.size :])
     start = len(data) - TRAILER.size - index_len
-    return data[:start], json.loads(zstandard.ZstdDecompressor().decompress(data[start:-12]))
+    index = zstandard.ZstdDecompressor().decompress(data[start : -TRAILER.size])
+    return data[:start], json.loads(index)
 
 
 def sqz3_file(arrays: bytes, index: dict | bytes) -> bytes:
-    """An SQZ3 file of these parts, its checksum recomputed."""
+    """An SQZ4 file of these parts, its checksum recomputed (an SQZ3 one where ``arrays``
+    begin with that magic)."""
     if isinstance(index, dict):
         index = json.dumps(index, separators=(",", ":")).encode()
         index = zstandard.ZstdCompressor(level=19).compress(index)
-    return arrays + index + TRAILER.pack(len(index), zlib.crc32(arrays + index))
+    if arrays[:4] == MAGIC_SQZ3:
+        return arrays + index + TRAILER_SQZ3.pack(len(index), zlib.crc32(arrays + index))
+    return arrays + index + TRAILER.pack(len(index), checksum(arrays + index))
 
 
 def sqz2_parts(data: bytes) -> tuple[dict, dict, bytes]:

@@ -1,7 +1,7 @@
 """Reloading a packed file straight into the model: byte planes decoded into the tensor's own
-storage (`compressors._planes.restore_into`, `Packed.decode_into`), the file's CRC-32 checked in
-parts (`compressors._container.crc32`), and tensors decoded by several threads. No timings: the
-values, the bytes and the refusals."""
+storage (`compressors._planes.restore_into`, `Packed.decode_into`), the file's XXH3-64 checked
+(an SQZ3 file's CRC-32 in parts, `compressors._container.crc32`), and tensors decoded by several
+threads. No timings: the values, the bytes and the refusals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 import zstandard
 from torch import nn
 
@@ -79,6 +80,19 @@ def test_the_crc_in_parts_is_zlibs(monkeypatch, size):
         assert combined == zlib.crc32(data)
 
 
+def test_the_trailer_holds_the_xxh3_of_the_bytes_before_it(tmp_path):
+    path = tmp_path / "m.sqz"
+    save_packed(_model(), path)
+    data = path.read_bytes()
+    index_len, stated = packing.TRAILER.unpack(data[-packing.TRAILER.size :])
+    assert data[:4] == b"SQZ4" and stated == xxhash.xxh3_64_intdigest(data[:-16])
+    index = data[-16 - index_len : -16]
+    assert json.loads(zstandard.ZstdDecompressor().decompress(index))["v"] == 4
+    # the previous container (SQZ3: CRC-32 in a 12-byte trailer) still opens
+    old = DATA / "sqz3_v4_small.sqz"
+    assert old.read_bytes()[:4] == b"SQZ3" and opened(old, None)[0].meta["v"] == 4
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
@@ -137,6 +151,41 @@ def test_a_reloaded_model_equals_the_packed_one_whatever_the_threads(
         model.state_dict().items(), fresh.state_dict().items(), strict=True
     ):
         assert torch.equal(loaded, value), name
+
+
+def test_tensors_decoded_in_place_are_queued_at_once_and_new_values_bounded(tmp_path, monkeypatch):
+    model = _model().eval()
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(model[1], name).uniform_(0.5, 1.5)  # (dense float32: decoded in place)
+        model[2].weight[:, ::3] = 0  # (sparse: decoded to new values, as the float16 bias)
+    path = tmp_path / "m.sqz"
+    save_packed(model, path)
+    submitted: list[str] = []
+
+    class Recording(packing.ThreadPoolExecutor):
+        def submit(self, fn, name):
+            submitted.append(name)
+            return super().submit(fn, name)
+
+    monkeypatch.setattr(packing, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(packing, "WORKERS", 2)
+    monkeypatch.setattr(packing, "IN_FLIGHT", 1)  # (one tensor of new values at a time)
+    fresh = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
+    packed, _ = opened(path, fresh)
+    owners = {name: packing._owner(fresh, name) for name in packed.meta["t"]}
+    in_place = [packed.fits(name, getattr(*owners[name])) for name in owners]
+    assert in_place == [True] * 7 + [False, False]
+    decoded = packing._decoded(packed, owners)
+    first, value = next(decoded)
+    # every tensor decoded in place and the sparse weight were queued before the first result
+    # was taken (two threads, not two tensors, at a time); the float16 bias waits for the
+    # weight's values to be taken
+    assert first == "0.weight" and value is None
+    assert submitted == list(owners)[:-1]
+    rest = dict(decoded)
+    assert submitted == list(owners) and rest["2.weight"] is not None
+    assert torch.equal(rest["2.weight"], model[2].weight.detach())
 
 
 def test_a_corrupted_array_is_refused_before_anything_is_written(tmp_path):

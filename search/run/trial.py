@@ -53,6 +53,7 @@ from experiments import (
     scores,
 )
 from experiments.metrics import (
+    batch_latencies,
     count_flops,
     interleaved_latency_ms,
     latency_ms,
@@ -445,7 +446,10 @@ def measure(
     shipped file is loaded: what a user's CPU pays for it.
 
     Each latency is the median of ``latency_repeats`` timed forwards at most, 3 at least,
-    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many).
+    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many). A
+    batch size whose forward would not fit that budget (predicted from the smaller batch
+    timed before it) is timed on as many rows as fit, scaled to the batch, logged, and
+    recorded as ``latency_rows_bB`` (`experiments.metrics.batch_latencies`).
 
     Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
     its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
@@ -467,15 +471,12 @@ def measure(
         "flops": count_flops(shipped, task.example_inputs(1)),
         "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
     }
-    for batch in latency_batch_sizes:
-        suffix = batch_suffix(batch)
-        inputs = task.example_inputs(batch)
+
+    def time_ms(inputs) -> tuple[float, float | None]:
         if reference is None:
-            metrics[f"latency_ms{suffix}"] = latency_ms(
-                timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s
-            )
-            continue
-        ms, reference_ms = interleaved_latency_ms(
+            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s)
+            return ms, None
+        return interleaved_latency_ms(
             timed,
             reference,
             inputs,
@@ -483,8 +484,31 @@ def measure(
             repeats=_per_round(latency_repeats),
             budget_s=latency_budget_s,
         )
-        metrics[f"latency_ms{suffix}"] = ms
-        metrics[f"speedup{suffix}"] = reference_ms / ms
+
+    latencies = batch_latencies(
+        time_ms,
+        task.example_inputs,
+        latency_batch_sizes,
+        budget_s=latency_budget_s,
+        models=1 if reference is None else 2,
+    )
+    for batch, latency in latencies.items():
+        suffix = batch_suffix(batch)
+        metrics[f"latency_ms{suffix}"] = latency.ms
+        if reference is not None:
+            metrics[f"speedup{suffix}"] = latency.reference_ms / latency.ms
+        if latency.rows != batch:
+            metrics[f"latency_rows{suffix}"] = latency.rows
+            logger.info(
+                "latency at batch %d timed on %d rows (a forward of %d would not fit "
+                "measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
+                batch,
+                latency.rows,
+                batch,
+                latency_budget_s,
+                batch / latency.rows,
+                latency.ms,
+            )
     return metrics
 
 
