@@ -4,9 +4,11 @@ weights when its leading stages give the same layer shapes, and is charged the e
 from __future__ import annotations
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from compressors import get_compressor
@@ -16,6 +18,7 @@ from search.config.plan import plan_sweep
 from search.config.space import Recipe
 from search.results.reuse import export_trial
 from search.run.inherit import ARCH_ATTR, WEIGHTS_ATTR, architecture, pick_source, plain
+from search.run.progress import fidelity_summary
 from search.run.screening import Stage
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
@@ -155,3 +158,9 @@ def test_a_sweep_reuses_within_its_epochs_and_refuses_to_export_a_reuse(tmp_path
     with pytest.raises(ConfigError, match="started from trial 0's fine-tuned weights"):
         export_trial(compose_config(overrides), "digits_mlp", pick="trial=1", conf_dir=tmp_path)
     assert not (tmp_path / "experiment").exists()
+
+
+def test_the_summary_counts_reused_trials():
+    trials = pd.DataFrame({"reuse_from": [None, 0, None, 2], "epochs": [15, 5, 15, 5]})
+    summary = fidelity_summary(trials, OmegaConf.create({"n_epochs": 45}))
+    assert summary == ", 2 from a finished trial's weights; 40 of 45 fine-tuning epochs"
