@@ -16,9 +16,9 @@ A trial that fine-tuned from the baseline writes its weights before finalizing, 
 (`search.run.screening.save_state`), to ``<output_dir>/<study>/tuned-NNNN.pt``, and keeps them
 (user attribute ``squeeze.weights``, also logged to its MLflow run for workers on other machines)
 only when its validation score is the best so far of its shapes: the only weights `pick_source`
-can still pick. So the folder holds one file per shape and improvement (the model's fp32 state
-dict: 0.1 MB for digits_mlp), and a reused trial writes none (sources are one step from the
-baseline).
+can still pick. A reused trial writes none (sources are one step from the baseline), so with
+one worker a shape's first trial is its only source, and the folder holds about one file per
+shape the sweep met (each the model's state before finalizing: 25-400 KB for digits_mlp).
 """
 
 from __future__ import annotations
