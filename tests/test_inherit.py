@@ -123,6 +123,7 @@ def test_bad_reuse_settings_are_refused_up_front(tmp_path, cache_dir, override, 
         plan_sweep(compose_config(overrides), connect=False)
 
 
+@pytest.mark.slow
 def test_a_sweep_reuses_within_its_epochs_and_refuses_to_export_a_reuse(tmp_path, cache_dir):
     """The default space's warm starts: structured amounts 0, 0, 0.5, 0.5, 0.75. The second of
     each pair starts from the first's weights and runs 1 epoch; the budget of 8 epochs is then
