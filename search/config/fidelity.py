@@ -17,6 +17,11 @@ attributes and the study's fingerprinted config, so the count is the same in eve
 after a resume. A new candidate is started only while its full fine-tune (screen and promotion)
 still fits in what is left; a promotion only when it fits.
 
+With ``search.reuse`` (`search.run.inherit`), a trial whose leading, shape-changing stages give
+the same layer shapes as a finished trial's starts from that trial's fine-tuned weights and
+fine-tunes ``search.reuse_epochs`` epochs only (user attribute ``squeeze.reuse_from``): it is
+claimed as a full fine-tune and charged ``search.reuse_epochs`` once it knows its source.
+
 Nothing here imports torch.
 """
 
@@ -38,6 +43,9 @@ FIDELITY_ATTR = "squeeze.fidelity"
 PROMOTE_FROM_ATTR = "squeeze.promote_from"
 #: User attribute: the fine-tuning epochs a trial is charged (`trial_cost`).
 EPOCHS_ATTR = "squeeze.epochs"
+#: User attribute of a trial that started from a finished trial's fine-tuned weights
+#: (``search.reuse``): that trial's number.
+REUSE_FROM_ATTR = "squeeze.reuse_from"
 SCREEN, FULL = "screen", "full"
 
 #: Trial states that use the budget (as `search.run.budget.USING_BUDGET`).
@@ -65,6 +73,8 @@ class Fidelity:
         directions: Their directions.
         promote_after: No promotion before this many screened points are complete (a
             front of a few points promotes nearly all of them) (``search.promote_after``).
+        reuse_epochs: Epochs a trial fine-tunes when it starts from a finished trial's weights
+            (``search.reuse_epochs`` with ``search.reuse=true``); 0: no reuse.
     """
 
     full_epochs: int
@@ -74,14 +84,23 @@ class Fidelity:
     objectives: tuple[str, ...] = ()
     directions: tuple[str, ...] = ()
     promote_after: int = 0
+    reuse_epochs: int = 0
 
     @property
     def screening(self) -> bool:
         """Whether candidates are screened first."""
         return self.screen_epochs > 0
 
+    @property
+    def reusing(self) -> bool:
+        """Whether a trial may start from a finished trial's fine-tuned weights."""
+        return self.reuse_epochs > 0
+
     def trial_cost(self, trial: FrozenTrial | optuna.Trial) -> int:
-        """The epochs ``trial`` is charged: a promotion's rest, a screen, or a full fine-tune."""
+        """The epochs ``trial`` is charged: a reuse's, a promotion's rest, a screen, or a full
+        fine-tune (a trial that will reuse weights is charged a full one until it knows)."""
+        if REUSE_FROM_ATTR in trial.user_attrs:
+            return self.reuse_epochs
         if PROMOTE_FROM_ATTR in trial.user_attrs:
             return self.full_epochs - self.screen_epochs
         return self.screen_epochs if self.screening else self.full_epochs
@@ -174,25 +193,27 @@ def _feasible(trial: FrozenTrial) -> bool:
 def check_fidelity(
     cfg: DictConfig, finetune_epochs: object, objectives: Iterable[str], directions: Iterable[str]
 ) -> Fidelity | None:
-    """The study's `Fidelity`, or None when neither ``search.screen_epochs`` nor
-    ``search.n_epochs`` is set; ``finetune_epochs``: the space's ``finetune.epochs`` (an int, or
+    """The study's `Fidelity`, or None when none of ``search.screen_epochs``, ``search.n_epochs``
+    and ``search.reuse`` is set; ``finetune_epochs``: the space's ``finetune.epochs`` (an int, or
     a distribution when it is searched).
 
     Raises:
-        ConfigError: If the space's epochs are searched, the screen is not shorter than the
-            full fine-tune, or screening is combined with ``search.cv_folds``.
+        ConfigError: If the space's epochs are searched, the screen or the reuse's fine-tune is
+            not shorter than the full fine-tune, or screening or reuse is combined with
+            ``search.cv_folds``, or reuse with screening.
     """
     search = cfg.search
     screen = int(search.get("screen_epochs", 0) or 0)
     n_epochs = search.get("n_epochs")
-    if not screen and n_epochs is None:
+    reuse = _reuse_epochs(search, finetune_epochs, screen)
+    if not screen and n_epochs is None and not reuse:
         return None
-    key = "search.screen_epochs" if screen else "search.n_epochs"
+    key = "search.screen_epochs" if screen else "search.reuse" if reuse else "search.n_epochs"
     if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool):
         raise ConfigError(
             f"{key} needs a fixed number of fine-tuning epochs, but space.finetune.epochs is "
             f"searched ({finetune_epochs}). Allowed: space.finetune.epochs=<int>, or "
-            f"{key}={'0' if screen else 'null'}."
+            f"{key}={'0' if screen else 'false' if reuse else 'null'}."
         )
     if screen and screen >= finetune_epochs:
         raise ConfigError(
@@ -219,4 +240,37 @@ def check_fidelity(
         promote_after=int(search.get("promote_after", 0)),
         objectives=tuple(objectives),
         directions=tuple(directions),
+        reuse_epochs=reuse,
     )
+
+
+def _reuse_epochs(search: DictConfig, finetune_epochs: object, screen: int) -> int:
+    """``search.reuse_epochs`` with ``search.reuse=true`` (checked), else 0."""
+    reuse = search.get("reuse", False)
+    if not isinstance(reuse, bool):
+        raise ConfigError(
+            f"The 'search.reuse' config value must be true or false. Got {reuse!r} instead."
+        )
+    if not reuse:
+        return 0
+    epochs = search.get("reuse_epochs", 1)
+    if screen:
+        raise ConfigError(
+            f"search.reuse=true cannot be combined with search.screen_epochs={screen}. "
+            "Allowed: search.reuse=false or search.screen_epochs=0."
+        )
+    if search.get("cv_folds"):
+        raise ConfigError(
+            f"search.reuse=true cannot be combined with search.cv_folds={search.cv_folds} (each "
+            "fold compresses its own baseline). Allowed: search.reuse=false or "
+            "search.cv_folds=null."
+        )
+    if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool):
+        return 1  # (searched epochs: refused by the caller, naming search.reuse)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs < finetune_epochs:
+        raise ConfigError(
+            f"The 'search.reuse_epochs' config value must be an int in [1, "
+            f"{finetune_epochs - 1}] (less than space.finetune.epochs={finetune_epochs}). Got "
+            f"{epochs!r} instead."
+        )
+    return epochs

@@ -153,6 +153,8 @@ SCHEMA: dict[str, Any] = {
         "screen_epochs": Integer(0, 10_000),
         "promote_margin": Real(0.0, 1.0),
         "promote_after": Integer(0, 10_000),
+        "reuse": Flag(),
+        "reuse_epochs": Integer(1, 10_000),
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),
         "sampler_options": AnyMapping(),

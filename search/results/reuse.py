@@ -44,7 +44,7 @@ from compressors import load_packed, save_packed
 from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
-from search.config.fidelity import PROMOTE_FROM_ATTR, front_trials
+from search.config.fidelity import PROMOTE_FROM_ATTR, REUSE_FROM_ATTR, front_trials
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
@@ -140,7 +140,21 @@ def pick_trial(
 
 
 def _split_at(trial: optuna.trial.FrozenTrial, study_cfg: DictConfig) -> dict[str, int]:
-    """``{"split_at": S}`` for a promoted trial (`search.run.screening.Stage.split_at`)."""
+    """``{"split_at": S}`` for a promoted trial (`search.run.screening.Stage.split_at`).
+
+    Raises:
+        ConfigError: For a trial that started from another trial's weights (``search.reuse``):
+            its rerun from the baseline would ship another model.
+    """
+    if REUSE_FROM_ATTR in trial.user_attrs:
+        source = int(trial.user_attrs[REUSE_FROM_ATTR])
+        raise ConfigError(
+            f"Trial {trial.number} cannot be exported: it started from trial {source}'s "
+            f"fine-tuned weights (search.reuse=true), which `squeeze run` does not rerun, so a "
+            f"rerun would not ship its model. Export trial {source} (--pick trial={source}), or "
+            "another front trial that fine-tuned from the baseline, or rerun the sweep with "
+            "search.reuse=false."
+        )
     if PROMOTE_FROM_ATTR not in trial.user_attrs:
         return {}
     return {"split_at": int(study_cfg.search.screen_epochs)}

@@ -29,6 +29,7 @@ from search.config.fidelity import (  # noqa: E402
     EPOCHS_ATTR,
     FIDELITY_ATTR,
     PROMOTE_FROM_ATTR,
+    REUSE_FROM_ATTR,
     SCREEN,
     front_trials,
 )
@@ -84,6 +85,7 @@ _FIDELITY_COLUMNS = {
     FIDELITY_ATTR: "fidelity",
     EPOCHS_ATTR: "epochs",
     PROMOTE_FROM_ATTR: "promote_from",
+    REUSE_FROM_ATTR: "reuse_from",
 }
 
 

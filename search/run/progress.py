@@ -230,12 +230,15 @@ def short_value(value) -> str:
 
 def fidelity_summary(trials: pd.DataFrame, search: Any) -> str:
     """``, 12 screens (5 promoted); 150 of 150 fine-tuning epochs`` for a sweep with screening
-    or an epoch budget (else nothing). ``trials``: the trials table
-    (`search.run.pareto.trials_frame`) less the replaced trials; ``search``: the config's."""
+    or an epoch budget (``, 4 from a finished trial's weights`` with reuse; else nothing).
+    ``trials``: the trials table (`search.run.pareto.trials_frame`) less the replaced trials;
+    ``search``: the config's."""
     text = ""
     if "fidelity" in trials:
         promoted = trials.promote_from.nunique() if "promote_from" in trials else 0
         text += f", {int((trials.fidelity == 'screen').sum())} screens ({promoted} promoted)"
+    if "reuse_from" in trials:  # search.reuse
+        text += f", {int(trials.reuse_from.notna().sum())} from a finished trial's weights"
     if "epochs" in trials and search.get("n_epochs") is not None:
         text += f"; {int(trials.epochs.sum())} of {search.n_epochs} fine-tuning epochs"
     return text

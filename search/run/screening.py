@@ -41,6 +41,11 @@ class Stage:
         split_at: The rerun of a promoted trial (`squeeze run`): its fine-tune runs in two
             parts as its screen and its promotion ran, split at this epoch (a fresh optimizer,
             and the random state each started with), so the rerun ships the same model.
+        epochs: The length of the fine-tune's schedule (None: the recipe's
+            ``finetune.epochs``): a trial that reuses a finished trial's weights runs a
+            schedule of ``search.reuse_epochs`` (`search.run.inherit`).
+        reused_from: The number of the finished trial whose fine-tuned weights (``load_from``)
+            it starts from, loaded after its leading shape-changing stages (`search.run.inherit`).
     """
 
     fidelity: str | None = None
@@ -50,6 +55,8 @@ class Stage:
     save_to: Path | None = None
     promoted_from: int | None = None
     split_at: int | None = None
+    epochs: int | None = None
+    reused_from: int | None = None
 
     def parts(self) -> list[tuple[int, int | None]]:
         """``(start_epoch, stop_epoch)`` of each part of the fine-tune it runs."""
@@ -111,19 +118,36 @@ def fetch_screen(
     machine lacks them (a worker on another machine ran the screen), trying ``tries`` times
     ``wait_s`` apart (that worker's writer logs the file in the background). Nothing when the
     file is here, or for a trial that is not a promotion."""
-    if stage.load_from is None or stage.load_from.exists():
+    if stage.load_from is None or stage.promoted_from is None:
         return
-    screened = study.get_trials(deepcopy=False)[int(stage.promoted_from)]
-    run_id = screened.user_attrs.get("mlflow_run_id")
+    fetch_weights(stage.load_from, stage.promoted_from, study, client, tries=tries, wait_s=wait_s)
+
+
+def fetch_weights(
+    path: Path,
+    number: int,
+    study: optuna.Study,
+    client: MlflowClient,
+    *,
+    tries: int = 10,
+    wait_s: float = 2.0,
+) -> None:
+    """Bring trial ``number``'s weights file ``path`` here from its MLflow run when this machine
+    lacks it, trying ``tries`` times ``wait_s`` apart (the writer of the worker that ran it logs
+    the file in the background). Nothing when the file is here."""
+    if path.exists():
+        return
+    source = study.get_trials(deepcopy=False)[int(number)]
+    run_id = source.user_attrs.get("mlflow_run_id")
     if run_id is None:
         return  # (loading then names the missing file)
-    stage.load_from.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(tries):
         try:
-            client.download_artifacts(run_id, stage.load_from.name, str(stage.load_from.parent))
+            client.download_artifacts(run_id, path.name, str(path.parent))
             return
         except (MlflowException, OSError) as err:
-            logger.debug("screened weights of trial %d: %s", screened.number, err)
+            logger.debug("weights of trial %d: %s", source.number, err)
             if attempt + 1 < tries:
                 time.sleep(wait_s)
 

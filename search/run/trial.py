@@ -63,7 +63,13 @@ from experiments.metrics import (
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
 from search.config.early_stop import EarlyStop, Stopper
-from search.config.fidelity import FIDELITY_ATTR, PROMOTE_FROM_ATTR, SCREEN, Fidelity
+from search.config.fidelity import (
+    FIDELITY_ATTR,
+    PROMOTE_FROM_ATTR,
+    REUSE_FROM_ATTR,
+    SCREEN,
+    Fidelity,
+)
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
     batch_suffix,
@@ -72,6 +78,7 @@ from search.config.space import Recipe, SearchSpace
 from search.failures import phase
 from search.run.budget import WARM_START_ATTR, seed_trial
 from search.run.deploy import deploy_onnx
+from search.run.inherit import Inheritance, leading, load_plain
 from search.run.interrupts import raise_if_interrupted
 from search.run.logs import Ticker
 from search.run.screening import (
@@ -190,6 +197,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             stopper(stats)
 
         fetch_screen(stage, trial.study, ctx.tracker.client)  # (run on another machine)
+        inherit = _inheritance(trial, ctx)
         model, _ = compress_recipe(
             recipe,
             ctx.space,
@@ -200,8 +208,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             on_compressed=stopper.start if stopper.needs_model else None,
             device=ctx.device,
             stage=stage,
+            inherit=inherit,
         )
-        if stage.save_to is not None:  # a screen's weights, for a worker on another machine
+        if inherit is not None and inherit.stage.reused_from is not None:
+            run.set_tags({REUSE_FROM_ATTR: inherit.stage.reused_from})
+        elif stage.save_to is not None:  # a screen's weights, for a worker on another machine
             run.log_artifact(stage.save_to)
 
         # 5. Ship: write the packed file and load it back into a fresh model (int8 layers where
@@ -253,6 +264,8 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         run.log_artifact(path)
         if deployed:
             run.log_artifact(deployed.path)
+        if inherit is not None and (kept := inherit.keep(metrics["val_acc"])):
+            run.log_artifact(kept)  # its weights, for later trials of the same shapes
         trial.set_user_attr("metrics", metrics)
 
         # 7. Constraints: only trials within all of them can be on the reported front.
@@ -276,6 +289,7 @@ def compress_recipe(
     on_compressed: Callable[[torch.nn.Module], None] | None = None,
     device: str | None = None,
     stage: Stage = WHOLE,
+    inherit: Callable[[torch.nn.Module], Stage] | None = None,
 ) -> tuple[torch.nn.Module, list[EpochStats]]:
     """Apply ``recipe`` to a copy of the trained baseline; return the model to ship and the
     fine-tuning history.
@@ -295,6 +309,9 @@ def compress_recipe(
             model comes back on the CPU.
         stage: The part of the fine-tune to run (`search.run.screening`): a screen keeps its
             weights before finalizing; a promotion loads a screen's before its first epoch.
+        inherit: With ``search.reuse`` (`search.run.inherit.Inheritance`): called with the
+            model after its leading stages, returns the stage to run instead of ``stage``
+            (a reuse loads a finished trial's weights there, before the later stages).
 
     The baseline is deep-copied once (onto ``device``); the early-stop estimate copies it again
     only for a recipe that changes the model at finalize (post-training quantization, the last
@@ -312,10 +329,18 @@ def compress_recipe(
             model.to(device)
 
         # 3. Apply each compressor in order (L1 training, smaller layers, masks, grids, ...).
+        #    With search.reuse, after the leading ones (smaller layers) the trial may load a
+        #    finished trial's fine-tuned weights of the same shapes and redo only the rest.
         context = compression_context(task, baseline, seed=seed, device=device)
-        model = apply_pipeline(compressors, model, context)
-        if stage.load_from is not None:  # a promotion: the screened trial's weights
-            load_state(model, stage.load_from)
+        first = leading(compressors) if inherit is not None else len(compressors)
+        model = apply_pipeline(compressors[:first], model, context)
+        if inherit is not None:
+            stage = inherit(model)
+            if stage.reused_from is not None:
+                load_plain(model, stage.load_from)
+        model = apply_pipeline(compressors[first:], model, context)
+        if stage.load_from is not None and stage.reused_from is None:  # a promotion
+            load_state(model, stage.load_from)  # the screened trial's weights
         if on_compressed is not None:  # (random draws there leave fine-tuning's as they were)
             with torch.random.fork_rng(devices=[]):
                 _estimate(compressors, model, context, on_compressed)
@@ -331,7 +356,7 @@ def compress_recipe(
             history += fit(
                 model,
                 task.train,
-                epochs=recipe.finetune["epochs"],
+                epochs=recipe.finetune["epochs"] if stage.epochs is None else stage.epochs,
                 batch_size=recipe.finetune["batch_size"],
                 lr=recipe.finetune["lr"],
                 schedule=recipe.finetune["schedule"],
@@ -351,6 +376,19 @@ def compress_recipe(
     with phase("compress"):
         model = finalize_pipeline(compressors, model, context)
     return model.cpu(), history  # the packed file is written from the CPU
+
+
+def _inheritance(trial: optuna.Trial, ctx: SweepContext) -> Inheritance | None:
+    """The trial's choice of a finished trial's weights with ``search.reuse``, else None."""
+    if ctx.fidelity is None or not ctx.fidelity.reusing:
+        return None
+    return Inheritance(
+        trial,
+        ctx.fidelity,
+        ctx.output_dir / trial.study.study_name,
+        ctx.tracker.client,
+        higher_is_better=ctx.task.higher_is_better is not False,
+    )
 
 
 def _estimate(
