@@ -1,14 +1,16 @@
 """Activation quantization: calibrated uint8 ranges on the inputs (and conv outputs) of layers.
 
 ``quant.activations=8`` (`compressors.quant`) puts the activations that reach each plain
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (but a convolution of fewer than 4 input
-channels per group, which ONNX Runtime runs faster in float: `int8_friendly`) on an affine
-uint8 grid (one scale and zero point per tensor, as ONNX Runtime's static QDQ quantization
-does), and the outputs of the convolutions too: ONNX Runtime fuses ``DequantizeLinear -> Conv
--> QuantizeLinear`` into
-``QLinearConv`` only with both ends quantized; a MatMul / Gemm with quantized inputs alone runs
-as ``MatMulIntegerToFloat`` / ``QGemm``. With the weights on 8-bit grids (or fewer bits, held
-in int8) that is W8A8 (`compressors._onnx_qdq` writes the graph).
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (torch's transformer layers' feed-forward
+Linears and the packed query / key / value projection of their self-attention included; not
+the attention's ``out_proj``, which torch's functional attention reads directly; nor a
+convolution of fewer than 4 input channels per group, which ONNX Runtime runs faster in
+float: `int8_friendly`) on an affine uint8 grid (one scale and zero point per tensor, as ONNX
+Runtime's static QDQ quantization does), and the outputs of the convolutions too: ONNX Runtime
+fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only with both ends
+quantized; a MatMul / Gemm with quantized inputs alone runs as ``MatMulIntegerToFloat`` /
+``QGemm``. With the weights on 8-bit grids (or fewer bits, held in int8) that is W8A8
+(`compressors._onnx_qdq` writes the graph).
 
 Each range is calibrated once on the task's calibration batches (the first
 `CALIBRATION_SAMPLES` training samples in their fixed order: the same ranges for every seed)
@@ -51,7 +53,8 @@ from torch import nn
 
 from compressors._targets import READS_CHILD_WEIGHTS
 
-#: Layers whose inputs get quantized (each exports to a Conv, MatMul or Gemm).
+#: Layers whose inputs get quantized (each exports to a Conv, MatMul or Gemm; and the
+#: ``self_attn`` of a transformer layer: `_self_attention`).
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: Layers whose outputs get quantized as well (ONNX Runtime's ``QLinearConv`` needs both ends).
 OUTPUT_LAYERS = (nn.Conv1d, nn.Conv2d)
@@ -143,21 +146,53 @@ class ActQuant(nn.Module):
 def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module]:
     """The layers of ``model`` whose activations are quantized, by name: plain Linear, Conv1d
     and Conv2d layers (a subclass's forward may differ) whose parent does not read their weight
-    directly (torch's attention and transformer layers), except convolutions that ONNX
-    Runtime's integer kernels run slower than its float ones (`int8_friendly`; ``every``: with
-    those, the layers a packed file may hold grids for)."""
+    directly (torch's attention; the transformer layers' feed-forward Linears are in:
+    `_called_as_module`), and the self-attention of torch's transformer layers
+    (`_self_attention`), except convolutions that ONNX Runtime's integer kernels run slower
+    than its float ones (`int8_friendly`; ``every``: with those, the layers a packed file may
+    hold grids for)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
+        parent = parents.get(id(module))
+        if _self_attention(parent, module):
+            found[name] = module
+            continue
         kind = _plain_type(module)
         if kind not in LAYERS:
             continue
-        if isinstance(parents.get(id(module)), READS_CHILD_WEIGHTS):
+        if isinstance(parent, READS_CHILD_WEIGHTS) and not _called_as_module(parent, module):
             continue
         if not every and not int8_friendly(module):
             continue
         found[name] = module
     return found
+
+
+def _called_as_module(parent: nn.Module, child: nn.Module) -> bool:
+    """Whether ``parent`` (one of `READS_CHILD_WEIGHTS`) calls ``child`` as a module: the
+    feed-forward ``linear1`` / ``linear2`` of torch's encoder and decoder layers, which only
+    their fast path (``torch._transformer_encoder_layer_fwd``, taken in eval without grad)
+    reads directly. A hook on any submodule turns that fast path off (torch checks), so the
+    input quantizer's pre-hook sees every call. (``nn.MultiheadAttention``'s ``out_proj`` is
+    read by ``F.multi_head_attention_forward``: no grid there; its ``in_proj_weight`` reads
+    the attention's input: `_self_attention`.)"""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return isinstance(parent, layers) and child in (parent.linear1, parent.linear2)
+
+
+def _self_attention(parent: nn.Module | None, module: nn.Module) -> bool:
+    """Whether ``module`` is the ``self_attn`` of a torch encoder or decoder layer with one
+    packed ``in_proj_weight``: the layer calls it as a module with one tensor as query, key and
+    value, and the export computes the three projections as one MatMul reading that weight, so
+    an input grid (on all three, `_quantize_input`) makes it an integer MatMul."""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return (
+        isinstance(parent, layers)
+        and module is parent.self_attn
+        and isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+    )
 
 
 def int8_friendly(layer: nn.Module) -> bool:
@@ -224,7 +259,9 @@ def _attach_output(model: nn.Module, layer: str, at: str, grid: Any = (1.0, 0)) 
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
-    return (module.act_in(args[0]), *args[1:])
+    x = args[0]
+    quantized = module.act_in(x)  # (self-attention's key and value: the same tensor, once)
+    return (quantized, *(quantized if a is x else a for a in args[1:]))
 
 
 def _quantize_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -516,8 +553,9 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
         if name not in layers or not ok or not all(map(_valid_grid, grids)):
             raise PackedFileError(
                 f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear, "
-                "Conv1d or Conv2d layer of the model with [scale > 0, zero point in 0..255] "
-                "(and its output's after a BatchNorm of the model, its input from a module of it)"
+                "Conv1d, Conv2d or transformer layer's self-attention of the model with [scale "
+                "> 0, zero point in 0..255] (and its output's after a BatchNorm of the model, "
+                "its input from a module of it)"
             )
     attach(model, record)
 

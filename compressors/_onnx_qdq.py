@@ -8,7 +8,8 @@ output of each convolution (`compressors._act_quant`). The model is exported as 
 graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ format):
 
 - a ``QuantizeLinear`` / ``DequantizeLinear`` pair (uint8, per tensor) on the input of each
-  Conv, MatMul or Gemm of a quantized layer, and on the output of each Conv;
+  Conv, MatMul or Gemm of a quantized layer (the one reading its ``weight``, or a self-attention's
+  packed ``in_proj_weight``), and on the output of each Conv;
 - the layer's bias as INT32 codes at ``input_scale * weight_scale`` (per output channel) with a
   ``DequantizeLinear``, which ONNX Runtime's fusions require of a Conv or Gemm;
 - the weight's codes INT8 (codes of grids of at most 4 bits, which the export stores as INT4,
@@ -23,9 +24,10 @@ graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ forma
   block's sum runs as ``QLinearAdd`` (the same codes: a grid starting at 0 clips what the
   ReLU zeroes);
 - a Conv, MatMul or Gemm without activation grids (a convolution that
-  `compressors._act_quant.int8_friendly` leaves float, a Linear inside torch's transformer
-  layers) reading its weight's codes through a ``DequantizeLinear`` gets the float weight
-  instead: ONNX Runtime's float kernels (NCHWc convolutions, MatMul) need it constant.
+  `compressors._act_quant.int8_friendly` leaves float, the ``out_proj`` of torch's attention,
+  which its functional form reads directly) reading its weight's codes through a
+  ``DequantizeLinear`` gets the float weight instead: ONNX Runtime's float kernels (NCHWc
+  convolutions, MatMul) need it constant.
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs
@@ -60,6 +62,7 @@ class ActivationQDQ:
         self.weights: set[str] = set()
         for layer in grids:
             weight = f"{layer}.weight" if layer else "weight"  # (an initializer, or a root)
+            packed = f"{layer}.in_proj_weight"  # (self-attention's q, k, v projections)
             for node in proto.graph.node:
                 if node.op_type not in _OPS or len(node.input) < 2:
                     continue
@@ -67,9 +70,9 @@ class ActivationQDQ:
                 via = producers.get(source)
                 if via is not None and via.op_type == "Transpose":
                     source = via.input[0]
-                if source == weight:
+                if source in (weight, packed):
                     self.sites[layer] = node.output[0]
-                    self.weights.add(weight)
+                    self.weights.add(source)
         for layer, out in self.sites.items():
             readers = [n for n in proto.graph.node if out in n.input]
             if grids[layer].get("after") and len(readers) == 1:
@@ -268,8 +271,8 @@ def _weight_scale(graph, dq, inits, numpy_helper, tensor_proto) -> np.ndarray | 
 
 def _float_weights(graph, nodes: list, sites: set[int], inits: dict, numpy_helper) -> None:
     """Give each Conv, MatMul or Gemm outside ``sites`` (a layer without activation grids: a
-    convolution `compressors._act_quant.int8_friendly` leaves float, a Linear inside torch's
-    transformer layers) its weight as a float initializer in place of the ``DequantizeLinear``
+    convolution `compressors._act_quant.int8_friendly` leaves float, the ``out_proj`` of torch's
+    attention) its weight as a float initializer in place of the ``DequantizeLinear``
     of its codes. With QDQ handling on, ONNX Runtime folds no ``DequantizeLinear``: a Conv
     reading one runs without its NCHWc float kernels (a 1 -> 16 channel 3x3 conv at batch 32:
     37 us against 25 us), and a MatMul becomes ``MatMulNBits``, which ran the zoo

@@ -259,7 +259,7 @@ class Quantization(Compressor):
             raise UnsupportedModelError(
                 "The 'quant.activations' parameter of compressor 'quant' is 8, but this model "
                 "has no layer whose activations it quantizes: plain Linear, Conv1d and Conv2d "
-                "layers (not inside torch's attention or transformer layers; convolutions of "
+                "layers (not torch attention's out_proj; convolutions of "
                 "at least 4 input channels per group, or depthwise); the model's "
                 f"layers are {kinds or 'none'}. Use quant.activations=float."
             )

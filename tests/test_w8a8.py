@@ -288,30 +288,71 @@ def test_convolutions_slow_in_int8_keep_float_activations():
     assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped"}
 
 
+def _encoder_w8a8(task: Task) -> nn.Module:
+    """The zoo's untrained TransformerEncoder quantized to W8A8 (calibrated, not fine-tuned)."""
+    torch.manual_seed(0)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8)
+    return apply_pipeline([quant], task.build_model().eval(), ctx).eval()
+
+
+def test_the_encoders_projections_are_quantized_in_inference_too():
+    from tests.zoo import tasks
+
+    task = tasks.zoo_transformer(seed=0)
+    model = _encoder_w8a8(task)
+    layers = [
+        f"encoder.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn", "linear1", "linear2")
+    ]
+    assert set(act.ranges(model)) == {"embed", "head", *layers}  # (not self_attn.out_proj)
+    x = task.val.x[:16]
+    with torch.no_grad():  # (eval without grad: where torch's encoder takes its fast path)
+        before = model(x)
+        for name in ("encoder.layers.0.linear2", "encoder.layers.1.self_attn"):
+            quant = model.get_submodule(name).act_in
+            grid = quant.params
+            quant.set(grid[0] * 64, grid[1])  # a coarse grid moves the outputs: it is applied
+            assert not torch.allclose(model(x), before, atol=1e-3), name
+            quant.set(*grid)
+        assert torch.equal(model(x), before)
+
+
 @pytest.mark.slow  # (an export: ~5 s)
-def test_layers_without_grids_run_float_kernels_on_float_weights(tmp_path):
+def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
 
-    task = tasks.zoo_transformer(seed=0)  # (the encoder's Linears: no grids, torch reads them)
-    torch.manual_seed(0)
-    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
-    quant = get_compressor("quant")(bits=8, activations=8)
-    model = apply_pipeline([quant], task.build_model().eval(), ctx).eval()
-    assert set(act.ranges(model)) == {"embed", "head"}
+    task = tasks.zoo_transformer(seed=0)
+    model = _encoder_w8a8(task)
     save_packed(model, tmp_path / "encoder.sqz")
     shipped = task.build_model()
     export_onnx(tmp_path / "encoder.sqz", shipped, task.example_inputs(8), tmp_path / "e.onnx")
+    assert act.ranges(shipped) == act.ranges(model)
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), options)
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    # embed and head on integer kernels; the encoder's projections on float MatMul / Gemm,
-    # not on weights dequantized at every call (MatMulNBits: 2-3x slower than float here)
-    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] == 2
-    assert ops["MatMulNBits"] == ops["DequantizeLinear"] == 0 and ops["MatMul"] > 0
+    optimized = onnx.load(options.optimized_model_filepath).graph
+    ops = Counter(n.op_type for n in optimized.node)
+    # embed, head, and per encoder layer the packed q/k/v projection, linear1 and linear2 on
+    # integer kernels, each reading its weight's int8 codes
+    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] == 8
+    integer = {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "MatMulInteger"}
+    weights = {i for n in optimized.node if n.op_type in integer for i in n.input}
+    for i in (0, 1):
+        for layer in ("linear1.weight", "linear2.weight", "self_attn.in_proj_weight"):
+            assert any(w.startswith(f"encoder.layers.{i}.{layer}") for w in weights), (
+                layer,
+                sorted(weights),
+            )
+    # the attention's out_proj (no grid: torch's functional attention reads it) on a float Gemm
+    # with its float weight, not dequantized at every call (MatMulNBits: 2-3x slower here)
+    assert ops["Gemm"] == 2
+    assert ops["MatMulNBits"] == ops["DequantizeLinear"] == 0
     check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
     assert check.agree, check.message
+    labels = task.val.y
+    onnx_acc = float((check.outputs.argmax(1) == labels).float().mean())
+    assert abs(onnx_acc - evaluate(shipped, task.val)) <= 1.5 / len(labels)  # one sample at most
