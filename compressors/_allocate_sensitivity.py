@@ -38,6 +38,7 @@ from torch import nn
 
 from compressors._base import CompressionContext, UnsupportedModelError
 from compressors._targets import Target
+from compressors.packing import _trim
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ def fisher_diagonal(
             weight[0] = float(b.rows)
             ctx.loss(out, b.targets, None).backward()
             outputs.append(out.detach().float())
+            del out
+            _trim()  # (the batch's activations, freed, would stay in glibc's arenas otherwise)
             counter.forwards += 1
             counter.rows += b.rows
     finally:
