@@ -99,11 +99,12 @@ def costs(
     weight: torch.Tensor, settings: list[Setting], *, fisher: torch.Tensor | None = None
 ) -> Costs:
     """Every setting's bytes and distortion for ``weight`` (and Fisher estimate, given
-    ``fisher``, a tensor of ``weight``'s shape): one pass, one setting's values at a time."""
+    ``fisher``, a tensor of ``weight``'s shape, or of its `sampled_rows` only, where it has
+    some): one pass, one setting's values at a time."""
     w = weight.detach()
-    step = math.ceil(w.numel() / SAMPLED_ABOVE)
-    if step > 1 and w.dim() >= 2 and w.shape[0] >= 4 * step:
-        return _sampled_costs(w, settings, fisher=fisher, step=step)
+    rows = sampled_rows(w)
+    if rows is not None:
+        return _sampled_costs(w, settings, fisher=fisher, rows=rows)
     out_bytes, distortion, estimate = [], [], []
     for value, grid in variants(w, settings):
         out_bytes.append(value_bytes(value, grid))
@@ -119,21 +120,29 @@ def costs(
     )
 
 
+def sampled_rows(weight: torch.Tensor) -> torch.Tensor | None:
+    """The rows `costs` measures ``weight`` on: every k-th (see `SAMPLED_ABOVE`), or None where
+    it measures the whole tensor."""
+    step = math.ceil(weight.numel() / SAMPLED_ABOVE)
+    if step > 1 and weight.dim() >= 2 and weight.shape[0] >= 4 * step:
+        return torch.arange(0, weight.shape[0], step, device=weight.device)
+    return None
+
+
 def _sampled_costs(
-    w: torch.Tensor, settings: list[Setting], *, fisher: torch.Tensor | None, step: int
+    w: torch.Tensor, settings: list[Setting], *, fisher: torch.Tensor | None, rows: torch.Tensor
 ) -> Costs:
-    """`costs` estimated on every ``step``-th row of ``w`` (see `SAMPLED_ABOVE`)."""
-    rows = torch.arange(0, w.shape[0], step, device=w.device)
+    """`costs` estimated on the ``rows`` of ``w`` (`sampled_rows`); ``fisher``: of ``w``'s
+    shape, or of those rows only."""
     factor = w.shape[0] / len(rows)
     sample = w[rows]
-    part = None if fisher is None else fisher[rows]
-    magnitudes = w.abs().flatten()
+    part = None if fisher is None else fisher[rows] if len(fisher) == len(w) else fisher
+    thresholds = _thresholds(w, {s.sparsity for s in settings})
     out_bytes, distortion, estimate = [], [], []
     current, masked = None, None
     for setting in settings:
         if setting.sparsity != current:
-            k = round(setting.sparsity * w.numel())
-            threshold = float(torch.kthvalue(magnitudes, k).values) if k > 0 else -1.0
+            threshold = thresholds[setting.sparsity]
             current, masked = setting.sparsity, sample * (sample.abs() > threshold)
         value, grid = masked, None
         if setting.bits is not None:
@@ -149,6 +158,22 @@ def _sampled_costs(
         np.array(distortion),
         None if fisher is None else np.array(estimate),
     )
+
+
+def _thresholds(w: torch.Tensor, sparsities: set[float]) -> dict[float, float]:
+    """The pruning threshold of ``w`` at each sparsity: the ``k``-th smallest magnitude, ``k``
+    the sparsity's share of the values (-1 where ``k`` is 0). All from one copy of the
+    magnitudes, partitioned in place (`torch.kthvalue` would hold three more: a copy of the
+    values and their int64 indices, per sparsity)."""
+    ks = {s: round(s * w.numel()) for s in sparsities}
+    wanted = sorted({k - 1 for k in ks.values() if k > 0})
+    if not wanted:
+        return {s: -1.0 for s in sparsities}
+    magnitudes = w.detach().abs().flatten().cpu().numpy()
+    magnitudes.partition(wanted)
+    out = {s: float(magnitudes[k - 1]) if k > 0 else -1.0 for s, k in ks.items()}
+    del magnitudes
+    return out
 
 
 def value_bytes(

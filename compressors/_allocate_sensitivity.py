@@ -38,6 +38,7 @@ from torch import nn
 
 from compressors._base import CompressionContext, UnsupportedModelError
 from compressors._targets import Target
+from compressors.packing import _trim
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,16 @@ def fisher_diagonal(
     ctx: CompressionContext,
     how: Plan,
     counter: Counter,
+    rows: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], tuple[float, float]]:
     """The empirical Fisher diagonal of each target's tensor, and the reference losses
     (`reference_from`) from the same forward passes. The model should be in eval mode.
+
+    ``rows`` (one per target, None for all of them): keep only these rows of a tensor's
+    diagonal (the rows its costs sample: `compressors._allocate_costs.sampled_rows`), which
+    bounds the diagonal's memory; the kept entries are those of the whole diagonal. The rows
+    not kept enter the flatness test below through an upper bound, the sum over batches of each
+    batch's largest weighted squared gradient.
 
     Raises:
         UnsupportedModelError: If the loss is flat at the model (every entry below
@@ -137,13 +145,25 @@ def fisher_diagonal(
     """
     device = next(model.parameters()).device
     latents = {id(t.latent): t.latent for t in found.values()}
-    fisher = {key: torch.zeros_like(p, dtype=torch.float32) for key, p in latents.items()}
+    kept = {id(t.latent): None if rows is None else rows[i] for i, t in enumerate(found.values())}
+    fisher = {
+        key: p.new_zeros(
+            p.shape if kept[key] is None else (len(kept[key]), *p.shape[1:]), dtype=torch.float32
+        )
+        for key, p in latents.items()
+    }
+    bound = dict.fromkeys(latents, 0.0)  # (of the rows not kept)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = {key: p.grad for key, p in latents.items()}
     weight = [0.0]
 
     def accumulate(p: torch.Tensor) -> None:
-        fisher[id(p)].addcmul_(p.grad, p.grad, value=weight[0])
+        grad = p.grad if kept[id(p)] is None else p.grad[kept[id(p)]]
+        fisher[id(p)].addcmul_(grad, grad, value=weight[0])
+        if kept[id(p)] is not None:
+            low, high = (float(v) for v in torch.aminmax(p.grad))
+            bound[id(p)] += weight[0] * max(-low, high) ** 2
+        del grad
         p.grad = None
 
     handles = []
@@ -163,6 +183,8 @@ def fisher_diagonal(
             weight[0] = float(b.rows)
             ctx.loss(out, b.targets, None).backward()
             outputs.append(out.detach().float())
+            del out
+            _trim()  # (the batch's activations, freed, would stay in glibc's arenas otherwise)
             counter.forwards += 1
             counter.rows += b.rows
     finally:
@@ -172,7 +194,7 @@ def fisher_diagonal(
             p.requires_grad_(flag)
         for key, p in latents.items():
             p.grad = saved[key]
-    if max(float(f.max()) for f in fisher.values()) < FLAT_FISHER:
+    if max([float(f.max()) for f in fisher.values()] + list(bound.values())) < FLAT_FISHER:
         raise UnsupportedModelError(
             "allocate.sensitivity=fisher needs gradients, but the task's loss is flat "
             "at this model (every squared gradient is below "

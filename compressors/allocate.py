@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from compressors import _allocate_sensitivity as _sens
-from compressors._allocate_costs import Setting, costs, value_bytes, variants
+from compressors._allocate_costs import Setting, costs, sampled_rows, value_bytes, variants
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._quiet import native_stdout_silenced
@@ -338,7 +338,9 @@ def measure_table(
     try:
         fisher, reference = None, None
         if how.method == "fisher":
-            fisher, reference = _sens.fisher_diagonal(model, found, ctx, how, counter)
+            rows = [sampled_rows(t.weight) for t in found.values()]
+            fisher, reference = _sens.fisher_diagonal(model, found, ctx, how, counter, rows)
+            del rows
         rows = []
         for t in found.values():
             rows.append(costs(t.weight, settings, fisher=None if fisher is None else fisher[0]))

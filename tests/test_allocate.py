@@ -329,3 +329,35 @@ def test_large_tensors_are_costed_on_sampled_rows_within_a_percent():
     got = alloc.candidate_bytes(weight, some)
     for (value, grid), size in zip(costs.variants(weight, some), got, strict=True):
         assert size == pytest.approx(tensor_bytes(value, grid), rel=0.01)
+
+
+def test_the_fisher_table_of_sampled_rows_is_the_whole_diagonals():
+    """The Fisher diagonal kept only on the rows a large tensor is costed on (and thresholds
+    partitioned in numpy rather than ``kthvalue``) gives the table the whole diagonal gives."""
+    from compressors import _allocate_costs as costs
+    from compressors import _allocate_sensitivity as sens
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 2100), nn.ReLU(), nn.Linear(2100, 4)).eval()
+    assert model[0].weight.numel() > costs.SAMPLED_ABOVE
+    ctx = CompressionContext(train=Split(torch.randn(48, 512), torch.randint(0, 4, (48,))))
+    found = targets(model)
+    settings = get_compressor("allocate")(min_bits=2, max_bits=4).settings()
+    how = sens.Plan("fisher", 48, 16)
+    rows = [costs.sampled_rows(t.weight) for t in found.values()]
+    assert rows[0] is not None and rows[1] is None
+    whole, ref_whole = sens.fisher_diagonal(model, found, ctx, how, sens.Counter())
+    kept, ref_kept = sens.fisher_diagonal(model, found, ctx, how, sens.Counter(), rows)
+    assert ref_whole == ref_kept and kept[0].shape == (len(rows[0]), 512)
+    assert torch.equal(kept[0], whole[0][rows[0]]) and torch.equal(kept[1], whole[1])
+    for t, f_whole, f_kept in zip(found.values(), whole, kept, strict=True):
+        a, b = (
+            costs.costs(t.weight, settings, fisher=f_whole),
+            costs.costs(t.weight, settings, fisher=f_kept),
+        )
+        np.testing.assert_array_equal(a.fisher, b.fisher)
+        np.testing.assert_array_equal(a.bytes, b.bytes)
+    magnitudes = model[0].weight.detach().abs().flatten()
+    for sparsity, threshold in costs._thresholds(model[0].weight, set(alloc.SPARSITIES)).items():
+        k = round(sparsity * magnitudes.numel())
+        assert threshold == (float(torch.kthvalue(magnitudes, k).values) if k else -1.0)
