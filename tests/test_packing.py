@@ -237,7 +237,7 @@ def _fixture_model() -> nn.Module:
     6ca984f) with layer 0 on a 4-bit grid, layer 3 90% pruned on a 3-bit grid, layer 5 60%
     pruned, layer 7 clustered (2 bits), layer 9 99% pruned, a float16 bias and batch-norm
     statistics: dense, bitmask, gaps, ans, codebook and raw records. ``sqz2_small.json`` holds
-    the SHA-256 of each tensor's values and of the outputs for a seeded input, as the SQZ2
+    the SHA-256 of each tensor's values and the outputs for a seeded input, as the SQZ2
     reader read them."""
     return nn.Sequential(
         nn.Linear(16, 48),

@@ -205,7 +205,7 @@ def _sqz3_fixture_model() -> nn.Module:
     """The architecture of ``tests/data/sqz3_v4_small.sqz``, written by the SQZ3 packer of
     format version 4 before tensors were decoded in place (commit e1d2a27): dense float32 weights
     with a compressed exponent plane, float16 records, a bitmask layer, an empty gaps record and
-    a raw integer. ``sqz3_v4_small.json`` holds the SHA-256 of each tensor's values and of the
+    a raw integer. ``sqz3_v4_small.json`` holds the SHA-256 of each tensor's values and the
     outputs for a seeded input, as that version's reader read them."""
     return nn.Sequential(
         nn.Linear(64, 200),
