@@ -241,13 +241,17 @@ def test_a_full_output_dir_stops_the_sweep_at_once_and_keeps_finished_trials(
 
 class _Proxy:
     """A TCP forwarder on 127.0.0.1 in front of PostgreSQL: `stop` drops every connection and
-    refuses new ones (the server is gone), `start` listens again on the same port."""
+    refuses new ones (the server is gone), `start` listens again on the same port.
+
+    Every socket is shut down before it is closed: a process forked meanwhile (the sweep's
+    MLflow writer) holds copies of them, and a close alone would leave the server's end open."""
 
     def __init__(self, host: str, port: int) -> None:
         import socket
         import threading
 
         self._target, self._socket, self._threading = (host, port), socket, threading
+        self._guard = threading.Lock()  # (a connection accepted as `stop` runs is dropped too)
         self._open: list = []
         self._listener = None
         self.port = 0
@@ -258,22 +262,24 @@ class _Proxy:
         s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", self.port))
         s.listen(64)
-        self.port, self._listener = s.getsockname()[1], s
+        with self._guard:
+            self.port, self._listener = s.getsockname()[1], s
         self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
     def stop(self) -> None:
-        try:  # (wakes the thread blocked in accept: close alone would leave it listening)
-            self._listener.shutdown(self._socket.SHUT_RDWR)
+        with self._guard:
+            listener, self._listener = self._listener, None
+            dropped, self._open = self._open, []
+        for sock in (listener, *dropped):  # (shutdown wakes the thread blocked in accept)
+            if sock is not None:  # (already stopped)
+                self._close(sock)
+
+    def _close(self, sock) -> None:
+        try:
+            sock.shutdown(self._socket.SHUT_RDWR)
         except OSError:
             pass
-        self._listener.close()
-        for conn in self._open:
-            try:
-                conn.shutdown(self._socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        self._open.clear()
+        sock.close()
 
     def _accept(self, listener) -> None:
         while True:
@@ -284,25 +290,28 @@ class _Proxy:
             try:
                 server = self._socket.create_connection(self._target)
             except OSError:
-                client.close()
+                self._close(client)
                 continue
-            self._open += [client, server]
+            with self._guard:
+                live = self._listener is listener
+                if live:
+                    self._open += [client, server]
+            if not live:  # stopped while this one connected
+                self._close(client)
+                self._close(server)
+                return
             for a, b in ((client, server), (server, client)):
                 self._threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst) -> None:
+    def _pump(self, src, dst) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            self._close(src)
+            self._close(dst)
 
 
 @pytest.fixture
@@ -390,3 +399,125 @@ def test_a_postgresql_outage_longer_than_the_retry_time_stops_the_sweep_in_one_l
     assert "Traceback" not in err
     trials = optuna.load_study(study_name=name, storage=pg_url).trials
     assert trials[0].state == TrialState.COMPLETE  # the finished trial is kept
+
+
+def test_a_server_that_accepts_but_never_answers_is_an_outage_not_a_hang(monkeypatch):
+    """A TCP listener that never speaks PostgreSQL (a hung server, a dead proxy's backlog): the
+    connection fails after `CONNECT_TIMEOUT_S`, is retried like any outage, and the sweep stops
+    in one line instead of waiting forever."""
+    import socket
+
+    from search._errors import SweepStopped
+    from search.config import storage as storage_module
+
+    monkeypatch.setattr(storage_module, "CONNECT_TIMEOUT_S", 2)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+    try:
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+        with pytest.raises(SweepStopped, match=r"unreachable for 1 s .*timeout expired"):
+            storage_module.open_storage(url, retry_s=1.0)
+    finally:
+        silent.close()
+
+
+def test_the_study_lock_names_its_holder_and_ends_its_session(pg_url):
+    """The lock's connection says whose it is in pg_stat_activity while held, and its session
+    is gone once the lock is released (a session left open would hold the lock forever)."""
+    import os
+    import socket
+    import uuid
+
+    import sqlalchemy
+
+    from search.run.budget import budget_lock
+
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    label = f"squeeze lock {os.getpid()}@{socket.gethostname()}"[:63]
+    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
+
+    def sessions() -> list[str]:
+        with engine.connect() as conn:
+            query = "SELECT state FROM pg_stat_activity WHERE application_name = :label"
+            return [row[0] for row in conn.execute(sqlalchemy.text(query), {"label": label})]
+
+    try:
+        with budget_lock(pg_url, name, retry_s=5):
+            assert sessions() == ["idle"]  # autocommit: not "idle in transaction"
+        assert sessions() == []
+    finally:
+        engine.dispose()
+
+
+def _lock_session(pg_url: str, name: str, application_name: str):
+    """A database session of its own holding the study lock ``name`` (as a leftover would)."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from search.run.locks import lock_key
+
+    url = make_url(pg_url)
+    conn = psycopg2.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        dbname=url.database,
+        application_name=application_name,
+    )
+    conn.autocommit = True
+    conn.cursor().execute("SELECT pg_advisory_lock(%s)", (lock_key(name),))
+    return conn
+
+
+def test_a_session_of_this_process_left_holding_the_study_lock_is_ended(
+    pg_url, monkeypatch, caplog
+):
+    """An unlock lost on a half-open connection leaves the server's session holding the lock;
+    the next claim of the same process ends that session instead of waiting for it forever."""
+    import os
+    import socket
+    import uuid
+
+    from search.run import locks
+    from search.run.budget import budget_lock
+
+    monkeypatch.setattr(locks, "LOCK_WAIT_S", 1)
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    leftover = _lock_session(pg_url, name, f"squeeze lock {os.getpid()}@{socket.gethostname()}")
+    try:
+        with budget_lock(pg_url, name, retry_s=5):
+            pass
+        assert "still held the study's lock" in caplog.text
+        with pytest.raises(Exception, match="terminat|closed"):
+            leftover.cursor().execute("SELECT 1")
+    finally:
+        leftover.close()
+
+
+def test_the_study_lock_waits_for_another_process_without_ending_its_session(pg_url, monkeypatch):
+    import threading
+    import uuid
+
+    from search.run import locks
+    from search.run.budget import budget_lock
+
+    monkeypatch.setattr(locks, "LOCK_WAIT_S", 1)
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    other = _lock_session(pg_url, name, "squeeze lock 1@another-machine")
+    held = threading.Event()
+
+    def claim() -> None:
+        with budget_lock(pg_url, name, retry_s=5):
+            held.set()
+
+    thread = threading.Thread(target=claim, daemon=True)
+    thread.start()
+    try:
+        assert not held.wait(3)  # three waits of 1 s: still the other's
+        other.cursor().execute("SELECT 1")  # its session lives
+        other.cursor().execute("SELECT pg_advisory_unlock_all()")
+        assert held.wait(60)
+        thread.join(60)
+    finally:
+        other.close()

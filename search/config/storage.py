@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -253,6 +254,28 @@ def _check_server(uri: str, shown: str) -> None:
 #: Seconds an outage of the study's storage is ridden out by default (``search.storage_retry_s``).
 DEFAULT_RETRY_S = 120.0
 
+#: SQLAlchemy drivers that take libpq's connection options.
+_LIBPQ_DRIVERS = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+#: Seconds a connection to a PostgreSQL server may take before it counts as an outage.
+CONNECT_TIMEOUT_S = 10
+
+
+def connect_args(storage: str, purpose: str) -> dict[str, Any]:
+    """libpq options of a connection to the PostgreSQL server ``storage`` names (none for other
+    storages): a connection that gets no answer, or a server that goes silent, fails within
+    seconds (and is retried like any outage) instead of waiting forever; the connection names
+    itself in ``pg_stat_activity`` as ``squeeze <purpose> <pid>@<host>``."""
+    if not is_url(storage) or make_url(storage).drivername not in _LIBPQ_DRIVERS:
+        return {}
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "application_name": f"squeeze {purpose} {os.getpid()}@{socket.gethostname()}"[:63],
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+
 
 def open_storage(
     storage: str,
@@ -301,7 +324,7 @@ def _open(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
             storage,
-            engine_kwargs={"pool_pre_ping": True},
+            engine_kwargs={"pool_pre_ping": True, "connect_args": connect_args(storage, "study")},
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
         )

@@ -26,25 +26,22 @@ trial the promotion rule picks, if its epochs fit.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Collection, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config.fidelity import EPOCHS_ATTR, FIDELITY_ATTR, FULL, PROMOTE_FROM_ATTR, Fidelity
-from search.config.retry import retrying
-from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url
+from search.config.storage import DEFAULT_RETRY_S, is_url
 from search.failures import INTERRUPTIONS, fail_kind
-from search.run.locks import file_lock
+from search.run.locks import advisory_lock, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -128,39 +125,9 @@ def budget_lock(
     """A lock held across processes and machines while a trial is claimed (taking a database's
     lock is retried for up to ``retry_s`` seconds while the database is unreachable)."""
     if is_url(storage) and not storage.startswith("sqlite"):
-        return _advisory_lock(storage, study_name, retry_s=retry_s)
+        return advisory_lock(storage, study_name, retry_s=retry_s)
     path = storage.split("///", 1)[1] if storage.startswith("sqlite") else storage
     return file_lock(Path(f"{path}.budget-lock"))  # (not .lock: Optuna's own)
-
-
-@contextmanager
-def _advisory_lock(storage: str, study_name: str, *, retry_s: float) -> Iterator[None]:
-    key = int.from_bytes(hashlib.sha256(f"squeeze:{study_name}".encode()).digest()[:8], "big")
-    key -= 1 << 63 if key >= 1 << 63 else 0  # PostgreSQL's bigint
-    engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
-
-    def lock() -> sqlalchemy.Connection:
-        conn = engine.connect()
-        try:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    try:
-        # a killed worker's connection closes: the lock is freed
-        conn = retrying(lock, retry_s=retry_s, name=mask_url(storage))
-        try:
-            yield
-        finally:
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                conn.close()
-            except sqlalchemy.exc.DBAPIError as err:  # the connection died: so did its lock
-                logger.debug("advisory unlock: %s", err)
-    finally:
-        engine.dispose()
 
 
 @dataclass
