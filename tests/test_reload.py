@@ -32,11 +32,13 @@ def _stored_bytes(array: np.ndarray) -> tuple[str, list[int], bytes]:
 
 
 @pytest.mark.parametrize("count", [0, 1, 1000, (1 << 18) + 3, 700_001])
-@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8", "|u1"])
+@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8", "<u8", "|u1"])
 def test_restore_into_writes_the_array_store_stored(count, dtype):
     rng = np.random.default_rng(count)
     if dtype in ("<f4", "<f2"):  # weights: compressible exponent planes, noisy mantissas
         array = (rng.standard_normal(count) * 0.02).astype(dtype)
+    elif dtype == "<u8":  # (only the top byte compressible: codec top, 7 bytes an element)
+        array = rng.integers(0, 1 << 56, count, dtype=np.uint64).astype(dtype)
     else:
         array = rng.integers(0, 7, count).astype(dtype)
     codec, sizes, data = _stored_bytes(array)
