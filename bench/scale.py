@@ -20,7 +20,9 @@ over the model's bytes, as a markdown table:
   plus ``load_state_dict`` (``st_save_s``, ``st_load_s``), and the ratios ``pack_x`` /
   ``reload_x`` to them (the goal: pack at most 5x, reload at most 3x); with ``--repeats N``,
   both loads are timed N times, taking turns, and the fastest of each kept (on a shared,
-  loaded machine a single timing of a few milliseconds is mostly the others' noise);
+  loaded machine a single timing of a few milliseconds is mostly the others' noise); also in
+  CPU-seconds of the process (``st_load_cpu_s``, ``reload_cpu_s``, ``reload_cpu_x``: the
+  ratio that waits least on the other load);
 - ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
   memory before it (sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``), divided
   by the fp32 model's bytes (the goal: at most 2);
@@ -87,18 +89,20 @@ def _compress(model, variant: str):
     return model
 
 
-def _fastest(loads: dict, case: str, repeats: int) -> dict[str, float]:
-    """Seconds of the fastest of ``repeats`` calls of each of ``loads`` (``{name: load}``), on a
-    freshly built model each (built before timing), the loads taking turns: on a loaded machine,
-    the least disturbed call of each, and both seeing the same spells of load."""
-    best = dict.fromkeys(loads, float("inf"))
+def _fastest(loads: dict, case: str, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """``(wall, cpu)``: seconds and CPU-seconds (this process's, all its threads) of the fastest
+    of ``repeats`` calls of each of ``loads`` (``{name: load}``), on a freshly built model each
+    (built before timing), the loads taking turns: on a loaded machine, the least disturbed call
+    of each, and both seeing the same spells of load."""
+    wall, cpu = dict.fromkeys(loads, float("inf")), dict.fromkeys(loads, float("inf"))
     for _ in range(repeats):
         for name, load in loads.items():
             fresh, _ = _build(case)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             load(fresh)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            wall[name] = min(wall[name], time.perf_counter() - t0)
+            cpu[name] = min(cpu[name], time.process_time() - c0)
+    return wall, cpu
 
 
 def _child(case: str, variant: str, repeats: int = 1) -> dict:
@@ -145,21 +149,23 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
             "st_load_s": lambda fresh: fresh.load_state_dict(load_file(st), strict=False),
             "reload_s": lambda fresh: load_packed(path, fresh),
         }
-        best = _fastest(loads, case, repeats)
+        best, cpu = _fastest(loads, case, repeats)
         row["st_load_s"] = best["st_load_s"]
         row["reload_s"] = min(row["reload_s"], best["reload_s"])
+        row["st_load_cpu_s"], row["reload_cpu_s"] = cpu["st_load_s"], cpu["reload_s"]
         with torch.no_grad():
             row["exact"] = bool(torch.equal(_outputs(reloaded, x), expected))
     row["pack_x"] = row["pack_s"] / row["st_save_s"]
     row["reload_x"] = row["reload_s"] / row["st_load_s"]
+    row["reload_cpu_x"] = row["reload_cpu_s"] / row["st_load_cpu_s"]
     return row
 
 
 def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
     head = (
         f"{'case':<10} {'variant':<7} {'st save':>8} {'pack s':>8} {'x':>6} {'st load':>8} "
-        f"{'reload s':>8} {'x':>5} {'est s':>6} {'pack mem':>8} {'load mem':>8} {'bytes':>12} "
-        f"{'est/file':>9} {'new/old':>8} exact"
+        f"{'reload s':>8} {'x':>5} {'cpu x':>5} {'est s':>6} {'pack mem':>8} {'load mem':>8} "
+        f"{'bytes':>12} {'est/file':>9} {'new/old':>8} exact"
     )
     lines = [head]
     for r in rows:
@@ -168,8 +174,8 @@ def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
         lines.append(
             f"{r['case']:<10} {r['variant']:<7} {r['st_save_s']:>8.3f} {r['pack_s']:>8.2f} "
             f"{r['pack_x']:>6.1f} {r['st_load_s']:>8.3f} {r['reload_s']:>8.2f} "
-            f"{r['reload_x']:>5.1f} {r['estimate_s']:>6.2f} {r['pack_mem']:>8.2f} "
-            f"{r['reload_mem']:>8.2f} {r['bytes']:>12,} "
+            f"{r['reload_x']:>5.1f} {r['reload_cpu_x']:>5.2f} {r['estimate_s']:>6.2f} "
+            f"{r['pack_mem']:>8.2f} {r['reload_mem']:>8.2f} {r['bytes']:>12,} "
             f"{r['estimate_bytes'] / r['bytes']:>9.4f} {ratio:>8} {r['exact']}"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Opening a packed file of any format: the checks every reader makes (magic, checksum,
 format version) and each tensor's arrays, decoded on demand (see `compressors.packing` for the
-formats: ``SQZ4``, written today, and ``SQZ3`` and ``SQZ2``, still read)."""
+formats: ``SQZ5``, written today, and ``SQZ4``, ``SQZ3`` and ``SQZ2``, still read)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from safetensors.torch import load as st_load
 from compressors._codecs import CodecError, check_layout, decode, restore
 from compressors._planes import restore_into
 
-MAGIC = b"SQZ4"
+MAGIC = b"SQZ5"
+#: The previous container, still read: the same but for the codec ``top`` (`compressors._planes`),
+#: which its readers do not know.
+MAGIC_SQZ4 = b"SQZ4"
 #: The previous container, still read: the same bytes but for its trailer's checksum (CRC-32).
 MAGIC_SQZ3 = b"SQZ3"
 FORMAT_VERSION = 4
@@ -36,10 +39,11 @@ FORMAT_VERSION_ACT = 5
 MAGIC_SQZ2, FORMAT_VERSION_SQZ2 = b"SQZ2", 3
 #: Bytes before an SQZ2 file's payload: magic, codec, CRC-32.
 HEADER_BYTES = 9
-#: Bytes of an SQZ4 file that are neither arrays nor index: the magic and the trailer.
+#: Bytes of an SQZ5 (or SQZ4) file that are neither arrays nor index: the magic and the trailer.
 FRAMING_BYTES = 4 + 16
-#: An SQZ4 file's last bytes: its index's length and the XXH3-64 of all before them (`checksum`:
-#: about 6 times as fast as zlib's CRC-32, which took a quarter of a 110 M model's reload).
+#: An SQZ5 (or SQZ4) file's last bytes: its index's length and the XXH3-64 of all before them
+#: (`checksum`: about 6 times as fast as zlib's CRC-32, which took a quarter of a 110 M model's
+#: reload).
 TRAILER = struct.Struct("<QQ")
 #: An SQZ3 file's last bytes: its index's length and the CRC-32 of all before them.
 TRAILER_SQZ3 = struct.Struct("<QI")
@@ -184,7 +188,7 @@ def checked(path: str | os.PathLike) -> bytes | mmap.mmap:
     if data[:3] == MAGIC[:3] and data[:4] not in _MAGICS:
         raise PackedFileError(
             f"{path} was written by another version of squeeze (format {data[3:4].decode()!r}); "
-            f"this squeeze reads formats '2', '3' and {MAGIC[3:].decode()!r}. Rerun the trial "
+            f"this squeeze reads formats '2', '3', '4' and {MAGIC[3:].decode()!r}. Rerun the trial "
             "to rewrite it."
         )
     if data[:4] not in _MAGICS:
@@ -192,12 +196,12 @@ def checked(path: str | os.PathLike) -> bytes | mmap.mmap:
     return data
 
 
-_MAGICS = (MAGIC, MAGIC_SQZ3, MAGIC_SQZ2)
+_MAGICS = (MAGIC, MAGIC_SQZ4, MAGIC_SQZ3, MAGIC_SQZ2)
 
 
 def checksum(data) -> int:
-    """The checksum an SQZ4 file's trailer holds for ``data`` (all bytes before the trailer):
-    XXH3-64, as an unsigned integer."""
+    """The checksum an SQZ5 (or SQZ4) file's trailer holds for ``data`` (all bytes before the
+    trailer): XXH3-64, as an unsigned integer."""
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -214,9 +218,9 @@ def open_packed(
     max_bytes: int = MAX_UNBOUNDED_BYTES,
     max_index: int = MAX_INDEX_BYTES,
 ) -> Packed:
-    """Open a packed file (SQZ4, SQZ3 or SQZ2) after checking its magic, its checksum and every
-    record's fields against the bytes the file holds for it: nothing is allocated from a size
-    the file states before that size is checked.
+    """Open a packed file (SQZ5, SQZ4, SQZ3 or SQZ2) after checking its magic, its checksum and
+    every record's fields against the bytes the file holds for it: nothing is allocated from a
+    size the file states before that size is checked.
 
     Args:
         path: The file.
@@ -248,6 +252,7 @@ def open_packed(
     del index
     _check_model_record(path, meta, (FORMAT_VERSION, FORMAT_VERSION_ACT))
     places: dict[str, list[tuple[str, np.dtype, list[int], str, list[int], int]]] = {}
+    known = ("raw", "planes", "top") if data[:4] == MAGIC else ("raw", "planes")
     offset = len(MAGIC)
     for name, spec in meta["t"].items():
         entries = spec.get("a") if isinstance(spec, dict) else None
@@ -277,8 +282,18 @@ def open_packed(
                     f"{where}: byte planes {sizes} do not fit {count:,} elements of "
                     f"{dtype.itemsize} bytes"
                 )
-            if codec not in ("raw", "planes"):
-                raise PackedFileError(f"{where} has codec {codec!r}; known: raw, planes")
+            if codec == "top" and (
+                dtype.itemsize < 2
+                or len(sizes) != 2
+                or sizes[0] != (dtype.itemsize - 1) * count
+                or not 0 < sizes[1] <= count
+            ):
+                raise PackedFileError(
+                    f"{where}: low bytes and top plane {sizes} do not fit {count:,} elements of "
+                    f"{dtype.itemsize} bytes"
+                )
+            if codec not in known:
+                raise PackedFileError(f"{where} has codec {codec!r}; known: {', '.join(known)}")
             if suffix in counts or offset + stored > index_start:
                 raise PackedFileError(f"{where} is listed twice or runs past the arrays")
             counts[suffix] = (dtype.str, count)

@@ -1,17 +1,17 @@
 """The packed model file: what makes a compressed model's size real.
 
-A file (format ``SQZ4``) is ``b"SQZ4"``, then each tensor's arrays, one tensor after another, then
+A file (format ``SQZ5``) is ``b"SQZ5"``, then each tensor's arrays, one tensor after another, then
 an index (compact JSON, as a zstd frame: each tensor's layout record with its arrays' names,
 dtypes, shapes and stored sizes, and the record of the model, below; compressed, because in a
-file of a few KB the index is a third of it), then a 12-byte trailer: the index's length
+file of a few KB the index is a third of it), then a 16-byte trailer: the index's length
 (8 bytes) and the XXH3-64 of everything before the trailer (8 bytes, both little-endian; a
 truncated or corrupted file is refused with `PackedFileError`). The writer streams: it encodes
 tensors in parallel (`WORKERS` threads; each record depends on its tensor alone, so the bytes do
 not depend on the threads) and writes each record as soon as it and those before it are done;
 the reader maps the file, checks its checksum, and decodes tensors in parallel
 (`WORKERS` threads), each where it can straight into the model's own tensor: a dense float32
-weight's byte planes are written into the tensor's storage block by block, its compressed plane
-decompressed a block at a time, with no copy of the whole tensor or file on the way.
+weight's bytes are written into the tensor's storage block by block, its compressed exponent
+plane decompressed a block at a time, with no copy of the whole tensor or file on the way.
 
 For every tensor of the model's state the writer picks the smallest of three layouts:
 
@@ -34,8 +34,12 @@ float16 values).
 Each array's bytes are then stored as they are, or split into byte planes, each compressed with
 zstd where that measurably pays (`compressors._codecs.store`): the exponent bytes of float
 weights, sparse positions, integer buffers. The entropy-coded codes and the float mantissas are
-left as they are (nothing to gain, so no time spent). `packed_size` gives the file's size
-exactly without writing it: each tensor is encoded as the writer encodes it, only sizes kept.
+left as they are (nothing to gain, so no time spent). Where only the top byte pays (a float
+weight's sign and exponent), the array is stored as codec ``top``: each element's other bytes
+together, element after element, then the top bytes' compressed plane (the same bytes as four
+planes, in an order that is written back into float32 elements twice as fast). `packed_size`
+gives the file's size exactly without writing it: each tensor is encoded as the writer encodes
+it, only sizes kept.
 
 The index also records how the model's structure differs from a freshly built one: layers
 replaced by other modules (a low-rank pair, see `register_replacement`), layers that run on int8
@@ -47,10 +51,11 @@ plain value that differs from it), activation grids (``act``: a file with them i
 layer), which are stored once and tied again on load. Loading rebuilds all of it; it reads
 arrays of plain numbers and JSON only and never unpickles code.
 
-Files of the previous formats still load: ``SQZ3``, the same but for its trailer (the index's
-length, then a CRC-32 of 4 bytes: a quarter of a large model's reload went to checking it), and
-``SQZ2`` (magic, codec byte, CRC-32, then one safetensors payload holding the same arrays,
-LZMA-compressed when that was smaller).
+Files of the previous formats still load: ``SQZ4``, the same but without codec ``top`` (a
+float weight's four byte planes, one after another); ``SQZ3``, as SQZ4 but for its trailer (the
+index's length, then a CRC-32 of 4 bytes: a quarter of a large model's reload went to checking
+it), and ``SQZ2`` (magic, codec byte, CRC-32, then one safetensors payload holding the same
+arrays, LZMA-compressed when that was smaller).
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ from compressors._container import (
     MAGIC,
     MAGIC_SQZ2,
     MAGIC_SQZ3,
+    MAGIC_SQZ4,
     TRAILER,
     PackedFileError,
     checked,
@@ -122,6 +128,7 @@ __all__ = [
     "MAGIC",
     "MAGIC_SQZ2",
     "MAGIC_SQZ3",
+    "MAGIC_SQZ4",
     "Codes",
     "PackedFileError",
     "PackedTensor",
@@ -180,7 +187,7 @@ def packed_size(
     the original's). Each tensor is encoded as the writer encodes it and only its size is kept;
     no file is written. The size is the sum of `tensor_bytes` over the stored tensors plus the
     record of the model and `FRAMING_BYTES`. ``lzma_pass`` is accepted for callers written for
-    format SQZ2 (whose payload had an optional whole-file LZMA pass); SQZ4 has none, so it
+    format SQZ2 (whose payload had an optional whole-file LZMA pass); SQZ5 has none, so it
     changes nothing."""
     del lzma_pass
     return _write(model, None, like=like, replace=replace)
@@ -398,11 +405,11 @@ def read_payload(path: str | os.PathLike, *, model: nn.Module | None = None) -> 
     """``(payload, compressed)``: a packed file's arrays and records as one safetensors payload,
     after the checks every reader makes (magic, format, checksum). For an SQZ2 file, the payload
     it holds (decompressed) and whether the file holds it LZMA-compressed: the file's size is
-    `HEADER_BYTES` plus the payload's, or its LZMA stream's. For an SQZ4 or SQZ3 file (which holds
-    arrays one by one), the same payload built from its arrays as they are before their byte
-    planes are compressed and its layout records without their storage lists, and whether the
-    file is smaller than `HEADER_BYTES` plus that payload (what a byte count made for SQZ2
-    files, `search.results.explain`, needs)."""
+    `HEADER_BYTES` plus the payload's, or its LZMA stream's. For an SQZ5, SQZ4 or SQZ3 file
+    (which holds arrays one by one), the same payload built from its arrays as they are before
+    their byte planes are compressed and its layout records without their storage lists, and
+    whether the file is smaller than `HEADER_BYTES` plus that payload (what a byte count made
+    for SQZ2 files, `search.results.explain`, needs)."""
     data = checked(path)
     if data[:4] == MAGIC_SQZ2:
         return sqz2_payload(path, data, max_bytes=limits(model)[0])

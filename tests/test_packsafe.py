@@ -29,7 +29,7 @@ from compressors import (
     save_packed,
 )
 from compressors._codecs import CodecError, restore
-from compressors._container import MAGIC_SQZ3, TRAILER_SQZ3, checksum
+from compressors._container import MAGIC_SQZ3, MAGIC_SQZ4, TRAILER_SQZ3, checksum
 from compressors.lowrank import LowRank
 from compressors.packing import TRAILER
 from experiments import BaselineCacheError, load_or_train_baseline
@@ -132,7 +132,8 @@ def craft(folder: Path) -> dict[str, Path]:
         # an index that decompresses to half a GiB (JSON, then blanks)
         "index_bomb": sqz3_file(arrays, zstd_bomb_index(index)),
         # a byte plane whose zstd frame states half a GiB
-        "plane_bomb": plane_bomb(arrays, index),
+        "plane_bomb": plane_bomb(arrays, copy.deepcopy(index)),
+        "top_bomb": plane_bomb(arrays, copy.deepcopy(index), "top"),
     }
     arrays, index = sqz3_parts(files["lowrank"].read_bytes())
     index["modules"]["9"]["rank"] = 1 << 22  # 24 x 4M and 4M x 120 floats
@@ -167,9 +168,10 @@ def zstd_bomb_index(index: dict) -> bytes:
     return head + b"".join(stream.compress(chunk) for _ in range(BOMB >> 20)) + stream.flush()
 
 
-def plane_bomb(arrays: bytes, index: dict) -> bytes:
+def plane_bomb(arrays: bytes, index: dict, codec: str = "planes") -> bytes:
     """The sound file with tensor ``0.bias``'s values stored as byte planes, the first a frame of
-    `BOMB` zeros (the others as they were)."""
+    `BOMB` zeros (the others as they were); or, ``codec="top"``, as each element's low bytes then
+    a top plane that is that frame."""
     offset = 4
     for name, spec in index["t"].items():
         for entry in spec["a"]:
@@ -180,7 +182,10 @@ def plane_bomb(arrays: bytes, index: dict) -> bytes:
                 raw = arrays[offset : offset + sizes[0]]
                 planes = [raw[j::k] for j in range(k)]
                 planes[0] = zstd_bomb(BOMB)
-                entry[3:] = ["planes", [len(p) for p in planes]]
+                if codec == "top":
+                    low = b"".join(raw[i : i + k - 1] for i in range(0, len(raw), k))
+                    planes = [low, planes[0]]
+                entry[3:] = [codec, [len(p) for p in planes]]
                 return sqz3_file(
                     arrays[:offset] + b"".join(planes) + arrays[offset + sizes[0] :], index
                 )
@@ -201,6 +206,7 @@ CRAFTED = [
     "codes_count",
     "index_bomb",
     "plane_bomb",
+    "top_bomb",
     "lowrank_rank",
     "sqz2_lzma_streams",
     "sqz2_lzma_bomb",
@@ -222,7 +228,9 @@ def test_a_crafted_file_is_refused(crafted, name):
         load_packed(crafted[name], fixture_model())
 
 
-@pytest.mark.parametrize("name", ["bitmask_shape", "index_bomb", "plane_bomb", "sqz2_lzma_streams"])
+@pytest.mark.parametrize(
+    "name", ["bitmask_shape", "index_bomb", "plane_bomb", "top_bomb", "sqz2_lzma_streams"]
+)
 def test_a_crafted_file_read_without_its_model_is_refused(crafted, name):
     with pytest.raises(PackedFileError, match=str(crafted[name].name)):
         read_packed(crafted[name])
@@ -364,6 +372,24 @@ def test_a_record_with_fields_of_the_wrong_kind_is_refused(crafted, tmp_path, ed
     path.write_bytes(sqz3_file(arrays, index))
     with pytest.raises(PackedFileError, match="edited.sqz"):
         load_packed(path, fixture_model())
+
+
+def test_codec_top_is_refused_in_an_sqz4_file_and_where_its_sizes_do_not_fit(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.Linear(300, 600)
+    save_packed(layer, tmp_path / "m.sqz")
+    arrays, index = sqz3_parts((tmp_path / "m.sqz").read_bytes())
+    entry = index["t"]["weight"]["a"][0]
+    assert entry[3:] == ["top", [3 * 180_000, entry[4][1]]]
+    path = tmp_path / "edited.sqz"
+    path.write_bytes(sqz3_file(MAGIC_SQZ4 + arrays[4:], index))  # (SQZ4 readers know no top)
+    with pytest.raises(PackedFileError, match="codec 'top'; known: raw, planes$"):
+        load_packed(path, nn.Linear(300, 600))
+    for sizes in ([3 * 180_000 - 1, entry[4][1] + 1], [4 * 180_000, 0]):
+        entry[4] = sizes
+        path.write_bytes(sqz3_file(arrays, index))
+        with pytest.raises(PackedFileError, match=r"low bytes and top plane .* do not fit"):
+            load_packed(path, nn.Linear(300, 600))
 
 
 def test_a_byte_plane_stating_more_bytes_than_its_array_holds_is_refused_unread():

@@ -32,11 +32,13 @@ def _stored_bytes(array: np.ndarray) -> tuple[str, list[int], bytes]:
 
 
 @pytest.mark.parametrize("count", [0, 1, 1000, (1 << 18) + 3, 700_001])
-@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8", "|u1"])
+@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<i8", "<u8", "|u1"])
 def test_restore_into_writes_the_array_store_stored(count, dtype):
     rng = np.random.default_rng(count)
     if dtype in ("<f4", "<f2"):  # weights: compressible exponent planes, noisy mantissas
         array = (rng.standard_normal(count) * 0.02).astype(dtype)
+    elif dtype == "<u8":  # (only the top byte compressible: codec top, 7 bytes an element)
+        array = rng.integers(0, 1 << 56, count, dtype=np.uint64).astype(dtype)
     else:
         array = rng.integers(0, 7, count).astype(dtype)
     codec, sizes, data = _stored_bytes(array)
@@ -49,7 +51,7 @@ def test_restore_into_writes_the_array_store_stored(count, dtype):
 def test_a_float_weight_is_stored_with_a_compressed_plane_and_decoded_block_by_block():
     array = (np.random.default_rng(0).standard_normal(600_000) * 0.02).astype("<f4")
     codec, sizes, data = _stored_bytes(array)
-    assert codec == "planes" and min(sizes) < len(array)  # (the exponent plane, compressed)
+    assert codec == "top" and sizes[1] < len(array)  # (the exponent plane, compressed)
     assert len(array) * 4 > 2 * _planes._INTERLEAVE_BYTES  # (several blocks)
     out = np.empty(array.nbytes, dtype=np.uint8)
     _planes.restore_into(out, array.dtype, len(array), codec, sizes, memoryview(data))
@@ -66,6 +68,40 @@ def test_a_byte_plane_holding_fewer_or_more_bytes_than_its_array_is_refused():
     sizes = [len(long), 4096]
     with pytest.raises(CodecError, match="does not decompress to 4096 bytes"):
         _planes.restore(np.dtype("<i2"), 4096, "planes", sizes, long + plane)
+
+
+def test_codec_top_is_each_elements_low_bytes_then_its_top_plane():
+    array = (np.random.default_rng(1).standard_normal(300_000) * 0.02).astype("<f4")
+    codec, sizes, data = _stored_bytes(array)
+    elements = array.view(np.uint8).reshape(-1, 4)
+    assert codec == "top" and sizes[0] == 3 * len(array)
+    assert data[: sizes[0]] == elements[:, :3].tobytes()
+    top = zstandard.ZstdDecompressor().decompress(data[sizes[0] :])
+    assert top == elements[:, 3].tobytes()
+
+
+def test_codec_top_refuses_sizes_and_planes_that_do_not_fit():
+    array = np.arange(4096, dtype="<i2")  # (top bytes 0 to 15)
+    low, top = array.view(np.uint8)[0::2].tobytes(), array.view(np.uint8)[1::2].tobytes()
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(top)
+    assert np.array_equal(
+        _planes.restore(np.dtype("<i2"), 4096, "top", [4096, len(frame)], low + frame), array
+    )
+    for sizes, data in [
+        ([4095, len(frame)], low[:-1] + frame),
+        ([4096, 0], low),
+        ([4096, len(frame)], low + frame + b"x"),
+    ]:
+        with pytest.raises(CodecError, match="do not fit|is stored in"):
+            _planes.restore(np.dtype("<i2"), 4096, "top", sizes, data)
+    with pytest.raises(CodecError, match="do not fit"):
+        _planes.restore(np.dtype("|u1"), 4096, "top", [0, len(frame)], frame)
+    short = zstandard.ZstdCompressor(write_content_size=False).compress(top[:4000])
+    with pytest.raises(CodecError, match="holds 4000 bytes, not 4096"):
+        _planes.restore(np.dtype("<i2"), 4096, "top", [4096, len(short)], low + short)
+    long = zstandard.ZstdCompressor(write_content_size=False).compress(top + b"x")
+    with pytest.raises(CodecError, match="does not decompress to 4096 bytes"):
+        _planes.restore(np.dtype("<i2"), 4096, "top", [4096, len(long)], low + long)
 
 
 @pytest.mark.parametrize("size", [0, 5, 1 << 22, (3 << 22) + 11])
@@ -85,12 +121,13 @@ def test_the_trailer_holds_the_xxh3_of_the_bytes_before_it(tmp_path):
     save_packed(_model(), path)
     data = path.read_bytes()
     index_len, stated = packing.TRAILER.unpack(data[-packing.TRAILER.size :])
-    assert data[:4] == b"SQZ4" and stated == xxhash.xxh3_64_intdigest(data[:-16])
+    assert data[:4] == b"SQZ5" and stated == xxhash.xxh3_64_intdigest(data[:-16])
     index = data[-16 - index_len : -16]
     assert json.loads(zstandard.ZstdDecompressor().decompress(index))["v"] == 4
-    # the previous container (SQZ3: CRC-32 in a 12-byte trailer) still opens
-    old = DATA / "sqz3_v4_small.sqz"
-    assert old.read_bytes()[:4] == b"SQZ3" and opened(old, None)[0].meta["v"] == 4
+    # the previous containers (SQZ4: no codec top; SQZ3: CRC-32 in a 12-byte trailer) still open
+    for old, magic in (("sqz4_v4_small.sqz", b"SQZ4"), ("sqz3_v4_small.sqz", b"SQZ3")):
+        assert (DATA / old).read_bytes()[:4] == magic
+        assert opened(DATA / old, None)[0].meta["v"] == 4
 
 
 def _model() -> nn.Module:
@@ -218,8 +255,11 @@ def _sqz3_fixture_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("workers", [1, 4])
-def test_a_file_of_the_previous_reader_loads_exactly_in_place(monkeypatch, workers):
-    path = DATA / "sqz3_v4_small.sqz"
+@pytest.mark.parametrize("fixture", ["sqz3_v4_small.sqz", "sqz4_v4_small.sqz"])
+def test_a_file_of_a_previous_format_loads_exactly_in_place(monkeypatch, workers, fixture):
+    """``sqz4_v4_small.sqz``: the SQZ3 fixture loaded and written again by the SQZ4 packer
+    (commit d43cd08), its float weights as four byte planes: the same values and outputs."""
+    path = DATA / fixture
     expected = json.loads((DATA / "sqz3_v4_small.json").read_text())
     outputs = expected.pop("__outputs__")
     monkeypatch.setattr(packing, "WORKERS", workers)

@@ -5,13 +5,13 @@ Three questions, three parts, each a plain function usable on its own:
 
 - **Where the bytes went** (`byte_breakdown`): the packed file (`compressors.packing`) taken apart
   byte by byte. The accounting is made on the file's payload as an SQZ2-style safetensors layout
-  (`compressors.packing.read_payload` builds it for SQZ4 files too), where it is exact: each tensor
+  (`compressors.packing.read_payload` builds it for SQZ5 files too), where it is exact: each tensor
   costs its arrays' data (values, codes, masks, gaps, scales, codebook), their entries in the
   safetensors JSON header, and its layout record in the model record. What is left of the payload
   (the length prefix, JSON framing and padding, the format version, replaced modules, int8 layers,
   ties and changed attributes) is the *model record* line; the *codecs and framing* line is the
   file's size minus that payload and the header (negative when the codecs — zstd'd byte planes in
-  SQZ4, LZMA in SQZ2 — shrank the arrays more than the file's framing adds); the *file header* line
+  SQZ5, LZMA in SQZ2 — shrank the arrays more than the file's framing adds); the *file header* line
   is the format's header bytes. The lines sum to the file's size exactly. Compressible tensors
   (`compressors.targets`) get a row each, with their shape before and after, what structured pruning
   kept, sparsity, bit width or codebook size and runtime (float or int8); the other tensors (biases,
