@@ -104,6 +104,7 @@ import torch
 from torch import nn
 
 from compressors._act_quant import disabled, ranges
+from compressors._onnx_attention import attention_heads, fuse_attention
 from compressors._onnx_fold import fold_batchnorm
 from compressors._onnx_graph import (
     SPARSE_NOTE_ZEROS,
@@ -329,6 +330,7 @@ def export_onnx(
         fold_batchnorm(proto, roots, notes)  # identity; a W8A8 graph folds its own: `_onnx_qdq`)
     Rewriter(proto, roots, opset=opset, integer=integer).run()
     qdq.insert()
+    fuse_attention(proto, qdq.sites, attention_heads(model))
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "

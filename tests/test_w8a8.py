@@ -351,6 +351,11 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     # with its float weight, not dequantized at every call (MatMulNBits: 2-3x slower here)
     assert ops["Gemm"] == 2
     assert ops["MatMulNBits"] == ops["DequantizeLinear"] == 0
+    # the attention on (batch, tokens, width) tensors (`compressors._onnx_attention`): no
+    # transposes of the activations, every head's scores in one MatMul per layer (the keys'
+    # transpose fused into it), and no SkipLayerNormalization (slower than Add + LayerNorm)
+    assert ops["Transpose"] == 0 and ops["Softmax"] == 2 and ops["FusedMatMul"] == 2
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 5
     check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
     assert check.agree, check.message
     labels = task.val.y

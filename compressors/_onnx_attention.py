@@ -1,0 +1,279 @@
+"""The self-attention of torch's transformer layers in a W8A8 graph, rewritten for ONNX Runtime's
+CPU kernels: no transposes of the activations between the projections.
+
+torch exports ``nn.MultiheadAttention`` with ``batch_first=True`` through its functional form:
+a transpose to ``(tokens, batch, width)``, the packed q / k / v projection, reshapes, a gather
+per projection, transposes to ``(batch, heads, tokens, head width)``, the scaled dot products,
+and transposes and reshapes back (some 35 nodes). With small heads most of ONNX Runtime's time
+went to those copies: the zoo TransformerEncoder (width 32, 4 heads of 8, 8 tokens) at batch
+32, one thread, spent 166 of 745 profiled us in Transpose and 83 in Reshape, where its
+projections took 120.
+
+`fuse_attention` replaces that part of the graph, for a layer with a fixed number of tokens
+``S`` and ``heads * S`` at most `MAX_COLUMNS`, by the same arithmetic on
+``(batch, tokens, width)`` tensors: the projection on the layer's input (its activation grid
+and integer kernel kept), a split into q, k and v, and each head's keys and values set apart by
+a constant mask: ``K_h = k * M_h`` stacked over the heads (``(batch, heads * S, width)``, the
+``1 / sqrt(head width)`` scale in ``M``), so that one batched MatMul ``q @ K^T`` gives every
+head's scores (``(batch, S, heads * S)``, softmax over each head's ``S`` columns) and one
+``P @ V`` (``V`` stacked likewise) every head's output, already in the layout of the output
+projection. The products cost ``heads`` times the multiply-adds of the per-head ones (hence
+the bound); on the zoo encoder at batch 32 they ran in fewer kernel calls than the per-head
+products and their transposes. The output projection runs as a ``Gemm`` on ``(batch * S,
+width)`` reshaped back with ``-1``: its batch axis is then unnamed, so that ONNX Runtime does
+not fuse the residual ``Add`` and the ``LayerNormalization`` into ``SkipLayerNormalization``,
+whose CPU kernel (ONNX Runtime 1.32) ran an Add + LayerNormalization of ``(32, 8, 32)`` in
+48 us against 21-24 us unfused.
+
+A layer whose graph differs (a mask read from an input, ``batch_first=False``, a dynamic
+number of tokens) keeps the exported form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+#: Largest ``heads * tokens`` rewritten (the stacked products' extra work grows with it).
+MAX_COLUMNS = 256
+#: Ops the exported attention between its input and its output projection is made of.
+_ATTENTION_OPS = frozenset(
+    {
+        "Transpose",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Gather",
+        "Split",
+        "Slice",
+        "Shape",
+        "Concat",
+        "Mul",
+        "Div",
+        "Sqrt",
+        "Cast",
+        "Identity",
+        "Constant",
+        "MatMul",
+        "Softmax",
+        "Add",
+        "Gemm",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+)
+
+
+def attention_heads(model: nn.Module) -> dict[str, int]:
+    """The ``self_attn`` layers of ``model``'s torch transformer layers that `fuse_attention`
+    may rewrite (packed projections, ``batch_first``), with their number of heads."""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return {
+        f"{name}.self_attn" if name else "self_attn": module.self_attn.num_heads
+        for name, module in model.named_modules()
+        if isinstance(module, layers)
+        and isinstance(module.self_attn, nn.MultiheadAttention)
+        and module.self_attn._qkv_same_embed_dim
+        and module.self_attn.batch_first
+    }
+
+
+def fuse_attention(proto: Any, sites: Mapping[str, str], heads: Mapping[str, int]) -> list[str]:
+    """Rewrite the attention of each layer of ``heads`` whose packed projection's output is
+    ``sites[layer]`` (`compressors._onnx_qdq.ActivationQDQ`: after its grids are written);
+    returns the layers rewritten."""
+    from onnx import shape_inference
+
+    todo = [layer for layer in heads if layer in sites]
+    if not todo:
+        return []
+    shapes = _shapes(shape_inference.infer_shapes(proto, strict_mode=False).graph)
+    done = []
+    for layer in todo:
+        found = _region(proto.graph, sites[layer])
+        if found is None:
+            continue
+        tokens = shapes.get(found["input"], [None, None])[1:2]
+        if not tokens or not isinstance(tokens[0], int):
+            continue
+        if _rewrite(proto.graph, found, layer, tokens=tokens[0], heads=heads[layer]):
+            done.append(layer)
+    return done
+
+
+def _shapes(graph: Any) -> dict[str, list]:
+    found = {}
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        found[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return found
+
+
+def _region(graph: Any, site: str) -> dict[str, Any] | None:
+    """The exported attention around the packed projection making ``site``: its input (before
+    the transpose to tokens first), the nodes up to the transpose back, which the residual
+    ``Add`` reads beside the input, and the kept nodes; None where the graph differs."""
+    nodes = list(graph.node)
+    makers = {out: node for node in nodes for out in node.output}
+    inits = {i.name for i in graph.initializer}
+    matmul = makers.get(site)
+    if matmul is None or matmul.op_type != "MatMul":
+        return None
+    chain = [matmul]
+    for op in ("DequantizeLinear", "QuantizeLinear", "Transpose"):
+        node = makers.get(chain[-1].input[0])
+        if node is None or node.op_type != op:
+            return None
+        chain.append(node)
+    _, dequantize, quantize, transpose = chain
+    if _attr(transpose, "perm") != [1, 0, 2]:
+        return None
+    start = transpose.input[0]
+    for add in (n for n in nodes if n.op_type == "Add" and start in n.input):
+        other = add.input[1] if add.input[0] == start else add.input[0]
+        inside = _slice(other, start, makers, inits)
+        if inside is None or id(matmul) not in inside or id(transpose) not in inside:
+            continue
+        region = [n for n in nodes if id(n) in inside]
+        if any(n.op_type not in _ATTENTION_OPS for n in region):
+            return None
+        if sum(n.op_type == "Softmax" for n in region) != 1:
+            return None
+        outputs = {o for n in region for o in n.output}
+        outside = [n for n in nodes if id(n) not in inside]
+        if any(i in outputs and i != other for n in outside for i in n.input):
+            return None  # (a tensor of the attention read elsewhere)
+        if {o.name for o in graph.output} & (outputs - {other}):
+            return None
+        return {
+            "input": start,
+            "output": other,
+            "region": region,
+            "matmul": matmul,
+            "dequantize": dequantize,
+            "quantize": quantize,
+            "weight": makers.get(matmul.input[1]),
+        }
+    return None
+
+
+def _slice(tensor: str, start: str, makers: dict, inits: set) -> set[int] | None:
+    """The nodes ``tensor`` is computed by from ``start`` and constants (None where it reads
+    another tensor of the graph: a mask, a graph input)."""
+    inside: set[int] = set()
+    stack = [tensor]
+    while stack:
+        name = stack.pop()
+        if name in (start, "") or name in inits:
+            continue
+        node = makers.get(name)
+        if node is None:
+            return None
+        if id(node) not in inside:
+            inside.add(id(node))
+            stack.extend(node.input)
+    return inside
+
+
+def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) -> bool:
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    region = found["region"]
+    projection = [n for n in region if n.op_type == "Gemm" and n.input[1] in inits]
+    if len(projection) != 1:
+        return False
+    out_proj = projection[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in out_proj.attribute}
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return False
+    width = int(inits[out_proj.input[1]].dims[0])
+    if width % heads or heads * tokens > MAX_COLUMNS or len(inits[out_proj.input[1]].dims) != 2:
+        return False
+    matmul = found["matmul"]
+    readers = [n for n in graph.node if matmul.output[0] in n.input]
+    bias = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
+    if bias is not None and not any(i in inits for i in bias.input):
+        bias = None
+    kept = [found["quantize"], found["dequantize"], matmul, *([bias] if bias else [])]
+    if found["weight"] is not None and found["weight"].op_type == "DequantizeLinear":
+        kept.append(found["weight"])
+    found["quantize"].input[0] = found["input"]
+    qkv = (bias or matmul).output[0]
+    base = layer.replace(".", "_") + "_attention"
+    size = width // heads
+    head_of = np.arange(width) // size
+    mask = (np.arange(heads)[:, None, None] == head_of[None, None, :]).astype(np.float32)
+    mask = np.broadcast_to(mask, (heads, tokens, width))
+    constants = {
+        f"{base}_keys_mask": (mask * np.float32(size**-0.5)).astype(np.float32),
+        f"{base}_values_mask": mask.astype(np.float32),
+        f"{base}_stacked_shape": np.array([0, heads * tokens, width], np.int64),
+        f"{base}_per_head_shape": np.array([0, tokens, heads, tokens], np.int64),
+        f"{base}_scores_shape": np.array([0, tokens, heads * tokens], np.int64),
+        f"{base}_rows_shape": np.array([-1, width], np.int64),
+        f"{base}_tokens_shape": np.array([-1, tokens, width], np.int64),
+        f"{base}_axis": np.array([1], np.int64),
+    }
+    for key, value in constants.items():
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), key))
+
+    def name(tensor: str) -> str:
+        return f"{base}_{tensor}"
+
+    def node(op: str, inputs: list, output: str, **attributes) -> Any:
+        return helper.make_node(op, inputs, [output], name=output, **attributes)
+
+    added = [
+        helper.make_node(
+            "Split", [qkv], [name(t) for t in "qkv"], axis=2, num_outputs=3, name=name("split")
+        ),
+        node("Unsqueeze", [name("k"), name("axis")], name("k1")),
+        node("Mul", [name("k1"), name("keys_mask")], name("k_heads")),
+        node("Reshape", [name("k_heads"), name("stacked_shape")], name("k_stacked")),
+        node("Transpose", [name("k_stacked")], name("k_t"), perm=[0, 2, 1]),
+        node("MatMul", [name("q"), name("k_t")], name("scores")),
+        node("Reshape", [name("scores"), name("per_head_shape")], name("scores_4d")),
+        node("Softmax", [name("scores_4d")], name("probs_4d"), axis=-1),
+        node("Reshape", [name("probs_4d"), name("scores_shape")], name("probs")),
+        node("Unsqueeze", [name("v"), name("axis")], name("v1")),
+        node("Mul", [name("v1"), name("values_mask")], name("v_heads")),
+        node("Reshape", [name("v_heads"), name("stacked_shape")], name("v_stacked")),
+        node("MatMul", [name("probs"), name("v_stacked")], name("heads")),
+        node("Reshape", [name("heads"), name("rows_shape")], name("rows_in")),
+        helper.make_node(
+            "Gemm",
+            [name("rows_in"), *out_proj.input[1:]],
+            [name("rows_out")],
+            name=name("out_proj"),
+            transB=attrs.get("transB", 0),
+        ),
+        node("Reshape", [name("rows_out"), name("tokens_shape")], found["output"]),
+    ]
+    keep = {id(n) for n in kept}
+    gone = {id(n) for n in region} - keep
+    ordered = []
+    for n in graph.node:
+        if id(n) not in gone:
+            ordered.append(n)
+        if n is (bias or matmul):
+            ordered += added
+    del graph.node[:]
+    graph.node.extend(ordered)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unread = [i for i in graph.initializer if i.name not in read]
+    for init in unread:
+        graph.initializer.remove(init)
+    return True
+
+
+def _attr(node: Any, key: str) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == key:
+            return helper.get_attribute_value(attribute)
+    return None
