@@ -128,6 +128,7 @@ from compressors._onnx_io import (
 from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
+from compressors._onnx_rows import gemm_rows
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
 
@@ -330,7 +331,9 @@ def export_onnx(
         fold_batchnorm(proto, roots, notes)  # identity; a W8A8 graph folds its own: `_onnx_qdq`)
     Rewriter(proto, roots, opset=opset, integer=integer).run()
     qdq.insert()
-    fuse_attention(proto, qdq.sites, attention_heads(model))
+    if qdq.sites:  # (W8A8: ONNX Runtime's integer kernels with fewer float ops around them)
+        fuse_attention(proto, qdq.sites, attention_heads(model))
+        gemm_rows(proto)
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "

@@ -356,6 +356,11 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     # transpose fused into it), and no SkipLayerNormalization (slower than Add + LayerNorm)
     assert ops["Transpose"] == 0 and ops["Softmax"] == 2 and ops["FusedMatMul"] == 2
     assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 5
+    # every projection a QGemm on rows with its bias inside (`compressors._onnx_rows`): the
+    # Adds left are the position embedding and the residual sums; linear1's QGemm writes
+    # linear2's uint8 codes (its ReLU and QuantizeLinear fused away)
+    assert ops["QGemm"] == 8 and ops["MatMulIntegerToFloat"] == 0
+    assert ops["Add"] == 5 and ops["Relu"] == 0 and ops["QuantizeLinear"] == 6
     check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
     assert check.agree, check.message
     labels = task.val.y
