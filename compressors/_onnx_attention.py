@@ -1,5 +1,5 @@
 """The self-attention of torch's transformer layers in a W8A8 graph, rewritten for ONNX Runtime's
-CPU kernels: no transposes of the activations between the projections.
+CPU kernels: no transposes or per-head copies of the activations between the projections.
 
 torch exports ``nn.MultiheadAttention`` with ``batch_first=True`` through its functional form:
 a transpose to ``(tokens, batch, width)``, the packed q / k / v projection, reshapes, a gather
@@ -10,20 +10,30 @@ went to those copies: the zoo TransformerEncoder (width 32, 4 heads of 8, 8 toke
 projections took 120.
 
 `fuse_attention` replaces that part of the graph, for a layer with a fixed number of tokens
-``S`` and ``heads * S`` at most `MAX_COLUMNS`, by the same arithmetic on
-``(batch, tokens, width)`` tensors: the projection on the layer's input (its activation grid
-and integer kernel kept), a split into q, k and v, and each head's keys and values set apart by
-a constant mask: ``K_h = k * M_h`` stacked over the heads (``(batch, heads * S, width)``, the
-``1 / sqrt(head width)`` scale in ``M``), so that one batched MatMul ``q @ K^T`` gives every
-head's scores (``(batch, S, heads * S)``, softmax over each head's ``S`` columns) and one
-``P @ V`` (``V`` stacked likewise) every head's output, already in the layout of the output
-projection. The products cost ``heads`` times the multiply-adds of the per-head ones (hence
-the bound); on the zoo encoder at batch 32 they ran in fewer kernel calls than the per-head
-products and their transposes. The output projection runs as a ``Gemm`` on ``(batch * S,
-width)`` reshaped back with ``-1``: its batch axis is then unnamed, so that ONNX Runtime does
-not fuse the residual ``Add`` and the ``LayerNormalization`` into ``SkipLayerNormalization``,
-whose CPU kernel (ONNX Runtime 1.32) ran an Add + LayerNormalization of ``(32, 8, 32)`` in
-48 us against 21-24 us unfused.
+``S`` and ``heads * S`` at most `MAX_COLUMNS`, by the same arithmetic on ``(batch, tokens,
+features)`` tensors, each head set apart inside the matrix products rather than by copies:
+
+- the packed projection (its activation grid and integer kernel kept) computes ``heads``
+  copies of the query, copy ``n`` with the columns of head ``n`` only (the others' weight
+  codes at the zero point: exact zeros), then the key and the value: ``(batch, S, heads *
+  width + 2 * width)``;
+- the queries, read as ``(batch, S * heads, width)``, times the keys transposed (ONNX Runtime's
+  ``FusedMatMul``, the ``1 / sqrt(head width)`` scale inside) give each head's scores, one row
+  of ``S`` per token and head: softmax over each row;
+- the probabilities times the values give, per token and head, the whole width weighted by
+  that head; the output projection reads each token's ``heads * width`` of them through a
+  weight holding head ``n``'s rows of the original in block ``n`` (zero elsewhere), which keeps
+  each head's own columns.
+
+The query projection, the scores and the output projection cost ``heads`` times the
+multiply-adds of the per-head ones (and the graph stores ``heads`` times the query and output
+weights: hence the bound), in a few large kernel calls instead of copies: with
+`compressors._onnx_rows` the zoo encoder's graph after ONNX Runtime's fusions went from 104
+nodes (16 Transpose, 22 Reshape) to 51 (no Transpose, 16 Reshape). The output projection
+runs as a ``Gemm`` on ``(batch * S, heads * width)`` reshaped back with ``-1``: its batch axis
+is then unnamed, so that ONNX Runtime does not fuse the residual ``Add`` and the
+``LayerNormalization`` into ``SkipLayerNormalization``, whose CPU kernel (ONNX Runtime 1.32)
+ran an Add + LayerNormalization of ``(32, 8, 32)`` in 48 us against 21-24 us unfused.
 
 A layer whose graph differs (a mask read from an input, ``batch_first=False``, a dynamic
 number of tokens) keeps the exported form.
@@ -37,7 +47,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-#: Largest ``heads * tokens`` rewritten (the stacked products' extra work grows with it).
+#: Largest ``heads * tokens`` rewritten (the expanded products' extra work grows with it).
 MAX_COLUMNS = 256
 #: Ops the exported attention between its input and its output projection is made of.
 _ATTENTION_OPS = frozenset(
@@ -193,33 +203,48 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     width = int(inits[out_proj.input[1]].dims[0])
     if width % heads or heads * tokens > MAX_COLUMNS or len(inits[out_proj.input[1]].dims) != 2:
         return False
-    matmul = found["matmul"]
+    matmul, weight = found["matmul"], found["weight"]
+    if not _is_codes(weight, inits, 3 * width):
+        return False
     readers = [n for n in graph.node if matmul.output[0] in n.input]
     bias = readers[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
-    if bias is not None and not any(i in inits for i in bias.input):
-        bias = None
-    kept = [found["quantize"], found["dequantize"], matmul, *([bias] if bias else [])]
-    if found["weight"] is not None and found["weight"].op_type == "DequantizeLinear":
-        kept.append(found["weight"])
-    found["quantize"].input[0] = found["input"]
-    qkv = (bias or matmul).output[0]
+    bias_name = next((i for i in bias.input if i in inits), None) if bias else None
+    if bias is None or bias_name is None or list(inits[bias_name].dims) != [3 * width]:
+        return False
     base = layer.replace(".", "_") + "_attention"
     size = width // heads
-    head_of = np.arange(width) // size
-    mask = (np.arange(heads)[:, None, None] == head_of[None, None, :]).astype(np.float32)
-    mask = np.broadcast_to(mask, (heads, tokens, width))
+    # (heads * width) query columns: head n's block holds the query's columns of head n, the
+    # rest are zero (the weight's zero point: codes exact, ``x @ W`` computes nothing new)
+    own = (np.arange(heads)[:, None] == (np.arange(width) // size)[None, :]).reshape(-1)
+    columns = np.concatenate([np.tile(np.arange(width), heads), np.arange(width, 3 * width)])
+    kept_column = np.concatenate([own, np.ones(2 * width, bool)])
+    codes, scale, *zero = (numpy_helper.to_array(inits[i]) for i in weight.input)
+    zero = zero[0] if zero else np.zeros((), codes.dtype)
+    zeros = np.broadcast_to(zero, (3 * width,))[columns]
+    expanded = np.where(kept_column[None, :], codes[:, columns], zeros[None, :]).astype(codes.dtype)
+    values = numpy_helper.to_array(inits[bias_name])[columns] * kept_column
+    # the output projection reads head n's block of each token's row: the rows of its weight
+    # for head n's columns, zero elsewhere
+    out_weight = numpy_helper.to_array(inits[out_proj.input[1]])
+    out_weight = out_weight.T if attrs.get("transB", 0) else out_weight
+    out_rows = np.where(own[:, None], np.tile(out_weight, (heads, 1)), 0).astype(np.float32)
     constants = {
-        f"{base}_keys_mask": (mask * np.float32(size**-0.5)).astype(np.float32),
-        f"{base}_values_mask": mask.astype(np.float32),
-        f"{base}_stacked_shape": np.array([0, heads * tokens, width], np.int64),
-        f"{base}_per_head_shape": np.array([0, tokens, heads, tokens], np.int64),
-        f"{base}_scores_shape": np.array([0, tokens, heads * tokens], np.int64),
-        f"{base}_rows_shape": np.array([-1, width], np.int64),
-        f"{base}_tokens_shape": np.array([-1, tokens, width], np.int64),
-        f"{base}_axis": np.array([1], np.int64),
+        name: np.ascontiguousarray(value)
+        for name, value in {
+            f"{base}_codes": expanded,
+            f"{base}_scale": scale if scale.ndim == 0 else scale[columns],
+            f"{base}_zero_point": zero if zero.ndim == 0 else zeros.astype(zero.dtype),
+            f"{base}_bias": values.astype(np.float32),
+            f"{base}_out_weight": out_rows,
+            f"{base}_split": np.array([heads * width, width, width], np.int64),
+            f"{base}_queries_shape": np.array([0, tokens * heads, width], np.int64),
+            f"{base}_rows_shape": np.array([-1, heads * width], np.int64),
+            f"{base}_tokens_shape": np.array([-1, tokens, out_rows.shape[1]], np.int64),
+            f"{base}_scale_scores": np.array(size**-0.5, np.float32),
+        }.items()
     }
     for key, value in constants.items():
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), key))
+        graph.initializer.append(numpy_helper.from_array(value, key))
 
     def name(tensor: str) -> str:
         return f"{base}_{tensor}"
@@ -227,39 +252,43 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     def node(op: str, inputs: list, output: str, **attributes) -> Any:
         return helper.make_node(op, inputs, [output], name=output, **attributes)
 
+    axis = {a.name: helper.get_attribute_value(a) for a in weight.attribute}.get("axis", 1)
+    dequantized = node(
+        "DequantizeLinear",
+        [name("codes"), name("scale"), name("zero_point")],
+        name("weight"),
+        axis=axis,
+    )
+    matmul.input[1] = dequantized.output[0]
+    bias.input[:] = [name("bias") if i == bias_name else i for i in bias.input]
+    found["quantize"].input[0] = found["input"]
+    kept = [found["quantize"], found["dequantize"], matmul, bias]
+    qkv = bias.output[0]
+    out_bias = out_proj.input[2:3]
     added = [
         helper.make_node(
-            "Split", [qkv], [name(t) for t in "qkv"], axis=2, num_outputs=3, name=name("split")
+            "Split", [qkv, name("split")], [name(t) for t in "qkv"], axis=2, name=name("split")
         ),
-        node("Unsqueeze", [name("k"), name("axis")], name("k1")),
-        node("Mul", [name("k1"), name("keys_mask")], name("k_heads")),
-        node("Reshape", [name("k_heads"), name("stacked_shape")], name("k_stacked")),
-        node("Transpose", [name("k_stacked")], name("k_t"), perm=[0, 2, 1]),
-        node("MatMul", [name("q"), name("k_t")], name("scores")),
-        node("Reshape", [name("scores"), name("per_head_shape")], name("scores_4d")),
-        node("Softmax", [name("scores_4d")], name("probs_4d"), axis=-1),
-        node("Reshape", [name("probs_4d"), name("scores_shape")], name("probs")),
-        node("Unsqueeze", [name("v"), name("axis")], name("v1")),
-        node("Mul", [name("v1"), name("values_mask")], name("v_heads")),
-        node("Reshape", [name("v_heads"), name("stacked_shape")], name("v_stacked")),
-        node("MatMul", [name("probs"), name("v_stacked")], name("heads")),
+        node("Reshape", [name("q"), name("queries_shape")], name("queries")),
+        node("Transpose", [name("k")], name("k_t"), perm=[0, 2, 1]),
+        node("MatMul", [name("queries"), name("k_t")], name("products")),
+        node("Mul", [name("products"), name("scale_scores")], name("scores")),
+        node("Softmax", [name("scores")], name("probs"), axis=-1),
+        node("MatMul", [name("probs"), name("v")], name("heads")),
         node("Reshape", [name("heads"), name("rows_shape")], name("rows_in")),
-        helper.make_node(
-            "Gemm",
-            [name("rows_in"), *out_proj.input[1:]],
-            [name("rows_out")],
-            name=name("out_proj"),
-            transB=attrs.get("transB", 0),
-        ),
+        node("Gemm", [name("rows_in"), name("out_weight"), *out_bias], name("rows_out")),
         node("Reshape", [name("rows_out"), name("tokens_shape")], found["output"]),
     ]
+    ordered_weights = [dequantized]
     keep = {id(n) for n in kept}
     gone = {id(n) for n in region} - keep
     ordered = []
     for n in graph.node:
+        if n is matmul:
+            ordered += ordered_weights
         if id(n) not in gone:
             ordered.append(n)
-        if n is (bias or matmul):
+        if n is bias:
             ordered += added
     del graph.node[:]
     graph.node.extend(ordered)
@@ -268,6 +297,22 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     for init in unread:
         graph.initializer.remove(init)
     return True
+
+
+def _is_codes(weight: Any, inits: dict, columns: int) -> bool:
+    """Whether ``weight`` dequantizes 2-D constant codes of ``columns`` columns, its scale (and
+    zero point) per tensor or per column (``axis=1``)."""
+    if weight is None or weight.op_type != "DequantizeLinear":
+        return False
+    if not all(i in inits for i in weight.input) or len(inits[weight.input[0]].dims) != 2:
+        return False
+    if inits[weight.input[0]].dims[1] != columns:
+        return False
+    axis = _attr(weight, "axis")
+    per_column = [list(inits[i].dims) for i in weight.input[1:]]
+    return all(d == [] for d in per_column) or (
+        axis in (1, -1, None) and all(d == [columns] for d in per_column)
+    )
 
 
 def _attr(node: Any, key: str) -> Any:
