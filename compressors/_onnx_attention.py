@@ -231,9 +231,9 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     constants = {
         name: np.ascontiguousarray(value)
         for name, value in {
-            f"{base}_codes": expanded,
-            f"{base}_scale": scale if scale.ndim == 0 else scale[columns],
-            f"{base}_zero_point": zero if zero.ndim == 0 else zeros.astype(zero.dtype),
+            f"{weight.input[0]}_heads": expanded,  # (named after the file's codes)
+            f"{weight.input[0]}_heads_scale": scale if scale.ndim == 0 else scale[columns],
+            f"{weight.input[0]}_heads_zero_point": zero if zero.ndim == 0 else zeros,
             f"{base}_bias": values.astype(np.float32),
             f"{base}_out_weight": out_rows,
             f"{base}_split": np.array([heads * width, width, width], np.int64),
@@ -255,7 +255,7 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     axis = {a.name: helper.get_attribute_value(a) for a in weight.attribute}.get("axis", 1)
     dequantized = node(
         "DequantizeLinear",
-        [name("codes"), name("scale"), name("zero_point")],
+        [f"{weight.input[0]}_heads{suffix}" for suffix in ("", "_scale", "_zero_point")],
         name("weight"),
         axis=axis,
     )
