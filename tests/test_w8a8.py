@@ -366,3 +366,45 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     labels = task.val.y
     onnx_acc = float((check.outputs.argmax(1) == labels).float().mean())
     assert abs(onnx_acc - evaluate(shipped, task.val)) <= 1.5 / len(labels)  # one sample at most
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_an_attention_the_rewrite_does_not_know_keeps_its_exported_form(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors._onnx_attention import attention_heads
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    class Masked(nn.Module):  # (a padding mask computed from the input: read by the attention)
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            padding = x.sum(-1) < -1.0  # (no row of digits: no token is masked)
+            hidden = self.encoder(self.embed(x), src_key_padding_mask=padding)
+            return self.head(hidden.mean(dim=1))
+
+    task = tasks.zoo_transformer(seed=0)
+    torch.manual_seed(0)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8)
+    model = apply_pipeline([quant], Masked().eval(), ctx).eval()
+    assert "encoder.layers.0.self_attn" in act.ranges(model)
+    assert attention_heads(model) == {"encoder.layers.0.self_attn": 2}
+    save_packed(model, tmp_path / "masked.sqz")
+    shipped = Masked()
+    export_onnx(tmp_path / "masked.sqz", shipped, task.example_inputs(8), tmp_path / "m.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["Transpose"] > 0  # (the exported per-head form, the mask in it)
+    assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 5  # (embed, in_proj, FFN, head)
+    check = check_onnx(tmp_path / "m.onnx", shipped, task.val.x)
+    assert check.agree, check.message
