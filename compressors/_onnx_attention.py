@@ -13,10 +13,10 @@ projections took 120.
 ``S`` and ``heads * S`` at most `MAX_COLUMNS`, by the same arithmetic on ``(batch, tokens,
 features)`` tensors, each head set apart inside the matrix products rather than by copies:
 
-- the packed projection (its activation grid and integer kernel kept) computes ``heads``
-  copies of the query, copy ``n`` with the columns of head ``n`` only (the others' weight
-  codes at the zero point: exact zeros), then the key and the value: ``(batch, S, heads *
-  width + 2 * width)``;
+- the packed projection runs as three on the layer's one input grid (integer kernels, each
+  reading its part of the file's codes; no split of their output): the key, the value and
+  ``heads`` copies of the query, copy ``n`` with the columns of head ``n`` only (the others'
+  weight codes at the zero point: exact zeros), ``(batch, S, heads * width)``;
 - the queries, read as ``(batch, S * heads, width)``, times the keys transposed (ONNX Runtime's
   ``FusedMatMul``, the ``1 / sqrt(head width)`` scale inside) give each head's scores, one row
   of ``S`` per token and head: softmax over each row;
@@ -29,7 +29,8 @@ The query projection, the scores and the output projection cost ``heads`` times 
 multiply-adds of the per-head ones (and the graph stores ``heads`` times the query and output
 weights: hence the bound), in a few large kernel calls instead of copies: with
 `compressors._onnx_rows` the zoo encoder's graph after ONNX Runtime's fusions went from 104
-nodes (16 Transpose, 22 Reshape) to 51 (no Transpose, 16 Reshape). The output projection
+nodes (16 Transpose, 22 Reshape) to 57 (no Transpose or Split, 20 Reshape, which copy
+nothing). The output projection
 runs as a ``Gemm`` on ``(batch * S, heads * width)`` reshaped back with ``-1``: its batch axis
 is then unnamed, so that ONNX Runtime does not fuse the residual ``Add`` and the
 ``LayerNormalization`` into ``SkipLayerNormalization``, whose CPU kernel (ONNX Runtime 1.32)
@@ -228,23 +229,47 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     out_weight = numpy_helper.to_array(inits[out_proj.input[1]])
     out_weight = out_weight.T if attrs.get("transB", 0) else out_weight
     out_rows = np.where(own[:, None], np.tile(out_weight, (heads, 1)), 0).astype(np.float32)
+    scales = np.broadcast_to(scale, (3 * width,))[columns] if scale.ndim else scale
+    zeros = zeros if zero.ndim else zero
     constants = {
-        name: np.ascontiguousarray(value)
-        for name, value in {
-            f"{weight.input[0]}_heads": expanded,  # (named after the file's codes)
-            f"{weight.input[0]}_heads_scale": scale if scale.ndim == 0 else scale[columns],
-            f"{weight.input[0]}_heads_zero_point": zero if zero.ndim == 0 else zeros,
-            f"{base}_bias": values.astype(np.float32),
-            f"{base}_out_weight": out_rows,
-            f"{base}_split": np.array([heads * width, width, width], np.int64),
-            f"{base}_queries_shape": np.array([0, tokens * heads, width], np.int64),
-            f"{base}_rows_shape": np.array([-1, heads * width], np.int64),
-            f"{base}_tokens_shape": np.array([-1, tokens, out_rows.shape[1]], np.int64),
-            f"{base}_scale_scores": np.array(size**-0.5, np.float32),
-        }.items()
+        f"{base}_out_weight": out_rows,
+        f"{base}_queries_shape": np.array([0, tokens * heads, width], np.int64),
+        f"{base}_rows_shape": np.array([-1, heads * width], np.int64),
+        f"{base}_tokens_shape": np.array([-1, tokens, out_rows.shape[1]], np.int64),
+        f"{base}_scale_scores": np.array(size**-0.5, np.float32),
     }
+    axis = {a.name: helper.get_attribute_value(a) for a in weight.attribute}.get("axis", 1)
+    projections = []  # (the queries, the keys, the values: three MatMuls on one input grid)
+    bounds = (0, heads * width, (heads + 1) * width, (heads + 2) * width)
+    for part, lo, hi in zip("qkv", bounds, bounds[1:], strict=False):
+        codes_name = f"{weight.input[0]}_{part}"  # (named after the file's codes)
+        constants[codes_name] = expanded[:, lo:hi]
+        constants[f"{codes_name}_scale"] = scales[lo:hi] if scales.ndim else scales
+        constants[f"{codes_name}_zero_point"] = zeros[lo:hi] if zeros.ndim else zeros
+        constants[f"{base}_{part}_bias"] = values[lo:hi].astype(np.float32)
+        projections += [
+            helper.make_node(
+                "DequantizeLinear",
+                [codes_name, f"{codes_name}_scale", f"{codes_name}_zero_point"],
+                [f"{codes_name}_dequantized"],
+                name=f"{codes_name}_dequantized",
+                axis=axis,
+            ),
+            helper.make_node(
+                "MatMul",
+                [matmul.input[0], f"{codes_name}_dequantized"],
+                [f"{base}_{part}_product"],
+                name=f"{base}_{part}_product",
+            ),
+            helper.make_node(
+                "Add",
+                [f"{base}_{part}_product", f"{base}_{part}_bias"],
+                [f"{base}_{part}"],
+                name=f"{base}_{part}",
+            ),
+        ]
     for key, value in constants.items():
-        graph.initializer.append(numpy_helper.from_array(value, key))
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), key))
 
     def name(tensor: str) -> str:
         return f"{base}_{tensor}"
@@ -252,23 +277,11 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     def node(op: str, inputs: list, output: str, **attributes) -> Any:
         return helper.make_node(op, inputs, [output], name=output, **attributes)
 
-    axis = {a.name: helper.get_attribute_value(a) for a in weight.attribute}.get("axis", 1)
-    dequantized = node(
-        "DequantizeLinear",
-        [f"{weight.input[0]}_heads{suffix}" for suffix in ("", "_scale", "_zero_point")],
-        name("weight"),
-        axis=axis,
-    )
-    matmul.input[1] = dequantized.output[0]
-    bias.input[:] = [name("bias") if i == bias_name else i for i in bias.input]
     found["quantize"].input[0] = found["input"]
-    kept = [found["quantize"], found["dequantize"], matmul, bias]
-    qkv = bias.output[0]
+    kept = [found["quantize"], found["dequantize"]]
     out_bias = out_proj.input[2:3]
     added = [
-        helper.make_node(
-            "Split", [qkv, name("split")], [name(t) for t in "qkv"], axis=2, name=name("split")
-        ),
+        *projections,
         node("Reshape", [name("q"), name("queries_shape")], name("queries")),
         node("Transpose", [name("k")], name("k_t"), perm=[0, 2, 1]),
         node("MatMul", [name("queries"), name("k_t")], name("products")),
@@ -279,16 +292,13 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
         node("Gemm", [name("rows_in"), name("out_weight"), *out_bias], name("rows_out")),
         node("Reshape", [name("rows_out"), name("tokens_shape")], found["output"]),
     ]
-    ordered_weights = [dequantized]
     keep = {id(n) for n in kept}
     gone = {id(n) for n in region} - keep
     ordered = []
     for n in graph.node:
-        if n is matmul:
-            ordered += ordered_weights
         if id(n) not in gone:
             ordered.append(n)
-        if n is bias:
+        if n is found["dequantize"]:
             ordered += added
     del graph.node[:]
     graph.node.extend(ordered)

@@ -52,15 +52,20 @@ def gemm_rows(proto: Any) -> int:
     made = []  # (reshape to rows, reshape back): their names
     before: dict[int, Any] = {}
     instead: dict[int, list] = {}
+    layers = {
+        id(m): found for m in candidates if (found := _layer(m, makers, readers, inits, shapes))
+    }
     for matmul in candidates:
-        found = _layer(matmul, makers, readers, inits, shapes)
-        if found is not None:
-            to_rows, nodes = _rewrite(graph, matmul, found, inits)
-            unread_biases.add(found["bias"])
-            before[id(found["quantize"])] = to_rows
-            instead[id(matmul)] = nodes
-            instead[id(found["add"])] = []
-            made.append((to_rows.name, nodes[-1].name))
+        found = layers.get(id(matmul))
+        if found is None or not all(id(r) in layers for r in readers[matmul.input[0]]):
+            continue  # (every reader of the input grid on rows, or none: the q, k, v projections)
+        to_rows = before.get(id(found["quantize"]))
+        to_rows, nodes = _rewrite(graph, matmul, found, inits, to_rows)
+        unread_biases.add(found["bias"])
+        before[id(found["quantize"])] = to_rows
+        instead[id(matmul)] = nodes
+        instead[id(found["add"])] = []
+        made.append((to_rows.name, nodes[-1].name))
     if not made:
         return 0
     ordered = []
@@ -86,7 +91,7 @@ def _layer(matmul, makers, readers, inits, shapes) -> dict | None:
     quantize = makers.get(dequantize.input[0])
     if not _is(quantize, "QuantizeLinear") or len(quantize.input) < 3:
         return None
-    if len(readers.get(quantize.output[0], [])) != 1 or len(readers[matmul.input[0]]) != 1:
+    if len(readers.get(quantize.output[0], [])) != 1:
         return None  # (a grid shared with other readers keeps its shape)
     if not all(i in inits for i in [*quantize.input[1:3], *weight.input]):
         return None
@@ -117,7 +122,7 @@ def _layer(matmul, makers, readers, inits, shapes) -> dict | None:
     }
 
 
-def _rewrite(graph, matmul, found: dict, inits: dict) -> tuple[Any, list]:
+def _rewrite(graph, matmul, found: dict, inits: dict, to_rows: Any = None) -> tuple[Any, list]:
     """The reshape to rows before the layer's ``QuantizeLinear`` and the nodes in place of its
     ``MatMul`` (its ``Add`` goes); the bias' codes added to the graph."""
     from onnx import helper, numpy_helper
@@ -133,16 +138,22 @@ def _rewrite(graph, matmul, found: dict, inits: dict) -> tuple[Any, list]:
         [
             numpy_helper.from_array(codes.astype(np.int32), f"{base}_bias_quantized"),
             numpy_helper.from_array(bias_scale, f"{base}_bias_scale"),
-            numpy_helper.from_array(np.array([-1, found["features"]], np.int64), f"{base}_rows"),
             numpy_helper.from_array(
                 np.array([-1, found["tokens"], found["outputs"]], np.int64), f"{base}_tokens"
             ),
         ]
     )
-    to_rows = helper.make_node(
-        "Reshape", [quantize.input[0], f"{base}_rows"], [f"{base}_input_rows"], name=f"{base}_rows"
-    )
-    quantize.input[0] = to_rows.output[0]
+    if to_rows is None:  # (else made for another reader of the same grid)
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([-1, found["features"]], np.int64), f"{base}_rows")
+        )
+        to_rows = helper.make_node(
+            "Reshape",
+            [quantize.input[0], f"{base}_rows"],
+            [f"{base}_input_rows"],
+            name=f"{base}_rows",
+        )
+        quantize.input[0] = to_rows.output[0]
     bias_dq = helper.make_node(
         "DequantizeLinear",
         [f"{base}_bias_quantized", f"{base}_bias_scale"],
@@ -170,7 +181,7 @@ def _join(graph, made: list) -> None:
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    for rows_name, _ in made:
+    for rows_name in dict.fromkeys(rows for rows, _ in made):
         to_rows = by_name[rows_name]
         between = []
         source = makers.get(to_rows.input[0])

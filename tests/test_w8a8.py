@@ -336,9 +336,10 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), options)
     optimized = onnx.load(options.optimized_model_filepath).graph
     ops = Counter(n.op_type for n in optimized.node)
-    # embed, head, and per encoder layer the packed q/k/v projection, linear1 and linear2 on
-    # integer kernels, each reading its weight's int8 codes
-    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] == 8
+    # embed, head, and per encoder layer the packed projection (as the queries', keys' and
+    # values' three, `compressors._onnx_attention`), linear1 and linear2 on integer kernels,
+    # each reading its weight's int8 codes
+    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] == 12
     integer = {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "MatMulInteger"}
     weights = {i for n in optimized.node if n.op_type in integer for i in n.input}
     for i in (0, 1):
@@ -354,12 +355,13 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     # the attention on (batch, tokens, width) tensors (`compressors._onnx_attention`): no
     # transposes of the activations, every head's scores in one MatMul per layer (the keys'
     # transpose fused into it), and no SkipLayerNormalization (slower than Add + LayerNorm)
-    assert ops["Transpose"] == 0 and ops["Softmax"] == 2 and ops["FusedMatMul"] == 2
+    assert ops["Transpose"] == ops["Split"] == ops["Mul"] == 0
+    assert ops["Softmax"] == 2 and ops["FusedMatMul"] == 2
     assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 5
     # every projection a QGemm on rows with its bias inside (`compressors._onnx_rows`): the
     # Adds left are the position embedding and the residual sums; linear1's QGemm writes
     # linear2's uint8 codes (its ReLU and QuantizeLinear fused away)
-    assert ops["QGemm"] == 8 and ops["MatMulIntegerToFloat"] == 0
+    assert ops["QGemm"] == 12 and ops["MatMulIntegerToFloat"] == 0
     assert ops["Add"] == 5 and ops["Relu"] == 0 and ops["QuantizeLinear"] == 6
     check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
     assert check.agree, check.message
