@@ -228,14 +228,17 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
     # for head n's columns, zero elsewhere
     out_weight = numpy_helper.to_array(inits[out_proj.input[1]])
     out_weight = out_weight.T if attrs.get("transB", 0) else out_weight
-    out_rows = np.where(own[:, None], np.tile(out_weight, (heads, 1)), 0).astype(np.float32)
+    # (written as Tile and Mul of the weight: ONNX Runtime folds them when it loads the graph,
+    # and the file stores the weight once)
     scales = np.broadcast_to(scale, (3 * width,))[columns] if scale.ndim else scale
     zeros = zeros if zero.ndim else zero
     constants = {
-        f"{base}_out_weight": out_rows,
+        f"{base}_out_proj": np.ascontiguousarray(out_weight, dtype=np.float32),
+        f"{base}_out_repeats": np.array([heads, 1], np.int64),
+        f"{base}_out_mask": own[:, None].astype(np.float32),
         f"{base}_queries_shape": np.array([0, tokens * heads, width], np.int64),
         f"{base}_rows_shape": np.array([-1, heads * width], np.int64),
-        f"{base}_tokens_shape": np.array([-1, tokens, out_rows.shape[1]], np.int64),
+        f"{base}_tokens_shape": np.array([-1, tokens, out_weight.shape[1]], np.int64),
         f"{base}_scale_scores": np.array(size**-0.5, np.float32),
     }
     axis = {a.name: helper.get_attribute_value(a) for a in weight.attribute}.get("axis", 1)
@@ -252,20 +255,17 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
                 "DequantizeLinear",
                 [codes_name, f"{codes_name}_scale", f"{codes_name}_zero_point"],
                 [f"{codes_name}_dequantized"],
-                name=f"{codes_name}_dequantized",
                 axis=axis,
             ),
             helper.make_node(
                 "MatMul",
                 [matmul.input[0], f"{codes_name}_dequantized"],
                 [f"{base}_{part}_product"],
-                name=f"{base}_{part}_product",
             ),
             helper.make_node(
                 "Add",
                 [f"{base}_{part}_product", f"{base}_{part}_bias"],
                 [f"{base}_{part}"],
-                name=f"{base}_{part}",
             ),
         ]
     for key, value in constants.items():
@@ -275,7 +275,7 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
         return f"{base}_{tensor}"
 
     def node(op: str, inputs: list, output: str, **attributes) -> Any:
-        return helper.make_node(op, inputs, [output], name=output, **attributes)
+        return helper.make_node(op, inputs, [output], **attributes)
 
     found["quantize"].input[0] = found["input"]
     kept = [found["quantize"], found["dequantize"]]
@@ -289,6 +289,8 @@ def _rewrite(graph: Any, found: dict, layer: str, *, tokens: int, heads: int) ->
         node("Softmax", [name("scores")], name("probs"), axis=-1),
         node("MatMul", [name("probs"), name("v")], name("heads")),
         node("Reshape", [name("heads"), name("rows_shape")], name("rows_in")),
+        node("Tile", [name("out_proj"), name("out_repeats")], name("out_tiled")),
+        node("Mul", [name("out_tiled"), name("out_mask")], name("out_weight")),
         node("Gemm", [name("rows_in"), name("out_weight"), *out_bias], name("rows_out")),
         node("Reshape", [name("rows_out"), name("tokens_shape")], found["output"]),
     ]

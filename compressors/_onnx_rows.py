@@ -49,7 +49,7 @@ def gemm_rows(proto: Any) -> int:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     unread_biases = set()
-    made = []  # (reshape to rows, reshape back): their names
+    made = []  # (reshape to rows, reshape back): their outputs
     before: dict[int, Any] = {}
     instead: dict[int, list] = {}
     layers = {
@@ -65,7 +65,7 @@ def gemm_rows(proto: Any) -> int:
         before[id(found["quantize"])] = to_rows
         instead[id(matmul)] = nodes
         instead[id(found["add"])] = []
-        made.append((to_rows.name, nodes[-1].name))
+        made.append((to_rows.output[0], nodes[-1].output[0]))
     if not made:
         return 0
     ordered = []
@@ -151,7 +151,6 @@ def _rewrite(graph, matmul, found: dict, inits: dict, to_rows: Any = None) -> tu
             "Reshape",
             [quantize.input[0], f"{base}_rows"],
             [f"{base}_input_rows"],
-            name=f"{base}_rows",
         )
         quantize.input[0] = to_rows.output[0]
     bias_dq = helper.make_node(
@@ -159,14 +158,11 @@ def _rewrite(graph, matmul, found: dict, inits: dict, to_rows: Any = None) -> tu
         [f"{base}_bias_quantized", f"{base}_bias_scale"],
         [f"{base}_bias"],
         axis=0,
-        name=f"{base}_bias",
     )
     gemm = helper.make_node(
-        "Gemm", [matmul.input[0], matmul.input[1], f"{base}_bias"], [f"{base}_rows_out"], name=base
+        "Gemm", [matmul.input[0], matmul.input[1], f"{base}_bias"], [f"{base}_rows_out"]
     )
-    back = helper.make_node(
-        "Reshape", [gemm.output[0], f"{base}_tokens"], [add.output[0]], name=f"{base}_tokens"
-    )
+    back = helper.make_node("Reshape", [gemm.output[0], f"{base}_tokens"], [add.output[0]])
     return to_rows, [bias_dq, gemm, back]
 
 
@@ -174,7 +170,7 @@ def _join(graph, made: list) -> None:
     """Drop the reshape back to three axes and the next layer's reshape to rows where only
     elementwise ops (`_ELEMENTWISE`) lie between them, each read once."""
     nodes = list(graph.node)
-    by_name = {n.name: n for n in nodes if n.name}
+    by_name = {n.output[0]: n for n in nodes}
     backs = {id(by_name[back]): by_name[back] for _, back in made}
     makers = {out: node for node in nodes for out in node.output}
     readers: dict[str, list] = {}
