@@ -35,8 +35,8 @@ def gemm_rows(proto: Any) -> int:
 
     graph = proto.graph
     candidates = [n for n in graph.node if n.op_type == "MatMul"]
-    if not candidates:
-        return 0
+    if not candidates or not any(_fixed_past_batch(value) for value in graph.input):
+        return 0  # (token inputs of any length: no 3-D activation with fixed axes to find)
     shapes = {}
     inferred = shape_inference.infer_shapes(proto, strict_mode=False).graph
     for value in [*inferred.value_info, *inferred.input]:
@@ -209,6 +209,12 @@ def _join(graph, made: list) -> None:
     read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in read]:
         graph.initializer.remove(init)
+
+
+def _fixed_past_batch(value: Any) -> bool:
+    """Whether a graph input's axes past the first (the batch) all have fixed sizes."""
+    dims = value.type.tensor_type.shape.dim
+    return len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:])
 
 
 def _is(node: Any, op: str) -> bool:
