@@ -104,6 +104,7 @@ import torch
 from torch import nn
 
 from compressors._act_quant import disabled, ranges
+from compressors._onnx_attention import attention_heads, fuse_attention
 from compressors._onnx_fold import fold_batchnorm
 from compressors._onnx_graph import (
     SPARSE_NOTE_ZEROS,
@@ -127,6 +128,7 @@ from compressors._onnx_io import (
 from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
+from compressors._onnx_rows import gemm_rows
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
 
@@ -329,6 +331,9 @@ def export_onnx(
         fold_batchnorm(proto, roots, notes)  # identity; a W8A8 graph folds its own: `_onnx_qdq`)
     Rewriter(proto, roots, opset=opset, integer=integer).run()
     qdq.insert()
+    if qdq.sites:  # (W8A8: ONNX Runtime's integer kernels with fewer float ops around them)
+        fuse_attention(proto, qdq.sites, attention_heads(model))
+        gemm_rows(proto)
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "

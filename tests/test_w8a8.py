@@ -336,9 +336,10 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), options)
     optimized = onnx.load(options.optimized_model_filepath).graph
     ops = Counter(n.op_type for n in optimized.node)
-    # embed, head, and per encoder layer the packed q/k/v projection, linear1 and linear2 on
-    # integer kernels, each reading its weight's int8 codes
-    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] == 8
+    # embed, head, and per encoder layer the packed projection (as the queries', keys' and
+    # values' three, `compressors._onnx_attention`), linear1 and linear2 on integer kernels,
+    # each reading its weight's int8 codes
+    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] + ops["QLinearMatMul"] == 12
     integer = {"MatMulIntegerToFloat", "QGemm", "QLinearMatMul", "MatMulInteger"}
     weights = {i for n in optimized.node if n.op_type in integer for i in n.input}
     for i in (0, 1):
@@ -351,8 +352,61 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     # with its float weight, not dequantized at every call (MatMulNBits: 2-3x slower here)
     assert ops["Gemm"] == 2
     assert ops["MatMulNBits"] == ops["DequantizeLinear"] == 0
+    # the attention on (batch, tokens, width) tensors (`compressors._onnx_attention`): no
+    # transposes of the activations, every head's scores in one MatMul per layer (the keys'
+    # transpose fused into it), and no SkipLayerNormalization (slower than Add + LayerNorm)
+    assert ops["Transpose"] == ops["Split"] == ops["Mul"] == 0
+    assert ops["Softmax"] == 2 and ops["FusedMatMul"] == 2
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 5
+    # every projection a QGemm on rows with its bias inside (`compressors._onnx_rows`): the
+    # Adds left are the position embedding and the residual sums; linear1's QGemm writes
+    # linear2's uint8 codes (its ReLU and QuantizeLinear fused away)
+    assert ops["QGemm"] == 12 and ops["MatMulIntegerToFloat"] == 0
+    assert ops["Add"] == 5 and ops["Relu"] == 0 and ops["QuantizeLinear"] == 6
     check = check_onnx(tmp_path / "e.onnx", shipped, task.val.x)
     assert check.agree, check.message
     labels = task.val.y
     onnx_acc = float((check.outputs.argmax(1) == labels).float().mean())
     assert abs(onnx_acc - evaluate(shipped, task.val)) <= 1.5 / len(labels)  # one sample at most
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_an_attention_the_rewrite_does_not_know_keeps_its_exported_form(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors._onnx_attention import attention_heads
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    class Masked(nn.Module):  # (a padding mask computed from the input: read by the attention)
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            padding = x.sum(-1) < -1.0  # (no row of digits: no token is masked)
+            hidden = self.encoder(self.embed(x), src_key_padding_mask=padding)
+            return self.head(hidden.mean(dim=1))
+
+    task = tasks.zoo_transformer(seed=0)
+    torch.manual_seed(0)
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8)
+    model = apply_pipeline([quant], Masked().eval(), ctx).eval()
+    assert "encoder.layers.0.self_attn" in act.ranges(model)
+    assert attention_heads(model) == {"encoder.layers.0.self_attn": 2}
+    save_packed(model, tmp_path / "masked.sqz")
+    shipped = Masked()
+    export_onnx(tmp_path / "masked.sqz", shipped, task.example_inputs(8), tmp_path / "m.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["Transpose"] > 0  # (the exported per-head form, the mask in it)
+    assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 5  # (embed, in_proj, FFN, head)
+    check = check_onnx(tmp_path / "m.onnx", shipped, task.val.x)
+    assert check.agree, check.message
