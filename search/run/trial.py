@@ -308,9 +308,7 @@ def compress_recipe(
             where no compressor changes it at finalize (`Compressor.finalizes`), else a
             finalized copy.
         reestimate: Called with each fine-tuning epoch's number as it ends: when true,
-            ``on_compressed`` is called again, before ``after_epoch``, with the model as it
-            would ship with the weights fine-tuning has moved (the early stop's size then is
-            the size of the file the trial would ship at that point; nothing is written).
+            ``on_compressed`` is called again first, on the weights fine-tuning has moved.
         device: Compress, fine-tune and evaluate there (e.g. ``cuda``); None: the CPU. The
             model comes back on the CPU.
         stage: The part of the fine-tune to run (`search.run.screening`): a screen keeps its
@@ -356,12 +354,14 @@ def compress_recipe(
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
     with phase("fine-tune"):
-        if on_compressed is not None and reestimate is not None:
-            after_epoch = _reestimating(
-                after_epoch,
-                reestimate,
-                lambda: _estimate(compressors, model, context, on_compressed),
-            )
+
+        def epoch_end(stats: EpochStats) -> None:  # (random draws: as in `_estimate` above)
+            if on_compressed is not None and reestimate is not None and reestimate(stats.epoch):
+                with torch.random.fork_rng(devices=[]):
+                    _estimate(compressors, model, context, on_compressed)
+            if after_epoch is not None:
+                after_epoch(stats)
+
         history, rng = [], torch.get_rng_state()
         for start, stop in stage.parts():  # (two for the rerun of a promoted trial)
             torch.set_rng_state(rng)  # each part starts as a trial's fine-tune does
@@ -378,7 +378,7 @@ def compress_recipe(
                 val=task.val,
                 seed=seed,
                 before_epoch=_schedules(compressors, model),
-                after_epoch=after_epoch,
+                after_epoch=epoch_end,
                 start_epoch=start,
                 stop_epoch=stop,
                 **task.training(),
@@ -421,24 +421,6 @@ def _estimate(
         on_compressed(model.cpu())
     finally:
         model.to(device)
-
-
-def _reestimating(
-    after_epoch: Callable[[EpochStats], None] | None,
-    reestimate: Callable[[int], bool],
-    estimate: Callable[[], None],
-) -> Callable[[EpochStats], None]:
-    """``after_epoch`` preceded by ``estimate()`` after the epochs ``reestimate`` picks (random
-    draws there, a finalizing copy's, leave fine-tuning's as they were)."""
-
-    def hook(stats: EpochStats) -> None:
-        if reestimate(stats.epoch):
-            with torch.random.fork_rng(devices=[]):
-                estimate()
-        if after_epoch is not None:
-            after_epoch(stats)
-
-    return hook
 
 
 def _devices(model: torch.nn.Module) -> set[torch.device]:
