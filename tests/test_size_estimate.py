@@ -4,11 +4,14 @@ written), against the file the trial ships after fine-tuning."""
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import replace
 
+import optuna
 import pytest
 
 from compressors import CompressionContext, get_compressor, save_packed
-from search.config.early_stop import EarlyStop
+from search.config.early_stop import EarlyStop, Stopper
 from search.config.space import Recipe
 from search.run.trial import compress_recipe
 
@@ -76,3 +79,75 @@ def test_the_estimate_records_the_layers_compression_made_smaller(
     size = save_packed(model, tmp_path / "m.sqz", like=digits_baseline.model)
     assert rule._structure(model, like=digits_baseline.model)["size_bytes"] == size
     assert rule._structure(model)["size_bytes"] != size  # (without the baseline: no record)
+
+
+def _stopper(baseline, *, min_epochs: int, budget: float) -> Stopper:
+    """A stopper on a study whose front (one point no trial can fail to beat) never stops the
+    trial: the dominance rule runs after every epoch and re-estimates within ``budget``."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.0, 1e12]))
+    rule = EarlyStop(
+        dominance=True,
+        min_epochs=min_epochs,
+        objectives=("val_acc", "size_bytes"),
+        directions=("maximize", "minimize"),
+        constraints={"size_kb": 1e9},
+        baseline_size=1,
+    )
+    stopper = Stopper(rule, study.ask(), like=baseline.model)
+    stopper.REESTIMATE_BUDGET = budget
+    return stopper
+
+
+def _fine_tune(task, baseline, stopper: Stopper, epochs: int, **compressors):
+    model, _ = compress_recipe(
+        _recipe(epochs, **compressors),
+        _Space(),
+        task,
+        baseline,
+        seed=0,
+        after_epoch=stopper,
+        on_compressed=stopper.start,
+        reestimate=stopper.reestimate,
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    "compressors",
+    [{"quant": {"bits": 4}}, {"quant": {"bits": 4, "mode": "ptq"}}],
+    ids=["qat (the model itself)", "ptq (a finalized copy)"],
+)
+def test_the_stopper_decides_on_the_size_of_the_weights_fine_tuning_moved(
+    digits_task, digits_baseline, tmp_path, compressors
+):
+    """Re-estimated after each epoch, the size the last decision used is the shipped file's
+    (exactly: the last epoch's weights are the shipped ones), though fine-tuning changed it."""
+    stopper = _stopper(digits_baseline, min_epochs=1, budget=math.inf)
+    model = _fine_tune(digits_task, digits_baseline, stopper, 3, **compressors)
+    size = save_packed(model, tmp_path / "m.sqz", like=digits_baseline.model)
+    assert len(stopper.estimates) == 1 + 3  # before fine-tuning, then after each epoch
+    assert stopper.estimates[-1] == size != stopper.estimates[0]
+    assert stopper.hook.known == {"size_bytes": size, "compression_ratio": 1 / size}
+
+
+@pytest.mark.parametrize(
+    ("min_epochs", "budget", "estimates"),
+    [(1, math.inf, 4), (3, math.inf, 2), (1, 0.0, 1)],
+    ids=["every epoch", "only before a decision", "no time for it"],
+)
+def test_the_stopper_re_estimates_only_before_a_decision_and_within_its_budget(
+    digits_task, digits_baseline, min_epochs, budget, estimates
+):
+    stopper = _stopper(digits_baseline, min_epochs=min_epochs, budget=budget)
+    _fine_tune(digits_task, digits_baseline, stopper, 3, quant={"bits": 4})
+    assert len(stopper.estimates) == estimates
+
+
+def test_a_re_estimate_that_breaks_a_size_constraint_prunes_the_trial(digits_baseline):
+    stopper = _stopper(digits_baseline, min_epochs=1, budget=math.inf)
+    model = copy.deepcopy(digits_baseline.model)
+    stopper.start(model)  # (the baseline: about 200 kB, within 1e9 kB)
+    stopper.hook._rule = replace(stopper.early_stop, constraints={"size_kb": 1.0})
+    with pytest.raises(optuna.TrialPruned, match="infeasible during fine-tuning: \\['size_kb'\\]"):
+        stopper.start(model)

@@ -206,6 +206,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             seed=seed,
             after_epoch=after_epoch,
             on_compressed=stopper.start if stopper.needs_model else None,
+            reestimate=stopper.reestimate,
             device=ctx.device,
             stage=stage,
             inherit=inherit,
@@ -287,6 +288,7 @@ def compress_recipe(
     seed: int,
     after_epoch: Callable[[EpochStats], None] | None = None,
     on_compressed: Callable[[torch.nn.Module], None] | None = None,
+    reestimate: Callable[[int], bool] | None = None,
     device: str | None = None,
     stage: Stage = WHOLE,
     inherit: Callable[[torch.nn.Module], Stage] | None = None,
@@ -305,6 +307,8 @@ def compress_recipe(
             on the CPU, whose size is then already known (early stopping): the model itself
             where no compressor changes it at finalize (`Compressor.finalizes`), else a
             finalized copy.
+        reestimate: Called with each fine-tuning epoch's number as it ends: when true,
+            ``on_compressed`` is called again first, on the weights fine-tuning has moved.
         device: Compress, fine-tune and evaluate there (e.g. ``cuda``); None: the CPU. The
             model comes back on the CPU.
         stage: The part of the fine-tune to run (`search.run.screening`): a screen keeps its
@@ -350,6 +354,14 @@ def compress_recipe(
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
     with phase("fine-tune"):
+
+        def epoch_end(stats: EpochStats) -> None:  # (random draws: as in `_estimate` above)
+            if on_compressed is not None and reestimate is not None and reestimate(stats.epoch):
+                with torch.random.fork_rng(devices=[]):
+                    _estimate(compressors, model, context, on_compressed)
+            if after_epoch is not None:
+                after_epoch(stats)
+
         history, rng = [], torch.get_rng_state()
         for start, stop in stage.parts():  # (two for the rerun of a promoted trial)
             torch.set_rng_state(rng)  # each part starts as a trial's fine-tune does
@@ -366,7 +378,7 @@ def compress_recipe(
                 val=task.val,
                 seed=seed,
                 before_epoch=_schedules(compressors, model),
-                after_epoch=after_epoch,
+                after_epoch=epoch_end,
                 start_epoch=start,
                 stop_epoch=stop,
                 **task.training(),
