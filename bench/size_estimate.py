@@ -8,8 +8,8 @@ once at the end. Errors are |estimate - file| / file:
 
 - before: the estimate made before fine-tuning (what the early stop decided on until now);
 - after: the estimate the stopper decides on after each epoch (``min_epochs=1``: a decision after
-  every epoch, the hardest case) under its cost budget (`Stopper.REESTIMATE_BUDGET`, simulated
-  from the measured times), max and median over the decisions;
+  every epoch, the hardest case), re-estimated before the 1st, 2nd, 4th, 8th, ... decision as
+  `Stopper` does (`search.config.early_stop.reestimated`), max and median over the decisions;
 - stale: the size decided on after each epoch against the exact size of the weights at that
   epoch (what re-estimating removes; the rest of "after" is the drift still to come), max.
 
@@ -35,7 +35,7 @@ from compressors.packing import packed_size
 from experiments import load_or_train_baseline
 from experiments.digits import digits_mlp
 from experiments.mnist1d import mnist1d_cnn
-from search.config.early_stop import Stopper
+from search.config.early_stop import reestimated
 from search.config.space import Recipe
 from search.run.trial import compress_recipe
 
@@ -101,15 +101,12 @@ def one(task, baseline, compressors: dict, epochs: int, out: Path) -> dict:
 
 
 def decided(run: dict) -> tuple[list[float], int]:
-    """The size the stopper decides on after each epoch under its budget (``min_epochs=1``), and
-    how many re-estimates that took."""
-    budget, cost, tuned, current, out = Stopper.REESTIMATE_BUDGET, run["costs"][0], 0.0, 0, []
-    count = 0
-    for epoch, seconds in enumerate(run["epoch_s"]):
-        tuned += seconds
-        if cost <= budget * tuned:  # (the total spent against the total tuned, as the stopper)
+    """The size the stopper decides on after each epoch (``min_epochs=1``), and how many
+    re-estimates that took."""
+    current, out, count = 0, [], 0
+    for epoch in range(len(run["epoch_s"])):
+        if reestimated(epoch, 1):
             current, count = epoch + 1, count + 1
-            cost += run["costs"][epoch + 1]
         out.append(run["sizes"][current])
     return out, count
 

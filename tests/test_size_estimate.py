@@ -4,7 +4,6 @@ written), against the file the trial ships after fine-tuning."""
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import replace
 
 import optuna
@@ -81,9 +80,9 @@ def test_the_estimate_records_the_layers_compression_made_smaller(
     assert rule._structure(model)["size_bytes"] != size  # (without the baseline: no record)
 
 
-def _stopper(baseline, *, min_epochs: int, budget: float) -> Stopper:
+def _stopper(baseline, *, min_epochs: int) -> Stopper:
     """A stopper on a study whose front (one point no trial can fail to beat) never stops the
-    trial: the dominance rule runs after every epoch and re-estimates within ``budget``."""
+    trial: the dominance rule runs after every epoch from ``min_epochs`` on."""
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.add_trial(optuna.trial.create_trial(values=[0.0, 1e12]))
     rule = EarlyStop(
@@ -94,9 +93,7 @@ def _stopper(baseline, *, min_epochs: int, budget: float) -> Stopper:
         constraints={"size_kb": 1e9},
         baseline_size=1,
     )
-    stopper = Stopper(rule, study.ask(), like=baseline.model)
-    stopper.REESTIMATE_BUDGET = budget
-    return stopper
+    return Stopper(rule, study.ask(), like=baseline.model)
 
 
 def _fine_tune(task, baseline, stopper: Stopper, epochs: int, **compressors):
@@ -121,31 +118,34 @@ def _fine_tune(task, baseline, stopper: Stopper, epochs: int, **compressors):
 def test_the_stopper_decides_on_the_size_of_the_weights_fine_tuning_moved(
     digits_task, digits_baseline, tmp_path, compressors
 ):
-    """Re-estimated after each epoch, the size the last decision used is the shipped file's
-    (exactly: the last epoch's weights are the shipped ones), though fine-tuning changed it."""
-    stopper = _stopper(digits_baseline, min_epochs=1, budget=math.inf)
-    model = _fine_tune(digits_task, digits_baseline, stopper, 3, **compressors)
+    """Re-estimated before the 1st, 2nd and 4th decision, the size the 4th (the last) used is
+    the shipped file's (exactly: the last epoch's weights are the shipped ones), though
+    fine-tuning changed it."""
+    stopper = _stopper(digits_baseline, min_epochs=1)
+    model = _fine_tune(digits_task, digits_baseline, stopper, 4, **compressors)
     size = save_packed(model, tmp_path / "m.sqz", like=digits_baseline.model)
-    assert len(stopper.estimates) == 1 + 3  # before fine-tuning, then after each epoch
+    assert len(stopper.estimates) == 1 + 3  # before fine-tuning, then after epochs 0, 1 and 3
     assert stopper.estimates[-1] == size != stopper.estimates[0]
     assert stopper.hook.known == {"size_bytes": size, "compression_ratio": 1 / size}
 
 
 @pytest.mark.parametrize(
-    ("min_epochs", "budget", "estimates"),
-    [(1, math.inf, 4), (3, math.inf, 2), (1, 0.0, 1)],
-    ids=["every epoch", "only before a decision", "no time for it"],
+    ("min_epochs", "epochs", "after"),
+    [(1, 8, [0, 1, 3, 7]), (3, 5, [2, 3]), (1, 2, [0, 1])],
+    ids=["1st, 2nd, 4th, 8th decision", "only before a decision", "short"],
 )
-def test_the_stopper_re_estimates_only_before_a_decision_and_within_its_budget(
-    digits_task, digits_baseline, min_epochs, budget, estimates
+def test_the_stopper_re_estimates_before_the_1st_2nd_4th_8th_decision(
+    digits_task, digits_baseline, min_epochs, epochs, after
 ):
-    stopper = _stopper(digits_baseline, min_epochs=min_epochs, budget=budget)
-    _fine_tune(digits_task, digits_baseline, stopper, 3, quant={"bits": 4})
-    assert len(stopper.estimates) == estimates
+    stopper = _stopper(digits_baseline, min_epochs=min_epochs)
+    assert [e for e in range(epochs) if stopper.reestimate(e)] == []  # (not started yet)
+    _fine_tune(digits_task, digits_baseline, stopper, epochs, quant={"bits": 4})
+    assert [e for e in range(epochs) if stopper.reestimate(e)] == after
+    assert len(stopper.estimates) == 1 + len(after)
 
 
 def test_a_re_estimate_that_breaks_a_size_constraint_prunes_the_trial(digits_baseline):
-    stopper = _stopper(digits_baseline, min_epochs=1, budget=math.inf)
+    stopper = _stopper(digits_baseline, min_epochs=1)
     model = copy.deepcopy(digits_baseline.model)
     stopper.start(model)  # (the baseline: about 200 kB, within 1e9 kB)
     stopper.hook._rule = replace(stopper.early_stop, constraints={"size_kb": 1.0})
