@@ -351,7 +351,7 @@ def test_timed_rows_predicts_from_the_batch_timed_before():
 
 
 def test_measure_records_the_rows_a_scaled_latency_was_timed_on(digits_task, digits_baseline):
-    from search.run.trial import measure
+    from search.run.measure import measure
 
     model = copy.deepcopy(digits_baseline.model)
     tiny = measure(model, digits_task, (1, 64), 3, latency_budget_s=1e-9)

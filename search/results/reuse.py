@@ -52,6 +52,7 @@ from search.results._study import load_study, study_config, trial_threads
 from search.run.budget import seed_trial
 from search.run.deploy import Deployed, deploy_onnx
 from search.run.logs import Stages, Ticker
+from search.run.measure import measure
 from search.run.recommend import (  # noqa: F401 - re-exported
     RECOMMEND_MAX_DROP,
     Recommendation,
@@ -62,7 +63,7 @@ from search.run.recommend import (  # noqa: F401 - re-exported
 )
 from search.run.screening import Stage
 from search.run.tracking import experiment_id
-from search.run.trial import compress_recipe, measure
+from search.run.trial import compress_recipe
 from search.run.workload import build_task, load_workload
 
 logger = logging.getLogger(__name__)

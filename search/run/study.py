@@ -52,6 +52,7 @@ from search.run.budget import (
 from search.run.deploy import check_deployable, deploy_onnx
 from search.run.interrupts import raise_if_interrupted
 from search.run.loop import run_trials
+from search.run.measure import measure
 from search.run.pareto import SweepResult
 from search.run.predicted_front import DEFAULT_COUNT, predicted_warm_starts
 from search.run.study_store import (
@@ -62,7 +63,7 @@ from search.run.study_store import (
     storage_retry_s,
 )
 from search.run.tracking import Tracker
-from search.run.trial import THREADS_ATTR, SweepContext, baseline_on, measure, run_trial
+from search.run.trial import THREADS_ATTR, SweepContext, baseline_on, run_trial
 from search.run.workers import WORKERS_ENV, run_local_workers
 from search.run.workload import (
     baseline_file_size,

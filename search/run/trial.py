@@ -21,7 +21,7 @@ import copy
 import errno
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,23 +42,12 @@ from compressors import (
 )
 from compressors.runtime import INT8_MODULES
 from experiments import (
-    DECISIONS,
     LOSSES,
     Baseline,
     EpochStats,
     Task,
     evaluate,
     fit,
-    prediction_agreement,
-    scores,
-)
-from experiments.metrics import (
-    batch_latencies,
-    count_flops,
-    interleaved_latency_ms,
-    latency_ms,
-    nonzero_params,
-    peak_memory_at,
 )
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
@@ -72,7 +61,6 @@ from search.config.fidelity import (
 )
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
-    batch_suffix,
 )
 from search.config.space import Recipe, SearchSpace
 from search.failures import phase
@@ -81,6 +69,7 @@ from search.run.deploy import deploy_onnx
 from search.run.inherit import Inheritance, leading, load_plain
 from search.run.interrupts import raise_if_interrupted
 from search.run.logs import Ticker
+from search.run.measure import measure
 from search.run.screening import (
     WHOLE,
     Stage,
@@ -476,104 +465,6 @@ def cross_validate(recipe: Recipe, ctx: SweepContext, *, seed: int) -> float:
             model.to(ctx.device)
         fold_scores.append(evaluate(model, task.val))
     return sum(fold_scores) / len(fold_scores)
-
-
-def measure(
-    shipped: torch.nn.Module,
-    task: Task,
-    latency_batch_sizes: Sequence[int] = (1,),
-    latency_repeats: int = 30,
-    *,
-    latency_budget_s: float | None = None,
-    reference: torch.nn.Module | None = None,
-    timed: torch.nn.Module | None = None,
-    reference_outputs: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
-    costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
-    size, and peak memory at the largest one (measured at batch 2 and 4 and extrapolated
-    linearly, `experiments.metrics.peak_memory_at`). All of it runs on the CPU, where the
-    shipped file is loaded: what a user's CPU pays for it.
-
-    Each latency is the median of ``latency_repeats`` timed forwards at most, 3 at least,
-    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many). A
-    batch size whose forward would not fit that budget (predicted from the smaller batch
-    timed before it) is timed on as many rows as fit, scaled to the batch, logged, and
-    recorded as ``latency_rows_bB`` (`experiments.metrics.batch_latencies`).
-
-    Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
-    its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
-    each latency is timed in rounds alternating with the reference's, and the ratio is logged as
-    ``speedup`` (batch 1) and ``speedup_b<B>``: a speed-up that other load on the machine does
-    not move as it moves absolute times.
-
-    With ``reference_outputs`` (the baseline's outputs on the validation split), the share of
-    validation inputs on which ``shipped`` decides as the baseline did is ``val_agreement``
-    (`experiments.prediction_agreement`, from the same pass over the split as the score).
-    """
-    timed = shipped if timed is None else timed
-    extra = dict(task.extra_scores)
-    if reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
-        extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
-    metrics = {
-        **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
-        "nonzero_params": nonzero_params(shipped),
-        "flops": count_flops(shipped, task.example_inputs(1)),
-        "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
-    }
-
-    def time_ms(inputs) -> tuple[float, float | None]:
-        if reference is None:
-            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s)
-            return ms, None
-        return interleaved_latency_ms(
-            timed,
-            reference,
-            inputs,
-            rounds=LATENCY_ROUNDS,
-            repeats=_per_round(latency_repeats),
-            budget_s=latency_budget_s,
-        )
-
-    latencies = batch_latencies(
-        time_ms,
-        task.example_inputs,
-        latency_batch_sizes,
-        budget_s=latency_budget_s,
-        models=1 if reference is None else 2,
-    )
-    for batch, latency in latencies.items():
-        suffix = batch_suffix(batch)
-        metrics[f"latency_ms{suffix}"] = latency.ms
-        if reference is not None:
-            metrics[f"speedup{suffix}"] = latency.reference_ms / latency.ms
-        if latency.rows != batch:
-            metrics[f"latency_rows{suffix}"] = latency.rows
-            logger.info(
-                "latency at batch %d timed on %d rows (a forward of %d would not fit "
-                "measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
-                batch,
-                latency.rows,
-                batch,
-                latency_budget_s,
-                batch / latency.rows,
-                latency.ms,
-            )
-    return metrics
-
-
-def _agreement(outputs: torch.Tensor, _targets: torch.Tensor, *, reference, kind: str) -> float:
-    """`prediction_agreement` as a score of the split (its targets unused)."""
-    return prediction_agreement(outputs, reference, kind=kind)
-
-
-#: Alternating rounds of a trial's latency against the baseline's.
-LATENCY_ROUNDS = 5
-
-
-def _per_round(repeats: int) -> int:
-    """Forwards per round: ``measure.latency_repeats`` spread over the rounds (3 at least)."""
-    return max(3, -(-repeats // LATENCY_ROUNDS))
 
 
 def int8_layers(model: torch.nn.Module) -> list[str]:

@@ -1,0 +1,124 @@
+"""A trial's measurements of the model it ships: the validation score and what running it costs.
+
+`measure` is the second half of a trial (`search.run.trial.run_trial`): everything runs on the
+CPU, where the shipped file is loaded, on the validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+
+from experiments import DECISIONS, Task, prediction_agreement, scores
+from experiments.metrics import (
+    batch_latencies,
+    count_flops,
+    interleaved_latency_ms,
+    latency_ms,
+    nonzero_params,
+    peak_memory_at,
+)
+from search.config.metrics import batch_suffix
+
+logger = logging.getLogger(__name__)
+
+
+def measure(
+    shipped: torch.nn.Module,
+    task: Task,
+    latency_batch_sizes: Sequence[int] = (1,),
+    latency_repeats: int = 30,
+    *,
+    latency_budget_s: float | None = None,
+    reference: torch.nn.Module | None = None,
+    timed: torch.nn.Module | None = None,
+    reference_outputs: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The validation score (``val_acc``) and the task's extra scores (``val_<name>``), and the
+    costs of running ``shipped``: nonzero parameters, FLOPs of one sample, latency at each batch
+    size, and peak memory at the largest one (measured at batch 2 and 4 and extrapolated
+    linearly, `experiments.metrics.peak_memory_at`). All of it runs on the CPU, where the
+    shipped file is loaded: what a user's CPU pays for it.
+
+    Each latency is the median of ``latency_repeats`` timed forwards at most, 3 at least,
+    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many). A
+    batch size whose forward would not fit that budget (predicted from the smaller batch
+    timed before it) is timed on as many rows as fit, scaled to the batch, logged, and
+    recorded as ``latency_rows_bB`` (`experiments.metrics.batch_latencies`).
+
+    Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
+    its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
+    each latency is timed in rounds alternating with the reference's, and the ratio is logged as
+    ``speedup`` (batch 1) and ``speedup_b<B>``: a speed-up that other load on the machine does
+    not move as it moves absolute times.
+
+    With ``reference_outputs`` (the baseline's outputs on the validation split), the share of
+    validation inputs on which ``shipped`` decides as the baseline did is ``val_agreement``
+    (`experiments.prediction_agreement`, from the same pass over the split as the score).
+    """
+    timed = shipped if timed is None else timed
+    extra = dict(task.extra_scores)
+    if reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
+        extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
+    metrics = {
+        **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
+        "nonzero_params": nonzero_params(shipped),
+        "flops": count_flops(shipped, task.example_inputs(1)),
+        "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
+    }
+
+    def time_ms(inputs) -> tuple[float, float | None]:
+        if reference is None:
+            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s)
+            return ms, None
+        return interleaved_latency_ms(
+            timed,
+            reference,
+            inputs,
+            rounds=LATENCY_ROUNDS,
+            repeats=_per_round(latency_repeats),
+            budget_s=latency_budget_s,
+        )
+
+    latencies = batch_latencies(
+        time_ms,
+        task.example_inputs,
+        latency_batch_sizes,
+        budget_s=latency_budget_s,
+        models=1 if reference is None else 2,
+    )
+    for batch, latency in latencies.items():
+        suffix = batch_suffix(batch)
+        metrics[f"latency_ms{suffix}"] = latency.ms
+        if reference is not None:
+            metrics[f"speedup{suffix}"] = latency.reference_ms / latency.ms
+        if latency.rows != batch:
+            metrics[f"latency_rows{suffix}"] = latency.rows
+            logger.info(
+                "latency at batch %d timed on %d rows (a forward of %d would not fit "
+                "measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
+                batch,
+                latency.rows,
+                batch,
+                latency_budget_s,
+                batch / latency.rows,
+                latency.ms,
+            )
+    return metrics
+
+
+def _agreement(outputs: torch.Tensor, _targets: torch.Tensor, *, reference, kind: str) -> float:
+    """`prediction_agreement` as a score of the split (its targets unused)."""
+    return prediction_agreement(outputs, reference, kind=kind)
+
+
+#: Alternating rounds of a trial's latency against the baseline's.
+LATENCY_ROUNDS = 5
+
+
+def _per_round(repeats: int) -> int:
+    """Forwards per round: ``measure.latency_repeats`` spread over the rounds (3 at least)."""
+    return max(3, -(-repeats // LATENCY_ROUNDS))
