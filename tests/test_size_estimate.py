@@ -30,15 +30,14 @@ def _recipe(epochs: int, **compressors: dict) -> Recipe:
 def _estimate_and_file(task, baseline, tmp_path, epochs: int, **compressors) -> tuple[int, int]:
     rule = EarlyStop(dominance=True)
     estimates = []
-    model, _ = compress_recipe(
-        _recipe(epochs, **compressors),
-        _Space(),
+    model = _fine_tune(
         task,
         baseline,
-        seed=0,
+        epochs,
         on_compressed=lambda m: estimates.append(
             rule._structure(m, like=baseline.model)["size_bytes"]
         ),
+        **compressors,
     )
     (estimate,) = estimates
     return estimate, save_packed(model, tmp_path / "m.sqz", like=baseline.model)
@@ -96,17 +95,17 @@ def _stopper(baseline, *, min_epochs: int) -> Stopper:
     return Stopper(rule, study.ask(), like=baseline.model)
 
 
-def _fine_tune(task, baseline, stopper: Stopper, epochs: int, **compressors):
-    model, _ = compress_recipe(
-        _recipe(epochs, **compressors),
-        _Space(),
-        task,
-        baseline,
-        seed=0,
-        after_epoch=stopper,
-        on_compressed=stopper.start,
-        reestimate=stopper.reestimate,
-    )
+def _fine_tune(task, baseline, epochs: int, *, stopper: Stopper | None = None, **kwargs):
+    """``compress_recipe`` of the compressors in ``kwargs`` (the others are its own: with a
+    ``stopper``, it is the one called after each epoch)."""
+    hooks = {k: kwargs.pop(k) for k in ("on_compressed",) if k in kwargs}
+    if stopper is not None:
+        hooks = {
+            "after_epoch": stopper,
+            "on_compressed": stopper.start,
+            "reestimate": stopper.reestimate,
+        }
+    model, _ = compress_recipe(_recipe(epochs, **kwargs), _Space(), task, baseline, seed=0, **hooks)
     return model
 
 
@@ -122,7 +121,7 @@ def test_the_stopper_decides_on_the_size_of_the_weights_fine_tuning_moved(
     the shipped file's (exactly: the last epoch's weights are the shipped ones), though
     fine-tuning changed it."""
     stopper = _stopper(digits_baseline, min_epochs=1)
-    model = _fine_tune(digits_task, digits_baseline, stopper, 4, **compressors)
+    model = _fine_tune(digits_task, digits_baseline, 4, stopper=stopper, **compressors)
     size = save_packed(model, tmp_path / "m.sqz", like=digits_baseline.model)
     assert len(stopper.estimates) == 1 + 3  # before fine-tuning, then after epochs 0, 1 and 3
     assert stopper.estimates[-1] == size != stopper.estimates[0]
@@ -139,7 +138,7 @@ def test_the_stopper_re_estimates_before_the_1st_2nd_4th_8th_decision(
 ):
     stopper = _stopper(digits_baseline, min_epochs=min_epochs)
     assert [e for e in range(epochs) if stopper.reestimate(e)] == []  # (not started yet)
-    _fine_tune(digits_task, digits_baseline, stopper, epochs, quant={"bits": 4})
+    _fine_tune(digits_task, digits_baseline, epochs, stopper=stopper, quant={"bits": 4})
     assert [e for e in range(epochs) if stopper.reestimate(e)] == after
     assert len(stopper.estimates) == 1 + len(after)
 
