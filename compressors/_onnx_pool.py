@@ -18,6 +18,12 @@ input on a grid of its own that holds every value the activation can take:
 - a ``Clip`` from 0 to ``c`` (ReLU6): its step from 0 where 255 steps stay within ``c`` (exact),
   else ``c / 255`` from 0, so that ONNX Runtime drops the ``Clip`` before the ``QuantizeLinear``.
 
+Where the activation reads a Conv's output grid that nothing else reads (MobileNet's last
+pointwise conv, BatchNorm folded, then ReLU6), that grid becomes the new one and the activation
+goes: the conv's ``QLinearConv`` writes its output clipped on the pool's grid (one rounding, of
+the clipped value, where the torch model rounds on the conv's grid, then clips: the two differ
+by half a step of each at most).
+
 ONNX Runtime then fuses ``DequantizeLinear -> GlobalAveragePool -> QuantizeLinear`` into
 ``QLinearGlobalAveragePool`` (NHWC, after the last ``QLinearConv``) and the head's ``QGemm``
 reads its uint8 output. The new grid rounds each value once more (half a step at most; a ReLU
@@ -54,6 +60,7 @@ def integer_pools(proto: Any) -> int:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     placed: dict[int, list] = {}
+    removed: list = []
     for pool in means:
         tensor = pool.input[0]
         activation = makers.get(tensor)
@@ -76,21 +83,46 @@ def integer_pools(proto: Any) -> int:
             ]
         )
         names = [f"{base}_scale", f"{base}_zero_point"]
-        activation.output[0] = f"{base}_float"
-        placed[id(activation)] = [
-            helper.make_node("QuantizeLinear", [f"{base}_float", *names], [f"{base}_quantized"]),
-            helper.make_node("DequantizeLinear", [f"{base}_quantized", *names], [tensor]),
-        ]
+        pair = _private_pair(activation, makers, readers)
+        if pair is not None:  # (the grid of the conv's output: one rounding, the activation in it)
+            pair[0].input[1:3] = names
+            pair[1].input[1:3] = names
+            pool.input[0] = pair[1].output[0]
+            removed.append(activation)
+        else:
+            activation.output[0] = f"{base}_float"
+            placed[id(activation)] = [
+                helper.make_node(
+                    "QuantizeLinear", [f"{base}_float", *names], [f"{base}_quantized"]
+                ),
+                helper.make_node("DequantizeLinear", [f"{base}_quantized", *names], [tensor]),
+            ]
         pool.op_type = "GlobalAveragePool"
         del pool.input[1:]
         del pool.attribute[:]
-    if placed:
+    if placed or removed:
         ordered = []
         for node in graph.node:
-            ordered += [node, *placed.get(id(node), [])]
+            if all(node is not gone for gone in removed):
+                ordered += [node, *placed.get(id(node), [])]
         del graph.node[:]
         graph.node.extend(ordered)
-    return len(placed)
+    return len(placed) + len(removed)
+
+
+def _private_pair(activation, makers: dict, readers: dict) -> tuple | None:
+    """The ``QuantizeLinear`` / ``DequantizeLinear`` pair on a Conv's output that ``activation``
+    alone reads (through the pair alone), else None."""
+    dq = makers.get(activation.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = makers.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(readers.get(q.output[0], [])) != 1:
+        return None
+    conv = makers.get(q.input[0])
+    if conv is None or conv.op_type != "Conv" or len(readers.get(conv.output[0], [])) != 1:
+        return None
+    return q, dq
 
 
 def _spatial(pool, inits: dict) -> bool:

@@ -240,11 +240,49 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     assert ops["QLinearConv"] == len(convs) - 1 == 5
     assert ops["FusedConv"] + ops["Conv"] == 1 and ops["BatchNormalization"] == 0
     # the first block's sum: the stem's output quantized for both its readers, the sum on the
-    # next convs' grid (the last block's sum goes to float pooling: it stays float)
-    assert ops["QLinearAdd"] == 1 and ops["Add"] == 1
+    # next convs' grid; the last block's sum on a grid of its own for the pooling
+    # (`compressors._onnx_pool`): integer from the stem's QuantizeLinear to the head's output
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
+    assert ops["QGemm"] == 1 and ops["Relu"] == 0
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0
     check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
     # (the float stem's rounding, ORT's against torch's, may move a value of the next
     # layer's input across a step of its grid: a few steps' worth at the outputs)
+    assert check.agree and check.max_rel_diff < 5e-3, check.message
+
+
+def test_a_mobilenets_pointwise_chain_runs_integer_kernels_into_the_head(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    task = tasks.zoo_mobilenet(seed=0)  # stem, depthwise 16, pointwise 32, depthwise 32, pw 64
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], baseline, ctx).eval()
+    # the 1-channel stem and the 16-channel depthwise conv stay float (`act.int8_friendly`)
+    assert set(act.ranges(model)) == {"features.6", "features.9", "features.12", "head"}
+    path = tmp_path / "mobilenet.sqz"
+    save_packed(model, path)
+    shipped = task.build_model()
+    export_onnx(path, shipped, task.example_inputs(8), tmp_path / "mobilenet.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(tmp_path / "mobilenet.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["FusedConv"] + ops["Conv"] == 2
+    # one QuantizeLinear after the float convs, then integer kernels only: the ReLU6s inside
+    # the grids, the last one in the last conv's output grid (`compressors._onnx_pool`),
+    # pooled as QLinearGlobalAveragePool into the head's QGemm
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0 and ops["Clip"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0 and ops["QGemm"] == 1
+    check = check_onnx(tmp_path / "mobilenet.onnx", shipped, task.val.x)
+    # (the last conv's output rounded on the ReLU6's grid, not on its own, then clipped)
     assert check.agree and check.max_rel_diff < 5e-3, check.message
 
 
@@ -277,7 +315,8 @@ def test_convolutions_slow_in_int8_keep_float_activations():
         def __init__(self) -> None:
             super().__init__()
             self.image = nn.Conv2d(3, 8, 3)  # (3 input channels: slow in ORT's int8 conv)
-            self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+            self.depthwise = nn.Conv2d(32, 32, 3, groups=32)
+            self.narrow = nn.Conv2d(16, 16, 3, groups=16)  # (depthwise, slow in int8 at 16)
             self.grouped = nn.Conv2d(8, 8, 1, groups=4)  # (2 input channels per group)
             self.wide = nn.Conv2d(8, 8, 1)
             self.odd = nn.Conv1d(5, 8, 1)
@@ -285,7 +324,7 @@ def test_convolutions_slow_in_int8_keep_float_activations():
 
     found = act.quantizable(Net())
     assert set(found) == {"depthwise", "wide", "odd", "head"}
-    assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped"}
+    assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped", "narrow"}
 
 
 def _encoder_w8a8(task: Task) -> nn.Module:
