@@ -252,6 +252,7 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     assert check.agree and check.max_rel_diff < 5e-3, check.message
 
 
+@pytest.mark.slow  # (an export: ~5 s)
 def test_a_mobilenets_pointwise_chain_runs_integer_kernels_into_the_head(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
