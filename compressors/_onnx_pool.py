@@ -9,8 +9,9 @@ ResNet (one thread): ``Transpose`` (NHWC to NCHW), two ``DequantizeLinear``, a f
 integer convolutions (MobileNet: ``Transpose``, ``DequantizeLinear``, ``Clip``, ``ReduceMean``,
 ``QuantizeLinear``, 20 us).
 
-`integer_pools` writes such a pool as ``GlobalAveragePool`` (the same values) and quantizes its
-input on a grid of its own that holds every value the activation can take:
+`integer_pools` writes such a pool as ``GlobalAveragePool`` (the same values) and, unless a
+``DequantizeLinear`` makes its input, quantizes its input on a grid of its own that holds every
+value the activation can take:
 
 - a ReLU of a residual sum of two dequantized tensors: from 0 to the sum of the two grids'
   largest values (ONNX Runtime then runs the sum as ``QLinearAdd`` with the ReLU fused away);
@@ -61,6 +62,7 @@ def integer_pools(proto: Any) -> int:
             readers.setdefault(name, []).append(node)
     placed: dict[int, list] = {}
     removed: list = []
+    direct = 0
     for pool in means:
         tensor = pool.input[0]
         activation = makers.get(tensor)
@@ -71,6 +73,10 @@ def integer_pools(proto: Any) -> int:
             or not _spatial(pool, inits)
             or not _quantized_after(pool, readers)
         ):
+            continue
+        if _dequantized(activation, inits, numpy_helper) is not None:  # (on a grid already)
+            _global(pool)
+            direct += 1
             continue
         grid = _grid(activation, makers, readers, inits, numpy_helper)
         if grid is None:
@@ -97,9 +103,7 @@ def integer_pools(proto: Any) -> int:
                 ),
                 helper.make_node("DequantizeLinear", [f"{base}_quantized", *names], [tensor]),
             ]
-        pool.op_type = "GlobalAveragePool"
-        del pool.input[1:]
-        del pool.attribute[:]
+        _global(pool)
     if placed or removed:
         ordered = []
         for node in graph.node:
@@ -107,7 +111,13 @@ def integer_pools(proto: Any) -> int:
                 ordered += [node, *placed.get(id(node), [])]
         del graph.node[:]
         graph.node.extend(ordered)
-    return len(placed) + len(removed)
+    return len(placed) + len(removed) + direct
+
+
+def _global(pool) -> None:
+    pool.op_type = "GlobalAveragePool"
+    del pool.input[1:]
+    del pool.attribute[:]
 
 
 def _private_pair(activation, makers: dict, readers: dict) -> tuple | None:
