@@ -32,7 +32,9 @@ graph as ONNX Runtime's static quantization does (``quantize_static``, QDQ forma
 Two passes then trim the float work around those kernels in transformer-shaped graphs:
 `compressors._onnx_attention` (torch's self-attention without transposes or per-head copies)
 and `compressors._onnx_rows` (Linear layers on ``(batch, tokens, features)`` as ``Gemm`` on
-rows, the bias inside the integer kernel, a feed-forward ReLU between two of them fused away).
+rows, the bias inside the integer kernel, a feed-forward ReLU between two of them fused away);
+`compressors._onnx_pool` puts a CNN's mean pool on a grid (``QLinearGlobalAveragePool`` after
+the last ``QLinearConv`` or ``QLinearAdd``, into the head's ``QGemm``).
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs

@@ -126,6 +126,7 @@ from compressors._onnx_io import (
     write_metadata,
 )
 from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
+from compressors._onnx_pool import integer_pools
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_rows import gemm_rows
@@ -334,6 +335,7 @@ def export_onnx(
     if qdq.sites:  # (W8A8: ONNX Runtime's integer kernels with fewer float ops around them)
         fuse_attention(proto, qdq.sites, attention_heads(model))
         gemm_rows(proto)
+        integer_pools(proto)
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "

@@ -7,6 +7,7 @@ import copy
 import functools
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -240,11 +241,50 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     assert ops["QLinearConv"] == len(convs) - 1 == 5
     assert ops["FusedConv"] + ops["Conv"] == 1 and ops["BatchNormalization"] == 0
     # the first block's sum: the stem's output quantized for both its readers, the sum on the
-    # next convs' grid (the last block's sum goes to float pooling: it stays float)
-    assert ops["QLinearAdd"] == 1 and ops["Add"] == 1
+    # next convs' grid; the last block's sum on a grid of its own for the pooling
+    # (`compressors._onnx_pool`): integer from the stem's QuantizeLinear to the head's output
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
+    assert ops["QGemm"] == 1 and ops["Relu"] == 0
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0
     check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
     # (the float stem's rounding, ORT's against torch's, may move a value of the next
     # layer's input across a step of its grid: a few steps' worth at the outputs)
+    assert check.agree and check.max_rel_diff < 5e-3, check.message
+
+
+@pytest.mark.slow  # (an export: ~5 s)
+def test_a_mobilenets_pointwise_chain_runs_integer_kernels_into_the_head(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+    from tests.zoo import tasks
+
+    task = tasks.zoo_mobilenet(seed=0)  # stem, depthwise 16, pointwise 32, depthwise 32, pw 64
+    torch.manual_seed(0)
+    baseline = task.build_model().eval()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    model = apply_pipeline([get_compressor("quant")(activations=8)], baseline, ctx).eval()
+    # the 1-channel stem and the 16-channel depthwise conv stay float (`act.int8_friendly`)
+    assert set(act.ranges(model)) == {"features.6", "features.9", "features.12", "head"}
+    path = tmp_path / "mobilenet.sqz"
+    save_packed(model, path)
+    shipped = task.build_model()
+    export_onnx(path, shipped, task.example_inputs(8), tmp_path / "mobilenet.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(tmp_path / "mobilenet.onnx"), options)
+    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["FusedConv"] + ops["Conv"] == 2
+    # one QuantizeLinear after the float convs, then integer kernels only: the ReLU6s inside
+    # the grids, the last one in the last conv's output grid (`compressors._onnx_pool`),
+    # pooled as QLinearGlobalAveragePool into the head's QGemm
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0 and ops["Clip"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0 and ops["QGemm"] == 1
+    check = check_onnx(tmp_path / "mobilenet.onnx", shipped, task.val.x)
+    # (the last conv's output rounded on the ReLU6's grid, not on its own, then clipped)
     assert check.agree and check.max_rel_diff < 5e-3, check.message
 
 
@@ -277,7 +317,8 @@ def test_convolutions_slow_in_int8_keep_float_activations():
         def __init__(self) -> None:
             super().__init__()
             self.image = nn.Conv2d(3, 8, 3)  # (3 input channels: slow in ORT's int8 conv)
-            self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+            self.depthwise = nn.Conv2d(32, 32, 3, groups=32)
+            self.narrow = nn.Conv2d(16, 16, 3, groups=16)  # (depthwise, slow in int8 at 16)
             self.grouped = nn.Conv2d(8, 8, 1, groups=4)  # (2 input channels per group)
             self.wide = nn.Conv2d(8, 8, 1)
             self.odd = nn.Conv1d(5, 8, 1)
@@ -285,7 +326,7 @@ def test_convolutions_slow_in_int8_keep_float_activations():
 
     found = act.quantizable(Net())
     assert set(found) == {"depthwise", "wide", "odd", "head"}
-    assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped"}
+    assert set(act.quantizable(Net(), every=True)) == set(found) | {"image", "grouped", "narrow"}
 
 
 def _encoder_w8a8(task: Task) -> nn.Module:
@@ -410,3 +451,82 @@ def test_an_attention_the_rewrite_does_not_know_keeps_its_exported_form(tmp_path
     assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 5  # (embed, in_proj, FFN, head)
     check = check_onnx(tmp_path / "m.onnx", shipped, task.val.x)
     assert check.agree, check.message
+
+
+def _pooled_graph(*, residual: bool):
+    """A graph of the shape W8A8 exports end with: a dequantized tensor (or the ReLU of the
+    sum of two), the spatial mean, a reshape and the head's input grid."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def grid(name, scale, zero):
+        return [
+            numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.array(zero, np.uint8), f"{name}_zero"),
+        ]
+
+    def qdq(x, name):
+        names = [f"{name}_scale", f"{name}_zero"]
+        return [
+            helper.make_node("QuantizeLinear", [x, *names], [f"{name}_q"]),
+            helper.make_node("DequantizeLinear", [f"{name}_q", *names], [f"{name}_dq"]),
+        ]
+
+    inits = [*grid("a", 0.05, 128), *grid("b", 0.03, 10), *grid("head", 0.02, 0)]
+    inits += [
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        numpy_helper.from_array(np.array([0, -1], np.int64), "shape"),
+    ]
+    nodes = qdq("a", "a")
+    if residual:
+        nodes += [*qdq("b", "b"), helper.make_node("Add", ["a_dq", "b_dq"], ["sum"])]
+        nodes.append(helper.make_node("Relu", ["sum"], ["pooled_in"]))
+    nodes += [
+        helper.make_node("ReduceMean", ["pooled_in" if residual else "a_dq", "axes"], ["mean"]),
+        helper.make_node("Reshape", ["mean", "shape"], ["flat"]),
+        *qdq("flat", "head"),
+    ]
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4, 3, 3]) for n in "ab"]
+    graph = helper.make_graph(
+        nodes,
+        "pooled",
+        value[: 2 if residual else 1],
+        [helper.make_tensor_value_info("head_dq", TensorProto.FLOAT, [2, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_pooled_tail_runs_integer_kernels_into_the_head(tmp_path, residual):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from compressors._onnx_pool import integer_pools
+
+    proto = _pooled_graph(residual=residual)
+    onnx.save(proto, tmp_path / "exported.onnx")
+    assert integer_pools(proto) == 1
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["GlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
+    # a dequantized input keeps its grid; a ReLU-ed sum gets one from 0 to the sum of the
+    # two grids' largest values
+    assert ops["QuantizeLinear"] == (4 if residual else 2)
+    onnx.save(proto, tmp_path / "pooled.onnx")
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    onnxruntime.InferenceSession(str(tmp_path / "pooled.onnx"), options)
+    fused = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert fused["QLinearGlobalAveragePool"] == 1 and fused["QLinearAdd"] == int(residual)
+    assert fused["Relu"] == fused["Add"] == fused["ReduceMean"] == 0
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.normal(0, 3, (2, 4, 3, 3)).astype(np.float32) for n in "ab"}
+    feeds = {i.name: feeds[i.name] for i in proto.graph.input}
+    plain = onnxruntime.SessionOptions()
+    plain.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before, after = (
+        onnxruntime.InferenceSession(str(tmp_path / name), plain).run(None, feeds)[0]
+        for name in ("exported.onnx", "pooled.onnx")
+    )
+    # the same values, up to a step of the head's grid (the sum rounded once more: half of
+    # one of its steps, (0.05 * 127 + 0.03 * 245) / 255 / 2, averaged, then rounded again)
+    assert np.abs(after - before).max() <= (0.02 * 1.001 if residual else 1e-6)
