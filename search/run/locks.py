@@ -56,13 +56,14 @@ def advisory_lock(storage: str, name: str, *, retry_s: float) -> Iterator[None]:
         storage,
         poolclass=sqlalchemy.pool.NullPool,
         isolation_level="AUTOCOMMIT",  # (idle while held, not "idle in transaction")
-        connect_args={**options, "options": f"-c lock_timeout={LOCK_WAIT_S}s"},
+        connect_args=options,
     )
     label = options.get("application_name")
 
     def lock() -> sqlalchemy.Connection:
         conn = engine.connect()
         try:
+            conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'"))
             _wait_for(conn, key, label)
         except BaseException:
             end_session(conn)
