@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from compressors._onnx_graph import graph_index
 from compressors.packing import PackedTensor
 
 if TYPE_CHECKING:
@@ -45,12 +46,7 @@ def fold_batchnorm(proto: onnx.ModelProto, roots: dict[str, PackedTensor], notes
     from onnx import numpy_helper
 
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    producer = {out: node for node in graph.node for out in node.output}
+    inits, producer, readers = graph_index(graph)
     outputs = {o.name for o in graph.output}
     names = {v for n in graph.node for v in (*n.input, *n.output)} | set(inits)
     folded, kept, vectors = 0, 0, set()

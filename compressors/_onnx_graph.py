@@ -1,12 +1,12 @@
 """Passes over an exported graph before its codes are written: which initializers the packed
 file holds as codes, onnxscript's optimizer with those kept out of its reach, which of them run
 on MatMulInteger, notes on sparsity, and the exporter's debug records dropped
-(see `compressors.onnx_export`).
+(see `compressors.onnx_export`); and the look-ups the graph's rewrites share (`graph_index`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -158,3 +158,15 @@ def strip_debug_info(proto: onnx.ModelProto) -> None:
     for item in (*graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer):
         del item.metadata_props[:]
         item.doc_string = ""
+
+
+def graph_index(graph: onnx.GraphProto) -> tuple[dict[str, Any], dict[str, Any], dict[str, list]]:
+    """``graph``'s initializers by name, the node making each tensor, and the nodes reading
+    each tensor (in graph order): the look-ups the graph's rewrites share."""
+    inits = {i.name: i for i in graph.initializer}
+    makers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return inits, makers, readers

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from compressors._onnx_graph import graph_index
+
 #: Ops between the pool and the head's ``QuantizeLinear`` (shape only).
 _RESHAPES = ("Reshape", "Flatten", "Squeeze")
 
@@ -54,12 +56,7 @@ def integer_pools(proto: Any) -> int:
         return 0
     inferred = shape_inference.infer_shapes(proto, strict_mode=False).graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.value_info}
-    inits = {i.name: i for i in graph.initializer}
-    makers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    inits, makers, readers = graph_index(graph)
     placed: dict[int, list] = {}
     removed: list = []
     direct = 0

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from compressors._onnx_graph import graph_index
+
 #: Ops between two rewritten layers that act on each value alone (the reshapes around them go).
 _ELEMENTWISE = ("Relu",)
 
@@ -42,12 +44,7 @@ def gemm_rows(proto: Any) -> int:
     for value in [*inferred.value_info, *inferred.input]:
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    inits = {i.name: i for i in graph.initializer}
-    makers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    inits, makers, readers = graph_index(graph)
     unread_biases = set()
     made = []  # (reshape to rows, reshape back): their outputs
     before: dict[int, Any] = {}
