@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from compressors import (
     CompressionContext,
@@ -24,7 +25,8 @@ from compressors import (
     save_packed,
     targets,
 )
-from compressors.packing import HEADER_BYTES, read_payload, read_tensors
+from compressors._container import open_packed
+from compressors.packing import FRAMING_BYTES, HEADER_BYTES, read_payload, read_tensors
 from experiments import load_or_train_baseline, predict_outputs
 from experiments.digits import digits_mlp
 from experiments.metrics import agreement
@@ -36,6 +38,8 @@ from search.config.storage import open_storage
 from search.results.explain import (
     CONTAINER,
     FILE_HEADER,
+    FRAMING,
+    INDEX,
     RECORD,
     attribution_fidelity,
     byte_breakdown,
@@ -94,22 +98,11 @@ def _check_accounting(path, model):
     breakdown = byte_breakdown(path, model)
     size = path.stat().st_size
     lines = breakdown.lines()
-    assert int(lines.bytes.sum()) == size
-    assert list(lines.tensor[-3:]) == [RECORD, CONTAINER, FILE_HEADER]
-    payload, compressed = read_payload(path)
-    assert breakdown.header_bytes == HEADER_BYTES
-    assert breakdown.container_bytes == size - HEADER_BYTES - len(payload)
-    assert (breakdown.container_bytes < 0) == compressed
-    # The record line, computed independently: the payload with every tensor's entries and
-    # layout records removed (length prefix, JSON framing, padding, the model record).
-    length = int.from_bytes(payload[:8], "little")
-    header_text = payload[8 : 8 + length]
-    header = json.loads(header_text)
-    meta = json.loads(header["__metadata__"]["squeeze"])
-    bare = {"__metadata__": {"squeeze": json.dumps({**meta, "t": {}}, separators=(",", ":"))}}
-    padding = length - len(header_text.rstrip(b" "))
-    assert breakdown.record_bytes == 8 + len(json.dumps(bare, separators=(",", ":"))) + padding
-    assert int(breakdown.rows.data_bytes.sum()) == len(payload) - 8 - length  # the arrays
+    assert int(lines.bytes.sum()) == size == breakdown.file_bytes
+    if path.read_bytes()[:4] == b"SQZ2":
+        meta = _check_sqz2_lines(path, breakdown)
+    else:
+        meta = _check_stored_lines(path, breakdown)
     # Every stored tensor is in exactly one row; every compressible tensor has its row.
     stored = [n for names in breakdown.rows.stored_tensors for n in names.split()]
     assert sorted(stored) == sorted(meta["t"])
@@ -119,6 +112,82 @@ def _check_accounting(path, model):
     expected = {n for n, t in targets(model).items() if t.module_name not in replaced}
     assert expected <= set(breakdown.rows.tensor)
     return breakdown
+
+
+def _check_stored_lines(path, breakdown) -> dict:
+    """An SQZ5 (SQZ4, SQZ3) file: each row's bytes are its arrays' stored sizes as the index
+    lists them; then the index (its length in the trailer) and the framing. Returns the index."""
+    data = path.read_bytes()
+    meta = open_packed(path).meta
+    trailer = 12 if data[:4] == b"SQZ3" else 16
+    assert list(breakdown.lines().tensor[-2:]) == [INDEX, FRAMING]
+    assert breakdown.format == data[:4].decode()
+    assert breakdown.line(FRAMING) == 4 + trailer == (FRAMING_BYTES if trailer == 16 else 16)
+    assert breakdown.line(INDEX) == int.from_bytes(data[-trailer : -trailer + 8], "little")
+    for row in breakdown.rows.itertuples():
+        entries = [e for n in row.stored_tensors.split() for e in meta["t"][n]["a"]]
+        assert row.bytes == sum(sum(sizes) for *_, sizes in entries)
+        raw = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for _, dtype, shape, *_ in entries)
+        assert row.raw_bytes == raw
+    return meta
+
+
+def _check_sqz2_lines(path, breakdown) -> dict:
+    """An SQZ2 file: accounted on its uncompressed payload. Returns its model record."""
+    size = path.stat().st_size
+    assert breakdown.format == "SQZ2"
+    assert list(breakdown.lines().tensor[-3:]) == [RECORD, CONTAINER, FILE_HEADER]
+    payload, compressed = read_payload(path)
+    assert breakdown.line(FILE_HEADER) == HEADER_BYTES
+    assert breakdown.line(CONTAINER) == size - HEADER_BYTES - len(payload)
+    assert (breakdown.line(CONTAINER) < 0) == compressed
+    # The record line, computed independently: the payload with every tensor's entries and
+    # layout records removed (length prefix, JSON framing, padding, the model record).
+    length = int.from_bytes(payload[:8], "little")
+    header_text = payload[8 : 8 + length]
+    header = json.loads(header_text)
+    meta = json.loads(header["__metadata__"]["squeeze"])
+    bare = {"__metadata__": {"squeeze": json.dumps({**meta, "t": {}}, separators=(",", ":"))}}
+    padding = length - len(header_text.rstrip(b" "))
+    assert breakdown.line(RECORD) == 8 + len(json.dumps(bare, separators=(",", ":"))) + padding
+    assert int(breakdown.rows.data_bytes.sum()) == len(payload) - 8 - length  # the arrays
+    assert (breakdown.rows.raw_bytes == breakdown.rows.data_bytes).all()
+    return meta
+
+
+def test_a_bias_costs_the_bytes_the_file_stores_for_it(tmp_path):
+    """Today's files: a row's bytes are its arrays as stored (codecs applied), not as they would
+    be uncompressed; a 4-bit layer's codes take a quarter of a float32 weight or less."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    quant = apply_pipeline(
+        [get_compressor("quant")(bits=4)], copy.deepcopy(base), CompressionContext(seed=0)
+    )
+    for name, model in (("base", base), ("quant", quant)):
+        path = tmp_path / f"{name}.sqz"
+        save_packed(model, path, like=base)
+        rows = _check_accounting(path, base).rows.set_index("tensor")
+        (suffix, dtype, shape, _codec, sizes) = open_packed(path).meta["t"]["0.bias"]["a"][0]
+        assert rows.loc["0 (bias)", "bytes"] == sum(sizes) < 4 * 64  # smaller than float32
+        assert rows.loc["0 (bias)", "raw_bytes"] == np.dtype(dtype).itemsize * 64
+    assert rows.loc["0.weight", "bytes"] <= 32 * 64 // 2 + 4 * 64  # 4-bit codes and scales
+
+
+@pytest.mark.parametrize(
+    ("fixture", "model"),
+    [
+        ("sqz2_small.sqz", "sqz2"),
+        ("sqz3_v4_small.sqz", "sqz3"),
+        ("sqz4_v4_small.sqz", "sqz3"),
+    ],
+)
+def test_old_formats_are_accounted_to_their_size(fixture, model):
+    from tests.test_packing import DATA, _fixture_model
+    from tests.test_reload import _sqz3_fixture_model
+
+    build = {"sqz2": _fixture_model, "sqz3": _sqz3_fixture_model}[model]
+    breakdown = _check_accounting(DATA / fixture, build())
+    assert breakdown.format == fixture[:4].upper()
 
 
 @pytest.mark.parametrize("family", _families())
@@ -264,7 +333,7 @@ def test_squeeze_explain_prints_the_breakdown_and_logs_it_to_the_trial_run(sweep
 
     assert main(["explain", "--study", "digits_mlp", "--trial", "1", *overrides]) == 0
     out = capsys.readouterr().out
-    for text in ("net.1.weight", "out 150/300", "15-level grid (4-bit)", RECORD, CONTAINER):
+    for text in ("net.1.weight", "out 150/300", "15-level grid (4-bit)", INDEX, "zstd JSON"):
         assert text in out
     assert f"{int(metrics['size_bytes']):,}" in out
     assert "Agreement with the baseline" in out and "Attribution fidelity" in out

@@ -4,18 +4,22 @@ predictions flipped, and whether it still looks at the same evidence as the base
 Three questions, three parts, each a plain function usable on its own:
 
 - **Where the bytes went** (`byte_breakdown`): the packed file (`compressors.packing`) taken apart
-  byte by byte. The accounting is made on the file's payload as an SQZ2-style safetensors layout
-  (`compressors.packing.read_payload` builds it for SQZ5 files too), where it is exact: each tensor
-  costs its arrays' data (values, codes, masks, gaps, scales, codebook), their entries in the
-  safetensors JSON header, and its layout record in the model record. What is left of the payload
-  (the length prefix, JSON framing and padding, the format version, replaced modules, int8 layers,
-  ties and changed attributes) is the *model record* line; the *codecs and framing* line is the
-  file's size minus that payload and the header (negative when the codecs — zstd'd byte planes in
-  SQZ5, LZMA in SQZ2 — shrank the arrays more than the file's framing adds); the *file header* line
-  is the format's header bytes. The lines sum to the file's size exactly. Compressible tensors
-  (`compressors.targets`) get a row each, with their shape before and after, what structured pruning
-  kept, sparsity, bit width or codebook size and runtime (float or int8); the other tensors (biases,
-  norms, buffers) are grouped by the module that owns them.
+  byte by byte, by what it stores. An SQZ5 file (or SQZ4, SQZ3) holds each tensor's arrays
+  (values, codes, masks, gaps, scales, codebook, rANS frequency tables) one after the other, each
+  compressed by its own codec (zstd'd byte planes, ``top``, rANS, bit-packed codes), then its
+  index (zstd'd JSON: every tensor's name, shape, layout and its arrays' stored sizes; the format
+  version, replaced modules, int8 layers, ties and changed attributes) and its framing (the magic,
+  and a trailer of the index's length and the checksum). Each tensor costs its arrays' stored
+  bytes, read from the index (``raw_bytes``: the same arrays uncompressed); the *index* and
+  *framing* lines complete the sum to the file's size exactly. An old SQZ2 file, which
+  LZMA-compresses one safetensors payload as a whole, is accounted on that payload as before:
+  each tensor costs its arrays' data, their entries in the safetensors JSON header and its layout
+  record; the *model record* line is the rest of the payload (length prefix, JSON framing,
+  padding, the model record), the *LZMA container* line the LZMA stream minus the payload
+  (negative when LZMA shrank it) and the *file header* line its magic, codec and CRC-32.
+  Compressible tensors (`compressors.targets`) get a row each, with their shape before and after,
+  what structured pruning kept, sparsity, bit width or codebook size and runtime (float or int8);
+  the other tensors (biases, norms, buffers) are grouped by the module that owns them.
 - **Which predictions flipped** (`agreement_report`): on validation and test, the share of inputs
   whose top-1 class is the baseline's (for an embedding task: whose nearest neighbour among the
   split is the baseline's, `experiments.neighbour_agreement`), the flip matrix (baseline class ->
@@ -58,8 +62,11 @@ from search.results.explain._attributions import (  # noqa: E402
 from search.results.explain._bytes import (  # noqa: E402
     CONTAINER,
     FILE_HEADER,
+    FRAMING,
+    INDEX,
     RECORD,
     Breakdown,
+    Line,
     byte_breakdown,
 )
 from search.results.explain._console import console_tables  # noqa: E402
@@ -79,6 +86,8 @@ from search.results.explain._trial import explain_front, explain_trial  # noqa: 
 __all__ = [
     "CONTAINER",
     "FILE_HEADER",
+    "FRAMING",
+    "INDEX",
     "RECORD",
     "SAMPLES",
     "SHOWN",
@@ -89,6 +98,7 @@ __all__ = [
     "Breakdown",
     "Explanation",
     "Fidelity",
+    "Line",
     "agreement_report",
     "agreement_table",
     "attribute",

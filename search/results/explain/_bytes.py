@@ -9,21 +9,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from compressors import targets
+from compressors._container import TRAILER, TRAILER_SQZ3, checked
+from compressors._opening import opened
 from compressors.packing import (
     HEADER_BYTES,
+    MAGIC_SQZ2,
+    MAGIC_SQZ3,
     PackedFileError,
     int8_layers,
     read_payload,
     read_tensors,
 )
 
-#: The three lines that complete the per-tensor rows to the file's size.
-RECORD, CONTAINER, FILE_HEADER = "model record", "codecs and framing", "file header"
+#: The lines that complete the per-tensor rows to the file's size: an SQZ5, SQZ4 or SQZ3 file's
+#: index and framing; an SQZ2 file's model record, LZMA container and header.
+INDEX, FRAMING = "index", "framing"
+RECORD, CONTAINER, FILE_HEADER = "model record", "LZMA container", "file header"
 #: Names of a target's dimensions, by kind (after these, a conv's kernel).
 _DIMS = {
     "linear": ("out", "in"),
@@ -37,53 +44,62 @@ _COUNTS = ("num_heads", "num_attention_heads", "hidden_size", "groups")
 
 
 @dataclass(frozen=True)
+class Line:
+    """A line of a breakdown beside its tensors' rows: ``label`` (`INDEX`, `FRAMING`, ...),
+    ``kind``, ``what`` it holds, in words, and its ``bytes``."""
+
+    label: str
+    kind: str
+    what: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Breakdown:
     """A packed file's bytes, tensor by tensor (see `search.results.explain` for the accounting).
 
     Attributes:
         path: The packed file.
+        format: Its format (``SQZ5``, ``SQZ4``, ``SQZ3`` or ``SQZ2``).
         rows: One row per compressible tensor (``tensor`` its name), then one per module's other
             tensors (``tensor`` the module and their names): ``kind``, ``shape_before``,
             ``shape_after``, ``kept``, ``sparsity``, ``stored`` (bit width, codebook, float
             width), ``layout``, ``runtime``, ``params``, ``stored_tensors`` (the names the
-            file stores them under, space-separated), and the bytes of the uncompressed
-            payload: ``data_bytes`` (arrays), ``index_bytes`` (their safetensors header entries),
-            ``record_bytes`` (layout records) and ``bytes`` (their sum).
-        record_bytes: The rest of the payload (length prefix, JSON framing, padding, the model
-            record: format version, replaced modules, int8 layers, ties, changed attributes).
-        container_bytes: LZMA's stream minus the payload (negative: LZMA shrank it; 0: raw).
-        header_bytes: Magic, codec and CRC-32 (`compressors.packing.HEADER_BYTES`).
-        file_bytes: The file's size: ``rows.bytes.sum() + record_bytes + container_bytes +
-            header_bytes``, exactly.
+            file stores them under, space-separated), ``arrays`` (each array's suffix, codec and
+            bytes in the file), ``raw_bytes`` (the arrays' bytes uncompressed) and ``bytes``:
+            what the file stores for them. In an SQZ5, SQZ4 or SQZ3 file, their arrays as
+            stored (compressed by their codecs); in an SQZ2 file, their bytes in its uncompressed
+            payload, ``data_bytes`` (arrays) + ``index_bytes`` (their safetensors header entries)
+            + ``record_bytes`` (layout records), as LZMA compresses the payload as a whole.
+        extra: The lines that complete ``rows`` to the file's size (`Line`).
+        file_bytes: The file's size: ``rows.bytes.sum()`` plus ``extra``'s bytes, exactly.
     """
 
     path: Path
+    format: str
     rows: pd.DataFrame
-    record_bytes: int
-    container_bytes: int
-    header_bytes: int
+    extra: tuple[Line, ...]
     file_bytes: int
 
-    @property
-    def payload_bytes(self) -> int:
-        """Bytes of the uncompressed safetensors payload."""
-        return int(self.rows.bytes.sum()) + self.record_bytes
+    def line(self, label: str) -> int:
+        """Bytes of the extra line ``label`` (0 if the file's format has none)."""
+        return sum(line.bytes for line in self.extra if line.label == label)
 
     def lines(self) -> pd.DataFrame:
-        """``rows`` then the model record, LZMA container and file header lines (``bytes`` sums
-        to the file's size), each with its ``share`` of the file."""
+        """``rows`` then the ``extra`` lines (``bytes`` sums to the file's size), each with its
+        ``share`` of the file."""
         extra = pd.DataFrame(
-            [
-                {"tensor": RECORD, "kind": "framing", "bytes": self.record_bytes},
-                {"tensor": CONTAINER, "kind": "lzma", "bytes": self.container_bytes},
-                {"tensor": FILE_HEADER, "kind": "header", "bytes": self.header_bytes},
-            ]
+            [{"tensor": x.label, "kind": x.kind, "bytes": x.bytes} for x in self.extra]
         )
         lines = pd.concat([self.rows, extra], ignore_index=True)
-        counts = ["params", "data_bytes", "index_bytes", "record_bytes", "bytes"]
-        lines[counts] = lines[counts].astype("Int64")  # (empty on the last three lines)
+        counts = [c for c in _COUNT_COLUMNS if c in lines]
+        lines[counts] = lines[counts].astype("Int64")  # (empty on the extra lines)
         lines["share"] = lines.bytes.astype(float) / self.file_bytes
         return lines
+
+
+#: Integer columns of `Breakdown.lines`.
+_COUNT_COLUMNS = ("params", "raw_bytes", "data_bytes", "index_bytes", "record_bytes", "bytes")
 
 
 def byte_breakdown(path: str | Path, model: nn.Module) -> Breakdown:
@@ -95,10 +111,57 @@ def byte_breakdown(path: str | Path, model: nn.Module) -> Breakdown:
             ``build_model()``): what shapes were before and which tensors are compressible.
 
     Raises:
-        compressors.PackedFileError: If the file is not a packed model, or its header is not
-            laid out as squeeze writes it (the accounting would not be exact).
+        compressors.PackedFileError: If the file is not a packed model, or is not laid out as
+            squeeze writes it (the accounting would not be exact).
     """
     path = Path(path)
+    data = checked(path)
+    if data[:4] == MAGIC_SQZ2:
+        return _sqz2_breakdown(path, model)
+    packed = opened(path, model, data)[0]
+    meta = packed.meta
+    trailer = TRAILER_SQZ3 if data[:4] == MAGIC_SQZ3 else TRAILER
+    costs = {}
+    for name, spec in meta["t"].items():
+        entries = spec["a"]
+        costs[name] = {
+            "raw_bytes": sum(
+                math.prod(shape) * np.dtype(dtype).itemsize for _, dtype, shape, *_ in entries
+            ),
+            "bytes": sum(sum(sizes) for *_, sizes in entries),
+        }
+    arrays = {
+        name: [
+            f"{name.rpartition('.')[2]}{':' + suffix if suffix else ''} {sum(sizes):,} B ({codec})"
+            for suffix, _dtype, _shape, codec, sizes in spec["a"]
+        ]
+        for name, spec in meta["t"].items()
+    }
+    index_len = trailer.unpack(data[-trailer.size :])[0]
+    framing = 4 + trailer.size
+    stored = sum(c["bytes"] for c in costs.values())
+    if stored + index_len + framing != len(data):  # (open_packed checked it: a safeguard)
+        raise PackedFileError(f"{path}: its arrays, index and framing do not fill the file")
+    version = data[:4].decode()
+    check = "CRC-32" if data[:4] == MAGIC_SQZ3 else "XXH3-64"
+    rows = _rows(model, meta, read_tensors(path, model=model), costs, arrays, int8_layers(path))
+    return Breakdown(
+        path=path,
+        format=version,
+        rows=rows,
+        extra=(
+            Line(
+                INDEX, "zstd JSON", "names, shapes, layouts, array sizes; modules, ties", index_len
+            ),
+            Line(FRAMING, "framing", f"magic {version!r}, index length and {check}", framing),
+        ),
+        file_bytes=len(data),
+    )
+
+
+def _sqz2_breakdown(path: Path, model: nn.Module) -> Breakdown:
+    """An SQZ2 file accounted on its uncompressed safetensors payload, LZMA's saving on its own
+    line (LZMA compresses the payload as a whole)."""
     file_bytes = path.stat().st_size
     payload, compressed = read_payload(path, model=model)  # (bounded by its shapes)
     stored = read_tensors(path, model=model)
@@ -115,13 +178,38 @@ def byte_breakdown(path: str | Path, model: nn.Module) -> Breakdown:
             f"{path}: its arrays ({sum(data_bytes.values()):,} bytes) do not fill its data "
             f"section ({data_section:,} bytes); the file is not laid out as squeeze writes it."
         )
-    rows = _rows(model, meta, stored, data_bytes, index_bytes, record_bytes, int8_layers(path))
+    costs = {
+        name: {
+            "raw_bytes": data_bytes[name],
+            "data_bytes": data_bytes[name],
+            "index_bytes": index_bytes[name],
+            "record_bytes": record_bytes[name],
+            "bytes": data_bytes[name] + index_bytes[name] + record_bytes[name],
+        }
+        for name in meta["t"]
+    }
+    arrays = {name: [f"{data_bytes[name]:,} B in the payload"] for name in meta["t"]}
+    rows = _rows(model, meta, stored, costs, arrays, int8_layers(path))
+    container = file_bytes - HEADER_BYTES - len(payload)  # 0 for a raw payload
+    lzma = (
+        f"payload {len(payload):,} B → LZMA {len(payload) + container:,} B"
+        if compressed
+        else "payload stored raw (LZMA would not shrink it)"
+    )
     return Breakdown(
         path=path,
+        format="SQZ2",
         rows=rows,
-        record_bytes=len(payload) - accounted,  # length prefix, framing, padding, model record
-        container_bytes=file_bytes - HEADER_BYTES - len(payload),  # 0 for a raw payload
-        header_bytes=HEADER_BYTES,
+        extra=(
+            Line(
+                RECORD,
+                "framing",
+                "length prefix, JSON framing, padding; modules, ties",
+                len(payload) - accounted,
+            ),
+            Line(CONTAINER, "lzma", lzma, container),
+            Line(FILE_HEADER, "header", "magic, codec, CRC-32", HEADER_BYTES),
+        ),
         file_bytes=file_bytes,
     )
 
@@ -180,12 +268,12 @@ def _rows(
     model: nn.Module,
     meta: dict,
     stored: Mapping,
-    data: Mapping[str, int],
-    index: Mapping[str, int],
-    record: Mapping[str, int],
+    costs: Mapping[str, Mapping[str, int]],
+    arrays: Mapping[str, Sequence[str]],
     int8: Sequence[str],
 ) -> pd.DataFrame:
-    """The breakdown's rows: tensors grouped (see `_group`), in the file's order."""
+    """The breakdown's rows: tensors grouped (see `_group`), in the file's order, each with the
+    sums of its tensors' ``costs`` (bytes by column) and their ``arrays``, described."""
     found = targets(model)
     by_module = {t.module_name: t for t in found.values()}
     sites = {f"{s.module_name}.{s.attr}".lstrip("."): t for t in found.values() for s in t.sites}
@@ -208,14 +296,12 @@ def _rows(
             "runtime": "int8" if _module_of(label, target) in int8 else "float",
             "params": sum(stored[n].value.numel() for n in names),
             "stored_tensors": " ".join(names),
-            "data_bytes": sum(data[n] for n in names),
-            "index_bytes": sum(index[n] for n in names),
-            "record_bytes": sum(record[n] for n in names),
+            "arrays": ", ".join(a for n in names for a in arrays[n]),
+            **{c: sum(costs[n][c] for n in names) for c in costs[names[0]]},
         }
         aliases = [a for n in names for a in tied.get(n, [])]
         if aliases:
             row["kind"] += f", tied: {', '.join(aliases)}"
-        row["bytes"] = row["data_bytes"] + row["index_bytes"] + row["record_bytes"]
         rows.append(row)
     return pd.DataFrame(rows)
 

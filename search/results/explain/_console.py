@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from search.results.explain._agreement import Agreement
-from search.results.explain._bytes import CONTAINER, FILE_HEADER, RECORD
 from search.results.explain._model import Explanation
 
 
@@ -17,13 +16,12 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
     table = Table(
         title=f"{explanation.name}: {breakdown.path.name}, {breakdown.file_bytes:,} bytes "
         f"({ratio:.1f}x smaller than the baseline's {base.file_bytes:,})",
-        caption="bytes: what each tensor costs in the uncompressed payload (its arrays, their "
-        "safetensors entries and its layout record); the last three lines complete the sum to "
-        "the file's size exactly. kept: sizes after/before structured pruning.",
+        caption=_CAPTIONS["SQZ2" if breakdown.format == "SQZ2" else "stored"],
         caption_justify="left",
     )
     for column in ("tensor", "kind", "shape", "kept", "sparsity", "stored", "layout", "runtime"):
         table.add_column(column, overflow="fold")
+    table.add_column("uncompressed", justify="right", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
     table.add_column("share", justify="right", no_wrap=True)
     for row in breakdown.rows.itertuples():
@@ -41,26 +39,16 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
             row.stored,
             row.layout,
             row.runtime,
+            f"{row.raw_bytes:,}",
             f"{row.bytes:,}",
             f"{row.bytes / breakdown.file_bytes:.1%}",
         )
-    payload = breakdown.payload_bytes
-    extra = (
-        (RECORD, "length prefix, JSON framing, padding; modules, ties", breakdown.record_bytes),
-        (
-            CONTAINER,
-            f"payload {payload:,} B → LZMA {payload + breakdown.container_bytes:,} B"
-            if breakdown.container_bytes
-            else "payload stored raw (LZMA would not shrink it)",
-            breakdown.container_bytes,
-        ),
-        (FILE_HEADER, "magic, codec, CRC-32", breakdown.header_bytes),
-    )
-    for label, what, value in extra:
-        share = f"{value / breakdown.file_bytes:.1%}"
-        table.add_row(label, "", "", "", "", what, "", "", f"{value:,}", share, style="dim")
+    for line in breakdown.extra:
+        share = f"{line.bytes / breakdown.file_bytes:.1%}"
+        cells = (line.label, line.kind, "", "", "", line.what, "", "", "")
+        table.add_row(*cells, f"{line.bytes:,}", share, style="dim")
     total = f"{breakdown.file_bytes:,}"
-    table.add_row("total = file size", *[""] * 7, total, "100.0%", style="bold")
+    table.add_row("total = file size", *[""] * 8, total, "100.0%", style="bold")
     out.append(table)
 
     summary = Table(title="Agreement with the baseline", caption_justify="left")
@@ -95,6 +83,19 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
         )
     out += [f"note: {note}" for note in explanation.notes]
     return out
+
+
+#: What the bytes table's columns count, by format.
+_CAPTIONS = {
+    "stored": "bytes: what the file stores for each tensor (its arrays — codes, codebook, scales, "
+    "frequency tables, masks, values — each compressed by its codec); uncompressed: the same "
+    "arrays before their codecs. The index and framing lines complete the sum to the file's size "
+    "exactly. kept: sizes after/before structured pruning.",
+    "SQZ2": "bytes: what each tensor costs in the file's uncompressed payload (its arrays, their "
+    "safetensors entries and its layout record; this old format LZMA-compresses the payload as a "
+    "whole); the last three lines complete the sum to the file's size exactly. kept: sizes "
+    "after/before structured pruning.",
+}
 
 
 def _flips_table(a: Agreement):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from search.results.explain._attributions import Attributions
-from search.results.explain._bytes import CONTAINER, FILE_HEADER, RECORD, Breakdown
+from search.results.explain._bytes import Breakdown
 
 #: Segments a bytes-per-layer bar shows on their own; smaller ones are pooled.
 _SEGMENTS = 12
@@ -19,8 +19,9 @@ _SEGMENTS = 12
 
 def _segments(models: Mapping[str, Breakdown]) -> tuple[list[str], pd.DataFrame]:
     """``(labels, bytes)``: a frame of bytes per segment (rows) and model (columns); the
-    largest `_SEGMENTS` tensors each, the others pooled, then the model record and file header
-    (the LZMA container is apart: it is negative when LZMA shrank the payload)."""
+    largest `_SEGMENTS` tensors each, the others pooled, then the lines beyond the tensors
+    (index and framing; an SQZ2 file's model record and header) pooled as the file's overhead
+    (an SQZ2 file's LZMA container is apart: it is negative when LZMA shrank the payload)."""
     table = pd.DataFrame(
         {name: b.rows.set_index("tensor").bytes for name, b in models.items()}
     ).fillna(0)
@@ -29,16 +30,31 @@ def _segments(models: Mapping[str, Breakdown]) -> tuple[list[str], pd.DataFrame]
     segments = table.loc[[t for t in table.index if t in top]]
     if rest:
         segments.loc[f"{len(rest)} other rows"] = table.loc[rest].sum()
-    segments.loc[f"{RECORD} + {FILE_HEADER}"] = [
-        b.record_bytes + b.header_bytes for b in models.values()
+    segments.loc[_OVERHEAD] = [
+        sum(x.bytes for x in b.extra if x.bytes > 0) for b in models.values()
     ]
     return list(segments.index), segments
 
 
+#: The segment of the lines beyond the tensors, and the hatched bar of LZMA's saving (SQZ2).
+_OVERHEAD = "index, framing (SQZ2: record, header)"
+_SAVING = "LZMA saving (SQZ2 files, below 0)"
+
+
+def _saving(models: Mapping[str, Breakdown]) -> np.ndarray:
+    """KB by which an SQZ2 file's LZMA container shrank its payload (negative; 0 for others)."""
+    return (
+        np.array(
+            [sum(x.bytes for x in b.extra if x.bytes < 0) for b in models.values()], dtype=float
+        )
+        / 1000
+    )
+
+
 def bytes_figure(models: Mapping[str, Breakdown]) -> plt.Figure:
     """Bytes per layer as stacked bars, one bar per model (the baseline first): each segment a
-    tensor's bytes in the uncompressed payload; LZMA's saving hangs below zero, and a black
-    tick marks each file's size (what the segments and the saving add up to)."""
+    tensor's bytes in the file (an SQZ2 file's: in its uncompressed payload, LZMA's saving hanging
+    below zero), and a black tick marks each file's size (what the segments add up to)."""
     labels, segments = _segments(models)
     names = list(models)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) + 3.5), 4.8), dpi=110)
@@ -48,16 +64,9 @@ def bytes_figure(models: Mapping[str, Breakdown]) -> plt.Figure:
         values = segments.loc[label].to_numpy(dtype=float) / 1000
         ax.bar(names, values, bottom=bottom, color=colors[i % len(colors)], label=label, width=0.6)
         bottom += values
-    lzma_kb = np.array([b.container_bytes for b in models.values()], dtype=float) / 1000
-    ax.bar(
-        names,
-        lzma_kb,
-        color="0.85",
-        hatch="//",
-        edgecolor="0.5",
-        width=0.6,
-        label=f"{CONTAINER} (saving, below 0)",
-    )
+    saving = _saving(models)
+    if saving.any():
+        ax.bar(names, saving, color="0.85", hatch="//", edgecolor="0.5", width=0.6, label=_SAVING)
     sizes = np.array([b.file_bytes for b in models.values()], dtype=float) / 1000
     for x, size in enumerate(sizes):
         ax.plot(
@@ -72,7 +81,7 @@ def bytes_figure(models: Mapping[str, Breakdown]) -> plt.Figure:
             fontsize=8,
         )
     ax.axhline(0, color="k", lw=0.6)
-    ax.set_ylabel("bytes in the packed file (KB; payload before LZMA)")
+    ax.set_ylabel("bytes in the packed file (KB)")
     ax.set_title("Where the bytes went, per layer")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
@@ -80,7 +89,7 @@ def bytes_figure(models: Mapping[str, Breakdown]) -> plt.Figure:
 
 
 def bytes_plotly(models: Mapping[str, Breakdown]):
-    """`bytes_figure` as an interactive plotly figure (relative bars: the saving below 0)."""
+    """`bytes_figure` as an interactive plotly figure (relative bars: any saving below 0)."""
     import plotly.graph_objects as go
 
     labels, segments = _segments(models)
@@ -88,12 +97,9 @@ def bytes_plotly(models: Mapping[str, Breakdown]):
     fig = go.Figure()
     for label in labels:
         fig.add_bar(x=names, y=segments.loc[label].to_numpy() / 1000, name=label)
-    fig.add_bar(
-        x=names,
-        y=[b.container_bytes / 1000 for b in models.values()],
-        name=f"{CONTAINER} (saving)",
-        marker_pattern_shape="/",
-    )
+    saving = _saving(models)
+    if saving.any():
+        fig.add_bar(x=names, y=saving, name=_SAVING, marker_pattern_shape="/")
     fig.add_scatter(
         x=names,
         y=[b.file_bytes / 1000 for b in models.values()],
@@ -105,7 +111,7 @@ def bytes_plotly(models: Mapping[str, Breakdown]):
         barmode="relative",
         title="Where the bytes went, per layer",
         xaxis_title="model",
-        yaxis_title="bytes in the packed file (KB; payload before LZMA)",
+        yaxis_title="bytes in the packed file (KB)",
     )
     return fig
 

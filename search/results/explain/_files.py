@@ -80,6 +80,8 @@ _LINE_COLUMNS = [
     "runtime",
     "params",
     "stored_tensors",
+    "arrays",
+    "raw_bytes",
     "data_bytes",
     "index_bytes",
     "record_bytes",
