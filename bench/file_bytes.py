@@ -1,14 +1,14 @@
 """Where a packed file's bytes go, as stored: what a target ratio leaves for the weights.
 
-`squeeze explain` accounts a file on its uncompressed (safetensors-style) payload; this reads what
-an SQZ5 (or SQZ4) file stores, from its index: the framing (magic and trailer), the index (zstd'd
-JSON: names, shapes, layouts, array sizes), the tensors that are not weights (biases, norms: any
-tensor of fewer than 2 dimensions), the weights' tables (codebooks, per-channel scales, rANS
-frequency tables) and the weights' payload (codes, rANS streams, masks, gaps, float values). Per
-file it prints those bytes, the payload's bits per weight of the baseline (every position of the
-uncompressed weights, so that structured pruning counts as saving), and the bits per weight a
-target ratio (``--ratio``, against ``--baseline``'s size) would leave the payload beside the same
-overhead.
+The stored bytes of an SQZ5 (SQZ4, SQZ3) file, as `squeeze explain` reads them from its
+index (`search.results.explain.stored_arrays`), regrouped: the framing (magic and trailer), the
+index (zstd'd JSON: names, shapes, layouts, array sizes), the tensors that are not weights
+(biases, norms: any tensor of fewer than 2 dimensions), the weights' tables (codebooks,
+per-channel scales, rANS frequency tables) and the weights' payload (codes, rANS streams, masks,
+gaps, float values). Per file it prints those bytes, the payload's bits per weight of the
+baseline (every position of the uncompressed weights, so that structured pruning counts as
+saving), and the bits per weight a target ratio (``--ratio``, against ``--baseline``'s size)
+would leave the payload beside the same overhead.
 
     python bench/file_bytes.py --baseline CACHE/mnist1d_cnn-*/model.sqz TRIALS/trial-0024.sqz
 """
@@ -20,34 +20,32 @@ import math
 import sys
 from pathlib import Path
 
-from compressors._container import FRAMING_BYTES, MAGIC, MAGIC_SQZ4, open_packed
+from search.results.explain import FRAMING, INDEX, stored_arrays
 
 #: Arrays of a weight that are its tables rather than one entry per (kept) weight.
 TABLES = frozenset({"codebook", "scale", "freqs"})
 
 
 def file_bytes(path: str | Path) -> dict[str, int]:
-    """The stored bytes of an SQZ5 or SQZ4 file by part (they sum to ``file``), and
+    """The stored bytes of an SQZ5, SQZ4 or SQZ3 file by part (they sum to ``file``), and
     ``weights``: the positions of its weight tensors (their shapes in the file).
 
     Raises:
-        ValueError: If the file is of an older format (SQZ3 and SQZ2 are laid out otherwise).
+        ValueError: If the file is an SQZ2 file (one LZMA-compressed payload) or not a packed
+            file.
     """
-    path = Path(path)
-    data = path.read_bytes()
-    if data[:4] not in (MAGIC, MAGIC_SQZ4):
-        raise ValueError(f"{path}: not an SQZ5 or SQZ4 file (magic {data[:4]!r})")
-    meta = open_packed(path, data).meta
+    stored = stored_arrays(Path(path))
     out = {"other": 0, "tables": 0, "payload": 0, "weights": 0}
-    for spec in meta["t"].values():
-        weight = len(spec["shape"]) >= 2
-        out["weights"] += math.prod(spec["shape"]) if weight else 0
-        for suffix, _dtype, _shape, _codec, sizes in spec["a"]:
-            part = "other" if not weight else "tables" if suffix in TABLES else "payload"
-            out[part] += sum(sizes)
-    out["framing"] = FRAMING_BYTES
-    out["index"] = len(data) - FRAMING_BYTES - out["other"] - out["tables"] - out["payload"]
-    out["file"] = len(data)
+    for name, arrays in stored.arrays.items():
+        shape = stored.meta["t"][name]["shape"]
+        weight = len(shape) >= 2
+        out["weights"] += math.prod(shape) if weight else 0
+        for array in arrays:
+            part = "other" if not weight else "tables" if array.suffix in TABLES else "payload"
+            out[part] += array.bytes
+    lines = {line.label: line.bytes for line in stored.extra}
+    out["framing"], out["index"] = lines[FRAMING], lines[INDEX]
+    out["file"] = stored.file_bytes
     return out
 
 

@@ -47,7 +47,18 @@ def test_the_parts_sum_to_the_file_and_codebooks_are_tables_not_payload(tmp_path
     assert dense["payload"] > 3 * parts["payload"]
 
 
+def test_an_sqz3_file_is_split_too():
+    path = Path(__file__).parent / "data" / "sqz3_v4_small.sqz"
+    parts = fb.file_bytes(path)
+    assert parts["file"] == path.stat().st_size
+    assert (
+        sum(parts[k] for k in ("framing", "index", "other", "tables", "payload")) == parts["file"]
+    )
+    assert parts["framing"] == 4 + 12  # magic, index length and CRC-32
+    assert parts["weights"] == 64 * 200 + 200 * 100 + 100 * 10
+
+
 def test_an_older_format_is_refused(tmp_path):
     (tmp_path / "old.sqz").write_bytes(b"SQZ2" + bytes(32))
-    with pytest.raises(ValueError, match="not an SQZ5 or SQZ4"):
+    with pytest.raises(ValueError, match="is an SQZ2 file"):
         fb.file_bytes(tmp_path / "old.sqz")

@@ -10,8 +10,8 @@ Three questions, three parts, each a plain function usable on its own:
   index (zstd'd JSON: every tensor's name, shape, layout and its arrays' stored sizes; the format
   version, replaced modules, int8 layers, ties and changed attributes) and its framing (the magic,
   and a trailer of the index's length and the checksum). Each tensor costs its arrays' stored
-  bytes, read from the index (``raw_bytes``: the same arrays uncompressed); the *index* and
-  *framing* lines complete the sum to the file's size exactly. An old SQZ2 file, which
+  bytes, read from the index (`stored_arrays`; ``raw_bytes``: the same arrays uncompressed); the
+  *index* and *framing* lines complete the sum to the file's size exactly. An old SQZ2 file, which
   LZMA-compresses one safetensors payload as a whole, is accounted on that payload as before:
   each tensor costs its arrays' data, their entries in the safetensors JSON header and its layout
   record; the *model record* line is the rest of the payload (length prefix, JSON framing,
@@ -67,7 +67,10 @@ from search.results.explain._bytes import (  # noqa: E402
     RECORD,
     Breakdown,
     Line,
+    StoredArray,
+    StoredFile,
     byte_breakdown,
+    stored_arrays,
 )
 from search.results.explain._console import console_tables  # noqa: E402
 from search.results.explain._figures import (  # noqa: E402
@@ -92,6 +95,8 @@ __all__ = [
     "SAMPLES",
     "SHOWN",
     "STEPS",
+    "StoredArray",
+    "StoredFile",
     "TOKEN_SAMPLES",
     "Agreement",
     "Attributions",
@@ -112,5 +117,6 @@ __all__ = [
     "explain_front",
     "explain_model",
     "explain_trial",
+    "stored_arrays",
     "write_explanation",
 ]

@@ -115,48 +115,95 @@ def byte_breakdown(path: str | Path, model: nn.Module) -> Breakdown:
             squeeze writes it (the accounting would not be exact).
     """
     path = Path(path)
+    if checked(path)[:4] == MAGIC_SQZ2:
+        return _sqz2_breakdown(path, model)
+    stored = stored_arrays(path, model)
+    costs = {
+        name: {
+            "raw_bytes": sum(a.raw_bytes for a in arrays),
+            "bytes": sum(a.bytes for a in arrays),
+        }
+        for name, arrays in stored.arrays.items()
+    }
+    described = {
+        name: [
+            f"{name.rpartition('.')[2]}{':' + a.suffix if a.suffix else ''} {a.bytes:,} B "
+            f"({a.codec})"
+            for a in arrays
+        ]
+        for name, arrays in stored.arrays.items()
+    }
+    values = read_tensors(path, model=model)
+    rows = _rows(model, stored.meta, values, costs, described, int8_layers(path))
+    return Breakdown(
+        path=path,
+        format=stored.format,
+        rows=rows,
+        extra=stored.extra,
+        file_bytes=stored.file_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One array of a tensor as an SQZ5, SQZ4 or SQZ3 file stores it: its ``suffix`` (``codes``,
+    ``scale``, ``codebook``, ``freqs``, ``mask``, ``values``...; empty for an integer tensor
+    stored raw), its ``codec`` (``raw``, ``planes``, ``top``), its ``bytes`` in the file and its
+    ``raw_bytes`` before its codec."""
+
+    suffix: str
+    codec: str
+    bytes: int
+    raw_bytes: int
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What an SQZ5, SQZ4 or SQZ3 file stores (`stored_arrays`): its ``format``, its index
+    (``meta``), each tensor's arrays in the file's order (``arrays``), the index and framing
+    lines (``extra``) and its size (``file_bytes``: the arrays' bytes plus ``extra``'s)."""
+
+    format: str
+    meta: dict
+    arrays: dict[str, list[StoredArray]]
+    extra: tuple[Line, Line]
+    file_bytes: int
+
+
+def stored_arrays(path: str | Path, model: nn.Module | None = None) -> StoredFile:
+    """The stored bytes of an SQZ5, SQZ4 or SQZ3 file, array by array, as its index lists them
+    (``model``: the fresh model that bounds its shapes; None: bounded by size).
+
+    Raises:
+        compressors.PackedFileError: If the file is not one of those formats (an SQZ2 file holds
+            one LZMA-compressed payload, not arrays one by one), or is damaged.
+    """
     data = checked(path)
     if data[:4] == MAGIC_SQZ2:
-        return _sqz2_breakdown(path, model)
-    packed = opened(path, model, data)[0]
-    meta = packed.meta
-    trailer = TRAILER_SQZ3 if data[:4] == MAGIC_SQZ3 else TRAILER
-    costs = {}
-    for name, spec in meta["t"].items():
-        entries = spec["a"]
-        costs[name] = {
-            "raw_bytes": sum(
-                math.prod(shape) * np.dtype(dtype).itemsize for _, dtype, shape, *_ in entries
-            ),
-            "bytes": sum(sum(sizes) for *_, sizes in entries),
-        }
+        raise PackedFileError(
+            f"{path} is an SQZ2 file (one LZMA-compressed payload), not an SQZ5, SQZ4 or SQZ3 "
+            "file (arrays stored one by one)"
+        )
+    meta = opened(path, model, data)[0].meta
     arrays = {
         name: [
-            f"{name.rpartition('.')[2]}{':' + suffix if suffix else ''} {sum(sizes):,} B ({codec})"
-            for suffix, _dtype, _shape, codec, sizes in spec["a"]
+            StoredArray(suffix, codec, sum(sizes), math.prod(shape) * np.dtype(dtype).itemsize)
+            for suffix, dtype, shape, codec, sizes in spec["a"]
         ]
         for name, spec in meta["t"].items()
     }
-    index_len = trailer.unpack(data[-trailer.size :])[0]
+    trailer = TRAILER_SQZ3 if data[:4] == MAGIC_SQZ3 else TRAILER
+    index = trailer.unpack(data[-trailer.size :])[0]
     framing = 4 + trailer.size
-    stored = sum(c["bytes"] for c in costs.values())
-    if stored + index_len + framing != len(data):  # (open_packed checked it: a safeguard)
+    if sum(a.bytes for found in arrays.values() for a in found) + index + framing != len(data):
         raise PackedFileError(f"{path}: its arrays, index and framing do not fill the file")
     version = data[:4].decode()
     check = "CRC-32" if data[:4] == MAGIC_SQZ3 else "XXH3-64"
-    rows = _rows(model, meta, read_tensors(path, model=model), costs, arrays, int8_layers(path))
-    return Breakdown(
-        path=path,
-        format=version,
-        rows=rows,
-        extra=(
-            Line(
-                INDEX, "zstd JSON", "names, shapes, layouts, array sizes; modules, ties", index_len
-            ),
-            Line(FRAMING, "framing", f"magic {version!r}, index length and {check}", framing),
-        ),
-        file_bytes=len(data),
+    extra = (
+        Line(INDEX, "zstd JSON", "names, shapes, layouts, array sizes; modules, ties", index),
+        Line(FRAMING, "framing", f"magic {version!r}, index length and {check}", framing),
     )
+    return StoredFile(version, meta, arrays, extra, len(data))
 
 
 def _sqz2_breakdown(path: Path, model: nn.Module) -> Breakdown:

@@ -198,9 +198,10 @@ def _section(plotly_figure, agreement, fidelity, explained, images) -> str:
     method = fidelity.method.iloc[0] if len(fidelity) else ""
     return (
         "<h2>What compression changed</h2>"
-        "<h3>bytes per layer</h3><p>Each bar: what each tensor costs in the packed file's "
-        "uncompressed payload; the model record and file header on top; LZMA's saving below "
-        "zero; a black tick at the file's size (the sum). Per-tensor rows: "
+        "<h3>bytes per layer</h3><p>Each bar: the bytes the packed file stores for each "
+        "tensor (its arrays, compressed by their codecs); its index and framing on top (an old "
+        "SQZ2 file: its tensors in its uncompressed payload, LZMA's saving below zero); a black "
+        "tick at the file's size (the sum). Per-tensor rows: "
         "<a href='bytes_per_layer.csv'>bytes_per_layer.csv</a> · "
         "<a href='bytes_per_layer.png'>bytes_per_layer.png</a> · "
         f"<a href='bytes_per_layer.html'>bytes_per_layer.html</a></p>{div}"
