@@ -145,8 +145,9 @@ def make_grid(weight: torch.Tensor, bits: int | str, *, runtime: str = "float") 
     best = torch.ones_like(amax)
     for ratio in CLIP_RATIOS:
         scale = _fp16(amax * ratio / qmax)
-        err = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None] - w
-        err = err.pow(2).sum(dim=1)
+        # (in place: one tensor of ``w``'s size at a time; an embedding table's grid held four)
+        err = torch.div(w, scale[:, None]).round_().clamp_(-qmax, qmax).mul_(scale[:, None])
+        err = err.sub_(w).pow_(2).sum(dim=1)
         better = err < best_err
         best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
     return FakeQuant("int", best.view(shape), qmax=qmax, runtime=runtime)
