@@ -361,3 +361,67 @@ def test_the_fisher_table_of_sampled_rows_is_the_whole_diagonals():
     for sparsity, threshold in costs._thresholds(model[0].weight, set(alloc.SPARSITIES)).items():
         k = round(sparsity * magnitudes.numel())
         assert threshold == (float(torch.kthvalue(magnitudes, k).values) if k else -1.0)
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+class _Encoder(nn.Module):
+    """Token embeddings, a list of residual blocks, a classifier of the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(_Residual(16) for _ in range(3))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def test_the_fisher_pass_recomputes_each_block_and_keeps_the_squared_batch_gradients():
+    """Activation checkpointing of the blocks (their activations computed again in the backward
+    pass rather than kept) leaves the estimator as it was: the sum over mini-batches of the
+    rows times each squared mini-batch gradient, to the bit."""
+    from compressors import _allocate_sensitivity as sens
+
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    ctx = CompressionContext(train=Split(torch.randint(0, 50, (40, 6)), torch.randint(0, 4, (40,))))
+    found = targets(model)
+    how = sens.Plan("fisher", 40, 8)
+    assert sens.blocks(model) == list(model.layers)
+    calls = []
+    hook = model.layers[1].up.register_forward_hook(lambda *_: calls.append(1))
+    got, _ = sens.fisher_diagonal(model, found, ctx, how, sens.Counter())
+    hook.remove()
+    batches = ctx.train.calibration(samples=40, batch_size=8)
+    assert len(calls) == 2 * len(batches)  # each batch: the forward, and again in the backward
+    expected = [torch.zeros_like(t.latent) for t in found.values()]
+    for b in batches:
+        model.zero_grad()
+        ctx.loss(ctx.train.forward(model, b.inputs), b.targets, None).backward()
+        for f, t in zip(expected, found.values(), strict=True):
+            f.addcmul_(t.latent.grad, t.latent.grad, value=float(b.rows))
+    model.zero_grad()
+    for f_got, f_expected in zip(got, expected, strict=True):
+        assert torch.equal(f_got, f_expected)
+    assert all(vars(m).get("forward") is None for m in model.modules())  # unpatched after
+
+
+def test_the_blocks_recomputed_are_the_innermost_composite_children_of_lists():
+    from compressors import _allocate_sensitivity as sens
+
+    inner = nn.Sequential(_Residual(8), _Residual(8))
+    assert sens.blocks(nn.Sequential(inner, nn.Linear(8, 2))) == list(inner)
+    assert sens.blocks(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))) == []

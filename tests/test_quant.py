@@ -93,6 +93,31 @@ def test_k_bit_grids_clip_to_reduce_the_error(digits_baseline):
     assert clipped > 0
 
 
+def test_a_k_bit_grid_takes_each_rows_clipping_ratio_of_least_error():
+    """Each row's scale is the clipping ratio's (of `CLIP_RATIOS`, the first of equal errors)
+    whose codes reconstruct the row with the least squared error, computed out of place here."""
+    from compressors.quant import CLIP_RATIOS, _fp16, make_grid
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 40) * torch.linspace(0.1, 2.0, 64)[:, None]
+    w[3] = 0.0  # (a row of zeros: scale 1)
+    w[5, :3] = 25.0  # (outliers)
+    clipped = 0
+    for bits in (2, 4, 8):
+        qmax = 2 ** (bits - 1) - 1
+        amax = w.abs().amax(dim=1)
+        best_err, best = torch.full_like(amax, float("inf")), torch.ones_like(amax)
+        for ratio in CLIP_RATIOS:
+            scale = _fp16(amax * ratio / qmax)
+            q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None]
+            err = (q - w).pow(2).sum(dim=1)
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+        assert torch.equal(make_grid(w, bits).scale.flatten(), best)
+        clipped += int((best < _fp16(amax / qmax)).sum())
+    assert clipped > 0  # (the search is exercised: some rows are best clipped)
+
+
 def test_ptq_quantizes_only_after_fine_tuning(digits_task, digits_baseline):
     model, compressors = _quantize(digits_baseline.model, ("quant", {"bits": 4, "mode": "ptq"}))
     assert not any(isinstance(m, FakeQuant) for m in model.modules())  # float while fine-tuning
