@@ -521,3 +521,43 @@ def test_the_study_lock_waits_for_another_process_without_ending_its_session(pg_
         thread.join(60)
     finally:
         other.close()
+
+
+def test_threads_of_one_process_take_the_study_lock_in_turn_without_ending_each_other(
+    pg_url, monkeypatch, caplog
+):
+    """Two threads of this process share its name in pg_stat_activity: the one waiting must not
+    take the other's live session for a leftover."""
+    import threading
+    import uuid
+
+    from search.run import locks
+    from search.run.budget import budget_lock
+
+    monkeypatch.setattr(locks, "LOCK_WAIT_S", 1)
+    name = f"squeeze-test-{uuid.uuid4().hex[:8]}"
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with budget_lock(pg_url, name, retry_s=5):
+            order.append("first")
+            inside.set()
+            release.wait(60)
+            order.append("first done")
+
+    def second() -> None:
+        with budget_lock(pg_url, name, retry_s=5):
+            order.append("second")
+
+    a = threading.Thread(target=first, daemon=True)
+    a.start()
+    assert inside.wait(60)
+    b = threading.Thread(target=second, daemon=True)
+    b.start()
+    b.join(3)  # three waits of 1 s, the holder alive and of this process
+    assert b.is_alive() and order == ["first"]
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert order == ["first", "first done", "second"]
+    assert "still held the study's lock" not in caplog.text

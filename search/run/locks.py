@@ -6,8 +6,8 @@ its use holds the lock forever: a connection its process could no longer use (it
 on a half-open connection, e.g. behind a proxy or NAT that dropped one side) while the server
 still has it open. The lock's connection therefore names itself in ``pg_stat_activity``
 (``squeeze lock <pid>@<host>``), is closed whatever its unlock did, and while this
-process waits for the lock it ends any other session of its own that still holds it (a process
-never holds two of them, so such a session is a leftover). A wait on another process's session
+process waits for the lock it ends any session of its own that still holds it while no lock of
+this process is alive on it (a leftover). A wait on another process's session
 is logged with that session's name once a minute.
 """
 
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 LOCK_WAIT_S = 5
 #: Seconds between two log lines while the lock is held by another process.
 _REPORT_EVERY_S = 60.0
+#: Server pids of this process's lock sessions in use now, held or waiting (threads may have
+#: several): only other sessions of this process can be leftovers.
+_LIVE: set[int] = set()
 
 
 @contextmanager
@@ -60,22 +63,26 @@ def advisory_lock(storage: str, name: str, *, retry_s: float) -> Iterator[None]:
     )
     label = options.get("application_name")
 
-    def lock() -> sqlalchemy.Connection:
-        conn = engine.connect()
+    def lock() -> tuple[sqlalchemy.Connection, int]:
+        conn, server_pid = engine.connect(), None
         try:
             conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'"))
+            server_pid = conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+            _LIVE.add(server_pid)  # (before it holds the lock: no other thread ends it)
             _wait_for(conn, key, label)
         except BaseException:
+            _LIVE.discard(server_pid)
             end_session(conn)
             raise
-        return conn
+        return conn, server_pid
 
     try:
         # a killed worker's connection closes: the lock is freed
-        conn = retrying(lock, retry_s=retry_s, name=mask_url(storage))
+        conn, server_pid = retrying(lock, retry_s=retry_s, name=mask_url(storage))
         try:
             yield
         finally:
+            _LIVE.discard(server_pid)
             try:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
             except sqlalchemy.exc.DBAPIError as err:  # the connection died: so did its lock
@@ -94,7 +101,8 @@ def lock_key(name: str) -> int:
 
 def _wait_for(conn: sqlalchemy.Connection, key: int, label: str | None) -> None:
     """Take the lock ``key`` on ``conn``, in waits of `LOCK_WAIT_S` seconds; between two, end
-    this process's own leftover sessions that hold it and say who else does."""
+    this process's own leftover sessions that hold it (named as this process's, held by no
+    lock of it alive now) and say who else does."""
     start = reported = time.monotonic()
     while True:
         try:
@@ -105,7 +113,7 @@ def _wait_for(conn: sqlalchemy.Connection, key: int, label: str | None) -> None:
                 raise
         holders = _holders(conn, key)
         for pid, name in holders:
-            if label is not None and name == label:
+            if label is not None and name == label and pid not in _LIVE:
                 logger.warning(
                     "ending a connection of this process that still held the study's lock "
                     "(server pid %d): its unlock was lost",
