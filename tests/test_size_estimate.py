@@ -95,17 +95,19 @@ def _stopper(baseline, *, min_epochs: int) -> Stopper:
     return Stopper(rule, study.ask(), like=baseline.model)
 
 
-def _fine_tune(task, baseline, epochs: int, *, stopper: Stopper | None = None, **kwargs):
-    """``compress_recipe`` of the compressors in ``kwargs`` (the others are its own: with a
-    ``stopper``, it is the one called after each epoch)."""
-    hooks = {k: kwargs.pop(k) for k in ("on_compressed",) if k in kwargs}
+def _fine_tune(task, baseline, epochs: int, *, stopper=None, on_compressed=None, **compressors):
+    """``compress_recipe`` of ``compressors``; with a ``stopper``, the one called after each
+    epoch (and to measure the model), else ``on_compressed`` alone."""
+    hooks = {"on_compressed": on_compressed}
     if stopper is not None:
         hooks = {
             "after_epoch": stopper,
             "on_compressed": stopper.start,
             "reestimate": stopper.reestimate,
         }
-    model, _ = compress_recipe(_recipe(epochs, **kwargs), _Space(), task, baseline, seed=0, **hooks)
+    model, _ = compress_recipe(
+        _recipe(epochs, **compressors), _Space(), task, baseline, seed=0, **hooks
+    )
     return model
 
 
