@@ -56,6 +56,7 @@ from torch import nn
 from compressors import _allocate_sensitivity as _sens
 from compressors._allocate_costs import Setting, costs, sampled_rows, value_bytes, variants
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
+from compressors._device import model_device
 from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._quiet import native_stdout_silenced
 from compressors._targets import Target, targets
@@ -322,6 +323,24 @@ class BudgetAllocation(Compressor):
 
 
 def measure_table(
+    model: nn.Module,
+    found: dict[str, Target],
+    settings: list[Setting],
+    ctx: CompressionContext,
+    how: _sens.Plan,
+) -> dict[str, np.ndarray]:
+    """The table, measured (`_measure_table`) with torch's random state put back afterwards:
+    reading data may draw from it (a DataLoader seeds its workers from it, a user's dataset may
+    augment at random), and a table is measured or read from the cache depending on which trial
+    came first, so what follows (fine-tuning's dropout and order) must not depend on it: `squeeze
+    run` reproduces a trial whose table was measured from a cached one."""
+    device = model_device(model)
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        return _measure_table(model, found, settings, ctx, how)
+
+
+def _measure_table(
     model: nn.Module,
     found: dict[str, Target],
     settings: list[Setting],

@@ -425,3 +425,33 @@ def test_the_blocks_recomputed_are_the_innermost_composite_children_of_lists():
     inner = nn.Sequential(_Residual(8), _Residual(8))
     assert sens.blocks(nn.Sequential(inner, nn.Linear(8, 2))) == list(inner)
     assert sens.blocks(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))) == []
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """A dataset that augments at random (from torch's global generator), as users' do."""
+
+    def __init__(self) -> None:
+        self.x, self.y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.01 * torch.randn(8), self.y[i]
+
+
+def test_measuring_a_table_or_reading_it_from_the_cache_leaves_torch_random_state_alike(tmp_path):
+    from experiments import as_data
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = as_data(_Augmented())
+    ctx = CompressionContext(train=data, example_inputs=torch.randn(4, 8), cache_dir=tmp_path)
+    allocator = get_compressor("allocate")(ratio=4.0, sensitivity="loss", samples=32)
+    draws = []
+    for _ in range(2):  # measured (and cached), then read from the cache
+        torch.manual_seed(1)
+        allocator.table(model, ctx)
+        draws.append(torch.rand(4))
+    assert len(list(tmp_path.glob("allocate-*.npz"))) == 1
+    assert torch.equal(draws[0], draws[1])  # fine-tuning then draws alike: `run` reproduces
