@@ -41,9 +41,10 @@ ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_s
 ``DequantizeLinear -> Conv -> QuantizeLinear`` as ``QLinearConv``, ``DequantizeLinear ->
 MatMul`` as ``MatMulIntegerToFloat`` and ``DequantizeLinear -> Gemm`` as ``QGemm``. The values
 are those of the torch model's fake quantization up to the bias' rounding (at most half an
-accumulator step) and float rounding. On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's uint8
-x int8 kernels sum pairs of products in saturating int16, which can move outputs (as
-``quantize_static`` warns; its remedy is 7-bit weights: ``quant.bits=7``).
+accumulator step) and float rounding, on any x86 CPU: without VNNI (AVX2 only) ONNX Runtime's
+uint8 x int8 kernels add pairs of products in saturating int16, so the weights these kernels
+read are on 7-bit grids (`compressors.quant.INTEGER_KERNEL_BITS`, ``quantize_static``'s
+``reduce_range``), which cannot overflow it.
 """
 
 from __future__ import annotations

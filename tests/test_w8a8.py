@@ -530,3 +530,63 @@ def test_a_pooled_tail_runs_integer_kernels_into_the_head(tmp_path, residual):
     # the same values, up to a step of the head's grid (the sum rounded once more: half of
     # one of its steps, (0.05 * 127 + 0.03 * 245) / 255 / 2, averaged, then rounded again)
     assert np.abs(after - before).max() <= (0.02 * 1.001 if residual else 1e-6)
+
+
+def test_weights_read_by_integer_kernels_take_7_bits_the_float_ones_8():
+    from compressors.packing import plain_state
+
+    task = _cnn_task()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    qmax = {}
+    for activations in ("float", 8):
+        quant = get_compressor("quant")(bits=8, activations=activations)
+        model = apply_pipeline([quant], copy.deepcopy(_trained()), ctx)
+        state, grids = plain_state(model)
+        qmax[activations] = {name: grids[name].qmax for name in grids}
+        codes = (state["features.2.weight"] / grids["features.2.weight"].scale).round()
+        assert codes.abs().max() <= qmax[activations]["features.2.weight"]
+    assert set(qmax["float"].values()) == {127}
+    # the 1-channel first conv runs ORT's float kernel: 8 bits; the integer ones 7 (u8 x s8
+    # pairs summed in int16 on x86 without VNNI: 255 * 127 * 2 overflows, 255 * 64 * 2 not)
+    assert qmax[8] == {
+        "features.0.weight": 127,
+        "features.2.weight": 63,
+        "features.4.weight": 63,
+        "head.weight": 63,
+    }
+
+
+def test_the_integer_graph_computes_what_the_qdq_graph_says_on_any_x86_cpu(tmp_path):
+    """Inputs at the top of their grid times weights at the top of theirs: each pair of
+    products ONNX Runtime's AVX2 uint8 x int8 kernel adds in int16 overflowed it with 8-bit
+    weights (outputs off by a third of their size on an AVX2 CPU); on 7-bit ones the integer
+    kernels give the float evaluation of the same QDQ graph."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.rand(256, 64)
+    split = Split(x, torch.randint(0, 4, (256,)))
+    baseline = nn.Sequential(nn.Linear(64, 4))
+    with torch.no_grad():
+        baseline[0].weight.copy_(1.0 + 0.01 * torch.randn(4, 64))  # all near the grid's top
+    ctx = CompressionContext(train=split, example_inputs=x[:8], seed=0)
+    model = apply_pipeline([get_compressor("quant")(bits=8, activations=8)], baseline, ctx)
+    path = tmp_path / "m.sqz"
+    save_packed(model.eval(), path)
+    graph = tmp_path / "m.onnx"
+    export_onnx(path, nn.Sequential(nn.Linear(64, 4)), x[:8], graph)
+
+    def run(level) -> np.ndarray:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = level
+        session = onnxruntime.InferenceSession(str(graph), options)
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    levels = onnxruntime.GraphOptimizationLevel
+    float_qdq, integer = run(levels.ORT_DISABLE_ALL), run(levels.ORT_ENABLE_ALL)
+    assert np.abs(integer - float_qdq).max() <= 1e-4 * np.abs(float_qdq).max()
+    with torch.no_grad():
+        torch_out = model(x).numpy()
+    assert np.abs(integer - torch_out).max() <= 1e-3 * np.abs(torch_out).max()
