@@ -342,6 +342,24 @@ def test_a_batch_too_slow_for_the_budget_is_timed_on_fewer_rows_and_scaled(budge
         assert latency.reference_ms == pytest.approx(100.0 * batch)
 
 
+def test_a_forwards_fixed_cost_does_not_leave_a_batch_timed_on_a_few_rows():
+    """Batch 1 at 50 ms (49 of them fixed) predicts 50 ms a row, 13 rows of 256 for a 2 s budget
+    (a third of it a forward); timed there (62 ms), 139 rows; timed there (188 ms), all 256."""
+    seen: list[int] = []
+
+    def time_ms(inputs):
+        seen.append(len(inputs))
+        return 49.0 + 1.0 * len(inputs), None
+
+    latencies = batch_latencies(time_ms, lambda n: torch.zeros(n), (1, 256), budget_s=2.0)
+    assert seen == [1, 13, 139, 256]
+    assert latencies[256].rows == 256 and latencies[256].ms == pytest.approx(305.0)
+    # (a cost per row that does not fall: timed once, on the rows predicted first)
+    seen.clear()
+    batch_latencies(_per_row_timer(100.0, seen), lambda n: torch.zeros(n), (1, 256), budget_s=2.0)
+    assert seen == [1, 6]
+
+
 def test_timed_rows_predicts_from_the_batch_timed_before():
     assert timed_rows(256, 1, 100.0, budget_s=2.0) == 6
     assert timed_rows(256, 32, 3200.0, budget_s=2.0) == 32  # (never fewer than the probe's)
