@@ -82,7 +82,10 @@ def quantize_baseline(baseline_graph: Path, task: Any, out: Path) -> Path:
 
     reader = _Calibration(OrtModule(ort_session(baseline_graph)), task)
     prepared = out.with_name(f"{out.stem}-prepared.onnx")  # shapes inferred, as ORT advises
-    quant_pre_process(str(baseline_graph), str(prepared))
+    try:
+        quant_pre_process(str(baseline_graph), str(prepared))
+    except Exception:  # (MiniLM's graph: "Incomplete symbolic shape inference")
+        quant_pre_process(str(baseline_graph), str(prepared), skip_symbolic_shape=True)
     quantize_static(
         str(prepared),
         str(out),
