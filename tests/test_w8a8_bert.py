@@ -30,7 +30,7 @@ from compressors import (  # noqa: E402
 from compressors._onnx_bert import bert_attention, gather_codes  # noqa: E402
 from experiments import Split  # noqa: E402
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # (exports: ~10 s each)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENS = 12
 
@@ -88,6 +88,7 @@ def _export(tmp_path, attention: str = "sdpa"):
     return base, shipped, graph, optimized
 
 
+@pytest.mark.slow  # (builds transformers' BERT; the others export it: 10-40 s)
 def test_bert_attention_names_the_projections_and_heads():
     found = bert_attention(_encoder())
     assert found == {
@@ -100,6 +101,7 @@ def test_bert_attention_names_the_projections_and_heads():
     assert bert_attention(nn.Sequential(nn.Linear(4, 4))) == {}
 
 
+@pytest.mark.slow  # (builds transformers' BERT; the others export it: 10-40 s)
 def test_the_attention_runs_as_qattention_and_the_linears_with_their_biases(tmp_path):
     from compressors.onnx_export import check_onnx
 
@@ -140,6 +142,7 @@ def test_the_attention_runs_as_qattention_and_the_linears_with_their_biases(tmp_
     assert torch.nn.functional.cosine_similarity(check.outputs, reference).min() > 0.97
 
 
+@pytest.mark.slow  # (builds transformers' BERT; the others export it: 10-40 s)
 def test_the_eager_attention_is_rewritten_too(tmp_path):
     from compressors.onnx_export import check_onnx
 
@@ -150,6 +153,7 @@ def test_the_eager_attention_is_rewritten_too(tmp_path):
     assert check.agree, check.message
 
 
+@pytest.mark.slow  # (builds transformers' BERT; the others export it: 10-40 s)
 def test_an_attention_whose_scale_differs_keeps_its_exported_form(tmp_path, monkeypatch):
     from compressors import onnx_export
     from compressors.onnx_export import check_onnx
