@@ -149,7 +149,6 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
     if any(a[0].dtype != np.int8 or a[0].shape[1] != width for a in arrays):
         return False
     base = (name or "model").replace(".", "_") + "_qattention"
-    columns = 3 * width
 
     def per_column(values: np.ndarray) -> np.ndarray:
         return np.broadcast_to(values, (width,))
@@ -162,7 +161,6 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
         f"{base}_weight_zero_point": np.concatenate([per_column(a[2]) for a in arrays]),
         f"{base}_bias": np.concatenate([a[3] for a in arrays]).astype(np.float32),
     }
-    assert constants[f"{base}_weight"].shape[1] == columns
     for key, value in constants.items():
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), key))
     mask = masks.get(condition)
