@@ -12,6 +12,7 @@ as squeeze's points.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,18 +82,25 @@ def quantize_baseline(baseline_graph: Path, task: Any, out: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     reader = _Calibration(OrtModule(ort_session(baseline_graph)), task)
+    baseline_graph, out = Path(baseline_graph).resolve(), Path(out).resolve()
     prepared = out.with_name(f"{out.stem}-prepared.onnx")  # shapes inferred, as ORT advises
-    quant_pre_process(str(baseline_graph), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+    # (in out's folder: both write temporary files, a large model's weights among them, into
+    # the working directory)
+    with contextlib.chdir(out.parent):
+        try:
+            quant_pre_process(str(baseline_graph), str(prepared))
+        except Exception:  # (MiniLM's graph: "Incomplete symbolic shape inference")
+            quant_pre_process(str(baseline_graph), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     return out
 
 

@@ -7,8 +7,14 @@ Runtime (CPU, one intra-op thread, interleaved rounds) beside ONNX Runtime's own
 MinMax calibration on 512 training samples, per-channel int8 weights). Prints
 one row per model and batch, and the kernels ONNX Runtime ran for the W8A8 graph.
 
+``minilm`` is all-MiniLM-L6-v2 (6 layers, the vocabulary trimmed to the sentences' tokens,
+`tests.zoo.tasks.zoo_minilm`), pretrained: not trained, calibrated with ``percentile`` (its
+``--calibration`` is `MINILM_CALIBRATION`) and not fine-tuned; its score is the mean cosine of
+each graph's embeddings to the fp32 model's on validation (the worst sentence's beside it).
+
     python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3]
-        [--models zoo_resnet ...] [--keep FOLDER]  (FOLDER: each model's graphs, optimised too)
+        [--models zoo_resnet minilm ...] [--keep FOLDER]  (FOLDER: each model's graphs, optimised
+        too)   (minilm alone: python bench/w8a8.py --models minilm; the others by default)
 """
 
 from __future__ import annotations
@@ -42,10 +48,16 @@ from experiments.metrics import interleaved_latency_ms  # noqa: E402
 from experiments.models import ConvNet1d  # noqa: E402
 
 #: The models of the bench, in order.
-MODELS = ("digits_mlp", "digits_cnn1d", "zoo_resnet", "zoo_mobilenet", "zoo_transformer")
+MODELS = ("digits_mlp", "digits_cnn1d", "zoo_resnet", "zoo_mobilenet", "zoo_transformer", "minilm")
+#: The models run by default (MiniLM's export and timing take minutes: ``--models minilm``).
+DEFAULT_MODELS = MODELS[:-1]
+#: MiniLM's calibration (pretrained, not fine-tuned: percentile clips its activations' outliers).
+MINILM_CALIBRATION = "percentile"
 
 
-def _tasks() -> dict[str, Task]:
+def _tasks(names) -> dict[str, Task]:
+    if list(names) == ["minilm"]:
+        return {"minilm": _minilm()}
     digits = digits_mlp(seed=0)
     cnn = Task(
         name="digits_cnn1d",
@@ -64,7 +76,14 @@ def _tasks() -> dict[str, Task]:
         "zoo_resnet": tasks.zoo_resnet(seed=0),
         "zoo_mobilenet": tasks.zoo_mobilenet(seed=0),
         "zoo_transformer": tasks.zoo_transformer(seed=0),
+        **({"minilm": _minilm()} if "minilm" in names else {}),
     }
+
+
+def _minilm() -> Task:
+    from tests.zoo import tasks
+
+    return tasks.zoo_minilm(seed=0, layers=6)
 
 
 def _optimized_ops(path: Path) -> Counter:
@@ -79,7 +98,14 @@ def _optimized_ops(path: Path) -> Counter:
 
 def _acc(path: Path, task: Task) -> float:
     out = OrtModule(ort_session(path))(task.val.x)
+    if task.outputs == "embeddings":  # (MiniLM: mean cosine to the fp32 model's embeddings)
+        return float(torch.nn.functional.cosine_similarity(out, task.val.y, dim=1).mean())
     return float((out.argmax(1) == task.val.y).float().mean())
+
+
+def _worst_cosine(path: Path, task: Task) -> float:
+    out = OrtModule(ort_session(path))(task.val.x)
+    return float(torch.nn.functional.cosine_similarity(out, task.val.y, dim=1).min())
 
 
 def main() -> None:
@@ -87,22 +113,30 @@ def main() -> None:
     parser.add_argument("--calibration", default="mse")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument(
-        "--models", nargs="+", choices=MODELS, default=MODELS, help="the models to run (all)"
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=DEFAULT_MODELS,
+        help="the models to run (all but minilm)",
     )
     parser.add_argument("--keep", type=Path, help="a folder to keep each model's graphs in")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name, task in _tasks().items():
+    for name, task in _tasks(args.models).items():
         if name not in args.models:
             continue
+        pretrained = name == "minilm"
         torch.manual_seed(0)
         base = task.build_model()
-        fit(base, task.train, epochs=task.train_config.epochs, batch_size=64, lr=3e-3, seed=0)
+        if not pretrained:
+            fit(base, task.train, epochs=task.train_config.epochs, batch_size=64, lr=3e-3, seed=0)
         base.eval()
         ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8))
-        quant = get_compressor("quant")(bits=8, activations=8, calibration=args.calibration)
+        calibration = MINILM_CALIBRATION if pretrained else args.calibration
+        quant = get_compressor("quant")(bits=8, activations=8, calibration=calibration)
         model = apply_pipeline([quant], copy.deepcopy(base), ctx)
-        fit(model, task.train, epochs=args.epochs, batch_size=64, lr=1e-3, seed=0)
+        if not pretrained:
+            fit(model, task.train, epochs=args.epochs, batch_size=64, lr=1e-3, seed=0)
         model.eval()
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -127,6 +161,13 @@ def main() -> None:
                 f"{_acc(folder / 'w8a8.onnx', task):.4f}"
                 f", ORT quantize_static {_acc(static, task):.4f}; {check.message}"
             )
+            sizes = {p: (folder / p).stat().st_size for p in ("fp32.onnx", "w8a8.onnx", "w8a8.sqz")}
+            print(f"  bytes: {sizes}, ORT quantize_static {static.stat().st_size}")
+            if task.outputs == "embeddings":
+                print(
+                    f"  worst cosine W8A8 {_worst_cosine(folder / 'w8a8.onnx', task):.4f}, "
+                    f"quantize_static {_worst_cosine(static, task):.4f}"
+                )
             print(f"  W8A8 kernels after ORT optimisation: {kernels}")
             print(f"  all W8A8 nodes: {dict(ops)}")
             print(f"  quantize_static nodes: {dict(theirs)}")
@@ -137,8 +178,11 @@ def main() -> None:
             ref = OrtModule(ort_session(static, threads=1, exact=False))
             for batch in (1, 32):
                 x = task.val.x[:batch]
-                ours, base_ms = interleaved_latency_ms(w8a8, fp32, x, rounds=7, repeats=200)
-                theirs, base2 = interleaved_latency_ms(ref, fp32, x, rounds=7, repeats=200)
+                # (a MiniLM forward takes milliseconds: fewer repeats a round)
+                repeats = (40 if batch == 1 else 6) if pretrained else 200
+                timing = {"rounds": 7, "repeats": repeats}
+                ours, base_ms = interleaved_latency_ms(w8a8, fp32, x, **timing)
+                theirs, base2 = interleaved_latency_ms(ref, fp32, x, **timing)
                 print(
                     f"  batch {batch:>2}: fp32 {base_ms * 1e3:7.1f} us, W8A8 {ours * 1e3:7.1f} us "
                     f"({base_ms / ours:.2f}x), ORT static int8 {theirs * 1e3:7.1f} us "

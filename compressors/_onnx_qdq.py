@@ -33,8 +33,11 @@ Two passes then trim the float work around those kernels in transformer-shaped g
 `compressors._onnx_attention` (torch's self-attention without transposes or per-head copies)
 and `compressors._onnx_rows` (Linear layers on ``(batch, tokens, features)`` as ``Gemm`` on
 rows, the bias inside the integer kernel, a feed-forward ReLU between two of them fused away);
-`compressors._onnx_pool` puts a CNN's mean pool on a grid (``QLinearGlobalAveragePool`` after
-the last ``QLinearConv`` or ``QLinearAdd``, into the head's ``QGemm``).
+`compressors._onnx_bert` runs Hugging Face BERT's attention as ONNX Runtime's ``QAttention``
+(its Linear layers as ``MatMulIntegerToFloat`` with their biases, its embedding tables read from
+their codes); `compressors._onnx_pool` puts a CNN's mean pool on a grid
+(``QLinearGlobalAveragePool`` after the last ``QLinearConv`` or ``QLinearAdd``, into the head's
+``QGemm``).
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs

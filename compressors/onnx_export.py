@@ -105,6 +105,12 @@ from torch import nn
 
 from compressors._act_quant import disabled, ranges
 from compressors._onnx_attention import attention_heads, fuse_attention
+from compressors._onnx_bert import (
+    bert_attention,
+    fuse_bert_attention,
+    gather_codes,
+    integer_linears,
+)
 from compressors._onnx_fold import fold_batchnorm
 from compressors._onnx_graph import (
     SPARSE_NOTE_ZEROS,
@@ -334,6 +340,9 @@ def export_onnx(
     qdq.insert()
     if qdq.sites:  # (W8A8: ONNX Runtime's integer kernels with fewer float ops around them)
         fuse_attention(proto, qdq.sites, attention_heads(model))
+        if fuse_bert_attention(proto, qdq.sites, bert_attention(model)):
+            integer_linears(proto)  # (the graph runs ONNX Runtime's contrib ops already)
+        gather_codes(proto)
         gemm_rows(proto)
         integer_pools(proto)
     if qdq.missing:
