@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from compressors._onnx_graph import graph_index
+from compressors._onnx_graph import graph_index, is_op, quantized_linear
 
 #: Ops of the exported attention between the projections' bias ``Add`` and the output grid.
 _ATTENTION_OPS = frozenset(
@@ -207,43 +207,10 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
 
 
 def _projection(matmul, makers, readers, inits) -> dict | None:
-    """The nodes of one projection: ``DequantizeLinear`` of the input grid (which other
-    readers may share: a residual ``Add``) and of INT8 codes (2-D, per column or per tensor),
-    ``MatMul``, the bias ``Add``."""
-    if matmul is None or matmul.op_type != "MatMul":
-        return None
-    dequantize, weight = makers.get(matmul.input[0]), makers.get(matmul.input[1])
-    if not _is(dequantize, "DequantizeLinear") or not _is(weight, "DequantizeLinear"):
-        return None
-    quantize = makers.get(dequantize.input[0])
-    if not _is(quantize, "QuantizeLinear") or len(quantize.input) < 3:
-        return None
-    if not all(i in inits for i in [*quantize.input[1:3], *weight.input]) or len(weight.input) < 3:
-        return None
-    codes = inits[weight.input[0]]
-    axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
-    if len(codes.dims) != 2 or (list(inits[weight.input[1]].dims) not in ([], [codes.dims[1]])):
-        return None
-    if inits[weight.input[1]].dims and axis % 2 != 1:
-        return None
-    after = readers.get(matmul.output[0], [])
-    if len(after) != 1 or after[0].op_type != "Add":
-        return None
-    add = after[0]
-    bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-    if bias not in inits or list(inits[bias].dims) != [codes.dims[1]]:
-        return None
-    return {
-        "quantize": quantize,
-        "dequantize": dequantize,
-        "weight": weight,
-        "matmul": matmul,
-        "add": add,
-        "codes": weight.input[0],
-        "scale": weight.input[1],
-        "zero": weight.input[2],
-        "bias": bias,
-    }
+    """The nodes of one projection (`compressors._onnx_graph.quantized_linear`): the input
+    grid (which other readers may share: a residual ``Add``), INT8 codes, ``MatMul``, the bias
+    ``Add``."""
+    return None if matmul is None else quantized_linear(matmul, makers, readers, inits)
 
 
 def _region(starts: list[str], readers: dict) -> tuple[list, str] | None:
@@ -280,13 +247,13 @@ def _mask_condition(nodes: list, made: set, makers: dict, inits: dict) -> str | 
 
     softmax = next(n for n in nodes if n.op_type == "Softmax")
     add = makers.get(softmax.input[0])
-    if not _is(add, "Add") or id(add) not in {id(n) for n in nodes}:
+    if not is_op(add, "Add") or id(add) not in {id(n) for n in nodes}:
         return None
     other = [i for i in add.input if i not in made]
     if len(other) != 1:
         return None
     where = makers.get(other[0])
-    if not _is(where, "Where") or not all(i in inits for i in where.input[1:]):
+    if not is_op(where, "Where") or not all(i in inits for i in where.input[1:]):
         return None
     keep, drop = (numpy_helper.to_array(inits[i]) for i in where.input[1:])
     if keep.size != 1 or drop.size != 1 or float(keep) != 0.0 or float(drop) > -1e4:
@@ -461,7 +428,3 @@ def _drop_unused(graph: Any) -> None:
 
 def _axis(node: Any) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
-
-
-def _is(node: Any, op: str) -> bool:
-    return node is not None and node.op_type == op

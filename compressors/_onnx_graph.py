@@ -170,3 +170,53 @@ def graph_index(graph: onnx.GraphProto) -> tuple[dict[str, Any], dict[str, Any],
         for name in node.input:
             readers.setdefault(name, []).append(node)
     return inits, makers, readers
+
+
+def quantized_linear(matmul: Any, makers: dict, readers: dict, inits: dict) -> dict | None:
+    """The nodes of a Linear layer of a QDQ graph around ``matmul`` (`graph_index`'s look-ups),
+    or None where it is not one: a ``MatMul`` of an input grid (``QuantizeLinear`` ->
+    ``DequantizeLinear``, constant scale and zero point; the grid may have other readers) and
+    of a weight's codes (``DequantizeLinear`` of a constant 2-D tensor, constant scales per
+    column or per tensor, an explicit zero point), whose output only a bias ``Add`` of a
+    constant of one value per column reads. Keys: the nodes (``quantize``, ``dequantize``,
+    ``weight``, ``matmul``, ``add``) and the initializers' names (``codes``, ``scale``,
+    ``zero``, ``bias``)."""
+    if not is_op(matmul, "MatMul"):
+        return None
+    dequantize, weight = makers.get(matmul.input[0]), makers.get(matmul.input[1])
+    if not is_op(dequantize, "DequantizeLinear") or not is_op(weight, "DequantizeLinear"):
+        return None
+    quantize = makers.get(dequantize.input[0])
+    if not is_op(quantize, "QuantizeLinear") or len(quantize.input) < 3:
+        return None
+    if len(weight.input) < 3 or not all(i in inits for i in [*quantize.input[1:3], *weight.input]):
+        return None
+    codes, scale = inits[weight.input[0]], inits[weight.input[1]]
+    axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
+    if len(codes.dims) != 2 or list(scale.dims) not in ([], [codes.dims[1]]):
+        return None
+    if scale.dims and axis % 2 != 1:
+        return None
+    after = readers.get(matmul.output[0], [])
+    if len(after) != 1 or after[0].op_type != "Add":
+        return None
+    add = after[0]
+    bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+    if bias not in inits or list(inits[bias].dims) != [codes.dims[1]]:
+        return None
+    return {
+        "quantize": quantize,
+        "dequantize": dequantize,
+        "weight": weight,
+        "matmul": matmul,
+        "add": add,
+        "codes": weight.input[0],
+        "scale": weight.input[1],
+        "zero": weight.input[2],
+        "bias": bias,
+    }
+
+
+def is_op(node: Any, op: str) -> bool:
+    """Whether ``node`` is a node (not None) of type ``op``."""
+    return node is not None and node.op_type == op

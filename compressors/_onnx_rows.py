@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from compressors._onnx_graph import graph_index
+from compressors._onnx_graph import graph_index, quantized_linear
 
 #: Ops between two rewritten layers that act on each value alone (the reshapes around them go).
 _ELEMENTWISE = ("Relu",)
@@ -81,41 +81,18 @@ def gemm_rows(proto: Any) -> int:
 def _layer(matmul, makers, readers, inits, shapes) -> dict | None:
     from onnx import numpy_helper
 
-    dequantize = makers.get(matmul.input[0])
-    weight = makers.get(matmul.input[1])
-    if not (_is(dequantize, "DequantizeLinear") and _is(weight, "DequantizeLinear")):
-        return None
-    quantize = makers.get(dequantize.input[0])
-    if not _is(quantize, "QuantizeLinear") or len(quantize.input) < 3:
-        return None
-    if len(readers.get(quantize.output[0], [])) != 1:
+    found = quantized_linear(matmul, makers, readers, inits)
+    if found is None or len(readers.get(found["quantize"].output[0], [])) != 1:
         return None  # (a grid shared with other readers keeps its shape)
-    if not all(i in inits for i in [*quantize.input[1:3], *weight.input]):
-        return None
-    codes = inits[weight.input[0]]
-    axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
-    scale = numpy_helper.to_array(inits[weight.input[1]])
-    if len(codes.dims) != 2 or (scale.ndim and (axis % 2 != 1 or scale.shape != (codes.dims[1],))):
-        return None
     shape = shapes.get(matmul.input[0], [])
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
         return None
-    after = readers.get(matmul.output[0], [])
-    if len(after) != 1 or after[0].op_type != "Add":
-        return None
-    add = after[0]
-    bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-    if bias not in inits or list(inits[bias].dims) != [codes.dims[1]]:
-        return None
     return {
-        "quantize": quantize,
-        "dequantize": dequantize,
-        "add": add,
-        "bias": bias,
-        "scale": scale,
+        **found,
+        "scale": numpy_helper.to_array(inits[found["scale"]]),
         "tokens": shape[1],
         "features": shape[2],
-        "outputs": int(codes.dims[1]),
+        "outputs": int(inits[found["codes"]].dims[1]),
     }
 
 
@@ -212,7 +189,3 @@ def _fixed_past_batch(value: Any) -> bool:
     """Whether a graph input's axes past the first (the batch) all have fixed sizes."""
     dims = value.type.tensor_type.shape.dim
     return len(dims) > 1 and all(d.HasField("dim_value") for d in dims[1:])
-
-
-def _is(node: Any, op: str) -> bool:
-    return node is not None and node.op_type == op
