@@ -72,14 +72,14 @@ def _optimized_ops(onnxruntime, onnx, path, level="ORT_ENABLE_ALL") -> Counter:
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
-def test_the_hints_leave_one_transpose_and_the_same_values(tmp_path):
+def test_the_hints_leave_no_transpose_and_the_same_values(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from compressors._onnx_layout import nhwc_hints
 
     proto = _stem_block_pool()
     onnx.save(proto, tmp_path / "plain.onnx")
-    assert nhwc_hints(proto) == 2  # (the stem's quantized output, the pool's output)
+    assert nhwc_hints(proto) == 2  # (the stem's output, the pool's output)
     onnx.checker.check_model(proto)
     onnx.save(proto, tmp_path / "hinted.onnx")
     plain = _optimized_ops(onnxruntime, onnx, tmp_path / "plain.onnx")
@@ -87,11 +87,11 @@ def test_the_hints_leave_one_transpose_and_the_same_values(tmp_path):
     for ops in (plain, hinted):  # integer from the stem's QuantizeLinear to the head's grid
         assert ops["QLinearConv"] == ops["QLinearAdd"] == ops["QLinearGlobalAveragePool"] == 1
         assert ops["Add"] == ops["Relu"] == 0 and ops["DequantizeLinear"] == 1  # (the output)
-    # without the hints the sum (and the pool after it) ran NCHW, the conv's output transposed
-    # back for it; with them only the stem's codes are transposed, once, and the sum and the
-    # pool run NHWC
-    assert plain["Transpose"] == 2
-    assert hinted["Transpose"] == 1
+    # without the hints the stem's codes were transposed to NHWC, the sum (and the pool after
+    # it) ran NCHW, the conv's output transposed back for it; with them the float stem writes
+    # NHWC and everything after it runs NHWC
+    assert plain["Transpose"] == 2 and plain["ReorderOutput"] == 1
+    assert hinted["Transpose"] == 0 and hinted["ReorderOutput"] == 1
     x = np.random.default_rng(1).uniform(0, 4, (5, 1, 8, 8)).astype(np.float32)
     runs = {}
     for name in ("plain", "hinted"):
@@ -101,17 +101,31 @@ def test_the_hints_leave_one_transpose_and_the_same_values(tmp_path):
             session = onnxruntime.InferenceSession(str(tmp_path / f"{name}.onnx"), options)
             runs[name, level] = session.run(None, {"x": x})[0]
     # the same graph in any session: equal unoptimised, and equal on the integer kernels
-    np.testing.assert_array_equal(runs["hinted", "ORT_DISABLE_ALL"], runs["plain", "ORT_DISABLE_ALL"])
-    np.testing.assert_array_equal(runs["hinted", "ORT_ENABLE_ALL"], runs["plain", "ORT_ENABLE_ALL"])
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        np.testing.assert_array_equal(runs["hinted", level], runs["plain", level])
 
 
-def test_a_quantized_tensor_one_conv_reads_gets_no_hint():
+def _without_relu():
+    """`_stem_block_pool` with the stem's conv quantized directly (no activation)."""
+    proto = _stem_block_pool()
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    proto.graph.node.remove(relu)
+    next(n for n in proto.graph.node if n.input[0] == "relu").input[0] = "stem"
+    return proto
+
+
+def test_without_an_activation_the_hint_goes_on_the_codes_for_a_sum_only():
     pytest.importorskip("onnx")
     from compressors._onnx_layout import nhwc_hints
 
-    proto = _stem_block_pool()
+    hinted = _without_relu()
+    assert nhwc_hints(hinted) == 2
+    # (ONNX Runtime would move the QuantizeLinear before a hint on the float side)
+    transposes = [list(n.input) for n in hinted.graph.node if n.op_type == "Transpose"]
+    assert ["a_q_nhwc_nchw"] in transposes  # (after the QuantizeLinear: on the codes)
+    proto = _without_relu()
     add = next(n for n in proto.graph.node if n.op_type == "Add")
-    add.input[1] = "c_dq"  # (no residual reader of the stem's codes: the transformer's pair cancels)
+    add.input[1] = "c_dq"  # (no residual reader of the stem's codes: nothing to gain)
     assert nhwc_hints(proto) == 1  # (the pool's alone)
     assert Counter(n.op_type for n in proto.graph.node)["Transpose"] == 1
 
@@ -133,11 +147,11 @@ def test_the_zoo_resnets_w8a8_graph_runs_its_sums_channels_last(tmp_path):
     shipped = task.build_model()
     export_onnx(tmp_path / "resnet.sqz", shipped, task.example_inputs(8), tmp_path / "resnet.onnx")
     ops = _optimized_ops(onnxruntime, onnx, tmp_path / "resnet.onnx")
-    # the float stem (NCHWc), one QuantizeLinear and one Transpose of its codes, then NHWC
-    # integer kernels to the head: no Transpose around the sums or after the pool
+    # the float stem (NCHWc) writing NHWC, one QuantizeLinear, then NHWC integer kernels to
+    # the head: no Transpose after the stem, around the sums or after the pool
     assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 2
     assert ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0
-    assert ops["Transpose"] == 1
+    assert ops["ReorderOutput"] == 1 and ops["Transpose"] == 0
     check = check_onnx(tmp_path / "resnet.onnx", shipped, task.val.x)
     assert check.agree and check.max_rel_diff < 5e-3, check.message
