@@ -49,15 +49,20 @@ _KEEP = "nhwc_hint_keep_shape"
 
 def nhwc_hints(proto: Any) -> int:
     """Write the hints described above into ``proto`` (in place); returns how many."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper, shape_inference
 
     graph = proto.graph
+    inferred = shape_inference.infer_shapes(proto, strict_mode=False).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.value_info}
+    ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in graph.input})
     inits, makers, readers = graph_index(graph)
     after: dict[int, list] = {}
     hints = 0
-    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:  # (of 4-D tensors)
         chain = _float_conv_chain(q, makers, readers, inits)
-        if chain is None or not _integer_readers(q, readers, chain[0] is not q):
+        if ranks.get(q.input[0]) != 4 or chain is None:
+            continue
+        if not _integer_readers(q, readers, chain[0] is not q):
             continue
         codes = q.output[0]
         q.output[0] = f"{codes}_nhwc"
@@ -74,6 +79,8 @@ def nhwc_hints(proto: Any) -> int:
         source = makers.get(pool.input[0])
         flat = readers.get(pool.output[0], [])
         if source is None or source.op_type != "DequantizeLinear" or len(flat) != 1:
+            continue
+        if ranks.get(pool.input[0]) != 4:  # (images only: 2-D convolutions)
             continue
         if flat[0].op_type not in ("Reshape", "Flatten"):  # (a Squeeze names axes: not these)
             continue
