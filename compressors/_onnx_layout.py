@@ -31,7 +31,7 @@ spatial axes are 1), which cancels the transformer's one back. Measured on the z
 batch 32; MobileNet 2 to none, the NHWC ``ReorderOutput`` slower than the NCHW one by about the
 saved transpose (at par). A session without the NHWC layout pass (``ORT_ENABLE_EXTENDED`` or
 lower, another execution provider) runs the hints' ``Transpose`` nodes as written: 3 in the
-ResNet's graph, 2 in the MobileNet's (same values).
+ResNet's graph and in the MobileNet's (same values).
 """
 
 from __future__ import annotations
