@@ -37,7 +37,8 @@ rows, the bias inside the integer kernel, a feed-forward ReLU between two of the
 (its Linear layers as ``MatMulIntegerToFloat`` with their biases, its embedding tables read from
 their codes); `compressors._onnx_pool` puts a CNN's mean pool on a grid
 (``QLinearGlobalAveragePool`` after the last ``QLinearConv`` or ``QLinearAdd``, into the head's
-``QGemm``).
+``QGemm``), and `compressors._onnx_layout` writes channels-last hints so that ONNX Runtime's NHWC
+layout leaves no ``Transpose`` after a float stem, around a residual sum or after the pool.
 
 ONNX Runtime (CPU provider, default graph optimisation, QDQ handling on: ``ort_session`` with
 ``exact=False``, which `compressors.onnx_export.ort_session` picks for such graphs) then runs

@@ -131,6 +131,7 @@ from compressors._onnx_io import (
     scored_output,
     write_metadata,
 )
+from compressors._onnx_layout import nhwc_hints
 from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
 from compressors._onnx_pool import integer_pools
 from compressors._onnx_qdq import ActivationQDQ
@@ -345,6 +346,7 @@ def export_onnx(
         gather_codes(proto)
         gemm_rows(proto)
         integer_pools(proto)
+        nhwc_hints(proto)
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "
