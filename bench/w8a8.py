@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # (the zoo: tests.zoo)
 from _reference import quantize_baseline  # noqa: E402
 
 from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed  # noqa: E402
