@@ -10,7 +10,7 @@ from search import ConfigError, compose_config
 from search.config.fidelity import EPOCHS_ATTR, EPOCHS_RUN_ATTR, Fidelity, Plateau
 from search.config.plan import plan_sweep
 from search.run.budget import Budget
-from search.run.screening import WHOLE
+from search.run.screening import WHOLE, Stage
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
 from tests.test_fidelity import _recipe, _Space
@@ -34,6 +34,11 @@ def test_a_fine_tune_stops_after_the_epoch_that_says_so(digits_task, digits_base
     assert [s.epoch for s in history] == [0, 1]
     _, history = compress_recipe(_recipe(4), *args, seed=0, after_epoch=lambda stats: None)
     assert [s.epoch for s in history] == [0, 1, 2, 3]
+    # The rerun of a promoted trial (two parts): a stop in the first part ends the fine-tune.
+    _, history = compress_recipe(
+        _recipe(4), *args, seed=0, stage=Stage(split_at=2), after_epoch=lambda s: s.epoch == 0
+    )
+    assert [s.epoch for s in history] == [0]
 
 
 def test_epochs_a_plateau_left_unspent_buy_more_trials(tmp_path):
@@ -73,3 +78,19 @@ def test_a_bad_plateau_is_refused_up_front(tmp_path, cache_dir, value):
     overrides = sweep_overrides(tmp_path, cache_dir, f"search.plateau={value}")
     with pytest.raises(ConfigError, match="search.plateau"):
         plan_sweep(compose_config(overrides), connect=False)
+
+
+def test_the_export_of_a_stopped_fine_tune_stops_its_rerun_at_the_same_epoch():
+    from omegaconf import OmegaConf
+
+    from search.results.reuse import _split_at
+
+    cfg = OmegaConf.create({"search": {"screen_epochs": 2}})
+    plain = optuna.trial.create_trial(values=[0.9, 1.0], user_attrs={EPOCHS_RUN_ATTR: 4})
+    assert _split_at(plain, cfg) == {"stop_after": 4}
+    promoted = optuna.trial.create_trial(
+        values=[0.9, 1.0], user_attrs={EPOCHS_RUN_ATTR: 5, "squeeze.promote_from": 3}
+    )
+    assert _split_at(promoted, cfg) == {"split_at": 2, "stop_after": 7}
+    whole = optuna.trial.create_trial(values=[0.9, 1.0])
+    assert _split_at(whole, cfg) == {}
