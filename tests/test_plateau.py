@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 
-from search import ConfigError, compose_config
+from search import ConfigError, compose_config, run_sweep
 from search.config.fidelity import EPOCHS_ATTR, EPOCHS_RUN_ATTR, Fidelity, Plateau
 from search.config.plan import plan_sweep
 from search.run.budget import Budget
@@ -94,3 +95,27 @@ def test_the_export_of_a_stopped_fine_tune_stops_its_rerun_at_the_same_epoch():
     assert _split_at(promoted, cfg) == {"split_at": 2, "stop_after": 7}
     whole = optuna.trial.create_trial(values=[0.9, 1.0])
     assert _split_at(whole, cfg) == {}
+
+
+@pytest.mark.slow
+def test_a_sweep_charges_the_epochs_a_plateau_stop_ran(tmp_path, cache_dir):
+    # A learning rate too small to move the score: every fine-tune stops after its 2nd epoch.
+    overrides = sweep_overrides(
+        tmp_path,
+        cache_dir,
+        "search.n_trials=100",
+        "search.n_epochs=8",
+        "search.plateau=1",
+        "space.finetune.epochs=4",
+        "space.finetune.lr=1e-12",
+    )
+    result = run_sweep(compose_config(overrides))
+    trials = result.trials
+    # 4 epochs charged while each runs, 2 once it stopped: 3 trials fit in 8 epochs, not 2.
+    assert len(trials) == 3 and (trials.state == "COMPLETE").all()
+    assert list(trials.epochs) == [2, 2, 2]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for row in trials.itertuples():
+        steps = [m.step for m in client.get_metric_history(row.mlflow_run_id, "train_loss")]
+        assert steps == [0, 1]
+        assert client.get_run(row.mlflow_run_id).data.tags[EPOCHS_RUN_ATTR] == "2"
