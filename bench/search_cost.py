@@ -10,7 +10,10 @@ means the same on every task. A leg is ``KIND@N[+mM][+aK][:override,override...]
   (trials unlimited); ``+mM``: ``search.promote_margin=M``, ``+aK``: ``search.promote_after=K``;
   ``@Nft`` reads the same as ``@N``;
 - after ``:``, sweep overrides of the leg's own, comma-separated (commas inside brackets or
-  quotes stay), e.g. ``screen2@10+a10:search.warm_start=predicted``.
+  quotes stay), e.g. ``screen2@10+a10:search.warm_start=predicted``, ``screen2@10:search.plateau=3``
+  (promotions stop on a plateau), ``full@10:search.n_trials=100000,search.n_epochs=150,
+  search.plateau=3`` (full fine-tunes that stop on a plateau, 150 epochs; written on one line),
+  ``screen2@10:+search.sampler_options.n_startup_trials=5`` (``+``: a key the config lacks).
 
 Printed per run, after each milestone of epochs spent (``--milestones``, in fine-tunes, trials in
 the order they finished; screens count their epochs): the hypervolume of the full-fidelity

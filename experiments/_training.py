@@ -76,7 +76,7 @@ def fit(
     val: Any = None,
     seed: int = 0,
     before_epoch: Callable[[int, int], None] | None = None,
-    after_epoch: Callable[[EpochStats], None] | None = None,
+    after_epoch: Callable[[EpochStats], bool | None] | None = None,
     device: str | torch.device | None = None,
     optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     train_step: TrainStep | None = None,
@@ -104,7 +104,8 @@ def fit(
         seed: Seeds the order of the mini-batches.
         before_epoch: Called as ``before_epoch(epoch, epochs)`` before each epoch (a schedule,
             e.g. gradual pruning, changes the model here).
-        after_epoch: Called with each epoch's `EpochStats` (early stopping raises here).
+        after_epoch: Called with each epoch's `EpochStats` (early stopping raises here); when
+            it returns True, training stops after that epoch (a plateau stop).
         device: Train on this device (e.g. ``cuda``), batch by batch from the CPU-held data;
             the model is moved back to the CPU when training ends. None trains where it is.
         optimizer: ``optimizer(params, lr=..., weight_decay=...)`` (``torch.optim.AdamW``,
@@ -200,8 +201,8 @@ def fit(
                 scheduler.step()
             val_acc = evaluate(model, val) if val is not None else None
             history.append(EpochStats(epoch=epoch, train_loss=total / max(n, 1), val_acc=val_acc))
-            if after_epoch is not None:
-                after_epoch(history[-1])
+            if after_epoch is not None and after_epoch(history[-1]) is True:
+                break
     finally:
         if device is not None:
             model.to("cpu")

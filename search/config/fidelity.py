@@ -43,6 +43,9 @@ FIDELITY_ATTR = "squeeze.fidelity"
 PROMOTE_FROM_ATTR = "squeeze.promote_from"
 #: User attribute: the fine-tuning epochs a trial is charged (`trial_cost`).
 EPOCHS_ATTR = "squeeze.epochs"
+#: User attribute of a trial whose fine-tune stopped on a plateau (``search.plateau``): the
+#: epochs it ran, which it is charged instead of those it planned.
+EPOCHS_RUN_ATTR = "squeeze.epochs_run"
 #: User attribute of a trial that started from a finished trial's fine-tuned weights
 #: (``search.reuse``): that trial's number.
 REUSE_FROM_ATTR = "squeeze.reuse_from"
@@ -75,6 +78,9 @@ class Fidelity:
             front of a few points promotes nearly all of them) (``search.promote_after``).
         reuse_epochs: Epochs a trial fine-tunes when it starts from a finished trial's weights
             (``search.reuse_epochs`` with ``search.reuse=true``); 0: no reuse.
+        plateau: A fine-tune (not a screen) stops once its validation score has not improved
+            for this many epochs, and the trial is charged the epochs it ran
+            (``search.plateau``); 0: every fine-tune runs all its epochs.
     """
 
     full_epochs: int
@@ -85,6 +91,7 @@ class Fidelity:
     directions: tuple[str, ...] = ()
     promote_after: int = 0
     reuse_epochs: int = 0
+    plateau: int = 0
 
     @property
     def screening(self) -> bool:
@@ -98,7 +105,10 @@ class Fidelity:
 
     def trial_cost(self, trial: FrozenTrial | optuna.Trial) -> int:
         """The epochs ``trial`` is charged: a reuse's, a promotion's rest, a screen, or a full
-        fine-tune (a trial that will reuse weights is charged a full one until it knows)."""
+        fine-tune (a trial that will reuse weights is charged a full one until it knows); a
+        fine-tune that stopped on a plateau, the epochs it ran."""
+        if EPOCHS_RUN_ATTR in trial.user_attrs:
+            return int(trial.user_attrs[EPOCHS_RUN_ATTR])
         if REUSE_FROM_ATTR in trial.user_attrs:
             return self.reuse_epochs
         if PROMOTE_FROM_ATTR in trial.user_attrs:
@@ -166,6 +176,36 @@ class Fidelity:
         return out
 
 
+class Plateau:
+    """The plateau stop of one fine-tune (``search.plateau``): called with each epoch's
+    validation score, true once the best score has not improved for ``epochs`` epochs.
+
+    Attributes:
+        epochs: Epochs without improvement that stop the fine-tune (0: never stops).
+        higher_is_better: The score's direction.
+        stopped: Whether it has said stop.
+    """
+
+    def __init__(self, epochs: int, *, higher_is_better: bool = True) -> None:
+        self.epochs, self.higher_is_better = epochs, higher_is_better
+        self.best: float | None = None
+        self.since = 0
+        self.stopped = False
+
+    def __call__(self, score: float | None) -> bool:
+        if self.epochs <= 0 or score is None:
+            return False
+        better = self.best is None or (
+            score > self.best if self.higher_is_better else score < self.best
+        )
+        if better:
+            self.best, self.since = score, 0
+        else:
+            self.since += 1
+        self.stopped = self.since >= self.epochs
+        return self.stopped
+
+
 def is_screened(trial: FrozenTrial) -> bool:
     """Whether ``trial`` ran a screen only (its point is not a full-fidelity one)."""
     return trial.state == TrialState.COMPLETE and trial.user_attrs.get(FIDELITY_ATTR) == SCREEN
@@ -193,9 +233,9 @@ def _feasible(trial: FrozenTrial) -> bool:
 def check_fidelity(
     cfg: DictConfig, finetune_epochs: object, objectives: Iterable[str], directions: Iterable[str]
 ) -> Fidelity | None:
-    """The study's `Fidelity`, or None when none of ``search.screen_epochs``, ``search.n_epochs``
-    and ``search.reuse`` is set; ``finetune_epochs``: the space's ``finetune.epochs`` (an int, or
-    a distribution when it is searched).
+    """The study's `Fidelity`, or None when none of ``search.screen_epochs``, ``search.n_epochs``,
+    ``search.reuse`` and ``search.plateau`` is set; ``finetune_epochs``: the space's
+    ``finetune.epochs`` (an int, or a distribution when it is searched).
 
     Raises:
         ConfigError: If the space's epochs are searched, the screen or the reuse's fine-tune is
@@ -206,14 +246,28 @@ def check_fidelity(
     screen = int(search.get("screen_epochs", 0) or 0)
     n_epochs = search.get("n_epochs")
     reuse = _reuse_epochs(search, finetune_epochs, screen)
-    if not screen and n_epochs is None and not reuse:
+    plateau = search.get("plateau", 0) or 0
+    if not isinstance(plateau, int) or isinstance(plateau, bool) or plateau < 0:
+        raise ConfigError(
+            f"The 'search.plateau' config value must be an int in [0, inf) (0: off). Got "
+            f"{plateau!r} instead."
+        )
+    if not screen and n_epochs is None and not reuse and not plateau:
         return None
-    key = "search.screen_epochs" if screen else "search.reuse" if reuse else "search.n_epochs"
+    key = (
+        "search.screen_epochs"
+        if screen
+        else "search.reuse"
+        if reuse
+        else "search.n_epochs"
+        if n_epochs is not None
+        else "search.plateau"
+    )
     if not isinstance(finetune_epochs, int) or isinstance(finetune_epochs, bool):
         raise ConfigError(
             f"{key} needs a fixed number of fine-tuning epochs, but space.finetune.epochs is "
             f"searched ({finetune_epochs}). Allowed: space.finetune.epochs=<int>, or "
-            f"{key}={'0' if screen else 'false' if reuse else 'null'}."
+            f"{key}={'0' if screen or key == 'search.plateau' else 'false' if reuse else 'null'}."
         )
     if screen and screen >= finetune_epochs:
         raise ConfigError(
@@ -241,6 +295,7 @@ def check_fidelity(
         objectives=tuple(objectives),
         directions=tuple(directions),
         reuse_epochs=reuse,
+        plateau=plateau,
     )
 
 

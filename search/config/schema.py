@@ -155,6 +155,7 @@ SCHEMA: dict[str, Any] = {
         "promote_after": Integer(0, 10_000),
         "reuse": Flag(),
         "reuse_epochs": Integer(1, 10_000),
+        "plateau": Integer(0, 10_000),
         "n_jobs": Integer(1, 1024),
         "sampler": Text(),
         "sampler_options": AnyMapping(),

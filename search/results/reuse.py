@@ -44,7 +44,12 @@ from compressors import load_packed, save_packed
 from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
-from search.config.fidelity import PROMOTE_FROM_ATTR, REUSE_FROM_ATTR, front_trials
+from search.config.fidelity import (
+    EPOCHS_RUN_ATTR,
+    PROMOTE_FROM_ATTR,
+    REUSE_FROM_ATTR,
+    front_trials,
+)
 from search.config.plan import missing_onnx_extra, plan_sweep
 from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
@@ -141,7 +146,9 @@ def pick_trial(
 
 
 def _split_at(trial: optuna.trial.FrozenTrial, study_cfg: DictConfig) -> dict[str, int]:
-    """``{"split_at": S}`` for a promoted trial (`search.run.screening.Stage.split_at`).
+    """``{"split_at": S}`` for a promoted trial (`search.run.screening.Stage.split_at`), and
+    ``{"stop_after": E}`` for a fine-tune that stopped on a plateau (``search.plateau``) after
+    epoch ``E - 1`` of its schedule: the rerun stops there too.
 
     Raises:
         ConfigError: For a trial that started from another trial's weights (``search.reuse``):
@@ -156,9 +163,14 @@ def _split_at(trial: optuna.trial.FrozenTrial, study_cfg: DictConfig) -> dict[st
             "another front trial that fine-tuned from the baseline, or rerun the sweep with "
             "search.reuse=false."
         )
-    if PROMOTE_FROM_ATTR not in trial.user_attrs:
-        return {}
-    return {"split_at": int(study_cfg.search.screen_epochs)}
+    split = (
+        {"split_at": int(study_cfg.search.screen_epochs)}
+        if PROMOTE_FROM_ATTR in trial.user_attrs
+        else {}
+    )
+    if EPOCHS_RUN_ATTR in trial.user_attrs:
+        split["stop_after"] = split.get("split_at", 0) + int(trial.user_attrs[EPOCHS_RUN_ATTR])
+    return split
 
 
 def export_trial(
@@ -347,9 +359,12 @@ def run_experiment(
     step(1, steps, "baseline ready")
     epochs = Ticker(logger, "run: fine-tune epoch")
 
-    def after_epoch(stats: EpochStats) -> None:
+    stop_after = cfg.run.get("stop_after")  # (a fine-tune that stopped on a plateau)
+
+    def after_epoch(stats: EpochStats) -> bool:
         val = "" if stats.val_acc is None else f"val {stats.val_acc:.4f}"
         epochs(stats.epoch + 1, recipe.finetune["epochs"], val)
+        return stop_after is not None and stats.epoch + 1 >= int(stop_after)
 
     model, _ = compress_recipe(
         recipe,

@@ -53,11 +53,14 @@ from search._errors import SweepStopped
 from search.config.constraints import constraint_values
 from search.config.early_stop import EarlyStop, Stopper
 from search.config.fidelity import (
+    EPOCHS_ATTR,
+    EPOCHS_RUN_ATTR,
     FIDELITY_ATTR,
     PROMOTE_FROM_ATTR,
     REUSE_FROM_ATTR,
     SCREEN,
     Fidelity,
+    Plateau,
 )
 from search.config.metrics import (
     METRICS,  # noqa: F401 - re-exported: what a trial measures
@@ -174,9 +177,13 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
         #      let compressors finalize it.
         rule = EarlyStop() if stage.fidelity == SCREEN else ctx.early_stop
         stopper = Stopper(rule, trial, like=ctx.baseline.model)
+        plateau = Plateau(  # (search.plateau: not a screen, short already)
+            0 if ctx.fidelity is None or stage.fidelity == SCREEN else ctx.fidelity.plateau,
+            higher_is_better=ctx.task.higher_is_better is not False,
+        )
         ticker = Ticker(logger, f"trial {trial.number} epoch")  # long trials show progress
 
-        def after_epoch(stats: EpochStats) -> None:
+        def after_epoch(stats: EpochStats) -> bool:
             raise_if_interrupted()  # a safe point for a Ctrl-C swallowed in a __del__
             val = "" if stats.val_acc is None else f"val {stats.val_acc:.4f}"
             ticker(stats.epoch + 1, recipe.finetune["epochs"], val)
@@ -184,10 +191,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
                 {"train_loss": stats.train_loss, "epoch_val_acc": stats.val_acc}, step=stats.epoch
             )
             stopper(stats)
+            return plateau(stats.val_acc)
 
         fetch_screen(stage, trial.study, ctx.tracker.client)  # (run on another machine)
         inherit = _inheritance(trial, ctx)
-        model, _ = compress_recipe(
+        model, history = compress_recipe(
             recipe,
             ctx.space,
             ctx.task,
@@ -200,6 +208,11 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             stage=stage,
             inherit=inherit,
         )
+        if plateau.stopped and len(history) < ctx.fidelity.trial_cost(trial):
+            # charged the epochs it ran: those it planned and did not run go to more trials
+            trial.set_user_attr(EPOCHS_RUN_ATTR, len(history))
+            trial.set_user_attr(EPOCHS_ATTR, len(history))
+            run.set_tags({EPOCHS_RUN_ATTR: len(history)})
         if inherit is not None and inherit.stage.reused_from is not None:
             run.set_tags({REUSE_FROM_ATTR: inherit.stage.reused_from})
         elif stage.save_to is not None:  # a screen's weights, for a worker on another machine
@@ -275,7 +288,7 @@ def compress_recipe(
     baseline: Baseline,
     *,
     seed: int,
-    after_epoch: Callable[[EpochStats], None] | None = None,
+    after_epoch: Callable[[EpochStats], bool | None] | None = None,
     on_compressed: Callable[[torch.nn.Module], None] | None = None,
     reestimate: Callable[[int], bool] | None = None,
     device: str | None = None,
@@ -291,7 +304,8 @@ def compress_recipe(
         task: Data splits and model builder.
         baseline: The cached trained baseline and its teacher outputs.
         seed: Seeds the compressors and the fine-tuning.
-        after_epoch: Called after each fine-tuning epoch (early stopping raises here).
+        after_epoch: Called after each fine-tuning epoch (early stopping raises here; a
+            plateau stop returns True: the fine-tune ends after that epoch).
         on_compressed: Called before fine-tuning with the model as it would ship without any,
             on the CPU, whose size is then already known (early stopping): the model itself
             where no compressor changes it at finalize (`Compressor.finalizes`), else a
@@ -343,16 +357,21 @@ def compress_recipe(
     #    outputs when the recipe has it (else the task's own loss). Then each compressor has its
     #    last word (post-training quantization, the schedule's final step).
     with phase("fine-tune"):
+        stopped = False
 
-        def epoch_end(stats: EpochStats) -> None:  # (random draws: as in `_estimate` above)
+        def epoch_end(stats: EpochStats) -> bool:  # (random draws: as in `_estimate` above)
+            nonlocal stopped
             if on_compressed is not None and reestimate is not None and reestimate(stats.epoch):
                 with torch.random.fork_rng(devices=[]):
                     _estimate(compressors, model, context, on_compressed)
             if after_epoch is not None:
-                after_epoch(stats)
+                stopped = after_epoch(stats) is True
+            return stopped
 
         history, rng = [], torch.get_rng_state()
         for start, stop in stage.parts():  # (two for the rerun of a promoted trial)
+            if stopped:
+                break
             torch.set_rng_state(rng)  # each part starts as a trial's fine-tune does
             history += fit(
                 model,
