@@ -111,6 +111,7 @@ from compressors._onnx_graph import (
     coded_roots,
     integer_roots,
     optimize_graph,
+    restore_held,
     sparsity_notes,
     strip_debug_info,
 )
@@ -320,11 +321,20 @@ def export_onnx(
     model = load_packed(packed_path, model, int8=False)
     stored = with_values(stored, model.state_dict())
     notes: list[str] = []
+    held: dict[str, Any] = {}  # (float initializers out of the graph until the codes are known)
     with disabled(model):  # (activation grids: written as QDQ pairs below, `_onnx_qdq`)
         proto, used, graph_outputs = export_graph(
-            model, call, output, every=outputs == "all", opset=opset, exporter=exporter, notes=notes
+            model,
+            call,
+            output,
+            every=outputs == "all",
+            opset=opset,
+            exporter=exporter,
+            notes=notes,
+            held=held,
         )
-    roots = coded_roots(proto, stored, notes)
+    roots = coded_roots(proto, stored, notes, held)
+    restore_held(proto, held, roots)  # (coded ones never serialized as float32)
     proto = optimize_graph(proto, roots)
     qdq = ActivationQDQ(proto, ranges(model))
     integer = integer_roots(matmul, roots, stored, int8_layers(packed_path)) - qdq.weights
