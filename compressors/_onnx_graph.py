@@ -164,9 +164,7 @@ def sparsity_notes(model: nn.Module, stored: dict[str, PackedTensor]) -> list[st
     dense."""
     weights = {id(stored[n]): stored[n] for n in targets(model) if n in stored}
     zeros_of = {id(t): t.value.numel() - int(t.value.count_nonzero()) for t in weights.values()}
-    sparse = [
-        t for t in weights.values() if zeros_of[id(t)] >= SPARSE_NOTE_ZEROS * t.value.numel()
-    ]
+    sparse = [t for t in weights.values() if zeros_of[id(t)] >= SPARSE_NOTE_ZEROS * t.value.numel()]
     if not sparse:
         return []
     zeros = sum(zeros_of[id(t)] for t in sparse)

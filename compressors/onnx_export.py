@@ -1,16 +1,19 @@
 """ONNX export of a packed model, checked in ONNX Runtime: the compressed model as a standard graph.
 
 `export_onnx` turns a packed ``.sqz`` file (`compressors.packing`) into an ONNX graph that stores
-what the file stores: integer codes where the file keeps a tensor on a grid or a codebook,
-float32 elsewhere. The file is loaded into a float model (``load_packed(..., int8=False)``:
-torch.ao's int8 modules have no ONNX form) and exported by ``torch.onnx`` (the dynamo exporter
-first, which handles attention; the legacy TorchScript exporter where it fails; the batch axis
-dynamic, and the sequence axis of token inputs) without folding constants, so that every
-parameter is still an initializer under its state-dict name. onnxscript's optimizer then cleans
-the graph, with those parameters out of its reach, and each initializer the file holds as codes
-is replaced by its codes. The graph takes the model's inputs as the model is called (one tensor,
-positional tensors or keyword tensors, each a named input) and computes its scored output, or
-every output (`compressors._onnx_io`); `check_onnx` and `OrtModule` take the same call forms.
+what the file stores: integer codes where the file keeps a tensor on a grid or a codebook, float32
+elsewhere. The file is loaded into a float model (``load_packed(..., int8=False)``: torch.ao's int8
+modules have no ONNX form) and exported by ``torch.onnx`` (the dynamo exporter first, which handles
+attention; the legacy TorchScript exporter where it fails; the batch axis dynamic, and the sequence
+axis of token inputs) without folding constants, so that every parameter is still an initializer
+under its state-dict name (the dynamo exporter's float32 initializers are held out of the graph,
+sharing the model's memory, until those the file holds as codes are known: only the others are ever
+serialized as float32; a 110 M BERT's 4-bit export and check peaked at 3.2x its fp32 bytes before,
+2.0x after). onnxscript's optimizer then cleans the graph, with those parameters out of its reach,
+and each initializer the file holds as codes is replaced by its codes. The graph takes the model's
+inputs as the model is called (one tensor, positional tensors or keyword tensors, each a named
+input) and computes its scored output, or every output (`compressors._onnx_io`); `check_onnx` and
+`OrtModule` take the same call forms.
 What each compressor becomes:
 
 - ``structured``: smaller layers, hence smaller initializers and activations; no other op.
