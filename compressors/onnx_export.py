@@ -8,12 +8,12 @@ attention; the legacy TorchScript exporter where it fails; the batch axis dynami
 axis of token inputs) without folding constants, so that every parameter is still an initializer
 under its state-dict name (the dynamo exporter's float32 initializers are held out of the graph,
 sharing the model's memory, until those the file holds as codes are known: only the others are ever
-serialized as float32; a 110 M BERT's 4-bit export and check peaked at 3.2x its fp32 bytes before,
-2.0x after). onnxscript's optimizer then cleans the graph, with those parameters out of its reach,
-and each initializer the file holds as codes is replaced by its codes. The graph takes the model's
-inputs as the model is called (one tensor, positional tensors or keyword tensors, each a named
-input) and computes its scored output, or every output (`compressors._onnx_io`); `check_onnx` and
-`OrtModule` take the same call forms.
+serialized as float32; a 110 M BERT's 4-bit export and check peaked at 3.1-3.3x its fp32 bytes
+before, 2.0-2.3x after). onnxscript's optimizer then cleans the graph, with those parameters out of
+its reach, and each initializer the file holds as codes is replaced by its codes. The graph takes
+the model's inputs as the model is called (one tensor, positional tensors or keyword tensors, each
+a named input) and computes its scored output, or every output (`compressors._onnx_io`);
+`check_onnx` and `OrtModule` take the same call forms.
 What each compressor becomes:
 
 - ``structured``: smaller layers, hence smaller initializers and activations; no other op.

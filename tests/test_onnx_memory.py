@@ -1,6 +1,6 @@
 """ONNX export at scale and at its edges: what the export and its check hold in memory (the peaks,
-measured by `bench/scale.py`: a 110 M BERT's 4-bit export and check at 2.0x its fp32 bytes, 3.2x
-before the float initializers the file codes were held out of the graph), the readers
+measured by `bench/scale.py`: a 110 M BERT's 4-bit export and check at 2.0-2.3x its fp32 bytes,
+3.1-3.3x before the float initializers the file codes were held out of the graph), the readers
 they use, and the arguments and inputs they refuse."""
 
 from __future__ import annotations
