@@ -23,17 +23,23 @@ SPARSE_NOTE_ZEROS = 0.25
 
 
 def coded_roots(
-    proto: onnx.ModelProto, stored: dict[str, PackedTensor], notes: list[str]
+    proto: onnx.ModelProto,
+    stored: dict[str, PackedTensor],
+    notes: list[str],
+    held: dict[str, Any] | None = None,
 ) -> dict[str, PackedTensor]:
     """The graph's initializers that the file holds as codes, by initializer name.
 
     Initializers are found by name (the unfolded graph keeps state-dict names), else by exact
     value. An initializer that repeats a tensor already found (a tied tensor exported twice)
-    becomes an Identity of the first, so the graph stores it once.
+    becomes an Identity of the first, so the graph stores it once. ``held``: float32
+    initializers kept out of the graph (`compressors._onnx_torch.export_graph`), looked at
+    after the graph's own; a repeat among them is dropped from it.
     """
     from onnx import helper, numpy_helper
 
     graph = proto.graph
+    held = {} if held is None else held
     coded = {name: t for name, t in stored.items() if t.codes is not None}
     by_value: dict[tuple, PackedTensor] = {}
     for t in coded.values():
@@ -41,22 +47,26 @@ def coded_roots(
     roots: dict[str, PackedTensor] = {}
     first: dict[int, str] = {}
     duplicates: list[tuple[str, str]] = []
-    for init in graph.initializer:
-        if init.data_type != 1:  # FLOAT
-            continue
-        array = numpy_helper.to_array(init)
-        tensor = coded.get(init.name)
+    floats = (
+        (init.name, lambda init=init: numpy_helper.to_array(init))
+        for init in graph.initializer
+        if init.data_type == 1  # FLOAT
+    )
+    for name, array_of in (*floats, *((n, t.numpy) for n, t in held.items())):
+        array = array_of()
+        tensor = coded.get(name)
         if tensor is None or not np.array_equal(array, tensor.value.numpy()):
             tensor = by_value.get(_fingerprint(array))
             if tensor is None or not np.array_equal(array, tensor.value.numpy()):
                 continue
         if id(tensor) in first:
-            duplicates.append((init.name, first[id(tensor)]))
+            duplicates.append((name, first[id(tensor)]))
         else:
-            first[id(tensor)] = init.name
-            roots[init.name] = tensor
+            first[id(tensor)] = name
+            roots[name] = tensor
     for name, original in duplicates:
         _remove_initializer(graph, name)
+        held.pop(name, None)
         graph.node.insert(0, helper.make_node("Identity", [original], [name], name=f"{name}_tied"))
     found = {id(t) for t in roots.values()}
     found_values = {_fingerprint(t.value.numpy()) for t in roots.values()}
@@ -88,6 +98,27 @@ def _remove_initializer(graph: onnx.GraphProto, name: str) -> None:
         if init.name == name:
             del graph.initializer[i]
             return
+
+
+def restore_held(
+    proto: onnx.ModelProto, held: dict[str, Any], roots: dict[str, PackedTensor]
+) -> None:
+    """Put the held float32 initializers (`coded_roots`'s ``held``) back into the graph: each
+    the file holds as codes (in ``roots``) as a graph input of its shape, which
+    `optimize_graph` keeps out of its optimizer's reach until `Rewriter` writes its codes; the
+    others as initializers, their values copied (each at a time)."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    kept = [value for value in graph.value_info if value.name not in held]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for name in list(held):
+        tensor = held.pop(name)
+        if name in roots:
+            graph.input.append(helper.make_tensor_value_info(name, 1, list(tensor.shape)))
+        else:
+            graph.initializer.append(numpy_helper.from_array(tensor.numpy(), name))
 
 
 def optimize_graph(proto: onnx.ModelProto, roots: dict[str, PackedTensor]) -> onnx.ModelProto:
@@ -132,12 +163,11 @@ def sparsity_notes(model: nn.Module, stored: dict[str, PackedTensor]) -> list[st
     """A note on the weight tensors with many zeros (unstructured sparsity), which ONNX stores
     dense."""
     weights = {id(stored[n]): stored[n] for n in targets(model) if n in stored}
-    sparse = [
-        t for t in weights.values() if float((t.value == 0).float().mean()) >= SPARSE_NOTE_ZEROS
-    ]
+    zeros_of = {id(t): t.value.numel() - int(t.value.count_nonzero()) for t in weights.values()}
+    sparse = [t for t in weights.values() if zeros_of[id(t)] >= SPARSE_NOTE_ZEROS * t.value.numel()]
     if not sparse:
         return []
-    zeros = sum(int((t.value == 0).sum()) for t in sparse)
+    zeros = sum(zeros_of[id(t)] for t in sparse)
     total = sum(t.value.numel() for t in sparse)
     return [
         f"unstructured sparsity stored dense: {zeros / total:.0%} zeros in {len(sparse)} weight "

@@ -11,7 +11,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: ONNX's data type of float32 tensors.
+FLOAT = 1
 
 
 def export_graph(
@@ -45,16 +47,23 @@ def export_graph(
     opset: int,
     exporter: str,
     notes: list[str],
+    held: dict[str, Any] | None = None,
 ) -> tuple[onnx.ModelProto, str, Outputs]:
     """The unfolded graph of ``model`` called as ``call``, the exporter that made it and the
-    graph's outputs."""
+    graph's outputs.
+
+    With ``held`` (a dict), the dynamo exporter's float32 initializers are not serialized into
+    the graph but put there, by name (tensors with ``numpy()``, sharing the model's memory): the
+    graph reads them undefined until `compressors._onnx_graph.restore_held` puts back those
+    the packed file does not replace by codes (a 110 M BERT's 4-bit export held 1x the fp32
+    bytes less). The legacy exporter's graph holds every initializer."""
     call = call.at_least_two()
     module, outputs = plan_outputs(model, call, output, every=every)
     errors: dict[str, BaseException] = {}
     for name in ("dynamo", "legacy") if exporter == "auto" else (exporter,):
         try:
             with quiet(native=name == "legacy"):
-                proto = _EXPORTERS[name](module, call, outputs, opset)
+                proto = _EXPORTERS[name](module, call, outputs, opset, held)
         except Exception as err:  # torch.onnx raises many kinds; each is reported below
             errors[name] = err
             logger.debug("the %s exporter failed", name, exc_info=err)
@@ -70,7 +79,9 @@ def export_graph(
     raise _refusal(model, call, opset, errors) from None
 
 
-def _dynamo(module: nn.Module, call: Call, outputs: Outputs, opset: int) -> onnx.ModelProto:
+def _dynamo(
+    module: nn.Module, call: Call, outputs: Outputs, opset: int, held: dict[str, Any] | None
+) -> onnx.ModelProto:
     axes = tuple({axis: torch.export.Dim.AUTO for axis in a} for a in call.axes())
     program = torch.onnx.export(
         module,
@@ -83,10 +94,19 @@ def _dynamo(module: nn.Module, call: Call, outputs: Outputs, opset: int) -> onnx
         dynamic_shapes=(axes,),  # the module's one parameter, *tensors
         verbose=False,
     )
+    if held is not None:
+        inputs = {value.name for value in program.model.graph.inputs}
+        for value in program.model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is not None and int(tensor.dtype) == FLOAT and value.name not in inputs:
+                held[value.name] = tensor
+                value.const_value = None  # (serialized without its data)
     return program.model_proto
 
 
-def _legacy(module: nn.Module, call: Call, outputs: Outputs, opset: int) -> onnx.ModelProto:
+def _legacy(
+    module: nn.Module, call: Call, outputs: Outputs, opset: int, _held: dict[str, Any] | None
+) -> onnx.ModelProto:
     onnx = require_onnx()
     buffer = io.BytesIO()
     axes = dict(zip(call.names, call.axes(), strict=True))
@@ -113,7 +133,7 @@ _EXPORTERS = {"dynamo": _dynamo, "legacy": _legacy}
 def quiet(*, native: bool = False) -> Iterator[None]:
     """Silence the exporters' progress lines, warnings and log records, and with ``native``
     what torch's C++ code prints (the legacy exporter prints its whole graph when it fails)."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnx_ir")
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
