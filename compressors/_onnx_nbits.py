@@ -31,8 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compressors._onnx_session import session_options
 from compressors._onnx_torch import require_onnx
-from compressors.onnx_export import session_options
 
 if TYPE_CHECKING:
     import onnxruntime

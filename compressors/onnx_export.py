@@ -141,6 +141,7 @@ from compressors._onnx_pool import integer_pools
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_rows import gemm_rows
+from compressors._onnx_session import require_ort, session_options, session_settings
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
 
@@ -559,50 +560,11 @@ def ort_session(
     options = session_options(threads)
     if exact and "QuantizeLinear" not in _ops(onnx_path):  # (activation grids: integer kernels)
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return _require_ort().InferenceSession(
+    return require_ort().InferenceSession(
         str(onnx_path), options, providers=["CPUExecutionProvider"]
     )
-
-
-def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
-    """The options of every session here: ``threads`` intra-op threads, one inter-op thread,
-    sequential execution, every graph optimization on, warnings and errors logged only."""
-    ort = _require_ort()
-    if not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"The 'threads' parameter must be an int >= 1. Got {threads!r} instead.")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
-def session_settings(threads: int = 1, *, offline: str = "basic") -> dict[str, int | str]:
-    """What `ort_session` sets, as a trial logs it beside each latency it times in ONNX
-    Runtime: ``threads`` intra-op threads, one inter-op thread, sequential execution, and the
-    graph optimisation: ``offline`` (`OnnxExport.optimization`) saved in the file, every level
-    when the session loads it."""
-    return {
-        "ort.intra_op_threads": threads,
-        "ort.inter_op_threads": 1,
-        "ort.execution_mode": "sequential",
-        "ort.optimization": f"{offline} offline, all at load",
-    }
 
 
 def _ops(onnx_path: str | Path) -> list[str]:
     onnx = require_onnx()
     return [node.op_type for node in onnx.load(str(onnx_path), load_external_data=False).graph.node]
-
-
-def _require_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ImportError(
-            "ONNX Runtime checks need the 'onnx' extra: pip install -e \".[onnx]\" (installs "
-            "onnx, onnxruntime and onnxscript)."
-        ) from None
-    return onnxruntime

@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions as squeeze opens them: the options every session here gets, and what a
+trial logs of them beside each latency it times in ONNX Runtime."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+
+def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
+    """The options of every session here: ``threads`` intra-op threads, one inter-op thread,
+    sequential execution, every graph optimization on, warnings and errors logged only."""
+    ort = require_ort()
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"The 'threads' parameter must be an int >= 1. Got {threads!r} instead.")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def session_settings(threads: int = 1, *, offline: str = "basic") -> dict[str, int | str]:
+    """What `ort_session` sets, as a trial logs it beside each latency it times in ONNX
+    Runtime: ``threads`` intra-op threads, one inter-op thread, sequential execution, and the
+    graph optimisation: ``offline`` (`OnnxExport.optimization`) saved in the file, every level
+    when the session loads it."""
+    return {
+        "ort.intra_op_threads": threads,
+        "ort.inter_op_threads": 1,
+        "ort.execution_mode": "sequential",
+        "ort.optimization": f"{offline} offline, all at load",
+    }
+
+
+def require_ort():
+    """``onnxruntime``, or an ImportError naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(
+            "ONNX Runtime checks need the 'onnx' extra: pip install -e \".[onnx]\" (installs "
+            "onnx, onnxruntime and onnxscript)."
+        ) from None
+    return onnxruntime
