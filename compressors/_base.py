@@ -95,7 +95,10 @@ class Fit(Protocol):
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
 ) -> torch.Tensor:
-    """The loss a context assumes when it is given none: cross-entropy with hard labels."""
+    """The loss a context assumes when it is given none: cross-entropy with hard labels (per
+    position for ``(batch, ..., classes)`` logits; labels -100 left out)."""
+    if logits.dim() > 2:
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     return F.cross_entropy(logits, labels)
 
 

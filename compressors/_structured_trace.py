@@ -10,6 +10,7 @@ edges, so such a layer keeps its single channel and the wider group shrinks alon
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import warnings
@@ -104,6 +105,31 @@ def refusals(model: nn.Module) -> list[str]:
     return problems
 
 
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """The tensors in a model's outputs (a tensor, or nested tuples, lists, dicts and
+    ``ModelOutput``s of them), in order; other objects in them, such as a language model's
+    key/value cache (transformers' ``DynamicCache``), are left out: what a later call reads
+    is not an output whose channels must stay whole."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        outputs = list(outputs.values())
+    if isinstance(outputs, tuple | list):
+        return [t for value in outputs for t in output_tensors(value)]
+    return []
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (a Hugging Face
+    decoder, whose key/value cache would otherwise join each layer's keys to an empty past one
+    in a concatenation torch-pruning cannot map), else nothing: the cache changes no output."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
 def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` run on ``example_inputs``.
 
@@ -114,13 +140,16 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     outputs: list[Any] = []
     example_inputs = to_device(example_inputs, model_device(model))  # traced where it is
 
+    no_cache = _no_cache(model)
+
     def forward(m: nn.Module, x: Any) -> Any:
         if isinstance(x, Mapping):
-            out = m(**x)
+            out = m(**x, **no_cache)
         elif isinstance(x, tuple | list):
             out = m(*x)
         else:
             out = m(x)
+        out = output_tensors(out)
         outputs.append(out)
         return out
 

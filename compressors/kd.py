@@ -21,10 +21,12 @@ AUTO_LOSS = {"logits": "kl", "embeddings": "cosine", "values": "mse"}
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch (over
+    every position for per-position logits ``(batch, ..., classes)``)."""
+    classes = student.shape[-1]
     soft = F.kl_div(
-        F.log_softmax(student / temperature, dim=1),
-        F.log_softmax(teacher / temperature, dim=1),
+        F.log_softmax(student.reshape(-1, classes) / temperature, dim=1),
+        F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=1),
         reduction="batchmean",
         log_target=True,
     )

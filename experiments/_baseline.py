@@ -34,6 +34,9 @@ _TIED = "squeeze.tied"  # metadata key of model.safetensors: {left-out name: nam
 #: The SHA-256 of each cached weights file, written beside them and checked on every load.
 CHECKSUMS = "checksums.json"
 _WEIGHTS = ("model.safetensors", "teacher_outputs.safetensors", "teacher_logits.safetensors")
+#: The most bytes of teacher outputs cached (on disk and in each trial's memory); larger ones,
+#: say a language model's (samples, tokens, vocabulary) logits, are not cached.
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 class BaselineCacheError(RuntimeError):
@@ -53,8 +56,10 @@ class Baseline:
         model: The trained, uncompressed model (treat as read-only; trials copy it).
         teacher_outputs: Its outputs on the training split (logits, or embeddings for an
             embedding task), cached for distillation where the training data is held in memory
-            (its batches are the same every time); None where it is read batch by batch (a
-            dataset may augment at random): the teacher then runs on each batch.
+            (its batches are the same every time) and they take at most `TEACHER_CACHE_BYTES`;
+            None where it is read batch by batch (a dataset may augment at random) or they
+            would take more (a language model's per-token logits): the teacher then runs on
+            each batch.
         metrics: ``val_acc``, ``test_acc``, ``params`` and ``train_seconds``.
         key: Hash of the task config the baseline was trained for.
         folder: The cache folder holding it (other derived files may be kept there too).
@@ -199,14 +204,27 @@ def _teacher_outputs(
     progress: Callable[[str, int, int], None] | None,
     *,
     batch_size: int = 1024,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """The model's outputs on the (in-memory) training split, batch by batch, reporting
-    progress."""
+    progress; None (not cached) where they would take more than `TEACHER_CACHE_BYTES`,
+    predicted from the first batch."""
     model.eval()
     total = -(-len(task.train) // batch_size)
     outputs = []
     for k, batch in enumerate(task.train.batches(batch_size), 1):
-        outputs.append(task.train.forward(model, batch.inputs).cpu())
+        out = task.train.forward(model, batch.inputs).cpu()
+        if k == 1:
+            size = out.element_size() * out.numel() // max(len(out), 1) * len(task.train)
+            if size > TEACHER_CACHE_BYTES:
+                logger.info(
+                    "teacher outputs not cached: %s per sample, %.1f GB for the training split "
+                    "(more than %.1f GB); distillation runs the baseline on each batch",
+                    tuple(out.shape[1:]),
+                    size / 1e9,
+                    TEACHER_CACHE_BYTES / 1e9,
+                )
+                return None
+        outputs.append(out)
         if progress is not None:
             progress("teacher outputs", k, total)
     return torch.cat(outputs)

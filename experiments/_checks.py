@@ -81,11 +81,13 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
             f"{where}: the scored output {describe(output)} does not have one row per sample "
             f"({batch.rows} in the batch)"
         )
-    if task.outputs == "logits" and (output.dim() != 2 or output.shape[1] != task.num_classes):
+    if task.outputs == "logits" and (output.dim() < 2 or output.shape[-1] != task.num_classes):
         raise WorkloadError(
             f"{where}: the model outputs {describe(output)} but the task has "
             f"num_classes={task.num_classes}: a classifier's logits must be (batch, "
-            f"{task.num_classes}). Fix num_classes or the model's head."
+            f"{task.num_classes}), or (batch, ..., {task.num_classes}) with a decision per "
+            "position (a token classifier's, a language model's), the class axis last. Fix "
+            "num_classes or the model's head, or pick the logits with Task(output=...)."
         )
     if batch.targets is None:
         raise WorkloadError(

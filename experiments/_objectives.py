@@ -2,7 +2,11 @@
 
 A loss is ``loss(outputs, targets, teacher) -> scalar`` (`LossFn`), where ``teacher`` is the
 teacher's outputs on the same batch, or None. A score is ``score(outputs, targets) -> float``,
-higher is better. Classifiers use `ce_loss` and `accuracy`; embedding models, whose targets are
+higher is better. Classifiers use `ce_loss` and `accuracy`: logits are ``(batch, classes)``, or
+``(batch, ..., classes)`` for a decision per position (a token classifier's or a language model's
+``(batch, tokens, classes)``, the class axis last, as Hugging Face's models return them), where
+targets equal to `IGNORE_INDEX` (Hugging Face's and torch's -100, padding and special tokens) are
+left out of both; embedding models, whose targets are
 reference embeddings, use `cosine_loss` and `mean_cosine` (`neighbour_agreement` is a retrieval
 check). `prediction_agreement` compares two models' decisions rather than a model with targets.
 """
@@ -25,13 +29,25 @@ OUTPUTS = ("logits", "embeddings", "values")
 #: The outputs whose models make decisions that two models can agree on (top-1 class, nearest
 #: neighbour); a regression has none.
 DECISIONS = ("logits", "embeddings")
+#: A target that the default loss and accuracy of logits leave out (torch's and Hugging Face's).
+IGNORE_INDEX = -100
+
+
+def positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, classes)`` logits and their ``(rows,)`` labels: per-position logits ``(batch,
+    ..., classes)`` and labels ``(batch, ...)`` as one row per position; ``(batch, classes)``
+    as it is."""
+    if logits.dim() <= 2:
+        return logits, labels
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 
 def ce_loss(
     logits: torch.Tensor, labels: torch.Tensor, _teacher: torch.Tensor | None
 ) -> torch.Tensor:
-    """Cross-entropy with the hard labels."""
-    return F.cross_entropy(logits, labels)
+    """Cross-entropy with the hard labels (per position for per-position logits; labels
+    `IGNORE_INDEX` left out)."""
+    return F.cross_entropy(*positions(logits, labels), ignore_index=IGNORE_INDEX)
 
 
 def cosine_loss(
@@ -62,8 +78,11 @@ LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "mse": mse_loss}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy of ``logits`` against ``labels``."""
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    """Top-1 accuracy of ``logits`` against ``labels`` (over positions for per-position logits;
+    labels `IGNORE_INDEX` left out)."""
+    logits, labels = positions(logits, labels)
+    kept = labels != IGNORE_INDEX
+    return (logits[kept].argmax(dim=1) == labels[kept]).float().mean().item()
 
 
 def r2_score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -91,8 +110,9 @@ def prediction_agreement(
     outputs: torch.Tensor, reference: torch.Tensor, *, kind: str = "logits"
 ) -> float:
     """Fraction of inputs on which a model decides as a reference model did (``reference``:
-    the reference's outputs on the same inputs): the same top-1 class for ``logits``, the same
-    nearest other row (`neighbour_agreement`) for ``embeddings``. 1.0 for the reference itself.
+    the reference's outputs on the same inputs): the same top-1 class for ``logits`` (at every
+    position, for per-position logits), the same nearest other row (`neighbour_agreement`) for
+    ``embeddings``. 1.0 for the reference itself.
     """
     if kind not in DECISIONS:
         raise ValueError(
@@ -106,7 +126,41 @@ def prediction_agreement(
         )
     if kind == "embeddings":
         return neighbour_agreement(outputs, reference)
-    return (outputs.argmax(dim=1) == reference.argmax(dim=1)).float().mean().item()
+    return (outputs.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+
+
+class DecisionAgreement:
+    """`prediction_agreement` of logits, accumulated batch by batch (``update`` / ``compute``
+    / ``reset``, as a ``torchmetrics.Metric``): the share of the split's decisions (top-1
+    classes, at every position for per-position logits) equal to ``reference``'s, the
+    reference model's decisions on the same split in the same order (or its logits, whose
+    top-1 classes are taken). Only decisions are held, never the split's logits (a language
+    model's would take samples x tokens x vocabulary floats)."""
+
+    def __init__(self, reference: torch.Tensor) -> None:
+        self.reference = reference.argmax(dim=-1) if reference.is_floating_point() else reference
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = self.same = self.total = 0
+
+    def update(self, outputs: torch.Tensor, _targets: object = None) -> None:
+        decided = outputs.argmax(dim=-1)
+        expected = self.reference[self.rows : self.rows + len(decided)]
+        if expected.shape != decided.shape:
+            raise ValueError(
+                f"outputs {tuple(outputs.shape)} at row {self.rows} do not match the reference's "
+                f"decisions {tuple(self.reference.shape)} (one row per input, in the same order)"
+            )
+        self.rows += len(decided)
+        self.same += int((decided == expected).sum())
+        self.total += decided.numel()
+
+    def compute(self) -> float:
+        return self.same / max(self.total, 1)
+
+    def clone(self) -> DecisionAgreement:
+        return DecisionAgreement(self.reference)
 
 
 def _nearest(embeddings: torch.Tensor) -> torch.Tensor:

@@ -243,6 +243,23 @@ def predict_outputs(model: nn.Module, data: Any, *, batch_size: int | None = Non
     return torch.cat(outputs)
 
 
+@torch.no_grad()
+def agreement_reference(model: nn.Module, data: Any, outputs: str) -> torch.Tensor:
+    """What a model's agreement with ``model`` on ``data`` is measured against: its top-1
+    classes for ``logits`` (int32, at every position for per-position logits; computed batch by
+    batch, the logits never held whole), its embeddings for ``embeddings``."""
+    if outputs != "logits":
+        return predict_outputs(model, data)
+    model.eval()
+    data = as_data(data)
+    return torch.cat(
+        [
+            data.forward(model, b.inputs).argmax(dim=-1).to(torch.int32).cpu()
+            for b in data.batches(data.eval_batch_size)
+        ]
+    )
+
+
 def evaluate(model: nn.Module, split: Any, *, batch_size: int | None = None) -> float:
     """The split's score of ``model``: its metric over the whole split (top-1 accuracy by
     default; a ``torchmetrics.Metric`` is accumulated batch by batch, a plain function gets the
@@ -260,31 +277,34 @@ def scores(
 ) -> dict[str, float]:
     """The split's score under key ``acc`` and each ``extra`` score, from one pass over it.
 
-    A ``torchmetrics.Metric`` (anything with ``update`` / ``compute`` / ``reset``) is updated
-    batch by batch on a fresh copy; plain functions get the outputs and targets of the whole
-    split (never a mean of per-batch scores).
+    A ``torchmetrics.Metric`` (anything with ``update`` / ``compute`` / ``reset`` and
+    ``clone``), the score or an extra one, is updated batch by batch on a fresh copy; plain
+    functions get the outputs and targets of the whole split (never a mean of per-batch
+    scores), which are held only when one needs them.
     """
     data = as_data(split)
-    metric = data.score
-    streaming = is_streaming_metric(metric)
-    if streaming:
-        metric = metric.clone()
-        metric.reset()
-    keep = not streaming or bool(extra)
+    every = {"acc": data.score, **(extra or {})}
+    streamed = {name: fresh(fn) for name, fn in every.items() if is_streaming_metric(fn)}
+    whole = {name: fn for name, fn in every.items() if name not in streamed}
     outputs, targets = [], []
     for out, target in _pass(model, data, batch_size or data.eval_batch_size):
-        if streaming:
+        for metric in streamed.values():
             metric.update(out, target)
-        if keep:
+        if whole:
             outputs.append(out)
             targets.append(target)
-    result = {"acc": _float(metric.compute())} if streaming else {}
-    if keep:
+    result = {name: _float(metric.compute()) for name, metric in streamed.items()}
+    if whole:
         everything, truth = _joined(outputs, targets)
-        if not streaming:
-            result["acc"] = _float(metric(everything, truth))
-        result.update({name: _float(fn(everything, truth)) for name, fn in (extra or {}).items()})
-    return result
+        result.update({name: _float(fn(everything, truth)) for name, fn in whole.items()})
+    return {name: result[name] for name in every}
+
+
+def fresh(metric: Any) -> Any:
+    """A reset copy of a streaming metric (the task's own is never updated)."""
+    metric = metric.clone()
+    metric.reset()
+    return metric
 
 
 @torch.no_grad()

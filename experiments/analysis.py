@@ -17,6 +17,7 @@ from sklearn.metrics import confusion_matrix, f1_score, recall_score, top_k_accu
 from torch import nn
 
 from experiments._data import Data, describe
+from experiments._objectives import IGNORE_INDEX, positions
 from experiments._task import Task
 from experiments._training import outputs_and_targets
 from experiments.metrics import count_flops, weight_tensors
@@ -30,8 +31,9 @@ def classification_report(model: nn.Module, split: Any, num_classes: int) -> dic
         ``per_class_acc`` (list, one per class: the fraction of that class predicted right) and
         ``confusion`` (list of rows: true class, columns: predicted class).
     """
-    logits, targets = outputs_and_targets(model, split)
-    labels = targets.numpy()
+    logits, targets = positions(*outputs_and_targets(model, split))  # one row per position
+    kept = targets != IGNORE_INDEX
+    logits, labels = logits[kept], targets[kept].numpy()
     predicted = logits.argmax(dim=1).numpy()
     classes = np.arange(num_classes)
     confusion = confusion_matrix(labels, predicted, labels=classes)
@@ -53,7 +55,7 @@ def classification_report(model: nn.Module, split: Any, num_classes: int) -> dic
 def class_balance(task: Task) -> pd.DataFrame:
     """Samples per class (rows) in each split (columns), with each split's imbalance ratio."""
     counts = {
-        name: np.bincount(_labels(split).numpy(), minlength=task.num_classes)
+        name: np.bincount(_class_labels(split).numpy(), minlength=task.num_classes)
         for name, split in (("train", task.train), ("val", task.val), ("test", task.test))
     }
     frame = pd.DataFrame(counts)
@@ -61,6 +63,13 @@ def class_balance(task: Task) -> pd.DataFrame:
     ratios = {name: c.max() / max(c.min(), 1) for name, c in counts.items()}
     frame.loc["imbalance (max/min)"] = pd.Series(ratios)
     return frame
+
+
+def _class_labels(split: Data) -> torch.Tensor:
+    """The class labels of a whole split, one per position for per-position targets, without
+    the ignored ones (`IGNORE_INDEX`)."""
+    labels = _labels(split).reshape(-1)
+    return labels[labels != IGNORE_INDEX]
 
 
 def _labels(split: Data) -> torch.Tensor:

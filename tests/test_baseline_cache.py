@@ -117,3 +117,40 @@ def test_a_failed_save_leaves_no_temporary_folder(tmp_path):
     with pytest.raises(RuntimeError, match="share memory"):
         load_or_train_baseline(task, config={"name": "shifted"}, cache_dir=tmp_path, seed=0)
     assert list(tmp_path.iterdir()) == []  # neither a cache folder nor a .tmp-<pid> one
+
+
+def test_teacher_outputs_too_large_to_cache_are_left_to_distillation_per_batch(
+    tmp_path, monkeypatch
+):
+    """Outputs over `TEACHER_CACHE_BYTES` (a language model's per-token logits) are neither
+    cached nor held: no file, None, and distillation runs the baseline on each batch."""
+    from compressors import CompressionContext, get_compressor
+    from experiments import _baseline as baseline_module
+    from experiments import fit
+
+    task = _next_pixel_task()
+    per_sample = TOKENS * 4  # bytes of one sample's logits
+    monkeypatch.setattr(baseline_module, "TEACHER_CACHE_BYTES", per_sample * len(task.train) - 1)
+    config = {"name": task.name, "epochs": 1}
+    baseline = load_or_train_baseline(task, config=config, cache_dir=tmp_path, seed=0)
+    assert baseline.teacher_outputs is None
+    assert not (baseline.folder / "teacher_outputs.safetensors").exists()
+    again = load_or_train_baseline(task, config=config, cache_dir=tmp_path, seed=0)
+    assert again.from_cache and again.teacher_outputs is None
+
+    kd = get_compressor("kd")(alpha=1.0)
+    student = _next_pixel_task().build_model()
+    ctx = CompressionContext(teacher=baseline.model, example_inputs=task.train.x[:4])
+    seen = []
+    hook = baseline.model.register_forward_hook(lambda *args: seen.append(1))
+    fit(
+        student,
+        task.train,
+        epochs=1,
+        batch_size=256,
+        loss_fn=kd.finetune_loss(ctx),
+        lr=1e-3,
+        teacher=baseline.model,
+    )
+    hook.remove()
+    assert len(seen) == -(-len(task.train) // 256)  # the teacher ran on every batch

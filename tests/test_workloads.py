@@ -1,5 +1,6 @@
 """Workloads as users bring them: torch datasets and loaders with augmentation, iterable data,
-dict batches into a transformers model returning a ModelOutput, two inputs, regression; metrics
+dict batches into a transformers model returning a ModelOutput, a language model deciding per
+token, two inputs, regression; metrics
 accumulated over batches; the teacher on the very batch trained on; bad workloads refused."""
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ from tests.zoo import workloads
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO_CONF = Path(__file__).parent / "zoo_conf"
+#: Workloads whose `allocate` cell is slow (its sensitivity table on a transformers model).
+SLOW_ALLOCATE = ("wl_dict_bert", "wl_tokens")
+#: Baseline epochs of each workload's two-trial sweep (3 where not listed).
+SWEEP_EPOCHS = {"wl_regression": 10, "wl_dict_bert": 6, "wl_tokens": 6}
 #: Every compressor, with settings that act on small models.
 METHODS = {
     "structured": {"amount": 0.3},
@@ -56,7 +61,14 @@ METHODS = {
     "allocate": {"ratio": 4.0},
     "kd": {},
 }
-WORKLOADS = ["wl_loader", "wl_iterable", "wl_two_inputs", "wl_dict_bert", "wl_regression"]
+WORKLOADS = [
+    "wl_loader",
+    "wl_iterable",
+    "wl_two_inputs",
+    "wl_dict_bert",
+    "wl_tokens",
+    "wl_regression",
+]
 
 
 def _task(name: str, **kwargs) -> Task:
@@ -84,10 +96,12 @@ def trained():
 
 
 @pytest.mark.parametrize(
-    ("method", "name"),  # (allocate on wl_dict_bert, two minutes on a busy machine: the full run's)
+    ("method", "name"),  # (allocate on the transformers models, a minute or two: the full run's)
     [
         pytest.param(
-            m, n, marks=[pytest.mark.slow] if (m, n) == ("allocate", "wl_dict_bert") else []
+            m,
+            n,
+            marks=[pytest.mark.slow] if m == "allocate" and n in SLOW_ALLOCATE else [],
         )
         for m in sorted(METHODS)
         for n in WORKLOADS
@@ -208,7 +222,7 @@ def test_a_two_trial_sweep_runs_on_each_workload(name, tmp_path, cache_dir):
             "--config-dir",
             str(ZOO_CONF),
             f"task={name}",
-            f"task.train.epochs={ {'wl_regression': 10, 'wl_dict_bert': 6}.get(name, 3) }",
+            f"task.train.epochs={SWEEP_EPOCHS.get(name, 3)}",
             *overrides,
         ]
     )
@@ -400,3 +414,103 @@ def test_a_hugging_face_dataset_is_read_as_a_map_style_dataset():
     batches = list(task.val.batches(8))
     assert [b.rows for b in batches] == [8, 8, 8, 6]
     assert torch.equal(torch.cat([b.targets for b in batches]), torch.tensor(rows["label"]))
+
+
+# ----------------------------------------------------------------------------- per position
+
+
+def test_per_position_logits_are_scored_per_position_leaving_out_ignored_labels():
+    """(batch, tokens, classes) logits: the default loss, accuracy, agreement and distillation
+    loss equal the (batch * tokens, classes) ones, labels -100 left out of loss and accuracy."""
+    from compressors._base import cross_entropy
+    from compressors.kd import kl_loss
+    from experiments import accuracy, ce_loss, prediction_agreement
+
+    torch.manual_seed(0)
+    logits, other = torch.randn(4, 5, 7), torch.randn(4, 5, 7)
+    labels = torch.randint(0, 7, (4, 5))
+    labels[:, -1] = -100
+    kept = labels.reshape(-1) != -100
+    rows, flat = logits.reshape(-1, 7)[kept], labels.reshape(-1)[kept]
+    expected = torch.nn.functional.cross_entropy(rows, flat)
+    assert ce_loss(logits, labels, None) == pytest.approx(expected.item(), rel=1e-6)
+    assert cross_entropy(logits, labels, None) == pytest.approx(expected.item(), rel=1e-6)
+    assert accuracy(logits, labels) == pytest.approx((rows.argmax(1) == flat).float().mean())
+    right = torch.where(labels == -100, labels, logits.argmax(-1))  # ignored ones wrong
+    assert accuracy(logits, right) == 1.0 and accuracy(other, right) < 1.0
+    same = (logits.argmax(-1) == other.argmax(-1)).float().mean().item()
+    assert prediction_agreement(other, logits) == pytest.approx(same)
+    assert prediction_agreement(logits, logits) == 1.0
+    two_d = kl_loss(other.reshape(-1, 7), logits.reshape(-1, 7), temperature=2.0)
+    assert kl_loss(other, logits, temperature=2.0) == pytest.approx(two_d.item(), rel=1e-6)
+
+
+def test_per_position_logits_need_the_class_axis_last():
+    """(batch, classes, tokens) logits are refused, naming the per-position form."""
+    task = workloads.wl_tokens()
+
+    class ClassesFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = task.build_model()
+
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits.transpose(1, 2)
+
+    with pytest.raises(WorkloadError, match=r"\(batch, \.\.\., 24\) with a decision per position"):
+        check_workload(task, ClassesFirst())
+    check_workload(task, task.build_model())  # (batch, tokens, 24): accepted
+
+
+def test_structured_pruning_traces_a_language_model_with_its_cache_on():
+    """GPT-2 as users configure it (cache on: a DynamicCache in its output) loses whole heads
+    and units; its cache is not an output whose channels must stay whole."""
+    task = workloads.wl_tokens()
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    assert model.config.use_cache
+    example = task.example_inputs(4)
+    pruned = get_compressor("structured")(amount=0.5).compress(
+        copy.deepcopy(model), CompressionContext(example_inputs=example)
+    )
+    attention = pruned.transformer.h[0].attn
+    assert attention.num_heads < model.transformer.h[0].attn.num_heads
+    assert pruned.transformer.h[0].mlp.c_fc.weight.shape[1] < 4 * 32
+    assert pruned(**example).logits.shape == model(**example).logits.shape
+
+
+def test_reports_of_per_position_logits_count_positions_not_samples(trained):
+    """The report's classification metrics and class balance of a language model: one row per
+    labelled position (labels -100 left out); its top-1 equals the task's accuracy."""
+    from experiments.analysis import class_balance, classification_report
+    from search.results.explain._agreement import agreement_report
+
+    task, model = trained("wl_tokens")
+    report = classification_report(model, task.val, task.num_classes)
+    assert report["top1"] == pytest.approx(evaluate(model, task.val), abs=1e-6)
+    positions = len(task.val) * (workloads.Counting.LENGTH - 1)
+    assert sum(map(sum, report["confusion"])) == positions
+    assert class_balance(task)["val"].iloc[: task.num_classes].sum() == positions
+    outputs = predict_outputs(model, task.val)
+    agreement = agreement_report(outputs, outputs.flip(0), None, split_name="val")
+    assert agreement.flips.to_numpy().sum() == outputs.shape[0] * outputs.shape[1]
+
+
+def test_agreement_is_counted_from_decisions_batch_by_batch(trained):
+    """The baseline's validation decisions (not its logits) are what trials agree with: the
+    streamed count over batches equals `prediction_agreement` on the whole split's logits."""
+    from experiments import DecisionAgreement, agreement_reference, prediction_agreement
+
+    task, model = trained("wl_tokens")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.02 * torch.randn_like(other.lm_head.weight))
+    reference = agreement_reference(model, task.val, "logits")
+    assert reference.dtype == torch.int32
+    assert reference.shape == (len(task.val), workloads.Counting.LENGTH)
+    metric = DecisionAgreement(reference)
+    streamed = scores(other, task.val, {"agreement": metric}, batch_size=7)
+    whole = prediction_agreement(predict_outputs(other, task.val), predict_outputs(model, task.val))
+    assert streamed["agreement"] == pytest.approx(whole) and 0.0 < whole < 1.0
+    assert streamed["acc"] == pytest.approx(evaluate(other, task.val))
+    assert metric.total == 0  # the metric passed in is not updated: a fresh copy is

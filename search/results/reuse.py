@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
-from experiments import DECISIONS, EpochStats, evaluate, predict_outputs
+from experiments import DECISIONS, EpochStats, agreement_reference, evaluate
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
 from search.config.fidelity import (
@@ -385,7 +385,9 @@ def run_experiment(
     shipped = load_packed(path, task.build_model())
     step(3, steps, "packed")
     val_reference = (  # for val_agreement (a regression has no decisions to agree on)
-        predict_outputs(baseline.model, task.val) if task.outputs in DECISIONS else None
+        agreement_reference(baseline.model, task.val, task.outputs)
+        if task.outputs in DECISIONS
+        else None
     )
     metrics = {
         "size_bytes": float(size),

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from experiments import DECISIONS, Task, prediction_agreement, scores
+from experiments import DECISIONS, DecisionAgreement, Task, prediction_agreement, scores
 from experiments.metrics import (
     batch_latencies,
     count_flops,
@@ -55,13 +55,16 @@ def measure(
     ``speedup`` (batch 1) and ``speedup_b<B>``: a speed-up that other load on the machine does
     not move as it moves absolute times.
 
-    With ``reference_outputs`` (the baseline's outputs on the validation split), the share of
+    With ``reference_outputs`` (the baseline's outputs on the validation split, or its
+    decisions: `experiments.agreement_reference`), the share of
     validation inputs on which ``shipped`` decides as the baseline did is ``val_agreement``
     (`experiments.prediction_agreement`, from the same pass over the split as the score).
     """
     timed = shipped if timed is None else timed
     extra = dict(task.extra_scores)
-    if reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
+    if reference_outputs is not None and task.outputs == "logits":  # decisions, batch by batch
+        extra["agreement"] = DecisionAgreement(reference_outputs)
+    elif reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
         extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
     metrics = {
         **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},

@@ -31,7 +31,14 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from compressors import load_packed
 from compressors.onnx_export import OnnxExportError
-from experiments import DECISIONS, FreshModel, Task, build_fresh, cv_folds, predict_outputs
+from experiments import (
+    DECISIONS,
+    FreshModel,
+    Task,
+    agreement_reference,
+    build_fresh,
+    cv_folds,
+)
 from search._errors import ConfigError
 from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
@@ -358,7 +365,7 @@ def _prepare(
     # the baseline's outputs on validation, for every trial's val_agreement (a regression has
     # no decisions to agree on)
     val_reference = (  # computed on the trials' device (the outputs come to the CPU)
-        predict_outputs(baseline_on(baseline.model, device), task.val)
+        agreement_reference(baseline_on(baseline.model, device), task.val, task.outputs)
         if task.outputs in DECISIONS
         else None
     )

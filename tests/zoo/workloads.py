@@ -1,6 +1,7 @@
 """Workloads as users bring them (not as squeeze's own tasks are written): torch datasets with
 random augmentation behind a DataLoader factory, an iterable dataset, dict batches into a Hugging
-Face model that returns a ``ModelOutput``, a model of two inputs, a regression task (scored by
+Face model that returns a ``ModelOutput``, a language model deciding per token (a GPT-2 with its
+key/value cache), a model of two inputs, a regression task (scored by
 R², and by MSE: a lower-is-better score).
 
 Each builder is named by ``_target_`` in ``tests/zoo_conf/task/wl_<name>.yaml``.
@@ -235,3 +236,56 @@ def wl_regression_mse(
 
     task = wl_regression(name=name, seed=seed, train=train)
     return dataclasses.replace(task, metric=MeanSquaredError(), higher_is_better=None)
+
+
+class Counting(Dataset):
+    """Sequences of a counting language (a start token, then +1, +2 or +3 modulo `VOCAB`), as
+    a language model's dict batches: ``input_ids`` and, at each position, the next token as
+    its label (the last position's -100: nothing follows it)."""
+
+    VOCAB, LENGTH = 24, 12
+
+    def __init__(self, samples: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, self.VOCAB, (samples, 1), generator=g)
+        step = torch.randint(1, 4, (samples, 1), generator=g)
+        self.ids = (start + step * torch.arange(self.LENGTH + 1)) % self.VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        labels = self.ids[i, 1:].clone()
+        labels[-1] = -100
+        return {"input_ids": self.ids[i, :-1], "labels": labels}
+
+
+def tiny_gpt2(hidden: int = 32, heads: int = 4, layers: int = 2) -> nn.Module:
+    """A Hugging Face GPT2LMHeadModel from a small config as users write one: its key/value
+    cache on (the default), so its output holds a ``DynamicCache`` beside the logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=Counting.VOCAB,
+        n_positions=Counting.LENGTH,
+        n_embd=hidden,
+        n_head=heads,
+        n_layer=layers,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def wl_tokens(*, name: str = "wl_tokens", seed: int = 0, train: dict | None = None) -> Task:
+    """A decision per position: a language model's ``(batch, tokens, vocabulary)`` logits
+    scored by the default loss and top-1 accuracy over positions (labels -100 left out)."""
+    return Task(
+        name=name,
+        train=Counting(600, seed),
+        val=Counting(120, seed + 1),
+        test=Counting(120, seed + 2),
+        num_classes=Counting.VOCAB,
+        build_model=tiny_gpt2,
+        train_config=_train(train, {"epochs": 6, "lr": 3e-3, "batch_size": 32}),
+    )

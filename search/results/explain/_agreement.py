@@ -62,6 +62,11 @@ def agreement_report(
     score = prediction_agreement(outputs, reference_outputs, kind=kind)
     if kind == "embeddings":
         return _neighbour_agreement(reference_outputs, outputs, split_name, score)
+    if outputs.dim() > 2:  # per-position logits: one decision per position, flattened
+        classes = outputs.shape[-1]
+        reference_outputs = reference_outputs.reshape(-1, classes)
+        outputs = outputs.reshape(-1, classes)
+        targets = targets.reshape(-1) if isinstance(targets, torch.Tensor) else None
     base_prob, prob = reference_outputs.softmax(1), outputs.softmax(1)
     base, comp = base_prob.argmax(1), prob.argmax(1)
     classes = num_classes or outputs.shape[1]

@@ -125,6 +125,16 @@ def explain_model(
     step(2, phases, "agreement")
     int8 = int8_layers(path)
     fidelity = shown = None
+    if attributions and task.outputs == "logits":
+        with torch.no_grad():
+            one = task.val.forward(shipped, task.example_inputs(1))
+        if one.dim() > 2:
+            notes.append(
+                f"the model decides per position (logits {tuple(one.shape)}): attributions "
+                "explain one decision per sample and are left out; agreement and flipped "
+                "decisions are counted per position"
+            )
+            attributions = False
     if attributions and not _attributable(task):
         notes.append(
             "attributions need a classifier or encoder whose validation data is held in memory "
