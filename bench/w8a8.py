@@ -139,6 +139,8 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(1)
     for name, task in _tasks(args.models).items():
         if name not in args.models:
