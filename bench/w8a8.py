@@ -12,9 +12,16 @@ one row per model and batch, and the kernels ONNX Runtime ran for the W8A8 graph
 ``--calibration`` is `MINILM_CALIBRATION`) and not fine-tuned; its score is the mean cosine of
 each graph's embeddings to the fp32 model's on validation (the worst sentence's beside it).
 
+``--clock cpu`` times each forward in the calling thread's CPU time (``time.thread_time``: ONNX
+Runtime runs a one-thread session in the caller's thread) instead of wall time: on a machine
+shared with other jobs the wall-time ratio of a long forward to a short one grows with the load
+(MiniLM at batch 1, load 7-8 on 2 cores: 6.3x in wall time in one run, 2.9x in CPU time in
+the next), since the longer forward is preempted more often.
+
     python bench/w8a8.py [--calibration minmax|percentile|mse] [--epochs 3]
-        [--models zoo_resnet minilm ...] [--keep FOLDER]  (FOLDER: each model's graphs, optimised
-        too)   (minilm alone: python bench/w8a8.py --models minilm; the others by default)
+        [--models zoo_resnet minilm ...] [--keep FOLDER] [--clock wall|cpu] [--rounds 7]
+        (FOLDER: each model's graphs, optimised too)
+        (minilm alone: python bench/w8a8.py --models minilm; the others by default)
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import functools
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -123,7 +131,16 @@ def main() -> None:
         help="the models to run (all but minilm)",
     )
     parser.add_argument("--keep", type=Path, help="a folder to keep each model's graphs in")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time forwards in wall time or in the calling thread's CPU time",
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(1)
     for name, task in _tasks(args.models).items():
         if name not in args.models:
@@ -180,17 +197,18 @@ def main() -> None:
             fp32 = OrtModule(ort_session(folder / "fp32.onnx", threads=1))
             w8a8 = OrtModule(ort_session(folder / "w8a8.onnx", threads=1))
             ref = OrtModule(ort_session(static, threads=1, exact=False))
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
             for batch in (1, 32):
                 x = task.val.x[:batch]
                 # (a MiniLM forward takes milliseconds: fewer repeats a round)
                 repeats = (40 if batch == 1 else 6) if pretrained else 200
-                timing = {"rounds": 7, "repeats": repeats}
+                timing = {"rounds": args.rounds, "repeats": repeats, "clock": clock}
                 ours, base_ms = interleaved_latency_ms(w8a8, fp32, x, **timing)
                 theirs, base2 = interleaved_latency_ms(ref, fp32, x, **timing)
                 print(
                     f"  batch {batch:>2}: fp32 {base_ms * 1e3:7.1f} us, W8A8 {ours * 1e3:7.1f} us "
                     f"({base_ms / ours:.2f}x), ORT static int8 {theirs * 1e3:7.1f} us "
-                    f"({base2 / theirs:.2f}x)"
+                    f"({base2 / theirs:.2f}x) [{args.clock} time, {args.rounds} rounds]"
                 )
 
 
