@@ -293,7 +293,9 @@ class LowRankFactorization(Compressor):
         """Each layer's rank from ``keep`` (by ``ratio``: from its shape, no SVD; by
         ``energy``: from its singular values, `singular_values`), then its truncated SVD only
         where the pair saves weights (`factorize`; randomized where the rank is small)."""
-        for name, layer in _factorizable(model).items():
+        layers = _factorizable(model)
+        for name in list(layers):
+            layer = layers.pop(name)  # (once replaced, only this name holds it: freed next turn)
             matrix = _matrix(layer)
             out_dim, in_dim = matrix.shape
             if self.rank_by == "ratio":
