@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from compressors import cluster, quant
 from compressors.cluster import assign, kmeans_1d, share_weights
@@ -144,3 +146,41 @@ def test_the_gram_path_reconstructs_as_well_as_the_full_svd(noise, keep):
         assert ur.dtype == sr.dtype == vhr.dtype == torch.float32
         error = torch.linalg.matrix_norm(m.double() - ((ur * sr) @ vhr).double())
         assert error <= 1.05 * best + 1e-5 * float(s[0])
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Bytes of the largest tensor storage an operation creates while active (views of, and
+    in-place writes into, existing tensors create none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs or {}))
+            if isinstance(t, torch.Tensor)
+        }
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
+        return out
+
+
+def test_large_tensors_are_read_in_chunks_with_no_temporary_of_their_size(monkeypatch):
+    monkeypatch.setattr(quant, "_GRID_CHUNK", 1 << 14)
+    monkeypatch.setattr(cluster, "_CHUNK", 1 << 14)
+    weight = _values(1 << 20, seed=4).view(1024, 1024)
+    weight[weight.abs() < 0.01] = 0
+    tensor_bytes = weight.numel() * weight.element_size()  # 4 MiB
+    with _LargestAllocation() as grid:
+        quant.make_grid(weight, 4)
+    assert grid.bytes <= (1 << 14) * 4  # (one chunk's buffer)
+    with _LargestAllocation() as kmeans:
+        kmeans_1d(weight, 15, skip_zeros=True)
+    assert kmeans.bytes <= (cluster.HISTOGRAM_BINS + 1) * 8  # (the histogram's sums)
+    with _LargestAllocation() as shared:
+        share_weights(weight, 4)
+    assert shared.bytes <= tensor_bytes  # (the codes, int32, are the tensor's size: no more)
