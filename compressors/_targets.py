@@ -104,9 +104,12 @@ class Target:
 
     def register(self, parametrization: nn.Module) -> None:
         """Register ``parametrization`` on the tensor at every site (one instance shared by all,
-        so a tied tensor stays tied)."""
-        for site in self.sites:
-            parametrize.register_parametrization(site.module, site.attr, parametrization)
+        so a tied tensor stays tied). (Without gradients: registering computes the value once,
+        to check its shape and dtype, and a straight-through estimator's graph would hold several
+        temporaries of the tensor's size.)"""
+        with torch.no_grad():
+            for site in self.sites:
+                parametrize.register_parametrization(site.module, site.attr, parametrization)
 
     def parametrizations(self) -> list[nn.Module]:
         """The parametrizations registered on the tensor, in order (empty if none)."""

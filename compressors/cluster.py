@@ -15,6 +15,7 @@ and its nonzero weights share ``2^bits - 1`` trained values (a tensor without ze
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -80,9 +81,9 @@ class SharedWeights(nn.Module):
 
     def _shared(self, weight: torch.Tensor) -> torch.Tensor:
         values = self.codebook().index_select(0, self.codes.flatten()).view(self.codes.shape)
-        if weight.requires_grad:  # value unchanged; gradient straight through to the weight
-            values = values + (weight - weight.detach())
-        return torch.where(weight != 0, values, 0.0)
+        if weight.requires_grad and torch.is_grad_enabled():  # gradient straight to the weight
+            values = values + (weight - weight.detach())  # (value unchanged)
+        return values.masked_fill_(weight == 0, 0.0)
 
     def extra_repr(self) -> str:
         return f"values={self.centroids.numel()}, shape={tuple(self.codes.shape)}"
@@ -95,26 +96,57 @@ def kmeans_1d(
     init: str = "linear",
     iters: int = 30,
     generator: torch.Generator | None = None,
+    skip_zeros: bool = False,
 ) -> torch.Tensor:
-    """Centroids (ascending, distinct, at most ``k``) of 1-D k-means over ``values``.
+    """Centroids (ascending, distinct, at most ``k``, float64) of 1-D k-means over ``values``.
 
     Lloyd's iterations on the sorted values: in 1-D each cluster is a run of the sorted values
     between the midpoints of successive centroids, so an iteration is a binary search of the
-    ``k - 1`` midpoints and differences of prefix sums (float64) - exact, deterministic, and
-    O(k log n) after one sort. They stop after ``iters`` or when no value changes cluster. A
-    cluster left empty keeps its centroid. Where ``values`` has at most ``k`` distinct values,
-    those are the centroids.
+    ``k - 1`` midpoints and differences of prefix sums (float64). They stop after ``iters`` or
+    when no value changes cluster. A cluster left empty keeps its centroid. Where ``values``
+    has at most ``k`` distinct values, those are the centroids.
+
+    Up to `EXACT_UP_TO` values, the points are the values themselves, sorted (exact). Beyond,
+    they are the means of the values in each of `HISTOGRAM_BINS` equal bins between the
+    smallest and largest value, weighted by their counts (`_histogram`: two passes in chunks,
+    no sort and no copy of ``values``): the same iterations, exact but for the values of the
+    bin a midpoint falls in, which all go to one side (a bin is 1/65536 of the range).
 
     Args:
         values: The values to cluster (any shape).
         k: Number of clusters.
         init: ``linear`` (evenly spaced between the smallest and largest value), ``density``
-            (evenly spaced quantiles) or ``random`` (``k`` distinct values drawn with
-            ``generator``).
+            (evenly spaced quantiles) or ``random`` (``k`` distinct values - beyond
+            `EXACT_UP_TO` values, bin means - drawn with ``generator``).
         iters: Lloyd iterations at most.
         generator: Seeds the ``random`` initialisation.
+        skip_zeros: Cluster only the nonzero values.
     """
-    x = values.detach().flatten().to(torch.float64).sort().values
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; known: {INITS}")
+    flat = values.detach().reshape(-1)
+    if flat.numel() > EXACT_UP_TO and flat.is_floating_point():
+        points = _histogram(flat, HISTOGRAM_BINS, skip_zeros=skip_zeros)
+        if points is not None and len(points[0]) > k:
+            return _kmeans_weighted(*points, k, init=init, iters=iters, generator=generator)
+    if skip_zeros:
+        flat = flat[flat != 0]
+    return _kmeans_sorted(flat, k, init=init, iters=iters, generator=generator)
+
+
+#: `kmeans_1d` clusters the values themselves up to this many, and a histogram of them beyond.
+EXACT_UP_TO = 1 << 16
+#: Bins of `kmeans_1d`'s histogram.
+HISTOGRAM_BINS = 1 << 16
+#: Values read at a time by `_histogram` and `assign` (1 MiB of float32: larger temporaries
+#: cost their pages' faults each time, up to 1.7 ns a value).
+_CHUNK = 1 << 18
+
+
+def _kmeans_sorted(
+    values: torch.Tensor, k: int, *, init: str, iters: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    x = values.to(torch.float64).sort().values
     distinct = torch.unique_consecutive(x)
     if len(distinct) <= k:
         return distinct
@@ -124,25 +156,148 @@ def kmeans_1d(
     elif init == "density":
         quantiles = ((torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) * n / k).long()
         c = torch.unique_consecutive(x[quantiles])
-    elif init == "random":
-        # drawn on the CPU (the generator's device): a seed draws the same on any device
-        chosen = torch.randperm(len(distinct), generator=generator, device="cpu")[:k]
-        c = distinct[chosen.to(x.device)].sort().values
     else:
-        raise ValueError(f"unknown init {init!r}; known: {INITS}")
+        c = _random_init(distinct, k, generator)
     prefix = torch.cat([x.new_zeros(1), x.cumsum(0)])
-    ends = torch.tensor([n], device=x.device)
+    return _lloyd(x, None, prefix, c, iters)
+
+
+def _kmeans_weighted(
+    points: torch.Tensor,
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    k: int,
+    *,
+    init: str,
+    iters: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """`_kmeans_sorted` on ascending, distinct ``points``, each standing for ``counts`` values
+    whose sum is ``sums`` (float64)."""
+    cumulative = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    if init == "linear":
+        c = torch.linspace(float(points[0]), float(points[-1]), k, dtype=torch.float64)
+        c = c.to(points.device)
+    elif init == "density":
+        n = float(cumulative[-1])
+        quantiles = (torch.arange(k, dtype=torch.float64, device=points.device) + 0.5) * n / k
+        c = torch.unique_consecutive(
+            points[torch.searchsorted(cumulative[1:], quantiles.floor(), right=True)]
+        )
+    else:
+        c = _random_init(points, k, generator)
+    return _lloyd(points, cumulative, torch.cat([sums.new_zeros(1), sums.cumsum(0)]), c, iters)
+
+
+def _random_init(distinct: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    # drawn on the CPU (the generator's device): a seed draws the same on any device
+    chosen = torch.randperm(len(distinct), generator=generator, device="cpu")[:k]
+    return distinct[chosen.to(distinct.device)].sort().values
+
+
+def _lloyd(
+    points: torch.Tensor,
+    cumulative: torch.Tensor | None,
+    prefix: torch.Tensor,
+    c: torch.Tensor,
+    iters: int,
+) -> torch.Tensor:
+    """Lloyd's iterations from centroids ``c`` over ascending ``points``, with the cumulative
+    counts (``None``: one value per point) and sums of the points before each."""
+    ends = torch.tensor([len(points)], device=points.device)
     cuts = None
     for _ in range(iters):
-        new = torch.searchsorted(x, (c[1:] + c[:-1]) / 2, right=True)
+        new = torch.searchsorted(points, (c[1:] + c[:-1]) / 2, right=True)
         if cuts is not None and torch.equal(new, cuts):
             break
         cuts = new
         hi = torch.cat([cuts, ends])
         lo = torch.cat([ends.new_zeros(1), cuts])
-        counts = hi - lo
+        counts = hi - lo if cumulative is None else cumulative[hi] - cumulative[lo]
         c = torch.where(counts > 0, (prefix[hi] - prefix[lo]) / counts.clamp(min=1), c)
     return c
+
+
+def _histogram(
+    flat: torch.Tensor, bins: int, *, skip_zeros: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(means, counts, sums)`` of the nonempty bins among ``bins`` equal ones between the
+    smallest and largest of ``flat``'s values (nonzero ones with ``skip_zeros``), ascending;
+    ``None`` where those values are fewer than two distinct ones."""
+    lo, hi = math.inf, -math.inf
+    for start in range(0, len(flat), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        low, high = (float(v) for v in torch.aminmax(part))
+        if skip_zeros and 0.0 in (low, high):  # (rare: all of the chunk's values on one side)
+            part = part[part != 0]
+            if not part.numel():
+                continue
+            low, high = (float(v) for v in torch.aminmax(part))
+        lo, hi = min(lo, low), max(hi, high)
+    if not lo < hi or not math.isfinite(hi - lo):
+        return None
+    scale = bins / (hi - lo)
+    counts = torch.zeros(bins + 1, dtype=torch.float64, device=flat.device)
+    sums = torch.zeros(bins + 1, dtype=torch.float64, device=flat.device)
+    part_sums = torch.zeros(bins + 1, dtype=flat.dtype, device=flat.device)
+    for start in range(0, len(flat), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        index = (part - lo).mul_(scale).floor_().clamp_(0, bins - 1).int()
+        if skip_zeros:
+            index.masked_fill_(part == 0, bins)  # (zeros in a bin of their own, left out)
+        counts += torch.bincount(index, minlength=bins + 1)
+        sums += part_sums.zero_().index_add_(0, index, part)  # (a chunk's sums: float32 is
+        # enough; the float64 total carries the rest)
+    full = counts[:bins] > 0
+    counts, sums = counts[:bins][full], sums[:bins][full]
+    means, order = (sums / counts).sort()  # (in bin order but for rounding)
+    return means, counts[order], sums[order]
+
+
+def assign(weight: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Codes (int32, ``weight``'s shape) of ``weight``'s values against ascending
+    ``centroids``: 0 for a zero, ``i + 1`` for the nearest centroid ``i`` (ties to the lower),
+    i.e. ``torch.bucketize(weight, midpoints) + 1`` exactly, in chunks.
+
+    For float32 weights, a value's bin among uniform bins over the midpoints gives the number
+    of midpoints below its bin, and a comparison with the few midpoints inside its bin (each
+    the largest float32 not above the float64 midpoint, which a float32 value exceeds exactly
+    when it exceeds the midpoint) the rest: a few vector operations per value, against a
+    binary search each (186 ns per value over 255 midpoints here).
+    """
+    flat = weight.detach().reshape(-1)
+    codes = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    mids = (centroids[1:] + centroids[:-1]) / 2
+    if flat.dtype != torch.float32 or len(mids) == 0:
+        mids = mids.to(torch.float64)
+        for start in range(0, len(flat), _CHUNK):
+            part = flat[start : start + _CHUNK]
+            code = torch.bucketize(part.to(torch.float64), mids) + 1
+            codes[start : start + _CHUNK] = torch.where(part != 0, code, 0)
+        return codes.view(weight.shape)
+    below = mids.to(torch.float32)
+    below = torch.where(
+        below.double() > mids, torch.nextafter(below, below.new_tensor(-math.inf)), below
+    )
+    bins = 8 * len(below)
+    lo, hi = float(below[0]), float(below[-1])
+    scale = bins / (hi - lo) if hi > lo else 0.0
+
+    def bin_of(x: torch.Tensor) -> torch.Tensor:  # (monotone in x: the same operations for all)
+        return (x - lo).mul_(scale).floor_().clamp_(0, bins - 1).int()
+
+    where_mid = bin_of(below)
+    first = torch.searchsorted(where_mid, torch.arange(bins, device=flat.device, dtype=torch.int32))
+    first = first.int()  # (midpoints in the bins before)
+    most = int(torch.bincount(where_mid).max())
+    above = torch.cat([below, below.new_full((1,), math.inf)])
+    for start in range(0, len(flat), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        code = first.index_select(0, bin_of(part))
+        for _ in range(most):
+            code += above.index_select(0, code) < part
+        codes[start : start + _CHUNK] = code.add_(1).mul_(part != 0)
+    return codes.view(weight.shape)
 
 
 def share_weights(
@@ -158,12 +313,11 @@ def share_weights(
     stay zero, its nonzero values are clustered into ``2^bits`` values, or ``2^bits - 1`` where
     zero is one of the tensor's values."""
     w = weight.detach()
-    nonzero = w != 0
-    k = 2**bits - (1 if not bool(nonzero.all()) else 0)
-    centroids = kmeans_1d(w[nonzero], k, init=init, iters=iters, generator=generator)
-    # Nearest centroid (ties to the lower one); code 0 for zeros, i + 1 for centroid i.
-    codes = torch.bucketize(w.to(torch.float64), (centroids[1:] + centroids[:-1]) / 2) + 1
-    codes = torch.where(nonzero, codes, 0)
+    flat = w.reshape(-1)
+    zeros = any(bool((flat[i : i + _CHUNK] == 0).any()) for i in range(0, len(flat), _CHUNK))
+    k = 2**bits - (1 if zeros else 0)
+    centroids = kmeans_1d(w, k, init=init, iters=iters, generator=generator, skip_zeros=True)
+    codes = assign(w, centroids)  # nearest centroid; code 0 for zeros, i + 1 for centroid i
     centroids = centroids.to(w.dtype)
     tiny = torch.finfo(w.dtype).tiny
     centroids = torch.where(centroids == 0, tiny, centroids)  # a mean rounded to 0: not pruned

@@ -178,12 +178,14 @@ def truncated_svd(
     float32 at least). Where ``rank`` is small against the matrix (`randomized`), a randomized
     SVD: a Gaussian sketch of ``rank`` + a few columns (drawn from its own generator seeded
     with ``seed``: the global random state is untouched), `NITER` power iterations, each
-    re-orthonormalized, then the SVD of the small projected matrix; else the full SVD,
-    truncated (exact at full rank)."""
+    re-orthonormalized, then the SVD of the small projected matrix; else the top ``rank``
+    eigenvectors of the smaller Gram matrix in float64 (`_gram_svd`; exact at full rank)."""
     work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
     if not randomized(tuple(work.shape), rank):
-        u, s, vh = torch.linalg.svd(work, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
+        if work.device.type == "mps":  # (no float64 there)
+            u, s, vh = torch.linalg.svd(work, full_matrices=False)
+            return u[:, :rank], s[:rank], vh[:rank]
+        return _gram_svd(work, rank)
     generator = torch.Generator(device=work.device).manual_seed(seed)
     sketch = rank + _oversample(rank)
     omega = torch.randn(
@@ -194,6 +196,56 @@ def truncated_svd(
         basis = torch.linalg.qr(work @ torch.linalg.qr(work.T @ basis).Q).Q
     u, s, vh = torch.linalg.svd(basis.T @ work, full_matrices=False)
     return (basis @ u[:, :rank]), s[:rank], vh[:rank]
+
+
+def _gram_svd(work: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`truncated_svd` from the eigenvectors of the smaller Gram matrix (``A A^T`` of the wide
+    matrix ``A``), in float64: the top ``rank`` of them, ``U``, and ``U^T A`` (``S Vh``: the
+    best reconstruction in their span), the matrix read in float64 a block of columns at a
+    time. A 2048 x 4096 matrix at rank 1024: 2.7 CPU-seconds (3.4 with torch's ``eigh`` of the
+    whole Gram matrix; `torch.linalg.svd` 15-19 s wall at load 7; a 2-core AMD EPYC with
+    AVX-512, one thread), the same reconstruction error to 5 digits; all in float32 was faster
+    but lost up to 2.7x in error on the smallest singular values of ill-conditioned matrices."""
+    wide = work.shape[0] <= work.shape[1]
+    a = work if wide else work.T
+    step = max(1, _GRAM_CHUNK // a.shape[0])  # (columns at a time: no float64 copy of ``a``)
+    blocks = [slice(start, start + step) for start in range(0, a.shape[1], step)]
+    gram = a.new_zeros((a.shape[0], a.shape[0]), dtype=torch.float64)
+    for block in blocks:
+        part = a[:, block].to(torch.float64)
+        gram.addmm_(part, part.T)
+    vectors = _top_eigenvectors(gram, rank)
+    del gram
+    projected = a.new_empty((rank, a.shape[1]), dtype=torch.float64)
+    for block in blocks:
+        projected[:, block] = vectors.T @ a[:, block].to(torch.float64)
+    s = torch.linalg.vector_norm(projected, dim=1)
+    vh = projected.div_(s.clamp_min(torch.finfo(torch.float64).tiny)[:, None])
+    u, s, vh = (x.to(work.dtype) for x in (vectors, s, vh))
+    return (u, s, vh) if wide else (vh.T, s, u.T)
+
+
+def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The eigenvectors of symmetric ``gram``'s ``rank`` largest eigenvalues, largest first
+    (``gram`` is overwritten). On the CPU, LAPACK's ``syevr`` computes only those, with a
+    workspace of O(n) (``syevd``, torch's, of 2 n^2: 64 MiB for 2048 x 2048)."""
+    n = gram.shape[0]
+    if gram.device.type != "cpu":
+        return torch.linalg.eigh(gram).eigenvectors[:, -rank:].flip(1)
+    import scipy.linalg  # (here: most runs never factorise a large layer; startup stays short)
+
+    _, vectors = scipy.linalg.eigh(
+        gram.numpy(),
+        subset_by_index=[n - rank, n - 1],
+        driver="evr",
+        overwrite_a=True,
+        check_finite=False,
+    )
+    return torch.from_numpy(vectors).flip(1)
+
+
+#: Values of the matrix `_gram_svd` reads in float64 at a time (8 MiB).
+_GRAM_CHUNK = 1 << 20
 
 
 def factorize(layer: nn.Module, rank: int, *, seed: int = 0) -> LowRank:
@@ -241,7 +293,9 @@ class LowRankFactorization(Compressor):
         """Each layer's rank from ``keep`` (by ``ratio``: from its shape, no SVD; by
         ``energy``: from its singular values, `singular_values`), then its truncated SVD only
         where the pair saves weights (`factorize`; randomized where the rank is small)."""
-        for name, layer in _factorizable(model).items():
+        layers = _factorizable(model)
+        for name in list(layers):
+            layer = layers.pop(name)  # (once replaced, only this name holds it: freed next turn)
             matrix = _matrix(layer)
             out_dim, in_dim = matrix.shape
             if self.rank_by == "ratio":
