@@ -81,12 +81,16 @@ ZOO = {
         "space=digits_images",  # (BatchNorm networks: Adam at lower learning rates, cosine)
         "space.pipeline=[structured,quant]",
         "space.structured.amount=interval(0.0, 0.6)",
+        # (ONNX Runtime's int8 convolutions with VNNI run channels in blocks of 16: two 3x3
+        # convolutions of 15 channels at batch 32 took 1.9x the time of two of 16)
+        "space.structured.round_to=16",
         *_W8A8,
     ],
     "zoo_mobilenet": [
         "space=digits_images",
         "space.pipeline=[structured,quant]",
         "space.structured.amount=interval(0.0, 0.6)",
+        "space.structured.round_to=16",
         *_W8A8,
     ],
     "zoo_transformer": [
