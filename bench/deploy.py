@@ -11,6 +11,9 @@ tasks of ``tests/zoo_conf/task/``, composed as ``--config-dir tests/zoo_conf`` c
 searched for their speed-up at batch 32 (objective ``speedup_b32``) and timed at batch 1 and 32;
 ONNX Runtime has no integer recurrent kernel, so the LSTM and GRU are searched over pruned hidden
 units and int8 (``MatMulInteger``) or float heads.
+The CNNs keep multiples of 16 channels (``structured.round_to=16``): ONNX Runtime's int8 and
+float NCHWc convolutions run other widths no faster than the next multiple, or slower (15
+channels 1.9x slower than 16 in int8; 13- and 26-channel depthwise ones left NCHWc altogether).
 Then the front's points within ``--max-drop`` test points of the baseline (cosine >= 0.97 for
 minilm) are timed again against the baseline's ONNX graph, side by side in one run (alternating
 rounds, median of the rounds' medians), at batch 1, 32 and the large batch, and the best is printed
