@@ -26,6 +26,7 @@ timed with the ONNX Runtime session settings printed with the baseline's line.
     python bench/deploy.py --tasks zoo_resnet zoo_mobilenet zoo_transformer zoo_lstm zoo_gru
     python bench/deploy.py --tasks digits_mlp --trials 12
     python bench/deploy.py --tasks digits_mlp --trials 2 --no-reference   # without it
+    python bench/deploy.py --tasks zoo_mobilenet --override space.structured.amount=0.75
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ TRIALS = {"digits_mlp": 20, "mnist1d_cnn": 16, "minilm": 8, **dict.fromkeys(ZOO,
 SPEEDUP = {**dict.fromkeys(ZOO, "speedup_b32")}
 
 
-def sweep_config(task_name: str, *, root: Path, trials: int, threads: int = 1):
+def sweep_config(
+    task_name: str, *, root: Path, trials: int, threads: int = 1, extra: tuple[str, ...] = ()
+):
     """The latency sweep of ``task_name`` (a key of `SPACES`) with its files in
-    ``root/<task_name>`` and the baselines cached in ``root/cache``."""
+    ``root/<task_name>`` and the baselines cached in ``root/cache``; ``extra``: overrides after
+    the task's space (``space.structured.amount=interval(0.0, 0.8)``)."""
     work, large = root / task_name, LARGE[task_name]
     return compose_config(
         [
@@ -140,6 +144,7 @@ def sweep_config(task_name: str, *, root: Path, trials: int, threads: int = 1):
             f"search.objectives=[val_acc,{SPEEDUP.get(task_name, 'speedup')}]",
             "search.directions=[maximize,maximize]",
             *SPACES[task_name],
+            *extra,
         ],
         config_dirs=[ROOT / "tests" / "zoo_conf"] if task_name in ZOO else (),
     )
@@ -155,6 +160,9 @@ def main() -> int:
     parser.add_argument("--min-cosine", type=float, default=0.97, help="test cosine (minilm)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--override", nargs="*", default=[], help="config overrides after each task's space"
+    )
+    parser.add_argument(
         "--no-reference", action="store_true", help="skip ONNX Runtime's quantize_static graph"
     )
     args = parser.parse_args()
@@ -166,7 +174,11 @@ def main() -> int:
         batches = tuple(sorted({1, 32, large}))
         work = root / task_name
         cfg = sweep_config(
-            task_name, root=root, trials=args.trials or TRIALS[task_name], threads=args.threads
+            task_name,
+            root=root,
+            trials=args.trials or TRIALS[task_name],
+            threads=args.threads,
+            extra=tuple(args.override),
         )
         work.mkdir(parents=True, exist_ok=True)
         result = run_sweep(cfg)
