@@ -45,8 +45,8 @@ def test_a_zoo_familys_latency_sweep_plans_on_its_model(name, tmp_path):
 
 def test_overrides_come_after_the_tasks_space(tmp_path):
     (tmp_path / "zoo_mobilenet").mkdir()
-    extra = ("space.structured.amount=interval(0.0, 0.8)",)
+    extra = ("space.structured.amount=interval(0.1, 0.5)",)
     cfg = deploy.sweep_config("zoo_mobilenet", root=tmp_path, trials=2, extra=extra)
     amount = plan_sweep(cfg, connect=False).space.values("structured")["structured.amount"]
-    assert (amount.low, amount.high) == (0.0, 0.8)
+    assert (amount.low, amount.high) == (0.1, 0.5)
     assert cfg.space.structured.round_to == 16
