@@ -4,7 +4,16 @@ Per task, one sweep with ``measure.runtime=onnxruntime`` (every trial exported t
 ONNX Runtime, and timed there against the baseline's graph in alternating rounds) for the
 objectives ``[val_acc, speedup]`` over a space of what makes a graph faster: structured pruning
 (smaller layers), low rank (two thin MatMuls), int8 MatMulInteger (``quant.runtime=int8``) and, for
-digits_mlp, W8A8 ``QGemm`` on calibrated activation grids (``quant.activations=8``).
+digits_mlp and the zoo's CNNs and TransformerEncoder, W8A8 (``QGemm``, ``QLinearConv`` on
+calibrated activation grids, ``quant.activations=8``).
+The zoo's families (`ZOO`: ResNet with BatchNorm, MobileNet, TransformerEncoder, LSTM, GRU; the
+tasks of ``tests/zoo_conf/task/``, composed as ``--config-dir tests/zoo_conf`` composes them) are
+searched for their speed-up at batch 32 (objective ``speedup_b32``) and timed at batch 1 and 32;
+ONNX Runtime has no integer recurrent kernel, so the LSTM and GRU are searched over pruned hidden
+units and int8 (``MatMulInteger``) or float heads.
+The CNNs keep multiples of 16 channels (``structured.round_to=16``): ONNX Runtime's int8 and
+float NCHWc convolutions run other widths no faster than the next multiple, or slower (15
+channels 1.9x slower than 16 in int8; 13- and 26-channel depthwise ones left NCHWc altogether).
 Then the front's points within ``--max-drop`` test points of the baseline (cosine >= 0.97 for
 minilm) are timed again against the baseline's ONNX graph, side by side in one run (alternating
 rounds, median of the rounds' medians), at batch 1, 32 and the large batch, and the best is printed
@@ -14,8 +23,10 @@ training batches, QDQ, `_reference`), scored on test and timed the same way. Eve
 timed with the ONNX Runtime session settings printed with the baseline's line.
 
     python bench/deploy.py                              # digits_mlp, mnist1d_cnn, minilm
+    python bench/deploy.py --tasks zoo_resnet zoo_mobilenet zoo_transformer zoo_lstm zoo_gru
     python bench/deploy.py --tasks digits_mlp --trials 12
     python bench/deploy.py --tasks digits_mlp --trials 2 --no-reference   # without it
+    python bench/deploy.py --tasks zoo_resnet --override space.structured.amount=0.5
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(1, str(ROOT))  # (the zoo: tests.zoo)
 from _common import quiet, recipe_text, side_by_side  # noqa: E402
 from _reference import quantize_reference  # noqa: E402
 
@@ -60,18 +73,95 @@ SPACES = {
         "search.warm_start=false",
     ],
 }
-#: The large batch each task is timed at (minilm: a forward of 256 sentences takes seconds here).
-LARGE = {"digits_mlp": 256, "mnist1d_cnn": 256, "minilm": 32}
-TRIALS = {"digits_mlp": 20, "mnist1d_cnn": 16, "minilm": 8}
+#: The zoo's latency spaces: channels, heads or hidden units removed, then 8-bit weights with
+#: calibrated 8-bit activations (integer kernels) or without, fine-tuned as the space says.
+_W8A8 = [
+    "space.quant.bits=8",
+    "space.quant.activations=choice(float, 8)",
+    "space.quant.calibration=mse",
+]
+ZOO = {
+    "zoo_resnet": [
+        "space=digits_images",  # (BatchNorm networks: Adam at lower learning rates, cosine)
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=interval(0.0, 0.6)",
+        # (ONNX Runtime's int8 convolutions with VNNI run channels in blocks of 16: two 3x3
+        # convolutions of 15 channels at batch 32 took 1.9x the time of two of 16)
+        "space.structured.round_to=16",
+        *_W8A8,
+    ],
+    "zoo_mobilenet": [  # (0.8: every layer at 16 channels)
+        "space=digits_images",
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=interval(0.0, 0.8)",
+        "space.structured.round_to=16",
+        *_W8A8,
+    ],
+    "zoo_transformer": [
+        "space.pipeline=[structured,quant]",
+        "space.structured.amount=interval(0.0, 0.6)",
+        "space.finetune.lr=tag(log, interval(5e-4, 3e-3))",
+        *_W8A8,
+    ],
+    **{
+        name: [  # (torch's int8 LSTM / GRU export as float ones: only the head runs int8)
+            "space.pipeline=[structured,quant]",
+            "space.structured.amount=interval(0.1, 0.8)",
+            "space.quant.bits=8",
+            "space.quant.runtime=choice(float, int8)",
+        ]
+        for name in ("zoo_lstm", "zoo_gru")
+    },
+}
+SPACES.update(ZOO)
+#: The large batch each task is timed at (minilm: a forward of 256 sentences takes seconds here;
+#: the zoo: batch 32, where its goals are).
+LARGE = {"digits_mlp": 256, "mnist1d_cnn": 256, "minilm": 32, **dict.fromkeys(ZOO, 32)}
+TRIALS = {"digits_mlp": 20, "mnist1d_cnn": 16, "minilm": 8, **dict.fromkeys(ZOO, 16)}
+#: The speed-up each task's sweep maximises (``speedup``: at batch 1).
+SPEEDUP = {**dict.fromkeys(ZOO, "speedup_b32")}
+
+
+def sweep_config(
+    task_name: str, *, root: Path, trials: int, threads: int = 1, extra: tuple[str, ...] = ()
+):
+    """The latency sweep of ``task_name`` (a key of `SPACES`) with its files in
+    ``root/<task_name>`` and the baselines cached in ``root/cache``; ``extra``: overrides after
+    the task's space (``space.structured.amount=interval(0.0, 0.8)``)."""
+    work, large = root / task_name, LARGE[task_name]
+    return compose_config(
+        [
+            f"task={task_name}",
+            f"search.n_trials={trials}",
+            f"search.storage={work}/optuna.journal",
+            f"tracking.uri=sqlite:///{work}/mlflow.db",
+            f"output_dir={work}/trials",
+            f"cache_dir={root / 'cache'}",
+            f"threads={threads}",
+            "measure.runtime=onnxruntime",
+            f"measure.latency_batch_sizes=[1,{large}]",
+            "measure.latency_repeats=10",
+            f"search.objectives=[val_acc,{SPEEDUP.get(task_name, 'speedup')}]",
+            "search.directions=[maximize,maximize]",
+            *SPACES[task_name],
+            *extra,
+        ],
+        config_dirs=[ROOT / "tests" / "zoo_conf"] if task_name in ZOO else (),
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(SPACES))
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(SPACES), default=["digits_mlp", "mnist1d_cnn", "minilm"]
+    )
     parser.add_argument("--trials", type=int, default=None, help="per task (default: its own)")
     parser.add_argument("--max-drop", type=float, default=1.0, help="test points (classifiers)")
     parser.add_argument("--min-cosine", type=float, default=0.97, help="test cosine (minilm)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="config overrides after each task's space"
+    )
     parser.add_argument(
         "--no-reference", action="store_true", help="skip ONNX Runtime's quantize_static graph"
     )
@@ -83,22 +173,12 @@ def main() -> int:
         large = LARGE[task_name]
         batches = tuple(sorted({1, 32, large}))
         work = root / task_name
-        cfg = compose_config(
-            [
-                f"task={task_name}",
-                f"search.n_trials={args.trials or TRIALS[task_name]}",
-                f"search.storage={work}/optuna.journal",
-                f"tracking.uri=sqlite:///{work}/mlflow.db",
-                f"output_dir={work}/trials",
-                f"cache_dir={root / 'cache'}",
-                f"threads={args.threads}",
-                "measure.runtime=onnxruntime",
-                f"measure.latency_batch_sizes=[1,{large}]",
-                "measure.latency_repeats=10",
-                "search.objectives=[val_acc,speedup]",
-                "search.directions=[maximize,maximize]",
-                *SPACES[task_name],
-            ]
+        cfg = sweep_config(
+            task_name,
+            root=root,
+            trials=args.trials or TRIALS[task_name],
+            threads=args.threads,
+            extra=tuple(args.override),
         )
         work.mkdir(parents=True, exist_ok=True)
         result = run_sweep(cfg)
@@ -162,13 +242,18 @@ def main() -> int:
                 + " ".join(f"{speed[b][0]:>7.2f}" for b in batches)
                 + f" {graph.export.size_bytes:>9,} {row.size_bytes:>9,.0f}  {recipe_text(row)}"
             )
-        row, graph, speed = max(rows, key=lambda r: r[2][1][0])
-        print(
-            f"  best at batch 1 {within}: trial {int(row.trial)}, {speed[1][0]:.2f}x at batch 1 "
-            f"({speed[1][1] * 1000:.0f} -> {speed[1][2] * 1000:.0f} us), "
-            f"{speed[large][0]:.2f}x at batch {large}; ops {dict(graph.export.ops)}",
-            flush=True,
-        )
+        for batch in (1, large):
+            row, graph, speed = max(rows, key=lambda r, b=batch: r[2][b][0])
+            print(
+                f"  best at batch {batch} {within}: trial {int(row.trial)}, "
+                f"{speed[batch][0]:.2f}x ({speed[batch][1] * 1000:.0f} -> "
+                f"{speed[batch][2] * 1000:.0f} us), "
+                + ", ".join(f"{speed[b][0]:.2f}x at batch {b}" for b in batches)
+                + f", test {row.test_acc:.4f} ({-row.test_drop:+.1f} pt), "
+                f"ONNX {graph.export.size_bytes:,} B, .sqz {row.size_bytes:,.0f} B; "
+                f"{recipe_text(row)}; ops {dict(graph.export.ops)}",
+                flush=True,
+            )
     return 0
 
 

@@ -59,7 +59,7 @@ from torch import nn
 
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._device import model_device, to_device
-from compressors._params import Options, Real
+from compressors._params import Integer, Options, Real
 from compressors._structured_groups import (
     CoupledGroup,
     channel_scores,
@@ -115,6 +115,10 @@ class StructuredPruning(Compressor):
             group keeps at least one unit).
         importance: How channels are scored, one of `compressors.importance.CRITERIA`; a unit
             (a head, ...) scores the mean of its channels.
+        round_to: Each group keeps a multiple of this many units (or all of them), the most
+            important of those ``amount`` would remove staying: integer kernels run channels in
+            blocks (ONNX Runtime's ``QLinearConv`` with AVX-512 VNNI ran two 15-channel 3x3
+            convolutions 1.9x slower than two 16-channel ones at batch 32).
     """
 
     name = "structured"
@@ -129,6 +133,7 @@ class StructuredPruning(Compressor):
         "amount": Real(0.0, 1.0, closed="left", default=0.5),
         "scope": Options(("layer", "global"), default="layer"),
         "importance": Options(CRITERIA, default="l1"),
+        "round_to": Integer(1, 4096, default=1),
     }
 
     @property
@@ -293,6 +298,11 @@ class StructuredPruning(Compressor):
                 if len(chosen[i]) + 1 < len(groups[i].units):
                     chosen[i].append(u)
                     removed += len(groups[i].units[u])
+        if self.round_to > 1:  # (each list holds the least important first)
+            chosen = [
+                c[: _removable(len(g.units), len(c), self.round_to)]
+                for g, c in zip(groups, chosen, strict=True)
+            ]
         removals = []
         for g, units in zip(groups, chosen, strict=True):
             for m, member in enumerate(g.members):
@@ -300,6 +310,13 @@ class StructuredPruning(Compressor):
                 if idxs:
                     removals.append((member, idxs))
         return removals
+
+
+def _removable(units: int, chosen: int, round_to: int) -> int:
+    """How many of ``chosen`` units a group of ``units`` loses so that it keeps a multiple of
+    ``round_to`` of them (or all)."""
+    kept = min(units, -(-(units - chosen) // round_to) * round_to)
+    return units - kept
 
 
 def _name(model: nn.Module) -> str:

@@ -167,6 +167,31 @@ def test_depthwise_convs_keep_their_groups_and_batch_norms_follow_their_convs():
     assert pruned.head.in_features == 16 and pruned.head.out_features == 10
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_round_to_keeps_a_multiple_of_its_units_and_the_most_important_of_them(scope):
+    model, x = _family("mobilenet")
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 32]
+    plain = _prune(copy.deepcopy(model), x, amount=0.6, scope=scope)
+    rounded = _prune(copy.deepcopy(model), x, amount=0.6, scope=scope, round_to=8)
+    kept = [c.out_channels for c in rounded.features if isinstance(c, nn.Conv2d)]
+    assert all(n % 8 == 0 for n in kept), kept
+    fewer = [c.out_channels for c in plain.features if isinstance(c, nn.Conv2d)]
+    assert all(a >= b for a, b in zip(kept, fewer, strict=True)) and kept != fewer
+    first = next(i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d))
+    assert set(_kept_rows(model.features, plain.features, str(first))) <= set(
+        _kept_rows(model.features, rounded.features, str(first))
+    )
+    assert rounded(x).shape == model(x).shape
+    whole = _prune(copy.deepcopy(model), x, amount=0.5, round_to=16)
+    assert [c.out_channels for c in whole.features if isinstance(c, nn.Conv2d)] == [16] * 5
+
+
+def test_round_to_is_a_positive_int():
+    with pytest.raises(ValueError, match="structured.round_to"):
+        get_compressor("structured")(round_to=0)
+
+
 def _kept_rows(before: nn.Module, after: nn.Module, name: str) -> list[int]:
     """Which output channels of layer ``name`` of ``before`` survive in ``after`` (matched by
     their weight rows)."""

@@ -1,0 +1,52 @@
+"""`bench/deploy.py`: every task's latency sweep, the zoo's families among them, composes and
+passes the checks a sweep runs before any work (its space on the task's own model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from search import plan_sweep
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "deploy.py"
+_SPEC = importlib.util.spec_from_file_location("bench_deploy", _PATH)
+deploy = sys.modules.setdefault("bench_deploy", importlib.util.module_from_spec(_SPEC))
+_SPEC.loader.exec_module(deploy)
+
+
+def test_the_zoo_has_every_family():
+    assert set(deploy.ZOO) == {
+        "zoo_resnet",
+        "zoo_mobilenet",
+        "zoo_transformer",
+        "zoo_lstm",
+        "zoo_gru",
+    }
+    assert set(deploy.SPACES) == set(deploy.LARGE) == set(deploy.TRIALS)
+
+
+@pytest.mark.parametrize("name", sorted(deploy.ZOO))
+def test_a_zoo_familys_latency_sweep_plans_on_its_model(name, tmp_path):
+    (tmp_path / name).mkdir()
+    cfg = deploy.sweep_config(name, root=tmp_path, trials=2)
+    plan = plan_sweep(cfg, connect=False)
+    assert plan.objectives == ("val_acc", "speedup_b32")
+    assert list(cfg.measure.latency_batch_sizes) == [1, 32]
+    assert cfg.measure.runtime == "onnxruntime"
+    task = plan.task_builder(**plan.task_kwargs)
+    assert task.name == name
+    plan.space.check_model(task.build_model(), task=name, example_inputs=task.example_inputs())
+    quant = plan.space.values("quant")
+    assert quant["quant.bits"] == 8
+
+
+def test_overrides_come_after_the_tasks_space(tmp_path):
+    (tmp_path / "zoo_mobilenet").mkdir()
+    extra = ("space.structured.amount=interval(0.1, 0.5)",)
+    cfg = deploy.sweep_config("zoo_mobilenet", root=tmp_path, trials=2, extra=extra)
+    amount = plan_sweep(cfg, connect=False).space.values("structured")["structured.amount"]
+    assert (amount.low, amount.high) == (0.1, 0.5)
+    assert cfg.space.structured.round_to == 16
