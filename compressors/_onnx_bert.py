@@ -284,7 +284,11 @@ def _mask_condition(nodes: list, made: set, makers: dict, inits: dict) -> str | 
     keep, drop = (numpy_helper.to_array(inits[i]) for i in where.input[1:])
     if keep.size != 1 or drop.size != 1 or float(keep) != 0.0 or float(drop) > -1e4:
         return None
-    return UNMASKED if _all_true(where.input[0], makers, inits) else where.input[0]
+    constant = _constant(where.input[0], makers, inits)
+    if constant is None:
+        return where.input[0]  # (computed from the inputs: the layer's own mask)
+    # (a constant mask that drops scores would reach QAttention with no batch axis: not written)
+    return UNMASKED if constant.dtype == np.bool_ and bool(constant.all()) else None
 
 
 def _guards_only(nodes: list, add: Any, makers: dict) -> bool:
@@ -301,18 +305,17 @@ def _guards_only(nodes: list, add: Any, makers: dict) -> bool:
     return True
 
 
-def _all_true(tensor: str, makers: dict, inits: dict) -> bool:
-    """Whether ``tensor`` is a boolean constant of true values only, maybe through ``Expand``
-    (which repeats values and adds none)."""
+def _constant(tensor: str, makers: dict, inits: dict) -> np.ndarray | None:
+    """The values of ``tensor`` where it is a constant, maybe through ``Expand`` (which repeats
+    values and adds none); None where it is computed from the graph's inputs otherwise."""
     from onnx import numpy_helper
 
     while tensor not in inits:
         node = makers.get(tensor)
         if not is_op(node, "Expand"):
-            return False
+            return None
         tensor = node.input[0]
-    values = numpy_helper.to_array(inits[tensor])
-    return values.dtype == np.bool_ and bool(values.all())
+    return numpy_helper.to_array(inits[tensor])
 
 
 def _scaled_right(nodes: list, made: set, inits: dict, size: int) -> bool:

@@ -128,3 +128,77 @@ def test_vit_eager_attention_is_rewritten_too(tmp_path):
     assert ops["QAttention"] == LAYERS and ops["Softmax"] == 0, dict(ops)
     assert deployed.check.agree, deployed.check.message
     assert deployed.metrics["val_acc_onnx"] == evaluate(shipped, task.val)
+
+
+def _scores(mask: str | None, *, extra: str | None = None):
+    """A region of scores as the exporter writes it (products, scale, the mask's ``Add`` of
+    ``Where(condition, 0, -big)``, softmax, NaN guard, product with the values): ``mask`` names
+    the condition's form, None for no ``Add``; ``extra``: another term on the scores."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from compressors._onnx_graph import graph_index
+
+    constants = {
+        "scale": np.array(0.25, np.float32),
+        "zero": np.array(0.0, np.float32),
+        "big": np.array(-3.4e38, np.float32),
+        "shape": np.array([3, 1, 5, 5], np.int64),
+        "all_true": np.ones((1, 1, 5, 1), np.bool_),
+        "some_false": np.array([[[[True], [False], [True], [True], [True]]]]),
+        "bias": np.ones((5, 5), np.float32),
+    }
+    region = [
+        helper.make_node("MatMul", ["q", "k"], ["products"]),
+        helper.make_node("Mul", ["products", "scale"], ["scaled"]),
+    ]
+    outside = []
+    scores = "scaled"
+    if extra == "bias":
+        region.append(helper.make_node("Add", [scores, "bias"], ["biased"]))
+        scores = "biased"
+    if extra == "filled":  # (masked_fill's form: Where(mask, scores, -big))
+        region.append(helper.make_node("Where", ["mask", scores, "big"], ["filled"]))
+        scores = "filled"
+    if mask is not None:
+        condition = "mask" if mask == "input" else "expanded"
+        if mask != "input":
+            outside.append(helper.make_node("Expand", [mask, "shape"], ["expanded"]))
+        outside.append(helper.make_node("Where", [condition, "zero", "big"], ["additive"]))
+        region.append(helper.make_node("Add", [scores, "additive"], ["masked"]))
+        scores = "masked"
+    region += [
+        helper.make_node("Softmax", [scores], ["p"], axis=-1),
+        helper.make_node("IsNaN", ["p"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "p"], ["guarded"]),
+        helper.make_node("MatMul", ["guarded", "v"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        outside + region,
+        "scores",
+        [],
+        [],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    inits, makers, _ = graph_index(graph)
+    nodes = [n for n in graph.node if n.output[0] in {o for r in region for o in r.output}]
+    made = {o for n in nodes for o in n.output}
+    return nodes, made, makers, inits
+
+
+@pytest.mark.parametrize(
+    ("mask", "extra", "expected"),
+    [
+        (None, None, ""),  # the scaled products straight into the softmax: no mask
+        ("all_true", None, ""),  # transformers' all-true mask (ViT): no mask
+        ("input", None, "mask"),  # a mask from the inputs (BERT's padding): the layer's own
+        ("some_false", None, None),  # a constant mask dropping scores: kept as exported
+        (None, "bias", None),  # another term on the scores: kept as exported
+        ("all_true", "bias", None),
+        (None, "filled", None),  # a mask of another form: kept as exported
+    ],
+)
+def test_the_mask_is_read_from_the_scores_form(mask, extra, expected):
+    from compressors._onnx_bert import _mask_condition
+
+    assert _mask_condition(*_scores(mask, extra=extra)) == expected
