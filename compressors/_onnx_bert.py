@@ -1,5 +1,5 @@
-"""Hugging Face BERT-style self-attention and quantized embedding tables in a W8A8 graph, rewritten
-for ONNX Runtime's CPU kernels.
+"""Hugging Face BERT-style self-attention (masked, or unmasked as ViT's) and quantized embedding
+tables in a W8A8 graph, rewritten for ONNX Runtime's CPU kernels.
 
 A BERT layer's attention (``BertSelfAttention``: ``query``, ``key`` and ``value`` Linear layers
 on the one input grid, ``num_attention_heads`` heads) exports, with a padding mask and a dynamic
@@ -18,9 +18,12 @@ attention inside one kernel, writing ``(batch, tokens, width)`` as the output pr
 it. Its mask is the layer's own boolean mask (``Where(mask, 0, -inf)`` before the ``Add``), as
 ``(batch, tokens, tokens)`` int32, made once for all layers; ONNX Runtime fills masked scores
 with -10000 where the exported graph has -inf: the same probabilities (``exp(-10000)`` is 0 in
-float32) wherever a row keeps a real token (every row of a sentence with one). A layer whose
-graph differs (another mask, a scale other than ``head width ** -0.5``, projections not on one
-grid) keeps the exported form.
+float32) wherever a row keeps a real token (every row of a sentence with one). An unmasked
+attention (ViT's: ``ViTAttention``'s ``q_proj``, ``k_proj``, ``v_proj``; its scores either go
+straight into the softmax or get transformers' all-true mask, an ``Expand`` of a constant) gets
+``QAttention`` without a mask. A layer whose graph differs (another mask or any other term on
+the scores, a scale other than ``head width ** -0.5``, projections not on one grid) keeps the
+exported form.
 
 `gather_codes` makes an embedding table whose codes a ``DequantizeLinear`` (per row) feeds
 ``Gather`` read its rows from the codes: ``Gather`` of the codes and of the rows' scales, a
@@ -64,25 +67,41 @@ _ATTENTION_OPS = frozenset(
 )
 #: ONNX Runtime's contrib domain.
 MS_DOMAIN = "com.microsoft"
+#: `_mask_condition`'s answer for scores without a mask (``QAttention`` gets no mask_index).
+UNMASKED = ""
+
+
+#: Names of a self-attention module's query, key and value Linear children and of its head
+#: width: BERT's (``BertSelfAttention``) and those of transformers' newer attention modules
+#: (``ViTAttention`` and others, whose output projection ``o_proj`` sits beside them).
+_NAMINGS = (
+    (("query", "key", "value"), "attention_head_size"),
+    (("q_proj", "k_proj", "v_proj"), "head_dim"),
+)
 
 
 def bert_attention(model: nn.Module) -> dict[str, tuple[tuple[str, str, str], int]]:
     """``{attention module: ((query, key, value) layer names, heads)}`` of ``model``'s
-    BERT-style self-attention modules (``query``, ``key`` and ``value`` Linear children of one
-    width, ``num_attention_heads`` heads of ``attention_head_size``)."""
+    Hugging Face self-attention modules: ``query``, ``key`` and ``value`` (or ``q_proj``,
+    ``k_proj``, ``v_proj``) Linear children of one width, ``num_attention_heads`` heads of
+    ``attention_head_size`` (or ``head_dim``), not causal."""
     found = {}
     for name, module in model.named_modules():
         heads = getattr(module, "num_attention_heads", None)
-        size = getattr(module, "attention_head_size", None)
-        layers = [getattr(module, n, None) for n in ("query", "key", "value")]
-        if not isinstance(heads, int) or not isinstance(size, int):
+        if not isinstance(heads, int) or getattr(module, "is_causal", False) is True:
             continue
-        if not all(isinstance(layer, nn.Linear) for layer in layers):
-            continue
-        if any(layer.out_features != heads * size for layer in layers):
-            continue
-        prefix = f"{name}." if name else ""
-        found[name] = ((f"{prefix}query", f"{prefix}key", f"{prefix}value"), heads)
+        for children, width in _NAMINGS:
+            size = getattr(module, width, None)
+            layers = [getattr(module, n, None) for n in children]
+            if not isinstance(size, int):
+                continue
+            if not all(isinstance(layer, nn.Linear) for layer in layers):
+                continue
+            if any(layer.out_features != heads * size for layer in layers):
+                continue
+            prefix = f"{name}." if name else ""
+            found[name] = (tuple(f"{prefix}{n}" for n in children), heads)
+            break
     return found
 
 
@@ -163,7 +182,7 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
     }
     for key, value in constants.items():
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), key))
-    mask = masks.get(condition)
+    mask = UNMASKED if condition == UNMASKED else masks.get(condition)
     added = []
     if mask is None:
         mask = f"{base}_mask_index"
@@ -242,12 +261,19 @@ def _region(starts: list[str], readers: dict) -> tuple[list, str] | None:
 
 def _mask_condition(nodes: list, made: set, makers: dict, inits: dict) -> str | None:
     """The boolean mask the attention's scores get ``-inf`` from: ``Add(scores,
-    Where(mask, 0, -big))`` before the ``Softmax``; None where the mask is another form."""
+    Where(mask, 0, -big))`` before the ``Softmax``; ``""`` where the scores have no mask (no
+    ``Add``, or a mask that keeps every score: an all-true constant, through ``Expand``, as
+    transformers builds for ViT); None where the mask is another form."""
     from onnx import numpy_helper
 
     softmax = next(n for n in nodes if n.op_type == "Softmax")
     add = makers.get(softmax.input[0])
-    if not is_op(add, "Add") or id(add) not in {id(n) for n in nodes}:
+    inside = {id(n) for n in nodes}
+    if not _guards_only(nodes, add, makers):
+        return None
+    if add is not None and add.op_type in ("MatMul", "Mul", "Div") and id(add) in inside:
+        return UNMASKED  # (the scaled products straight into the softmax)
+    if not is_op(add, "Add") or id(add) not in inside:
         return None
     other = [i for i in add.input if i not in made]
     if len(other) != 1:
@@ -258,7 +284,38 @@ def _mask_condition(nodes: list, made: set, makers: dict, inits: dict) -> str | 
     keep, drop = (numpy_helper.to_array(inits[i]) for i in where.input[1:])
     if keep.size != 1 or drop.size != 1 or float(keep) != 0.0 or float(drop) > -1e4:
         return None
-    return where.input[0]
+    constant = _constant(where.input[0], makers, inits)
+    if constant is None:
+        return where.input[0]  # (computed from the inputs: the layer's own mask)
+    # (a constant mask that drops scores would reach QAttention with no batch axis: not written)
+    return UNMASKED if constant.dtype == np.bool_ and bool(constant.all()) else None
+
+
+def _guards_only(nodes: list, add: Any, makers: dict) -> bool:
+    """Whether the region's only ``Add`` is ``add`` (the mask's, before the softmax) and its
+    only ``Where`` nodes the exporter's NaN guards (``Where(IsNaN(p), 0, p)``): no other term
+    on the scores."""
+    for node in nodes:
+        if node.op_type == "Add" and node is not add:
+            return False
+        if node.op_type == "Where":
+            guard = makers.get(node.input[0])
+            if not is_op(guard, "IsNaN") or guard.input[0] != node.input[2]:
+                return False
+    return True
+
+
+def _constant(tensor: str, makers: dict, inits: dict) -> np.ndarray | None:
+    """The values of ``tensor`` where it is a constant, maybe through ``Expand`` (which repeats
+    values and adds none); None where it is computed from the graph's inputs otherwise."""
+    from onnx import numpy_helper
+
+    while tensor not in inits:
+        node = makers.get(tensor)
+        if not is_op(node, "Expand"):
+            return None
+        tensor = node.input[0]
+    return numpy_helper.to_array(inits[tensor])
 
 
 def _scaled_right(nodes: list, made: set, inits: dict, size: int) -> bool:

@@ -95,17 +95,25 @@ def gpt2(*, hidden: int = 32, heads: int = 4, layers: int = 1) -> nn.Module:
     return GPT2ForSequenceClassification(config)
 
 
-def vit(*, size: int = 16, channels: int = 1, hidden: int = 32, heads: int = 4) -> nn.Module:
-    """``ViTForImageClassification`` from a small config: patches of 4 x 4 pixels embedded by a
-    convolution, one layer."""
+def vit(
+    *,
+    size: int = 16,
+    channels: int = 1,
+    hidden: int = 32,
+    heads: int = 4,
+    patch: int = 4,
+    layers: int = 1,
+) -> nn.Module:
+    """``ViTForImageClassification`` from a small config: patches of ``patch`` x ``patch``
+    pixels embedded by a convolution, ``layers`` layers (default one)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
         image_size=size,
-        patch_size=4,
+        patch_size=patch,
         num_channels=channels,
         hidden_size=hidden,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=2 * hidden,
         num_labels=10,
