@@ -412,7 +412,8 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
         console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)
         if task.outputs == "logits":
-            console.print("\nsamples per class:", highlight=False)
+            labels = "\nlabels per class (one per sample, or per labelled position):"
+            console.print(labels, highlight=False)
             console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
         console.print("\nmodel:", highlight=False)
         model = task.build_model()

@@ -11,7 +11,8 @@ run under ``report/``:
 - ``trials.csv`` (and ``trials.parquet`` when pyarrow is installed): one row per trial;
 - ``metrics.csv`` and ``confusion.json``: top-1 / top-5 accuracy, macro F1 and recall, per-class
   accuracy and the confusion matrix on validation and test, for the baseline and every Pareto
-  point; ``class_balance.csv``: samples per class in each split;
+  point; ``class_balance.csv``: labels per class in each split (per labelled position for
+  per-position logits);
 - figures, each as PNG (matplotlib) and interactive HTML (plotly), every axis saying what it shows
   and in which unit: the Pareto front (score vs packed size on a log scale, front highlighted,
   baseline marked, the recipe on hover), hypervolume history, parameter importance per objective
