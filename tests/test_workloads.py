@@ -514,3 +514,12 @@ def test_agreement_is_counted_from_decisions_batch_by_batch(trained):
     assert streamed["agreement"] == pytest.approx(whole) and 0.0 < whole < 1.0
     assert streamed["acc"] == pytest.approx(evaluate(other, task.val))
     assert metric.total == 0  # the metric passed in is not updated: a fresh copy is
+
+
+def test_inspect_counts_a_language_models_labels_per_position(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code = main(["inspect", "--config-dir", str(ZOO_CONF), "task=wl_tokens"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "labels per class (one per sample, or per labelled position):" in out
+    assert "transformer.h.0.attn.c_attn.weight" in out  # its tensors and what acts on them
