@@ -1,16 +1,18 @@
 """Activation quantization: calibrated uint8 ranges on the inputs (and conv outputs) of layers.
 
 ``quant.activations=8`` (`compressors.quant`) puts the activations that reach each plain
-``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (torch's transformer layers' feed-forward
-Linears and the packed query / key / value projection of their self-attention included; not
-the attention's ``out_proj``, which torch's functional attention reads directly; nor a
-convolution of fewer than 4 input channels per group, which ONNX Runtime runs faster in
-float: `int8_friendly`) on an affine uint8 grid (one scale and zero point per tensor, as ONNX
-Runtime's static QDQ quantization does), and the outputs of the convolutions too: ONNX Runtime
-fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only with both ends
-quantized; a MatMul / Gemm with quantized inputs alone runs as ``MatMulIntegerToFloat`` /
-``QGemm``. With the weights on 8-bit grids (or fewer bits, held in int8) that is W8A8
-(`compressors._onnx_qdq` writes the graph).
+``nn.Linear``, Linear stored transposed (Hugging Face's ``Conv1D`` of GPT-2:
+`compressors._targets.is_transposed_linear`, exported as a ``Gemm`` reading its ``(inputs,
+outputs)`` weight, its scales per output column), ``nn.Conv1d`` and ``nn.Conv2d`` (torch's
+transformer layers' feed-forward Linears and the packed query / key / value projection of their
+self-attention included; not the attention's ``out_proj``, which torch's functional attention reads
+directly; nor a convolution of fewer than 4 input channels per group, which ONNX Runtime runs faster
+in float: `int8_friendly`) on an affine uint8 grid (one scale and zero point per tensor, as ONNX
+Runtime's static QDQ quantization does), and the outputs of the convolutions too: ONNX Runtime fuses
+``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only with both ends quantized; a
+MatMul / Gemm with quantized inputs alone runs as ``MatMulIntegerToFloat`` / ``QGemm``. With the
+weights on 8-bit grids (or fewer bits, held in int8) that is W8A8 (`compressors._onnx_qdq` writes
+the graph).
 
 Each range is calibrated once on the task's calibration batches (the first
 `CALIBRATION_SAMPLES` training samples in their fixed order: the same ranges for every seed)
@@ -51,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressors._targets import READS_CHILD_WEIGHTS
+from compressors._targets import READS_CHILD_WEIGHTS, is_transposed_linear
 
 #: Layers whose inputs get quantized (each exports to a Conv, MatMul or Gemm; and the
 #: ``self_attn`` of a transformer layer: `_self_attention`).
@@ -147,12 +149,12 @@ class ActQuant(nn.Module):
 
 def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module]:
     """The layers of ``model`` whose activations are quantized, by name: plain Linear, Conv1d
-    and Conv2d layers (a subclass's forward may differ) whose parent does not read their weight
-    directly (torch's attention; the transformer layers' feed-forward Linears are in:
-    `_called_as_module`), and the self-attention of torch's transformer layers
-    (`_self_attention`), except convolutions that ONNX Runtime's integer kernels run slower
-    than its float ones (`int8_friendly`; ``every``: with those, the layers a packed file may
-    hold grids for)."""
+    and Conv2d layers (a subclass's forward may differ) and Linears stored transposed (GPT-2's
+    ``Conv1D``) whose parent does not read their weight directly (torch's attention; the
+    transformer layers' feed-forward Linears are in: `_called_as_module`), and the
+    self-attention of torch's transformer layers (`_self_attention`), except convolutions that
+    ONNX Runtime's integer kernels run slower than its float ones (`int8_friendly`; ``every``:
+    with those, the layers a packed file may hold grids for)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
@@ -161,7 +163,7 @@ def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module
             found[name] = module
             continue
         kind = _plain_type(module)
-        if kind not in LAYERS:
+        if kind not in LAYERS and not is_transposed_linear(module):
             continue
         if isinstance(parent, READS_CHILD_WEIGHTS) and not _called_as_module(parent, module):
             continue
@@ -561,10 +563,10 @@ def restore(path: Any, model: nn.Module, record: Any) -> None:
             ok = False
         if name not in layers or not ok or not all(map(_valid_grid, grids)):
             raise PackedFileError(
-                f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear, "
-                "Conv1d, Conv2d or transformer layer's self-attention of the model with [scale "
-                "> 0, zero point in 0..255] (and its output's after a BatchNorm of the model, "
-                "its input from a module of it)"
+                f"{path}: its activation grid of {name!r} ({sides!r}) is not that of a Linear "
+                "(or transposed Linear), Conv1d, Conv2d or transformer layer's self-attention of "
+                "the model with [scale > 0, zero point in 0..255] (and its output's after a "
+                "BatchNorm of the model, its input from a module of it)"
             )
     attach(model, record)
 

@@ -87,6 +87,13 @@ class Target:
         return len(self.sites) > 1
 
     @property
+    def channel_axis(self) -> int:
+        """The axis of the tensor's output channels, along which a grid has one scale each:
+        1 for a Linear stored transposed (`is_transposed_linear`, weight ``(inputs,
+        outputs)``), whose exported ``Gemm`` / ``MatMul`` reads it as ``B``, else 0."""
+        return 1 if self.kind == "linear" and is_transposed_linear(self.module) else 0
+
+    @property
     def weight(self) -> torch.Tensor:
         """The tensor's current value (after any parametrization)."""
         return getattr(self.module, self.attr)

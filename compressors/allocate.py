@@ -486,7 +486,8 @@ def apply_settings(
             if setting.sparsity > 0:
                 target.register(Mask(smallest_mask(target.weight.detach().abs(), setting.sparsity)))
             if setting.bits is not None:
-                target.register(make_grid(target.weight, setting.bits))
+                grid = make_grid(target.weight, setting.bits, axis=target.channel_axis)
+                target.register(grid)
 
 
 def _overhead(model: nn.Module, found: dict[str, Target], *, half: bool) -> int:

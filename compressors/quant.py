@@ -101,7 +101,11 @@ class FakeQuant(nn.Module):
         """The integer codes of ``value`` (a value of this grid) and its per-row scales, for the
         packed file; the scales are float16 values (see `make_grid`), stored in 2 bytes."""
         value = value.detach()
-        if value.dim() == 0 or self.scale.numel() not in (1, value.shape[0]):
+        scale = self.scale
+        per_row = scale.numel() == 1 or (
+            value.dim() > 0 and scale.dim() > 0 and scale.numel() == scale.shape[0] == len(value)
+        )  # (not a transposed Linear's scales per column, `make_grid`'s axis 1)
+        if value.dim() == 0 or not per_row:
             return Codes(
                 torch.div(value, self.scale).round_().to(torch.int8),
                 "scaled",
@@ -124,12 +128,25 @@ class FakeQuant(nn.Module):
         return f"scheme={self.scheme}, qmax={self.qmax}, runtime={self.runtime}"
 
 
-def make_grid(weight: torch.Tensor, bits: int | str, *, runtime: str = "float") -> FakeQuant:
-    """The grid of ``weight`` for ``bits`` (1..8, or ``"ternary"``).
+def make_grid(
+    weight: torch.Tensor, bits: int | str, *, runtime: str = "float", axis: int = 0
+) -> FakeQuant:
+    """The grid of ``weight`` for ``bits`` (1..8, or ``"ternary"``), one scale per slice along
+    ``axis`` (a target's `channel_axis`: 1 for the ``(inputs, outputs)`` weight of a Linear
+    stored transposed, GPT-2's ``Conv1D``, so that its scales are per output channel as ONNX
+    Runtime's integer kernels read them).
 
     Scales are rounded to float16 values, so the packed file stores them in 2 bytes without loss;
     a channel of zeros gets scale 1 so that its codes stay 0.
     """
+    if axis not in (0, 1) or (axis == 1 and weight.dim() != 2):
+        raise ValueError(f"axis must be 0, or 1 for a 2-D weight, but got axis={axis}")
+    if axis == 1:
+        grid = make_grid(weight.detach().t(), bits, runtime=runtime)
+        grid.scale = grid.scale.reshape(1, -1)
+        if grid.threshold.numel():
+            grid.threshold = grid.threshold.reshape(1, -1)
+        return grid
     w = weight.detach().flatten(1)
     shape = (-1, *([1] * (weight.dim() - 1)))
     if bits == 1:
@@ -232,17 +249,18 @@ class Quantization(Compressor):
         embeddings: ``same`` quantizes embedding tables like the other weights (``bits``);
             ``float`` leaves them as they are; 2..8 puts them on a grid of that many bits. Their
             lookups stay float.
-        activations: ``8`` also quantizes the activations entering each plain Linear, Conv1d
-            and Conv2d layer (and leaving each convolution) onto calibrated uint8 grids
-            (`compressors._act_quant`): W8A8, the weights of those layers on 7-bit grids at
-            most (`INTEGER_KERNEL_BITS`: ONNX Runtime's x86 integer kernels without VNNI
-            overflow on 8-bit ones; layers left float keep ``bits``). With ``mode='qat'`` they are
-            calibrated before fine-tuning, which then sees them fake-quantized (straight-through
-            gradients); with ``ptq`` after it. The packed file records the grids; the ONNX
-            graph carries them as QuantizeLinear / DequantizeLinear pairs that ONNX Runtime
-            runs on integer kernels (``QLinearConv``, ``MatMulIntegerToFloat``, ``QGemm``). In
-            torch the shipped model computes the same values with float kernels (fake
-            quantization: no integer speed there). ``float`` leaves activations float.
+        activations: ``8`` also quantizes the activations entering each plain Linear (or Linear
+            stored transposed, GPT-2's Conv1D), Conv1d and Conv2d layer (and leaving each
+            convolution) onto calibrated uint8 grids (`compressors._act_quant`): W8A8, the weights
+            of those layers on 7-bit grids at most (`INTEGER_KERNEL_BITS`: ONNX Runtime's x86
+            integer kernels without VNNI overflow on 8-bit ones; layers left float keep ``bits``).
+            With ``mode='qat'`` they are calibrated before fine-tuning, which then sees them
+            fake-quantized (straight-through gradients); with ``ptq`` after it. The packed file
+            records the grids; the ONNX graph carries them as QuantizeLinear / DequantizeLinear
+            pairs that ONNX Runtime runs on integer kernels (``QLinearConv``,
+            ``MatMulIntegerToFloat``, ``QGemm``). In torch the shipped model computes the same
+            values with float kernels (fake quantization: no integer speed there). ``float`` leaves
+            activations float.
         calibration: The observer that sets each activation range on the task's calibration
             batches: ``minmax``, ``percentile`` (99.99 %) or ``mse`` (least squared error).
             Only with ``activations=8``.
@@ -292,9 +310,9 @@ class Quantization(Compressor):
             raise UnsupportedModelError(
                 "The 'quant.activations' parameter of compressor 'quant' is 8, but this model "
                 "has no layer whose activations it quantizes: plain Linear, Conv1d and Conv2d "
-                "layers (not torch attention's out_proj; convolutions of "
-                "at least 4 input channels per group, or depthwise); the model's "
-                f"layers are {kinds or 'none'}. Use quant.activations=float."
+                "layers, Linears stored transposed (GPT-2's Conv1D) (not torch attention's "
+                "out_proj; convolutions of at least 4 input channels per group, or depthwise); "
+                f"the model's layers are {kinds or 'none'}. Use quant.activations=float."
             )
         if self.runtime == "int8" and not any(t.int8 for t in targets(model).values()):
             raise UnsupportedModelError(
@@ -353,7 +371,8 @@ class Quantization(Compressor):
             elif isinstance(bits, int) and any(id(s.module) in integer for s in target.sites):
                 bits = min(bits, INTEGER_KERNEL_BITS)
             runtime = self.runtime if target.int8 else "float"
-            target.register(make_grid(target.weight, bits, runtime=runtime))
+            grid = make_grid(target.weight, bits, runtime=runtime, axis=target.channel_axis)
+            target.register(grid)
             owners.update({id(site.module): site.module for site in target.sites})
         if self.bias == "fp16":
             half_biases(owners.values())

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from compressors._targets import weight_layers  # noqa: E402
+from compressors._targets import is_transposed_linear, weight_layers  # noqa: E402
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate  # noqa: E402
@@ -73,7 +73,9 @@ def run_sensitivity(
             value = _evaluate_with(model, layer, Mask(keep), task.val)
             rows.append(_row(layer_name, "prune", amount, value, score.drop(value, reference)))
         for b in bits:
-            value = _evaluate_with(model, layer, make_grid(layer.weight, b), task.val)
+            axis = 1 if is_transposed_linear(layer) else 0  # (as `quant` makes its grid)
+            grid = make_grid(layer.weight, b, axis=axis)
+            value = _evaluate_with(model, layer, grid, task.val)
             rows.append(_row(layer_name, "quant", b, value, score.drop(value, reference)))
     table = pd.DataFrame(rows)
 
