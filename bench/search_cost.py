@@ -31,6 +31,7 @@ hypervolume at the first milestone reaches ``full@N``'s at its end, seed by seed
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import re
@@ -93,8 +94,11 @@ class Leg:
 
     @property
     def folder(self) -> str:
-        """The leg's name as a folder name."""
-        return re.sub(r"[^A-Za-z0-9@+._-]", "_", self.name)
+        """The leg's name as a folder name (a long one cut, with a hash of the whole name)."""
+        name = re.sub(r"[^A-Za-z0-9@+._-]", "_", self.name)
+        if len(name) <= 120:
+            return name
+        return f"{name[:100]}-{hashlib.sha1(self.name.encode()).hexdigest()[:12]}"
 
 
 def parse_leg(text: str) -> Leg:

@@ -53,6 +53,15 @@ def test_a_legs_own_overrides_follow_the_colon_and_compose():
     assert cfg.search.screen_epochs == 2
 
 
+def test_a_long_legs_folder_is_cut_and_told_apart_by_a_hash():
+    """A leg with a list of warm starts names a folder longer than a file name may be."""
+    recipes = ",".join(f"{{pipeline:structured+quant,structured.amount:0.{i}}}" for i in range(9))
+    first, second = (cost.parse_leg(f"full@30:space.warm_start=[{recipes}],seed={s}") for s in "12")
+    assert len(first.folder) <= 120 and len(second.folder) <= 120
+    assert first.folder != second.folder and first.folder[:100] == second.folder[:100]
+    assert cost.parse_leg("full@30").folder == "full@30"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
