@@ -14,11 +14,11 @@ from search.cli import main
 BAD_INPUT = [
     (
         ["space.prune.amount=1.5"],
-        "'prune.amount' parameter of space 'default' must be a float in [0.0, 1.0)",
+        "'prune.amount' parameter of space 'digits_mlp' must be a float in [0.0, 1.0)",
     ),
     (
         ["space.quant.bits=0"],
-        "'quant.bits' parameter of space 'default' must be an int in [1, 8] or 'ternary'. Got 0",
+        "'quant.bits' parameter of space 'digits_mlp' must be an int in [1, 8] or 'ternary'. Got 0",
     ),
     (["space.quant.bits=33"], "Got 33 instead"),
     (
@@ -28,7 +28,7 @@ BAD_INPUT = [
     ),
     (
         ["space.pipeline=[prune,quantize]"],
-        "Unknown compressor 'quantize' in space.pipeline of space 'default'. "
+        "Unknown compressor 'quantize' in space.pipeline of space 'digits_mlp'. "
         f"Available: {', '.join(available())}, or a kind standing for each compressor of it: "
         f"{', '.join(sorted({get_compressor(n).kind for n in available()} - {''}))}",
     ),
@@ -38,9 +38,9 @@ BAD_INPUT = [
     ),
     (
         ["space.kd.temperature=-1"],
-        "'kd.temperature' parameter of space 'default' must be a float in (0.0, inf)",
+        "'kd.temperature' parameter of space 'digits_mlp' must be a float in (0.0, inf)",
     ),
-    (["space.kd.alpha=interval(0, 2)"], "'kd.alpha' parameter of space 'default'"),
+    (["space.kd.alpha=interval(0, 2)"], "'kd.alpha' parameter of space 'digits_mlp'"),
     (
         ["search.sampler=cmaes"],
         "Unknown sampler 'cmaes' in search.sampler. Available: tpe, nsga2, random",
@@ -74,13 +74,16 @@ BAD_INPUT = [
     (["+task.train.epoch=3"], "Unknown key(s) ['epoch'] in task.train. Allowed: epochs"),
     (
         ["space.prune.amount=-0.1"],
-        "'prune.amount' parameter of space 'default' must be a float in [0.0, 1.0)",
+        "'prune.amount' parameter of space 'digits_mlp' must be a float in [0.0, 1.0)",
     ),
-    (["space.structured.amount=1.0"], "'structured.amount' parameter of space 'default'"),
-    (["space.kd.temperature=0"], "'kd.temperature' parameter of space 'default' must be a float"),
+    (["space.structured.amount=1.0"], "'structured.amount' parameter of space 'digits_mlp'"),
+    (
+        ["space.kd.temperature=0"],
+        "'kd.temperature' parameter of space 'digits_mlp' must be a float",
+    ),
     (
         ["space.kd.alpha=1.5"],
-        "'kd.alpha' parameter of space 'default' must be a float in [0.0, 1.0]",
+        "'kd.alpha' parameter of space 'digits_mlp' must be a float in [0.0, 1.0]",
     ),
     (
         ["space.finetune.lr=tag(log, interval(0, 0.1))"],

@@ -55,7 +55,11 @@ def test_a_task_names_its_own_default_space_and_the_command_line_overrides_it():
     assert alone == compose_config(["experiment=minilm"])
     assert compose_config(["task=minilm", "space=default"]).space.name == "default"
     assert compose_config(["space=default", "task=minilm", "threads=2"]).threads == 2
-    assert compose_config(["task=digits_mlp"]).space.name == "default"
+    digits = compose_config(["task=digits_mlp"]).space  # the default, its warm starts measured
+    assert digits.name == "digits_mlp" and len(digits.warm_start) == 7
+    assert digits.finetune.schedule == "choice(constant, cosine)"
+    assert compose_config(["task=digits_mlp", "space=default"]).space.name == "default"
+    assert compose_config(["task=mnist1d_cnn"]).space.name == "default"
 
 
 def test_the_minilm_task_alone_plans_a_sweep():

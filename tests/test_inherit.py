@@ -125,9 +125,9 @@ def test_bad_reuse_settings_are_refused_up_front(tmp_path, cache_dir, override, 
 
 @pytest.mark.slow
 def test_a_sweep_reuses_within_its_epochs_and_refuses_to_export_a_reuse(tmp_path, cache_dir):
-    """The default space's warm starts: structured amounts 0, 0.5, 0.68, 0.5, 0.6, ... The fourth
-    starts from the second's weights and runs 1 epoch (it starts while its whole 2 epochs still
-    fit the budget of 8); the trials then spent 7 (2 + 2 + 2 + 1) and no fifth trial fits."""
+    """The default space's warm starts: structured amounts 0, 0, 0.5, 0.5, 0.75. The second of
+    each pair starts from the first's weights and runs 1 epoch; the budget of 8 epochs is then
+    spent exactly (2 + 1 + 2 + 1 + 2) and no sixth trial fits."""
     overrides = sweep_overrides(
         tmp_path,
         cache_dir,
@@ -139,25 +139,25 @@ def test_a_sweep_reuses_within_its_epochs_and_refuses_to_export_a_reuse(tmp_path
     )
     result = run_sweep(compose_config(overrides))
     trials = result.trials.set_index("trial")
-    assert list(trials.index) == [0, 1, 2, 3] and (trials.state == "COMPLETE").all()
-    assert trials.reuse_from.dropna().astype(int).to_dict() == {3: 1}
-    assert list(trials.epochs) == [2, 2, 2, 1] and trials.epochs.sum() == 7
+    assert list(trials.index) == [0, 1, 2, 3, 4] and (trials.state == "COMPLETE").all()
+    assert trials.reuse_from.dropna().astype(int).to_dict() == {1: 0, 3: 2}
+    assert list(trials.epochs) == [2, 1, 2, 1, 2] and trials.epochs.sum() == 8
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for number, row in trials.iterrows():  # each ran the epochs it was charged
         steps = [m.step for m in client.get_metric_history(row.mlflow_run_id, "train_loss")]
         assert steps == list(range(row.epochs))
         tags = client.get_run(row.mlflow_run_id).data.tags
-        assert tags.get(REUSE_FROM_ATTR) == ("1" if number == 3 else None)
+        assert tags.get(REUSE_FROM_ATTR) == (None if number in (0, 2, 4) else str(number - 1))
     # Only the sources' weights are kept: the reuses wrote none.
     folder = tmp_path / "trials" / "digits_mlp"
     assert sorted(p.name for p in folder.glob("tuned-*.pt")) == [
         "tuned-0000.pt",
-        "tuned-0001.pt",
         "tuned-0002.pt",
+        "tuned-0004.pt",
     ]
     # A reused trial's rerun would start from the baseline: export says so and writes nothing.
-    with pytest.raises(ConfigError, match="started from trial 1's fine-tuned weights"):
-        export_trial(compose_config(overrides), "digits_mlp", pick="trial=3", conf_dir=tmp_path)
+    with pytest.raises(ConfigError, match="started from trial 0's fine-tuned weights"):
+        export_trial(compose_config(overrides), "digits_mlp", pick="trial=1", conf_dir=tmp_path)
     assert not (tmp_path / "experiment").exists()
 
 

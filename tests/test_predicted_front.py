@@ -74,13 +74,13 @@ def test_predicted_warm_starts_run_first_and_once(tmp_path, cache_dir):
         space="default",
     )
     run_sweep(compose_config([*overrides, "search.n_trials=3"]))
-    run_sweep(compose_config([*overrides, "search.n_trials=8"]))
+    run_sweep(compose_config([*overrides, "search.n_trials=6"]))
     storage = open_storage(f"{tmp_path}/optuna.journal")
     trials = optuna.load_study(study_name="digits_mlp", storage=storage).trials
     warm = [t for t in trials if t.user_attrs.get(WARM_START_ATTR)]
-    assert [t.number for t in warm] == list(range(7))  # as many as the default space's 7, once
+    assert [t.number for t in warm] == [0, 1, 2, 3, 4]  # the default space's 5, once each
     assert all(t.params["structured.amount"] == 0.0 for t in warm)
     ratios = [t.params["allocate.ratio"] for t in warm]
-    assert ratios == sorted(ratios) and len(set(ratios)) == 7  # spread along the front
+    assert ratios == sorted(ratios) and len(set(ratios)) == 5  # spread along the front
     sizes = [t.values[1] for t in warm]
     assert sizes == sorted(sizes, reverse=True)

@@ -72,7 +72,7 @@ def test_wide_space_samples_every_parameter_in_range():
 
 
 def test_the_default_space_searches_few_dimensions():
-    space = SearchSpace.from_config(compose_config([]).space)
+    space = SearchSpace.from_config(compose_config(["space=default"]).space)
     study = optuna.create_study(directions=["maximize", "minimize"])
     seen = set()
     for _ in range(30):

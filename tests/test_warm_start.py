@@ -88,13 +88,13 @@ def test_two_workers_run_each_warm_start_once(tmp_path, cache_dir):
         (
             "{quant: {bitz: 8}}",
             r"Unknown parameter 'quant.bitz' in the warm-start recipe 1 \{quant: \{bitz: 8\}\} "
-            r"of space 'default'. Allowed: pipeline, finetune.<setting>, or "
+            r"of space 'digits_mlp'. Allowed: pipeline, finetune.<setting>, or "
             r"<compressor>.<parameter> with a compressor of .*kd, lowrank, prune, quant",
         ),
         (
             "{pipeline: prune+quant, prune: {amount: 1.5}}",
             r"The 'prune.amount' parameter of warm-start recipe 1 \{pipeline: prune\+quant, "
-            r"prune: \{amount: 1.5\}\} of space 'default' must be a float in \[0.0, 1.0\).*"
+            r"prune: \{amount: 1.5\}\} of space 'digits_mlp' must be a float in \[0.0, 1.0\).*"
             r"Got 1.5 instead",
         ),
         ("{pipeline: quant+structured}", r"applies 'structured' after 'quant'"),
@@ -107,7 +107,7 @@ def test_two_workers_run_each_warm_start_once(tmp_path, cache_dir):
             r"sets 'structured.amount', but its pipeline 'prune\+quant' does not use "
             r"'structured'",
         ),
-        ("quant", r"The warm-start recipe 1 quant of space 'default' must be a mapping"),
+        ("quant", r"The warm-start recipe 1 quant of space 'digits_mlp' must be a mapping"),
     ],
 )
 def test_a_recipe_no_space_could_run_is_a_config_error_naming_it(recipe, message):
