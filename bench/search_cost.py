@@ -1,7 +1,8 @@
 """Front quality against fine-tuning epochs spent: today's full fine-tunes against screening.
 
 Per task and seed, sweeps of the task's own space (``digits_mlp`` and ``mnist1d_cnn``: the default
-space, 15-epoch fine-tunes; ``minilm_topics``: its space, 3 epochs) from one cached baseline.
+space with warm starts of their own, 15-epoch fine-tunes; ``minilm_topics``: its space, 3 epochs)
+from one cached baseline.
 Budgets are in **full fine-tunes** (``ft``: ``space.finetune.epochs`` of the task), so one leg
 means the same on every task. A leg is ``KIND@N[+mM][+aK][:override,override...]``:
 

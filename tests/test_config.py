@@ -59,7 +59,10 @@ def test_a_task_names_its_own_default_space_and_the_command_line_overrides_it():
     assert digits.name == "digits_mlp" and len(digits.warm_start) == 7
     assert digits.finetune.schedule == "choice(constant, cosine)"
     assert compose_config(["task=digits_mlp", "space=default"]).space.name == "default"
-    assert compose_config(["task=mnist1d_cnn"]).space.name == "default"
+    mnist1d = compose_config(["task=mnist1d_cnn"])  # the default, warm starts at 3.6-14x
+    assert mnist1d.space.name == "mnist1d_cnn" and len(mnist1d.space.warm_start) == 9
+    assert mnist1d.task.name == "mnist1d_cnn" and mnist1d.task.channels == 25
+    assert compose_config(["task=mnist1d_cnn", "space=default"]).space.name == "default"
 
 
 def test_the_minilm_task_alone_plans_a_sweep():
