@@ -158,7 +158,8 @@ def _wait_for_running_trial(journal: Path, pid: int, *, timeout: float = 180.0):
             except KeyError:
                 study = None
             for t in study.get_trials(states=[TrialState.RUNNING]) if study else []:
-                if _pid(t) == pid:
+                # (a trial is RUNNING in the journal a moment before its worker records itself)
+                if WORKER_ATTR in t.user_attrs and _pid(t) == pid:
                     return t.number
         time.sleep(0.2)
     raise AssertionError(f"no trial of worker {pid} started within {timeout} s")
