@@ -250,14 +250,9 @@ def agreement_reference(model: nn.Module, data: Any, outputs: str) -> torch.Tens
     batch, the logits never held whole), its embeddings for ``embeddings``."""
     if outputs != "logits":
         return predict_outputs(model, data)
-    model.eval()
     data = as_data(data)
-    return torch.cat(
-        [
-            data.forward(model, b.inputs).argmax(dim=-1).to(torch.int32).cpu()
-            for b in data.batches(data.eval_batch_size)
-        ]
-    )
+    passes = _pass(model, data, data.eval_batch_size)
+    return torch.cat([out.argmax(dim=-1).to(torch.int32) for out, _ in passes])
 
 
 def evaluate(model: nn.Module, split: Any, *, batch_size: int | None = None) -> float:
