@@ -72,13 +72,22 @@ class Costs:
     fisher: np.ndarray | None
 
 
+def oriented(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """``weight`` with its output channels (a grid's scales, ``axis``: a `Target`'s
+    `channel_axis`) first: a view, transposed for a Linear stored transposed (GPT-2's
+    ``Conv1D``), so that `costs` sizes and samples it per output channel as the grid
+    `apply_settings` registers does."""
+    return weight if axis == 0 else weight.transpose(0, axis)
+
+
 def variants(
-    weight: torch.Tensor, settings: list[Setting]
+    weight: torch.Tensor, settings: list[Setting], *, axis: int = 0
 ) -> Iterator[tuple[torch.Tensor, nn.Module | None]]:
     """``(value, grid)`` of ``weight`` at each setting, in order: its ``sparsity`` smallest
-    magnitudes zeroed, then on the grid of ``bits`` (what `apply_settings` makes of it before
-    fine-tuning; no grid for float32). The weights are ranked once, and one pruned tensor is
-    held at a time (settings of one sparsity in a row reuse it)."""
+    magnitudes zeroed, then on the grid of ``bits`` with one scale per index of ``axis`` (what
+    `apply_settings` makes of it before fine-tuning; no grid for float32). The weights are
+    ranked once, and one pruned tensor is held at a time (settings of one sparsity in a row
+    reuse it)."""
     w = weight.detach()
     order = torch.argsort(w.abs().flatten(), stable=True)  # as `smallest_mask` ranks them
     current, masked = None, None
@@ -90,7 +99,7 @@ def variants(
             del keep
         value, grid = masked, None
         if setting.bits is not None:
-            grid = make_grid(masked, setting.bits)
+            grid = make_grid(masked, setting.bits, axis=axis)
             value = grid.codes(masked) * grid.scale
         yield value, grid
 
@@ -100,7 +109,8 @@ def costs(
 ) -> Costs:
     """Every setting's bytes and distortion for ``weight`` (and Fisher estimate, given
     ``fisher``, a tensor of ``weight``'s shape, or of its `sampled_rows` only, where it has
-    some): one pass, one setting's values at a time."""
+    some): one pass, one setting's values at a time. Grids have one scale per row: pass a
+    tensor whose output channels are not its first axis `oriented`."""
     w = weight.detach()
     rows = sampled_rows(w)
     if rows is not None:

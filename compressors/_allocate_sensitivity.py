@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from compressors._allocate_costs import oriented
 from compressors._base import CompressionContext, UnsupportedModelError
 from compressors._targets import Target
 from compressors.packing import _trim
@@ -142,8 +143,9 @@ def fisher_diagonal(
     counter: Counter,
     rows: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], tuple[float, float]]:
-    """The empirical Fisher diagonal of each target's tensor, and the reference losses
-    (`reference_from`) from the same forward passes. The model should be in eval mode.
+    """The empirical Fisher diagonal of each target's tensor (`oriented`: output channels
+    first), and the reference losses (`reference_from`) from the same forward passes. The
+    model should be in eval mode.
 
     ``rows`` (one per target, None for all of them): keep only these rows of a tensor's
     diagonal (the rows its costs sample: `compressors._allocate_costs.sampled_rows`), which
@@ -157,20 +159,23 @@ def fisher_diagonal(
     """
     device = next(model.parameters()).device
     latents = {id(t.latent): t.latent for t in found.values()}
+    axes = {id(t.latent): t.channel_axis for t in found.values()}
     kept = {id(t.latent): None if rows is None else rows[i] for i, t in enumerate(found.values())}
-    fisher = {
-        key: p.new_zeros(
-            p.shape if kept[key] is None else (len(kept[key]), *p.shape[1:]), dtype=torch.float32
-        )
-        for key, p in latents.items()
-    }
+    fisher = {}
+    for key, p in latents.items():
+        shape = oriented(p, axes[key]).shape
+        if kept[key] is not None:
+            shape = (len(kept[key]), *shape[1:])
+        fisher[key] = p.new_zeros(shape, dtype=torch.float32)
     bound = dict.fromkeys(latents, 0.0)  # (of the rows not kept)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = {key: p.grad for key, p in latents.items()}
     weight = [0.0]
 
     def accumulate(p: torch.Tensor) -> None:
-        grad = p.grad if kept[id(p)] is None else p.grad[kept[id(p)]]
+        grad = oriented(p.grad, axes[id(p)])
+        if kept[id(p)] is not None:
+            grad = grad[kept[id(p)]]
         fisher[id(p)].addcmul_(grad, grad, value=weight[0])
         if kept[id(p)] is not None:
             low, high = (float(v) for v in torch.aminmax(p.grad))
@@ -289,7 +294,7 @@ def measured(
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """The loss increase of each tensor at each setting, measured (``loss``) or measured at
     anchors and interpolated in ``distortion`` (``interpolated``), and the reference losses.
-    ``variants(weight, settings)`` yields each setting's ``(value, grid)``."""
+    ``variants(weight, settings, axis=)`` yields each setting's ``(value, grid)``."""
     device = next(model.parameters()).device
     batches = ctx.train.calibration(samples=how.samples, batch_size=how.batch_size, device=device)
     with torch.no_grad():
@@ -305,7 +310,8 @@ def measured(
             original = target.latent.detach().clone()
             losses = {}
             picked = [settings[c] for c in chosen]
-            for c, (value, _) in zip(chosen, variants(original, picked), strict=True):
+            pairs = variants(original, picked, axis=target.channel_axis)
+            for c, (value, _) in zip(chosen, pairs, strict=True):
                 target.latent.data.copy_(value)
                 losses[c] = _mean_loss(model, batches, ctx, counter) - base
             target.latent.data.copy_(original)

@@ -54,7 +54,14 @@ import torch
 from torch import nn
 
 from compressors import _allocate_sensitivity as _sens
-from compressors._allocate_costs import Setting, costs, sampled_rows, value_bytes, variants
+from compressors._allocate_costs import (
+    Setting,
+    costs,
+    oriented,
+    sampled_rows,
+    value_bytes,
+    variants,
+)
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._device import model_device
 from compressors._params import Integer, InvalidParameterError, Options, Real
@@ -78,7 +85,7 @@ SAMPLES = 1024
 #: The allocator aims this far under the target (the header records changed layer shapes and
 #: per-tensor layouts whose lengths vary by a few bytes).
 SLACK = 0.01
-_CACHE_VERSION = 5  # 5: bytes as the SQZ3 file stores them
+_CACHE_VERSION = 6  # 5: bytes as the SQZ3 file stores them; 6: a Conv1D per output column
 FLAT_FISHER = _sens.FLAT_FISHER
 #: Solves at most, each followed by packing the allocated model, to fit the file to the target.
 CALIBRATIONS = 5
@@ -225,7 +232,7 @@ class BudgetAllocation(Compressor):
         it."""
         found = targets(model)
         replace = {
-            name: next(variants(target.weight, [settings[c]]))
+            name: next(variants(target.weight, [settings[c]], axis=target.channel_axis))
             for (name, target), c in zip(found.items(), choice, strict=True)
         }
         if self.bias == "fp16":
@@ -357,12 +364,18 @@ def _measure_table(
     try:
         fisher, reference = None, None
         if how.method == "fisher":
-            rows = [sampled_rows(t.weight) for t in found.values()]
+            rows = [sampled_rows(oriented(t.weight, t.channel_axis)) for t in found.values()]
             fisher, reference = _sens.fisher_diagonal(model, found, ctx, how, counter, rows)
             del rows
         rows = []
         for t in found.values():
-            rows.append(costs(t.weight, settings, fisher=None if fisher is None else fisher[0]))
+            rows.append(
+                costs(
+                    oriented(t.weight, t.channel_axis),
+                    settings,
+                    fisher=None if fisher is None else fisher[0],
+                )
+            )
             if fisher is not None:
                 fisher.pop(0)  # (its memory goes with it)
         table = {"bytes": np.stack([r.bytes for r in rows])}

@@ -455,3 +455,32 @@ def test_measuring_a_table_or_reading_it_from_the_cache_leaves_torch_random_stat
         draws.append(torch.rand(4))
     assert len(list(tmp_path.glob("allocate-*.npz"))) == 1
     assert torch.equal(draws[0], draws[1])  # fine-tuning then draws alike: `run` reproduces
+
+
+def test_a_transposed_linears_table_costs_the_grid_per_output_column_it_gets():
+    """GPT-2's ``Conv1D`` (weight ``(inputs, outputs)``) is quantized with a scale per output
+    column; the table's bytes of each tensor at its chosen setting are the encoder's bytes of
+    the values and grid `allocate` registers, so the knapsack solves on the file's bytes."""
+    pytest.importorskip("transformers")
+    from tests.zoo.workloads import wl_tokens
+
+    task = wl_tokens()
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(4), seed=0)
+    allocate = get_compressor("allocate")(ratio=5.0, samples=64, max_sparsity=0.0)
+    table = allocate.table(model, ctx)
+    allocate.compress(model, ctx)
+    settings = allocate.settings()
+    checked = 0
+    for row, (name, target) in enumerate(targets(model).items()):
+        setting = allocate.allocation[name]
+        grids = getattr(target.module, "parametrizations", {})
+        if setting.bits is None or target.channel_axis != 1:
+            continue
+        grid = next(g for g in grids[target.attr] if hasattr(g, "scale"))
+        assert tuple(grid.scale.shape) == (1, target.weight.shape[1])
+        size = table["bytes"][row, settings.index(setting)]
+        assert size == tensor_bytes(target.weight.detach(), grid), name
+        checked += 1
+    assert checked >= 4
