@@ -123,7 +123,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
     from search.results.reuse import recommend
     from search.run.budget import superseded
-    from search.run.progress import SweepProgress, fidelity_summary, front_table
+    from search.run.progress import SweepProgress, fidelity_summary, front_table, trial_recipes
     from search.run.study import run_sweep
 
     done, total = _finished_trials(plan), cfg.search.n_trials
@@ -149,6 +149,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         if result.front.empty
         else recommend(result.front, score=result.score, objectives=result.objectives)
     )
+    study = _load_study(plan)
     console.print(
         front_table(
             result.front,
@@ -156,9 +157,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             title=f"Pareto front of {result.study_name}",
             recommended=None if pick is None else pick.trial,
             score=result.score,
+            recipes=trial_recipes(study, plan.space),
         )
     )
-    study = _load_study(plan)
     trials = study.get_trials(deepcopy=False)
     counts = result.trials.state.value_counts().to_dict() if not result.trials.empty else {}
     replaced = superseded(trials)

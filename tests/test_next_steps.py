@@ -76,6 +76,7 @@ def test_the_table_keeps_every_recipe_whole_and_marks_the_recommended_point(swee
         for key, value in study.trials[number].params.items():
             shown = f"{value:.3g}" if isinstance(value, float) else str(value)
             assert f"{key}={shown}" in recipe
+        assert "finetune.epochs=2" in recipe  # fixed values too: the whole recipe
         assert cells[1].startswith("* ") == (number == trial)
         change = cells[6]  # "val change": negative is a loss
         metrics = study.trials[number].user_attrs["metrics"]

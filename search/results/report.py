@@ -39,13 +39,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import plotly.offline  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from optuna.trial import FixedTrial, TrialState  # noqa: E402
 
 from experiments import evaluate, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
@@ -55,7 +53,7 @@ from search.results._study import load_study, study_config  # noqa: E402
 from search.results.explain import explain_front  # noqa: E402
 from search.run.logs import Stages, Ticker  # noqa: E402
 from search.run.pareto import front_numbers, trial_model, trials_frame  # noqa: E402
-from search.run.progress import short_value  # noqa: E402
+from search.run.progress import trial_recipes  # noqa: E402
 from search.run.recommend import recommend  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
@@ -123,7 +121,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     base = {**baseline.metrics, **study.user_attrs.get("baseline", {})}
     direction = Score.of_study(study)  # as the study was searched
     score = _score_unit(task, direction)
-    recipes = _recipes(study, plan.space)
+    recipes = trial_recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
     front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
     recommended = _recommended(
@@ -236,19 +234,6 @@ def _scores(models: dict, task) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the front table
-
-
-def _recipes(study: optuna.Study, space) -> dict[int, str]:
-    """Every complete trial's whole recipe, sampled values and fixed ones, as ``name=value``
-    (floats to 3 significant digits, as ``squeeze sweep`` prints them)."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return {
-        t.number: " ".join(
-            f"{k}={short_value(v)}"
-            for k, v in space.sample(FixedTrial(t.params, t.number)).params.items()
-        )
-        for t in done
-    }
 
 
 def _recommended(trials, front_ids, base, direction: Score, objectives=()) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -19,6 +19,9 @@ from rich.text import Text
 from search.config.fidelity import Fidelity, front_trials
 from search.config.score import DEFAULT_SCORE, Score
 from search.run.budget import finished_in_budget, superseded
+
+if TYPE_CHECKING:
+    from search.config.space import SearchSpace
 
 
 class SweepProgress:
@@ -174,11 +177,13 @@ def front_table(
     title: str,
     recommended: int | None = None,
     score: Score = DEFAULT_SCORE,
+    recipes: dict[int, str] | None = None,
 ) -> Table:
     """The Pareto points: validation and test score, size, ratio, the change of each score
     against the baseline (negative: worse; points, or % of the baseline's value for a
     lower-is-better ``score``) and the whole recipe; the ``recommended`` trial is marked ``*``
-    (the caption says so).
+    (the caption says so). ``recipes``: each trial's whole recipe (`trial_recipes`; else its
+    sampled values only).
 
     The recipe column folds only to fit a terminal; print the table on a console as wide as its
     lines (`search.cli` does when stdout is a file or a pipe) to keep every recipe on one line.
@@ -204,7 +209,7 @@ def front_table(
     )
     params = [c for c in front.columns if c.startswith("param.")]
     for row in front.to_dict("records"):
-        recipe = " ".join(
+        recipe = (recipes or {}).get(row["trial"]) or " ".join(
             f"{c.removeprefix('param.')}={short_value(row[c])}" for c in params if pd.notna(row[c])
         )
         marked = row["trial"] == recommended
@@ -220,6 +225,19 @@ def front_table(
             style="bold" if marked else None,
         )
     return table
+
+
+def trial_recipes(study: optuna.Study, space: SearchSpace) -> dict[int, str]:
+    """Every complete trial's whole recipe, sampled values and fixed ones (a space whose every
+    value is fixed samples none), as ``name=value`` (floats to 3 significant digits)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return {
+        t.number: " ".join(
+            f"{k}={short_value(v)}"
+            for k, v in space.sample(optuna.trial.FixedTrial(t.params, t.number)).params.items()
+        )
+        for t in done
+    }
 
 
 def short_value(value) -> str:
