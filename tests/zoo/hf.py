@@ -103,9 +103,11 @@ def vit(
     heads: int = 4,
     patch: int = 4,
     layers: int = 1,
+    qkv_bias: bool = True,
 ) -> nn.Module:
     """``ViTForImageClassification`` from a small config: patches of ``patch`` x ``patch``
-    pixels embedded by a convolution, ``layers`` layers (default one)."""
+    pixels embedded by a convolution, ``layers`` layers (default one), the query, key and value
+    projections with biases or not (``qkv_bias``)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -117,6 +119,7 @@ def vit(
         num_attention_heads=heads,
         intermediate_size=2 * hidden,
         num_labels=10,
+        qkv_bias=qkv_bias,
     )
     return ViTForImageClassification(config)
 
