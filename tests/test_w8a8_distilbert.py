@@ -4,9 +4,9 @@ Runtime's ``QAttention`` reading the padding mask, no float attention left; outp
 validation score as the torch model's.
 
 A small random-init ``DistilBertForSequenceClassification`` (2 layers, 64 wide, 4 heads) on
-digits' pixels as tokens (`tests.zoo.hf`), each sample padded after 32 to 64 tokens (its
-``attention_mask`` 0 there, so that the mask drops scores), trained 6 short epochs (0.29 of
-validation accuracy, chance 0.1), `mse` calibration."""
+digits' pixels as tokens padded after 32 to 64 tokens (`tests.zoo.hf.PaddedTokens`: the mask
+drops scores), trained 6 short epochs (0.29 of validation accuracy, chance 0.1), `mse`
+calibration."""
 
 from __future__ import annotations
 
@@ -33,37 +33,17 @@ from compressors import (  # noqa: E402
 )
 from compressors._onnx_bert import bert_attention  # noqa: E402
 from experiments import evaluate, fit, predict_outputs  # noqa: E402
-from experiments.digits import digits_mlp  # noqa: E402
-from tests.zoo.hf import distilbert, hf_task  # noqa: E402
-from tests.zoo.workloads import Tokens  # noqa: E402
+from tests.zoo.hf import distilbert, hf_task, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = 2
 
 
-class Padded(Tokens):
-    """`Tokens` whose sample ``i`` keeps its first ``32 + 7 * i % 33`` tokens: padding (id 0,
-    ``attention_mask`` 0) after them."""
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = super().__getitem__(i)
-        keep = torch.arange(len(item["input_ids"])) < 32 + (7 * i) % 33
-        item["input_ids"] = torch.where(keep, item["input_ids"], 0)
-        item["attention_mask"] = keep.long()
-        return item
-
-
 @functools.cache
 def _task():
-    task = hf_task("distilbert")
     build = partial(distilbert, hidden=64, heads=4, layers=LAYERS)
-    digits = digits_mlp(seed=0)
-    padded = {}
-    for split, rows in (("train", slice(0, 512)), ("val", slice(None)), ("test", slice(None))):
-        data = getattr(digits, split).in_memory
-        padded[split] = Padded(data.x[rows], data.y[rows])
-    return dataclasses.replace(task, build_model=build, **padded)
+    return padded(dataclasses.replace(hf_task("distilbert"), build_model=build), samples=512)
 
 
 @functools.cache
