@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from compressors._onnx_graph import graph_index, is_op, quantized_linear
+from compressors._onnx_graph import graph_index, is_op, quantized_linear, topological
 
 #: Ops of the exported attention between the projections' bias ``Add`` and the output grid.
 _ATTENTION_OPS = frozenset(
@@ -229,7 +229,7 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
         if node is quantize:
             ordered += added
     # (the mask's nodes read the condition: after its maker, which may come after the grid)
-    ordered = _topological(ordered, graph)
+    ordered = topological(ordered, graph)
     del graph.node[:]
     graph.node.extend(ordered)
     return True
@@ -464,25 +464,6 @@ def gather_codes(proto: Any) -> int:
         del graph.node[:]
         graph.node.extend(ordered)
     return done
-
-
-def _topological(nodes: list, graph: Any) -> list:
-    """``nodes`` ordered so that each comes after the makers of its inputs (stable)."""
-    available = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
-    pending = list(nodes)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            return nodes  # (a cycle or a missing input: leave the order as it was)
-        pending = rest
-    return ordered
 
 
 def _drop_unused(graph: Any) -> None:

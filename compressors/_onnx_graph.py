@@ -255,3 +255,34 @@ def quantized_linear(
 def is_op(node: Any, op: str) -> bool:
     """Whether ``node`` is a node (not None) of type ``op``."""
     return node is not None and node.op_type == op
+
+
+def topological(nodes: list, graph: Any) -> list:
+    """``nodes`` ordered so that each comes after the makers of its inputs: as they are where
+    they already are, else each as early in their order as its inputs allow (the rest keeps its
+    order); as they are where some input is made by none of them or they make a cycle."""
+    import heapq
+
+    outer = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    maker = {out: k for k, node in enumerate(nodes) for out in node.output}
+    needs = [{maker[i] for i in node.input if i not in outer and i in maker} for node in nodes]
+    if any(i not in outer and i not in maker for node in nodes for i in node.input):
+        return nodes
+    if all(all(m < k for m in needs[k]) for k in range(len(nodes))):
+        return nodes
+    waiting = [len(n) for n in needs]
+    users: dict[int, list[int]] = {}
+    for k, made_by in enumerate(needs):
+        for m in made_by:
+            users.setdefault(m, []).append(k)
+    ready = [k for k, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        k = heapq.heappop(ready)
+        ordered.append(nodes[k])
+        for user in users.get(k, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    return ordered if len(ordered) == len(nodes) else nodes

@@ -106,3 +106,27 @@ def test_clip_attention_runs_as_qattention(tower, tmp_path):
     cosine = torch.nn.functional.cosine_similarity(deployed.check.outputs, expected)
     assert cosine.min() > 0.995, cosine.min()
     assert deployed.metrics["val_acc_onnx"] == evaluate(shipped, task.val)
+
+
+@pytest.mark.slow  # (trains and exports a CLIP tower: 10-20 s)
+def test_an_attention_kept_as_exported_exports_with_its_grid_before_its_first_reader(
+    tmp_path, monkeypatch
+):
+    # CLIPAttention defines k_proj before q_proj and calls q_proj first: the q, k, v
+    # projections' one input grid, written before k_proj's MatMul, came after q_proj's (an
+    # unsorted graph, refused by ONNX's checker) wherever the attention was not rewritten
+    from compressors import onnx_export
+    from search.run.deploy import deploy_onnx
+
+    monkeypatch.setattr(onnx_export, "bert_attention", lambda model: {})
+    task = _task("vision")
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8, calibration="mse")
+    model = apply_pipeline([quant], copy.deepcopy(_trained("vision")), ctx).eval()
+    save_packed(model, tmp_path / "w8a8.sqz", like=_trained("vision"))
+    deployed = deploy_onnx(tmp_path / "w8a8.sqz", task, tmp_path / "w8a8.onnx", threads=1)
+    ops = Counter(n.op_type for n in onnx.load(str(deployed.path)).graph.node)
+    assert ops["QAttention"] == 0 and ops["Softmax"] == LAYERS, dict(ops)
+    assert deployed.check.agree, deployed.check.message
+    shipped = load_packed(tmp_path / "w8a8.sqz", task.build_model(), int8=False).eval()
+    assert deployed.metrics["val_acc_onnx"] == evaluate(shipped, task.val)
