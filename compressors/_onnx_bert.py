@@ -18,10 +18,12 @@ attention inside one kernel, writing ``(batch, tokens, width)`` as the output pr
 it. Its mask is the layer's own boolean mask (``Where(mask, 0, -inf)`` before the ``Add``), as
 ``(batch, tokens, tokens)`` int32, made once for all layers; ONNX Runtime fills masked scores
 with -10000 where the exported graph has -inf: the same probabilities (``exp(-10000)`` is 0 in
-float32) wherever a row keeps a real token (every row of a sentence with one). An unmasked
+float32) wherever a row keeps a real token (every row of a sentence with one). DistilBERT's
+attention (``q_lin``, ``k_lin``, ``v_lin``, ``n_heads``) exports the same way. An unmasked
 attention (ViT's: ``ViTAttention``'s ``q_proj``, ``k_proj``, ``v_proj``; its scores either go
 straight into the softmax or get transformers' all-true mask, an ``Expand`` of a constant) gets
-``QAttention`` without a mask. A layer whose graph differs (another mask or any other term on
+``QAttention`` without a mask. Projections without biases (ViT's ``qkv_bias=False``) get
+``QAttention``'s bias as zeros. A layer whose graph differs (another mask or any other term on
 the scores, a scale other than ``head width ** -0.5``, projections not on one grid) keeps the
 exported form.
 
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from compressors._onnx_graph import graph_index, is_op, quantized_linear
+from compressors._onnx_graph import graph_index, is_op, quantized_linear, topological
 
 #: Ops of the exported attention between the projections' bias ``Add`` and the output grid.
 _ATTENTION_OPS = frozenset(
@@ -72,22 +74,27 @@ UNMASKED = ""
 
 
 #: Names of a self-attention module's query, key and value Linear children and of its head
-#: width: BERT's (``BertSelfAttention``) and those of transformers' newer attention modules
-#: (``ViTAttention`` and others, whose output projection ``o_proj`` sits beside them).
+#: width: BERT's (``BertSelfAttention``), DistilBERT's (``DistilBertSelfAttention``) and those
+#: of transformers' newer attention modules (``ViTAttention``, ``CLIPAttention``,
+#: ``SiglipAttention`` and others, whose output projection sits beside them).
 _NAMINGS = (
     (("query", "key", "value"), "attention_head_size"),
+    (("q_lin", "k_lin", "v_lin"), "attention_head_size"),
     (("q_proj", "k_proj", "v_proj"), "head_dim"),
 )
+#: Names of a self-attention module's number of heads: BERT's and ViT's, DistilBERT's, CLIP's.
+_HEADS = ("num_attention_heads", "n_heads", "num_heads")
 
 
 def bert_attention(model: nn.Module) -> dict[str, tuple[tuple[str, str, str], int]]:
     """``{attention module: ((query, key, value) layer names, heads)}`` of ``model``'s
-    Hugging Face self-attention modules: ``query``, ``key`` and ``value`` (or ``q_proj``,
-    ``k_proj``, ``v_proj``) Linear children of one width, ``num_attention_heads`` heads of
-    ``attention_head_size`` (or ``head_dim``), not causal."""
+    Hugging Face self-attention modules: ``query``, ``key`` and ``value`` (or ``q_lin``,
+    ``k_lin``, ``v_lin``, or ``q_proj``, ``k_proj``, ``v_proj``) Linear children of one width,
+    ``num_attention_heads`` (or ``n_heads``, ``num_heads``) heads of ``attention_head_size``
+    (or ``head_dim``), not causal."""
     found = {}
     for name, module in model.named_modules():
-        heads = getattr(module, "num_attention_heads", None)
+        heads = next((getattr(module, h) for h in _HEADS if hasattr(module, h)), None)
         if not isinstance(heads, int) or getattr(module, "is_causal", False) is True:
             continue
         for children, width in _NAMINGS:
@@ -132,14 +139,16 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
 
     graph = proto.graph
     inits, makers, readers = graph_index(graph)
-    projections = [_projection(makers.get(out), makers, readers, inits) for out in outputs]
+    projections = [
+        _projection(makers.get(out), makers, readers, inits, unbiased=True) for out in outputs
+    ]
     if any(p is None for p in projections):
         return False
     grids = {p["quantize"].output[0] for p in projections}
     if len(grids) != 1:
         return False  # (not one input grid)
     quantize = projections[0]["quantize"]
-    region = _region([p["add"].output[0] for p in projections], readers)
+    region = _region([(p["add"] or p["matmul"]).output[0] for p in projections], readers)
     if region is None:
         return False
     nodes, end = region
@@ -162,9 +171,10 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
     if width % heads or not _scaled_right(nodes, made, inits, width // heads):
         return False
     arrays = [
-        [numpy_helper.to_array(inits[i]) for i in (p["codes"], p["scale"], p["zero"], p["bias"])]
+        [numpy_helper.to_array(inits[i]) for i in (p["codes"], p["scale"], p["zero"])]
+        + [np.zeros(width, np.float32) if p["bias"] is None else _array(inits[p["bias"]])]
         for p in projections
-    ]
+    ]  # (a projection without bias, as ViT's with qkv_bias=False: zeros)
     if any(a[0].dtype != np.int8 or a[0].shape[1] != width for a in arrays):
         return False
     base = (name or "model").replace(".", "_") + "_qattention"
@@ -211,7 +221,7 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
             num_heads=heads,
         )
     )
-    gone = inside | {id(p[k]) for p in projections for k in ("weight", "matmul", "add")}
+    gone = inside | {id(p[k]) for p in projections for k in ("weight", "matmul", "add") if p[k]}
     ordered = []
     for node in graph.node:
         if id(node) not in gone:
@@ -219,17 +229,25 @@ def _rewrite(proto: Any, outputs: list[str], heads: int, name: str, masks: dict)
         if node is quantize:
             ordered += added
     # (the mask's nodes read the condition: after its maker, which may come after the grid)
-    ordered = _topological(ordered, graph)
+    ordered = topological(ordered, graph)
     del graph.node[:]
     graph.node.extend(ordered)
     return True
 
 
-def _projection(matmul, makers, readers, inits) -> dict | None:
+def _projection(matmul, makers, readers, inits, *, unbiased: bool = False) -> dict | None:
     """The nodes of one projection (`compressors._onnx_graph.quantized_linear`): the input
     grid (which other readers may share: a residual ``Add``), INT8 codes, ``MatMul``, the bias
-    ``Add``."""
-    return None if matmul is None else quantized_linear(matmul, makers, readers, inits)
+    ``Add`` (None where ``unbiased`` and the layer has no bias)."""
+    if matmul is None:
+        return None
+    return quantized_linear(matmul, makers, readers, inits, unbiased=unbiased)
+
+
+def _array(init: Any) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init)
 
 
 def _region(starts: list[str], readers: dict) -> tuple[list, str] | None:
@@ -446,25 +464,6 @@ def gather_codes(proto: Any) -> int:
         del graph.node[:]
         graph.node.extend(ordered)
     return done
-
-
-def _topological(nodes: list, graph: Any) -> list:
-    """``nodes`` ordered so that each comes after the makers of its inputs (stable)."""
-    available = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
-    pending = list(nodes)
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            return nodes  # (a cycle or a missing input: leave the order as it was)
-        pending = rest
-    return ordered
 
 
 def _drop_unused(graph: Any) -> None:

@@ -202,7 +202,9 @@ def graph_index(graph: onnx.GraphProto) -> tuple[dict[str, Any], dict[str, Any],
     return inits, makers, readers
 
 
-def quantized_linear(matmul: Any, makers: dict, readers: dict, inits: dict) -> dict | None:
+def quantized_linear(
+    matmul: Any, makers: dict, readers: dict, inits: dict, *, unbiased: bool = False
+) -> dict | None:
     """The nodes of a Linear layer of a QDQ graph around ``matmul`` (`graph_index`'s look-ups),
     or None where it is not one: a ``MatMul`` of an input grid (``QuantizeLinear`` ->
     ``DequantizeLinear``, constant scale and zero point; the grid may have other readers) and
@@ -210,7 +212,8 @@ def quantized_linear(matmul: Any, makers: dict, readers: dict, inits: dict) -> d
     column or per tensor, an explicit zero point), whose output only a bias ``Add`` of a
     constant of one value per column reads. Keys: the nodes (``quantize``, ``dequantize``,
     ``weight``, ``matmul``, ``add``) and the initializers' names (``codes``, ``scale``,
-    ``zero``, ``bias``)."""
+    ``zero``, ``bias``). With ``unbiased``, a ``MatMul`` whose output no such ``Add`` reads
+    (a Linear without bias) is one too, its ``add`` and ``bias`` None."""
     if not is_op(matmul, "MatMul"):
         return None
     dequantize, weight = makers.get(matmul.input[0]), makers.get(matmul.input[1])
@@ -228,11 +231,13 @@ def quantized_linear(matmul: Any, makers: dict, readers: dict, inits: dict) -> d
     if scale.dims and axis % 2 != 1:
         return None
     after = readers.get(matmul.output[0], [])
-    if len(after) != 1 or after[0].op_type != "Add":
-        return None
-    add = after[0]
-    bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-    if bias not in inits or list(inits[bias].dims) != [codes.dims[1]]:
+    add = after[0] if len(after) == 1 and after[0].op_type == "Add" else None
+    bias = None
+    if add is not None:
+        bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
+        if bias not in inits or list(inits[bias].dims) != [codes.dims[1]]:
+            add = bias = None
+    if add is None and not unbiased:
         return None
     return {
         "quantize": quantize,
@@ -250,3 +255,34 @@ def quantized_linear(matmul: Any, makers: dict, readers: dict, inits: dict) -> d
 def is_op(node: Any, op: str) -> bool:
     """Whether ``node`` is a node (not None) of type ``op``."""
     return node is not None and node.op_type == op
+
+
+def topological(nodes: list, graph: Any) -> list:
+    """``nodes`` ordered so that each comes after the makers of its inputs: as they are where
+    they already are, else each as early in their order as its inputs allow (the rest keeps its
+    order); as they are where some input is made by none of them or they make a cycle."""
+    import heapq
+
+    outer = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    maker = {out: k for k, node in enumerate(nodes) for out in node.output}
+    needs = [{maker[i] for i in node.input if i not in outer and i in maker} for node in nodes]
+    if any(i not in outer and i not in maker for node in nodes for i in node.input):
+        return nodes
+    if all(all(m < k for m in needs[k]) for k in range(len(nodes))):
+        return nodes
+    waiting = [len(n) for n in needs]
+    users: dict[int, list[int]] = {}
+    for k, made_by in enumerate(needs):
+        for m in made_by:
+            users.setdefault(m, []).append(k)
+    ready = [k for k, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        k = heapq.heappop(ready)
+        ordered.append(nodes[k])
+        for user in users.get(k, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    return ordered if len(ordered) == len(nodes) else nodes

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from compressors._onnx_graph import topological
+
 #: The weight inputs of the ops a quantized layer exports to.
 _OPS = ("Conv", "MatMul", "Gemm")
 
@@ -182,7 +184,9 @@ class ActivationQDQ:
             ordered.append(node)
             ordered += after.get(id(node), [])
         del graph.node[:]
-        graph.node.extend(ordered)
+        # (a pair shared by layers goes before the first site's node, not always the first
+        # reader in the graph: CLIP defines k_proj before q_proj and calls q_proj first)
+        graph.node.extend(topological(ordered, graph))
 
 
 def _share(nodes: list, shared: list, placed: dict, after: dict) -> None:

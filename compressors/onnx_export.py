@@ -137,7 +137,7 @@ from compressors._onnx_io import (
 )
 from compressors._onnx_layout import nhwc_hints
 from compressors._onnx_optimize import OPTIMIZE_LEVELS, save_optimized
-from compressors._onnx_pool import integer_pools
+from compressors._onnx_pool import float_pools, integer_pools
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_rows import gemm_rows
@@ -361,6 +361,7 @@ def export_onnx(
         gemm_rows(proto)
         integer_pools(proto)
         nhwc_hints(proto)
+    float_pools(proto)  # (those integer_pools left: GlobalAveragePool, on NCHWc blocks)
     if qdq.missing:
         raise OnnxExportError(
             f"the activation grids of layers {qdq.missing} found no Conv, MatMul or Gemm node "

@@ -102,6 +102,8 @@ def test_batchnorm_is_folded_with_outputs_equal_to_1e_5_and_the_codes_kept(
     folded = export_onnx(packed, shipped, task.example_inputs(8), tmp_path / "folded.onnx")
     assert "BatchNormalization" not in folded.ops
     assert any("BatchNormalization folded" in note for note in folded.notes), folded.notes
+    # the mean pool as GlobalAveragePool (ONNX Runtime runs it on NCHWc blocks), not ReduceMean
+    assert folded.ops["GlobalAveragePool"] == 1 and "ReduceMean" not in folded.ops, folded.ops
     # the torch model keeps its BatchNorm layers, in eval mode: the graph computes what it does
     assert any(isinstance(m, nn.BatchNorm2d) for m in shipped.modules())
     check = check_onnx(folded.path, shipped, task.val.x, atol=FOLD_TOLERANCE, rtol=0.0)
@@ -226,3 +228,48 @@ def test_deployed_graphs_record_their_thread_settings(tmp_path):
     }
     assert set(deployed.threads) == set(ORT_THREAD_PARAMS)
     assert np.isfinite(deployed.metrics["val_acc_onnx"])
+
+
+def test_only_a_spatial_mean_of_a_4d_tensor_becomes_global_average_pool():
+    from onnx import helper
+
+    from compressors._onnx_pool import float_pools
+
+    axes = numpy_helper.from_array(np.array([-1, -2], np.int64), "axes")
+    nodes = [
+        helper.make_node("Relu", ["image"], ["a"]),  # (4-D: rank known from the input)
+        helper.make_node("ReduceMean", ["a", "axes"], ["pooled"], keepdims=1),
+        helper.make_node("ReduceMean", ["a", "axes"], ["dropped"], keepdims=0),  # (not kept)
+        helper.make_node("ReduceMean", ["tokens", "axes"], ["mean"], keepdims=1),  # (3-D)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pools",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, 5, 5]),
+            helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["b", 7, 4]),
+        ],
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+            for n in ("pooled", "dropped", "mean")
+        ],
+        [axes],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = {
+        "image": np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32),
+        "tokens": np.random.default_rng(1).standard_normal((2, 7, 4)).astype(np.float32),
+    }
+    import onnxruntime
+
+    before = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    assert float_pools(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == [
+        "Relu",
+        "GlobalAveragePool",
+        "ReduceMean",
+        "ReduceMean",
+    ]
+    after = onnxruntime.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_allclose(new, old, rtol=1e-6, atol=1e-7)

@@ -4,7 +4,8 @@ left; outputs and the validation score as the torch model's.
 
 The user's configuration of issue 24 (digits as 1 x 8 x 8 ``pixel_values`` dict batches, patches
 of 2 x 2 pixels: 16 patches and the class token, 64 wide, 2 layers of 4 heads), trained one
-short epoch, `mse` calibration."""
+short epoch, `mse` calibration; and the same with ``qkv_bias=False`` (projections without
+biases)."""
 
 from __future__ import annotations
 
@@ -39,27 +40,29 @@ LAYERS = 2
 
 
 @functools.cache
-def _task():
+def _task(qkv_bias: bool = True):
     task = hf_task("vit", samples=256, size=8)
-    build = partial(vit, size=8, channels=1, hidden=64, heads=4, patch=2, layers=LAYERS)
+    build = partial(
+        vit, size=8, channels=1, hidden=64, heads=4, patch=2, layers=LAYERS, qkv_bias=qkv_bias
+    )
     return dataclasses.replace(task, build_model=build)
 
 
 @functools.cache
-def _trained() -> torch.nn.Module:
-    task = _task()
+def _trained(qkv_bias: bool = True) -> torch.nn.Module:
+    task = _task(qkv_bias)
     torch.manual_seed(0)
     model = task.build_model()
     fit(model, task.train, epochs=1, batch_size=32, lr=2e-3, loss_fn=task.loss, seed=0)
     return model.eval()
 
 
-def _deployed(tmp_path, attention: str = "sdpa"):
+def _deployed(tmp_path, attention: str = "sdpa", *, qkv_bias: bool = True):
     """The W8A8 model (8-bit weights, `mse` calibration) deployed as `search.run.deploy`
     deploys it; its torch reload; the graph's nodes after ONNX Runtime's optimisation."""
     from search.run.deploy import deploy_onnx
 
-    task = _task()
+    task = _task(qkv_bias)
     if attention != "sdpa":
         build = task.build_model
 
@@ -69,13 +72,13 @@ def _deployed(tmp_path, attention: str = "sdpa"):
             return model
 
         task = dataclasses.replace(task, build_model=eager)
-    base = copy.deepcopy(_trained())
+    base = copy.deepcopy(_trained(qkv_bias))
     base.config._attn_implementation = attention
     ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
     quant = get_compressor("quant")(bits=8, activations=8, calibration="mse")
     model = apply_pipeline([quant], base, ctx).eval()
     packed = tmp_path / "w8a8.sqz"
-    save_packed(model, packed, like=_trained())
+    save_packed(model, packed, like=_trained(qkv_bias))
     deployed = deploy_onnx(packed, task, tmp_path / "w8a8.onnx", threads=1)
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -98,8 +101,9 @@ def test_vit_attention_names_the_projections_and_heads():
 
 
 @pytest.mark.slow  # (trains and exports a ViT: 10-20 s)
-def test_vit_attention_runs_as_qattention_without_a_mask(tmp_path):
-    task, deployed, shipped, optimized = _deployed(tmp_path)
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_vit_attention_runs_as_qattention_without_a_mask(tmp_path, qkv_bias):
+    task, deployed, shipped, optimized = _deployed(tmp_path, qkv_bias=qkv_bias)
     ops = Counter(n.op_type for n in optimized.node)
     # per layer: q, k, v and the attention in one QAttention reading no mask (ViT's attention
     # has none: transformers' all-true mask is dropped); the output projection and the MLP's
@@ -107,6 +111,10 @@ def test_vit_attention_runs_as_qattention_without_a_mask(tmp_path):
     assert ops["QAttention"] == LAYERS, dict(ops)
     qattention = [n for n in optimized.node if n.op_type == "QAttention"]
     assert all(len(n.input) >= 8 and not n.input[5] for n in qattention)
+    # (without biases, qkv_bias=False: QAttention's bias, which it requires, is zeros)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in optimized.initializer}
+    assert all(inits[n.input[2]].shape == (3 * 64,) for n in qattention)
+    assert all(inits[n.input[2]].any() == qkv_bias for n in qattention)
     assert ops["MatMulIntegerToFloat"] == 3 * LAYERS, dict(ops)
     # no float attention left: its transposes, products, softmax, NaN guard, mask
     for op in ("Softmax", "Transpose", "FusedMatMul", "MatMul", "IsNaN", "Where", "Slice"):

@@ -13,6 +13,7 @@ samples only, so that tests run fast.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -103,9 +104,11 @@ def vit(
     heads: int = 4,
     patch: int = 4,
     layers: int = 1,
+    qkv_bias: bool = True,
 ) -> nn.Module:
     """``ViTForImageClassification`` from a small config: patches of ``patch`` x ``patch``
-    pixels embedded by a convolution, ``layers`` layers (default one)."""
+    pixels embedded by a convolution, ``layers`` layers (default one), the query, key and value
+    projections with biases or not (``qkv_bias``)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -117,6 +120,7 @@ def vit(
         num_attention_heads=heads,
         intermediate_size=2 * hidden,
         num_labels=10,
+        qkv_bias=qkv_bias,
     )
     return ViTForImageClassification(config)
 
@@ -171,6 +175,56 @@ def mobilenet_v2(*, size: int = 16, channels: int = 1) -> nn.Module:
     return MobileNetV2ForImageClassification(config)
 
 
+def _clip_sizes(hidden: int, layers: int) -> dict[str, int]:
+    return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers}
+
+
+def clip_vision(*, size: int = 8, hidden: int = 64, heads: int = 4, layers: int = 2) -> nn.Module:
+    """The vision tower of ``CLIPForImageClassification`` from a small config: 1-channel
+    images, patches of 2 x 2 pixels (``CLIPAttention``: ``q_proj``..., ``num_heads``)."""
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    sizes = _clip_sizes(hidden, layers)
+    config = CLIPConfig(
+        vision_config={
+            **sizes,
+            "num_attention_heads": heads,
+            "image_size": size,
+            "patch_size": 2,
+            "num_channels": 1,
+        },
+        text_config={**sizes, "num_attention_heads": heads, "num_hidden_layers": 1},  # (unused)
+        num_labels=10,
+    )
+    return CLIPForImageClassification(config)
+
+
+class ClipText(nn.Module):
+    """``CLIPTextModel`` from a small config with a Linear head on the mean of its tokens'
+    states (the digits' classes; the first token's alone sees no other token through the
+    causal mask): token ids and an ``attention_mask`` in (`Tokens`), logits out."""
+
+    def __init__(self, *, hidden: int = 64, heads: int = 4, layers: int = 2) -> None:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        super().__init__()
+        config = CLIPTextConfig(
+            **_clip_sizes(hidden, layers),
+            num_attention_heads=heads,
+            vocab_size=VOCAB,
+            max_position_embeddings=SEQUENCE,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=VOCAB - 1,  # (the pooled state, not read: any token of the vocabulary)
+        )
+        self.text = CLIPTextModel(config)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        states = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(states.mean(1))
+
+
 class Images(Dataset):
     """Digits as ``{"pixel_values": (channels, size, size), "labels": label}`` samples: the 8 x 8
     images upscaled (bilinear) and repeated over the channels."""
@@ -185,6 +239,30 @@ class Images(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.pixels[i], "labels": self.y[i]}
+
+
+class PaddedTokens(Tokens):
+    """`Tokens` whose sample ``i`` keeps its first ``32 + 7 * i % 33`` tokens, padding (id 0,
+    ``attention_mask`` 0) after them: a mask that drops scores."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        keep = torch.arange(len(item["input_ids"])) < 32 + (7 * i) % 33
+        item["input_ids"] = torch.where(keep, item["input_ids"], 0)
+        item["attention_mask"] = keep.long()
+        return item
+
+
+def padded(task: Task, *, seed: int = 0, samples: int | None = None) -> Task:
+    """``task`` (a text task of `hf_task`, any model builder) on `PaddedTokens` of the same
+    digits splits (``samples``: the first training samples only)."""
+    digits = digits_mlp(seed=seed)
+    splits = {}
+    for split in ("train", "val", "test"):
+        data = getattr(digits, split).in_memory
+        rows = slice(samples) if split == "train" else slice(None)
+        splits[split] = PaddedTokens(data.x[rows], data.y[rows])
+    return dataclasses.replace(task, **splits)
 
 
 #: Text architectures (token ids in) and image architectures (pixels in), by name.
