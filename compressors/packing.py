@@ -534,9 +534,7 @@ def _decoded(
         held = 0
         for name in owners:
             module, attr = owners[name]
-            size = 0
-            if not packed.fits(name, getattr(module, attr)):
-                size = math.prod(packed.meta["t"][name]["shape"])
+            size = packed.held(name, getattr(module, attr))
             while size and held and held + size > IN_FLIGHT:
                 done, future, count = pending.popleft()
                 held -= count
