@@ -325,12 +325,18 @@ def _store_positions(enc: str, nonzero: _Lazy, positions: np.ndarray | None, arr
 
 
 def _halves(tensor: torch.Tensor) -> bool:
-    """Whether float16 holds every value of ``tensor`` exactly."""
-    for start in range(0, tensor.numel(), _CHUNK):
-        part = tensor.reshape(-1)[start : start + _CHUNK]
+    """Whether float16 holds every value of ``tensor`` exactly (its first `_PROBE` values
+    tried first: a float weight's first values already tell, without converting a chunk)."""
+    flat = tensor.reshape(-1)
+    bounds = [0, min(_PROBE, len(flat)), *range(_PROBE, len(flat), _CHUNK)[1:], len(flat)]
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = flat[start:stop]
         if not torch.equal(part.to(torch.float16).to(torch.float32), part):
             return False
     return True
+
+
+_PROBE = 1 << 12
 
 
 def _bits_for(symbols: int) -> int:
