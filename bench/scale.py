@@ -19,8 +19,9 @@ over the model's bytes, as a markdown table:
 - the same fp32 model saved with `safetensors.torch.save_file` and loaded with ``load_file``
   plus ``load_state_dict`` (``st_save_s``, ``st_load_s``), and the ratios ``pack_x`` /
   ``reload_x`` to them (the goal: pack at most 5x, reload at most 3x); with ``--repeats N``,
-  both loads are timed N times, taking turns, and the fastest of each kept (on a shared,
-  loaded machine a single timing of a few milliseconds is mostly the others' noise); also in
+  both saves and both loads are timed N times, taking turns, and the fastest of each kept (on
+  a shared, loaded machine a single timing of a few milliseconds is mostly the others' noise;
+  the safetensors file of 40 MB was written in 0.03 s and 0.20 s by two runs); also in
   CPU-seconds of the process (``st_load_cpu_s``, ``reload_cpu_s``, ``reload_cpu_x``: the
   ratio that waits least on the other load);
 - ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
@@ -138,6 +139,15 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
         t0 = time.perf_counter()
         row["estimate_bytes"] = packed_size(model)
         row["estimate_s"] = time.perf_counter() - t0
+        for _ in range(repeats - 1):  # (the saves taking turns too, the fastest of each kept)
+            state = {k: v.contiguous() for k, v in _build(case)[0].state_dict().items()}
+            t0 = time.perf_counter()
+            save_file(state, st)
+            row["st_save_s"] = min(row["st_save_s"], time.perf_counter() - t0)
+            del state
+            t0 = time.perf_counter()
+            save_packed(model, path)
+            row["pack_s"] = min(row["pack_s"], time.perf_counter() - t0)
         del model
         fresh, _ = _build(case)
         with PeakRss() as peak:

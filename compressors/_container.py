@@ -21,7 +21,7 @@ import xxhash
 import zstandard
 from safetensors.torch import load as st_load
 
-from compressors._codecs import CodecError, check_layout, decode, restore
+from compressors._codecs import CodecError, check_layout, decode, decode_into, restore
 from compressors._planes import restore_into
 
 MAGIC = b"SQZ5"
@@ -128,22 +128,48 @@ class Packed:
         return self.guarded(decode, self.meta["t"][name], arrays)
 
     def decode_into(self, name: str, target: torch.Tensor) -> bool:
-        """Decode tensor ``name`` straight into ``target``'s storage, where the file holds it
-        as ``target`` holds it: one array of ``target``'s dtype and shape (a ``dense`` record
-        of float values, or an integer tensor stored ``raw``), ``target`` contiguous on the
-        CPU. Its bytes are then written in place, byte plane by byte plane, with no copy of
-        the whole tensor on the way. False, and nothing written, where it is not so (SQZ2
-        files, sparse layouts, codes, values stored as float16 for a float32 tensor): then
-        `decoded` and a copy.
+        """Decode tensor ``name`` straight into ``target``'s storage. Where the file holds it
+        as ``target`` holds it (one array of ``target``'s dtype and shape: a ``dense`` record
+        of float values, or an integer tensor stored ``raw``; ``target`` contiguous on the
+        CPU), its bytes are written in place, byte plane by byte plane, with no copy of the
+        whole tensor on the way. Where ``target`` is float32 and the record a sparse layout or
+        codes (`compressors._decoding.decode_into`), its arrays are decoded and its values
+        written in place a block at a time. False, and nothing written, where neither holds
+        (SQZ2 files' dense records, values stored as float16 for a float32 dense tensor, a
+        float16 model's tensors): then `decoded` and a copy.
         """
         if not self.fits(name, target):
-            return False
+            return self._blocks_fit(name, target) and self.guarded(
+                decode_into, self.meta["t"][name], self.arrays(name), target.detach()
+            )
         if not self._bounded:
             self.bound()
         suffix = {"dense": "values", "raw": ""}[self.meta["t"][name]["enc"]]
         out = target.detach().reshape(-1).view(torch.uint8).numpy()
         self.guarded(self._into, name, suffix, out)
         return True
+
+    def _blocks_fit(self, name: str, target: torch.Tensor) -> bool:
+        spec = self.meta["t"][name]
+        return (
+            spec["enc"] != "raw"
+            and ("count" in spec or spec["enc"] != "dense")
+            and target.dtype == torch.float32
+            and list(target.shape) == spec["shape"]
+            and target.is_contiguous()
+            and target.device.type == "cpu"
+        )
+
+    def held(self, name: str, target: torch.Tensor) -> int:
+        """Values (of 4 bytes) that decoding tensor ``name`` into ``target`` holds besides
+        ``target``: none where `fits` (its bytes written in place), its arrays' where it is
+        decoded in place a block at a time, else the whole tensor's."""
+        spec = self.meta["t"][name]
+        if self.fits(name, target):
+            return 0
+        if self._blocks_fit(name, target) and "a" in spec:  # (SQZ2: its arrays are held)
+            return sum(math.prod(a[2]) * np.dtype(a[1]).itemsize for a in spec["a"]) // 4
+        return math.prod(spec["shape"])
 
     def fits(self, name: str, target: torch.Tensor) -> bool:
         """Whether `decode_into` writes tensor ``name`` straight into ``target``."""

@@ -11,7 +11,10 @@ not depend on the threads) and writes each record as soon as it and those before
 the reader maps the file, checks its checksum, and decodes tensors in parallel
 (`WORKERS` threads), each where it can straight into the model's own tensor: a dense float32
 weight's bytes are written into the tensor's storage block by block, its compressed exponent
-plane decompressed a block at a time, with no copy of the whole tensor or file on the way.
+plane decompressed a block at a time, with no copy of the whole tensor or file on the way; a
+sparse layout's or integer codes' values are written into a float32 tensor a block at a time
+(`compressors._decoding.decode_into`: each block's codes looked up, its nonzero positions listed
+from the mask and its values put there).
 
 For every tensor of the model's state the writer picks the smallest of three layouts:
 
@@ -450,9 +453,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module, *, int8: bool = True)
     smaller) replace the model's tensors; tied tensors are tied again; layers the file records
     as int8 are converted to int8 kernels last, unless ``int8=False``, which keeps every layer
     float (with the same weight values), e.g. for export (`compressors.onnx_export`). Tensors
-    are decoded by `WORKERS` threads, each straight into the model's own tensor where the file
-    holds it as the model does (`Packed.decode_into`: a dense float32 weight, an integer
-    buffer), else decoded and copied in.
+    are decoded by `WORKERS` threads, each straight into the model's own tensor where it can
+    (`Packed.decode_into`: a dense float32 weight or an integer buffer, its bytes; a sparse or
+    coded tensor into a float32 one, a block at a time), else decoded and copied in.
     """
     try:
         return _load(path, model, int8=int8)
@@ -515,9 +518,10 @@ def _decoded(
     """``(name, value)`` of each tensor of ``owners`` (``{name: (module, attribute)}``), in
     order, decoded by `WORKERS` threads: None where the tensor was decoded straight into the
     model's own (`Packed.decode_into`), else its values, for the caller to copy or set. Tensors
-    decoded in place hold no memory of their own, so any number of them are queued at once (a
-    large embedding first no longer leaves the other threads idle behind it); those decoded to
-    new values, `IN_FLIGHT` values at most (or one larger tensor)."""
+    whose bytes are written in place hold no memory of their own, so any number of them are
+    queued at once (a large embedding first no longer leaves the other threads idle behind it);
+    the others, `IN_FLIGHT` values of what they hold (`Packed.held`: their arrays, or their new
+    values) at most (or one larger tensor)."""
 
     def one(name: str) -> torch.Tensor | None:
         module, attr = owners[name]
@@ -534,9 +538,7 @@ def _decoded(
         held = 0
         for name in owners:
             module, attr = owners[name]
-            size = 0
-            if not packed.fits(name, getattr(module, attr)):
-                size = math.prod(packed.meta["t"][name]["shape"])
+            size = packed.held(name, getattr(module, attr))
             while size and held and held + size > IN_FLIGHT:
                 done, future, count = pending.popleft()
                 held -= count

@@ -164,12 +164,18 @@ def test_a_tensor_of_another_shape_dtype_or_layout_is_not_written_in_place(tmp_p
     save_packed(model, path)
     packed, _ = opened(path, _model())
     assert packed.meta["t"]["0.weight"]["enc"] != "dense"
-    target = torch.zeros(600, 300)
+    target = torch.zeros(600, 300, dtype=torch.float64)
+    assert not packed.fits("0.weight", torch.zeros(600, 300))  # (its bytes are not the tensor's)
     assert not packed.decode_into("0.weight", target)
+    assert not packed.decode_into("0.weight", torch.zeros(300, 600).t())  # (not contiguous)
     assert not packed.decode_into("1.weight", torch.zeros(600, dtype=torch.float64))
     assert not packed.decode_into("1.weight", torch.zeros(1200)[::2])  # (not contiguous)
     assert not packed.decode_into("1.weight", torch.zeros(300))
     assert torch.count_nonzero(target) == 0
+    # a sparse layout is written into a float32 tensor of its shape a block at a time
+    target = torch.full((600, 300), 7.0)
+    assert packed.decode_into("0.weight", target)
+    assert torch.equal(target, model[0].weight.detach())
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -195,7 +201,7 @@ def test_tensors_decoded_in_place_are_queued_at_once_and_new_values_bounded(tmp_
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(model[1], name).uniform_(0.5, 1.5)  # (dense float32: decoded in place)
-        model[2].weight[:, ::3] = 0  # (sparse: decoded to new values, as the float16 bias)
+        model[2].weight[:, ::3] = 0  # (sparse: in place by blocks; the float16 bias: new values)
     path = tmp_path / "m.sqz"
     save_packed(model, path)
     submitted: list[str] = []
@@ -217,12 +223,16 @@ def test_tensors_decoded_in_place_are_queued_at_once_and_new_values_bounded(tmp_
     first, value = next(decoded)
     # every tensor decoded in place and the sparse weight were queued before the first result
     # was taken (two threads, not two tensors, at a time); the float16 bias waits for the
-    # weight's values to be taken
+    # weight's arrays (its mask and nonzero values, less than the weight) to be let go
     assert first == "0.weight" and value is None
     assert submitted == list(owners)[:-1]
+    weight = packed.meta["t"]["2.weight"]
+    assert 0 < packed.held("2.weight", fresh[2].weight) < fresh[2].weight.numel()
+    assert weight["enc"] == "bitmask" and packed.held("2.bias", fresh[2].bias) == 10
     rest = dict(decoded)
-    assert submitted == list(owners) and rest["2.weight"] is not None
-    assert torch.equal(rest["2.weight"], model[2].weight.detach())
+    assert submitted == list(owners) and rest["2.weight"] is None  # (decoded in place)
+    assert torch.equal(fresh[2].weight, model[2].weight.detach())
+    assert torch.equal(rest["2.bias"], model[2].bias.detach())
 
 
 def test_a_corrupted_array_is_refused_before_anything_is_written(tmp_path):
