@@ -7,8 +7,10 @@ weights), each at about 0.1 M, 1 M, 10 M and 30 M parameters (110 M with ``--big
 and then each phase of a trial, calling the trial's own functions
 (`search.run.trial.compress_recipe`'s copy, `compressors` ``compress`` / ``finalize``,
 `compressors.save_packed`, `compressors.packing.packed_size`, `compressors.load_packed`,
-`search.run.trial.measure`'s metrics (its latencies by `experiments.metrics.batch_latencies`:
-a batch too slow for the budget timed on fewer rows, recorded as ``latency_rows_b256``),
+`search.run.trial.measure`'s metrics (its latencies by `experiments.metrics.batch_latencies`
+within `search.run.measure.latency_budget` (2 s at most, less for a model whose training
+step is slow): a batch too slow for the budget timed on fewer rows, recorded as
+``latency_rows_b256``),
 `search.run.deploy.deploy_onnx`). For each phase it
 records the wall time over the training step's, the process's CPU time over the step's (the
 machine may be loaded by others: CPU time is what the phase itself spent), and the peak
@@ -212,6 +214,7 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     from compressors.packing import packed_size
     from experiments._baseline import Baseline
     from experiments.metrics import batch_latencies, count_flops, latency_ms, peak_memory_at
+    from search.run.measure import latency_budget
     from search.run.trial import compression_context, measure
 
     task, batch = make_task(kind, rung)
@@ -284,15 +287,17 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     timed("reload fp32", lambda: load_packed(fp32_path, fresh))
     fresh = task.build_model()
     shipped = timed("reload quant-4", lambda: load_packed(path, fresh))
-    latencies = timed(
-        "latency b1+b256 (2 s budget)",
-        lambda: batch_latencies(
-            lambda x: (latency_ms(shipped, x, repeats=30, budget_s=2.0), None),
+
+    def latencies_at_measures_budget():
+        budget_s = latency_budget(shipped, None, task, 2.0)
+        return batch_latencies(
+            lambda x: (latency_ms(shipped, x, repeats=30, budget_s=budget_s), None),
             task.example_inputs,
             (1, 256),
-            budget_s=2.0,
-        ),
-    )
+            budget_s=budget_s,
+        )
+
+    latencies = timed("latency b1+b256 (measure's budget)", latencies_at_measures_budget)
     if latencies:  # (batch 256 timed on fewer rows where a forward of 256 would not fit)
         row["latency_rows_b256"] = latencies[256].rows
     timed("peak memory (b256)", lambda: peak_memory_at(shipped, task.example_inputs, 256))

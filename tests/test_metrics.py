@@ -381,6 +381,33 @@ def test_measure_records_the_rows_a_scaled_latency_was_timed_on(digits_task, dig
     assert paired["latency_rows_b64"] == 1 and paired["speedup_b64"] > 0
 
 
+def test_the_latency_budget_is_a_few_forwards_at_the_training_batch(digits_task, digits_baseline):
+    from search.run.measure import LATENCY_BUDGET_FORWARDS, MIN_LATENCY_BUDGET_S, latency_budget
+
+    model = copy.deepcopy(digits_baseline.model)
+    seen = []
+
+    class Counting(nn.Module):  # (the rows each forward gets)
+        def forward(self, x):
+            seen.append(len(x))
+            return model(x)
+
+    def budget(forward_s, ceiling, reference=None):
+        ticks = iter(float(i) * forward_s for i in range(10))
+        return latency_budget(
+            Counting(), reference, digits_task, ceiling, clock=lambda: next(ticks)
+        )
+
+    slow = 0.4 / LATENCY_BUDGET_FORWARDS  # (forwards of a large model: 0.4 s of budget)
+    assert budget(slow, 2.0) == pytest.approx(0.4)
+    assert seen == [digits_task.train_config.batch_size]  # (one forward, at the training batch)
+    assert budget(100.0, 2.0) == 2.0  # (measure.latency_budget_s caps it)
+    assert budget(1e-6, 2.0) == MIN_LATENCY_BUDGET_S  # (a small model keeps a floor)
+    assert budget(1e-6, 0.01) == 0.01
+    assert budget(slow, None) is None
+    assert budget(slow, 2.0, reference=Counting()) == pytest.approx(0.4)  # (the slower one's)
+
+
 def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
