@@ -289,12 +289,13 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     shipped = timed("reload quant-4", lambda: load_packed(path, fresh))
 
     def latencies_at_measures_budget():
-        budget_s = latency_budget(shipped, None, task, 2.0)
+        budget_s, probe = latency_budget(shipped, None, task, 2.0)
         return batch_latencies(
             lambda x: (latency_ms(shipped, x, repeats=30, budget_s=budget_s), None),
             task.example_inputs,
             (1, 256),
             budget_s=budget_s,
+            probe=probe,
         )
 
     latencies = timed("latency b1+b256 (measure's budget)", latencies_at_measures_budget)

@@ -51,8 +51,9 @@ def measure(
     the model at the task's training batch size (one timed first; `latency_budget`), which
     keeps a large model's measurement to a few of its own training steps (a forward of 256
     rows of a 30 M-parameter MLP takes about 1.5 of them). A batch size whose forward would
-    not fit that budget (predicted from the smaller batch timed before it) is timed on as many
-    rows as fit, scaled to the batch, logged, and recorded as ``latency_rows_bB``
+    not fit that budget (predicted from the smaller batch timed before it, or from that
+    forward at the training batch size if it had more rows) is timed on as many rows as fit,
+    scaled to the batch, logged, and recorded as ``latency_rows_bB``
     (`experiments.metrics.batch_latencies`).
 
     Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
@@ -79,7 +80,7 @@ def measure(
         "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
     }
 
-    budget_s = latency_budget(timed, reference, task, latency_budget_s)
+    budget_s, probe = latency_budget(timed, reference, task, latency_budget_s)
 
     def time_ms(inputs) -> tuple[float, float | None]:
         if reference is None:
@@ -100,6 +101,7 @@ def measure(
         latency_batch_sizes,
         budget_s=budget_s,
         models=1 if reference is None else 2,
+        probe=probe,
     )
     for batch, latency in latencies.items():
         suffix = batch_suffix(batch)
@@ -123,8 +125,10 @@ def measure(
 
 
 #: Forwards at the task's training batch size whose time is a latency's budget, at most (per
-#: batch size; about two thirds of a training step, which takes about three forwards' time).
-LATENCY_BUDGET_FORWARDS = 2.0
+#: batch size; about a training step, which takes about three forwards' time): the rows of a
+#: batch timed on fewer (`experiments.metrics.timed_rows`: 3 forwards fit the budget) are then
+#: about the training batch's.
+LATENCY_BUDGET_FORWARDS = 3.0
 #: Seconds of a latency's budget at least (where ``measure.latency_budget_s`` allows): a small
 #: model's forwards take microseconds, and ``measure.latency_repeats`` of them still fit.
 MIN_LATENCY_BUDGET_S = 0.05
@@ -138,14 +142,18 @@ def latency_budget(
     budget_s: float | None,
     *,
     clock=time.perf_counter,
-) -> float | None:
-    """Seconds of timed forwards per latency (`measure`): ``budget_s``, or less where
-    `LATENCY_BUDGET_FORWARDS` forwards of ``timed`` (or of ``reference``, if slower) at the
-    task's training batch size take less (one forward of each timed here, after the validation
-    pass has run the model), but `MIN_LATENCY_BUDGET_S` at least. None: None (no budget)."""
+) -> tuple[float | None, tuple[int, float] | None]:
+    """``(seconds, probe)``: the seconds of timed forwards per latency (`measure`):
+    ``budget_s``, or less where `LATENCY_BUDGET_FORWARDS` forwards of ``timed`` (or of
+    ``reference``, if slower) at the task's training batch size take less (one forward of
+    each timed here, after the validation pass has run the model), but `MIN_LATENCY_BUDGET_S`
+    at least; and that forward, ``(rows, ms)``, from which
+    `experiments.metrics.batch_latencies` predicts the rows of a larger batch. No budget
+    (None): ``(None, None)``, nothing run."""
     if budget_s is None:
-        return None
-    inputs = task.example_inputs(task.train_config.batch_size)
+        return None, None
+    rows = task.train_config.batch_size
+    inputs = task.example_inputs(rows)
     slowest = 0.0
     for model in (timed, reference):
         if model is not None:
@@ -153,7 +161,8 @@ def latency_budget(
             start = clock()
             call_model(model, inputs)
             slowest = max(slowest, clock() - start)
-    return min(budget_s, max(MIN_LATENCY_BUDGET_S, LATENCY_BUDGET_FORWARDS * slowest))
+    budget = min(budget_s, max(MIN_LATENCY_BUDGET_S, LATENCY_BUDGET_FORWARDS * slowest))
+    return budget, (rows, 1000.0 * slowest)
 
 
 def _agreement(outputs: torch.Tensor, _targets: torch.Tensor, *, reference, kind: str) -> float:
