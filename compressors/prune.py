@@ -46,8 +46,8 @@ def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tenso
     k = round(amount * total)
     if k == 0:
         return [torch.ones_like(p, dtype=torch.bool) for p in parts]
-    threshold = kth_smallest(parts, k)
-    if threshold is None:  # (on its device, as a sort: a sort ranks NaN last, a count does not)
+    found = kth_smallest(parts, k)
+    if found is None:  # (on its device, as a sort: a sort ranks NaN last, a count does not)
         flat = torch.cat([p.detach().flatten() for p in parts])
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat, stable=True)[:k]] = False
@@ -55,8 +55,8 @@ def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tenso
             m.view(p.shape).to(p.device)
             for m, p in zip(keep.split([q.numel() for q in parts]), parts, strict=True)
         ]
-    # ties still to drop (count_nonzero: a bool tensor's sum made an int64 copy of it)
-    remaining = k - sum(int(torch.count_nonzero(p < threshold)) for p in parts)
+    threshold, below = found
+    remaining = k - below  # ties still to drop
     masks = []
     for p in parts:
         keep = p.flatten() > threshold
@@ -73,30 +73,37 @@ _SELECT_CHUNK = 1 << 20
 _HALF = 1 << 16  # (bins of each of the two counting passes: 16 bits of a float32's key each)
 
 
-def kth_smallest(parts: list[torch.Tensor], k: int) -> float | None:
-    """The ``k``-th smallest value (1-based) of ``parts`` read as one tensor, found by a radix
-    select on float32 keys (the float's bits, ordered as the floats are): a count of the values
-    by their keys' upper 16 bits finds the bin holding the ``k``-th, a count of that bin's
-    values by their lower 16 bits the value itself. Exact for float32, float16 and bfloat16
-    scores on the CPU; each pass reads the scores a chunk at a time (temporaries of
-    `_SELECT_CHUNK` values, no copy of all). None where it does not apply (another dtype or
-    device, or a NaN among the scores: the caller sorts)."""
+def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+    """``(value, below)``: the ``k``-th smallest value (1-based) of ``parts`` read as one
+    tensor, and how many values are smaller, found by a radix select on float32 keys (the
+    float's bits, ordered as the floats are): a count of the values by their keys' upper 16
+    bits finds the bin holding the ``k``-th, a count of that bin's values by their lower 16
+    bits the value itself. Exact for float32, float16 and bfloat16 scores on the CPU; each pass
+    reads the scores a chunk at a time (temporaries of `_SELECT_CHUNK` values, no copy of
+    all). None where it does not apply (another dtype or device, or a NaN among the scores:
+    the caller sorts)."""
     if any(
         p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
         for p in parts
-    ) or any(bool(torch.isnan(p).any()) for p in parts):
+    ):
         return None
 
     def keys():  # (int32, ordered as the floats: a negative float's other 31 bits flipped)
         for p in parts:
             flat = p.detach().flatten()
             for start in range(0, flat.numel(), _SELECT_CHUNK):
-                bits = flat[start : start + _SELECT_CHUNK].float().view(torch.int32)
+                chunk = flat[start : start + _SELECT_CHUNK].float()
+                if torch.isnan(chunk).any():
+                    raise _NaN
+                bits = chunk.view(torch.int32)
                 yield torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
     high = torch.zeros(_HALF, dtype=torch.int64)
-    for key in keys():
-        high += torch.bincount((key >> 16) + _HALF // 2, minlength=_HALF)
+    try:
+        for key in keys():
+            high += torch.bincount((key >> 16) + _HALF // 2, minlength=_HALF)
+    except _NaN:
+        return None
     counts = torch.cumsum(high, 0)
     upper = int(torch.searchsorted(counts, k))  # (the bin whose count reaches k)
     before = int(counts[upper - 1]) if upper else 0
@@ -104,10 +111,16 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> float | None:
     for key in keys():
         inside = key[(key >> 16) == upper - _HALF // 2]
         low += torch.bincount(inside & 0xFFFF, minlength=_HALF)
-    lower = int(torch.searchsorted(torch.cumsum(low, 0), k - before))
+    counts = torch.cumsum(low, 0)
+    lower = int(torch.searchsorted(counts, k - before))
     key = ((upper - _HALF // 2) << 16) | lower
     bits = key ^ 0x7FFFFFFF if key < 0 else key
-    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+    below = before + (int(counts[lower - 1]) if lower else 0)
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32)), below
+
+
+class _NaN(Exception):
+    """A NaN among the scores (`kth_smallest`)."""
 
 
 class UnstructuredPruning(Compressor):

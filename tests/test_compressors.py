@@ -106,7 +106,9 @@ def test_the_kth_smallest_score_is_found_by_counting_in_chunks(monkeypatch):
         ordered = scores.float().sort().values
         parts = [scores[:40].view(8, 5), scores[40:]]
         for k in (1, 2, 13, 50, 96, 97):
-            assert prune.kth_smallest(parts, k) == float(ordered[k - 1])
+            value, below = prune.kth_smallest(parts, k)
+            assert value == float(ordered[k - 1])
+            assert below == int((scores.float() < value).sum())
     assert prune.kth_smallest([torch.randn(5, dtype=torch.float64)], 2) is None
     assert prune.kth_smallest([torch.tensor([1.0, float("nan")])], 1) is None
 
