@@ -3,10 +3,31 @@ trial logs of them beside each latency it times in ONNX Runtime."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnxruntime
+
+
+def release_freed_memory() -> None:
+    """Free what only reference cycles still hold (a garbage collection: the model the graph
+    was exported from outlives its last name, torch's exporter having left it in cycles) and
+    hand the heap's freed pages back to the system (glibc's ``malloc_trim``; nothing where the
+    C library has none). Before the check's ONNX Runtime session (which dequantizes the graph's
+    weights once, its own float copy), exporting and checking a 30 M-parameter MLP peaked at
+    3.1x its bytes, 2.5x with this. The collection takes 0.2-1 s once torch's exporter is
+    imported (a younger generation's frees nothing here)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # (another C library: musl, macOS, Windows)
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 def session_options(threads: int = 1) -> onnxruntime.SessionOptions:

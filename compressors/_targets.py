@@ -109,14 +109,18 @@ class Target:
     def numel(self) -> int:
         return self.weight.numel()
 
-    def register(self, parametrization: nn.Module) -> None:
+    def register(self, parametrization: nn.Module, *, unsafe: bool = False) -> None:
         """Register ``parametrization`` on the tensor at every site (one instance shared by all,
         so a tied tensor stays tied). (Without gradients: registering computes the value once,
         to check its shape and dtype, and a straight-through estimator's graph would hold several
-        temporaries of the tensor's size.)"""
+        temporaries of the tensor's size.) ``unsafe``: torch's, no such check (nor its
+        temporary of the tensor's size), for a parametrization that keeps both by construction
+        (`compressors.prune.Mask`)."""
         with torch.no_grad():
             for site in self.sites:
-                parametrize.register_parametrization(site.module, site.attr, parametrization)
+                parametrize.register_parametrization(
+                    site.module, site.attr, parametrization, unsafe=unsafe
+                )
 
     def parametrizations(self) -> list[nn.Module]:
         """The parametrizations registered on the tensor, in order (empty if none)."""

@@ -179,7 +179,8 @@ def truncated_svd(
     SVD: a Gaussian sketch of ``rank`` + a few columns (drawn from its own generator seeded
     with ``seed``: the global random state is untouched), `NITER` power iterations, each
     re-orthonormalized, then the SVD of the small projected matrix; else the top ``rank``
-    eigenvectors of the smaller Gram matrix in float64 (`_gram_svd`; exact at full rank)."""
+    eigenvectors of the smaller Gram matrix (`_gram_svd`: in float32 where that is accurate,
+    else float64; exact at full rank)."""
     work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
     if not randomized(tuple(work.shape), rank):
         if work.device.type == "mps":  # (no float64 there)
@@ -200,51 +201,101 @@ def truncated_svd(
 
 def _gram_svd(work: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`truncated_svd` from the eigenvectors of the smaller Gram matrix (``A A^T`` of the wide
-    matrix ``A``), in float64: the top ``rank`` of them, ``U``, and ``U^T A`` (``S Vh``: the
-    best reconstruction in their span), the matrix read in float64 a block of columns at a
-    time. A 2048 x 4096 matrix at rank 1024: 2.7 CPU-seconds (3.4 with torch's ``eigh`` of the
-    whole Gram matrix; `torch.linalg.svd` 15-19 s wall at load 7; a 2-core AMD EPYC with
-    AVX-512, one thread), the same reconstruction error to 5 digits; all in float32 was faster
-    but lost up to 2.7x in error on the smallest singular values of ill-conditioned matrices."""
+    matrix ``A``): the top ``rank`` of them, ``U``, and ``U^T A`` (``S Vh``: the best
+    reconstruction in their span). In float32 first (`_gram_factors`), kept where the spectrum
+    at the cut is well above float32's rounding of the Gram matrix: its ``rank``-th eigenvalue
+    at least `FLOAT32_GRAM_FLOOR` of the largest; else again in float64, the matrix read a
+    block of columns at a time. A 2048 x 4096 matrix at rank 1024 (a 2-core AMD EPYC with
+    AVX-512, one thread): 2.3 CPU-seconds in float64, 1.2 in float32 (the Gram matrix and
+    LAPACK's ``ssyevr``); float32 alone lost up to 74x of the error on ill-conditioned tails,
+    which the floor sends to float64 (`torch.linalg.svd`: 15-19 s wall at load 7)."""
     wide = work.shape[0] <= work.shape[1]
     a = work if wide else work.T
-    step = max(1, _GRAM_CHUNK // a.shape[0])  # (columns at a time: no float64 copy of ``a``)
-    blocks = [slice(start, start + step) for start in range(0, a.shape[1], step)]
-    gram = a.new_zeros((a.shape[0], a.shape[0]), dtype=torch.float64)
-    for block in blocks:
-        part = a[:, block].to(torch.float64)
-        gram.addmm_(part, part.T)
-    vectors = _top_eigenvectors(gram, rank)
-    del gram
-    projected = a.new_empty((rank, a.shape[1]), dtype=torch.float64)
-    for block in blocks:
-        projected[:, block] = vectors.T @ a[:, block].to(torch.float64)
-    s = torch.linalg.vector_norm(projected, dim=1)
-    vh = projected.div_(s.clamp_min(torch.finfo(torch.float64).tiny)[:, None])
-    u, s, vh = (x.to(work.dtype) for x in (vectors, s, vh))
+    found = None
+    if a.dtype == torch.float32 and rank < a.shape[0]:  # (float64 at full rank: exact)
+        found = _gram_factors(a, rank, torch.float32)
+    if found is None:
+        found = _gram_factors(a, rank, torch.float64)
+    u, s, vh = (x.to(work.dtype) for x in found)
     return (u, s, vh) if wide else (vh.T, s, u.T)
 
 
-def _top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The eigenvectors of symmetric ``gram``'s ``rank`` largest eigenvalues, largest first
-    (``gram`` is overwritten). On the CPU, LAPACK's ``syevr`` computes only those, with a
-    workspace of O(n) (``syevd``, torch's, of 2 n^2: 64 MiB for 2048 x 2048)."""
+#: The least ratio of the kept ``rank``-th to the largest eigenvalue of the Gram matrix (of
+#: squared singular values: 1e-4 is a singular value 1% of the largest) at which `_gram_svd`
+#: keeps its float32 factors. On 512 x 1024 and 1024 x 2048 matrices at ranks 0.5 and 0.9 of
+#: full (random init, 1/sqrt(i), 1/i, i^-2 and exponential spectra, rank 20 plus noise), every
+#: case at a ratio of 1.3e-4 or more reconstructed as float64 did to 6 digits; below, float32
+#: lost 4e-5 (ratio 1.5e-5) up to 74x (8e-12) of the error.
+FLOAT32_GRAM_FLOOR = 1e-4
+
+
+def _gram_factors(
+    a: torch.Tensor, rank: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(U, S, Vh)`` of wide ``a`` at ``rank`` from its Gram matrix computed in ``dtype``
+    (float64: a block of columns at a time, no float64 copy of ``a``); None where in float32
+    the ``rank``-th eigenvalue is below `FLOAT32_GRAM_FLOOR` of the largest."""
+    step = max(1, _GRAM_CHUNK // a.shape[0])  # (columns at a time)
+    blocks = [slice(start, start + step) for start in range(0, a.shape[1], step)]
+    if a.dtype == dtype:
+        gram = _gram(a)
+    else:
+        gram = a.new_zeros((a.shape[0], a.shape[0]), dtype=dtype)
+        for block in blocks:
+            part = a[:, block].to(dtype)
+            gram.addmm_(part, part.T)
+    values, vectors = _top_eigenpairs(gram, rank)
+    del gram
+    if dtype == torch.float32 and not values[-1] >= FLOAT32_GRAM_FLOOR * values[0]:
+        return None
+    if a.dtype == dtype:
+        projected = vectors.T @ a
+    else:
+        projected = a.new_empty((rank, a.shape[1]), dtype=dtype)
+        for block in blocks:
+            projected[:, block] = vectors.T @ a[:, block].to(dtype)
+    s = torch.linalg.vector_norm(projected, dim=1)
+    vh = projected.div_(s.clamp_min(torch.finfo(dtype).tiny)[:, None])
+    return vectors, s, vh
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``a @ a.T``; on the CPU in float32, its lower triangle only (what `_top_eigenpairs`
+    reads there), by BLAS's ``ssyrk``: half the multiplications (2048 x 4096: 0.14 CPU-s
+    against 0.33 s)."""
+    if a.device.type != "cpu" or a.dtype != torch.float32:
+        return a @ a.T
+    from scipy.linalg.blas import ssyrk
+
+    values = a.numpy()  # (a view; in Fortran order as given, so that BLAS copies nothing)
+    if values.flags.f_contiguous:
+        return torch.from_numpy(ssyrk(1.0, values, trans=0, lower=1))
+    return torch.from_numpy(ssyrk(1.0, values.T, trans=1, lower=1))
+
+
+def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, vectors)``: symmetric ``gram``'s ``rank`` largest eigenvalues and their
+    eigenvectors, largest first (``gram`` is overwritten; its lower triangle is read). On the
+    CPU, LAPACK's ``syevr``
+    computes only those, with a workspace of O(n) (``syevd``, torch's, of 2 n^2: 64 MiB for
+    2048 x 2048)."""
     n = gram.shape[0]
     if gram.device.type != "cpu":
-        return torch.linalg.eigh(gram).eigenvectors[:, -rank:].flip(1)
+        values, vectors = torch.linalg.eigh(gram)
+        return values[-rank:].flip(0), vectors[:, -rank:].flip(1)
     import scipy.linalg  # (here: most runs never factorise a large layer; startup stays short)
 
-    _, vectors = scipy.linalg.eigh(
+    values, vectors = scipy.linalg.eigh(
         gram.numpy(),
         subset_by_index=[n - rank, n - 1],
         driver="evr",
         overwrite_a=True,
         check_finite=False,
     )
-    return torch.from_numpy(vectors).flip(1)
+    return torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)
 
 
-#: Values of the matrix `_gram_svd` reads in float64 at a time (8 MiB).
+#: Values of the matrix `_gram_factors` reads in float64 at a time (8 MiB).
 _GRAM_CHUNK = 1 << 20
 
 

@@ -141,7 +141,12 @@ from compressors._onnx_pool import float_pools, integer_pools
 from compressors._onnx_qdq import ActivationQDQ
 from compressors._onnx_rewrite import Rewriter
 from compressors._onnx_rows import gemm_rows
-from compressors._onnx_session import require_ort, session_options, session_settings
+from compressors._onnx_session import (
+    release_freed_memory,
+    require_ort,
+    session_options,
+    session_settings,
+)
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
 
@@ -164,6 +169,7 @@ __all__ = [
     "export_onnx",
     "OrtModule",
     "ort_session",
+    "release_freed_memory",
     "session_settings",
 ]
 

@@ -16,14 +16,17 @@ from compressors.importance import CRITERIA, weight_scores
 
 class Mask(nn.Module):
     """Parametrization ``w -> w * mask``: pruned weights stay zero and receive no gradient. The
-    mask is boolean (a quarter of float32's bytes: a BERT-base's masks took 440 MB as floats)."""
+    mask is boolean (a quarter of float32's bytes: a BERT-base's masks took 440 MB as floats),
+    applied by `torch.where` (``w * mask`` made a float copy of the mask first: two temporaries
+    of the weight's size, where registering the masks of a 30 M-parameter MLP peaked at 1x its
+    bytes above the scores; the pruned weights are +0.0 where a product left -0.0)."""
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        return torch.where(self.mask, weight, 0.0)
 
 
 def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
@@ -35,29 +38,25 @@ def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
 def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
     """Boolean keep-masks of ``parts`` (read as one tensor, in order) that drop exactly
     ``round(amount * total)`` lowest-scoring entries, of equal scores the first in order (what a
-    stable sort of them all drops). Found by partitioning one float copy of the scores around
-    the k-th smallest rather than sorting them: a sort's int64 indices took twice the scores'
-    bytes again (global pruning of BERT-base: 7.2x the model's bytes at its peak; 2.25x now)."""
+    stable sort of them all drops). Found from the k-th smallest score (`kth_smallest`: two
+    counting passes over the scores, no copy of them) rather than by sorting: a sort's int64
+    indices took twice the scores' bytes again (global pruning of BERT-base: 7.2x the model's
+    bytes at its peak), and a partitioned float copy of them all once again."""
     total = sum(p.numel() for p in parts)
     k = round(amount * total)
     if k == 0:
         return [torch.ones_like(p, dtype=torch.bool) for p in parts]
-    flat = torch.cat([p.detach().flatten() for p in parts])
-    if flat.dtype in (torch.float16, torch.bfloat16):  # (no numpy type: float32 holds them)
-        flat = flat.float()
-    if flat.device.type != "cpu" or torch.isnan(flat).any():  # (on its device, as a sort: a
-        # sort ranks NaN last, a partition does not; the partition runs on CPU tensors only)
+    found = kth_smallest(parts, k)
+    if found is None:  # (on its device, as a sort: a sort ranks NaN last, a count does not)
+        flat = torch.cat([p.detach().flatten() for p in parts])
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat, stable=True)[:k]] = False
         return [
             m.view(p.shape).to(p.device)
             for m, p in zip(keep.split([q.numel() for q in parts]), parts, strict=True)
         ]
-    values = flat.numpy()
-    values.partition(k - 1)  # (in place: the copy's order is not needed again)
-    threshold = float(values[k - 1])
-    del flat, values
-    remaining = k - sum(int((p < threshold).sum()) for p in parts)  # ties still to drop
+    threshold, below = found
+    remaining = k - below  # ties still to drop
     masks = []
     for p in parts:
         keep = p.flatten() > threshold
@@ -67,6 +66,61 @@ def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tenso
         remaining -= drop
         masks.append(keep.view(p.shape))
     return masks
+
+
+#: Values `kth_smallest` reads at a time (4 MiB of float32).
+_SELECT_CHUNK = 1 << 20
+_HALF = 1 << 16  # (bins of each of the two counting passes: 16 bits of a float32's key each)
+
+
+def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+    """``(value, below)``: the ``k``-th smallest value (1-based) of ``parts`` read as one
+    tensor, and how many values are smaller, found by a radix select on float32 keys (the
+    float's bits, ordered as the floats are): a count of the values by their keys' upper 16
+    bits finds the bin holding the ``k``-th, a count of that bin's values by their lower 16
+    bits the value itself. Exact for float32, float16 and bfloat16 scores on the CPU; each pass
+    reads the scores a chunk at a time (temporaries of `_SELECT_CHUNK` values, no copy of
+    all). None where it does not apply (another dtype or device, or a NaN among the scores:
+    the caller sorts)."""
+    if any(
+        p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        for p in parts
+    ):
+        return None
+
+    def keys():  # (int32, ordered as the floats: a negative float's other 31 bits flipped)
+        for p in parts:
+            flat = p.detach().flatten()
+            for start in range(0, flat.numel(), _SELECT_CHUNK):
+                chunk = flat[start : start + _SELECT_CHUNK].float()
+                if torch.isnan(chunk).any():
+                    raise _NaN
+                bits = chunk.view(torch.int32)
+                yield torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    high = torch.zeros(_HALF, dtype=torch.int64)
+    try:
+        for key in keys():
+            high += torch.bincount((key >> 16) + _HALF // 2, minlength=_HALF)
+    except _NaN:
+        return None
+    counts = torch.cumsum(high, 0)
+    upper = int(torch.searchsorted(counts, k))  # (the bin whose count reaches k)
+    before = int(counts[upper - 1]) if upper else 0
+    low = torch.zeros(_HALF, dtype=torch.int64)
+    for key in keys():
+        inside = key[(key >> 16) == upper - _HALF // 2]
+        low += torch.bincount(inside & 0xFFFF, minlength=_HALF)
+    counts = torch.cumsum(low, 0)
+    lower = int(torch.searchsorted(counts, k - before))
+    key = ((upper - _HALF // 2) << 16) | lower
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    below = before + (int(counts[lower - 1]) if lower else 0)
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32)), below
+
+
+class _NaN(Exception):
+    """A NaN among the scores (`kth_smallest`)."""
 
 
 class UnstructuredPruning(Compressor):
@@ -107,8 +161,8 @@ class UnstructuredPruning(Compressor):
         found = targets(model)
         scores = weight_scores(self.importance, found, model, ctx)
         masks = keep_masks(scores, self.amount, self.scope, param=f"{self.name}.amount")
-        for name, keep in masks.items():
-            found[name].register(Mask(keep))
+        for name, keep in masks.items():  # (a mask of the weight's shape: no check needed)
+            found[name].register(Mask(keep), unsafe=True)
         return model
 
 

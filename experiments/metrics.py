@@ -328,6 +328,7 @@ def batch_latencies(
     *,
     budget_s: float | None,
     models: int = 1,
+    probe: tuple[int, float] | None = None,
 ) -> dict[int, BatchLatency]:
     """The latency at each batch size of ``batches``, timed from the smallest up: ``time_ms``
     times a forward on ``inputs_of(rows)`` (``(ms, reference ms or None)``: `latency_ms`, or
@@ -337,9 +338,11 @@ def batch_latencies(
     so (`BatchLatency.rows`), then timed again on the rows that this timing predicts fit, where
     they are many more (`RETIMES`, `RETIME_GAIN`: a batch's cost per row falls with its size); the
     first batch is timed as it is (`latency_ms` stops at one forward where one takes the
-    budget)."""
+    budget), or predicted from ``probe`` (``(rows, ms)``: a forward of that many rows timed
+    before, e.g. at the training batch size) where that holds more rows than the batch timed
+    before it (a forward of a few rows is mostly its fixed cost: a 30 M-parameter MLP's batch
+    256 was predicted from batch 1 at 5 rows, from 64 rows at about 64)."""
     out: dict[int, BatchLatency] = {}
-    probe: tuple[int, float] | None = None
     for batch in sorted(set(batches)):
         rows = batch
         if probe is not None:
@@ -353,7 +356,8 @@ def batch_latencies(
                 break
             rows = more
             ms, reference_ms = time_ms(inputs_of(rows))
-        probe = (rows, max(ms, reference_ms or 0.0))
+        if probe is None or rows >= probe[0]:
+            probe = (rows, max(ms, reference_ms or 0.0))
         scale = batch / rows
         reference_ms = None if reference_ms is None else reference_ms * scale
         out[batch] = BatchLatency(batch, rows, ms * scale, reference_ms)

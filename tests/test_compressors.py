@@ -87,6 +87,32 @@ def test_the_k_smallest_are_dropped_ties_in_order_as_a_stable_sort_drops_them():
         assert torch.equal(got, by_sort(cases[0], amount))
 
 
+def test_the_kth_smallest_score_is_found_by_counting_in_chunks(monkeypatch):
+    """`kth_smallest` (a radix select on the floats' keys, read a chunk at a time) gives the
+    sorted scores' k-th value: negative scores, signed zeros, infinities, ties and half
+    precision included; None for what it does not handle (float64, NaN)."""
+    from compressors import prune
+
+    monkeypatch.setattr(prune, "_SELECT_CHUNK", 7)  # (chunks within and across the parts)
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-42, -1e-42, -2.5])
+    cases = [
+        torch.cat([torch.randn(90, generator=g), specials]),
+        torch.randint(-3, 4, (97,), generator=g).float(),
+        torch.randn(97, generator=g).half(),
+        torch.randn(97, generator=g).abs().bfloat16(),
+    ]
+    for scores in cases:
+        ordered = scores.float().sort().values
+        parts = [scores[:40].view(8, 5), scores[40:]]
+        for k in (1, 2, 13, 50, 96, 97):
+            value, below = prune.kth_smallest(parts, k)
+            assert value == float(ordered[k - 1])
+            assert below == int((scores.float() < value).sum())
+    assert prune.kth_smallest([torch.randn(5, dtype=torch.float64)], 2) is None
+    assert prune.kth_smallest([torch.tensor([1.0, float("nan")])], 1) is None
+
+
 def test_layer_pruning_zeroes_the_fraction_in_every_layer(digits_baseline):
     model = _apply(digits_baseline.model, ("prune", {"amount": 0.75, "scope": "layer"}))
     for w in _weights(model).values():

@@ -372,13 +372,61 @@ def test_measure_records_the_rows_a_scaled_latency_was_timed_on(digits_task, dig
     from search.run.measure import measure
 
     model = copy.deepcopy(digits_baseline.model)
-    tiny = measure(model, digits_task, (1, 64), 3, latency_budget_s=1e-9)
-    assert tiny["latency_rows_b64"] == 1  # (no rows fit a nanosecond: batch 1's, scaled by 64)
-    assert tiny["latency_ms_b64"] > 0 and "latency_rows" not in tiny
-    whole = measure(model, digits_task, (1, 64), 3, latency_budget_s=None)
-    assert "latency_rows_b64" not in whole and whole["latency_ms_b64"] > 0
-    paired = measure(model, digits_task, (1, 64), 3, latency_budget_s=1e-9, reference=model)
-    assert paired["latency_rows_b64"] == 1 and paired["speedup_b64"] > 0
+    rows = digits_task.train_config.batch_size  # (64: the forward the budget was timed on)
+    tiny = measure(model, digits_task, (1, 256), 3, latency_budget_s=1e-9)
+    assert tiny["latency_rows_b256"] == rows  # (no rows fit a nanosecond: never fewer than it)
+    assert tiny["latency_ms_b256"] > 0 and "latency_rows" not in tiny
+    whole = measure(model, digits_task, (1, 256), 3, latency_budget_s=None)
+    assert "latency_rows_b256" not in whole and whole["latency_ms_b256"] > 0
+    paired = measure(model, digits_task, (1, 256), 3, latency_budget_s=1e-9, reference=model)
+    assert paired["latency_rows_b256"] == rows and paired["speedup_b256"] > 0
+
+
+def test_the_latency_budget_is_a_few_forwards_at_the_training_batch(digits_task, digits_baseline):
+    from search.run.measure import LATENCY_BUDGET_FORWARDS, MIN_LATENCY_BUDGET_S, latency_budget
+
+    model = copy.deepcopy(digits_baseline.model)
+    seen = []
+
+    class Counting(nn.Module):  # (the rows each forward gets)
+        def forward(self, x):
+            seen.append(len(x))
+            return model(x)
+
+    def budget(forward_s, ceiling, reference=None):
+        ticks = iter(float(i) * forward_s for i in range(10))
+        return latency_budget(
+            Counting(), reference, digits_task, ceiling, clock=lambda: next(ticks)
+        )
+
+    slow = 0.4 / LATENCY_BUDGET_FORWARDS  # (forwards of a large model: 0.4 s of budget)
+    rows = digits_task.train_config.batch_size
+    seconds, probe = budget(slow, 2.0)
+    assert seconds == pytest.approx(0.4) and probe == (rows, pytest.approx(1000.0 * slow))
+    assert seen == [rows]  # (one forward, at the training batch)
+    assert budget(100.0, 2.0)[0] == 2.0  # (measure.latency_budget_s caps it)
+    assert budget(1e-6, 2.0)[0] == MIN_LATENCY_BUDGET_S  # (a small model keeps a floor)
+    assert budget(1e-6, 0.01)[0] == 0.01
+    assert budget(slow, None) == (None, None)
+    assert budget(slow, 2.0, reference=Counting())[0] == pytest.approx(0.4)  # (the slower one)
+
+
+def test_a_larger_probe_predicts_the_rows_of_a_large_batch():
+    """Batch 1 at 50 ms (49 of them fixed) would predict 13 rows of 256 for a 2 s budget; a
+    forward of 64 rows timed before (113 ms) predicts 377 rows a row: all 256, timed once."""
+    seen: list[int] = []
+
+    def time_ms(inputs):
+        seen.append(len(inputs))
+        return 49.0 + 1.0 * len(inputs), None
+
+    latencies = batch_latencies(
+        time_ms, lambda n: torch.zeros(n), (1, 256), budget_s=2.0, probe=(64, 113.0)
+    )
+    assert seen == [1, 256] and latencies[256].rows == 256
+    seen.clear()  # (a probe smaller than the batch timed before it: that batch predicts)
+    batch_latencies(time_ms, lambda n: torch.zeros(n), (8, 256), budget_s=2.0, probe=(2, 1.0))
+    assert seen == [8, 93, 256]
 
 
 def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():

@@ -101,6 +101,7 @@ def deploy_onnx(
         check_onnx,
         export_onnx,
         ort_session,
+        release_freed_memory,
         session_settings,
         torch_outputs,
     )
@@ -110,6 +111,7 @@ def deploy_onnx(
     exported = export_onnx(packed, model, task.example_inputs(8), out, output=output)  # loads
     expected = torch_outputs(model, _inputs(task.val, []), output=output)
     del model  # (before ONNX Runtime's session holds the graph's float weights)
+    release_freed_memory()  # (the exporter left the model in reference cycles)
     targets: list[Any] = []
     check = check_onnx(out, None, _inputs(task.val, targets), output=output, expected=expected)
     if not check.agree:

@@ -7,12 +7,14 @@ CPU, where the shipped file is loaded, on the validation split.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from functools import partial
 
 import torch
 
 from experiments import DECISIONS, DecisionAgreement, Task, prediction_agreement, scores
+from experiments._data import call_model
 from experiments.metrics import (
     batch_latencies,
     count_flops,
@@ -44,10 +46,15 @@ def measure(
     shipped file is loaded: what a user's CPU pays for it.
 
     Each latency is the median of ``latency_repeats`` timed forwards at most, 3 at least,
-    stopping once they have taken ``latency_budget_s`` seconds (None: exactly that many). A
-    batch size whose forward would not fit that budget (predicted from the smaller batch
-    timed before it) is timed on as many rows as fit, scaled to the batch, logged, and
-    recorded as ``latency_rows_bB`` (`experiments.metrics.batch_latencies`).
+    stopping once they have taken the time budget (None: exactly that many): at most
+    ``latency_budget_s`` seconds, and at most the time of `LATENCY_BUDGET_FORWARDS` forwards of
+    the model at the task's training batch size (one timed first; `latency_budget`), which
+    keeps a large model's measurement to a few of its own training steps (a forward of 256
+    rows of a 30 M-parameter MLP takes about 1.5 of them). A batch size whose forward would
+    not fit that budget (predicted from the smaller batch timed before it, or from that
+    forward at the training batch size if it had more rows) is timed on as many rows as fit,
+    scaled to the batch, logged, and recorded as ``latency_rows_bB``
+    (`experiments.metrics.batch_latencies`).
 
     Latency is timed on ``timed`` (default: ``shipped``; with ``measure.runtime=onnxruntime``,
     its ONNX graph in ONNX Runtime). With a ``reference`` (the baseline in the same runtime),
@@ -73,9 +80,11 @@ def measure(
         "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
     }
 
+    budget_s, probe = latency_budget(timed, reference, task, latency_budget_s)
+
     def time_ms(inputs) -> tuple[float, float | None]:
         if reference is None:
-            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=latency_budget_s)
+            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=budget_s)
             return ms, None
         return interleaved_latency_ms(
             timed,
@@ -83,15 +92,16 @@ def measure(
             inputs,
             rounds=LATENCY_ROUNDS,
             repeats=_per_round(latency_repeats),
-            budget_s=latency_budget_s,
+            budget_s=budget_s,
         )
 
     latencies = batch_latencies(
         time_ms,
         task.example_inputs,
         latency_batch_sizes,
-        budget_s=latency_budget_s,
+        budget_s=budget_s,
         models=1 if reference is None else 2,
+        probe=probe,
     )
     for batch, latency in latencies.items():
         suffix = batch_suffix(batch)
@@ -101,16 +111,58 @@ def measure(
         if latency.rows != batch:
             metrics[f"latency_rows{suffix}"] = latency.rows
             logger.info(
-                "latency at batch %d timed on %d rows (a forward of %d would not fit "
-                "measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
+                "latency at batch %d timed on %d rows (a forward of %d would not fit the "
+                "budget of %.3g s, measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
                 batch,
                 latency.rows,
                 batch,
+                budget_s,
                 latency_budget_s,
                 batch / latency.rows,
                 latency.ms,
             )
     return metrics
+
+
+#: Forwards at the task's training batch size whose time is a latency's budget, at most (per
+#: batch size; about a training step, which takes about three forwards' time): the rows of a
+#: batch timed on fewer (`experiments.metrics.timed_rows`: 3 forwards fit the budget) are then
+#: about the training batch's.
+LATENCY_BUDGET_FORWARDS = 3.0
+#: Seconds of a latency's budget at least (where ``measure.latency_budget_s`` allows): a small
+#: model's forwards take microseconds, and ``measure.latency_repeats`` of them still fit.
+MIN_LATENCY_BUDGET_S = 0.05
+
+
+@torch.no_grad()
+def latency_budget(
+    timed: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    task: Task,
+    budget_s: float | None,
+    *,
+    clock=time.perf_counter,
+) -> tuple[float | None, tuple[int, float] | None]:
+    """``(seconds, probe)``: the seconds of timed forwards per latency (`measure`):
+    ``budget_s``, or less where `LATENCY_BUDGET_FORWARDS` forwards of ``timed`` (or of
+    ``reference``, if slower) at the task's training batch size take less (one forward of
+    each timed here, after the validation pass has run the model), but `MIN_LATENCY_BUDGET_S`
+    at least; and that forward, ``(rows, ms)``, from which
+    `experiments.metrics.batch_latencies` predicts the rows of a larger batch. No budget
+    (None): ``(None, None)``, nothing run."""
+    if budget_s is None:
+        return None, None
+    rows = task.train_config.batch_size
+    inputs = task.example_inputs(rows)
+    slowest = 0.0
+    for model in (timed, reference):
+        if model is not None:
+            model.eval()
+            start = clock()
+            call_model(model, inputs)
+            slowest = max(slowest, clock() - start)
+    budget = min(budget_s, max(MIN_LATENCY_BUDGET_S, LATENCY_BUDGET_FORWARDS * slowest))
+    return budget, (rows, 1000.0 * slowest)
 
 
 def _agreement(outputs: torch.Tensor, _targets: torch.Tensor, *, reference, kind: str) -> float:

@@ -110,7 +110,8 @@ class SweepContext:
             train + validation, each with a baseline trained on its own training part.
         latency_batch_sizes: Batch sizes at which latency is measured.
         latency_repeats: Timed forwards per latency measurement, at most (3 at least).
-        latency_budget_s: Seconds of timed forwards per latency measurement (per batch size):
+        latency_budget_s: Seconds of timed forwards per latency measurement (per batch size),
+            at most (less for a model whose forwards are slow: `search.run.measure.measure`):
             timing stops when they are spent (`experiments.metrics.latency_ms`).
         reference: The shipped baseline (its packed file, reloaded; in ONNX Runtime with
             ``runtime="onnxruntime"``): each trial's latency is timed against it, interleaved,
