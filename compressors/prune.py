@@ -98,7 +98,7 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
                 bits = chunk.view(torch.int32)
                 yield torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
-    high = torch.zeros(_HALF, dtype=torch.int64)
+    high = torch.zeros(_HALF, dtype=torch.int64, device="cpu")
     try:
         for key in keys():
             high += torch.bincount((key >> 16) + _HALF // 2, minlength=_HALF)
@@ -107,7 +107,7 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
     counts = torch.cumsum(high, 0)
     upper = int(torch.searchsorted(counts, k))  # (the bin whose count reaches k)
     before = int(counts[upper - 1]) if upper else 0
-    low = torch.zeros(_HALF, dtype=torch.int64)
+    low = torch.zeros(_HALF, dtype=torch.int64, device="cpu")
     for key in keys():
         inside = key[(key >> 16) == upper - _HALF // 2]
         low += torch.bincount(inside & 0xFFFF, minlength=_HALF)
@@ -116,7 +116,7 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
     key = ((upper - _HALF // 2) << 16) | lower
     bits = key ^ 0x7FFFFFFF if key < 0 else key
     below = before + (int(counts[lower - 1]) if lower else 0)
-    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32)), below
+    return float(torch.tensor(bits, dtype=torch.int32, device="cpu").view(torch.float32)), below
 
 
 class _NaN(Exception):
