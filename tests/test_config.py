@@ -63,6 +63,8 @@ def test_a_task_names_its_own_default_space_and_the_command_line_overrides_it():
     assert mnist1d.space.name == "mnist1d_cnn" and len(mnist1d.space.warm_start) == 9
     assert mnist1d.task.name == "mnist1d_cnn" and mnist1d.task.channels == 25
     assert compose_config(["task=mnist1d_cnn", "space=default"]).space.name == "default"
+    topics = compose_config(["task=minilm_topics"]).space  # its own, warm starts at 7-12x
+    assert topics.name == "minilm_topics" and len(topics.warm_start) == 10
 
 
 def test_the_minilm_task_alone_plans_a_sweep():
