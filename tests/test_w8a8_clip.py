@@ -35,7 +35,7 @@ from compressors import (  # noqa: E402
 )
 from compressors._onnx_bert import bert_attention  # noqa: E402
 from experiments import evaluate, fit, predict_outputs  # noqa: E402
-from tests.zoo.hf import ClipText, clip_vision, hf_task, padded  # noqa: E402
+from tests.zoo.hf import ClipText, clip_vision, deploy_w8a8, hf_task, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,19 +76,7 @@ def test_clip_attention_names_the_projections_and_heads(tower):
 @pytest.mark.slow  # (trains and exports a CLIP tower: 10-20 s)
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_clip_attention_runs_as_qattention(tower, tmp_path):
-    from search.run.deploy import deploy_onnx
-
-    task = _task(tower)
-    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
-    quant = get_compressor("quant")(bits=8, activations=8, calibration="mse")
-    model = apply_pipeline([quant], copy.deepcopy(_trained(tower)), ctx).eval()
-    save_packed(model, tmp_path / "w8a8.sqz", like=_trained(tower))
-    deployed = deploy_onnx(tmp_path / "w8a8.sqz", task, tmp_path / "w8a8.onnx", threads=1)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    onnxruntime.InferenceSession(str(deployed.path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    task, deployed, shipped, optimized = deploy_w8a8(_task(tower), _trained(tower), tmp_path)
     ops = Counter(n.op_type for n in optimized.node)
     # per layer: q, k, v and the attention in one QAttention (the text tower's reading its
     # causal padding mask, the vision tower's none); out_proj and the MLP on integer kernels
@@ -100,7 +88,6 @@ def test_clip_attention_runs_as_qattention(tower, tmp_path):
         assert ops[op] == 0, (op, dict(ops))
     # outputs: the torch model's within the check's tolerance, to a cosine of 0.995 on every
     # sample, and the same validation score
-    shipped = load_packed(tmp_path / "w8a8.sqz", task.build_model(), int8=False).eval()
     assert deployed.check.agree, deployed.check.message
     expected = predict_outputs(shipped, task.val)
     cosine = torch.nn.functional.cosine_similarity(deployed.check.outputs, expected)

@@ -10,7 +10,6 @@ calibration."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 from collections import Counter
@@ -24,16 +23,9 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from compressors import (  # noqa: E402
-    CompressionContext,
-    apply_pipeline,
-    get_compressor,
-    load_packed,
-    save_packed,
-)
 from compressors._onnx_bert import bert_attention  # noqa: E402
 from experiments import evaluate, fit, predict_outputs  # noqa: E402
-from tests.zoo.hf import distilbert, hf_task, padded  # noqa: E402
+from tests.zoo.hf import deploy_w8a8, distilbert, hf_task, padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,35 +48,8 @@ def _trained() -> torch.nn.Module:
 
 
 def _deployed(tmp_path, attention: str = "sdpa"):
-    """The W8A8 model (8-bit weights, `mse` calibration) deployed as `search.run.deploy`
-    deploys it; its torch reload; the graph's nodes after ONNX Runtime's optimisation."""
-    from search.run.deploy import deploy_onnx
-
-    task = _task()
-    if attention != "sdpa":
-        build = task.build_model
-
-        def eager():
-            model = build()
-            model.config._attn_implementation = attention
-            return model
-
-        task = dataclasses.replace(task, build_model=eager)
-    base = copy.deepcopy(_trained())
-    base.config._attn_implementation = attention
-    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
-    quant = get_compressor("quant")(bits=8, activations=8, calibration="mse")
-    model = apply_pipeline([quant], base, ctx).eval()
-    packed = tmp_path / "w8a8.sqz"
-    save_packed(model, packed, like=_trained())
-    deployed = deploy_onnx(packed, task, tmp_path / "w8a8.onnx", threads=1)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    onnxruntime.InferenceSession(str(deployed.path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
-    shipped = load_packed(packed, task.build_model(), int8=False).eval()
-    return task, deployed, shipped, optimized
+    """The W8A8 model deployed (`tests.zoo.hf.deploy_w8a8`)."""
+    return deploy_w8a8(_task(), _trained(), tmp_path, attention)
 
 
 def test_the_padding_masks_scores():

@@ -322,3 +322,49 @@ def hf_task(
         build_model=build,
         train_config=TrainConfig(**{"epochs": 2, "lr": 2e-3, "batch_size": 32, **(train or {})}),
     )
+
+
+def deploy_w8a8(task: Task, trained: nn.Module, folder, attention: str = "sdpa"):
+    """``trained`` quantized W8A8 (8-bit weights, `mse` calibration), packed and deployed to
+    ONNX as `search.run.deploy` deploys it, its attention implementation ``attention`` (the
+    task's models built with it too); returns the task, the `deploy_onnx` result, the packed
+    model reloaded in torch and the graph's nodes after ONNX Runtime's optimisation."""
+    import copy
+
+    import onnx
+    import onnxruntime
+
+    from compressors import (
+        CompressionContext,
+        apply_pipeline,
+        get_compressor,
+        load_packed,
+        save_packed,
+    )
+    from search.run.deploy import deploy_onnx
+
+    if attention != "sdpa":
+        build = task.build_model
+
+        def built_with_it():
+            model = build()
+            model.config._attn_implementation = attention
+            return model
+
+        task = dataclasses.replace(task, build_model=built_with_it)
+    base = copy.deepcopy(trained)
+    if attention != "sdpa":  # (transformers' default: the models as built)
+        base.config._attn_implementation = attention
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(8), seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8, calibration="mse")
+    model = apply_pipeline([quant], base, ctx).eval()
+    packed = folder / "w8a8.sqz"
+    save_packed(model, packed, like=trained)
+    deployed = deploy_onnx(packed, task, folder / "w8a8.onnx", threads=1)
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(deployed.path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath).graph
+    shipped = load_packed(packed, task.build_model(), int8=False).eval()
+    return task, deployed, shipped, optimized
