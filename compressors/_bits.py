@@ -47,7 +47,9 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     shifts = np.arange(bits, dtype=values.dtype)
     parts = [
         np.packbits(
-            ((values[start : start + _CHUNK, None] >> shifts) & 1).astype(np.uint8).reshape(-1),
+            ((values[start : start + _CHUNK, None] >> shifts) & 1)
+            .astype(np.uint8, copy=False)
+            .reshape(-1),
             bitorder="little",
         )
         for start in range(0, len(values), _CHUNK)  # _CHUNK * bits is a whole number of bytes
