@@ -43,6 +43,10 @@ EXACT_ANS = 1 << 16
 #: scaled up by k (rows are independent on a per-row grid; the pruning threshold is the whole
 #: tensor's). The grid search over clipping ratios (`make_grid`) is most of a table's time.
 SAMPLED_ABOVE = 1 << 20
+#: `variants` of a tensor of at least this many values gives the memory it freed back to the
+#: system after each setting (glibc's arenas keep it otherwise); smaller ones are not worth a
+#: trim's time (bert-10M: 4% of its table).
+TRIM_ABOVE = 1 << 18
 #: safetensors orders a file's entries by dtype (this rank, highest first), then by name.
 _DTYPE_RANK = {"U8": 0, "F16": 1, "I32": 2, "F32": 3}
 _NAME = "t"  # the name `compressors.packing.tensor_bytes` encodes a tensor under
@@ -93,13 +97,14 @@ def variants(
     twice the tensor's bytes), and one pruned tensor is held at a time (settings of one
     sparsity in a row reuse it)."""
     w = weight.detach()
+    trim = _trim if w.numel() >= TRIM_ABOVE else lambda: None
     current, masked = None, None
     for setting in settings:
         if setting.sparsity != current:
             masked = None
-            _trim()
+            trim()
             keep = smallest_mask(w.abs(), setting.sparsity)
-            _trim()  # (its magnitudes and counting passes' temporaries: 3x the tensor, held)
+            trim()  # (its magnitudes and counting passes' temporaries: 3x the tensor, held)
             current, masked = setting.sparsity, w * keep
             del keep
         value, grid = masked, None
@@ -108,7 +113,7 @@ def variants(
             value = grid.codes(masked).mul_(grid.scale)  # (in place: no third tensor)
         yield value, grid
         del value, grid
-        _trim()  # (the freed values leave glibc's arenas: held, a 10 M MLP's peak was 4.4x)
+        trim()  # (the freed values leave glibc's arenas: held, a 10 M MLP's peak was 4.4x)
 
 
 def costs(
