@@ -14,9 +14,9 @@ nanoseconds per code), and above that the cross-entropy of the codes under the s
 frequencies, which was within a few bytes of the coder's in the tests (the allocator aims
 `compressors.allocate.SLACK` under its target, and ``finalize`` checks the real file).
 
-The counts come from one ranking of the tensor's magnitudes (as `compressors.prune.smallest_mask`
-ranks them) and, per bit width, the grid `compressors.quant.make_grid` makes of the pruned
-tensor: the same values `compressors.allocate.apply_settings` gives the model.
+The counts come from each sparsity's mask (`compressors.prune.smallest_mask`'s; on sampled rows,
+the whole tensor's threshold) and, per bit width, the grid `compressors.quant.make_grid` makes
+of the pruned tensor: the same values `compressors.allocate.apply_settings` gives the model.
 """
 
 from __future__ import annotations
