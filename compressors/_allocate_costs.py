@@ -14,9 +14,9 @@ nanoseconds per code), and above that the cross-entropy of the codes under the s
 frequencies, which was within a few bytes of the coder's in the tests (the allocator aims
 `compressors.allocate.SLACK` under its target, and ``finalize`` checks the real file).
 
-The counts come from one ranking of the tensor's magnitudes (as `compressors.prune.smallest_mask`
-ranks them) and, per bit width, the grid `compressors.quant.make_grid` makes of the pruned
-tensor: the same values `compressors.allocate.apply_settings` gives the model.
+The counts come from each sparsity's mask (`compressors.prune.smallest_mask`'s; on sampled rows,
+the whole tensor's threshold) and, per bit width, the grid `compressors.quant.make_grid` makes
+of the pruned tensor: the same values `compressors.allocate.apply_settings` gives the model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressors.packing import _trim
+from compressors.prune import smallest_mask
 from compressors.quant import make_grid
 
 #: Tensors of at most this many values get the entropy coder's exact size; larger ones its
@@ -41,6 +43,10 @@ EXACT_ANS = 1 << 16
 #: scaled up by k (rows are independent on a per-row grid; the pruning threshold is the whole
 #: tensor's). The grid search over clipping ratios (`make_grid`) is most of a table's time.
 SAMPLED_ABOVE = 1 << 20
+#: `variants` of a tensor of at least this many values gives the memory it freed back to the
+#: system after each setting (glibc's arenas keep it otherwise); smaller ones are not worth a
+#: trim's time (bert-10M's 256 x 1024 weights: 4% of its table).
+TRIM_ABOVE = 1 << 20
 #: safetensors orders a file's entries by dtype (this rank, highest first), then by name.
 _DTYPE_RANK = {"U8": 0, "F16": 1, "I32": 2, "F32": 3}
 _NAME = "t"  # the name `compressors.packing.tensor_bytes` encodes a tensor under
@@ -85,23 +91,29 @@ def variants(
 ) -> Iterator[tuple[torch.Tensor, nn.Module | None]]:
     """``(value, grid)`` of ``weight`` at each setting, in order: its ``sparsity`` smallest
     magnitudes zeroed, then on the grid of ``bits`` with one scale per index of ``axis`` (what
-    `apply_settings` makes of it before fine-tuning; no grid for float32). The weights are
-    ranked once, and one pruned tensor is held at a time (settings of one sparsity in a row
-    reuse it)."""
+    `apply_settings` makes of it before fine-tuning; no grid for float32). Each sparsity's
+    mask is `smallest_mask`'s (the one `apply_settings` registers: a count of the magnitudes,
+    no sort; a stable argsort of them was a quarter of a 10 M MLP's table and its int64 indices
+    twice the tensor's bytes), and one pruned tensor is held at a time (settings of one
+    sparsity in a row reuse it)."""
     w = weight.detach()
-    order = torch.argsort(w.abs().flatten(), stable=True)  # as `smallest_mask` ranks them
+    trim = _trim if w.numel() >= TRIM_ABOVE else lambda: None
     current, masked = None, None
     for setting in settings:
         if setting.sparsity != current:
-            keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-            keep[order[: round(setting.sparsity * w.numel())]] = False
-            current, masked = setting.sparsity, w * keep.view_as(w)
+            masked = None
+            trim()
+            keep = smallest_mask(w.abs(), setting.sparsity)
+            trim()  # (its magnitudes and counting passes' temporaries: 3x the tensor, held)
+            current, masked = setting.sparsity, w * keep
             del keep
         value, grid = masked, None
         if setting.bits is not None:
             grid = make_grid(masked, setting.bits, axis=axis)
-            value = grid.codes(masked) * grid.scale
+            value = grid.codes(masked).mul_(grid.scale)  # (in place: no third tensor)
         yield value, grid
+        del value, grid
+        trim()  # (the freed values leave glibc's arenas: held, a 10 M MLP's peak was 4.4x)
 
 
 def costs(

@@ -313,6 +313,7 @@ def measured(
             pairs = variants(original, picked, axis=target.channel_axis)
             for c, (value, _) in zip(chosen, pairs, strict=True):
                 target.latent.data.copy_(value)
+                del value  # (not held while the next is computed)
                 losses[c] = _mean_loss(model, batches, ctx, counter) - base
             target.latent.data.copy_(original)
             del original

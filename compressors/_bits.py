@@ -44,15 +44,41 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     whole bytes by shifts of bytes)."""
     if bits in BYTE_ALIGNED:
         return _pack_aligned(values, bits)
+    if bits < 8:
+        return _pack_groups(values, bits)
     shifts = np.arange(bits, dtype=values.dtype)
     parts = [
         np.packbits(
-            ((values[start : start + _CHUNK, None] >> shifts) & 1).astype(np.uint8).reshape(-1),
+            ((values[start : start + _CHUNK, None] >> shifts) & 1)
+            .astype(np.uint8, copy=False)
+            .reshape(-1),
             bitorder="little",
         )
         for start in range(0, len(values), _CHUNK)  # _CHUNK * bits is a whole number of bytes
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+
+def _pack_groups(values: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_bits` for widths below 8: each 8 values make one 64-bit word of ``8 * bits`` bits
+    (little-endian), whose low ``bits`` bytes are the stream's next bytes (the same stream as
+    a bit plane per width, a third of a 10 M MLP's allocation table, at an eighth of the
+    operations)."""
+    n = len(values)
+    out = np.empty(-(-n * bits // 8), dtype=np.uint8)
+    for start in range(0, n, _CHUNK):  # (_CHUNK is a multiple of 8)
+        part = values[start : start + _CHUNK].astype(np.uint64)
+        if len(part) % 8:
+            part = np.concatenate([part, np.zeros(8 - len(part) % 8, dtype=np.uint64)])
+        groups = part.reshape(-1, 8)
+        word = groups[:, 0].copy()
+        for i in range(1, 8):
+            word |= groups[:, i] << np.uint64(i * bits)
+        stream = word.astype("<u8", copy=False).view(np.uint8).reshape(-1, 8)[:, :bits]
+        first = start * bits // 8
+        take = min(stream.size, len(out) - first)
+        out[first : first + take] = stream.reshape(-1)[:take]
+    return out
 
 
 def _pack_aligned(values: np.ndarray, bits: int) -> np.ndarray:

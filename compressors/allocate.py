@@ -67,7 +67,7 @@ from compressors._device import model_device
 from compressors._params import Integer, InvalidParameterError, Options, Real
 from compressors._quiet import native_stdout_silenced
 from compressors._targets import Target, targets
-from compressors.packing import packed_size
+from compressors.packing import _trim, packed_size
 from compressors.prune import Mask, smallest_mask
 from compressors.quant import half_biases, make_grid
 
@@ -395,6 +395,7 @@ def _measure_table(
         table["reference"] = np.array(reference)
     finally:
         model.train(was_training)
+        _trim()  # (what the passes freed, held by glibc, would add to the allocation's peak)
     counter.log(how, len(found), len(settings))
     return table
 
@@ -501,6 +502,7 @@ def apply_settings(
             if setting.bits is not None:
                 grid = make_grid(target.weight, setting.bits, axis=target.channel_axis)
                 target.register(grid)
+            _trim()  # (the registrations' temporaries leave glibc's arenas)
 
 
 def _overhead(model: nn.Module, found: dict[str, Target], *, half: bool) -> int:

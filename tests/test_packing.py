@@ -385,14 +385,15 @@ def test_a_damaged_file_of_an_older_format_is_refused(tmp_path, damage, fixture)
 # ------------------------------------------------------------------ codes at scale
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_byte_aligned_bit_packing_is_the_generic_bit_stream(bits):
-    """The fast packing of widths that fill bytes writes the stream the bit-by-bit packer
-    writes (so files of either read alike), and both unpack to the codes."""
+    """The fast packing of widths that fill bytes (and of the others, eight values to a 64-bit
+    word) writes the stream the bit-by-bit packer writes (so files of either read alike), and
+    both unpack to the codes; also across the packer's chunks."""
     from compressors import _codecs
 
     rng = np.random.default_rng(bits)
-    for n in (0, 1, 7, 8, 9, 1001):
+    for n in (0, 1, 7, 8, 9, 1001, (1 << 20) + 3):
         values = rng.integers(0, 2**bits, n).astype(np.uint8)
         bitwise = np.packbits(
             ((values[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(-1),
