@@ -22,6 +22,7 @@ is not counted. `count_flops` adds what that counter cannot see:
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -45,6 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from experiments._data import Split, call_model
 from experiments._objectives import prediction_agreement
 from experiments._training import predict_outputs
+
+logger = logging.getLogger(__name__)
 
 #: Recurrent layers whose FLOPs `count_flops` works out from their weights' shapes.
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase, PackedRNN, PackedRNNCell)
@@ -265,7 +268,9 @@ def interleaved_latency_ms(
 
     Absolute times drift with whatever else the machine runs (one study's baseline measured
     58.9 ms at batch 256 against 0.19 ms in two others on the same machine); two models timed in
-    turns see the same drift, so their ratio, the speed-up, can be trusted where the times can't.
+    turns see the same drift, so their ratio, the speed-up, can be trusted where the times can't
+    — unless each is one forward (the one-round case, logged: on a busy machine one forward's
+    time is mostly the others' load).
     """
     share = None if budget_s is None else budget_s / (2 * rounds)
     timed = partial(latency_ms, repeats=repeats, warmup=2, budget_s=share, clock=clock)
@@ -274,7 +279,15 @@ def interleaved_latency_ms(
         reference_times.append(timed(reference, inputs))
         model_times.append(timed(model, inputs))
         if share is not None and max(model_times[-1], reference_times[-1]) >= 1000.0 * share:
-            break  # (one forward takes a round's whole share: the rounds cannot fit; one round)
+            # (one forward takes a round's whole share: the rounds cannot fit; one round)
+            logger.info(
+                "a speed-up from one forward of each model (a forward takes longer than a "
+                "round's share of the %g s latency budget): on a busy machine that ratio is "
+                "mostly noise; a larger measure.latency_budget_s times more rounds",
+                budget_s,
+                extra={"once": True},
+            )
+            break
     return statistics.median(model_times), statistics.median(reference_times)
 
 
