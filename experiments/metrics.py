@@ -282,10 +282,9 @@ def interleaved_latency_ms(
             # (one forward takes a round's whole share: the rounds cannot fit; one round)
             logger.info(
                 "a speed-up from one forward of each model (a forward takes longer than a "
-                "round's share of the %g s latency budget): on a busy machine that ratio is "
-                "mostly noise; a larger measure.latency_budget_s times more rounds",
-                budget_s,
-                extra={"once": True},
+                "round's share of the latency budget): on a busy machine that ratio is mostly "
+                "noise; a larger measure.latency_budget_s times more rounds",
+                extra={"once": True},  # (one message: the budget varies with the model)
             )
             break
     return statistics.median(model_times), statistics.median(reference_times)
