@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,26 +29,39 @@ class Mask(nn.Module):
         return torch.where(self.mask, weight, 0.0)
 
 
-def smallest_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
+#: A function of a tensor (or a chunk of it) giving its scores: `torch.abs` for magnitudes.
+Key = Callable[[torch.Tensor], torch.Tensor]
+
+
+def smallest_mask(scores: torch.Tensor, amount: float, *, key: Key | None = None) -> torch.Tensor:
     """Boolean keep-mask that drops exactly ``round(amount * numel)`` lowest-scoring entries
-    (of equal scores, the first in order: what a stable sort drops)."""
-    return smallest_masks([scores], amount)[0]
+    (of equal scores, the first in order: what a stable sort drops); ``key``: see
+    `smallest_masks`."""
+    return smallest_masks([scores], amount, key=key)[0]
 
 
-def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tensor]:
+def smallest_masks(
+    parts: list[torch.Tensor], amount: float, *, key: Key | None = None
+) -> list[torch.Tensor]:
     """Boolean keep-masks of ``parts`` (read as one tensor, in order) that drop exactly
     ``round(amount * total)`` lowest-scoring entries, of equal scores the first in order (what a
     stable sort of them all drops). Found from the k-th smallest score (`kth_smallest`: two
     counting passes over the scores, no copy of them) rather than by sorting: a sort's int64
     indices took twice the scores' bytes again (global pruning of BERT-base: 7.2x the model's
-    bytes at its peak), and a partitioned float copy of them all once again."""
+    bytes at its peak), and a partitioned float copy of them all once again. With ``key``, the
+    scores are ``key(part)``, computed a chunk (and for the masks a tensor) at a time: the
+    magnitudes of the weights (``key=torch.abs``) without a copy of them all."""
     total = sum(p.numel() for p in parts)
     k = round(amount * total)
     if k == 0:
         return [torch.ones_like(p, dtype=torch.bool) for p in parts]
-    found = kth_smallest(parts, k)
+
+    def scored(p: torch.Tensor) -> torch.Tensor:
+        return p.detach().flatten() if key is None else key(p.detach().flatten())
+
+    found = kth_smallest(parts, k, key=key)
     if found is None:  # (on its device, as a sort: a sort ranks NaN last, a count does not)
-        flat = torch.cat([p.detach().flatten() for p in parts])
+        flat = torch.cat([scored(p) for p in parts])
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat, stable=True)[:k]] = False
         return [
@@ -59,8 +72,10 @@ def smallest_masks(parts: list[torch.Tensor], amount: float) -> list[torch.Tenso
     remaining = k - below  # ties still to drop
     masks = []
     for p in parts:
-        keep = p.flatten() > threshold
-        tied = torch.nonzero(p.flatten() == threshold).flatten()  # (few, as a rule)
+        values = scored(p)
+        keep = values > threshold
+        tied = torch.nonzero(values == threshold).flatten()  # (few, as a rule)
+        del values
         drop = min(remaining, len(tied))
         keep[tied[drop:]] = True
         remaining -= drop
@@ -73,14 +88,17 @@ _SELECT_CHUNK = 1 << 20
 _HALF = 1 << 16  # (bins of each of the two counting passes: 16 bits of a float32's key each)
 
 
-def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
+def kth_smallest(
+    parts: list[torch.Tensor], k: int, *, key: Key | None = None
+) -> tuple[float, int] | None:
     """``(value, below)``: the ``k``-th smallest value (1-based) of ``parts`` read as one
     tensor, and how many values are smaller, found by a radix select on float32 keys (the
     float's bits, ordered as the floats are): a count of the values by their keys' upper 16
     bits finds the bin holding the ``k``-th, a count of that bin's values by their lower 16
     bits the value itself. Exact for float32, float16 and bfloat16 scores on the CPU; each pass
     reads the scores a chunk at a time (temporaries of `_SELECT_CHUNK` values, no copy of
-    all). None where it does not apply (another dtype or device, or a NaN among the scores:
+    all; ``key``: the scores are ``key`` of each chunk). None where it does not apply (another
+    dtype or device, or a NaN among the scores:
     the caller sorts)."""
     if any(
         p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
@@ -93,6 +111,8 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
             flat = p.detach().flatten()
             for start in range(0, flat.numel(), _SELECT_CHUNK):
                 chunk = flat[start : start + _SELECT_CHUNK].float()
+                if key is not None:
+                    chunk = key(chunk)
                 if torch.isnan(chunk).any():
                     raise _NaN
                 bits = chunk.view(torch.int32)
@@ -100,21 +120,21 @@ def kth_smallest(parts: list[torch.Tensor], k: int) -> tuple[float, int] | None:
 
     high = torch.zeros(_HALF, dtype=torch.int64, device="cpu")
     try:
-        for key in keys():
-            high += torch.bincount((key >> 16) + _HALF // 2, minlength=_HALF)
+        for bits in keys():
+            high += torch.bincount((bits >> 16) + _HALF // 2, minlength=_HALF)
     except _NaN:
         return None
     counts = torch.cumsum(high, 0)
     upper = int(torch.searchsorted(counts, k))  # (the bin whose count reaches k)
     before = int(counts[upper - 1]) if upper else 0
     low = torch.zeros(_HALF, dtype=torch.int64, device="cpu")
-    for key in keys():
-        inside = key[(key >> 16) == upper - _HALF // 2]
+    for bits in keys():
+        inside = bits[(bits >> 16) == upper - _HALF // 2]
         low += torch.bincount(inside & 0xFFFF, minlength=_HALF)
     counts = torch.cumsum(low, 0)
     lower = int(torch.searchsorted(counts, k - before))
-    key = ((upper - _HALF // 2) << 16) | lower
-    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    found = ((upper - _HALF // 2) << 16) | lower
+    bits = found ^ 0x7FFFFFFF if found < 0 else found
     below = before + (int(counts[lower - 1]) if lower else 0)
     return float(torch.tensor(bits, dtype=torch.int32, device="cpu").view(torch.float32)), below
 
@@ -159,8 +179,13 @@ class UnstructuredPruning(Compressor):
 
     def compress(self, model: nn.Module, ctx: CompressionContext) -> nn.Module:
         found = targets(model)
-        scores = weight_scores(self.importance, found, model, ctx)
-        masks = keep_masks(scores, self.amount, self.scope, param=f"{self.name}.amount")
+        param = f"{self.name}.amount"
+        if self.importance == "l1":  # |w| a chunk at a time (no copy of every weight's score)
+            weights = {name: t.weight.detach() for name, t in found.items()}
+            masks = keep_masks(weights, self.amount, self.scope, param=param, key=torch.abs)
+        else:
+            scores = weight_scores(self.importance, found, model, ctx)
+            masks = keep_masks(scores, self.amount, self.scope, param=param)
         for name, keep in masks.items():  # (a mask of the weight's shape: no check needed)
             found[name].register(Mask(keep), unsafe=True)
         return model
@@ -172,8 +197,10 @@ def keep_masks(
     scope: str,
     *,
     param: str = "amount",
+    key: Key | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks that drop the lowest-scoring ``amount`` of the weights.
+    """Keep-masks that drop the lowest-scoring ``amount`` of the weights (scored ``key(s)``
+    of each ``s`` in ``scores`` where ``key`` is given: `smallest_masks`).
 
     Args:
         scores: One score per weight, by layer name.
@@ -189,10 +216,11 @@ def keep_masks(
                 f"The '{param}' parameter names unknown layers {unknown}. "
                 f"Prunable tensors: {', '.join(scores)}."
             )
-        return {n: smallest_mask(scores[n], a) for n, a in named.items()}
+        return {n: smallest_mask(scores[n], a, key=key) for n, a in named.items()}
     if scope == "layer":
-        return {n: smallest_mask(s, amount) for n, s in scores.items()}
-    return dict(zip(scores, smallest_masks(list(scores.values()), amount), strict=True))
+        return {n: smallest_mask(s, amount, key=key) for n, s in scores.items()}
+    parts = list(scores.values())
+    return dict(zip(scores, smallest_masks(parts, amount, key=key), strict=True))
 
 
 def _tensor_name(name: str, scores: Mapping[str, torch.Tensor]) -> str:

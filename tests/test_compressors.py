@@ -113,6 +113,35 @@ def test_the_kth_smallest_score_is_found_by_counting_in_chunks(monkeypatch):
     assert prune.kth_smallest([torch.tensor([1.0, float("nan")])], 1) is None
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_l1_pruning_scores_the_weights_a_chunk_at_a_time_with_the_same_masks(monkeypatch, scope):
+    """``prune`` with ``importance=l1`` ranks ``|w|`` as a key of each chunk (no copy of every
+    weight's magnitude): the masks of the materialized scores (`weight_scores`), ties, signs,
+    half precision and chunks across tensors included."""
+    from compressors import prune
+    from compressors._targets import targets
+    from compressors.importance import weight_scores
+
+    monkeypatch.setattr(prune, "_SELECT_CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 8), torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randint(-3, 4, (8, 9), generator=g).float())  # many ties
+        model[1].weight.copy_(torch.randn(5, 8, generator=g).half().float())
+    found = targets(model)
+    for amount in (0.2, 0.5, 0.9):
+        expected = prune.keep_masks(
+            weight_scores("l1", found, model, CompressionContext()), amount, scope
+        )
+        pruned = prune.UnstructuredPruning(amount=amount, scope=scope).compress(
+            copy.deepcopy(model), CompressionContext()
+        )
+        for name, keep in expected.items():
+            layer = dict(pruned.named_modules())[name.removesuffix(".weight")]
+            assert torch.equal(layer.weight != 0, keep & (found[name].weight != 0)), name
+            assert torch.equal(layer.parametrizations.weight[0].mask, keep), name
+
+
 def test_layer_pruning_zeroes_the_fraction_in_every_layer(digits_baseline):
     model = _apply(digits_baseline.model, ("prune", {"amount": 0.75, "scope": "layer"}))
     for w in _weights(model).values():
