@@ -51,6 +51,29 @@ def test_export_picks_the_recommended_point_by_default_not_the_knee_of_the_whole
         pick_trial(study, "best")
 
 
+def test_a_front_with_no_knee_recommends_its_smallest_point_within_the_budget():
+    """Found as a user (a multi-label ConvNeXt whose every fine-tuned point beat an
+    under-trained baseline): no point lies above the line joining the front's ends, so the two
+    ends tied and the first trial, the largest file, was recommended over one 24x smaller and
+    also within the budget."""
+    from search.run.recommend import knee_index, recommend
+
+    # trial: (val, KB) of that sweep; baseline val 0.9358: all four are better than it.
+    points = {0: (0.9813, 265.5), 1: (0.9769, 137.8), 2: (0.9759, 73.0), 5: (0.9700, 10.9)}
+    front = pd.DataFrame(
+        {
+            "trial": list(points),
+            "val_acc": [v for v, _ in points.values()],
+            "size_bytes": [kb * 1000 for _, kb in points.values()],
+            "val_drop": [100 * (0.9358 - v) for v, _ in points.values()],
+        }
+    )
+    assert recommend(front).trial == 5
+    # Outside a budget, such a front's knee is its best point, whatever the order.
+    scores, sizes = front.val_acc.tolist(), front.size_bytes.tolist()
+    assert knee_index(scores, sizes) == 0 and knee_index(scores[::-1], sizes[::-1]) == 3
+
+
 def test_export_without_pick_means_recommended(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])

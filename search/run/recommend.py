@@ -36,8 +36,9 @@ def knee_index(
     """The knee of a front given as scores (higher is better: a lower-is-better score comes
     negated, `Score.goodness`) and sizes (or any cost, lower is better: `costs`): the point
     farthest above the line joining the smallest file and the best model (score against log
-    size, both scaled to [0, 1]). Of fewer than three points: the smallest file when they all
-    lie within a budget (``within_budget``: any of them is good enough), else the best."""
+    size, both scaled to [0, 1]). Of fewer than three points, or of a front with no point above
+    that line: the smallest file when they all lie within a budget (``within_budget``: any of
+    them is good enough), else the best."""
     acc = np.asarray(val_acc, dtype=float)
     size = np.log(np.asarray(size_bytes, dtype=float))
     if len(acc) < 3:
@@ -49,6 +50,10 @@ def knee_index(
     i, j = int(np.argmin(s)), int(np.argmax(a))
     line = np.array([s[j] - s[i], a[j] - a[i]])
     distance = (line[0] * (a - a[i]) - line[1] * (s - s[i])) / max(np.linalg.norm(line), 1e-12)
+    if distance.max() <= 1e-9:
+        # No point above the line (a front bending the other way): no knee; its ends tie, so
+        # choose as of fewer than three points rather than by the points' order.
+        return i if within_budget else j
     return int(np.argmax(distance))
 
 
