@@ -124,6 +124,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from search.results.reuse import recommend
     from search.run.budget import superseded
     from search.run.progress import SweepProgress, fidelity_summary, front_table, trial_recipes
+    from search.run.recommend import baseline_note
     from search.run.study import run_sweep
 
     done, total = _finished_trials(plan), cfg.search.n_trials
@@ -174,6 +175,9 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     )
     if pick is not None and pick.note:
         console.print(f"recommended point (*): {pick.note}", highlight=False, markup=False)
+    undertrained = baseline_note(result.trials, result.baseline, result.score)
+    if undertrained:
+        console.print(f"note: {undertrained}", highlight=False, markup=False)
     if pick is not None:
         _next_steps(console, result.study_name, pick, args)
     if counts.get("COMPLETE", 0):

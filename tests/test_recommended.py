@@ -74,6 +74,28 @@ def test_a_front_with_no_knee_recommends_its_smallest_point_within_the_budget():
     assert knee_index(scores, sizes) == 0 and knee_index(scores[::-1], sizes[::-1]) == 3
 
 
+def test_a_sweep_whose_trials_mostly_beat_the_baseline_says_it_looks_under_trained():
+    from search.config.score import Score
+    from search.run.recommend import baseline_note
+
+    baseline = {"val_acc": 0.9358}
+    # That sweep: six complete trials 3.4-4.5 points above the baseline, one failed.
+    vals = [0.9813, 0.9769, 0.9759, 0.9679, 0.9600, 0.9700, None]
+    trials = pd.DataFrame({"state": ["COMPLETE"] * 6 + ["FAIL"], "val_acc": vals})
+    note = baseline_note(trials, baseline)
+    assert "6 of 6 complete trials" in note and "median +3.7 pt" in note
+    assert "under-trained" in note and "checkpoint=" in note
+    # A usual sweep: compressed points at or below the baseline, a few slightly above.
+    usual = pd.DataFrame({"state": ["COMPLETE"] * 5, "val_acc": [0.94, 0.93, 0.945, 0.90, 0.85]})
+    assert baseline_note(usual, baseline) == ""
+    assert baseline_note(trials.head(2), baseline) == ""  # too few to say
+    # An error (lower is better): the median trial 2% or more below the baseline's MSE.
+    errors = pd.DataFrame({"state": ["COMPLETE"] * 3, "val_acc": [0.95, 0.97, 0.99]})
+    mse = Score(higher_is_better=False)
+    assert "median +3.0 %" in baseline_note(errors, {"val_acc": 1.0}, mse)
+    assert baseline_note(errors, {"val_acc": 0.98}, mse) == ""
+
+
 def test_export_without_pick_means_recommended(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])

@@ -190,3 +190,36 @@ def recommend(
         )
     ]
     return Recommendation(int(chosen.trial), True, max_drop, score, axis, note)
+
+
+#: `baseline_note`: how many budgets (`RECOMMEND_MAX_DROP`) above the baseline on validation
+#: the median complete trial scores before the sweep says the baseline may be under-trained.
+UNDERTRAINED_BUDGETS = 2.0
+
+
+def baseline_note(
+    trials: pd.DataFrame,
+    baseline: dict[str, float],
+    score: Score = DEFAULT_SCORE,
+    max_drop: float = RECOMMEND_MAX_DROP,
+) -> str:
+    """A warning when compressing and fine-tuning mostly makes the model better: the median
+    complete trial (of at least three) scores `UNDERTRAINED_BUDGETS` budgets or more above the
+    baseline on validation, so the baseline is likely under-trained and each point's "change"
+    mixes compression with the extra training; else ""."""
+    done = trials[trials.state == "COMPLETE"] if "state" in trials else trials
+    values = done["val_acc"].dropna() if "val_acc" in done else []
+    if len(values) < 3 or "val_acc" not in baseline:
+        return ""
+    gains = sorted(score.change(v, baseline["val_acc"]) for v in values)
+    median = float(np.median(gains))
+    if median < UNDERTRAINED_BUDGETS * max_drop:
+        return ""
+    above = sum(g > max_drop for g in gains)
+    return (
+        f"{above} of {len(gains)} complete trials score above the baseline on validation by "
+        f"more than {max_drop:g} {score.unit} (median {score.format_change(median)}): the "
+        "baseline looks under-trained, so each point's change mixes compression with the "
+        "fine-tuning's extra training; train the baseline longer (the task's train.epochs) or "
+        "give a trained checkpoint=, then sweep again"
+    )
