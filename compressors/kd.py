@@ -1,6 +1,7 @@
 """Knowledge distillation from the cached baseline's outputs during fine-tuning.
 
-For a classifier the teacher's soft predictions are matched (Hinton et al.'s KL on logits); for an
+For a classifier the teacher's soft predictions are matched (Hinton et al.'s KL on logits; for a
+multi-label classifier each label's softened probability, by binary cross-entropy); for an
 encoder the teacher's embeddings are (cosine distance or squared distance, as in TinyBERT's and
 DistilBERT's embedding losses). Either way the soft loss is mixed with the task's own loss.
 """
@@ -17,7 +18,9 @@ from compressors._base import CompressionContext, Compressor, LossFn, cross_entr
 from compressors._params import Options, Real
 
 #: The loss ``auto`` stands for, by what the task's model outputs.
-AUTO_LOSS = {"logits": "kl", "embeddings": "cosine", "values": "mse"}
+AUTO_LOSS = {"logits": "kl", "multilabel": "bce", "embeddings": "cosine", "values": "mse"}
+#: The soft losses on logits that take a temperature (the others are the task's, in its context).
+SOFT_LOSSES = ("kl", "bce")
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -29,6 +32,16 @@ def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float)
         F.log_softmax(teacher.reshape(-1, classes) / temperature, dim=1),
         reduction="batchmean",
         log_target=True,
+    )
+    return temperature**2 * soft
+
+
+def bce_soft_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float):
+    """``T^2 *`` the binary cross-entropy of each label's ``sigmoid(student / T)`` against
+    ``sigmoid(teacher / T)`` (a multi-label classifier's softened decisions), averaged over
+    labels and the batch."""
+    soft = F.binary_cross_entropy_with_logits(
+        student / temperature, torch.sigmoid(teacher.to(student.dtype) / temperature)
     )
     return temperature**2 * soft
 
@@ -51,8 +64,10 @@ def distillation_loss(
         teacher: The teacher's outputs on the same batch.
         temperature: Softmax temperature of ``kl`` (unused by the embedding losses).
         alpha: Weight of the soft loss in [0, 1]; 0 is the task's loss alone.
-        loss: ``kl`` (``T^2`` times the KL divergence of the softened predictions), or a loss
-            between student and teacher outputs (the task's ``cosine`` or ``mse``, say).
+        loss: ``kl`` (``T^2`` times the KL divergence of the softened predictions), ``bce``
+            (``T^2`` times each label's binary cross-entropy of softened probabilities, for a
+            multi-label classifier), or a loss between student and teacher outputs (the
+            task's ``cosine`` or ``mse``, say).
         task_loss: The task's own loss (cross-entropy for a classifier).
     """
     hard = task_loss(student, labels, None)
@@ -60,6 +75,8 @@ def distillation_loss(
         return hard
     if loss == "kl":
         soft = kl_loss(student, teacher, temperature=temperature)
+    elif loss == "bce":
+        soft = bce_soft_loss(student, teacher, temperature=temperature)
     else:
         soft = loss(student, teacher, None)
     return alpha * soft + (1.0 - alpha) * hard
@@ -69,11 +86,13 @@ class Distillation(Compressor):
     """Fine-tune against the uncompressed baseline's outputs on the training split.
 
     Params:
-        temperature: Softmax temperature ``T`` (> 0) of both teacher and student (``kl`` only).
+        temperature: Softmax (sigmoid) temperature ``T`` (> 0) of both teacher and student
+            (``kl`` and ``bce`` only).
         alpha: Weight of the soft loss in ``[0, 1]``; 0 is the task's loss alone.
-        loss: ``kl`` for logits; ``cosine`` or ``mse`` (also for logits) for embeddings; ``mse``
-            for a regression's values; ``auto`` picks ``kl`` for a classifier, ``cosine`` for an
-            encoder and ``mse`` for a regression.
+        loss: ``kl`` for logits; ``bce`` for multi-label logits; ``cosine`` or ``mse`` (also
+            for logits) for embeddings; ``mse`` for a regression's values; ``auto`` picks
+            ``kl`` for a classifier, ``bce`` for a multi-label one, ``cosine`` for an encoder
+            and ``mse`` for a regression.
     """
 
     name = "kd"
@@ -83,10 +102,11 @@ class Distillation(Compressor):
     params = {
         "temperature": Real(0.0, math.inf, closed="neither", default=4.0),
         "alpha": Real(0.0, 1.0, default=0.5),
-        "loss": Options(("auto", "kl", "cosine", "mse"), default="auto"),
+        "loss": Options(("auto", "kl", "bce", "cosine", "mse"), default="auto"),
     }
     output_params = {
         "logits": {"loss": Options(("auto", "kl", "mse"))},
+        "multilabel": {"loss": Options(("auto", "bce", "mse"))},
         "embeddings": {"loss": Options(("auto", "cosine", "mse"))},
         "values": {"loss": Options(("auto", "mse"))},
     }
@@ -94,7 +114,7 @@ class Distillation(Compressor):
     def finetune_loss(self, ctx: CompressionContext) -> LossFn:
         self.check_outputs(ctx.outputs)
         loss = AUTO_LOSS[ctx.outputs] if self.loss == "auto" else self.loss
-        if loss != "kl":
+        if loss not in SOFT_LOSSES:
             if loss not in ctx.losses:
                 raise ValueError(
                     f"compressor 'kd' with loss={loss!r} needs the task's {loss!r} loss in its "

@@ -89,11 +89,19 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
             "position (a token classifier's, a language model's), the class axis last. Fix "
             "num_classes or the model's head, or pick the logits with Task(output=...)."
         )
+    if task.outputs == "multilabel" and (output.dim() != 2 or output.shape[1] != task.num_classes):
+        raise WorkloadError(
+            f"{where}: the model outputs {describe(output)} but a multi-label classifier with "
+            f"num_classes={task.num_classes} labels returns logits (batch, {task.num_classes}): "
+            "one yes/no per label. Fix num_classes or the model's head, or pick the logits "
+            "with Task(output=...)."
+        )
     if batch.targets is None:
         raise WorkloadError(
             f"{where}: a batch {describe(batch.raw)} has no targets (a dict's 'labels', or a "
             "tuple's last element); say where they are with Task(targets=...)"
         )
+    _check_targets(task, output, batch.targets, where)
     try:
         loss = task.loss(output, batch.targets, None)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -129,3 +137,30 @@ def _how_called(inputs: Any) -> str:
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _check_targets(task: Task, output: torch.Tensor, targets: Any, where: str) -> None:
+    """Multi-hot targets belong to a ``multilabel`` task: under ``logits`` (one class per
+    sample) its softmax, top-1 accuracy and agreement would score the wrong decisions; and a
+    ``multilabel`` task's targets are one 0 / 1 per label."""
+    if not isinstance(targets, torch.Tensor):
+        return
+    if task.outputs == "multilabel":
+        if tuple(targets.shape) != tuple(output.shape):
+            raise WorkloadError(
+                f"{where}: a multi-label task's targets are one 0 / 1 per label, shaped as the "
+                f"logits {describe(output)}; got {describe(targets)}"
+            )
+        return
+    if task.outputs != "logits" or targets.shape != output.shape or output.dim() != 2:
+        return
+    if not targets.is_floating_point() or not bool(((targets == 0) | (targets == 1)).all()):
+        return
+    if bool((targets.sum(dim=1) == 1).all()):  # one-hot: one class per sample, as logits say
+        return
+    raise WorkloadError(
+        f"{where}: the targets {describe(targets)} are multi-hot (rows with no or several 1s), "
+        "but the task says outputs='logits' (one class per sample: softmax, top-1 accuracy, "
+        "top-1 agreement). For one yes/no per label give Task(outputs='multilabel') "
+        "(binary cross-entropy, per-label accuracy and agreement by default)."
+    )

@@ -8,7 +8,9 @@ higher is better. Classifiers use `ce_loss` and `accuracy`: logits are ``(batch,
 targets equal to `IGNORE_INDEX` (Hugging Face's and torch's -100, padding and special tokens) are
 left out of both; embedding models, whose targets are
 reference embeddings, use `cosine_loss` and `mean_cosine` (`neighbour_agreement` is a retrieval
-check). `prediction_agreement` compares two models' decisions rather than a model with targets.
+check). A multi-label classifier's logits ``(batch, labels)`` are one yes/no decision per label
+(``logit > 0``) against multi-hot targets: `bce_loss` and `label_accuracy`.
+`prediction_agreement` compares two models' decisions rather than a model with targets.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 #: ``score(outputs, targets) -> float``, higher is better.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], float]
 
-#: What a task's model outputs: class ``logits``, ``embeddings`` compared by cosine, or
-#: ``values`` (regression).
-OUTPUTS = ("logits", "embeddings", "values")
-#: The outputs whose models make decisions that two models can agree on (top-1 class, nearest
-#: neighbour); a regression has none.
-DECISIONS = ("logits", "embeddings")
+#: What a task's model outputs: class ``logits``, ``multilabel`` logits (an independent yes/no
+#: per label), ``embeddings`` compared by cosine, or ``values`` (regression).
+OUTPUTS = ("logits", "multilabel", "embeddings", "values")
+#: The outputs whose models make decisions that two models can agree on (top-1 class, each
+#: label's yes/no, nearest neighbour); a regression has none.
+DECISIONS = ("logits", "multilabel", "embeddings")
 #: A target that the default loss and accuracy of logits leave out (torch's and Hugging Face's).
 IGNORE_INDEX = -100
 
@@ -48,6 +50,18 @@ def ce_loss(
     """Cross-entropy with the hard labels (per position for per-position logits; labels
     `IGNORE_INDEX` left out)."""
     return F.cross_entropy(*positions(logits, labels), ignore_index=IGNORE_INDEX)
+
+
+def bce_loss(
+    logits: torch.Tensor, targets: torch.Tensor, _teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Binary cross-entropy of each label's logit against multi-hot targets (0 / 1, or soft
+    labels in between; entries `IGNORE_INDEX` left out)."""
+    targets = targets.reshape(logits.shape).to(logits.dtype)
+    kept = targets != IGNORE_INDEX
+    if bool(kept.all()):
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.binary_cross_entropy_with_logits(logits[kept], targets[kept])
 
 
 def cosine_loss(
@@ -85,6 +99,23 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits[kept].argmax(dim=1) == labels[kept]).float().mean().item()
 
 
+def label_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The share of a multi-label classifier's decisions (``logit > 0`` for each label of each
+    sample) that match the targets (``> 0.5``; entries `IGNORE_INDEX` left out): Hamming
+    accuracy."""
+    targets = targets.reshape(logits.shape)
+    kept = targets != IGNORE_INDEX
+    return ((logits > 0) == (targets > 0.5))[kept].float().mean().item()
+
+
+def decisions(outputs: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """What a classifier decided: the top-1 class of ``logits`` (int32, one per row or
+    position), each label's yes/no of ``multilabel`` logits (bool, ``logit > 0``)."""
+    if kind == "multilabel":
+        return outputs > 0
+    return outputs.argmax(dim=-1).to(torch.int32)
+
+
 def r2_score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Coefficient of determination R² of ``outputs`` against ``targets`` over the whole split
     (1 is perfect, 0 is predicting the mean; averaged uniformly over output columns)."""
@@ -111,8 +142,9 @@ def prediction_agreement(
 ) -> float:
     """Fraction of inputs on which a model decides as a reference model did (``reference``:
     the reference's outputs on the same inputs): the same top-1 class for ``logits`` (at every
-    position, for per-position logits), the same nearest other row (`neighbour_agreement`) for
-    ``embeddings``. 1.0 for the reference itself.
+    position, for per-position logits), the same yes/no for each label of ``multilabel``
+    logits (the share of all labels' decisions), the same nearest other row
+    (`neighbour_agreement`) for ``embeddings``. 1.0 for the reference itself.
     """
     if kind not in DECISIONS:
         raise ValueError(
@@ -126,26 +158,28 @@ def prediction_agreement(
         )
     if kind == "embeddings":
         return neighbour_agreement(outputs, reference)
-    return (outputs.argmax(dim=-1) == reference.argmax(dim=-1)).float().mean().item()
+    return (decisions(outputs, kind) == decisions(reference, kind)).float().mean().item()
 
 
 class DecisionAgreement:
     """`prediction_agreement` of logits, accumulated batch by batch (``update`` / ``compute``
     / ``reset``, as a ``torchmetrics.Metric``): the share of the split's decisions (top-1
-    classes, at every position for per-position logits) equal to ``reference``'s, the
-    reference model's decisions on the same split in the same order (or its logits, whose
-    top-1 classes are taken). Only decisions are held, never the split's logits (a language
-    model's would take samples x tokens x vocabulary floats)."""
+    classes, at every position for per-position logits; each label's yes/no for ``kind=
+    "multilabel"``) equal to ``reference``'s, the reference model's decisions on the same split
+    in the same order (or its logits, whose decisions are taken: `decisions`). Only decisions
+    are held, never the split's logits (a language model's would take samples x tokens x
+    vocabulary floats)."""
 
-    def __init__(self, reference: torch.Tensor) -> None:
-        self.reference = reference.argmax(dim=-1) if reference.is_floating_point() else reference
+    def __init__(self, reference: torch.Tensor, kind: str = "logits") -> None:
+        self.kind = kind
+        self.reference = decisions(reference, kind) if reference.is_floating_point() else reference
         self.reset()
 
     def reset(self) -> None:
         self.rows = self.same = self.total = 0
 
     def update(self, outputs: torch.Tensor, _targets: object = None) -> None:
-        decided = outputs.argmax(dim=-1)
+        decided = decisions(outputs, self.kind)
         expected = self.reference[self.rows : self.rows + len(decided)]
         if expected.shape != decided.shape:
             raise ValueError(
@@ -160,7 +194,7 @@ class DecisionAgreement:
         return self.same / max(self.total, 1)
 
     def clone(self) -> DecisionAgreement:
-        return DecisionAgreement(self.reference)
+        return DecisionAgreement(self.reference, self.kind)
 
 
 def _nearest(embeddings: torch.Tensor) -> torch.Tensor:

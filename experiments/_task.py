@@ -19,8 +19,10 @@ from experiments._objectives import (
     LossFn,
     ScoreFn,
     accuracy,
+    bce_loss,
     ce_loss,
     cosine_loss,
+    label_accuracy,
     mean_cosine,
     neighbour_agreement,
     r2_score,
@@ -134,14 +136,17 @@ class Task:
             ``loader(batch_size=..., shuffle=..., seed=...)`` (see `experiments._data`).
         val: Split the search optimises and selects on (the same kinds).
         test: Split reported only for the baseline and the Pareto points.
-        num_classes: Number of classes (the output width for ``embeddings`` and ``values``).
+        num_classes: Number of classes (of labels for ``multilabel``; the output width for
+            ``embeddings`` and ``values``).
         build_model: Returns a model of the baseline's architecture (freshly initialised, or
             with pretrained weights for a pretrained baseline).
         train_config: How the baseline is trained (``epochs=0`` keeps a pretrained model as is).
-        outputs: What the model outputs, one of `OUTPUTS`: class ``logits``, ``embeddings``
-            compared by cosine, or ``values`` (regression).
+        outputs: What the model outputs, one of `OUTPUTS`: class ``logits``, ``multilabel``
+            logits (a yes/no per label: ``(batch, num_classes)`` against multi-hot targets),
+            ``embeddings`` compared by cosine, or ``values`` (regression).
         loss: The training loss ``loss(outputs, targets, teacher)``: cross-entropy for
-            ``logits``, mean squared error for ``values`` by default.
+            ``logits``, binary cross-entropy for ``multilabel``, mean squared error for
+            ``values`` by default.
         extra_scores: More scores ``{name: score(outputs, targets)}``, logged as
             ``val_<name>`` next to the split's own score (e.g. a retrieval check).
         inputs: ``inputs(batch)``: the model's call (a tensor, a tuple of positional arguments
@@ -235,17 +240,25 @@ def _source(split: Any) -> Any:
 #: The metric of a task whose model outputs logits, embeddings or values, when it names none.
 DEFAULT_METRICS: dict[str, ScoreFn] = {
     "logits": accuracy,
+    "multilabel": label_accuracy,
     "embeddings": mean_cosine,
     "values": r2_score,
 }
 #: The loss of a task whose model outputs logits, embeddings or values, when it names none.
 DEFAULT_LOSSES: dict[str, LossFn] = {
     "logits": ce_loss,
+    "multilabel": bce_loss,
     "embeddings": cosine_loss,
     "values": regression_loss,
 }
 #: squeeze's own scores and their direction.
-_KNOWN_DIRECTIONS = {accuracy: True, mean_cosine: True, r2_score: True, neighbour_agreement: True}
+_KNOWN_DIRECTIONS = {
+    accuracy: True,
+    label_accuracy: True,
+    mean_cosine: True,
+    r2_score: True,
+    neighbour_agreement: True,
+}
 
 
 def metric_direction(metric: Any, task: Task) -> bool:

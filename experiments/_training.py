@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from experiments._data import Batch, Data, WorkloadError, as_data, cat_rows, model_device, to_device
-from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss
+from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss, decisions
 
 __all__ = [
     "EpochStats",
@@ -245,14 +245,15 @@ def predict_outputs(model: nn.Module, data: Any, *, batch_size: int | None = Non
 
 @torch.no_grad()
 def agreement_reference(model: nn.Module, data: Any, outputs: str) -> torch.Tensor:
-    """What a model's agreement with ``model`` on ``data`` is measured against: its top-1
-    classes for ``logits`` (int32, at every position for per-position logits; computed batch by
-    batch, the logits never held whole), its embeddings for ``embeddings``."""
-    if outputs != "logits":
+    """What a model's agreement with ``model`` on ``data`` is measured against: its decisions
+    for ``logits`` and ``multilabel`` (`experiments.decisions`: top-1 classes, int32, at every
+    position for per-position logits; each label's yes/no; computed batch by batch, the logits
+    never held whole), its embeddings for ``embeddings``."""
+    if outputs not in ("logits", "multilabel"):
         return predict_outputs(model, data)
     data = as_data(data)
     passes = _pass(model, data, data.eval_batch_size)
-    return torch.cat([out.argmax(dim=-1).to(torch.int32) for out, _ in passes])
+    return torch.cat([decisions(out, outputs) for out, _ in passes])
 
 
 def evaluate(model: nn.Module, split: Any, *, batch_size: int | None = None) -> float:

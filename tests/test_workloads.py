@@ -68,6 +68,7 @@ WORKLOADS = [
     "wl_dict_bert",
     "wl_tokens",
     "wl_regression",
+    "wl_multilabel",
 ]
 
 
@@ -523,3 +524,80 @@ def test_inspect_counts_a_language_models_labels_per_position(capsys, monkeypatc
     assert code == 0
     assert "labels per class (one per sample, or per labelled position):" in out
     assert "transformer.h.0.attn.c_attn.weight" in out  # its tensors and what acts on them
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+
+def test_a_multilabel_classifier_is_scored_and_compared_per_label():
+    from experiments import DecisionAgreement, bce_loss, label_accuracy, prediction_agreement
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 4.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    assert label_accuracy(logits, targets) == pytest.approx(5 / 6)
+    expected = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert bce_loss(logits, targets, None).item() == pytest.approx(expected.item())
+    # The compressed model turns one label of six off: agreement 5/6, where top-1 (argmax)
+    # would call both rows decided alike.
+    other = logits.clone()
+    other[1, 2] = -0.5
+    assert prediction_agreement(other, logits, kind="multilabel") == pytest.approx(5 / 6)
+    assert prediction_agreement(other, logits, kind="logits") == 1.0
+    streamed = DecisionAgreement(logits, "multilabel")
+    streamed.update(other[:1])
+    streamed.update(other[1:])
+    assert streamed.compute() == pytest.approx(5 / 6)
+
+
+def test_multi_hot_targets_under_logits_are_refused_naming_outputs_multilabel():
+    x = torch.randn(40, 6)
+    hot = (torch.rand(40, 3) > 0.5).float()
+    hot[0] = torch.tensor([1.0, 1.0, 0.0])  # several labels of one sample
+    with pytest.raises(WorkloadError, match=r"multi-hot.*Task\(outputs='multilabel'\)"):
+        check_workload(_tiny(train=TensorDataset(x, hot)), nn.Linear(6, 3))
+    # One-hot float targets (soft labels' hard case) are one class per sample: accepted.
+    one_hot = nn.functional.one_hot(torch.randint(0, 3, (40,)), 3).float()
+    data = TensorDataset(x, one_hot)
+    top1 = lambda out, y: (out.argmax(1) == y.argmax(1)).float().mean().item()  # noqa: E731
+    check_workload(
+        _tiny(train=data, val=data, test=data, metric=top1, higher_is_better=True),
+        nn.Linear(6, 3),
+    )
+    # The same multi-hot data as a multi-label task works; targets of another shape do not.
+    data = TensorDataset(x, hot)
+    check_workload(_tiny(train=data, val=data, test=data, outputs="multilabel"), nn.Linear(6, 3))
+    flat = TensorDataset(x, torch.randint(0, 3, (40,)))
+    with pytest.raises(WorkloadError, match="one 0 / 1 per label"):
+        check_workload(_tiny(train=flat, outputs="multilabel"), nn.Linear(6, 3))
+
+
+def test_distillation_of_a_multilabel_classifier_matches_each_labels_probability():
+    from compressors.kd import Distillation, bce_soft_loss
+
+    ctx = CompressionContext(loss=_tiny(outputs="multilabel").loss, outputs="multilabel")
+    loss = Distillation(alpha=1.0, temperature=1.0).finetune_loss(ctx)
+    teacher = torch.tensor([[3.0, -2.0]])
+    student = torch.zeros(1, 2)
+    value = loss(student, torch.tensor([[1.0, 0.0]]), teacher)
+    expected = nn.functional.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))
+    assert value.item() == pytest.approx(expected.item())
+    assert bce_soft_loss(teacher, teacher, temperature=2.0) < bce_soft_loss(
+        student, teacher, temperature=2.0
+    )
+    with pytest.raises(ValueError, match="loss"):  # softmax KL is not a multi-label loss
+        Distillation(loss="kl").finetune_loss(ctx)
+
+
+def test_explain_lists_a_multilabel_classifiers_flipped_decisions_per_label():
+    from search.results.explain._agreement import agreement_report
+
+    base = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 4.0, 1.0]])
+    comp = base.clone()
+    comp[1, 2] = -0.5
+    report = agreement_report(base, comp, None, split_name="val", kind="multilabel")
+    assert report.kind == "yes/no per label" and report.samples == 6 and report.flips is None
+    assert report.agreement == pytest.approx(5 / 6)
+    row = report.flipped.iloc[0]
+    assert (row["index"], row["label"], row["baseline"], row["compressed"]) == (1, 2, 1, 0)
+    assert row["baseline_conf"] == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    assert row["compressed_conf"] == pytest.approx(1 - torch.sigmoid(torch.tensor(-0.5)).item())

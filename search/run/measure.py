@@ -69,8 +69,8 @@ def measure(
     """
     timed = shipped if timed is None else timed
     extra = dict(task.extra_scores)
-    if reference_outputs is not None and task.outputs == "logits":  # decisions, batch by batch
-        extra["agreement"] = DecisionAgreement(reference_outputs)
+    if reference_outputs is not None and task.outputs in ("logits", "multilabel"):  # by batch
+        extra["agreement"] = DecisionAgreement(reference_outputs, task.outputs)
     elif reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
         extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
     metrics = {

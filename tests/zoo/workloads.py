@@ -2,7 +2,7 @@
 random augmentation behind a DataLoader factory, an iterable dataset, dict batches into a Hugging
 Face model that returns a ``ModelOutput``, a language model deciding per token (a GPT-2 with its
 key/value cache), a model of two inputs, a regression task (scored by
-R², and by MSE: a lower-is-better score).
+R², and by MSE: a lower-is-better score), a multi-label classifier (a yes/no per tag).
 
 Each builder is named by ``_target_`` in ``tests/zoo_conf/task/wl_<name>.yaml``.
 """
@@ -288,4 +288,38 @@ def wl_tokens(*, name: str = "wl_tokens", seed: int = 0, train: dict | None = No
         num_classes=Counting.VOCAB,
         build_model=tiny_gpt2,
         train_config=_train(train, {"epochs": 6, "lr": 3e-3, "batch_size": 32}),
+    )
+
+
+#: `wl_multilabel`'s tags of a digit: even, above 4, prime, drawn with a loop.
+TAGS = (
+    lambda d: d % 2 == 0,
+    lambda d: d > 4,
+    lambda d: d in (2, 3, 5, 7),
+    lambda d: d in (0, 6, 8, 9),
+)
+
+
+class Tagged(Pixels):
+    """Digits as dict batches ``{"x": pixels, "labels": multi-hot tags}`` (`TAGS`), augmented
+    as `Pixels`."""
+
+    def __getitem__(self, i: int) -> dict:
+        x, digit = super().__getitem__(i)
+        return {"x": x, "labels": torch.tensor([float(tag(int(digit))) for tag in TAGS])}
+
+
+def wl_multilabel(*, name: str = "wl_multilabel", seed: int = 0, train: dict | None = None):
+    """A multi-label classifier: four yes/no tags per digit, from augmented dict batches
+    (binary cross-entropy, per-label accuracy and agreement by default)."""
+    tr, va, te = _digits(seed)
+    return Task(
+        name=name,
+        train=Tagged(tr.x, tr.y, augment=True),
+        val=Tagged(va.x, va.y),
+        test=Tagged(te.x, te.y),
+        num_classes=len(TAGS),
+        outputs="multilabel",
+        build_model=lambda: SmallMLP(out=len(TAGS)),
+        train_config=_train(train, {"epochs": 12, "lr": 3e-3}),
     )

@@ -20,16 +20,21 @@ class Agreement:
 
     Attributes:
         split: ``val`` or ``test``.
-        kind: ``top-1 class``, or ``nearest neighbour`` for an embedding task.
+        kind: ``top-1 class``, ``yes/no per label`` for a multi-label classifier, or ``nearest
+            neighbour`` for an embedding task.
         agreement: The share of the split's inputs decided alike (1.0: none flipped).
-        samples: Inputs in the split.
+        samples: Decisions in the split: its inputs (its positions for per-position logits,
+            inputs x labels for a multi-label classifier).
         flips: Counts of (baseline class -> compressed class), rows the baseline's classes: its
             diagonal is what was kept, its row sums are the baseline's class counts. None for
-            an embedding task (no classes).
+            an embedding task (no classes) and a multi-label one (its decisions are yes/no).
         flipped: One row per flipped input: ``index`` in the split, ``label`` (true class),
             ``baseline`` and ``compressed`` (their classes, or nearest neighbours' indices) and
             ``baseline_conf`` / ``compressed_conf`` (softmax probability of their own class, or
-            cosine similarity to their neighbour).
+            cosine similarity to their neighbour). A multi-label classifier's: one row per
+            flipped decision, ``label`` the label whose decision flipped, ``baseline`` and
+            ``compressed`` 1 (yes) or 0 (no), ``..._conf`` the sigmoid probability of that
+            decision.
     """
 
     split: str
@@ -56,12 +61,14 @@ def agreement_report(
         outputs: The compressed model's outputs on the split.
         targets: The split's targets (class labels are listed for flipped inputs).
         split_name: ``val`` or ``test``, for the tables.
-        kind: What the models output (``logits`` or ``embeddings``).
+        kind: What the models output (``logits``, ``multilabel`` or ``embeddings``).
         num_classes: Classes of a classifier (default: its outputs' width).
     """
     score = prediction_agreement(outputs, reference_outputs, kind=kind)
     if kind == "embeddings":
         return _neighbour_agreement(reference_outputs, outputs, split_name, score)
+    if kind == "multilabel":
+        return _label_agreement(reference_outputs, outputs, split_name, score)
     if outputs.dim() > 2:  # per-position logits: one decision per position, flattened
         classes = outputs.shape[-1]
         reference_outputs = reference_outputs.reshape(-1, classes)
@@ -115,3 +122,26 @@ def _neighbour_agreement(reference, outputs, split_name: str, score: float) -> A
         }
     )
     return Agreement(split_name, "nearest neighbour", score, len(base), None, flipped)
+
+
+def _label_agreement(reference, outputs, split_name: str, score: float) -> Agreement:
+    """A multi-label classifier's agreement: one row per flipped (input, label) decision."""
+    base_prob, prob = torch.sigmoid(reference.float()), torch.sigmoid(outputs.float())
+    base, comp = base_prob > 0.5, prob > 0.5
+    rows, labels = torch.nonzero(base != comp, as_tuple=True)
+
+    def own(p: torch.Tensor, yes: torch.Tensor) -> np.ndarray:
+        chosen = p[rows, labels]
+        return torch.where(yes[rows, labels], chosen, 1 - chosen).numpy()
+
+    flipped = pd.DataFrame(
+        {
+            "index": rows.numpy(),
+            "label": labels.numpy(),
+            "baseline": base[rows, labels].to(torch.int64).numpy(),
+            "compressed": comp[rows, labels].to(torch.int64).numpy(),
+            "baseline_conf": own(base_prob, base),
+            "compressed_conf": own(prob, comp),
+        }
+    )
+    return Agreement(split_name, "yes/no per label", score, base.numel(), None, flipped)

@@ -124,11 +124,15 @@ def _flipped_table(a: Agreement, rows: int):
 
     more = len(a.flipped) - rows
     neighbours = a.kind == "nearest neighbour"
+    per_label = a.kind == "yes/no per label"
     table = Table(
         title=f"Flipped on {a.split}"
         + (f" (first {rows}; all {len(a.flipped)} in flipped.csv)" if more > 0 else ""),
         caption="conf: cosine similarity to the nearest neighbour"
         if neighbours
+        else "label: whose decision flipped, 1 yes / 0 no; conf: sigmoid probability of the "
+        "model's own decision"
+        if per_label
         else "conf: softmax probability of the model's own class",
         caption_justify="left",
     )

@@ -125,6 +125,12 @@ def explain_model(
     step(2, phases, "agreement")
     int8 = int8_layers(path)
     fidelity = shown = None
+    if attributions and task.outputs == "multilabel":
+        notes.append(
+            "a multi-label classifier decides once per label: attributions explain one decision "
+            "per sample and are left out; agreement and flipped decisions are counted per label"
+        )
+        attributions = False
     if attributions and task.outputs == "logits":
         with torch.no_grad():
             one = task.val.forward(shipped, task.example_inputs(1))
