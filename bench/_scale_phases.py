@@ -290,10 +290,12 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
             models.pop(method)
         del model
     ptq = get_compressor("quant")(bits=4, mode="ptq")
+    unfinalized = copy.deepcopy(baseline_model)  # (the trial's copy: "copy baseline" above)
     timed(
         "finalize (quant-4 ptq)",
-        lambda: finalize_pipeline([ptq], copy.deepcopy(baseline_model), CompressionContext()),
+        lambda m=unfinalized: finalize_pipeline([ptq], m, CompressionContext()),
     )
+    del unfinalized
     quantized = models["quant-4"]
     path = tmp / "m.sqz"
     timed("pack quant-4", lambda q=quantized: save_packed(q, path, like=baseline_model))

@@ -52,7 +52,7 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
     out.append(table)
 
     summary = Table(title="Agreement with the baseline", caption_justify="left")
-    for column in ("split", "decided alike", "agreement", "flipped", "inputs"):
+    for column in ("split", "decided alike", "agreement", "flipped", "decisions"):
         summary.add_column(column, justify="left" if column == "decided alike" else "right")
     for a in explanation.agreement.values():
         summary.add_row(a.split, a.kind, f"{a.agreement:.4f}", str(len(a.flipped)), str(a.samples))
