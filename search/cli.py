@@ -381,13 +381,24 @@ def _explain(args: argparse.Namespace, console: Console) -> int:
     under ``<output_dir>/<study>/explain/`` and logged to the trial's MLflow run."""
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be a positive int. Got {args.samples} instead.")
+    if args.trial is not None and args.pick is not None:
+        raise ConfigError(
+            f"--trial {args.trial} and --pick {args.pick}: give one of them (a trial's number, "
+            "or a front point chosen as export chooses it)"
+        )
     cfg = _compose(args)
     from search.results.explain import console_tables, explain_trial
 
+    trial = args.trial
+    if trial is None:  # a front point, as `squeeze export --pick` chooses it
+        from search.results._study import load_study
+        from search.results.reuse import pick_trial
+
+        trial = pick_trial(load_study(cfg, args.study), args.pick or "recommended").number
     explanation = explain_trial(
         cfg,
         args.study,
-        args.trial,
+        trial,
         attributions=not args.no_attributions,
         samples=args.samples,
     )

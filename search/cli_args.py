@@ -10,7 +10,7 @@ _EPILOG = """examples:
   squeeze sweep task=mnist1d_cnn space.prune.amount='interval(0.5, 0.98)' search.sampler=nsga2
   squeeze export --study digits_mlp --pick knee --max-drop 1.0
   squeeze run experiment=digits_mlp-t7
-  squeeze explain --study digits_mlp --trial 7      # bytes per layer, flipped predictions
+  squeeze explain --study digits_mlp               # the recommended point: bytes, flips
   squeeze sweep search.n_jobs=2 search.storage=postgresql+psycopg2://user@host/db
   squeeze worker search.storage=postgresql+psycopg2://user@host/db   # on another machine
   squeeze ui                                        # MLflow's UI on the study's runs
@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "attribution fidelity",
     )
     explain.add_argument("--study", required=True, help="study name (search.study_name)")
-    explain.add_argument("--trial", required=True, help="a complete trial's number, or baseline")
+    explain.add_argument("--trial", default=None, help="a complete trial's number, or baseline")
+    explain.add_argument(
+        "--pick",
+        default=None,
+        help="or a front point, as export chooses it: recommended | knee | max-acc | min-size | "
+        "trial=N (default, without --trial: recommended, the point the sweep marked *)",
+    )
     explain.add_argument(
         "--samples", type=int, default=None, help="validation samples attributed (64; tokens 16)"
     )

@@ -367,6 +367,26 @@ def test_squeeze_explain_of_an_unknown_trial_names_it_and_the_trials_there(sweep
     assert "expected a trial number or 'baseline'" in capsys.readouterr().err
 
 
+def test_squeeze_explain_without_trial_explains_the_recommended_point(sweep, capsys):
+    """As `squeeze export`: no --trial means the point the sweep recommended; --pick chooses
+    another front point; --trial and --pick together are refused."""
+    from search.results.reuse import pick_trial
+
+    tmp_path, overrides = sweep
+    study = optuna.load_study(
+        study_name="digits_mlp", storage=open_storage(f"{tmp_path}/optuna.journal")
+    )
+    recommended = pick_trial(study, "recommended").number
+    args = ["explain", "--study", "digits_mlp", "--no-attributions", *overrides]
+    assert main(args) == 0
+    assert f"trial-{recommended:04d}" in capsys.readouterr().out
+    smallest = pick_trial(study, "min-size").number
+    assert main([*args, "--pick", "min-size"]) == 0
+    assert f"trial-{smallest:04d}" in capsys.readouterr().out
+    assert main([*args, "--pick", "min-size", "--trial", "1"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # (over 4.5 s on 2 cores: the slow lane runs it)
 def test_the_report_explains_the_front(sweep):
     tmp_path, overrides = sweep
