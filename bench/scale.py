@@ -22,8 +22,9 @@ over the model's bytes, as a markdown table:
   both saves and both loads are timed N times, taking turns, and the fastest of each kept (on
   a shared, loaded machine a single timing of a few milliseconds is mostly the others' noise;
   the safetensors file of 40 MB was written in 0.03 s and 0.20 s by two runs); also in
-  CPU-seconds of the process (``st_load_cpu_s``, ``reload_cpu_s``, ``reload_cpu_x``: the
-  ratio that waits least on the other load);
+  CPU-seconds of the process (``st_save_cpu_s``, ``pack_cpu_s``, ``pack_cpu_x``,
+  ``st_load_cpu_s``, ``reload_cpu_s``, ``reload_cpu_x``: the ratios that wait least on the
+  other load, though a pack's or reload's threads count each);
 - ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
   memory before it (sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``), divided
   by the fp32 model's bytes (the goal: at most 2);
@@ -122,9 +123,10 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="squeeze-scale-") as tmp:
         st = Path(tmp) / "m.safetensors"
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         save_file(state, st)
         row["st_save_s"] = time.perf_counter() - t0
+        row["st_save_cpu_s"] = time.process_time() - c0
         del state
         row["st_bytes"] = st.stat().st_size
         model = _compress(model, variant)
@@ -132,22 +134,25 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
             expected = _outputs(model, x)
         path = Path(tmp) / "m.sqz"
         with PeakRss() as peak:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             row["bytes"] = save_packed(model, path)
             row["pack_s"] = time.perf_counter() - t0
+            row["pack_cpu_s"] = time.process_time() - c0  # (with the sampler's: once)
         row["pack_mem"] = peak.over / model_bytes
         t0 = time.perf_counter()
         row["estimate_bytes"] = packed_size(model)
         row["estimate_s"] = time.perf_counter() - t0
         for _ in range(repeats - 1):  # (the saves taking turns too, the fastest of each kept)
             state = {k: v.contiguous() for k, v in _build(case)[0].state_dict().items()}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             save_file(state, st)
             row["st_save_s"] = min(row["st_save_s"], time.perf_counter() - t0)
+            row["st_save_cpu_s"] = min(row["st_save_cpu_s"], time.process_time() - c0)
             del state
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             save_packed(model, path)
             row["pack_s"] = min(row["pack_s"], time.perf_counter() - t0)
+            row["pack_cpu_s"] = min(row["pack_cpu_s"], time.process_time() - c0)
         del model
         fresh, _ = _build(case)
         with PeakRss() as peak:
@@ -166,6 +171,7 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
         with torch.no_grad():
             row["exact"] = bool(torch.equal(_outputs(reloaded, x), expected))
     row["pack_x"] = row["pack_s"] / row["st_save_s"]
+    row["pack_cpu_x"] = row["pack_cpu_s"] / row["st_save_cpu_s"]
     row["reload_x"] = row["reload_s"] / row["st_load_s"]
     row["reload_cpu_x"] = row["reload_cpu_s"] / row["st_load_cpu_s"]
     return row
@@ -173,7 +179,8 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
 
 def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
     head = (
-        f"{'case':<10} {'variant':<7} {'st save':>8} {'pack s':>8} {'x':>6} {'st load':>8} "
+        f"{'case':<10} {'variant':<7} {'st save':>8} {'pack s':>8} {'x':>6} {'cpu x':>5} "
+        f"{'st load':>8} "
         f"{'reload s':>8} {'x':>5} {'cpu x':>5} {'est s':>6} {'pack mem':>8} {'load mem':>8} "
         f"{'bytes':>12} {'est/file':>9} {'new/old':>8} exact"
     )
@@ -183,7 +190,8 @@ def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
         ratio = f"{r['bytes'] / old['bytes']:.4f}" if old else "-"
         lines.append(
             f"{r['case']:<10} {r['variant']:<7} {r['st_save_s']:>8.3f} {r['pack_s']:>8.2f} "
-            f"{r['pack_x']:>6.1f} {r['st_load_s']:>8.3f} {r['reload_s']:>8.2f} "
+            f"{r['pack_x']:>6.1f} {r['pack_cpu_x']:>5.2f} {r['st_load_s']:>8.3f} "
+            f"{r['reload_s']:>8.2f} "
             f"{r['reload_x']:>5.1f} {r['reload_cpu_x']:>5.2f} {r['estimate_s']:>6.2f} "
             f"{r['pack_mem']:>8.2f} {r['reload_mem']:>8.2f} {r['bytes']:>12,} "
             f"{r['estimate_bytes'] / r['bytes']:>9.4f} {ratio:>8} {r['exact']}"

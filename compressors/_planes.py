@@ -108,10 +108,47 @@ def store(array: np.ndarray | Stored) -> tuple[str, list[int], list]:
 
 def _low_bytes(raw: np.ndarray, k: int) -> np.ndarray:
     """Each element's ``k - 1`` low bytes, element after element (``raw``: elements of ``k``
-    bytes): one copy of ``k - 1``-byte items (as fast as the transposing copy of planes; an
-    ``(n, k - 1)`` slice copied as bytes took three times as long)."""
+    bytes, little-endian): by `_overlapped` where numpy writes it right (`_OVERLAPPING`; 5.6
+    times as fast on a float32 weight, whose storing it took half of), else by a copy of
+    ``k - 1``-byte items."""
+    if _OVERLAPPING and k in _WORDS:
+        return _overlapped(raw, k)
+    return _items(raw, k)
+
+
+_WORDS = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
+def _overlapped(raw: np.ndarray, k: int) -> np.ndarray:
+    """`_low_bytes` by writing each element whole at ``k - 1``-byte steps, in order, so that
+    its top byte is overwritten by the next element's first (the reader's trick backwards)."""
+    n = len(raw) // k
+    out = np.empty((k - 1) * n + 1, dtype=np.uint8)
+    np.ndarray((n,), _WORDS[k], out, strides=(k - 1,))[...] = raw.view(_WORDS[k])
+    return out[: (k - 1) * n]
+
+
+def _items(raw: np.ndarray, k: int) -> np.ndarray:
+    """`_low_bytes` by one copy of ``k - 1``-byte items (as fast as the transposing copy of
+    planes; an ``(n, k - 1)`` slice copied as bytes took three times as long)."""
     low = np.dtype({"names": ["low"], "formats": [f"V{k - 1}"], "offsets": [0], "itemsize": k})
     return np.ascontiguousarray(raw.view(low)["low"]).view(np.uint8)
+
+
+def _overlapping_in_order() -> bool:
+    """Whether `_overlapped` gives `_items`'s bytes: numpy writes a strided copy element after
+    element, as it needs (which numpy does not promise), tried on every width, at an aligned
+    and a misaligned start."""
+    rng = np.random.default_rng(0)
+    for k in _WORDS:
+        for offset in (0, 1):
+            raw = rng.integers(0, 256, 1003 * k + offset, dtype=np.uint8)[offset:]
+            if not np.array_equal(_overlapped(raw, k), _items(raw, k)):
+                return False
+    return True
+
+
+_OVERLAPPING = _overlapping_in_order()
 
 
 def _sample_pays(plane: np.ndarray) -> bool:

@@ -71,7 +71,6 @@ import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -83,7 +82,7 @@ import zstandard
 from safetensors.torch import save as st_save
 from torch import nn
 
-from compressors import _act_quant
+from compressors import _act_quant, _threads
 from compressors._codecs import DECODERS, Codes, encode, full_codes
 from compressors._codecs import store as store_array
 from compressors._container import (
@@ -321,12 +320,12 @@ def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
     by `WORKERS` threads. A value is computed by the thread that encodes it (its
     parametrizations evaluated there), and at most `IN_FLIGHT` values (or one larger tensor)
     are in work at once, so that memory holds a few tensors' work rather than the model's."""
-    if WORKERS == 1:
+    pool = _threads.pool(WORKERS) if WORKERS > 1 else None
+    if pool is None:
         for name, value, grid, _ in jobs:
             yield name, *_record(name, value, grid)
         return
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-pack") as pool:
-        pending: deque = deque()
+    with _threads.settling(deque()) as pending:
         in_flight = 0
         for name, value, grid, size in jobs:
             while pending and (len(pending) >= WORKERS or in_flight + size > IN_FLIGHT):
@@ -541,11 +540,11 @@ def _decoded(
         return packed.decoded(name)
 
     values = sum(math.prod(packed.meta["t"][name]["shape"]) for name in owners)
-    if WORKERS == 1 or values < THREADED_FROM:
+    pool = _threads.pool(WORKERS) if WORKERS > 1 and values >= THREADED_FROM else None
+    if pool is None:
         yield from ((name, one(name)) for name in owners)
         return
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="squeeze-load") as pool:
-        pending: deque = deque()
+    with _threads.settling(deque()) as pending:
         held = 0
         for name in owners:
             module, attr = owners[name]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,32 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        bits = _BITS.get(weight.dtype)
+        if (
+            bits is not None
+            and not (weight.requires_grad and torch.is_grad_enabled())
+            and weight.device.type == self.mask.device.type == "cpu"
+            and self.mask.shape in (weight.shape, ())
+        ):
+            # No gradient to pass: the weight's bits times the mask, as integers, by numpy
+            # (the same values, +0.0 where pruned; `torch.where` took 3 times as long, a third
+            # of packing a pruned 10 M MLP went to evaluating its masks; torch's product made
+            # an integer copy of the mask first, numpy's casts it a buffer at a time).
+            out = torch.empty_like(weight)
+            np.multiply(
+                weight.detach().view(bits).numpy(), self.mask.numpy(), out=out.view(bits).numpy()
+            )
+            return out
         return torch.where(self.mask, weight, 0.0)
+
+
+#: The integer type of each floating type's bits (`Mask.forward` without a gradient).
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 #: A function of a tensor (or a chunk of it) giving its scores: `torch.abs` for magnitudes.

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import xxhash
 import zstandard
 from torch import nn
 
-from compressors import _container, _planes, packing
+from compressors import _container, _planes, _threads, packing
 from compressors._codecs import CodecError, store
 from compressors._opening import opened
 from compressors.packing import load_packed, read_packed, save_packed
@@ -206,12 +208,14 @@ def test_tensors_decoded_in_place_are_queued_at_once_and_new_values_bounded(tmp_
     save_packed(model, path)
     submitted: list[str] = []
 
-    class Recording(packing.ThreadPoolExecutor):
+    shared = _threads.pool(2)
+
+    class Recording:
         def submit(self, fn, name):
             submitted.append(name)
-            return super().submit(fn, name)
+            return shared.submit(fn, name)
 
-    monkeypatch.setattr(packing, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(_threads, "pool", lambda workers: Recording())
     monkeypatch.setattr(packing, "WORKERS", 2)
     monkeypatch.setattr(packing, "IN_FLIGHT", 1)  # (one tensor of new values at a time)
     fresh = nn.Sequential(nn.Linear(300, 600), nn.BatchNorm1d(600), nn.Linear(600, 10))
@@ -282,3 +286,39 @@ def test_a_file_of_a_previous_format_loads_exactly_in_place(monkeypatch, workers
         k: v[2] for k, v in expected.items()
     }
     assert_fixture_loaded(model, expected, outputs, features=64)
+
+
+@pytest.mark.parametrize("overlapping", [True, False])
+@pytest.mark.parametrize("dtype", ["<f4", "<f2", "<u8"])
+def test_the_low_bytes_are_the_same_whichever_way_they_are_copied(monkeypatch, overlapping, dtype):
+    """Codec ``top``'s low bytes, by overlapping writes of whole elements where numpy writes
+    them in order (as it does here) or by a copy of items: each element's low bytes."""
+    assert _planes._OVERLAPPING
+    monkeypatch.setattr(_planes, "_OVERLAPPING", overlapping)
+    k = np.dtype(dtype).itemsize
+    for count in (1, 70_001):
+        raw = np.random.default_rng(count).integers(0, 256, count * k, dtype=np.uint8)
+        low = _planes._low_bytes(raw, k)
+        assert low.tobytes() == raw.reshape(count, k)[:, :-1].tobytes()
+
+
+def test_the_threads_are_started_once_and_no_job_outlives_its_call():
+    """One pool of threads for the process (None in its own threads, which work alone); a
+    loop over queued jobs that stops leaves none running: those not started are cancelled,
+    the others waited for."""
+    shared = _threads.pool(2)
+    assert _threads.pool(2) is shared
+    assert shared.submit(_threads.pool, 2).result() is None
+    release, ran = threading.Event(), []
+
+    def blocked(name: str) -> None:
+        release.wait(10)
+        ran.append(name)
+
+    pending = deque((name, shared.submit(blocked, name)) for name in "ab")
+    pending.append(("c", shared.submit(ran.append, "c")))  # (both threads busy: not started)
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    with pytest.raises(ValueError, match="stopped"), _threads.settling(pending):
+        raise ValueError("stopped")
+    assert sorted(ran) == ["a", "b"] and pending[2][1].cancelled()
