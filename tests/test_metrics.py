@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import pytest
@@ -463,3 +464,29 @@ def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():
     asked.clear()
     assert peak_memory_at(model, inputs_of, 3) == peak_memory_bytes(model, torch.randn(3, 20))
     assert asked == [3]  # small batches are measured as they are
+
+
+def test_a_latency_on_one_thread_leaves_out_the_time_a_forward_waits(digits_task, digits_baseline):
+    """On one thread a trial's latencies are the thread's CPU time: time a forward spends not
+    running (a sleep here; a wait for a core on a busy machine) is not its cost."""
+    from search.run.measure import latency_clock, measure
+
+    class Waits(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            time.sleep(0.02)
+            return self.model(x)
+
+    model = Waits(copy.deepcopy(digits_baseline.model))
+    assert torch.get_num_threads() == 1 and latency_clock() is time.thread_time
+    metrics = measure(model, digits_task, (1,), 3, latency_budget_s=0.5, reference=model)
+    assert metrics["latency_ms"] < 20.0  # (in wall time, at least the sleep's 20 ms)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # (several threads: their CPU times would add up; wall time)
+        assert latency_clock() is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -80,11 +80,12 @@ def measure(
         "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
     }
 
-    budget_s, probe = latency_budget(timed, reference, task, latency_budget_s)
+    clock = latency_clock()
+    budget_s, probe = latency_budget(timed, reference, task, latency_budget_s, clock=clock)
 
     def time_ms(inputs) -> tuple[float, float | None]:
         if reference is None:
-            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=budget_s)
+            ms = latency_ms(timed, inputs, repeats=latency_repeats, budget_s=budget_s, clock=clock)
             return ms, None
         return interleaved_latency_ms(
             timed,
@@ -93,6 +94,7 @@ def measure(
             rounds=LATENCY_ROUNDS,
             repeats=_per_round(latency_repeats),
             budget_s=budget_s,
+            clock=clock,
         )
 
     latencies = batch_latencies(
@@ -122,6 +124,19 @@ def measure(
                 latency.ms,
             )
     return metrics
+
+
+def latency_clock() -> Callable[[], float]:
+    """The clock a trial's latencies are read on: the calling thread's CPU time
+    (``time.thread_time``) where torch runs one thread, and so ONNX Runtime's sessions here
+    (`search.run.deploy` gives them torch's thread count; a one-thread session runs in the
+    caller's thread); else wall time (``time.perf_counter``: CPU time would add up the threads).
+
+    On a machine shared with other jobs, wall time counts the forwards' waits for a core: the
+    speed-ups of one sweep's points, timed in turns with the baseline, ranged from 0.03x to 47x
+    where their files re-timed at 0.9-1.5x (2 cores, load 5-9). A thread's CPU time leaves the
+    waits out, so on one thread a latency is what the forward costs on an idle core."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 #: Forwards at the task's training batch size whose time is a latency's budget, at most (per
