@@ -53,16 +53,28 @@ def classification_report(model: nn.Module, split: Any, num_classes: int) -> dic
 
 
 def class_balance(task: Task) -> pd.DataFrame:
-    """Samples per class (rows) in each split (columns), with each split's imbalance ratio."""
-    counts = {
-        name: np.bincount(_class_labels(split).numpy(), minlength=task.num_classes)
-        for name, split in (("train", task.train), ("val", task.val), ("test", task.test))
-    }
+    """Samples per class (rows) in each split (columns), with each split's imbalance ratio; of
+    a multi-label task (``outputs="multilabel"``), the samples with each label (its target
+    ``> 0.5``)."""
+    splits = (("train", task.train), ("val", task.val), ("test", task.test))
+    if task.outputs == "multilabel":
+        counts = {name: _label_counts(split, task.num_classes) for name, split in splits}
+    else:
+        counts = {
+            name: np.bincount(_class_labels(split).numpy(), minlength=task.num_classes)
+            for name, split in splits
+        }
     frame = pd.DataFrame(counts)
-    frame.index.name = "class"
+    frame.index.name = "label" if task.outputs == "multilabel" else "class"
     ratios = {name: c.max() / max(c.min(), 1) for name, c in counts.items()}
     frame.loc["imbalance (max/min)"] = pd.Series(ratios)
     return frame
+
+
+def _label_counts(split: Data, labels: int) -> np.ndarray:
+    """Samples of a multi-label split with each label (target ``> 0.5``)."""
+    targets = _labels(split).reshape(-1, labels)
+    return (targets > 0.5).sum(dim=0).numpy()
 
 
 def _class_labels(split: Data) -> torch.Tensor:

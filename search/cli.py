@@ -425,8 +425,12 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
 
     task = build_task(plan)
     with _wide():
-        console.print(f"task {task.name}: {task.num_classes} classes", highlight=False)
+        what = "labels" if task.outputs == "multilabel" else "classes"
+        console.print(f"task {task.name}: {task.num_classes} {what}", highlight=False)
         console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)
+        if task.outputs == "multilabel":
+            console.print("\nsamples with each label:", highlight=False)
+            console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
         if task.outputs == "logits":
             labels = "\nlabels per class (one per sample, or per labelled position):"
             console.print(labels, highlight=False)

@@ -601,3 +601,20 @@ def test_explain_lists_a_multilabel_classifiers_flipped_decisions_per_label():
     assert (row["index"], row["label"], row["baseline"], row["compressed"]) == (1, 2, 1, 0)
     assert row["baseline_conf"] == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
     assert row["compressed_conf"] == pytest.approx(1 - torch.sigmoid(torch.tensor(-0.5)).item())
+
+
+def test_inspect_counts_the_samples_with_each_label_of_a_multilabel_task(
+    capsys, monkeypatch, tmp_path
+):
+    from experiments.analysis import class_balance
+    from tests.zoo.workloads import TAGS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--config-dir", str(ZOO_CONF), "task=wl_multilabel"]) == 0
+    out = capsys.readouterr().out
+    assert "task wl_multilabel: 4 labels" in out and "samples with each label:" in out
+    task = _task("wl_multilabel")
+    balance = class_balance(task)
+    digits = task.val.source.y  # (the Tagged dataset's digits)
+    expected = [sum(bool(tag(int(d))) for d in digits) for tag in TAGS]
+    assert balance["val"].iloc[: len(TAGS)].tolist() == expected
