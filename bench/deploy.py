@@ -18,8 +18,10 @@ channels 1.9x slower than 16 in int8; 13- and 26-channel depthwise ones left NCH
 and that block is 16 channels with AVX-512, 8 with AVX2 only.
 Then the front's points within ``--max-drop`` test points of the baseline (cosine >= 0.97 for
 minilm) are timed again against the baseline's ONNX graph, side by side in one run (alternating
-rounds, median of the rounds' medians), at batch 1, 32 and the large batch, and the best is printed
-with its ONNX file's bytes beside its packed ``.sqz`` file's. Beside them, the reference int8
+rounds, median of the rounds' medians; on one thread in the thread's CPU time, as the sweep's
+trials are: `search.run.measure.latency_clock`), at batch 1, 32 and the large batch, beside the
+sweep's own speed-up of each point (column ``sweep``), and the best is printed with its ONNX
+file's bytes beside its packed ``.sqz`` file's. Beside them, the reference int8
 graph: ONNX Runtime's own ``quantize_static`` of the baseline's graph (MinMax calibration on
 training batches, QDQ, `_reference`), scored on test and timed the same way. Every latency is
 timed with the ONNX Runtime session settings printed with the baseline's line.
@@ -237,14 +239,15 @@ def main() -> int:
         if not rows:
             print(f"  no front point {within}")
             continue
+        objective = SPEEDUP.get(task_name, "speedup")  # (the sweep's own, beside the re-timing)
         print(
-            f"  {'trial':>5} {'test':>7} "
+            f"  {'trial':>5} {'test':>7} {'sweep':>7} "
             + " ".join(f"{f'x b{b}':>7}" for b in batches)
-            + f" {'ONNX B':>9} {'.sqz B':>9}  recipe"
+            + f" {'ONNX B':>9} {'.sqz B':>9}  recipe ('sweep': its {objective} in the sweep)"
         )
         for row, graph, speed in sorted(rows, key=lambda r: -r[2][1][0]):
             print(
-                f"  {int(row.trial):>5} {row.test_acc:>7.4f} "
+                f"  {int(row.trial):>5} {row.test_acc:>7.4f} {row[objective]:>7.2f} "
                 + " ".join(f"{speed[b][0]:>7.2f}" for b in batches)
                 + f" {graph.export.size_bytes:>9,} {row.size_bytes:>9,.0f}  {recipe_text(row)}"
             )
@@ -255,6 +258,7 @@ def main() -> int:
                 f"{speed[batch][0]:.2f}x ({speed[batch][1] * 1000:.0f} -> "
                 f"{speed[batch][2] * 1000:.0f} us), "
                 + ", ".join(f"{speed[b][0]:.2f}x at batch {b}" for b in batches)
+                + f" (sweep's {objective} {row[objective]:.2f}x)"
                 + f", test {row.test_acc:.4f} ({-row.test_drop:+.1f} pt), "
                 f"ONNX {graph.export.size_bytes:,} B, .sqz {row.size_bytes:,.0f} B; "
                 f"{recipe_text(row)}; ops {dict(graph.export.ops)}",
