@@ -107,10 +107,15 @@ def shipped_baseline(cfg, workdir: Path):
 
 def side_by_side(base, model, inputs, *, rounds: int = 7, repeats: int = 50):
     """``(speed-up, baseline ms, model ms)``: both timed in alternating rounds, median of the
-    rounds' medians (this machine's speed drifts more than a single A/B could tell apart)."""
+    rounds' medians (this machine's speed drifts more than a single A/B could tell apart), on
+    the clock a sweep's trials are timed on (`latency_clock`: the thread's CPU time where torch,
+    and so ONNX Runtime, runs one thread, which leaves out the forwards' waits for a core)."""
     from experiments.metrics import interleaved_latency_ms
+    from search.run.measure import latency_clock
 
-    ms, base_ms = interleaved_latency_ms(model, base, inputs, rounds=rounds, repeats=repeats)
+    ms, base_ms = interleaved_latency_ms(
+        model, base, inputs, rounds=rounds, repeats=repeats, clock=latency_clock()
+    )
     return base_ms / ms, base_ms, ms
 
 
