@@ -26,6 +26,7 @@ from experiments._data import (
     select_output,
 )
 from experiments._objectives import (
+    CLASSIFIERS,
     DECISIONS,
     LOSSES,
     OUTPUTS,
@@ -59,6 +60,7 @@ from experiments._training import (
 
 __all__ = [
     "BaselineCacheError",
+    "CLASSIFIERS",
     "DECISIONS",
     "LOSSES",
     "OUTPUTS",

@@ -31,6 +31,8 @@ OUTPUTS = ("logits", "multilabel", "embeddings", "values")
 #: The outputs whose models make decisions that two models can agree on (top-1 class, each
 #: label's yes/no, nearest neighbour); a regression has none.
 DECISIONS = ("logits", "multilabel", "embeddings")
+#: Classifiers' outputs: their agreement is counted from their `decisions`, batch by batch.
+CLASSIFIERS = ("logits", "multilabel")
 #: A target that the default loss and accuracy of logits leave out (torch's and Hugging Face's).
 IGNORE_INDEX = -100
 

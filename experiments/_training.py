@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from experiments._data import Batch, Data, WorkloadError, as_data, cat_rows, model_device, to_device
-from experiments._objectives import LossFn, ScoreFn, accuracy, ce_loss, decisions
+from experiments._objectives import CLASSIFIERS, LossFn, ScoreFn, accuracy, ce_loss, decisions
 
 __all__ = [
     "EpochStats",
@@ -249,7 +249,7 @@ def agreement_reference(model: nn.Module, data: Any, outputs: str) -> torch.Tens
     for ``logits`` and ``multilabel`` (`experiments.decisions`: top-1 classes, int32, at every
     position for per-position logits; each label's yes/no; computed batch by batch, the logits
     never held whole), its embeddings for ``embeddings``."""
-    if outputs not in ("logits", "multilabel"):
+    if outputs not in CLASSIFIERS:
         return predict_outputs(model, data)
     data = as_data(data)
     passes = _pass(model, data, data.eval_batch_size)

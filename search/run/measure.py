@@ -13,7 +13,14 @@ from functools import partial
 
 import torch
 
-from experiments import DECISIONS, DecisionAgreement, Task, prediction_agreement, scores
+from experiments import (
+    CLASSIFIERS,
+    DECISIONS,
+    DecisionAgreement,
+    Task,
+    prediction_agreement,
+    scores,
+)
 from experiments._data import call_model
 from experiments.metrics import (
     batch_latencies,
@@ -69,7 +76,7 @@ def measure(
     """
     timed = shipped if timed is None else timed
     extra = dict(task.extra_scores)
-    if reference_outputs is not None and task.outputs in ("logits", "multilabel"):  # by batch
+    if reference_outputs is not None and task.outputs in CLASSIFIERS:  # decisions, by batch
         extra["agreement"] = DecisionAgreement(reference_outputs, task.outputs)
     elif reference_outputs is not None and task.outputs in DECISIONS:  # a regression has none
         extra["agreement"] = partial(_agreement, reference=reference_outputs, kind=task.outputs)
