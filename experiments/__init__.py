@@ -25,6 +25,7 @@ from experiments._data import (
     describe,
     select_output,
 )
+from experiments._layout import CLASS_LAST, class_last
 from experiments._objectives import (
     CLASSIFIERS,
     DECISIONS,
@@ -83,6 +84,8 @@ __all__ = [
     "r2_score",
     "regression_loss",
     "select_output",
+    "class_last",
+    "CLASS_LAST",
     "LossFn",
     "ScoreFn",
     "Split",

@@ -82,6 +82,15 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
             f"({batch.rows} in the batch)"
         )
     if task.outputs == "logits" and (output.dim() < 2 or output.shape[-1] != task.num_classes):
+        if output.dim() > 2 and output.shape[1] == task.num_classes:
+            raise WorkloadError(
+                f"{where}: the model outputs {describe(output)}, the {task.num_classes} classes "
+                "on axis 1, a decision per position after it (as a segmentation model's "
+                "(batch, classes, height, width), which nn.CrossEntropyLoss and torchmetrics "
+                "take), but squeeze reads the class axis last. Say Task(class_axis=1): squeeze "
+                "then reads the logits class-last, and your loss and metric still get them as "
+                "the model returns them."
+            )
         raise WorkloadError(
             f"{where}: the model outputs {describe(output)} but the task has "
             f"num_classes={task.num_classes}: a classifier's logits must be (batch, "

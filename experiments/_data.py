@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from experiments._layout import CLASS_LAST, class_last
 from experiments._objectives import ScoreFn, accuracy
 
 #: Keys of a dict batch that hold the targets (the first present is used) and are left out of
@@ -117,12 +118,16 @@ class Adapters:
             first element of a tuple or list, ``.logits`` of a ``ModelOutput`` or dict), a key
             or attribute name, a position, or a function ``output(model_outputs) -> tensor``.
         collate_fn: Collates a dataset's samples into a batch (the DataLoader's default if None).
+        class_axis: The class axis of a classifier's scored output as the model returns it
+            (-1: last; 1: torch's dense classifiers, ``(batch, classes, height, width)``);
+            `Data.forward` gives it class-last (`experiments._layout`).
     """
 
     inputs: Callable[[Any], Any] | None = None
     targets: Callable[[Any], Any] | None = None
     output: str | int | Callable[[Any], torch.Tensor] | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
+    class_axis: int = CLASS_LAST
 
 
 def default_inputs(batch: Any) -> Any:
@@ -409,10 +414,10 @@ class Data:
         )
 
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        """The scored output of ``model`` called on ``inputs`` (moved to the model's device)."""
-        return select_output(
-            call_model(model, to_device(inputs, model_device(model))), self.adapters.output
-        )
+        """The scored output of ``model`` called on ``inputs`` (moved to the model's device),
+        a classifier's class axis last."""
+        outputs = call_model(model, to_device(inputs, model_device(model)))
+        return class_last(select_output(outputs, self.adapters.output), self.adapters.class_axis)
 
     def calibration(self, *, samples: int, batch_size: int, device: Any = None) -> list[Calib]:
         """The first ``samples`` samples in the split's own order (no shuffling), as batches of

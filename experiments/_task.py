@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from experiments._data import Adapters, Data, Split, WorkloadError, as_data
+from experiments._layout import CLASS_LAST, in_model_layout
 from experiments._objectives import (
     OUTPUTS,
     LossFn,
@@ -171,6 +172,12 @@ class Task:
         checkpoint: A pretrained baseline: a safetensors file, a ``weights_only`` state dict or
             a Hugging Face model folder, loaded into ``build_model()``'s model, evaluated and not
             trained (the top-level ``checkpoint=`` of the config, if set, wins).
+        class_axis: Where the class axis of ``logits`` is, counting the batch as 0: -1 (last,
+            as Hugging Face's token classifiers return them) or 1 and up (torch's dense
+            classifiers: a segmentation model's ``(batch, classes, height, width)``, as
+            ``nn.CrossEntropyLoss`` and torchmetrics take them). squeeze's own loss, score,
+            agreement and analyses read the logits class-last; ``loss``, ``metric`` and
+            ``extra_scores`` given here receive them as the model returns them.
     """
 
     name: str
@@ -193,6 +200,7 @@ class Task:
     optimizer: Callable[..., Any] | None = None
     train_step: Callable[..., Any] | None = None
     checkpoint: str | None = None
+    class_axis: int = CLASS_LAST
 
     def __post_init__(self) -> None:
         if self.outputs not in OUTPUTS:
@@ -200,11 +208,14 @@ class Task:
                 f"The 'outputs' parameter of task {self.name!r} must be one of "
                 f"{', '.join(map(repr, OUTPUTS))}. Got {self.outputs!r} instead."
             )
-        adapters = Adapters(self.inputs, self.targets, self.output, self.collate_fn)
+        axis = self.class_axis
+        _check_class_axis(self, axis)
+        adapters = Adapters(self.inputs, self.targets, self.output, self.collate_fn, axis)
         metric = self.metric
         if metric is None:
             own = _source(self.val)
             metric = own.score if isinstance(own, Split) else DEFAULT_METRICS[self.outputs]
+        metric = _yours(metric, axis, kind="metric")
         batch = self.eval_batch_size or (
             1024 if isinstance(_source(self.val), Split) else self.train_config.batch_size
         )
@@ -213,6 +224,10 @@ class Task:
             object.__setattr__(self, name, data)
         if self.loss is None:
             object.__setattr__(self, "loss", DEFAULT_LOSSES[self.outputs])
+        else:
+            object.__setattr__(self, "loss", _yours(self.loss, axis, kind="loss"))
+        extra = {k: _yours(v, axis, kind="score") for k, v in self.extra_scores.items()}
+        object.__setattr__(self, "extra_scores", extra)
         object.__setattr__(self, "metric", metric)
         object.__setattr__(self, "higher_is_better", metric_direction(metric, self))
 
@@ -231,6 +246,34 @@ class Task:
             name: len(data) if data.sized() else -1
             for name, data in (("train", self.train), ("val", self.val), ("test", self.test))
         }
+
+
+def _check_class_axis(task: Task, axis: Any) -> None:
+    """``class_axis`` is -1 or an axis after the batch's; only logits have one."""
+    if (
+        isinstance(axis, bool)
+        or not isinstance(axis, int | np.integer)
+        or (axis < 1 and axis != -1)
+    ):
+        raise WorkloadError(
+            f"The 'class_axis' parameter of task {task.name!r} must be -1 (the class axis last) "
+            f"or an int >= 1 (1: a segmentation model's (batch, classes, height, width)). Got "
+            f"{axis!r} instead."
+        )
+    if axis != CLASS_LAST and task.outputs != "logits":
+        raise WorkloadError(
+            f"The 'class_axis' parameter of task {task.name!r} is {axis}, but only "
+            f"outputs='logits' have a class axis (this task's outputs are {task.outputs!r}). "
+            "Leave it at -1."
+        )
+
+
+def _yours(fn: Any, axis: int, *, kind: str) -> Any:
+    """The task's own loss or score taking the outputs in the model's layout; squeeze's own
+    (which read them class-last) as they are."""
+    if any(fn is own for own in (*_KNOWN_DIRECTIONS, *DEFAULT_LOSSES.values())):
+        return fn  # (by identity: a torchmetrics Metric's == builds a new metric)
+    return in_model_layout(fn, axis, kind=kind)
 
 
 def _source(split: Any) -> Any:

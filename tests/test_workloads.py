@@ -31,6 +31,7 @@ from experiments import (
     Task,
     TrainConfig,
     WorkloadError,
+    accuracy,
     as_data,
     check_workload,
     evaluate,
@@ -45,8 +46,12 @@ from tests.zoo import workloads
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ZOO_CONF = Path(__file__).parent / "zoo_conf"
-#: Workloads whose `allocate` cell is slow (its sensitivity table on a transformers model).
-SLOW_ALLOCATE = ("wl_dict_bert", "wl_tokens")
+#: Workloads whose `allocate` cell is slow (its sensitivity table on a transformers model,
+#: or per pixel).
+SLOW_ALLOCATE = ("wl_dict_bert", "wl_tokens", "wl_segmentation")
+#: Workloads whose two-trial sweep runs in the slow lane only (their contract's unit tests
+#: run in the fast one).
+SLOW_SWEEP = ("wl_segmentation",)
 #: Baseline epochs of each workload's two-trial sweep (3 where not listed).
 SWEEP_EPOCHS = {"wl_regression": 10, "wl_dict_bert": 6, "wl_tokens": 6}
 #: Every compressor, with settings that act on small models.
@@ -69,6 +74,7 @@ WORKLOADS = [
     "wl_tokens",
     "wl_regression",
     "wl_multilabel",
+    "wl_segmentation",
 ]
 
 
@@ -213,7 +219,10 @@ def test_distillation_under_augmentation_sees_the_teachers_outputs_on_the_same_b
     assert not torch.equal(seen[0], seen[len(seen) // 2])
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_SWEEP else []) for n in WORKLOADS],
+)
 def test_a_two_trial_sweep_runs_on_each_workload(name, tmp_path, cache_dir):
     overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=2", space=None)
     code = main(
@@ -446,8 +455,9 @@ def test_per_position_logits_are_scored_per_position_leaving_out_ignored_labels(
     assert kl_loss(other, logits, temperature=2.0) == pytest.approx(two_d.item(), rel=1e-6)
 
 
-def test_per_position_logits_need_the_class_axis_last():
-    """(batch, classes, tokens) logits are refused, naming the per-position form."""
+def test_per_position_logits_need_the_class_axis_last_or_class_axis():
+    """(batch, classes, tokens) logits are refused, naming Task(class_axis=1); with it they
+    are accepted, as (batch, tokens, classes) are without it."""
     task = workloads.wl_tokens()
 
     class ClassesFirst(nn.Module):
@@ -458,9 +468,71 @@ def test_per_position_logits_need_the_class_axis_last():
         def forward(self, input_ids):
             return self.inner(input_ids=input_ids).logits.transpose(1, 2)
 
-    with pytest.raises(WorkloadError, match=r"\(batch, \.\.\., 24\) with a decision per position"):
+    with pytest.raises(WorkloadError, match=r"classes on axis 1.*Say Task\(class_axis=1\)"):
         check_workload(task, ClassesFirst())
     check_workload(task, task.build_model())  # (batch, tokens, 24): accepted
+    check_workload(dataclasses.replace(task, class_axis=1), ClassesFirst())
+    wrong = workloads.wl_tokens()
+    object.__setattr__(wrong, "num_classes", 23)
+    with pytest.raises(WorkloadError, match=r"\(batch, \.\.\., 23\) with a decision per position"):
+        check_workload(wrong, task.build_model())
+
+
+def test_a_segmentation_models_loss_and_metric_get_its_own_layout(trained):
+    """With class_axis=1, squeeze reads (batch, classes, H, W) logits class-last (accuracy and
+    agreement per pixel, -100 left out) while the user's loss and torchmetrics' mean IoU get
+    them as the model returns them: the score equals torchmetrics on the raw outputs."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    task, model = trained("wl_segmentation")
+    model.eval()
+    x, y = task.val.source.images, task.val.source.masks
+    with torch.no_grad():
+        raw = model(x)
+    assert raw.shape == (len(y), 3, 8, 8)
+    direct = MulticlassJaccardIndex(num_classes=3, ignore_index=-100)(raw, y).item()
+    assert evaluate(model, task.val) == pytest.approx(direct, abs=1e-6)
+    got = predict_outputs(model, task.val)
+    assert got.shape == (len(y), 8, 8, 3) and torch.equal(got, raw.movedim(1, -1))
+    kept = y != -100
+    pixel_acc = (raw.argmax(1)[kept] == y[kept]).float().mean().item()
+    assert accuracy(got, y) == pytest.approx(pixel_acc, abs=1e-6)
+    loss = task.loss(got, y, None)  # the user's pixel_ce asserts axis 1 holds the classes
+    assert loss.item() == pytest.approx(
+        nn.functional.cross_entropy(raw, y, ignore_index=-100).item(), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_axis": 0}, r"'class_axis' parameter .* must be -1 .* or an int >= 1.*Got 0"),
+        ({"class_axis": -2}, r"'class_axis' parameter .*Got -2"),
+        ({"class_axis": True}, r"'class_axis' parameter .*Got True"),
+        ({"class_axis": "1"}, r"'class_axis' parameter .*Got '1'"),
+        ({"class_axis": 1, "outputs": "values"}, r"only outputs='logits' have a class axis"),
+    ],
+)
+def test_a_bad_class_axis_is_refused_naming_it(kwargs, message):
+    with pytest.raises(WorkloadError, match=message):
+        dataclasses.replace(workloads.wl_segmentation(), **kwargs)
+
+
+def test_a_segmentation_models_onnx_graph_keeps_its_layout_and_score(trained, tmp_path):
+    """The exported graph returns (batch, classes, H, W) as the model does, and its validation
+    score (read class-last, as in the sweep) equals the torch model's."""
+    import onnxruntime as ort
+
+    from search.run.deploy import deploy_onnx
+
+    task, model = trained("wl_segmentation")
+    save_packed(model.eval(), tmp_path / "m.sqz", like=model)
+    deployed = deploy_onnx(tmp_path / "m.sqz", task, tmp_path / "m.onnx", threads=1)
+    assert deployed.metrics["val_acc_onnx"] == pytest.approx(evaluate(model, task.val), abs=1e-4)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = task.val.source.images[:5].numpy()
+    (out,) = session.run(None, {session.get_inputs()[0].name: x})
+    assert out.shape == (5, 3, 8, 8)
 
 
 def test_structured_pruning_traces_a_language_model_with_its_cache_on():

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from experiments import Data, Task, is_streaming_metric, select_output
+from experiments import Data, Task, class_last, is_streaming_metric, select_output
 from experiments._data import cat_rows
 
 if TYPE_CHECKING:
@@ -208,6 +208,7 @@ def _score(data: Data, outputs: torch.Tensor, targets: list[Any]) -> float:
     """``data``'s metric of ``outputs`` (a ``torchmetrics.Metric``, or a function of the whole
     split's outputs and targets)."""
     truth = None if not targets or targets[0] is None else cat_rows(targets)
+    outputs = class_last(outputs, data.adapters.class_axis)  # scored as `Data.forward` gives
     metric = data.score
     if is_streaming_metric(metric):
         metric = metric.clone()

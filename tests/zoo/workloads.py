@@ -2,7 +2,8 @@
 random augmentation behind a DataLoader factory, an iterable dataset, dict batches into a Hugging
 Face model that returns a ``ModelOutput``, a language model deciding per token (a GPT-2 with its
 key/value cache), a model of two inputs, a regression task (scored by
-R², and by MSE: a lower-is-better score), a multi-label classifier (a yes/no per tag).
+R², and by MSE: a lower-is-better score), a multi-label classifier (a yes/no per tag), a
+segmentation model whose logits put the classes on axis 1.
 
 Each builder is named by ``_target_`` in ``tests/zoo_conf/task/wl_<name>.yaml``.
 """
@@ -322,4 +323,73 @@ def wl_multilabel(*, name: str = "wl_multilabel", seed: int = 0, train: dict | N
         outputs="multilabel",
         build_model=lambda: SmallMLP(out=len(TAGS)),
         train_config=_train(train, {"epochs": 12, "lr": 3e-3}),
+    )
+
+
+class Inked(Dataset):
+    """Digits as a segmentation task: ``(image (1, 8, 8), mask (8, 8))``, each pixel labelled
+    background (0), ink of a digit below 5 (1) or of one from 5 up (2), faint ink -100
+    (ignored); with ``augment``, a random horizontal flip of both at every read."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, augment: bool = False) -> None:
+        self.images = x.reshape(-1, 1, 8, 8)
+        ink = self.images[:, 0]
+        classes = torch.where(y >= 5, 2, 1).reshape(-1, 1, 1)
+        self.masks = torch.where(ink > 0.5, classes, 0)
+        self.masks[(ink > 0.1) & (ink <= 0.5)] = -100
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.images[i], self.masks[i]
+        if self.augment and bool(torch.rand(()) < 0.5):
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+class TinySegNet(nn.Module):
+    """Convolutions with BatchNorm to per-pixel logits ``(batch, 3, 8, 8)``: classes on axis 1,
+    as torch's segmentation models return them."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.head = nn.Conv2d(width, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def pixel_ce(outputs: torch.Tensor, targets: torch.Tensor, teacher: Any) -> torch.Tensor:
+    """The user's own loss, on ``(batch, classes, height, width)`` logits as torch takes them."""
+    assert outputs.shape[1] == 3, outputs.shape  # the model's layout, not squeeze's
+    return nn.functional.cross_entropy(outputs, targets, ignore_index=-100)
+
+
+def wl_segmentation(*, name: str = "wl_segmentation", seed: int = 0, train: dict | None = None):
+    """Semantic segmentation: logits ``(batch, classes, 8, 8)`` (``class_axis=1``), the user's
+    own channel-first loss and torchmetrics' mean IoU, augmented tuple batches."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    tr, va, te = _digits(seed)
+    return Task(
+        name=name,
+        train=Inked(tr.x, tr.y, augment=True),
+        val=Inked(va.x, va.y),
+        test=Inked(te.x, te.y),
+        num_classes=3,
+        class_axis=1,
+        build_model=TinySegNet,
+        train_config=_train(train, {"epochs": 6, "lr": 3e-3}),
+        loss=pixel_ce,
+        metric=MulticlassJaccardIndex(num_classes=3, ignore_index=-100),
     )
