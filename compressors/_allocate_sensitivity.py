@@ -26,9 +26,11 @@ cached table is found again):
 
 ``auto`` takes the first of ``loss``, ``interpolated``, ``fisher`` whose passes cost at most
 `STEPS` training steps of the model (a step: `STEP_SAMPLES` samples forward, a backward counted
-as two forwards), or, for small models, at most `SMALL_COST` multiply-adds (estimated as
-parameters x samples per pass), whichever allows more: digits and mnist1d keep the measured
-table; a 10 M-parameter model is interpolated; an 85 M encoder gets ``fisher``.
+as two forwards), or, for small models, at most `SMALL_COST` multiply-adds (the model's own per
+sample, counted by torch: `macs_per_sample`), whichever allows more: digits and mnist1d keep
+the measured table; a 10 M-parameter model is interpolated; an 85 M encoder gets ``fisher``, and
+so does a segmentation network of 0.1 M weights whose convolutions act at 1,024 pixels (costed
+by its weights, its measured table took 19 minutes).
 """
 
 from __future__ import annotations
@@ -89,9 +91,23 @@ class Plan:
         return f"{self.method}@{self.samples}/{self.batch_size}"
 
 
-def plan(model: nn.Module, tensors: int, settings: int, *, method: str, samples: int) -> Plan:
-    """The `Plan` for ``method`` (``auto``: the cost model above) on ``samples`` samples."""
+def plan(
+    model: nn.Module,
+    tensors: int,
+    settings: int,
+    *,
+    method: str,
+    samples: int,
+    macs: float | None = None,
+) -> Plan:
+    """The `Plan` for ``method`` (``auto``: the cost model above) on ``samples`` samples.
+
+    ``macs``: the model's multiply-adds per sample (`macs_per_sample`); None: its parameter
+    count, which is that of a stack of Linear layers on one vector, but a convolution's
+    weights act at every position (a small segmentation network's 240 per weight) and a
+    transformer's at every token."""
     params = sum(p.numel() for p in model.parameters())
+    macs = params if macs is None else max(macs, 1.0)
     fisher_batch = FISHER_BATCH if params <= FISHER_LARGE else FISHER_BATCH_LARGE
     interpolated = Plan("interpolated", min(samples, INTERPOLATED_SAMPLES), LOSS_BATCH)
     if method == "loss":
@@ -100,12 +116,38 @@ def plan(model: nn.Module, tensors: int, settings: int, *, method: str, samples:
         return interpolated
     if method == "fisher":
         return Plan("fisher", samples, fisher_batch)
-    allowed = max(SMALL_COST / max(params, 1), STEPS * STEP_SAMPLES)  # sample-forwards
+    allowed = max(SMALL_COST / max(macs, 1), STEPS * STEP_SAMPLES)  # sample-forwards
     if (1 + tensors * settings) * samples <= allowed:
         return Plan("loss", samples, LOSS_BATCH)
     if (1 + tensors * min(ANCHORS, settings)) * interpolated.samples <= allowed:
         return interpolated
     return Plan("fisher", min(samples, INTERPOLATED_SAMPLES), fisher_batch)
+
+
+def macs_per_sample(model: nn.Module, ctx: CompressionContext) -> float | None:
+    """The multiply-adds of one forward of ``model`` per sample, counted by torch's
+    ``FlopCounterMode`` on the first `MAC_ROWS` calibration samples (matrix products and
+    convolutions; deterministic, no clock, so a cached table is found again); None where they
+    cannot be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        (batch,) = ctx.train.calibration(samples=MAC_ROWS, batch_size=MAC_ROWS, device=device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            ctx.train.forward(model, batch.inputs)
+        return counter.get_total_flops() / 2 / batch.rows
+    except Exception:  # (an op the counter cannot follow: the parameter count stands in)
+        logger.debug("multiply-adds not counted: the parameters stand in", exc_info=True)
+        return None
+    finally:
+        model.train(was_training)
+
+
+#: Samples whose forward `macs_per_sample` counts.
+MAC_ROWS = 4
 
 
 #: A sensitivity table that took this long is logged at INFO (a quicker one at DEBUG: a small

@@ -291,8 +291,14 @@ class BudgetAllocation(Compressor):
         never reused for other weights (see README: a baseline's sensitivities do not carry
         over to a pruned model, whose loss and curvature have moved)."""
         found, settings = targets(model), self.settings()
+        macs = _sens.macs_per_sample(model, ctx) if self.sensitivity == "auto" else None
         how = _sens.plan(
-            model, len(found), len(settings), method=self.sensitivity, samples=self.samples
+            model,
+            len(found),
+            len(settings),
+            method=self.sensitivity,
+            samples=self.samples,
+            macs=macs,
         )
         key = _table_key(found, settings, how)
         path = None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"allocate-{key}.npz"

@@ -278,6 +278,35 @@ def test_auto_measures_small_models_and_estimates_large_ones(digits_baseline):
     assert picked.method == "fisher" and picked.batch_size == sens.FISHER_BATCH_LARGE
 
 
+def test_auto_costs_a_convolution_by_its_multiply_adds_not_its_weights(
+    digits_task, digits_baseline
+):
+    """A segmentation network's few weights act at every pixel: costed by its parameters, the
+    measured table (1 + 3 x 56 passes over 1,024 samples) would look cheap; by the multiply-adds
+    torch counts, it is not. An MLP's multiply-adds are its weights: digits keeps the table."""
+    from compressors import CompressionContext
+    from compressors import _allocate_sensitivity as sens
+    from tests.zoo.workloads import TinySegNet, wl_segmentation
+
+    mlp = digits_baseline.model
+    mlp_ctx = compression_context(digits_task, digits_baseline, seed=0)
+    macs = sens.macs_per_sample(mlp, mlp_ctx)
+    assert macs == pytest.approx(sum(p.numel() for p in mlp.parameters()), rel=0.02)
+    assert sens.plan(mlp, 3, 56, method="auto", samples=1024, macs=macs).method == "loss"
+
+    task = wl_segmentation()
+    torch.manual_seed(0)
+    net = TinySegNet()
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(4), seed=0)
+    params = sum(p.numel() for p in net.parameters())
+    macs = sens.macs_per_sample(net, ctx)
+    assert macs > 50 * params  # 3x3 convolutions at each of 64 pixels
+    assert net.training  # as it was
+    assert sens.plan(net, 3, 56, method="auto", samples=1024).method == "loss"  # by weights
+    picked = sens.plan(net, 3, 56, method="auto", samples=1024, macs=macs)
+    assert picked.method == "interpolated"
+
+
 def test_the_table_is_reused_by_trials_with_the_same_structured_shapes(
     digits_task, digits_baseline, tmp_path, caplog
 ):
