@@ -454,7 +454,9 @@ def _sensitivity(args: argparse.Namespace, console: Console) -> int:
     cfg = _compose(args)
     from search.results.sensitivity import run_sensitivity
 
-    result = run_sensitivity(cfg, tolerance=args.tolerance, conf_dir=conf_dir)
+    result = run_sensitivity(
+        cfg, tolerance=args.tolerance, conf_dir=conf_dir, config_dirs=args.config_dir
+    )
     table = result.table.pivot_table(
         index=["method", "setting"], columns="layer", values="val_drop", sort=False
     )

@@ -96,6 +96,25 @@ def group_options(group: str, dirs: Sequence[Path] = ()) -> list[str]:
     return sorted({p.stem for d in (CONF_DIR, *dirs) for p in (Path(d) / group).glob("*.yaml")})
 
 
+def task_option(task: Any, config_dirs: Sequence[str | Path] = ()) -> str:
+    """The option of the ``task`` group (a yaml file's name, as ``task=<option>`` selects it)
+    that composes ``task`` (a composed config's ``task``): the file named as the task (squeeze's
+    own, README's examples), else the first whose ``task`` has the same ``_target_`` and
+    ``name`` (``my_conf/task/seg.yaml`` naming its task ``shapes_seg``); ``task.name`` where
+    none does."""
+    name, target = task.get("name"), task.get("_target_")
+    dirs = search_dirs(config_dirs)
+    options = group_options("task", dirs)
+    for option in sorted(options, key=lambda o: o != name):  # its own name first
+        try:
+            composed = compose_config([f"task={option}"], config_dirs=config_dirs).task
+        except ConfigError:
+            continue
+        if composed.get("name") == name and composed.get("_target_") == target:
+            return option
+    return str(name)
+
+
 #: The config a space's defaults list names to get an entry for every compressor (``-
 #: _compressors``): made at compose time from the yaml files of the ``compressor`` group (the
 #: project's and those of each config folder), so that a new method's yaml is all a space needs to

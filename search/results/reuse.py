@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from compressors import load_packed, save_packed
 from experiments import DECISIONS, EpochStats, agreement_reference, evaluate
 from search._errors import ConfigError
-from search.config.compose import CONF_DIR, search_dirs, writable_config_dir
+from search.config.compose import CONF_DIR, search_dirs, task_option, writable_config_dir
 from search.config.fidelity import (
     EPOCHS_RUN_ATTR,
     PROMOTE_FROM_ATTR,
@@ -214,7 +214,7 @@ def export_trial(
     threads = trial_threads(cfg, study, trial)
     experiment = {
         "defaults": [
-            {"override /task": study_cfg.task.name},
+            {"override /task": task_option(study_cfg.task, config_dirs)},
             {"override /space": str(space.get("name", "default"))},
         ],
         "task": OmegaConf.to_container(study_cfg.task, resolve=True),

@@ -13,6 +13,7 @@ higher-is-better score, percent of the baseline's value of a lower-is-better one
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from compressors._targets import is_transposed_linear, weight_layers  # noqa: E4
 from compressors.prune import Mask, smallest_mask  # noqa: E402
 from compressors.quant import make_grid  # noqa: E402
 from experiments import evaluate  # noqa: E402
-from search.config.compose import COMPRESSORS_NODE, writable_config_dir  # noqa: E402
+from search.config.compose import COMPRESSORS_NODE, task_option, writable_config_dir  # noqa: E402
 from search.config.score import Score  # noqa: E402
 from search.run.workload import load_workload  # noqa: E402
 
@@ -55,9 +56,11 @@ def run_sensitivity(
     bits: tuple[int, ...] = BITS,
     tolerance: float = 1.0,
     conf_dir: Path | None = None,
+    config_dirs: Sequence[str | Path] = (),
 ) -> Sensitivity:
     """Measure each layer's sensitivity for the task of ``cfg``; write plot and space (into
-    ``<conf_dir>/space/``; by default ``./conf`` of the current directory)."""
+    ``<conf_dir>/space/``; by default ``./conf`` of the current directory). ``config_dirs``:
+    the command's ``--config-dir`` folders (the space's header names the task's yaml)."""
     conf_dir = conf_dir if conf_dir is not None else writable_config_dir()
     workload = load_workload(cfg)
     task, baseline = workload.task, workload.baseline
@@ -84,7 +87,8 @@ def run_sensitivity(
     table.to_csv(folder / "sensitivity.csv", index=False)
     plot = folder / "sensitivity.png"
     _plot(table, reference, task.name, plot, score)
-    space = _write_space(table, task.name, tolerance, amounts, bits, conf_dir, score)
+    option = task_option(cfg.task, config_dirs)
+    space = _write_space(table, task.name, option, tolerance, amounts, bits, conf_dir, score)
     return Sensitivity(table, plot, space, score)
 
 
@@ -126,7 +130,9 @@ def _plot(table: pd.DataFrame, reference: float, task: str, path: Path, score: S
     plt.close(fig)
 
 
-def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path, score: Score) -> Path:
+def _write_space(
+    table, task, option, tolerance, amounts, bits, conf_dir: Path, score: Score
+) -> Path:
     ok = table[table.val_drop <= tolerance]
     prune = ok[ok.method == "prune"].groupby("layer", sort=False).setting.max()
     per_layer = {}
@@ -149,10 +155,10 @@ def _write_space(table, task, tolerance, amounts, bits, conf_dir: Path, score: S
     path = conf_dir / "space" / f"{task}_sensitivity.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# Written by `squeeze sensitivity task={task}`: each layer's pruning range reaches "
+        f"# Written by `squeeze sensitivity task={option}`: each layer's pruning range reaches "
         f"0.1 past the\n# largest amount it tolerated alone {score.within(tolerance)} (no "
         "fine-tuning);\n# bits start one below the fewest that every layer "
-        f"tolerated. Use it: squeeze sweep task={task} space={task}_sensitivity\n"
+        f"tolerated. Use it: squeeze sweep task={option} space={task}_sensitivity\n"
     )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(space)))
     return path
