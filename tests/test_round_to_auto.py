@@ -3,6 +3,7 @@ fixed in the study's config so that `squeeze export` / `squeeze run` reproduce i
 
 from __future__ import annotations
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -13,6 +14,7 @@ from search.config import blocks
 from search.config.blocks import auto_block, cpu_block, resolve_auto
 from search.config.plan import plan_sweep
 from search.results.reuse import load_study
+from search.run.study_store import claim_study, open_study_storage
 from tests.conftest import structured_quant_overrides
 
 AVX512 = {"avx512f", "avx2", "fma", "sse4_2"}
@@ -120,3 +122,33 @@ def test_the_chosen_block_is_logged_exported_and_rerun_on_another_cpu(
     run = client.get_run(version.run_id).data
     assert run.metrics["val_acc"] == trial.user_attrs["metrics"]["val_acc"]
     assert run.metrics["size_bytes"] == trial.user_attrs["metrics"]["size_bytes"]
+
+
+def test_a_study_continued_where_auto_gives_another_block_is_told_the_value_it_ran_with(
+    tmp_path, monkeypatch
+):
+    overrides = [
+        "search.objectives=[val_acc,speedup]",
+        f"search.storage={tmp_path}/optuna.journal",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    monkeypatch.setattr(blocks, "cpu_flags", lambda: frozenset(AVX2))
+    plan = plan_sweep(compose_config(overrides), connect=False)
+    study = optuna.create_study(
+        study_name=plan.study_name,
+        storage=open_study_storage(plan),
+        directions=list(plan.directions),
+    )
+    claim_study(study, plan)
+    assert study.user_attrs["auto_params"] == {"structured.round_to": 8}
+    monkeypatch.setattr(blocks, "cpu_flags", lambda: frozenset(AVX512))  # another machine
+    with pytest.raises(
+        ConfigError,
+        match=r"continue it on this machine with "
+        r"space\.structured\.round_to=8\.$",
+    ) as err:
+        claim_study(study, plan_sweep(compose_config(overrides), connect=False))
+    assert "structured.round_to is 8, this config's 16" in str(err.value)
+    # as told: the same study (its fingerprint), on the machine whose auto differs
+    again = plan_sweep(compose_config([*overrides, "space.structured.round_to=8"]), connect=False)
+    claim_study(study, again)
