@@ -240,7 +240,10 @@ def main() -> int:
         if not rows:
             print(f"  no front point {within}")
             continue
-        objective = SPEEDUP.get(task_name, "speedup")  # (the sweep's own, beside the re-timing)
+        objective = next(  # (the sweep's own, beside the re-timing; --override may change it)
+            (o for o in cfg.search.objectives if o.startswith("speedup")),
+            SPEEDUP.get(task_name, "speedup"),
+        )
         print(
             f"  {'trial':>5} {'test':>7} {'sweep':>7} "
             + " ".join(f"{f'x b{b}':>7}" for b in batches)
