@@ -11,11 +11,11 @@ tasks of ``tests/zoo_conf/task/``, composed as ``--config-dir tests/zoo_conf`` c
 searched for their speed-up at batch 32 (objective ``speedup_b32``) and timed at batch 1 and 32;
 ONNX Runtime has no integer recurrent kernel, so the LSTM and GRU are searched over pruned hidden
 units and int8 (``MatMulInteger``) or float heads.
-The zoo's CNNs keep multiples of 8 or 16 channels as their search finds faster
-(``structured.round_to=choice(8, 16)``): ONNX Runtime's int8 and float NCHWc
-convolutions run other widths no faster than the next multiple of their block, or slower (15
-channels 1.9x slower than 16 in int8; 13- and 26-channel depthwise ones left NCHWc altogether),
-and that block is 16 channels with AVX-512, 8 with AVX2 only.
+Every task's structured pruning keeps multiples of the CPU's channel block (the product's
+``structured.round_to: auto`` in a latency sweep, `search.config.blocks`): ONNX Runtime's int8
+and float NCHWc convolutions run other widths no faster than the next multiple of their block,
+or slower (15 channels 1.9x slower than 16 in int8; 13- and 26-channel depthwise ones left NCHWc
+altogether), and that block is 16 channels with AVX-512, 8 with AVX2 only.
 Then the front's points within ``--max-drop`` test points of the baseline (cosine >= 0.97 for
 minilm) are timed again against the baseline's ONNX graph, side by side in one run (alternating
 rounds, median of the rounds' medians; on one thread in the thread's CPU time, as the sweep's
@@ -89,22 +89,21 @@ ZOO = {
         "space=digits_images",  # (BatchNorm networks: Adam at lower learning rates, cosine)
         "space.pipeline=[structured,quant]",
         "space.structured.amount=interval(0.0, 0.8)",
-        # (ONNX Runtime's int8 convolutions with VNNI run channels in blocks of 16: two 3x3
-        # convolutions of 15 channels at batch 32 took 1.9x the time of two of 16; its float
-        # NCHWc ones in blocks of 8 with AVX2 only: on a Zen 1 EPYC, structured 0.63 at
-        # round_to=8 ran 2.17x at batch 32 (-0.6 test pt), the best at 16 1.22-1.25x)
-        "space.structured.round_to=choice(8, 16)",
+        # (structured.round_to: the product's auto, the CPU's block. ONNX Runtime's int8
+        # convolutions with VNNI run channels in blocks of 16: two 3x3 convolutions of 15
+        # channels at batch 32 took 1.9x the time of two of 16; its float NCHWc ones in blocks
+        # of 8 with AVX2 only: on a Zen 1 EPYC, structured 0.63 at round_to=8 ran 2.17x at
+        # batch 32 (-0.6 test pt), the best at 16 1.22-1.25x)
         *_W8A8,
     ],
     "zoo_mobilenet": [  # (0.8: widths 16 / 32 / 64 down to 8 / 8 / 16, or 16 / 16 / 16)
         "space=digits_images",
         "space.pipeline=[structured,quant]",
         "space.structured.amount=interval(0.0, 0.8)",
-        # (ONNX Runtime's float NCHWc kernels run channels in blocks of 8 with AVX2, 16 with
-        # AVX-512: on an AVX2 EPYC, widths 8/8/16 ran the fp32 graph 2.5x the baseline's 16/32/64
-        # at batch 32, 16/16/16 1.6x, but its points with an 8-channel stem lost 3.6-4.7 test
-        # points; the search measures which the CPU it runs on and the score reward)
-        "space.structured.round_to=choice(8, 16)",
+        # (structured.round_to: the product's auto. ONNX Runtime's float NCHWc kernels run
+        # channels in blocks of 8 with AVX2, 16 with AVX-512: on an AVX2 EPYC, widths 8/8/16
+        # ran the fp32 graph 2.5x the baseline's 16/32/64 at batch 32, 16/16/16 1.6x; with
+        # choice(8, 16) the search kept 16 there, 1.41x, against 1.72-1.78x at 8)
         *_W8A8,
     ],
     "zoo_transformer": [
@@ -241,7 +240,10 @@ def main() -> int:
         if not rows:
             print(f"  no front point {within}")
             continue
-        objective = SPEEDUP.get(task_name, "speedup")  # (the sweep's own, beside the re-timing)
+        objective = next(  # (the sweep's own, beside the re-timing; --override may change it)
+            (o for o in cfg.search.objectives if o.startswith("speedup")),
+            SPEEDUP.get(task_name, "speedup"),
+        )
         print(
             f"  {'trial':>5} {'test':>7} {'sweep':>7} "
             + " ".join(f"{f'x b{b}':>7}" for b in batches)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from compressors import Compressor, Integer, Options, Real, available
 from search import compose_config, plan_sweep
 from search.config import schema
+from search.config.blocks import AUTO, AUTO_PARAMS
 from search.config.compose import CONF_DIR, group_options, search_dirs, writable_config_dir
 
 
@@ -34,6 +35,9 @@ def test_compressor_yaml_builds_its_class_with_its_defaults(name):
     entry = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "compressor" / f"{name}.yaml"))
     cls = get_class(entry.pop("_target_"))
     assert issubclass(cls, Compressor) and cls.name == name
+    for key in AUTO_PARAMS:  # auto: the sweep's value (search.config.blocks), 1 when size-only
+        if entry.get(key) == AUTO:
+            entry[key] = 1
     assert cls(**entry).get_params() == entry
 
 

@@ -28,6 +28,7 @@ import optuna
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from search._errors import ConfigError
+from search.config.blocks import resolve_auto
 from search.config.constraints import check_constraints, check_score_bound
 from search.config.early_stop import check_early_stop, make_pruner
 from search.config.fidelity import Fidelity, check_fidelity
@@ -213,6 +214,7 @@ def plan_sweep(cfg: DictConfig, *, connect: bool = True) -> SweepPlan:
     check_tracking_uri(str(cfg.tracking.uri), connect=connect)
     from search.config.space import SearchSpace  # imports the compressors, and so torch
 
+    cfg = resolve_auto(cfg)  # round_to: auto -> the CPU's channel block in a latency sweep
     space = SearchSpace.from_config(cfg.space)
     warm_start = cfg.space.get("warm_start")
     warm_start = check_warm_start(

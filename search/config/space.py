@@ -40,6 +40,7 @@ from compressors import (
 )
 from compressors._params import Constraint, Integer, Options, Real, check_known
 from search._errors import ConfigError
+from search.config.blocks import AUTO, AUTO_PARAMS
 from search.config.compose import EXAMPLES
 
 #: Fine-tuning settings every space has, with their constraints.
@@ -380,7 +381,31 @@ def _parse_entry(comp: str, entry: Mapping[str, Any], where: str):
         ) from None
     if not (isinstance(compressor_cls, type) and issubclass(compressor_cls, Compressor)):
         raise ConfigError(f"The '_target_' of space.{comp} ({target!r}) is not a Compressor.")
+    for key in AUTO_PARAMS:
+        if key in compressor_cls.params and key in entry:
+            entry[key] = _auto_value(comp, key, compressor_cls.params[key], entry[key], where)
     return compressor_cls, _parse_params(comp, compressor_cls.params, entry, where)
+
+
+def _auto_value(comp: str, key: str, constraint: Constraint, value: Any, where: str) -> Any:
+    """A parameter that may be ``auto`` (`search.config.blocks`): ``auto`` left in the space
+    (one built without `search.config.plan.plan_sweep`, which fixes it for the sweep's CPU) is
+    1, as in a size-only sweep; any other value must be what the compressor declares."""
+    if value == AUTO:
+        return 1
+    try:
+        parsed = parse_value(f"space.{comp}.{key}", value)
+        ok = all(constraint.accepts(c) for c in _candidates(parsed))
+    except ConfigError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"The '{comp}.{key}' parameter of {where} must be {AUTO!r} (the channel block of "
+            f"the CPU that times a sweep whose objectives include latency or speed-up: 16 with "
+            f"AVX-512, 8 with AVX2; 1 in a size-only sweep), {constraint.describe()}, or a "
+            f"search expression of such ints (choice(8, 16)). Got {value!r} instead."
+        )
+    return value
 
 
 def _parse_params(

@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 
 from search._errors import ConfigError
+from search.config.blocks import AUTO_PARAMS
 from search.config.early_stop import make_pruner
 from search.config.plan import SweepPlan, fingerprint_parts
 from search.config.storage import DEFAULT_RETRY_S, is_url, mask_url, open_storage
@@ -80,6 +81,22 @@ def name_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
 
 #: Study user attribute: a hash of each part of the fingerprint (`fingerprint_parts`).
 PARTS_ATTR = "fingerprint_parts"
+#: Study user attribute: the values the study's space gave the parameters that may be ``auto``
+#: (``{"structured.round_to": 8}``, `search.config.blocks`), named when another machine's
+#: ``auto`` would change them.
+AUTO_ATTR = "auto_params"
+
+
+def auto_params(plan: SweepPlan) -> dict[str, Any]:
+    """The values of the space's `AUTO_PARAMS` in ``plan`` (``auto`` resolved), by name."""
+    space = plan.cfg.space
+    return {
+        f"{comp}.{key}": entry[key]
+        for comp, entry in space.items()
+        if isinstance(entry, Mapping)
+        for key in AUTO_PARAMS
+        if isinstance(entry.get(key), int)
+    }
 
 
 def claim_study(study: optuna.Study, plan: SweepPlan) -> None:
@@ -90,6 +107,7 @@ def claim_study(study: optuna.Study, plan: SweepPlan) -> None:
         attrs = study.user_attrs
         if "fingerprint" not in attrs:
             study.set_user_attr(PARTS_ATTR, fingerprint_parts(plan))
+            study.set_user_attr(AUTO_ATTR, auto_params(plan))
             study.set_user_attr("fingerprint", plan.fingerprint)
             return
     check_same_study(study, plan, attrs)
@@ -109,8 +127,18 @@ def check_same_study(
         if recorded and changed
         else "another task, space, objectives, constraints or seed"
     )
+    recorded_auto, auto = attrs.get(AUTO_ATTR) or {}, auto_params(plan)
+    moved = {k: v for k, v in recorded_auto.items() if k in auto and auto[k] != v}
+    hint = (
+        " Its "
+        + ", ".join(f"{k} is {v}, this config's {auto[k]}" for k, v in moved.items())
+        + " (auto: the channel block of the CPU that times the sweep); continue it on this "
+        "machine with " + " ".join(f"space.{k}={v}" for k, v in moved.items()) + "."
+        if moved
+        else ""
+    )
     raise ConfigError(
         f"Study {plan.study_name!r} in {mask_url(plan.storage)} was started with {what}. "
         "Continue it with the same config, or start a new study with "
-        "search.study_name=<new name>."
+        f"search.study_name=<new name>.{hint}"
     )
