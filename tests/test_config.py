@@ -14,7 +14,13 @@ from compressors import Compressor, Integer, Options, Real, available
 from search import compose_config, plan_sweep
 from search.config import schema
 from search.config.blocks import AUTO, AUTO_PARAMS
-from search.config.compose import CONF_DIR, group_options, search_dirs, writable_config_dir
+from search.config.compose import (
+    CONF_DIR,
+    group_options,
+    search_dirs,
+    task_option,
+    writable_config_dir,
+)
 
 
 @pytest.mark.parametrize("task", group_options("task"))
@@ -111,3 +117,21 @@ def test_the_schema_shares_the_compressors_constraints_without_importing_torch()
     code = "import sys, search.config.schema, compressors._params; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_task_option_is_the_yaml_file_that_composes_the_task(tmp_path):
+    """`squeeze export` writes ``override /task: <option>``: the yaml file's name, which a
+    user's file need not share with its task (``task/seg.yaml`` naming ``shapes_seg``)."""
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "seg.yaml").write_text(
+        "_target_: tests.zoo.workloads.wl_segmentation\nname: shapes_seg\n"
+    )
+    (tmp_path / "task" / "other.yaml").write_text(
+        "_target_: tests.zoo.workloads.wl_loader\nname: shapes_seg\n"
+    )
+    cfg = compose_config(["task=seg"], config_dirs=[tmp_path])
+    assert cfg.task.name == "shapes_seg"
+    assert task_option(cfg.task, [tmp_path]) == "seg"  # (other.yaml: another _target_)
+    composed = compose_config([f"task={task_option(cfg.task, [tmp_path])}"], config_dirs=[tmp_path])
+    assert composed.task == cfg.task
+    assert task_option(compose_config(["task=mnist1d_cnn"]).task) == "mnist1d_cnn"
