@@ -48,6 +48,29 @@ SLOW_CASES = {
     "test_onnx.py::test_every_family_exports_its_codes_and_runs_like_the_torch_model[tied]",
     "test_onnx.py::test_every_family_exports_its_codes_and_runs_like_the_torch_model[lstm]",
     "test_zoo_tasks.py::test_zoo_baseline_trains_and_caches_to_its_floor[zoo_minilm]",
+    # 2-5 s each on a loaded machine; what stays in the lane covers what each one checks:
+    # allocate's table on linears: gpt2's transposed ones here, test_allocate.py's, the zoo's
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[bert-allocate]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[distilbert-allocate]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[vit-allocate]",
+    # MobileNetV2's 17 blocks: its structured and 4-bit cells stay; every method on depthwise
+    # convolutions: test_any_model.py's zoo mobilenet
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[mobilenet_v2-prune]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[mobilenet_v2-cluster]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[mobilenet_v2-lowrank]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[mobilenet_v2-kd]",
+    "test_hf_zoo.py::test_every_compressor_on_every_hf_architecture[mobilenet_v2-int8]",
+    # float graphs: resnet's stays; vit's 4-bit graph stays
+    "test_hf_zoo.py::test_every_hf_architecture_deploys_to_onnx[vit-float]",
+    # the digits MLP's graph: every other test of test_onnx.py exports one; resnet's graph:
+    # test_hf_zoo.py's resnet deployments
+    "test_onnx.py::test_every_family_exports_its_codes_and_runs_like_the_torch_model[mlp]",
+    "test_onnx.py::test_every_family_exports_its_codes_and_runs_like_the_torch_model[resnet]",
+    # two inputs: the 4-bit export stays (float graphs and 8-bit codes: every other test)
+    "test_onnx.py::test_a_model_of_several_or_keyword_inputs_deploys_and_runs_like_the_torch_model"
+    "[wl_two_inputs-float]",
+    "test_onnx.py::test_a_model_of_several_or_keyword_inputs_deploys_and_runs_like_the_torch_model"
+    "[wl_two_inputs-quant8]",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import SAME_WORKER, xdist_scope
+from tests.conftest import SAME_WORKER, SLOW_CASES, xdist_scope
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,3 +16,10 @@ def test_a_module_is_one_unit_of_work_and_paired_modules_share_one():
     for module, partner in SAME_WORKER.items():  # (a renamed file would silently unpair them)
         assert (ROOT / module).is_file() and (ROOT / partner).is_file()
         assert xdist_scope(f"{module}::t") == xdist_scope(f"{partner}::t") == partner
+
+
+def test_every_slow_case_names_a_test_of_its_module():
+    """A renamed test would leave its `SLOW_CASES` entry naming nothing and run in the lane."""
+    for case in SLOW_CASES:
+        module, test = case.split("::")
+        assert f"def {test.split('[')[0]}(" in (ROOT / "tests" / module).read_text(), case
