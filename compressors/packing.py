@@ -102,6 +102,7 @@ from compressors._container import (
 )
 from compressors._model_state import (  # noqa: F401 (_changed_attributes: tests import it here)
     _changed_attributes,
+    _coded_sources,
     _int8_layers,
     _plain,
     _sources,
@@ -274,6 +275,9 @@ def _write(
 ) -> int:
     """Write the file to ``sink`` (a binary file; None: only count its bytes); its size."""
     sources = _sources(model)
+    for name, value in _coded_sources(model).items():  # (their codes, computed once)
+        if name in sources:
+            sources[name] = (value, *sources[name][1:])
     for name, (value, grid) in (replace or {}).items():
         sources[name] = (partial(_plain, value), grid, value.numel())
     tied = _tied_keys(model)
