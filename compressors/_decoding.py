@@ -127,6 +127,10 @@ def decode_into(spec: dict, arrays: Mapping[str, torch.Tensor], out: torch.Tenso
         take, count = _Taker(_slices(values)), len(values)
     flat = out.detach().view(-1).numpy()
     n = len(flat)
+    if enc in ("dense", "ans") and scale is not None and n:
+        _scaled_rows(flat.reshape(shape[0], -1), scale.numpy(), take)
+        take.end()
+        return True
     if enc in ("dense", "ans"):
         for start in range(0, n, BLOCK):
             flat[start : start + BLOCK] = take(min(BLOCK, n - start))
@@ -145,6 +149,33 @@ def decode_into(spec: dict, arrays: Mapping[str, torch.Tensor], out: torch.Tenso
         rows = out.detach().view(shape[0], -1)
         rows.mul_(scale if len(scale) == 1 else scale.view(-1, 1))
     return True
+
+
+def _scaled_rows(rows: np.ndarray, scale: np.ndarray, take) -> None:
+    """Write ``take``'s code values into ``rows`` (a dense record's), each times its row's
+    scale (``scale``: one per row, or one in all), a block of whole rows (or of one row) at a
+    time, multiplied while the block is in the cache (the whole tensor multiplied after it was
+    written read and wrote it all again: a fifth of reloading a 4-bit model). The same float32
+    products as that multiplication's."""
+    count, cols = rows.shape
+    every = scale[0] if len(scale) == 1 else None
+    if cols <= BLOCK:
+        step = BLOCK // cols
+        for start in range(0, count, step):
+            block = rows[start : start + step]
+            block.reshape(-1)[:] = take(block.size)
+            np.multiply(
+                block,
+                every if every is not None else scale[start : start + len(block), None],
+                out=block,
+            )
+        return
+    for r in range(count):
+        row = rows[r]
+        for start in range(0, cols, BLOCK):
+            part = row[start : start + BLOCK]
+            part[:] = take(len(part))
+            np.multiply(part, every if every is not None else scale[r], out=part)
 
 
 def _scatter_mask(flat: np.ndarray, mask: np.ndarray, take, count: int) -> None:
