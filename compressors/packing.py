@@ -325,9 +325,11 @@ def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
     parametrizations evaluated there), and at most `IN_FLIGHT` values (or one larger tensor)
     are in work at once, so that memory holds a few tensors' work rather than the model's."""
     pool = _threads.pool(WORKERS) if WORKERS > 1 else None
+    trim = _Trimmer()
     if pool is None:
-        for name, value, grid, _ in jobs:
-            yield name, *_record(name, value, grid)
+        for name, value, grid, size in jobs:
+            yield name, *_record(name, value, grid, trim=False)
+            trim(size)
         return
     with _threads.settling(deque()) as pending:
         in_flight = 0
@@ -336,11 +338,29 @@ def _encoded(jobs) -> Iterator[tuple[str, dict, list]]:
                 done, future, count = pending.popleft()
                 in_flight -= count
                 yield done, *future.result()
-            pending.append((name, pool.submit(_record, name, value, grid), size))
+                trim(count)
+            pending.append((name, pool.submit(_record, name, value, grid, trim=False), size))
             in_flight += size
         while pending:
-            done, future, _ = pending.popleft()
+            done, future, count = pending.popleft()
             yield done, *future.result()
+            trim(count)
+
+
+class _Trimmer:
+    """`_trim` once the tensors encoded since the last trim held `IN_FLIGHT` values (the memory
+    their work freed is reused by the next ones meanwhile): a trim after every tensor, each
+    bias included, cost a tenth of packing a pruned 10 M MLP, in its own time and in the pages
+    the next tensors faulted in again."""
+
+    def __init__(self) -> None:
+        self.since = 0
+
+    def __call__(self, values: int) -> None:
+        self.since += values
+        if self.since >= IN_FLIGHT:
+            _trim()
+            self.since = 0
 
 
 def read_packed(
