@@ -32,7 +32,9 @@ or a list such as -1, +1 for binary weights), packed into ``ceil(log2(alphabet s
 entropy-coded (``ans``: rANS under the tensor's own code frequencies) where that is smaller, with
 float16 per-channel scales. Other values are stored as float32, or as float16 when that holds
 them exactly (the scales, which are rounded to float16 when a grid is made, and biases kept on
-float16 values).
+float16 values). A tensor whose last parametrization gives its codes from its input
+(``packed_from``, a quantization grid's) is encoded from those codes without its float value
+being made (the same record: the codes are those the value is made of).
 
 Each array's bytes are then stored as they are, or split into byte planes, each compressed with
 zstd where that measurably pays (`compressors._codecs.store`): the exponent bytes of float
