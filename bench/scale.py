@@ -24,7 +24,10 @@ over the model's bytes, as a markdown table:
   the safetensors file of 40 MB was written in 0.03 s and 0.20 s by two runs); also in
   CPU-seconds of the process (``st_save_cpu_s``, ``pack_cpu_s``, ``pack_cpu_x``,
   ``st_load_cpu_s``, ``reload_cpu_s``, ``reload_cpu_x``: the ratios that wait least on the
-  other load, though a pack's or reload's threads count each);
+  other load, though a pack's or reload's threads count each); the table's ``x`` columns are
+  wall-time ratios, ``cpu x`` CPU-time ratios, and ``threads`` squeeze's pool / torch's
+  intra-op threads / safetensors' (one: it saves and loads in the calling thread) of the
+  machine's CPUs; both files are read once before any load is timed (both in the page cache);
 - ``pack_mem`` / ``reload_mem``: the peak resident memory during the call over the resident
   memory before it (sampled every 2 ms from ``/proc/self/statm`` after ``malloc_trim``), divided
   by the fp32 model's bytes (the goal: at most 2);
@@ -112,7 +115,7 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
     from _scale_phases import PeakRss
     from safetensors.torch import load_file, save_file
 
-    from compressors import load_packed, save_packed
+    from compressors import load_packed, packing, save_packed
     from compressors.packing import packed_size
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -120,6 +123,15 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     params = sum(p.numel() for p in model.parameters())
     row: dict = {"case": case, "variant": variant, "params": params, "model_bytes": model_bytes}
+    # Threads each side may use: squeeze's pool (`packing.WORKERS`) and torch's intra-op
+    # threads; safetensors saves and loads in the calling thread (its load_state_dict copies
+    # with torch's threads).
+    row["threads"] = {
+        "squeeze": packing.WORKERS,
+        "torch": torch.get_num_threads(),
+        "safetensors": 1,
+        "cpus": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory(prefix="squeeze-scale-") as tmp:
         st = Path(tmp) / "m.safetensors"
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -154,6 +166,8 @@ def _child(case: str, variant: str, repeats: int = 1) -> dict:
             row["pack_s"] = min(row["pack_s"], time.perf_counter() - t0)
             row["pack_cpu_s"] = min(row["pack_cpu_s"], time.process_time() - c0)
         del model
+        for warm in (st, path):  # (both files in the page cache before any load is timed)
+            warm.read_bytes()
         fresh, _ = _build(case)
         with PeakRss() as peak:
             t0 = time.perf_counter()
@@ -182,7 +196,7 @@ def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
         f"{'case':<10} {'variant':<7} {'st save':>8} {'pack s':>8} {'x':>6} {'cpu x':>5} "
         f"{'st load':>8} "
         f"{'reload s':>8} {'x':>5} {'cpu x':>5} {'est s':>6} {'pack mem':>8} {'load mem':>8} "
-        f"{'bytes':>12} {'est/file':>9} {'new/old':>8} exact"
+        f"{'bytes':>12} {'est/file':>9} {'new/old':>8} exact threads"
     )
     lines = [head]
     for r in rows:
@@ -194,9 +208,17 @@ def _table(rows: list[dict], before: dict[tuple[str, str], dict]) -> str:
             f"{r['reload_s']:>8.2f} "
             f"{r['reload_x']:>5.1f} {r['reload_cpu_x']:>5.2f} {r['estimate_s']:>6.2f} "
             f"{r['pack_mem']:>8.2f} {r['reload_mem']:>8.2f} {r['bytes']:>12,} "
-            f"{r['estimate_bytes'] / r['bytes']:>9.4f} {ratio:>8} {r['exact']}"
+            f"{r['estimate_bytes'] / r['bytes']:>9.4f} {ratio:>8} {r['exact']} "
+            f"{_threads(r.get('threads'))}"
         )
     return "\n".join(lines)
+
+
+def _threads(threads: dict | None) -> str:
+    """``squeeze/torch/safetensors of cpus`` threads, e.g. ``2/2/1 of 2``."""
+    if not threads:
+        return "-"
+    return f"{threads['squeeze']}/{threads['torch']}/{threads['safetensors']} of {threads['cpus']}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ parallel and the bytes are the same whatever the order they are encoded in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import constriction
@@ -76,6 +77,10 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
     ``packed`` gives its `Codes`, or None). Float values take the smallest of ``dense``,
     ``bitmask`` and ``gaps`` in raw bits, as in format SQZ2; codes the smallest as stored
     (`_encode_codes`)."""
+    if isinstance(value, Codes):  # (a float32 tensor given by its codes, `_encoded_codes`)
+        return _encoded_codes(name, value)
+    if isinstance(value, Masked):  # (a float32 tensor given by a weight and a mask)
+        return _encoded_masked(name, value)
     spec: dict = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
     value = value.detach()
     if not value.is_floating_point():
@@ -93,15 +98,8 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
     arrays: dict[str, np.ndarray | Stored] = {}
     if grid is not None:
         packed: Codes = grid.packed(value)
-        if packed.decode not in DECODERS:
-            raise ValueError(f"{name}: unknown decode {packed.decode!r}; known: {DECODERS}")
-        for key, tensor in packed.tensors.items():
-            tensor = tensor.detach().to(torch.float32).contiguous()
-            arrays[key] = (tensor.to(torch.float16) if _halves(tensor) else tensor).numpy()
-        spec["decode"] = packed.decode
-        codes = _narrowed(packed.codes.reshape(-1))
-        del packed, value, flat  # (the codes are what is stored)
-        _encode_codes(codes, mask, nnz, spec, arrays)
+        del value, flat  # (the codes are what is stored)
+        _store_codes(name, packed, mask, nnz, spec, arrays)
         return spec, arrays
     half = _halves(flat)
     bits = 16 if half else 32
@@ -118,6 +116,80 @@ def encode(name: str, value: torch.Tensor, grid) -> tuple[dict, dict[str, np.nda
     del mask, value, flat  # (what is kept is what is stored)
     arrays["values"] = kept.to(torch.float16 if half else torch.float32).numpy()
     return spec, arrays
+
+
+def _encoded_codes(name: str, packed: Codes) -> tuple[dict, dict[str, np.ndarray | Stored]]:
+    """`encode` of a float32 tensor given by its codes on a grid whose zero values are exactly
+    its codes of 0 (`compressors.quant.FakeQuant.packed_from`: positive, finite scales), so
+    that its sparsity is read from the codes (a byte each) rather than from its values (the
+    same record and arrays as `encode` of its value)."""
+    if packed.decode != "scaled":
+        raise ValueError(f"{name}: codes given without their values must be scaled codes")
+    spec: dict = {"shape": list(packed.codes.shape), "dtype": "float32"}
+    codes = packed.codes.detach().reshape(-1)
+    mask = _nonzero(codes)
+    nnz = int(np.count_nonzero(mask))
+    if nnz == codes.numel():
+        mask = None
+    _store_codes(name, packed, mask, nnz, spec, arrays := {})
+    return spec, arrays
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A float32 tensor given as ``weight * mask`` (`compressors.prune.Mask.packed_from`),
+    without the product made: its nonzero values are ``weight``'s where ``mask`` keeps them
+    and ``weight`` is nonzero. ``value`` makes the product, for the dense layout (which keeps
+    each -0.0 the product leaves)."""
+
+    weight: torch.Tensor  # float32, contiguous, on the CPU
+    mask: torch.Tensor  # bool, ``weight``'s shape
+    value: Callable[[], torch.Tensor]
+
+
+def _encoded_masked(name: str, given: Masked) -> tuple[dict, dict[str, np.ndarray | Stored]]:
+    """`encode` of ``given``'s product (the same record and arrays), its nonzero positions
+    and values read from the weight through the mask (the product written and read back took
+    a tenth of packing a pruned model); the product is made only where every value is kept or
+    the dense layout is the smallest."""
+    flat = given.weight.detach().reshape(-1)
+    keep = np.not_equal(flat.numpy(), 0)
+    np.logical_and(keep, given.mask.reshape(-1).numpy(), out=keep)
+    n, nnz = len(keep), int(np.count_nonzero(keep))
+    if nnz == n:
+        return encode(name, given.value(), None)
+    mask = torch.from_numpy(keep)
+    kept = _selected(flat, mask, nnz)
+    half = _halves(kept)  # (the zeros are float16 values: the nonzero ones decide)
+    bits = 16 if half else 32
+    costs = {"dense": bits * n, "bitmask": n + bits * nnz}
+    positions = _positions_if_cheaper(mask, nnz, bits * nnz, min(costs.values()))
+    if positions is not None:
+        costs["gaps"] = 8 * _gap_bytes(positions) + bits * nnz
+    enc = min(costs, key=costs.get)
+    if enc == "dense":
+        return encode(name, given.value(), None)
+    spec: dict = {"shape": list(given.weight.shape), "dtype": "float32", "enc": enc}
+    arrays: dict[str, np.ndarray | Stored] = {}
+    _store_positions(enc, mask, positions, arrays)
+    del positions, mask, keep
+    arrays["values"] = kept.to(torch.float16 if half else torch.float32).numpy()
+    return spec, arrays
+
+
+def _store_codes(
+    name: str, packed: Codes, mask: torch.Tensor | None, nnz: int, spec: dict, arrays: dict
+) -> None:
+    """A grid's codes and their scales or codebook into ``spec`` and ``arrays``."""
+    if packed.decode not in DECODERS:
+        raise ValueError(f"{name}: unknown decode {packed.decode!r}; known: {DECODERS}")
+    for key, tensor in packed.tensors.items():
+        tensor = tensor.detach().to(torch.float32).contiguous()
+        arrays[key] = (tensor.to(torch.float16) if _halves(tensor) else tensor).numpy()
+    spec["decode"] = packed.decode
+    codes = _narrowed(packed.codes.reshape(-1))
+    del packed
+    _encode_codes(codes, mask, nnz, spec, arrays)
 
 
 def _selected(values: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:

@@ -66,6 +66,32 @@ def _sources(model: nn.Module) -> dict[str, _Source]:
     return sources
 
 
+def _coded_sources(model: nn.Module) -> dict[str, Callable[[], Any]]:
+    """``{key: value}`` for the tensors whose last parametrization gives their codes from its
+    input (``packed_from``, `compressors.quant.FakeQuant`): a function giving the tensor's
+    `Codes` without evaluating its float value (the parametrizations before the last one
+    evaluated), or its value where ``packed_from`` declines (None). A packed file takes these
+    in place of `_sources`' values."""
+    coded: dict[str, Callable[[], Any]] = {}
+    for module_name, module in model.named_modules():
+        for tensor_name, chain in getattr(module, "parametrizations", {}).items():
+            last = chain[-1] if len(chain) else None
+            if callable(getattr(last, "packed_from", None)) and getattr(chain, "is_tensor", False):
+                full = f"{module_name}.{tensor_name}".lstrip(".")
+                coded[full] = partial(_coded, module, tensor_name)
+    return coded
+
+
+def _coded(module: nn.Module, name: str) -> Any:
+    chain = module.parametrizations[name]
+    with torch.no_grad():
+        value = chain.original
+        for parametrization in list(chain)[:-1]:
+            value = parametrization(value)
+        codes = chain[-1].packed_from(value)
+    return codes if codes is not None else _evaluated(module, name)
+
+
 def _plain(value: torch.Tensor) -> torch.Tensor:
     return value.detach().contiguous()
 

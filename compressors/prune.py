@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from compressors._base import CompressionContext, Compressor
+from compressors._codecs import Masked
 from compressors._params import InvalidParameterError, Options, Real
 from compressors._targets import targets
 from compressors.importance import CRITERIA, weight_scores
@@ -44,6 +46,25 @@ class Mask(nn.Module):
             )
             return out
         return torch.where(self.mask, weight, 0.0)
+
+    def packed_from(self, weight: torch.Tensor) -> Masked | None:
+        """What a packed file stores of ``self(weight)``, from ``weight``: the weight and the
+        mask, its nonzero values read through the mask without the product being made
+        (`compressors._codecs.Masked`). None where ``weight`` is not a float32 tensor of the
+        mask's shape on the CPU: then the caller evaluates the product."""
+        if (
+            weight.dtype != torch.float32
+            or weight.shape != self.mask.shape
+            or weight.device.type != "cpu"
+            or self.mask.device.type != "cpu"
+        ):
+            return None
+        weight = weight.detach().contiguous()
+        return Masked(weight, self.mask, partial(self._product, weight))
+
+    def _product(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self(weight)
 
 
 #: The integer type of each floating type's bits (`Mask.forward` without a gradient).

@@ -119,6 +119,16 @@ def _code_case(name: str) -> tuple[_Grid, str, bool]:
     if name == "conv scale per channel":
         codes = _codes((8, 3, 3, 3), -7, 7, 0.5, 6)
         return _Grid(codes, "scaled", {"scale": _row_scales(8, 3, 3, 3)}), "bitmask", True
+    if name == "rows longer than a block, dense":  # (each row written in several blocks)
+        codes = _codes((5, 3 * _BLOCK + 11), -7, 7, 1.0, 11)
+        scale = _row_scales(5, 3 * _BLOCK + 11, seed=2)
+        return _Grid(codes, "scaled", {"scale": scale}), "dense", True
+    if name == "one scale, dense":
+        scale = torch.tensor([0.375])
+        return _Grid(_codes((37, 53), -7, 7, 1.0, 12), "scaled", {"scale": scale}), "dense", True
+    if name == "conv scale per channel, dense":
+        codes = _codes((8, 3, 3, 3), -7, 7, 1.0, 13)
+        return _Grid(codes, "scaled", {"scale": _row_scales(8, 3, 3, 3)}), "dense", True
     if name == "scale per column":  # (not one per row: the general path)
         scale = _row_scales(53, seed=1).view(1, 53)
         return _Grid(_codes((37, 53), -7, 7, 1.0, 7), "scaled", {"scale": scale}), "dense", False
@@ -143,6 +153,9 @@ CODES = [
     "entropy-coded",
     "one scale",
     "conv scale per channel",
+    "rows longer than a block, dense",
+    "one scale, dense",
+    "conv scale per channel, dense",
     "scale per column",
     "negative scale, sparse",
     "negative scale, dense",
