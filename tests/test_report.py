@@ -164,6 +164,34 @@ def test_every_axis_says_what_it_shows_and_its_unit(study):
     assert "KB" in figures["pareto_front"][0].axes[0].get_xlabel()
 
 
+def test_a_long_metric_name_stays_inside_each_figure(study):
+    """A torchmetrics metric's name and direction make a long y-axis label: every PNG's axis
+    labels are drawn inside the figure (the front's ran past its top and bottom)."""
+    _, overrides, _ = study
+    cfg = compose_config(overrides)
+    optuna_study = load_study(cfg, "digits_mlp")
+    figures, _ = _figures(
+        optuna_study,
+        ["val_acc", "size_bytes"],
+        trials_frame(optuna_study),
+        front_numbers(optuna_study),
+        optuna_study.user_attrs["baseline"],
+        MlflowClient(cfg.tracking.uri),
+        recipes=defaultdict(str),
+        score="MulticlassJaccardIndex, higher is better",
+    )
+    for name, (png, _) in figures.items():
+        png.canvas.draw()
+        renderer = png.canvas.get_renderer()
+        for ax in png.axes:
+            for label in (ax.xaxis.label, ax.yaxis.label):
+                box = label.get_window_extent(renderer)
+                inside = png.bbox
+                assert box.y0 >= inside.y0 - 1 and box.y1 <= inside.y1 + 1, (name, box, inside)
+                assert box.x0 >= inside.x0 - 1 and box.x1 <= inside.x1 + 1, (name, box, inside)
+        plt.close(png)
+
+
 def test_a_figure_without_data_is_left_out_with_a_note(study, cache_dir):
     folder, overrides, _ = study
     bare = [

@@ -6,6 +6,7 @@ as a matplotlib and a plotly figure with every axis's unit; a figure with nothin
 from __future__ import annotations
 
 import logging
+import textwrap
 import warnings
 
 import matplotlib
@@ -81,6 +82,11 @@ def _unit(metric: str, score: str) -> str:
     return _METRIC_UNITS.get(metric, "value")
 
 
+#: Characters per line of a figure's y-axis label: a longer one (a torchmetrics metric's name
+#: and its direction) ran past a 4.5-inch figure's top and bottom.
+LABEL_WIDTH = 48
+
+
 def _metric_label(metric: str, score: str) -> str:
     if metric == "val_acc":
         return f"validation score (val_acc: {score})"
@@ -149,7 +155,7 @@ def _front(study, trials, front_ids, baseline, recipes, score, direction, recomm
         trials, front, baseline, title=study.study_name, score=direction, recommended=recommended
     )
     fig.axes[0].set_xlabel(size_label)
-    fig.axes[0].set_ylabel(score_label)
+    fig.axes[0].set_ylabel(textwrap.fill(score_label, LABEL_WIDTH))  # (a metric's long name)
 
     on_front = complete.trial.isin(front_ids)
     screened = complete.fidelity == "screen" if "fidelity" in complete else ~on_front & on_front
