@@ -310,15 +310,23 @@ def test_the_threads_are_started_once_and_no_job_outlives_its_call():
     assert _threads.pool(2) is shared
     assert shared.submit(_threads.pool, 2).result() is None
     release, ran = threading.Event(), []
+    started = threading.Barrier(3)  # (a, b and this test: both threads busy before it goes on)
 
     def blocked(name: str) -> None:
-        release.wait(10)
+        started.wait(60)
+        release.wait(60)
         ran.append(name)
 
     pending = deque((name, shared.submit(blocked, name)) for name in "ab")
     pending.append(("c", shared.submit(ran.append, "c")))  # (both threads busy: not started)
-    timer = threading.Timer(0.5, release.set)
-    timer.start()
+    started.wait(60)
+
+    def release_once_c_is_cancelled() -> None:  # (a and b end only after settling cancels c)
+        while not pending[2][1].cancelled():
+            threading.Event().wait(0.01)
+        release.set()
+
+    threading.Thread(target=release_once_c_is_cancelled, daemon=True).start()
     with pytest.raises(ValueError, match="stopped"), _threads.settling(pending):
         raise ValueError("stopped")
     assert sorted(ran) == ["a", "b"] and pending[2][1].cancelled()
