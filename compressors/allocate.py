@@ -258,8 +258,19 @@ class BudgetAllocation(Compressor):
             excess = _packed_size(model) - budget
             if excess <= 0:
                 return model
-            if not _prune_more(model, excess):
+            pruned = _prune_more(model, excess, self.max_sparsity)
+            if pruned is None:
                 break
+            logger.info(
+                "allocate: after fine-tuning the file passed its budget (%d bytes) by %d bytes: "
+                "%d more of %s's weights pruned (now %.0f%% zero; allocate.max_sparsity %g)",
+                budget,
+                excess,
+                pruned[0],
+                pruned[1],
+                100 * pruned[2],
+                self.max_sparsity,
+            )
         logger.warning(
             "allocate could not fit the packed file in %d bytes (ratio %g) after fine-tuning, "
             "even pruning more of its weights: it ships %d bytes. The tensors it does not "
@@ -539,20 +550,53 @@ def _packed_size(model: nn.Module) -> int:
     return packed_size(model)
 
 
-def _prune_more(model: nn.Module, excess: int) -> bool:
-    """Zero the smallest remaining weights of the tensor with the most nonzero weights, about
-    ``8 * excess`` of them (a byte or more each in the file); False if every weight is zero."""
+def _prune_more(
+    model: nn.Module, excess: int, max_sparsity: float
+) -> tuple[int, str, float] | None:
+    """Zero the smallest remaining weights of the tensor with the most nonzero weights among
+    those below ``max_sparsity``, about ``8 * excess`` of them (a byte or more each in the
+    file), never past ``max_sparsity``. The tensor's mask is tightened where it has one, else
+    put before its grid, so that the grid still codes what is left (a mask after the grid
+    left values the file stores as float16: pruning a SegFormer's largest 4-bit convolution so
+    grew the file by 60 KB, and the next call zeroed the whole tensor). Returns (weights
+    pruned, the tensor's name, its share of zeros after), or None if every tensor is at
+    ``max_sparsity``."""
     found = targets(model)
-    nonzero = {n: int(t.weight.detach().count_nonzero()) for n, t in found.items()}
-    name = max(found, key=lambda n: nonzero[n])
-    if nonzero[name] == 0:
-        return False
+    room = {}
+    for name, target in found.items():
+        weight = target.weight.detach()
+        nonzero = int(weight.count_nonzero())
+        allowed = math.floor(max_sparsity * weight.numel()) - (weight.numel() - nonzero)
+        room[name] = (nonzero, allowed)
+    open_ = [n for n in found if room[n][1] > 0]
+    if not open_:
+        return None
+    name = max(open_, key=lambda n: room[n][0])
+    nonzero, allowed = room[name]
     target = found[name]
     weight = target.weight.detach()
-    extra = min(nonzero[name], max(1, 8 * excess))
-    zeros = weight.numel() - nonzero[name]
-    target.register(Mask(smallest_mask(weight.abs(), (zeros + extra) / weight.numel())))
-    return True
+    extra = min(allowed, max(1, 8 * excess))
+    zeros = weight.numel() - nonzero + extra
+    keep = smallest_mask(weight.abs(), zeros / weight.numel())
+    _tighten(target, keep)
+    return extra, name, zeros / weight.numel()
+
+
+def _tighten(target: Target, keep: torch.Tensor) -> None:
+    """Prune ``target`` to ``keep`` (boolean, True where a weight stays) as well: its `Mask`
+    narrowed in place where it has one, else a new one first in each site's parametrizations,
+    before a grid (whose codes a packed file stores from the masked values)."""
+    chain = target.parametrizations()
+    mask = next((p for p in chain if isinstance(p, Mask)), None)
+    if mask is not None:
+        mask.mask &= keep.to(mask.mask.device)
+        return
+    if not chain:
+        target.register(Mask(keep), unsafe=True)
+        return
+    added = Mask(keep.to(target.weight.device))
+    for site in target.sites:  # (one instance at every site: a tied tensor stays tied)
+        site.module.parametrizations[site.attr].insert(0, added)
 
 
 def _table_key(found: dict[str, Target], settings: list[Setting], how: _sens.Plan) -> str:

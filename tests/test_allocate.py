@@ -513,3 +513,50 @@ def test_a_transposed_linears_table_costs_the_grid_per_output_column_it_gets():
         assert size == tensor_bytes(target.weight.detach(), grid), name
         checked += 1
     assert checked >= 4
+
+
+def _zero_share(target) -> float:
+    return float((target.weight == 0).sum()) / target.numel()
+
+
+def test_pruning_past_the_budget_after_fine_tuning_keeps_each_grid_and_max_sparsity(
+    digits_task, digits_baseline, tmp_path, caplog
+):
+    """Fine-tuning can grow a file past allocate's budget: `finalize` prunes more, with the
+    mask before each tensor's grid (the grid still codes what stays; a mask after it left
+    values stored as float16, which grew the file, and the next step zeroed a whole tensor),
+    never past ``max_sparsity``, saying what it pruned."""
+    ctx = compression_context(digits_task, digits_baseline, seed=0)
+    model = copy.deepcopy(digits_baseline.model)
+    found = targets(model)
+    alloc.apply_settings(model, found, {name: alloc.Setting(0.0, 4) for name in found})
+    allocator = get_compressor("allocate")(ratio=8.0)
+    before = alloc._packed_size(model)
+    allocator._target_bytes = int(0.8 * before)  # as if fine-tuning had grown it by a quarter
+    with caplog.at_level("INFO", logger="compressors.allocate"):
+        shipped = allocator.finalize(model, ctx)
+    assert alloc._packed_size(shipped) <= allocator._target_bytes
+    assert "more of net.3.weight's weights pruned" in caplog.text  # the largest
+    for name, target in targets(shipped).items():
+        chain = target.parametrizations()
+        assert type(chain[-1]).__name__ == "FakeQuant", name  # the grid codes the file
+        assert all(type(p).__name__ != "Mask" for p in chain[1:]), name  # masks come first
+        assert _zero_share(target) <= 0.95 + 1 / target.numel(), name
+    size = save_packed(shipped, tmp_path / "m.sqz", like=digits_baseline.model)
+    reloaded = load_packed(tmp_path / "m.sqz", digits_task.build_model())
+    with torch.no_grad():
+        assert torch.equal(reloaded(digits_task.val.x), shipped(digits_task.val.x))
+    assert size <= allocator._target_bytes
+
+    # a budget out of reach: every tensor pruned to max_sparsity, not past it, then a warning
+    model = copy.deepcopy(digits_baseline.model)
+    found = targets(model)
+    alloc.apply_settings(model, found, {name: alloc.Setting(0.3, 4) for name in found})
+    allocator = get_compressor("allocate")(ratio=8.0, max_sparsity=0.9)
+    allocator._target_bytes = 10
+    caplog.clear()
+    with caplog.at_level("INFO", logger="compressors.allocate"):
+        shipped = allocator.finalize(model, ctx)
+    assert "could not fit the packed file" in caplog.text
+    shares = [_zero_share(t) for t in targets(shipped).values()]
+    assert max(shares) <= 0.9 + 1e-3 and min(shares) >= 0.9 - 1e-3
