@@ -37,12 +37,32 @@ CLASSIFIERS = ("logits", "multilabel")
 IGNORE_INDEX = -100
 
 
+class PositionsMismatch(ValueError):
+    """Per-position logits whose positions are not the targets' (a SegFormer's logits at a
+    quarter of its masks' resolution): no decision can be paired with its label."""
+
+
 def positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, classes)`` logits and their ``(rows,)`` labels: per-position logits ``(batch,
     ..., classes)`` and labels ``(batch, ...)`` as one row per position; ``(batch, classes)``
-    as it is."""
+    as it is.
+
+    Raises:
+        PositionsMismatch: If the logits decide at other positions than the labels label.
+    """
     if logits.dim() <= 2:
         return logits, labels
+    rows = logits.shape[:-1].numel()
+    if labels.numel() != rows:
+        per_sample = logits.shape[1:-1]
+        raise PositionsMismatch(
+            f"the logits {tuple(logits.shape)} (class axis last) decide at "
+            f"{per_sample.numel():,} positions a sample ({'x'.join(map(str, per_sample))}), "
+            f"the targets {tuple(labels.shape)} label {labels[0].numel():,}: a decision "
+            "cannot be paired with its label. Give Task(output=...) a function returning the "
+            "logits at the targets' positions (upsampled, say) for squeeze to pair them, or "
+            "a loss= and metric= of your own that do"
+        )
     return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 

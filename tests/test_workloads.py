@@ -28,11 +28,13 @@ from compressors import (
 )
 from experiments import (
     LOSSES,
+    PositionsMismatch,
     Task,
     TrainConfig,
     WorkloadError,
     accuracy,
     as_data,
+    ce_loss,
     check_workload,
     evaluate,
     fit,
@@ -690,3 +692,66 @@ def test_inspect_counts_the_samples_with_each_label_of_a_multilabel_task(
     digits = task.val.source.y  # (the Tagged dataset's digits)
     expected = [sum(bool(tag(int(d))) for d in digits) for tag in TAGS]
     assert balance["val"].iloc[: len(TAGS)].tolist() == expected
+
+
+class _QuarterLogits(nn.Module):
+    """A segmentation model whose logits come out at half its masks' height and width (as a
+    SegFormer's at a quarter of its input's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(self.model(x), 2)
+
+
+def _upsampled(logits, targets):
+    size = targets.shape[-2:]
+    return nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _upsampled_ce(outputs, targets, teacher):
+    return nn.functional.cross_entropy(_upsampled(outputs, targets), targets, ignore_index=-100)
+
+
+def _upsampled_iou():
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    class UpsampledIoU(MulticlassJaccardIndex):
+        def update(self, preds, target):
+            super().update(_upsampled(preds, target), target)
+
+    return UpsampledIoU(num_classes=3, ignore_index=-100)
+
+
+def test_logits_at_other_positions_than_the_labels_are_never_paired_with_them(trained):
+    """A model deciding at 4x4 positions against 8x8 masks: the user's loss pairs them; squeeze
+    never pairs a decision with the label of another position (no per-class report, no label
+    in the flipped list), says why and what to do, and its own default loss is refused before
+    training with the same words."""
+    from experiments.analysis import classification_report
+    from search.results.explain._agreement import agreement_report
+    from search.results.report import _metrics_or_scores
+
+    task, model = trained("wl_segmentation")
+    quarter = _QuarterLogits(model).eval()
+    task = dataclasses.replace(task, loss=_upsampled_ce, metric=_upsampled_iou())
+    with pytest.raises(PositionsMismatch, match=r"decide at 16 positions a sample \(4x4\)"):
+        classification_report(quarter, task.val, task.num_classes)
+    metrics, confusion, why = _metrics_or_scores({"baseline": quarter}, task)
+    assert confusion is None and "Task(output=...)" in why and "label 64" in why
+    assert metrics.loc[("baseline", "val"), "acc"] == pytest.approx(evaluate(quarter, task.val))
+    outputs = predict_outputs(quarter, task.val)
+    assert outputs.shape == (len(task.val), 4, 4, 3)
+    other = outputs + 0.5 * torch.randn_like(outputs)
+    agreement = agreement_report(outputs, other, task.val.source.masks, split_name="val")
+    assert len(agreement.flipped) > 0 and (agreement.flipped.label == -1).all()
+    paired = agreement_report(  # at the labels' own positions a flip lists its true label
+        outputs, other, task.val.source.masks[:, ::2, ::2].contiguous(), split_name="val"
+    )
+    assert (paired.flipped.label >= -100).all() and (paired.flipped.label != -1).any()
+    check_workload(task, _QuarterLogits(workloads.TinySegNet()))  # the user's loss pairs them
+    default = dataclasses.replace(task, loss=ce_loss)
+    with pytest.raises(WorkloadError, match=r"ce_loss failed.*cannot be paired with its label"):
+        check_workload(default, _QuarterLogits(workloads.TinySegNet()))

@@ -45,7 +45,7 @@ import plotly.offline  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from experiments import evaluate, scores  # noqa: E402
+from experiments import PositionsMismatch, evaluate, scores  # noqa: E402
 from experiments.analysis import class_balance, classification_report  # noqa: E402
 from search.config.score import Score  # noqa: E402
 from search.results._report_figures import _figures, _score_unit  # noqa: E402
@@ -109,9 +109,13 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
             Path(study_cfg.output_dir), study_name, number, run_id, client, task.build_model
         )
         loading(k, len(front_ids))
+    unpaired = ""
     if task.outputs == "logits":  # classification metrics; an embedding task has its scores
-        metrics, confusion = _metrics(models, task)
-        files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
+        metrics, confusion, unpaired = _metrics_or_scores(models, task)
+        if confusion is None:
+            (folder / "confusion.json").unlink(missing_ok=True)  # (not a previous report's)
+        else:
+            files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
         balance = class_balance(task)
         files.append(_save(balance.to_csv, folder / "class_balance.csv"))
     else:
@@ -185,6 +189,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
             notes=notes,
             metrics=metrics,
             balance=balance,
+            unpaired=unpaired,
             data_files=[p.name for p in files if p.suffix in (".csv", ".json", ".parquet")],
             explain=explain_html,
         )
@@ -205,6 +210,18 @@ def _save(method, path: Path, **kwargs) -> Path:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _metrics_or_scores(models: dict, task) -> tuple[pd.DataFrame, dict | None, str]:
+    """A classifier's metrics and confusion matrices (`_metrics`) and no note; or, where its
+    logits decide at other positions than its targets label (a SegFormer's at a quarter of its
+    masks' size), the task's own scores (`_scores`), no confusion matrices and why."""
+    try:
+        metrics, confusion = _metrics(models, task)
+    except PositionsMismatch as err:
+        logger.info("report: per-class metrics and confusion matrices left out: %s", err)
+        return _scores(models, task), None, str(err)
+    return metrics, confusion, ""
 
 
 def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict]:
@@ -347,6 +364,7 @@ def _write_page(
     balance: pd.DataFrame,
     data_files: list[str],
     explain: str = "",
+    unpaired: str = "",
 ) -> Path:
     sections = []
     for name in FIGURES:
@@ -363,6 +381,11 @@ def _write_page(
     summary = metrics[[c for c in metrics.columns if not c.startswith("acc_class_")]]
     per_class = metrics.filter(like="acc_class_")
     tables = [("Metrics of the baseline and the Pareto points", summary, ".4f")]
+    if unpaired:  # (the task's own scores above instead)
+        explain += (
+            "<p class='note'><b>per-class accuracy and confusion matrices</b>: left out, "
+            f"{html_text.escape(unpaired)}.</p>"
+        )
     tables += [("Per-class accuracy", per_class, ".3f"), ("Class balance", balance, "g")]
     links = " · ".join(f"<a href='{f}'>{f}</a>" for f in data_files)
     page = (

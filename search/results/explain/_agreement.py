@@ -28,7 +28,8 @@ class Agreement:
         flips: Counts of (baseline class -> compressed class), rows the baseline's classes: its
             diagonal is what was kept, its row sums are the baseline's class counts. None for
             an embedding task (no classes) and a multi-label one (its decisions are yes/no).
-        flipped: One row per flipped input: ``index`` in the split, ``label`` (true class),
+        flipped: One row per flipped input: ``index`` in the split, ``label`` (true class;
+            -1 where unknown: an embedding task, targets not one class per decision),
             ``baseline`` and ``compressed`` (their classes, or nearest neighbours' indices) and
             ``baseline_conf`` / ``compressed_conf`` (softmax probability of their own class, or
             cosine similarity to their neighbour). A multi-label classifier's: one row per
@@ -87,6 +88,7 @@ def agreement_report(
         if isinstance(targets, torch.Tensor)
         and targets.dim() == 1
         and not targets.is_floating_point()
+        and len(targets) == len(base)  # (not a SegFormer's masks beside its 1/4-size logits)
         else None
     )
     flipped = pd.DataFrame(

@@ -149,7 +149,7 @@ def _flipped_table(a: Agreement, rows: int):
         cells = (
             (str(row.index), base, comp)
             if neighbours
-            else (str(row.index), str(row.label), base, comp)
+            else (str(row.index), str(row.label) if row.label != -1 else "·", base, comp)
         )
         table.add_row(*cells)
     return table
