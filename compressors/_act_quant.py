@@ -7,7 +7,8 @@ outputs)`` weight, its scales per output column), ``nn.Conv1d`` and ``nn.Conv2d`
 transformer layers' feed-forward Linears and the packed query / key / value projection of their
 self-attention included; not the attention's ``out_proj``, which torch's functional attention reads
 directly; nor a convolution of fewer than 4 input channels per group, which ONNX Runtime runs faster
-in float: `int8_friendly`) on an affine uint8 grid (one scale and zero point per tensor, as ONNX
+in float: `int8_friendly`, nor a narrow depthwise one that reads a float tensor:
+`compressors._act_islands`) on an affine uint8 grid (one scale and zero point per tensor, as ONNX
 Runtime's static QDQ quantization does), and the outputs of the convolutions too: ONNX Runtime fuses
 ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv`` only with both ends quantized; a
 MatMul / Gemm with quantized inputs alone runs as ``MatMulIntegerToFloat`` / ``QGemm``. With the
@@ -213,7 +214,9 @@ def int8_friendly(layer: nn.Module) -> bool:
     in 23-25 us against 12-13 us float (NCHWc, after the float stem: no layout change between
     them), the model 1.3x faster than fp32 against 0.97x; its 32-channel stride-2 one ran in
     10 us against 8-9 us float, and stays int8 between two int8 pointwise convolutions (a float
-    one there would cost a ``DequantizeLinear``, a ``QuantizeLinear`` and two layout changes)."""
+    one there would cost a ``DequantizeLinear``, a ``QuantizeLinear`` and two layout changes).
+    So does a narrower depthwise convolution that an integer layer feeds (a pruned MobileNet's):
+    W8A8 gives it grids after all (`compressors._act_islands.integer_layers`)."""
     if not isinstance(layer, OUTPUT_LAYERS):
         return True
     per_group = layer.in_channels // layer.groups
@@ -228,12 +231,22 @@ def _plain_type(module: nn.Module) -> type:
     return type_before_parametrizations(module)
 
 
-def attach(model: nn.Module, ranges: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Give each layer of ``ranges`` (every `quantizable` layer when None) its activation
-    quantizers with the recorded ``[scale, zero_point]`` of each (1.0 and 0 until calibrated):
-    ``act_in`` on the layer, and where the record has ``out``, ``act_out`` on the module named
-    by its ``after`` (the BatchNorm that reads a conv's output) or on the layer itself."""
-    layers = quantizable(model) if ranges is None else ranges
+def attach(
+    model: nn.Module,
+    ranges: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    layers: Mapping[str, nn.Module] | None = None,
+) -> None:
+    """Give each layer of ``ranges`` (of ``layers`` when None: by name, as
+    `compressors._act_islands.integer_layers` finds them; every `quantizable` layer when both
+    are None) its activation quantizers with the recorded ``[scale, zero_point]`` of each (1.0
+    and 0 until calibrated): ``act_in`` on the layer, and where the record has ``out``,
+    ``act_out`` on the module named by its ``after`` (the BatchNorm that reads a conv's output)
+    or on the layer itself."""
+    if ranges is not None:
+        layers = ranges
+    elif layers is None:
+        layers = quantizable(model)
     for name in layers:
         layer = model.get_submodule(name)
         record = (ranges or {}).get(name, {})
@@ -371,10 +384,12 @@ def _place_outputs(model: nn.Module, batch: Any, forward) -> None:
     """Give each convolution its output grid: on the BatchNorm that alone reads its output
     (ONNX Runtime folds the BatchNorm into the Conv before it fuses ``QLinearConv``), else on
     the convolution itself. Which module reads what is seen on one batch through hooks."""
-    convs = {
+    convs = {  # (the attached layers: `attach`)
         name: layer
-        for name, layer in quantizable(model).items()
-        if isinstance(layer, OUTPUT_LAYERS) and not hasattr(layer, "act_out")
+        for name, layer in model.named_modules()
+        if isinstance(getattr(layer, "act_in", None), ActQuant)
+        and isinstance(layer, OUTPUT_LAYERS)
+        and not hasattr(layer, "act_out")
     }
     if not convs:
         return

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressors import _act_quant
+from compressors import _act_islands, _act_quant
 from compressors._base import CompressionContext, Compressor, UnsupportedModelError
 from compressors._params import AnyOf, Integer, InvalidParameterError, Options
 from compressors._targets import targets
@@ -373,33 +373,40 @@ class Quantization(Compressor):
         return self.mode == "ptq"
 
     def _quantize(self, model: nn.Module, ctx: CompressionContext | None = None) -> nn.Module:
-        self._quantize_weights(model)
-        if self.activations == 8:
-            self._calibrate(model, ctx)
+        if self.activations != 8:
+            self._quantize_weights(model)
+            return model
+        batches = self._calibration_batches(model, ctx)
+        # (the integer layers: `quantizable`'s, and the narrow depthwise convolutions that
+        # one of them feeds, seen on a calibration batch)
+        layers = (
+            _act_islands.integer_layers(model, batches[0], ctx.train.forward)
+            if batches
+            else _act_quant.quantizable(model)
+        )
+        self._quantize_weights(model, layers)
+        _act_quant.attach(model, layers=layers)  # (calibrated after the weights are on grids)
+        _act_quant.calibrate(model, batches, ctx.train.forward, observer=self.calibration)
         return model
 
-    def _calibrate(self, model: nn.Module, ctx: CompressionContext | None) -> None:
-        """Attach activation quantizers to ``model`` and calibrate them on ``ctx.train``'s
-        calibration batches (after the weights are on their grids)."""
+    def _calibration_batches(self, model: nn.Module, ctx: CompressionContext | None) -> list:
+        """``ctx.train``'s calibration batches."""
         if ctx is None or ctx.train is None:
             raise ValueError(
                 "compressor 'quant' with quant.activations=8 requires ['train'] in its context "
                 "(the calibration batches)"
             )
         device = next((p.device for p in model.parameters()), None)
-        batches = ctx.train.calibration(
+        return ctx.train.calibration(
             samples=_act_quant.CALIBRATION_SAMPLES,
             batch_size=_act_quant.CALIBRATION_BATCH,
             device=device,
         )
-        _act_quant.attach(model)
-        _act_quant.calibrate(model, batches, ctx.train.forward, observer=self.calibration)
 
-    def _quantize_weights(self, model: nn.Module) -> None:
+    def _quantize_weights(self, model: nn.Module, layers: dict | None = None) -> None:
         owners = {}
-        integer = set()  # (layers whose inputs get grids: ONNX Runtime's integer kernels)
-        if self.activations == 8:
-            integer = {id(m) for m in _act_quant.quantizable(model).values()}
+        # (``layers``: those whose inputs get grids, ONNX Runtime's integer kernels)
+        integer = {id(m) for m in (layers or {}).values()}
         for target in targets(model).values():
             bits = self.bits
             if target.kind == "embedding" and self.embeddings != "same":
