@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from compressors import CompressionContext, apply_pipeline, get_compressor, save_packed
+from tests.onnx_graphs import optimized_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,16 +63,6 @@ def _stem_block_pool():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _optimized_ops(onnxruntime, onnx, path, level="ORT_ENABLE_ALL") -> Counter:
-    """The nodes of ``path``'s graph as ONNX Runtime optimises it at ``level`` (the runtime's
-    `ort_session` loads graphs at ``ORT_ENABLE_ALL``: the NHWC integer kernels)."""
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(path.with_name(f"{path.stem}-{level}.onnx"))
-    options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, level)
-    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-
-
 def test_the_hints_leave_no_transpose_and_the_same_values(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
@@ -82,8 +73,8 @@ def test_the_hints_leave_no_transpose_and_the_same_values(tmp_path):
     assert nhwc_hints(proto) == 2  # (the stem's output, the pool's output)
     onnx.checker.check_model(proto)
     onnx.save(proto, tmp_path / "hinted.onnx")
-    plain = _optimized_ops(onnxruntime, onnx, tmp_path / "plain.onnx")
-    hinted = _optimized_ops(onnxruntime, onnx, tmp_path / "hinted.onnx")
+    plain = optimized_ops(tmp_path / "plain.onnx")
+    hinted = optimized_ops(tmp_path / "hinted.onnx")
     for ops in (plain, hinted):  # integer from the stem's QuantizeLinear to the head's grid
         assert ops["QLinearConv"] == ops["QLinearAdd"] == ops["QLinearGlobalAveragePool"] == 1
         assert ops["Add"] == ops["Relu"] == 0 and ops["DequantizeLinear"] == 1  # (the output)
@@ -132,8 +123,8 @@ def test_without_an_activation_the_hint_goes_on_the_codes_for_a_sum_only():
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_the_zoo_resnets_w8a8_graph_runs_its_sums_channels_last(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
@@ -146,7 +137,7 @@ def test_the_zoo_resnets_w8a8_graph_runs_its_sums_channels_last(tmp_path):
     save_packed(model, tmp_path / "resnet.sqz")
     shipped = task.build_model()
     export_onnx(tmp_path / "resnet.sqz", shipped, task.example_inputs(8), tmp_path / "resnet.onnx")
-    ops = _optimized_ops(onnxruntime, onnx, tmp_path / "resnet.onnx")
+    ops = optimized_ops(tmp_path / "resnet.onnx")
     # the float stem (NCHWc) writing NHWC, one QuantizeLinear, then NHWC integer kernels to
     # the head: no Transpose after the stem, around the sums or after the pool
     assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 2

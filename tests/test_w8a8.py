@@ -27,6 +27,7 @@ from compressors._opening import opened
 from compressors._params import InvalidParameterError
 from experiments import Split, Task, evaluate, fit
 from experiments.models import ConvNet1d
+from tests.onnx_graphs import optimized_graph, optimized_ops
 from tests.zoo.tasks import digits_cnn1d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,8 +125,8 @@ def test_a_forged_activation_grid_is_refused(tmp_path):
 
 @pytest.mark.slow  # (an export: ~7 s)
 def test_the_qdq_graph_runs_integer_kernels_and_scores_like_the_torch_model(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
 
@@ -135,11 +136,7 @@ def test_the_qdq_graph_runs_integer_kernels_and_scores_like_the_torch_model(tmp_
     model = task.build_model()
     graph = tmp_path / "w8a8.onnx"
     export_onnx(path, model, task.example_inputs(8), graph)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    ops = optimized_ops(graph, "ORT_ENABLE_EXTENDED")
     # the first conv reads 1 channel: ONNX Runtime's int8 kernels run it slower than its float
     # one, so it stays float (float weights) and the second conv's input grid quantizes it
     assert ops["QLinearConv"] == 2 and ops["Conv"] == 1
@@ -211,8 +208,8 @@ def test_an_output_read_twice_keeps_its_own_grid():
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
@@ -230,11 +227,7 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
     shipped = task.build_model()
     export_onnx(path, shipped, task.example_inputs(8), tmp_path / "resnet.onnx")
     assert act.ranges(shipped) == grids
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    onnxruntime.InferenceSession(str(tmp_path / "resnet.onnx"), options)
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    ops = optimized_ops(tmp_path / "resnet.onnx", "ORT_ENABLE_EXTENDED")
     # every conv but the 1-channel stem runs as QLinearConv, its BatchNorm folded; the stem
     # runs ORT's float kernel (its BatchNorm folded in) on float weights
     convs = [m for m in shipped.modules() if isinstance(m, nn.Conv2d)]
@@ -255,8 +248,8 @@ def test_a_batchnorm_after_a_conv_is_folded_into_its_integer_kernel(tmp_path):
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_a_mobilenets_pointwise_chain_runs_integer_kernels_into_the_head(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
@@ -272,11 +265,7 @@ def test_a_mobilenets_pointwise_chain_runs_integer_kernels_into_the_head(tmp_pat
     save_packed(model, path)
     shipped = task.build_model()
     export_onnx(path, shipped, task.example_inputs(8), tmp_path / "mobilenet.onnx")
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    onnxruntime.InferenceSession(str(tmp_path / "mobilenet.onnx"), options)
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    ops = optimized_ops(tmp_path / "mobilenet.onnx", "ORT_ENABLE_EXTENDED")
     assert ops["QLinearConv"] == 3 and ops["FusedConv"] + ops["Conv"] == 2
     # one QuantizeLinear after the float convs, then integer kernels only: the ReLU6s inside
     # the grids, the last one in the last conv's output grid (`compressors._onnx_pool`),
@@ -360,8 +349,8 @@ def test_the_encoders_projections_are_quantized_in_inference_too():
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
@@ -372,10 +361,7 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
     shipped = task.build_model()
     export_onnx(tmp_path / "encoder.sqz", shipped, task.example_inputs(8), tmp_path / "e.onnx")
     assert act.ranges(shipped) == act.ranges(model)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), options)
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    optimized = optimized_graph(tmp_path / "e.onnx")
     ops = Counter(n.op_type for n in optimized.node)
     # embed, head, and per encoder layer the packed projection (as the queries', keys' and
     # values' three, `compressors._onnx_attention`), linear1 and linear2 on integer kernels,
@@ -413,8 +399,8 @@ def test_the_encoders_projections_run_integer_kernels_the_rest_float_weights(tmp
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_an_attention_the_rewrite_does_not_know_keeps_its_exported_form(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors._onnx_attention import attention_heads
     from compressors.onnx_export import check_onnx, export_onnx
@@ -443,10 +429,7 @@ def test_an_attention_the_rewrite_does_not_know_keeps_its_exported_form(tmp_path
     save_packed(model, tmp_path / "masked.sqz")
     shipped = Masked()
     export_onnx(tmp_path / "masked.sqz", shipped, task.example_inputs(8), tmp_path / "m.onnx")
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), options)
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    ops = optimized_ops(tmp_path / "m.onnx")
     assert ops["Transpose"] > 0  # (the exported per-head form, the mask in it)
     assert ops["QGemm"] + ops["MatMulIntegerToFloat"] == 5  # (embed, in_proj, FFN, head)
     check = check_onnx(tmp_path / "m.onnx", shipped, task.val.x)
@@ -511,11 +494,7 @@ def test_a_pooled_tail_runs_integer_kernels_into_the_head(tmp_path, residual):
     # two grids' largest values
     assert ops["QuantizeLinear"] == (4 if residual else 2)
     onnx.save(proto, tmp_path / "pooled.onnx")
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    onnxruntime.InferenceSession(str(tmp_path / "pooled.onnx"), options)
-    fused = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    fused = optimized_ops(tmp_path / "pooled.onnx", "ORT_ENABLE_EXTENDED")
     assert fused["QLinearGlobalAveragePool"] == 1 and fused["QLinearAdd"] == int(residual)
     assert fused["Relu"] == fused["Add"] == fused["ReduceMean"] == 0
     rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ from compressors import (  # noqa: E402
 )
 from compressors._onnx_bert import bert_attention, gather_codes  # noqa: E402
 from experiments import Split  # noqa: E402
+from tests.onnx_graphs import optimized_graph  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,11 +81,7 @@ def _export(tmp_path, attention: str = "sdpa"):
     shipped = _encoder(attention)
     graph = tmp_path / "w8a8.onnx"
     export_onnx(tmp_path / "w8a8.sqz", shipped, ids[:8], graph)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    optimized = optimized_graph(graph)
     return base, shipped, graph, optimized
 
 

@@ -32,6 +32,7 @@ from compressors import (  # noqa: E402
 from compressors import _act_quant as act  # noqa: E402
 from compressors._targets import is_transposed_linear, targets  # noqa: E402
 from experiments import evaluate, fit  # noqa: E402
+from tests.onnx_graphs import optimized_graph  # noqa: E402
 from tests.zoo.workloads import wl_tokens  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,10 +112,7 @@ def test_gpt2s_transposed_linears_run_integer_kernels_with_activations_8(tmp_pat
     task, model, shipped, deployed = _deploy(tmp_path, bits=8, activations=8, calibration="mse")
     layers = _conv1d(shipped)
     assert set(layers) <= set(act.ranges(shipped)) and act.ranges(shipped) == act.ranges(model)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    onnxruntime.InferenceSession(str(deployed.path), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath).graph
+    optimized = optimized_graph(deployed.path)
     ops = Counter(n.op_type for n in optimized.node)
     # every Conv1D a QGemm (their Gemm on rows) and the tied lm_head MatMulIntegerToFloat;
     # no float Gemm, no weight dequantized at every call

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from torch import nn
@@ -14,6 +12,7 @@ from compressors import _act_quant as act
 from compressors._act_islands import integer_layers, narrow_depthwise
 from compressors.quant import INTEGER_KERNEL_BITS
 from experiments import Split
+from tests.onnx_graphs import optimized_ops
 from tests.zoo.models import MobileNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,8 +91,8 @@ def _call(model, inputs):
 
 @pytest.mark.slow  # (an export: ~5 s)
 def test_a_pruned_mobilenet_runs_integer_kernels_from_its_first_pointwise_conv(tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     from compressors.onnx_export import check_onnx, export_onnx
     from tests.zoo import tasks
@@ -109,11 +108,7 @@ def test_a_pruned_mobilenet_runs_integer_kernels_from_its_first_pointwise_conv(t
     shipped = task.build_model()
     export_onnx(path, shipped, task.example_inputs(8), tmp_path / "mobilenet.onnx")
     assert act.ranges(shipped) == grids  # (the file's grids, the stride-2 depthwise conv's too)
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    onnxruntime.InferenceSession(str(tmp_path / "mobilenet.onnx"), options)
-    ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    ops = optimized_ops(tmp_path / "mobilenet.onnx", "ORT_ENABLE_EXTENDED")
     # the float stem and first depthwise conv, one QuantizeLinear, then integer kernels only
     # (before: a DequantizeLinear, Clip, float Conv and a second QuantizeLinear around the
     # stride-2 depthwise conv)
