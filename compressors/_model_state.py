@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from compressors._opening import ARCHITECTURE_ATTRS, Replacement, typed_like
-from compressors._targets import targets
+from compressors._targets import foreign_parametrization, targets
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ def _sources(model: nn.Module) -> dict[str, _Source]:
     its number of values."""
     sources: dict[str, _Source] = {}
     for key, value in model.state_dict().items():
+        if _foreign(model, key):  # the model's own parametrization: what it keeps, as it is
+            sources[key] = (partial(_plain, value), None, value.numel())
+            continue
         match = _PARAMETRIZED.match(key)
         if match is None:
             if ".parametrizations." not in f".{key}":
@@ -64,6 +67,21 @@ def _sources(model: nn.Module) -> dict[str, _Source]:
                 grid = p
         sources[full] = (partial(_evaluated, module, tensor_name), grid, value.numel())
     return sources
+
+
+_IN_PARAMETRIZATION = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.")
+
+
+def _foreign(model: nn.Module, key: str) -> bool:
+    """Whether state ``key`` belongs to a parametrization of the model's own (torch's
+    ``weight_norm``: ``...parametrizations.weight.original0`` and ``original1``;
+    `compressors._targets.foreign_parametrization`), whose originals and buffers the file
+    stores as they are, for the same parametrization of a freshly built model to read."""
+    match = _IN_PARAMETRIZATION.match(key)
+    if match is None:
+        return False
+    module = model.get_submodule(match.group(1) or "")
+    return foreign_parametrization(module, match.group(2)) is not None
 
 
 def _coded_sources(model: nn.Module) -> dict[str, Callable[[], Any]]:
@@ -117,11 +135,11 @@ def _state_identities(model: nn.Module):
     """``(key, identity)`` of each entry of the plain state: the same identity for tensors
     shared by several modules (the original under a parametrization, else the storage)."""
     for key, value in model.state_dict(keep_vars=True).items():
-        match = _PARAMETRIZED.match(key)
+        match = None if _foreign(model, key) else _PARAMETRIZED.match(key)
         if match is not None:
             full = f"{match.group(1) or ''}.{match.group(2)}".lstrip(".")
             yield full, ("p", id(value))
-        elif ".parametrizations." not in f".{key}":
+        elif ".parametrizations." not in f".{key}" or _foreign(model, key):
             storage = value.untyped_storage().data_ptr() if value.numel() else id(value)
             yield key, ("s", storage, value.storage_offset(), tuple(value.shape), value.stride())
 

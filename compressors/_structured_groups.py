@@ -26,7 +26,7 @@ from compressors._structured_pruners import (
     local_scores,
     transposed_linear_types,
 )
-from compressors._structured_trace import ROOTS, describe, is_op
+from compressors._structured_trace import ROOTS, describe, is_op, model_parametrized
 from compressors._targets import is_transposed_linear
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,10 @@ def _kept_reason(group, graph: tp.DependencyGraph) -> str | None:
             return "its channels reach the model's output"
         if any(r is None for r in item.root_idxs):
             return "torch-pruning cannot map its channels onto its root layer's"
+        if not is_op(target) and isinstance(target.module, nn.Module):
+            parametrized = model_parametrized(target.module)
+            if parametrized is not None:
+                return f"{parametrized}, which structured pruning does not cut"
         if not is_op(target) and not isinstance(target.module, nn.Parameter) and item.idxs:
             count = graph.get_out_channels(target) if out else graph.get_in_channels(target)
             if count is not None and max(item.idxs) >= count:

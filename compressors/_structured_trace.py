@@ -28,6 +28,7 @@ from compressors._structured_pruners import (
     customized_pruners,
     opaque_tracing,
 )
+from compressors._targets import foreign_parametrization
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ def refusals(model: nn.Module) -> list[str]:
     problems = []
     for name, module in model.named_modules():
         where = describe(name, module)
-        if "parametrizations" in dict(module.named_children()):
+        if "parametrizations" in dict(module.named_children()) and any(
+            foreign_parametrization(module, attr) is None for attr in module.parametrizations
+        ):  # (the model's own, weight_norm say, only keep the layer whole: `model_parametrized`)
             problems.append(
                 f"{where} has parametrized tensors (masks or quantization grids): apply "
                 "'structured' before the methods that add them"
@@ -103,6 +106,20 @@ def refusals(model: nn.Module) -> list[str]:
                     "torch-pruning cuts its weight along the wrong axis"
                 )
     return problems
+
+
+def model_parametrized(module: nn.Module) -> str | None:
+    """Why ``module``'s channels stay whole where the model parametrizes one of its tensors
+    (torch's ``weight_norm`` on a wav2vec 2.0's positional convolution), or None: cutting it
+    would replace a tensor the parametrization computes."""
+    children = dict(module.named_children())
+    if "parametrizations" not in children:
+        return None
+    for attr in module.parametrizations:
+        foreign = foreign_parametrization(module, attr)
+        if foreign is not None:
+            return f"the model parametrizes its {attr} ({foreign})"
+    return None
 
 
 def output_tensors(outputs: Any) -> list[torch.Tensor]:

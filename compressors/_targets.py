@@ -18,12 +18,15 @@ once and is stored once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+logger = logging.getLogger(__name__)
 
 #: Kinds of targets, by the module that owns them.
 KINDS = ("linear", "conv", "attention", "recurrent", "embedding")
@@ -141,6 +144,16 @@ def targets(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> dict[str, Targe
         for attr in attrs:
             tensor = _identity(module, attr)
             if tensor is None:
+                foreign = foreign_parametrization(module, attr)
+                if foreign is not None:
+                    logger.info(
+                        "%s.%s is left as it is: the model parametrizes it (%s), which "
+                        "compressors do not change",
+                        module_name,
+                        attr,
+                        foreign,
+                        extra={"once": True},
+                    )
                 continue
             site = Site(module_name, module, attr)
             if id(tensor) in found:
@@ -190,7 +203,8 @@ def parameter_count(model: nn.Module) -> int:
     for module in model.modules():
         if parametrize.is_parametrized(module):
             for plist in module.parametrizations.values():
-                seen.setdefault(id(plist.original), plist.original.numel())
+                if plist.is_tensor:  # (weight_norm's two originals: the list's own parameters)
+                    seen.setdefault(id(plist.original), plist.original.numel())
         for p in module.parameters(recurse=False):
             seen.setdefault(id(p), p.numel())
     return sum(seen.values())
@@ -212,10 +226,26 @@ def _rule(module: nn.Module) -> tuple[str | None, list[str]]:
     return None, []
 
 
+def foreign_parametrization(module: nn.Module, attr: str) -> str | None:
+    """The class of a parametrization on ``module.attr`` that no compressor registered (torch's
+    ``weight_norm`` on a wav2vec 2.0's positional convolution, ``spectral_norm``,
+    ``orthogonal``, a user's own), or None. Compressors leave such a tensor as it is, and a
+    packed file stores what the model's own parametrization keeps (its originals)."""
+    if not parametrize.is_parametrized(module, attr):
+        return None
+    for parametrization in module.parametrizations[attr]:
+        if not type(parametrization).__module__.startswith("compressors."):
+            return type(parametrization).__name__
+    return None
+
+
 def _identity(module: nn.Module, attr: str) -> torch.Tensor | None:
     """The object that identifies the tensor ``module.attr``: the parameter, or the original
-    under a parametrization (shared by tied sites). None where the attribute holds no tensor."""
+    under a parametrization (shared by tied sites). None where the attribute holds no tensor,
+    or one under a parametrization of the model's own (`foreign_parametrization`)."""
     if parametrize.is_parametrized(module, attr):
+        if foreign_parametrization(module, attr) is not None:
+            return None
         return module.parametrizations[attr].original
     value = module._parameters.get(attr)
     return value if isinstance(value, torch.Tensor) else None

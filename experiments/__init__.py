@@ -58,6 +58,7 @@ from experiments._training import (
     is_streaming_metric,
     predict_outputs,
     scores,
+    seed_everything,
 )
 
 __all__ = [
@@ -112,4 +113,5 @@ __all__ = [
     "predict_outputs",
     "prediction_agreement",
     "scores",
+    "seed_everything",
 ]

@@ -21,7 +21,7 @@ from torch import nn
 
 from experiments._checkpoint import checkpoint_digest, load_checkpoint
 from experiments._task import Task
-from experiments._training import evaluate, fit
+from experiments._training import evaluate, fit, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def load_or_train_baseline(
         return _load(task, folder, key, from_cache=True, model=fresh and fresh.model)
 
     start = time.perf_counter()
-    torch.manual_seed(seed)  # (the CUDA generators too)
+    seed_everything(seed)  # (torch's CUDA generators, numpy's and Python's `random` too)
     if fresh is None:
         model = task.build_model()
     else:  # as if built here: the random stream continues from where building left it

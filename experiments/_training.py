@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +52,16 @@ class TrainStep(Protocol):
         loss: Callable[[], torch.Tensor],
         optimizer: torch.optim.Optimizer,
     ) -> torch.Tensor | float: ...
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (its CUDA generators too), numpy's global generator and Python's `random`, as
+    Lightning's ``seed_everything`` and Hugging Face's ``set_seed`` do: what a model or a
+    dataset draws in training from the other two (a wav2vec 2.0 masks time steps with
+    ``np.random``; many augmentations use `random`) is then the same in a rerun."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)

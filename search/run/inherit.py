@@ -79,6 +79,8 @@ def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name, _, tail = rest.partition(".")
         if tail == "original":
             out[f"{module}.{name}" if module else name] = value
+        elif tail.removeprefix("original").isdigit():  # the model's own weight_norm: as it is
+            out[key] = value
     return out
 
 

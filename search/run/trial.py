@@ -48,6 +48,7 @@ from experiments import (
     Task,
     evaluate,
     fit,
+    seed_everything,
 )
 from search._errors import SweepStopped
 from search.config.constraints import constraint_values
@@ -331,7 +332,7 @@ def compress_recipe(
 
         # 2. Start from a copy of the cached, trained baseline, on the trial's device: the
         #    trial's one copy; every phase until the packed file runs where it is.
-        torch.manual_seed(seed)
+        seed_everything(seed)  # (numpy's and Python's generators too: a rerun draws alike)
         model = copy.deepcopy(baseline.model)
         if device is not None:
             model.to(device)
