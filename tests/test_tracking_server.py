@@ -172,7 +172,7 @@ def test_a_password_is_written_nowhere_and_the_printed_commands_read_it_from_the
     overrides = sweep_overrides(
         tmp_path,
         cache_dir,
-        "search.n_trials=2",
+        "search.n_trials=1",
         f"search.study_name={name}",
         "space.pipeline=[prune]",
         storage=with_password,
