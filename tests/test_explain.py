@@ -402,6 +402,7 @@ def test_the_report_explains_the_front(sweep):
     assert page.count("Plotly.newPlot") == len([n for n in names if n.endswith(".html")]) - 1
 
 
+@pytest.mark.slow  # (a `squeeze run`, 3.7 s CPU: test_reuse.py's export-then-run checks the same)
 def test_squeeze_run_logs_the_agreement_and_the_explanation(sweep, tmp_path):
     workdir, overrides = sweep
     conf = tmp_path / "conf"

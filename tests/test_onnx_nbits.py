@@ -49,10 +49,18 @@ def _packed(tmp_path: Path, bits: int = 4) -> tuple:
     return task, packed  # (deploy_onnx loads the file's weights into task.build_model())
 
 
-def test_a_4bit_digits_mlp_runs_on_matmulnbits_within_tolerance(tmp_path):
+@pytest.fixture(scope="module")
+def exact_4bit(tmp_path_factory):
+    """The 4-bit packed digits MLP and its float-kernel deployment (no ``nbits_tolerance``),
+    shared by the tests that compare against it: each ONNX export takes 2-3 s of CPU."""
+    tmp_path = tmp_path_factory.mktemp("exact_4bit")
     task, packed = _packed(tmp_path)
+    return task, packed, deploy_onnx(packed, task, tmp_path / "e.onnx", threads=1)
+
+
+def test_a_4bit_digits_mlp_runs_on_matmulnbits_within_tolerance(tmp_path, exact_4bit):
+    task, packed, exact = exact_4bit
     deployed = deploy_onnx(packed, task, tmp_path / "m.onnx", threads=1, nbits_tolerance=0.001)
-    exact = deploy_onnx(packed, task, tmp_path / "e.onnx", threads=1)
     assert exact.kernels == "float" and "onnx_nbits" not in exact.metrics
     assert deployed.kernels == "nbits", deployed.kernels_why
     assert deployed.metrics["onnx_nbits"] == 1.0
@@ -63,9 +71,10 @@ def test_a_4bit_digits_mlp_runs_on_matmulnbits_within_tolerance(tmp_path):
     assert exact.metrics["val_acc_onnx"] > 0.8  # trained: the tolerance means something
 
 
-def test_the_exported_gemm_is_never_fused_and_the_rewrite_keeps_the_float_outputs(tmp_path):
-    task, packed = _packed(tmp_path)
-    exact = deploy_onnx(packed, task, tmp_path / "m.onnx", threads=1)
+def test_the_exported_gemm_is_never_fused_and_the_rewrite_keeps_the_float_outputs(
+    tmp_path, exact_4bit
+):
+    task, _, exact = exact_4bit
     assert "MatMulNBits" not in fused_ops(exact.path, tmp_path / "opt.onnx")  # Gemm: no fusion
     assert nbits_graph(exact.path, tmp_path / "n.onnx") == 3
     x = task.val.x[:64].numpy()

@@ -79,6 +79,9 @@ def test_export_then_run_reproduces_the_trial_and_registers_the_model(study, tmp
     metrics = client.get_run(version.run_id).data.metrics
     assert metrics["val_acc"] == expected["val_acc"]  # the same seed reproduces it exactly
     assert metrics["size_bytes"] == expected["size_bytes"]
+    assert metrics["val_agreement"] == expected["val_agreement"]
+    explained = {f.path for f in client.list_artifacts(version.run_id, "explain")}
+    assert {"explain/bytes_per_layer.csv", "explain/agreement.csv"} <= explained
     assert 0.5 < metrics["test_acc"] <= 1.0
     assert "(= the trial's)" in out
     # the registered model ships an ONNX graph beside the packed file, checked in ONNX Runtime

@@ -86,6 +86,10 @@ def test_a_bad_round_to_is_refused_up_front_naming_the_key_and_the_values_allowe
     assert "'auto'" in message and "an int in [1, 4096]" in message
 
 
+# Slow lane (a sweep, `squeeze export` and `squeeze run`: 5 s CPU); CI runs it. The fast lane
+# keeps how the block is chosen (the tests above), the continued study told the block it
+# ran with (below) and test_reuse.py's export-then-run reproducing a trial exactly.
+@pytest.mark.slow
 def test_the_chosen_block_is_logged_exported_and_rerun_on_another_cpu(
     tmp_path, cache_dir, monkeypatch
 ):

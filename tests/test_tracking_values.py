@@ -3,13 +3,17 @@ shortest decimal, so MLflow's UI shows 0.975, not 0.9750000238418579."""
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 from mlflow.tracking import MlflowClient
 
 from search.run.tracking import Tracker
+from tests.conftest import _empty_mlflow_db
 
 
 def test_float32_scores_are_logged_as_their_shortest_decimal(tmp_path):
+    shutil.copyfile(_empty_mlflow_db(), tmp_path / "mlflow.db")  # (MLflow's migrations: once)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, "squeeze")
     try:
