@@ -153,7 +153,7 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: zstd's level for the index (JSON of a few KB to a few hundred: quick at any level).
 INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
-IN_FLIGHT = 1 << 22
+IN_FLIGHT = 1 << 23
 #: Values a file's tensors hold from which they are decoded by `WORKERS` threads (below, in the
 #: calling thread: starting threads would cost more than they save).
 THREADED_FROM = 1 << 16
