@@ -195,18 +195,30 @@ def _store_codes(
 def _selected(values: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """``values[mask]`` (both flat; ``count``: how many ``mask`` sets, if known), by numpy's
     branch-free selection (torch's boolean index took 10 times as long on a pruned weight: a
-    mispredicted branch at every other value), in chunks (`np.extract` lists a chunk's
-    positions as 8-byte integers first: twice a float weight's bytes at half density)."""
+    mispredicted branch at every other value): a chunk's positions listed (`np.flatnonzero`)
+    and its values taken straight into the result (``mode="wrap"``: the default mode takes
+    into a temporary first). Chunks of `_SELECT_CHUNK` values, whose 8-byte positions stay in
+    the core's cache: with chunks of 2^20 (`np.extract`, and a copy of each chunk's values)
+    it took 2.8 ns a position of a pruned 4 M-value weight, against 0.8 (AVX-512 EPYC)."""
     flat, keep = values.numpy(), mask.numpy()
     if count is None:
         count = int(np.count_nonzero(keep))
     out = np.empty(count, dtype=flat.dtype)
     done = 0
-    for start in range(0, len(flat), _CHUNK):
-        part = np.extract(keep[start : start + _CHUNK], flat[start : start + _CHUNK])
-        out[done : done + len(part)] = part
-        done += len(part)
+    for start in range(0, len(flat), _SELECT_CHUNK):
+        where = np.flatnonzero(keep[start : start + _SELECT_CHUNK])
+        if done + len(where) > count:
+            raise ValueError(f"the mask sets more than {count} values")
+        chunk = flat[start : start + _SELECT_CHUNK]
+        np.take(chunk, where, out=out[done : done + len(where)], mode="wrap")
+        done += len(where)
+    if done != count:
+        raise ValueError(f"the mask sets {done} values, not {count}")
     return torch.from_numpy(out)
+
+
+#: Values `_selected` lists the positions of at a time (int64 positions: 1 MB at half density).
+_SELECT_CHUNK = 1 << 18
 
 
 def _nonzero(flat: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ def decode_into(spec: dict, arrays: Mapping[str, torch.Tensor], out: torch.Tenso
         return True
     if enc in ("dense", "ans"):
         for start in range(0, n, BLOCK):
-            flat[start : start + BLOCK] = take(min(BLOCK, n - start))
+            take.into(flat[start : start + BLOCK])
     elif enc == "bitmask":
         _scatter_mask(flat, arrays["mask"].numpy(), take, count)
     else:
@@ -163,7 +163,7 @@ def _scaled_rows(rows: np.ndarray, scale: np.ndarray, take) -> None:
         step = BLOCK // cols
         for start in range(0, count, step):
             block = rows[start : start + step]
-            block.reshape(-1)[:] = take(block.size)
+            take.into(block.reshape(-1))
             np.multiply(
                 block,
                 every if every is not None else scale[start : start + len(block), None],
@@ -174,7 +174,7 @@ def _scaled_rows(rows: np.ndarray, scale: np.ndarray, take) -> None:
         row = rows[r]
         for start in range(0, cols, BLOCK):
             part = row[start : start + BLOCK]
-            part[:] = take(len(part))
+            take.into(part)
             np.multiply(part, every if every is not None else scale[r], out=part)
 
 
@@ -238,6 +238,10 @@ class _Taker:
             return parts[0]
         return np.concatenate(parts) if parts else self._block[:0]
 
+    def into(self, out: np.ndarray) -> None:
+        """Write the next ``len(out)`` values into ``out``."""
+        out[:] = self(len(out))
+
     def end(self) -> None:
         """Check no value was left over."""
         if self._at != len(self._block) or next(self._blocks, None) is not None:
@@ -279,26 +283,88 @@ def _code_blocks(spec: dict, arrays: Mapping[str, torch.Tensor]) -> _Taker:
                 yield np.take(table, unpacked_index(packed[i * step : i * step + step], bits, m))
 
         return _Taker(unpacked_blocks())
-    indices = _BYTE_CODES[bits]  # (256, codes per byte)
-    invalid = ~(indices < len(table)).all(axis=1)
-    per_byte = np.ascontiguousarray(table[np.minimum(indices, len(table) - 1)], np.float32)
-    if per_byte.shape[1] in _WORDS:  # (a byte's values as one word: a take of whole items)
-        per_byte = per_byte.view(_WORDS[per_byte.shape[1]]).reshape(-1)
-    # The bytes as indices in a buffer of the block's size (a take of uint8 indices made a
-    # new array of 8-byte indices for every block and its check, and took 3 times as long).
-    index = np.empty(min(step, len(packed)), np.intp)
+    return _ByteCodes(packed, bits, count, table)
 
-    def looked_up_blocks():
-        for i, start in enumerate(range(0, count, BLOCK)):
-            m = min(BLOCK, count - start)
-            part = packed[i * step : i * step + -(-m * bits // 8)]
-            at = index[: len(part)]
-            np.copyto(at, part, casting="unsafe")
-            if invalid.any() and np.take(invalid, at).any():
-                raise CodecError(f"a code index is beyond its alphabet of {len(table)}")
-            yield np.take(per_byte, at, axis=0).view(np.float32).reshape(-1)[:m]
 
-    return _Taker(looked_up_blocks())
+class _ByteCodes:
+    """A `_Taker` of codes whose width fills whole bytes (`_BYTE_ALIGNED`), each byte's code
+    values looked up at once (a table of 256 rows, one per byte value), straight into the
+    tensor where the caller gives it (`into`): a 4-bit grid's two values of a byte as one
+    8-byte word, looked up by `np.take` with ``mode="wrap"`` into the tensor's own block (its
+    default mode, ``raise``, takes into a temporary array first, and the block was then copied:
+    together 0.72 ns a value against 0.40, on an AVX-512 EPYC)."""
+
+    def __init__(self, packed: np.ndarray, bits: int, count: int, table: np.ndarray) -> None:
+        indices = _BYTE_CODES[bits]  # (256, codes per byte)
+        self._checked = not (indices < len(table)).all()
+        per_byte = np.ascontiguousarray(table[np.minimum(indices, len(table) - 1)], np.float32)
+        self._rows = per_byte
+        # (a byte's values as one word: a take of whole items)
+        self._words = (
+            per_byte.view(_WORDS[per_byte.shape[1]]).reshape(-1)
+            if (per_byte.shape[1] in _WORDS)
+            else None
+        )
+        self._packed, self._per, self._count, self._done = packed, 8 // bits, count, 0
+        self._table_size = len(table)
+        # The bytes as indices in a buffer reused block after block (a take of uint8 indices
+        # made a new array of 8-byte indices for every block and its check: 3 times as long).
+        self._index, self._scratch = np.empty(0, np.intp), np.empty(0, np.uint8)
+
+    def _indices(self, first: int, stop: int) -> np.ndarray:
+        """Bytes ``first:stop`` of the codes as indices (checked against the alphabet)."""
+        if len(self._index) < stop - first:
+            self._index = np.empty(max(stop - first, BLOCK // self._per), np.intp)
+            self._scratch = np.empty(len(self._index), np.uint8)
+        part, at = self._packed[first:stop], self._index[: stop - first]
+        if self._checked:
+            self._check(part)
+        np.copyto(at, part, casting="unsafe")
+        return at
+
+    def _check(self, part: np.ndarray) -> None:
+        """Refuse bytes holding a code index beyond the alphabet: each field's largest index
+        (a shift and a mask of the bytes, and their maximum: 0.07 ns a byte a field, against
+        0.55 for each byte's validity looked up in a table of 256)."""
+        bits = 8 // self._per
+        field = self._scratch[: len(part)]
+        for shift in range(0, 8, bits):
+            np.right_shift(part, shift, out=field)
+            if shift + bits < 8:
+                np.bitwise_and(field, (1 << bits) - 1, out=field)
+            if len(field) and int(field.max()) >= self._table_size:
+                raise CodecError(f"a code index is beyond its alphabet of {self._table_size}")
+
+    def _advance(self, k: int) -> int:
+        start = self._done
+        if start + k > self._count:
+            raise CodecError("a record holds fewer values than its positions")
+        self._done = start + k
+        return start
+
+    def __call__(self, k: int) -> np.ndarray:
+        per = self._per
+        start = self._advance(k)
+        first = start // per
+        at = self._indices(first, -(-(start + k) // per))
+        skip = start - first * per
+        return np.take(self._rows, at, axis=0).reshape(-1)[skip : skip + k]
+
+    def into(self, out: np.ndarray) -> None:
+        """Write the next ``len(out)`` values into ``out`` (float32, contiguous)."""
+        k, per = len(out), self._per
+        if self._words is None or self._done % per or k % per:
+            out[:] = self(k)
+            return
+        start = self._advance(k)
+        at = self._indices(start // per, (start + k) // per)
+        # (every index is below 256, the table's rows: "wrap" never wraps)
+        np.take(self._words, at, out=out.view(self._words.dtype), mode="wrap")
+
+    def end(self) -> None:
+        """Check no value was left over."""
+        if self._done != self._count:
+            raise CodecError("a record holds more values than its positions")
 
 
 #: Unsigned words of a byte's code values (float32 each), by codes per byte.

@@ -153,7 +153,7 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: zstd's level for the index (JSON of a few KB to a few hundred: quick at any level).
 INDEX_LEVEL = 19
 #: Values encoded at once at most, beyond a single tensor (each takes a few times its bytes).
-IN_FLIGHT = 1 << 22
+IN_FLIGHT = 1 << 23
 #: Values a file's tensors hold from which they are decoded by `WORKERS` threads (below, in the
 #: calling thread: starting threads would cost more than they save).
 THREADED_FROM = 1 << 16
@@ -231,7 +231,8 @@ def _record(
     its arrays as ``[suffix, dtype, shape, codec, sizes]``; the chunks are its bytes in the
     file. ``trim``: give the memory the encoding freed back to the system (`_trim`)."""
     try:
-        spec, arrays = encode(name, value() if callable(value) else value, grid)
+        with _threads.alone():
+            spec, arrays = encode(name, value() if callable(value) else value, grid)
     except ValueError as err:
         raise PackedFileError(str(err)) from None
     del value
@@ -561,9 +562,10 @@ def _decoded(
 
     def one(name: str) -> torch.Tensor | None:
         module, attr = owners[name]
-        if packed.decode_into(name, getattr(module, attr)):
-            return None
-        return packed.decoded(name)
+        with _threads.alone():
+            if packed.decode_into(name, getattr(module, attr)):
+                return None
+            return packed.decoded(name)
 
     values = sum(math.prod(packed.meta["t"][name]["shape"]) for name in owners)
     pool = _threads.pool(WORKERS) if WORKERS > 1 and values >= THREADED_FROM else None

@@ -98,6 +98,10 @@ def _code_case(name: str) -> tuple[_Grid, str, bool]:
             ("dense"),
             True,
         )
+    if name in ("1-bit dense", "2-bit dense", "8-bit dense"):  # (a byte's codes at once)
+        hi = {"1-bit dense": 1, "2-bit dense": 2, "8-bit dense": 100}[name]
+        codes = _codes((37, 54), -hi, hi, 1.0, 14)
+        return _Grid(codes, "scaled", {"scale": _row_scales(37, 54)}), "dense", True
     if name == "3-bit dense":
         return (
             _Grid(_codes((37, 53), -3, 3, 1.0, 1), "scaled", {"scale": _row_scales(37, 53)}),
@@ -148,6 +152,9 @@ def _code_case(name: str) -> tuple[_Grid, str, bool]:
 CODES = [
     "4-bit dense, scale per row",
     "3-bit dense",
+    "1-bit dense",
+    "2-bit dense",
+    "8-bit dense",
     "5-bit bitmask",
     "4-bit gaps",
     "entropy-coded",
@@ -165,7 +172,13 @@ CODES = [
 
 
 #: Code widths some cases must have: bytes of whole codes, and widths that split codes over bytes.
-_WIDTHS = {"4-bit dense, scale per row": 4, "5-bit bitmask": 5, "codebook, sparse": 3}
+_WIDTHS = {
+    "4-bit dense, scale per row": 4,
+    "2-bit dense": 2,
+    "8-bit dense": 8,
+    "5-bit bitmask": 5,
+    "codebook, sparse": 3,
+}
 
 
 @pytest.mark.parametrize("case", CODES)
@@ -230,3 +243,8 @@ def test_codes_beyond_the_alphabet_are_refused(monkeypatch):
     codes[-1] = 0xFF  # (index 15 of an alphabet of 15)
     with pytest.raises(CodecError, match="beyond its alphabet"):
         decode_into(spec, {**arrays, "codes": codes}, torch.zeros(37, 53))
+    for byte in (0xF0, 0x0F):  # (either code of a byte, in a block of the middle)
+        codes = arrays["codes"].clone()
+        codes[len(codes) // 2] = byte
+        with pytest.raises(CodecError, match="beyond its alphabet"):
+            decode_into(spec, {**arrays, "codes": codes}, torch.zeros(37, 53))
