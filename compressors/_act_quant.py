@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressors._targets import READS_CHILD_WEIGHTS, is_transposed_linear
+from compressors._targets import READS_CHILD_WEIGHTS, foreign_parametrization, is_transposed_linear
 
 #: Layers whose inputs get quantized (each exports to a Conv, MatMul or Gemm; and the
 #: ``self_attn`` of a transformer layer: `_self_attention`).
@@ -155,7 +155,9 @@ def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module
     transformer layers' feed-forward Linears are in: `_called_as_module`), and the
     self-attention of torch's transformer layers (`_self_attention`), except convolutions that
     ONNX Runtime's integer kernels run slower than its float ones (`int8_friendly`; ``every``:
-    with those, the layers a packed file may hold grids for)."""
+    with those, the layers a packed file may hold grids for) and layers whose weight the model
+    parametrizes itself (weight_norm: computed in the exported graph, no initializer for a
+    grid; `compressors._targets.foreign_parametrization`)."""
     parents = {id(c): m for m in model.modules() for c in m.children()}
     found = {}
     for name, module in model.named_modules():
@@ -168,6 +170,8 @@ def quantizable(model: nn.Module, *, every: bool = False) -> dict[str, nn.Module
             continue
         if isinstance(parent, READS_CHILD_WEIGHTS) and not _called_as_module(parent, module):
             continue
+        if foreign_parametrization(module, "weight") is not None:
+            continue  # (its weight is computed in the graph: weight_norm's; it stays float)
         if not every and not int8_friendly(module):
             continue
         found[name] = module

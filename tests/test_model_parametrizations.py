@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
@@ -114,3 +115,26 @@ def test_training_draws_numpy_and_random_alike_for_a_seed(tmp_path):
     a = (np.random.rand(), random.random(), torch.rand(()))
     seed_everything(3)
     assert (np.random.rand(), random.random(), torch.rand(())) == a
+
+
+def test_w8a8_leaves_a_weight_normed_layer_float_and_exports(tmp_path):
+    """W8A8 puts no activation grids on a layer whose weight the model computes (weight_norm:
+    no initializer in the exported graph for a grid to read), so its graph exports."""
+    from compressors import _act_quant as act
+
+    torch.manual_seed(0)
+    model = Normed().eval()
+    x = torch.randn(16, 2, 12)
+    assert "pos" not in act.quantizable(model, every=True) and "mid" in act.quantizable(model)
+    ctx = CompressionContext(train=Split(x, torch.randint(0, 3, (16,))), example_inputs=x, seed=0)
+    quant = get_compressor("quant")(bits=8, activations=8)
+    quantized = apply_pipeline([quant], model, ctx).eval()
+    assert "pos" not in act.ranges(quantized) and "mid" in act.ranges(quantized)
+    save_packed(quantized, tmp_path / "m.sqz")
+    pytest.importorskip("onnxscript")
+    from compressors.onnx_export import check_onnx, export_onnx
+
+    shipped = Normed()
+    export_onnx(tmp_path / "m.sqz", shipped, x[:4], tmp_path / "m.onnx")
+    check = check_onnx(tmp_path / "m.onnx", shipped, x)
+    assert check.agree, check.message
