@@ -20,6 +20,7 @@ from search.config.fidelity import (
     FIDELITY_ATTR,
     PROMOTE_FROM_ATTR,
     Fidelity,
+    check_fidelity,
     front_trials,
 )
 from search.config.plan import plan_sweep
@@ -141,6 +142,45 @@ def test_a_screened_point_is_promoted_when_no_other_screened_point_dominates_it(
     assert len(Fidelity(**{**rule.__dict__, "promote_after": 4}).promotable(trials, set())) == 2
 
 
+def test_a_screened_point_below_the_promotion_floor_is_not_promoted():
+    rule = Fidelity(
+        full_epochs=10, screen_epochs=2, objectives=("val_acc", "size_bytes"),
+        directions=("maximize", "minimize"), floor=0.1,
+    )  # fmt: skip
+    trials = [
+        _frozen(0, [0.90, 500.0], fidelity="screen"),
+        _frozen(1, [0.75, 300.0], fidelity="screen"),  # on the front, 0.15 below the baseline
+        _frozen(2, [0.81, 400.0], fidelity="screen"),  # 0.09 below: promoted
+    ]
+    for k, t in enumerate(trials):
+        t.number = k
+    assert [t.number for t in rule.promotable(trials, set(), 0.9)] == [0, 2]
+    assert [t.number for t in rule.promotable(trials, set())] == [0, 1, 2]  # (no baseline)
+    off = Fidelity(**{**rule.__dict__, "floor": None})
+    assert [t.number for t in off.promotable(trials, set(), 0.9)] == [0, 1, 2]
+    error = Fidelity(**{**rule.__dict__, "directions": ("minimize", "minimize")})
+    errors = [_frozen(0, [0.9, 100.0], fidelity="screen"), _frozen(1, [0.75, 300.0], fidelity="screen")]
+    errors[0].number, errors[1].number = 0, 1
+    assert [t.number for t in error.promotable(errors, set(), 0.7)] == [1]  # 0.9 - 0.09 > 0.7
+    error_off = Fidelity(**{**error.__dict__, "floor": None})
+    assert [t.number for t in error_off.promotable(errors, set(), 0.7)] == [0, 1]
+
+
+def test_the_budget_reads_the_promotion_floor_against_the_studys_baseline(tmp_path):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("baseline", {"val_acc": 0.9, "size_bytes": 1000.0})
+    cfg = compose_config(["search.screen_epochs=1", "search.promote_floor=0.1"])
+    fidelity = check_fidelity(cfg, 5, ("val_acc", "size_bytes"), ("maximize", "minimize"))
+    assert fidelity.floor == 0.1
+    budget = Budget(study=study, url=str(tmp_path / "unused"), total=100, fidelity=fidelity)
+    low = budget.claim()
+    _run_claimed(budget, low, tmp_path, 0.7)  # alone on the screened front, below the floor
+    assert PROMOTE_FROM_ATTR not in budget.claim().user_attrs
+    high = budget.claim()
+    _run_claimed(budget, high, tmp_path, 0.85)
+    assert budget.claim().user_attrs[PROMOTE_FROM_ATTR] == high.number
+
+
 def _run_claimed(budget: Budget, trial: optuna.Trial, folder, value: float) -> None:
     """What a worker does with a claimed trial, less the fine-tune: its stage, then its values."""
     trial_stage(trial, budget.fidelity, folder)
@@ -210,6 +250,7 @@ def test_the_epoch_budget_is_exact_with_two_workers_and_across_a_resume(tmp_path
         ("search.n_epochs=1", "of at least space.finetune.epochs=2"),
         ("search.screen_epochs=-1", "'search.screen_epochs' config value must be an int"),
         ("search.promote_margin=2", "'search.promote_margin' config value must be a float"),
+        ("search.promote_floor=2", "'search.promote_floor' config value must be null or a"),
     ],
 )
 def test_bad_fidelity_settings_are_refused_up_front(tmp_path, cache_dir, override, message):

@@ -76,6 +76,9 @@ class Fidelity:
         directions: Their directions.
         promote_after: No promotion before this many screened points are complete (a
             front of a few points promotes nearly all of them) (``search.promote_after``).
+        floor: A screened point whose score, improved by ``floor`` (as ``margin``), is still
+            worse than the baseline's is not promoted (``search.promote_floor``); None: no
+            floor.
         reuse_epochs: Epochs a trial fine-tunes when it starts from a finished trial's weights
             (``search.reuse_epochs`` with ``search.reuse=true``); 0: no reuse.
         plateau: A fine-tune (not a screen) stops once its validation score has not improved
@@ -90,6 +93,7 @@ class Fidelity:
     objectives: tuple[str, ...] = ()
     directions: tuple[str, ...] = ()
     promote_after: int = 0
+    floor: float | None = None
     reuse_epochs: int = 0
     plateau: int = 0
 
@@ -146,10 +150,17 @@ class Fidelity:
             return 0
         return int(left - self.full_epochs) // (self.screen_epochs or self.full_epochs) + 1
 
-    def promotable(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> list[FrozenTrial]:
+    def promotable(
+        self,
+        trials: Sequence[FrozenTrial],
+        superseded: set[int],
+        baseline: float | None = None,
+    ) -> list[FrozenTrial]:
         """Screened trials to promote now, oldest first: complete and feasible, not yet promoted
         (a promotion of theirs exists in any state), and on the front of the screened points
-        once their score is improved by ``margin`` (the promotion rule)."""
+        once their score is improved by ``margin`` (the promotion rule); with a ``floor`` and
+        the ``baseline``'s score, not those whose score improved by ``floor`` is still worse
+        than the baseline's."""
         if not self.screening:
             return []
         screened = [t for t in trials if is_screened(t) and _feasible(t)]
@@ -167,6 +178,8 @@ class Fidelity:
         for t in screened:
             if t.number in promoted:
                 continue
+            if self._below_floor(t, i, score, baseline):
+                continue
             hope = list(t.values)
             if i is not None:
                 hope[i] = score.hope(hope[i], self.margin)
@@ -174,6 +187,15 @@ class Fidelity:
             if not any(dominates(o, hope, self.directions) for o in others):
                 out.append(t)
         return out
+
+    def _below_floor(
+        self, trial: FrozenTrial, i: int | None, score: Score | None, baseline: float | None
+    ) -> bool:
+        """Whether ``trial``'s screened score is under the promotion floor."""
+        if self.floor is None or baseline is None or i is None or score is None:
+            return False
+        value = score.hope(trial.values[i], self.floor)
+        return score.goodness(value) < score.goodness(baseline)
 
 
 class Plateau:
@@ -292,6 +314,7 @@ def check_fidelity(
         n_epochs=None if n_epochs is None else int(n_epochs),
         margin=float(search.get("promote_margin", 0.0)),
         promote_after=int(search.get("promote_after", 0)),
+        floor=None if search.get("promote_floor") is None else float(search.promote_floor),
         objectives=tuple(objectives),
         directions=tuple(directions),
         reuse_epochs=reuse,

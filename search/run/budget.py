@@ -201,7 +201,10 @@ class Budget:
         replaced = superseded(trials)
         left = self.fidelity.epochs_left(trials, replaced)
         promotion = self.fidelity.full_epochs - self.fidelity.screen_epochs
-        for screened in self.fidelity.promotable(trials, replaced):
+        baseline = None
+        if self.fidelity.floor is not None:  # (a read of the storage only then)
+            baseline = (self.study.user_attrs.get("baseline") or {}).get("val_acc")
+        for screened in self.fidelity.promotable(trials, replaced, baseline):
             if promotion <= left:
                 return screened
         return True if self.fidelity.new_candidates(trials, replaced) > 0 else None
