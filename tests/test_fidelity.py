@@ -159,7 +159,10 @@ def test_a_screened_point_below_the_promotion_floor_is_not_promoted():
     off = Fidelity(**{**rule.__dict__, "floor": None})
     assert [t.number for t in off.promotable(trials, set(), 0.9)] == [0, 1, 2]
     error = Fidelity(**{**rule.__dict__, "directions": ("minimize", "minimize")})
-    errors = [_frozen(0, [0.9, 100.0], fidelity="screen"), _frozen(1, [0.75, 300.0], fidelity="screen")]
+    errors = [
+        _frozen(0, [0.9, 100.0], fidelity="screen"),
+        _frozen(1, [0.75, 300.0], fidelity="screen"),
+    ]
     errors[0].number, errors[1].number = 0, 1
     assert [t.number for t in error.promotable(errors, set(), 0.7)] == [1]  # 0.9 - 0.09 > 0.7
     error_off = Fidelity(**{**error.__dict__, "floor": None})
