@@ -222,15 +222,31 @@ def count_rows(value: Any) -> int:
 
 
 def cat_rows(values: Sequence[Any]) -> Any:
-    """Values of the same structure concatenated along their batch axes."""
+    """Values of the same structure concatenated along their batch axes; lists of one item per
+    sample (`per_sample`: a detector's targets, one dict of boxes and labels per image, as
+    torchvision's and DETR's collate functions leave them) joined into one list."""
     first = values[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(list(values))
     if isinstance(first, Mapping):
         return {k: cat_rows([v[k] for v in values]) for k in first}
+    if isinstance(first, list) and any(per_sample(v) for v in values):
+        return [item for v in values for item in v]
     if isinstance(first, tuple | list):
         return type(first)(cat_rows([v[i] for v in values]) for i in range(len(first)))
     return first
+
+
+def per_sample(value: list) -> bool:
+    """Whether a batch's list holds one item per sample (dicts, or tensors whose first axes
+    differ: a detector's targets) rather than one batched field per position (tensors of the
+    batch's rows each, as torch's default collate makes of tuples)."""
+    if any(isinstance(item, Mapping) for item in value):
+        return True
+    rows = {
+        item.shape[0] if isinstance(item, torch.Tensor) and item.dim() else None for item in value
+    }
+    return len(rows) > 1
 
 
 def describe(value: Any, *, depth: int = 0) -> str:

@@ -131,6 +131,24 @@ def test_an_own_module_that_fails_to_import_or_lacks_the_function_says_so(user, 
     assert "has no attribute 'build'" in capsys.readouterr().err
 
 
+def test_an_own_task_function_that_raises_names_where_before_anything_is_created(user, capsys):
+    """A task function of one's own that fails (a Task missing an argument) is a config error
+    naming the function, the error, its file and line and the yaml's keys: exit 2, no study."""
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "conf" / "task" / "mine.yaml").write_text("_target_: faulty.build\nname: mine\n")
+    (user / "faulty.py").write_text(
+        "from experiments import Task\n\n\n"
+        "def build(*, name, seed=0):\n"
+        "    return Task(name=name)\n"
+    )
+    assert main(["sweep", "--config-dir", "conf", "task=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "task._target_ faulty.build raised TypeError" in err and "num_classes" in err
+    assert f"{user / 'faulty.py'}:5, in build" in err and "yaml's keys (name, seed)" in err
+    assert "Traceback" not in err
+    assert not (user / "optuna.journal").exists() and not (user / "mlflow.db").exists()
+
+
 #: A convolutional task of one's own: its training's float sums depend on torch's thread count.
 CONV_TASK = '''
 """my_convnet.py: a small Conv2d model on generated 8x8 images."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,19 @@ def build_task(plan: SweepPlan) -> Task:
     say) is a config error (exit 2, before any work)."""
     from experiments import WorkloadError
 
+    builder = plan.task_builder
     try:
-        return plan.task_builder(**plan.task_kwargs)
+        return builder(**plan.task_kwargs)
     except WorkloadError as err:
         raise ConfigError(str(err)) from err
+    except Exception as err:  # the user's own code failed: where, and what it said
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        name = f"{builder.__module__}.{getattr(builder, '__qualname__', builder)}"
+        raise ConfigError(
+            f"task._target_ {name} raised {type(err).__name__}: {err} (at {frame.filename}:"
+            f"{frame.lineno}, in {frame.name}); fix the task's function or its yaml's keys "
+            f"({', '.join(sorted(plan.task_kwargs)) or 'none'})"
+        ) from err
 
 
 def check_task(task: Task, model: Any, cfg: DictConfig) -> None:
