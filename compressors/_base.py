@@ -198,6 +198,8 @@ class Compressor:
                 f"{self.acts_on}. The model's compressible tensors: {have}{more}. Remove "
                 f"'{self.name}' from space.pipeline."
             )
+        if self.shrinks:
+            _check_float32(self.name, model, claimed)
         return claimed
 
     def check_outputs(self, outputs: str) -> None:
@@ -227,6 +229,25 @@ class Compressor:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+
+def _check_float32(name: str, model: nn.Module, claimed: list[str]) -> None:
+    """Raise `UnsupportedModelError` if a tensor ``name`` would compress is not float32 (a model
+    loaded in bfloat16): grids, codecs and the packed file's layouts take float32 weights."""
+    found = targets(model)
+    other = [(n, found[n].weight.dtype) for n in claimed if n in found]
+    other = [(n, dtype) for n, dtype in other if dtype != torch.float32]
+    if other:
+        dtype = str(other[0][1]).removeprefix("torch.")
+        names = ", ".join(n for n, _ in other[:4]) + (
+            f" and {len(other) - 4} more" if len(other) > 4 else ""
+        )
+        raise UnsupportedModelError(
+            f"Compressor '{name}' compresses float32 weights, but this model's are {dtype} "
+            f"({names}). Build or load the model in float32 (without .to(torch.{dtype}) or "
+            f"torch_dtype=torch.{dtype}); its packed file is then smaller than its {dtype} "
+            "weights anyway."
+        )
 
 
 def coverage(compressors: list[Compressor], model: nn.Module, example_inputs: Any = None) -> float:

@@ -138,3 +138,17 @@ def test_w8a8_leaves_a_weight_normed_layer_float_and_exports(tmp_path):
     export_onnx(tmp_path / "m.sqz", shipped, x[:4], tmp_path / "m.onnx")
     check = check_onnx(tmp_path / "m.onnx", shipped, x)
     assert check.agree, check.message
+
+
+@pytest.mark.parametrize("name", ["quant", "allocate", "prune", "structured", "cluster"])
+def test_a_model_in_bfloat16_is_refused_before_training_naming_the_fix(name):
+    """A model whose weights are bfloat16 (loaded with torch_dtype=bfloat16): every method
+    that compresses weights refuses it before any training, naming the dtype and the fix (its
+    grids would change the tensors' dtype: every trial failed in compress before)."""
+    from compressors import UnsupportedModelError
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(UnsupportedModelError, match=r"float32 weights, but this model's are "):
+        get_compressor(name)().check_model(model, x)
+    assert get_compressor(name)().check_model(model.float(), x.float())
