@@ -11,7 +11,8 @@ A split is one of (`as_data` accepts each):
   ``collate_fn``;
 - a `torch.utils.data.DataLoader` of the user's, iterated as it is (its own batch size,
   sampler, workers and collate);
-- a factory ``loader(batch_size=..., shuffle=..., seed=...) -> iterable of batches``, as a
+- a factory ``loader(batch_size=..., shuffle=..., seed=...) -> iterable of batches`` (or of no
+  arguments, a LightningDataModule's ``train_dataloader``: its loader iterated as it is), as a
   Lightning ``DataModule``'s ``train_dataloader`` would be wrapped.
 
 A batch may be a tensor, a tuple or list, or a mapping (a dict, a Hugging Face
@@ -23,6 +24,7 @@ tuples and dicts with a ``labels`` key, and score a tensor, the first element of
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -421,7 +423,10 @@ class Data:
             yield from ((raw, None) for raw in loader)
             return
         if callable(source):
-            loader = source(batch_size=batch_size, shuffle=shuffle, seed=seed)
+            if _takes_no_arguments(source):  # a LightningDataModule's train_dataloader
+                loader = source()
+            else:
+                loader = source(batch_size=batch_size, shuffle=shuffle, seed=seed)
             yield from ((raw, None) for raw in loader)
             return
         raise WorkloadError(
@@ -453,6 +458,22 @@ class Data:
             batch_inputs = batch.inputs
             return take_rows(batch_inputs, torch.arange(rows) % batch.rows)
         return batch.inputs
+
+
+def _takes_no_arguments(factory: Any) -> bool:
+    """Whether ``factory`` is called with no arguments (a LightningDataModule's bound
+    ``train_dataloader``: its DataLoader is then iterated as it is, its own batch size and
+    shuffling), rather than as ``factory(batch_size=..., shuffle=..., seed=...)``."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(
+        p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        or (p.default is p.empty and p.kind != p.VAR_KEYWORD)
+        or p.name in ("batch_size", "shuffle", "seed")
+        for p in parameters
+    )
 
 
 def as_data(
