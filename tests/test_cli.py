@@ -26,6 +26,11 @@ BAD_INPUT = [
         "Unknown task 'imagenet' (no conf/task/imagenet.yaml). Available: digits_images, "
         "digits_mlp, minilm, minilm_topics, mnist1d_cnn",
     ),
+    (  # (a yaml file named nan.yaml: Hydra's grammar reads the option as a float)
+        ["task=nan"],
+        "Hydra reads an option (task=nan) as a number, a bool or null, not as the name of a yaml "
+        "file; quote it (\"task='nan'\") or rename the file",
+    ),
     (
         ["space.pipeline=[prune,quantize]"],
         "Unknown compressor 'quantize' in space.pipeline of space 'digits_mlp'. "

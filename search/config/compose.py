@@ -67,8 +67,36 @@ def compose_config(
         raise ConfigError(_missing_option_message(err, dirs)) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_override_message(err, prepared, config_name, dirs)) from None
+    except ValueError as err:  # Hydra's own, for a group option its grammar reads as a number
+        raise ConfigError(_unquoted_option_message(err, prepared)) from None
     move_tracking_credentials(cfg)  # http://user:pw@host: to MLflow's variables, out of cfg
     return cfg
+
+
+def _unquoted_option_message(err: ValueError, overrides: Sequence[str]) -> str:
+    """Why Hydra refused an override with a ValueError: a config group option its override
+    grammar reads as a number, a bool or null (a yaml file named ``nan.yaml``, ``1.yaml``)."""
+    odd = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "." not in key and (value.strip().lower() in _NOT_STRINGS or _number(value)):
+            odd.append(override)
+    which = f" ({', '.join(odd)})" if odd else ""
+    return (
+        f"{err}: Hydra reads an option{which} as a number, a bool or null, not as the name of "
+        "a yaml file; quote it (\"task='nan'\") or rename the file"
+    )
+
+
+_NOT_STRINGS = {"nan", "inf", "-inf", "+inf", "null", "true", "false"}
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def search_dirs(config_dirs: Sequence[str | Path] = ()) -> list[Path]:
