@@ -51,6 +51,7 @@ from experiments._objectives import (
 from experiments._task import Task, TrainConfig, cv_folds
 from experiments._training import (
     EpochStats,
+    NonFiniteLossError,
     TrainStep,
     agreement_reference,
     evaluate,
@@ -74,6 +75,7 @@ __all__ = [
     "DecisionAgreement",
     "PositionsMismatch",
     "EpochStats",
+    "NonFiniteLossError",
     "TrainStep",
     "WorkloadError",
     "as_data",

@@ -215,7 +215,7 @@ def take_rows(value: Any, index: torch.Tensor) -> Any:
 
 def count_rows(value: Any) -> int:
     """The batch size of ``value``: the length of the first tensor with a batch axis in it."""
-    for leaf in _leaves(value):
+    for leaf in leaves(value):
         if isinstance(leaf, torch.Tensor) and leaf.dim():
             return int(leaf.shape[0])
         if isinstance(leaf, Sequence) and not isinstance(leaf, str):
@@ -268,15 +268,15 @@ def describe(value: Any, *, depth: int = 0) -> str:
     return type(value).__name__
 
 
-def _leaves(value: Any) -> Iterator[Any]:
+def leaves(value: Any) -> Iterator[Any]:
     if isinstance(value, Mapping):
         for v in value.values():
-            yield from _leaves(v)
+            yield from leaves(v)
     elif isinstance(value, tuple | list) and any(
         isinstance(v, torch.Tensor | Mapping | tuple | list) for v in value
     ):
         for v in value:
-            yield from _leaves(v)
+            yield from leaves(v)
     else:
         yield value
 

@@ -14,7 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments._data import Batch, Data, WorkloadError, as_data, cat_rows, model_device, to_device
+from experiments._data import (
+    Batch,
+    Data,
+    WorkloadError,
+    as_data,
+    cat_rows,
+    leaves,
+    model_device,
+    to_device,
+)
 from experiments._objectives import CLASSIFIERS, LossFn, ScoreFn, accuracy, ce_loss, decisions
 
 __all__ = [
@@ -62,6 +71,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _nonfinite(value: float, epoch: int, step: int, batch: Batch) -> str:
+    """What a `NonFiniteLossError` says: where, and whether the batch's data hold NaN or inf
+    (a missing value in the user's data) or not (a learning rate too high, a loss that
+    overflows)."""
+    bad = sum(
+        int((~torch.isfinite(leaf)).sum())
+        for part in (batch.inputs, batch.targets)
+        for leaf in leaves(part)
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+    )
+    where = f"training loss became {value} in epoch {epoch}, batch {step}"
+    if bad:
+        return f"{where}: the batch's data hold {bad} NaN or infinite values; clean the data"
+    return f"{where}, its data finite: lower the learning rate (train.lr), or check the loss"
 
 
 @dataclass(frozen=True)
@@ -175,8 +200,10 @@ def fit(
             model.train()
             total, n = 0.0, 0
             # a factory is given a seed of its own per epoch
-            for batch in data.batches(
-                batch_size, shuffle=True, seed=seed + epoch, generator=generator, device=on
+            for step, batch in enumerate(
+                data.batches(
+                    batch_size, shuffle=True, seed=seed + epoch, generator=generator, device=on
+                )
             ):
                 if live_teacher is not None:
                     with torch.no_grad():
@@ -193,15 +220,11 @@ def fit(
                     loss = train_step(model, batch, batch_loss, optimizer)
                     loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(loss)
                     if not math.isfinite(float(loss)):
-                        raise NonFiniteLossError(
-                            f"training loss became {float(loss)} in epoch {epoch}"
-                        )
+                        raise NonFiniteLossError(_nonfinite(float(loss), epoch, step, batch))
                 else:
                     loss = batch_loss()
                     if not math.isfinite(loss.item()):
-                        raise NonFiniteLossError(
-                            f"training loss became {loss.item()} in epoch {epoch}"
-                        )
+                        raise NonFiniteLossError(_nonfinite(loss.item(), epoch, step, batch))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

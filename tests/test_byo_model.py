@@ -149,6 +149,40 @@ def test_an_own_task_function_that_raises_names_where_before_anything_is_created
     assert not (user / "optuna.journal").exists() and not (user / "mlflow.db").exists()
 
 
+NAN_TASK = """
+import torch
+from torch import nn
+from experiments import Split, Task, TrainConfig
+
+
+def build(*, name, seed=0, lr=0.01):
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    x[37, 1] = float("nan")  # one missing value in the training data
+    return Task(name=name, train=Split(x, y), val=Split(x[:8], y[:8]), test=Split(x[:8], y[:8]),
+                num_classes=2,
+                build_model=lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+                train_config=TrainConfig(epochs=1, batch_size=16, lr=lr))
+"""
+
+
+def test_a_baseline_whose_loss_turns_nan_stops_saying_where_and_why(
+    user, tmp_path, cache_dir, capsys
+):
+    """Data with a NaN: the baseline's training stops with exit 1, naming the epoch, the batch
+    and the NaN in its data (no traceback)."""
+    (user / "conf" / "task").mkdir(parents=True)
+    (user / "conf" / "task" / "holes.yaml").write_text("_target_: holes.build\nname: holes\n")
+    (user / "holes.py").write_text(NAN_TASK)
+    overrides = sweep_overrides(tmp_path, cache_dir, "search.n_trials=1", space=None)
+    assert main(["sweep", "--config-dir", "conf", "task=holes", *overrides]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "the baseline of task 'holes' (seed 0) cannot be trained: training loss became nan" in err
+    )
+    assert "in epoch 0, batch" in err and "hold 1 NaN or infinite values; clean the data" in err
+    assert "Traceback" not in err
+
+
 #: A convolutional task of one's own: its training's float sums depend on torch's thread count.
 CONV_TASK = '''
 """my_convnet.py: a small Conv2d model on generated 8x8 images."""

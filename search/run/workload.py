@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from search._errors import ConfigError
+from search._errors import ConfigError, SweepStopped
 from search.config.device import training_device
 from search.config.plan import SweepPlan, plan_sweep
 
@@ -332,18 +332,23 @@ def load_baseline(
     """The baseline of ``task`` for ``task_config`` (cached under ``cfg.cache_dir``, seeded by
     ``cfg.seed``), trained on ``device`` if absent; ``fresh``: the task's model built with that
     seed already (`experiments.build_fresh`), trained or loaded instead of another."""
-    from experiments import load_or_train_baseline
+    from experiments import NonFiniteLossError, load_or_train_baseline
 
-    return load_or_train_baseline(
-        task,
-        config=task_config,
-        cache_dir=cfg.cache_dir,
-        seed=int(cfg.seed),
-        device=device,
-        progress=progress,
-        checkpoint=cfg.get("checkpoint"),
-        fresh=fresh,
-    )
+    try:
+        return load_or_train_baseline(
+            task,
+            config=task_config,
+            cache_dir=cfg.cache_dir,
+            seed=int(cfg.seed),
+            device=device,
+            progress=progress,
+            checkpoint=cfg.get("checkpoint"),
+            fresh=fresh,
+        )
+    except NonFiniteLossError as err:  # the user's data or settings: say which, no traceback
+        raise SweepStopped(
+            f"the baseline of task {task.name!r} (seed {cfg.seed}) cannot be trained: {err}"
+        ) from err
 
 
 def baseline_file_size(baseline: Baseline) -> int:
