@@ -220,6 +220,12 @@ class Task:
             1024 if isinstance(_source(self.val), Split) else self.train_config.batch_size
         )
         for name in ("train", "val", "test"):
+            if getattr(self, name) is None:
+                raise WorkloadError(
+                    f"task {self.name!r} has no {name} split ({name}=None): squeeze trains on "
+                    "train, chooses on val and reports test, data the search never sees. Give "
+                    "all three (a part of your training data held out, if you have no other)."
+                )
             data = as_data(_source(getattr(self, name)), adapters, metric, batch)
             object.__setattr__(self, name, data)
         if self.loss is None:

@@ -72,3 +72,23 @@ def test_a_batched_field_list_is_still_joined_field_by_field():
     assert joined[0].shape == (7, 2) and joined[1].shape == (7,)
     ragged = [[torch.zeros(2), torch.zeros(5)], [torch.zeros(1)]]  # one tensor per sample
     assert [t.shape[0] for t in cat_rows(ragged)] == [2, 5, 1]
+
+
+def test_a_task_without_a_test_split_is_refused_when_built():
+    """test=None (a user with train and validation data only) is refused naming the split and
+    why, before any training (it crashed after the baseline's training before)."""
+    import pytest
+
+    from experiments import Split, WorkloadError
+
+    x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    with pytest.raises(WorkloadError, match=r"task 'half' has no test split \(test=None\)"):
+        Task(
+            name="half",
+            train=Split(x, y),
+            val=Split(x, y),
+            test=None,
+            num_classes=2,
+            build_model=lambda: nn.Linear(4, 2),
+            train_config=TrainConfig(epochs=1),
+        )
