@@ -117,6 +117,7 @@ def test_training_draws_numpy_and_random_alike_for_a_seed(tmp_path):
     assert (np.random.rand(), random.random(), torch.rand(())) == a
 
 
+@pytest.mark.slow  # (an ONNX export: ~4 s; the fast lane keeps the packing and pruning tests)
 def test_w8a8_leaves_a_weight_normed_layer_float_and_exports(tmp_path):
     """W8A8 puts no activation grids on a layer whose weight the model computes (weight_norm:
     no initializer in the exported graph for a grid to read), so its graph exports."""
