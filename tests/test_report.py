@@ -145,18 +145,7 @@ def test_every_axis_says_what_it_shows_and_its_unit(study):
         "training loss (mean per sample)",
     )
     # The PNGs: the same figures drawn by matplotlib, every axis labelled.
-    cfg = compose_config(overrides)
-    optuna_study = load_study(cfg, "digits_mlp")
-    figures, _ = _figures(
-        optuna_study,
-        ["val_acc", "size_bytes"],
-        trials_frame(optuna_study),
-        front_numbers(optuna_study),
-        optuna_study.user_attrs["baseline"],
-        MlflowClient(cfg.tracking.uri),
-        recipes=defaultdict(str),
-        score="top-1 accuracy, 0–1",
-    )
+    figures = _study_figures(overrides, "top-1 accuracy, 0–1")
     for name, (png, _) in figures.items():
         for ax in png.axes:
             assert ax.get_xlabel() and ax.get_ylabel(), name
@@ -164,10 +153,8 @@ def test_every_axis_says_what_it_shows_and_its_unit(study):
     assert "KB" in figures["pareto_front"][0].axes[0].get_xlabel()
 
 
-def test_a_long_metric_name_stays_inside_each_figure(study):
-    """A torchmetrics metric's name and direction make a long y-axis label: every PNG's axis
-    labels are drawn inside the figure (the front's ran past its top and bottom)."""
-    _, overrides, _ = study
+def _study_figures(overrides: list[str], score: str) -> dict:
+    """The report's figures of the module's study, its score described as ``score``."""
     cfg = compose_config(overrides)
     optuna_study = load_study(cfg, "digits_mlp")
     figures, _ = _figures(
@@ -178,8 +165,16 @@ def test_a_long_metric_name_stays_inside_each_figure(study):
         optuna_study.user_attrs["baseline"],
         MlflowClient(cfg.tracking.uri),
         recipes=defaultdict(str),
-        score="MulticlassJaccardIndex, higher is better",
+        score=score,
     )
+    return figures
+
+
+def test_a_long_metric_name_stays_inside_each_figure(study):
+    """A torchmetrics metric's name and direction make a long y-axis label: every PNG's axis
+    labels are drawn inside the figure (the front's ran past its top and bottom)."""
+    _, overrides, _ = study
+    figures = _study_figures(overrides, "MulticlassJaccardIndex, higher is better")
     for name, (png, _) in figures.items():
         png.canvas.draw()
         renderer = png.canvas.get_renderer()
