@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
-import torch
-
 _PREFIX = "squeeze-packing"
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -46,32 +44,6 @@ def settling(pending: deque) -> Iterator[deque]:
         for future in futures:
             future.cancel()
         wait(futures)
-
-
-#: Whether a job of these pools runs torch's ops on one thread (`alone`).
-ALONE = True
-
-
-@contextmanager
-def alone() -> Iterator[None]:
-    """In a thread of these pools, torch's intra-op threads set to one for the block: the
-    pool's threads already share the cores, and each job's torch ops otherwise started a team
-    of torch's threads of their own, which spun waiting for the cores the other jobs held (on
-    2 cores under load, libgomp's spinning was a sixth of the pool's samples while packing a
-    4-bit BERT-like model). The count is the thread's own (OpenMP's); it is set back after the
-    block, so that threads started later inherit the process's. Elsewhere, nothing."""
-    if not ALONE or not threading.current_thread().name.startswith(_PREFIX):
-        yield
-        return
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _forget() -> None:

@@ -231,8 +231,7 @@ def _record(
     its arrays as ``[suffix, dtype, shape, codec, sizes]``; the chunks are its bytes in the
     file. ``trim``: give the memory the encoding freed back to the system (`_trim`)."""
     try:
-        with _threads.alone():
-            spec, arrays = encode(name, value() if callable(value) else value, grid)
+        spec, arrays = encode(name, value() if callable(value) else value, grid)
     except ValueError as err:
         raise PackedFileError(str(err)) from None
     del value
@@ -562,10 +561,9 @@ def _decoded(
 
     def one(name: str) -> torch.Tensor | None:
         module, attr = owners[name]
-        with _threads.alone():
-            if packed.decode_into(name, getattr(module, attr)):
-                return None
-            return packed.decoded(name)
+        if packed.decode_into(name, getattr(module, attr)):
+            return None
+        return packed.decoded(name)
 
     values = sum(math.prod(packed.meta["t"][name]["shape"]) for name in owners)
     pool = _threads.pool(WORKERS) if WORKERS > 1 and values >= THREADED_FROM else None
