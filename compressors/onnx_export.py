@@ -242,7 +242,9 @@ class OnnxCheck:
         max_rel_diff: Largest absolute difference over the largest |expected output|.
         atol: The absolute tolerance used.
         rtol: The relative tolerance used.
-        outputs: ONNX Runtime's outputs (float32, on the CPU).
+        batches: ONNX Runtime's outputs (float32, on the CPU), batch by batch (their shapes
+            may differ past the batch axis: a collate that pads each batch to its longest
+            sequence).
         message: What was compared, and where it differs most when it does not agree.
     """
 
@@ -251,8 +253,13 @@ class OnnxCheck:
     max_rel_diff: float
     atol: float
     rtol: float
-    outputs: torch.Tensor
+    batches: list[torch.Tensor]
     message: str
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        """ONNX Runtime's outputs of every batch, concatenated (batches of one shape)."""
+        return torch.cat(self.batches)
 
 
 def export_onnx(
@@ -521,32 +528,32 @@ def check_onnx(
                 float("inf"),
                 atol,
                 rtol,
-                g,
+                got,
                 f"ONNX Runtime's outputs have shape {tuple(g.shape)}; the torch model's "
                 f"{tuple(e.shape)}",
             )
-    expected_t, got_t = torch.cat(expected), torch.cat(got)
-    diff = (got_t - expected_t).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
+    # Batch by batch: a batch's positions may differ from the next one's (padding per batch).
+    diffs = [(g - e).abs() for g, e in zip(got, expected, strict=True)]
+    excesses = [d - (atol + rtol * e.abs()) for d, e in zip(diffs, expected, strict=True)]
+    max_abs = max((float(d.max()) for d in diffs if d.numel()), default=0.0)
     max_rel = max_abs / scale if scale > 0 else max_abs
-    excess = diff - (atol + rtol * expected_t.abs())
-    agree = bool((excess <= 0).all())
+    agree = all(bool((x <= 0).all()) for x in excesses)
+    samples = sum(len(e) for e in expected)
     message = (
-        f"{len(expected_t)} samples ({kind}): max |difference| {max_abs:.3g} "
+        f"{samples} samples ({kind}): max |difference| {max_abs:.3g} "
         f"({max_rel:.3g} of the largest |output|), tolerance {atol:.3g} + {rtol:.3g} * |expected|"
     )
     if not agree:
-        worst = int(excess.flatten().argmax())
-        sample = worst // max(1, expected_t[0].numel())
-        got_value, expected_value = (
-            float(got_t.flatten()[worst]),
-            float(expected_t.flatten()[worst]),
-        )
+        at = max((k for k, x in enumerate(excesses) if x.numel()), key=lambda k: excesses[k].max())
+        worst = int(excesses[at].flatten().argmax())
+        sample = sum(len(e) for e in expected[:at]) + worst // max(1, expected[at][0].numel())
+        got_value = float(got[at].flatten()[worst])
+        expected_value = float(expected[at].flatten()[worst])
         message = (
             f"ONNX Runtime's outputs differ from the torch model's: {message}; worst at sample "
             f"{sample}: {got_value:.6g} instead of {expected_value:.6g}"
         )
-    return OnnxCheck(agree, max_abs, max_rel, atol, rtol, got_t, message)
+    return OnnxCheck(agree, max_abs, max_rel, atol, rtol, got, message)
 
 
 def ort_session(

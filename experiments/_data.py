@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from experiments._layout import CLASS_LAST, class_last
-from experiments._objectives import ScoreFn, accuracy
+from experiments._objectives import IGNORE_INDEX, ScoreFn, accuracy
 
 #: Keys of a dict batch that hold the targets (the first present is used) and are left out of
 #: the model's call.
@@ -229,7 +229,7 @@ def cat_rows(values: Sequence[Any]) -> Any:
     torchvision's and DETR's collate functions leave them) joined into one list."""
     first = values[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(list(values))
+        return join_rows(values)
     if isinstance(first, Mapping):
         return {k: cat_rows([v[k] for v in values]) for k in first}
     if isinstance(first, list) and any(per_sample(v) for v in values):
@@ -237,6 +237,29 @@ def cat_rows(values: Sequence[Any]) -> Any:
     if isinstance(first, tuple | list):
         return type(first)(cat_rows([v[i] for v in values]) for i in range(len(first)))
     return first
+
+
+def join_rows(tensors: Sequence[torch.Tensor], pad: float = IGNORE_INDEX) -> torch.Tensor:
+    """Batches' tensors concatenated along their batch axis; where their other axes differ
+    (a collate that pads each batch to its own longest sequence), each is padded at the end of
+    those axes with ``pad`` first: `IGNORE_INDEX` (-100), as Hugging Face's ``Trainer`` pads
+    predictions and labels across batches, so the padded positions' targets are ignored by the
+    default loss, accuracy and agreement."""
+    tensors = list(tensors)
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) == 1:
+        return torch.cat(tensors)
+    if len({len(shape) for shape in shapes}) > 1:
+        raise ValueError(
+            f"batches of different ranks cannot be joined: {sorted(shapes)} after the batch axis"
+        )
+    widest = [max(sizes) for sizes in zip(*shapes, strict=True)]
+    joined = tensors[0].new_full((sum(len(t) for t in tensors), *widest), pad)
+    row = 0
+    for t in tensors:
+        joined[(slice(row, row + len(t)), *(slice(0, n) for n in t.shape[1:]))] = t
+        row += len(t)
+    return joined
 
 
 def per_sample(value: list) -> bool:

@@ -138,6 +138,21 @@ def decisions(outputs: torch.Tensor, kind: str = "logits") -> torch.Tensor:
     return outputs.argmax(dim=-1).to(torch.int32)
 
 
+def decided(outputs: torch.Tensor, targets: object, kind: str = "logits") -> torch.Tensor:
+    """A batch's `decisions` one after another (1-D): for per-position ``logits`` only at the
+    positions whose target is not `IGNORE_INDEX` (padding and special tokens, whose number
+    changes with each batch's padding), else every decision of every row."""
+    made = decisions(outputs, kind)
+    if (
+        kind == "logits"
+        and isinstance(targets, torch.Tensor)
+        and not targets.is_floating_point()
+        and targets.shape == made.shape
+    ):
+        return made[targets != IGNORE_INDEX]
+    return made.reshape(-1)
+
+
 def r2_score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Coefficient of determination R² of ``outputs`` against ``targets`` over the whole split
     (1 is perfect, 0 is predicting the mean; averaged uniformly over output columns)."""
@@ -187,36 +202,48 @@ class DecisionAgreement:
     """`prediction_agreement` of logits, accumulated batch by batch (``update`` / ``compute``
     / ``reset``, as a ``torchmetrics.Metric``): the share of the split's decisions (top-1
     classes, at every position for per-position logits; each label's yes/no for ``kind=
-    "multilabel"``) equal to ``reference``'s, the reference model's decisions on the same split
-    in the same order (or its logits, whose decisions are taken: `decisions`). Only decisions
-    are held, never the split's logits (a language model's would take samples x tokens x
-    vocabulary floats)."""
+    "multilabel"``) equal to ``reference``'s. ``reference``: the reference model's decisions on
+    the same split in the same order (`experiments.agreement_reference`, one after another, the
+    positions whose target is `IGNORE_INDEX` left out, as `decided` leaves them), or its logits
+    (whose every decision is counted). Only decisions are held, never the split's logits (a
+    language model's would take samples x tokens x vocabulary floats)."""
 
     def __init__(self, reference: torch.Tensor, kind: str = "logits") -> None:
         self.kind = kind
-        self.reference = decisions(reference, kind) if reference.is_floating_point() else reference
+        self.source = reference
+        self.every = reference.is_floating_point()  # logits: no targets were there to skip
+        self.reference = decisions(reference, kind).reshape(-1) if self.every else reference
         self.reset()
 
     def reset(self) -> None:
-        self.rows = self.same = self.total = 0
+        self.count = self.same = 0
 
-    def update(self, outputs: torch.Tensor, _targets: object = None) -> None:
-        decided = decisions(outputs, self.kind)
-        expected = self.reference[self.rows : self.rows + len(decided)]
-        if expected.shape != decided.shape:
+    def update(self, outputs: torch.Tensor, targets: object = None) -> None:
+        made = decided(outputs, None if self.every else targets, self.kind)
+        expected = self.reference[self.count : self.count + len(made)]
+        if len(expected) != len(made):
             raise ValueError(
-                f"outputs {tuple(outputs.shape)} at row {self.rows} do not match the reference's "
-                f"decisions {tuple(self.reference.shape)} (one row per input, in the same order)"
+                f"outputs {tuple(outputs.shape)} after {self.count} decisions make "
+                f"{len(made)} more, where the reference holds {len(self.reference)} in all "
+                "(the same split, in the same order, is needed)"
             )
-        self.rows += len(decided)
-        self.same += int((decided == expected).sum())
-        self.total += decided.numel()
+        self.count += len(made)
+        self.same += int((made == expected).sum())
+
+    @property
+    def total(self) -> int:
+        return self.count
 
     def compute(self) -> float:
-        return self.same / max(self.total, 1)
+        if self.count != len(self.reference):
+            raise ValueError(
+                f"{self.count} decisions were compared, where the reference holds "
+                f"{len(self.reference)} (the same split, in the same order, is needed)"
+            )
+        return self.same / max(self.count, 1)
 
     def clone(self) -> DecisionAgreement:
-        return DecisionAgreement(self.reference, self.kind)
+        return DecisionAgreement(self.source, self.kind)
 
 
 def _nearest(embeddings: torch.Tensor) -> torch.Tensor:

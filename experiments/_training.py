@@ -20,11 +20,12 @@ from experiments._data import (
     WorkloadError,
     as_data,
     cat_rows,
+    join_rows,
     leaves,
     model_device,
     to_device,
 )
-from experiments._objectives import CLASSIFIERS, LossFn, ScoreFn, accuracy, ce_loss, decisions
+from experiments._objectives import CLASSIFIERS, LossFn, ScoreFn, accuracy, ce_loss, decided
 
 __all__ = [
     "EpochStats",
@@ -35,6 +36,7 @@ __all__ = [
     "evaluate",
     "fit",
     "model_device",
+    "output_batches",
     "outputs_and_targets",
     "predict_outputs",
     "scores",
@@ -275,20 +277,21 @@ def predict_outputs(model: nn.Module, data: Any, *, batch_size: int | None = Non
     outputs = [data.forward(model, b.inputs).cpu() for b in data.batches(batch_size)]
     if not outputs:
         raise WorkloadError("the split has no samples")
-    return torch.cat(outputs)
+    return join_rows(outputs)
 
 
 @torch.no_grad()
 def agreement_reference(model: nn.Module, data: Any, outputs: str) -> torch.Tensor:
     """What a model's agreement with ``model`` on ``data`` is measured against: its decisions
-    for ``logits`` and ``multilabel`` (`experiments.decisions`: top-1 classes, int32, at every
-    position for per-position logits; each label's yes/no; computed batch by batch, the logits
-    never held whole), its embeddings for ``embeddings``."""
+    for ``logits`` and ``multilabel`` (`experiments.decided`: top-1 classes, int32, one after
+    another, at every position of per-position logits whose target is not `IGNORE_INDEX`; each
+    label's yes/no; computed batch by batch, the logits never held whole), its embeddings for
+    ``embeddings``."""
     if outputs not in CLASSIFIERS:
         return predict_outputs(model, data)
     data = as_data(data)
     passes = _pass(model, data, data.eval_batch_size)
-    return torch.cat([decisions(out, outputs) for out, _ in passes])
+    return torch.cat([decided(out, target, outputs) for out, target in passes])
 
 
 def evaluate(model: nn.Module, split: Any, *, batch_size: int | None = None) -> float:
@@ -339,6 +342,16 @@ def fresh(metric: Any) -> Any:
 
 
 @torch.no_grad()
+def output_batches(
+    model: nn.Module, split: Any, *, batch_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(outputs, targets)`` of each batch of ``split``, on the CPU, in order: for analyses
+    that never hold the whole split's outputs (a language model's logits)."""
+    data = as_data(split)
+    yield from _pass(model, data, batch_size or data.eval_batch_size)
+
+
+@torch.no_grad()
 def outputs_and_targets(
     model: nn.Module, split: Any, *, batch_size: int | None = None
 ) -> tuple[torch.Tensor, Any]:
@@ -359,7 +372,7 @@ def _pass(model: nn.Module, data: Data, batch_size: int) -> Iterator[tuple[torch
 def _joined(outputs: list[torch.Tensor], targets: list[Any]) -> tuple[torch.Tensor, Any]:
     if not outputs:
         raise WorkloadError("the split has no samples")
-    return torch.cat(outputs), None if targets[0] is None else cat_rows(targets)
+    return join_rows(outputs), None if targets[0] is None else cat_rows(targets)
 
 
 def is_streaming_metric(metric: Any) -> bool:

@@ -13,43 +13,77 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import confusion_matrix, f1_score, recall_score, top_k_accuracy_score
+from sklearn.metrics import confusion_matrix, f1_score, recall_score
 from torch import nn
 
-from experiments._data import Data, describe
+from experiments._data import Data, cat_rows, describe
 from experiments._objectives import IGNORE_INDEX, positions
 from experiments._task import Task
-from experiments._training import outputs_and_targets
+from experiments._training import output_batches
 from experiments.metrics import count_flops, weight_tensors
+
+#: Classes up to which a report holds the whole confusion matrix (and a column of accuracy per
+#: class); above (a language model's vocabulary: 50,257 classes make a 2.5-billion-cell matrix),
+#: its `MOST_CONFUSED` most frequent confusions.
+WHOLE_CLASSES = 100
+MOST_CONFUSED = 100
 
 
 def classification_report(model: nn.Module, split: Any, num_classes: int) -> dict:
-    """Metrics of ``model`` on ``split``.
+    """Metrics of ``model`` on ``split``, from one pass over it batch by batch (a batch's logits
+    are dropped once read: a language model's whole split would take positions x vocabulary
+    floats).
 
     Returns:
-        ``top1``, ``top5`` (top-min(5, classes)), ``macro_f1``, ``macro_recall`` (floats),
-        ``per_class_acc`` (list, one per class: the fraction of that class predicted right) and
-        ``confusion`` (list of rows: true class, columns: predicted class).
+        ``top1``, ``top5`` (top-min(5, classes)), ``macro_f1``, ``macro_recall`` (floats, over
+        the classes labelled or predicted), ``per_class_acc`` (list, one per class: the fraction
+        of that class predicted right; NaN where none is labelled) and ``confusion``: up to
+        `WHOLE_CLASSES` classes the whole matrix (list of rows: true class, columns: predicted
+        class), above them the `MOST_CONFUSED` most frequent confusions, ``{"true": class,
+        "predicted": class, "count": n}`` from the most frequent down.
     """
-    logits, targets = positions(*outputs_and_targets(model, split))  # one row per position
-    kept = targets != IGNORE_INDEX
-    logits, labels = logits[kept], targets[kept].numpy()
-    predicted = logits.argmax(dim=1).numpy()
-    classes = np.arange(num_classes)
-    confusion = confusion_matrix(labels, predicted, labels=classes)
-    support = confusion.sum(axis=1)
-    per_class = np.divide(
-        np.diag(confusion), support, out=np.full(num_classes, np.nan), where=support > 0
-    )
     k = min(5, num_classes - 1)
+    labels, predicted, top_k = [], [], 0
+    for outputs, targets in output_batches(model, split):
+        logits, truth = positions(outputs, targets)  # one row per position
+        kept = truth != IGNORE_INDEX
+        logits, truth = logits[kept], truth[kept]
+        labels.append(truth)
+        predicted.append(logits.argmax(dim=1))
+        top_k += int((logits.topk(k, dim=1).indices == truth[:, None]).any(dim=1).sum())
+    labels, predicted = torch.cat(labels).numpy(), torch.cat(predicted).numpy()
+    support = np.bincount(labels, minlength=num_classes)
+    right = np.bincount(labels[predicted == labels], minlength=num_classes)
+    per_class = np.divide(right, support, out=np.full(num_classes, np.nan), where=support > 0)
+    # scikit-learn's default labels (those labelled or predicted); a class predicted but never
+    # labelled has recall 0 rather than a warning
+    macro = {"labels": np.union1d(labels, predicted), "average": "macro", "zero_division": 0}
     return {
         "top1": float((predicted == labels).mean()),
-        f"top{k}": float(top_k_accuracy_score(labels, logits.numpy(), k=k, labels=classes)),
-        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro")),
-        "macro_recall": float(recall_score(labels, predicted, labels=classes, average="macro")),
+        f"top{k}": top_k / len(labels),
+        "macro_f1": float(f1_score(labels, predicted, **macro)),
+        "macro_recall": float(recall_score(labels, predicted, **macro)),
         "per_class_acc": per_class.tolist(),
-        "confusion": confusion.tolist(),
+        "confusion": _confusion(labels, predicted, num_classes),
     }
+
+
+def _confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list:
+    if num_classes <= WHOLE_CLASSES:
+        return confusion_matrix(labels, predicted, labels=np.arange(num_classes)).tolist()
+    wrong = labels != predicted
+    pairs, counts = np.unique(
+        labels[wrong].astype(np.int64) * num_classes + predicted[wrong], return_counts=True
+    )
+    top = np.argsort(-counts, kind="stable")[:MOST_CONFUSED]
+    return [
+        {
+            "true": int(pairs[i] // num_classes),
+            "predicted": int(pairs[i] % num_classes),
+            "count": int(counts[i]),
+        }
+        for i in top
+    ]
 
 
 def class_balance(task: Task) -> pd.DataFrame:
@@ -88,7 +122,7 @@ def _labels(split: Data) -> torch.Tensor:
     """The targets of a whole split (read batch by batch where it is not held in memory)."""
     if split.in_memory is not None:
         return split.y
-    return torch.cat([b.targets for b in split.batches(1024)])
+    return cat_rows([b.targets for b in split.batches(1024)])
 
 
 def dataset_summary(task: Task) -> pd.DataFrame:

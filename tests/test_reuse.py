@@ -146,6 +146,53 @@ def test_per_class_accuracy_averages_to_the_accuracy_on_a_balanced_split(digits_
     assert 0.8 < report["macro_f1"] <= 1.0
 
 
+def test_a_report_of_many_classes_keeps_the_most_frequent_confusions_not_whole_matrices():
+    """Found as a user: a 2,000-token language model's report wrote a 144 MB confusion.json
+    (GPT-2's 50,257 classes would need 2.5 billion cells a matrix) and 2,000 columns of
+    accuracy per class. Above `WHOLE_CLASSES` classes the report keeps the most frequent
+    confusions, and the accuracy per class as rows of its own; scores are read batch by batch."""
+    import numpy as np
+
+    from experiments import Split, Task, TrainConfig
+    from experiments.analysis import MOST_CONFUSED, WHOLE_CLASSES, classification_report
+    from search.results.report import _metrics
+
+    classes = WHOLE_CLASSES + 50
+    torch.manual_seed(0)
+    x, y = torch.randn(3000, 8), torch.randint(0, classes, (3000,))
+    model = torch.nn.Linear(8, classes)
+    report = classification_report(model, Split(x, y), classes)
+    predicted = model(x).argmax(1)
+    wrong = predicted != y
+    assert report["top1"] == pytest.approx(1 - wrong.double().mean().item())
+    top5 = (model(x).topk(5, 1).indices == y[:, None]).any(1).double().mean().item()
+    assert report["top5"] == pytest.approx(top5)
+    confusions = report["confusion"]
+    assert len(confusions) == MOST_CONFUSED
+    counts = [c["count"] for c in confusions]
+    assert counts == sorted(counts, reverse=True) and counts[-1] >= 1
+    first = confusions[0]
+    pairs = (y[wrong] == first["true"]) & (predicted[wrong] == first["predicted"])
+    assert int(pairs.sum()) == first["count"] and first["true"] != first["predicted"]
+    assert len(report["per_class_acc"]) == classes
+
+    split = Split(x[:600], y[:600])
+    task = Task(
+        name="many",
+        train=split,
+        val=split,
+        test=Split(x[600:900], y[600:900]),
+        num_classes=classes,
+        build_model=lambda: torch.nn.Linear(8, classes),
+        train_config=TrainConfig(epochs=1),
+    )
+    metrics, confusion, by_class = _metrics({"baseline": model}, task)
+    assert not any(c.startswith("acc_class_") for c in metrics.columns)
+    assert list(by_class.columns) == ["baseline / val", "baseline / test"]
+    assert by_class.index.name == "class" and len(by_class) == len(np.unique(y[:900]))
+    assert set(confusion) == {"baseline / val", "baseline / test"}
+
+
 def test_sensitivity_writes_a_per_layer_space_that_composes_and_samples(tmp_path, cache_dir):
     conf = tmp_path / "conf"
     overrides = [f"cache_dir={cache_dir}", f"output_dir={tmp_path}/out"]

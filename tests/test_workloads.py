@@ -573,7 +573,8 @@ def test_reports_of_per_position_logits_count_positions_not_samples(trained):
 
 def test_agreement_is_counted_from_decisions_batch_by_batch(trained):
     """The baseline's validation decisions (not its logits) are what trials agree with: the
-    streamed count over batches equals `prediction_agreement` on the whole split's logits."""
+    streamed count over batches equals `prediction_agreement` on the whole split's logits at
+    its labelled positions."""
     from experiments import DecisionAgreement, agreement_reference, prediction_agreement
 
     task, model = trained("wl_tokens")
@@ -582,13 +583,81 @@ def test_agreement_is_counted_from_decisions_batch_by_batch(trained):
         other.lm_head.weight.add_(0.02 * torch.randn_like(other.lm_head.weight))
     reference = agreement_reference(model, task.val, "logits")
     assert reference.dtype == torch.int32
-    assert reference.shape == (len(task.val), workloads.Counting.LENGTH)
+    labelled = len(task.val) * (workloads.Counting.LENGTH - 1)  # the last position's is -100
+    assert reference.shape == (labelled,)
     metric = DecisionAgreement(reference)
     streamed = scores(other, task.val, {"agreement": metric}, batch_size=7)
-    whole = prediction_agreement(predict_outputs(other, task.val), predict_outputs(model, task.val))
+    labelled_only = slice(None), slice(0, -1)  # each sequence's last label is -100: left out
+    whole = prediction_agreement(
+        predict_outputs(other, task.val)[labelled_only],
+        predict_outputs(model, task.val)[labelled_only],
+    )
     assert streamed["agreement"] == pytest.approx(whole) and 0.0 < whole < 1.0
     assert streamed["acc"] == pytest.approx(evaluate(other, task.val))
     assert metric.total == 0  # the metric passed in is not updated: a fresh copy is
+
+
+class _Shortened(torch.utils.data.Dataset):
+    """`workloads.Counting`'s sequences cut to 4-11 tokens, a length per sample."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        item, n = self.base[i], 4 + i % 8
+        return {"input_ids": item["input_ids"][:n], "labels": item["labels"][:n]}
+
+
+def _pad_each_batch(items: list[dict]) -> dict:
+    """Pads a batch to its own longest sequence (as `DataCollatorWithPadding` does)."""
+    n = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), n, dtype=torch.long)
+    labels = torch.full((len(items), n), -100)
+    for k, item in enumerate(items):
+        ids[k, : len(item["input_ids"])] = item["input_ids"]
+        labels[k, : len(item["labels"])] = item["labels"]
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_batches_padded_each_to_its_own_length_are_scored_and_compared(trained):
+    """A language model's batches padded each to its own longest sequence (found as a user:
+    the sweep stopped after the baseline, "Sizes of tensors must match"): the split's outputs
+    are joined padded with -100 (as Hugging Face's Trainer joins them), accuracy counts the
+    labelled positions, and agreement is counted at the labelled positions whatever the
+    batching of the reference and of the compared model."""
+    from experiments import DecisionAgreement, agreement_reference
+    from experiments._training import outputs_and_targets
+
+    task, model = trained("wl_tokens")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.05 * torch.randn_like(other.lm_head.weight))
+    data = _Shortened(workloads.Counting(120, seed=1))
+
+    def loader(batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, collate_fn=_pad_each_batch)
+
+    same = right = labelled = 0  # one sample at a time: no padding
+    with torch.no_grad():
+        for item in map(data.__getitem__, range(len(data))):
+            keep = item["labels"] != -100
+            mine = model(input_ids=item["input_ids"][None]).logits[0].argmax(-1)[keep]
+            theirs = other(input_ids=item["input_ids"][None]).logits[0].argmax(-1)[keep]
+            same += int((mine == theirs).sum())
+            right += int((mine == item["labels"][keep]).sum())
+            labelled += int(keep.sum())
+    assert 0 < same < labelled
+    assert evaluate(model, loader(16)) == pytest.approx(right / labelled)
+    outputs, targets = outputs_and_targets(model, loader(16))
+    assert outputs.shape == (len(data), workloads.Counting.LENGTH - 1, task.num_classes)
+    assert int((targets != -100).sum()) == labelled and targets[1, 5:].eq(-100).all()
+    reference = agreement_reference(model, loader(16), "logits")
+    assert reference.shape == (labelled,)
+    streamed = scores(other, loader(7), {"agreement": DecisionAgreement(reference)})
+    assert streamed["agreement"] == pytest.approx(same / labelled)
 
 
 def test_inspect_counts_a_language_models_labels_per_position(capsys, monkeypatch, tmp_path):

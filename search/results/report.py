@@ -11,7 +11,9 @@ run under ``report/``:
 - ``trials.csv`` (and ``trials.parquet`` when pyarrow is installed): one row per trial;
 - ``metrics.csv`` and ``confusion.json``: top-1 / top-5 accuracy, macro F1 and recall, per-class
   accuracy and the confusion matrix on validation and test, for the baseline and every Pareto
-  point; ``class_balance.csv``: labels per class in each split (per labelled position for
+  point (above 100 classes, a language model's vocabulary: the 100 most frequent confusions
+  instead of each matrix, and the accuracy per class in ``per_class_accuracy.csv``);
+  ``class_balance.csv``: labels per class in each split (per labelled position for
   per-position logits);
 - figures, each as PNG (matplotlib) and interactive HTML (plotly), every axis saying what it shows
   and in which unit: the Pareto front (score vs packed size on a log scale, front highlighted,
@@ -46,7 +48,11 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from experiments import PositionsMismatch, evaluate, scores  # noqa: E402
-from experiments.analysis import class_balance, classification_report  # noqa: E402
+from experiments.analysis import (  # noqa: E402
+    WHOLE_CLASSES,
+    class_balance,
+    classification_report,
+)
 from search.config.score import Score  # noqa: E402
 from search.results._report_figures import _figures, _score_unit  # noqa: E402
 from search.results._study import load_study, study_config  # noqa: E402
@@ -69,6 +75,8 @@ FIGURES = (
 )
 #: The one copy of plotly.js in the folder, which report.html and every figure's HTML load.
 PLOTLY_JS = "plotly.min.js"
+#: Accuracy per class of a task with more than `WHOLE_CLASSES` classes (one row per class).
+PER_CLASS_FILE = "per_class_accuracy.csv"
 
 
 @dataclass(frozen=True)
@@ -111,11 +119,14 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
         loading(k, len(front_ids))
     unpaired = ""
     if task.outputs == "logits":  # classification metrics; an embedding task has its scores
-        metrics, confusion, unpaired = _metrics_or_scores(models, task)
+        metrics, confusion, by_class, unpaired = _metrics_or_scores(models, task)
         if confusion is None:
             (folder / "confusion.json").unlink(missing_ok=True)  # (not a previous report's)
         else:
             files.append(_write(folder / "confusion.json", json.dumps(confusion, indent=1)))
+        (folder / PER_CLASS_FILE).unlink(missing_ok=True)
+        if by_class is not None:  # (more classes than a table's columns)
+            files.append(_save(by_class.to_csv, folder / PER_CLASS_FILE))
         balance = class_balance(task)
         files.append(_save(balance.to_csv, folder / "class_balance.csv"))
     else:
@@ -212,31 +223,41 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _metrics_or_scores(models: dict, task) -> tuple[pd.DataFrame, dict | None, str]:
-    """A classifier's metrics and confusion matrices (`_metrics`) and no note; or, where its
-    logits decide at other positions than its targets label (a SegFormer's at a quarter of its
-    masks' size), the task's own scores (`_scores`), no confusion matrices and why."""
+def _metrics_or_scores(
+    models: dict, task
+) -> tuple[pd.DataFrame, dict | None, pd.DataFrame | None, str]:
+    """A classifier's metrics, confusion matrices and accuracy per class (`_metrics`) and no
+    note; or, where its logits decide at other positions than its targets label (a SegFormer's
+    at a quarter of its masks' size), the task's own scores (`_scores`), no confusion matrices
+    and why."""
     try:
-        metrics, confusion = _metrics(models, task)
+        return (*_metrics(models, task), "")
     except PositionsMismatch as err:
         logger.info("report: per-class metrics and confusion matrices left out: %s", err)
-        return _scores(models, task), None, str(err)
-    return metrics, confusion, ""
+        return _scores(models, task), None, None, str(err)
 
 
-def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict]:
-    rows, confusion = [], {}
+def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict, pd.DataFrame | None]:
+    """The models' metrics on validation and test with a column of accuracy per class up to
+    `WHOLE_CLASSES` classes, their confusion matrices (or most frequent confusions:
+    `experiments.analysis.classification_report`), and above `WHOLE_CLASSES` classes the
+    accuracy per class as a frame of its own (one row per class labelled in some split, one
+    column per model and split; else None)."""
+    rows, confusion, per_class = [], {}, {}
     scoring = Ticker(logger, "report: scoring model")
     for k, (name, model) in enumerate(models.items(), 1):
         for split_name, split in (("val", task.val), ("test", task.test)):
             report = classification_report(model, split, task.num_classes)
             confusion[f"{name} / {split_name}"] = report.pop("confusion")
-            per_class = report.pop("per_class_acc")
-            row = {"model": name, "split": split_name, **report}
-            row.update({f"acc_class_{c}": v for c, v in enumerate(per_class)})
-            rows.append(row)
+            per_class[f"{name} / {split_name}"] = report.pop("per_class_acc")
+            rows.append({"model": name, "split": split_name, **report})
         scoring(k, len(models), name)
-    return pd.DataFrame(rows).set_index(["model", "split"]), confusion
+    metrics = pd.DataFrame(rows).set_index(["model", "split"])
+    by_class = pd.DataFrame(per_class).rename_axis("class").dropna(how="all")
+    if task.num_classes <= WHOLE_CLASSES:
+        columns = by_class.reindex(range(task.num_classes)).T.add_prefix("acc_class_")
+        return metrics.join(columns.set_axis(metrics.index)), confusion, None
+    return metrics, confusion, by_class
 
 
 def _scores(models: dict, task) -> pd.DataFrame:
@@ -386,6 +407,15 @@ def _write_page(
             "<p class='note'><b>per-class accuracy and confusion matrices</b>: left out, "
             f"{html_text.escape(unpaired)}.</p>"
         )
+    if len(balance) > WHOLE_CLASSES + 1:  # (+ its imbalance row)
+        explain += (
+            f"<p class='note'><b>per-class accuracy and class balance</b>: {len(balance) - 1:,} "
+            f"classes, too many for a table here: in <a href='{PER_CLASS_FILE}'>"
+            f"{PER_CLASS_FILE}</a> (the classes labelled in some split) and <a href="
+            "'class_balance.csv'>class_balance.csv</a>; confusion.json holds the "
+            "most frequent confusions instead of whole matrices.</p>"
+        )
+        balance = pd.DataFrame()
     tables += [("Per-class accuracy", per_class, ".3f"), ("Class balance", balance, "g")]
     links = " · ".join(f"<a href='{f}'>{f}</a>" for f in data_files)
     page = (

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from experiments import Data, Task, class_last, is_streaming_metric, select_output
-from experiments._data import cat_rows
+from experiments._data import cat_rows, join_rows
 
 if TYPE_CHECKING:
     from compressors.onnx_export import OnnxCheck, OnnxExport
@@ -121,13 +121,13 @@ def deploy_onnx(
     metrics = {
         "onnx_bytes": float(exported.size_bytes),
         "onnx_max_abs_diff": check.max_abs_diff,
-        "val_acc_onnx": _score(task.val, check.outputs, targets),  # the check's own pass
+        "val_acc_onnx": _score(task.val, join_rows(check.batches), targets),  # the check's own pass
     }
     settings = session_settings(threads, offline=exported.optimization)
     if nbits_tolerance is None:
         return Deployed(module, metrics, out, exported, check, settings)
     metrics["onnx_nbits"] = 0.0
-    reference = _score(task.val, torch.cat(expected), targets)
+    reference = _score(task.val, join_rows(expected), targets)
     nbits = _try_nbits(out, task, threads, reference, nbits_tolerance)
     if isinstance(nbits, str):
         return Deployed(module, metrics, out, exported, check, settings, kernels_why=nbits)
@@ -165,7 +165,7 @@ def _try_nbits(
             call_model(module, batch).float()
             for batch in input_batches(_inputs(task.val, targets), CHECK_ROWS)
         ]
-    score = _score(task.val, torch.cat(got), targets)
+    score = _score(task.val, join_rows(got), targets)
     if abs(score - reference) > tolerance:
         path.unlink(missing_ok=True)
         return (
