@@ -292,7 +292,7 @@ def tied_weights(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 def _weight_axis(module: nn.Module, out: bool) -> int | None:
     """The axis of ``module.weight`` that its output (``out``) or input channels index."""
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         return 1
     if isinstance(module, nn.Linear):
         return 0 if out else 1

@@ -12,9 +12,10 @@ Both layers hide their internals from torch-pruning's tracer (`opaque_tracing`):
 graphs (gates, reshapes into heads, concatenated directions) would otherwise be read as a chain
 of element-wise operations between the layer's input and its output.
 
-`local_scores` scores the channels of these layers and of ``nn.Embedding`` (which torch-pruning's
-importance criteria skip) with the same criteria, so that the weights of every layer of a group
-count in its ranking.
+`local_scores` scores the channels of these layers and of ``nn.Embedding`` and ``nn.EmbeddingBag``
+(which torch-pruning's importance criteria skip; an EmbeddingBag's dimensions are removed by its
+`EmbeddingPruner`, registered for it) with the same criteria, so that the weights of every layer
+of a group count in its ranking.
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePr
         nn.GRU: recurrent,
         nn.LSTM: recurrent,
         nn.MultiheadAttention: attention,
+        # (torch-pruning knows nn.Embedding only; an EmbeddingBag's weight has its layout)
+        nn.EmbeddingBag: tp.pruner.function.EmbeddingPruner(),
         **{kind: transposed for kind in transposed_linear_types(model)},
     }
 
@@ -289,7 +292,7 @@ def local_scores(
     ``criterion`` (``l1``, ``l2`` or ``taylor``), for the layers torch-pruning's importance skips:
     embeddings, recurrent and attention layers, Linears stored transposed. None for any other
     layer."""
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         per_channel = _weight_score(module.weight, criterion).sum(0)
     elif is_transposed_linear(module):  # weight (inputs, outputs)
         per_channel = _weight_score(module.weight, criterion).sum(0 if out else 1)

@@ -32,7 +32,14 @@ from compressors._targets import foreign_parametrization
 
 logger = logging.getLogger(__name__)
 
-ROOTS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention, *RECURRENT)
+ROOTS = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    *RECURRENT,
+)
 #: Autograd operations that use a plain tensor as a weight matrix, not element-wise.
 _MATRIX_OPS = {
     "Mm",

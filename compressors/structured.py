@@ -14,7 +14,7 @@ Layers and the unit they lose:
   BatchNorm / LayerNorm / GroupNorm: channels; a Linear stored transposed (Hugging Face's
   ``Conv1D`` of GPT-2, `compressors._structured_pruners.TransposedLinearPruner`): channels, its
   ``nf`` / ``nx`` follow;
-- ``nn.Embedding``: embedding dimensions (never vocabulary rows);
+- ``nn.Embedding``, ``nn.EmbeddingBag``: embedding dimensions (never vocabulary rows);
 - ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (any number of layers, bidirectional or not): hidden
   units, the same ones in every layer and direction (`compressors._structured_pruners`);
 - torch's ``nn.MultiheadAttention`` (e.g. in ``nn.TransformerEncoderLayer``): whole heads. Its

@@ -1,7 +1,8 @@
 """The model families users bring, small, for the structured-pruning tests (`test_structured`):
 convolutional (MobileNet, ResNet, grouped, gated), attention (torch, timm-style fused and
-separate q-k-v, ViT), recurrent (LSTM, GRU, RNN; layers, directions, states) and tied-embedding
-models, with example inputs, and a check that every module's attributes match its tensors."""
+separate q-k-v, ViT), recurrent (LSTM, GRU, RNN; layers, directions, states), tied-embedding and
+embedding-bag models, with example inputs, and a check that every module's attributes match its
+tensors."""
 
 from __future__ import annotations
 
@@ -271,6 +272,21 @@ class GatedCNN(nn.Module):
         return self.head(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
 
 
+class BagClassifier(nn.Module):
+    """Two ``nn.EmbeddingBag`` tables (sum and mean of a sample's tokens, as a recommender's
+    categorical features) concatenated, then an MLP: the tables lose embedding dimensions (and
+    the first Linear the inputs they fed), never rows."""
+
+    def __init__(self, vocab: int = 17, width: int = 16) -> None:
+        super().__init__()
+        self.sums = nn.EmbeddingBag(vocab, width, mode="sum")
+        self.means = nn.EmbeddingBag(vocab, width, mode="mean")
+        self.head = nn.Sequential(nn.Linear(2 * width, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.sums(tokens), self.means(tokens)], dim=1))
+
+
 def _digits(shape):
     return lambda: torch.randn(*shape)
 
@@ -305,6 +321,7 @@ FAMILIES = {
     ),
     "tied-transformer": (TiedTransformer, _tokens),
     "tied-gru": (TiedGRU, _tokens),
+    "embedding-bag": (BagClassifier, _tokens),
     "vit-fused-qkv": (ViT, _digits((8, 3, 16, 16))),
     "vit-separate-qkv": (lambda: ViT(SeparateAttention), _digits((8, 3, 16, 16))),
     "attention-pooling-gru": (AttentionPoolingGRU, _digits((8, 7, 8))),
