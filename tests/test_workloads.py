@@ -692,6 +692,34 @@ def test_a_multilabel_classifier_is_scored_and_compared_per_label():
     assert streamed.compute() == pytest.approx(5 / 6)
 
 
+def test_the_check_of_a_metric_on_a_few_samples_does_not_pass_on_its_warnings():
+    """Found as a user: torchmetrics' BinaryAUROC warned "No negative samples in targets" on
+    the check's few samples, before any training (a warning about the split it is not)."""
+    import warnings
+
+    from torchmetrics.classification import BinaryAUROC
+
+    x = torch.randn(40, 6)
+    positives = torch.ones(40, 1)
+    task = _tiny(
+        train=TensorDataset(x, positives),
+        val=TensorDataset(x, positives),
+        test=TensorDataset(x, positives),
+        num_classes=1,
+        outputs="multilabel",
+        build_model=lambda: nn.Linear(6, 1),
+        metric=BinaryAUROC(),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_workload(task, nn.Linear(6, 1))
+    assert [str(w.message) for w in caught] == []
+    with pytest.warns(UserWarning, match="No negative samples"):  # (the metric does warn)
+        metric = BinaryAUROC()
+        metric.update(torch.randn(8, 1), positives[:8])
+        metric.compute()
+
+
 def test_multi_hot_targets_under_logits_are_refused_naming_outputs_multilabel():
     x = torch.randn(40, 6)
     hot = (torch.rand(40, 3) > 0.5).float()
