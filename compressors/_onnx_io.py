@@ -395,7 +395,13 @@ def ort_feeds(
 def input_batches(inputs: Any, batch_size: int) -> Iterator[Any]:
     """Batches of the model's inputs: slices of at most ``batch_size`` rows of one tensor, of a
     tuple or of a dict of tensors, or of each batch any other iterable (a list, a generator)
-    yields (so that a check's activations stay those of ``batch_size`` rows)."""
+    yields (so that a check's activations stay those of ``batch_size`` rows). Tensors whose
+    first axes differ (an ``nn.EmbeddingBag``'s flat ids beside its per-sample offsets) are not
+    rows of one batch: they stay whole."""
+    if isinstance(inputs, Mapping | tuple) and not _splittable(inputs):
+        _rows(inputs)  # (refuses what is no batch of tensors)
+        yield inputs
+        return
     if isinstance(inputs, torch.Tensor | Mapping | tuple):
         rows = len(inputs) if isinstance(inputs, torch.Tensor) else _rows(inputs)
         for start in range(0, rows, batch_size):
@@ -415,7 +421,11 @@ def _splittable(inputs: Any) -> bool:
     if not isinstance(inputs, Mapping | tuple):
         return False
     values = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
-    return bool(values) and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values)
+    return (
+        bool(values)
+        and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values)
+        and len({v.shape[0] for v in values}) == 1
+    )
 
 
 def _rows(inputs: Mapping | tuple) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -585,3 +586,44 @@ def test_a_sweep_refuses_onnx_runtime_for_a_model_no_exporter_converts(
     assert "layer '1' (Bessel) cannot be exported" in err and "measure.runtime=torch" in err
     assert not (tmp_path / "optuna.journal").exists()  # nothing created
     assert not any(Path(cache_dir).glob("bessel-*"))  # no baseline trained
+
+
+class _Bags(torch.nn.Module):
+    """A recommender's categorical features: flat ids and per-sample offsets into an
+    ``nn.EmbeddingBag`` (two tensors whose first axes differ), beside dense features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(50, 8, mode="mean")
+        self.head = torch.nn.Linear(8 + 4, 1)
+
+    def forward(self, dense, ids, offsets):
+        return self.head(torch.cat([dense, self.bag(ids, offsets)], dim=1))
+
+
+def _bag_batch(samples: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 5, (samples,), generator=g)
+    return {
+        "dense": torch.randn(samples, 4, generator=g),
+        "ids": torch.randint(0, 50, (int(lengths.sum()),), generator=g),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]]),
+    }
+
+
+def test_flat_ids_and_offsets_of_an_embedding_bag_export_and_check_whole(tmp_path, caplog):
+    """Found as a user (a DLRM-style model): ``squeeze run``'s ONNX check cut a batch of 128
+    samples into rows, slicing the flat ids as if they were samples ("offsets[-1] can not be
+    greater than input's length"); onnxscript's optimizer logged six warnings. Inputs whose first
+    axes differ stay whole; the check agrees on batches of another size than the export's."""
+    torch.manual_seed(0)
+    model = _Bags().eval()
+    packed = tmp_path / "m.sqz"
+    save_packed(model, packed)
+    with caplog.at_level(logging.WARNING):
+        exported = export_onnx(packed, _Bags(), _bag_batch(8, 0), tmp_path / "m.onnx")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("onnxscript")] == []
+    batches = [_bag_batch(100, 1), _bag_batch(37, 2)]  # more rows than a check's slice
+    check = check_onnx(exported.path, model, batches, batch_size=16)
+    assert check.agree, check.message
+    assert [len(b) for b in check.batches] == [100, 37]
