@@ -283,10 +283,45 @@ def apply_pipeline(
         missing = sorted(r for r in compressor.requires if getattr(ctx, r, None) is None)
         if missing:
             raise ValueError(f"compressor '{compressor.name}' requires {missing} in its context")
+    frozen = _frozen(model)
     for compressor in compressors:
         with _naming(compressor):
             model = compressor.compress(model, ctx)
+    _freeze_again(model, frozen)
     return model
+
+
+def _frozen(model: nn.Module) -> tuple[dict[str, bool], dict[str, bool]]:
+    """Which parameters require gradients, by name, and by the name of each module that holds
+    parameters of its own, whether all of them were frozen (``requires_grad=False``: a user's
+    pretrained backbone under a trained head)."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modules = {
+        name: not any(p.requires_grad for p in own)
+        for name, module in model.named_modules()
+        if (own := list(module.parameters(recurse=False)))
+    }
+    return flags, modules
+
+
+def _freeze_again(model: nn.Module, frozen: tuple[dict[str, bool], dict[str, bool]]) -> None:
+    """What the user froze stays frozen through compression: a parameter of the same name as
+    before keeps its flag (torch-pruning's pruned copies are new tensors that require
+    gradients), and a new one (a parametrization's original, a low-rank layer's factors) is
+    frozen when the nearest module that held parameters before, at or above it, held only
+    frozen ones. Fine-tuning then trains what the user trains, and no more."""
+    flags, modules = frozen
+    if all(flags.values()):
+        return
+    for name, param in model.named_parameters():
+        if name in flags:
+            param.requires_grad_(flags[name])
+            continue
+        owner = name.rpartition(".")[0]
+        while owner and owner not in modules:
+            owner = owner.rpartition(".")[0]
+        if owner in modules and modules[owner]:
+            param.requires_grad_(False)
 
 
 def finalize_pipeline(

@@ -10,11 +10,12 @@ edges, so such a layer keeps its single channel and the wider group shrinks alon
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -178,7 +179,12 @@ def trace(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         return out
 
     try:
-        with opaque_tracing(model), warnings.catch_warnings(), torch.enable_grad():
+        with (
+            opaque_tracing(model),
+            _frozen_traced(model),
+            warnings.catch_warnings(),
+            torch.enable_grad(),
+        ):
             warnings.simplefilter("ignore")
             graph = tp.DependencyGraph().build_dependency(
                 model,
@@ -303,6 +309,21 @@ def _pass_recurrent_channels(node) -> None:
             for dep in other.dependencies:
                 if dep.target is user:
                     dep.index_mapping = [None, None]
+
+
+@contextlib.contextmanager
+def _frozen_traced(model: nn.Module) -> Iterator[None]:
+    """Frozen parameters (``requires_grad=False``: a pretrained backbone under a trained head)
+    require gradients meanwhile: torch-pruning traces the autograd graph, where a frozen layer
+    fed by inputs that need none leaves no node, as if it were not there."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
 
 
 def _message(problems: Sequence[str]) -> str:
