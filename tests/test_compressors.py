@@ -364,3 +364,19 @@ def test_what_the_user_froze_stays_frozen_through_compression_and_fine_tuning(na
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("head.") for k in moved), sorted(moved)
     assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_a_sweep_says_which_parameters_the_user_froze(caplog):
+    from search.run.study import _say_what_is_frozen
+
+    with caplog.at_level("INFO", logger="search.run.study"):
+        _say_what_is_frozen(_FrozenBackbone())
+    (record,) = [r for r in caplog.records if "frozen" in r.getMessage()]
+    assert record.getMessage().startswith(
+        "4 of the model's 6 parameter tensors are frozen (requires_grad=False: backbone.0.weight, "
+        "backbone.0.bias, backbone.2.weight, ...)"
+    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="search.run.study"):
+        _say_what_is_frozen(torch.nn.Linear(2, 2))
+    assert caplog.records == []

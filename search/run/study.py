@@ -352,6 +352,7 @@ def _prepare(
     budget_s = cfg.measure.get("latency_budget_s")
     budget_s = None if budget_s is None else float(budget_s)
     shipped = load_packed(baseline.folder / "model.sqz", task.build_model())
+    _say_what_is_frozen(shipped)
     runtime = str(cfg.measure.runtime)
     nbits = cfg.measure.get("onnx_nbits_tolerance")
     deployed = None
@@ -576,3 +577,20 @@ def _parent_params(cfg: DictConfig, task: Task, baseline_key: str) -> dict[str, 
     params.update({f"data.{k}_size": v for k, v in task.split_sizes().items()})
     params.update({"baseline.key": baseline_key, "torch.threads": torch.get_num_threads()})
     return params
+
+
+def _say_what_is_frozen(model: torch.nn.Module) -> None:
+    """Log the parameters the user froze (``requires_grad=False``): compression still acts on
+    them, and fine-tuning, which trains what the user trains, recovers nothing in them."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        total = sum(1 for _ in model.parameters())
+        logger.info(
+            "%d of the model's %d parameter tensors are frozen (requires_grad=False: %s%s): "
+            "compression acts on them too, and fine-tuning leaves them as compression left "
+            "them; unfreeze them in the task's build_model for fine-tuning to adapt them",
+            len(frozen),
+            total,
+            ", ".join(frozen[:3]),
+            ", ..." if len(frozen) > 3 else "",
+        )
