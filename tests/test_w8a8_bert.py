@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from collections import Counter
 
 import numpy as np
@@ -16,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -31,7 +31,14 @@ from compressors._onnx_bert import bert_attention, gather_codes  # noqa: E402
 from experiments import Split  # noqa: E402
 from tests.onnx_graphs import optimized_graph  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+#: transformers is looked up, not imported, when the module is collected (on every
+#: ``pytest -n`` worker): the worker that runs these tests imports it.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformers") is None, reason="needs transformers"
+    ),
+]
 
 TOKENS = 12
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.util
 from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -37,7 +37,14 @@ from compressors._onnx_bert import bert_attention  # noqa: E402
 from experiments import evaluate, fit, predict_outputs  # noqa: E402
 from tests.zoo.hf import ClipText, clip_vision, deploy_w8a8, hf_task, padded  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+#: transformers is looked up, not imported, when the module is collected (on every
+#: ``pytest -n`` worker): the worker that runs these tests imports it.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformers") is None, reason="needs transformers"
+    ),
+]
 
 LAYERS = 2
 

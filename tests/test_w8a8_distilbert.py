@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from collections import Counter
 from functools import partial
 
 import pytest
 import torch
 
-pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -27,7 +27,14 @@ from compressors._onnx_bert import bert_attention  # noqa: E402
 from experiments import evaluate, fit, predict_outputs  # noqa: E402
 from tests.zoo.hf import deploy_w8a8, distilbert, hf_task, padded  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+#: transformers is looked up, not imported, when the module is collected (on every
+#: ``pytest -n`` worker): the worker that runs these tests imports it.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformers") is None, reason="needs transformers"
+    ),
+]
 
 LAYERS = 2
 

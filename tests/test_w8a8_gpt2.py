@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -35,7 +35,14 @@ from experiments import evaluate, fit  # noqa: E402
 from tests.onnx_graphs import optimized_graph  # noqa: E402
 from tests.zoo.workloads import wl_tokens  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+#: transformers is looked up, not imported, when the module is collected (on every
+#: ``pytest -n`` worker): the worker that runs these tests imports it.
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformers") is None, reason="needs transformers"
+    ),
+]
 
 #: ONNX's integer tensor types the export writes codes as (INT4, INT8, UINT8).
 CODES = {onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
