@@ -49,8 +49,9 @@ def _sources(model: nn.Module) -> dict[str, _Source]:
     evaluated state is never held at once), its parametrization with ``packed`` (or None), and
     its number of values."""
     sources: dict[str, _Source] = {}
+    foreign = _Foreign(model)
     for key, value in model.state_dict().items():
-        if _foreign(model, key):  # the model's own parametrization: what it keeps, as it is
+        if foreign(key):  # the model's own parametrization: what it keeps, as it is
             sources[key] = (partial(_plain, value), None, value.numel())
             continue
         match = _PARAMETRIZED.match(key)
@@ -77,11 +78,26 @@ def _foreign(model: nn.Module, key: str) -> bool:
     ``weight_norm``: ``...parametrizations.weight.original0`` and ``original1``;
     `compressors._targets.foreign_parametrization`), whose originals and buffers the file
     stores as they are, for the same parametrization of a freshly built model to read."""
-    match = _IN_PARAMETRIZATION.match(key)
-    if match is None:
-        return False
-    module = model.get_submodule(match.group(1) or "")
-    return foreign_parametrization(module, match.group(2)) is not None
+    return _Foreign(model)(key)
+
+
+class _Foreign:
+    """`_foreign` of many keys of one model: each parametrized tensor's answer found once
+    (a module looked up by its path, and its parametrizations' classes, for each of a BERT's
+    few hundred state keys, in two walks of the state, was a twentieth of packing it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.known = model, {}
+
+    def __call__(self, key: str) -> bool:
+        match = _IN_PARAMETRIZATION.match(key)
+        if match is None:
+            return False
+        where = (match.group(1) or "", match.group(2))
+        if where not in self.known:
+            module = self.model.get_submodule(where[0])
+            self.known[where] = foreign_parametrization(module, where[1]) is not None
+        return self.known[where]
 
 
 def _coded_sources(model: nn.Module) -> dict[str, Callable[[], Any]]:
@@ -134,12 +150,13 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
 def _state_identities(model: nn.Module):
     """``(key, identity)`` of each entry of the plain state: the same identity for tensors
     shared by several modules (the original under a parametrization, else the storage)."""
+    foreign = _Foreign(model)
     for key, value in model.state_dict(keep_vars=True).items():
-        match = None if _foreign(model, key) else _PARAMETRIZED.match(key)
+        match = None if foreign(key) else _PARAMETRIZED.match(key)
         if match is not None:
             full = f"{match.group(1) or ''}.{match.group(2)}".lstrip(".")
             yield full, ("p", id(value))
-        elif ".parametrizations." not in f".{key}" or _foreign(model, key):
+        elif ".parametrizations." not in f".{key}" or foreign(key):
             storage = value.untyped_storage().data_ptr() if value.numel() else id(value)
             yield key, ("s", storage, value.storage_offset(), tuple(value.shape), value.stride())
 

@@ -248,3 +248,22 @@ def test_codes_beyond_the_alphabet_are_refused(monkeypatch):
         codes[len(codes) // 2] = byte
         with pytest.raises(CodecError, match="beyond its alphabet"):
             decode_into(spec, {**arrays, "codes": codes}, torch.zeros(37, 53))
+
+
+@pytest.mark.parametrize("field", range(4))
+def test_a_2_bit_code_beyond_the_alphabet_is_refused_in_any_field(monkeypatch, field):
+    """Codes of 2 bits on an alphabet of 3 (1, 2, 3: indices 0 to 2): index 3 in any of a
+    byte's four fields (the top one, checked from the largest byte, and the others) is
+    refused."""
+    monkeypatch.setattr(_decoding, "BLOCK", _BLOCK)
+    monkeypatch.setattr(_codecs, "ANS_ALWAYS", 0)
+    monkeypatch.setattr(_codecs, "ANS_PAYS", 0.0)
+    grid = _Grid(_codes((37, 54), 1, 3, 1.0, 15), "scaled", {"scale": _row_scales(37, 54)})
+    spec, arrays = _arrays(grid.value(), grid)
+    assert spec["enc"] == "dense" and spec["bits"] == 2 and spec["range"] == [1, 3]
+    decode_into(spec, arrays, torch.zeros(37, 54))  # (the codes as stored are taken)
+    codes = arrays["codes"].clone()
+    at = len(codes) // 2
+    codes[at] = (int(codes[at]) & ~(3 << 2 * field)) | (3 << 2 * field)
+    with pytest.raises(CodecError, match="beyond its alphabet"):
+        decode_into(spec, {**arrays, "codes": codes}, torch.zeros(37, 54))
