@@ -18,6 +18,7 @@ from experiments._data import (
     WorkloadError,
     call_model,
     describe,
+    leaves,
     model_device,
     to_device,
 )
@@ -65,8 +66,7 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
         raise WorkloadError(
             f"{where}: the model cannot take a batch: {call} with inputs "
             f"{describe(batch.inputs)} (from a batch {describe(batch.raw)}) raised "
-            f"{type(err).__name__}: {err}. Say how a batch becomes the model's call with "
-            "Task(inputs=...) (and its targets with Task(targets=...))."
+            f"{type(err).__name__}: {err}. {_fix_for(batch.inputs, model)}"
         ) from err
     output = raw
     if not isinstance(output, torch.Tensor) or not output.is_floating_point():
@@ -139,6 +139,26 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
             f"{where}: the metric {_name(metric)} failed on outputs {describe(output)} and "
             f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
         ) from err
+
+
+def _fix_for(inputs: Any, model: nn.Module) -> str:
+    """What to do about inputs the model cannot take: float64 inputs (numpy's and pandas'
+    default) of a float32 model are converted, else the batch is read otherwise."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    doubles = [
+        t for t in leaves(inputs) if isinstance(t, torch.Tensor) and t.dtype == torch.float64
+    ]
+    if doubles and torch.float64 not in weights and weights:
+        (dtype,) = weights if len(weights) == 1 else (torch.float32,)
+        return (
+            f"The inputs are float64 (numpy's and pandas' default) and the model's weights "
+            f"{str(dtype).removeprefix('torch.')}: convert the data (x.astype('float32') in your "
+            "dataset, or Task(inputs=lambda batch: batch[0].float()) for a tuple batch)."
+        )
+    return (
+        "Say how a batch becomes the model's call with Task(inputs=...) (and its targets with "
+        "Task(targets=...))."
+    )
 
 
 def _how_called(inputs: Any) -> str:

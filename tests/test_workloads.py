@@ -720,6 +720,17 @@ def test_the_check_of_a_metric_on_a_few_samples_does_not_pass_on_its_warnings():
         metric.compute()
 
 
+def test_float64_inputs_of_a_float32_model_are_refused_saying_how_to_convert_them():
+    """Found as a user: numpy/pandas rows (float64) got only "Say how a batch becomes the
+    model's call with Task(inputs=...)", which is not what is wrong."""
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    data = TensorDataset(x, y)
+    with pytest.raises(WorkloadError, match=r"inputs are float64.*weights float32.*astype"):
+        check_workload(_tiny(train=data, val=data, test=data), nn.Linear(6, 3))
+    with pytest.raises(WorkloadError, match=r"Task\(inputs=\.\.\.\)"):  # other failures: as before
+        check_workload(_tiny(), nn.Linear(5, 3))
+
+
 def test_multi_hot_targets_under_logits_are_refused_naming_outputs_multilabel():
     x = torch.randn(40, 6)
     hot = (torch.rand(40, 3) > 0.5).float()
