@@ -239,7 +239,7 @@ def fisher_diagonal(
         batches = ctx.train.calibration(
             samples=how.samples, batch_size=how.batch_size, device=device
         )
-        with _recomputed(blocks(model)):
+        with _recomputed(blocks(model)), _caches_off(model):
             for b in batches:
                 out = ctx.train.forward(model, b.inputs)
                 weight[0] = float(b.rows)
@@ -284,6 +284,27 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
+def _caches_off(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models' key/value caches off meanwhile (``config.use_cache``, on every
+    config the model's modules hold: T5's decoder has a copy of its own): a decoder block that
+    fills its cache in the forward pass finds it filled when `_recomputed` runs it again, saves
+    other tensors, and torch's checkpoint refuses ("A different number of tensors was saved"),
+    as Hugging Face's own gradient checkpointing turns the cache off."""
+    configs = {
+        id(config): config
+        for module in model.modules()
+        if getattr(config := getattr(module, "config", None), "use_cache", None) is True
+    }
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
+@contextlib.contextmanager
 def _recomputed(modules: list[nn.Module]) -> Iterator[None]:
     """Calls of ``modules`` in the forward passes run under activation checkpointing: a block
     keeps its inputs only, and its activations are computed again in the backward pass, one
@@ -313,11 +334,17 @@ def reference_from(outputs: list[torch.Tensor], batches: list, ctx: CompressionC
     outputs on the calibration batches: for logits, uniform over the classes (zero logits); for
     other outputs, the model's mean output for every input."""
     with torch.no_grad():
-        mean = torch.cat(outputs).mean(0, keepdim=True)
+        if ctx.outputs == "logits" or len({o.shape[1:] for o in outputs}) > 1:
+            mean = None  # (batches padded each to its own length: each batch's own mean)
+        else:
+            mean = torch.cat(outputs).mean(0, keepdim=True)
         total = sum(b.rows for b in batches)
         base = chance = 0.0
         for out, b in zip(outputs, batches, strict=True):
-            blind = torch.zeros_like(out) if ctx.outputs == "logits" else mean.expand_as(out)
+            if ctx.outputs == "logits":
+                blind = torch.zeros_like(out)
+            else:
+                blind = (out.mean(0, keepdim=True) if mean is None else mean).expand_as(out)
             base += float(ctx.loss(out, b.targets, None)) * b.rows / total
             chance += float(ctx.loss(blind, b.targets, None)) * b.rows / total
     return base, chance

@@ -560,3 +560,67 @@ def test_pruning_past_the_budget_after_fine_tuning_keeps_each_grid_and_max_spars
     assert "could not fit the packed file" in caplog.text
     shares = [_zero_share(t) for t in targets(shipped).values()]
     assert max(shares) <= 0.9 + 1e-3 and min(shares) >= 0.9 - 1e-3
+
+
+def test_fisher_sensitivity_runs_on_a_decoder_whose_cache_is_on():
+    """Found as a user (a T5 from its config, teacher-forced): the Fisher pass recomputes each
+    block in the backward pass, and a decoder block filling its key/value cache found it
+    filled the second time: torch's checkpoint refused ("A different number of tensors was
+    saved"). The caches are off during the pass, and on again after it."""
+    pytest.importorskip("transformers")
+    from torch.utils.data import TensorDataset
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from experiments import Task, TrainConfig
+
+    config = T5Config(
+        vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    ids = torch.randint(2, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(ids, ids.flip(1))
+    task = Task(
+        name="t5",
+        train=data,
+        val=data,
+        test=data,
+        num_classes=32,
+        build_model=lambda: T5ForConditionalGeneration(config),
+        train_config=TrainConfig(epochs=1),
+        inputs=lambda b: {"input_ids": b[0], "labels": b[1]},  # (teacher forcing)
+        targets=lambda b: b[1],
+    )
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    assert model.config.use_cache and model.decoder.config.use_cache
+    ctx = CompressionContext(train=task.train, example_inputs=task.example_inputs(4), seed=0)
+    allocate = get_compressor("allocate")(ratio=5.0, samples=64, sensitivity="fisher")
+    allocate.compress(model, ctx)
+    assert allocate.allocation
+    assert model.config.use_cache and model.decoder.config.use_cache
+
+
+def test_reference_losses_take_batches_padded_each_to_its_own_length():
+    """Batches of a language model padded each to its longest sequence give logits of other
+    lengths: the reference losses were computed after joining them (a raw "Sizes of tensors
+    must match" before the table)."""
+    from collections import namedtuple
+
+    from compressors._allocate_sensitivity import reference_from
+    from experiments import ce_loss, mse_loss
+
+    Batch = namedtuple("Batch", "targets rows")
+    torch.manual_seed(0)
+    outputs = [torch.randn(4, 5, 7), torch.randn(3, 9, 7)]
+    batches = [Batch(torch.randint(0, 7, (4, 5)), 4), Batch(torch.randint(0, 7, (3, 9)), 3)]
+    base, chance = reference_from(outputs, batches, CompressionContext(loss=ce_loss))
+    expected = (
+        4 * ce_loss(outputs[0], batches[0].targets, None)
+        + 3 * ce_loss(outputs[1], batches[1].targets, None)
+    ) / 7
+    assert base == pytest.approx(float(expected)) and chance == pytest.approx(np.log(7))
+    values = [torch.randn(4, 5), torch.randn(3, 9)]
+    targets = [Batch(torch.randn(4, 5), 4), Batch(torch.randn(3, 9), 3)]
+    ctx = CompressionContext(loss=mse_loss, outputs="values")
+    base, chance = reference_from(values, targets, ctx)
+    assert chance > 0 and base > 0
