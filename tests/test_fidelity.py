@@ -19,9 +19,11 @@ from search.config.fidelity import (
     EPOCHS_ATTR,
     FIDELITY_ATTR,
     PROMOTE_FROM_ATTR,
+    WARM_START_ATTR,
     Fidelity,
     check_fidelity,
     front_trials,
+    is_screened,
 )
 from search.config.plan import plan_sweep
 from search.config.space import Recipe
@@ -31,6 +33,7 @@ from search.run.budget import REPLACES_ATTR, Budget
 from search.run.pareto import front_numbers
 from search.run.progress import SweepProgress, fidelity_summary
 from search.run.screening import Stage, fetch_screen, screen_file, trial_stage
+from search.run.study import _enqueue_warm_starts
 from search.run.trial import compress_recipe
 from tests.conftest import sweep_overrides
 
@@ -346,3 +349,102 @@ def test_the_summary_counts_screens_promotions_and_epochs():
     text = fidelity_summary(trials, compose_config(["search.n_epochs=14"]).search)
     assert text == ", 2 screens (1 promoted); 6 of 14 fine-tuning epochs"
     assert fidelity_summary(pd.DataFrame({"trial": [0]}), compose_config([]).search) == ""
+
+
+def _warm_start_budget(tmp_path, **fidelity) -> tuple[optuna.Study, Budget]:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rule = Fidelity(
+        **{"full_epochs": 5, "screen_epochs": 1, "n_epochs": 14, **fidelity},
+        objectives=("val_acc", "size_bytes"), directions=("maximize", "minimize"),
+    )  # fmt: skip
+    return study, Budget(study=study, url=str(tmp_path / "unused"), total=100, fidelity=rule)
+
+
+def test_a_warm_start_that_is_not_screened_runs_its_whole_fine_tune(tmp_path):
+    """``search.screen_warm_starts=false``: a warm start is claimed and charged as a whole
+    fine-tune, runs every epoch from the baseline's weights, and is a full-fidelity point
+    (never screened, never promoted); the sampled trials after it are screened."""
+    study, budget = _warm_start_budget(tmp_path, screen_warm_starts=False)
+    study.enqueue_trial({"x": 0.5}, user_attrs={WARM_START_ATTR: True})
+    warm = budget.claim()
+    assert warm.user_attrs[EPOCHS_ATTR] == 5
+    stage = trial_stage(warm, budget.fidelity, tmp_path)
+    assert (stage.fidelity, stage.parts()) == ("full", [(0, None)])
+    assert stage.save_to is None and stage.load_from is None and stage.promoted_from is None
+    _run_claimed(budget, warm, tmp_path, 0.9)
+    done = study.trials[warm.number]
+    assert done.user_attrs[FIDELITY_ATTR] == "full" and PROMOTE_FROM_ATTR not in done.user_attrs
+    assert not is_screened(done) and [t.number for t in front_trials(study)] == [warm.number]
+    sampled = budget.claim()  # a sampled recipe: a screen, 1 epoch
+    assert sampled.user_attrs[EPOCHS_ATTR] == 1 and WARM_START_ATTR not in sampled.user_attrs
+    assert trial_stage(sampled, budget.fidelity, tmp_path).fidelity == "screen"
+    _run_claimed(budget, sampled, tmp_path, 0.95)  # dominates the warm start's point
+    assert budget.fidelity.promotable(study.trials, set()) == [study.trials[sampled.number]]
+    # Screened, as today (the default), the same warm start is charged and run as a screen.
+    study, budget = _warm_start_budget(tmp_path)
+    study.enqueue_trial({"x": 0.5}, user_attrs={WARM_START_ATTR: True})
+    warm = budget.claim()
+    assert warm.user_attrs[EPOCHS_ATTR] == 1
+    assert trial_stage(warm, budget.fidelity, tmp_path).fidelity == "screen"
+
+
+def test_the_epoch_budget_is_exact_with_warm_starts_that_are_not_screened(tmp_path):
+    """Whole warm starts (5 epochs each), then a screen and its promotion: exactly the 15
+    epochs, however they are counted, and an interrupted warm start's rerun is charged once,
+    as a whole fine-tune again."""
+    study, budget = _warm_start_budget(tmp_path, screen_warm_starts=False, n_epochs=15)
+    for x in (0.1, 0.2):
+        study.enqueue_trial({"x": x}, user_attrs={WARM_START_ATTR: True})
+    first = budget.claim()
+    trial_stage(first, budget.fidelity, tmp_path)
+    first.suggest_float("x", 0.0, 1.0)  # (its recipe: the warm start's 0.1)
+    first.set_user_attr("fail_kind", "interrupted")
+    study.tell(first, state=TrialState.FAIL)
+    claimed = []
+    while (trial := budget.claim()) is not None:
+        claimed.append(trial)
+        _run_claimed(budget, trial, tmp_path, 0.9 - 0.01 * len(claimed))
+    done = [study.trials[t.number] for t in claimed]
+    rerun = next(t for t in done if REPLACES_ATTR in t.user_attrs)
+    assert rerun.user_attrs[REPLACES_ATTR] == first.number and rerun.params == {"x": 0.1}
+    # The two warm starts whole, then one screen (its promotion fits in the 4 epochs left)
+    kinds = [(t.user_attrs.get(WARM_START_ATTR, False), t.user_attrs[FIDELITY_ATTR]) for t in done]
+    assert kinds == [(True, "full"), (True, "full"), (False, "screen"), (False, "full")]
+    assert [t.user_attrs[EPOCHS_ATTR] for t in done] == [5, 5, 1, 4]
+    assert done[3].user_attrs[PROMOTE_FROM_ATTR] == done[2].number
+    assert _charged(study) == 15 == budget.fidelity.epochs_used(study.trials, {first.number})
+    assert budget.fidelity.new_candidates(study.trials, {first.number}) == 0
+
+
+@pytest.mark.parametrize(("screened", "enqueued", "left"), [("true", 4, 10), ("false", 2, 4)])
+def test_warm_starts_are_enqueued_as_far_as_their_epochs_fit(
+    tmp_path, cache_dir, screened, enqueued, left
+):
+    """The wide space's four warm starts under a 14-epoch budget of 5-epoch fine-tunes: four
+    1-epoch screens fit (each with room for its promotion), two whole fine-tunes (10 epochs)."""
+    overrides = sweep_overrides(
+        tmp_path, cache_dir, "space.finetune.epochs=5", "search.screen_epochs=1",
+        "search.n_epochs=14", f"search.screen_warm_starts={screened}",
+    )  # fmt: skip
+    plan = plan_sweep(compose_config(overrides), connect=False)
+    assert len(plan.warm_start.recipes) == 4
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _enqueue_warm_starts(study, plan)
+    assert [t.user_attrs.get(WARM_START_ATTR) for t in study.trials] == [True] * enqueued
+    assert plan.fidelity.epochs_left(study.trials, set()) == left
+
+
+def test_screen_warm_starts_changes_a_screening_studys_fingerprint(tmp_path, cache_dir):
+    """A resumed screening study cannot change how its warm starts are charged; a study
+    without screening keeps its fingerprint (the setting does nothing there)."""
+    base = sweep_overrides(tmp_path, cache_dir, "space.finetune.epochs=5")
+
+    def fingerprint(*extra: str) -> str:
+        return plan_sweep(compose_config([*base, *extra]), connect=False).fingerprint
+
+    screen = ("search.screen_epochs=1", "search.n_epochs=14")
+    assert fingerprint(*screen) != fingerprint(*screen, "search.screen_warm_starts=false")
+    assert fingerprint(*screen) == fingerprint(*screen, "search.screen_warm_starts=true")
+    assert fingerprint() == fingerprint("search.screen_warm_starts=false")
+    with pytest.raises(ConfigError, match="screen_warm_starts"):
+        fingerprint(*screen, "search.screen_warm_starts=3")

@@ -7,12 +7,16 @@ output folder. Before a worker samples a new recipe, each screened point that is
 of the screened points (`promotable`, the promotion rule) is *promoted*: its parameters are
 enqueued as a new trial with ``squeeze.promote_from=<screened trial>``, which loads the screened
 weights and runs epochs ``S`` .. ``E - 1`` of the same fine-tune (``E``: ``space.finetune.epochs``),
-seeded like the screened trial. Only full-fidelity trials (promoted ones, and every trial of a
-study without screening) form the front (`front_trials`).
+seeded like the screened trial. With ``search.screen_warm_starts=false`` the space's warm starts
+(user attribute ``squeeze.warm_start``) are never screened: each runs its whole fine-tune at once
+(``squeeze.fidelity=full``, no ``squeeze.promote_from``); only sampled recipes are screened. Only
+full-fidelity trials (promoted ones, full warm starts, and every trial of a study without
+screening) form the front (`front_trials`).
 
 The budget in epochs (``search.n_epochs``, null: none) is counted like the budget in trials
 (`search.run.budget`): each trial that uses the budget is charged what it plans to run
-(`trial_cost`: ``S`` for a screen, ``E - S`` for a promotion, ``E`` without screening), from its
+(`trial_cost`: ``S`` for a screen, ``E - S`` for a promotion, ``E`` without screening and for a
+warm start that is not screened), from its
 attributes and the study's fingerprinted config, so the count is the same in every worker and
 after a resume. A new candidate is started only while its full fine-tune (screen and promotion)
 still fits in what is left; a promotion only when it fits.
@@ -49,6 +53,9 @@ EPOCHS_RUN_ATTR = "squeeze.epochs_run"
 #: User attribute of a trial that started from a finished trial's fine-tuned weights
 #: (``search.reuse``): that trial's number.
 REUSE_FROM_ATTR = "squeeze.reuse_from"
+#: User attribute: true on a trial that runs one of the space's warm-start recipes (and on its
+#: reruns).
+WARM_START_ATTR = "squeeze.warm_start"
 SCREEN, FULL = "screen", "full"
 
 #: Trial states that use the budget (as `search.run.budget.USING_BUDGET`).
@@ -84,6 +91,8 @@ class Fidelity:
         plateau: A fine-tune (not a screen) stops once its validation score has not improved
             for this many epochs, and the trial is charged the epochs it ran
             (``search.plateau``); 0: every fine-tune runs all its epochs.
+        screen_warm_starts: Whether the space's warm starts are screened like sampled recipes
+            (``search.screen_warm_starts``); false: each runs its whole fine-tune at once.
     """
 
     full_epochs: int
@@ -96,6 +105,7 @@ class Fidelity:
     floor: float | None = None
     reuse_epochs: int = 0
     plateau: int = 0
+    screen_warm_starts: bool = True
 
     @property
     def screening(self) -> bool:
@@ -109,15 +119,23 @@ class Fidelity:
 
     def trial_cost(self, trial: FrozenTrial | optuna.Trial) -> int:
         """The epochs ``trial`` is charged: a reuse's, a promotion's rest, a screen, or a full
-        fine-tune (a trial that will reuse weights is charged a full one until it knows); a
-        fine-tune that stopped on a plateau, the epochs it ran."""
+        fine-tune (a trial that will reuse weights is charged a full one until it knows; so is
+        a warm start that is not screened); a fine-tune that stopped on a plateau, the epochs it
+        ran."""
         if EPOCHS_RUN_ATTR in trial.user_attrs:
             return int(trial.user_attrs[EPOCHS_RUN_ATTR])
         if REUSE_FROM_ATTR in trial.user_attrs:
             return self.reuse_epochs
         if PROMOTE_FROM_ATTR in trial.user_attrs:
             return self.full_epochs - self.screen_epochs
-        return self.screen_epochs if self.screening else self.full_epochs
+        return self.screen_epochs if self.screens(trial) else self.full_epochs
+
+    def screens(self, trial: FrozenTrial | optuna.Trial) -> bool:
+        """Whether ``trial`` (not a promotion) is a screen: with screening, every trial but a
+        warm start under ``screen_warm_starts=false`` (or one already marked full)."""
+        if not self.screening or trial.user_attrs.get(FIDELITY_ATTR) == FULL:
+            return False
+        return self.screen_warm_starts or not trial.user_attrs.get(WARM_START_ATTR)
 
     def epochs_used(self, trials: Sequence[FrozenTrial], superseded: set[int]) -> int:
         """Epochs charged to the trials that use the budget (finished, running, waiting; less
@@ -269,6 +287,12 @@ def check_fidelity(
     n_epochs = search.get("n_epochs")
     reuse = _reuse_epochs(search, finetune_epochs, screen)
     plateau = search.get("plateau", 0) or 0
+    screen_warm_starts = search.get("screen_warm_starts", True)
+    if not isinstance(screen_warm_starts, bool):
+        raise ConfigError(
+            "The 'search.screen_warm_starts' config value must be true or false. Got "
+            f"{screen_warm_starts!r} instead."
+        )
     if not isinstance(plateau, int) or isinstance(plateau, bool) or plateau < 0:
         raise ConfigError(
             f"The 'search.plateau' config value must be an int in [0, inf) (0: off). Got "
@@ -319,6 +343,7 @@ def check_fidelity(
         directions=tuple(directions),
         reuse_epochs=reuse,
         plateau=plateau,
+        screen_warm_starts=screen_warm_starts,
     )
 
 

@@ -403,6 +403,8 @@ def _fingerprinted(
         parts["constraints"] = dict(sorted(constraints.items()))
     if cfg.search.get("screen_epochs"):  # a trial's charge and stage depend on it
         parts["screen_epochs"] = cfg.search.screen_epochs
+        if cfg.search.get("screen_warm_starts", True) is False:  # (and a warm start's)
+            parts["screen_warm_starts"] = False
     return parts
 
 

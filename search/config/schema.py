@@ -154,6 +154,7 @@ SCHEMA: dict[str, Any] = {
         "promote_margin": Real(0.0, 1.0),
         "promote_after": Integer(0, 10_000),
         "promote_floor": Nullable(Real(0.0, 1.0)),
+        "screen_warm_starts": Flag(),
         "reuse": Flag(),
         "reuse_epochs": Integer(1, 10_000),
         "plateau": Integer(0, 10_000),

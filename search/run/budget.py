@@ -38,7 +38,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config.fidelity import EPOCHS_ATTR, FIDELITY_ATTR, FULL, PROMOTE_FROM_ATTR, Fidelity
+from search.config.fidelity import (
+    EPOCHS_ATTR,
+    FIDELITY_ATTR,
+    FULL,
+    PROMOTE_FROM_ATTR,
+    WARM_START_ATTR,
+    Fidelity,
+)
 from search.config.storage import DEFAULT_RETRY_S, is_url
 from search.failures import INTERRUPTIONS, fail_kind
 from search.run.locks import advisory_lock, file_lock
@@ -62,8 +69,6 @@ ATTEMPT_ATTR = "squeeze.attempt"
 REPLACES_ATTR = "squeeze.replaces"
 #: How many earlier attempts of this recipe lost their worker.
 LOST_ATTR = "squeeze.lost"
-#: True on a trial that runs one of the space's warm-start recipes (and on its reruns).
-WARM_START_ATTR = "squeeze.warm_start"
 
 
 def worker_id() -> str:

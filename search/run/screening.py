@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
@@ -32,7 +32,8 @@ class Stage:
     """The part of its fine-tune a trial runs.
 
     Attributes:
-        fidelity: ``screen``, ``full`` (a promotion), or None (no screening: the whole of it).
+        fidelity: ``screen``, ``full`` (a promotion, or a warm start that is not screened:
+            the whole of it), or None (no screening: the whole of it).
         start_epoch: The first epoch it runs (of the full schedule).
         stop_epoch: The epoch it stops before (None: the last).
         load_from: The screened weights it continues (a promotion).
@@ -70,11 +71,15 @@ WHOLE = Stage()
 
 
 def trial_stage(trial: optuna.Trial, fidelity: Fidelity | None, folder: Path) -> Stage:
-    """The stage of ``trial`` (recorded as its ``squeeze.fidelity`` attribute when screening);
-    ``folder``: the study's output folder."""
+    """The stage of ``trial`` (recorded as its ``squeeze.fidelity`` attribute when screening):
+    a screen, a promotion, or a warm start's whole fine-tune (``search.screen_warm_starts=
+    false``); ``folder``: the study's output folder."""
     if fidelity is None or not fidelity.screening:
         return WHOLE
     source = trial.user_attrs.get(PROMOTE_FROM_ATTR)
+    if source is None and not fidelity.screens(trial):  # a warm start, at full fidelity
+        trial.set_user_attr(FIDELITY_ATTR, FULL)
+        return replace(WHOLE, fidelity=FULL)
     if source is None:
         trial.set_user_attr(FIDELITY_ATTR, SCREEN)
         return Stage(

@@ -478,20 +478,26 @@ def _enqueue_warm_starts(study: optuna.Study, plan: SweepPlan) -> None:
             room = min(room, plan.fidelity.new_candidates(trials, superseded(trials)))
         queued = [t.system_attrs.get("fixed_params") for t in trials]
         waiting = [r for r in plan.warm_start.recipes if r.params not in queued]
-        if room < len(waiting):  # one line for all: the next run with a larger budget runs them
-            logger.info(
-                "warm start: the budget has no room for %d of the space's recipes (yet): %s",
-                len(waiting) - max(room, 0),
-                "; ".join(r.text for r in waiting[max(room, 0) :]),
-            )
-        for recipe in plan.warm_start.recipes:
-            if room <= 0:
+        for k, recipe in enumerate(plan.warm_start.recipes):
+            if room <= 0:  # one line for all: the next run with a larger budget runs them
+                left = [r for r in plan.warm_start.recipes[k:] if r in waiting]
+                if left:
+                    logger.info(
+                        "warm start: the budget has no room for %d of the space's recipes "
+                        "(yet): %s",
+                        len(left),
+                        "; ".join(r.text for r in left),
+                    )
                 break
             study.enqueue_trial(  # (skipped if a trial of the study was enqueued with them)
                 recipe.params, user_attrs={WARM_START_ATTR: True}, skip_if_exists=True
             )
-            if len(study.get_trials(deepcopy=False)) > count:
+            trials = study.get_trials(deepcopy=False)
+            if len(trials) > count:
                 count, room = count + 1, room - 1
+                if plan.fidelity is not None:  # (each charged as it will run: a screen, or a
+                    # whole fine-tune with search.screen_warm_starts=false)
+                    room = min(room, plan.fidelity.new_candidates(trials, superseded(trials)))
                 logger.info("warm start: trial %d runs %s", count - 1, recipe.text)
 
 

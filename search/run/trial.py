@@ -165,7 +165,7 @@ def run_trial(trial: optuna.Trial, ctx: SweepContext) -> tuple[float, ...]:
             "squeeze.study": trial.study.study_name,
             **({WARM_START_ATTR: "true"} if trial.user_attrs.get(WARM_START_ATTR) else {}),
             **({FIDELITY_ATTR: stage.fidelity} if stage.fidelity else {}),
-            **({PROMOTE_FROM_ATTR: stage.promoted_from} if stage.fidelity == "full" else {}),
+            **({PROMOTE_FROM_ATTR: stage.promoted_from} if stage.promoted_from is not None else {}),
         },
         link=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
     ) as run:
