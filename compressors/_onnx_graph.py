@@ -126,6 +126,7 @@ def optimize_graph(proto: onnx.ModelProto, roots: dict[str, PackedTensor]) -> on
     coded initializers kept out of its reach as graph inputs, so that their layout ops stay nodes
     (which `Rewriter` applies to the codes). They come back as `Rewriter`'s integer
     initializers; until then the graph reads them undefined."""
+    import onnx_ir as ir
     from onnx import helper
     from onnxscript import optimizer
 
@@ -136,11 +137,33 @@ def optimize_graph(proto: onnx.ModelProto, roots: dict[str, PackedTensor]) -> on
             graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, shape))
             graph.initializer.remove(init)
     with quiet():
-        proto = optimizer.optimize(proto)
+        model = ir.serde.deserialize_model(proto)
+        optimizer.optimize(model)  # (in place)
+    _register_constants(model.graph)
+    proto = ir.serde.serialize_model(model)
     for value in list(proto.graph.input):
         if value.name in roots:
             proto.graph.input.remove(value)
     return proto
+
+
+def _register_constants(graph) -> None:
+    """Values that nodes read, that no node makes and that are neither inputs nor
+    initializers, but hold a constant: initializers. (onnxscript 0.7's optimizer can fold a
+    value to a constant and drop its maker without registering it: ONNX's checker then refuses
+    the graph, "input '/encoder/Cast_output_0/shape_1' ... is not output of any previous
+    nodes", a T5's legacy-exported graph.)"""
+    inputs = set(graph.inputs)
+    for node in graph:
+        for value in node.inputs:
+            if (
+                value is not None
+                and value.producer() is None
+                and value not in inputs
+                and value.name not in graph.initializers
+                and value.const_value is not None
+            ):
+                graph.register_initializer(value)
 
 
 def integer_roots(

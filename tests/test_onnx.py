@@ -627,3 +627,29 @@ def test_flat_ids_and_offsets_of_an_embedding_bag_export_and_check_whole(tmp_pat
     check = check_onnx(exported.path, model, batches, batch_size=16)
     assert check.agree, check.message
     assert [len(b) for b in check.batches] == [100, 37]
+
+
+@pytest.mark.slow  # (~25 s: torch.onnx's legacy exporter, the dynamo one failing on T5)
+def test_a_t5_from_its_config_exports_and_its_graph_checks(tmp_path):
+    """Found as a user (a T5 learning to reverse sequences, teacher-forced): onnxscript's
+    optimizer folded a shape to a constant and dropped its maker without registering it, and
+    ONNX's checker refused the graph ("input '/encoder/Cast_output_0/shape_1' ... is not output
+    of any previous nodes"), so ``squeeze run`` stopped with a raw traceback. Such constants are
+    registered as initializers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(2, 32, (8, 6), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(6) < torch.tensor([[6], [4]]).repeat(4, 1)).long()  # padded rows
+    inputs = {"input_ids": ids * mask, "attention_mask": mask, "labels": ids.flip(1)}
+    packed = tmp_path / "t5.sqz"
+    save_packed(model, packed)
+    exported = export_onnx(packed, transformers.T5ForConditionalGeneration(config), inputs,
+                           tmp_path / "t5.onnx")  # fmt: skip
+    onnx.checker.check_model(str(exported.path))
+    check = check_onnx(exported.path, model, inputs)
+    assert check.agree, check.message

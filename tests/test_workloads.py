@@ -847,8 +847,9 @@ def test_logits_at_other_positions_than_the_labels_are_never_paired_with_them(tr
     task = dataclasses.replace(task, loss=_upsampled_ce, metric=_upsampled_iou())
     with pytest.raises(PositionsMismatch, match=r"decide at 16 positions a sample \(4x4\)"):
         classification_report(quarter, task.val, task.num_classes)
-    metrics, confusion, why = _metrics_or_scores({"baseline": quarter}, task)
-    assert confusion is None and "Task(output=...)" in why and "label 64" in why
+    metrics, confusion, by_class, why = _metrics_or_scores({"baseline": quarter}, task)
+    assert confusion is None and by_class is None
+    assert "Task(output=...)" in why and "label 64" in why
     assert metrics.loc[("baseline", "val"), "acc"] == pytest.approx(evaluate(quarter, task.val))
     outputs = predict_outputs(quarter, task.val)
     assert outputs.shape == (len(task.val), 4, 4, 3)
