@@ -133,7 +133,7 @@ _EXPORTERS = {"dynamo": _dynamo, "legacy": _legacy}
 def quiet(*, native: bool = False) -> Iterator[None]:
     """Silence the exporters' progress lines, warnings and log records, and with ``native``
     what torch's C++ code prints (the legacy exporter prints its whole graph when it fails)."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnx_ir", "onnxscript")
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnx_ir")
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -60,13 +60,20 @@ class OncePerRun(logging.Filter):
         return True
 
 
+#: Third-party loggers whose warnings are notes on their own work, not on the user's model
+#: (onnxscript's optimizer: "Skipping constant folding for op SequenceEmpty with multiple
+#: outputs", six per export of a model with an ``nn.EmbeddingBag``): at ERROR unless verbose.
+NOTES_ONLY = ("onnxscript",)
+
+
 def quiet_third_party(*, verbose: bool = False) -> None:
-    """Third-party loggers at WARNING (INFO with ``verbose``)."""
+    """Third-party loggers at WARNING (`NOTES_ONLY` at ERROR; all at INFO with ``verbose``)."""
     import optuna
 
     level = logging.INFO if verbose else logging.WARNING
     for name in THIRD_PARTY:
-        logging.getLogger(name).setLevel(level)
+        quiet = name in NOTES_ONLY and not verbose
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else level)
     optuna.logging.set_verbosity(level)
 
 
