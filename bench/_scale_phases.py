@@ -312,7 +312,7 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
         budget_s, probe = latency_budget(shipped, None, task, 2.0)
         return batch_latencies(
             lambda x: (latency_ms(shipped, x, repeats=30, budget_s=budget_s), None),
-            task.example_inputs,
+            task.example_batch,
             (1, 256),
             budget_s=budget_s,
             probe=probe,
@@ -321,7 +321,7 @@ def run_case(kind: str, rung: str, *, onnx: bool = True, skip: tuple[str, ...] =
     latencies = timed("latency b1+b256 (measure's budget)", latencies_at_measures_budget)
     if latencies:  # (batch 256 timed on fewer rows where a forward of 256 would not fit)
         row["latency_rows_b256"] = latencies[256].rows
-    timed("peak memory (b256)", lambda: peak_memory_at(shipped, task.example_inputs, 256))
+    timed("peak memory (b256)", lambda: peak_memory_at(shipped, task.example_batch, 256))
     timed("FLOPs", lambda: count_flops(shipped, task.example_inputs(1)))
     measured = timed(
         "measure (whole)",

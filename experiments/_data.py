@@ -223,6 +223,31 @@ def count_rows(value: Any) -> int:
     raise WorkloadError(f"cannot tell the batch size of a batch of type {describe(value)}")
 
 
+def batch_rows(inputs: Any, targets: Any) -> int:
+    """The samples in a batch: its targets' count where it has targets (one per sample, or a
+    list of one item per sample as a detector's), else its inputs' batch axis. A graph
+    network's inputs are its nodes and edges, a DLRM's its flat ids beside per-sample offsets:
+    their first axes do not count samples."""
+    if isinstance(targets, list) and per_sample(targets):
+        return len(targets)
+    if targets is not None:
+        try:
+            return count_rows(targets)
+        except WorkloadError:
+            pass
+    return count_rows(inputs)
+
+
+def rows_of_one_axis(inputs: Any, rows: int) -> bool:
+    """Whether every tensor in ``inputs`` has ``rows`` rows, so that rows can be taken from
+    them (`take_rows`); a graph batch's nodes and edges cannot: it is kept whole."""
+    return all(
+        leaf.shape[0] == rows
+        for leaf in leaves(inputs)
+        if isinstance(leaf, torch.Tensor) and leaf.dim()
+    )
+
+
 def cat_rows(values: Sequence[Any]) -> Any:
     """Values of the same structure concatenated along their batch axes; lists of one item per
     sample (`per_sample`: a detector's targets, one dict of boxes and labels per image, as
@@ -281,14 +306,21 @@ def describe(value: Any, *, depth: int = 0) -> str:
     if depth > 2:
         return type(value).__name__
     if isinstance(value, Mapping):
-        inner = ", ".join(
-            f"{k}: {describe(v, depth=depth + 1)}" for k, v in list(value.items())[:6]
-        )
-        return f"{type(value).__name__}({inner})"
+        parts = [f"{k}: {describe(v, depth=depth + 1)}" for k, v in list(value.items())[:SHOWN]]
+        return f"{type(value).__name__}({_shown(parts, len(value))})"
     if isinstance(value, tuple | list):
-        inner = ", ".join(describe(v, depth=depth + 1) for v in value[:6])
-        return f"{type(value).__name__}({inner})"
+        parts = [describe(v, depth=depth + 1) for v in value[:SHOWN]]
+        return f"{type(value).__name__}({_shown(parts, len(value))})"
     return type(value).__name__
+
+
+SHOWN = 8  # entries of a dict, tuple or list `describe` spells out
+
+
+def _shown(parts: list[str], total: int) -> str:
+    """The parts joined, saying how many entries were left out."""
+    more = total - len(parts)
+    return ", ".join(parts + ([f"... {more} more"] if more else []))
 
 
 def leaves(value: Any) -> Iterator[Any]:
@@ -398,6 +430,8 @@ class Data:
             limit: Stop after this many samples (the last batch is cut to it).
         """
         seen = 0
+        if limit is not None:  # (a source that reads batches of a size reads no more)
+            batch_size = max(1, min(batch_size, limit))
         if shuffle and generator is None:
             generator = torch.Generator().manual_seed(seed)
         for raw, index in self._raw_batches(
@@ -407,8 +441,8 @@ class Data:
                 return
             inputs = (self.adapters.inputs or default_inputs)(raw)
             targets = (self.adapters.targets or default_targets)(raw)
-            rows = count_rows(inputs)
-            if limit is not None and seen + rows > limit:
+            rows = batch_rows(inputs, targets)
+            if limit is not None and seen + rows > limit and rows_of_one_axis(inputs, rows):
                 keep = torch.arange(limit - seen)
                 inputs, targets = take_rows(inputs, keep), take_rows(targets, keep)
                 index = None if index is None else index[keep]
@@ -472,15 +506,21 @@ class Data:
         ]
 
     def first_inputs(self, rows: int) -> Any:
-        """The model's inputs for ``rows`` samples from the start of the split, real ones
-        repeated when the split has fewer (a batch for FLOP counts, latency and tracing)."""
+        """The model's inputs for ``rows`` samples from the start of the split (`first_batch`)."""
+        return self.first_batch(rows)[0]
+
+    def first_batch(self, rows: int) -> tuple[Any, int]:
+        """``(inputs, samples)``: the model's inputs for ``rows`` samples from the start of the
+        split, real ones repeated when the split has fewer (a batch for FLOP counts, latency
+        and tracing), and the samples they hold: ``rows``, unless the batch's inputs are no
+        rows of one axis (a graph batch's nodes and edges: `rows_of_one_axis`), which are
+        neither cut nor repeated: the first batch as read, its own samples."""
         batch = next(iter(self.batches(rows, limit=rows)), None)
         if batch is None:
             raise WorkloadError(f"the split has no samples ({describe(self.source)})")
-        if batch.rows < rows:
-            batch_inputs = batch.inputs
-            return take_rows(batch_inputs, torch.arange(rows) % batch.rows)
-        return batch.inputs
+        if batch.rows == rows or not rows_of_one_axis(batch.inputs, batch.rows):
+            return batch.inputs, batch.rows
+        return take_rows(batch.inputs, torch.arange(rows) % batch.rows), rows
 
 
 def _takes_no_arguments(factory: Any) -> bool:

@@ -242,6 +242,12 @@ class Task:
         has fewer), for tracing, FLOP counts and latency: a tensor, a tuple or a dict."""
         return self.val.first_inputs(batch_size)
 
+    def example_batch(self, batch_size: int = 1) -> tuple[Any, int]:
+        """``(inputs, samples)``: `example_inputs` and the samples they hold (``batch_size``,
+        unless a batch's inputs cannot be cut or repeated by rows: a graph batch's nodes and
+        edges; `Data.first_batch`), for figures per sample."""
+        return self.val.first_batch(batch_size)
+
     def training(self) -> dict[str, Any]:
         """The task's own training choices, as `experiments.fit`'s keyword arguments."""
         return {"optimizer": self.optimizer, "train_step": self.train_step}

@@ -20,7 +20,7 @@ from experiments._data import Data, cat_rows, describe
 from experiments._objectives import IGNORE_INDEX, positions
 from experiments._task import Task
 from experiments._training import output_batches
-from experiments.metrics import count_flops, weight_tensors
+from experiments.metrics import flops_per_sample, weight_tensors
 
 #: Classes up to which a report holds the whole confusion matrix (and a column of accuracy per
 #: class); above (a language model's vocabulary: 50,257 classes make a 2.5-billion-cell matrix),
@@ -154,10 +154,11 @@ def dataset_summary(task: Task) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("split")
 
 
-def model_summary(model: nn.Module, example: Any) -> pd.DataFrame:
+def model_summary(model: nn.Module, example: Any, samples: int = 1) -> pd.DataFrame:
     """One row per leaf module (with parameters or not), and a total: parameters, bytes, and
     FLOPs of one sample in a column of its own, on the total's row only (a tensor shared by
-    several modules, such as a tied embedding, counts once in the total)."""
+    several modules, such as a tied embedding, counts once in the total). ``example``: inputs
+    holding ``samples`` samples (a task's `example_batch`)."""
     rows = []
     for name, module in model.named_modules():
         if any(True for _ in module.children()):
@@ -178,6 +179,6 @@ def model_summary(model: nn.Module, example: Any) -> pd.DataFrame:
         "type": "",
         "parameters": sum(t.numel() for t in unique),
         "bytes": sum(t.numel() * t.element_size() for t in unique),
-        "FLOPs/sample": str(count_flops(model, example)),
+        "FLOPs/sample": str(round(flops_per_sample(model, example, samples))),
     }
     return pd.concat([frame, pd.DataFrame([total])], ignore_index=True)

@@ -123,6 +123,13 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
     return int(counter.get_total_flops()) + recurrent.correction
 
 
+def flops_per_sample(model: nn.Module, inputs: Any, samples: int = 1) -> float:
+    """`count_flops` of ``inputs`` per sample they hold (a task's `example_batch`: a graph
+    batch's inputs hold the first batch's samples, not cut to one)."""
+    flops = count_flops(model, inputs)
+    return flops if samples == 1 else flops / samples
+
+
 @contextmanager
 def _attention_fastpath(enabled: bool) -> Iterator[None]:
     before = torch.backends.mha.get_fastpath_enabled()
@@ -335,7 +342,7 @@ def timed_rows(
 
 def batch_latencies(
     time_ms: Callable[[Any], tuple[float, float | None]],
-    inputs_of: Callable[[int], Any],
+    batch_of: Callable[[int], tuple[Any, int]],
     batches: Sequence[int],
     *,
     budget_s: float | None,
@@ -343,7 +350,8 @@ def batch_latencies(
     probe: tuple[int, float] | None = None,
 ) -> dict[int, BatchLatency]:
     """The latency at each batch size of ``batches``, timed from the smallest up: ``time_ms``
-    times a forward on ``inputs_of(rows)`` (``(ms, reference ms or None)``: `latency_ms`, or
+    times a forward on the inputs of ``batch_of(rows)`` (``(inputs, samples they hold)``: a
+    task's `example_batch`; ``(ms, reference ms or None)``: `latency_ms`, or
     `interleaved_latency_ms` for ``models=2``). With a time budget, a batch whose forward would
     not fit it (`timed_rows`, predicted from the batch timed before it: BERT-base at batch 256
     takes about 8 of its training steps on a CPU) is timed on fewer rows and scaled, and says
@@ -359,21 +367,31 @@ def batch_latencies(
         rows = batch
         if probe is not None:
             rows = timed_rows(batch, *probe, budget_s=budget_s, models=models)
-        ms, reference_ms = time_ms(inputs_of(rows))
+        ms, reference_ms, rows = _timed(time_ms, batch_of, rows)
         for _ in range(RETIMES):  # (a forward's fixed cost made the smaller batch a poor guide)
             more = timed_rows(
                 batch, rows, max(ms, reference_ms or 0.0), budget_s=budget_s, models=models
             )
             if more < RETIME_GAIN * rows:
                 break
-            rows = more
-            ms, reference_ms = time_ms(inputs_of(rows))
+            ms, reference_ms, rows = _timed(time_ms, batch_of, more)
         if probe is None or rows >= probe[0]:
             probe = (rows, max(ms, reference_ms or 0.0))
         scale = batch / rows
         reference_ms = None if reference_ms is None else reference_ms * scale
         out[batch] = BatchLatency(batch, rows, ms * scale, reference_ms)
     return out
+
+
+def _timed(
+    time_ms: Callable[[Any], tuple[float, float | None]],
+    batch_of: Callable[[int], tuple[Any, int]],
+    rows: int,
+) -> tuple[float, float | None, int]:
+    """``time_ms`` of the inputs for ``rows`` samples, and the samples they held (a graph
+    batch's are the first batch's own, not ``rows``)."""
+    inputs, rows = batch_of(rows)
+    return (*time_ms(inputs), rows)
 
 
 class _LiveTensors(TorchDispatchMode):
@@ -415,7 +433,9 @@ class _LiveTensors(TorchDispatchMode):
 PEAK_BATCHES = (2, 4)
 
 
-def peak_memory_at(model: nn.Module, inputs_of: Callable[[int], Any], batch: int) -> int:
+def peak_memory_at(
+    model: nn.Module, batch_of: Callable[[int], tuple[Any, int]], batch: int
+) -> int:
     """Peak bytes of one forward pass on ``batch`` rows (`peak_memory_bytes`), measured on two
     small batches and extrapolated linearly, not measured on the large one.
 
@@ -427,16 +447,22 @@ def peak_memory_at(model: nn.Module, inputs_of: Callable[[int], Any], batch: int
 
     Args:
         model: The model (put in eval mode).
-        inputs_of: ``inputs_of(rows)``: the model's inputs for ``rows`` samples (a task's
-            ``example_inputs``).
+        batch_of: ``batch_of(rows)``: the model's inputs for ``rows`` samples and the samples
+            they hold (a task's ``example_batch``: a graph batch's are its own).
         batch: The batch size to report.
     """
     small, large = PEAK_BATCHES
     if batch <= large:
-        return peak_memory_bytes(model, inputs_of(batch))
-    at_small = peak_memory_bytes(model, inputs_of(small))
-    at_large = peak_memory_bytes(model, inputs_of(large))
-    per_row = max(0, at_large - at_small) / (large - small)
+        inputs, rows = batch_of(batch)
+        if rows == batch:
+            return peak_memory_bytes(model, inputs)
+    (inputs, small), (more, large) = batch_of(small), batch_of(large)  # (the samples they held)
+    at_large = peak_memory_bytes(model, more)
+    if large > small:
+        per_row = max(0, at_large - peak_memory_bytes(model, inputs)) / (large - small)
+    else:  # (batches of the loader's own size: what is not the weights grows by the rows)
+        state = sum(t.numel() * t.element_size() for t in weight_tensors(model))
+        per_row = max(0, at_large - state) / large
     return int(round(at_large + (batch - large) * per_row))
 
 

@@ -437,7 +437,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
             console.print(class_balance(task).to_string(float_format="%g"), highlight=False)
         console.print("\nmodel:", highlight=False)
         model = task.build_model()
-        summary = model_summary(model, task.example_inputs(1))
+        summary = model_summary(model, *task.example_batch(1))
         console.print(summary.to_string(index=False), highlight=False)
         console.print(
             "\nparameter tensors and the compressors that act on them "

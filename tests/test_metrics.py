@@ -351,7 +351,7 @@ def test_a_batch_too_slow_for_the_budget_is_timed_on_fewer_rows_and_scaled(budge
     seen: list[int] = []
     timer = _per_row_timer(100.0, seen, reference=1.0)
     latencies = batch_latencies(
-        timer, lambda n: torch.zeros(n), (256, 1, 8), budget_s=budget_s, models=models
+        timer, lambda n: (torch.zeros(n), n), (256, 1, 8), budget_s=budget_s, models=models
     )
     assert seen == rows  # (from the smallest batch up; 256 rows never built where they don't fit)
     assert list(latencies) == [1, 8, 256]
@@ -370,12 +370,12 @@ def test_a_forwards_fixed_cost_does_not_leave_a_batch_timed_on_a_few_rows():
         seen.append(len(inputs))
         return 49.0 + 1.0 * len(inputs), None
 
-    latencies = batch_latencies(time_ms, lambda n: torch.zeros(n), (1, 256), budget_s=2.0)
+    latencies = batch_latencies(time_ms, lambda n: (torch.zeros(n), n), (1, 256), budget_s=2.0)
     assert seen == [1, 13, 139, 256]
     assert latencies[256].rows == 256 and latencies[256].ms == pytest.approx(305.0)
     # (a cost per row that does not fall: timed once, on the rows predicted first)
     seen.clear()
-    batch_latencies(_per_row_timer(100.0, seen), lambda n: torch.zeros(n), (1, 256), budget_s=2.0)
+    batch_latencies(_per_row_timer(100.0, seen), lambda n: (torch.zeros(n), n), (1, 256), budget_s=2.0)
     assert seen == [1, 6]
 
 
@@ -440,11 +440,11 @@ def test_a_larger_probe_predicts_the_rows_of_a_large_batch():
         return 49.0 + 1.0 * len(inputs), None
 
     latencies = batch_latencies(
-        time_ms, lambda n: torch.zeros(n), (1, 256), budget_s=2.0, probe=(64, 113.0)
+        time_ms, lambda n: (torch.zeros(n), n), (1, 256), budget_s=2.0, probe=(64, 113.0)
     )
     assert seen == [1, 256] and latencies[256].rows == 256
     seen.clear()  # (a probe smaller than the batch timed before it: that batch predicts)
-    batch_latencies(time_ms, lambda n: torch.zeros(n), (8, 256), budget_s=2.0, probe=(2, 1.0))
+    batch_latencies(time_ms, lambda n: (torch.zeros(n), n), (8, 256), budget_s=2.0, probe=(2, 1.0))
     assert seen == [8, 93, 256]
 
 
@@ -455,9 +455,9 @@ def test_peak_memory_at_a_large_batch_is_extrapolated_from_two_small_ones():
     )
     asked = []
 
-    def inputs_of(rows: int) -> torch.Tensor:
+    def inputs_of(rows: int) -> tuple[torch.Tensor, int]:
         asked.append(rows)
-        return torch.randn(rows, 20)
+        return torch.randn(rows, 20), rows
 
     assert peak_memory_at(model, inputs_of, 200) == peak_memory_bytes(model, torch.randn(200, 20))
     assert asked == [2, 4]  # never built at 200 rows

@@ -864,3 +864,17 @@ def test_logits_at_other_positions_than_the_labels_are_never_paired_with_them(tr
     default = dataclasses.replace(task, loss=ce_loss)
     with pytest.raises(WorkloadError, match=r"ce_loss failed.*cannot be paired with its label"):
         check_workload(default, _QuarterLogits(workloads.TinySegNet()))
+
+
+def test_a_batch_description_says_how_many_entries_it_left_out():
+    """A DLRM's batch has seven inputs: the description must not end as if the sixth were the
+    last (the seventh, the third table's offsets, was hidden before)."""
+    from experiments import describe
+
+    batch = {f"in{i}": torch.zeros(2, 3, dtype=torch.int64) for i in range(11)}
+    text = describe(batch)
+    assert text.startswith("dict(in0: int64[2, 3], ")
+    assert "in7: int64[2, 3], ... 3 more)" in text
+    assert "in8" not in text
+    assert describe((torch.zeros(1),) * 3) == "tuple(float32[1], float32[1], float32[1])"
+    assert describe(list(range(9))).endswith("int, ... 1 more)")

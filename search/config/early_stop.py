@@ -92,7 +92,8 @@ class EarlyStop:
         constraints: Bounds of ``search.constraints`` (a trial breaking one on its size is
             pruned before fine-tuning).
         baseline_size: Bytes of the baseline's packed file (for ``compression_ratio``).
-        example_inputs: Inputs of one forward pass (for ``flops``).
+        example_inputs: Inputs of one forward pass (for ``flops``), holding
+            ``example_samples`` samples.
     """
 
     pruner: bool = False
@@ -104,6 +105,7 @@ class EarlyStop:
     constraints: Mapping[str, float] = field(default_factory=dict)
     baseline_size: int = 0
     example_inputs: Any = None
+    example_samples: int = 1
 
     def start(
         self, trial: optuna.Trial, model: nn.Module, *, like: nn.Module | None = None
@@ -144,11 +146,13 @@ class EarlyStop:
         return {"size_bytes": size, "compression_ratio": self.baseline_size / size}
 
     def _structure(self, model: nn.Module, like: nn.Module | None = None) -> dict[str, float]:
-        from experiments.metrics import count_flops
+        from experiments.metrics import flops_per_sample
 
         known = self.sized(model, like)  # the file's size, without writing it
         if "flops" in self.objectives or "flops" in self.constraints:
-            known["flops"] = float(count_flops(model, self.example_inputs))
+            known["flops"] = float(
+                flops_per_sample(model, self.example_inputs, self.example_samples)
+            )
         return known
 
 

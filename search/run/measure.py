@@ -24,7 +24,7 @@ from experiments import (
 from experiments._data import call_model
 from experiments.metrics import (
     batch_latencies,
-    count_flops,
+    flops_per_sample,
     interleaved_latency_ms,
     latency_ms,
     nonzero_params,
@@ -83,8 +83,8 @@ def measure(
     metrics = {
         **{f"val_{k}": v for k, v in scores(shipped, task.val, extra).items()},
         "nonzero_params": nonzero_params(shipped),
-        "flops": count_flops(shipped, task.example_inputs(1)),
-        "peak_memory_bytes": peak_memory_at(shipped, task.example_inputs, max(latency_batch_sizes)),
+        "flops": flops_per_sample(shipped, *task.example_batch(1)),
+        "peak_memory_bytes": peak_memory_at(shipped, task.example_batch, max(latency_batch_sizes)),
     }
 
     clock = latency_clock()
@@ -106,7 +106,7 @@ def measure(
 
     latencies = batch_latencies(
         time_ms,
-        task.example_inputs,
+        task.example_batch,
         latency_batch_sizes,
         budget_s=budget_s,
         models=1 if reference is None else 2,
@@ -119,16 +119,22 @@ def measure(
             metrics[f"speedup{suffix}"] = latency.reference_ms / latency.ms
         if latency.rows != batch:
             metrics[f"latency_rows{suffix}"] = latency.rows
+            once = task.example_batch(batch)[1] != batch  # (the data's: every trial's the same)
+            if once:
+                why = f"a batch of the validation data held {latency.rows} samples"
+            else:
+                why = (
+                    f"a forward of {batch} would not fit the budget of {budget_s:.3g} s, "
+                    f"measure.latency_budget_s={latency_budget_s}"
+                )
             logger.info(
-                "latency at batch %d timed on %d rows (a forward of %d would not fit the "
-                "budget of %.3g s, measure.latency_budget_s=%s) and scaled by %.3g: %.4g ms",
+                "latency at batch %d timed on %d rows (%s) and scaled by %.3g: %.4g ms",
                 batch,
                 latency.rows,
-                batch,
-                budget_s,
-                latency_budget_s,
+                why,
                 batch / latency.rows,
                 latency.ms,
+                extra={"once": once},
             )
     return metrics
 
@@ -174,8 +180,7 @@ def latency_budget(
     (None): ``(None, None)``, nothing run."""
     if budget_s is None:
         return None, None
-    rows = task.train_config.batch_size
-    inputs = task.example_inputs(rows)
+    inputs, rows = task.example_batch(task.train_config.batch_size)
     slowest = 0.0
     for model in (timed, reference):
         if model is not None:
