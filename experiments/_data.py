@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -499,11 +502,33 @@ class Data:
 
     def calibration(self, *, samples: int, batch_size: int, device: Any = None) -> list[Calib]:
         """The first ``samples`` samples in the split's own order (no shuffling), as batches of
-        at most ``batch_size``: what data-aware compressors measure gradients and losses on."""
-        return [
-            Calib(b.inputs, b.targets, b.rows)
-            for b in self.batches(batch_size, device=device, limit=samples)
-        ]
+        at most ``batch_size``: what data-aware compressors measure gradients and losses on.
+
+        The same samples every time, drawn alike: a random sampler's order and an
+        augmentation's draws (in this process or in a DataLoader's workers, started anew) come
+        from generators seeded with `CALIBRATION_SEED`, and the caller's generators are left as
+        they were (a table cached by the weights it was measured on holds for every trial).
+        """
+        with drawn_alike(CALIBRATION_SEED):
+            self.restart_workers()
+            batches = [
+                Calib(b.inputs, b.targets, b.rows)
+                for b in self.batches(batch_size, device=device, limit=samples)
+            ]
+            self.restart_workers()  # (a later pass seeds its workers from the caller's draws)
+        return batches
+
+    def restart_workers(self) -> None:
+        """Stop the worker processes a DataLoader keeps from pass to pass
+        (``persistent_workers=True``), so that its next pass starts new ones, seeded from
+        torch's generator as it is then, as a fresh process's first pass would. Kept workers
+        carry their random state (an augmentation's draws) from one trial to the next: a trial
+        would read other batches than its rerun (`squeeze run`) does."""
+        loader = self.source
+        iterator = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
+        if iterator is not None:  # (torch's DataLoader keeps no other handle on its workers)
+            iterator._shutdown_workers()
+            loader._iterator = None
 
     def first_inputs(self, rows: int) -> Any:
         """The model's inputs for ``rows`` samples from the start of the split (`first_batch`)."""
@@ -521,6 +546,26 @@ class Data:
         if batch.rows == rows or not rows_of_one_axis(batch.inputs, batch.rows):
             return batch.inputs, batch.rows
         return take_rows(batch.inputs, torch.arange(rows) % batch.rows), rows
+
+
+#: Seeds the draws of the data's calibration samples (`Data.calibration`).
+CALIBRATION_SEED = 0
+
+
+@contextmanager
+def drawn_alike(seed: int) -> Iterator[None]:
+    """Inside: torch's (CPU), numpy's global and Python's `random` generators seeded with
+    ``seed``; after: each as it was before."""
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def _takes_no_arguments(factory: Any) -> bool:
