@@ -99,6 +99,7 @@ merged into another tensor stays float32 (a note names it).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,6 +276,7 @@ def export_onnx(
     exporter: str = "auto",
     fold_bn: bool = True,
     optimize: str = "basic",
+    more_inputs: Iterable[Any] = (),
 ) -> OnnxExport:
     """Export the model a packed file holds as an ONNX graph storing the file's integer codes.
 
@@ -310,6 +312,9 @@ def export_onnx(
         optimize: ONNX Runtime's offline graph optimisation saved into the file: ``basic``
             (standard ONNX ops only, for any ONNX Runtime build and CPU:
             `compressors._onnx_optimize`) or ``none``.
+        more_inputs: Other batches' inputs, of the same call form: any axis at which they
+            have other sizes than ``example_inputs`` (float features and boolean masks padded
+            per batch to their longest sequence) is dynamic in the graph too.
 
     Raises:
         OnnxExportError: If neither exporter converts the model (naming the layer and op), or
@@ -339,7 +344,7 @@ def export_onnx(
             f"The 'outputs' parameter must be one of {', '.join(map(repr, OUTPUT_CHOICES))}. "
             f"Got {outputs!r} instead."
         )
-    call = Call.of(model, example_inputs)  # refused before anything is read
+    call = Call.of(model, example_inputs).varying_in(more_inputs)  # refused before any read
     # (bounded by the model's own shapes; the values are the loaded model's, not decoded twice)
     stored = read_tensors(packed_path, model=model, decode=False)
     model = load_packed(packed_path, model, int8=False)
@@ -419,9 +424,11 @@ def check_exportable(
     output: OutputSelector | None = None,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
+    more_inputs: Iterable[Any] = (),
 ) -> str:
     """Export ``model`` (float, as it is) to a graph in memory, to know before any training
-    whether it can be: returns the exporter that converts it.
+    whether it can be: returns the exporter that converts it (``more_inputs``: as
+    `export_onnx`'s).
 
     Raises:
         OnnxExportError: As `export_onnx` would: an op no exporter converts (naming the layer),
@@ -429,7 +436,7 @@ def check_exportable(
             a tensor.
     """
     require_onnx()
-    call = Call.of(model, example_inputs)
+    call = Call.of(model, example_inputs).varying_in(more_inputs)
     _, used, _ = export_graph(
         model, call, output, every=False, opset=opset, exporter=exporter, notes=[]
     )
