@@ -516,3 +516,15 @@ class OrtModule(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         feed = ort_feeds(self.input_names, self._graph_inputs, args, kwargs)
         return torch.from_numpy(self.session.run([self.scored], feed)[0])
+
+
+def cannot_run(batch: Any, err: Exception) -> str:
+    """Why ONNX Runtime could not run a batch: its shapes and ONNX Runtime's message."""
+    tensors = batch.items() if isinstance(batch, dict) else enumerate(_as_tuple(batch))
+    shapes = ", ".join(f"{k}: {list(t.shape)}" for k, t in tensors if hasattr(t, "shape"))
+    said = " ".join(str(err).split())
+    return f"ONNX Runtime cannot run the graph on a batch ({shapes}): {said[:600]}"
+
+
+def _as_tuple(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple | list) else (batch,)

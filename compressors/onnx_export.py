@@ -98,6 +98,7 @@ merged into another tensor stays float32 (a note names it).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ from compressors._onnx_io import (
     OrtModule,
     OutputSelector,
     call_model,
+    cannot_run,
     input_batches,
     scored_output,
     write_metadata,
@@ -513,7 +515,14 @@ def check_onnx(
         for batch in input_batches(inputs, batch_size):
             if shipped_model is not None:  # (one batch of each at a time)
                 wanted += torch_outputs(shipped_model, batch, output=output, batch_size=batch_size)
-            got.append(call_model(module, batch).float())
+            try:
+                got.append(call_model(module, batch).float())
+            except Exception as err:  # ONNX Runtime's own (InvalidArgument, Fail): a wrong graph
+                if not type(err).__module__.startswith("onnxruntime"):
+                    raise
+                return OnnxCheck(
+                    False, math.inf, math.inf, *EXACT_TOLERANCE, got, cannot_run(batch, err)
+                )
     expected = wanted if expected is None else expected
     if not expected:
         raise ValueError("check_onnx got no input samples")

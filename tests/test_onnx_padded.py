@@ -4,6 +4,8 @@ just the example batch's (``squeeze run`` exports every model it ships to ONNX).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -92,6 +94,7 @@ def test_axes_other_batches_have_at_other_sizes_are_dynamic():
     assert call.varying_in([torch.zeros(2, 9, 4)]).axes() == call.axes()  # (another form)
 
 
+@pytest.mark.slow  # (over 6 s on 2 cores: the slow lane runs it)
 def test_a_graph_of_float_sequences_padded_per_batch_runs_every_length(tmp_path):
     from search.run.deploy import deploy_onnx
 
@@ -114,3 +117,80 @@ def test_a_graph_of_float_sequences_padded_per_batch_runs_every_length(tmp_path)
         got = deployed.module(**batch)  # a length no batch had
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+class _Causal(nn.Module):
+    """torch's TransformerEncoder given a causal mask without ``is_causal=True``: the dynamo
+    exporter cannot guard on the mask's contents, and the legacy one fixes the lengths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Linear(4, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+        h = self.encoder(self.token(x), mask=causal, src_key_padding_mask=~mask)
+        return self.head(h).squeeze(-1)
+
+
+def causal(*, name: str = "causal_tokens", seed: int = 0, train: dict | None = None) -> Task:
+    """`_task` with `_Causal` (its ONNX graph runs only the example's length)."""
+    return dataclasses.replace(_task(), name=name, build_model=_Causal)
+
+
+def test_a_graph_that_cannot_run_a_batch_is_a_mismatch_naming_the_batch_and_exporter(tmp_path):
+    from search.run.deploy import OnnxMismatchError, deploy_onnx
+
+    task = causal()
+    torch.manual_seed(0)
+    save_packed(task.build_model(), tmp_path / "m.sqz")
+    with pytest.raises(OnnxMismatchError) as refused:  # (not onnxruntime's own error)
+        deploy_onnx(tmp_path / "m.sqz", task, tmp_path / "m.onnx", threads=1)
+    message = str(refused.value)
+    assert message.startswith("m.onnx: ONNX Runtime cannot run the graph on a batch (x: [")
+    assert "exported by the legacy exporter: the dynamo exporter failed" in message
+
+
+@pytest.mark.slow  # (a sweep, an export and a run)
+def test_squeeze_run_ships_the_packed_file_when_its_graph_cannot_run(tmp_path, cache_dir, caplog):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from search import compose_config, run_sweep
+    from search.cli import main
+    from search.results.reuse import export_trial
+    from tests.conftest import sweep_overrides
+
+    conf = tmp_path / "conf"
+    (conf / "task").mkdir(parents=True)
+    (conf / "task" / "causal_tokens.yaml").write_text(
+        "_target_: tests.test_onnx_padded.causal\nname: causal_tokens\n"
+    )
+    overrides = [
+        "task=causal_tokens",
+        "space.pipeline=[quant]",
+        *sweep_overrides(tmp_path, cache_dir, "search.n_trials=1", space=None),
+    ]
+    run_sweep(compose_config(overrides, config_dirs=[conf]))
+    export_trial(
+        compose_config(overrides, config_dirs=[conf]),
+        "causal_tokens",
+        pick="trial=0",
+        name="causal0",
+        conf_dir=conf,
+    )
+    with caplog.at_level(logging.WARNING, logger="search.results.reuse"):
+        code = main(["run", "--config-dir", str(conf), "experiment=causal0", *overrides[2:]])
+    assert code == 0
+    assert "ONNX not exported, model.sqz is logged alone: model.onnx: ONNX Runtime cannot" in (
+        caplog.text
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("causal0", "champion")
+    files = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(version.run_id, "model")}
+    assert "model.sqz" in files and "model.onnx" not in files

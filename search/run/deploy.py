@@ -117,8 +117,9 @@ def deploy_onnx(
     release_freed_memory()  # (the exporter left the model in reference cycles)
     targets: list[Any] = []
     check = check_onnx(out, None, _inputs(task.val, targets), output=output, expected=expected)
-    if not check.agree:
-        raise OnnxMismatchError(f"{out.name}: {check.message}")
+    if not check.agree:  # (the export's notes say what it fixed, or which exporter it fell to)
+        notes = "".join(f"; {note}" for note in exported.notes if "dense" not in note)
+        raise OnnxMismatchError(f"{out.name}: {check.message}{notes}")
     threads = threads or torch.get_num_threads()
     module = OrtModule(ort_session(out, threads=threads))
     metrics = {
