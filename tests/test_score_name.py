@@ -98,3 +98,18 @@ def test_an_old_study_without_a_metric_name_keeps_its_heads():
     table = front_table(front, base, title="t", score=Score())
     assert [c.header for c in table.columns][1:3] == ["val acc", "test acc"]
     assert "score:" not in str(table.caption)
+
+
+def test_inspect_calls_a_regression_one_and_names_its_score(tmp_path, monkeypatch, capsys):
+    conf = tmp_path / "conf" / "task"
+    conf.mkdir(parents=True)
+    (conf / "r2_three.yaml").write_text(
+        "_target_: tests.test_score_name.r2_three\nname: r2_three\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--config-dir", str(tmp_path / "conf"), "task=r2_three"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (
+        "task r2_three: a regression (outputs='values', num_classes=3: the output's width); "
+        "score: R2Score, higher is better"
+    )  # (not "task r2_three: 3 classes")
