@@ -149,6 +149,7 @@ from compressors._onnx_session import (
     require_ort,
     session_options,
     session_settings,
+    unrunnable,
 )
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
@@ -430,18 +431,25 @@ def check_exportable(
 ) -> str:
     """Export ``model`` (float, as it is) to a graph in memory, to know before any training
     whether it can be: returns the exporter that converts it (``more_inputs``: as
-    `export_onnx`'s).
+    `export_onnx`'s; ONNX Runtime then runs the graph on each of them).
 
     Raises:
         OnnxExportError: As `export_onnx` would: an op no exporter converts (naming the layer),
             inputs that are not tensors in one of the three forms, a scored output that is not
-            a tensor.
+            a tensor; or a graph ONNX Runtime cannot run on ``more_inputs``.
     """
     require_onnx()
-    call = Call.of(model, example_inputs).varying_in(more_inputs)
-    _, used, _ = export_graph(
-        model, call, output, every=False, opset=opset, exporter=exporter, notes=[]
+    more = list(more_inputs)
+    call = Call.of(model, example_inputs).varying_in(more)
+    notes: list[str] = []
+    proto, used, outputs = export_graph(
+        model, call, output, every=False, opset=opset, exporter=exporter, notes=notes
     )
+    if more:  # the graph runs the data's other shapes (a legacy export may have fixed them)
+        write_metadata(proto, call, outputs)
+        why = unrunnable(proto, [example_inputs, *more], notes)
+        if why is not None:
+            raise OnnxExportError(why)
     return used
 
 

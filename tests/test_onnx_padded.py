@@ -194,3 +194,17 @@ def test_squeeze_run_ships_the_packed_file_when_its_graph_cannot_run(tmp_path, c
     version = client.get_model_version_by_alias("causal0", "champion")
     files = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(version.run_id, "model")}
     assert "model.sqz" in files and "model.onnx" not in files
+
+
+def test_a_sweep_timing_in_onnx_runtime_checks_the_graph_runs_the_datas_lengths():
+    """`check_deployable` (a sweep's check before anything is created, with
+    ``measure.runtime=onnxruntime``) runs the float graph on the first validation batches."""
+    from compressors.onnx_export import OnnxExportError
+    from search.run.deploy import check_deployable
+
+    assert check_deployable(_task()) == "dynamo"
+    with pytest.raises(OnnxExportError) as refused:
+        check_deployable(causal())
+    message = str(refused.value)
+    assert message.startswith("ONNX Runtime cannot run the graph on a batch (x: [4, ")
+    assert "exported by the legacy exporter: the dynamo exporter failed" in message
