@@ -89,6 +89,21 @@ def test_the_sweep_names_an_r2_score_in_its_table_study_and_mlflow_run(tmp_path,
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["squeeze.score"] == "R2Score (higher is better)"
 
+    # explain: a regression has no decisions to agree on, and no empty table says otherwise
+    out, err = io.StringIO(), io.StringIO()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(
+                ["explain", "--study", "r2_three", "--config-dir", str(tmp_path / "conf")]
+                + [o for o in overrides if not o.startswith(("space", "measure", "search.n_"))]
+            )
+    finally:
+        os.chdir(before)
+    assert code == 0, err.getvalue()
+    assert "makes no decisions to agree on" in out.getvalue()
+    assert "Agreement with the baseline" not in out.getvalue()
+
 
 def test_an_old_study_without_a_metric_name_keeps_its_heads():
     import pandas as pd
