@@ -314,6 +314,14 @@ def _unchanged(model: torch.nn.Module) -> Iterator[None]:
 def _check_model(plan: SweepPlan, task: Task, model: torch.nn.Module) -> None:
     cfg = plan.cfg
     check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
+    own = task.train.own_loader
+    if own is not None:  # (the recipe's finetune.batch_size would say otherwise)
+        logger.info(
+            "task %r: its training data is %s, read as it is, with its own batch size and "
+            "order: task.train.batch_size and the recipe's finetune.batch_size do not change it",
+            task.name,
+            own,
+        )
     example = task.example_inputs()
     if str(cfg.measure.runtime) == "onnxruntime":  # its graph is exported once, here
         try:
