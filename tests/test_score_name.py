@@ -54,6 +54,7 @@ def test_a_score_is_named_by_its_metric_and_only_accuracy_is_headed_acc():
     assert r2 == Score()  # the name is not compared: same direction, same rules
     accuracy = Score(name="accuracy")
     assert accuracy.columns == ("val acc", "test acc") and Score().columns == accuracy.columns
+    assert Score(name="label_accuracy").columns == accuracy.columns  # (a multi-label task's)
     assert Score(higher_is_better=False, name="accuracy").columns == ("val score", "test score")
 
 

@@ -31,8 +31,9 @@ from typing import Any
 DIRECTION_ATTR = "val_acc_direction"
 #: The study's user attribute holding the name of the task's metric (`Score.name`).
 METRIC_ATTR = "val_acc_metric"
-#: The name of squeeze's default score of a classifier: the only one headed "acc" in tables.
-ACCURACY = "accuracy"
+#: The names of squeeze's default scores of classifiers (top-1 accuracy, a multi-label one's share
+#: of labels decided right): the only ones headed "acc" in tables.
+ACCURACIES = ("accuracy", "label_accuracy")
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,9 @@ class Score:
 
     @property
     def is_accuracy(self) -> bool:
-        """Whether the score is squeeze's top-1 accuracy (or not known to be anything else, as
+        """Whether the score is one of squeeze's accuracies (or not known to be anything else, as
         in a study made before the metric's name was recorded, and higher is better)."""
-        return self.higher_is_better and self.name in ("", ACCURACY)
+        return self.higher_is_better and self.name in ("", *ACCURACIES)
 
     @property
     def columns(self) -> tuple[str, str]:
