@@ -5,7 +5,8 @@ given as a tuple) or on keyword tensors (``model(input_ids=..., attention_mask=.
 dict). The graph has one input per tensor, named by the dict's keys, by ``forward``'s parameter
 names (``input_<i>`` where it has none), or ``input`` for a lone tensor; the first axis of each
 is dynamic (``batch``), and the second of integer inputs of two or more axes (token ids, masks:
-``sequence``).
+``sequence``), and any axis that other batches of the same call have at other sizes (float
+features padded per batch to their longest sequence, a boolean mask: `Call.varying_in`).
 
 A model may return a tensor, a tuple, a dict or a ``ModelOutput``. The graph computes the scored
 output (``output``: what ``Data.forward`` selects; by default the tensor, ``.logits``, or the
@@ -21,6 +22,7 @@ scored) comes in as a callable.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -61,11 +63,14 @@ class Call:
             (``model(**inputs)``).
         names: The graph's input names, in call order.
         tensors: The example tensors, in the same order.
+        varying: For each tensor, the axes past the batch's that other batches have at other
+            sizes (`varying_in`): dynamic too. Empty: none known.
     """
 
     kind: str
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
+    varying: tuple[frozenset[int], ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module, inputs: Any) -> Call:
@@ -106,14 +111,56 @@ class Call:
         return tensors
 
     def axes(self) -> list[dict[int, str]]:
-        """The dynamic axes of each input: the batch axis, and the sequence axis of integer
-        inputs of two or more axes (token ids, attention masks)."""
-        return [dynamic_axes(t) for t in self.tensors]
+        """The dynamic axes of each input: the batch axis, the sequence axis of integer
+        inputs of two or more axes (token ids, attention masks), and the `varying` ones (axis 1:
+        ``sequence``, axis k past it: ``axis<k>``)."""
+        every = []
+        for i, tensor in enumerate(self.tensors):
+            axes = dynamic_axes(tensor)
+            for axis in sorted(self.varying[i] if i < len(self.varying) else ()):
+                axes.setdefault(axis, SEQUENCE if axis == 1 else f"axis{axis}")
+            every.append(axes)
+        return every
+
+    def varying_in(self, others: Iterable[Any]) -> Call:
+        """This call, with the axes (past the batch's) at which the inputs of ``others``
+        (other batches of the same call form: a data split's, padded per batch) have other
+        sizes than the example's marked dynamic. Inputs of another form are skipped."""
+        varying = [set(v) for v in self.varying] or [set() for _ in self.tensors]
+        for inputs in others:
+            tensors = _same_form(self, inputs)
+            for i, (mine, theirs) in enumerate(zip(self.tensors, tensors or (), strict=False)):
+                if mine.dim() == theirs.dim():
+                    varying[i] |= {
+                        axis
+                        for axis in range(1, mine.dim())
+                        if mine.shape[axis] != theirs.shape[axis]
+                    }
+        return dataclasses.replace(self, varying=tuple(frozenset(v) for v in varying))
 
     def at_least_two(self) -> Call:
         """The call with at least 2 samples (and 2 tokens) in every input: exporters fix axes
         of size 1."""
-        return Call(self.kind, self.names, tuple(_at_least_two(t) for t in self.tensors))
+        tensors = tuple(
+            _at_least_two(t, i < len(self.varying) and 1 in self.varying[i])
+            for i, t in enumerate(self.tensors)
+        )
+        return dataclasses.replace(self, tensors=tensors)
+
+
+def _same_form(call: Call, inputs: Any) -> tuple[torch.Tensor, ...] | None:
+    """``inputs``' tensors in ``call``'s order, or None where they are of another form."""
+    if call.kind == "tensor":
+        return (inputs,) if isinstance(inputs, torch.Tensor) else None
+    if call.kind == "keyword":
+        if not isinstance(inputs, Mapping) or set(inputs) != set(call.names):
+            return None
+        values = tuple(inputs[name] for name in call.names)
+    else:
+        if not isinstance(inputs, tuple | list) or len(inputs) != len(call.tensors):
+            return None
+        values = tuple(inputs)
+    return values if all(isinstance(v, torch.Tensor) for v in values) else None
 
 
 def dynamic_axes(tensor: torch.Tensor) -> dict[int, str]:
@@ -128,10 +175,10 @@ def _is_integer(tensor: torch.Tensor) -> bool:
     return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
-def _at_least_two(tensor: torch.Tensor) -> torch.Tensor:
+def _at_least_two(tensor: torch.Tensor, varying: bool = False) -> torch.Tensor:
     if tensor.dim() >= 1 and tensor.shape[0] < 2:
         tensor = torch.cat([tensor] * 2)
-    if _is_integer(tensor) and tensor.dim() >= 2 and tensor.shape[1] < 2:
+    if (varying or _is_integer(tensor)) and tensor.dim() >= 2 and tensor.shape[1] < 2:
         tensor = torch.cat([tensor] * 2, dim=1)
     return tensor
 
@@ -469,3 +516,15 @@ class OrtModule(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         feed = ort_feeds(self.input_names, self._graph_inputs, args, kwargs)
         return torch.from_numpy(self.session.run([self.scored], feed)[0])
+
+
+def cannot_run(batch: Any, err: Exception) -> str:
+    """Why ONNX Runtime could not run a batch: its shapes and ONNX Runtime's message."""
+    tensors = batch.items() if isinstance(batch, dict) else enumerate(_as_tuple(batch))
+    shapes = ", ".join(f"{k}: {list(t.shape)}" for k, t in tensors if hasattr(t, "shape"))
+    said = " ".join(str(err).split())
+    return f"ONNX Runtime cannot run the graph on a batch ({shapes}): {said[:600]}"
+
+
+def _as_tuple(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple | list) else (batch,)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
 
@@ -68,3 +70,25 @@ def require_ort():
             "onnx, onnxruntime and onnxscript)."
         ) from None
     return onnxruntime
+
+
+def unrunnable(proto: onnx.ModelProto, batches: Iterable[Any], notes: list[str]) -> str | None:
+    """Why ONNX Runtime cannot run the graph ``proto`` (its call recorded by
+    `compressors._onnx_io.write_metadata`) on one of ``batches`` (model inputs, as the model is
+    called), with the export's ``notes``; None when it runs them all."""
+    from compressors._onnx_io import OrtModule, call_model, cannot_run
+
+    options = session_options(1)
+    options.log_severity_level = 4  # (its failure is reported below, not printed in red)
+    session = require_ort().InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    module = OrtModule(session)
+    for batch in batches:
+        try:
+            call_model(module, batch)
+        except Exception as err:  # ONNX Runtime's own (InvalidArgument, Fail): a wrong graph
+            if not type(err).__module__.startswith("onnxruntime"):
+                raise
+            return cannot_run(batch, err) + "".join(f"; {note}" for note in notes)
+    return None

@@ -98,7 +98,9 @@ merged into another tensor stays float32 (a note names it).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,6 +133,7 @@ from compressors._onnx_io import (
     OrtModule,
     OutputSelector,
     call_model,
+    cannot_run,
     input_batches,
     scored_output,
     write_metadata,
@@ -146,6 +149,7 @@ from compressors._onnx_session import (
     require_ort,
     session_options,
     session_settings,
+    unrunnable,
 )
 from compressors._onnx_torch import export_graph, require_onnx
 from compressors.packing import int8_layers, load_packed, read_tensors, with_values
@@ -275,6 +279,7 @@ def export_onnx(
     exporter: str = "auto",
     fold_bn: bool = True,
     optimize: str = "basic",
+    more_inputs: Iterable[Any] = (),
 ) -> OnnxExport:
     """Export the model a packed file holds as an ONNX graph storing the file's integer codes.
 
@@ -310,6 +315,9 @@ def export_onnx(
         optimize: ONNX Runtime's offline graph optimisation saved into the file: ``basic``
             (standard ONNX ops only, for any ONNX Runtime build and CPU:
             `compressors._onnx_optimize`) or ``none``.
+        more_inputs: Other batches' inputs, of the same call form: any axis at which they
+            have other sizes than ``example_inputs`` (float features and boolean masks padded
+            per batch to their longest sequence) is dynamic in the graph too.
 
     Raises:
         OnnxExportError: If neither exporter converts the model (naming the layer and op), or
@@ -339,7 +347,7 @@ def export_onnx(
             f"The 'outputs' parameter must be one of {', '.join(map(repr, OUTPUT_CHOICES))}. "
             f"Got {outputs!r} instead."
         )
-    call = Call.of(model, example_inputs)  # refused before anything is read
+    call = Call.of(model, example_inputs).varying_in(more_inputs)  # refused before any read
     # (bounded by the model's own shapes; the values are the loaded model's, not decoded twice)
     stored = read_tensors(packed_path, model=model, decode=False)
     model = load_packed(packed_path, model, int8=False)
@@ -419,20 +427,29 @@ def check_exportable(
     output: OutputSelector | None = None,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
+    more_inputs: Iterable[Any] = (),
 ) -> str:
     """Export ``model`` (float, as it is) to a graph in memory, to know before any training
-    whether it can be: returns the exporter that converts it.
+    whether it can be: returns the exporter that converts it (``more_inputs``: as
+    `export_onnx`'s; ONNX Runtime then runs the graph on each of them).
 
     Raises:
         OnnxExportError: As `export_onnx` would: an op no exporter converts (naming the layer),
             inputs that are not tensors in one of the three forms, a scored output that is not
-            a tensor.
+            a tensor; or a graph ONNX Runtime cannot run on ``more_inputs``.
     """
     require_onnx()
-    call = Call.of(model, example_inputs)
-    _, used, _ = export_graph(
-        model, call, output, every=False, opset=opset, exporter=exporter, notes=[]
+    more = list(more_inputs)
+    call = Call.of(model, example_inputs).varying_in(more)
+    notes: list[str] = []
+    proto, used, outputs = export_graph(
+        model, call, output, every=False, opset=opset, exporter=exporter, notes=notes
     )
+    if more:  # the graph runs the data's other shapes (a legacy export may have fixed them)
+        write_metadata(proto, call, outputs)
+        why = unrunnable(proto, [example_inputs, *more], notes)
+        if why is not None:
+            raise OnnxExportError(why)
     return used
 
 
@@ -506,7 +523,14 @@ def check_onnx(
         for batch in input_batches(inputs, batch_size):
             if shipped_model is not None:  # (one batch of each at a time)
                 wanted += torch_outputs(shipped_model, batch, output=output, batch_size=batch_size)
-            got.append(call_model(module, batch).float())
+            try:
+                got.append(call_model(module, batch).float())
+            except Exception as err:  # ONNX Runtime's own (InvalidArgument, Fail): a wrong graph
+                if not type(err).__module__.startswith("onnxruntime"):
+                    raise
+                return OnnxCheck(
+                    False, math.inf, math.inf, *EXACT_TOLERANCE, got, cannot_run(batch, err)
+                )
     expected = wanted if expected is None else expected
     if not expected:
         raise ValueError("check_onnx got no input samples")

@@ -8,6 +8,7 @@ tried, so that a user's own task is refused in seconds rather than after its bas
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -120,6 +121,7 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
         raise WorkloadError(
             f"{where}: the loss {_name(task.loss)} failed on outputs {describe(output)} and "
             f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
+            f"{_several_outputs(model, batch.inputs, output)}"
         ) from err
     metric = task.metric
     try:
@@ -138,7 +140,34 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
         raise WorkloadError(
             f"{where}: the metric {_name(metric)} failed on outputs {describe(output)} and "
             f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
+            f"{_several_outputs(model, batch.inputs, output)}"
         ) from err
+
+
+def _several_outputs(model: nn.Module, inputs: Any, output: torch.Tensor) -> str:
+    """Where the model returns several float tensors (a dict of two heads, a tuple), a
+    sentence saying that the loss and metric got the scored one only, and how to give them
+    several; else nothing."""
+    try:
+        with torch.no_grad():
+            everything = call_model(model, to_device(inputs, model_device(model)))
+    except Exception:  # (it ran once already: nothing to add if it does not now)
+        return ""
+    if isinstance(everything, Mapping):
+        named = [(f"out[{k!r}]", v) for k, v in everything.items()]
+    elif isinstance(everything, tuple | list):
+        named = [(f"out[{i}]", v) for i, v in enumerate(everything)]
+    else:
+        return ""
+    floats = [n for n, v in named if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if len(floats) < 2:
+        return ""
+    return (
+        f". The model returns {describe(everything)}; the loss and metric get the scored "
+        f"output only ({describe(output)}). A loss or metric of several outputs gets them as "
+        f"one tensor: Task(output=lambda out: torch.cat([{', '.join(floats[:2])}], -1), "
+        "outputs='values'), split again inside your loss and metric"
+    )
 
 
 def _fix_for(inputs: Any, model: nn.Module) -> str:

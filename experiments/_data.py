@@ -365,6 +365,17 @@ class Data:
         return self.source if isinstance(self.source, Split) else None
 
     @property
+    def own_loader(self) -> str | None:
+        """What reads this data as it is, whatever batch size squeeze asks for (a user's
+        ``DataLoader``, ``DataLoader(batch_size=32)``; a factory of no arguments), or None."""
+        source = self.source
+        if isinstance(source, DataLoader):
+            return f"a DataLoader (batch_size={source.batch_size})"
+        if callable(source) and not isinstance(source, Dataset) and _takes_no_arguments(source):
+            return f"a loader of no arguments ({getattr(source, '__name__', 'factory')})"
+        return None
+
+    @property
     def deterministic(self) -> bool:
         """Whether a pass over the data in order gives the same batches every time (only an
         in-memory split is known to: a dataset may augment at random)."""

@@ -105,8 +105,13 @@ def regression_loss(
     outputs: torch.Tensor, targets: torch.Tensor, _teacher: torch.Tensor | None
 ) -> torch.Tensor:
     """Mean squared error, element-wise (targets shaped like the outputs, or one value per row
-    for a one-wide output)."""
-    return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+    for a one-wide output); targets equal to `IGNORE_INDEX` (a per-token regression's padding,
+    as a collate pads labels) are left out."""
+    targets = targets.reshape(outputs.shape).to(outputs.dtype)
+    kept = targets != IGNORE_INDEX
+    if bool(kept.all()):
+        return F.mse_loss(outputs, targets)
+    return F.mse_loss(outputs[kept], targets[kept])
 
 
 #: The losses between two outputs of a task's kind, by name (what distillation may match with).
@@ -155,9 +160,14 @@ def decided(outputs: torch.Tensor, targets: object, kind: str = "logits") -> tor
 
 def r2_score(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     """Coefficient of determination R² of ``outputs`` against ``targets`` over the whole split
-    (1 is perfect, 0 is predicting the mean; averaged uniformly over output columns)."""
+    (1 is perfect, 0 is predicting the mean; averaged uniformly over output columns). Where
+    targets hold `IGNORE_INDEX` (a per-token regression padded to each batch's longest
+    sequence), the values at the other positions are scored as one column."""
     predicted = outputs.reshape(len(outputs), -1).double()
     actual = targets.reshape(predicted.shape).double()
+    kept = actual != IGNORE_INDEX
+    if not bool(kept.all()):
+        predicted, actual = predicted[kept].reshape(-1, 1), actual[kept].reshape(-1, 1)
     residual = (actual - predicted).pow(2).sum(dim=0)
     total = (actual - actual.mean(dim=0)).pow(2).sum(dim=0).clamp_min(1e-12)
     return float((1.0 - residual / total).mean())

@@ -420,13 +420,22 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     import pandas as pd
 
     from experiments.analysis import class_balance, dataset_summary, model_summary
+    from search.config.score import Score
     from search.config.space import claims_table
     from search.run.workload import build_task
 
     task = build_task(plan)
     with _wide():
-        what = "labels" if task.outputs == "multilabel" else "classes"
-        console.print(f"task {task.name}: {task.num_classes} {what}", highlight=False)
+        n = task.num_classes
+        what = {  # (a regression's num_classes is its output's width, not classes)
+            "logits": f"{n} classes",
+            "multilabel": f"{n} labels",
+            "embeddings": f"embeddings (num_classes={n}: their width)",
+            "values": f"a regression (outputs='values', num_classes={n}: the output's width)",
+        }[task.outputs]
+        console.print(
+            f"task {task.name}: {what}; {Score.of_task(task).describe()}", highlight=False
+        )
         console.print(dataset_summary(task).to_string(float_format="%.4f"), highlight=False)
         if task.outputs == "multilabel":
             console.print("\nsamples with each label:", highlight=False)

@@ -110,7 +110,7 @@ class SweepPlan:
             ConfigError: If ``search.directions`` was given and asks the other way for
                 ``val_acc`` (exit 2, before anything is created).
         """
-        score = Score(higher_is_better=bool(task.higher_is_better))
+        score = Score.of_task(task)
         if score.higher_is_better and _at_most_one(task.metric):
             metric = getattr(task.metric, "__name__", type(task.metric).__name__)
             check_score_bound(self.constraints, task=task.name, metric=metric)

@@ -21,13 +21,19 @@ Nothing here imports torch or the task: a sweep records the direction in its stu
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: The study's user attribute holding ``val_acc``'s direction: ``maximize`` or ``minimize``.
 DIRECTION_ATTR = "val_acc_direction"
+#: The study's user attribute holding the name of the task's metric (`Score.name`).
+METRIC_ATTR = "val_acc_metric"
+#: The names of squeeze's default scores of classifiers (top-1 accuracy, a multi-label one's share
+#: of labels decided right): the only ones headed "acc" in tables.
+ACCURACIES = ("accuracy", "label_accuracy")
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,19 @@ class Score:
 
     Attributes:
         higher_is_better: Whether a higher score is better (the task's ``higher_is_better``).
+        name: What the score is: the task's metric's function or class name (``accuracy``,
+            ``r2_score``, ``R2Score``, ``MulticlassF1Score``); "" where not known (a study made
+            before it was recorded). Not compared: two scores going the same way are equal.
     """
 
     higher_is_better: bool = True
+    name: str = field(default="", compare=False)
+
+    @classmethod
+    def of_task(cls, task: Any) -> Score:
+        """The score of a built `experiments.Task`: its ``higher_is_better`` and the name of its
+        ``metric``."""
+        return cls(higher_is_better=bool(task.higher_is_better), name=metric_name(task.metric))
 
     @classmethod
     def of_direction(cls, direction: str) -> Score:
@@ -52,7 +68,8 @@ class Score:
         followed the task)."""
         recorded = study.user_attrs.get(DIRECTION_ATTR)
         if recorded is not None:
-            return cls.of_direction(str(recorded))
+            name = str(study.user_attrs.get(METRIC_ATTR, ""))
+            return cls(higher_is_better=str(recorded).lower() == "maximize", name=name)
         names = study.metric_names or []
         if "val_acc" in names:
             return cls.of_direction(study.directions[names.index("val_acc")].name)
@@ -67,6 +84,22 @@ class Score:
     def better(self) -> str:
         """``higher is better`` or ``lower is better``."""
         return "higher is better" if self.higher_is_better else "lower is better"
+
+    @property
+    def is_accuracy(self) -> bool:
+        """Whether the score is one of squeeze's accuracies (or not known to be anything else, as
+        in a study made before the metric's name was recorded, and higher is better)."""
+        return self.higher_is_better and self.name in ("", *ACCURACIES)
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """The heads of a table's validation and test score columns: ``val acc`` / ``test
+        acc`` for an accuracy, else ``val score`` / ``test score`` (an R² is no accuracy)."""
+        return ("val acc", "test acc") if self.is_accuracy else ("val score", "test score")
+
+    def describe(self) -> str:
+        """``score: R2Score, higher is better``, for captions (the name where known)."""
+        return f"score: {self.name or 'val_acc'}, {self.better}"
 
     @property
     def unit(self) -> str:
@@ -132,6 +165,15 @@ class Score:
 
 #: A higher-is-better score (squeeze's own: accuracy, cosine, R²), the default where none is known.
 DEFAULT_SCORE = Score()
+
+
+def metric_name(metric: Any) -> str:
+    """A metric's name as a user wrote it: a function's ``__name__`` (squeeze's ``accuracy``,
+    ``r2_score``; ``<lambda>`` for a lambda), else its class's (torchmetrics' ``R2Score``),
+    the function of a ``functools.partial``."""
+    if isinstance(metric, functools.partial):
+        metric = metric.func
+    return str(getattr(metric, "__name__", None) or type(metric).__name__)
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:

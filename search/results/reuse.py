@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from compressors import load_packed, save_packed
+from compressors.onnx_export import OnnxExportError
 from experiments import DECISIONS, EpochStats, agreement_reference, evaluate
 from search._errors import ConfigError
 from search.config.compose import CONF_DIR, search_dirs, task_option, writable_config_dir
@@ -55,7 +56,7 @@ from search.config.score import Score
 from search.config.storage import mask_url, masked_config, password_from_env
 from search.results._study import load_study, study_config, trial_threads
 from search.run.budget import seed_trial
-from search.run.deploy import Deployed, deploy_onnx
+from search.run.deploy import Deployed, OnnxMismatchError, deploy_onnx
 from search.run.logs import Stages, Ticker
 from search.run.measure import measure
 from search.run.recommend import (  # noqa: F401 - re-exported
@@ -399,8 +400,12 @@ def run_experiment(
     }
     step(4, steps, "measured")
     if onnx:
-        metrics.update(deploy_onnx(path, task, folder / "model.onnx").metrics)
-        step(5, steps, "exported to ONNX")
+        try:
+            metrics.update(deploy_onnx(path, task, folder / "model.onnx").metrics)
+            step(5, steps, "exported to ONNX")
+        except (OnnxExportError, OnnxMismatchError) as err:  # model.sqz is still shipped
+            (folder / "model.onnx").unlink(missing_ok=True)
+            logger.warning("ONNX not exported, model.sqz is logged alone: %s", err)
     else:
         logger.warning('ONNX not exported (pip install -e ".[onnx]" to ship model.onnx too)')
 

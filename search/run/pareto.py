@@ -99,7 +99,7 @@ def finish_study(
     study: optuna.Study, ctx: SweepContext, baseline: dict[str, float], parent_id: str
 ) -> SweepResult:
     """Evaluate the front on test, write CSV and plot to the parent run, tag the front's runs."""
-    score = Score(higher_is_better=bool(ctx.task.higher_is_better))
+    score = Score.of_task(ctx.task)
     ctx.tracker.wait()  # every trial's run is written before the results are read
     _close_orphan_runs(study, ctx)
     trials = trials_frame(study)
@@ -322,7 +322,8 @@ def front_figure(
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("packed model file size (log scale)")
     ax.set_ylabel(f"validation score (val_acc, {score.better})")
-    ax.set_title(f"{title}: {'accuracy' if score.higher_is_better else 'error'} vs size")
+    what = "accuracy" if score.is_accuracy else (score.name or "error")
+    ax.set_title(f"{title}: {what} vs size")
     ax.grid(True, which="both", alpha=0.3)
     # (the front runs from the bottom left up, or from the top left down for an error)
     ax.legend(loc="lower right" if score.higher_is_better else "upper right")

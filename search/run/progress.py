@@ -189,11 +189,12 @@ def front_table(
     lines (`search.cli` does when stdout is a file or a pipe) to keep every recipe on one line.
     """
     caption = f"change: {score.describe_change()}"
+    if not score.is_accuracy:  # val_acc is not an accuracy: say what it is
+        caption = f"{score.describe()}; {caption}"
     if recommended is not None:
         caption = f"* recommended (see below); {caption}"
     table = Table(title=title, caption=caption, caption_justify="left")
-    scores = ("val acc", "test acc") if score.higher_is_better else ("val score", "test score")
-    for column in ("trial", *scores, "size KB", "ratio", "val change", "test change"):
+    for column in ("trial", *score.columns, "size KB", "ratio", "val change", "test change"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("recipe", overflow="fold", min_width=24)
     table.add_row(

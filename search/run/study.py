@@ -44,7 +44,7 @@ from search.config.device import training_device
 from search.config.early_stop import EarlyStop, make_pruner
 from search.config.metrics import batch_suffix
 from search.config.plan import SweepPlan, make_sampler, plan_sweep
-from search.config.score import DIRECTION_ATTR
+from search.config.score import DIRECTION_ATTR, METRIC_ATTR
 from search.config.storage import mask_url
 from search.run import pareto
 from search.run.budget import (
@@ -214,7 +214,12 @@ def _run(
         name=plan.study_name,
         params=_parent_params(cfg, ctx.task, ctx.baseline.key),
         metrics={f"baseline_{k}": v for k, v in baseline_metrics.items()},
-        tags={"squeeze.study": plan.study_name, "squeeze.role": "study"},
+        tags={
+            "squeeze.study": plan.study_name,
+            "squeeze.role": "study",
+            # val_acc / test_acc are the task's score, whatever it is: say which, in the UI
+            "squeeze.score": f"{plan.score.name} ({plan.score.better})",
+        },
         artifacts=[config_file],
     )
     study.set_user_attr("mlflow_parent_run_id", parent_id)
@@ -223,6 +228,7 @@ def _run(
     )
     study.set_user_attr("fingerprint", plan.fingerprint)
     study.set_user_attr(DIRECTION_ATTR, plan.score.direction)  # read by report and export
+    study.set_user_attr(METRIC_ATTR, plan.score.name)  # what val_acc is (R2Score, accuracy...)
     study.set_user_attr("baseline", baseline_metrics)
     if THREADS_ATTR not in study.user_attrs:  # the count its trials reproduce with (run, report)
         study.set_user_attr(THREADS_ATTR, torch.get_num_threads())
@@ -308,6 +314,14 @@ def _unchanged(model: torch.nn.Module) -> Iterator[None]:
 def _check_model(plan: SweepPlan, task: Task, model: torch.nn.Module) -> None:
     cfg = plan.cfg
     check_task(task, model, cfg)  # the model takes the batches, its outputs can be scored
+    own = task.train.own_loader
+    if own is not None:  # (the recipe's finetune.batch_size would say otherwise)
+        logger.info(
+            "task %r: its training data is %s, read as it is, with its own batch size and "
+            "order: task.train.batch_size and the recipe's finetune.batch_size do not change it",
+            task.name,
+            own,
+        )
     example = task.example_inputs()
     if str(cfg.measure.runtime) == "onnxruntime":  # its graph is exported once, here
         try:

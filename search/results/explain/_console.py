@@ -56,7 +56,8 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
         summary.add_column(column, justify="left" if column == "decided alike" else "right")
     for a in explanation.agreement.values():
         summary.add_row(a.split, a.kind, f"{a.agreement:.4f}", str(len(a.flipped)), str(a.samples))
-    out.append(summary)
+    if explanation.agreement:  # (none for a regression: its note says why)
+        out.append(summary)
     for a in explanation.agreement.values():
         if a.flips is not None and len(a.flipped):
             out.append(_flips_table(a))
