@@ -71,19 +71,24 @@ def classification_report(model: nn.Module, split: Any, num_classes: int) -> dic
 def _confusion(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> list:
     if num_classes <= WHOLE_CLASSES:
         return confusion_matrix(labels, predicted, labels=np.arange(num_classes)).tolist()
-    wrong = labels != predicted
-    pairs, counts = np.unique(
-        labels[wrong].astype(np.int64) * num_classes + predicted[wrong], return_counts=True
-    )
-    top = np.argsort(-counts, kind="stable")[:MOST_CONFUSED]
     return [
-        {
-            "true": int(pairs[i] // num_classes),
-            "predicted": int(pairs[i] % num_classes),
-            "count": int(counts[i]),
-        }
-        for i in top
+        {"true": true, "predicted": other, "count": count}
+        for true, other, count in frequent_pairs(labels, predicted, num_classes)
     ]
+
+
+def frequent_pairs(
+    first: np.ndarray, second: np.ndarray, num_classes: int, limit: int = MOST_CONFUSED
+) -> list[tuple[int, int, int]]:
+    """The ``limit`` most frequent pairs ``(first[i], second[i])`` of classes that differ, with
+    their counts, from the most frequent down (ties: the lower pair first), counted without a
+    ``num_classes`` x ``num_classes`` matrix (a language model's 50,257 classes would need
+    2.5 billion cells)."""
+    first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
+    differ = first != second
+    pairs, counts = np.unique(first[differ] * num_classes + second[differ], return_counts=True)
+    top = np.argsort(-counts, kind="stable")[:limit]
+    return [(int(pairs[i] // num_classes), int(pairs[i] % num_classes), int(counts[i])) for i in top]
 
 
 def class_balance(task: Task) -> pd.DataFrame:

@@ -427,3 +427,28 @@ def test_the_python_api_explains_a_trial(sweep):
     assert explanation.name == "trial 0" and explanation.fidelity is None
     assert explanation.run_id is None and explanation.files
     assert int(explanation.breakdown.lines().bytes.sum()) == explanation.breakdown.file_bytes
+
+
+def test_agreement_of_a_language_model_counts_labelled_positions_and_its_most_frequent_flips():
+    """A language model's 50,257 classes: the flips are the most frequent pairs (a whole matrix
+    would take 2.5 billion cells, 20 GB: `squeeze report` was killed for it), and padding
+    positions (labels -100) are no decisions: agreement counts labelled positions as the
+    trial's val_agreement does, and a flipped position's index is its place in the split."""
+    from experiments.analysis import MOST_CONFUSED
+    from search.results.explain._agreement import agreement_report
+
+    classes, generator = 50257, torch.Generator().manual_seed(0)
+    reference = torch.randn(6, 5, classes, generator=generator)
+    outputs = reference.clone()
+    targets = torch.randint(0, classes, (6, 5), generator=generator)
+    targets[:, 3:] = -100  # padding: the last two positions of every sequence
+    outputs[0, 0, 7] = 1e3  # position 0 flips to class 7, and so do three padding positions
+    outputs[1, 1, 7] = 1e3
+    outputs[1, 4, 7] = outputs[2, 3, 7] = outputs[5, 4, 7] = 1e3
+    report = agreement_report(reference, outputs, targets, split_name="val", num_classes=classes)
+    assert report.samples == 18  # 6 sequences x 3 labelled positions
+    assert report.agreement == pytest.approx(16 / 18)
+    assert sorted(report.flipped["index"]) == [0, 6]  # (row 1, position 1 -> 1 * 5 + 1)
+    assert list(report.flips.columns) == ["baseline class", "compressed class", "count"]
+    assert (report.flips["compressed class"] == 7).all() and report.flips["count"].sum() == 2
+    assert len(report.flips) <= MOST_CONFUSED

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from experiments import (
-    prediction_agreement,
-)
+from experiments import prediction_agreement
+from experiments._objectives import IGNORE_INDEX
+from experiments.analysis import WHOLE_CLASSES, frequent_pairs
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,11 @@ class Agreement:
         samples: Decisions in the split: its inputs (its positions for per-position logits,
             inputs x labels for a multi-label classifier).
         flips: Counts of (baseline class -> compressed class), rows the baseline's classes: its
-            diagonal is what was kept, its row sums are the baseline's class counts. None for
-            an embedding task (no classes) and a multi-label one (its decisions are yes/no).
+            diagonal is what was kept, its row sums are the baseline's class counts; above
+            `WHOLE_CLASSES` classes, the most frequent flips only (`experiments.analysis.
+            frequent_pairs`), one row each: ``baseline class``, ``compressed class``,
+            ``count``. None for an embedding task (no classes) and a multi-label one (its
+            decisions are yes/no).
         flipped: One row per flipped input: ``index`` in the split, ``label`` (true class;
             -1 where unknown: an embedding task, targets not one class per decision),
             ``baseline`` and ``compressed`` (their classes, or nearest neighbours' indices) and
@@ -70,18 +73,35 @@ def agreement_report(
         return _neighbour_agreement(reference_outputs, outputs, split_name, score)
     if kind == "multilabel":
         return _label_agreement(reference_outputs, outputs, split_name, score)
+    positions = None  # (per-position logits: the flattened position of each decision kept)
     if outputs.dim() > 2:  # per-position logits: one decision per position, flattened
         classes = outputs.shape[-1]
         reference_outputs = reference_outputs.reshape(-1, classes)
         outputs = outputs.reshape(-1, classes)
         targets = targets.reshape(-1) if isinstance(targets, torch.Tensor) else None
+        positions = torch.arange(len(outputs))
+        if (
+            targets is not None
+            and not targets.is_floating_point()
+            and len(targets) == len(outputs)
+        ):  # (only labelled positions: not padding, as the trial's val_agreement counts)
+            labelled = targets != IGNORE_INDEX
+            positions, targets = positions[labelled], targets[labelled]
+            reference_outputs, outputs = reference_outputs[labelled], outputs[labelled]
+            score = prediction_agreement(outputs, reference_outputs, kind=kind)
     base_prob, prob = reference_outputs.softmax(1), outputs.softmax(1)
     base, comp = base_prob.argmax(1), prob.argmax(1)
     classes = num_classes or outputs.shape[1]
-    counts = torch.zeros(classes, classes, dtype=torch.long)
-    counts.index_put_((base, comp), torch.ones_like(base), accumulate=True)
-    flips = pd.DataFrame(counts.numpy(), index=range(classes), columns=range(classes))
-    flips.index.name, flips.columns.name = "baseline class", "compressed class"
+    if classes > WHOLE_CLASSES:
+        flips = pd.DataFrame(
+            frequent_pairs(base.numpy(), comp.numpy(), classes),
+            columns=["baseline class", "compressed class", "count"],
+        )
+    else:
+        counts = torch.zeros(classes, classes, dtype=torch.long)
+        counts.index_put_((base, comp), torch.ones_like(base), accumulate=True)
+        flips = pd.DataFrame(counts.numpy(), index=range(classes), columns=range(classes))
+        flips.index.name, flips.columns.name = "baseline class", "compressed class"
     where = torch.nonzero(base != comp).flatten()
     labels = (
         targets[where]
@@ -93,7 +113,7 @@ def agreement_report(
     )
     flipped = pd.DataFrame(
         {
-            "index": where.numpy(),
+            "index": (where if positions is None else positions[where]).numpy(),
             "label": labels.numpy() if labels is not None else np.full(len(where), -1),
             "baseline": base[where].numpy(),
             "compressed": comp[where].numpy(),

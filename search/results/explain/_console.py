@@ -60,7 +60,7 @@ def console_tables(explanation: Explanation, *, flipped_rows: int = 10) -> list:
         out.append(summary)
     for a in explanation.agreement.values():
         if a.flips is not None and len(a.flipped):
-            out.append(_flips_table(a))
+            out.append(_flips_table(a, flipped_rows))
         if len(a.flipped):
             out.append(_flipped_table(a, flipped_rows))
     if explanation.fidelity is not None:
@@ -99,9 +99,18 @@ _CAPTIONS = {
 }
 
 
-def _flips_table(a: Agreement):
+def _flips_table(a: Agreement, rows: int):
     from rich.table import Table
 
+    if "count" in a.flips.columns:  # (above WHOLE_CLASSES classes: the most frequent flips)
+        table = Table(title=f"Most frequent flips on {a.split}", caption_justify="left")
+        for column in a.flips.columns:
+            table.add_column(column, justify="right")
+        for row in a.flips.head(rows).itertuples(index=False):
+            table.add_row(*(str(v) for v in row))
+        if len(a.flips) > rows:
+            table.caption = f"... {len(a.flips) - rows} more pairs in flips_{a.split}.csv"
+        return table
     classes = [c for c in a.flips.index if a.flips.loc[c].sum() or a.flips[c].sum()]
     table = Table(
         title=f"Flips on {a.split}: rows the baseline's class, columns the compressed model's "

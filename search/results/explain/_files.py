@@ -31,7 +31,9 @@ def write_explanation(explanation: Explanation, folder: str | Path) -> list[Path
     files.append(save_csv(agreement_table(explanation), folder / "agreement.csv", index=False))
     for split_name, agreement in explanation.agreement.items():
         if agreement.flips is not None:
-            files.append(save_csv(agreement.flips, folder / f"flips_{split_name}.csv"))
+            whole = "count" not in agreement.flips.columns  # (else the most frequent flips)
+            path = folder / f"flips_{split_name}.csv"
+            files.append(save_csv(agreement.flips, path, index=whole))
     if explanation.agreement:
         flipped = pd.concat(
             [a.flipped.assign(split=s) for s, a in explanation.agreement.items()],
