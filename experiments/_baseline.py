@@ -152,7 +152,7 @@ def load_or_train_baseline(
 
     start = time.perf_counter()
     seed_everything(seed)  # (torch's CUDA generators, numpy's and Python's `random` too)
-    task.restart_workers()  # (a DataLoader's kept workers: seeded from here, as in a rerun)
+    task.rewind()  # (a DataLoader's own generators and kept workers: as in a rerun)
     if fresh is None:
         model = task.build_model()
     else:  # as if built here: the random stream continues from where building left it

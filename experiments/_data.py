@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -358,6 +359,10 @@ class Data:
     score: Any = accuracy
     eval_batch_size: int = 1024
 
+    def __post_init__(self) -> None:
+        for generator in _loader_generators(self.source):  # (where a new process starts)
+            _FIRST_STATES.setdefault(generator, generator.get_state())
+
     # --- what the split is ----------------------------------------------------------------
     @property
     def in_memory(self) -> Split | None:
@@ -520,21 +525,32 @@ class Data:
         from generators seeded with `CALIBRATION_SEED`, and the caller's generators are left as
         they were (a table cached by the weights it was measured on holds for every trial).
         """
+        generators = _loader_generators(self.source)
+        states = [generator.get_state() for generator in generators]
         with drawn_alike(CALIBRATION_SEED):
-            self.restart_workers()
+            self.rewind()
             batches = [
                 Calib(b.inputs, b.targets, b.rows)
                 for b in self.batches(batch_size, device=device, limit=samples)
             ]
-            self.restart_workers()  # (a later pass seeds its workers from the caller's draws)
+            self._stop_workers()  # (a later pass seeds its workers from the caller's draws)
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)  # (and its loader's own draws go on as they were)
         return batches
 
-    def restart_workers(self) -> None:
-        """Stop the worker processes a DataLoader keeps from pass to pass
-        (``persistent_workers=True``), so that its next pass starts new ones, seeded from
-        torch's generator as it is then, as a fresh process's first pass would. Kept workers
-        carry their random state (an augmentation's draws) from one trial to the next: a trial
-        would read other batches than its rerun (`squeeze run`) does."""
+    def rewind(self) -> None:
+        """Let the next pass read as a new process's first pass would: a DataLoader's own
+        generators (``DataLoader(generator=...)``, its sampler's) back at their state when the
+        task was built, and the worker processes it keeps from pass to pass
+        (``persistent_workers=True``) stopped, so that its next pass starts new ones seeded
+        from torch's generator as it is then. Both carry their draws (a shuffled order, an
+        augmentation's noise) from one trial to the next: a trial would read other batches
+        than its rerun (`squeeze run`) does."""
+        self._stop_workers()
+        for generator in _loader_generators(self.source):
+            generator.set_state(_FIRST_STATES[generator])
+
+    def _stop_workers(self) -> None:
         loader = self.source
         iterator = getattr(loader, "_iterator", None) if isinstance(loader, DataLoader) else None
         if iterator is not None:  # (torch's DataLoader keeps no other handle on its workers)
@@ -557,6 +573,24 @@ class Data:
         if batch.rows == rows or not rows_of_one_axis(batch.inputs, batch.rows):
             return batch.inputs, batch.rows
         return take_rows(batch.inputs, torch.arange(rows) % batch.rows), rows
+
+
+#: Each DataLoader generator's state when squeeze first saw it (the task's build): where a new
+#: process's first pass starts (`Data.rewind`).
+_FIRST_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loader_generators(source: Any) -> list[torch.Generator]:
+    """The generators a DataLoader draws its order with: its own and its samplers'."""
+    if not isinstance(source, DataLoader):
+        return []
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(source, "batch_sampler", None)
+    for owner in (source, source.sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 #: Seeds the draws of the data's calibration samples (`Data.calibration`).

@@ -252,10 +252,10 @@ class Task:
         """The task's own training choices, as `experiments.fit`'s keyword arguments."""
         return {"optimizer": self.optimizer, "train_step": self.train_step}
 
-    def restart_workers(self) -> None:
-        """`Data.restart_workers` of every split: a seeded pass then reads as in a new process."""
+    def rewind(self) -> None:
+        """`Data.rewind` of every split: a seeded pass then reads as in a new process."""
         for data in (self.train, self.val, self.test):
-            data.restart_workers()
+            data.rewind()
 
     def split_sizes(self) -> dict[str, int]:
         """Number of samples in each split (-1 where it is not known without reading it)."""

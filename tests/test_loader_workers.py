@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from experiments import Task, TrainConfig, as_data, seed_everything
 
@@ -44,7 +44,7 @@ def test_a_seeded_pass_after_restarting_kept_workers_reads_as_a_new_process_woul
         name="w", train=used, val=used, test=used, num_classes=2,
         build_model=lambda: torch.nn.Linear(4, 2), train_config=TrainConfig(epochs=1),
     )
-    task.restart_workers()
+    task.rewind()
     assert torch.equal(_first(used), expected)
     seed_everything(3)  # (kept workers, not restarted: they draw on from where they were)
     assert not torch.equal(_first(used), expected)
@@ -66,3 +66,29 @@ def test_calibration_samples_are_the_same_whatever_ran_before_and_leave_the_call
         assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
     after = torch.rand(3), np.random.rand(3)  # the caller's generators, as if not called
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
+def test_a_loader_with_its_own_generator_reads_each_trial_as_a_new_process_would():
+    """DataLoader(shuffle=True, generator=torch.Generator().manual_seed(0)), as users write it:
+    its order comes from its own generator, which moves on with every pass of every trial."""
+
+    def build() -> DataLoader:
+        numbers = TensorDataset(torch.arange(32), torch.arange(32) % 2)
+        return DataLoader(
+            numbers, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+
+    def ids(loader: DataLoader) -> list[int]:
+        return next(iter(loader))[0].tolist()
+
+    expected = ids(build())
+    used = build()
+    data = as_data(used)
+    list(used), list(used)  # (two epochs of an earlier trial)
+    assert ids(used) != expected
+    data.rewind()
+    assert ids(used) == expected
+    moved = used.generator.get_state()
+    calibrated = data.calibration(samples=8, batch_size=8)
+    assert torch.equal(used.generator.get_state(), moved)  # its own draws go on as they were
+    assert calibrated[0].inputs.tolist() == expected

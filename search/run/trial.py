@@ -333,7 +333,7 @@ def compress_recipe(
         # 2. Start from a copy of the cached, trained baseline, on the trial's device: the
         #    trial's one copy; every phase until the packed file runs where it is.
         seed_everything(seed)  # (numpy's and Python's generators too: a rerun draws alike)
-        task.restart_workers()  # (a DataLoader's kept workers: seeded anew, as in a rerun)
+        task.rewind()  # (a DataLoader's own generators and kept workers: as in a rerun)
         model = copy.deepcopy(baseline.model)
         if device is not None:
             model.to(device)
