@@ -18,7 +18,17 @@ from experiments.digits import digits_mlp
 PG_URL = os.environ.get(
     "SQUEEZE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-DIGITS_CONFIG = {"name": "digits_mlp", "hidden": [300, 100], "train": {"epochs": 40}}
+#: The config a sweep of conf/task/digits_mlp.yaml keys its baseline on (its plan's task_kwargs;
+#: tests/test_lane.py checks they agree): the `digits_baseline` fixture and the sweeps of a
+#: session share one trained baseline instead of training the same weights twice.
+DIGITS_CONFIG = {
+    "name": "digits_mlp",
+    "val_fraction": 0.2,
+    "test_fraction": 0.2,
+    "hidden": [300, 100],
+    "train": {"epochs": 40, "batch_size": 64, "lr": 0.001},
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -120,7 +130,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_task():
-    return digits_mlp(seed=0, hidden=[300, 100], train={"epochs": 40})
+    return digits_mlp(**DIGITS_CONFIG)
 
 
 @pytest.fixture(scope="session")

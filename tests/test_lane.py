@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import SAME_WORKER, SLOW_CASES, xdist_scope
+from tests.conftest import DIGITS_CONFIG, SAME_WORKER, SLOW_CASES, xdist_scope
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +23,11 @@ def test_every_slow_case_names_a_test_of_its_module():
     for case in SLOW_CASES:
         module, test = case.split("::")
         assert f"def {test.split('[')[0]}(" in (ROOT / "tests" / module).read_text(), case
+
+
+def test_the_digits_baseline_fixture_is_the_one_a_default_sweep_trains():
+    """`digits_baseline` and the sweeps of conf/task/digits_mlp.yaml share one cached baseline
+    only while its config is the one a sweep keys its baseline on."""
+    from search import compose_config, plan_sweep
+
+    assert plan_sweep(compose_config([]), connect=False).task_kwargs == DIGITS_CONFIG

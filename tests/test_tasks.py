@@ -11,6 +11,7 @@ from experiments.digits import digits_mlp
 from experiments.metrics import count_flops, latency_ms, nonzero_params
 from experiments.mnist1d import mnist1d_cnn
 from search import compose_config
+from tests.conftest import DIGITS_CONFIG
 
 
 def _n_params(model):
@@ -44,7 +45,7 @@ def test_digits_baseline_is_accurate_and_cached(digits_task, digits_baseline, ca
     assert digits_baseline.metrics["test_acc"] > 0.95
     again = load_or_train_baseline(
         digits_task,
-        config={"name": "digits_mlp", "hidden": [300, 100], "train": {"epochs": 40}},
+        config=DIGITS_CONFIG,
         cache_dir=cache_dir,
         seed=0,
     )
