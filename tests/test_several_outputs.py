@@ -59,6 +59,7 @@ def _task(**kwargs) -> Task:
         },
     ],
 )
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # (the user's bug)
 def test_a_loss_or_metric_of_the_whole_dict_is_told_it_gets_the_scored_output(kwargs):
     task = _task(**kwargs)
     with pytest.raises(WorkloadError) as refused:
