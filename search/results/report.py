@@ -25,7 +25,8 @@ run under ``report/``:
 - what compression changed in each front point (`search.results.explain`): bytes per layer,
   baseline beside each point (``bytes_per_layer.csv`` / ``.png`` / ``.html``), agreement with
   the baseline's predictions (``agreement.csv``, ``flipped.csv``), attribution fidelity
-  (``attribution_fidelity.csv``, ``attributions_trial_<N>.png``); each point's own files are
+  (``attribution_fidelity.csv``, ``attributions_trial_<N>.png``), each where there is something
+  to hold (a regression makes no decisions: none of them); each point's own files are
   also logged to its MLflow run under ``explain/``.
 """
 
