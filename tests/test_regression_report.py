@@ -1,6 +1,7 @@
 """A regression's report and explanation say nothing of classification: no empty agreement,
 flipped or attribution-fidelity tables (a regression makes no decisions), no link to a file that
-is empty or absent."""
+is empty or absent, the metrics table and the parameters figure named by the score (R2Score,
+not "acc" / "accuracy")."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import io
 import os
 import re
 
+import pandas as pd
 import pytest
 
 from search.cli import main
+from search.config.score import Score
 from tests.conftest import sweep_overrides
 
 #: The tables a regression has no rows for.
@@ -62,3 +65,28 @@ def test_a_regression_report_writes_no_empty_table_and_links_only_files_it_has(r
     assert "agreement with the baseline" not in page and "attribution fidelity" not in page
     assert "makes no decisions to agree on or to attribute" in page
     assert "held in memory" not in page  # (not why a regression has no attributions)
+
+
+def test_a_regression_report_names_its_score_in_the_metrics_table_and_figures(report):
+    metrics = pd.read_csv(report / "metrics.csv")
+    assert "R2Score" in metrics.columns and "acc" not in metrics.columns
+    assert metrics.R2Score.between(-1.0, 1.0).all()
+    page = (report / "report.html").read_text()
+    assert "<th>R2Score</th>" in page and "<th>acc</th>" not in page
+    assert "<h3>params vs R2Score</h3>" in page and "params vs accuracy" not in page
+    # (the figure's files keep their names: the README and links name them)
+    assert (report / "params_vs_accuracy.png").is_file()
+    assert "<a href='params_vs_accuracy.html'>" in page
+
+
+def test_the_parameters_figure_is_headed_by_the_first_objective():
+    from search.results.report import _titles
+
+    assert _titles("val_acc", Score(name="accuracy")) == {
+        "params_vs_accuracy": "params vs accuracy"
+    }
+    assert _titles("val_acc", Score(name="R2Score"))["params_vs_accuracy"] == "params vs R2Score"
+    lower = Score(higher_is_better=False, name="mean_squared_error")
+    assert _titles("val_acc", lower)["params_vs_accuracy"] == "params vs mean_squared_error"
+    assert _titles("size_bytes", Score())["params_vs_accuracy"] == "params vs size_bytes"
+    assert Score(name="<lambda>").head == "score" and Score().head == "acc"
