@@ -7,6 +7,7 @@ tried, so that a user's own task is refused in seconds rather than after its bas
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -23,8 +24,11 @@ from experiments._data import (
     model_device,
     to_device,
 )
+from experiments._objectives import IGNORE_INDEX, r2_score, regression_loss
 from experiments._task import Task
 from experiments._training import is_streaming_metric
+
+logger = logging.getLogger(__name__)
 
 #: Samples of each split the check runs the model on.
 CHECK_ROWS = 4
@@ -42,13 +46,51 @@ def check_workload(task: Task, model: nn.Module) -> None:
     was_training = model.training
     model.eval()
     try:
-        for name in ("train", "val"):
-            _check_split(task, model, name, getattr(task, name))
+        targets = {
+            name: _check_split(task, model, name, getattr(task, name)) for name in ("train", "val")
+        }
     finally:
         model.train(was_training)
+    _note_padding(task, targets)
 
 
-def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
+def _note_padding(task: Task, targets: Mapping[str, Any]) -> None:
+    """Log once (INFO) that a regression's checked targets of `IGNORE_INDEX` (-100) are read as
+    padding by the default loss and R² it uses: a real target of -100 (-100 dBm) would be left
+    out of its training and its score without a word."""
+    if task.outputs != "values":
+        return
+    defaults = [
+        (what, option)
+        for what, option, mine, default in (
+            ("loss (MSE)", "loss=", task.loss, regression_loss),
+            ("R²", "metric=", task.metric, r2_score),
+        )
+        if mine is default
+    ]
+    padded = [
+        name
+        for name, split_targets in targets.items()
+        if isinstance(split_targets, torch.Tensor)
+        and bool((split_targets == IGNORE_INDEX).any())
+    ]
+    if not defaults or not padded:
+        return
+    logger.info(
+        "task %r: targets of %d in its %s data are read as padding (a per-token regression's, "
+        "as a collate pads labels) and left out of the default %s; a task whose %d values are "
+        "real targets (-100 dBm, say) should give its own Task(%s)",
+        task.name,
+        IGNORE_INDEX,
+        " and ".join(padded),
+        " and ".join(what for what, _ in defaults),
+        IGNORE_INDEX,
+        ", ".join(option + "..." for _, option in defaults),
+    )
+
+
+def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> Any:
+    """Check one split's first few samples (see `check_workload`); return their targets."""
     where = f"task {task.name!r}, {name} data"
     try:
         batch = next(iter(data.batches(CHECK_ROWS, limit=CHECK_ROWS)), None)
@@ -142,6 +184,7 @@ def _check_split(task: Task, model: nn.Module, name: str, data: Data) -> None:
             f"targets {describe(batch.targets)}: {type(err).__name__}: {err}"
             f"{_several_outputs(model, batch.inputs, output)}"
         ) from err
+    return batch.targets
 
 
 def _several_outputs(model: nn.Module, inputs: Any, output: torch.Tensor) -> str:

@@ -97,6 +97,19 @@ class Score:
         acc`` for an accuracy, else ``val score`` / ``test score`` (an R² is no accuracy)."""
         return ("val acc", "test acc") if self.is_accuracy else ("val score", "test score")
 
+    @property
+    def title(self) -> str:
+        """What the score is, in a heading: ``accuracy`` for an accuracy, else its name
+        (``R2Score``, ``r2_score``), else ``score`` (a lambda's, or not known)."""
+        if self.is_accuracy:
+            return "accuracy"
+        return self.name if self.name and not self.name.startswith("<") else "score"
+
+    @property
+    def head(self) -> str:
+        """A table column holding the score: ``acc`` for an accuracy, else `title`."""
+        return "acc" if self.is_accuracy else self.title
+
     def describe(self) -> str:
         """``score: R2Score, higher is better``, for captions (the name where known)."""
         return f"score: {self.name or 'val_acc'}, {self.better}"

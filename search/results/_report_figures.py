@@ -311,7 +311,7 @@ def _params_vs_accuracy(done, objective, score):
         ax.remove()
     fig.suptitle(f"Parameters vs {y_label}", fontsize=9)
     fig.tight_layout()
-    html.update_layout(title=f"Parameters vs {objective}", height=320 * rows, showlegend=False)
+    html.update_layout(title=f"Parameters vs {y_label}", height=320 * rows, showlegend=False)
     return fig, html
 
 

@@ -12,7 +12,9 @@ run under ``report/``:
 - ``metrics.csv`` and ``confusion.json``: top-1 / top-5 accuracy, macro F1 and recall, per-class
   accuracy and the confusion matrix on validation and test, for the baseline and every Pareto
   point (above 100 classes, a language model's vocabulary: the 100 most frequent confusions
-  instead of each matrix, and the accuracy per class in ``per_class_accuracy.csv``);
+  instead of each matrix, and the accuracy per class in ``per_class_accuracy.csv``; a task
+  without classes: its score, headed by its name, ``R2Score``, and extra scores, no
+  confusion.json);
   ``class_balance.csv``: labels per class in each split (per labelled position for
   per-position logits);
 - figures, each as PNG (matplotlib) and interactive HTML (plotly), every axis saying what it shows
@@ -25,7 +27,8 @@ run under ``report/``:
 - what compression changed in each front point (`search.results.explain`): bytes per layer,
   baseline beside each point (``bytes_per_layer.csv`` / ``.png`` / ``.html``), agreement with
   the baseline's predictions (``agreement.csv``, ``flipped.csv``), attribution fidelity
-  (``attribution_fidelity.csv``, ``attributions_trial_<N>.png``); each point's own files are
+  (``attribution_fidelity.csv``, ``attributions_trial_<N>.png``), each where there is something
+  to hold (a regression makes no decisions: none of them); each point's own files are
   also logged to its MLflow run under ``explain/``.
 """
 
@@ -136,6 +139,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
     base = {**baseline.metrics, **study.user_attrs.get("baseline", {})}
     direction = Score.of_study(study)  # as the study was searched
     score = _score_unit(task, direction)
+    named = Score.of_task(task)  # what the task's metric is (R2Score), for headings
     recipes = trial_recipes(study, plan.space)
     test_scores = {name: evaluate(model, task.test) for name, model in models.items()}
     front_rows = _front_rows(trials, front_ids, base, test_scores, recipes, direction)
@@ -197,6 +201,7 @@ def build_report(cfg: DictConfig, study_name: str) -> Report:
             heading=heading,
             front=_front_table(front_rows, score, direction),
             figures={name: figures[name][1] for name in FIGURES if name in figures},
+            titles=_titles(objectives[0], named),
             notes=notes,
             metrics=metrics,
             balance=balance,
@@ -261,12 +266,17 @@ def _metrics(models: dict, task) -> tuple[pd.DataFrame, dict, pd.DataFrame | Non
 
 
 def _scores(models: dict, task) -> pd.DataFrame:
+    """The task's score and extra scores of each model on validation and test; the score's
+    column headed by its name (`Score.head`: ``acc`` for an accuracy, ``R2Score`` for an R²)."""
+    head = Score.of_task(task).head
+    if head != "acc" and head in task.extra_scores:  # (an extra score of the same name)
+        head = f"score: {head}"
     rows, scoring = [], Ticker(logger, "report: scoring model")
     for k, (name, model) in enumerate(models.items(), 1):
-        rows += [
-            {"model": name, "split": split_name, **scores(model, split, task.extra_scores)}
-            for split_name, split in (("val", task.val), ("test", task.test))
-        ]
+        for split_name, split in (("val", task.val), ("test", task.test)):
+            values = scores(model, split, task.extra_scores)
+            score = values.pop("acc")  # (`experiments.scores` keys the task's score "acc")
+            rows.append({"model": name, "split": split_name, head: score, **values})
         scoring(k, len(models), name)
     return pd.DataFrame(rows).set_index(["model", "split"])
 
@@ -373,6 +383,14 @@ def _front_table(rows: list[dict], score: str, direction: Score) -> str:
 # ----------------------------------------------------------------------------- the page
 
 
+def _titles(objective: str, named: Score) -> dict[str, str]:
+    """Headings of the figures whose file name does not say what they show: the parameters
+    against the first objective (``params vs accuracy``, ``params vs R2Score``, ``params vs
+    size_bytes``); the others' are their names."""
+    what = named.title if objective == "val_acc" else objective
+    return {"params_vs_accuracy": f"params vs {what}"}
+
+
 def _write_page(
     path: Path,
     study_name: str,
@@ -380,6 +398,7 @@ def _write_page(
     heading: str,
     front: str,
     figures: dict[str, go.Figure],
+    titles: dict[str, str] | None = None,
     notes: dict[str, str],
     metrics: pd.DataFrame,
     balance: pd.DataFrame,
@@ -389,7 +408,7 @@ def _write_page(
 ) -> Path:
     sections = []
     for name in FIGURES:
-        title = name.replace("_", " ")
+        title = html_text.escape((titles or {}).get(name, name.replace("_", " ")))
         if name in notes:
             sections.append(f"<p class='note'><b>{title}</b>: left out, {notes[name]}.</p>")
         elif name in figures:

@@ -17,8 +17,10 @@ def write_explanation(explanation: Explanation, folder: str | Path) -> list[Path
     """Write an explanation's tables (CSV) and figures (PNG) into ``folder``; return the paths.
 
     ``bytes_per_layer.csv`` (the model's lines, then the baseline's; each model's ``bytes`` sum
-    to its file's size) and ``bytes_per_layer.png``, ``agreement.csv``, ``flips_<split>.csv``,
-    ``flipped.csv``, and with attributions ``attribution_fidelity.csv`` and ``attributions.png``.
+    to its file's size) and ``bytes_per_layer.png``; for a model that makes decisions
+    ``agreement.csv``, ``flips_<split>.csv`` and ``flipped.csv``; with attributions
+    ``attribution_fidelity.csv`` and ``attributions.png``. A table with nothing to hold (a
+    regression's agreement) is not written, and a previous explanation's is removed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -28,7 +30,11 @@ def write_explanation(explanation: Explanation, folder: str | Path) -> list[Path
         models = {"baseline": explanation.baseline_breakdown, **models}
     files.append(save_csv(bytes_table(models), folder / "bytes_per_layer.csv", index=False))
     files.append(save_png(bytes_figure(models), folder / "bytes_per_layer.png"))
-    files.append(save_csv(agreement_table(explanation), folder / "agreement.csv", index=False))
+    for stale in ONLY_WITH_ROWS:  # (a previous explanation's, in this folder)
+        (folder / stale).unlink(missing_ok=True)
+    if explanation.agreement:
+        agreement = agreement_table(explanation)
+        files.append(save_csv(agreement, folder / "agreement.csv", index=False))
     for split_name, agreement in explanation.agreement.items():
         if agreement.flips is not None:
             whole = "count" not in agreement.flips.columns  # (else the most frequent flips)
@@ -47,6 +53,11 @@ def write_explanation(explanation: Explanation, folder: str | Path) -> list[Path
         figure = attribution_figure(explanation.shown, title=explanation.name)
         files.append(save_png(figure, folder / "attributions.png"))
     return files
+
+
+#: The tables an explanation writes only where they have rows: agreement and flips for a model
+#: that makes decisions, attribution fidelity where attributions were computed.
+ONLY_WITH_ROWS = ("agreement.csv", "flipped.csv", "attribution_fidelity.csv")
 
 
 def save_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:

@@ -117,11 +117,12 @@ def explain_model(
                 kind=task.outputs,
                 num_classes=task.num_classes if task.outputs == "logits" else None,
             )
-    else:
+    else:  # (and none to attribute: the note below about held-in-memory data is not why)
         notes.append(
-            f"a model that outputs {task.outputs} makes no decisions to agree on: agreement and "
-            "flipped inputs are left out"
+            f"a model that outputs {task.outputs} makes no decisions to agree on or to "
+            "attribute: agreement, flipped inputs and attributions are left out"
         )
+        attributions = False
     step(2, phases, "agreement")
     int8 = int8_layers(path)
     fidelity = shown = None

@@ -20,6 +20,7 @@ from experiments import (
 from search._errors import ConfigError
 from search.results.explain._figures import attribution_figure, bytes_figure, bytes_plotly
 from search.results.explain._files import (
+    ONLY_WITH_ROWS,
     agreement_table,
     bytes_table,
     save_csv,
@@ -127,10 +128,11 @@ def explain_front(
 ) -> tuple[list[Path], str]:
     """The report's part (`search.results.report`): every front point explained against the
     baseline. Writes into ``folder`` ``bytes_per_layer.csv`` / ``.png`` / ``.html`` (the
-    baseline and each point), ``agreement.csv``, ``flipped.csv``, ``attribution_fidelity.csv``
-    and ``attributions_trial_<N>.png``; writes each point's own files to
-    ``<output_dir>/<study>/explain/trial-NNNN/`` and logs them to its MLflow run under
-    ``explain/``. Returns the report folder's new files and the page's HTML section."""
+    baseline and each point), where the task makes decisions ``agreement.csv`` and
+    ``flipped.csv``, where attributions were computed ``attribution_fidelity.csv`` and
+    ``attributions_trial_<N>.png`` (a table with no rows is not written); writes each point's
+    own files to ``<output_dir>/<study>/explain/trial-NNNN/`` and logs them to its MLflow run
+    under ``explain/``. Returns the report folder's new files and the page's HTML section."""
     from search.run.pareto import trial_packed_file
 
     if not front_ids:
@@ -158,27 +160,30 @@ def explain_front(
     plotly_figure = bytes_plotly(models)
     plotly_figure.write_html(folder / "bytes_per_layer.html", include_plotlyjs="directory")
     files.append(folder / "bytes_per_layer.html")
-    agreement = pd.concat([agreement_table(e) for e in explained.values()], ignore_index=True)
-    files.append(save_csv(agreement, folder / "agreement.csv", index=False))
-    flips = [
-        a.flipped.assign(model=e.name, split=a.split)
-        for e in explained.values()
-        for a in e.agreement.values()
-    ]
-    # (a regression makes no decisions: no agreement, nothing flipped)
-    flipped = pd.concat(flips, ignore_index=True) if flips else pd.DataFrame()
-    files.append(save_csv(flipped, folder / "flipped.csv", index=False))
+    for stale in ONLY_WITH_ROWS:  # (a previous report's: a table with no rows is not written)
+        (folder / stale).unlink(missing_ok=True)
+    # (a regression makes no decisions: no agreement, nothing flipped, nothing attributed)
+    tables = [agreement_table(e) for e in explained.values() if e.agreement]
+    agreement = pd.concat(tables, ignore_index=True) if tables else None
+    if agreement is not None:
+        files.append(save_csv(agreement, folder / "agreement.csv", index=False))
+        flipped = pd.concat(
+            [
+                a.flipped.assign(model=e.name, split=a.split)
+                for e in explained.values()
+                for a in e.agreement.values()
+            ],
+            ignore_index=True,
+        )
+        files.append(save_csv(flipped, folder / "flipped.csv", index=False))
     per_model = [
         e.fidelity.per_class.assign(model=e.name, method=e.fidelity.method).reset_index()
         for e in explained.values()
         if e.fidelity is not None
     ]
-    fidelity = (
-        pd.concat(per_model, ignore_index=True)
-        if per_model
-        else pd.DataFrame(columns=["class", "samples", "mean_spearman", "model", "method"])
-    )
-    files.append(save_csv(fidelity, folder / "attribution_fidelity.csv", index=False))
+    fidelity = pd.concat(per_model, ignore_index=True) if per_model else None
+    if fidelity is not None:
+        files.append(save_csv(fidelity, folder / "attribution_fidelity.csv", index=False))
     images = []
     for number, explanation in explained.items():
         if explanation.shown is not None and len(explanation.shown.indices):
@@ -189,14 +194,13 @@ def explain_front(
 
 
 def _section(plotly_figure, agreement, fidelity, explained, images) -> str:
-    """report.html's part: the bytes figure, agreement and fidelity tables, attribution images."""
+    """report.html's part: the bytes figure, the agreement and fidelity tables where there are
+    any (a regression has neither), notes, attribution images."""
     import html
 
     div = plotly_figure.to_html(full_html=False, include_plotlyjs=False)
-    pivot = fidelity.pivot_table(index="model", columns="class", values="mean_spearman")
     notes = sorted({n for e in explained.values() for n in e.notes})
-    method = fidelity.method.iloc[0] if len(fidelity) else ""
-    return (
+    page = (
         "<h2>What compression changed</h2>"
         "<h3>bytes per layer</h3><p>Each bar: the bytes the packed file stores for each "
         "tensor (its arrays, compressed by their codecs); its index and framing on top (an old "
@@ -205,13 +209,24 @@ def _section(plotly_figure, agreement, fidelity, explained, images) -> str:
         "<a href='bytes_per_layer.csv'>bytes_per_layer.csv</a> · "
         "<a href='bytes_per_layer.png'>bytes_per_layer.png</a> · "
         f"<a href='bytes_per_layer.html'>bytes_per_layer.html</a></p>{div}"
-        "<h3>agreement with the baseline</h3><p>The share of inputs decided as the baseline "
-        "decided (top-1 class; nearest neighbour for embeddings); every flipped input in "
-        "<a href='flipped.csv'>flipped.csv</a>.</p>"
-        + agreement.to_html(index=False, float_format=lambda v: f"{v:.4f}")
-        + "<h3>attribution fidelity</h3><p>Mean Spearman rank correlation of the baseline's and "
-        f"each model's input attributions, per class ({html.escape(method)}).</p>"
-        + pivot.to_html(float_format=lambda v: f"{v:.3f}")
+    )
+    if agreement is not None:
+        page += (
+            "<h3>agreement with the baseline</h3><p>The share of inputs decided as the baseline "
+            "decided (top-1 class; nearest neighbour for embeddings); every flipped input in "
+            "<a href='flipped.csv'>flipped.csv</a>.</p>"
+            + agreement.to_html(index=False, float_format=lambda v: f"{v:.4f}")
+        )
+    if fidelity is not None:
+        pivot = fidelity.pivot_table(index="model", columns="class", values="mean_spearman")
+        page += (
+            "<h3>attribution fidelity</h3><p>Mean Spearman rank correlation of the baseline's "
+            "and each model's input attributions, per class "
+            f"({html.escape(str(fidelity.method.iloc[0]))}).</p>"
+            + pivot.to_html(float_format=lambda v: f"{v:.3f}")
+        )
+    return (
+        page
         + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
         + "".join(f"<p><img src='{name}' style='max-width:100%'></p>" for name in images)
     )
