@@ -71,8 +71,7 @@ def _note_padding(task: Task, targets: Mapping[str, Any]) -> None:
     padded = [
         name
         for name, split_targets in targets.items()
-        if isinstance(split_targets, torch.Tensor)
-        and bool((split_targets == IGNORE_INDEX).any())
+        if isinstance(split_targets, torch.Tensor) and bool((split_targets == IGNORE_INDEX).any())
     ]
     if not defaults or not padded:
         return

@@ -159,8 +159,8 @@ class Task:
         collate_fn: Collates a dataset's samples into batches (torch's default if None).
         metric: The score (``val_acc`` / ``test_acc``): ``metric(outputs, targets) -> float``
             on the whole split's outputs, or a ``torchmetrics.Metric`` accumulated over batches;
-            None: the `Split`'s own ``score``, else accuracy (``logits``), mean cosine
-            (``embeddings``) or R² (``values``).
+            None: the `Split`'s own ``score`` where it names one, else accuracy (``logits``),
+            label accuracy (``multilabel``), mean cosine (``embeddings``) or R² (``values``).
         higher_is_better: The metric's direction; None: the metric's own
             ``higher_is_better`` (torchmetrics), else known for squeeze's scores.
         eval_batch_size: Batch size of evaluation passes (None: 1024 for in-memory data, else
@@ -214,7 +214,8 @@ class Task:
         metric = self.metric
         if metric is None:
             own = _source(self.val)
-            metric = own.score if isinstance(own, Split) else DEFAULT_METRICS[self.outputs]
+            named = isinstance(own, Split) and own.score is not accuracy  # (not the default)
+            metric = own.score if named else DEFAULT_METRICS[self.outputs]
         metric = _yours(metric, axis, kind="metric")
         batch = self.eval_batch_size or (
             1024 if isinstance(_source(self.val), Split) else self.train_config.batch_size

@@ -88,7 +88,9 @@ def frequent_pairs(
     differ = first != second
     pairs, counts = np.unique(first[differ] * num_classes + second[differ], return_counts=True)
     top = np.argsort(-counts, kind="stable")[:limit]
-    return [(int(pairs[i] // num_classes), int(pairs[i] % num_classes), int(counts[i])) for i in top]
+    return [
+        (int(pairs[i] // num_classes), int(pairs[i] % num_classes), int(counts[i])) for i in top
+    ]
 
 
 def class_balance(task: Task) -> pd.DataFrame:

@@ -433,9 +433,7 @@ class _LiveTensors(TorchDispatchMode):
 PEAK_BATCHES = (2, 4)
 
 
-def peak_memory_at(
-    model: nn.Module, batch_of: Callable[[int], tuple[Any, int]], batch: int
-) -> int:
+def peak_memory_at(model: nn.Module, batch_of: Callable[[int], tuple[Any, int]], batch: int) -> int:
     """Peak bytes of one forward pass on ``batch`` rows (`peak_memory_bytes`), measured on two
     small batches and extrapolated linearly, not measured on the large one.
 

@@ -30,7 +30,12 @@ def _collate(items):
         owner.append(torch.full((len(x),), i))
         offset += len(x)
     labels = torch.tensor([y for *_, y in items])
-    return {"x": torch.cat(xs), "edge_index": torch.cat(edges, 1), "batch": torch.cat(owner), "labels": labels}
+    return {
+        "x": torch.cat(xs),
+        "edge_index": torch.cat(edges, 1),
+        "batch": torch.cat(owner),
+        "labels": labels,
+    }
 
 
 class _GCN(nn.Module):

@@ -41,8 +41,13 @@ def test_a_seeded_pass_after_restarting_kept_workers_reads_as_a_new_process_woul
         list(used)
     seed_everything(3)
     task = Task(
-        name="w", train=used, val=used, test=used, num_classes=2,
-        build_model=lambda: torch.nn.Linear(4, 2), train_config=TrainConfig(epochs=1),
+        name="w",
+        train=used,
+        val=used,
+        test=used,
+        num_classes=2,
+        build_model=lambda: torch.nn.Linear(4, 2),
+        train_config=TrainConfig(epochs=1),
     )
     task.rewind()
     assert torch.equal(_first(used), expected)

@@ -375,7 +375,9 @@ def test_a_forwards_fixed_cost_does_not_leave_a_batch_timed_on_a_few_rows():
     assert latencies[256].rows == 256 and latencies[256].ms == pytest.approx(305.0)
     # (a cost per row that does not fall: timed once, on the rows predicted first)
     seen.clear()
-    batch_latencies(_per_row_timer(100.0, seen), lambda n: (torch.zeros(n), n), (1, 256), budget_s=2.0)
+    batch_latencies(
+        _per_row_timer(100.0, seen), lambda n: (torch.zeros(n), n), (1, 256), budget_s=2.0
+    )
     assert seen == [1, 6]
 
 

@@ -12,6 +12,7 @@ import re
 
 import pandas as pd
 import pytest
+import torch
 
 from search.cli import main
 from search.config.score import Score
@@ -90,3 +91,25 @@ def test_the_parameters_figure_is_headed_by_the_first_objective():
     assert _titles("val_acc", lower)["params_vs_accuracy"] == "params vs mean_squared_error"
     assert _titles("size_bytes", Score())["params_vs_accuracy"] == "params vs size_bytes"
     assert Score(name="<lambda>").head == "score" and Score().head == "acc"
+
+
+def test_a_regression_on_splits_in_memory_is_scored_by_r2_when_it_names_no_metric():
+    """Splits keep top-1 accuracy as their score unless given one: a regression built from
+    them with no metric= was refused before training ("the metric accuracy failed on outputs
+    float32[4, 3] ... IndexError"); its score is R², as for a regression's Dataset."""
+    from experiments import Split, Task, TrainConfig, check_workload, r2_score
+
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    split = Split(x, x.clone())
+    task = Task(
+        name="identity",
+        train=split,
+        val=split,
+        test=split,
+        num_classes=3,
+        build_model=lambda: torch.nn.Linear(3, 3),
+        train_config=TrainConfig(epochs=1),
+        outputs="values",
+    )
+    assert task.val.score is r2_score
+    check_workload(task, task.build_model())

@@ -850,7 +850,9 @@ def test_logits_at_other_positions_than_the_labels_are_never_paired_with_them(tr
     metrics, confusion, by_class, why = _metrics_or_scores({"baseline": quarter}, task)
     assert confusion is None and by_class is None
     assert "Task(output=...)" in why and "label 64" in why
-    assert metrics.loc[("baseline", "val"), "acc"] == pytest.approx(evaluate(quarter, task.val))
+    assert metrics.loc[("baseline", "val"), "UpsampledIoU"] == pytest.approx(
+        evaluate(quarter, task.val)
+    )
     outputs = predict_outputs(quarter, task.val)
     assert outputs.shape == (len(task.val), 4, 4, 3)
     other = outputs + 0.5 * torch.randn_like(outputs)

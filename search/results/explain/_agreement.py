@@ -81,9 +81,7 @@ def agreement_report(
         targets = targets.reshape(-1) if isinstance(targets, torch.Tensor) else None
         positions = torch.arange(len(outputs))
         if (
-            targets is not None
-            and not targets.is_floating_point()
-            and len(targets) == len(outputs)
+            targets is not None and not targets.is_floating_point() and len(targets) == len(outputs)
         ):  # (only labelled positions: not padding, as the trial's val_agreement counts)
             labelled = targets != IGNORE_INDEX
             positions, targets = positions[labelled], targets[labelled]
