@@ -62,8 +62,10 @@ class _First(nn.Module):
         return self.scale * x[..., 0]
 
 
-def test_a_perfect_per_token_regressor_scores_r2_1_on_padded_batches():
-    task = Task(
+def tokens_task(**kwargs) -> Task:
+    """A per-token regression whose labels are padded with -100 (``kwargs``: more of the
+    Task's fields)."""
+    return Task(
         name="tokens",
         train=_Tokens(),
         val=_Tokens(),
@@ -74,7 +76,12 @@ def test_a_perfect_per_token_regressor_scores_r2_1_on_padded_batches():
         build_model=_First,
         train_config=TrainConfig(epochs=0, batch_size=8),
         eval_batch_size=8,
+        **kwargs,
     )
+
+
+def test_a_perfect_per_token_regressor_scores_r2_1_on_padded_batches():
+    task = tokens_task()
     model = task.build_model()
     assert evaluate(model, task.val) == 1.0  # (was -0.75: the padding scored as -100)
     batch = next(iter(task.train.batches(8)))

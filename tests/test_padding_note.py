@@ -8,25 +8,13 @@ import logging
 
 import torch
 
-from experiments import Task, TrainConfig, check_workload
-from tests.test_padded_regression import _First, _pad, _Tokens
+from experiments import Task, check_workload
+from tests.test_padded_regression import tokens_task
 
 
 def _tokens(**kwargs) -> Task:
     """`tests.test_padded_regression`'s per-token regression, padded with -100."""
-    return Task(
-        name="tokens",
-        train=_Tokens(),
-        val=_Tokens(),
-        test=_Tokens(),
-        num_classes=1,
-        outputs="values",
-        collate_fn=_pad,
-        build_model=_First,
-        train_config=TrainConfig(epochs=0, batch_size=8),
-        eval_batch_size=8,
-        **kwargs,
-    )
+    return tokens_task(**kwargs)
 
 
 def _notes(caplog) -> list[str]:
