@@ -352,6 +352,24 @@ def output_batches(
 
 
 @torch.no_grad()
+def paired_output_batches(
+    reference: nn.Module, model: nn.Module, split: Any, *, batch_size: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """``(reference's outputs, model's outputs, targets)`` of each batch of ``split``, on the
+    CPU, in order, both models run on the very same batch of one pass (a DataLoader that
+    keeps its workers serves one pass at a time; augmented data is the same for both)."""
+    data = as_data(split)
+    reference.eval()
+    model.eval()
+    for batch in data.batches(batch_size or data.eval_batch_size):
+        yield (
+            data.forward(reference, batch.inputs).detach().cpu(),
+            data.forward(model, batch.inputs).detach().cpu(),
+            to_device(batch.targets, "cpu"),
+        )
+
+
+@torch.no_grad()
 def outputs_and_targets(
     model: nn.Module, split: Any, *, batch_size: int | None = None
 ) -> tuple[torch.Tensor, Any]:

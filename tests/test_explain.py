@@ -452,3 +452,28 @@ def test_agreement_of_a_language_model_counts_labelled_positions_and_its_most_fr
     assert list(report.flips.columns) == ["baseline class", "compressed class", "count"]
     assert (report.flips["compressed class"] == 7).all() and report.flips["count"].sum() == 2
     assert len(report.flips) <= MOST_CONFUSED
+
+
+@pytest.mark.parametrize("shape", [(10, 5), (6, 4, 5)])
+def test_agreement_decided_batch_by_batch_equals_the_whole_splits(shape):
+    """`squeeze explain` decides a classifier's agreement batch by batch (a language model's
+    whole logits are never held): the same score, flips and flipped rows as of the whole."""
+    from search.results.explain._agreement import agreement_report, decide, top1_agreement
+
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(*shape, generator=generator)
+    outputs = reference + 0.8 * torch.randn(*shape, generator=generator)
+    targets = torch.randint(0, 5, shape[:-1], generator=generator)
+    if len(shape) == 3:
+        targets[:, -1] = -100  # (a language model's last position: no label)
+    whole = agreement_report(reference, outputs, targets, split_name="val")
+    parts = [
+        decide(reference[i : i + 4], outputs[i : i + 4], targets[i : i + 4])
+        for i in range(0, shape[0], 4)
+    ]
+    batched = top1_agreement(parts, "val", 5)
+    assert 0 < len(whole.flipped) < whole.samples
+    assert batched.agreement == pytest.approx(whole.agreement)
+    assert batched.samples == whole.samples
+    pd.testing.assert_frame_equal(batched.flips, whole.flips)
+    pd.testing.assert_frame_equal(batched.flipped, whole.flipped)

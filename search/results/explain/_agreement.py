@@ -68,28 +68,85 @@ def agreement_report(
         kind: What the models output (``logits``, ``multilabel`` or ``embeddings``).
         num_classes: Classes of a classifier (default: its outputs' width).
     """
-    score = prediction_agreement(outputs, reference_outputs, kind=kind)
     if kind == "embeddings":
+        score = prediction_agreement(outputs, reference_outputs, kind=kind)
         return _neighbour_agreement(reference_outputs, outputs, split_name, score)
     if kind == "multilabel":
+        score = prediction_agreement(outputs, reference_outputs, kind=kind)
         return _label_agreement(reference_outputs, outputs, split_name, score)
-    positions = None  # (per-position logits: the flattened position of each decision kept)
-    if outputs.dim() > 2:  # per-position logits: one decision per position, flattened
-        classes = outputs.shape[-1]
-        reference_outputs = reference_outputs.reshape(-1, classes)
-        outputs = outputs.reshape(-1, classes)
-        targets = targets.reshape(-1) if isinstance(targets, torch.Tensor) else None
-        positions = torch.arange(len(outputs))
-        if (
-            targets is not None and not targets.is_floating_point() and len(targets) == len(outputs)
-        ):  # (only labelled positions: not padding, as the trial's val_agreement counts)
-            labelled = targets != IGNORE_INDEX
-            positions, targets = positions[labelled], targets[labelled]
-            reference_outputs, outputs = reference_outputs[labelled], outputs[labelled]
-            score = prediction_agreement(outputs, reference_outputs, kind=kind)
-    base_prob, prob = reference_outputs.softmax(1), outputs.softmax(1)
+    decided = decide(reference_outputs, outputs, targets)
+    return top1_agreement([decided], split_name, num_classes or outputs.shape[-1])
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One batch's (or split's) top-1 decisions of the baseline and the compressed model, one
+    per sample, or per labelled position of per-position logits (padding and targets of -100
+    are no decisions), in order (`decide`).
+
+    Attributes:
+        base, comp: The baseline's and the compressed model's classes.
+        base_conf, comp_conf: Their softmax probabilities of their own class.
+        labels: The true class of each decision, or None (no labels paired with them).
+        sample: Each decision's sample in the batch.
+        position: Its position in that sample's flattened positions (0 for one per sample).
+        positions: Positions per sample in this batch (1 for one decision per sample).
+        rows: Samples in the batch.
+    """
+
+    base: torch.Tensor
+    comp: torch.Tensor
+    base_conf: torch.Tensor
+    comp_conf: torch.Tensor
+    labels: torch.Tensor | None
+    sample: torch.Tensor
+    position: torch.Tensor
+    positions: int
+    rows: int
+
+
+def decide(reference: torch.Tensor, outputs: torch.Tensor, targets: object) -> Decided:
+    """`Decided` of logits ``(rows, classes)`` or ``(rows, ..., classes)`` and their targets:
+    a batch's, so that a split's decisions never need its whole logits (a language model's
+    50,257 classes at every token)."""
+    classes, rows = outputs.shape[-1], outputs.shape[0]
+    positions = outputs[0].numel() // classes if rows else 1
+    reference, outputs = reference.reshape(-1, classes), outputs.reshape(-1, classes)
+    flat = targets.reshape(-1) if isinstance(targets, torch.Tensor) else None
+    usable = flat is not None and not flat.is_floating_point() and len(flat) == len(outputs)
+    kept = torch.arange(len(outputs))
+    if usable and positions > 1:  # (only labelled positions, as the trial's val_agreement)
+        kept = kept[flat != IGNORE_INDEX]
+        reference, outputs, flat = reference[kept], outputs[kept], flat[kept]
+    base_prob, prob = reference.softmax(1), outputs.softmax(1)
     base, comp = base_prob.argmax(1), prob.argmax(1)
-    classes = num_classes or outputs.shape[1]
+    return Decided(
+        base=base,
+        comp=comp,
+        base_conf=base_prob.gather(1, base[:, None]).squeeze(1),
+        comp_conf=prob.gather(1, comp[:, None]).squeeze(1),
+        labels=flat if usable else None,  # (not a SegFormer's masks beside 1/4-size logits)
+        sample=kept // positions,
+        position=kept % positions,
+        positions=positions,
+        rows=rows,
+    )
+
+
+def top1_agreement(parts: list[Decided], split_name: str, classes: int) -> Agreement:
+    """The `Agreement` of a split's top-1 decisions, from its batches' `Decided` in order:
+    a flipped decision's ``index`` is its sample in the split (``sample x positions +
+    position`` for per-position logits, the positions of the split's widest batch)."""
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    base, comp = cat("base"), cat("comp")
+    offsets = torch.tensor([0, *(p.rows for p in parts)]).cumsum(0)[:-1]
+    sample = torch.cat([p.sample + offset for p, offset in zip(parts, offsets, strict=True)])
+    width = max(p.positions for p in parts)
+    index = sample if width == 1 else sample * width + cat("position")
+    labels = None if any(p.labels is None for p in parts) else cat("labels")
     if classes > WHOLE_CLASSES:
         flips = pd.DataFrame(
             frequent_pairs(base.numpy(), comp.numpy(), classes),
@@ -101,24 +158,17 @@ def agreement_report(
         flips = pd.DataFrame(counts.numpy(), index=range(classes), columns=range(classes))
         flips.index.name, flips.columns.name = "baseline class", "compressed class"
     where = torch.nonzero(base != comp).flatten()
-    labels = (
-        targets[where]
-        if isinstance(targets, torch.Tensor)
-        and targets.dim() == 1
-        and not targets.is_floating_point()
-        and len(targets) == len(base)  # (not a SegFormer's masks beside its 1/4-size logits)
-        else None
-    )
     flipped = pd.DataFrame(
         {
-            "index": (where if positions is None else positions[where]).numpy(),
-            "label": labels.numpy() if labels is not None else np.full(len(where), -1),
+            "index": index[where].numpy(),
+            "label": labels[where].numpy() if labels is not None else np.full(len(where), -1),
             "baseline": base[where].numpy(),
             "compressed": comp[where].numpy(),
-            "baseline_conf": base_prob[where, base[where]].numpy(),
-            "compressed_conf": prob[where, comp[where]].numpy(),
+            "baseline_conf": cat("base_conf")[where].numpy(),
+            "compressed_conf": cat("comp_conf")[where].numpy(),
         }
     )
+    score = float((base == comp).float().mean()) if len(base) else 1.0
     return Agreement(split_name, "top-1 class", score, len(base), flips, flipped)
 
 

@@ -20,8 +20,13 @@ from experiments import (
     Task,
     predict_outputs,
 )
-from experiments._training import outputs_and_targets
-from search.results.explain._agreement import Agreement, agreement_report
+from experiments._training import outputs_and_targets, paired_output_batches
+from search.results.explain._agreement import (
+    Agreement,
+    agreement_report,
+    decide,
+    top1_agreement,
+)
 from search.results.explain._attributions import (
     STEPS,
     Attributions,
@@ -106,7 +111,12 @@ def explain_model(
     step(1, phases, "bytes per tensor group")
     notes: list[str] = []
     agreement = {}
-    if task.outputs in DECISIONS:
+    if task.outputs == "logits":  # (decided batch by batch: never a split's whole logits)
+        for split_name, split in (("val", task.val), ("test", task.test)):
+            pairs = paired_output_batches(baseline.model, shipped, split)
+            decided = [decide(ref, out, targets) for ref, out, targets in pairs]
+            agreement[split_name] = top1_agreement(decided, split_name, task.num_classes)
+    elif task.outputs in DECISIONS:
         for split_name, split in (("val", task.val), ("test", task.test)):
             outputs, targets = outputs_and_targets(shipped, split)
             agreement[split_name] = agreement_report(
