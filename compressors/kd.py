@@ -21,6 +21,27 @@ from compressors._params import Options, Real
 AUTO_LOSS = {"logits": "kl", "multilabel": "bce", "embeddings": "cosine", "values": "mse"}
 #: The soft losses on logits that take a temperature (the others are the task's, in its context).
 SOFT_LOSSES = ("kl", "bce")
+#: A position's label that marks no decision (padding): torch's ``cross_entropy`` ignores it.
+IGNORED_LABEL = -100
+
+
+def labelled(
+    student: torch.Tensor, teacher: torch.Tensor, labels: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's outputs at the positions whose label is not
+    `IGNORED_LABEL` (a collate's padding) where the outputs decide per position (logits
+    ``(batch, positions..., classes)`` under labels ``(batch, positions...)``, or values as
+    wide as their labels); else both as they are. The teacher's outputs at padding are no
+    knowledge to distil."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        return student, teacher
+    per_position = student.dim() == labels.dim() + 1 and student.shape[:-1] == labels.shape
+    if not (per_position or (student.shape == labels.shape and labels.is_floating_point())):
+        return student, teacher
+    kept = labels != IGNORED_LABEL
+    if bool(kept.all()):
+        return student, teacher
+    return student[kept], teacher[kept]
 
 
 def kl_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -60,7 +81,8 @@ def distillation_loss(
 
     Args:
         student: The student's outputs on a batch.
-        labels: The batch's targets (class labels, or reference embeddings).
+        labels: The batch's targets (class labels, or reference embeddings); the soft loss
+            leaves out positions labelled `IGNORED_LABEL` (`labelled`).
         teacher: The teacher's outputs on the same batch.
         temperature: Softmax temperature of ``kl`` (unused by the embedding losses).
         alpha: Weight of the soft loss in [0, 1]; 0 is the task's loss alone.
@@ -73,6 +95,7 @@ def distillation_loss(
     hard = task_loss(student, labels, None)
     if alpha == 0.0:
         return hard
+    student, teacher = labelled(student, teacher, labels)  # (not at padding)
     if loss == "kl":
         soft = kl_loss(student, teacher, temperature=temperature)
     elif loss == "bce":

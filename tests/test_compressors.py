@@ -225,6 +225,35 @@ def test_distillation_soft_term_is_t_squared_kl():
     assert distillation_loss(teacher, labels, teacher, temperature=t, alpha=1.0).abs() < 1e-6
 
 
+def test_distillation_leaves_out_the_positions_a_collate_padded():
+    """A language model's (or a per-token regression's) padded positions, labelled -100: the
+    teacher's outputs there are no knowledge; the soft loss is the one of the labelled
+    positions alone, whatever the student says at the padding."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, 3:] = labels[1, 4:] = -100
+    kept = labels != -100
+    t = 2.0
+    expected = distillation_loss(
+        student[kept], labels[kept], teacher[kept], temperature=t, alpha=1.0
+    )
+    noisy = student.clone()
+    noisy[~kept] = 100.0 * torch.randn(int((~kept).sum()), 7)  # (anything at the padding)
+    loss = distillation_loss(noisy, labels, teacher, temperature=t, alpha=1.0)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    values, targets = torch.randn(3, 4), torch.randn(3, 4)  # a per-token regression's
+    targets[2, 2:] = -100.0
+    taught = values + 1.0
+    values[targets == -100] = 50.0  # (the student's values at the padding: anything)
+
+    def mse(out, ref, _teacher):  # (the task's mse, as kd gets it)
+        return F.mse_loss(out, ref)
+
+    soft = distillation_loss(values, targets, taught, temperature=1.0, alpha=1.0, loss=mse)
+    assert torch.allclose(soft, torch.tensor(1.0))
+
+
 def test_distillation_fine_tuning_pulls_the_student_to_the_teacher(digits_task, digits_baseline):
     kd = get_compressor("kd")(temperature=2.0, alpha=1.0)
     model = _apply(digits_baseline.model, ("prune", {"amount": 0.9}))
